@@ -1,0 +1,343 @@
+//! The binary codec of command records (the journal's payload) and of ledger snapshots.
+//!
+//! Pure functions over byte slices; the journal owns files and framing. Every layout here is
+//! described byte by byte in `docs/journal-format.md`. All integers are little-endian; no
+//! `usize` is ever written. Decoders take hostile bytes: they return errors, never panic.
+
+use crate::core::command::{CommandRecord, CommandType, Event, EventKind, MAX_EVENTS_PER_COMMAND, RejectCode};
+use crate::core::ledger::{CurrencyTotals, Ledger, LedgerConfig};
+use crate::core::types::{AccountId, Currency, TransactionId};
+
+/// Size of the per-command header at the start of a record payload.
+pub const COMMAND_HEADER_BYTES: usize = 40;
+/// Size of one encoded event.
+pub const EVENT_BYTES: usize = 24;
+
+/// Decoded-layout mirrors, used only for their compile-time size checks: they pin the sizes that
+/// the documentation promises.
+#[repr(C)]
+struct CommandHeaderLayout {
+    transaction_id: [u8; 16],
+    timestamp_ns: u64,
+    fingerprint: u64,
+    command_type: u8,
+    rejection_code: u8,
+    event_count: u8,
+    opened_name_len: u8,
+    reserved: [u8; 4],
+}
+const _: () = assert!(size_of::<CommandHeaderLayout>() == COMMAND_HEADER_BYTES);
+
+#[repr(C)]
+struct EventLayout {
+    account: u32,
+    currency: u16,
+    kind: u8,
+    reserved: u8,
+    amount: u64,
+    balance_after: u64,
+}
+const _: () = assert!(size_of::<EventLayout>() == EVENT_BYTES);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("payload too short: need {need} bytes, have {have}")]
+    Truncated { need: usize, have: usize },
+    #[error("unknown command type {0}")]
+    CommandType(u8),
+    #[error("unknown rejection code {0}")]
+    RejectionCode(u8),
+    #[error("event count {0} is out of range")]
+    EventCount(u8),
+    #[error("unknown event kind {0}")]
+    EventKind(u8),
+    #[error("bad currency {0:#06x}")]
+    Currency(u16),
+    #[error("bad account id in record")]
+    AccountId,
+    #[error("reserved bytes are not zero")]
+    Reserved,
+    #[error("snapshot: {0}")]
+    Snapshot(&'static str),
+}
+
+fn padded(len: usize) -> usize {
+    len.div_ceil(8) * 8
+}
+
+/// Bytes the payload of `record` takes (a multiple of 8).
+pub fn payload_len(record: &CommandRecord) -> usize {
+    COMMAND_HEADER_BYTES + EVENT_BYTES * record.event_count as usize + padded(record.opened_account.as_bytes().len())
+}
+
+/// Writes the payload of `record` into the front of `out` and returns its length.
+/// `out` must hold at least `payload_len(record)` bytes.
+pub fn encode_record(record: &CommandRecord, out: &mut [u8]) -> usize {
+    let len = payload_len(record);
+    let out = &mut out[..len];
+    out.fill(0);
+    out[0..16].copy_from_slice(&record.transaction_id.0.to_le_bytes());
+    out[16..24].copy_from_slice(&record.timestamp_ns.to_le_bytes());
+    out[24..32].copy_from_slice(&record.fingerprint.to_le_bytes());
+    out[32] = record.command_type as u8;
+    out[33] = record.rejection.map(|c| c as u8).unwrap_or(0);
+    out[34] = record.event_count;
+    let name = record.opened_account.as_bytes();
+    out[35] = name.len() as u8;
+    let mut at = COMMAND_HEADER_BYTES;
+    for event in record.events() {
+        let e = &mut out[at..at + EVENT_BYTES];
+        e[0..4].copy_from_slice(&event.account.to_le_bytes());
+        e[4..6].copy_from_slice(&event.currency.packed().to_le_bytes());
+        e[6] = event.kind as u8;
+        e[8..16].copy_from_slice(&event.amount.to_le_bytes());
+        e[16..24].copy_from_slice(&event.balance_after.to_le_bytes());
+        at += EVENT_BYTES;
+    }
+    out[at..at + name.len()].copy_from_slice(name);
+    len
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// Decodes a payload written by `encode_record`; `first_seq` comes from the frame.
+pub fn decode_record(first_seq: u64, payload: &[u8]) -> Result<CommandRecord, DecodeError> {
+    if payload.len() < COMMAND_HEADER_BYTES {
+        return Err(DecodeError::Truncated { need: COMMAND_HEADER_BYTES, have: payload.len() });
+    }
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&payload[0..16]);
+    let command_type = CommandType::from_u8(payload[32]).ok_or(DecodeError::CommandType(payload[32]))?;
+    let rejection = match payload[33] {
+        0 => None,
+        c => Some(RejectCode::from_u8(c).ok_or(DecodeError::RejectionCode(c))?),
+    };
+    let event_count = payload[34];
+    if event_count == 0 || event_count as usize > MAX_EVENTS_PER_COMMAND {
+        return Err(DecodeError::EventCount(event_count));
+    }
+    if payload[36..40] != [0; 4] {
+        return Err(DecodeError::Reserved);
+    }
+    let name_len = payload[35] as usize;
+    let need = COMMAND_HEADER_BYTES + EVENT_BYTES * event_count as usize + padded(name_len);
+    if payload.len() != need {
+        return Err(DecodeError::Truncated { need, have: payload.len() });
+    }
+    let mut record = CommandRecord::empty();
+    record.transaction_id = TransactionId(u128::from_le_bytes(id));
+    record.timestamp_ns = u64_at(payload, 16);
+    record.fingerprint = u64_at(payload, 24);
+    record.command_type = command_type;
+    record.rejection = rejection;
+    record.first_seq = first_seq;
+    record.event_count = event_count;
+    let mut at = COMMAND_HEADER_BYTES;
+    for i in 0..event_count as usize {
+        let e = &payload[at..at + EVENT_BYTES];
+        let kind = EventKind::from_u8(e[6]).ok_or(DecodeError::EventKind(e[6]))?;
+        if e[7] != 0 {
+            return Err(DecodeError::Reserved);
+        }
+        let packed = u16::from_le_bytes([e[4], e[5]]);
+        let currency = if packed == Currency::NONE.packed() {
+            Currency::NONE
+        } else {
+            Currency::from_packed(packed).ok_or(DecodeError::Currency(packed))?
+        };
+        record.events[i] = Event {
+            seq: first_seq + i as u64,
+            kind,
+            account: u32::from_le_bytes([e[0], e[1], e[2], e[3]]),
+            currency,
+            amount: u64_at(e, 8),
+            balance_after: u64_at(e, 16),
+        };
+        at += EVENT_BYTES;
+    }
+    if name_len > 0 {
+        record.opened_account = AccountId::from_bytes(&payload[at..at + name_len]).map_err(|_| DecodeError::AccountId)?;
+        if payload[at + name_len..].iter().any(|b| *b != 0) {
+            return Err(DecodeError::Reserved);
+        }
+    }
+    Ok(record)
+}
+
+/// Snapshot magic, first 8 bytes of every snapshot.
+pub const SNAPSHOT_MAGIC: [u8; 8] = *b"WALSNAP1";
+pub const SNAPSHOT_HEADER_BYTES: usize = 64;
+
+#[repr(C)]
+struct SnapshotHeaderLayout {
+    magic: [u8; 8],
+    version: u16,
+    reserved: [u8; 6],
+    next_seq: u64,
+    state_hash: u64,
+    max_amount: u64,
+    account_count: u64,
+    remembered_count: u64,
+    totals_count: u64,
+}
+const _: () = assert!(size_of::<SnapshotHeaderLayout>() == SNAPSHOT_HEADER_BYTES);
+
+/// Serializes the whole ledger. The last 4 bytes are the CRC32C of everything before them.
+pub fn encode_snapshot(ledger: &Ledger) -> Vec<u8> {
+    let totals = ledger.totals();
+    let mut out = Vec::with_capacity(
+        SNAPSHOT_HEADER_BYTES + ledger.account_count() as usize * 32 + ledger.transaction_id_count() as usize * 32,
+    );
+    out.extend_from_slice(&SNAPSHOT_MAGIC);
+    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&[0; 6]);
+    out.extend_from_slice(&ledger.next_seq().to_le_bytes());
+    out.extend_from_slice(&ledger.state_hash().to_le_bytes());
+    out.extend_from_slice(&ledger.config().max_amount.to_le_bytes());
+    out.extend_from_slice(&u64::from(ledger.account_count()).to_le_bytes());
+    out.extend_from_slice(&u64::from(ledger.transaction_id_count()).to_le_bytes());
+    out.extend_from_slice(&(totals.len() as u64).to_le_bytes());
+    for index in 0..ledger.account_count() {
+        let name = ledger.account_name(index).unwrap_or_default();
+        out.push(name.len() as u8);
+        out.extend_from_slice(name);
+        let balances = ledger.balances(index);
+        out.push(balances.len() as u8);
+        for (currency, balance) in balances {
+            out.extend_from_slice(&currency.packed().to_le_bytes());
+            out.extend_from_slice(&balance.to_le_bytes());
+        }
+    }
+    for (currency, t) in totals {
+        out.extend_from_slice(&currency.packed().to_le_bytes());
+        out.extend_from_slice(&t.deposited.to_le_bytes());
+        out.extend_from_slice(&t.withdrawn.to_le_bytes());
+        out.extend_from_slice(&t.outstanding.to_le_bytes());
+    }
+    ledger.for_each_remembered(|id, fingerprint, seq_and_code| {
+        out.extend_from_slice(&id.to_le_bytes());
+        out.extend_from_slice(&fingerprint.to_le_bytes());
+        out.extend_from_slice(&seq_and_code.to_le_bytes());
+    });
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self.at.checked_add(n).filter(|e| *e <= self.bytes.len()).ok_or(DecodeError::Truncated {
+            need: self.at.saturating_add(n),
+            have: self.bytes.len(),
+        })?;
+        let s = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64_at(self.take(8)?, 0))
+    }
+    fn u128(&mut self) -> Result<u128, DecodeError> {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(self.take(16)?);
+        Ok(u128::from_le_bytes(a))
+    }
+}
+
+/// Rebuilds a ledger from a snapshot, verifying the checksum, the structure and, last, that the
+/// rebuilt state has the state hash the snapshot claims.
+pub fn decode_snapshot(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, DecodeError> {
+    if bytes.len() < SNAPSHOT_HEADER_BYTES + 4 {
+        return Err(DecodeError::Snapshot("shorter than its header"));
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    if crc32c::crc32c(body).to_le_bytes() != crc {
+        return Err(DecodeError::Snapshot("checksum mismatch"));
+    }
+    let mut r = Reader { bytes: body, at: 0 };
+    if r.take(8)? != SNAPSHOT_MAGIC {
+        return Err(DecodeError::Snapshot("bad magic"));
+    }
+    if r.u16()? != 1 {
+        return Err(DecodeError::Snapshot("unsupported version"));
+    }
+    r.take(6)?;
+    let next_seq = r.u64()?;
+    let state_hash = r.u64()?;
+    let _max_amount = r.u64()?;
+    let account_count = r.u64()?;
+    let remembered_count = r.u64()?;
+    let totals_count = r.u64()?;
+    if account_count > u64::from(u32::MAX) || remembered_count > u64::from(u32::MAX) || totals_count > 4096 {
+        return Err(DecodeError::Snapshot("counts out of range"));
+    }
+    // Capacity hints are bounded by what the bytes could possibly hold.
+    let accounts_hint = (account_count as usize).min(body.len() / 3);
+    let ids_hint = (remembered_count as usize).min(body.len() / 32);
+    let mut ledger = Ledger::with_capacity(config, accounts_hint, ids_hint);
+    let mut balances = Vec::new();
+    for _ in 0..account_count {
+        let len = r.u8()? as usize;
+        let account = AccountId::from_bytes(r.take(len)?).map_err(|_| DecodeError::AccountId)?;
+        if ledger.account_index(&account).is_some() {
+            return Err(DecodeError::Snapshot("duplicate account"));
+        }
+        balances.clear();
+        for _ in 0..r.u8()? {
+            let packed = r.u16()?;
+            let currency = Currency::from_packed(packed).ok_or(DecodeError::Currency(packed))?;
+            balances.push((currency, r.u64()?));
+        }
+        ledger.restore_account(account, &balances);
+    }
+    for _ in 0..totals_count {
+        let packed = r.u16()?;
+        let currency = Currency::from_packed(packed).ok_or(DecodeError::Currency(packed))?;
+        let deposited = r.u128()?;
+        let withdrawn = r.u128()?;
+        let outstanding = r.u64()?;
+        ledger.restore_totals(currency, CurrencyTotals { deposited, withdrawn, outstanding });
+    }
+    for _ in 0..remembered_count {
+        let id = r.u128()?;
+        let fingerprint = r.u64()?;
+        let seq_and_code = r.u64()?;
+        if ledger.outcome_of(TransactionId(id)).is_some() {
+            return Err(DecodeError::Snapshot("duplicate transaction id"));
+        }
+        ledger.restore_remembered(id, fingerprint, seq_and_code);
+    }
+    if r.at != body.len() {
+        return Err(DecodeError::Snapshot("trailing bytes"));
+    }
+    ledger.restore_next_seq(next_seq);
+    if ledger.state_hash() != state_hash {
+        return Err(DecodeError::Snapshot("state hash of the rebuilt ledger differs"));
+    }
+    ledger.check_invariants().map_err(|_| DecodeError::Snapshot("invariants do not hold"))?;
+    Ok(ledger)
+}
+
+/// The sequence a snapshot was taken at (its `next_seq`), without decoding the rest.
+pub fn snapshot_next_seq(bytes: &[u8]) -> Option<u64> {
+    if bytes.len() < SNAPSHOT_HEADER_BYTES || bytes[0..8] != SNAPSHOT_MAGIC {
+        return None;
+    }
+    Some(u64_at(bytes, 16))
+}

@@ -1,0 +1,685 @@
+//! The deterministic state machine: balances, interned accounts and remembered transaction ids.
+//!
+//! `execute` validates a command against the current state and produces a `CommandRecord` (its
+//! events, or a rejection), then applies that record with the very same code path that replay
+//! uses (`apply`). So "execute" and "apply the journal" cannot drift apart: there is only one
+//! function that mutates state.
+
+use hashbrown::HashTable;
+use xxhash_rust::xxh3::{Xxh3, xxh3_64};
+
+use crate::core::command::{
+    Command, CommandKind, CommandRecord, CommandType, Event, EventKind, MAX_EVENTS_PER_COMMAND, RejectCode,
+};
+use crate::core::types::{AccountId, Currency, DEFAULT_MAX_AMOUNT, MinorUnits, TransactionId};
+
+/// Limits that are part of the ledger's rules (and so of its determinism).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LedgerConfig {
+    pub max_amount: MinorUnits,
+    pub max_accounts: u32,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig { max_amount: DEFAULT_MAX_AMOUNT, max_accounts: u32::MAX - 1 }
+    }
+}
+
+/// An account's first balance lives inline; further currencies hang off `next_extra`.
+/// 16 bytes: most accounts hold one currency, and then no other allocation is needed.
+#[derive(Debug, Clone, Copy)]
+struct AccountSlot {
+    balance: MinorUnits,
+    currency: Currency,
+    next_extra: u32,
+}
+const _: () = assert!(size_of::<AccountSlot>() == 16);
+
+const NO_EXTRA: u32 = u32::MAX;
+
+#[derive(Debug, Clone, Copy)]
+struct ExtraBalance {
+    balance: MinorUnits,
+    currency: Currency,
+    next_extra: u32,
+}
+
+/// What the ledger remembers of each transaction id, forever: 32 bytes plus about 5-11 bytes of
+/// hash-table slot (a `u32` index and a control byte, at a load factor between 7/16 and 7/8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RememberedId {
+    id_low: u64,
+    id_high: u64,
+    fingerprint: u64,
+    /// `first_seq << 8 | rejection code` (0 = committed).
+    seq_and_code: u64,
+}
+const _: () = assert!(size_of::<RememberedId>() == 32);
+
+impl RememberedId {
+    fn id(&self) -> u128 {
+        (u128::from(self.id_high) << 64) | u128::from(self.id_low)
+    }
+}
+
+/// Remembered ids are stored in fixed-size chunks: growing never copies old entries (no latency
+/// spike) and never over-allocates by more than one chunk.
+const ID_CHUNK: usize = 1 << 16;
+
+/// Per-currency totals, for the conservation invariant: sum of balances = deposited - withdrawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CurrencyTotals {
+    pub deposited: u128,
+    pub withdrawn: u128,
+    /// Money currently in the system: deposited - withdrawn, kept in `u64` so that every balance
+    /// (which is at most this) fits too. A deposit that would overflow it is `amount_overflow`.
+    pub outstanding: MinorUnits,
+}
+
+/// Memory the ledger's tables hold, by owner.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MemoryUsage {
+    pub account_bytes: u64,
+    pub transaction_id_bytes: u64,
+}
+
+pub struct Ledger {
+    config: LedgerConfig,
+    /// Sequence number the next event gets. Starts at 1.
+    next_seq: u64,
+    names: Vec<u8>,
+    name_ends: Vec<u32>,
+    name_index: HashTable<u32>,
+    accounts: Vec<AccountSlot>,
+    extras: Vec<ExtraBalance>,
+    totals: Vec<(Currency, CurrencyTotals)>,
+    id_index: HashTable<u32>,
+    id_chunks: Vec<Vec<RememberedId>>,
+    id_count: u32,
+}
+
+fn hash_name(name: &[u8]) -> u64 {
+    xxh3_64(name)
+}
+
+fn hash_id(id: u128) -> u64 {
+    // Ids are caller-chosen, so hash them rather than trusting their bits to be random.
+    xxh3_64(&id.to_le_bytes())
+}
+
+impl Ledger {
+    pub fn new(config: LedgerConfig) -> Ledger {
+        Ledger::with_capacity(config, 0, 0)
+    }
+
+    /// Reserves room up front so that the hot path does not pause to grow tables.
+    pub fn with_capacity(config: LedgerConfig, accounts: usize, transaction_ids: usize) -> Ledger {
+        Ledger {
+            config,
+            next_seq: 1,
+            names: Vec::with_capacity(accounts * 12),
+            name_ends: Vec::with_capacity(accounts),
+            name_index: HashTable::with_capacity(accounts),
+            accounts: Vec::with_capacity(accounts),
+            extras: Vec::new(),
+            totals: Vec::new(),
+            id_index: HashTable::with_capacity(transaction_ids),
+            id_chunks: Vec::new(),
+            id_count: 0,
+        }
+    }
+
+    pub fn config(&self) -> LedgerConfig {
+        self.config
+    }
+
+    /// The sequence number the next event will get; every event below it has been applied.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    pub fn account_count(&self) -> u32 {
+        self.accounts.len() as u32
+    }
+
+    pub fn transaction_id_count(&self) -> u32 {
+        self.id_count
+    }
+
+    fn name_of<'a>(names: &'a [u8], ends: &'a [u32], index: u32) -> &'a [u8] {
+        let end = ends[index as usize] as usize;
+        let start = if index == 0 { 0 } else { ends[index as usize - 1] as usize };
+        &names[start..end]
+    }
+
+    pub fn account_name(&self, index: u32) -> Option<&[u8]> {
+        if (index as usize) < self.name_ends.len() {
+            Some(Self::name_of(&self.names, &self.name_ends, index))
+        } else {
+            None
+        }
+    }
+
+    pub fn account_index(&self, account: &AccountId) -> Option<u32> {
+        let name = account.as_bytes();
+        let (names, ends) = (&self.names, &self.name_ends);
+        self.name_index
+            .find(hash_name(name), |&i| Self::name_of(names, ends, i) == name)
+            .copied()
+    }
+
+    /// The balance of an account in a currency, or `None` if it never received that currency.
+    pub fn balance(&self, account: u32, currency: Currency) -> Option<MinorUnits> {
+        let slot = self.accounts.get(account as usize)?;
+        if slot.currency == currency {
+            return Some(slot.balance);
+        }
+        let mut next = slot.next_extra;
+        while next != NO_EXTRA {
+            let extra = &self.extras[next as usize];
+            if extra.currency == currency {
+                return Some(extra.balance);
+            }
+            next = extra.next_extra;
+        }
+        None
+    }
+
+    /// All balances of an account, sorted by currency.
+    pub fn balances(&self, account: u32) -> Vec<(Currency, MinorUnits)> {
+        let mut out = Vec::new();
+        let Some(slot) = self.accounts.get(account as usize) else { return out };
+        if slot.currency != Currency::NONE {
+            out.push((slot.currency, slot.balance));
+        }
+        let mut next = slot.next_extra;
+        while next != NO_EXTRA {
+            let extra = &self.extras[next as usize];
+            out.push((extra.currency, extra.balance));
+            next = extra.next_extra;
+        }
+        out.sort_unstable_by_key(|(c, _)| *c);
+        out
+    }
+
+    pub fn totals(&self) -> Vec<(Currency, CurrencyTotals)> {
+        let mut out = self.totals.clone();
+        out.sort_unstable_by_key(|(c, _)| *c);
+        out
+    }
+
+    fn totals_of(&self, currency: Currency) -> CurrencyTotals {
+        self.totals.iter().find(|(c, _)| *c == currency).map(|(_, t)| *t).unwrap_or_default()
+    }
+
+    fn remembered(&self, id: TransactionId) -> Option<&RememberedId> {
+        let chunks = &self.id_chunks;
+        self.id_index
+            .find(hash_id(id.0), |&i| {
+                chunks[i as usize / ID_CHUNK][i as usize % ID_CHUNK].id() == id.0
+            })
+            .map(|&i| &chunks[i as usize / ID_CHUNK][i as usize % ID_CHUNK])
+    }
+
+    /// What the ledger remembers of a transaction id: the sequence of its first event and its
+    /// rejection, if any.
+    pub fn outcome_of(&self, id: TransactionId) -> Option<(u64, Option<RejectCode>)> {
+        self.remembered(id).map(|r| (r.seq_and_code >> 8, RejectCode::from_u8((r.seq_and_code & 0xFF) as u8)))
+    }
+
+    /// Validates `command` against the current state, applies its events and returns the record.
+    /// Deterministic: the outcome depends only on the state and the command.
+    pub fn execute(&mut self, command: &Command) -> CommandRecord {
+        let fingerprint = command.fingerprint();
+        let mut record = CommandRecord {
+            transaction_id: command.transaction_id,
+            timestamp_ns: command.timestamp_ns,
+            fingerprint,
+            command_type: command.command_type(),
+            rejection: None,
+            replayed: false,
+            first_seq: self.next_seq,
+            event_count: 0,
+            events: [Event::default(); MAX_EVENTS_PER_COMMAND],
+            opened_account: crate::core::types::AccountId::EMPTY,
+        };
+
+        if let Some(previous) = self.remembered(command.transaction_id) {
+            if previous.fingerprint == fingerprint {
+                record.replayed = true;
+                record.first_seq = previous.seq_and_code >> 8;
+                record.rejection = RejectCode::from_u8((previous.seq_and_code & 0xFF) as u8);
+                return record;
+            }
+            self.reject(&mut record, RejectCode::TransactionIdReused);
+            return record;
+        }
+
+        if let Err(code) = self.validate(command, &mut record) {
+            self.reject(&mut record, code);
+            return record;
+        }
+        self.apply(&record);
+        record
+    }
+
+    fn reject(&mut self, record: &mut CommandRecord, code: RejectCode) {
+        record.rejection = Some(code);
+        record.event_count = 1;
+        record.events[0] = Event {
+            seq: record.first_seq,
+            kind: EventKind::Rejected,
+            account: u32::MAX,
+            currency: Currency::NONE,
+            amount: 0,
+            balance_after: 0,
+        };
+        self.apply(record);
+    }
+
+    fn check_amount(&self, amount: MinorUnits, currency: Currency) -> Result<(), RejectCode> {
+        if currency == Currency::NONE || Currency::from_packed(currency.packed()).is_none() {
+            return Err(RejectCode::UnsupportedCurrency);
+        }
+        if amount == 0 || amount > self.config.max_amount {
+            return Err(RejectCode::InvalidAmount);
+        }
+        Ok(())
+    }
+
+    fn validate(&self, command: &Command, record: &mut CommandRecord) -> Result<(), RejectCode> {
+        let seq = record.first_seq;
+        let event = |kind, account, currency, amount, balance_after| Event {
+            seq,
+            kind,
+            account,
+            currency,
+            amount,
+            balance_after,
+        };
+        match command.kind {
+            CommandKind::OpenAccount { account } => {
+                if account.is_empty() || AccountId::from_bytes(account.as_bytes()).is_err() {
+                    return Err(RejectCode::InvalidAccountId);
+                }
+                if self.account_index(&account).is_some() {
+                    return Err(RejectCode::AccountAlreadyExists);
+                }
+                if self.accounts.len() as u64 >= u64::from(self.config.max_accounts) {
+                    return Err(RejectCode::TooManyAccounts);
+                }
+                record.opened_account = account;
+                record.event_count = 1;
+                record.events[0] = event(EventKind::AccountOpened, self.accounts.len() as u32, Currency::NONE, 0, 0);
+            }
+            CommandKind::Deposit { account, amount, currency } => {
+                self.check_amount(amount, currency)?;
+                let index = self.account_index(&account).ok_or(RejectCode::AccountNotFound)?;
+                self.totals_of(currency).outstanding.checked_add(amount).ok_or(RejectCode::AmountOverflow)?;
+                let after = self.balance(index, currency).unwrap_or(0).checked_add(amount).ok_or(RejectCode::AmountOverflow)?;
+                record.event_count = 1;
+                record.events[0] = event(EventKind::Deposited, index, currency, amount, after);
+            }
+            CommandKind::Withdraw { account, amount, currency } => {
+                self.check_amount(amount, currency)?;
+                let index = self.account_index(&account).ok_or(RejectCode::AccountNotFound)?;
+                let before = self.balance(index, currency).unwrap_or(0);
+                let after = before.checked_sub(amount).ok_or(RejectCode::InsufficientFunds)?;
+                record.event_count = 1;
+                record.events[0] = event(EventKind::Withdrawn, index, currency, amount, after);
+            }
+            CommandKind::Transfer { from, to, amount, currency } => {
+                self.check_amount(amount, currency)?;
+                let from_index = self.account_index(&from).ok_or(RejectCode::AccountNotFound)?;
+                let to_index = self.account_index(&to).ok_or(RejectCode::AccountNotFound)?;
+                if from_index == to_index {
+                    return Err(RejectCode::SameAccount);
+                }
+                let from_after = self
+                    .balance(from_index, currency)
+                    .unwrap_or(0)
+                    .checked_sub(amount)
+                    .ok_or(RejectCode::InsufficientFunds)?;
+                // Cannot overflow while outstanding fits in u64, but the check is cheap and total.
+                let to_after = self
+                    .balance(to_index, currency)
+                    .unwrap_or(0)
+                    .checked_add(amount)
+                    .ok_or(RejectCode::AmountOverflow)?;
+                record.event_count = 2;
+                record.events[0] = event(EventKind::Debited, from_index, currency, amount, from_after);
+                record.events[1] = Event { seq: seq + 1, ..event(EventKind::Credited, to_index, currency, amount, to_after) };
+            }
+        }
+        Ok(())
+    }
+
+    /// Emits and applies a checkpoint: one event whose `amount` is the state hash before it.
+    /// Replay recomputes the hash at the same point and compares.
+    pub fn checkpoint(&mut self, timestamp_ns: u64) -> CommandRecord {
+        let mut record = CommandRecord::empty();
+        record.timestamp_ns = timestamp_ns;
+        record.first_seq = self.next_seq;
+        record.event_count = 1;
+        record.events[0] = Event {
+            seq: self.next_seq,
+            kind: EventKind::Checkpoint,
+            account: u32::MAX,
+            currency: Currency::NONE,
+            amount: self.state_hash(),
+            balance_after: 0,
+        };
+        self.apply(&record);
+        record
+    }
+
+    /// Checks, without changing anything, that `record` can be applied to this state: the right
+    /// sequence, known accounts, and every `balance_after` what applying it would give.
+    pub fn verify_record(&self, record: &CommandRecord) -> Result<(), String> {
+        if record.replayed {
+            return Err("a replayed outcome is not a journal record".into());
+        }
+        if record.first_seq != self.next_seq {
+            return Err(format!("record at sequence {} but the ledger is at {}", record.first_seq, self.next_seq));
+        }
+        if record.event_count == 0 || record.event_count as usize > MAX_EVENTS_PER_COMMAND {
+            return Err("bad event count".into());
+        }
+        let mut pending: [(u32, Currency, MinorUnits); MAX_EVENTS_PER_COMMAND] = [(u32::MAX, Currency::NONE, 0); 2];
+        for (i, event) in record.events().iter().enumerate() {
+            let known = (event.account as usize) < self.accounts.len();
+            let current = |account: u32, currency: Currency| {
+                pending[..i]
+                    .iter()
+                    .rev()
+                    .find(|(a, c, _)| *a == account && *c == currency)
+                    .map(|(_, _, b)| *b)
+                    .or_else(|| self.balance(account, currency))
+                    .unwrap_or(0)
+            };
+            let after = match event.kind {
+                EventKind::AccountOpened => {
+                    if event.account as usize != self.accounts.len() || self.account_index(&record.opened_account).is_some() {
+                        return Err(format!("account opening at sequence {} does not fit", event.seq));
+                    }
+                    continue;
+                }
+                EventKind::Deposited | EventKind::Credited if known => {
+                    current(event.account, event.currency).checked_add(event.amount)
+                }
+                EventKind::Withdrawn | EventKind::Debited if known => {
+                    current(event.account, event.currency).checked_sub(event.amount)
+                }
+                EventKind::Rejected | EventKind::Checkpoint => continue,
+                _ => return Err(format!("event at sequence {} names unknown account {}", event.seq, event.account)),
+            };
+            if after != Some(event.balance_after) {
+                return Err(format!(
+                    "event at sequence {} says balance {} but applying it gives {:?}",
+                    event.seq, event.balance_after, after
+                ));
+            }
+            if event.kind == EventKind::Deposited
+                && self.totals_of(event.currency).outstanding.checked_add(event.amount).is_none()
+            {
+                return Err(format!("deposit at sequence {} overflows the currency total", event.seq));
+            }
+            pending[i] = (event.account, event.currency, event.balance_after);
+        }
+        if record.command_type == CommandType::Transfer && record.is_committed() {
+            let [debit, credit] = record.events;
+            if record.event_count != 2
+                || debit.kind != EventKind::Debited
+                || credit.kind != EventKind::Credited
+                || debit.amount != credit.amount
+                || debit.currency != credit.currency
+                || debit.account == credit.account
+            {
+                return Err(format!("transfer at sequence {} is not one debit and one credit of the same amount", record.first_seq));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a record's events, as produced by `execute` or read back from the journal.
+    ///
+    /// Panics if the record does not fit the state (a wrong sequence, an unknown account, a
+    /// balance that disagrees with `balance_after`): replaying a journal that does not describe
+    /// this ledger is a bug or corruption, and limping on would invent or lose money.
+    pub fn apply(&mut self, record: &CommandRecord) {
+        assert!(!record.replayed, "a replayed outcome is not applied");
+        assert_eq!(record.first_seq, self.next_seq, "record out of sequence");
+        for (i, event) in record.events().iter().enumerate() {
+            assert_eq!(event.seq, record.first_seq + i as u64, "event sequence inside record");
+            match event.kind {
+                EventKind::AccountOpened => {
+                    assert_eq!(event.account as usize, self.accounts.len(), "account index is dense");
+                    self.intern(record.opened_account);
+                }
+                EventKind::Deposited | EventKind::Credited => {
+                    let after = self.adjust_balance(event.account, event.currency, event.amount, true);
+                    assert_eq!(after, event.balance_after, "credit balance_after");
+                    if event.kind == EventKind::Deposited {
+                        let totals = self.totals_entry(event.currency);
+                        totals.deposited += u128::from(event.amount);
+                        totals.outstanding = totals.outstanding.checked_add(event.amount).expect("outstanding overflow");
+                    }
+                }
+                EventKind::Withdrawn | EventKind::Debited => {
+                    let after = self.adjust_balance(event.account, event.currency, event.amount, false);
+                    assert_eq!(after, event.balance_after, "debit balance_after");
+                    if event.kind == EventKind::Withdrawn {
+                        let totals = self.totals_entry(event.currency);
+                        totals.withdrawn += u128::from(event.amount);
+                        totals.outstanding = totals.outstanding.checked_sub(event.amount).expect("outstanding underflow");
+                    }
+                }
+                EventKind::Rejected | EventKind::Checkpoint => {}
+            }
+        }
+        self.next_seq = record.next_seq();
+        if record.command_type != CommandType::Checkpoint {
+            let code = record.rejection.map(|c| c as u8).unwrap_or(0);
+            self.remember(record.transaction_id, record.fingerprint, record.first_seq, code);
+        }
+    }
+
+    fn intern(&mut self, account: AccountId) {
+        let name = account.as_bytes();
+        let index = self.accounts.len() as u32;
+        self.names.extend_from_slice(name);
+        self.name_ends.push(u32::try_from(self.names.len()).expect("account name arena over 4 GiB"));
+        self.accounts.push(AccountSlot { balance: 0, currency: Currency::NONE, next_extra: NO_EXTRA });
+        let (names, ends) = (&self.names, &self.name_ends);
+        self.name_index
+            .insert_unique(hash_name(name), index, |&i| hash_name(Self::name_of(names, ends, i)));
+    }
+
+    fn totals_entry(&mut self, currency: Currency) -> &mut CurrencyTotals {
+        let position = match self.totals.iter().position(|(c, _)| *c == currency) {
+            Some(p) => p,
+            None => {
+                self.totals.push((currency, CurrencyTotals::default()));
+                self.totals.len() - 1
+            }
+        };
+        &mut self.totals[position].1
+    }
+
+    /// Adds or subtracts; a balance appears (at zero) on its first use. Returns the new balance.
+    fn adjust_balance(&mut self, account: u32, currency: Currency, amount: MinorUnits, credit: bool) -> MinorUnits {
+        let change = |balance: &mut MinorUnits| {
+            *balance = if credit {
+                balance.checked_add(amount).expect("balance overflow passed validation")
+            } else {
+                balance.checked_sub(amount).expect("negative balance passed validation")
+            };
+            *balance
+        };
+        let slot = &mut self.accounts[account as usize];
+        if slot.currency == currency {
+            return change(&mut slot.balance);
+        }
+        if slot.currency == Currency::NONE {
+            slot.currency = currency;
+            return change(&mut slot.balance);
+        }
+        let mut link = slot.next_extra;
+        let mut last: Option<u32> = None;
+        while link != NO_EXTRA {
+            if self.extras[link as usize].currency == currency {
+                return change(&mut self.extras[link as usize].balance);
+            }
+            last = Some(link);
+            link = self.extras[link as usize].next_extra;
+        }
+        let new = u32::try_from(self.extras.len()).expect("too many extra balances");
+        self.extras.push(ExtraBalance { balance: 0, currency, next_extra: NO_EXTRA });
+        match last {
+            Some(l) => self.extras[l as usize].next_extra = new,
+            None => self.accounts[account as usize].next_extra = new,
+        }
+        change(&mut self.extras[new as usize].balance)
+    }
+
+    fn remember(&mut self, id: TransactionId, fingerprint: u64, first_seq: u64, code: u8) {
+        if self.remembered(id).is_some() {
+            // Only `transaction_id_reused` rejections reach here: the original stays remembered.
+            return;
+        }
+        let index = self.id_count;
+        if index as usize % ID_CHUNK == 0 {
+            self.id_chunks.push(Vec::with_capacity(ID_CHUNK));
+        }
+        let chunk = self.id_chunks.last_mut().expect("a chunk was just ensured");
+        chunk.push(RememberedId {
+            id_low: id.0 as u64,
+            id_high: (id.0 >> 64) as u64,
+            fingerprint,
+            seq_and_code: (first_seq << 8) | u64::from(code),
+        });
+        self.id_count += 1;
+        let chunks = &self.id_chunks;
+        self.id_index.insert_unique(hash_id(id.0), index, |&i| {
+            hash_id(chunks[i as usize / ID_CHUNK][i as usize % ID_CHUNK].id())
+        });
+    }
+
+    /// A hash of the whole state: sequence, accounts in index order with their balances sorted by
+    /// currency, totals sorted by currency, remembered ids in the order they were first seen.
+    /// Independent of hash-table layout and iteration order.
+    pub fn state_hash(&self) -> u64 {
+        let mut hasher = Xxh3::new();
+        hasher.update(b"wallet-state-v1");
+        hasher.update(&self.next_seq.to_le_bytes());
+        hasher.update(&(self.accounts.len() as u64).to_le_bytes());
+        for index in 0..self.accounts.len() as u32 {
+            let name = Self::name_of(&self.names, &self.name_ends, index);
+            hasher.update(&[name.len() as u8]);
+            hasher.update(name);
+            let balances = self.balances(index);
+            hasher.update(&(balances.len() as u32).to_le_bytes());
+            for (currency, balance) in balances {
+                hasher.update(&currency.packed().to_le_bytes());
+                hasher.update(&balance.to_le_bytes());
+            }
+        }
+        for (currency, totals) in self.totals() {
+            hasher.update(&currency.packed().to_le_bytes());
+            hasher.update(&totals.deposited.to_le_bytes());
+            hasher.update(&totals.withdrawn.to_le_bytes());
+        }
+        hasher.update(&u64::from(self.id_count).to_le_bytes());
+        for chunk in &self.id_chunks {
+            for r in chunk {
+                hasher.update(&r.id_low.to_le_bytes());
+                hasher.update(&r.id_high.to_le_bytes());
+                hasher.update(&r.fingerprint.to_le_bytes());
+                hasher.update(&r.seq_and_code.to_le_bytes());
+            }
+        }
+        hasher.digest()
+    }
+
+    /// Bytes held by the ledger's tables (capacity, not just length), split by owner.
+    pub fn memory_usage(&self) -> MemoryUsage {
+        // hashbrown keeps one control byte per bucket plus a group of trailing control bytes.
+        let table = |buckets: usize| (buckets * (size_of::<u32>() + 1) + 16) as u64;
+        let account_bytes = self.names.capacity() as u64
+            + (self.name_ends.capacity() * 4) as u64
+            + table(self.name_index.capacity() * 8 / 7)
+            + (self.accounts.capacity() * size_of::<AccountSlot>()) as u64
+            + (self.extras.capacity() * size_of::<ExtraBalance>()) as u64;
+        let transaction_id_bytes = table(self.id_index.capacity() * 8 / 7)
+            + self.id_chunks.iter().map(|c| (c.capacity() * size_of::<RememberedId>()) as u64).sum::<u64>()
+            + (self.id_chunks.capacity() * size_of::<Vec<RememberedId>>()) as u64;
+        MemoryUsage { account_bytes, transaction_id_bytes }
+    }
+
+    /// Checks the ledger's invariants over the whole state: per currency, the sum of balances
+    /// equals deposits minus withdrawals. (Balances are unsigned, so none is negative.)
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut sums: Vec<(Currency, u128)> = Vec::new();
+        for index in 0..self.accounts.len() as u32 {
+            for (currency, balance) in self.balances(index) {
+                match sums.iter_mut().find(|(c, _)| *c == currency) {
+                    Some((_, s)) => *s += u128::from(balance),
+                    None => sums.push((currency, u128::from(balance))),
+                }
+            }
+        }
+        for (currency, totals) in self.totals() {
+            let sum = sums.iter().find(|(c, _)| *c == currency).map(|(_, s)| *s).unwrap_or(0);
+            if totals.deposited < totals.withdrawn || sum != totals.deposited - totals.withdrawn {
+                return Err(format!(
+                    "{currency}: sum of balances {sum} != deposited {} - withdrawn {}",
+                    totals.deposited, totals.withdrawn
+                ));
+            }
+            if u128::from(totals.outstanding) != sum {
+                return Err(format!("{currency}: outstanding {} != sum of balances {sum}", totals.outstanding));
+            }
+        }
+        for (currency, sum) in &sums {
+            if *sum != 0 && !self.totals.iter().any(|(c, _)| c == currency) {
+                return Err(format!("{currency}: balances without deposits"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Visits every remembered id in first-seen order (for snapshots).
+    pub(crate) fn for_each_remembered(&self, mut visit: impl FnMut(u128, u64, u64)) {
+        for chunk in &self.id_chunks {
+            for r in chunk {
+                visit(r.id(), r.fingerprint, r.seq_and_code);
+            }
+        }
+    }
+
+    pub(crate) fn restore_remembered(&mut self, id: u128, fingerprint: u64, seq_and_code: u64) {
+        self.remember(TransactionId(id), fingerprint, seq_and_code >> 8, (seq_and_code & 0xFF) as u8);
+    }
+
+    pub(crate) fn restore_account(&mut self, account: AccountId, balances: &[(Currency, MinorUnits)]) {
+        let index = self.accounts.len() as u32;
+        self.intern(account);
+        for (currency, balance) in balances {
+            if *balance > 0 {
+                self.adjust_balance(index, *currency, *balance, true);
+            } else {
+                // A balance that exists at zero must exist after restore too (the hash sees it).
+                self.adjust_balance(index, *currency, 0, true);
+            }
+        }
+    }
+
+    pub(crate) fn restore_totals(&mut self, currency: Currency, totals: CurrencyTotals) {
+        *self.totals_entry(currency) = totals;
+    }
+
+    pub(crate) fn restore_next_seq(&mut self, next_seq: u64) {
+        self.next_seq = next_seq;
+    }
+}

@@ -1,0 +1,297 @@
+//! Domain types: account ids, currencies, amounts and transaction ids.
+//!
+//! Everything here is plain data with validating constructors. Nothing reads a clock,
+//! a file or a random source.
+
+use std::fmt;
+
+use crate::core::RejectCode;
+
+/// Largest account id, in bytes.
+pub const ACCOUNT_ID_MAX_BYTES: usize = 64;
+
+/// An account id as the outside world spells it: 1 to 64 bytes from `[A-Za-z0-9._:-]`.
+///
+/// Stored inline (no heap) so that a command fits in a ring slot without allocation.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AccountId {
+    len: u8,
+    bytes: [u8; ACCOUNT_ID_MAX_BYTES],
+}
+
+/// Why an account id was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountIdError {
+    Empty,
+    TooLong,
+    BadCharacter,
+}
+
+impl fmt::Display for AccountIdError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AccountIdError::Empty => "must not be empty",
+            AccountIdError::TooLong => "must be at most 64 bytes",
+            AccountIdError::BadCharacter => "may only contain A-Z a-z 0-9 . _ : -",
+        })
+    }
+}
+
+impl AccountId {
+    pub const EMPTY: AccountId = AccountId { len: 0, bytes: [0; ACCOUNT_ID_MAX_BYTES] };
+
+    pub fn new(text: &str) -> Result<AccountId, AccountIdError> {
+        Self::from_bytes(text.as_bytes())
+    }
+
+    pub fn from_bytes(raw: &[u8]) -> Result<AccountId, AccountIdError> {
+        if raw.is_empty() {
+            return Err(AccountIdError::Empty);
+        }
+        if raw.len() > ACCOUNT_ID_MAX_BYTES {
+            return Err(AccountIdError::TooLong);
+        }
+        if !raw
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+        {
+            return Err(AccountIdError::BadCharacter);
+        }
+        let mut bytes = [0u8; ACCOUNT_ID_MAX_BYTES];
+        bytes[..raw.len()].copy_from_slice(raw);
+        Ok(AccountId { len: raw.len() as u8, bytes })
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII bytes are ever admitted by the constructor.
+        std::str::from_utf8(self.as_bytes()).unwrap_or("")
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl fmt::Debug for AccountId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AccountId({})", self.as_str())
+    }
+}
+
+impl fmt::Display for AccountId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An ISO 4217 alphabetic currency code with defined minor units.
+///
+/// Encoded as three 5-bit letters in a `u16` (`(a << 10) | (b << 5) | c`, with `A` = 0), so the
+/// encoding is unambiguous, stable and needs no table. The minor-unit exponent comes from the
+/// `iso_currency` crate.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Currency(u16);
+
+/// Why a currency was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CurrencyError {
+    NotIso4217,
+    NoMinorUnits,
+}
+
+impl fmt::Display for CurrencyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CurrencyError::NotIso4217 => "is not an ISO 4217 alphabetic code",
+            CurrencyError::NoMinorUnits => "has no defined minor units (e.g. XAU) and is not supported",
+        })
+    }
+}
+
+impl Currency {
+    /// The "no currency" value; never valid in a command.
+    pub const NONE: Currency = Currency(0xFFFF);
+
+    pub fn new(code: &str) -> Result<Currency, CurrencyError> {
+        let iso = iso_currency::Currency::from_code(code).ok_or(CurrencyError::NotIso4217)?;
+        if iso.exponent().is_none() {
+            return Err(CurrencyError::NoMinorUnits);
+        }
+        let b = code.as_bytes();
+        if b.len() != 3 || !b.iter().all(|c| c.is_ascii_uppercase()) {
+            return Err(CurrencyError::NotIso4217);
+        }
+        let packed = (u16::from(b[0] - b'A') << 10) | (u16::from(b[1] - b'A') << 5) | u16::from(b[2] - b'A');
+        Ok(Currency(packed))
+    }
+
+    /// Decodes the packed form, as read from a journal; `None` if it is not a supported code.
+    pub fn from_packed(packed: u16) -> Option<Currency> {
+        let letters = Self::letters_of(packed)?;
+        let code = std::str::from_utf8(&letters).ok()?;
+        Currency::new(code).ok()
+    }
+
+    fn letters_of(packed: u16) -> Option<[u8; 3]> {
+        let parts = [(packed >> 10) & 31, (packed >> 5) & 31, packed & 31];
+        if packed >> 15 != 0 || parts.iter().any(|p| *p >= 26) {
+            return None;
+        }
+        Some(parts.map(|p| b'A' + p as u8))
+    }
+
+    pub fn packed(self) -> u16 {
+        self.0
+    }
+
+    pub fn code(self) -> [u8; 3] {
+        Self::letters_of(self.0).unwrap_or(*b"???")
+    }
+
+    /// Number of digits after the decimal point (2 for USD, 0 for JPY, 3 for BHD).
+    pub fn exponent(self) -> u32 {
+        let code = self.code();
+        std::str::from_utf8(&code)
+            .ok()
+            .and_then(iso_currency::Currency::from_code)
+            .and_then(|c| c.exponent())
+            .map(u32::from)
+            .unwrap_or(0)
+    }
+}
+
+impl fmt::Display for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let code = self.code();
+        f.write_str(std::str::from_utf8(&code).unwrap_or("???"))
+    }
+}
+
+impl fmt::Debug for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Currency({self})")
+    }
+}
+
+/// An amount in integer minor units of its currency (cents for USD). Never zero in a command.
+pub type MinorUnits = u64;
+
+/// The default largest amount a single command may move, in minor units (10^15, e.g. ten
+/// trillion dollars). Configurable per ledger.
+pub const DEFAULT_MAX_AMOUNT: MinorUnits = 1_000_000_000_000_000;
+
+/// Why a decimal amount string was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AmountError {
+    Empty,
+    Malformed,
+    Zero,
+    TooManyFractionDigits,
+    AboveMaximum,
+}
+
+impl fmt::Display for AmountError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AmountError::Empty => "must not be empty",
+            AmountError::Malformed => {
+                "must be a plain positive decimal such as \"12.34\" (no sign, spaces or exponent)"
+            }
+            AmountError::Zero => "must be greater than zero",
+            AmountError::TooManyFractionDigits => "has more fractional digits than the currency allows",
+            AmountError::AboveMaximum => "is above the maximum amount",
+        })
+    }
+}
+
+impl From<AmountError> for RejectCode {
+    fn from(_: AmountError) -> RejectCode {
+        RejectCode::InvalidAmount
+    }
+}
+
+/// Parses a decimal string such as `"12.34"` into minor units of `currency`.
+///
+/// Accepted: digits, optionally followed by `.` and 1..=exponent digits. Rejected: empty,
+/// zero, any sign, whitespace, exponent notation, a bare `.`, too many fractional digits, and
+/// anything above `max_amount`. Arithmetic is checked; nothing wraps.
+pub fn parse_amount(text: &str, currency: Currency, max_amount: MinorUnits) -> Result<MinorUnits, AmountError> {
+    if text.is_empty() {
+        return Err(AmountError::Empty);
+    }
+    let exponent = currency.exponent();
+    let (whole, fraction) = match text.split_once('.') {
+        Some((w, f)) => (w, Some(f)),
+        None => (text, None),
+    };
+    if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(AmountError::Malformed);
+    }
+    let fraction = fraction.unwrap_or("");
+    if text.contains('.') && fraction.is_empty() {
+        return Err(AmountError::Malformed);
+    }
+    if !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(AmountError::Malformed);
+    }
+    if fraction.len() > exponent as usize {
+        return Err(AmountError::TooManyFractionDigits);
+    }
+    let mut value: u64 = 0;
+    for digit in whole.bytes().chain(fraction.bytes()) {
+        value = value
+            .checked_mul(10)
+            .and_then(|v| v.checked_add(u64::from(digit - b'0')))
+            .ok_or(AmountError::AboveMaximum)?;
+    }
+    for _ in fraction.len()..exponent as usize {
+        value = value.checked_mul(10).ok_or(AmountError::AboveMaximum)?;
+    }
+    if value == 0 {
+        return Err(AmountError::Zero);
+    }
+    if value > max_amount {
+        return Err(AmountError::AboveMaximum);
+    }
+    Ok(value)
+}
+
+/// Formats minor units as a decimal string with exactly the currency's fractional digits.
+pub fn format_amount(value: MinorUnits, currency: Currency) -> String {
+    let exponent = currency.exponent();
+    if exponent == 0 {
+        return value.to_string();
+    }
+    let scale = 10u64.pow(exponent);
+    format!("{}.{:0width$}", value / scale, value % scale, width = exponent as usize)
+}
+
+/// A caller-chosen UUID that makes a command idempotent. Stored as its 128-bit value.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct TransactionId(pub u128);
+
+impl TransactionId {
+    pub fn parse(text: &str) -> Option<TransactionId> {
+        uuid::Uuid::try_parse(text).ok().map(|u| TransactionId(u.as_u128()))
+    }
+
+    pub fn to_uuid_string(self) -> String {
+        uuid::Uuid::from_u128(self.0).hyphenated().to_string()
+    }
+}
+
+impl fmt::Debug for TransactionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TransactionId({})", self.to_uuid_string())
+    }
+}
+
+impl fmt::Display for TransactionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_uuid_string())
+    }
+}

@@ -1,0 +1,485 @@
+//! Wiring: the input ring, the pinned engine thread that owns the ledger, the journal stage and
+//! the reply stage, in one place (`Engine::start`).
+//!
+//! Architecture invariants:
+//! - One thread (the engine thread) owns the `Ledger`; nothing else reads or writes it, so it
+//!   needs no lock.
+//! - A ring slot is written by exactly one party: the producer writes an input slot, the engine
+//!   thread writes an output slot. Later stages only read.
+//! - The reply stage sees a record only after the journal stage finished the batch holding it
+//!   (the disruptor's consumer cursor advances after the whole batch, and the journal syncs at
+//!   the end of each batch), and it still checks the durable watermark before answering
+//!   "committed".
+
+pub mod recovery;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use disruptor::wait_strategies::WaitStrategy;
+use disruptor::{MultiProducer, ProcessorSettings, Producer, SingleConsumerBarrier, build_multi_producer, build_single_producer};
+
+use crate::core::codec::encode_snapshot;
+use crate::core::{Command, CommandRecord, Ledger};
+use crate::journal::JournalWriter;
+
+/// How a waiting consumer thread waits for the next event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitMode {
+    /// Spin without pause: lowest latency, burns a whole core. Benchmarks only.
+    BusySpin,
+    /// Give the core away on every empty poll.
+    Yield,
+    /// Sleep this long on every empty poll. The default: on 2 cores a spinning thread would
+    /// starve everything else.
+    Sleep(Duration),
+}
+
+impl WaitStrategy for WaitMode {
+    #[inline]
+    fn wait_for(&self, _sequence: i64) {
+        match self {
+            WaitMode::BusySpin => std::hint::spin_loop(),
+            WaitMode::Yield => std::thread::yield_now(),
+            WaitMode::Sleep(d) => std::thread::sleep(*d),
+        }
+    }
+}
+
+impl std::str::FromStr for WaitMode {
+    type Err = String;
+    fn from_str(text: &str) -> Result<WaitMode, String> {
+        match text {
+            "spin" | "busy-spin" => Ok(WaitMode::BusySpin),
+            "yield" => Ok(WaitMode::Yield),
+            _ => text
+                .strip_prefix("sleep=")
+                .and_then(|v| v.strip_suffix("us"))
+                .and_then(|v| v.parse().ok())
+                .map(|us| WaitMode::Sleep(Duration::from_micros(us)))
+                .ok_or_else(|| format!("unknown wait strategy {text:?}: use spin, yield or sleep=<n>us")),
+        }
+    }
+}
+
+pub const DEFAULT_WAIT: WaitMode = WaitMode::Sleep(Duration::from_micros(20));
+
+/// Token of a slot that nobody waits for (checkpoints).
+pub const NO_TOKEN: u64 = u64::MAX;
+
+/// A command on its way in.
+#[derive(Clone, Copy)]
+pub struct InputSlot {
+    pub command: Command,
+    /// Identifies the waiting caller to the reply sink.
+    pub token: u64,
+    /// Monotonic nanoseconds at submission, for latency measurement; never seen by the ledger.
+    pub submitted_ns: u64,
+}
+
+/// A command's outcome on its way out.
+#[derive(Clone, Copy)]
+pub struct OutputSlot {
+    pub record: CommandRecord,
+    pub token: u64,
+    pub submitted_ns: u64,
+}
+
+impl OutputSlot {
+    /// The sequence number that must be durable before this outcome may be announced.
+    pub fn durable_needed(&self) -> u64 {
+        if self.record.replayed { self.record.first_seq } else { self.record.next_seq() - 1 }
+    }
+}
+
+/// Receives outcomes in sequence order on the reply stage's thread.
+pub trait ReplySink: Send + 'static {
+    /// `durable` is false only after the journal stopped: the outcome is then unknown to the
+    /// caller (it may or may not survive a restart) and must not be reported as committed.
+    fn deliver(&mut self, slot: &OutputSlot, durable: bool);
+    fn end_of_batch(&mut self) {}
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub input_ring_size: usize,
+    pub output_ring_size: usize,
+    pub wait: WaitMode,
+    /// Core to pin the engine thread to; `None`: do not pin.
+    pub pin_core: Option<usize>,
+    /// Emit a checkpoint record with the state hash every this many events (0: never).
+    pub checkpoint_every: u64,
+    /// Write a snapshot every this many events (0: never), into this directory.
+    pub snapshot_every: u64,
+    pub snapshot_dir: Option<PathBuf>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            input_ring_size: 1 << 16,
+            output_ring_size: 1 << 16,
+            wait: DEFAULT_WAIT,
+            pin_core: Some(1),
+            checkpoint_every: 1 << 20,
+            snapshot_every: 0,
+            snapshot_dir: None,
+        }
+    }
+}
+
+/// Counters and the durable watermark, shared with the outside (metrics, shutdown).
+#[derive(Default)]
+pub struct EngineShared {
+    pub durable_seq: AtomicU64,
+    pub executed_seq: AtomicU64,
+    pub halted: AtomicBool,
+    pub halt_reason: Mutex<Option<String>>,
+    pub journal_bytes: AtomicU64,
+    pub submitted: AtomicU64,
+    pub completed: AtomicU64,
+    pub overloaded: AtomicU64,
+}
+
+impl EngineShared {
+    fn halt(&self, reason: String) {
+        tracing::error!(%reason, "journal failed: the engine stops acknowledging; exit and restart to recover");
+        if let Ok(mut slot) = self.halt_reason.lock() {
+            slot.get_or_insert(reason);
+        }
+        self.halted.store(true, Ordering::SeqCst);
+    }
+
+    pub fn halt_reason(&self) -> Option<String> {
+        self.halt_reason.lock().ok().and_then(|r| r.clone())
+    }
+}
+
+/// The input ring was full: the engine cannot keep up. Callers answer 503, never spin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the engine's input ring is full")]
+pub struct Overloaded;
+
+type InputProducer = MultiProducer<InputSlot, SingleConsumerBarrier>;
+
+/// A handle for one producing thread. Clone one per thread.
+#[derive(Clone)]
+pub struct Submitter {
+    producer: InputProducer,
+    shared: Arc<EngineShared>,
+}
+
+impl Submitter {
+    pub fn try_submit(&mut self, command: Command, token: u64, submitted_ns: u64) -> Result<(), Overloaded> {
+        match self.producer.try_publish(|slot| {
+            slot.command = command;
+            slot.token = token;
+            slot.submitted_ns = submitted_ns;
+        }) {
+            Ok(_) => {
+                self.shared.submitted.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(_) => {
+                self.shared.overloaded.fetch_add(1, Ordering::Relaxed);
+                Err(Overloaded)
+            }
+        }
+    }
+
+    /// Publishes all of `commands` or none of them.
+    pub fn try_submit_batch(
+        &mut self,
+        commands: &[(Command, u64)],
+        submitted_ns: u64,
+    ) -> Result<(), Overloaded> {
+        if commands.is_empty() {
+            return Ok(());
+        }
+        match self.producer.try_batch_publish(commands.len(), |slots| {
+            for (slot, (command, token)) in slots.zip(commands) {
+                slot.command = *command;
+                slot.token = *token;
+                slot.submitted_ns = submitted_ns;
+            }
+        }) {
+            Ok(_) => {
+                self.shared.submitted.fetch_add(commands.len() as u64, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(_) => {
+                self.shared.overloaded.fetch_add(1, Ordering::Relaxed);
+                Err(Overloaded)
+            }
+        }
+    }
+
+    pub fn shared(&self) -> &Arc<EngineShared> {
+        &self.shared
+    }
+}
+
+/// The running pipeline. Dropping every `Submitter` and calling `shutdown` drains the rings,
+/// joins the threads and hands back the ledger.
+pub struct Engine {
+    submitter: Submitter,
+    ledger_back: mpsc::Receiver<Ledger>,
+    snapshot_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Owned by the engine thread.
+struct EngineState {
+    ledger: Option<Ledger>,
+    output: Option<disruptor::SingleProducer<OutputSlot, SingleConsumerBarrier>>,
+    next_checkpoint: u64,
+    checkpoint_every: u64,
+    next_snapshot: u64,
+    snapshot_every: u64,
+    snapshots: Option<mpsc::Sender<Vec<u8>>>,
+    ledger_back: mpsc::Sender<Ledger>,
+    shared: Arc<EngineShared>,
+}
+
+impl Drop for EngineState {
+    fn drop(&mut self) {
+        // Drain and join the journal and reply stages first, so that every outcome has been
+        // delivered when `Engine::shutdown` returns. Then hand the in-RAM ledger back (not
+        // durable work: the journal already holds everything).
+        drop(self.output.take());
+        if let Some(ledger) = self.ledger.take() {
+            let _ = self.ledger_back.send(ledger);
+        }
+    }
+}
+
+impl EngineState {
+    fn publish(&mut self, record: CommandRecord, token: u64, submitted_ns: u64) {
+        // The output ring is bounded; when it is full the journal is behind and the engine
+        // waits for it (internal back-pressure; callers see the input ring fill up and get 503).
+        let Some(output) = self.output.as_mut() else { return };
+        loop {
+            let published = output.try_publish(|slot| {
+                slot.record = record;
+                slot.token = token;
+                slot.submitted_ns = submitted_ns;
+            });
+            if published.is_ok() {
+                return;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    fn on_command(&mut self, slot: &InputSlot) {
+        let Some(ledger) = self.ledger.as_mut() else { return };
+        let record = ledger.execute(&slot.command);
+        let next_seq = ledger.next_seq();
+        self.publish(record, slot.token, slot.submitted_ns);
+        if self.checkpoint_every > 0 && next_seq >= self.next_checkpoint {
+            let Some(ledger) = self.ledger.as_mut() else { return };
+            let checkpoint = ledger.checkpoint(slot.command.timestamp_ns);
+            self.next_checkpoint = ledger.next_seq() + self.checkpoint_every;
+            self.publish(checkpoint, NO_TOKEN, slot.submitted_ns);
+        }
+        if self.snapshot_every > 0 && next_seq >= self.next_snapshot {
+            let Some(ledger) = self.ledger.as_ref() else { return };
+            self.next_snapshot = ledger.next_seq() + self.snapshot_every;
+            if let Some(sender) = &self.snapshots {
+                let _ = sender.send(encode_snapshot(ledger));
+            }
+        }
+        self.shared.executed_seq.store(next_seq - 1, Ordering::Relaxed);
+    }
+}
+
+/// Where the engine's records go to become durable.
+pub enum JournalStage {
+    /// A real journal.
+    Journal(JournalWriter),
+    /// No journal at all (benchmark baseline and pure in-memory tests): records count as durable
+    /// at the end of each batch. Nothing survives a restart.
+    Off,
+}
+
+fn usable_core(core: usize) -> bool {
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    cores.len() >= 2 && cores.iter().any(|c| c.id == core)
+}
+
+impl Engine {
+    /// Starts the pipeline over `ledger`. Stages:
+    ///
+    /// 1. Input ring (multi-producer disruptor): API handlers and the bench publish commands.
+    /// 2. Engine thread (pinned when the machine has the cores): `Ledger::execute`, then
+    ///    publishes the record to the output ring. Every `checkpoint_every` events it appends a
+    ///    checkpoint record; every `snapshot_every` events it hands a snapshot to stage 5.
+    /// 3. Journal stage (output ring, first consumer): appends records, and at the end of each
+    ///    batch syncs once (group commit) and publishes the durable watermark.
+    /// 4. Reply stage (output ring, after stage 3): hands each durable outcome to the sink,
+    ///    which updates read views and completes the waiting callers.
+    /// 5. Snapshot writer (plain thread, optional): waits until a snapshot's sequence is durable,
+    ///    then writes it atomically.
+    pub fn start(
+        ledger: Ledger,
+        config: EngineConfig,
+        mut journal: JournalStage,
+        mut replies: impl ReplySink,
+    ) -> Engine {
+        assert!(config.input_ring_size.is_power_of_two(), "input ring size must be a power of 2");
+        assert!(config.output_ring_size.is_power_of_two(), "output ring size must be a power of 2");
+        let shared = Arc::new(EngineShared::default());
+        let start_seq = ledger.next_seq();
+        shared.durable_seq.store(start_seq - 1, Ordering::SeqCst);
+        shared.executed_seq.store(start_seq - 1, Ordering::SeqCst);
+
+        // Stage 5: the snapshot writer.
+        let (snapshot_sender, snapshot_thread) = match (&config.snapshot_dir, config.snapshot_every) {
+            (Some(dir), every) if every > 0 => {
+                let (sender, receiver) = mpsc::channel::<Vec<u8>>();
+                let dir = dir.clone();
+                let shared = shared.clone();
+                let handle = std::thread::Builder::new()
+                    .name("wallet-snapshot".into())
+                    .spawn(move || snapshot_writer(dir, receiver, shared))
+                    .expect("spawn the snapshot thread");
+                (Some(sender), Some(handle))
+            }
+            _ => (None, None),
+        };
+
+        // Stages 3 and 4: the output ring with the journal stage, then the reply stage.
+        let journal_shared = shared.clone();
+        let reply_shared = shared.clone();
+        let output = build_single_producer(config.output_ring_size, || OutputSlot {
+            record: CommandRecord::empty(),
+            token: NO_TOKEN,
+            submitted_ns: 0,
+        }, config.wait)
+        .thread_name("wallet-journal")
+        .handle_events_with(move |slot: &OutputSlot, _sequence, end_of_batch| {
+            journal_stage(&mut journal, &journal_shared, slot, end_of_batch);
+        })
+        .and_then()
+        .thread_name("wallet-reply")
+        .handle_events_with(move |slot: &OutputSlot, _sequence, end_of_batch| {
+            let durable = slot.durable_needed() <= reply_shared.durable_seq.load(Ordering::Acquire);
+            replies.deliver(slot, durable);
+            reply_shared.completed.fetch_add(1, Ordering::Relaxed);
+            if end_of_batch {
+                replies.end_of_batch();
+            }
+        })
+        .build();
+
+        // Stages 1 and 2: the input ring and the engine thread. The ring is built before anything
+        // else is pinned (pin_at_core checks the building thread's own affinity mask).
+        let (ledger_sender, ledger_back) = mpsc::channel();
+        let state_shared = shared.clone();
+        let checkpoint_every = config.checkpoint_every;
+        let snapshot_every = config.snapshot_every;
+        let init = move || EngineState {
+            next_checkpoint: start_seq + checkpoint_every,
+            next_snapshot: start_seq + snapshot_every,
+            ledger: Some(ledger),
+            output: Some(output),
+            checkpoint_every,
+            snapshot_every,
+            snapshots: snapshot_sender,
+            ledger_back: ledger_sender,
+            shared: state_shared,
+        };
+        let handler = |state: &mut EngineState, slot: &InputSlot, _sequence, _end_of_batch| state.on_command(slot);
+        let builder = build_multi_producer(config.input_ring_size, || InputSlot {
+            command: Command {
+                transaction_id: crate::core::TransactionId(0),
+                timestamp_ns: 0,
+                kind: crate::core::CommandKind::OpenAccount { account: crate::core::AccountId::EMPTY },
+            },
+            token: NO_TOKEN,
+            submitted_ns: 0,
+        }, config.wait)
+        .thread_name("wallet-engine");
+        let producer = match config.pin_core {
+            Some(core) if usable_core(core) => {
+                tracing::info!(core, "engine thread pinned");
+                builder.pin_at_core(core).handle_events_and_state_with(handler, init).build()
+            }
+            Some(core) => {
+                tracing::warn!(core, "too few cores to pin the engine thread; running it unpinned");
+                builder.handle_events_and_state_with(handler, init).build()
+            }
+            None => builder.handle_events_and_state_with(handler, init).build(),
+        };
+        Engine { submitter: Submitter { producer, shared }, ledger_back, snapshot_thread }
+    }
+
+    pub fn submitter(&self) -> Submitter {
+        self.submitter.clone()
+    }
+
+    pub fn shared(&self) -> Arc<EngineShared> {
+        self.submitter.shared.clone()
+    }
+
+    /// Drains everything already submitted, stops the threads and returns the ledger.
+    /// Every other `Submitter` clone must have been dropped first, or this waits for them.
+    pub fn shutdown(self) -> Ledger {
+        let Engine { submitter, ledger_back, snapshot_thread } = self;
+        drop(submitter);
+        let ledger = ledger_back.recv().expect("the engine thread hands the ledger back");
+        if let Some(handle) = snapshot_thread {
+            let _ = handle.join();
+        }
+        ledger
+    }
+}
+
+fn journal_stage(journal: &mut JournalStage, shared: &EngineShared, slot: &OutputSlot, end_of_batch: bool) {
+    if shared.halted.load(Ordering::Relaxed) {
+        return;
+    }
+    match journal {
+        JournalStage::Journal(writer) => {
+            if !slot.record.replayed
+                && let Err(e) = writer.append(&slot.record)
+            {
+                shared.halt(format!("journal append failed at sequence {}: {e}", slot.record.first_seq));
+                return;
+            }
+            if end_of_batch {
+                match writer.commit() {
+                    Ok(durable) => {
+                        shared.journal_bytes.store(writer.bytes_written(), Ordering::Relaxed);
+                        shared.durable_seq.store(durable, Ordering::Release);
+                    }
+                    Err(e) => shared.halt(format!("journal sync failed: {e}")),
+                }
+            }
+        }
+        JournalStage::Off => {
+            if end_of_batch {
+                let seq = slot.durable_needed().max(shared.durable_seq.load(Ordering::Relaxed));
+                shared.durable_seq.store(seq, Ordering::Release);
+            }
+        }
+    }
+}
+
+fn snapshot_writer(dir: PathBuf, receiver: mpsc::Receiver<Vec<u8>>, shared: Arc<EngineShared>) {
+    while let Ok(bytes) = receiver.recv() {
+        let Some(next_seq) = crate::core::codec::snapshot_next_seq(&bytes) else { continue };
+        // A snapshot must never be ahead of the durable journal.
+        while shared.durable_seq.load(Ordering::Acquire) + 1 < next_seq {
+            if shared.halted.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        match crate::journal::snapshot::write_snapshot(&dir, &bytes) {
+            Ok(path) => tracing::info!(file = %path.display(), "snapshot written"),
+            Err(e) => tracing::warn!(error = %e, "snapshot failed; the journal still has everything"),
+        }
+    }
+}

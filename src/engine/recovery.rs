@@ -1,0 +1,73 @@
+//! Start-up: load the newest valid snapshot, then replay the journal after it, verifying every
+//! frame, the chain and every checkpoint hash.
+
+use std::path::Path;
+
+use crate::core::{CommandRecord, EventKind, Ledger, LedgerConfig};
+use crate::journal::{JournalEnd, JournalError, journal_dir, scan, snapshot, snapshot_dir};
+
+pub struct Recovered {
+    pub ledger: Ledger,
+    pub end: JournalEnd,
+    /// Sequence the snapshot (if one was used) was taken at.
+    pub snapshot_next_seq: Option<u64>,
+    pub records_replayed: u64,
+    pub checkpoints_verified: u64,
+}
+
+/// Applies one record to `ledger`, first checking that it fits (and, for a checkpoint, that the
+/// hash matches). Used by start-up, `wallet replay` and every journal tailer.
+pub fn apply_verified(ledger: &mut Ledger, record: &CommandRecord) -> Result<bool, String> {
+    ledger.verify_record(record)?;
+    let mut checkpoint = false;
+    if let Some(event) = record.events().first()
+        && event.kind == EventKind::Checkpoint
+    {
+        let hash = ledger.state_hash();
+        if hash != event.amount {
+            return Err(format!(
+                "checkpoint at sequence {} says state hash {:#018x}, replay computed {hash:#018x}",
+                record.first_seq, event.amount
+            ));
+        }
+        checkpoint = true;
+    }
+    ledger.apply(record);
+    Ok(checkpoint)
+}
+
+/// Rebuilds the ledger from `data_dir`. With `use_snapshot`, starts from the newest valid
+/// snapshot that the journal covers.
+pub fn recover(
+    data_dir: &Path,
+    config: LedgerConfig,
+    use_snapshot: bool,
+    mut observe: impl FnMut(&Ledger, &CommandRecord),
+) -> Result<Recovered, JournalError> {
+    let journal = journal_dir(data_dir);
+    let mut at_most = None;
+    loop {
+        let start = if use_snapshot { snapshot::load_newest(&snapshot_dir(data_dir), config, at_most) } else { None };
+        let snapshot_next_seq = start.as_ref().map(|l| l.next_seq());
+        let mut ledger = start.unwrap_or_else(|| Ledger::new(config));
+        let mut records_replayed = 0;
+        let mut checkpoints_verified = 0;
+        let end = scan(&journal, ledger.next_seq(), |record| {
+            if apply_verified(&mut ledger, record)? {
+                checkpoints_verified += 1;
+            }
+            records_replayed += 1;
+            observe(&ledger, record);
+            Ok(())
+        })?;
+        if let Some(seq) = snapshot_next_seq
+            && end.next_seq < seq
+        {
+            // The snapshot is ahead of the journal (it should never be written so): distrust it.
+            tracing::warn!(snapshot_seq = seq, journal_next_seq = end.next_seq, "snapshot ahead of the journal; ignoring it");
+            at_most = Some(seq - 1);
+            continue;
+        }
+        return Ok(Recovered { ledger, end, snapshot_next_seq, records_replayed, checkpoints_verified });
+    }
+}

@@ -1,0 +1,234 @@
+//! The durable journal: fixed-size, preallocated, mmap'd segment files of checksummed, chained
+//! record frames; group commit; recovery; snapshots.
+//!
+//! Architecture invariant: the journal knows the record codec but no business rules, and never
+//! reports a sequence as durable before the sync that covers it returned successfully. A failed
+//! sync is never retried: the writer is poisoned and every later call fails.
+
+pub mod format;
+pub mod reader;
+pub mod snapshot;
+pub mod storage;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::core::CommandRecord;
+use crate::core::codec::{encode_record, payload_len};
+use format::{FRAME_HEADER_BYTES, MAX_FRAME_BYTES, SEGMENT_HEADER_BYTES, encode_segment_header, seal_frame, segment_file_name};
+pub use reader::{JournalEnd, JournalError, list_segments, scan};
+use storage::{SegmentFile, Storage};
+
+/// How and when written records are made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Group commit: one msync of the written range per batch taken from the ring.
+    Batch,
+    /// At most one msync per interval; a batch waits for it, so replies still follow durability.
+    Interval(Duration),
+    /// Page cache only: survives a process crash, NOT a power loss or kernel crash.
+    None,
+}
+
+impl std::str::FromStr for SyncMode {
+    type Err = String;
+    fn from_str(text: &str) -> Result<SyncMode, String> {
+        match text {
+            "batch" => Ok(SyncMode::Batch),
+            "none" => Ok(SyncMode::None),
+            _ => {
+                let ms = text
+                    .strip_prefix("interval=")
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .ok_or_else(|| format!("unknown sync mode {text:?}: use batch, interval=<ms> or none"))?;
+                Ok(SyncMode::Interval(Duration::from_millis(ms)))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct JournalConfig {
+    pub dir: PathBuf,
+    pub segment_size_bytes: u64,
+    pub sync: SyncMode,
+}
+
+pub const DEFAULT_SEGMENT_SIZE_BYTES: u64 = 256 << 20;
+/// Bytes buffered before they are copied into the mapping, even inside one batch.
+const PENDING_LIMIT_BYTES: usize = 1 << 20;
+
+/// Appends records. Owned by the journal stage (one thread).
+pub struct JournalWriter {
+    storage: Box<dyn Storage>,
+    config: JournalConfig,
+    segment: Option<Box<dyn SegmentFile>>,
+    /// Offset in the current segment where the next byte goes (pending bytes not included).
+    write_offset: u64,
+    /// Offset up to which the current segment is durable.
+    synced_offset: u64,
+    pending: Vec<u8>,
+    next_seq: u64,
+    last_crc: u32,
+    /// The last sequence number whose record is durable (0: none yet).
+    durable_seq: u64,
+    last_sync: Instant,
+    poisoned: bool,
+    bytes_written: u64,
+}
+
+impl JournalWriter {
+    /// Opens the journal in `config.dir` after recovery: `end` is what `scan` returned.
+    /// A torn tail reported in `end` is zeroed and synced before anything new is written.
+    pub fn open(mut storage: Box<dyn Storage>, config: JournalConfig, end: &JournalEnd) -> io::Result<JournalWriter> {
+        assert!(config.segment_size_bytes >= 4096, "segment size must be at least 4096 bytes");
+        std::fs::create_dir_all(&config.dir)?;
+        let mut segment = None;
+        let mut write_offset = 0;
+        if let Some((path, offset)) = &end.segment {
+            let mut file = storage.open_segment(path)?;
+            if let Some(torn_at) = end.torn_at {
+                let size = file.size();
+                let zeros = vec![0u8; (size - torn_at) as usize];
+                file.write_at(torn_at, &zeros)?;
+                file.sync_range(torn_at, size - torn_at)?;
+                tracing::warn!(file = %path.display(), offset = torn_at, "cut a torn tail (records never acknowledged)");
+            }
+            write_offset = *offset;
+            segment = Some(file);
+        }
+        Ok(JournalWriter {
+            storage,
+            config,
+            segment,
+            write_offset,
+            synced_offset: write_offset,
+            pending: Vec::with_capacity(PENDING_LIMIT_BYTES + MAX_FRAME_BYTES),
+            next_seq: end.next_seq,
+            last_crc: end.last_crc,
+            durable_seq: end.next_seq - 1,
+            last_sync: Instant::now(),
+            poisoned: false,
+            bytes_written: 0,
+        })
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    pub fn durable_seq(&self) -> u64 {
+        self.durable_seq
+    }
+
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written
+    }
+
+    fn check(&self) -> io::Result<()> {
+        if self.poisoned {
+            return Err(io::Error::other("journal stopped after an earlier write or sync failure"));
+        }
+        Ok(())
+    }
+
+    /// Frames `record` and buffers it. Durable only after `commit`.
+    pub fn append(&mut self, record: &CommandRecord) -> io::Result<()> {
+        self.check()?;
+        assert_eq!(record.first_seq, self.next_seq, "journal append out of sequence");
+        assert!(!record.replayed && record.event_count > 0);
+        let frame_len = FRAME_HEADER_BYTES + payload_len(record);
+        let segment_full = self.segment.is_none()
+            || self.write_offset + (self.pending.len() + frame_len) as u64 > self.config.segment_size_bytes;
+        if segment_full {
+            self.roll_segment(record.first_seq)?;
+        }
+        let start = self.pending.len();
+        self.pending.resize(start + frame_len, 0);
+        encode_record(record, &mut self.pending[start + FRAME_HEADER_BYTES..]);
+        self.last_crc = seal_frame(&mut self.pending[start..], record.first_seq, self.last_crc);
+        self.next_seq = record.next_seq();
+        if self.pending.len() >= PENDING_LIMIT_BYTES {
+            self.write_pending()?;
+        }
+        Ok(())
+    }
+
+    fn write_pending(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let segment = self.segment.as_mut().expect("a segment is open when bytes are pending");
+        if let Err(e) = segment.write_at(self.write_offset, &self.pending) {
+            self.poisoned = true;
+            return Err(e);
+        }
+        self.write_offset += self.pending.len() as u64;
+        self.bytes_written += self.pending.len() as u64;
+        self.pending.clear();
+        Ok(())
+    }
+
+    fn sync_segment(&mut self) -> io::Result<()> {
+        if let Some(segment) = self.segment.as_mut() {
+            let len = self.write_offset - self.synced_offset;
+            if let Err(e) = segment.sync_range(self.synced_offset, len) {
+                // fsyncgate: after a failed sync the kernel may have dropped the dirty pages, so a
+                // retry could "succeed" without the data. Stop for good.
+                self.poisoned = true;
+                return Err(e);
+            }
+            self.synced_offset = self.write_offset;
+        }
+        Ok(())
+    }
+
+    fn roll_segment(&mut self, first_seq: u64) -> io::Result<()> {
+        self.write_pending()?;
+        if self.config.sync != SyncMode::None {
+            self.sync_segment()?;
+        }
+        let path = self.config.dir.join(segment_file_name(first_seq));
+        let header = encode_segment_header(first_seq, self.config.segment_size_bytes, self.last_crc);
+        let mut segment = self.storage.create_segment(&path, self.config.segment_size_bytes).inspect_err(|_| {
+            self.poisoned = true;
+        })?;
+        segment.write_at(0, &header)?;
+        segment.sync_range(0, SEGMENT_HEADER_BYTES as u64).inspect_err(|_| self.poisoned = true)?;
+        self.segment = Some(segment);
+        self.write_offset = SEGMENT_HEADER_BYTES as u64;
+        self.synced_offset = self.write_offset;
+        Ok(())
+    }
+
+    /// Ends a batch: copies buffered frames into the segment and syncs per the sync mode.
+    /// Returns the highest durable sequence number.
+    pub fn commit(&mut self) -> io::Result<u64> {
+        self.check()?;
+        self.write_pending()?;
+        match self.config.sync {
+            SyncMode::Batch => self.sync_segment()?,
+            SyncMode::Interval(interval) => {
+                let since = self.last_sync.elapsed();
+                if since < interval {
+                    std::thread::sleep(interval - since);
+                }
+                self.sync_segment()?;
+            }
+            SyncMode::None => {}
+        }
+        self.last_sync = Instant::now();
+        self.durable_seq = self.next_seq - 1;
+        Ok(self.durable_seq)
+    }
+}
+
+/// Directory layout under a data directory.
+pub fn journal_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("journal")
+}
+
+pub fn snapshot_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("snapshots")
+}

@@ -1,0 +1,69 @@
+//! Snapshot files: the encoded ledger at a sequence, written atomically (temporary file, fsync,
+//! rename, fsync the directory) and named by the sequence they were taken at.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::core::codec::{decode_snapshot, snapshot_next_seq};
+use crate::core::{Ledger, LedgerConfig};
+use crate::journal::storage::fsync_dir;
+
+pub fn snapshot_file_name(next_seq: u64) -> String {
+    format!("snapshot-{next_seq:020}.bin")
+}
+
+fn parse_snapshot_file_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("snapshot-")?.strip_suffix(".bin")?;
+    if digits.len() != 20 {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Writes `bytes` (from `encode_snapshot`) as the snapshot at its sequence; returns the path.
+pub fn write_snapshot(dir: &Path, bytes: &[u8]) -> std::io::Result<PathBuf> {
+    let next_seq = snapshot_next_seq(bytes).ok_or_else(|| std::io::Error::other("not a snapshot"))?;
+    fs::create_dir_all(dir)?;
+    let path = dir.join(snapshot_file_name(next_seq));
+    let temporary = dir.join(format!(".{}.tmp", snapshot_file_name(next_seq)));
+    {
+        let mut file = File::create(&temporary)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
+    fs::rename(&temporary, &path)?;
+    fsync_dir(dir)?;
+    Ok(path)
+}
+
+/// Snapshot files in `dir`, newest first.
+pub fn list_snapshots(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut out: Vec<(u64, PathBuf)> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(parse_snapshot_file_name).map(|s| (s, e.path())))
+        .collect();
+    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out
+}
+
+/// Loads the newest snapshot that decodes and verifies, skipping (with a warning) any that do
+/// not. `at_most` bounds its sequence (a snapshot ahead of the journal is never trusted).
+pub fn load_newest(dir: &Path, config: LedgerConfig, at_most: Option<u64>) -> Option<Ledger> {
+    for (seq, path) in list_snapshots(dir) {
+        if at_most.is_some_and(|limit| seq > limit) {
+            tracing::warn!(file = %path.display(), "skipping a snapshot ahead of the journal");
+            continue;
+        }
+        match fs::read(&path) {
+            Ok(bytes) => match decode_snapshot(&bytes, config) {
+                Ok(ledger) => return Some(ledger),
+                Err(e) => tracing::warn!(file = %path.display(), error = %e, "skipping an invalid snapshot"),
+            },
+            Err(e) => tracing::warn!(file = %path.display(), error = %e, "skipping an unreadable snapshot"),
+        }
+    }
+    None
+}

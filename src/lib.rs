@@ -1,0 +1,5 @@
+//! `wallet`: a digital-wallet engine. See ARCHITECTURE.md for the module map.
+
+pub mod core;
+pub mod engine;
+pub mod journal;
