@@ -3,3 +3,4 @@
 pub mod core;
 pub mod engine;
 pub mod journal;
+pub mod tools;

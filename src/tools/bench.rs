@@ -1,0 +1,357 @@
+//! `wallet bench`: in-process load through the real pipeline (no HTTP).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::core::ledger::LedgerConfig;
+use crate::core::{AccountId, Command, CommandKind, Currency, Ledger, RejectCode, TransactionId};
+use crate::engine::{Engine, EngineConfig, JournalStage, NO_TOKEN, OutputSlot, ReplySink, WaitMode};
+use crate::journal::storage::MmapStorage;
+use crate::journal::{JournalConfig, JournalWriter, SyncMode, journal_dir};
+use crate::tools::rng::{SplitMix, zipf_rank};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Distribution {
+    Uniform,
+    Zipf,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    #[arg(long, default_value_t = 1_000_000)]
+    pub accounts: u32,
+    #[arg(long, default_value_t = 10_000_000)]
+    pub transfers: u64,
+    #[arg(long, default_value_t = 1)]
+    pub producers: usize,
+    #[arg(long, value_enum, default_value_t = Distribution::Uniform)]
+    pub distribution: Distribution,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Share of transfers built to be rejected (insufficient funds, unknown account, reused id).
+    #[arg(long, default_value_t = 0.01)]
+    pub reject_share: f64,
+    /// Journal sync mode: batch (durable), interval=<ms>, none (page cache only: NOT safe
+    /// against power loss).
+    #[arg(long, default_value = "batch")]
+    pub sync: SyncMode,
+    /// Run without any journal (the in-memory baseline).
+    #[arg(long)]
+    pub no_journal: bool,
+    /// Data directory for the journal (default: a fresh temporary directory, removed after).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 256 << 20)]
+    pub segment_size: u64,
+    /// Wait strategy of the ring consumers: spin, yield or sleep=<n>us.
+    #[arg(long, default_value = "spin")]
+    pub wait: WaitMode,
+    #[arg(long, default_value_t = 1 << 16)]
+    pub ring_size: usize,
+    /// Commands per batch publication.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1)]
+    pub pin_core: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LatencyUs {
+    pub p50: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub p9999: u64,
+    pub max: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub accounts: u32,
+    pub transfers: u64,
+    pub seconds: f64,
+    pub transfers_per_sec: f64,
+    pub committed: u64,
+    pub rejected: u64,
+    pub rejected_by_code: Vec<(String, u64)>,
+    pub latency_us: LatencyUs,
+    pub peak_rss_bytes: u64,
+    pub bytes_per_account: f64,
+    pub bytes_per_transaction_id: f64,
+    pub journal_bytes: u64,
+    pub journal_bytes_per_transfer: f64,
+    pub sync: String,
+    pub distribution: String,
+    pub producers: usize,
+    pub state_hash: String,
+}
+
+struct BenchSink {
+    base: Instant,
+    histogram: Histogram<u64>,
+    measuring: Arc<AtomicU64>,
+    replies: Arc<AtomicU64>,
+    committed: u64,
+    rejected: [u64; 16],
+    done: std::sync::mpsc::Sender<(Histogram<u64>, u64, [u64; 16])>,
+}
+
+impl ReplySink for BenchSink {
+    fn deliver(&mut self, slot: &OutputSlot, durable: bool) {
+        if slot.token == NO_TOKEN {
+            return;
+        }
+        assert!(durable, "bench: the journal stopped");
+        if self.measuring.load(Ordering::Relaxed) == 1 {
+            let now = self.base.elapsed().as_nanos() as u64;
+            let _ = self.histogram.record((now.saturating_sub(slot.submitted_ns) / 1000).max(1));
+            match slot.record.rejection {
+                None => self.committed += 1,
+                Some(code) => self.rejected[code as usize] += 1,
+            }
+        }
+        self.replies.fetch_add(1, Ordering::Release);
+    }
+}
+
+impl Drop for BenchSink {
+    fn drop(&mut self) {
+        let _ = self.done.send((self.histogram.clone(), self.committed, self.rejected));
+    }
+}
+
+pub fn account_id(index: u32) -> AccountId {
+    AccountId::new(&format!("acct-{index:08}")).expect("bench account ids are valid")
+}
+
+fn wait_for(replies: &AtomicU64, target: u64) {
+    while replies.load(Ordering::Acquire) < target {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        })
+        .map(|kib| kib * 1024)
+        .unwrap_or(0)
+}
+
+fn submit_all(submitter: &mut crate::engine::Submitter, batch: &[(Command, u64)], base: Instant) {
+    loop {
+        let now = base.elapsed().as_nanos() as u64;
+        if submitter.try_submit_batch(batch, now).is_ok() {
+            return;
+        }
+        std::hint::spin_loop();
+    }
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
+    anyhow::ensure!(args.accounts >= 2, "--accounts must be at least 2");
+    anyhow::ensure!(args.producers >= 1, "--producers must be at least 1");
+    anyhow::ensure!((0.0..=1.0).contains(&args.reject_share), "--reject-share must be within 0..=1");
+    let usd = Currency::new("USD").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ledger = Ledger::with_capacity(
+        LedgerConfig::default(),
+        args.accounts as usize,
+        args.transfers as usize + 2 * args.accounts as usize,
+    );
+    let temporary = match (&args.data_dir, args.no_journal) {
+        (None, false) => Some(tempfile::Builder::new().prefix("wallet-bench-").tempdir_in(".")?),
+        _ => None,
+    };
+    let data_dir = args.data_dir.clone().or_else(|| temporary.as_ref().map(|t| t.path().to_path_buf()));
+    let journal = match (&data_dir, args.no_journal) {
+        (Some(dir), false) => {
+            let config = JournalConfig { dir: journal_dir(dir), segment_size_bytes: args.segment_size, sync: args.sync };
+            let end = crate::journal::scan(&config.dir, 1, |_| Ok(()))?;
+            anyhow::ensure!(end.next_seq == 1, "bench needs an empty data directory");
+            JournalStage::Journal(JournalWriter::open(Box::new(MmapStorage), config, &end)?)
+        }
+        _ => JournalStage::Off,
+    };
+    let base = Instant::now();
+    let measuring = Arc::new(AtomicU64::new(0));
+    let replies = Arc::new(AtomicU64::new(0));
+    let (done_sender, done) = std::sync::mpsc::channel();
+    let sink = BenchSink {
+        base,
+        histogram: Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
+        measuring: measuring.clone(),
+        replies: replies.clone(),
+        committed: 0,
+        rejected: [0; 16],
+        done: done_sender,
+    };
+    let engine_config = EngineConfig {
+        input_ring_size: args.ring_size,
+        output_ring_size: args.ring_size,
+        wait: args.wait,
+        pin_core: Some(args.pin_core),
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(ledger, engine_config, journal, sink);
+
+    // Setup: open every account and deposit into it (not measured).
+    let ids: Arc<Vec<AccountId>> = Arc::new((0..args.accounts).map(account_id).collect());
+    let mut submitter = engine.submitter();
+    let mut rng = SplitMix::new(xxhash_rust::xxh3::xxh3_64(&args.seed.to_le_bytes()));
+    let mut batch = Vec::with_capacity(args.batch);
+    let mut setup_count = 0u64;
+    for index in 0..args.accounts {
+        for kind in [
+            CommandKind::OpenAccount { account: ids[index as usize] },
+            CommandKind::Deposit { account: ids[index as usize], amount: 1_000_000_00, currency: usd },
+        ] {
+            batch.push((Command { transaction_id: TransactionId(rng.next_u128()), timestamp_ns: 0, kind }, 0));
+            if batch.len() == args.batch {
+                submit_all(&mut submitter, &batch, base);
+                setup_count += batch.len() as u64;
+                batch.clear();
+            }
+        }
+    }
+    submit_all(&mut submitter, &batch, base);
+    setup_count += batch.len() as u64;
+    wait_for(&replies, setup_count);
+    let journal_bytes_before = engine.shared().journal_bytes.load(Ordering::Relaxed);
+
+    // Measured phase: transfers from `producers` threads.
+    measuring.store(1, Ordering::SeqCst);
+    let started = Instant::now();
+    let per_producer = args.transfers / args.producers as u64;
+    let mut threads = Vec::new();
+    for producer in 0..args.producers {
+        let mut submitter = engine.submitter();
+        let ids = ids.clone();
+        let count = if producer == 0 { args.transfers - per_producer * (args.producers as u64 - 1) } else { per_producer };
+        let args = args.clone();
+        threads.push(std::thread::spawn(move || {
+            let mut rng = SplitMix::new(xxhash_rust::xxh3::xxh3_64_with_seed(&args.seed.to_le_bytes(), producer as u64 + 1));
+            let accounts = args.accounts as u64;
+            let ghost = AccountId::new("ghost-account").expect("valid");
+            let mut batch: Vec<(Command, u64)> = Vec::with_capacity(args.batch);
+            let mut last_id = TransactionId(rng.next_u128());
+            let pick = |rng: &mut SplitMix| -> usize {
+                match args.distribution {
+                    Distribution::Uniform => (rng.next_u64() % accounts) as usize,
+                    Distribution::Zipf => zipf_rank(rng.next_f64(), accounts) as usize,
+                }
+            };
+            for _ in 0..count {
+                let from = pick(&mut rng);
+                let mut to = pick(&mut rng);
+                if to == from {
+                    to = (from + 1) % accounts as usize;
+                }
+                let mut command = Command {
+                    transaction_id: TransactionId(rng.next_u128()),
+                    timestamp_ns: 0,
+                    kind: CommandKind::Transfer {
+                        from: ids[from],
+                        to: ids[to],
+                        amount: 1 + rng.next_u64() % 100,
+                        currency: usd,
+                    },
+                };
+                if rng.next_f64() < args.reject_share {
+                    match rng.next_u64() % 3 {
+                        0 => {
+                            if let CommandKind::Transfer { amount, .. } = &mut command.kind {
+                                *amount = 900_000_000_000_000;
+                            }
+                        }
+                        1 => {
+                            if let CommandKind::Transfer { to, .. } = &mut command.kind {
+                                *to = ghost;
+                            }
+                        }
+                        _ => {
+                            command.transaction_id = last_id;
+                            if let CommandKind::Transfer { amount, .. } = &mut command.kind {
+                                *amount += 1000;
+                            }
+                        }
+                    }
+                }
+                last_id = command.transaction_id;
+                batch.push((command, 0));
+                if batch.len() == args.batch {
+                    submit_all(&mut submitter, &batch, base);
+                    batch.clear();
+                }
+            }
+            submit_all(&mut submitter, &batch, base);
+        }));
+    }
+    for thread in threads {
+        thread.join().map_err(|_| anyhow::anyhow!("a producer thread panicked"))?;
+    }
+    wait_for(&replies, setup_count + args.transfers);
+    let seconds = started.elapsed().as_secs_f64();
+    let journal_bytes = engine.shared().journal_bytes.load(Ordering::Relaxed) - journal_bytes_before;
+    drop(submitter);
+    let ledger = engine.shutdown();
+    let (histogram, committed, rejected_codes) = done.recv()?;
+    ledger.check_invariants().map_err(|e| anyhow::anyhow!("invariant broken after bench: {e}"))?;
+    let memory = ledger.memory_usage();
+    let rejected: u64 = rejected_codes.iter().sum();
+    let report = BenchReport {
+        accounts: args.accounts,
+        transfers: args.transfers,
+        seconds,
+        transfers_per_sec: args.transfers as f64 / seconds,
+        committed,
+        rejected,
+        rejected_by_code: RejectCode::ALL
+            .iter()
+            .filter(|c| rejected_codes[**c as usize] > 0)
+            .map(|c| (c.code().to_string(), rejected_codes[*c as usize]))
+            .collect(),
+        latency_us: LatencyUs {
+            p50: histogram.value_at_quantile(0.50),
+            p99: histogram.value_at_quantile(0.99),
+            p999: histogram.value_at_quantile(0.999),
+            p9999: histogram.value_at_quantile(0.9999),
+            max: histogram.max(),
+        },
+        peak_rss_bytes: peak_rss_bytes(),
+        bytes_per_account: memory.account_bytes as f64 / f64::from(ledger.account_count().max(1)),
+        bytes_per_transaction_id: memory.transaction_id_bytes as f64 / f64::from(ledger.transaction_id_count().max(1)),
+        journal_bytes,
+        journal_bytes_per_transfer: journal_bytes as f64 / args.transfers as f64,
+        sync: if args.no_journal { "no-journal".into() } else { format!("{:?}", args.sync) },
+        distribution: format!("{:?}", args.distribution).to_lowercase(),
+        producers: args.producers,
+        state_hash: format!("{:016x}", ledger.state_hash()),
+    };
+    Ok(report)
+}
+
+pub fn print_table(r: &BenchReport) {
+    println!("wallet bench: {} accounts, {} transfers, {}, {} producer(s), sync {}", r.accounts, r.transfers, r.distribution, r.producers, r.sync);
+    println!("  throughput        {:>14.0} transfers/s  ({:.3} s)", r.transfers_per_sec, r.seconds);
+    println!("  committed         {:>14}", r.committed);
+    println!("  rejected          {:>14}  {:?}", r.rejected, r.rejected_by_code);
+    println!(
+        "  latency us        p50 {}  p99 {}  p99.9 {}  p99.99 {}  max {}",
+        r.latency_us.p50, r.latency_us.p99, r.latency_us.p999, r.latency_us.p9999, r.latency_us.max
+    );
+    println!("  peak RSS          {:>14} bytes", r.peak_rss_bytes);
+    println!("  per account       {:>14.1} bytes", r.bytes_per_account);
+    println!("  per remembered id {:>14.1} bytes", r.bytes_per_transaction_id);
+    println!("  journal           {:>14} bytes ({:.1} per transfer)", r.journal_bytes, r.journal_bytes_per_transfer);
+    println!("  state hash        {}", r.state_hash);
+}

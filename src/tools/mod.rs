@@ -1,0 +1,5 @@
+//! Glue for the subcommands: bench, replay, snapshot (and later loadgen).
+
+pub mod bench;
+pub mod replay;
+pub mod rng;

@@ -1,0 +1,232 @@
+//! `wallet replay` and `wallet snapshot`: rebuild state from the journal, audit it.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::core::codec::encode_snapshot;
+use crate::core::{AccountId, EventKind, Ledger, LedgerConfig, format_amount};
+use crate::engine::recovery::{apply_verified, recover};
+use crate::journal::{journal_dir, scan, snapshot, snapshot_dir};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReplayArgs {
+    #[arg(long, default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Start from the newest valid snapshot instead of the beginning of the journal.
+    #[arg(long)]
+    pub from_snapshot: bool,
+    /// Stop after the record holding this sequence number.
+    #[arg(long)]
+    pub to_seq: Option<u64>,
+    /// Stop before the first record stamped after this time (RFC 3339).
+    #[arg(long)]
+    pub to_time: Option<String>,
+    /// Print this account's balances and its entries with running balances.
+    #[arg(long)]
+    pub account: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Entry {
+    pub seq: u64,
+    pub transaction_id: String,
+    pub kind: &'static str,
+    pub currency: String,
+    pub amount: String,
+    pub balance_after: String,
+    pub timestamp_ns: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReplayReport {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub records: u64,
+    pub events: u64,
+    pub checkpoints_verified: u64,
+    pub last_seq: u64,
+    pub accounts: u32,
+    pub transaction_ids: u32,
+    pub totals: Vec<(String, String)>,
+    pub state_hash: String,
+    pub events_per_sec: f64,
+    pub account: Option<AccountReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AccountReport {
+    pub account_id: String,
+    pub balances: Vec<(String, String)>,
+    pub entries: Vec<Entry>,
+}
+
+pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
+    let to_time_ns = match &args.to_time {
+        Some(t) => Some(
+            humantime::parse_rfc3339(t)
+                .map_err(|e| anyhow::anyhow!("--to-time: {e}"))?
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_nanos() as u64,
+        ),
+        None => None,
+    };
+    let account = match &args.account {
+        Some(a) => Some(AccountId::new(a).map_err(|e| anyhow::anyhow!("--account: {e}"))?),
+        None => None,
+    };
+    let config = LedgerConfig::default();
+    let started = Instant::now();
+    let mut ledger = if args.from_snapshot {
+        snapshot::load_newest(&snapshot_dir(&args.data_dir), config, args.to_seq.map(|s| s + 1))
+            .unwrap_or_else(|| Ledger::new(config))
+    } else {
+        Ledger::new(config)
+    };
+    let mut records = 0u64;
+    let mut events = 0u64;
+    let mut checkpoints = 0u64;
+    let mut stopped = false;
+    let mut account_index: Option<u32> = account.as_ref().and_then(|a| ledger.account_index(a));
+    let mut entries = Vec::new();
+    let progress = if !args.json && console_is_terminal() {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_message("replaying");
+        Some(bar)
+    } else {
+        None
+    };
+    let result = scan(&journal_dir(&args.data_dir), ledger.next_seq(), |record| {
+        if stopped
+            || args.to_seq.is_some_and(|s| record.first_seq > s)
+            || to_time_ns.is_some_and(|t| record.timestamp_ns > t && record.transaction_id.0 != 0)
+        {
+            stopped = true;
+            return Ok(());
+        }
+        if apply_verified(&mut ledger, record)? {
+            checkpoints += 1;
+        }
+        records += 1;
+        events += u64::from(record.event_count);
+        if let Some(id) = &account {
+            if account_index.is_none() {
+                account_index = ledger.account_index(id);
+            }
+            if let Some(index) = account_index {
+                for event in record.events() {
+                    let touches = event.account == index
+                        && matches!(
+                            event.kind,
+                            EventKind::Deposited | EventKind::Withdrawn | EventKind::Debited | EventKind::Credited
+                        );
+                    if touches {
+                        entries.push(Entry {
+                            seq: event.seq,
+                            transaction_id: record.transaction_id.to_uuid_string(),
+                            kind: event.kind.name(),
+                            currency: event.currency.to_string(),
+                            amount: format_amount(event.amount, event.currency),
+                            balance_after: format_amount(event.balance_after, event.currency),
+                            timestamp_ns: record.timestamp_ns,
+                        });
+                    }
+                }
+            }
+        }
+        if let Some(bar) = &progress
+            && records % 65536 == 0
+        {
+            bar.set_message(format!("replaying: sequence {}", record.first_seq));
+            bar.tick();
+        }
+        Ok(())
+    });
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    let mut error = result.err().map(|e| e.to_string());
+    if error.is_none()
+        && let Err(e) = ledger.check_invariants()
+    {
+        error = Some(format!("invariant violated: {e}"));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let account_report = account.map(|id| AccountReport {
+        account_id: id.to_string(),
+        balances: account_index
+            .map(|i| ledger.balances(i))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(c, b)| (c.to_string(), format_amount(b, c)))
+            .collect(),
+        entries,
+    });
+    Ok(ReplayReport {
+        ok: error.is_none(),
+        error,
+        records,
+        events,
+        checkpoints_verified: checkpoints,
+        last_seq: ledger.next_seq() - 1,
+        accounts: ledger.account_count(),
+        transaction_ids: ledger.transaction_id_count(),
+        totals: ledger
+            .totals()
+            .into_iter()
+            .map(|(c, t)| (c.to_string(), format_amount(t.outstanding, c)))
+            .collect(),
+        state_hash: format!("{:016x}", ledger.state_hash()),
+        events_per_sec: events as f64 / seconds.max(1e-9),
+        account: account_report,
+    })
+}
+
+fn console_is_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}
+
+pub fn print(report: &ReplayReport) {
+    if let Some(account) = &report.account {
+        println!("account {}", account.account_id);
+        for (currency, balance) in &account.balances {
+            println!("  balance {currency} {balance}");
+        }
+        for e in &account.entries {
+            println!(
+                "  seq {:>12}  {:<9} {} {:>16}  balance {:>16}  {}",
+                e.seq, e.kind, e.currency, e.amount, e.balance_after, e.transaction_id
+            );
+        }
+    }
+    println!(
+        "replayed {} records ({} events) to sequence {}; {} checkpoints verified; {} accounts, {} transaction ids",
+        report.records, report.events, report.last_seq, report.checkpoints_verified, report.accounts, report.transaction_ids
+    );
+    for (currency, total) in &report.totals {
+        println!("  total {currency} {total}");
+    }
+    println!("state hash {}  ({:.0} events/s)", report.state_hash, report.events_per_sec);
+    match &report.error {
+        None => println!("OK: frames, chain, checkpoints and invariants verified"),
+        Some(e) => println!("FAILED: {e}"),
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SnapshotArgs {
+    #[arg(long, default_value = "./data")]
+    pub data_dir: PathBuf,
+}
+
+/// Writes a snapshot of the state at the end of the journal (the engine must not be running on
+/// this data directory; the lock in `serve` enforces that).
+pub fn snapshot(args: &SnapshotArgs) -> anyhow::Result<PathBuf> {
+    let recovered = recover(&args.data_dir, LedgerConfig::default(), true, |_, _| {})?;
+    let bytes = encode_snapshot(&recovered.ledger);
+    Ok(snapshot::write_snapshot(&snapshot_dir(&args.data_dir), &bytes)?)
+}
