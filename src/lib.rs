@@ -4,3 +4,5 @@ pub mod core;
 pub mod engine;
 pub mod journal;
 pub mod tools;
+pub mod api;
+pub mod views;

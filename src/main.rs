@@ -21,6 +21,82 @@ enum Commands {
     Replay(replay::ReplayArgs),
     /// Write a snapshot of the state at the end of the journal.
     Snapshot(replay::SnapshotArgs),
+    /// Serve the HTTP API (recovers the journal in --data-dir first).
+    Serve(ServeArgs),
+    /// HTTP load generator with HDR latency (open-loop at --rate, or closed-loop with --rate 0).
+    Loadgen(wallet::tools::loadgen::LoadgenArgs),
+    /// A bare hyper server answering a fixed JSON body (the HTTP stack's baseline for loadgen).
+    ServeFixed {
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[arg(long, default_value = "./data")]
+    data_dir: std::path::PathBuf,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// batch: group commit, a reply only after its msync (durable against power loss);
+    /// interval=<ms>: at most one msync per interval, replies still wait for it;
+    /// none: page cache only - survives a process crash, NOT a power loss or kernel crash.
+    #[arg(long, default_value = "batch")]
+    sync: wallet::journal::SyncMode,
+    #[arg(long, default_value_t = 64 << 20)]
+    segment_size: u64,
+    #[arg(long, default_value_t = 16 << 10)]
+    max_body_bytes: usize,
+    #[arg(long, default_value_t = 4 << 20)]
+    max_batch_body_bytes: usize,
+    #[arg(long, default_value_t = 5000)]
+    header_read_timeout_ms: u64,
+    #[arg(long, default_value_t = 10_000)]
+    request_timeout_ms: u64,
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    #[arg(long, default_value_t = 16384)]
+    max_in_flight: usize,
+    #[arg(long, default_value_t = 1 << 16)]
+    ring_size: usize,
+    /// Wait strategy of the engine's threads: spin (burns a core), yield, sleep=<n>us.
+    #[arg(long, default_value = "sleep=20us")]
+    wait: wallet::engine::WaitMode,
+    /// Core to pin the engine thread to; negative: do not pin.
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    pin_core: i64,
+    #[arg(long, default_value_t = 1 << 20)]
+    checkpoint_every: u64,
+    /// Write a snapshot every this many events (0: never).
+    #[arg(long, default_value_t = 0)]
+    snapshot_every: u64,
+}
+
+impl ServeArgs {
+    fn config(&self) -> wallet::api::ServeConfig {
+        let ms = std::time::Duration::from_millis;
+        wallet::api::ServeConfig {
+            data_dir: self.data_dir.clone(),
+            sync: self.sync,
+            segment_size_bytes: self.segment_size,
+            max_body_bytes: self.max_body_bytes,
+            max_batch_body_bytes: self.max_batch_body_bytes,
+            header_read_timeout: ms(self.header_read_timeout_ms),
+            request_timeout: ms(self.request_timeout_ms),
+            max_connections: self.max_connections,
+            max_in_flight: self.max_in_flight,
+            ring_size: self.ring_size,
+            wait: self.wait,
+            pin_core: usize::try_from(self.pin_core).ok(),
+            checkpoint_every: self.checkpoint_every,
+            snapshot_every: self.snapshot_every,
+            ..wallet::api::ServeConfig::default()
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
 fn main() -> ExitCode {
@@ -48,6 +124,9 @@ fn main() -> ExitCode {
             }
             if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }),
+        Commands::Serve(args) => runtime().and_then(|rt| rt.block_on(wallet::api::run(args.config(), args.listen))).map(|_| ExitCode::SUCCESS),
+        Commands::Loadgen(args) => runtime().and_then(|rt| rt.block_on(wallet::tools::loadgen::run(&args))).map(|_| ExitCode::SUCCESS),
+        Commands::ServeFixed { listen } => runtime().and_then(|rt| rt.block_on(wallet::tools::loadgen::serve_fixed(listen))).map(|_| ExitCode::SUCCESS),
         Commands::Snapshot(args) => replay::snapshot(&args).map(|path| {
             println!("snapshot written: {}", path.display());
             ExitCode::SUCCESS

@@ -42,6 +42,18 @@ pub fn recover(
     data_dir: &Path,
     config: LedgerConfig,
     use_snapshot: bool,
+    observe: impl FnMut(&Ledger, &CommandRecord),
+) -> Result<Recovered, JournalError> {
+    recover_with(data_dir, config, use_snapshot, |_| {}, observe)
+}
+
+/// Like `recover`, and calls `on_start` with the starting state (the snapshot, or an empty
+/// ledger) before the first record is replayed, so that views can be built alongside.
+pub fn recover_with(
+    data_dir: &Path,
+    config: LedgerConfig,
+    use_snapshot: bool,
+    mut on_start: impl FnMut(&Ledger),
     mut observe: impl FnMut(&Ledger, &CommandRecord),
 ) -> Result<Recovered, JournalError> {
     let journal = journal_dir(data_dir);
@@ -50,6 +62,7 @@ pub fn recover(
         let start = if use_snapshot { snapshot::load_newest(&snapshot_dir(data_dir), config, at_most) } else { None };
         let snapshot_next_seq = start.as_ref().map(|l| l.next_seq());
         let mut ledger = start.unwrap_or_else(|| Ledger::new(config));
+        on_start(&ledger);
         let mut records_replayed = 0;
         let mut checkpoints_verified = 0;
         let end = scan(&journal, ledger.next_seq(), |record| {

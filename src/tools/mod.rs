@@ -1,5 +1,6 @@
 //! Glue for the subcommands: bench, replay, snapshot (and later loadgen).
 
 pub mod bench;
+pub mod loadgen;
 pub mod replay;
 pub mod rng;

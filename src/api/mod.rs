@@ -1,0 +1,322 @@
+//! The HTTP front end: `hyper` 1.x on tokio, HTTP/1.1 keep-alive.
+//!
+//! Architecture invariants:
+//! - Handlers never touch the ledger: writes go through the engine's input ring, reads come
+//!   from the views.
+//! - A request is answered "committed" only from a durable outcome.
+//! - Everything is bounded: connections, in-flight requests (the waiter table), body sizes,
+//!   header read time, request time. Overload answers 429/503 at once.
+//! - Bad input is a 4xx naming the field; nothing is submitted for it.
+
+pub mod json;
+pub mod metrics;
+pub mod routes;
+pub mod waiters;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+
+use crate::core::{CommandRecord, LedgerConfig};
+use crate::engine::recovery::recover_with;
+use crate::engine::{Engine, EngineConfig, EngineShared, JournalStage, NO_TOKEN, OutputSlot, ReplySink, Submitter, WaitMode};
+use crate::journal::storage::MmapStorage;
+use crate::journal::{JournalConfig, JournalWriter, SyncMode, journal_dir, snapshot_dir};
+use crate::views::Views;
+use metrics::Metrics;
+use waiters::{Delivered, Waiters};
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub sync: SyncMode,
+    pub segment_size_bytes: u64,
+    pub max_body_bytes: usize,
+    pub max_batch_body_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub request_timeout: Duration,
+    /// How long a read with `min_seq` waits for the view to catch up.
+    pub read_wait: Duration,
+    pub max_connections: usize,
+    pub max_in_flight: usize,
+    pub ring_size: usize,
+    pub wait: WaitMode,
+    pub pin_core: Option<usize>,
+    pub checkpoint_every: u64,
+    pub snapshot_every: u64,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            data_dir: PathBuf::from("./data"),
+            sync: SyncMode::Batch,
+            segment_size_bytes: 64 << 20,
+            max_body_bytes: 16 << 10,
+            max_batch_body_bytes: 4 << 20,
+            header_read_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            read_wait: Duration::from_secs(2),
+            max_connections: 1024,
+            max_in_flight: 16384,
+            ring_size: 1 << 16,
+            wait: crate::engine::DEFAULT_WAIT,
+            pin_core: Some(1),
+            checkpoint_every: 1 << 20,
+            snapshot_every: 0,
+        }
+    }
+}
+
+/// State shared by every connection.
+pub struct App {
+    pub config: ServeConfig,
+    pub views: Arc<Views>,
+    pub waiters: Arc<Waiters>,
+    pub metrics: Metrics,
+    pub shared: Arc<EngineShared>,
+    pub openapi_json: String,
+    submitter: Submitter,
+}
+
+impl App {
+    pub fn render_metrics(&self) -> String {
+        let s = &self.shared;
+        let durable = s.durable_seq.load(Ordering::Relaxed);
+        let executed = s.executed_seq.load(Ordering::Relaxed);
+        let submitted = s.submitted.load(Ordering::Relaxed);
+        let completed = s.completed.load(Ordering::Relaxed);
+        self.metrics.render(&[
+            ("wallet_ring_depth", "Commands submitted and not yet answered.", submitted.saturating_sub(completed)),
+            ("wallet_durable_sequence", "Highest durable sequence number.", durable),
+            ("wallet_durable_lag_events", "Events executed but not yet durable.", executed.saturating_sub(durable)),
+            ("wallet_journal_bytes", "Bytes appended to the journal by this process.", s.journal_bytes.load(Ordering::Relaxed)),
+            ("wallet_view_sequence", "Sequence the read views reflect.", self.views.applied_seq()),
+            ("wallet_in_flight_requests", "Requests waiting for their outcome.", self.waiters.in_flight() as u64),
+            ("wallet_overloaded_total", "Submissions refused because the ring was full.", s.overloaded.load(Ordering::Relaxed)),
+            ("wallet_halted", "1 if the journal failed and the engine stopped acknowledging.", u64::from(s.halted.load(Ordering::Relaxed))),
+        ])
+    }
+}
+
+/// The reply stage's sink: update the views, then complete the waiting callers.
+struct ApiSink {
+    views: Arc<Views>,
+    waiters: Arc<Waiters>,
+    batch: Vec<CommandRecord>,
+    pending: Vec<(u64, Delivered)>,
+}
+
+impl ReplySink for ApiSink {
+    fn deliver(&mut self, slot: &OutputSlot, durable: bool) {
+        if durable {
+            self.batch.push(slot.record);
+        }
+        if slot.token != NO_TOKEN {
+            self.pending.push((slot.token, Delivered { record: slot.record, durable }));
+        }
+        if self.batch.len() >= 4096 {
+            self.flush();
+        }
+    }
+
+    fn end_of_batch(&mut self) {
+        self.flush();
+    }
+}
+
+impl ApiSink {
+    fn flush(&mut self) {
+        // Views first, so that a caller who reads right after its reply sees its own write.
+        self.views.apply_batch(&self.batch);
+        self.batch.clear();
+        for (token, delivered) in self.pending.drain(..) {
+            self.waiters.deliver(token, delivered);
+        }
+    }
+}
+
+pub const OPENAPI_YAML: &str = include_str!("../../docs/openapi.yaml");
+
+pub fn openapi_json() -> anyhow::Result<String> {
+    let value: serde_json::Value = serde_norway::from_str(OPENAPI_YAML)?;
+    Ok(serde_json::to_string(&value)?)
+}
+
+/// Holds an exclusive lock on the data directory for as long as it lives.
+pub struct DataDirLock(#[allow(dead_code)] std::fs::File);
+
+pub fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<DataDirLock> {
+    use std::os::unix::io::AsRawFd;
+    std::fs::create_dir_all(dir)?;
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("LOCK"))?;
+    // SAFETY: a valid descriptor owned by `file`; flock takes no pointers.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    anyhow::ensure!(rc == 0, "data directory {} is in use by another wallet process", dir.display());
+    Ok(DataDirLock(file))
+}
+
+/// Recovers the state in `config.data_dir`, starts the engine, and serves on `listener` until
+/// `shutdown` resolves (or the journal fails). Then stops accepting, finishes in-flight
+/// requests, drains the engine and returns.
+pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let _lock = lock_data_dir(&config.data_dir)?;
+    let ledger_config = LedgerConfig::default();
+    let data_dir = config.data_dir.clone();
+    let (recovered, views) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        // The views are rebuilt alongside the ledger: from the same starting state (snapshot or
+        // empty), then fed every replayed record.
+        let views: std::cell::RefCell<Option<Arc<Views>>> = std::cell::RefCell::new(None);
+        let pending: std::cell::RefCell<Vec<CommandRecord>> = std::cell::RefCell::new(Vec::new());
+        let recovered = recover_with(
+            &data_dir,
+            ledger_config,
+            true,
+            |start| {
+                *views.borrow_mut() = Some(Views::from_ledger(start));
+                pending.borrow_mut().clear();
+            },
+            |_, record| {
+                let mut pending = pending.borrow_mut();
+                pending.push(*record);
+                if pending.len() >= 4096
+                    && let Some(v) = views.borrow().as_ref()
+                {
+                    v.apply_batch(&pending);
+                    pending.clear();
+                }
+            },
+        )?;
+        let views = views.into_inner().unwrap_or_else(|| Views::from_ledger(&recovered.ledger));
+        views.apply_batch(&pending.into_inner());
+        Ok((recovered, views))
+    })
+    .await??;
+    tracing::info!(
+        next_seq = recovered.ledger.next_seq(),
+        records = recovered.records_replayed,
+        snapshot = ?recovered.snapshot_next_seq,
+        "recovered"
+    );
+
+    let journal_config = JournalConfig {
+        dir: journal_dir(&config.data_dir),
+        segment_size_bytes: config.segment_size_bytes,
+        sync: config.sync,
+    };
+    let writer = JournalWriter::open(Box::new(MmapStorage), journal_config, &recovered.end)?;
+    let waiters = Arc::new(Waiters::new(config.max_in_flight));
+    let sink = ApiSink { views: views.clone(), waiters: waiters.clone(), batch: Vec::new(), pending: Vec::new() };
+    let engine_config = EngineConfig {
+        input_ring_size: config.ring_size,
+        output_ring_size: config.ring_size,
+        wait: config.wait,
+        pin_core: config.pin_core,
+        checkpoint_every: config.checkpoint_every,
+        snapshot_every: config.snapshot_every,
+        snapshot_dir: Some(snapshot_dir(&config.data_dir)),
+    };
+    let engine = Engine::start(recovered.ledger, engine_config, JournalStage::Journal(writer), sink);
+    let shared = engine.shared();
+    let app = Arc::new(App {
+        config: config.clone(),
+        views,
+        waiters,
+        metrics: Metrics::default(),
+        shared: shared.clone(),
+        openapi_json: openapi_json()?,
+        submitter: engine.submitter(),
+    });
+
+    let connections = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let halted = {
+        let shared = shared.clone();
+        async move {
+            while !shared.halted.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    tokio::pin!(shutdown);
+    tokio::pin!(halted);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+            _ = &mut halted => break,
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            // Over the connection limit: answer at once and close, never queue.
+            tokio::spawn(async move {
+                let mut stream = stream;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .await;
+            });
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let submitter = Arc::new(std::sync::Mutex::new(app.submitter.clone()));
+        let service = service_fn(move |request| {
+            let app = app.clone();
+            let submitter = submitter.clone();
+            async move { Ok::<_, std::convert::Infallible>(routes::handle(app, submitter, request).await) }
+        });
+        let connection = http1::Builder::new()
+            .keep_alive(true)
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout)
+            .serve_connection(TokioIo::new(stream), service);
+        let watched = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = watched.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: finishing in-flight requests");
+    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await.is_err() {
+        tracing::warn!("some connections did not finish within 10 s");
+    }
+    drop(app);
+    let ledger = tokio::task::spawn_blocking(move || engine.shutdown()).await?;
+    tracing::info!(next_seq = ledger.next_seq(), state_hash = format!("{:016x}", ledger.state_hash()), "stopped");
+    if let Some(reason) = shared.halt_reason() {
+        anyhow::bail!("the journal failed: {reason}");
+    }
+    Ok(())
+}
+
+/// Binds, prints the address (tests read it), serves until SIGTERM or Ctrl-C.
+pub async fn run(config: ServeConfig, listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    let address = listener.local_addr()?;
+    println!("listening on {address}");
+    tracing::info!(%address, data_dir = %config.data_dir.display(), sync = ?config.sync, "wallet serve");
+    let shutdown = async {
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = async { match terminate.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending::<()>().await } } => {},
+        }
+    };
+    serve(config, listener, shutdown).await
+}

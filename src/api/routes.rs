@@ -1,0 +1,670 @@
+//! Routing and request handlers. Executing a command and writing its response are separate
+//! steps: handlers submit, wait for the durable outcome, then render it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use serde_json::{Value, json};
+
+use crate::api::App;
+use crate::api::json::{self, BatchRequest, FieldError, MoneyRequest, OpenAccountRequest, TransferRequest};
+use crate::api::waiters::{Delivered, token};
+use crate::core::{Command, CommandKind, CommandType, EventKind, RejectCode, TransactionId, format_amount};
+use crate::engine::Submitter;
+use crate::views::{OutcomeView, ViewState};
+
+pub struct Route {
+    pub method: &'static str,
+    /// The path as written in the OpenAPI document.
+    pub path: &'static str,
+    pub name: &'static str,
+}
+
+/// Every route the server has. The OpenAPI test checks this list against `docs/openapi.yaml`.
+pub const ROUTES: &[Route] = &[
+    Route { method: "POST", path: "/v1/wallet/balance_transfer", name: "transfer" },
+    Route { method: "GET", path: "/v1/wallet/balance_transfer/{transaction_id}", name: "transfer_status" },
+    Route { method: "POST", path: "/v1/wallet/balance_transfers", name: "transfer_batch" },
+    Route { method: "POST", path: "/v1/wallet/accounts", name: "open_account" },
+    Route { method: "GET", path: "/v1/wallet/accounts/{account_id}", name: "account" },
+    Route { method: "GET", path: "/v1/wallet/accounts/{account_id}/history", name: "history" },
+    Route { method: "POST", path: "/v1/wallet/deposit", name: "deposit" },
+    Route { method: "POST", path: "/v1/wallet/withdraw", name: "withdraw" },
+    Route { method: "GET", path: "/v1/wallet/events", name: "events" },
+    Route { method: "GET", path: "/v1/openapi.json", name: "openapi" },
+    Route { method: "GET", path: "/metrics", name: "metrics" },
+    Route { method: "GET", path: "/healthz", name: "healthz" },
+    Route { method: "GET", path: "/readyz", name: "readyz" },
+];
+
+/// Matches a path against a template; returns the captured `{parameters}` in order.
+fn match_path<'a>(template: &str, path: &'a str) -> Option<Vec<&'a str>> {
+    let mut captured = Vec::new();
+    let mut t = template.split('/');
+    let mut p = path.split('/');
+    loop {
+        match (t.next(), p.next()) {
+            (None, None) => return Some(captured),
+            (Some(ts), Some(ps)) if ts.starts_with('{') => {
+                if ps.is_empty() {
+                    return None;
+                }
+                captured.push(ps);
+            }
+            (Some(ts), Some(ps)) if ts == ps => {}
+            _ => return None,
+        }
+    }
+}
+
+pub type HttpResponse = Response<Full<Bytes>>;
+
+pub struct Reply {
+    status: StatusCode,
+    body: Bytes,
+    content_type: &'static str,
+    headers: Vec<(&'static str, String)>,
+}
+
+impl Reply {
+    fn json(status: StatusCode, value: Value) -> Reply {
+        Reply {
+            status,
+            body: Bytes::from(serde_json::to_vec(&value).unwrap_or_default()),
+            content_type: "application/json",
+            headers: Vec::new(),
+        }
+    }
+
+    fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
+        Reply { status, body: body.into(), content_type, headers: Vec::new() }
+    }
+
+    fn error(status: StatusCode, code: &str, message: &str) -> Reply {
+        Reply::json(status, json!({"error": {"code": code, "message": message}}))
+    }
+
+    fn field(error: FieldError) -> Reply {
+        Reply::json(StatusCode::BAD_REQUEST, error.body())
+    }
+
+    fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Reply {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    fn overloaded() -> Reply {
+        Reply::error(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "the engine is at capacity; retry later")
+            .with_header("retry-after", "1")
+    }
+
+    fn too_many() -> Reply {
+        Reply::error(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", "too many requests in flight; retry later")
+            .with_header("retry-after", "1")
+    }
+
+    pub fn into_response(self) -> HttpResponse {
+        let mut response = Response::new(Full::new(self.body));
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(self.content_type));
+        for (name, value) in self.headers {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.insert(name, value);
+            }
+        }
+        response
+    }
+}
+
+pub fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then_some(v)
+    })
+}
+
+fn query_u64(query: Option<&str>, name: &str, default: u64, max: u64) -> Result<u64, Reply> {
+    match query_param(query, name) {
+        None => Ok(default),
+        Some(v) => match v.parse::<u64>() {
+            Ok(n) if n <= max => Ok(n),
+            _ => Err(Reply::field(FieldError::new(
+                "invalid_request",
+                name,
+                format!("must be an integer between 0 and {max}"),
+            ))),
+        },
+    }
+}
+
+/// Handles one request; `route` is set to the matched route's index for metrics.
+pub async fn handle(app: Arc<App>, submitter: Arc<std::sync::Mutex<Submitter>>, request: Request<Incoming>) -> HttpResponse {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let mut route_index = ROUTES.len();
+    let mut params = Vec::new();
+    let mut path_known = false;
+    for (i, route) in ROUTES.iter().enumerate() {
+        if let Some(captured) = match_path(route.path, &path) {
+            path_known = true;
+            if route.method == method.as_str() {
+                route_index = i;
+                params = captured.into_iter().map(str::to_string).collect();
+                break;
+            }
+        }
+    }
+    let reply = if route_index == ROUTES.len() {
+        if path_known {
+            Reply::error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this path")
+        } else {
+            Reply::error(StatusCode::NOT_FOUND, "not_found", "no such route")
+        }
+    } else {
+        let timeout = app.config.request_timeout;
+        match tokio::time::timeout(timeout, dispatch(&app, &submitter, route_index, params, request)).await {
+            Ok(reply) => reply,
+            Err(_) => Reply::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                "the request timed out; its outcome is unknown: retry with the same transaction_id",
+            )
+            .with_header("retry-after", "1"),
+        }
+    };
+    app.metrics.record(route_index, reply.status.as_u16(), started.elapsed().as_micros() as u64);
+    reply.into_response()
+}
+
+async fn dispatch(
+    app: &App,
+    submitter: &std::sync::Mutex<Submitter>,
+    route: usize,
+    params: Vec<String>,
+    request: Request<Incoming>,
+) -> Reply {
+    let query = request.uri().query().map(str::to_string);
+    let query = query.as_deref();
+    match ROUTES[route].name {
+        "healthz" => Reply::text(StatusCode::OK, "text/plain", "ok\n"),
+        "readyz" => {
+            if app.shared.halted.load(std::sync::atomic::Ordering::Relaxed) {
+                Reply::text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "journal failed\n")
+            } else {
+                Reply::text(StatusCode::OK, "text/plain", "ready\n")
+            }
+        }
+        "metrics" => Reply::text(StatusCode::OK, "text/plain; version=0.0.4", app.render_metrics()),
+        "openapi" => Reply::text(StatusCode::OK, "application/json", app.openapi_json.clone()),
+        "account" => account(app, &params[0], query).await,
+        "history" => history(app, &params[0], query).await,
+        "transfer_status" => transfer_status(app, &params[0], query).await,
+        "events" => events(app, query).await,
+        name => {
+            let limit = if name == "transfer_batch" { app.config.max_batch_body_bytes } else { app.config.max_body_bytes };
+            let body = match read_body(request, limit).await {
+                Ok(body) => body,
+                Err(reply) => return reply,
+            };
+            match name {
+                "transfer" => transfer(app, submitter, &body).await,
+                "transfer_batch" => transfer_batch(app, submitter, &body).await,
+                "open_account" => open_account(app, submitter, &body).await,
+                "deposit" => money(app, submitter, &body, true).await,
+                "withdraw" => money(app, submitter, &body, false).await,
+                _ => Reply::error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+            }
+        }
+    }
+}
+
+async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Reply> {
+    let content_type = request.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    if !media.eq_ignore_ascii_case("application/json") {
+        return Err(Reply::error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Content-Type must be application/json",
+        ));
+    }
+    let too_large = || {
+        Reply::error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", &format!("the body is larger than {limit} bytes"))
+    };
+    if let Some(length) = request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        && length > limit
+    {
+        return Err(too_large());
+    }
+    match Limited::new(request.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
+        Err(_) => Err(Reply::error(StatusCode::BAD_REQUEST, "invalid_request", "could not read the body")),
+    }
+}
+
+/// Submits one command and waits for its durable outcome.
+async fn execute(app: &App, submitter: &std::sync::Mutex<Submitter>, command: Command) -> Result<Delivered, Reply> {
+    let Some((slot, receiver)) = app.waiters.wait_single() else { return Err(Reply::too_many()) };
+    let submitted = {
+        let mut submitter = submitter.lock().unwrap_or_else(|e| e.into_inner());
+        submitter.try_submit(command, token(slot, 0), 0)
+    };
+    if submitted.is_err() {
+        app.waiters.cancel(slot);
+        return Err(Reply::overloaded());
+    }
+    receiver.await.map_err(|_| Reply::error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the engine stopped"))
+}
+
+fn unknown_outcome() -> Reply {
+    Reply::error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "outcome_unknown",
+        "the journal failed before this outcome was durable; retry with the same transaction_id after the service restarts",
+    )
+    .with_header("retry-after", "5")
+}
+
+fn money_string(amount: u64, currency: crate::core::Currency) -> String {
+    format_amount(amount, currency)
+}
+
+/// Renders an outcome the same way whether it is fresh, replayed or looked up.
+pub fn outcome_body(state: &ViewState, transaction_id: TransactionId, outcome: &OutcomeView) -> Value {
+    let id = transaction_id.to_uuid_string();
+    if let Some(code) = outcome.rejection {
+        return json!({
+            "transaction_id": id,
+            "status": "rejected",
+            "sequence": outcome.seq,
+            "error": {"code": code.code(), "message": code.message()},
+        });
+    }
+    let name = |i: usize| state.name(outcome.accounts[i]).to_string();
+    let money = |v: u64| money_string(v, outcome.currency);
+    match outcome.command_type {
+        CommandType::Transfer => json!({
+            "transaction_id": id,
+            "status": "committed",
+            "sequence": outcome.seq,
+            "from_account": name(0),
+            "to_account": name(1),
+            "amount": money(outcome.amount),
+            "currency": outcome.currency.to_string(),
+            "balances": [
+                {"account_id": name(0), "currency": outcome.currency.to_string(), "balance": money(outcome.balances_after[0])},
+                {"account_id": name(1), "currency": outcome.currency.to_string(), "balance": money(outcome.balances_after[1])},
+            ],
+        }),
+        CommandType::Deposit | CommandType::Withdraw => json!({
+            "transaction_id": id,
+            "status": "committed",
+            "sequence": outcome.seq,
+            "account_id": name(0),
+            "amount": money(outcome.amount),
+            "currency": outcome.currency.to_string(),
+            "balance": money(outcome.balances_after[0]),
+        }),
+        CommandType::OpenAccount => json!({
+            "transaction_id": id, "status": "committed", "sequence": outcome.seq, "account_id": name(0),
+        }),
+        CommandType::Checkpoint => json!({"transaction_id": id, "status": "committed", "sequence": outcome.seq}),
+    }
+}
+
+fn status_for(outcome: &OutcomeView) -> StatusCode {
+    match outcome.rejection {
+        None if outcome.command_type == CommandType::OpenAccount => StatusCode::CREATED,
+        None => StatusCode::OK,
+        Some(RejectCode::TransactionIdReused | RejectCode::AccountAlreadyExists) => StatusCode::CONFLICT,
+        Some(_) => StatusCode::UNPROCESSABLE_ENTITY,
+    }
+}
+
+/// Turns a delivered record into the reply a caller gets.
+fn render(app: &App, delivered: &Delivered) -> Reply {
+    if !delivered.durable {
+        return unknown_outcome();
+    }
+    let record = &delivered.record;
+    if record.rejection == Some(RejectCode::TransactionIdReused) {
+        let code = RejectCode::TransactionIdReused;
+        return Reply::json(
+            StatusCode::CONFLICT,
+            json!({"transaction_id": record.transaction_id.to_uuid_string(), "error": {"code": code.code(), "message": code.message()}}),
+        );
+    }
+    app.views.read(|state| {
+        let (outcome, replayed) = if record.replayed {
+            match state.outcomes.get(&record.transaction_id.0) {
+                Some(original) => (*original, true),
+                // The original predates the views (it is inside a snapshot): the ledger still knows
+                // its sequence and code.
+                None => {
+                    let mut minimal = OutcomeView::from_record(record);
+                    minimal.command_type = CommandType::Checkpoint;
+                    (minimal, true)
+                }
+            }
+        } else {
+            (OutcomeView::from_record(record), false)
+        };
+        let reply = Reply::json(status_for(&outcome), outcome_body(state, record.transaction_id, &outcome));
+        if replayed { reply.with_header("idempotent-replayed", "true") } else { reply }
+    })
+}
+
+async fn transfer(app: &App, submitter: &std::sync::Mutex<Submitter>, body: &[u8]) -> Reply {
+    let request: TransferRequest = match json::decode(body) {
+        Ok(r) => r,
+        Err(e) => return Reply::field(e),
+    };
+    let command = match request.to_command(now_ns(), "") {
+        Ok(c) => c,
+        Err(e) => return Reply::field(e),
+    };
+    match execute(app, submitter, command).await {
+        Ok(delivered) => render(app, &delivered),
+        Err(reply) => reply,
+    }
+}
+
+pub const MAX_BATCH: usize = 8192;
+
+async fn transfer_batch(app: &App, submitter: &std::sync::Mutex<Submitter>, body: &[u8]) -> Reply {
+    let request: BatchRequest = match json::decode(body) {
+        Ok(r) => r,
+        Err(e) => return Reply::field(e),
+    };
+    if request.transfers.is_empty() || request.transfers.len() > MAX_BATCH {
+        return Reply::field(FieldError::new("invalid_request", "transfers", format!("must hold 1 to {MAX_BATCH} transfers")));
+    }
+    let timestamp = now_ns();
+    let mut commands = Vec::with_capacity(request.transfers.len());
+    for (i, transfer) in request.transfers.iter().enumerate() {
+        match transfer.to_command(timestamp, &format!("transfers[{i}]")) {
+            Ok(c) => commands.push(c),
+            // The whole batch is refused before anything runs, so nothing is half-submitted.
+            Err(e) => return Reply::field(e),
+        }
+    }
+    let Some((slot, receiver)) = app.waiters.wait_batch(commands.len()) else { return Reply::too_many() };
+    let tagged: Vec<(Command, u64)> =
+        commands.iter().enumerate().map(|(i, c)| (*c, token(slot, i as u32))).collect();
+    let submitted = {
+        let mut submitter = submitter.lock().unwrap_or_else(|e| e.into_inner());
+        submitter.try_submit_batch(&tagged, 0)
+    };
+    if submitted.is_err() {
+        app.waiters.cancel(slot);
+        return Reply::overloaded();
+    }
+    let Ok(results) = receiver.await else {
+        return Reply::error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the engine stopped");
+    };
+    let mut out = Vec::with_capacity(results.len());
+    for (i, result) in results.iter().enumerate() {
+        let rendered = match result {
+            Some(delivered) => render(app, delivered),
+            None => unknown_outcome(),
+        };
+        let body: Value = serde_json::from_slice(&rendered.body).unwrap_or(Value::Null);
+        let replayed = rendered.headers.iter().any(|(n, _)| *n == "idempotent-replayed");
+        out.push(json!({"index": i, "http_status": rendered.status.as_u16(), "replayed": replayed, "result": body}));
+    }
+    Reply::json(StatusCode::OK, json!({"results": out}))
+}
+
+async fn open_account(app: &App, submitter: &std::sync::Mutex<Submitter>, body: &[u8]) -> Reply {
+    let request: OpenAccountRequest = match json::decode(body) {
+        Ok(r) => r,
+        Err(e) => return Reply::field(e),
+    };
+    let account = match json::account("account_id", &request.account_id) {
+        Ok(a) => a,
+        Err(e) => return Reply::field(e),
+    };
+    let transaction_id = match &request.transaction_id {
+        Some(text) => match json::transaction_id("transaction_id", text) {
+            Ok(id) => id,
+            Err(e) => return Reply::field(e),
+        },
+        None => TransactionId(uuid::Uuid::new_v4().as_u128()),
+    };
+    let command = Command { transaction_id, timestamp_ns: now_ns(), kind: CommandKind::OpenAccount { account } };
+    match execute(app, submitter, command).await {
+        Ok(delivered) => render(app, &delivered),
+        Err(reply) => reply,
+    }
+}
+
+async fn money(app: &App, submitter: &std::sync::Mutex<Submitter>, body: &[u8], deposit: bool) -> Reply {
+    let request: MoneyRequest = match json::decode(body) {
+        Ok(r) => r,
+        Err(e) => return Reply::field(e),
+    };
+    let command = match request.to_command(now_ns(), deposit) {
+        Ok(c) => c,
+        Err(e) => return Reply::field(e),
+    };
+    match execute(app, submitter, command).await {
+        Ok(delivered) => render(app, &delivered),
+        Err(reply) => reply,
+    }
+}
+
+/// Read-your-writes: `?min_seq=S` waits (bounded) until the views reflect sequence S.
+async fn wait_min_seq(app: &App, query: Option<&str>) -> Result<(), Reply> {
+    let min_seq = query_u64(query, "min_seq", 0, u64::MAX)?;
+    if min_seq > 0 && !app.views.wait_for(min_seq, app.config.read_wait).await {
+        return Err(Reply::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "view_behind",
+            "the read view has not reached min_seq yet; retry",
+        )
+        .with_header("retry-after", "1"));
+    }
+    Ok(())
+}
+
+async fn account(app: &App, id: &str, query: Option<&str>) -> Reply {
+    if let Err(e) = json::account("account_id", id) {
+        return Reply::field(e);
+    }
+    if let Err(reply) = wait_min_seq(app, query).await {
+        return reply;
+    }
+    let sequence = app.views.applied_seq();
+    app.views.read(|state| match state.account(id) {
+        None => Reply::error(StatusCode::NOT_FOUND, "account_not_found", RejectCode::AccountNotFound.message()),
+        Some(index) => {
+            let balances: Vec<Value> = state.balances[index as usize]
+                .iter()
+                .map(|(c, b)| json!({"currency": c.to_string(), "balance": money_string(*b, *c)}))
+                .collect();
+            Reply::json(StatusCode::OK, json!({"account_id": id, "balances": balances, "sequence": sequence}))
+        }
+    })
+}
+
+async fn history(app: &App, id: &str, query: Option<&str>) -> Reply {
+    if let Err(e) = json::account("account_id", id) {
+        return Reply::field(e);
+    }
+    let after_seq = match query_u64(query, "after_seq", 0, u64::MAX) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let limit = match query_u64(query, "limit", 100, 1000) {
+        Ok(v) => v as usize,
+        Err(r) => return r,
+    };
+    if let Err(reply) = wait_min_seq(app, query).await {
+        return reply;
+    }
+    app.views.read(|state| match state.account(id) {
+        None => Reply::error(StatusCode::NOT_FOUND, "account_not_found", RejectCode::AccountNotFound.message()),
+        Some(index) => {
+            let entries: Vec<Value> = state.history[index as usize]
+                .iter()
+                .filter(|e| e.seq > after_seq)
+                .take(limit)
+                .map(|e| {
+                    let mut entry = json!({
+                        "sequence": e.seq,
+                        "transaction_id": TransactionId(e.transaction_id).to_uuid_string(),
+                        "kind": e.kind.name(),
+                        "currency": e.currency.to_string(),
+                        "amount": money_string(e.amount, e.currency),
+                        "balance_after": money_string(e.balance_after, e.currency),
+                        "timestamp_ns": e.timestamp_ns,
+                    });
+                    if e.counterparty != u32::MAX {
+                        entry["counterparty"] = json!(state.name(e.counterparty));
+                    }
+                    entry
+                })
+                .collect();
+            let oldest = state.history[index as usize].front().map(|e| e.seq);
+            Reply::json(StatusCode::OK, json!({"account_id": id, "entries": entries, "oldest_sequence_in_view": oldest}))
+        }
+    })
+}
+
+async fn transfer_status(app: &App, id: &str, query: Option<&str>) -> Reply {
+    let transaction_id = match json::transaction_id("transaction_id", id) {
+        Ok(t) => t,
+        Err(e) => return Reply::field(e),
+    };
+    if let Err(reply) = wait_min_seq(app, query).await {
+        return reply;
+    }
+    app.views.read(|state| match state.outcomes.get(&transaction_id.0) {
+        Some(outcome) => Reply::json(StatusCode::OK, outcome_body(state, transaction_id, outcome)),
+        None => Reply::error(StatusCode::NOT_FOUND, "transaction_not_found", "no outcome is known for this transaction_id"),
+    })
+}
+
+/// One NDJSON line per event with `seq >= from_seq`, from the in-memory window or the journal.
+async fn events(app: &App, query: Option<&str>) -> Reply {
+    let from_seq = match query_u64(query, "from_seq", 1, u64::MAX) {
+        Ok(v) => v.max(1),
+        Err(r) => return r,
+    };
+    let limit = match query_u64(query, "limit", 1000, 10_000) {
+        Ok(v) => v as usize,
+        Err(r) => return r,
+    };
+    let wait_ms = match query_u64(query, "wait_ms", 0, 30_000) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    if wait_ms > 0 {
+        app.views.wait_for(from_seq, Duration::from_millis(wait_ms)).await;
+    }
+    let window = app.views.read(|state| {
+        let first = state.recent.front().map(|r| r.first_seq)?;
+        if from_seq < first {
+            return None;
+        }
+        let mut lines = String::new();
+        let mut count = 0;
+        for record in state.recent.iter().filter(|r| r.next_seq() > from_seq) {
+            count += event_lines(state, record, from_seq, &mut lines);
+            if count >= limit {
+                break;
+            }
+        }
+        Some(lines)
+    });
+    let lines = match window {
+        Some(lines) => lines,
+        None => {
+            // Older than the in-memory window: read the journal.
+            let dir = crate::journal::journal_dir(&app.config.data_dir);
+            let app_views = app.views.clone();
+            let durable = app.views.applied_seq();
+            let result = tokio::task::spawn_blocking(move || {
+                let mut records = Vec::new();
+                let _ = crate::journal::scan(&dir, from_seq, |record| {
+                    if records.len() >= limit || record.first_seq > durable {
+                        return Err("enough".into());
+                    }
+                    records.push(*record);
+                    Ok(())
+                });
+                app_views.read(|state| {
+                    let mut lines = String::new();
+                    for record in &records {
+                        event_lines(state, record, from_seq, &mut lines);
+                    }
+                    lines
+                })
+            })
+            .await;
+            result.unwrap_or_default()
+        }
+    };
+    Reply::text(StatusCode::OK, "application/x-ndjson", lines)
+}
+
+fn event_lines(state: &ViewState, record: &crate::core::CommandRecord, from_seq: u64, out: &mut String) -> usize {
+    let mut count = 0;
+    for event in record.events().iter().filter(|e| e.seq >= from_seq) {
+        let mut line = json!({
+            "sequence": event.seq,
+            "transaction_id": record.transaction_id.to_uuid_string(),
+            "kind": event.kind.name(),
+            "timestamp_ns": record.timestamp_ns,
+        });
+        match event.kind {
+            EventKind::Rejected => {
+                line["code"] = json!(record.rejection.map(|c| c.code()).unwrap_or(""));
+            }
+            EventKind::Checkpoint => line["state_hash"] = json!(format!("{:016x}", event.amount)),
+            EventKind::AccountOpened => line["account_id"] = json!(record.opened_account.to_string()),
+            _ => {
+                line["account_id"] = json!(state.name(event.account));
+                line["currency"] = json!(event.currency.to_string());
+                line["amount"] = json!(money_string(event.amount, event.currency));
+                line["balance_after"] = json!(money_string(event.balance_after, event.currency));
+            }
+        }
+        out.push_str(&line.to_string());
+        out.push('\n');
+        count += 1;
+    }
+    count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::match_path;
+
+    #[test]
+    fn paths_match_templates() {
+        let cases: &[(&str, &str, Option<Vec<&str>>)] = &[
+            ("/v1/wallet/accounts/{account_id}", "/v1/wallet/accounts/alice", Some(vec!["alice"])),
+            ("/v1/wallet/accounts/{account_id}", "/v1/wallet/accounts/", None),
+            ("/v1/wallet/accounts/{account_id}", "/v1/wallet/accounts/a/history", None),
+            ("/v1/wallet/accounts/{account_id}/history", "/v1/wallet/accounts/a/history", Some(vec!["a"])),
+            ("/healthz", "/healthz", Some(vec![])),
+            ("/healthz", "/healthz/", None),
+        ];
+        for (template, path, expected) in cases {
+            assert_eq!(&match_path(template, path), expected, "{template} vs {path}");
+        }
+    }
+}

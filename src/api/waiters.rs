@@ -1,0 +1,121 @@
+//! Bounded table of callers waiting for their outcome. Its capacity is the in-flight limit.
+//!
+//! A slot is taken by a request handler before it submits and freed only by the reply stage
+//! after delivery (or by the handler if submission failed), so a slot is never reused while
+//! the engine may still answer to it.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crossbeam_queue::ArrayQueue;
+use tokio::sync::oneshot;
+
+use crate::core::CommandRecord;
+
+/// What a waiting caller receives.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivered {
+    pub record: CommandRecord,
+    /// False only when the journal failed: the outcome is unknown.
+    pub durable: bool,
+}
+
+pub struct BatchCollector {
+    results: Mutex<Vec<Option<Delivered>>>,
+    remaining: AtomicUsize,
+    done: Mutex<Option<oneshot::Sender<Vec<Option<Delivered>>>>>,
+}
+
+enum Waiter {
+    Free,
+    Single(oneshot::Sender<Delivered>),
+    Batch(std::sync::Arc<BatchCollector>),
+}
+
+pub struct Waiters {
+    slots: Vec<Mutex<Waiter>>,
+    free: ArrayQueue<u32>,
+}
+
+/// Token layout: low 32 bits the slot, high 32 bits the item index inside a batch.
+pub fn token(slot: u32, item: u32) -> u64 {
+    u64::from(slot) | (u64::from(item) << 32)
+}
+
+impl Waiters {
+    pub fn new(capacity: usize) -> Waiters {
+        let capacity = capacity.max(1);
+        let free = ArrayQueue::new(capacity);
+        for i in 0..capacity as u32 {
+            let _ = free.push(i);
+        }
+        Waiters { slots: (0..capacity).map(|_| Mutex::new(Waiter::Free)).collect(), free }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Takes a slot for one command; `None` when the in-flight limit is reached.
+    pub fn wait_single(&self) -> Option<(u32, oneshot::Receiver<Delivered>)> {
+        let slot = self.free.pop()?;
+        let (sender, receiver) = oneshot::channel();
+        *self.lock(slot) = Waiter::Single(sender);
+        Some((slot, receiver))
+    }
+
+    /// Takes a slot for a batch of `count` commands.
+    pub fn wait_batch(&self, count: usize) -> Option<(u32, oneshot::Receiver<Vec<Option<Delivered>>>)> {
+        let slot = self.free.pop()?;
+        let (sender, receiver) = oneshot::channel();
+        let collector = BatchCollector {
+            results: Mutex::new(vec![None; count]),
+            remaining: AtomicUsize::new(count),
+            done: Mutex::new(Some(sender)),
+        };
+        *self.lock(slot) = Waiter::Batch(std::sync::Arc::new(collector));
+        Some((slot, receiver))
+    }
+
+    fn lock(&self, slot: u32) -> std::sync::MutexGuard<'_, Waiter> {
+        self.slots[slot as usize].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Frees a slot whose command was never submitted.
+    pub fn cancel(&self, slot: u32) {
+        *self.lock(slot) = Waiter::Free;
+        let _ = self.free.push(slot);
+    }
+
+    /// Delivers an outcome (reply stage only).
+    pub fn deliver(&self, token: u64, delivered: Delivered) {
+        let slot = (token & 0xFFFF_FFFF) as u32;
+        let item = (token >> 32) as usize;
+        if slot as usize >= self.slots.len() {
+            return;
+        }
+        let mut waiter = self.lock(slot);
+        match std::mem::replace(&mut *waiter, Waiter::Free) {
+            Waiter::Single(sender) => {
+                // The caller may have timed out and gone; that is fine.
+                let _ = sender.send(delivered);
+            }
+            Waiter::Batch(collector) => {
+                if let Some(result) = collector.results.lock().unwrap_or_else(|e| e.into_inner()).get_mut(item) {
+                    *result = Some(delivered);
+                }
+                if collector.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+                    *waiter = Waiter::Batch(collector);
+                    return;
+                }
+                let results = std::mem::take(&mut *collector.results.lock().unwrap_or_else(|e| e.into_inner()));
+                if let Some(sender) = collector.done.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    let _ = sender.send(results);
+                }
+            }
+            Waiter::Free => return,
+        }
+        drop(waiter);
+        let _ = self.free.push(slot);
+    }
+}

@@ -1,0 +1,354 @@
+//! `wallet loadgen`: HTTP load with latency measured from each request's intended send time
+//! (open loop), so that a stalled server cannot hide its stalls (coordinated omission).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+
+use crate::tools::rng::SplitMix;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadgenArgs {
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Transfers per second to offer (open loop); 0 runs closed loop as fast as answers come.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Transfers per request; above 1 uses the batch endpoint.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1000)]
+    pub accounts: u32,
+    /// Open the accounts and deposit into them first.
+    #[arg(long)]
+    pub setup: bool,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Send requests to this fixed path instead (to measure a bare server with the same client).
+    #[arg(long)]
+    pub raw_path: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+    /// Write the histogram (.hgrm) and a latency-by-percentile chart (.svg) here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LoadgenReport {
+    pub requests: u64,
+    pub transfers: u64,
+    pub seconds: f64,
+    pub transfers_per_sec: f64,
+    pub requests_per_sec: f64,
+    pub status_counts: BTreeMap<String, u64>,
+    pub errors: u64,
+    pub latency_us: BTreeMap<String, u64>,
+    pub rate: u64,
+    pub connections: usize,
+    pub batch: usize,
+}
+
+fn host_port(url: &str) -> anyhow::Result<String> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| anyhow::anyhow!("--url must start with http://"))?;
+    Ok(rest.split('/').next().unwrap_or(rest).to_string())
+}
+
+struct Client {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    host: String,
+}
+
+impl Client {
+    async fn connect(host: &str) -> anyhow::Result<Client> {
+        let stream = tokio::net::TcpStream::connect(host).await?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        Ok(Client { sender, host: host.to_string() })
+    }
+
+    async fn send(&mut self, method: &str, path: &str, body: Option<String>) -> anyhow::Result<(u16, Bytes)> {
+        if self.sender.ready().await.is_err() {
+            *self = Client::connect(&self.host).await?;
+        }
+        let mut builder = Request::builder().method(method).uri(path).header("host", &self.host);
+        if body.is_some() {
+            builder = builder.header("content-type", "application/json");
+        }
+        let request = builder.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        let response = self.sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok((status, body))
+    }
+}
+
+fn account(i: u64) -> String {
+    format!("lg-{i:07}")
+}
+
+fn uuid(rng: &mut SplitMix) -> String {
+    uuid::Builder::from_random_bytes(rng.next_u128().to_le_bytes()).into_uuid().hyphenated().to_string()
+}
+
+fn transfer_body(rng: &mut SplitMix, accounts: u64) -> String {
+    let from = rng.next_u64() % accounts;
+    let mut to = rng.next_u64() % accounts;
+    if to == from {
+        to = (to + 1) % accounts;
+    }
+    format!(
+        r#"{{"from_account":"{}","to_account":"{}","amount":"0.01","currency":"USD","transaction_id":"{}"}}"#,
+        account(from),
+        account(to),
+        uuid(rng)
+    )
+}
+
+async fn setup(args: &LoadgenArgs, host: &str) -> anyhow::Result<()> {
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for worker in 0..args.connections.clamp(1, 32) {
+        let next = next.clone();
+        let host = host.to_string();
+        let accounts = u64::from(args.accounts);
+        let seed = args.seed;
+        tasks.push(tokio::spawn(async move {
+            let mut client = Client::connect(&host).await?;
+            let mut rng = SplitMix::new(seed ^ 0x5E7 ^ worker as u64);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= accounts {
+                    return anyhow::Ok(());
+                }
+                let (status, _) = client
+                    .send("POST", "/v1/wallet/accounts", Some(format!(r#"{{"account_id":"{}"}}"#, account(i))))
+                    .await?;
+                anyhow::ensure!(status == 201 || status == 409, "opening {} answered {status}", account(i));
+                let body = format!(
+                    r#"{{"account_id":"{}","amount":"1000000000.00","currency":"USD","transaction_id":"{}"}}"#,
+                    account(i),
+                    uuid(&mut rng)
+                );
+                let (status, _) = client.send("POST", "/v1/wallet/deposit", Some(body)).await?;
+                anyhow::ensure!(status == 200, "deposit into {} answered {status}", account(i));
+            }
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
+pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
+    anyhow::ensure!(args.connections >= 1, "--connections must be at least 1");
+    anyhow::ensure!((1..=8192).contains(&args.batch), "--batch must be within 1..=8192");
+    let host = host_port(&args.url)?;
+    if args.setup {
+        setup(args, &host).await?;
+    }
+    let requests_per_sec = args.rate as f64 / args.batch as f64;
+    let interval_ns = if args.rate == 0 { 0.0 } else { 1e9 / requests_per_sec };
+    let start = Instant::now() + Duration::from_millis(50);
+    let end = start + Duration::from_secs(args.duration);
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for worker in 0..args.connections {
+        let next = next.clone();
+        let host = host.clone();
+        let args = args.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client = Client::connect(&host).await?;
+            let mut rng = SplitMix::new(args.seed.wrapping_mul(31).wrapping_add(worker as u64 + 1));
+            let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+            let mut statuses: BTreeMap<u16, u64> = BTreeMap::new();
+            let mut errors = 0u64;
+            let accounts = u64::from(args.accounts).max(2);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let intended = if interval_ns > 0.0 {
+                    start + Duration::from_nanos((i as f64 * interval_ns) as u64)
+                } else {
+                    Instant::now().max(start)
+                };
+                if intended >= end {
+                    break;
+                }
+                tokio::time::sleep_until(intended.into()).await;
+                let (method, path, body) = match &args.raw_path {
+                    Some(p) => ("GET", p.clone(), None),
+                    None if args.batch == 1 => {
+                        ("POST", "/v1/wallet/balance_transfer".to_string(), Some(transfer_body(&mut rng, accounts)))
+                    }
+                    None => {
+                        let items: Vec<String> = (0..args.batch).map(|_| transfer_body(&mut rng, accounts)).collect();
+                        ("POST", "/v1/wallet/balance_transfers".to_string(), Some(format!(r#"{{"transfers":[{}]}}"#, items.join(","))))
+                    }
+                };
+                match client.send(method, &path, body).await {
+                    Ok((status, _)) => *statuses.entry(status).or_default() += 1,
+                    Err(_) => errors += 1,
+                }
+                let latency_us = (intended.elapsed().as_nanos() / 1000) as u64;
+                let _ = histogram.record(latency_us.max(1));
+            }
+            anyhow::Ok((histogram, statuses, errors))
+        }));
+    }
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
+    let mut errors = 0;
+    for task in tasks {
+        let (h, s, e) = task.await??;
+        histogram.add(&h)?;
+        for (status, count) in s {
+            *statuses.entry(status.to_string()).or_default() += count;
+        }
+        errors += e;
+    }
+    let seconds = start.elapsed().as_secs_f64().max(1e-9);
+    let requests = histogram.len();
+    let ok_transfers = statuses.get("200").copied().unwrap_or(0) * args.batch as u64;
+    let mut latency = BTreeMap::new();
+    for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999), ("p9999", 0.9999)] {
+        latency.insert(name.to_string(), histogram.value_at_quantile(q));
+    }
+    latency.insert("max".to_string(), histogram.max());
+    let report = LoadgenReport {
+        requests,
+        transfers: ok_transfers,
+        seconds,
+        transfers_per_sec: ok_transfers as f64 / seconds,
+        requests_per_sec: requests as f64 / seconds,
+        status_counts: statuses,
+        errors,
+        latency_us: latency.clone(),
+        rate: args.rate,
+        connections: args.connections,
+        batch: args.batch,
+    };
+    if let Some(dir) = &args.out {
+        write_outputs(dir, &histogram)?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "wallet loadgen: {} connections, batch {}, rate {} ({}), {:.1} s",
+            args.connections,
+            args.batch,
+            args.rate,
+            if args.rate == 0 { "closed loop" } else { "open loop" },
+            seconds
+        );
+        println!("  transfers/s {:.0}   requests/s {:.0}   errors {}", report.transfers_per_sec, report.requests_per_sec, errors);
+        println!("  status      {:?}", report.status_counts);
+        println!(
+            "  latency us  p50 {}  p90 {}  p99 {}  p99.9 {}  p99.99 {}  max {}",
+            latency["p50"], latency["p90"], latency["p99"], latency["p999"], latency["p9999"], latency["max"]
+        );
+    }
+    Ok(report)
+}
+
+/// Writes `latency.hgrm` (HdrHistogram's percentile-distribution text) and `latency.svg`.
+fn write_outputs(dir: &std::path::Path, histogram: &Histogram<u64>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut hgrm = String::from("       Value     Percentile TotalCount 1/(1-Percentile)\n\n");
+    let mut points = Vec::new();
+    for v in histogram.iter_quantiles(1) {
+        let q = v.quantile_iterated_to();
+        let inverse = if q < 1.0 { 1.0 / (1.0 - q) } else { f64::INFINITY };
+        let _ = writeln!(
+            hgrm,
+            "{:12.3} {:14.12} {:10} {:14.2}",
+            v.value_iterated_to() as f64 / 1000.0,
+            q,
+            v.count_since_last_iteration(),
+            inverse
+        );
+        if q < 1.0 {
+            points.push(((1.0 / (1.0 - q)).log10(), v.value_iterated_to() as f64 / 1000.0));
+        }
+    }
+    let _ = writeln!(
+        hgrm,
+        "#[Mean = {:.3}, StdDeviation = {:.3}]\n#[Max = {:.3}, Total count = {}]",
+        histogram.mean() / 1000.0,
+        histogram.stdev() / 1000.0,
+        histogram.max() as f64 / 1000.0,
+        histogram.len()
+    );
+    std::fs::write(dir.join("latency.hgrm"), hgrm)?;
+    let (width, height, margin) = (800.0, 480.0, 60.0);
+    let max_x = points.iter().map(|p| p.0).fold(1.0f64, f64::max).max(1.0);
+    let max_y = points.iter().map(|p| p.1).fold(0.001f64, f64::max);
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{}" y="20" text-anchor="middle">Latency by percentile (ms)</text>
+<line x1="{margin}" y1="{}" x2="{}" y2="{}" stroke="black"/>
+<line x1="{margin}" y1="{margin}" x2="{margin}" y2="{}" stroke="black"/>
+"#,
+        width / 2.0,
+        height - margin,
+        width - margin,
+        height - margin,
+        height - margin
+    );
+    let sx = |x: f64| margin + x / max_x * (width - 2.0 * margin);
+    let sy = |y: f64| height - margin - y / max_y * (height - 2.0 * margin);
+    for (label, x) in [("0%", 0.0), ("90%", 1.0), ("99%", 2.0), ("99.9%", 3.0), ("99.99%", 4.0), ("99.999%", 5.0)] {
+        if x <= max_x {
+            let _ = writeln!(svg, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{label}</text>"#, sx(x), height - margin + 18.0);
+        }
+    }
+    for i in 0..=4 {
+        let y = max_y * f64::from(i) / 4.0;
+        let _ = writeln!(svg, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{y:.2}</text>"#, margin - 6.0, sy(y) + 4.0);
+    }
+    let path: Vec<String> = points.iter().map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y))).collect();
+    let _ = writeln!(svg, r#"<polyline fill="none" stroke="steelblue" stroke-width="2" points="{}"/>"#, path.join(" "));
+    svg.push_str("</svg>\n");
+    std::fs::write(dir.join("latency.svg"), svg)?;
+    Ok(())
+}
+
+/// A bare hyper server answering a fixed JSON body to every request: the HTTP stack's own limit
+/// on this machine, measured with the same load generator.
+pub async fn serve_fixed(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    use hyper::service::service_fn;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("listening on {}", listener.local_addr()?);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let service = service_fn(|_request| async {
+                let mut response = hyper::Response::new(Full::new(Bytes::from_static(
+                    br#"{"transaction_id":"00000000-0000-0000-0000-000000000000","status":"committed","sequence":1}"#,
+                )));
+                response.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+                Ok::<_, std::convert::Infallible>(response)
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
