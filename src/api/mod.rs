@@ -307,15 +307,18 @@ pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: impl Fu
 
 /// Binds, prints the address (tests read it), serves until SIGTERM or Ctrl-C.
 pub async fn run(config: ServeConfig, listen: SocketAddr) -> anyhow::Result<()> {
+    // Signal handlers go in before the address is announced, so that a SIGTERM right after
+    // start-up is a graceful shutdown too, not the default kill.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let listener = TcpListener::bind(listen).await?;
     let address = listener.local_addr()?;
     println!("listening on {address}");
     tracing::info!(%address, data_dir = %config.data_dir.display(), sync = ?config.sync, "wallet serve");
-    let shutdown = async {
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let shutdown = async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = async { match terminate.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending::<()>().await } } => {},
+            _ = terminate.recv() => {},
+            _ = interrupt.recv() => {},
         }
     };
     serve(config, listener, shutdown).await

@@ -1,0 +1,214 @@
+//! Shared helpers for black-box tests: start `wallet serve` as a child process on 127.0.0.1
+//! port 0, and a tiny blocking HTTP/1.1 client with keep-alive.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Server {
+    pub child: Child,
+    pub address: String,
+    pub data_dir: PathBuf,
+}
+
+impl Server {
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_wallet"));
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--pin-core", "-1", "--wait", "sleep=50us"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("WALLET_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = command.spawn().expect("spawn wallet serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            line.clear();
+            let n = reader.read_line(&mut line).expect("read serve stdout");
+            assert!(n > 0, "wallet serve exited before listening");
+            if let Some(address) = line.trim().strip_prefix("listening on ") {
+                let address = address.to_string();
+                // Keep draining stdout so the child never blocks on a full pipe.
+                std::thread::spawn(move || for _ in reader.lines() {});
+                return Server { child, address, data_dir: data_dir.to_path_buf() };
+            }
+            assert!(Instant::now() < deadline, "wallet serve did not start listening");
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(&self.address)
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        // SAFETY: sending a signal to our own child's pid; kill takes no pointers.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        wait_with_timeout(&mut self.child, Duration::from_secs(30))
+    }
+
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+pub struct Client {
+    address: String,
+    stream: Option<TcpStream>,
+}
+
+impl Client {
+    pub fn connect(address: &str) -> Client {
+        Client { address: address.to_string(), stream: None }
+    }
+
+    pub fn get(&mut self, path: &str) -> Response {
+        self.request("GET", path, None, "application/json")
+    }
+
+    pub fn post(&mut self, path: &str, body: &serde_json::Value) -> Response {
+        self.request("POST", path, Some(body.to_string().as_bytes()), "application/json")
+    }
+
+    pub fn request(&mut self, method: &str, path: &str, body: Option<&[u8]>, content_type: &str) -> Response {
+        for attempt in 0..2 {
+            if self.stream.is_none() {
+                let stream = TcpStream::connect(&self.address).expect("connect");
+                stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
+                stream.set_nodelay(true).ok();
+                self.stream = Some(stream);
+            }
+            match self.try_request(method, path, body, content_type) {
+                Ok(r) => return r,
+                Err(e) => {
+                    self.stream = None;
+                    assert!(attempt == 0, "request failed twice: {e}");
+                }
+            }
+        }
+        unreachable!()
+    }
+
+    fn try_request(&mut self, method: &str, path: &str, body: Option<&[u8]>, content_type: &str) -> std::io::Result<Response> {
+        let stream = self.stream.as_mut().expect("connected");
+        let body = body.unwrap_or_default();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes())?;
+        stream.write_all(body)?;
+        read_response(stream)
+    }
+}
+
+pub fn read_response(stream: &mut TcpStream) -> std::io::Result<Response> {
+    let mut buffer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buffer.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte)? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
+        }
+        buffer.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buffer).to_string();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':').map(|(n, v)| (n.trim().to_string(), v.trim().to_string())))
+        .collect();
+    let length: usize = headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body)?;
+    Ok(Response { status, headers, body: String::from_utf8_lossy(&body).to_string() })
+}
+
+pub fn uuid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+pub fn open(client: &mut Client, account: &str) {
+    let r = client.post("/v1/wallet/accounts", &serde_json::json!({"account_id": account}));
+    assert_eq!(r.status, 201, "open {account}: {}", r.body);
+}
+
+pub fn deposit(client: &mut Client, account: &str, amount: &str) {
+    let r = client.post(
+        "/v1/wallet/deposit",
+        &serde_json::json!({"account_id": account, "amount": amount, "currency": "USD", "transaction_id": uuid()}),
+    );
+    assert_eq!(r.status, 200, "deposit {account}: {}", r.body);
+}
+
+pub fn transfer_body(from: &str, to: &str, amount: &str, id: &str) -> serde_json::Value {
+    serde_json::json!({"from_account": from, "to_account": to, "amount": amount, "currency": "USD", "transaction_id": id})
+}
+
+/// Balance of `account` in USD in minor units, via the API.
+pub fn balance_cents(client: &mut Client, account: &str) -> i64 {
+    let r = client.get(&format!("/v1/wallet/accounts/{account}"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    v["balances"]
+        .as_array()
+        .and_then(|b| b.iter().find(|x| x["currency"] == "USD"))
+        .map(|b| cents(b["balance"].as_str().unwrap_or("0")))
+        .unwrap_or(0)
+}
+
+pub fn cents(text: &str) -> i64 {
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, "00"));
+    whole.parse::<i64>().expect("whole") * 100 + fraction.parse::<i64>().expect("fraction")
+}

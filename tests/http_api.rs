@@ -1,0 +1,374 @@
+//! Black-box tests of `wallet serve`: every endpoint and error path, the bank test, idempotency
+//! under concurrency, and restart.
+
+mod common;
+
+use std::sync::{Arc, Barrier};
+
+use common::{Client, Server, balance_cents, deposit, open, transfer_body, uuid};
+use serde_json::json;
+
+fn temp() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("wallet-http-").tempdir().expect("tempdir")
+}
+
+#[test]
+fn endpoints_and_error_paths() {
+    let dir = temp();
+    let server = Server::start(dir.path(), &["--max-body-bytes", "2048"]);
+    let mut c = server.client();
+    open(&mut c, "alice");
+    open(&mut c, "bob");
+    let dup = c.post("/v1/wallet/accounts", &json!({"account_id": "bob"}));
+    assert_eq!(dup.status, 409);
+    assert_eq!(dup.json()["error"]["code"], "account_already_exists");
+    deposit(&mut c, "alice", "100.00");
+
+    // A committed transfer: 200 with the sequence and both resulting balances.
+    let id = uuid();
+    let r = c.post("/v1/wallet/balance_transfer", &transfer_body("alice", "bob", "12.34", &id));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["status"], "committed");
+    assert_eq!(v["transaction_id"], id.as_str());
+    assert!(v["sequence"].as_u64().unwrap() > 0);
+    assert_eq!(v["balances"][0], json!({"account_id": "alice", "currency": "USD", "balance": "87.66"}));
+    assert_eq!(v["balances"][1], json!({"account_id": "bob", "currency": "USD", "balance": "12.34"}));
+
+    // Retry with the same id and body: the original status and body, marked as replayed.
+    let again = c.post("/v1/wallet/balance_transfer", &transfer_body("alice", "bob", "12.34", &id));
+    assert_eq!(again.status, 200);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.json(), v);
+    // Same id, other body: 409, nothing moves.
+    let conflict = c.post("/v1/wallet/balance_transfer", &transfer_body("alice", "bob", "1.00", &id));
+    assert_eq!(conflict.status, 409);
+    assert_eq!(conflict.json()["error"]["code"], "transaction_id_reused");
+    assert_eq!(balance_cents(&mut c, "alice"), 8766);
+
+    // Business rejections: 422 with the ledger's code; a rejection is final for its id.
+    let cases = [
+        (transfer_body("alice", "bob", "1000.00", &uuid()), "insufficient_funds"),
+        (transfer_body("alice", "nobody", "1.00", &uuid()), "account_not_found"),
+        (transfer_body("alice", "alice", "1.00", &uuid()), "same_account"),
+    ];
+    for (body, code) in cases {
+        let r = c.post("/v1/wallet/balance_transfer", &body);
+        assert_eq!(r.status, 422, "{code}: {}", r.body);
+        assert_eq!(r.json()["error"]["code"], code);
+    }
+
+    // Bad input: 400 naming the field; nothing changes.
+    let bad = [
+        (json!({"from_account": "alice", "to_account": "bob", "amount": "1.234", "currency": "USD", "transaction_id": uuid()}), "amount"),
+        (json!({"from_account": "alice", "to_account": "bob", "amount": "-1", "currency": "USD", "transaction_id": uuid()}), "amount"),
+        (json!({"from_account": "alice", "to_account": "bob", "amount": "1e2", "currency": "USD", "transaction_id": uuid()}), "amount"),
+        (json!({"from_account": "alice", "to_account": "bob", "amount": "0", "currency": "USD", "transaction_id": uuid()}), "amount"),
+        (json!({"from_account": "alice", "to_account": "bob", "amount": 5, "currency": "USD", "transaction_id": uuid()}), "amount"),
+        (json!({"from_account": "alice", "to_account": "bob", "amount": "1", "currency": "XAU", "transaction_id": uuid()}), "currency"),
+        (json!({"from_account": "alice", "to_account": "bob", "amount": "1", "currency": "usd", "transaction_id": uuid()}), "currency"),
+        (json!({"from_account": "alice", "to_account": "bob", "amount": "1", "currency": "USD", "transaction_id": "not-a-uuid"}), "transaction_id"),
+        (json!({"from_account": "al ice", "to_account": "bob", "amount": "1", "currency": "USD", "transaction_id": uuid()}), "from_account"),
+        (json!({"from_account": "alice", "to_account": "b".repeat(65), "amount": "1", "currency": "USD", "transaction_id": uuid()}), "to_account"),
+        (json!({"from_account": "alice", "to_account": "bob", "amount": "1", "currency": "USD", "transaction_id": uuid(), "memo": "x"}), "memo"),
+        (json!({"to_account": "bob", "amount": "1", "currency": "USD", "transaction_id": uuid()}), "body"),
+    ];
+    for (body, field) in bad {
+        let r = c.post("/v1/wallet/balance_transfer", &body);
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        let message = r.json()["error"]["message"].as_str().unwrap_or("").to_string();
+        assert!(message.contains(field) || field == "body", "{body}: message {message:?} should name {field}");
+    }
+    let r = c.request("POST", "/v1/wallet/balance_transfer", Some(b"{not json"), "application/json");
+    assert_eq!(r.status, 400);
+    let r = c.request("POST", "/v1/wallet/balance_transfer", Some(b"{}"), "text/plain");
+    assert_eq!(r.status, 415);
+    let huge = format!(r#"{{"from_account":"{}"}}"#, "a".repeat(4096));
+    let r = c.request("POST", "/v1/wallet/balance_transfer", Some(huge.as_bytes()), "application/json");
+    assert_eq!(r.status, 413);
+    assert_eq!(c.get("/v1/wallet/nothing").status, 404);
+    assert_eq!(c.get("/v1/wallet/balance_transfer").status, 405);
+    assert_eq!(balance_cents(&mut c, "alice"), 8766, "rejected requests changed nothing");
+    assert_eq!(balance_cents(&mut c, "bob"), 1234);
+
+    // Deposit and withdraw.
+    let w = c.post("/v1/wallet/withdraw", &json!({"account_id": "bob", "amount": "0.34", "currency": "USD", "transaction_id": uuid()}));
+    assert_eq!(w.status, 200, "{}", w.body);
+    assert_eq!(w.json()["balance"], "12.00");
+    let w = c.post("/v1/wallet/withdraw", &json!({"account_id": "bob", "amount": "50", "currency": "USD", "transaction_id": uuid()}));
+    assert_eq!(w.status, 422);
+    let d = c.post("/v1/wallet/deposit", &json!({"account_id": "bob", "amount": "5", "currency": "JPY", "transaction_id": uuid()}));
+    assert_eq!(d.status, 200);
+    assert_eq!(d.json()["balance"], "5");
+
+    // Reads: account, history with running balances, status, events, read-your-writes.
+    let account = c.get("/v1/wallet/accounts/bob").json();
+    assert_eq!(account["balances"], json!([{"currency": "JPY", "balance": "5"}, {"currency": "USD", "balance": "12.00"}]));
+    assert_eq!(c.get("/v1/wallet/accounts/nobody").status, 404);
+    assert_eq!(c.get("/v1/wallet/accounts/no%20body").status, 400);
+    let history = c.get("/v1/wallet/accounts/alice/history?limit=10").json();
+    let entries = history["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[0]["kind"], "deposited");
+    assert_eq!(entries[1]["kind"], "debited");
+    assert_eq!(entries[1]["balance_after"], "87.66");
+    assert_eq!(entries[1]["counterparty"], "bob");
+    let after = entries[0]["sequence"].as_u64().unwrap();
+    let later = c.get(&format!("/v1/wallet/accounts/alice/history?after_seq={after}")).json();
+    assert_eq!(later["entries"].as_array().unwrap().len(), 1);
+    assert_eq!(c.get("/v1/wallet/accounts/alice/history?limit=abc").status, 400);
+    let status = c.get(&format!("/v1/wallet/balance_transfer/{id}"));
+    assert_eq!(status.status, 200);
+    assert_eq!(status.json(), v);
+    assert_eq!(c.get(&format!("/v1/wallet/balance_transfer/{}", uuid())).status, 404);
+    assert_eq!(c.get("/v1/wallet/balance_transfer/xyz").status, 400);
+    let seq = v["sequence"].as_u64().unwrap();
+    let r = c.get(&format!("/v1/wallet/accounts/alice?min_seq={seq}"));
+    assert_eq!(r.status, 200);
+    assert!(r.json()["sequence"].as_u64().unwrap() >= seq);
+    let r = c.get("/v1/wallet/accounts/alice?min_seq=999999999");
+    assert_eq!(r.status, 503, "a view that cannot catch up answers 503, bounded");
+
+    let events = c.get("/v1/wallet/events?from_seq=1");
+    assert_eq!(events.status, 200);
+    assert_eq!(events.header("content-type"), Some("application/x-ndjson"));
+    let lines: Vec<serde_json::Value> = events.body.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines[0]["kind"], "account_opened");
+    assert!(lines.windows(2).all(|w| w[1]["sequence"].as_u64() == Some(w[0]["sequence"].as_u64().unwrap() + 1)));
+    assert!(lines.iter().any(|l| l["kind"] == "debited" && l["transaction_id"] == id.as_str()));
+    let tail = c.get("/v1/wallet/events?from_seq=999999&wait_ms=100");
+    assert_eq!(tail.status, 200);
+    assert!(tail.body.is_empty());
+
+    // Batch: one outcome per transfer, in order.
+    let batch = json!({"transfers": [
+        transfer_body("alice", "bob", "1.00", &uuid()),
+        transfer_body("alice", "bob", "9999.00", &uuid()),
+        transfer_body("alice", "bob", "2.00", &id),
+    ]});
+    let r = c.post("/v1/wallet/balance_transfers", &batch);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let results = r.json()["results"].as_array().unwrap().clone();
+    assert_eq!(results.len(), 3);
+    assert_eq!(results[0]["http_status"], 200);
+    assert_eq!(results[1]["http_status"], 422);
+    assert_eq!(results[2]["http_status"], 409);
+    let r = c.post("/v1/wallet/balance_transfers", &json!({"transfers": []}));
+    assert_eq!(r.status, 400);
+    let r = c.post("/v1/wallet/balance_transfers", &json!({"transfers": [transfer_body("alice", "bob", "x", &uuid())]}));
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"]["field"].as_str().unwrap().contains("transfers[0].amount"));
+
+    // Operations endpoints.
+    assert_eq!(c.get("/healthz").status, 200);
+    assert_eq!(c.get("/readyz").status, 200);
+    let metrics = c.get("/metrics");
+    assert_eq!(metrics.status, 200);
+    for name in ["wallet_http_requests_total{route=\"transfer\",status=\"200\"}", "wallet_durable_sequence", "wallet_ring_depth", "wallet_journal_bytes", "wallet_http_request_duration_seconds_bucket"] {
+        assert!(metrics.body.contains(name), "metrics lack {name}");
+    }
+    let openapi = c.get("/v1/openapi.json");
+    assert_eq!(openapi.status, 200);
+    assert_eq!(openapi.json()["openapi"], "3.0.3");
+    assert!(server.stop().success());
+}
+
+#[test]
+fn openapi_document_lists_exactly_the_server_routes() {
+    let document: serde_json::Value = serde_json::from_str(&wallet::api::openapi_json().unwrap()).unwrap();
+    let mut documented: Vec<(String, String)> = Vec::new();
+    for (path, item) in document["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            documented.push((method.to_uppercase(), path.clone()));
+        }
+    }
+    let mut served: Vec<(String, String)> =
+        wallet::api::routes::ROUTES.iter().map(|r| (r.method.to_string(), r.path.to_string())).collect();
+    documented.sort();
+    served.sort();
+    assert_eq!(documented, served);
+}
+
+/// Jepsen-style bank: 64 clients move money among 10 accounts while readers check that every
+/// read's total equals what was deposited and that no balance is negative.
+#[test]
+fn bank_total_is_conserved_under_concurrency() {
+    let dir = temp();
+    let server = Server::start(dir.path(), &[]);
+    let mut c = server.client();
+    let accounts: Vec<String> = (0..10).map(|i| format!("bank-{i}")).collect();
+    for a in &accounts {
+        open(&mut c, a);
+        deposit(&mut c, a, "1000.00");
+    }
+    let total = 10 * 100_000;
+    let address = server.address.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..64u64 {
+        let address = address.clone();
+        let accounts = accounts.clone();
+        writers.push(std::thread::spawn(move || {
+            let mut client = Client::connect(&address);
+            let mut outcomes = [0u32; 3];
+            for i in 0..40u64 {
+                let from = &accounts[((w * 7 + i * 3) % 10) as usize];
+                let to = &accounts[((w * 3 + i * 7 + 1) % 10) as usize];
+                if from == to {
+                    continue;
+                }
+                let amount = format!("{}.{:02}", 1 + (w + i) % 300, i % 100);
+                let r = client.post("/v1/wallet/balance_transfer", &transfer_body(from, to, &amount, &uuid()));
+                match r.status {
+                    200 => outcomes[0] += 1,
+                    422 => outcomes[1] += 1,
+                    other => {
+                        outcomes[2] += 1;
+                        assert!(other == 400, "unexpected status {other}: {}", r.body);
+                    }
+                }
+            }
+            outcomes
+        }));
+    }
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let address = address.clone();
+        let accounts = accounts.clone();
+        let stop = stop.clone();
+        readers.push(std::thread::spawn(move || {
+            let mut client = Client::connect(&address);
+            let mut reads = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Per-account reads are never negative.
+                for a in &accounts {
+                    let b = balance_cents(&mut client, a);
+                    assert!(b >= 0, "negative balance {b} on {a}");
+                }
+                // A whole-bank read at every sequence so far: the event stream's running
+                // balances, whose total must equal the deposits after every transfer.
+                let events = client.get("/v1/wallet/events?from_seq=1&limit=10000");
+                check_bank_stream(&events.body, total);
+                reads += 1;
+            }
+            reads
+        }));
+    }
+    let mut committed = 0;
+    for w in writers {
+        let o = w.join().expect("writer");
+        assert_eq!(o[2], 0, "writers only see 200 or 422");
+        committed += o[0];
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        assert!(r.join().expect("reader") > 0);
+    }
+    assert!(committed > 100, "most transfers commit ({committed})");
+    let sum: i64 = accounts.iter().map(|a| balance_cents(&mut c, a)).sum();
+    assert_eq!(sum, total, "the bank's total is conserved");
+    let events = c.get("/v1/wallet/events?from_seq=1&limit=10000");
+    assert_eq!(check_bank_stream(&events.body, total), committed as usize);
+    assert!(server.stop().success());
+}
+
+/// Replays the NDJSON stream: no balance below zero, and after each transfer's credit the total
+/// over all accounts equals `total`. Returns the number of transfers seen.
+fn check_bank_stream(body: &str, total: i64) -> usize {
+    let mut balances = std::collections::HashMap::<String, i64>::new();
+    let mut transfers = 0;
+    let mut deposited = 0;
+    for line in body.lines() {
+        let e: serde_json::Value = serde_json::from_str(line).unwrap();
+        if let (Some(account), Some(after)) = (e["account_id"].as_str(), e["balance_after"].as_str()) {
+            let after = common::cents(after);
+            assert!(after >= 0, "negative balance at sequence {}", e["sequence"]);
+            balances.insert(account.to_string(), after);
+            if e["kind"] == "deposited" {
+                deposited += 1;
+            }
+            if e["kind"] == "credited" {
+                transfers += 1;
+                assert_eq!(deposited, 10, "transfers start after the deposits");
+                assert_eq!(balances.values().sum::<i64>(), total, "total at sequence {}", e["sequence"]);
+            }
+        }
+    }
+    transfers
+}
+
+#[test]
+fn one_transaction_id_from_16_clients_applies_once() {
+    let dir = temp();
+    let server = Server::start(dir.path(), &[]);
+    let mut c = server.client();
+    open(&mut c, "src");
+    open(&mut c, "dst");
+    deposit(&mut c, "src", "100.00");
+    for round in 0..5 {
+        let id = uuid();
+        let barrier = Arc::new(Barrier::new(16));
+        let handles: Vec<_> = (0..16)
+            .map(|_| {
+                let address = server.address.clone();
+                let barrier = barrier.clone();
+                let id = id.clone();
+                std::thread::spawn(move || {
+                    let mut client = Client::connect(&address);
+                    client.get("/healthz");
+                    barrier.wait();
+                    let r = client.post("/v1/wallet/balance_transfer", &transfer_body("src", "dst", "1.00", &id));
+                    let replayed = r.header("idempotent-replayed").is_some();
+                    (r.status, r.json(), replayed)
+                })
+            })
+            .collect();
+        let answers: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert!(answers.iter().all(|a| a.0 == 200 && a.1 == answers[0].1), "all 16 get the same answer");
+        assert_eq!(answers.iter().filter(|a| !a.2).count(), 1, "exactly one execution");
+        assert_eq!(balance_cents(&mut c, "dst"), 100 * (round + 1));
+    }
+    assert!(server.stop().success());
+}
+
+#[test]
+fn restart_keeps_balances_history_and_remembered_ids() {
+    let dir = temp();
+    let server = Server::start(dir.path(), &[]);
+    let mut c = server.client();
+    open(&mut c, "a");
+    open(&mut c, "b");
+    deposit(&mut c, "a", "50.00");
+    let id = uuid();
+    let first = c.post("/v1/wallet/balance_transfer", &transfer_body("a", "b", "20.00", &id));
+    assert_eq!(first.status, 200);
+    let history = c.get("/v1/wallet/accounts/a/history").json();
+    let account = c.get("/v1/wallet/accounts/b").json();
+    assert!(server.stop().success(), "SIGTERM exits 0");
+
+    let server = Server::start(dir.path(), &[]);
+    let mut c = server.client();
+    assert_eq!(c.get("/v1/wallet/accounts/a/history").json(), history);
+    assert_eq!(c.get("/v1/wallet/accounts/b").json(), account);
+    let again = c.post("/v1/wallet/balance_transfer", &transfer_body("a", "b", "20.00", &id));
+    assert_eq!(again.status, 200);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.json(), first.json());
+    assert_eq!(c.post("/v1/wallet/balance_transfer", &transfer_body("a", "b", "21.00", &id)).status, 409);
+    assert_eq!(balance_cents(&mut c, "b"), 2000);
+    assert!(server.stop().success());
+}
+
+#[test]
+fn a_second_server_on_the_same_data_dir_is_refused() {
+    let dir = temp();
+    let server = Server::start(dir.path(), &[]);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--pin-core", "-1", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("in use"));
+    assert!(server.stop().success());
+}

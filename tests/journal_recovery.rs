@@ -1,0 +1,668 @@
+//! The journal under damage: torn tails (zeroed or cut short), flipped bits, failing and tearing
+//! storage, snapshots and checkpoints. Recovery must give back exactly the records before the
+//! damage, or refuse with the file and offset; never silently fewer records.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use wallet::core::codec::encode_snapshot;
+use wallet::core::{AccountId, Command, CommandKind, CommandRecord, Currency, Ledger, LedgerConfig, TransactionId};
+use wallet::engine::recovery::{Recovered, recover};
+use wallet::engine::{Engine, EngineConfig, JournalStage, OutputSlot, ReplySink, WaitMode};
+use wallet::journal::format::{SEGMENT_HEADER_BYTES, check_frame};
+use wallet::journal::storage::{Faults, FaultyStorage, MmapStorage, Storage};
+use wallet::journal::{
+    JournalConfig, JournalEnd, JournalError, JournalWriter, SyncMode, journal_dir, list_segments, snapshot,
+    snapshot_dir,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+const ACCOUNTS: u64 = 8;
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+fn account(i: u64) -> AccountId {
+    AccountId::new(&format!("acct-{i}")).unwrap()
+}
+
+/// Command number `i` of a deterministic stream: the first `ACCOUNTS` open accounts, then a mix
+/// of deposits, withdrawals and transfers (some rejected). Ids are unique per `i`.
+fn command(i: u64) -> Command {
+    let usd = Currency::new("USD").unwrap();
+    let r = splitmix(i);
+    let a = account((r >> 8) % ACCOUNTS);
+    let b = account((r >> 16) % ACCOUNTS);
+    let amount = 1 + (r >> 24) % 500;
+    let kind = if i < ACCOUNTS {
+        CommandKind::OpenAccount { account: account(i) }
+    } else {
+        match r % 8 {
+            0..=2 => CommandKind::Deposit { account: a, amount, currency: usd },
+            3 => CommandKind::Withdraw { account: a, amount, currency: usd },
+            _ => CommandKind::Transfer { from: a, to: b, amount, currency: usd },
+        }
+    };
+    Command { transaction_id: TransactionId(0xC0FFEE_0000 + u128::from(i)), timestamp_ns: 1_000_000 + i, kind }
+}
+
+/// The state after every prefix of the journal: `hashes[n]` and `last_seq[n]` after `n` records.
+struct History {
+    hashes: Vec<u64>,
+    last_seq: Vec<u64>,
+}
+
+impl History {
+    fn new(ledger: &Ledger) -> History {
+        History { hashes: vec![ledger.state_hash()], last_seq: vec![ledger.next_seq() - 1] }
+    }
+
+    fn records(&self) -> usize {
+        self.hashes.len() - 1
+    }
+
+    fn push(&mut self, ledger: &Ledger) {
+        self.hashes.push(ledger.state_hash());
+        self.last_seq.push(ledger.next_seq() - 1);
+    }
+}
+
+fn empty_end() -> JournalEnd {
+    JournalEnd { segment: None, next_seq: 1, last_crc: 0, torn_at: None }
+}
+
+fn open_writer(
+    data: &Path,
+    storage: Box<dyn Storage>,
+    segment_size_bytes: u64,
+    sync: SyncMode,
+    end: &JournalEnd,
+) -> JournalWriter {
+    let config = JournalConfig { dir: journal_dir(data), segment_size_bytes, sync };
+    JournalWriter::open(storage, config, end).expect("open the journal writer")
+}
+
+/// Executes commands `range` on `ledger` and journals them, committing every `commit_every`.
+fn write_commands(
+    writer: &mut JournalWriter,
+    ledger: &mut Ledger,
+    history: &mut History,
+    range: std::ops::Range<u64>,
+    commit_every: u64,
+) {
+    for i in range {
+        let record = ledger.execute(&command(i));
+        assert!(!record.replayed);
+        writer.append(&record).unwrap();
+        history.push(ledger);
+        if i % commit_every == commit_every - 1 {
+            writer.commit().unwrap();
+        }
+    }
+    writer.commit().unwrap();
+}
+
+fn recover_plain(data: &Path) -> Result<Recovered, JournalError> {
+    recover(data, LedgerConfig::default(), false, |_, _| {})
+}
+
+fn recovered(data: &Path) -> Recovered {
+    match recover_plain(data) {
+        Ok(r) => r,
+        Err(e) => panic!("recovery failed: {e}"),
+    }
+}
+
+/// Where each record's frame lies, read straight from the segment files.
+#[derive(Debug, Clone)]
+struct FramePosition {
+    file: PathBuf,
+    offset: usize,
+    len: usize,
+    seq: u64,
+}
+
+impl FramePosition {
+    fn end(&self) -> usize {
+        self.offset + self.len
+    }
+}
+
+fn frame_positions(data: &Path) -> Vec<FramePosition> {
+    let mut out = Vec::new();
+    for (_, file) in list_segments(&journal_dir(data)).unwrap() {
+        let bytes = fs::read(&file).unwrap();
+        let mut offset = SEGMENT_HEADER_BYTES;
+        while offset < bytes.len()
+            && let Ok(frame) = check_frame(&bytes[offset..])
+        {
+            out.push(FramePosition { file: file.clone(), offset, len: frame.length, seq: frame.sequence });
+            offset += frame.length;
+        }
+    }
+    out
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A journal of about 300 records: two small (4 KiB) segments, then a 64 KiB newest segment that
+/// holds the last 220 records.
+fn build_journal(data: &Path) -> (Ledger, History) {
+    let mut ledger = Ledger::new(LedgerConfig::default());
+    let mut history = History::new(&ledger);
+    let mut writer = open_writer(data, Box::new(MmapStorage), 4096, SyncMode::None, &empty_end());
+    write_commands(&mut writer, &mut ledger, &mut history, 0..70, 7);
+    drop(writer);
+    // Start the next segment afresh with a bigger size (as after a restart with a new setting).
+    let end = recovered(data).end;
+    let fresh = JournalEnd { segment: None, ..end };
+    let mut writer = open_writer(data, Box::new(MmapStorage), 64 << 10, SyncMode::None, &fresh);
+    write_commands(&mut writer, &mut ledger, &mut history, 70..290, 5);
+    (ledger, history)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Torn tails
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// The bytes from the cut on are zero (a torn write into preallocated space).
+    Zeroed,
+    /// The file ends at the cut (a short file).
+    Truncated,
+}
+
+/// Checks recovery after a cut at `cut` in the newest segment against the history.
+fn check_cut(data: &Path, frames: &[FramePosition], history: &History, cut: usize, how: Cut) -> Result<(), String> {
+    let newest = &frames.last().unwrap().file;
+    let whole = frames.iter().filter(|f| &f.file != newest || f.end() <= cut).count();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| recover_plain(data)))
+        .map_err(|_| format!("{how:?} at {cut}: recovery panicked"))?;
+    let r = result.map_err(|e| format!("{how:?} at {cut}: recovery failed: {e}"))?;
+    let got = (r.ledger.next_seq() - 1, r.ledger.state_hash(), r.records_replayed as usize);
+    let want = (history.last_seq[whole], history.hashes[whole], whole);
+    if got != want {
+        return Err(format!("{how:?} at {cut}: recovered (last seq, hash, records) {got:?}, expected {want:?}"));
+    }
+    let resume_at = if whole == 0 { SEGMENT_HEADER_BYTES } else { frames[whole - 1].end() };
+    if r.end.segment != Some((newest.clone(), resume_at as u64)) {
+        return Err(format!("{how:?} at {cut}: writer would resume at {:?}, expected {resume_at}", r.end.segment));
+    }
+    let on_boundary = cut == resume_at;
+    // A cut exactly between frames leaves nothing torn; a zeroed cut mid-frame leaves some bytes.
+    let torn_ok = match (how, on_boundary) {
+        (Cut::Zeroed, true) => r.end.torn_at.is_none(),
+        (_, false) => r.end.torn_at == Some(resume_at as u64),
+        (Cut::Truncated, true) => r.end.torn_at.is_none() || r.end.torn_at == Some(resume_at as u64),
+    };
+    if !torn_ok {
+        return Err(format!("{how:?} at {cut}: torn_at {:?} (resume at {resume_at})", r.end.torn_at));
+    }
+    Ok(())
+}
+
+fn apply_cut(file: &File, original: &[u8], cut: usize, how: Cut) {
+    match how {
+        Cut::Zeroed => file.write_all_at(&vec![0; original.len() - cut], cut as u64).unwrap(),
+        Cut::Truncated => file.set_len(cut as u64).unwrap(),
+    }
+}
+
+fn undo_cut(file: &File, original: &[u8], cut: usize) {
+    file.set_len(original.len() as u64).unwrap();
+    file.write_all_at(&original[cut..], cut as u64).unwrap();
+}
+
+#[test]
+fn every_cut_in_the_last_200_records_recovers_the_whole_records_before_it() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let (live, history) = build_journal(data);
+    assert_eq!(recovered(data).ledger.state_hash(), live.state_hash());
+    let frames = frame_positions(data);
+    assert_eq!(frames.len(), history.records());
+    let segments = list_segments(&journal_dir(data)).unwrap();
+    assert!(segments.len() >= 3, "the journal should span several segments");
+    let newest = frames.last().unwrap().file.clone();
+    let in_newest: Vec<&FramePosition> = frames.iter().filter(|f| f.file == newest).collect();
+    assert!(in_newest.len() >= 200);
+    let first_cut = in_newest[in_newest.len() - 200].offset;
+    let last_cut = in_newest.last().unwrap().end();
+
+    let original = fs::read(&newest).unwrap();
+    let file = OpenOptions::new().read(true).write(true).open(&newest).unwrap();
+    let mut failures = Vec::new();
+    for how in [Cut::Zeroed, Cut::Truncated] {
+        for cut in first_cut..=last_cut {
+            apply_cut(&file, &original, cut, how);
+            if let Err(e) = check_cut(data, &frames, &history, cut, how) {
+                failures.push(e);
+            }
+            undo_cut(&file, &original, cut);
+        }
+    }
+    assert_eq!(fs::read(&newest).unwrap(), original);
+    let shown: Vec<&String> = failures.iter().take(10).collect();
+    assert!(failures.is_empty(), "{} of the cuts failed, first ones:\n{shown:#?}", failures.len());
+}
+
+#[test]
+fn after_a_cut_the_writer_continues_and_recovery_sees_everything() {
+    let temp = tempfile::tempdir().unwrap();
+    let source = temp.path().join("source");
+    let (_, history) = build_journal(&source);
+    let frames = frame_positions(&source);
+    let newest = frames.last().unwrap().file.clone();
+    let in_newest: Vec<&FramePosition> = frames.iter().filter(|f| f.file == newest).collect();
+    let first_cut = in_newest[in_newest.len() - 200].offset;
+    let last_cut = in_newest.last().unwrap().end();
+    let original = fs::read(&newest).unwrap();
+
+    // A sample of cuts: frame boundaries, one byte either side, and a stride through the rest.
+    let mut cuts: Vec<usize> = vec![first_cut, last_cut, last_cut - 1];
+    for f in in_newest.iter().rev().take(3) {
+        cuts.extend([f.offset, f.offset + 1, f.offset + 4, f.offset + 23, f.offset + 24, f.end() - 1]);
+    }
+    cuts.extend((first_cut..last_cut).step_by(397));
+    for (case, cut) in cuts.into_iter().enumerate() {
+        for how in [Cut::Zeroed, Cut::Truncated] {
+            let data = temp.path().join(format!("case-{case}-{how:?}"));
+            copy_dir(&source, &data);
+            let copy = journal_dir(&data).join(newest.file_name().unwrap());
+            let file = OpenOptions::new().read(true).write(true).open(&copy).unwrap();
+            apply_cut(&file, &original, cut, how);
+            drop(file);
+            check_cut(&data, &frames, &history, cut, how).unwrap();
+
+            let Recovered { mut ledger, end, .. } = recovered(&data);
+            let before = ledger.next_seq();
+            let mut writer = open_writer(&data, Box::new(MmapStorage), 64 << 10, SyncMode::Batch, &end);
+            let mut more = History::new(&ledger);
+            write_commands(&mut writer, &mut ledger, &mut more, 10_000..10_040, 4);
+            drop(writer);
+            let again = recover_plain(&data).unwrap_or_else(|e| panic!("{how:?} at {cut}: second recovery: {e}"));
+            assert_eq!(again.ledger.state_hash(), ledger.state_hash(), "{how:?} at {cut}");
+            assert_eq!(again.ledger.next_seq(), before + 40, "{how:?} at {cut}");
+            assert_eq!(again.end.torn_at, None, "{how:?} at {cut}: the torn tail was cut when the writer opened");
+            fs::remove_dir_all(&data).unwrap();
+        }
+    }
+}
+
+/// A segment filled up to its last few bytes (too few for another frame header) is a normal,
+/// complete segment, not corruption.
+#[test]
+fn segments_filled_to_the_last_bytes_recover() {
+    // Deposits frame to 88 bytes: 24 header + 40 command + 24 event.
+    const FRAME: u64 = 88;
+    for spare in [0u64, 8, 16, 24, 32, 80] {
+        let temp = tempfile::tempdir().unwrap();
+        let data = temp.path();
+        let segment_size = SEGMENT_HEADER_BYTES as u64 + 46 * FRAME + spare;
+        let usd = Currency::new("USD").unwrap();
+        let mut ledger = Ledger::new(LedgerConfig::default());
+        let mut writer = open_writer(data, Box::new(MmapStorage), segment_size, SyncMode::None, &empty_end());
+        let mut history = History::new(&ledger);
+        let open = Command {
+            transaction_id: TransactionId(1),
+            timestamp_ns: 1,
+            kind: CommandKind::OpenAccount { account: AccountId::new("abcdefgh").unwrap() },
+        };
+        let record = ledger.execute(&open);
+        writer.append(&record).unwrap();
+        history.push(&ledger);
+        for i in 0..150u64 {
+            let kind = CommandKind::Deposit { account: AccountId::new("abcdefgh").unwrap(), amount: 1 + i, currency: usd };
+            let record = ledger.execute(&Command { transaction_id: TransactionId(100 + u128::from(i)), timestamp_ns: 2, kind });
+            writer.append(&record).unwrap();
+            history.push(&ledger);
+        }
+        writer.commit().unwrap();
+        drop(writer);
+        assert!(list_segments(&journal_dir(data)).unwrap().len() >= 3);
+        match recover_plain(data) {
+            Ok(r) => assert_eq!(r.ledger.state_hash(), ledger.state_hash(), "spare {spare}"),
+            Err(e) => panic!("segments with {spare} spare bytes at the end: recovery failed: {e}"),
+        }
+    }
+}
+
+/// Restarting with a bigger segment size than the newest segment was created with must not make
+/// the writer write past that segment's end.
+#[test]
+fn reopening_with_a_bigger_segment_size_rolls_at_the_real_end() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let mut ledger = Ledger::new(LedgerConfig::default());
+    let mut history = History::new(&ledger);
+    let mut writer = open_writer(data, Box::new(MmapStorage), 4096, SyncMode::Batch, &empty_end());
+    write_commands(&mut writer, &mut ledger, &mut history, 0..20, 5);
+    drop(writer);
+    let end = recovered(data).end;
+    let mut writer = open_writer(data, Box::new(MmapStorage), 64 << 10, SyncMode::Batch, &end);
+    for i in 20..200 {
+        let record = ledger.execute(&command(i));
+        writer.append(&record).unwrap_or_else(|e| panic!("append of command {i} failed: {e}"));
+        writer.commit().unwrap_or_else(|e| panic!("commit of command {i} failed: {e}"));
+    }
+    drop(writer);
+    assert_eq!(recovered(data).ledger.state_hash(), ledger.state_hash());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flipped bits
+// ---------------------------------------------------------------------------------------------
+
+fn replay_args(data: &Path) -> wallet::tools::replay::ReplayArgs {
+    wallet::tools::replay::ReplayArgs {
+        data_dir: data.to_path_buf(),
+        from_snapshot: false,
+        to_seq: None,
+        to_time: None,
+        account: None,
+        json: true,
+    }
+}
+
+#[test]
+fn every_flipped_bit_in_a_committed_record_is_reported_as_corruption() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    build_journal(data);
+    let frames = frame_positions(data);
+    let segments = list_segments(&journal_dir(data)).unwrap();
+    let oldest = &segments[0].1;
+    let newest = &segments.last().unwrap().1;
+    let middle_of = |file: &PathBuf| {
+        let inside: Vec<&FramePosition> = frames.iter().filter(|f| &f.file == file).collect();
+        inside[inside.len() / 2].clone()
+    };
+    let mut failures = Vec::new();
+    for target in [middle_of(oldest), middle_of(newest)] {
+        let original = fs::read(&target.file).unwrap();
+        let file = OpenOptions::new().read(true).write(true).open(&target.file).unwrap();
+        for bit in 0..target.len * 8 {
+            let at = target.offset + bit / 8;
+            file.write_all_at(&[original[at] ^ (1 << (bit % 8))], at as u64).unwrap();
+            match recover_plain(data) {
+                Err(JournalError::Corrupt { file: named, offset, seq, reason }) => {
+                    if named != target.file || offset > target.offset as u64 || seq > target.seq {
+                        failures.push(format!(
+                            "bit {bit} of seq {}: reported {} offset {offset} seq {seq} ({reason}), expected {} offset <= {}",
+                            target.seq,
+                            named.display(),
+                            target.file.display(),
+                            target.offset
+                        ));
+                    }
+                }
+                Err(other) => failures.push(format!("bit {bit} of seq {}: unexpected error {other}", target.seq)),
+                Ok(r) => failures.push(format!(
+                    "bit {bit} of seq {}: recovery succeeded with {} records",
+                    target.seq, r.records_replayed
+                )),
+            }
+            // The offline audit says the same, naming the file (one bit per byte keeps this quick).
+            if bit % 8 == 3 {
+                let report = wallet::tools::replay::run(&replay_args(data)).unwrap();
+                let name = target.file.file_name().unwrap().to_str().unwrap();
+                let error = report.error.clone().unwrap_or_default();
+                if report.ok || !error.contains(name) {
+                    failures.push(format!("bit {bit} of seq {}: replay report ok={} error={error:?}", target.seq, report.ok));
+                }
+            }
+            file.write_all_at(&[original[at]], at as u64).unwrap();
+        }
+        assert_eq!(fs::read(&target.file).unwrap(), original);
+    }
+    let report = wallet::tools::replay::run(&replay_args(data)).unwrap();
+    assert!(report.ok, "the restored journal replays cleanly: {:?}", report.error);
+    let shown: Vec<&String> = failures.iter().take(10).collect();
+    assert!(failures.is_empty(), "{} flips misreported, first ones:\n{shown:#?}", failures.len());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failing storage
+// ---------------------------------------------------------------------------------------------
+
+fn faulty(syncs_before_failure: u64) -> (FaultyStorage, Arc<Faults>) {
+    let faults = Faults::new();
+    faults.syncs_before_failure.store(syncs_before_failure, Ordering::SeqCst);
+    (FaultyStorage { faults: faults.clone() }, faults)
+}
+
+#[test]
+fn a_failed_sync_poisons_the_writer_for_good() {
+    // The first sync is the new segment's header (on the first append); then one per commit.
+    for allowed in 0..6u64 {
+        let temp = tempfile::tempdir().unwrap();
+        let data = temp.path();
+        let (storage, faults) = faulty(allowed);
+        let mut writer = open_writer(data, Box::new(storage), 64 << 10, SyncMode::Batch, &empty_end());
+        let mut ledger = Ledger::new(LedgerConfig::default());
+        let mut failed_at = None;
+        for i in 0..8u64 {
+            let record = ledger.execute(&command(i));
+            let appended = writer.append(&record);
+            let committed = appended.is_ok().then(|| writer.commit());
+            match (failed_at, &appended, &committed) {
+                (None, Ok(()), Some(Ok(durable))) => assert_eq!(*durable, record.next_seq() - 1),
+                (None, _, _) => failed_at = Some(i),
+                (Some(_), Err(_), None) => {}
+                (Some(_), _, _) => panic!("allowed {allowed}: command {i} went through after a failure"),
+            }
+        }
+        let expected_failure = if allowed == 0 { 0 } else { allowed - 1 };
+        assert_eq!(failed_at, Some(expected_failure), "allowed {allowed}");
+        assert_eq!(writer.durable_seq(), expected_failure, "allowed {allowed}: durable watermark");
+        // Never retried: no sync after the failed one.
+        assert_eq!(faults.syncs_done.load(Ordering::SeqCst), allowed + 1, "allowed {allowed}");
+        assert!(writer.commit().is_err());
+    }
+}
+
+/// Collects (token, durable) of every delivered outcome.
+struct Collect(mpsc::Sender<(u64, CommandRecord, bool)>);
+
+impl ReplySink for Collect {
+    fn deliver(&mut self, slot: &OutputSlot, durable: bool) {
+        let _ = self.0.send((slot.token, slot.record, durable));
+    }
+}
+
+fn engine_config() -> EngineConfig {
+    EngineConfig {
+        input_ring_size: 64,
+        output_ring_size: 64,
+        wait: WaitMode::Sleep(Duration::from_micros(50)),
+        pin_core: None,
+        checkpoint_every: 0,
+        snapshot_every: 0,
+        snapshot_dir: None,
+    }
+}
+
+#[test]
+fn engine_never_reports_durable_after_the_journal_failed() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let allowed = 4;
+    let (storage, _faults) = faulty(allowed);
+    let writer = open_writer(data, Box::new(storage), 64 << 10, SyncMode::Batch, &empty_end());
+    let (sender, receiver) = mpsc::channel();
+    let engine = Engine::start(Ledger::new(LedgerConfig::default()), engine_config(), JournalStage::Journal(writer), Collect(sender));
+    let mut submitter = engine.submitter();
+    let mut delivered = Vec::new();
+    // One command at a time, so that every batch (and so every sync) holds one record.
+    for i in 0..12u64 {
+        submitter.try_submit(command(i), i, 0).unwrap();
+        let (token, record, durable) = receiver.recv_timeout(Duration::from_secs(10)).expect("an outcome within 10 s");
+        assert_eq!(token, i);
+        assert!(!record.replayed);
+        delivered.push(durable);
+    }
+    let shared = engine.shared();
+    drop(submitter);
+    let ledger = engine.shutdown();
+    // Header sync + (allowed - 1) commits succeed; everything from the next record on is unknown.
+    let durable_count = (allowed - 1) as usize;
+    let want: Vec<bool> = (0..12).map(|i| i < durable_count).collect();
+    assert_eq!(delivered, want);
+    assert!(shared.halted.load(Ordering::SeqCst));
+    let reason = shared.halt_reason().expect("a halt reason");
+    assert!(reason.contains("sync"), "{reason}");
+    assert_eq!(shared.durable_seq.load(Ordering::SeqCst), durable_count as u64);
+    assert_eq!(ledger.next_seq(), 13, "the engine still executed everything in memory");
+
+    // What was acknowledged survives a restart with healthy storage.
+    let r = recovered(data);
+    assert!(r.ledger.next_seq() > durable_count as u64);
+}
+
+#[test]
+fn a_torn_write_is_cut_as_a_torn_tail_on_restart() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let (storage, faults) = faulty(u64::MAX);
+    let mut writer = open_writer(data, Box::new(storage), 64 << 10, SyncMode::Batch, &empty_end());
+    let mut ledger = Ledger::new(LedgerConfig::default());
+    let mut history = History::new(&ledger);
+    write_commands(&mut writer, &mut ledger, &mut history, 0..30, 3);
+    let durable = writer.durable_seq();
+    assert_eq!(durable, *history.last_seq.last().unwrap());
+
+    faults.tear_bytes.store(50, Ordering::SeqCst);
+    faults.tear_next_write.store(true, Ordering::SeqCst);
+    for i in 30..33 {
+        writer.append(&ledger.execute(&command(i))).unwrap();
+    }
+    assert!(writer.commit().is_err(), "the sync after a torn write fails");
+    assert!(writer.append(&ledger.execute(&command(33))).is_err(), "poisoned");
+    assert!(writer.commit().is_err(), "poisoned");
+    assert_eq!(writer.durable_seq(), durable);
+    drop(writer);
+
+    let r = recovered(data);
+    assert_eq!(r.ledger.next_seq() - 1, durable);
+    assert_eq!(r.ledger.state_hash(), history.hashes[30]);
+    let resume = r.end.segment.clone().unwrap().1;
+    assert_eq!(r.end.torn_at, Some(resume), "the 50 torn bytes are a torn tail");
+
+    // The writer cuts the tail; the journal then continues from the last durable record.
+    let Recovered { mut ledger, end, .. } = r;
+    let mut writer = open_writer(data, Box::new(MmapStorage), 64 << 10, SyncMode::Batch, &end);
+    let mut more = History::new(&ledger);
+    write_commands(&mut writer, &mut ledger, &mut more, 100..120, 4);
+    drop(writer);
+    let again = recovered(data);
+    assert_eq!(again.end.torn_at, None);
+    assert_eq!(again.ledger.state_hash(), ledger.state_hash());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshots and checkpoints
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn snapshot_plus_tail_equals_the_full_replay_and_a_bad_snapshot_is_skipped() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let mut ledger = Ledger::new(LedgerConfig::default());
+    let mut history = History::new(&ledger);
+    let mut writer = open_writer(data, Box::new(MmapStorage), 64 << 10, SyncMode::None, &empty_end());
+    write_commands(&mut writer, &mut ledger, &mut history, 0..1000, 16);
+    let snapshot_path = snapshot::write_snapshot(&snapshot_dir(data), &encode_snapshot(&ledger)).unwrap();
+    let snapshot_seq = ledger.next_seq();
+    write_commands(&mut writer, &mut ledger, &mut history, 1000..2000, 16);
+    drop(writer);
+    assert!(list_segments(&journal_dir(data)).unwrap().len() >= 3);
+
+    let full = recover(data, LedgerConfig::default(), false, |_, _| {}).unwrap();
+    let fast = recover(data, LedgerConfig::default(), true, |_, _| {}).unwrap();
+    assert_eq!(full.ledger.state_hash(), ledger.state_hash());
+    assert_eq!(fast.ledger.state_hash(), ledger.state_hash());
+    assert_eq!(full.records_replayed, 2000);
+    assert_eq!(fast.records_replayed, 1000);
+    assert_eq!(fast.snapshot_next_seq, Some(snapshot_seq));
+    assert_eq!(fast.end, full.end);
+
+    let mut bytes = fs::read(&snapshot_path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    fs::write(&snapshot_path, &bytes).unwrap();
+    let skipped = recover(data, LedgerConfig::default(), true, |_, _| {}).unwrap();
+    assert_eq!(skipped.snapshot_next_seq, None, "the corrupt snapshot is not used");
+    assert_eq!(skipped.records_replayed, 2000);
+    assert_eq!(skipped.ledger.state_hash(), ledger.state_hash());
+}
+
+#[test]
+fn checkpoints_are_verified_and_a_wrong_one_stops_recovery() {
+    for tamper in [false, true] {
+        let temp = tempfile::tempdir().unwrap();
+        let data = temp.path();
+        let mut ledger = Ledger::new(LedgerConfig::default());
+        let mut writer = open_writer(data, Box::new(MmapStorage), 16 << 10, SyncMode::None, &empty_end());
+        let mut checkpoints = 0;
+        let mut bad_seq = None;
+        for i in 0..600u64 {
+            writer.append(&ledger.execute(&command(i))).unwrap();
+            if i % 50 == 49 {
+                let mut record = ledger.checkpoint(7);
+                if tamper && i == 349 {
+                    record.events[0].amount ^= 1;
+                    bad_seq = Some(record.first_seq);
+                }
+                writer.append(&record).unwrap();
+                checkpoints += 1;
+            }
+        }
+        writer.commit().unwrap();
+        drop(writer);
+        let result = recover_plain(data);
+        match (tamper, result) {
+            (false, Ok(r)) => {
+                assert_eq!(r.checkpoints_verified, checkpoints);
+                assert_eq!(r.ledger.state_hash(), ledger.state_hash());
+            }
+            (true, Err(JournalError::Visitor { seq, reason })) => {
+                assert_eq!(Some(seq), bad_seq);
+                assert!(reason.contains("checkpoint"), "{reason}");
+            }
+            (_, Err(e)) => panic!("tamper {tamper}: unexpected error {e}"),
+            (_, Ok(_)) => panic!("a checkpoint with a wrong hash was accepted"),
+        }
+        if tamper {
+            let report = wallet::tools::replay::run(&replay_args(data)).unwrap();
+            assert!(!report.ok);
+            assert!(report.error.unwrap_or_default().contains("checkpoint"));
+        }
+    }
+}
+
+// Keeps `Mutex` in use for sinks that need shared state in future cases.
+#[allow(dead_code)]
+type Shared<T> = Arc<Mutex<T>>;
