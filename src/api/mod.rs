@@ -27,7 +27,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 use crate::core::{CommandRecord, LedgerConfig};
-use crate::engine::recovery::recover_with;
+use crate::engine::recovery::recover;
 use crate::engine::{Engine, EngineConfig, EngineShared, JournalStage, NO_TOKEN, OutputSlot, ReplySink, Submitter, WaitMode};
 use crate::journal::storage::MmapStorage;
 use crate::journal::{JournalConfig, JournalWriter, SyncMode, journal_dir, snapshot_dir};
@@ -173,31 +173,26 @@ pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: impl Fu
     let ledger_config = LedgerConfig::default();
     let data_dir = config.data_dir.clone();
     let (recovered, views) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        // The views are rebuilt alongside the ledger: from the same starting state (snapshot or
-        // empty), then fed every replayed record.
-        let views: std::cell::RefCell<Option<Arc<Views>>> = std::cell::RefCell::new(None);
-        let pending: std::cell::RefCell<Vec<CommandRecord>> = std::cell::RefCell::new(Vec::new());
-        let recovered = recover_with(
-            &data_dir,
-            ledger_config,
-            true,
-            |start| {
-                *views.borrow_mut() = Some(Views::from_ledger(start));
-                pending.borrow_mut().clear();
-            },
-            |_, record| {
-                let mut pending = pending.borrow_mut();
-                pending.push(*record);
-                if pending.len() >= 4096
-                    && let Some(v) = views.borrow().as_ref()
-                {
-                    v.apply_batch(&pending);
-                    pending.clear();
-                }
-            },
-        )?;
-        let views = views.into_inner().unwrap_or_else(|| Views::from_ledger(&recovered.ledger));
-        views.apply_batch(&pending.into_inner());
+        // The ledger starts from the newest snapshot and replays the journal after it. The views
+        // (history, every transaction's outcome) are rebuilt from the whole journal, so that a
+        // status lookup or an idempotent retry of a transaction older than the snapshot still
+        // gets its original answer.
+        let recovered = recover(&data_dir, ledger_config, true, |_, _| {})?;
+        let views = Views::from_ledger(&crate::core::Ledger::new(ledger_config));
+        let mut pending = Vec::with_capacity(4096);
+        let end = crate::journal::scan(&journal_dir(&data_dir), 1, |record| {
+            pending.push(*record);
+            if pending.len() == pending.capacity() {
+                views.apply_batch(&pending);
+                pending.clear();
+            }
+            Ok(())
+        })?;
+        views.apply_batch(&pending);
+        anyhow::ensure!(
+            end.next_seq == recovered.ledger.next_seq() && views.applied_seq() + 1 == end.next_seq,
+            "views and ledger disagree after recovery"
+        );
         Ok((recovered, views))
     })
     .await??;

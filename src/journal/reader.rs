@@ -108,7 +108,13 @@ pub fn scan(
         }
         let mut offset = SEGMENT_HEADER_BYTES;
         loop {
-            match check_frame(&bytes[offset..]) {
+            // Slack at the end of a segment too small for a frame header is unwritten space.
+            let checked = if bytes.len() - offset < FRAME_HEADER_BYTES {
+                Err(FrameError::End)
+            } else {
+                check_frame(&bytes[offset..])
+            };
+            match checked {
                 Ok(frame) => {
                     if frame.sequence != end.next_seq {
                         return Err(corrupt(offset as u64, frame.sequence, "sequence gap or reorder"));

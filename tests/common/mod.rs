@@ -118,6 +118,21 @@ impl Client {
         self.request("POST", path, Some(body.to_string().as_bytes()), "application/json")
     }
 
+    /// One attempt, no retry, no panic: for tests that kill the server under the client.
+    pub fn try_post(&mut self, path: &str, body: &serde_json::Value) -> std::io::Result<Response> {
+        if self.stream.is_none() {
+            let stream = TcpStream::connect(&self.address)?;
+            stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+            stream.set_nodelay(true)?;
+            self.stream = Some(stream);
+        }
+        let result = self.try_request("POST", path, Some(body.to_string().as_bytes()), "application/json");
+        if result.is_err() {
+            self.stream = None;
+        }
+        result
+    }
+
     pub fn request(&mut self, method: &str, path: &str, body: Option<&[u8]>, content_type: &str) -> Response {
         for attempt in 0..2 {
             if self.stream.is_none() {
