@@ -4,5 +4,7 @@ pub mod core;
 pub mod engine;
 pub mod journal;
 pub mod tools;
+pub mod alloc;
 pub mod api;
 pub mod views;
+pub mod replicate;

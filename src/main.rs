@@ -4,6 +4,9 @@ use clap::{Parser, Subcommand};
 
 use wallet::tools::{bench, replay};
 
+#[global_allocator]
+static ALLOCATOR: wallet::alloc::HugePageAlloc = wallet::alloc::HugePageAlloc;
+
 /// A digital-wallet engine: a deterministic ledger on a ring buffer, a durable journal, and an
 /// HTTP API.
 #[derive(Parser)]
@@ -30,6 +33,12 @@ enum Commands {
         #[arg(long, default_value = "127.0.0.1:8081")]
         listen: std::net::SocketAddr,
     },
+    /// The cluster layout in ZooKeeper: Redis partition map, SQL shards, routing.
+    Cluster(wallet::replicate::cli::ClusterArgs),
+    /// Replicate the event stream into external stores (Redis partitions).
+    Replicate(wallet::replicate::cli::ReplicateArgs),
+    /// Compare an external store with the state replayed from the journal.
+    Reconcile(wallet::replicate::cli::ReconcileArgs),
 }
 
 #[derive(clap::Args)]
@@ -127,6 +136,9 @@ fn main() -> ExitCode {
         Commands::Serve(args) => runtime().and_then(|rt| rt.block_on(wallet::api::run(args.config(), args.listen))).map(|_| ExitCode::SUCCESS),
         Commands::Loadgen(args) => runtime().and_then(|rt| rt.block_on(wallet::tools::loadgen::run(&args))).map(|_| ExitCode::SUCCESS),
         Commands::ServeFixed { listen } => runtime().and_then(|rt| rt.block_on(wallet::tools::loadgen::serve_fixed(listen))).map(|_| ExitCode::SUCCESS),
+        Commands::Cluster(args) => wallet::replicate::cli::run_cluster(args),
+        Commands::Replicate(args) => wallet::replicate::cli::run_replicate(args),
+        Commands::Reconcile(args) => wallet::replicate::cli::run_reconcile(args),
         Commands::Snapshot(args) => replay::snapshot(&args).map(|path| {
             println!("snapshot written: {}", path.display());
             ExitCode::SUCCESS

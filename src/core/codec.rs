@@ -202,7 +202,8 @@ pub fn encode_snapshot(ledger: &Ledger) -> Vec<u8> {
     out.extend_from_slice(&u64::from(ledger.transaction_id_count()).to_le_bytes());
     out.extend_from_slice(&(totals.len() as u64).to_le_bytes());
     for index in 0..ledger.account_count() {
-        let name = ledger.account_name(index).unwrap_or_default();
+        let account = ledger.account_name(index).unwrap_or(AccountId::EMPTY);
+        let name = account.as_bytes();
         out.push(name.len() as u8);
         out.extend_from_slice(name);
         let balances = ledger.balances(index);
@@ -302,6 +303,10 @@ pub fn decode_snapshot(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, Dec
         for _ in 0..r.u8()? {
             let packed = r.u16()?;
             let currency = Currency::from_packed(packed).ok_or(DecodeError::Currency(packed))?;
+            // Restoring a currency twice would add the balances up (and could overflow).
+            if balances.iter().any(|(c, _)| *c == currency) {
+                return Err(DecodeError::Snapshot("duplicate currency in an account"));
+            }
             balances.push((currency, r.u64()?));
         }
         ledger.restore_account(account, &balances);

@@ -6,6 +6,7 @@
 pub mod codec;
 pub mod command;
 pub mod ledger;
+pub mod table;
 pub mod types;
 
 pub use command::{Command, CommandKind, CommandRecord, CommandType, Event, EventKind, RejectCode};

@@ -66,6 +66,14 @@ impl AccountId {
         &self.bytes[..self.len as usize]
     }
 
+    /// The first `N` bytes, zero-padded (ids are stored zero-padded).
+    #[inline]
+    pub fn head<const N: usize>(&self) -> [u8; N] {
+        let mut head = [0u8; N];
+        head.copy_from_slice(&self.bytes[..N]);
+        head
+    }
+
     pub fn as_str(&self) -> &str {
         // Only ASCII bytes are ever admitted by the constructor.
         std::str::from_utf8(self.as_bytes()).unwrap_or("")
@@ -93,7 +101,7 @@ impl fmt::Display for AccountId {
 /// Encoded as three 5-bit letters in a `u16` (`(a << 10) | (b << 5) | c`, with `A` = 0), so the
 /// encoding is unambiguous, stable and needs no table. The minor-unit exponent comes from the
 /// `iso_currency` crate.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Currency(u16);
 
 /// Why a currency was refused.
@@ -109,6 +117,13 @@ impl fmt::Display for CurrencyError {
             CurrencyError::NotIso4217 => "is not an ISO 4217 alphabetic code",
             CurrencyError::NoMinorUnits => "has no defined minor units (e.g. XAU) and is not supported",
         })
+    }
+}
+
+impl Default for Currency {
+    /// `NONE`: never valid in a command, so a default can not pass for a real currency.
+    fn default() -> Currency {
+        Currency::NONE
     }
 }
 

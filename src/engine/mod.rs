@@ -240,7 +240,13 @@ struct EngineState {
     snapshots: Option<mpsc::Sender<Vec<u8>>>,
     ledger_back: mpsc::Sender<Ledger>,
     shared: Arc<EngineShared>,
+    buffer: Vec<InputSlot>,
+    commands: Vec<Command>,
+    records: Vec<CommandRecord>,
 }
+
+/// Commands executed together (with prefetching across them) at most.
+const EXECUTE_GROUP: usize = 64;
 
 impl Drop for EngineState {
     fn drop(&mut self) {
@@ -272,25 +278,41 @@ impl EngineState {
         }
     }
 
-    fn on_command(&mut self, slot: &InputSlot) {
-        let Some(ledger) = self.ledger.as_mut() else { return };
-        let record = ledger.execute(&slot.command);
-        let next_seq = ledger.next_seq();
-        self.publish(record, slot.token, slot.submitted_ns);
-        if self.checkpoint_every > 0 && next_seq >= self.next_checkpoint {
-            let Some(ledger) = self.ledger.as_mut() else { return };
-            let checkpoint = ledger.checkpoint(slot.command.timestamp_ns);
-            self.next_checkpoint = ledger.next_seq() + self.checkpoint_every;
-            self.publish(checkpoint, NO_TOKEN, slot.submitted_ns);
+    /// Collects commands and executes them in groups, so that `execute_batch` can prefetch
+    /// ahead. A group ends at the ring's end of batch, so nothing waits for more input.
+    fn on_slot(&mut self, slot: &InputSlot, end_of_batch: bool) {
+        self.buffer.push(*slot);
+        if !end_of_batch && self.buffer.len() < EXECUTE_GROUP {
+            return;
         }
-        if self.snapshot_every > 0 && next_seq >= self.next_snapshot {
-            let Some(ledger) = self.ledger.as_ref() else { return };
+        let Some(mut ledger) = self.ledger.take() else { return };
+        self.commands.clear();
+        self.commands.extend(self.buffer.iter().map(|s| s.command));
+        let mut records = std::mem::take(&mut self.records);
+        records.clear();
+        ledger.execute_batch(&self.commands, |_, record| records.push(record));
+        let buffer = std::mem::take(&mut self.buffer);
+        for (record, slot) in records.iter().zip(&buffer) {
+            self.publish(*record, slot.token, slot.submitted_ns);
+        }
+        let timestamp_ns = buffer.last().map(|s| s.command.timestamp_ns).unwrap_or(0);
+        let submitted_ns = buffer.last().map(|s| s.submitted_ns).unwrap_or(0);
+        self.buffer = buffer;
+        self.buffer.clear();
+        self.records = records;
+        if self.checkpoint_every > 0 && ledger.next_seq() >= self.next_checkpoint {
+            let checkpoint = ledger.checkpoint(timestamp_ns);
+            self.next_checkpoint = ledger.next_seq() + self.checkpoint_every;
+            self.publish(checkpoint, NO_TOKEN, submitted_ns);
+        }
+        if self.snapshot_every > 0 && ledger.next_seq() >= self.next_snapshot {
             self.next_snapshot = ledger.next_seq() + self.snapshot_every;
             if let Some(sender) = &self.snapshots {
-                let _ = sender.send(encode_snapshot(ledger));
+                let _ = sender.send(encode_snapshot(&ledger));
             }
         }
-        self.shared.executed_seq.store(next_seq - 1, Ordering::Relaxed);
+        self.shared.executed_seq.store(ledger.next_seq() - 1, Ordering::Relaxed);
+        self.ledger = Some(ledger);
     }
 }
 
@@ -389,8 +411,11 @@ impl Engine {
             snapshots: snapshot_sender,
             ledger_back: ledger_sender,
             shared: state_shared,
+            buffer: Vec::with_capacity(EXECUTE_GROUP),
+            commands: Vec::with_capacity(EXECUTE_GROUP),
+            records: Vec::with_capacity(EXECUTE_GROUP),
         };
-        let handler = |state: &mut EngineState, slot: &InputSlot, _sequence, _end_of_batch| state.on_command(slot);
+        let handler = |state: &mut EngineState, slot: &InputSlot, _sequence, end_of_batch| state.on_slot(slot, end_of_batch);
         let builder = build_multi_producer(config.input_ring_size, || InputSlot {
             command: Command {
                 transaction_id: crate::core::TransactionId(0),

@@ -139,8 +139,12 @@ impl JournalWriter {
         assert_eq!(record.first_seq, self.next_seq, "journal append out of sequence");
         assert!(!record.replayed && record.event_count > 0);
         let frame_len = FRAME_HEADER_BYTES + payload_len(record);
-        let segment_full = self.segment.is_none()
-            || self.write_offset + (self.pending.len() + frame_len) as u64 > self.config.segment_size_bytes;
+        // The open segment's real size, not the configured one: a segment reopened after a
+        // restart may have been created with another size.
+        let segment_full = self
+            .segment
+            .as_ref()
+            .is_none_or(|segment| self.write_offset + (self.pending.len() + frame_len) as u64 > segment.size());
         if segment_full {
             self.roll_segment(record.first_seq)?;
         }

@@ -58,8 +58,18 @@ pub struct BenchArgs {
     pub batch: usize,
     #[arg(long, default_value_t = 1)]
     pub pin_core: usize,
+    /// What to measure: `pipeline` (ring, engine thread, journal, replies) or `execute`
+    /// (`Ledger::execute` alone on this thread, no ring, no journal).
+    #[arg(long, value_enum, default_value_t = Stage::Pipeline)]
+    pub stage: Stage,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stage {
+    Pipeline,
+    Execute,
 }
 
 #[derive(Debug, Serialize)]
@@ -158,7 +168,168 @@ fn submit_all(submitter: &mut crate::engine::Submitter, batch: &[(Command, u64)]
     }
 }
 
+/// Generates the benchmark's transfers, including the share built to be rejected.
+pub struct TransferGenerator {
+    rng: SplitMix,
+    ids: Arc<Vec<AccountId>>,
+    ghost: AccountId,
+    last_id: TransactionId,
+    distribution: Distribution,
+    reject_share: f64,
+    currency: Currency,
+}
+
+impl TransferGenerator {
+    pub fn new(args: &BenchArgs, ids: Arc<Vec<AccountId>>, stream: u64, currency: Currency) -> TransferGenerator {
+        let mut rng = SplitMix::new(xxhash_rust::xxh3::xxh3_64_with_seed(&args.seed.to_le_bytes(), stream + 1));
+        let last_id = TransactionId(rng.next_u128());
+        TransferGenerator {
+            rng,
+            ids,
+            ghost: AccountId::new("ghost-account").expect("valid"),
+            last_id,
+            distribution: args.distribution,
+            reject_share: args.reject_share,
+            currency,
+        }
+    }
+
+    fn pick(&mut self) -> usize {
+        let accounts = self.ids.len() as u64;
+        match self.distribution {
+            Distribution::Uniform => (self.rng.next_u64() % accounts) as usize,
+            Distribution::Zipf => zipf_rank(self.rng.next_f64(), accounts) as usize,
+        }
+    }
+
+    pub fn next_command(&mut self) -> Command {
+        let from = self.pick();
+        let mut to = self.pick();
+        if to == from {
+            to = (from + 1) % self.ids.len();
+        }
+        let mut transaction_id = TransactionId(self.rng.next_u128());
+        let mut to_account = self.ids[to];
+        let mut amount = 1 + self.rng.next_u64() % 100;
+        if self.reject_share > 0.0 && self.rng.next_f64() < self.reject_share {
+            match self.rng.next_u64() % 3 {
+                0 => amount = 900_000_000_000_000,
+                1 => to_account = self.ghost,
+                _ => {
+                    transaction_id = self.last_id;
+                    amount += 1000;
+                }
+            }
+        }
+        self.last_id = transaction_id;
+        Command {
+            transaction_id,
+            timestamp_ns: 0,
+            kind: CommandKind::Transfer { from: self.ids[from], to: to_account, amount, currency: self.currency },
+        }
+    }
+}
+
+/// Opens every account and deposits into it, directly on a ledger.
+fn setup_ledger(ledger: &mut Ledger, ids: &[AccountId], currency: Currency, seed: u64) {
+    let mut rng = SplitMix::new(xxhash_rust::xxh3::xxh3_64(&seed.to_le_bytes()));
+    for id in ids {
+        for kind in [
+            CommandKind::OpenAccount { account: *id },
+            CommandKind::Deposit { account: *id, amount: 1_000_000_00, currency },
+        ] {
+            let record = ledger.execute(&Command { transaction_id: TransactionId(rng.next_u128()), timestamp_ns: 0, kind });
+            assert!(record.is_committed(), "bench setup failed: {:?}", record.rejection);
+        }
+    }
+}
+
+/// `Ledger::execute` alone: commands are generated up front (outside the timing) in chunks.
+fn run_execute(args: &BenchArgs) -> anyhow::Result<BenchReport> {
+    let usd = Currency::new("USD").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut ledger = Ledger::with_capacity(
+        LedgerConfig::default(),
+        args.accounts as usize,
+        args.transfers as usize + 2 * args.accounts as usize,
+    );
+    let ids: Arc<Vec<AccountId>> = Arc::new((0..args.accounts).map(account_id).collect());
+    setup_ledger(&mut ledger, &ids, usd, args.seed);
+    let mut generator = TransferGenerator::new(args, ids, 0, usd);
+    let chunk = 1 << 20;
+    let mut commands = Vec::with_capacity(chunk);
+    let mut elapsed = Duration::ZERO;
+    let mut committed = 0u64;
+    let mut rejected_codes = [0u64; 16];
+    let mut remaining = args.transfers;
+    while remaining > 0 {
+        let n = remaining.min(chunk as u64) as usize;
+        commands.clear();
+        commands.extend((0..n).map(|_| generator.next_command()));
+        let started = Instant::now();
+        for group in commands.chunks(args.batch.max(1)) {
+            ledger.execute_batch(group, |_, record| match record.rejection {
+                None => committed += 1,
+                Some(code) => rejected_codes[code as usize] += 1,
+            });
+        }
+        elapsed += started.elapsed();
+        remaining -= n as u64;
+    }
+    ledger.check_invariants().map_err(|e| anyhow::anyhow!("invariant broken after bench: {e}"))?;
+    let histogram = Histogram::new(3)?;
+    Ok(report(args, &ledger, elapsed.as_secs_f64(), committed, rejected_codes, &histogram, 0))
+}
+
+fn report(
+    args: &BenchArgs,
+    ledger: &Ledger,
+    seconds: f64,
+    committed: u64,
+    rejected_codes: [u64; 16],
+    histogram: &Histogram<u64>,
+    journal_bytes: u64,
+) -> BenchReport {
+    let memory = ledger.memory_usage();
+    BenchReport {
+        accounts: args.accounts,
+        transfers: args.transfers,
+        seconds,
+        transfers_per_sec: args.transfers as f64 / seconds,
+        committed,
+        rejected: rejected_codes.iter().sum(),
+        rejected_by_code: RejectCode::ALL
+            .iter()
+            .filter(|c| rejected_codes[**c as usize] > 0)
+            .map(|c| (c.code().to_string(), rejected_codes[*c as usize]))
+            .collect(),
+        latency_us: LatencyUs {
+            p50: histogram.value_at_quantile(0.50),
+            p99: histogram.value_at_quantile(0.99),
+            p999: histogram.value_at_quantile(0.999),
+            p9999: histogram.value_at_quantile(0.9999),
+            max: histogram.max(),
+        },
+        peak_rss_bytes: peak_rss_bytes(),
+        bytes_per_account: memory.account_bytes as f64 / f64::from(ledger.account_count().max(1)),
+        bytes_per_transaction_id: memory.transaction_id_bytes as f64 / f64::from(ledger.transaction_id_count().max(1)),
+        journal_bytes,
+        journal_bytes_per_transfer: journal_bytes as f64 / args.transfers as f64,
+        sync: match (args.stage, args.no_journal) {
+            (Stage::Execute, _) => "execute-only".into(),
+            (_, true) => "no-journal".into(),
+            _ => format!("{:?}", args.sync),
+        },
+        distribution: format!("{:?}", args.distribution).to_lowercase(),
+        producers: args.producers,
+        state_hash: format!("{:016x}", ledger.state_hash()),
+    }
+}
+
 pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
+    if args.stage == Stage::Execute {
+        anyhow::ensure!(args.accounts >= 2, "--accounts must be at least 2");
+        return run_execute(args);
+    }
     anyhow::ensure!(args.accounts >= 2, "--accounts must be at least 2");
     anyhow::ensure!(args.producers >= 1, "--producers must be at least 1");
     anyhow::ensure!((0.0..=1.0).contains(&args.reject_share), "--reject-share must be within 0..=1");
@@ -235,60 +406,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let mut threads = Vec::new();
     for producer in 0..args.producers {
         let mut submitter = engine.submitter();
-        let ids = ids.clone();
         let count = if producer == 0 { args.transfers - per_producer * (args.producers as u64 - 1) } else { per_producer };
-        let args = args.clone();
+        let mut generator = TransferGenerator::new(args, ids.clone(), producer as u64 + 1, usd);
+        let batch_size = args.batch;
         threads.push(std::thread::spawn(move || {
-            let mut rng = SplitMix::new(xxhash_rust::xxh3::xxh3_64_with_seed(&args.seed.to_le_bytes(), producer as u64 + 1));
-            let accounts = args.accounts as u64;
-            let ghost = AccountId::new("ghost-account").expect("valid");
-            let mut batch: Vec<(Command, u64)> = Vec::with_capacity(args.batch);
-            let mut last_id = TransactionId(rng.next_u128());
-            let pick = |rng: &mut SplitMix| -> usize {
-                match args.distribution {
-                    Distribution::Uniform => (rng.next_u64() % accounts) as usize,
-                    Distribution::Zipf => zipf_rank(rng.next_f64(), accounts) as usize,
-                }
-            };
+            let mut batch: Vec<(Command, u64)> = Vec::with_capacity(batch_size);
             for _ in 0..count {
-                let from = pick(&mut rng);
-                let mut to = pick(&mut rng);
-                if to == from {
-                    to = (from + 1) % accounts as usize;
-                }
-                let mut command = Command {
-                    transaction_id: TransactionId(rng.next_u128()),
-                    timestamp_ns: 0,
-                    kind: CommandKind::Transfer {
-                        from: ids[from],
-                        to: ids[to],
-                        amount: 1 + rng.next_u64() % 100,
-                        currency: usd,
-                    },
-                };
-                if rng.next_f64() < args.reject_share {
-                    match rng.next_u64() % 3 {
-                        0 => {
-                            if let CommandKind::Transfer { amount, .. } = &mut command.kind {
-                                *amount = 900_000_000_000_000;
-                            }
-                        }
-                        1 => {
-                            if let CommandKind::Transfer { to, .. } = &mut command.kind {
-                                *to = ghost;
-                            }
-                        }
-                        _ => {
-                            command.transaction_id = last_id;
-                            if let CommandKind::Transfer { amount, .. } = &mut command.kind {
-                                *amount += 1000;
-                            }
-                        }
-                    }
-                }
-                last_id = command.transaction_id;
-                batch.push((command, 0));
-                if batch.len() == args.batch {
+                batch.push((generator.next_command(), 0));
+                if batch.len() == batch_size {
                     submit_all(&mut submitter, &batch, base);
                     batch.clear();
                 }
@@ -306,39 +431,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let ledger = engine.shutdown();
     let (histogram, committed, rejected_codes) = done.recv()?;
     ledger.check_invariants().map_err(|e| anyhow::anyhow!("invariant broken after bench: {e}"))?;
-    let memory = ledger.memory_usage();
-    let rejected: u64 = rejected_codes.iter().sum();
-    let report = BenchReport {
-        accounts: args.accounts,
-        transfers: args.transfers,
-        seconds,
-        transfers_per_sec: args.transfers as f64 / seconds,
-        committed,
-        rejected,
-        rejected_by_code: RejectCode::ALL
-            .iter()
-            .filter(|c| rejected_codes[**c as usize] > 0)
-            .map(|c| (c.code().to_string(), rejected_codes[*c as usize]))
-            .collect(),
-        latency_us: LatencyUs {
-            p50: histogram.value_at_quantile(0.50),
-            p99: histogram.value_at_quantile(0.99),
-            p999: histogram.value_at_quantile(0.999),
-            p9999: histogram.value_at_quantile(0.9999),
-            max: histogram.max(),
-        },
-        peak_rss_bytes: peak_rss_bytes(),
-        bytes_per_account: memory.account_bytes as f64 / f64::from(ledger.account_count().max(1)),
-        bytes_per_transaction_id: memory.transaction_id_bytes as f64 / f64::from(ledger.transaction_id_count().max(1)),
-        journal_bytes,
-        journal_bytes_per_transfer: journal_bytes as f64 / args.transfers as f64,
-        sync: if args.no_journal { "no-journal".into() } else { format!("{:?}", args.sync) },
-        distribution: format!("{:?}", args.distribution).to_lowercase(),
-        producers: args.producers,
-        state_hash: format!("{:016x}", ledger.state_hash()),
-    };
-    Ok(report)
+    let _ = committed;
+    Ok(report(args, &ledger, seconds, committed, rejected_codes, &histogram, journal_bytes))
 }
+
 
 pub fn print_table(r: &BenchReport) {
     println!("wallet bench: {} accounts, {} transfers, {}, {} producer(s), sync {}", r.accounts, r.transfers, r.distribution, r.producers, r.sync);

@@ -157,7 +157,7 @@ impl Views {
     pub fn from_ledger(ledger: &Ledger) -> Arc<Views> {
         let mut state = ViewState::default();
         for index in 0..ledger.account_count() {
-            let name = String::from_utf8_lossy(ledger.account_name(index).unwrap_or_default()).into_owned();
+            let name = ledger.account_name(index).map(|a| a.to_string()).unwrap_or_default();
             state.directory.insert(name.clone(), index);
             state.names.push(name);
             state.balances.push(ledger.balances(index));

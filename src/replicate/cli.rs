@@ -1,0 +1,230 @@
+//! The `cluster`, `replicate` and `reconcile` subcommands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+
+use super::zk::{self, Layout};
+
+#[derive(Args, Debug, Clone)]
+pub struct ZkArgs {
+    /// ZooKeeper connect string (host:port[,host:port...]).
+    #[arg(long, env = "WALLET_ZK")]
+    pub zk: String,
+    /// Root of the wallet's nodes in ZooKeeper (tests use one root each).
+    #[arg(long, env = "WALLET_ZK_ROOT", default_value = zk::DEFAULT_ROOT)]
+    pub zk_root: String,
+}
+
+#[derive(Args)]
+pub struct ClusterArgs {
+    #[command(subcommand)]
+    pub command: ClusterCommand,
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCommand {
+    /// Create the layout and the first partition map (version 1).
+    Init {
+        #[command(flatten)]
+        zk: ZkArgs,
+        /// Redis nodes, host:port, comma-separated; their order is the partition order.
+        #[arg(long, env = "WALLET_REDIS_NODES", value_delimiter = ',', required = true)]
+        redis_nodes: Vec<String>,
+        /// PostgreSQL shard URLs, comma-separated (optional).
+        #[arg(long, value_delimiter = ',')]
+        sql_shards: Vec<String>,
+    },
+    /// Print the partition map, the SQL shards, the engine leader and the registered front ends.
+    Show {
+        #[command(flatten)]
+        zk: ZkArgs,
+    },
+    /// Replace the Redis node list (a new map version; a running replicator moves the keys).
+    SetRedisNodes {
+        #[command(flatten)]
+        zk: ZkArgs,
+        /// host:port,host:port,...
+        #[arg(value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+    },
+    /// Replace the SQL shard list.
+    SetSqlShards {
+        #[command(flatten)]
+        zk: ZkArgs,
+        /// URL,URL,...
+        #[arg(value_delimiter = ',', required = true)]
+        shards: Vec<String>,
+    },
+    /// Print the partition and node an account maps to.
+    Route {
+        #[command(flatten)]
+        zk: ZkArgs,
+        account: String,
+    },
+}
+
+#[derive(Args)]
+pub struct ReplicateArgs {
+    #[command(subcommand)]
+    pub command: ReplicateCommand,
+}
+
+#[derive(Subcommand)]
+pub enum ReplicateCommand {
+    /// Keep the Redis partitions equal to the engine's balances, exactly once per node.
+    Redis(RedisReplicateArgs),
+}
+
+#[derive(Args)]
+pub struct RedisReplicateArgs {
+    #[command(flatten)]
+    pub zk: ZkArgs,
+    /// A data directory (its journal is tailed, even while `serve` runs) or an engine URL
+    /// http://host:port (its /v1/wallet/events stream, durable events only).
+    #[arg(long)]
+    pub source: String,
+    /// Most events per batch (one script per node per batch).
+    #[arg(long, default_value_t = 1 << 17)]
+    pub batch_events: usize,
+    /// Stop when every node has caught up with the end of the source, and print events/s.
+    #[arg(long)]
+    pub once: bool,
+}
+
+#[derive(Args)]
+pub struct ReconcileArgs {
+    #[command(subcommand)]
+    pub command: ReconcileCommand,
+}
+
+#[derive(Subcommand)]
+pub enum ReconcileCommand {
+    /// Compare every balance in Redis with the journal's state at the nodes' applied sequence.
+    Redis(RedisReconcileArgs),
+}
+
+#[derive(Args)]
+pub struct RedisReconcileArgs {
+    #[command(flatten)]
+    pub zk: ZkArgs,
+    #[arg(long, default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Differences printed in full (all are counted).
+    #[arg(long, default_value_t = 100)]
+    pub max_printed: usize,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+}
+
+pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async move {
+        match args.command {
+            ClusterCommand::Init { zk: z, redis_nodes, sql_shards } => {
+                let layout = Layout::new(&z.zk_root)?;
+                let client = zk::connect(&z.zk).await?;
+                zk::init_layout(&client, &layout).await?;
+                match zk::get_partition_map(&client, &layout).await? {
+                    Some(map) if map.nodes == redis_nodes => println!("already initialised: {}", serde_json::to_string(&map)?),
+                    Some(map) => anyhow::bail!(
+                        "{} already holds {}; use `wallet cluster set-redis-nodes` to change it",
+                        layout.partitions(),
+                        serde_json::to_string(&map)?
+                    ),
+                    None => {
+                        let map = zk::set_redis_nodes(&client, &layout, &redis_nodes).await?;
+                        println!("{}: {}", layout.partitions(), serde_json::to_string(&map)?);
+                    }
+                }
+                if !sql_shards.is_empty() {
+                    let shards = zk::set_sql_shards(&client, &layout, &sql_shards).await?;
+                    println!("{}: {}", layout.sql_shards(), serde_json::to_string(&shards)?);
+                }
+            }
+            ClusterCommand::Show { zk: z } => {
+                let layout = Layout::new(&z.zk_root)?;
+                let client = zk::connect(&z.zk).await?;
+                let map = zk::get_partition_map(&client, &layout).await?;
+                let shards = zk::get_sql_shards(&client, &layout).await?;
+                let (leader, api) = zk::get_registrations(&client, &layout).await?;
+                print_json(&serde_json::json!({
+                    "root": layout.root,
+                    "redis_partitions": map,
+                    "sql_shards": shards,
+                    "engine_leader": leader,
+                    "api": api,
+                }));
+            }
+            ClusterCommand::SetRedisNodes { zk: z, nodes } => {
+                let layout = Layout::new(&z.zk_root)?;
+                let client = zk::connect(&z.zk).await?;
+                zk::init_layout(&client, &layout).await?;
+                let map = zk::set_redis_nodes(&client, &layout, &nodes).await?;
+                println!("{}: {}", layout.partitions(), serde_json::to_string(&map)?);
+            }
+            ClusterCommand::SetSqlShards { zk: z, shards } => {
+                let layout = Layout::new(&z.zk_root)?;
+                let client = zk::connect(&z.zk).await?;
+                zk::init_layout(&client, &layout).await?;
+                let shards = zk::set_sql_shards(&client, &layout, &shards).await?;
+                println!("{}: {}", layout.sql_shards(), serde_json::to_string(&shards)?);
+            }
+            ClusterCommand::Route { zk: z, account } => {
+                let layout = Layout::new(&z.zk_root)?;
+                let client = zk::connect(&z.zk).await?;
+                let map = zk::get_partition_map(&client, &layout)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("no partition map at {}: run `wallet cluster init`", layout.partitions()))?;
+                let (partition, node) = map.route(&account);
+                println!(
+                    "account {account}: xxh3_64 {:#018x}, partition {partition} of {}, node {node}, map version {}",
+                    super::hash::account_hash(&account),
+                    map.nodes.len(),
+                    map.version
+                );
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn run_replicate(args: ReplicateArgs) -> anyhow::Result<ExitCode> {
+    let ReplicateCommand::Redis(args) = args.command;
+    let options = super::redis::ReplicateOptions {
+        zk: args.zk.zk,
+        zk_root: args.zk.zk_root,
+        source: args.source,
+        batch_events: args.batch_events.max(2),
+        once: args.once,
+    };
+    let report = runtime()?.block_on(super::redis::run(&options))?;
+    println!(
+        "replicated {} events (sequences {}..{}) into {} Redis nodes in {:.3} s: {:.0} events/s",
+        report.events,
+        report.first_seq.min(report.last_seq),
+        report.last_seq,
+        report.nodes,
+        report.elapsed.as_secs_f64(),
+        report.events_per_second()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_reconcile(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
+    let ReconcileCommand::Redis(args) = args.command;
+    let options = super::reconcile::ReconcileOptions {
+        zk: args.zk.zk,
+        zk_root: args.zk.zk_root,
+        data_dir: args.data_dir,
+        max_printed: args.max_printed,
+    };
+    let differences = runtime()?.block_on(super::reconcile::run(&options))?;
+    Ok(if differences == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

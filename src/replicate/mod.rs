@@ -1,0 +1,61 @@
+//! Replicators: keep external stores equal to the engine's state, fed by the event stream, each
+//! from its own saved position (CQRS read side), and the ZooKeeper layout they share.
+//!
+//! - [`zk`]: the layout in ZooKeeper (partition map, SQL shard list, engine leader, front ends).
+//! - [`hash`]: the routing formula, `xxh3_64(account id) % partitions`.
+//! - [`source`]: events from journal files (tailed in place) or a running engine's HTTP stream.
+//! - [`redis`]: `wallet replicate redis`, exactly-once per node, with live map changes.
+//! - [`reconcile`]: `wallet reconcile redis`, Redis against a replay of the journal.
+//! - [`cli`]: the `cluster`, `replicate` and `reconcile` subcommands.
+//!
+//! Architecture invariant: replicators only read the journal (or the HTTP stream) and never
+//! touch the engine's state; every external write carries the sequence it reflects, in the same
+//! atomic step as the data.
+
+pub mod cli;
+pub mod hash;
+pub mod reconcile;
+pub mod redis;
+pub mod source;
+pub mod zk;
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Exit status of a process stopped by a failpoint.
+pub const FAILPOINT_EXIT_CODE: i32 = 3;
+
+/// Crash-test hook: with `WALLET_FAILPOINT=<name>` (or `<name>:<n>`, the n-th time, default 1),
+/// the process exits with status 3 the moment it reaches the failpoint `name`, as abruptly as a
+/// kill: no destructor or flush runs. Without the variable this is one relaxed load.
+///
+/// Failpoints of the Redis replicator: `redis-after-node-1` (one node applied the batch, the
+/// others not yet; while armed, nodes are written one after the other), `redis-after-batch`, `redis-write-chunk` (inside a node rebuild or a key
+/// move), `redis-migrate-after-copy`, `redis-migrate-after-switch-1`.
+pub fn failpoint(name: &str) {
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    if let Some((point, nth)) = failpoint_spec()
+        && point == name
+        && HITS.fetch_add(1, Ordering::Relaxed) + 1 >= *nth
+    {
+        eprintln!("failpoint {name} reached: exiting with status {FAILPOINT_EXIT_CODE}");
+        std::process::exit(FAILPOINT_EXIT_CODE);
+    }
+}
+
+fn failpoint_spec() -> &'static Option<(String, u64)> {
+    static SPEC: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    SPEC.get_or_init(|| {
+        let text = std::env::var("WALLET_FAILPOINT").ok()?;
+        let (point, nth) = match text.split_once(':') {
+            Some((p, n)) => (p.to_string(), n.parse().unwrap_or(1)),
+            None => (text, 1),
+        };
+        Some((point, nth))
+    })
+}
+
+/// Whether `WALLET_FAILPOINT` names `name` (code paths may then make the crash deterministic).
+pub fn failpoint_armed(name: &str) -> bool {
+    failpoint_spec().as_ref().is_some_and(|(point, _)| point == name)
+}

@@ -1,0 +1,200 @@
+//! `wallet reconcile redis`: every balance in Redis against the engine's state replayed from the
+//! journal at the sequence each node says it applied, plus the placement of every key.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::bail;
+
+use super::redis::{BALANCE_PREFIX, connect, probe, scan_balance_keys};
+use super::zk::{self, Layout, PartitionMap};
+use crate::core::{AccountId, Ledger, LedgerConfig};
+use crate::engine::recovery::apply_verified;
+use crate::journal::{journal_dir, scan};
+
+#[derive(Debug, Clone)]
+pub struct ReconcileOptions {
+    pub zk: String,
+    pub zk_root: String,
+    pub data_dir: PathBuf,
+    /// Differences printed in full; the rest are only counted.
+    pub max_printed: usize,
+}
+
+/// A node's content, read while its applied sequence stayed put.
+struct NodeContent {
+    address: String,
+    applied_seq: u64,
+    version: Option<String>,
+    /// Account id -> field -> value.
+    balances: HashMap<String, HashMap<String, String>>,
+}
+
+async fn read_node(address: &str) -> anyhow::Result<NodeContent> {
+    let mut conn = connect(address).await?;
+    for _ in 0..20 {
+        let before = probe(&mut conn).await?;
+        let keys = scan_balance_keys(&mut conn).await?;
+        let mut balances = HashMap::with_capacity(keys.len());
+        for chunk in keys.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for key in chunk {
+                pipe.cmd("HGETALL").arg(key);
+            }
+            let values: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
+            for (key, fields) in chunk.iter().zip(values) {
+                // A key deleted between SCAN and HGETALL reads as empty: only possible while
+                // something writes, which the second probe catches.
+                if !fields.is_empty() {
+                    balances.insert(key.strip_prefix(BALANCE_PREFIX).unwrap_or(key).to_string(), fields);
+                }
+            }
+        }
+        let after = probe(&mut conn).await?;
+        if before == after {
+            return Ok(NodeContent { address: address.to_string(), applied_seq: before.0, version: before.1, balances });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("node {address} kept changing while being read; stop the replicator or let it catch up")
+}
+
+struct Differences {
+    count: u64,
+    max_printed: usize,
+}
+
+impl Differences {
+    fn report(&mut self, text: String) {
+        self.count += 1;
+        if self.count as usize <= self.max_printed {
+            println!("difference: {text}");
+        } else if self.count as usize == self.max_printed + 1 {
+            println!("difference: ... (further differences are counted, not printed)");
+        }
+    }
+}
+
+/// Compares the nodes in `group` (indices into `nodes`, all at the ledger's current sequence).
+fn compare(ledger: &Ledger, map: &PartitionMap, nodes: &[NodeContent], group: &[usize], out: &mut Differences) -> u64 {
+    let mut checked = 0;
+    for &n in group {
+        let node = &nodes[n];
+        for (account, fields) in &node.balances {
+            checked += 1;
+            let (right, right_address) = map.route(account);
+            if right != n {
+                out.report(format!("key {BALANCE_PREFIX}{account} is on node {} but the formula names node {right} ({right_address})", node.address));
+                continue;
+            }
+            let expected = AccountId::new(account).ok().and_then(|id| ledger.account_index(&id)).map(|i| ledger.balances(i)).unwrap_or_default();
+            if expected.is_empty() {
+                out.report(format!("key {BALANCE_PREFIX}{account} on {} holds {fields:?}; the engine has no balance for it", node.address));
+                continue;
+            }
+            let expected: HashMap<String, u64> = expected.iter().map(|(c, b)| (c.to_string(), *b)).collect();
+            for (currency, balance) in &expected {
+                match fields.get(currency).map(|v| v.parse::<u64>()) {
+                    Some(Ok(v)) if v == *balance => {}
+                    other => out.report(format!(
+                        "{account} {currency} on {}: redis {:?}, engine {balance}",
+                        node.address,
+                        other.map(|r| r.map_err(|_| "not a number"))
+                    )),
+                }
+            }
+            for field in fields.keys().filter(|f| !expected.contains_key(*f)) {
+                out.report(format!("{account} on {}: field {field} that the engine does not have", node.address));
+            }
+        }
+    }
+    // Balances the engine has that no node in the group holds.
+    for index in 0..ledger.account_count() {
+        let Some(id) = ledger.account_name(index) else { continue };
+        let name = id.as_str();
+        let (right, address) = map.route(name);
+        if !group.contains(&right) || ledger.balances(index).is_empty() {
+            continue;
+        }
+        if !nodes[right].balances.contains_key(name) {
+            out.report(format!("{name}: missing on {address} (engine has {:?})", ledger.balances(index)));
+        }
+    }
+    checked
+}
+
+/// Runs the comparison and prints the differences, then a summary line. Returns the count.
+pub async fn run(options: &ReconcileOptions) -> anyhow::Result<u64> {
+    let layout = Layout::new(&options.zk_root)?;
+    let client = zk::connect(&options.zk).await?;
+    let map = zk::get_partition_map(&client, &layout)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no partition map at {}: run `wallet cluster init` first", layout.partitions()))?;
+    drop(client);
+    let mut out = Differences { count: 0, max_printed: options.max_printed };
+    let mut nodes = Vec::new();
+    let version = map.version.to_string();
+    let mut readable = Vec::new();
+    for (i, address) in map.nodes.iter().enumerate() {
+        match read_node(address).await {
+            Ok(content) => {
+                if content.version.as_deref() != Some(version.as_str()) {
+                    out.report(format!("node {address} has map version {:?}, the map is at {version}", content.version));
+                }
+                readable.push(i);
+                nodes.push(content);
+            }
+            Err(e) => {
+                out.report(format!("node {address} unreadable: {e:#}"));
+                nodes.push(NodeContent { address: address.clone(), applied_seq: 0, version: None, balances: HashMap::new() });
+            }
+        }
+    }
+    let mut targets: Vec<u64> = readable.iter().map(|&i| nodes[i].applied_seq).collect();
+    targets.sort_unstable();
+    targets.dedup();
+    let group_at = |seq: u64| -> Vec<usize> { readable.iter().copied().filter(|&i| nodes[i].applied_seq == seq).collect() };
+
+    // Replay the journal, comparing each group of nodes when the ledger reaches its sequence.
+    let mut ledger = Ledger::new(LedgerConfig::default());
+    let mut next_target = 0;
+    let mut keys_checked = 0;
+    let end = scan(&journal_dir(&options.data_dir), 1, |record| {
+        let at = ledger.next_seq() - 1;
+        while next_target < targets.len() && targets[next_target] == at {
+            keys_checked += compare(&ledger, &map, &nodes, &group_at(at), &mut out);
+            next_target += 1;
+        }
+        while next_target < targets.len() && targets[next_target] < record.next_seq() - 1 {
+            out.report(format!("applied_seq {} falls inside the record at {}", targets[next_target], record.first_seq));
+            next_target += 1;
+        }
+        apply_verified(&mut ledger, record)?;
+        Ok(())
+    })?;
+    let journal_last = end.next_seq - 1;
+    for &target in &targets[next_target..] {
+        if target == ledger.next_seq() - 1 {
+            keys_checked += compare(&ledger, &map, &nodes, &group_at(target), &mut out);
+        } else {
+            out.report(format!("nodes {:?} applied up to {target}, beyond the journal's end at {journal_last}", group_at(target)));
+        }
+    }
+    for node in &nodes {
+        println!("node {}: applied_seq {} map_version {:?} keys {}", node.address, node.applied_seq, node.version, node.balances.len());
+    }
+    let (low, high) = (targets.first().copied().unwrap_or(0), targets.last().copied().unwrap_or(0));
+    println!(
+        "reconcile: {} differences ({} nodes, map version {}, {} keys checked, {} accounts, applied_seq {}..{}, journal ends at {})",
+        out.count,
+        map.nodes.len(),
+        map.version,
+        keys_checked,
+        ledger.account_count(),
+        low,
+        high,
+        journal_last
+    );
+    Ok(out.count)
+}

@@ -1,0 +1,746 @@
+//! `wallet replicate redis`: keeps hash-partitioned Redis nodes equal to the engine's balances.
+//!
+//! Per node, the keys are
+//! - `wallet:balance:<account id>`: a hash, field = ISO currency code, value = minor units;
+//! - `wallet:applied_seq`: every event at or below it is reflected on this node;
+//! - `wallet:map_version`: the partition map version whose routing this node's keys follow.
+//!
+//! Exactly once: a node's balances and its `wallet:applied_seq` change in one Lua script, which
+//! also refuses to write when the node's `wallet:map_version` is not the expected one or its
+//! `wallet:applied_seq` is behind what the replicator last saw there (the node lost data, e.g.
+//! a restart without persistence). Such a node is rebuilt ("resync") from the replicator's own
+//! copy of every balance. Balances are written as absolute values, so a batch applied again
+//! after a lost reply changes nothing; events at or below a node's `wallet:applied_seq` are never
+//! written there. A restarted replicator reads the source from sequence 1 to rebuild its copy of
+//! the balances and writes only what each node has not applied.
+//!
+//! Reader protocol (see `docs/zookeeper-layout.md`): read the map (version v) from ZooKeeper,
+//! route the account, then on that node `MULTI; GET wallet:map_version; HGETALL
+//! wallet:balance:<id>; EXEC`. The answer is valid only if the version read equals v; otherwise
+//! re-read the map and retry. During a map change, moved balances are first copied to their new
+//! nodes (invisible there: those nodes still claim the old version), then each node atomically
+//! deletes what moved away and switches its version. No node ever claims a version for which it
+//! lacks a balance, so a reader that checks the version never sees a half-moved balance.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use redis::aio::MultiplexedConnection;
+use tokio::sync::watch;
+
+use super::{failpoint, failpoint_armed};
+use super::source::{AccountRef, Item, Source};
+use super::zk::{self, Layout, PartitionMap};
+use crate::core::Currency;
+
+pub const BALANCE_PREFIX: &str = "wallet:balance:";
+pub const APPLIED_SEQ_KEY: &str = "wallet:applied_seq";
+pub const MAP_VERSION_KEY: &str = "wallet:map_version";
+/// Accounts per pipelined chunk when whole nodes are rebuilt or keys moved.
+const CHUNK_ACCOUNTS: usize = 2000;
+
+/// Applies one batch to one node. ARGV: expected map version, the applied sequence the
+/// replicator last saw on the node, the new applied sequence, then per account: key, field
+/// count, and field/value pairs.
+static APPLY_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local version = redis.call('GET', KEYS[1])
+if version ~= ARGV[1] then
+  return redis.error_reply('WALLET_STALE map_version is ' .. tostring(version) .. ', expected ' .. ARGV[1])
+end
+local applied = tonumber(redis.call('GET', KEYS[2]) or '0')
+local target = tonumber(ARGV[3])
+if applied >= target then
+  return 0
+end
+if applied < tonumber(ARGV[2]) then
+  return redis.error_reply('WALLET_STALE applied_seq is ' .. applied .. ', expected at least ' .. ARGV[2])
+end
+local i = 4
+local n = #ARGV
+while i <= n do
+  local key = ARGV[i]
+  local fields = tonumber(ARGV[i + 1])
+  for j = 0, fields - 1 do
+    redis.call('HSET', key, ARGV[i + 2 + 2 * j], ARGV[i + 3 + 2 * j])
+  end
+  i = i + 2 + 2 * fields
+end
+redis.call('SET', KEYS[2], ARGV[3])
+return 1
+",
+    )
+});
+
+pub fn balance_key(account: &str) -> String {
+    format!("{BALANCE_PREFIX}{account}")
+}
+
+/// Opens a connection that fails fast when the node is down.
+pub async fn connect(address: &str) -> anyhow::Result<MultiplexedConnection> {
+    let client = redis::Client::open(format!("redis://{address}/")).with_context(|| format!("bad Redis address {address:?}"))?;
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_response_timeout(Some(Duration::from_secs(30)));
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .with_context(|| format!("Redis node {address} is unreachable (start it with tools/services start)"))
+}
+
+/// What a node says about itself: its applied sequence and map version.
+pub async fn probe(conn: &mut MultiplexedConnection) -> redis::RedisResult<(u64, Option<String>)> {
+    let (applied, version): (Option<u64>, Option<String>) =
+        redis::pipe().cmd("GET").arg(APPLIED_SEQ_KEY).cmd("GET").arg(MAP_VERSION_KEY).query_async(conn).await?;
+    Ok((applied.unwrap_or(0), version))
+}
+
+/// The replicator's copy of every account and balance, at `seq`.
+#[derive(Default)]
+pub struct Directory {
+    pub names: Vec<Box<str>>,
+    pub balances: Vec<Vec<(Currency, u64)>>,
+    by_name: HashMap<Box<str>, u32>,
+    /// The last event applied (0: none).
+    pub seq: u64,
+}
+
+impl Directory {
+    fn open(&mut self, index: Option<u32>, name: &str) -> anyhow::Result<u32> {
+        let next = self.names.len() as u32;
+        if index.is_some_and(|i| i != next) {
+            bail!("account {name:?} opened as index {index:?}, expected {next}");
+        }
+        if self.by_name.contains_key(name) {
+            bail!("account {name:?} opened twice");
+        }
+        self.names.push(name.into());
+        self.balances.push(Vec::new());
+        self.by_name.insert(name.into(), next);
+        Ok(next)
+    }
+
+    fn resolve(&self, account: &AccountRef) -> anyhow::Result<u32> {
+        match account {
+            AccountRef::Index(i) if (*i as usize) < self.names.len() => Ok(*i),
+            AccountRef::Index(i) => bail!("event for unknown account index {i}"),
+            AccountRef::Name(name) => self.by_name.get(name.as_str()).copied().ok_or_else(|| anyhow::anyhow!("event for unknown account {name:?}")),
+        }
+    }
+
+    fn set(&mut self, account: u32, currency: Currency, balance: u64) {
+        let balances = &mut self.balances[account as usize];
+        match balances.iter_mut().find(|(c, _)| *c == currency) {
+            Some(entry) => entry.1 = balance,
+            None => {
+                balances.push((currency, balance));
+                balances.sort_unstable_by_key(|(c, _)| *c);
+            }
+        }
+    }
+
+    pub fn index_of(&self, name: &str) -> Option<u32> {
+        self.by_name.get(name).copied()
+    }
+}
+
+struct Node {
+    address: String,
+    conn: Option<MultiplexedConnection>,
+    /// The applied sequence last confirmed on the node (meaningless while `needs_resync`).
+    applied_seq: u64,
+    /// The node's content cannot be trusted (unknown, lost data, interrupted move): rebuild it.
+    needs_resync: bool,
+    /// Accounts changed since `applied_seq`.
+    dirty: Vec<u32>,
+    /// Set while the node is down: when to try again.
+    retry_at: Option<Instant>,
+    backoff: Duration,
+}
+
+impl Node {
+    fn new(address: &str) -> Node {
+        Node {
+            address: address.to_string(),
+            conn: None,
+            applied_seq: 0,
+            needs_resync: true,
+            dirty: Vec::new(),
+            retry_at: None,
+            backoff: Duration::from_millis(50),
+        }
+    }
+
+    fn is_up_and_current(&self) -> bool {
+        self.conn.is_some() && self.retry_at.is_none() && !self.needs_resync
+    }
+
+    fn mark_down(&mut self, error: &anyhow::Error) {
+        tracing::warn!(node = %self.address, error = %format!("{error:#}"), retry_in = ?self.backoff, "Redis node failed; will retry");
+        self.conn = None;
+        self.retry_at = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(2));
+    }
+
+    fn mark_up(&mut self) {
+        if self.retry_at.take().is_some() {
+            tracing::info!(node = %self.address, "Redis node is back");
+        }
+        self.backoff = Duration::from_millis(50);
+    }
+
+    /// Connects if needed and allowed by the backoff; false if the node is (still) down.
+    async fn ensure_connected(&mut self) -> bool {
+        if self.conn.is_some() {
+            return true;
+        }
+        if self.retry_at.is_some_and(|at| Instant::now() < at) {
+            return false;
+        }
+        match connect(&self.address).await {
+            Ok(conn) => {
+                self.conn = Some(conn);
+                self.retry_at = None;
+                true
+            }
+            Err(e) => {
+                self.mark_down(&e);
+                false
+            }
+        }
+    }
+}
+
+fn is_stale(error: &redis::RedisError) -> bool {
+    error.to_string().contains("WALLET_STALE")
+}
+
+/// Options of one replicator run.
+#[derive(Debug, Clone)]
+pub struct ReplicateOptions {
+    pub zk: String,
+    pub zk_root: String,
+    /// A data directory, or an engine URL `http://host:port`.
+    pub source: String,
+    /// Most events read and written per batch.
+    pub batch_events: usize,
+    /// Stop once every node has caught up with the end of the source.
+    pub once: bool,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Copy)]
+pub struct Report {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub events: u64,
+    pub elapsed: Duration,
+    pub nodes: usize,
+}
+
+impl Report {
+    pub fn events_per_second(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+struct Replicator {
+    map: PartitionMap,
+    nodes: Vec<Node>,
+    dir: Directory,
+    /// Node index of every account under `map`.
+    route: Vec<u16>,
+    /// Whether the account is in its node's `dirty` list.
+    marked: Vec<bool>,
+    /// Nodes removed from the map whose keys are still to be deleted.
+    retired: Vec<Node>,
+}
+
+fn route_of(map: &PartitionMap, name: &str) -> u16 {
+    map.route(name).0 as u16
+}
+
+impl Replicator {
+    fn version(&self) -> String {
+        self.map.version.to_string()
+    }
+
+    fn ingest(&mut self, items: &[Item]) -> anyhow::Result<()> {
+        for item in items {
+            let seq = item.seq();
+            if seq != self.dir.seq + 1 {
+                bail!("the source skipped from sequence {} to {seq}", self.dir.seq + 1);
+            }
+            match item {
+                Item::Opened { index, name, .. } => {
+                    self.dir.open(*index, name)?;
+                    self.route.push(route_of(&self.map, name));
+                    self.marked.push(false);
+                }
+                Item::Balance { account, currency, balance, .. } => {
+                    let account = self.dir.resolve(account)?;
+                    self.dir.set(account, *currency, *balance);
+                    let node = &mut self.nodes[self.route[account as usize] as usize];
+                    if seq > node.applied_seq && !self.marked[account as usize] {
+                        self.marked[account as usize] = true;
+                        node.dirty.push(account);
+                    }
+                }
+                Item::Other { .. } => {}
+            }
+            self.dir.seq = seq;
+        }
+        Ok(())
+    }
+
+    fn clear_dirty(&mut self, node: usize) {
+        for account in std::mem::take(&mut self.nodes[node].dirty) {
+            self.marked[account as usize] = false;
+        }
+    }
+
+    /// Whether every node holds everything read so far.
+    fn caught_up(&self) -> bool {
+        self.nodes.iter().all(|n| n.is_up_and_current() && n.applied_seq >= self.dir.seq && n.dirty.is_empty())
+    }
+
+    /// Brings every reachable node up to `dir.seq`: rebuilds the nodes that need it, then
+    /// applies each node's changed accounts in one script per node, all nodes concurrently.
+    async fn flush(&mut self) {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].needs_resync && self.nodes[i].ensure_connected().await {
+                self.resync_node(i).await;
+            }
+        }
+        let version = self.version();
+        let target = self.dir.seq;
+        let mut writes = Vec::new();
+        for i in 0..self.nodes.len() {
+            let node = &self.nodes[i];
+            if node.needs_resync || (node.applied_seq >= target && node.dirty.is_empty()) {
+                continue;
+            }
+            if !self.nodes[i].ensure_connected().await {
+                continue;
+            }
+            let node = &self.nodes[i];
+            let Some(conn) = node.conn.clone() else { continue };
+            let mut invocation = APPLY_SCRIPT.prepare_invoke();
+            invocation.key(MAP_VERSION_KEY).key(APPLIED_SEQ_KEY).arg(&version).arg(node.applied_seq).arg(target);
+            for &account in &node.dirty {
+                let balances = &self.dir.balances[account as usize];
+                invocation.arg(balance_key(&self.dir.names[account as usize])).arg(balances.len());
+                for (currency, balance) in balances {
+                    invocation.arg(&currency.code()[..]).arg(*balance);
+                }
+            }
+            writes.push((i, conn, invocation));
+        }
+        let mut done = 0;
+        if failpoint_armed("redis-after-node-1") {
+            // Crash tests: one node at a time, so that the failpoint stops the process with
+            // exactly one node ahead (concurrent writes would usually all land first).
+            for (i, mut conn, invocation) in writes {
+                let result = invocation.invoke_async(&mut conn).await;
+                self.on_applied(i, target, result, &mut done);
+            }
+        } else {
+            let mut tasks = tokio::task::JoinSet::new();
+            for (i, mut conn, invocation) in writes {
+                tasks.spawn(async move {
+                    let result: redis::RedisResult<i64> = invocation.invoke_async(&mut conn).await;
+                    (i, result)
+                });
+            }
+            while let Some(joined) = tasks.join_next().await {
+                let Ok((i, result)) = joined else { continue };
+                self.on_applied(i, target, result, &mut done);
+            }
+        }
+        failpoint("redis-after-batch");
+    }
+
+    fn on_applied(&mut self, i: usize, target: u64, result: redis::RedisResult<i64>, done: &mut usize) {
+        match result {
+            Ok(_) => {
+                *done += 1;
+                if *done == 1 {
+                    failpoint("redis-after-node-1");
+                }
+                self.nodes[i].applied_seq = target;
+                self.nodes[i].mark_up();
+                self.clear_dirty(i);
+            }
+            Err(e) if is_stale(&e) => {
+                tracing::warn!(node = %self.nodes[i].address, error = %e, "node disagrees with the replicator; rebuilding it");
+                self.nodes[i].needs_resync = true;
+            }
+            Err(e) => self.nodes[i].mark_down(&anyhow::Error::from(e)),
+        }
+    }
+
+    async fn resync_node(&mut self, i: usize) {
+        let version = self.version();
+        let Some(mut conn) = self.nodes[i].conn.clone() else { return };
+        tracing::info!(node = %self.nodes[i].address, seq = self.dir.seq, "rebuilding node from the replicator's balances");
+        match resync(&mut conn, i as u16, &self.route, &self.dir, Some(&version)).await {
+            Ok(()) => {
+                let node = &mut self.nodes[i];
+                node.applied_seq = self.dir.seq;
+                node.needs_resync = false;
+                node.mark_up();
+                self.clear_dirty(i);
+            }
+            Err(e) => self.nodes[i].mark_down(&e),
+        }
+    }
+
+    /// Moves to `new_map`: places every balance on its new node, then switches each node
+    /// (deleting what moved away and setting the new version in one transaction).
+    async fn migrate(&mut self, new_map: PartitionMap) {
+        tracing::info!(from = self.map.version, to = new_map.version, nodes = ?new_map.nodes, seq = self.dir.seq, "moving balances to the new partition map");
+        // Everything reachable first reaches the same sequence, so moved copies are current.
+        self.flush().await;
+        let seq = self.dir.seq;
+        let new_route: Vec<u16> = self.dir.names.iter().map(|name| route_of(&new_map, name)).collect();
+        let mut old_nodes: Vec<Option<Node>> = std::mem::take(&mut self.nodes).into_iter().map(Some).collect();
+        let mut nodes = Vec::with_capacity(new_map.nodes.len());
+        // For each new node: its old index, if it was current under the old map.
+        let mut incremental: Vec<Option<u16>> = Vec::new();
+        for address in &new_map.nodes {
+            let old = self.map.nodes.iter().position(|a| a == address);
+            let retired = self.retired.iter().position(|n| n.address == *address).map(|k| self.retired.swap_remove(k));
+            let mut node = match old.and_then(|k| old_nodes[k].take()) {
+                Some(node) => node,
+                None => retired.unwrap_or_else(|| Node::new(address)),
+            };
+            let current = node.is_up_and_current() && node.applied_seq == seq && node.dirty.is_empty();
+            incremental.push(if current { old.map(|k| k as u16) } else { None });
+            node.needs_resync = !current;
+            node.dirty.clear();
+            nodes.push(node);
+        }
+        for m in self.marked.iter_mut() {
+            *m = false;
+        }
+        let version = new_map.version.to_string();
+        // 1. Place. Old-version readers never look for a moved key on its new node, and
+        // new-version readers wait until that node switches.
+        let mut placed = vec![false; nodes.len()];
+        for (j, node) in nodes.iter_mut().enumerate() {
+            if !node.ensure_connected().await {
+                continue;
+            }
+            let Some(mut conn) = node.conn.clone() else { continue };
+            let result = match incremental[j] {
+                Some(old) => {
+                    let moved_in: Vec<u32> = (0..self.dir.names.len() as u32)
+                        .filter(|&a| new_route[a as usize] == j as u16 && self.route[a as usize] != old)
+                        .collect();
+                    write_accounts(&mut conn, &self.dir, &moved_in).await
+                }
+                None => resync(&mut conn, j as u16, &new_route, &self.dir, None).await,
+            };
+            match result {
+                Ok(()) => placed[j] = true,
+                Err(e) => {
+                    node.needs_resync = true;
+                    node.mark_down(&e);
+                }
+            }
+        }
+        failpoint("redis-migrate-after-copy");
+        // 2. Switch, node by node, only after every reachable node holds its new balances.
+        let mut switched = 0;
+        for (j, node) in nodes.iter_mut().enumerate() {
+            if !placed[j] {
+                continue;
+            }
+            let Some(mut conn) = node.conn.clone() else { continue };
+            let moved_out: Vec<String> = match incremental[j] {
+                Some(old) => (0..self.dir.names.len())
+                    .filter(|&a| self.route[a] == old && new_route[a] != j as u16 && !self.dir.balances[a].is_empty())
+                    .map(|a| balance_key(&self.dir.names[a]))
+                    .collect(),
+                None => Vec::new(),
+            };
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for keys in moved_out.chunks(1000) {
+                pipe.cmd("DEL").arg(keys).ignore();
+            }
+            pipe.cmd("SET").arg(APPLIED_SEQ_KEY).arg(seq).ignore();
+            pipe.cmd("SET").arg(MAP_VERSION_KEY).arg(&version).ignore();
+            match pipe.query_async::<()>(&mut conn).await {
+                Ok(()) => {
+                    node.applied_seq = seq;
+                    node.needs_resync = false;
+                    node.mark_up();
+                    switched += 1;
+                    if switched == 1 {
+                        failpoint("redis-migrate-after-switch-1");
+                    }
+                }
+                Err(e) => {
+                    node.needs_resync = true;
+                    node.mark_down(&e.into());
+                }
+            }
+        }
+        // 3. Nodes no longer in the map: tell old-version readers to look again, drop the keys.
+        for node in old_nodes.into_iter().flatten() {
+            self.retired.push(node);
+        }
+        self.map = new_map;
+        self.route = new_route;
+        self.nodes = nodes;
+        self.clean_retired().await;
+        tracing::info!(version = self.map.version, "partition map switched");
+    }
+
+    async fn clean_retired(&mut self) {
+        let mut kept = Vec::new();
+        for mut node in std::mem::take(&mut self.retired) {
+            if !node.ensure_connected().await {
+                kept.push(node);
+                continue;
+            }
+            let Some(mut conn) = node.conn.clone() else { continue };
+            match retire(&mut conn, self.map.version).await {
+                Ok(()) => tracing::info!(node = %node.address, "removed node emptied"),
+                Err(e) => {
+                    node.mark_down(&e);
+                    kept.push(node);
+                }
+            }
+        }
+        self.retired = kept;
+    }
+
+    fn log_status(&self, source_seq: u64) {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let state = if n.retry_at.is_some() {
+                    "down"
+                } else if n.needs_resync {
+                    "resync"
+                } else {
+                    "up"
+                };
+                format!("{}={}@{}", n.address, state, n.applied_seq)
+            })
+            .collect();
+        tracing::info!(seq = source_seq, map_version = self.map.version, nodes = %nodes.join(" "), "replicator status");
+    }
+}
+
+/// Writes the full balances of `accounts` (replacing each hash), pipelined in chunks.
+async fn write_accounts(conn: &mut MultiplexedConnection, dir: &Directory, accounts: &[u32]) -> anyhow::Result<()> {
+    for chunk in accounts.chunks(CHUNK_ACCOUNTS) {
+        let mut pipe = redis::pipe();
+        for &account in chunk {
+            let key = balance_key(&dir.names[account as usize]);
+            pipe.cmd("DEL").arg(&key).ignore();
+            let balances = &dir.balances[account as usize];
+            if !balances.is_empty() {
+                let cmd = pipe.cmd("HSET").arg(&key);
+                for (currency, balance) in balances {
+                    cmd.arg(&currency.code()[..]).arg(*balance);
+                }
+                cmd.ignore();
+            }
+        }
+        pipe.query_async::<()>(conn).await?;
+        failpoint("redis-write-chunk");
+    }
+    Ok(())
+}
+
+/// Every balance key on a node.
+pub async fn scan_balance_keys(conn: &mut MultiplexedConnection) -> redis::RedisResult<Vec<String>> {
+    let mut cursor: u64 = 0;
+    let mut keys = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{BALANCE_PREFIX}*"))
+            .arg("COUNT")
+            .arg(2000)
+            .query_async(conn)
+            .await?;
+        keys.extend(batch);
+        if next == 0 {
+            return Ok(keys);
+        }
+        cursor = next;
+    }
+}
+
+/// Rebuilds node `node` from `dir` under `route`: invalidates its version (readers retry), drops
+/// every key that does not belong there, writes every balance that does. With `finish`, then
+/// sets the applied sequence and that version in one transaction.
+async fn resync(conn: &mut MultiplexedConnection, node: u16, route: &[u16], dir: &Directory, finish: Option<&str>) -> anyhow::Result<()> {
+    redis::cmd("SET").arg(MAP_VERSION_KEY).arg("resync").query_async::<()>(conn).await?;
+    let strays: Vec<String> = scan_balance_keys(conn)
+        .await?
+        .into_iter()
+        .filter(|key| {
+            let name = key.strip_prefix(BALANCE_PREFIX).unwrap_or(key);
+            dir.index_of(name).is_none_or(|a| route[a as usize] != node || dir.balances[a as usize].is_empty())
+        })
+        .collect();
+    for keys in strays.chunks(1000) {
+        redis::cmd("DEL").arg(keys).query_async::<()>(conn).await?;
+    }
+    let mine: Vec<u32> =
+        (0..dir.names.len() as u32).filter(|&a| route[a as usize] == node && !dir.balances[a as usize].is_empty()).collect();
+    write_accounts(conn, dir, &mine).await?;
+    if let Some(version) = finish {
+        redis::pipe()
+            .atomic()
+            .cmd("SET")
+            .arg(APPLIED_SEQ_KEY)
+            .arg(dir.seq)
+            .ignore()
+            .cmd("SET")
+            .arg(MAP_VERSION_KEY)
+            .arg(version)
+            .ignore()
+            .query_async::<()>(conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Empties a node that left the map; its version tells old-map readers to re-read the map.
+async fn retire(conn: &mut MultiplexedConnection, new_version: u64) -> anyhow::Result<()> {
+    redis::cmd("SET").arg(MAP_VERSION_KEY).arg(format!("retired:{new_version}")).query_async::<()>(conn).await?;
+    let keys = scan_balance_keys(conn).await?;
+    for chunk in keys.chunks(1000) {
+        redis::cmd("DEL").arg(chunk).query_async::<()>(conn).await?;
+    }
+    Ok(())
+}
+
+/// Connects to ZooKeeper, retrying for up to `patience`.
+async fn connect_zk(address: &str, patience: Duration) -> anyhow::Result<zookeeper_client::Client> {
+    let deadline = Instant::now() + patience;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match zk::connect(address).await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() + backoff < deadline => {
+                tracing::warn!(error = %e, "waiting for ZooKeeper");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Runs the replicator until the process stops (or, with `once`, until caught up).
+pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
+    let layout = Layout::new(&options.zk_root)?;
+    let client = connect_zk(&options.zk, Duration::from_secs(30)).await?;
+    let map = zk::get_partition_map(&client, &layout)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no partition map at {}: run `wallet cluster init` first", layout.partitions()))?;
+    drop(client);
+    let (sender, mut map_changes) = watch::channel(map.clone());
+    tokio::spawn(zk::watch_partition_map(options.zk.clone(), layout.clone(), sender));
+
+    let mut replicator =
+        Replicator { map, nodes: Vec::new(), dir: Directory::default(), route: Vec::new(), marked: Vec::new(), retired: Vec::new() };
+    let version = replicator.version();
+    for address in replicator.map.nodes.clone() {
+        let mut node = Node::new(&address);
+        if node.ensure_connected().await
+            && let Some(conn) = node.conn.as_mut()
+        {
+            match probe(conn).await {
+                Ok((applied, Some(v))) if v == version => {
+                    node.applied_seq = applied;
+                    node.needs_resync = false;
+                }
+                Ok((applied, v)) => {
+                    tracing::info!(node = %address, applied, version = ?v, expected = %version, "node does not follow the current map; it will be rebuilt");
+                    // Readers must stop trusting it now, before anything else moves.
+                    let invalidate = redis::cmd("SET").arg(MAP_VERSION_KEY).arg("resync").query_async::<()>(conn).await;
+                    if let Err(e) = invalidate {
+                        node.mark_down(&e.into());
+                    }
+                }
+                Err(e) => node.mark_down(&e.into()),
+            }
+        }
+        replicator.nodes.push(node);
+    }
+    let resume = replicator.nodes.iter().filter(|n| !n.needs_resync).map(|n| n.applied_seq).min().unwrap_or(0);
+    tracing::info!(resume_after = resume, nodes = replicator.nodes.len(), source = %options.source, "replicator starting");
+
+    let mut source = Source::open(&options.source)?;
+    let started = Instant::now();
+    let mut items = Vec::with_capacity(options.batch_events);
+    let mut last_status = Instant::now();
+    let mut source_errors = 0u32;
+    loop {
+        if map_changes.has_changed().unwrap_or(false) {
+            let new_map = map_changes.borrow_and_update().clone();
+            if new_map != replicator.map {
+                replicator.migrate(new_map).await;
+            }
+        }
+        items.clear();
+        // While rebuilding the directory up to what the nodes already hold, do not wait.
+        let wait = if options.once || replicator.dir.seq < resume { Duration::from_millis(1) } else { Duration::from_millis(200) };
+        match source.fetch(options.batch_events, wait, &mut items).await {
+            Ok(()) => source_errors = 0,
+            Err(e) => {
+                source_errors += 1;
+                if source_errors > 50 || matches!(source, Source::Journal(_)) {
+                    return Err(e.context("reading the source"));
+                }
+                tracing::warn!(error = %format!("{e:#}"), "reading the source failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        }
+        replicator.ingest(&items)?;
+        replicator.flush().await;
+        if !replicator.retired.is_empty() {
+            replicator.clean_retired().await;
+        }
+        if last_status.elapsed() > Duration::from_secs(5) {
+            replicator.log_status(source.next_seq() - 1);
+            last_status = Instant::now();
+        }
+        if items.is_empty() {
+            if replicator.dir.seq < resume {
+                bail!(
+                    "the source ends at sequence {} but the Redis nodes have applied up to {resume}: wrong source, or a journal that lost its tail; flush the nodes to start over",
+                    replicator.dir.seq
+                );
+            }
+            if options.once && replicator.caught_up() {
+                break;
+            }
+            if replicator.nodes.iter().any(|n| n.retry_at.is_some()) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    Ok(Report {
+        first_seq: resume + 1,
+        last_seq: replicator.dir.seq,
+        events: replicator.dir.seq,
+        elapsed: started.elapsed(),
+        nodes: replicator.nodes.len(),
+    })
+}

@@ -1,0 +1,303 @@
+//! The cluster layout in ZooKeeper (see `docs/zookeeper-layout.md`).
+//!
+//! Under a root (default `/wallet`, `--zk-root`):
+//!
+//! | path | kind | data |
+//! |---|---|---|
+//! | `{root}/redis/partitions` | persistent | `{"version": n, "nodes": ["host:port", ...]}` |
+//! | `{root}/sql/shards` | persistent | `{"version": n, "shards": ["postgres://...", ...]}` |
+//! | `{root}/engine/leader` | ephemeral | the serving engine's address |
+//! | `{root}/api/{address}` | ephemeral | one per running `serve` front end |
+//!
+//! Every change of a map bumps its `version` by one, written with ZooKeeper's conditional
+//! `set_data` so two concurrent editors cannot both win.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use zookeeper_client as zk;
+
+pub const DEFAULT_ROOT: &str = "/wallet";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// The Redis partition map: the partition count is `nodes.len()`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionMap {
+    pub version: u64,
+    pub nodes: Vec<String>,
+}
+
+impl PartitionMap {
+    /// The node index and address that `account_id` maps to.
+    pub fn route(&self, account_id: &str) -> (usize, &str) {
+        let partition = super::hash::partition_of(account_id, self.nodes.len());
+        (partition, &self.nodes[partition])
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if self.nodes.is_empty() {
+            bail!("a partition map needs at least one node");
+        }
+        if self.nodes.len() > u16::MAX as usize {
+            bail!("at most {} nodes", u16::MAX);
+        }
+        let mut sorted = self.nodes.clone();
+        sorted.sort();
+        sorted.dedup();
+        if sorted.len() != self.nodes.len() {
+            bail!("a node address appears twice in {:?}", self.nodes);
+        }
+        for node in &self.nodes {
+            if node.is_empty() || node.contains(char::is_whitespace) {
+                bail!("bad node address {node:?}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The SQL shard list, for the SQL replicator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SqlShards {
+    pub version: u64,
+    pub shards: Vec<String>,
+}
+
+/// Paths of the layout under one root.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub root: String,
+}
+
+impl Layout {
+    pub fn new(root: &str) -> anyhow::Result<Layout> {
+        let root = root.trim_end_matches('/');
+        if !root.starts_with('/') || root.len() < 2 {
+            bail!("--zk-root must be an absolute path such as /wallet, not {root:?}");
+        }
+        Ok(Layout { root: root.to_string() })
+    }
+    pub fn partitions(&self) -> String {
+        format!("{}/redis/partitions", self.root)
+    }
+    pub fn sql_shards(&self) -> String {
+        format!("{}/sql/shards", self.root)
+    }
+    pub fn engine_leader(&self) -> String {
+        format!("{}/engine/leader", self.root)
+    }
+    pub fn api_dir(&self) -> String {
+        format!("{}/api", self.root)
+    }
+}
+
+/// Connects to ZooKeeper at `address` (`host:port[,host:port...]`), failing after a few seconds
+/// instead of waiting forever when no server answers.
+pub async fn connect(address: &str) -> anyhow::Result<zk::Client> {
+    let connecting = zk::Client::connector().with_session_timeout(SESSION_TIMEOUT).with_fail_eagerly().connect(address);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e)) => Err(anyhow::anyhow!("ZooKeeper at {address} is unreachable: {e} (start it with tools/services start)")),
+        Err(_) => Err(anyhow::anyhow!("ZooKeeper at {address} did not answer within {CONNECT_TIMEOUT:?} (start it with tools/services start)")),
+    }
+}
+
+fn persistent() -> zk::CreateOptions<'static> {
+    zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all())
+}
+
+/// Creates `path` and its parents if missing.
+async fn ensure_dir(client: &zk::Client, path: &str) -> anyhow::Result<()> {
+    client.mkdir(path, &persistent()).await.with_context(|| format!("creating {path}"))
+}
+
+fn parent(path: &str) -> &str {
+    match path.rfind('/') {
+        Some(0) | None => "/",
+        Some(i) => &path[..i],
+    }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(client: &zk::Client, path: &str) -> anyhow::Result<Option<(T, i32)>> {
+    match client.get_data(path).await {
+        Ok((data, stat)) => {
+            let value = serde_json::from_slice(&data).with_context(|| format!("{path} does not hold the expected JSON"))?;
+            Ok(Some((value, stat.version)))
+        }
+        Err(zk::Error::NoNode) => Ok(None),
+        Err(e) => Err(anyhow::anyhow!("reading {path}: {e}")),
+    }
+}
+
+/// Writes `value` to `path`: creates it when `expected` is `None`, else replaces the version
+/// `expected` of the node (failing if someone changed it in between).
+async fn write_json<T: Serialize>(client: &zk::Client, path: &str, value: &T, expected: Option<i32>) -> anyhow::Result<()> {
+    let data = serde_json::to_vec(value)?;
+    match expected {
+        None => {
+            ensure_dir(client, parent(path)).await?;
+            client.create(path, &data, &persistent()).await.with_context(|| format!("creating {path}"))?;
+        }
+        Some(version) => {
+            client.set_data(path, &data, Some(version)).await.map_err(|e| match e {
+                zk::Error::BadVersion => anyhow::anyhow!("{path} changed concurrently; retry"),
+                e => anyhow::anyhow!("writing {path}: {e}"),
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// The current partition map, or `None` when the cluster was never initialised.
+pub async fn get_partition_map(client: &zk::Client, layout: &Layout) -> anyhow::Result<Option<PartitionMap>> {
+    let map: Option<(PartitionMap, i32)> = read_json(client, &layout.partitions()).await?;
+    match map {
+        Some((map, _)) => {
+            map.check().with_context(|| format!("{} is invalid", layout.partitions()))?;
+            Ok(Some(map))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Replaces the Redis node list, bumping the map version. Creates the map (version 1) if absent.
+pub async fn set_redis_nodes(client: &zk::Client, layout: &Layout, nodes: &[String]) -> anyhow::Result<PartitionMap> {
+    let path = layout.partitions();
+    let current: Option<(PartitionMap, i32)> = read_json(client, &path).await?;
+    let map = PartitionMap { version: current.as_ref().map_or(1, |(m, _)| m.version + 1), nodes: nodes.to_vec() };
+    map.check()?;
+    write_json(client, &path, &map, current.map(|(_, v)| v)).await?;
+    Ok(map)
+}
+
+/// The SQL shard list, or `None` when never set.
+pub async fn get_sql_shards(client: &zk::Client, layout: &Layout) -> anyhow::Result<Option<SqlShards>> {
+    Ok(read_json::<SqlShards>(client, &layout.sql_shards()).await?.map(|(s, _)| s))
+}
+
+/// Replaces the SQL shard list, bumping its version. Creates it (version 1) if absent.
+pub async fn set_sql_shards(client: &zk::Client, layout: &Layout, shards: &[String]) -> anyhow::Result<SqlShards> {
+    if shards.is_empty() || shards.iter().any(|s| s.trim().is_empty()) {
+        bail!("the shard list needs at least one non-empty URL");
+    }
+    let path = layout.sql_shards();
+    let current: Option<(SqlShards, i32)> = read_json(client, &path).await?;
+    let value = SqlShards { version: current.as_ref().map_or(1, |(s, _)| s.version + 1), shards: shards.to_vec() };
+    write_json(client, &path, &value, current.map(|(_, v)| v)).await?;
+    Ok(value)
+}
+
+/// Creates the layout's directories (idempotent).
+pub async fn init_layout(client: &zk::Client, layout: &Layout) -> anyhow::Result<()> {
+    for dir in [format!("{}/redis", layout.root), format!("{}/sql", layout.root), format!("{}/engine", layout.root), layout.api_dir()] {
+        ensure_dir(client, &dir).await?;
+    }
+    Ok(())
+}
+
+fn ephemeral() -> zk::CreateOptions<'static> {
+    zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all())
+}
+
+/// Claims `{root}/engine/leader` with `address` as data. Returns `false` if another engine
+/// holds it. The node lives as long as `client`'s session.
+pub async fn claim_engine_leader(client: &zk::Client, layout: &Layout, address: &str) -> anyhow::Result<bool> {
+    ensure_dir(client, &format!("{}/engine", layout.root)).await?;
+    match client.create(&layout.engine_leader(), address.as_bytes(), &ephemeral()).await {
+        Ok(_) => Ok(true),
+        Err(zk::Error::NodeExists) => Ok(false),
+        Err(e) => Err(anyhow::anyhow!("claiming the engine leader node: {e}")),
+    }
+}
+
+/// Registers a running `serve` front end as `{root}/api/{address}` for the session's life.
+pub async fn register_api(client: &zk::Client, layout: &Layout, address: &str) -> anyhow::Result<()> {
+    ensure_dir(client, &layout.api_dir()).await?;
+    let path = format!("{}/{}", layout.api_dir(), address.replace('/', "_"));
+    match client.create(&path, address.as_bytes(), &ephemeral()).await {
+        Ok(_) | Err(zk::Error::NodeExists) => Ok(()),
+        Err(e) => Err(anyhow::anyhow!("registering {path}: {e}")),
+    }
+}
+
+/// The engine leader's address, if any, and the registered front ends.
+pub async fn get_registrations(client: &zk::Client, layout: &Layout) -> anyhow::Result<(Option<String>, Vec<String>)> {
+    let leader = match client.get_data(&layout.engine_leader()).await {
+        Ok((data, _)) => Some(String::from_utf8_lossy(&data).into_owned()),
+        Err(zk::Error::NoNode) => None,
+        Err(e) => bail!("reading the engine leader: {e}"),
+    };
+    let api = match client.list_children(&layout.api_dir()).await {
+        Ok(mut children) => {
+            children.sort();
+            children
+        }
+        Err(zk::Error::NoNode) => Vec::new(),
+        Err(e) => bail!("listing {}: {e}", layout.api_dir()),
+    };
+    Ok((leader, api))
+}
+
+/// Keeps `sender` holding the newest partition map: a ZooKeeper data watch for prompt changes,
+/// plus a periodic re-read. While ZooKeeper is unreachable the last map stays in place and the
+/// connection is retried with backoff. Runs until every receiver is dropped.
+pub async fn watch_partition_map(address: String, layout: Layout, sender: watch::Sender<PartitionMap>) {
+    let mut backoff = Duration::from_millis(100);
+    let mut client: Option<zk::Client> = None;
+    while !sender.is_closed() {
+        let connected = match client.take() {
+            Some(c) => Ok(c),
+            None => connect(&address).await,
+        };
+        let c = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "ZooKeeper down; keeping the last partition map");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        match c.get_and_watch_data(&layout.partitions()).await {
+            Ok((data, _, watcher)) => {
+                backoff = Duration::from_millis(100);
+                match serde_json::from_slice::<PartitionMap>(&data).map_err(anyhow::Error::from).and_then(|m| m.check().map(|_| m)) {
+                    Ok(map) => {
+                        sender.send_if_modified(|current| {
+                            if *current != map {
+                                tracing::info!(version = map.version, nodes = ?map.nodes, "partition map changed");
+                                *current = map;
+                                true
+                            } else {
+                                false
+                            }
+                        });
+                    }
+                    Err(e) => tracing::error!(error = %e, "ignoring an invalid partition map"),
+                }
+                // Wake on the watch, or re-read anyway now and then (a lost watch costs at most
+                // this long).
+                tokio::select! {
+                    _ = watcher.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = sender.closed() => return,
+                }
+                if c.state().is_terminated() {
+                    continue;
+                }
+                client = Some(c);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "reading the partition map failed; keeping the last one");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                if !c.state().is_terminated() {
+                    client = Some(c);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! The whole pipeline: input ring, engine thread, journal stage and reply stage. Outcomes,
+//! durability against recovery, concurrent retries of one transaction id, and back-pressure.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Barrier, mpsc};
+use std::time::{Duration, Instant};
+
+use wallet::core::{
+    AccountId, Command, CommandKind, CommandRecord, Currency, Ledger, LedgerConfig, MinorUnits, RejectCode,
+    TransactionId,
+};
+use wallet::engine::recovery::recover;
+use wallet::engine::{Engine, EngineConfig, JournalStage, NO_TOKEN, OutputSlot, ReplySink, Submitter, WaitMode};
+use wallet::journal::storage::MmapStorage;
+use wallet::journal::{JournalConfig, JournalEnd, JournalWriter, SyncMode, journal_dir};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+type Delivery = (u64, CommandRecord, bool);
+
+/// Sends every delivered outcome (token, record, durable) to the test thread.
+struct ChannelSink(mpsc::Sender<Delivery>);
+
+impl ReplySink for ChannelSink {
+    fn deliver(&mut self, slot: &OutputSlot, durable: bool) {
+        let _ = self.0.send((slot.token, slot.record, durable));
+    }
+}
+
+fn config(ring_size: usize, checkpoint_every: u64) -> EngineConfig {
+    EngineConfig {
+        input_ring_size: ring_size,
+        output_ring_size: ring_size,
+        wait: WaitMode::Sleep(Duration::from_micros(50)),
+        pin_core: None,
+        checkpoint_every,
+        snapshot_every: 0,
+        snapshot_dir: None,
+    }
+}
+
+fn usd() -> Currency {
+    Currency::new("USD").unwrap()
+}
+
+fn account(name: &str) -> AccountId {
+    AccountId::new(name).unwrap()
+}
+
+fn command(id: u128, kind: CommandKind) -> Command {
+    Command { transaction_id: TransactionId(id), timestamp_ns: 1_700_000_000_000_000_000 + id as u64, kind }
+}
+
+/// Submits, retrying while the input ring is full; fails the test after `WAIT`.
+fn submit(submitter: &mut Submitter, command: Command, token: u64) {
+    let deadline = Instant::now() + WAIT;
+    while submitter.try_submit(command, token, 0).is_err() {
+        assert!(Instant::now() < deadline, "the input ring stayed full for {WAIT:?}");
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+/// The receiving end of a `ChannelSink`.
+struct Replies {
+    receiver: mpsc::Receiver<Delivery>,
+    /// Checkpoint outcomes seen (they carry no token).
+    checkpoints: u64,
+}
+
+impl Replies {
+    fn new(receiver: mpsc::Receiver<Delivery>) -> Replies {
+        Replies { receiver, checkpoints: 0 }
+    }
+
+    /// The next delivery for a caller; checkpoints are counted and skipped.
+    fn next(&mut self) -> Delivery {
+        loop {
+            let delivery = self.receiver.recv_timeout(WAIT).expect("an outcome within the timeout");
+            if delivery.0 != NO_TOKEN {
+                return delivery;
+            }
+            assert!(delivery.2, "a checkpoint was not durable");
+            self.checkpoints += 1;
+        }
+    }
+
+    /// After shutdown: counts the remaining checkpoints; fails on any other outcome.
+    fn drain(&mut self) {
+        for delivery in self.receiver.try_iter() {
+            assert_eq!(delivery.0, NO_TOKEN, "an unexpected outcome");
+            self.checkpoints += 1;
+        }
+    }
+}
+
+fn journal_writer(data: &Path) -> JournalWriter {
+    let end = JournalEnd { segment: None, next_seq: 1, last_crc: 0, torn_at: None };
+    let config = JournalConfig { dir: journal_dir(data), segment_size_bytes: 1 << 20, sync: SyncMode::Batch };
+    JournalWriter::open(Box::new(MmapStorage), config, &end).unwrap()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Committed,
+    Rejected(RejectCode),
+    /// An idempotent repeat of the command with this id.
+    Replayed(u128),
+}
+
+fn scenario() -> Vec<(Command, Expect)> {
+    let (alice, bob, carol) = (account("alice"), account("bob"), account("carol"));
+    let transfer = CommandKind::Transfer { from: alice, to: bob, amount: 300, currency: usd() };
+    vec![
+        (command(1, CommandKind::OpenAccount { account: alice }), Expect::Committed),
+        (command(2, CommandKind::OpenAccount { account: bob }), Expect::Committed),
+        (command(3, CommandKind::OpenAccount { account: carol }), Expect::Committed),
+        (command(4, CommandKind::Deposit { account: alice, amount: 1_000, currency: usd() }), Expect::Committed),
+        (command(5, transfer), Expect::Committed),
+        (command(6, CommandKind::Withdraw { account: bob, amount: 100, currency: usd() }), Expect::Committed),
+        (
+            command(7, CommandKind::Transfer { from: bob, to: carol, amount: 500, currency: usd() }),
+            Expect::Rejected(RejectCode::InsufficientFunds),
+        ),
+        (
+            command(8, CommandKind::Deposit { account: account("ghost"), amount: 1, currency: usd() }),
+            Expect::Rejected(RejectCode::AccountNotFound),
+        ),
+        (command(9, CommandKind::OpenAccount { account: bob }), Expect::Rejected(RejectCode::AccountAlreadyExists)),
+        (command(5, transfer), Expect::Replayed(5)),
+        (
+            command(5, CommandKind::Transfer { from: alice, to: bob, amount: 301, currency: usd() }),
+            Expect::Rejected(RejectCode::TransactionIdReused),
+        ),
+        (
+            command(10, CommandKind::Transfer { from: bob, to: carol, amount: 200, currency: usd() }),
+            Expect::Committed,
+        ),
+    ]
+}
+
+/// Runs the scenario through an engine and checks every outcome; returns the final ledger.
+fn run_scenario(stage: JournalStage, checkpoint_every: u64) -> Ledger {
+    let (sender, receiver) = mpsc::channel();
+    let engine = Engine::start(Ledger::new(LedgerConfig::default()), config(64, checkpoint_every), stage, ChannelSink(sender));
+    let mut replies = Replies::new(receiver);
+    let mut submitter = engine.submitter();
+    let steps = scenario();
+    let mut first_seq_of: BTreeMap<u128, u64> = BTreeMap::new();
+    let mut expected_seq = 1;
+    for (token, (command, expect)) in steps.iter().enumerate() {
+        // One at a time, so that the expected sequence numbers are known.
+        submit(&mut submitter, *command, token as u64);
+        let (got_token, record, durable) = replies.next();
+        assert_eq!(got_token, token as u64);
+        assert!(durable, "step {token}: outcome not durable");
+        assert_eq!(record.transaction_id, command.transaction_id);
+        match expect {
+            Expect::Committed | Expect::Rejected(_) => {
+                let want = match expect {
+                    Expect::Rejected(code) => Some(*code),
+                    _ => None,
+                };
+                assert_eq!((record.replayed, record.rejection), (false, want), "step {token}");
+                // Checkpoints between commands take sequence numbers too.
+                assert!(record.first_seq >= expected_seq, "step {token}");
+                expected_seq = record.next_seq();
+                first_seq_of.entry(command.transaction_id.0).or_insert(record.first_seq);
+            }
+            Expect::Replayed(id) => {
+                assert!(record.replayed, "step {token}");
+                assert_eq!(record.first_seq, first_seq_of[id]);
+                assert_eq!(record.rejection, None);
+            }
+        }
+    }
+    let shared = engine.shared();
+    drop(submitter);
+    let ledger = engine.shutdown();
+    assert!(!shared.halted.load(Ordering::SeqCst));
+    assert_eq!(shared.durable_seq.load(Ordering::SeqCst), ledger.next_seq() - 1);
+    // Every outcome was handed to the sink: the callers' ones and the checkpoints.
+    replies.drain();
+    assert_eq!(shared.completed.load(Ordering::SeqCst), shared.submitted.load(Ordering::SeqCst) + replies.checkpoints);
+    assert_eq!(replies.checkpoints > 0, checkpoint_every > 0);
+
+    let balance = |name: &str| ledger.account_index(&account(name)).and_then(|i| ledger.balance(i, usd()));
+    assert_eq!((balance("alice"), balance("bob"), balance("carol")), (Some(700), Some(0), Some(200)));
+    assert_eq!(balance("ghost"), None);
+    ledger.check_invariants().unwrap();
+    ledger
+}
+
+
+#[test]
+fn outcomes_without_a_journal() {
+    let ledger = run_scenario(JournalStage::Off, 0);
+    assert_eq!(ledger.transaction_id_count(), 10);
+}
+
+#[test]
+fn outcomes_with_a_journal_match_recovery() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let ledger = run_scenario(JournalStage::Journal(journal_writer(data)), 4);
+    let recovered = recover(data, LedgerConfig::default(), false, |_, _| {}).unwrap();
+    assert_eq!(recovered.ledger.state_hash(), ledger.state_hash());
+    assert_eq!(recovered.ledger.next_seq(), ledger.next_seq());
+    assert!(recovered.checkpoints_verified > 0);
+}
+
+#[test]
+fn one_transaction_id_from_eight_threads_executes_once() {
+    const THREADS: u64 = 8;
+    const IDS: u128 = 50;
+    let (alice, bob) = (account("alice"), account("bob"));
+    let mut ledger = Ledger::new(LedgerConfig::default());
+    for (id, kind) in [
+        (1, CommandKind::OpenAccount { account: alice }),
+        (2, CommandKind::OpenAccount { account: bob }),
+        (3, CommandKind::Deposit { account: alice, amount: 10_000, currency: usd() }),
+    ] {
+        assert!(ledger.execute(&command(id, kind)).is_committed());
+    }
+    let (sender, receiver) = mpsc::channel();
+    let engine = Engine::start(ledger, config(16, 0), JournalStage::Off, ChannelSink(sender));
+    let mut replies = Replies::new(receiver);
+    let barrier = Barrier::new(THREADS as usize);
+    std::thread::scope(|scope| {
+        for thread in 0..THREADS {
+            let mut submitter = engine.submitter();
+            let barrier = &barrier;
+            scope.spawn(move || {
+                barrier.wait();
+                for id in 0..IDS {
+                    // The same body from every thread (the timestamp is not part of it).
+                    let kind = CommandKind::Transfer { from: alice, to: bob, amount: 1 + id as MinorUnits, currency: usd() };
+                    let retry = Command { transaction_id: TransactionId(1_000 + id), timestamp_ns: thread, kind };
+                    submit(&mut submitter, retry, thread * 1_000 + id as u64);
+                }
+            });
+        }
+    });
+    let mut by_id: BTreeMap<u128, Vec<CommandRecord>> = BTreeMap::new();
+    for _ in 0..THREADS * IDS as u64 {
+        let (token, record, durable) = replies.next();
+        assert!(durable);
+        assert_eq!(u128::from(token % 1_000) + 1_000, record.transaction_id.0, "the token matches its command");
+        by_id.entry(record.transaction_id.0).or_default().push(record);
+    }
+    let ledger = engine.shutdown();
+    replies.drain();
+    assert_eq!(replies.checkpoints, 0, "no extra outcomes");
+    assert_eq!(by_id.len(), IDS as usize);
+    for (id, records) in &by_id {
+        assert_eq!(records.len(), THREADS as usize);
+        let executed: Vec<&CommandRecord> = records.iter().filter(|r| !r.replayed).collect();
+        assert_eq!(executed.len(), 1, "id {id} executed {} times", executed.len());
+        assert!(executed[0].is_committed());
+        assert!(records.iter().all(|r| r.first_seq == executed[0].first_seq && r.rejection.is_none()), "id {id}");
+    }
+    let moved: MinorUnits = (0..IDS as u64).map(|id| 1 + id).sum();
+    let balance = |a: &AccountId| ledger.balance(ledger.account_index(a).unwrap(), usd());
+    assert_eq!(balance(&bob), Some(moved));
+    assert_eq!(balance(&alice), Some(10_000 - moved));
+    assert_eq!(ledger.transaction_id_count(), 3 + IDS as u32);
+}
+
+/// Holds the first delivery until the test opens the gate, so that the rings fill up.
+struct GatedSink {
+    gate: Option<mpsc::Receiver<()>>,
+    out: mpsc::Sender<Delivery>,
+}
+
+impl ReplySink for GatedSink {
+    fn deliver(&mut self, slot: &OutputSlot, durable: bool) {
+        if let Some(gate) = self.gate.take() {
+            // Bounded: a broken test cannot hang the reply thread for ever.
+            let _ = gate.recv_timeout(Duration::from_secs(20));
+        }
+        let _ = self.out.send((slot.token, slot.record, durable));
+    }
+}
+
+#[test]
+fn a_full_input_ring_is_reported_as_overloaded_and_nothing_accepted_is_lost() {
+    let (open_gate, gate) = mpsc::channel();
+    let (sender, receiver) = mpsc::channel();
+    let mut ledger = Ledger::new(LedgerConfig::default());
+    assert!(ledger.execute(&command(1, CommandKind::OpenAccount { account: account("alice") })).is_committed());
+    let engine = Engine::start(ledger, config(4, 0), JournalStage::Off, GatedSink { gate: Some(gate), out: sender });
+    let mut replies = Replies::new(receiver);
+    let mut submitter = engine.submitter();
+    let deposit = |i: u64| command(100 + u128::from(i), CommandKind::Deposit { account: account("alice"), amount: 1 + i, currency: usd() });
+
+    // Both rings hold 4; the reply stage is stuck on the first outcome, so after a dozen or so
+    // commands the input ring must be full.
+    let mut accepted = 0u64;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match submitter.try_submit(deposit(accepted), accepted, 0) {
+            Ok(()) => accepted += 1,
+            Err(_) => break,
+        }
+        assert!(accepted <= 64, "accepted {accepted} commands through rings of 4 with a stuck sink");
+        assert!(Instant::now() < deadline, "no back-pressure within {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(accepted >= 4, "only {accepted} accepted before the ring was full");
+    // Still full while the sink is stuck: the engine cannot drain.
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(submitter.try_submit(deposit(accepted), accepted, 0).is_err());
+    assert!(engine.shared().overloaded.load(Ordering::SeqCst) >= 2);
+
+    open_gate.send(()).unwrap();
+    for token in 0..accepted {
+        let (got, record, durable) = replies.next();
+        assert_eq!(got, token, "outcomes come in submission order");
+        assert!(durable && record.is_committed() && !record.replayed, "token {token}");
+    }
+    // Accepting again once drained.
+    submit(&mut submitter, deposit(accepted), accepted);
+    assert_eq!(replies.next().0, accepted);
+    drop(submitter);
+    let ledger = engine.shutdown();
+    let alice = ledger.account_index(&account("alice")).unwrap();
+    assert_eq!(ledger.balance(alice, usd()), Some((0..=accepted).map(|i| 1 + i).sum()));
+}

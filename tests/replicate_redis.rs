@@ -1,0 +1,445 @@
+//! Redis partitions fed by the event stream, against real ZooKeeper and Redis servers started
+//! by `tools/services` (as `tools/test` does). Each test uses its own ZooKeeper root; they share
+//! the Redis nodes, so they run one at a time (a lock) and flush the nodes first.
+
+mod common;
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{Client, Server};
+use serde_json::json;
+use wallet::replicate::hash::partition_of;
+
+/// A fourth node for map changes, started through `tools/services redis-start`.
+const EXTRA_REDIS_PORT: u16 = 26382;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+struct Services {
+    zk: String,
+    redis: Vec<String>,
+}
+
+fn reachable(address: &str) -> bool {
+    address
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(1)).is_ok())
+}
+
+/// The services from the environment (`eval "$(tools/services env)"`) or their defaults; fails
+/// with a message naming what is missing when one does not answer.
+fn services() -> Services {
+    let zk = std::env::var("WALLET_ZK").unwrap_or_else(|_| "127.0.0.1:22181".into());
+    let redis: Vec<String> = std::env::var("WALLET_REDIS_NODES")
+        .unwrap_or_else(|_| "127.0.0.1:26379,127.0.0.1:26380,127.0.0.1:26381".into())
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    assert!(
+        reachable(&zk),
+        "ZooKeeper at {zk} is unreachable: these tests need tools/services (run `tools/services start`, or `tools/test`)"
+    );
+    for node in &redis {
+        assert!(
+            reachable(node),
+            "Redis at {node} is unreachable: these tests need tools/services (run `tools/services start`, or `tools/test`)"
+        );
+    }
+    Services { zk, redis }
+}
+
+fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn services_tool(args: &[&str]) {
+    let status = Command::new(repo_root().join("tools/services")).args(args).status().expect("run tools/services");
+    assert!(status.success(), "tools/services {args:?} failed");
+}
+
+fn redis_connection(address: &str) -> redis::Connection {
+    let client = redis::Client::open(format!("redis://{address}/")).expect("redis url");
+    client.get_connection_with_timeout(Duration::from_secs(2)).unwrap_or_else(|e| panic!("Redis at {address}: {e}"))
+}
+
+fn flush(address: &str) {
+    let mut conn = redis_connection(address);
+    redis::cmd("FLUSHALL").query::<()>(&mut conn).expect("flushall");
+}
+
+fn node_state(address: &str) -> Option<(u64, Option<String>)> {
+    let client = redis::Client::open(format!("redis://{address}/")).ok()?;
+    let mut conn = client.get_connection_with_timeout(Duration::from_millis(500)).ok()?;
+    let (applied, version): (Option<u64>, Option<String>) = redis::pipe()
+        .cmd("GET")
+        .arg("wallet:applied_seq")
+        .cmd("GET")
+        .arg("wallet:map_version")
+        .query(&mut conn)
+        .ok()?;
+    Some((applied.unwrap_or(0), version))
+}
+
+fn balance_keys(address: &str) -> Vec<String> {
+    let mut conn = redis_connection(address);
+    let keys: Vec<String> = redis::cmd("KEYS").arg("wallet:balance:*").query(&mut conn).expect("keys");
+    keys
+}
+
+/// One test's cluster: its own ZooKeeper root and a data directory.
+struct Cluster {
+    zk: String,
+    root: String,
+    data: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn new(name: &str, services: &Services, nodes: &[String]) -> Cluster {
+        for node in nodes {
+            flush(node);
+        }
+        let cluster = Cluster {
+            zk: services.zk.clone(),
+            root: format!("/wallet-test-{name}-{}", uuid::Uuid::new_v4().simple()),
+            data: tempfile::tempdir().expect("tempdir"),
+        };
+        let out = cluster.wallet(&["cluster", "init", "--redis-nodes", &nodes.join(",")], &[]);
+        assert!(out.status.success(), "cluster init: {}", String::from_utf8_lossy(&out.stderr));
+        cluster
+    }
+
+    fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_wallet"));
+        command.args(args).env("WALLET_ZK", &self.zk).env("WALLET_ZK_ROOT", &self.root).env("WALLET_LOG", "warn");
+        command.env_remove("WALLET_FAILPOINT");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        command
+    }
+
+    fn wallet(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        self.command(args, env).output().expect("run wallet")
+    }
+
+    fn source(&self) -> String {
+        self.data.path().display().to_string()
+    }
+
+    fn replicate_once(&self, extra: &[&str], env: &[(&str, &str)]) -> Output {
+        let source = self.source();
+        let mut args = vec!["replicate", "redis", "--once", "--source", &source];
+        args.extend_from_slice(extra);
+        self.wallet(&args, env)
+    }
+
+    /// A replicator following the journal until killed.
+    fn replicate_follow(&self, env: &[(&str, &str)]) -> Follower {
+        let source = self.source();
+        let child = self
+            .command(&["replicate", "redis", "--source", &source, "--batch-events", "20000"], env)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn replicator");
+        Follower { child }
+    }
+
+    fn set_nodes(&self, nodes: &[String]) {
+        let out = self.wallet(&["cluster", "set-redis-nodes", &nodes.join(",")], &[]);
+        assert!(out.status.success(), "set-redis-nodes: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Runs reconcile and asserts 0 differences; returns its output.
+    fn assert_reconciled(&self) -> String {
+        let data = self.source();
+        let out = self.wallet(&["reconcile", "redis", "--data-dir", &data], &[]);
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let summary = stdout.lines().last().unwrap_or("").to_string();
+        assert!(
+            out.status.success() && summary.starts_with("reconcile: 0 differences"),
+            "reconcile found differences (status {:?}):\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
+    /// The last sequence in the journal.
+    fn journal_last_seq(&self) -> u64 {
+        let end = wallet::journal::scan(&wallet::journal::journal_dir(self.data.path()), u64::MAX, |_| Ok(()))
+            .expect("scan journal");
+        end.next_seq - 1
+    }
+
+    /// Waits until every node of `nodes` applied the whole journal under `version`.
+    fn wait_caught_up(&self, nodes: &[String], version: u64, timeout: Duration) {
+        let last = self.journal_last_seq();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let states: Vec<_> = nodes.iter().map(|n| node_state(n)).collect();
+            if states.iter().all(|s| s.as_ref().is_some_and(|(a, v)| *a == last && v.as_deref() == Some(&version.to_string()))) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "replicator did not catch up to {last} (map version {version}): {states:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+struct Follower {
+    child: Child,
+}
+
+impl Follower {
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit by itself (e.g. at a failpoint); returns its exit code.
+    fn wait_exit(mut self, timeout: Duration) -> Option<i32> {
+        let status = common::wait_with_timeout(&mut self.child, timeout);
+        status.code()
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every balance key sits on the node the formula names for `nodes`; no other node has any.
+fn assert_placement(nodes: &[String], others: &[String]) {
+    let mut total = 0;
+    for (i, node) in nodes.iter().enumerate() {
+        for key in balance_keys(node) {
+            let account = key.strip_prefix("wallet:balance:").expect("prefix");
+            assert_eq!(partition_of(account, nodes.len()), i, "{key} on {node} belongs elsewhere");
+            total += 1;
+        }
+    }
+    assert!(total > 0, "no balance keys at all");
+    for node in others {
+        assert!(balance_keys(node).is_empty(), "{node} is not in the map but holds balance keys");
+    }
+}
+
+fn account(i: usize) -> String {
+    format!("acct-{i:05}")
+}
+
+fn setup_accounts(client: &mut Client, count: usize) {
+    for i in 0..count {
+        common::open(client, &account(i));
+        common::deposit(client, &account(i), "1000.00");
+    }
+}
+
+/// `count` transfers among `accounts`, through the batch endpoint (8192 per request).
+fn transfers(client: &mut Client, accounts: usize, count: usize, seed: u64) {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut sent = 0;
+    while sent < count {
+        let n = (count - sent).min(8192);
+        let batch: Vec<_> = (0..n)
+            .map(|_| {
+                let from = (next() % accounts as u64) as usize;
+                let to = (from + 1 + (next() % (accounts as u64 - 1)) as usize) % accounts;
+                let amount = format!("{}.{:02}", 1 + next() % 20, next() % 100);
+                common::transfer_body(&account(from), &account(to), &amount, &common::uuid())
+            })
+            .collect();
+        let r = client.post("/v1/wallet/balance_transfers", &json!({ "transfers": batch }));
+        assert_eq!(r.status, 200, "batch: {}", &r.body[..r.body.len().min(500)]);
+        sent += n;
+    }
+}
+
+fn start_server(cluster: &Cluster) -> Server {
+    Server::start(cluster.data.path(), &["--sync", "none"])
+}
+
+#[test]
+#[ignore = "needs tools/services"]
+fn transfers_replicate_and_reconcile_with_every_key_on_its_node() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let services = services();
+    let cluster = Cluster::new("basic", &services, &services.redis);
+    let server = start_server(&cluster);
+    let mut client = server.client();
+    setup_accounts(&mut client, 500);
+    // A follower tails the live journal while the load runs.
+    let follower = cluster.replicate_follow(&[]);
+    transfers(&mut client, 500, 100_000, 1);
+    cluster.wait_caught_up(&services.redis, 1, Duration::from_secs(30));
+    follower.kill();
+    let report = cluster.assert_reconciled();
+    assert!(report.contains("500 accounts"), "{report}");
+    assert_placement(&services.redis, &[]);
+
+    // The same projection from the HTTP event stream.
+    for node in &services.redis {
+        flush(node);
+    }
+    let url = format!("http://{}", server.address);
+    let out = cluster.wallet(&["replicate", "redis", "--once", "--source", &url], &[]);
+    assert!(out.status.success(), "http source: {}", String::from_utf8_lossy(&out.stderr));
+    cluster.assert_reconciled();
+    assert_placement(&services.redis, &[]);
+
+    // A tampered balance is a difference, and reconcile says so with a non-zero exit.
+    let key = balance_keys(&services.redis[0]).into_iter().next().expect("a key");
+    redis::cmd("HSET").arg(&key).arg("USD").arg(1).query::<()>(&mut redis_connection(&services.redis[0])).expect("hset");
+    let data = cluster.source();
+    let out = cluster.wallet(&["reconcile", "redis", "--data-dir", &data], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.lines().last().unwrap_or("").starts_with("reconcile: 1 differences"), "{stdout}");
+    server.stop();
+}
+
+#[test]
+#[ignore = "needs tools/services"]
+fn replicator_killed_at_failpoints_converges_exactly() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let services = services();
+    let cluster = Cluster::new("failpoints", &services, &services.redis);
+    let server = start_server(&cluster);
+    let mut client = server.client();
+    setup_accounts(&mut client, 300);
+    let mut saw_split = false;
+    for (round, point) in ["redis-after-node-1:2", "redis-after-batch:3", "redis-after-node-1:5", "redis-after-node-1"].iter().enumerate() {
+        transfers(&mut client, 300, 20_000, 10 + round as u64);
+        let out = cluster.replicate_once(&["--batch-events", "5000"], &[("WALLET_FAILPOINT", point)]);
+        assert_eq!(out.status.code(), Some(3), "failpoint {point}: {}", String::from_utf8_lossy(&out.stderr));
+        let states: Vec<_> = services.redis.iter().map(|n| node_state(n).expect("node state").0).collect();
+        saw_split |= states.iter().any(|s| *s != states[0]);
+    }
+    assert!(saw_split, "no failpoint left the nodes at different sequences");
+    // A node that lost its data (a flush) is rebuilt, and a kill in the middle of that rebuild
+    // is recovered too.
+    flush(&services.redis[1]);
+    transfers(&mut client, 300, 5_000, 99);
+    let out = cluster.replicate_once(&[], &[("WALLET_FAILPOINT", "redis-write-chunk")]);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cluster.replicate_once(&[], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    cluster.assert_reconciled();
+    assert_placement(&services.redis, &[]);
+    server.stop();
+}
+
+#[test]
+#[ignore = "needs tools/services"]
+fn redis_node_down_during_load_catches_up() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let services = services();
+    let cluster = Cluster::new("node-down", &services, &services.redis);
+    let server = start_server(&cluster);
+    let mut client = server.client();
+    setup_accounts(&mut client, 300);
+    let follower = cluster.replicate_follow(&[]);
+    transfers(&mut client, 300, 10_000, 1);
+    // Each node in turn (the third one keeps an append-only file, so it returns with its data;
+    // the others return empty).
+    for (i, node) in services.redis.iter().enumerate() {
+        let port = node.rsplit(':').next().expect("port");
+        services_tool(&["redis-stop", port]);
+        transfers(&mut client, 300, 10_000, 2 + i as u64);
+        std::thread::sleep(Duration::from_millis(300));
+        services_tool(&["redis-start", port]);
+        transfers(&mut client, 300, 10_000, 20 + i as u64);
+    }
+    cluster.wait_caught_up(&services.redis, 1, Duration::from_secs(30));
+    follower.kill();
+    cluster.assert_reconciled();
+    assert_placement(&services.redis, &[]);
+    server.stop();
+}
+
+#[test]
+#[ignore = "needs tools/services"]
+fn map_changes_three_to_four_and_back_during_load() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let services = services();
+    services_tool(&["redis-start", &EXTRA_REDIS_PORT.to_string()]);
+    let extra = format!("127.0.0.1:{EXTRA_REDIS_PORT}");
+    flush(&extra);
+    let three = services.redis.clone();
+    let mut four = three.clone();
+    four.push(extra.clone());
+    let cluster = Cluster::new("map-change", &services, &three);
+    let server = start_server(&cluster);
+    let mut client = server.client();
+    setup_accounts(&mut client, 400);
+    let follower = cluster.replicate_follow(&[]);
+    transfers(&mut client, 400, 10_000, 1);
+    cluster.set_nodes(&four);
+    transfers(&mut client, 400, 20_000, 2);
+    cluster.wait_caught_up(&four, 2, Duration::from_secs(30));
+    follower.kill();
+    cluster.assert_reconciled();
+    assert_placement(&four, &[]);
+
+    let follower = cluster.replicate_follow(&[]);
+    transfers(&mut client, 400, 10_000, 3);
+    cluster.set_nodes(&three);
+    transfers(&mut client, 400, 20_000, 4);
+    cluster.wait_caught_up(&three, 3, Duration::from_secs(30));
+    follower.kill();
+    cluster.assert_reconciled();
+    assert_placement(&three, std::slice::from_ref(&extra));
+
+    // Crashes in the middle of a move: after the copy, and after the first node switched.
+    for (version, nodes, point) in [(4, &four, "redis-migrate-after-copy"), (5, &three, "redis-migrate-after-switch-1")] {
+        let follower = cluster.replicate_follow(&[("WALLET_FAILPOINT", point)]);
+        transfers(&mut client, 400, 5_000, version);
+        std::thread::sleep(Duration::from_millis(300));
+        cluster.set_nodes(nodes);
+        assert_eq!(follower.wait_exit(Duration::from_secs(30)), Some(3), "replicator did not stop at {point}");
+        transfers(&mut client, 400, 5_000, 10 + version);
+        let out = cluster.replicate_once(&[], &[]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        cluster.wait_caught_up(nodes, version, Duration::from_secs(5));
+        cluster.assert_reconciled();
+        assert_placement(nodes, &[]);
+    }
+    server.stop();
+}
+
+#[test]
+#[ignore = "needs tools/services"]
+fn cluster_commands_route_with_the_documented_formula() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let services = services();
+    let cluster = Cluster::new("route", &services, &services.redis);
+    for name in ["alice", "bob", "acct-00042"] {
+        let out = cluster.wallet(&["cluster", "route", name], &[]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let partition = partition_of(name, services.redis.len());
+        assert!(text.contains(&format!("partition {partition} of 3, node {}", services.redis[partition])), "{text}");
+    }
+    let out = cluster.wallet(&["cluster", "set-sql-shards", "postgres://a/x,postgres://b/y"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cluster.wallet(&["cluster", "show"], &[]);
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("show prints JSON");
+    assert_eq!(shown["redis_partitions"]["version"], 1);
+    assert_eq!(shown["sql_shards"]["shards"][1], "postgres://b/y");
+    // A second init with another node list is refused; the map stays.
+    let out = cluster.wallet(&["cluster", "init", "--redis-nodes", "127.0.0.1:1"], &[]);
+    assert!(!out.status.success());
+}
