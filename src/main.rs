@@ -28,6 +28,8 @@ enum Commands {
     Serve(ServeArgs),
     /// HTTP load generator with HDR latency (open-loop at --rate, or closed-loop with --rate 0).
     Loadgen(wallet::tools::loadgen::LoadgenArgs),
+    /// Mint an HS256 bearer token (development and load tests).
+    Token(TokenArgs),
     /// A bare hyper server answering a fixed JSON body (the HTTP stack's baseline for loadgen).
     ServeFixed {
         #[arg(long, default_value = "127.0.0.1:8081")]
@@ -39,6 +41,20 @@ enum Commands {
     Replicate(wallet::replicate::cli::ReplicateArgs),
     /// Compare an external store with the state replayed from the journal.
     Reconcile(wallet::replicate::cli::ReconcileArgs),
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    #[arg(long, env = "WALLET_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: String,
+    /// The account the token speaks for.
+    #[arg(long)]
+    sub: String,
+    /// Space-separated scopes: wallet:transfer, wallet:read, wallet:admin.
+    #[arg(long, default_value = "wallet:transfer wallet:read")]
+    scope: String,
+    #[arg(long, default_value = "1h")]
+    ttl: String,
 }
 
 #[derive(clap::Args)]
@@ -79,12 +95,51 @@ struct ServeArgs {
     /// Write a snapshot every this many events (0: never).
     #[arg(long, default_value_t = 0)]
     snapshot_every: u64,
+    /// `jwt` (needs --jwt-secret or --jwt-public-key), `none` (loopback only), or `auto`: jwt
+    /// when a key is given, otherwise none on loopback and a refusal elsewhere.
+    #[arg(long, default_value = "auto")]
+    auth: String,
+    /// HS256 secret for bearer tokens.
+    #[arg(long, env = "WALLET_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// RS256 or EdDSA public key (PEM) for bearer tokens.
+    #[arg(long)]
+    jwt_public_key: Option<std::path::PathBuf>,
+    /// Requests per second per caller (0: no limit); over it: 429 with Retry-After.
+    #[arg(long, default_value_t = 0)]
+    rate_limit_per_caller: u32,
+    /// Transfers out of one account per second (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    velocity_per_account: u32,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 impl ServeArgs {
-    fn config(&self) -> wallet::api::ServeConfig {
+    fn config(&self) -> anyhow::Result<wallet::api::ServeConfig> {
+        use wallet::api::auth::Auth;
         let ms = std::time::Duration::from_millis;
-        wallet::api::ServeConfig {
+        let auth = match (self.auth.as_str(), &self.jwt_secret, &self.jwt_public_key) {
+            ("none", None, None) => Auth::None,
+            ("none", _, _) => anyhow::bail!("--auth none contradicts --jwt-secret/--jwt-public-key"),
+            (_, Some(_), Some(_)) => anyhow::bail!("give either --jwt-secret or --jwt-public-key, not both"),
+            ("jwt" | "auto", Some(secret), None) => {
+                anyhow::ensure!(secret.len() >= 32, "--jwt-secret must be at least 32 bytes");
+                Auth::hs256(secret.as_bytes())
+            }
+            ("jwt" | "auto", None, Some(path)) => Auth::public_key(path)?,
+            ("jwt", None, None) => anyhow::bail!("--auth jwt needs --jwt-secret or --jwt-public-key"),
+            ("auto", None, None) => Auth::None,
+            (other, _, _) => anyhow::bail!("unknown --auth {other:?}: use auto, jwt or none"),
+        };
+        Ok(wallet::api::ServeConfig {
+            auth: std::sync::Arc::new(auth),
+            rate_limit_per_caller: self.rate_limit_per_caller,
+            velocity_per_account: self.velocity_per_account,
+            tls: self.tls_cert.clone().zip(self.tls_key.clone()),
             data_dir: self.data_dir.clone(),
             sync: self.sync,
             segment_size_bytes: self.segment_size,
@@ -100,7 +155,7 @@ impl ServeArgs {
             checkpoint_every: self.checkpoint_every,
             snapshot_every: self.snapshot_every,
             ..wallet::api::ServeConfig::default()
-        }
+        })
     }
 }
 
@@ -133,7 +188,17 @@ fn main() -> ExitCode {
             }
             if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }),
-        Commands::Serve(args) => runtime().and_then(|rt| rt.block_on(wallet::api::run(args.config(), args.listen))).map(|_| ExitCode::SUCCESS),
+        Commands::Serve(args) => args
+            .config()
+            .and_then(|config| runtime().and_then(|rt| rt.block_on(wallet::api::run(config, args.listen))))
+            .map(|_| ExitCode::SUCCESS),
+        Commands::Token(args) => humantime::parse_duration(&args.ttl)
+            .map_err(|e| anyhow::anyhow!("--ttl: {e}"))
+            .and_then(|ttl| wallet::api::auth::mint(args.jwt_secret.as_bytes(), &args.sub, &args.scope, ttl))
+            .map(|token| {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }),
         Commands::Loadgen(args) => runtime().and_then(|rt| rt.block_on(wallet::tools::loadgen::run(&args))).map(|_| ExitCode::SUCCESS),
         Commands::ServeFixed { listen } => runtime().and_then(|rt| rt.block_on(wallet::tools::loadgen::serve_fixed(listen))).map(|_| ExitCode::SUCCESS),
         Commands::Cluster(args) => wallet::replicate::cli::run_cluster(args),

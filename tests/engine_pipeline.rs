@@ -29,10 +29,11 @@ impl ReplySink for ChannelSink {
     }
 }
 
-fn config(ring_size: usize, checkpoint_every: u64) -> EngineConfig {
+/// The disruptor's multi-producer input ring needs at least 64 slots.
+fn config(input_ring_size: usize, output_ring_size: usize, checkpoint_every: u64) -> EngineConfig {
     EngineConfig {
-        input_ring_size: ring_size,
-        output_ring_size: ring_size,
+        input_ring_size,
+        output_ring_size,
         wait: WaitMode::Sleep(Duration::from_micros(50)),
         pin_core: None,
         checkpoint_every,
@@ -143,7 +144,7 @@ fn scenario() -> Vec<(Command, Expect)> {
 /// Runs the scenario through an engine and checks every outcome; returns the final ledger.
 fn run_scenario(stage: JournalStage, checkpoint_every: u64) -> Ledger {
     let (sender, receiver) = mpsc::channel();
-    let engine = Engine::start(Ledger::new(LedgerConfig::default()), config(64, checkpoint_every), stage, ChannelSink(sender));
+    let engine = Engine::start(Ledger::new(LedgerConfig::default()), config(64, 64, checkpoint_every), stage, ChannelSink(sender));
     let mut replies = Replies::new(receiver);
     let mut submitter = engine.submitter();
     let steps = scenario();
@@ -224,7 +225,7 @@ fn one_transaction_id_from_eight_threads_executes_once() {
         assert!(ledger.execute(&command(id, kind)).is_committed());
     }
     let (sender, receiver) = mpsc::channel();
-    let engine = Engine::start(ledger, config(16, 0), JournalStage::Off, ChannelSink(sender));
+    let engine = Engine::start(ledger, config(64, 16, 0), JournalStage::Off, ChannelSink(sender));
     let mut replies = Replies::new(receiver);
     let barrier = Barrier::new(THREADS as usize);
     std::thread::scope(|scope| {
@@ -289,13 +290,13 @@ fn a_full_input_ring_is_reported_as_overloaded_and_nothing_accepted_is_lost() {
     let (sender, receiver) = mpsc::channel();
     let mut ledger = Ledger::new(LedgerConfig::default());
     assert!(ledger.execute(&command(1, CommandKind::OpenAccount { account: account("alice") })).is_committed());
-    let engine = Engine::start(ledger, config(4, 0), JournalStage::Off, GatedSink { gate: Some(gate), out: sender });
+    let engine = Engine::start(ledger, config(64, 4, 0), JournalStage::Off, GatedSink { gate: Some(gate), out: sender });
     let mut replies = Replies::new(receiver);
     let mut submitter = engine.submitter();
     let deposit = |i: u64| command(100 + u128::from(i), CommandKind::Deposit { account: account("alice"), amount: 1 + i, currency: usd() });
 
-    // Both rings hold 4; the reply stage is stuck on the first outcome, so after a dozen or so
-    // commands the input ring must be full.
+    // The reply stage is stuck on the first outcome, so after the output ring (4) and the input
+    // ring (64) have filled, the input ring must refuse.
     let mut accepted = 0u64;
     let deadline = Instant::now() + WAIT;
     loop {
@@ -303,11 +304,11 @@ fn a_full_input_ring_is_reported_as_overloaded_and_nothing_accepted_is_lost() {
             Ok(()) => accepted += 1,
             Err(_) => break,
         }
-        assert!(accepted <= 64, "accepted {accepted} commands through rings of 4 with a stuck sink");
+        assert!(accepted <= 64 + 4 + 8, "accepted {accepted} commands with a stuck sink");
         assert!(Instant::now() < deadline, "no back-pressure within {WAIT:?}");
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::sleep(Duration::from_micros(200));
     }
-    assert!(accepted >= 4, "only {accepted} accepted before the ring was full");
+    assert!(accepted >= 64, "only {accepted} accepted before the ring was full");
     // Still full while the sink is stuck: the engine cannot drain.
     std::thread::sleep(Duration::from_millis(20));
     assert!(submitter.try_submit(deposit(accepted), accepted, 0).is_err());

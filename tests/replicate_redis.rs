@@ -59,23 +59,32 @@ fn repo_root() -> &'static Path {
 }
 
 fn services_tool(args: &[&str]) {
-    let status = Command::new(repo_root().join("tools/services")).args(args).status().expect("run tools/services");
+    let status = Command::new(repo_root().join("tools/services"))
+        .args(args)
+        .status()
+        .expect("run tools/services");
     assert!(status.success(), "tools/services {args:?} failed");
 }
 
 fn redis_connection(address: &str) -> redis::Connection {
     let client = redis::Client::open(format!("redis://{address}/")).expect("redis url");
-    client.get_connection_with_timeout(Duration::from_secs(2)).unwrap_or_else(|e| panic!("Redis at {address}: {e}"))
+    client
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .unwrap_or_else(|e| panic!("Redis at {address}: {e}"))
 }
 
 fn flush(address: &str) {
     let mut conn = redis_connection(address);
-    redis::cmd("FLUSHALL").query::<()>(&mut conn).expect("flushall");
+    redis::cmd("FLUSHALL")
+        .query::<()>(&mut conn)
+        .expect("flushall");
 }
 
 fn node_state(address: &str) -> Option<(u64, Option<String>)> {
     let client = redis::Client::open(format!("redis://{address}/")).ok()?;
-    let mut conn = client.get_connection_with_timeout(Duration::from_millis(500)).ok()?;
+    let mut conn = client
+        .get_connection_with_timeout(Duration::from_millis(500))
+        .ok()?;
     let (applied, version): (Option<u64>, Option<String>) = redis::pipe()
         .cmd("GET")
         .arg("wallet:applied_seq")
@@ -88,7 +97,10 @@ fn node_state(address: &str) -> Option<(u64, Option<String>)> {
 
 fn balance_keys(address: &str) -> Vec<String> {
     let mut conn = redis_connection(address);
-    let keys: Vec<String> = redis::cmd("KEYS").arg("wallet:balance:*").query(&mut conn).expect("keys");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("wallet:balance:*")
+        .query(&mut conn)
+        .expect("keys");
     keys
 }
 
@@ -110,13 +122,21 @@ impl Cluster {
             data: tempfile::tempdir().expect("tempdir"),
         };
         let out = cluster.wallet(&["cluster", "init", "--redis-nodes", &nodes.join(",")], &[]);
-        assert!(out.status.success(), "cluster init: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "cluster init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         cluster
     }
 
     fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_wallet"));
-        command.args(args).env("WALLET_ZK", &self.zk).env("WALLET_ZK_ROOT", &self.root).env("WALLET_LOG", "warn");
+        command
+            .args(args)
+            .env("WALLET_ZK", &self.zk)
+            .env("WALLET_ZK_ROOT", &self.root)
+            .env("WALLET_LOG", "warn");
         command.env_remove("WALLET_FAILPOINT");
         for (k, v) in env {
             command.env(k, v);
@@ -143,7 +163,17 @@ impl Cluster {
     fn replicate_follow(&self, env: &[(&str, &str)]) -> Follower {
         let source = self.source();
         let child = self
-            .command(&["replicate", "redis", "--source", &source, "--batch-events", "20000"], env)
+            .command(
+                &[
+                    "replicate",
+                    "redis",
+                    "--source",
+                    &source,
+                    "--batch-events",
+                    "20000",
+                ],
+                env,
+            )
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn replicator");
@@ -152,7 +182,11 @@ impl Cluster {
 
     fn set_nodes(&self, nodes: &[String]) {
         let out = self.wallet(&["cluster", "set-redis-nodes", &nodes.join(",")], &[]);
-        assert!(out.status.success(), "set-redis-nodes: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "set-redis-nodes: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Runs reconcile and asserts 0 differences; returns its output.
@@ -172,8 +206,12 @@ impl Cluster {
 
     /// The last sequence in the journal.
     fn journal_last_seq(&self) -> u64 {
-        let end = wallet::journal::scan(&wallet::journal::journal_dir(self.data.path()), u64::MAX, |_| Ok(()))
-            .expect("scan journal");
+        let end = wallet::journal::scan(
+            &wallet::journal::journal_dir(self.data.path()),
+            u64::MAX,
+            |_| Ok(()),
+        )
+        .expect("scan journal");
         end.next_seq - 1
     }
 
@@ -183,10 +221,16 @@ impl Cluster {
         let deadline = Instant::now() + timeout;
         loop {
             let states: Vec<_> = nodes.iter().map(|n| node_state(n)).collect();
-            if states.iter().all(|s| s.as_ref().is_some_and(|(a, v)| *a == last && v.as_deref() == Some(&version.to_string()))) {
+            if states.iter().all(|s| {
+                s.as_ref()
+                    .is_some_and(|(a, v)| *a == last && v.as_deref() == Some(&version.to_string()))
+            }) {
                 return;
             }
-            assert!(Instant::now() < deadline, "replicator did not catch up to {last} (map version {version}): {states:?}");
+            assert!(
+                Instant::now() < deadline,
+                "replicator did not catch up to {last} (map version {version}): {states:?}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -222,13 +266,20 @@ fn assert_placement(nodes: &[String], others: &[String]) {
     for (i, node) in nodes.iter().enumerate() {
         for key in balance_keys(node) {
             let account = key.strip_prefix("wallet:balance:").expect("prefix");
-            assert_eq!(partition_of(account, nodes.len()), i, "{key} on {node} belongs elsewhere");
+            assert_eq!(
+                partition_of(account, nodes.len()),
+                i,
+                "{key} on {node} belongs elsewhere"
+            );
             total += 1;
         }
     }
     assert!(total > 0, "no balance keys at all");
     for node in others {
-        assert!(balance_keys(node).is_empty(), "{node} is not in the map but holds balance keys");
+        assert!(
+            balance_keys(node).is_empty(),
+            "{node} is not in the map but holds balance keys"
+        );
     }
 }
 
@@ -263,7 +314,10 @@ fn transfers(client: &mut Client, accounts: usize, count: usize, seed: u64) {
                 common::transfer_body(&account(from), &account(to), &amount, &common::uuid())
             })
             .collect();
-        let r = client.post("/v1/wallet/balance_transfers", &json!({ "transfers": batch }));
+        let r = client.post(
+            "/v1/wallet/balance_transfers",
+            &json!({ "transfers": batch }),
+        );
         assert_eq!(r.status, 200, "batch: {}", &r.body[..r.body.len().min(500)]);
         sent += n;
     }
@@ -297,18 +351,37 @@ fn transfers_replicate_and_reconcile_with_every_key_on_its_node() {
     }
     let url = format!("http://{}", server.address);
     let out = cluster.wallet(&["replicate", "redis", "--once", "--source", &url], &[]);
-    assert!(out.status.success(), "http source: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "http source: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     cluster.assert_reconciled();
     assert_placement(&services.redis, &[]);
 
     // A tampered balance is a difference, and reconcile says so with a non-zero exit.
-    let key = balance_keys(&services.redis[0]).into_iter().next().expect("a key");
-    redis::cmd("HSET").arg(&key).arg("USD").arg(1).query::<()>(&mut redis_connection(&services.redis[0])).expect("hset");
+    let key = balance_keys(&services.redis[0])
+        .into_iter()
+        .next()
+        .expect("a key");
+    redis::cmd("HSET")
+        .arg(&key)
+        .arg("USD")
+        .arg(1)
+        .query::<()>(&mut redis_connection(&services.redis[0]))
+        .expect("hset");
     let data = cluster.source();
     let out = cluster.wallet(&["reconcile", "redis", "--data-dir", &data], &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{stdout}");
-    assert!(stdout.lines().last().unwrap_or("").starts_with("reconcile: 1 differences"), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .last()
+            .unwrap_or("")
+            .starts_with("reconcile: 1 differences"),
+        "{stdout}"
+    );
     server.stop();
 }
 
@@ -322,22 +395,52 @@ fn replicator_killed_at_failpoints_converges_exactly() {
     let mut client = server.client();
     setup_accounts(&mut client, 300);
     let mut saw_split = false;
-    for (round, point) in ["redis-after-node-1:2", "redis-after-batch:3", "redis-after-node-1:5", "redis-after-node-1"].iter().enumerate() {
+    for (round, point) in [
+        "redis-after-node-1:2",
+        "redis-after-batch:3",
+        "redis-after-node-1:5",
+        "redis-after-node-1",
+    ]
+    .iter()
+    .enumerate()
+    {
         transfers(&mut client, 300, 20_000, 10 + round as u64);
-        let out = cluster.replicate_once(&["--batch-events", "5000"], &[("WALLET_FAILPOINT", point)]);
-        assert_eq!(out.status.code(), Some(3), "failpoint {point}: {}", String::from_utf8_lossy(&out.stderr));
-        let states: Vec<_> = services.redis.iter().map(|n| node_state(n).expect("node state").0).collect();
+        let out =
+            cluster.replicate_once(&["--batch-events", "5000"], &[("WALLET_FAILPOINT", point)]);
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "failpoint {point}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let states: Vec<_> = services
+            .redis
+            .iter()
+            .map(|n| node_state(n).expect("node state").0)
+            .collect();
         saw_split |= states.iter().any(|s| *s != states[0]);
     }
-    assert!(saw_split, "no failpoint left the nodes at different sequences");
+    assert!(
+        saw_split,
+        "no failpoint left the nodes at different sequences"
+    );
     // A node that lost its data (a flush) is rebuilt, and a kill in the middle of that rebuild
     // is recovered too.
     flush(&services.redis[1]);
     transfers(&mut client, 300, 5_000, 99);
     let out = cluster.replicate_once(&[], &[("WALLET_FAILPOINT", "redis-write-chunk")]);
-    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = cluster.replicate_once(&[], &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     cluster.assert_reconciled();
     assert_placement(&services.redis, &[]);
     server.stop();
@@ -405,15 +508,26 @@ fn map_changes_three_to_four_and_back_during_load() {
     assert_placement(&three, std::slice::from_ref(&extra));
 
     // Crashes in the middle of a move: after the copy, and after the first node switched.
-    for (version, nodes, point) in [(4, &four, "redis-migrate-after-copy"), (5, &three, "redis-migrate-after-switch-1")] {
+    for (version, nodes, point) in [
+        (4, &four, "redis-migrate-after-copy"),
+        (5, &three, "redis-migrate-after-switch-1"),
+    ] {
         let follower = cluster.replicate_follow(&[("WALLET_FAILPOINT", point)]);
         transfers(&mut client, 400, 5_000, version);
         std::thread::sleep(Duration::from_millis(300));
         cluster.set_nodes(nodes);
-        assert_eq!(follower.wait_exit(Duration::from_secs(30)), Some(3), "replicator did not stop at {point}");
+        assert_eq!(
+            follower.wait_exit(Duration::from_secs(30)),
+            Some(3),
+            "replicator did not stop at {point}"
+        );
         transfers(&mut client, 400, 5_000, 10 + version);
         let out = cluster.replicate_once(&[], &[]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         cluster.wait_caught_up(nodes, version, Duration::from_secs(5));
         cluster.assert_reconciled();
         assert_placement(nodes, &[]);
@@ -431,10 +545,23 @@ fn cluster_commands_route_with_the_documented_formula() {
         let out = cluster.wallet(&["cluster", "route", name], &[]);
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         let partition = partition_of(name, services.redis.len());
-        assert!(text.contains(&format!("partition {partition} of 3, node {}", services.redis[partition])), "{text}");
+        assert!(
+            text.contains(&format!(
+                "partition {partition} of 3, node {}",
+                services.redis[partition]
+            )),
+            "{text}"
+        );
     }
-    let out = cluster.wallet(&["cluster", "set-sql-shards", "postgres://a/x,postgres://b/y"], &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cluster.wallet(
+        &["cluster", "set-sql-shards", "postgres://a/x,postgres://b/y"],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = cluster.wallet(&["cluster", "show"], &[]);
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("show prints JSON");
     assert_eq!(shown["redis_partitions"]["version"], 1);

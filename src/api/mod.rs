@@ -8,6 +8,7 @@
 //!   header read time, request time. Overload answers 429/503 at once.
 //! - Bad input is a 4xx naming the field; nothing is submitted for it.
 
+pub mod auth;
 pub mod json;
 pub mod metrics;
 pub mod routes;
@@ -53,6 +54,19 @@ pub struct ServeConfig {
     pub pin_core: Option<usize>,
     pub checkpoint_every: u64,
     pub snapshot_every: u64,
+    pub auth: Arc<auth::Auth>,
+    /// Requests per second per caller (0: no limit).
+    pub rate_limit_per_caller: u32,
+    /// Transfers out of one account per second (0: no limit).
+    pub velocity_per_account: u32,
+    /// PEM certificate chain and private key: serve HTTPS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+impl std::fmt::Debug for auth::Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_none() { "Auth::None" } else { "Auth::Jwt" })
+    }
 }
 
 impl Default for ServeConfig {
@@ -73,8 +87,19 @@ impl Default for ServeConfig {
             pin_core: Some(1),
             checkpoint_every: 1 << 20,
             snapshot_every: 0,
+            auth: Arc::new(auth::Auth::None),
+            rate_limit_per_caller: 0,
+            velocity_per_account: 0,
+            tls: None,
         }
     }
+}
+
+type KeyedLimiter = governor::DefaultKeyedRateLimiter<String>;
+
+fn keyed_limiter(per_second: u32) -> Option<KeyedLimiter> {
+    let rate = std::num::NonZeroU32::new(per_second)?;
+    Some(governor::RateLimiter::keyed(governor::Quota::per_second(rate)))
 }
 
 /// State shared by every connection.
@@ -85,6 +110,8 @@ pub struct App {
     pub metrics: Metrics,
     pub shared: Arc<EngineShared>,
     pub openapi_json: String,
+    pub caller_limiter: Option<KeyedLimiter>,
+    pub velocity_limiter: Option<KeyedLimiter>,
     submitter: Submitter,
 }
 
@@ -229,8 +256,29 @@ pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: impl Fu
         metrics: Metrics::default(),
         shared: shared.clone(),
         openapi_json: openapi_json()?,
+        caller_limiter: keyed_limiter(config.rate_limit_per_caller),
+        velocity_limiter: keyed_limiter(config.velocity_per_account),
         submitter: engine.submitter(),
     });
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(tls_acceptor(cert, key)?),
+        None => None,
+    };
+    // Keyed limiters keep a cell per key; prune idle ones so the map stays bounded.
+    let pruning = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                if let Some(l) = &app.caller_limiter {
+                    l.retain_recent();
+                }
+                if let Some(l) = &app.velocity_limiter {
+                    l.retain_recent();
+                }
+            }
+        })
+    };
 
     let connections = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -245,7 +293,7 @@ pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: impl Fu
     tokio::pin!(shutdown);
     tokio::pin!(halted);
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -270,23 +318,39 @@ pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: impl Fu
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let submitter = Arc::new(std::sync::Mutex::new(app.submitter.clone()));
+        let peer: Arc<str> = peer.ip().to_string().into();
         let service = service_fn(move |request| {
             let app = app.clone();
             let submitter = submitter.clone();
-            async move { Ok::<_, std::convert::Infallible>(routes::handle(app, submitter, request).await) }
+            let peer = peer.clone();
+            async move { Ok::<_, std::convert::Infallible>(routes::handle(app, submitter, peer, request).await) }
         });
-        let connection = http1::Builder::new()
-            .keep_alive(true)
-            .timer(TokioTimer::new())
-            .header_read_timeout(config.header_read_timeout)
-            .serve_connection(TokioIo::new(stream), service);
-        let watched = graceful.watch(connection);
-        tokio::spawn(async move {
-            let _ = watched.await;
-            drop(permit);
-        });
+        let mut builder = http1::Builder::new();
+        builder.keep_alive(true).timer(TokioTimer::new()).header_read_timeout(config.header_read_timeout);
+        match &tls {
+            None => {
+                let watched = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move {
+                    let _ = watched.await;
+                    drop(permit);
+                });
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                let handshake_timeout = config.header_read_timeout;
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    // The handshake is bounded like a request's headers (slow clients are cut).
+                    if let Ok(Ok(stream)) = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        let _ = watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await;
+                    }
+                    drop(permit);
+                });
+            }
+        }
     }
     drop(listener);
+    pruning.abort();
     tracing::info!("shutting down: finishing in-flight requests");
     if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await.is_err() {
         tracing::warn!("some connections did not finish within 10 s");
@@ -300,12 +364,36 @@ pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: impl Fu
     Ok(())
 }
 
+fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| anyhow::anyhow!("--tls-cert {}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("--tls-cert {}: {e}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| anyhow::anyhow!("--tls-key {}: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
 /// Binds, prints the address (tests read it), serves until SIGTERM or Ctrl-C.
 pub async fn run(config: ServeConfig, listen: SocketAddr) -> anyhow::Result<()> {
     // Signal handlers go in before the address is announced, so that a SIGTERM right after
     // start-up is a graceful shutdown too, not the default kill.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    if config.auth.is_none() {
+        anyhow::ensure!(
+            listen.ip().is_loopback(),
+            "refusing to serve on {listen} without authentication: configure --jwt-secret or --jwt-public-key (--auth none is for loopback only)"
+        );
+        tracing::warn!("authentication is OFF (--auth none, loopback only): every local caller may move any money");
+    }
     let listener = TcpListener::bind(listen).await?;
     let address = listener.local_addr()?;
     println!("listening on {address}");

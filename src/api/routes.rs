@@ -12,6 +12,7 @@ use hyper::{Request, Response, StatusCode};
 use serde_json::{Value, json};
 
 use crate::api::App;
+use crate::api::auth::Caller;
 use crate::api::json::{self, BatchRequest, FieldError, MoneyRequest, OpenAccountRequest, TransferRequest};
 use crate::api::waiters::{Delivered, token};
 use crate::core::{Command, CommandKind, CommandType, EventKind, RejectCode, TransactionId, format_amount};
@@ -148,7 +149,12 @@ fn query_u64(query: Option<&str>, name: &str, default: u64, max: u64) -> Result<
 }
 
 /// Handles one request; `route` is set to the matched route's index for metrics.
-pub async fn handle(app: Arc<App>, submitter: Arc<std::sync::Mutex<Submitter>>, request: Request<Incoming>) -> HttpResponse {
+pub async fn handle(
+    app: Arc<App>,
+    submitter: Arc<std::sync::Mutex<Submitter>>,
+    peer: Arc<str>,
+    request: Request<Incoming>,
+) -> HttpResponse {
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_string();
@@ -172,24 +178,64 @@ pub async fn handle(app: Arc<App>, submitter: Arc<std::sync::Mutex<Submitter>>, 
             Reply::error(StatusCode::NOT_FOUND, "not_found", "no such route")
         }
     } else {
-        let timeout = app.config.request_timeout;
-        match tokio::time::timeout(timeout, dispatch(&app, &submitter, route_index, params, request)).await {
-            Ok(reply) => reply,
-            Err(_) => Reply::error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "timeout",
-                "the request timed out; its outcome is unknown: retry with the same transaction_id",
-            )
-            .with_header("retry-after", "1"),
+        match admit(&app, route_index, &peer, &request) {
+            Err(reply) => reply,
+            Ok(caller) => {
+                let timeout = app.config.request_timeout;
+                let work = dispatch(&app, &submitter, &caller, route_index, params, request);
+                match tokio::time::timeout(timeout, work).await {
+                    Ok(reply) => reply,
+                    Err(_) => Reply::error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "timeout",
+                        "the request timed out; its outcome is unknown: retry with the same transaction_id",
+                    )
+                    .with_header("retry-after", "1"),
+                }
+            }
         }
     };
     app.metrics.record(route_index, reply.status.as_u16(), started.elapsed().as_micros() as u64);
     reply.into_response()
 }
 
+/// Routes anyone may call (operations endpoints).
+fn is_public(route: usize) -> bool {
+    matches!(ROUTES[route].name, "healthz" | "readyz" | "metrics" | "openapi")
+}
+
+/// Authentication and the per-caller rate limit. Every refusal is audit-logged (caller, route,
+/// reason; never the token).
+fn admit(app: &App, route: usize, peer: &str, request: &Request<Incoming>) -> Result<Caller, Reply> {
+    if is_public(route) {
+        return Ok(Caller::unauthenticated(peer));
+    }
+    let header = request.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let caller = app.config.auth.authenticate(header, peer).map_err(|e| {
+        tracing::warn!(target: "audit", caller = %peer, route = ROUTES[route].name, reason = %e, "authentication refused");
+        Reply::error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()).with_header("www-authenticate", "Bearer")
+    })?;
+    if let Some(limiter) = &app.caller_limiter
+        && let Err(not_until) = limiter.check_key(&caller.sub)
+    {
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+        tracing::warn!(target: "audit", caller = %caller.sub, route = ROUTES[route].name, reason = "rate limit", "request refused");
+        return Err(Reply::error(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many requests from this caller")
+            .with_header("retry-after", wait.as_secs().max(1).to_string()));
+    }
+    Ok(caller)
+}
+
+/// Refuses (403) and audit-logs an authorization failure.
+fn forbidden(caller: &Caller, route: &str, reason: &str) -> Reply {
+    tracing::warn!(target: "audit", caller = %caller.sub, route, reason, "authorization refused");
+    Reply::error(StatusCode::FORBIDDEN, "forbidden", reason)
+}
+
 async fn dispatch(
     app: &App,
     submitter: &std::sync::Mutex<Submitter>,
+    caller: &Caller,
     route: usize,
     params: Vec<String>,
     request: Request<Incoming>,
@@ -207,10 +253,14 @@ async fn dispatch(
         }
         "metrics" => Reply::text(StatusCode::OK, "text/plain; version=0.0.4", app.render_metrics()),
         "openapi" => Reply::text(StatusCode::OK, "application/json", app.openapi_json.clone()),
-        "account" => account(app, &params[0], query).await,
-        "history" => history(app, &params[0], query).await,
-        "transfer_status" => transfer_status(app, &params[0], query).await,
+        "account" => account(app, caller, &params[0], query).await,
+        "history" => history(app, caller, &params[0], query).await,
+        "transfer_status" => transfer_status(app, caller, &params[0], query).await,
+        "events" if !caller.admin => forbidden(caller, "events", "the event stream needs the wallet:admin scope"),
         "events" => events(app, query).await,
+        "open_account" | "deposit" | "withdraw" if !caller.admin => {
+            forbidden(caller, ROUTES[route].name, "this operation needs the wallet:admin scope")
+        }
         name => {
             let limit = if name == "transfer_batch" { app.config.max_batch_body_bytes } else { app.config.max_body_bytes };
             let body = match read_body(request, limit).await {
@@ -218,8 +268,8 @@ async fn dispatch(
                 Err(reply) => return reply,
             };
             match name {
-                "transfer" => transfer(app, submitter, &body).await,
-                "transfer_batch" => transfer_batch(app, submitter, &body).await,
+                "transfer" => transfer(app, submitter, caller, &body).await,
+                "transfer_batch" => transfer_batch(app, submitter, caller, &body).await,
                 "open_account" => open_account(app, submitter, &body).await,
                 "deposit" => money(app, submitter, &body, true).await,
                 "withdraw" => money(app, submitter, &body, false).await,
@@ -366,7 +416,26 @@ fn render(app: &App, delivered: &Delivered) -> Reply {
     })
 }
 
-async fn transfer(app: &App, submitter: &std::sync::Mutex<Submitter>, body: &[u8]) -> Reply {
+/// Owners move only their own money; the per-account velocity limit applies to the debit side.
+fn check_debit(app: &App, caller: &Caller, from: &str) -> Result<(), Reply> {
+    if !caller.may_debit(from) {
+        return Err(forbidden(caller, "transfer", "a caller may only transfer from its own account with wallet:transfer"));
+    }
+    if let Some(limiter) = &app.velocity_limiter
+        && limiter.check_key(&from.to_string()).is_err()
+    {
+        tracing::warn!(target: "audit", caller = %caller.sub, account = from, reason = "velocity limit", "transfer refused");
+        return Err(Reply::error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "velocity_limit",
+            "too many transfers out of this account per second",
+        )
+        .with_header("retry-after", "1"));
+    }
+    Ok(())
+}
+
+async fn transfer(app: &App, submitter: &std::sync::Mutex<Submitter>, caller: &Caller, body: &[u8]) -> Reply {
     let request: TransferRequest = match json::decode(body) {
         Ok(r) => r,
         Err(e) => return Reply::field(e),
@@ -375,6 +444,9 @@ async fn transfer(app: &App, submitter: &std::sync::Mutex<Submitter>, body: &[u8
         Ok(c) => c,
         Err(e) => return Reply::field(e),
     };
+    if let Err(reply) = check_debit(app, caller, &request.from_account) {
+        return reply;
+    }
     match execute(app, submitter, command).await {
         Ok(delivered) => render(app, &delivered),
         Err(reply) => reply,
@@ -383,7 +455,7 @@ async fn transfer(app: &App, submitter: &std::sync::Mutex<Submitter>, body: &[u8
 
 pub const MAX_BATCH: usize = 8192;
 
-async fn transfer_batch(app: &App, submitter: &std::sync::Mutex<Submitter>, body: &[u8]) -> Reply {
+async fn transfer_batch(app: &App, submitter: &std::sync::Mutex<Submitter>, caller: &Caller, body: &[u8]) -> Reply {
     let request: BatchRequest = match json::decode(body) {
         Ok(r) => r,
         Err(e) => return Reply::field(e),
@@ -398,6 +470,9 @@ async fn transfer_batch(app: &App, submitter: &std::sync::Mutex<Submitter>, body
             Ok(c) => commands.push(c),
             // The whole batch is refused before anything runs, so nothing is half-submitted.
             Err(e) => return Reply::field(e),
+        }
+        if let Err(reply) = check_debit(app, caller, &transfer.from_account) {
+            return reply;
         }
     }
     let Some((slot, receiver)) = app.waiters.wait_batch(commands.len()) else { return Reply::too_many() };
@@ -479,9 +554,12 @@ async fn wait_min_seq(app: &App, query: Option<&str>) -> Result<(), Reply> {
     Ok(())
 }
 
-async fn account(app: &App, id: &str, query: Option<&str>) -> Reply {
+async fn account(app: &App, caller: &Caller, id: &str, query: Option<&str>) -> Reply {
     if let Err(e) = json::account("account_id", id) {
         return Reply::field(e);
+    }
+    if !caller.may_read(id) {
+        return forbidden(caller, "account", "a caller may only read its own account");
     }
     if let Err(reply) = wait_min_seq(app, query).await {
         return reply;
@@ -499,9 +577,12 @@ async fn account(app: &App, id: &str, query: Option<&str>) -> Reply {
     })
 }
 
-async fn history(app: &App, id: &str, query: Option<&str>) -> Reply {
+async fn history(app: &App, caller: &Caller, id: &str, query: Option<&str>) -> Reply {
     if let Err(e) = json::account("account_id", id) {
         return Reply::field(e);
+    }
+    if !caller.may_read(id) {
+        return forbidden(caller, "history", "a caller may only read its own account");
     }
     let after_seq = match query_u64(query, "after_seq", 0, u64::MAX) {
         Ok(v) => v,
@@ -543,7 +624,7 @@ async fn history(app: &App, id: &str, query: Option<&str>) -> Reply {
     })
 }
 
-async fn transfer_status(app: &App, id: &str, query: Option<&str>) -> Reply {
+async fn transfer_status(app: &App, caller: &Caller, id: &str, query: Option<&str>) -> Reply {
     let transaction_id = match json::transaction_id("transaction_id", id) {
         Ok(t) => t,
         Err(e) => return Reply::field(e),
@@ -551,9 +632,20 @@ async fn transfer_status(app: &App, id: &str, query: Option<&str>) -> Reply {
     if let Err(reply) = wait_min_seq(app, query).await {
         return reply;
     }
-    app.views.read(|state| match state.outcomes.get(&transaction_id.0) {
-        Some(outcome) => Reply::json(StatusCode::OK, outcome_body(state, transaction_id, outcome)),
-        None => Reply::error(StatusCode::NOT_FOUND, "transaction_not_found", "no outcome is known for this transaction_id"),
+    if !(caller.admin || caller.read || caller.transfer) {
+        return forbidden(caller, "transfer_status", "reading needs wallet:read or wallet:transfer");
+    }
+    app.views.read(|state| {
+        // Visible to its two parties only; to anyone else it looks exactly like an unknown id.
+        let visible = |o: &OutcomeView| {
+            caller.admin || o.accounts.iter().any(|a| *a != u32::MAX && state.name(*a) == caller.sub)
+        };
+        match state.outcomes.get(&transaction_id.0).filter(|o| visible(o)) {
+            Some(outcome) => Reply::json(StatusCode::OK, outcome_body(state, transaction_id, outcome)),
+            None => {
+                Reply::error(StatusCode::NOT_FOUND, "transaction_not_found", "no outcome is known for this transaction_id")
+            }
+        }
     })
 }
 

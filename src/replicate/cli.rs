@@ -30,7 +30,12 @@ pub enum ClusterCommand {
         #[command(flatten)]
         zk: ZkArgs,
         /// Redis nodes, host:port, comma-separated; their order is the partition order.
-        #[arg(long, env = "WALLET_REDIS_NODES", value_delimiter = ',', required = true)]
+        #[arg(
+            long,
+            env = "WALLET_REDIS_NODES",
+            value_delimiter = ',',
+            required = true
+        )]
         redis_nodes: Vec<String>,
         /// PostgreSQL shard URLs, comma-separated (optional).
         #[arg(long, value_delimiter = ',')]
@@ -117,11 +122,16 @@ pub struct RedisReconcileArgs {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn print_json(value: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
 }
 
 pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
@@ -226,5 +236,9 @@ pub fn run_reconcile(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
         max_printed: args.max_printed,
     };
     let differences = runtime()?.block_on(super::reconcile::run(&options))?;
-    Ok(if differences == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if differences == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -36,7 +36,12 @@ mod tests {
             ("acct-0", 0x9a5e_d88a_e910_fa64, 1, 0),
         ];
         for (account, hash, of3, of4) in cases {
-            assert_eq!(account_hash(account), *hash, "hash of {account}: {:#018x}", account_hash(account));
+            assert_eq!(
+                account_hash(account),
+                *hash,
+                "hash of {account}: {:#018x}",
+                account_hash(account)
+            );
             assert_eq!(partition_of(account, 3), *of3, "{account} of 3");
             assert_eq!(partition_of(account, 4), *of4, "{account} of 4");
         }

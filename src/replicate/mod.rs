@@ -57,5 +57,7 @@ fn failpoint_spec() -> &'static Option<(String, u64)> {
 
 /// Whether `WALLET_FAILPOINT` names `name` (code paths may then make the crash deterministic).
 pub fn failpoint_armed(name: &str) -> bool {
-    failpoint_spec().as_ref().is_some_and(|(point, _)| point == name)
+    failpoint_spec()
+        .as_ref()
+        .is_some_and(|(point, _)| point == name)
 }

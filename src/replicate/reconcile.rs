@@ -47,13 +47,21 @@ async fn read_node(address: &str) -> anyhow::Result<NodeContent> {
                 // A key deleted between SCAN and HGETALL reads as empty: only possible while
                 // something writes, which the second probe catches.
                 if !fields.is_empty() {
-                    balances.insert(key.strip_prefix(BALANCE_PREFIX).unwrap_or(key).to_string(), fields);
+                    balances.insert(
+                        key.strip_prefix(BALANCE_PREFIX).unwrap_or(key).to_string(),
+                        fields,
+                    );
                 }
             }
         }
         let after = probe(&mut conn).await?;
         if before == after {
-            return Ok(NodeContent { address: address.to_string(), applied_seq: before.0, version: before.1, balances });
+            return Ok(NodeContent {
+                address: address.to_string(),
+                applied_seq: before.0,
+                version: before.1,
+                balances,
+            });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -77,7 +85,13 @@ impl Differences {
 }
 
 /// Compares the nodes in `group` (indices into `nodes`, all at the ledger's current sequence).
-fn compare(ledger: &Ledger, map: &PartitionMap, nodes: &[NodeContent], group: &[usize], out: &mut Differences) -> u64 {
+fn compare(
+    ledger: &Ledger,
+    map: &PartitionMap,
+    nodes: &[NodeContent],
+    group: &[usize],
+    out: &mut Differences,
+) -> u64 {
     let mut checked = 0;
     for &n in group {
         let node = &nodes[n];
@@ -88,12 +102,17 @@ fn compare(ledger: &Ledger, map: &PartitionMap, nodes: &[NodeContent], group: &[
                 out.report(format!("key {BALANCE_PREFIX}{account} is on node {} but the formula names node {right} ({right_address})", node.address));
                 continue;
             }
-            let expected = AccountId::new(account).ok().and_then(|id| ledger.account_index(&id)).map(|i| ledger.balances(i)).unwrap_or_default();
+            let expected = AccountId::new(account)
+                .ok()
+                .and_then(|id| ledger.account_index(&id))
+                .map(|i| ledger.balances(i))
+                .unwrap_or_default();
             if expected.is_empty() {
                 out.report(format!("key {BALANCE_PREFIX}{account} on {} holds {fields:?}; the engine has no balance for it", node.address));
                 continue;
             }
-            let expected: HashMap<String, u64> = expected.iter().map(|(c, b)| (c.to_string(), *b)).collect();
+            let expected: HashMap<String, u64> =
+                expected.iter().map(|(c, b)| (c.to_string(), *b)).collect();
             for (currency, balance) in &expected {
                 match fields.get(currency).map(|v| v.parse::<u64>()) {
                     Some(Ok(v)) if v == *balance => {}
@@ -105,20 +124,28 @@ fn compare(ledger: &Ledger, map: &PartitionMap, nodes: &[NodeContent], group: &[
                 }
             }
             for field in fields.keys().filter(|f| !expected.contains_key(*f)) {
-                out.report(format!("{account} on {}: field {field} that the engine does not have", node.address));
+                out.report(format!(
+                    "{account} on {}: field {field} that the engine does not have",
+                    node.address
+                ));
             }
         }
     }
     // Balances the engine has that no node in the group holds.
     for index in 0..ledger.account_count() {
-        let Some(id) = ledger.account_name(index) else { continue };
+        let Some(id) = ledger.account_name(index) else {
+            continue;
+        };
         let name = id.as_str();
         let (right, address) = map.route(name);
         if !group.contains(&right) || ledger.balances(index).is_empty() {
             continue;
         }
         if !nodes[right].balances.contains_key(name) {
-            out.report(format!("{name}: missing on {address} (engine has {:?})", ledger.balances(index)));
+            out.report(format!(
+                "{name}: missing on {address} (engine has {:?})",
+                ledger.balances(index)
+            ));
         }
     }
     checked
@@ -130,9 +157,17 @@ pub async fn run(options: &ReconcileOptions) -> anyhow::Result<u64> {
     let client = zk::connect(&options.zk).await?;
     let map = zk::get_partition_map(&client, &layout)
         .await?
-        .ok_or_else(|| anyhow::anyhow!("no partition map at {}: run `wallet cluster init` first", layout.partitions()))?;
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no partition map at {}: run `wallet cluster init` first",
+                layout.partitions()
+            )
+        })?;
     drop(client);
-    let mut out = Differences { count: 0, max_printed: options.max_printed };
+    let mut out = Differences {
+        count: 0,
+        max_printed: options.max_printed,
+    };
     let mut nodes = Vec::new();
     let version = map.version.to_string();
     let mut readable = Vec::new();
@@ -140,21 +175,35 @@ pub async fn run(options: &ReconcileOptions) -> anyhow::Result<u64> {
         match read_node(address).await {
             Ok(content) => {
                 if content.version.as_deref() != Some(version.as_str()) {
-                    out.report(format!("node {address} has map version {:?}, the map is at {version}", content.version));
+                    out.report(format!(
+                        "node {address} has map version {:?}, the map is at {version}",
+                        content.version
+                    ));
                 }
                 readable.push(i);
                 nodes.push(content);
             }
             Err(e) => {
                 out.report(format!("node {address} unreadable: {e:#}"));
-                nodes.push(NodeContent { address: address.clone(), applied_seq: 0, version: None, balances: HashMap::new() });
+                nodes.push(NodeContent {
+                    address: address.clone(),
+                    applied_seq: 0,
+                    version: None,
+                    balances: HashMap::new(),
+                });
             }
         }
     }
     let mut targets: Vec<u64> = readable.iter().map(|&i| nodes[i].applied_seq).collect();
     targets.sort_unstable();
     targets.dedup();
-    let group_at = |seq: u64| -> Vec<usize> { readable.iter().copied().filter(|&i| nodes[i].applied_seq == seq).collect() };
+    let group_at = |seq: u64| -> Vec<usize> {
+        readable
+            .iter()
+            .copied()
+            .filter(|&i| nodes[i].applied_seq == seq)
+            .collect()
+    };
 
     // Replay the journal, comparing each group of nodes when the ledger reaches its sequence.
     let mut ledger = Ledger::new(LedgerConfig::default());
@@ -167,7 +216,10 @@ pub async fn run(options: &ReconcileOptions) -> anyhow::Result<u64> {
             next_target += 1;
         }
         while next_target < targets.len() && targets[next_target] < record.next_seq() - 1 {
-            out.report(format!("applied_seq {} falls inside the record at {}", targets[next_target], record.first_seq));
+            out.report(format!(
+                "applied_seq {} falls inside the record at {}",
+                targets[next_target], record.first_seq
+            ));
             next_target += 1;
         }
         apply_verified(&mut ledger, record)?;
@@ -178,13 +230,25 @@ pub async fn run(options: &ReconcileOptions) -> anyhow::Result<u64> {
         if target == ledger.next_seq() - 1 {
             keys_checked += compare(&ledger, &map, &nodes, &group_at(target), &mut out);
         } else {
-            out.report(format!("nodes {:?} applied up to {target}, beyond the journal's end at {journal_last}", group_at(target)));
+            out.report(format!(
+                "nodes {:?} applied up to {target}, beyond the journal's end at {journal_last}",
+                group_at(target)
+            ));
         }
     }
     for node in &nodes {
-        println!("node {}: applied_seq {} map_version {:?} keys {}", node.address, node.applied_seq, node.version, node.balances.len());
+        println!(
+            "node {}: applied_seq {} map_version {:?} keys {}",
+            node.address,
+            node.applied_seq,
+            node.version,
+            node.balances.len()
+        );
     }
-    let (low, high) = (targets.first().copied().unwrap_or(0), targets.last().copied().unwrap_or(0));
+    let (low, high) = (
+        targets.first().copied().unwrap_or(0),
+        targets.last().copied().unwrap_or(0),
+    );
     println!(
         "reconcile: {} differences ({} nodes, map version {}, {} keys checked, {} accounts, applied_seq {}..{}, journal ends at {})",
         out.count,

@@ -30,9 +30,9 @@ use anyhow::{Context, bail};
 use redis::aio::MultiplexedConnection;
 use tokio::sync::watch;
 
-use super::{failpoint, failpoint_armed};
 use super::source::{AccountRef, Item, Source};
 use super::zk::{self, Layout, PartitionMap};
+use super::{failpoint, failpoint_armed};
 use crate::core::Currency;
 
 pub const BALANCE_PREFIX: &str = "wallet:balance:";
@@ -81,20 +81,28 @@ pub fn balance_key(account: &str) -> String {
 
 /// Opens a connection that fails fast when the node is down.
 pub async fn connect(address: &str) -> anyhow::Result<MultiplexedConnection> {
-    let client = redis::Client::open(format!("redis://{address}/")).with_context(|| format!("bad Redis address {address:?}"))?;
+    let client = redis::Client::open(format!("redis://{address}/"))
+        .with_context(|| format!("bad Redis address {address:?}"))?;
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(1)))
         .set_response_timeout(Some(Duration::from_secs(30)));
     client
         .get_multiplexed_async_connection_with_config(&config)
         .await
-        .with_context(|| format!("Redis node {address} is unreachable (start it with tools/services start)"))
+        .with_context(|| {
+            format!("Redis node {address} is unreachable (start it with tools/services start)")
+        })
 }
 
 /// What a node says about itself: its applied sequence and map version.
 pub async fn probe(conn: &mut MultiplexedConnection) -> redis::RedisResult<(u64, Option<String>)> {
-    let (applied, version): (Option<u64>, Option<String>) =
-        redis::pipe().cmd("GET").arg(APPLIED_SEQ_KEY).cmd("GET").arg(MAP_VERSION_KEY).query_async(conn).await?;
+    let (applied, version): (Option<u64>, Option<String>) = redis::pipe()
+        .cmd("GET")
+        .arg(APPLIED_SEQ_KEY)
+        .cmd("GET")
+        .arg(MAP_VERSION_KEY)
+        .query_async(conn)
+        .await?;
     Ok((applied.unwrap_or(0), version))
 }
 
@@ -127,7 +135,11 @@ impl Directory {
         match account {
             AccountRef::Index(i) if (*i as usize) < self.names.len() => Ok(*i),
             AccountRef::Index(i) => bail!("event for unknown account index {i}"),
-            AccountRef::Name(name) => self.by_name.get(name.as_str()).copied().ok_or_else(|| anyhow::anyhow!("event for unknown account {name:?}")),
+            AccountRef::Name(name) => self
+                .by_name
+                .get(name.as_str())
+                .copied()
+                .ok_or_else(|| anyhow::anyhow!("event for unknown account {name:?}")),
         }
     }
 
@@ -272,7 +284,10 @@ impl Replicator {
         for item in items {
             let seq = item.seq();
             if seq != self.dir.seq + 1 {
-                bail!("the source skipped from sequence {} to {seq}", self.dir.seq + 1);
+                bail!(
+                    "the source skipped from sequence {} to {seq}",
+                    self.dir.seq + 1
+                );
             }
             match item {
                 Item::Opened { index, name, .. } => {
@@ -280,7 +295,12 @@ impl Replicator {
                     self.route.push(route_of(&self.map, name));
                     self.marked.push(false);
                 }
-                Item::Balance { account, currency, balance, .. } => {
+                Item::Balance {
+                    account,
+                    currency,
+                    balance,
+                    ..
+                } => {
                     let account = self.dir.resolve(account)?;
                     self.dir.set(account, *currency, *balance);
                     let node = &mut self.nodes[self.route[account as usize] as usize];
@@ -304,7 +324,9 @@ impl Replicator {
 
     /// Whether every node holds everything read so far.
     fn caught_up(&self) -> bool {
-        self.nodes.iter().all(|n| n.is_up_and_current() && n.applied_seq >= self.dir.seq && n.dirty.is_empty())
+        self.nodes
+            .iter()
+            .all(|n| n.is_up_and_current() && n.applied_seq >= self.dir.seq && n.dirty.is_empty())
     }
 
     /// Brings every reachable node up to `dir.seq`: rebuilds the nodes that need it, then
@@ -317,6 +339,7 @@ impl Replicator {
         }
         let version = self.version();
         let target = self.dir.seq;
+        let build_started = Instant::now();
         let mut writes = Vec::new();
         for i in 0..self.nodes.len() {
             let node = &self.nodes[i];
@@ -327,18 +350,29 @@ impl Replicator {
                 continue;
             }
             let node = &self.nodes[i];
-            let Some(conn) = node.conn.clone() else { continue };
+            let Some(conn) = node.conn.clone() else {
+                continue;
+            };
             let mut invocation = APPLY_SCRIPT.prepare_invoke();
-            invocation.key(MAP_VERSION_KEY).key(APPLIED_SEQ_KEY).arg(&version).arg(node.applied_seq).arg(target);
+            invocation
+                .key(MAP_VERSION_KEY)
+                .key(APPLIED_SEQ_KEY)
+                .arg(&version)
+                .arg(node.applied_seq)
+                .arg(target);
             for &account in &node.dirty {
                 let balances = &self.dir.balances[account as usize];
-                invocation.arg(balance_key(&self.dir.names[account as usize])).arg(balances.len());
+                invocation
+                    .arg(balance_key(&self.dir.names[account as usize]))
+                    .arg(balances.len());
                 for (currency, balance) in balances {
                     invocation.arg(&currency.code()[..]).arg(*balance);
                 }
             }
             writes.push((i, conn, invocation));
         }
+        let build_time = build_started.elapsed();
+        let write_started = Instant::now();
         let mut done = 0;
         if failpoint_armed("redis-after-node-1") {
             // Crash tests: one node at a time, so that the failpoint stops the process with
@@ -360,10 +394,17 @@ impl Replicator {
                 self.on_applied(i, target, result, &mut done);
             }
         }
+        tracing::debug!(target_seq = target, ?build_time, write_time = ?write_started.elapsed(), "batch flushed");
         failpoint("redis-after-batch");
     }
 
-    fn on_applied(&mut self, i: usize, target: u64, result: redis::RedisResult<i64>, done: &mut usize) {
+    fn on_applied(
+        &mut self,
+        i: usize,
+        target: u64,
+        result: redis::RedisResult<i64>,
+        done: &mut usize,
+    ) {
         match result {
             Ok(_) => {
                 *done += 1;
@@ -384,7 +425,9 @@ impl Replicator {
 
     async fn resync_node(&mut self, i: usize) {
         let version = self.version();
-        let Some(mut conn) = self.nodes[i].conn.clone() else { return };
+        let Some(mut conn) = self.nodes[i].conn.clone() else {
+            return;
+        };
         tracing::info!(node = %self.nodes[i].address, seq = self.dir.seq, "rebuilding node from the replicator's balances");
         match resync(&mut conn, i as u16, &self.route, &self.dir, Some(&version)).await {
             Ok(()) => {
@@ -405,19 +448,32 @@ impl Replicator {
         // Everything reachable first reaches the same sequence, so moved copies are current.
         self.flush().await;
         let seq = self.dir.seq;
-        let new_route: Vec<u16> = self.dir.names.iter().map(|name| route_of(&new_map, name)).collect();
-        let mut old_nodes: Vec<Option<Node>> = std::mem::take(&mut self.nodes).into_iter().map(Some).collect();
+        let new_route: Vec<u16> = self
+            .dir
+            .names
+            .iter()
+            .map(|name| route_of(&new_map, name))
+            .collect();
+        let mut old_nodes: Vec<Option<Node>> = std::mem::take(&mut self.nodes)
+            .into_iter()
+            .map(Some)
+            .collect();
         let mut nodes = Vec::with_capacity(new_map.nodes.len());
         // For each new node: its old index, if it was current under the old map.
         let mut incremental: Vec<Option<u16>> = Vec::new();
         for address in &new_map.nodes {
             let old = self.map.nodes.iter().position(|a| a == address);
-            let retired = self.retired.iter().position(|n| n.address == *address).map(|k| self.retired.swap_remove(k));
+            let retired = self
+                .retired
+                .iter()
+                .position(|n| n.address == *address)
+                .map(|k| self.retired.swap_remove(k));
             let mut node = match old.and_then(|k| old_nodes[k].take()) {
                 Some(node) => node,
                 None => retired.unwrap_or_else(|| Node::new(address)),
             };
-            let current = node.is_up_and_current() && node.applied_seq == seq && node.dirty.is_empty();
+            let current =
+                node.is_up_and_current() && node.applied_seq == seq && node.dirty.is_empty();
             incremental.push(if current { old.map(|k| k as u16) } else { None });
             node.needs_resync = !current;
             node.dirty.clear();
@@ -434,11 +490,15 @@ impl Replicator {
             if !node.ensure_connected().await {
                 continue;
             }
-            let Some(mut conn) = node.conn.clone() else { continue };
+            let Some(mut conn) = node.conn.clone() else {
+                continue;
+            };
             let result = match incremental[j] {
                 Some(old) => {
                     let moved_in: Vec<u32> = (0..self.dir.names.len() as u32)
-                        .filter(|&a| new_route[a as usize] == j as u16 && self.route[a as usize] != old)
+                        .filter(|&a| {
+                            new_route[a as usize] == j as u16 && self.route[a as usize] != old
+                        })
                         .collect();
                     write_accounts(&mut conn, &self.dir, &moved_in).await
                 }
@@ -459,10 +519,16 @@ impl Replicator {
             if !placed[j] {
                 continue;
             }
-            let Some(mut conn) = node.conn.clone() else { continue };
+            let Some(mut conn) = node.conn.clone() else {
+                continue;
+            };
             let moved_out: Vec<String> = match incremental[j] {
                 Some(old) => (0..self.dir.names.len())
-                    .filter(|&a| self.route[a] == old && new_route[a] != j as u16 && !self.dir.balances[a].is_empty())
+                    .filter(|&a| {
+                        self.route[a] == old
+                            && new_route[a] != j as u16
+                            && !self.dir.balances[a].is_empty()
+                    })
                     .map(|a| balance_key(&self.dir.names[a]))
                     .collect(),
                 None => Vec::new(),
@@ -508,7 +574,9 @@ impl Replicator {
                 kept.push(node);
                 continue;
             }
-            let Some(mut conn) = node.conn.clone() else { continue };
+            let Some(mut conn) = node.conn.clone() else {
+                continue;
+            };
             match retire(&mut conn, self.map.version).await {
                 Ok(()) => tracing::info!(node = %node.address, "removed node emptied"),
                 Err(e) => {
@@ -540,7 +608,11 @@ impl Replicator {
 }
 
 /// Writes the full balances of `accounts` (replacing each hash), pipelined in chunks.
-async fn write_accounts(conn: &mut MultiplexedConnection, dir: &Directory, accounts: &[u32]) -> anyhow::Result<()> {
+async fn write_accounts(
+    conn: &mut MultiplexedConnection,
+    dir: &Directory,
+    accounts: &[u32],
+) -> anyhow::Result<()> {
     for chunk in accounts.chunks(CHUNK_ACCOUNTS) {
         let mut pipe = redis::pipe();
         for &account in chunk {
@@ -562,7 +634,9 @@ async fn write_accounts(conn: &mut MultiplexedConnection, dir: &Directory, accou
 }
 
 /// Every balance key on a node.
-pub async fn scan_balance_keys(conn: &mut MultiplexedConnection) -> redis::RedisResult<Vec<String>> {
+pub async fn scan_balance_keys(
+    conn: &mut MultiplexedConnection,
+) -> redis::RedisResult<Vec<String>> {
     let mut cursor: u64 = 0;
     let mut keys = Vec::new();
     loop {
@@ -585,21 +659,33 @@ pub async fn scan_balance_keys(conn: &mut MultiplexedConnection) -> redis::Redis
 /// Rebuilds node `node` from `dir` under `route`: invalidates its version (readers retry), drops
 /// every key that does not belong there, writes every balance that does. With `finish`, then
 /// sets the applied sequence and that version in one transaction.
-async fn resync(conn: &mut MultiplexedConnection, node: u16, route: &[u16], dir: &Directory, finish: Option<&str>) -> anyhow::Result<()> {
-    redis::cmd("SET").arg(MAP_VERSION_KEY).arg("resync").query_async::<()>(conn).await?;
+async fn resync(
+    conn: &mut MultiplexedConnection,
+    node: u16,
+    route: &[u16],
+    dir: &Directory,
+    finish: Option<&str>,
+) -> anyhow::Result<()> {
+    redis::cmd("SET")
+        .arg(MAP_VERSION_KEY)
+        .arg("resync")
+        .query_async::<()>(conn)
+        .await?;
     let strays: Vec<String> = scan_balance_keys(conn)
         .await?
         .into_iter()
         .filter(|key| {
             let name = key.strip_prefix(BALANCE_PREFIX).unwrap_or(key);
-            dir.index_of(name).is_none_or(|a| route[a as usize] != node || dir.balances[a as usize].is_empty())
+            dir.index_of(name)
+                .is_none_or(|a| route[a as usize] != node || dir.balances[a as usize].is_empty())
         })
         .collect();
     for keys in strays.chunks(1000) {
         redis::cmd("DEL").arg(keys).query_async::<()>(conn).await?;
     }
-    let mine: Vec<u32> =
-        (0..dir.names.len() as u32).filter(|&a| route[a as usize] == node && !dir.balances[a as usize].is_empty()).collect();
+    let mine: Vec<u32> = (0..dir.names.len() as u32)
+        .filter(|&a| route[a as usize] == node && !dir.balances[a as usize].is_empty())
+        .collect();
     write_accounts(conn, dir, &mine).await?;
     if let Some(version) = finish {
         redis::pipe()
@@ -620,7 +706,11 @@ async fn resync(conn: &mut MultiplexedConnection, node: u16, route: &[u16], dir:
 
 /// Empties a node that left the map; its version tells old-map readers to re-read the map.
 async fn retire(conn: &mut MultiplexedConnection, new_version: u64) -> anyhow::Result<()> {
-    redis::cmd("SET").arg(MAP_VERSION_KEY).arg(format!("retired:{new_version}")).query_async::<()>(conn).await?;
+    redis::cmd("SET")
+        .arg(MAP_VERSION_KEY)
+        .arg(format!("retired:{new_version}"))
+        .query_async::<()>(conn)
+        .await?;
     let keys = scan_balance_keys(conn).await?;
     for chunk in keys.chunks(1000) {
         redis::cmd("DEL").arg(chunk).query_async::<()>(conn).await?;
@@ -651,13 +741,28 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
     let client = connect_zk(&options.zk, Duration::from_secs(30)).await?;
     let map = zk::get_partition_map(&client, &layout)
         .await?
-        .ok_or_else(|| anyhow::anyhow!("no partition map at {}: run `wallet cluster init` first", layout.partitions()))?;
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no partition map at {}: run `wallet cluster init` first",
+                layout.partitions()
+            )
+        })?;
     drop(client);
     let (sender, mut map_changes) = watch::channel(map.clone());
-    tokio::spawn(zk::watch_partition_map(options.zk.clone(), layout.clone(), sender));
+    tokio::spawn(zk::watch_partition_map(
+        options.zk.clone(),
+        layout.clone(),
+        sender,
+    ));
 
-    let mut replicator =
-        Replicator { map, nodes: Vec::new(), dir: Directory::default(), route: Vec::new(), marked: Vec::new(), retired: Vec::new() };
+    let mut replicator = Replicator {
+        map,
+        nodes: Vec::new(),
+        dir: Directory::default(),
+        route: Vec::new(),
+        marked: Vec::new(),
+        retired: Vec::new(),
+    };
     let version = replicator.version();
     for address in replicator.map.nodes.clone() {
         let mut node = Node::new(&address);
@@ -672,7 +777,11 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
                 Ok((applied, v)) => {
                     tracing::info!(node = %address, applied, version = ?v, expected = %version, "node does not follow the current map; it will be rebuilt");
                     // Readers must stop trusting it now, before anything else moves.
-                    let invalidate = redis::cmd("SET").arg(MAP_VERSION_KEY).arg("resync").query_async::<()>(conn).await;
+                    let invalidate = redis::cmd("SET")
+                        .arg(MAP_VERSION_KEY)
+                        .arg("resync")
+                        .query_async::<()>(conn)
+                        .await;
                     if let Err(e) = invalidate {
                         node.mark_down(&e.into());
                     }
@@ -682,7 +791,13 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         }
         replicator.nodes.push(node);
     }
-    let resume = replicator.nodes.iter().filter(|n| !n.needs_resync).map(|n| n.applied_seq).min().unwrap_or(0);
+    let resume = replicator
+        .nodes
+        .iter()
+        .filter(|n| !n.needs_resync)
+        .map(|n| n.applied_seq)
+        .min()
+        .unwrap_or(0);
     tracing::info!(resume_after = resume, nodes = replicator.nodes.len(), source = %options.source, "replicator starting");
 
     let mut source = Source::open(&options.source)?;
@@ -699,7 +814,11 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         }
         items.clear();
         // While rebuilding the directory up to what the nodes already hold, do not wait.
-        let wait = if options.once || replicator.dir.seq < resume { Duration::from_millis(1) } else { Duration::from_millis(200) };
+        let wait = if options.once || replicator.dir.seq < resume {
+            Duration::from_millis(1)
+        } else {
+            Duration::from_millis(200)
+        };
         match source.fetch(options.batch_events, wait, &mut items).await {
             Ok(()) => source_errors = 0,
             Err(e) => {

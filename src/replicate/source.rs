@@ -13,7 +13,10 @@ use anyhow::{Context, bail};
 
 use crate::core::codec::decode_record;
 use crate::core::{Currency, EventKind};
-use crate::journal::format::{FRAME_HEADER_BYTES, MAX_FRAME_BYTES, SEGMENT_HEADER_BYTES, check_frame, decode_segment_header, read_u32};
+use crate::journal::format::{
+    FRAME_HEADER_BYTES, MAX_FRAME_BYTES, SEGMENT_HEADER_BYTES, check_frame, decode_segment_header,
+    read_u32,
+};
 use crate::journal::{journal_dir, list_segments};
 
 /// How an event names its account: the journal uses the dense index, the HTTP stream the id.
@@ -27,9 +30,18 @@ pub enum AccountRef {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Item {
     /// An account was opened; `index` is the engine's index when the source knows it.
-    Opened { seq: u64, index: Option<u32>, name: String },
+    Opened {
+        seq: u64,
+        index: Option<u32>,
+        name: String,
+    },
     /// A balance changed; `balance` is the balance after the event, in minor units.
-    Balance { seq: u64, account: AccountRef, currency: Currency, balance: u64 },
+    Balance {
+        seq: u64,
+        account: AccountRef,
+        currency: Currency,
+        balance: u64,
+    },
     /// An event with no effect on balances (a rejection, a checkpoint).
     Other { seq: u64 },
 }
@@ -56,13 +68,20 @@ impl Source {
         } else if spec.starts_with("https://") {
             bail!("https sources are not supported; use http:// or a data directory")
         } else {
-            Ok(Source::Journal(JournalTail::new(&journal_dir(Path::new(spec)))))
+            Ok(Source::Journal(JournalTail::new(&journal_dir(Path::new(
+                spec,
+            )))))
         }
     }
 
     /// Appends up to about `max_events` items with sequence numbers from `next_seq()` on.
     /// Returns without items when the source has nothing new (after waiting up to `wait`).
-    pub async fn fetch(&mut self, max_events: usize, wait: Duration, out: &mut Vec<Item>) -> anyhow::Result<()> {
+    pub async fn fetch(
+        &mut self,
+        max_events: usize,
+        wait: Duration,
+        out: &mut Vec<Item>,
+    ) -> anyhow::Result<()> {
         match self {
             Source::Journal(tail) => {
                 tail.fetch(max_events, out)?;
@@ -87,10 +106,15 @@ impl Source {
 fn items_of_record(record: &crate::core::CommandRecord, out: &mut Vec<Item>) {
     for event in record.events() {
         let item = match event.kind {
-            EventKind::AccountOpened => {
-                Item::Opened { seq: event.seq, index: Some(event.account), name: record.opened_account.as_str().to_string() }
-            }
-            EventKind::Deposited | EventKind::Withdrawn | EventKind::Debited | EventKind::Credited => Item::Balance {
+            EventKind::AccountOpened => Item::Opened {
+                seq: event.seq,
+                index: Some(event.account),
+                name: record.opened_account.as_str().to_string(),
+            },
+            EventKind::Deposited
+            | EventKind::Withdrawn
+            | EventKind::Debited
+            | EventKind::Credited => Item::Balance {
                 seq: event.seq,
                 account: AccountRef::Index(event.account),
                 currency: event.currency,
@@ -151,17 +175,31 @@ impl JournalTail {
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let size = file.metadata()?.len();
         let mut header = [0u8; SEGMENT_HEADER_BYTES];
-        file.read_exact_at(&mut header, 0).with_context(|| format!("reading the header of {}", path.display()))?;
-        let header = decode_segment_header(&header).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        file.read_exact_at(&mut header, 0)
+            .with_context(|| format!("reading the header of {}", path.display()))?;
+        let header = decode_segment_header(&header)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         if first {
             if header.first_seq != 1 {
-                bail!("{}: the journal starts at sequence {}, not 1", path.display(), header.first_seq);
+                bail!(
+                    "{}: the journal starts at sequence {}, not 1",
+                    path.display(),
+                    header.first_seq
+                );
             }
             self.last_crc = header.prev_crc;
         } else if header.first_seq != self.next_seq || header.prev_crc != self.last_crc {
-            bail!("{}: segment does not continue the previous one (gap or broken chain)", path.display());
+            bail!(
+                "{}: segment does not continue the previous one (gap or broken chain)",
+                path.display()
+            );
         }
-        self.segment = Some(OpenSegment { path: path.to_path_buf(), file, size, offset: SEGMENT_HEADER_BYTES as u64 });
+        self.segment = Some(OpenSegment {
+            path: path.to_path_buf(),
+            file,
+            size,
+            offset: SEGMENT_HEADER_BYTES as u64,
+        });
         Ok(())
     }
 
@@ -169,7 +207,9 @@ impl JournalTail {
     pub fn fetch(&mut self, max_events: usize, out: &mut Vec<Item>) -> anyhow::Result<()> {
         if self.segment.is_none() {
             let segments = list_segments(&self.dir)?;
-            let Some((_, path)) = segments.first() else { return Ok(()) };
+            let Some((_, path)) = segments.first() else {
+                return Ok(());
+            };
             let path = path.clone();
             self.open_segment(&path, true)?;
         }
@@ -185,7 +225,9 @@ impl JournalTail {
 
     /// Parses frames from one positioned read. Returns whether any record was read.
     fn read_chunk(&mut self, max_events: usize, out: &mut Vec<Item>) -> anyhow::Result<bool> {
-        let Some(segment) = self.segment.as_mut() else { return Ok(false) };
+        let Some(segment) = self.segment.as_mut() else {
+            return Ok(false);
+        };
         if segment.size.saturating_sub(segment.offset) < self.read_size as u64 {
             // Segments are preallocated, but a file that grows as it is written works too.
             segment.size = segment.file.metadata()?.len();
@@ -223,8 +265,13 @@ impl JournalTail {
                         );
                     }
                     let payload = &self.buffer[at + FRAME_HEADER_BYTES..at + frame.length];
-                    let record = decode_record(frame.sequence, payload)
-                        .map_err(|e| anyhow::anyhow!("journal {}: undecodable record {}: {e}", segment.path.display(), frame.sequence))?;
+                    let record = decode_record(frame.sequence, payload).map_err(|e| {
+                        anyhow::anyhow!(
+                            "journal {}: undecodable record {}: {e}",
+                            segment.path.display(),
+                            frame.sequence
+                        )
+                    })?;
                     items_of_record(&record, out);
                     events += record.event_count as usize;
                     self.next_seq = record.next_seq();
@@ -239,7 +286,11 @@ impl JournalTail {
         }
         segment.offset += at as u64;
         // Read more next time when this read was filled, less when the tail was reached.
-        self.read_size = if at * 2 >= self.buffer.len() { (self.read_size * 2).min(MAX_READ_BYTES) } else { MIN_READ_BYTES.max(at * 2) };
+        self.read_size = if at * 2 >= self.buffer.len() {
+            (self.read_size * 2).min(MAX_READ_BYTES)
+        } else {
+            MIN_READ_BYTES.max(at * 2)
+        };
         if stuck && at == 0 {
             self.check_stuck()?;
         } else {
@@ -259,7 +310,10 @@ impl JournalTail {
             let result = crate::journal::scan(&self.dir, next, |_| Err("stop".into()));
             match result {
                 Ok(_) | Err(crate::journal::JournalError::Visitor { .. }) => {
-                    tracing::warn!(seq = next, "the journal tail does not verify yet (a write in progress or a torn tail)");
+                    tracing::warn!(
+                        seq = next,
+                        "the journal tail does not verify yet (a write in progress or a torn tail)"
+                    );
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -270,8 +324,12 @@ impl JournalTail {
     /// At the end of the current segment: moves to the next one if the writer created it.
     fn advance_segment(&mut self) -> anyhow::Result<bool> {
         let segments = list_segments(&self.dir)?;
-        let Some((_, path)) = segments.iter().find(|(first, _)| *first == self.next_seq) else { return Ok(false) };
-        let Some(segment) = self.segment.as_ref() else { return Ok(false) };
+        let Some((_, path)) = segments.iter().find(|(first, _)| *first == self.next_seq) else {
+            return Ok(false);
+        };
+        let Some(segment) = self.segment.as_ref() else {
+            return Ok(false);
+        };
         if segment.path == *path {
             return Ok(false);
         }
@@ -310,13 +368,23 @@ struct EventLine {
 pub fn parse_minor_units(text: &str, currency: Currency) -> anyhow::Result<u64> {
     let exponent = currency.exponent() as usize;
     let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
-    let ok = !whole.is_empty() && whole.bytes().all(|b| b.is_ascii_digit()) && fraction.bytes().all(|b| b.is_ascii_digit()) && fraction.len() <= exponent;
+    let ok = !whole.is_empty()
+        && whole.bytes().all(|b| b.is_ascii_digit())
+        && fraction.bytes().all(|b| b.is_ascii_digit())
+        && fraction.len() <= exponent;
     if !ok {
         bail!("bad amount {text:?} for {currency}");
     }
     let mut value: u64 = 0;
-    for digit in whole.bytes().chain(fraction.bytes()).chain(std::iter::repeat_n(b'0', exponent - fraction.len())) {
-        value = value.checked_mul(10).and_then(|v| v.checked_add(u64::from(digit - b'0'))).ok_or_else(|| anyhow::anyhow!("amount {text:?} overflows"))?;
+    for digit in whole
+        .bytes()
+        .chain(fraction.bytes())
+        .chain(std::iter::repeat_n(b'0', exponent - fraction.len()))
+    {
+        value = value
+            .checked_mul(10)
+            .and_then(|v| v.checked_add(u64::from(digit - b'0')))
+            .ok_or_else(|| anyhow::anyhow!("amount {text:?} overflows"))?;
     }
     Ok(value)
 }
@@ -327,7 +395,11 @@ impl HttpSource {
         if authority.is_empty() || authority.contains('/') {
             bail!("the engine URL must look like http://host:port");
         }
-        Ok(HttpSource { authority: authority.to_string(), sender: None, next_seq: 1 })
+        Ok(HttpSource {
+            authority: authority.to_string(),
+            sender: None,
+            next_seq: 1,
+        })
     }
 
     async fn get(&mut self, path: &str) -> anyhow::Result<bytes::Bytes> {
@@ -337,20 +409,28 @@ impl HttpSource {
                 .await
                 .with_context(|| format!("connecting to the engine at {}", self.authority))?;
             stream.set_nodelay(true).ok();
-            let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            let (sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
             tokio::spawn(async move {
                 let _ = connection.await;
             });
             self.sender = Some(sender);
         }
-        let Some(sender) = self.sender.as_mut() else { bail!("no connection") };
-        let request = hyper::Request::get(path).header(hyper::header::HOST, &self.authority).body(http_body_util::Empty::new())?;
+        let Some(sender) = self.sender.as_mut() else {
+            bail!("no connection")
+        };
+        let request = hyper::Request::get(path)
+            .header(hyper::header::HOST, &self.authority)
+            .body(http_body_util::Empty::new())?;
         let result = async {
             let response = sender.send_request(request).await?;
             let status = response.status();
             let body = response.into_body().collect().await?.to_bytes();
             if !status.is_success() {
-                bail!("GET {path}: HTTP {status}: {}", String::from_utf8_lossy(&body));
+                bail!(
+                    "GET {path}: HTTP {status}: {}",
+                    String::from_utf8_lossy(&body)
+                );
             }
             Ok(body)
         }
@@ -361,28 +441,53 @@ impl HttpSource {
         result
     }
 
-    async fn fetch(&mut self, max_events: usize, wait: Duration, out: &mut Vec<Item>) -> anyhow::Result<()> {
+    async fn fetch(
+        &mut self,
+        max_events: usize,
+        wait: Duration,
+        out: &mut Vec<Item>,
+    ) -> anyhow::Result<()> {
         let limit = max_events.clamp(1, 10_000);
-        let path = format!("/v1/wallet/events?from_seq={}&limit={limit}&wait_ms={}", self.next_seq, wait.as_millis().min(30_000));
+        let path = format!(
+            "/v1/wallet/events?from_seq={}&limit={limit}&wait_ms={}",
+            self.next_seq,
+            wait.as_millis().min(30_000)
+        );
         let body = self.get(&path).await?;
         let mut items = Vec::new();
         for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            let line: EventLine = serde_json::from_slice(line).with_context(|| format!("bad event line {:?}", String::from_utf8_lossy(line)))?;
+            let line: EventLine = serde_json::from_slice(line)
+                .with_context(|| format!("bad event line {:?}", String::from_utf8_lossy(line)))?;
             let expected = self.next_seq + items.len() as u64;
             if line.sequence < expected {
                 continue;
             }
             if line.sequence != expected {
-                bail!("the event stream skipped from {expected} to {}", line.sequence);
+                bail!(
+                    "the event stream skipped from {expected} to {}",
+                    line.sequence
+                );
             }
             let item = match line.kind.as_str() {
-                "account_opened" => Item::Opened { seq: line.sequence, index: None, name: line.account_id.unwrap_or_default() },
+                "account_opened" => Item::Opened {
+                    seq: line.sequence,
+                    index: None,
+                    name: line.account_id.unwrap_or_default(),
+                },
                 "deposited" | "withdrawn" | "debited" | "credited" => {
                     let code = line.currency.unwrap_or_default();
-                    let currency = Currency::new(&code).map_err(|e| anyhow::anyhow!("event {}: currency {code:?} {e}", line.sequence))?;
-                    let balance = parse_minor_units(line.balance_after.as_deref().unwrap_or(""), currency)?;
+                    let currency = Currency::new(&code).map_err(|e| {
+                        anyhow::anyhow!("event {}: currency {code:?} {e}", line.sequence)
+                    })?;
+                    let balance =
+                        parse_minor_units(line.balance_after.as_deref().unwrap_or(""), currency)?;
                     let name = line.account_id.unwrap_or_default();
-                    Item::Balance { seq: line.sequence, account: AccountRef::Name(name), currency, balance }
+                    Item::Balance {
+                        seq: line.sequence,
+                        account: AccountRef::Name(name),
+                        currency,
+                        balance,
+                    }
                 }
                 _ => Item::Other { seq: line.sequence },
             };

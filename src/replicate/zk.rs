@@ -78,7 +78,9 @@ impl Layout {
         if !root.starts_with('/') || root.len() < 2 {
             bail!("--zk-root must be an absolute path such as /wallet, not {root:?}");
         }
-        Ok(Layout { root: root.to_string() })
+        Ok(Layout {
+            root: root.to_string(),
+        })
     }
     pub fn partitions(&self) -> String {
         format!("{}/redis/partitions", self.root)
@@ -97,11 +99,18 @@ impl Layout {
 /// Connects to ZooKeeper at `address` (`host:port[,host:port...]`), failing after a few seconds
 /// instead of waiting forever when no server answers.
 pub async fn connect(address: &str) -> anyhow::Result<zk::Client> {
-    let connecting = zk::Client::connector().with_session_timeout(SESSION_TIMEOUT).with_fail_eagerly().connect(address);
+    let connecting = zk::Client::connector()
+        .with_session_timeout(SESSION_TIMEOUT)
+        .with_fail_eagerly()
+        .connect(address);
     match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(Ok(client)) => Ok(client),
-        Ok(Err(e)) => Err(anyhow::anyhow!("ZooKeeper at {address} is unreachable: {e} (start it with tools/services start)")),
-        Err(_) => Err(anyhow::anyhow!("ZooKeeper at {address} did not answer within {CONNECT_TIMEOUT:?} (start it with tools/services start)")),
+        Ok(Err(e)) => Err(anyhow::anyhow!(
+            "ZooKeeper at {address} is unreachable: {e} (start it with tools/services start)"
+        )),
+        Err(_) => Err(anyhow::anyhow!(
+            "ZooKeeper at {address} did not answer within {CONNECT_TIMEOUT:?} (start it with tools/services start)"
+        )),
     }
 }
 
@@ -111,7 +120,10 @@ fn persistent() -> zk::CreateOptions<'static> {
 
 /// Creates `path` and its parents if missing.
 async fn ensure_dir(client: &zk::Client, path: &str) -> anyhow::Result<()> {
-    client.mkdir(path, &persistent()).await.with_context(|| format!("creating {path}"))
+    client
+        .mkdir(path, &persistent())
+        .await
+        .with_context(|| format!("creating {path}"))
 }
 
 fn parent(path: &str) -> &str {
@@ -121,10 +133,14 @@ fn parent(path: &str) -> &str {
     }
 }
 
-async fn read_json<T: serde::de::DeserializeOwned>(client: &zk::Client, path: &str) -> anyhow::Result<Option<(T, i32)>> {
+async fn read_json<T: serde::de::DeserializeOwned>(
+    client: &zk::Client,
+    path: &str,
+) -> anyhow::Result<Option<(T, i32)>> {
     match client.get_data(path).await {
         Ok((data, stat)) => {
-            let value = serde_json::from_slice(&data).with_context(|| format!("{path} does not hold the expected JSON"))?;
+            let value = serde_json::from_slice(&data)
+                .with_context(|| format!("{path} does not hold the expected JSON"))?;
             Ok(Some((value, stat.version)))
         }
         Err(zk::Error::NoNode) => Ok(None),
@@ -134,29 +150,44 @@ async fn read_json<T: serde::de::DeserializeOwned>(client: &zk::Client, path: &s
 
 /// Writes `value` to `path`: creates it when `expected` is `None`, else replaces the version
 /// `expected` of the node (failing if someone changed it in between).
-async fn write_json<T: Serialize>(client: &zk::Client, path: &str, value: &T, expected: Option<i32>) -> anyhow::Result<()> {
+async fn write_json<T: Serialize>(
+    client: &zk::Client,
+    path: &str,
+    value: &T,
+    expected: Option<i32>,
+) -> anyhow::Result<()> {
     let data = serde_json::to_vec(value)?;
     match expected {
         None => {
             ensure_dir(client, parent(path)).await?;
-            client.create(path, &data, &persistent()).await.with_context(|| format!("creating {path}"))?;
+            client
+                .create(path, &data, &persistent())
+                .await
+                .with_context(|| format!("creating {path}"))?;
         }
         Some(version) => {
-            client.set_data(path, &data, Some(version)).await.map_err(|e| match e {
-                zk::Error::BadVersion => anyhow::anyhow!("{path} changed concurrently; retry"),
-                e => anyhow::anyhow!("writing {path}: {e}"),
-            })?;
+            client
+                .set_data(path, &data, Some(version))
+                .await
+                .map_err(|e| match e {
+                    zk::Error::BadVersion => anyhow::anyhow!("{path} changed concurrently; retry"),
+                    e => anyhow::anyhow!("writing {path}: {e}"),
+                })?;
         }
     }
     Ok(())
 }
 
 /// The current partition map, or `None` when the cluster was never initialised.
-pub async fn get_partition_map(client: &zk::Client, layout: &Layout) -> anyhow::Result<Option<PartitionMap>> {
+pub async fn get_partition_map(
+    client: &zk::Client,
+    layout: &Layout,
+) -> anyhow::Result<Option<PartitionMap>> {
     let map: Option<(PartitionMap, i32)> = read_json(client, &layout.partitions()).await?;
     match map {
         Some((map, _)) => {
-            map.check().with_context(|| format!("{} is invalid", layout.partitions()))?;
+            map.check()
+                .with_context(|| format!("{} is invalid", layout.partitions()))?;
             Ok(Some(map))
         }
         None => Ok(None),
@@ -164,35 +195,59 @@ pub async fn get_partition_map(client: &zk::Client, layout: &Layout) -> anyhow::
 }
 
 /// Replaces the Redis node list, bumping the map version. Creates the map (version 1) if absent.
-pub async fn set_redis_nodes(client: &zk::Client, layout: &Layout, nodes: &[String]) -> anyhow::Result<PartitionMap> {
+pub async fn set_redis_nodes(
+    client: &zk::Client,
+    layout: &Layout,
+    nodes: &[String],
+) -> anyhow::Result<PartitionMap> {
     let path = layout.partitions();
     let current: Option<(PartitionMap, i32)> = read_json(client, &path).await?;
-    let map = PartitionMap { version: current.as_ref().map_or(1, |(m, _)| m.version + 1), nodes: nodes.to_vec() };
+    let map = PartitionMap {
+        version: current.as_ref().map_or(1, |(m, _)| m.version + 1),
+        nodes: nodes.to_vec(),
+    };
     map.check()?;
     write_json(client, &path, &map, current.map(|(_, v)| v)).await?;
     Ok(map)
 }
 
 /// The SQL shard list, or `None` when never set.
-pub async fn get_sql_shards(client: &zk::Client, layout: &Layout) -> anyhow::Result<Option<SqlShards>> {
-    Ok(read_json::<SqlShards>(client, &layout.sql_shards()).await?.map(|(s, _)| s))
+pub async fn get_sql_shards(
+    client: &zk::Client,
+    layout: &Layout,
+) -> anyhow::Result<Option<SqlShards>> {
+    Ok(read_json::<SqlShards>(client, &layout.sql_shards())
+        .await?
+        .map(|(s, _)| s))
 }
 
 /// Replaces the SQL shard list, bumping its version. Creates it (version 1) if absent.
-pub async fn set_sql_shards(client: &zk::Client, layout: &Layout, shards: &[String]) -> anyhow::Result<SqlShards> {
+pub async fn set_sql_shards(
+    client: &zk::Client,
+    layout: &Layout,
+    shards: &[String],
+) -> anyhow::Result<SqlShards> {
     if shards.is_empty() || shards.iter().any(|s| s.trim().is_empty()) {
         bail!("the shard list needs at least one non-empty URL");
     }
     let path = layout.sql_shards();
     let current: Option<(SqlShards, i32)> = read_json(client, &path).await?;
-    let value = SqlShards { version: current.as_ref().map_or(1, |(s, _)| s.version + 1), shards: shards.to_vec() };
+    let value = SqlShards {
+        version: current.as_ref().map_or(1, |(s, _)| s.version + 1),
+        shards: shards.to_vec(),
+    };
     write_json(client, &path, &value, current.map(|(_, v)| v)).await?;
     Ok(value)
 }
 
 /// Creates the layout's directories (idempotent).
 pub async fn init_layout(client: &zk::Client, layout: &Layout) -> anyhow::Result<()> {
-    for dir in [format!("{}/redis", layout.root), format!("{}/sql", layout.root), format!("{}/engine", layout.root), layout.api_dir()] {
+    for dir in [
+        format!("{}/redis", layout.root),
+        format!("{}/sql", layout.root),
+        format!("{}/engine", layout.root),
+        layout.api_dir(),
+    ] {
         ensure_dir(client, &dir).await?;
     }
     Ok(())
@@ -204,9 +259,16 @@ fn ephemeral() -> zk::CreateOptions<'static> {
 
 /// Claims `{root}/engine/leader` with `address` as data. Returns `false` if another engine
 /// holds it. The node lives as long as `client`'s session.
-pub async fn claim_engine_leader(client: &zk::Client, layout: &Layout, address: &str) -> anyhow::Result<bool> {
+pub async fn claim_engine_leader(
+    client: &zk::Client,
+    layout: &Layout,
+    address: &str,
+) -> anyhow::Result<bool> {
     ensure_dir(client, &format!("{}/engine", layout.root)).await?;
-    match client.create(&layout.engine_leader(), address.as_bytes(), &ephemeral()).await {
+    match client
+        .create(&layout.engine_leader(), address.as_bytes(), &ephemeral())
+        .await
+    {
         Ok(_) => Ok(true),
         Err(zk::Error::NodeExists) => Ok(false),
         Err(e) => Err(anyhow::anyhow!("claiming the engine leader node: {e}")),
@@ -214,7 +276,11 @@ pub async fn claim_engine_leader(client: &zk::Client, layout: &Layout, address: 
 }
 
 /// Registers a running `serve` front end as `{root}/api/{address}` for the session's life.
-pub async fn register_api(client: &zk::Client, layout: &Layout, address: &str) -> anyhow::Result<()> {
+pub async fn register_api(
+    client: &zk::Client,
+    layout: &Layout,
+    address: &str,
+) -> anyhow::Result<()> {
     ensure_dir(client, &layout.api_dir()).await?;
     let path = format!("{}/{}", layout.api_dir(), address.replace('/', "_"));
     match client.create(&path, address.as_bytes(), &ephemeral()).await {
@@ -224,7 +290,10 @@ pub async fn register_api(client: &zk::Client, layout: &Layout, address: &str) -
 }
 
 /// The engine leader's address, if any, and the registered front ends.
-pub async fn get_registrations(client: &zk::Client, layout: &Layout) -> anyhow::Result<(Option<String>, Vec<String>)> {
+pub async fn get_registrations(
+    client: &zk::Client,
+    layout: &Layout,
+) -> anyhow::Result<(Option<String>, Vec<String>)> {
     let leader = match client.get_data(&layout.engine_leader()).await {
         Ok((data, _)) => Some(String::from_utf8_lossy(&data).into_owned()),
         Err(zk::Error::NoNode) => None,
@@ -244,7 +313,11 @@ pub async fn get_registrations(client: &zk::Client, layout: &Layout) -> anyhow::
 /// Keeps `sender` holding the newest partition map: a ZooKeeper data watch for prompt changes,
 /// plus a periodic re-read. While ZooKeeper is unreachable the last map stays in place and the
 /// connection is retried with backoff. Runs until every receiver is dropped.
-pub async fn watch_partition_map(address: String, layout: Layout, sender: watch::Sender<PartitionMap>) {
+pub async fn watch_partition_map(
+    address: String,
+    layout: Layout,
+    sender: watch::Sender<PartitionMap>,
+) {
     let mut backoff = Duration::from_millis(100);
     let mut client: Option<zk::Client> = None;
     while !sender.is_closed() {
@@ -264,7 +337,10 @@ pub async fn watch_partition_map(address: String, layout: Layout, sender: watch:
         match c.get_and_watch_data(&layout.partitions()).await {
             Ok((data, _, watcher)) => {
                 backoff = Duration::from_millis(100);
-                match serde_json::from_slice::<PartitionMap>(&data).map_err(anyhow::Error::from).and_then(|m| m.check().map(|_| m)) {
+                match serde_json::from_slice::<PartitionMap>(&data)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|m| m.check().map(|_| m))
+                {
                     Ok(map) => {
                         sender.send_if_modified(|current| {
                             if *current != map {

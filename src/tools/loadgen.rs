@@ -44,6 +44,13 @@ pub struct LoadgenArgs {
     pub raw_path: Option<String>,
     #[arg(long)]
     pub json: bool,
+    /// Mint bearer tokens with this HS256 secret: an admin token for --setup and one per
+    /// account (sub = the debit account) for transfers.
+    #[arg(long, env = "WALLET_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM CA certificate to trust for https:// URLs.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
     /// Write the histogram (.hgrm) and a latency-by-percentile chart (.svg) here.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -64,32 +71,81 @@ pub struct LoadgenReport {
     pub batch: usize,
 }
 
-fn host_port(url: &str) -> anyhow::Result<String> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| anyhow::anyhow!("--url must start with http://"))?;
-    Ok(rest.split('/').next().unwrap_or(rest).to_string())
+/// Where to connect: host:port, and a TLS connector for https:// URLs.
+#[derive(Clone)]
+struct Target {
+    host: String,
+    tls: Option<(tokio_rustls::TlsConnector, tokio_rustls::rustls::pki_types::ServerName<'static>)>,
+}
+
+fn target(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Target> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let (tls, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(rest), _) => (false, rest),
+        (_, Some(rest)) => (true, rest),
+        _ => anyhow::bail!("--url must start with http:// or https://"),
+    };
+    let host = rest.split('/').next().unwrap_or(rest).to_string();
+    if !tls {
+        return Ok(Target { host, tls: None });
+    }
+    let ca = ca.ok_or_else(|| anyhow::anyhow!("https:// needs --ca with the server's CA certificate"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)? {
+        roots.add(cert?)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(&host).to_string();
+    let server_name = rustls::pki_types::ServerName::try_from(name)?;
+    Ok(Target { host, tls: Some((tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)), server_name)) })
 }
 
 struct Client {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-    host: String,
+    target: Target,
 }
 
 impl Client {
-    async fn connect(host: &str) -> anyhow::Result<Client> {
-        let stream = tokio::net::TcpStream::connect(host).await?;
+    async fn connect(target: &Target) -> anyhow::Result<Client> {
+        let stream = tokio::net::TcpStream::connect(&target.host).await?;
         stream.set_nodelay(true)?;
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(connection);
-        Ok(Client { sender, host: host.to_string() })
+        let sender = match &target.tls {
+            None => {
+                let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(connection);
+                sender
+            }
+            Some((connector, name)) => {
+                let stream = connector.connect(name.clone(), stream).await?;
+                let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(connection);
+                sender
+            }
+        };
+        Ok(Client { sender, target: target.clone() })
     }
 
-    async fn send(&mut self, method: &str, path: &str, body: Option<String>) -> anyhow::Result<(u16, Bytes)> {
+    async fn send_as(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+        token: Option<&str>,
+    ) -> anyhow::Result<(u16, Bytes)> {
         if self.sender.ready().await.is_err() {
-            *self = Client::connect(&self.host).await?;
+            *self = Client::connect(&self.target).await?;
         }
-        let mut builder = Request::builder().method(method).uri(path).header("host", &self.host);
+        let mut builder = Request::builder().method(method).uri(path).header("host", &self.target.host);
         if body.is_some() {
             builder = builder.header("content-type", "application/json");
+        }
+        if let Some(token) = token {
+            builder = builder.header("authorization", format!("Bearer {token}"));
         }
         let request = builder.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
         let response = self.sender.send_request(request).await?;
@@ -109,6 +165,10 @@ fn uuid(rng: &mut SplitMix) -> String {
 
 fn transfer_body(rng: &mut SplitMix, accounts: u64) -> String {
     let from = rng.next_u64() % accounts;
+    transfer_from(rng, accounts, from)
+}
+
+fn transfer_from(rng: &mut SplitMix, accounts: u64, from: u64) -> String {
     let mut to = rng.next_u64() % accounts;
     if to == from {
         to = (to + 1) % accounts;
@@ -121,15 +181,17 @@ fn transfer_body(rng: &mut SplitMix, accounts: u64) -> String {
     )
 }
 
-async fn setup(args: &LoadgenArgs, host: &str) -> anyhow::Result<()> {
+async fn setup(args: &LoadgenArgs, host: &Target, admin: Option<String>) -> anyhow::Result<()> {
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for worker in 0..args.connections.clamp(1, 32) {
         let next = next.clone();
-        let host = host.to_string();
+        let host = host.clone();
         let accounts = u64::from(args.accounts);
         let seed = args.seed;
+        let admin = admin.clone();
         tasks.push(tokio::spawn(async move {
+            let token = admin.as_deref();
             let mut client = Client::connect(&host).await?;
             let mut rng = SplitMix::new(seed ^ 0x5E7 ^ worker as u64);
             loop {
@@ -137,16 +199,15 @@ async fn setup(args: &LoadgenArgs, host: &str) -> anyhow::Result<()> {
                 if i >= accounts {
                     return anyhow::Ok(());
                 }
-                let (status, _) = client
-                    .send("POST", "/v1/wallet/accounts", Some(format!(r#"{{"account_id":"{}"}}"#, account(i))))
-                    .await?;
+                let open = format!(r#"{{"account_id":"{}"}}"#, account(i));
+                let (status, _) = client.send_as("POST", "/v1/wallet/accounts", Some(open), token).await?;
                 anyhow::ensure!(status == 201 || status == 409, "opening {} answered {status}", account(i));
                 let body = format!(
                     r#"{{"account_id":"{}","amount":"1000000000.00","currency":"USD","transaction_id":"{}"}}"#,
                     account(i),
                     uuid(&mut rng)
                 );
-                let (status, _) = client.send("POST", "/v1/wallet/deposit", Some(body)).await?;
+                let (status, _) = client.send_as("POST", "/v1/wallet/deposit", Some(body), token).await?;
                 anyhow::ensure!(status == 200, "deposit into {} answered {status}", account(i));
             }
         }));
@@ -160,9 +221,22 @@ async fn setup(args: &LoadgenArgs, host: &str) -> anyhow::Result<()> {
 pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
     anyhow::ensure!(args.connections >= 1, "--connections must be at least 1");
     anyhow::ensure!((1..=8192).contains(&args.batch), "--batch must be within 1..=8192");
-    let host = host_port(&args.url)?;
+    let host = target(&args.url, args.ca.as_deref())?;
+    let ttl = Duration::from_secs(args.duration + 3600);
+    let tokens: Option<Arc<Vec<String>>> = match &args.jwt_secret {
+        Some(secret) => Some(Arc::new(
+            (0..u64::from(args.accounts).max(2))
+                .map(|i| crate::api::auth::mint(secret.as_bytes(), &account(i), "wallet:transfer wallet:read", ttl))
+                .collect::<anyhow::Result<_>>()?,
+        )),
+        None => None,
+    };
     if args.setup {
-        setup(args, &host).await?;
+        let admin = match &args.jwt_secret {
+            Some(secret) => Some(crate::api::auth::mint(secret.as_bytes(), "loadgen-admin", "wallet:admin", ttl)?),
+            None => None,
+        };
+        setup(args, &host, admin).await?;
     }
     let requests_per_sec = args.rate as f64 / args.batch as f64;
     let interval_ns = if args.rate == 0 { 0.0 } else { 1e9 / requests_per_sec };
@@ -174,6 +248,7 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
         let next = next.clone();
         let host = host.clone();
         let args = args.clone();
+        let tokens = tokens.clone();
         tasks.push(tokio::spawn(async move {
             let mut client = Client::connect(&host).await?;
             let mut rng = SplitMix::new(args.seed.wrapping_mul(31).wrapping_add(worker as u64 + 1));
@@ -192,17 +267,23 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
                     break;
                 }
                 tokio::time::sleep_until(intended.into()).await;
+                // With tokens, a whole request debits one account (owners move only their own
+                // money), so a batch is many transfers out of one account.
+                let from = rng.next_u64() % accounts;
+                let token = tokens.as_ref().map(|t| t[from as usize].as_str());
                 let (method, path, body) = match &args.raw_path {
                     Some(p) => ("GET", p.clone(), None),
                     None if args.batch == 1 => {
-                        ("POST", "/v1/wallet/balance_transfer".to_string(), Some(transfer_body(&mut rng, accounts)))
+                        ("POST", "/v1/wallet/balance_transfer".to_string(), Some(transfer_from(&mut rng, accounts, from)))
                     }
                     None => {
-                        let items: Vec<String> = (0..args.batch).map(|_| transfer_body(&mut rng, accounts)).collect();
+                        let items: Vec<String> = (0..args.batch)
+                            .map(|_| if token.is_some() { transfer_from(&mut rng, accounts, from) } else { transfer_body(&mut rng, accounts) })
+                            .collect();
                         ("POST", "/v1/wallet/balance_transfers".to_string(), Some(format!(r#"{{"transfers":[{}]}}"#, items.join(","))))
                     }
                 };
-                match client.send(method, &path, body).await {
+                match client.send_as(method, &path, body, token).await {
                     Ok((status, _)) => *statuses.entry(status).or_default() += 1,
                     Err(_) => errors += 1,
                 }

@@ -103,11 +103,13 @@ impl Response {
 pub struct Client {
     address: String,
     stream: Option<TcpStream>,
+    /// Sent as `Authorization: Bearer ...` when set.
+    pub token: Option<String>,
 }
 
 impl Client {
     pub fn connect(address: &str) -> Client {
-        Client { address: address.to_string(), stream: None }
+        Client { address: address.to_string(), stream: None, token: None }
     }
 
     pub fn get(&mut self, path: &str) -> Response {
@@ -155,8 +157,9 @@ impl Client {
     fn try_request(&mut self, method: &str, path: &str, body: Option<&[u8]>, content_type: &str) -> std::io::Result<Response> {
         let stream = self.stream.as_mut().expect("connected");
         let body = body.unwrap_or_default();
+        let authorization = self.token.as_ref().map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: test\r\n{authorization}Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
         stream.write_all(head.as_bytes())?;

@@ -1,0 +1,155 @@
+//! Authentication (JWT bearer tokens) and the authorization rules of the wallet API.
+//!
+//! Only the configured algorithm is accepted (never `none`, never a switch from an asymmetric
+//! key to HMAC), `exp` is required, with a small leeway for clock skew.
+
+use std::path::Path;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+/// Clock skew tolerated on `exp`, in seconds.
+pub const LEEWAY_SECONDS: u64 = 10;
+
+pub const SCOPE_TRANSFER: &str = "wallet:transfer";
+pub const SCOPE_READ: &str = "wallet:read";
+pub const SCOPE_ADMIN: &str = "wallet:admin";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    /// Space-separated scopes.
+    #[serde(default)]
+    pub scope: String,
+    pub exp: u64,
+}
+
+pub enum Auth {
+    /// No authentication (loopback only): every caller may do everything.
+    None,
+    Jwt { key: DecodingKey, validation: Validation },
+}
+
+/// Who is calling and what they may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub sub: String,
+    pub transfer: bool,
+    pub read: bool,
+    pub admin: bool,
+}
+
+impl Caller {
+    pub fn unauthenticated(peer: &str) -> Caller {
+        Caller { sub: format!("anonymous@{peer}"), transfer: true, read: true, admin: true }
+    }
+
+    /// May move money out of `account`.
+    pub fn may_debit(&self, account: &str) -> bool {
+        self.admin || (self.transfer && self.sub == account)
+    }
+
+    /// May read `account`'s balances and history.
+    pub fn may_read(&self, account: &str) -> bool {
+        self.admin || ((self.read || self.transfer) && self.sub == account)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthError {
+    Missing,
+    Malformed,
+    Invalid(String),
+}
+
+impl std::fmt::Display for AuthError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuthError::Missing => f.write_str("missing bearer token"),
+            AuthError::Malformed => f.write_str("malformed Authorization header"),
+            AuthError::Invalid(reason) => write!(f, "invalid token: {reason}"),
+        }
+    }
+}
+
+impl Auth {
+    pub fn hs256(secret: &[u8]) -> Auth {
+        Auth::Jwt { key: DecodingKey::from_secret(secret), validation: validation(Algorithm::HS256) }
+    }
+
+    /// An RS256 or EdDSA public key in PEM, chosen by what the file holds.
+    pub fn public_key(path: &Path) -> anyhow::Result<Auth> {
+        let pem = std::fs::read(path)?;
+        if let Ok(key) = DecodingKey::from_ed_pem(&pem) {
+            return Ok(Auth::Jwt { key, validation: validation(Algorithm::EdDSA) });
+        }
+        let key = DecodingKey::from_rsa_pem(&pem)
+            .map_err(|e| anyhow::anyhow!("{}: neither an Ed25519 nor an RSA public key: {e}", path.display()))?;
+        Ok(Auth::Jwt { key, validation: validation(Algorithm::RS256) })
+    }
+
+    pub fn is_none(&self) -> bool {
+        matches!(self, Auth::None)
+    }
+
+    /// Checks the `Authorization` header value.
+    pub fn authenticate(&self, header: Option<&str>, peer: &str) -> Result<Caller, AuthError> {
+        let (key, validation) = match self {
+            Auth::None => return Ok(Caller::unauthenticated(peer)),
+            Auth::Jwt { key, validation } => (key, validation),
+        };
+        let header = header.ok_or(AuthError::Missing)?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .filter(|t| !t.is_empty() && !t.contains(' '))
+            .ok_or(AuthError::Malformed)?;
+        let data = jsonwebtoken::decode::<Claims>(token, key, validation)
+            .map_err(|e| AuthError::Invalid(e.kind().to_owned_reason()))?;
+        let claims = data.claims;
+        if crate::core::AccountId::new(&claims.sub).is_err() {
+            return Err(AuthError::Invalid("sub is not an account id".into()));
+        }
+        let scopes: Vec<&str> = claims.scope.split_whitespace().collect();
+        Ok(Caller {
+            transfer: scopes.contains(&SCOPE_TRANSFER),
+            read: scopes.contains(&SCOPE_READ),
+            admin: scopes.contains(&SCOPE_ADMIN),
+            sub: claims.sub,
+        })
+    }
+}
+
+trait Reason {
+    fn to_owned_reason(&self) -> String;
+}
+
+impl Reason for jsonwebtoken::errors::ErrorKind {
+    fn to_owned_reason(&self) -> String {
+        use jsonwebtoken::errors::ErrorKind as K;
+        match self {
+            K::ExpiredSignature => "expired".into(),
+            K::InvalidSignature => "bad signature".into(),
+            K::InvalidAlgorithm => "algorithm not accepted".into(),
+            K::MissingRequiredClaim(c) => format!("missing claim {c}"),
+            K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => "not a well-formed JWT".into(),
+            other => format!("{other:?}"),
+        }
+    }
+}
+
+fn validation(algorithm: Algorithm) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.algorithms = vec![algorithm];
+    validation.leeway = LEEWAY_SECONDS;
+    validation.validate_exp = true;
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    validation
+}
+
+/// Mints an HS256 token (development and load tests).
+pub fn mint(secret: &[u8], sub: &str, scope: &str, ttl: std::time::Duration) -> anyhow::Result<String> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let claims = Claims { sub: sub.to_string(), scope: scope.to_string(), exp: now + ttl.as_secs() };
+    Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret))?)
+}

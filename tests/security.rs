@@ -1,0 +1,259 @@
+//! Authentication, authorization (no BOLA), abuse limits, hostile clients and TLS.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{Client, Server, transfer_body, uuid};
+use serde_json::json;
+
+const SECRET: &str = "test-secret-of-at-least-32-bytes-long!";
+
+fn token(sub: &str, scope: &str) -> String {
+    wallet::api::auth::mint(SECRET.as_bytes(), sub, scope, Duration::from_secs(600)).unwrap()
+}
+
+fn as_caller(server: &Server, token: Option<String>) -> Client {
+    let mut c = server.client();
+    c.token = token;
+    c
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            let _ = out.write_char(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+fn start(dir: &std::path::Path, extra: &[&str]) -> Server {
+    let mut args = vec!["--jwt-secret", SECRET];
+    args.extend_from_slice(extra);
+    Server::start(dir, &args)
+}
+
+fn balance(server: &Server, account: &str) -> i64 {
+    let mut admin = as_caller(server, Some(token("ops", "wallet:admin")));
+    common::balance_cents(&mut admin, account)
+}
+
+#[test]
+fn owners_move_and_read_only_their_own_money() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let mut admin = as_caller(&server, Some(token("ops", "wallet:admin")));
+    for a in ["alice", "bob", "carol"] {
+        common::open(&mut admin, a);
+    }
+    common::deposit(&mut admin, "alice", "100.00");
+    common::deposit(&mut admin, "bob", "100.00");
+
+    // BOLA: alice's token, bob's money: 403 and nothing moves.
+    let mut alice = as_caller(&server, Some(token("alice", "wallet:transfer")));
+    let r = alice.post("/v1/wallet/balance_transfer", &transfer_body("bob", "alice", "50.00", &uuid()));
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(balance(&server, "bob"), 10_000);
+    let r = alice.post("/v1/wallet/balance_transfers", &json!({"transfers": [
+        transfer_body("alice", "carol", "1.00", &uuid()),
+        transfer_body("bob", "carol", "1.00", &uuid()),
+    ]}));
+    assert_eq!(r.status, 403, "a batch with one foreign debit is refused whole");
+    assert_eq!(balance(&server, "carol"), 0);
+
+    // Her own money: fine.
+    let id = uuid();
+    let r = alice.post("/v1/wallet/balance_transfer", &transfer_body("alice", "bob", "10.00", &id));
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // Reads: own account yes; another's no (403 whether or not it exists).
+    assert_eq!(alice.get("/v1/wallet/accounts/alice").status, 200);
+    assert_eq!(alice.get("/v1/wallet/accounts/bob").status, 403);
+    assert_eq!(alice.get("/v1/wallet/accounts/nobody").status, 403);
+    assert_eq!(alice.get("/v1/wallet/accounts/bob/history").status, 403);
+    // A transfer's status is visible to its two parties only; to others it does not exist.
+    let mut bob = as_caller(&server, Some(token("bob", "wallet:read")));
+    assert_eq!(bob.get(&format!("/v1/wallet/balance_transfer/{id}")).status, 200);
+    let mut carol = as_caller(&server, Some(token("carol", "wallet:read")));
+    assert_eq!(carol.get(&format!("/v1/wallet/balance_transfer/{id}")).status, 404);
+    // Read scope cannot transfer; transfer scope cannot deposit; only admin reads the stream.
+    let r = bob.post("/v1/wallet/balance_transfer", &transfer_body("bob", "alice", "1.00", &uuid()));
+    assert_eq!(r.status, 403);
+    let r = alice.post("/v1/wallet/deposit", &json!({"account_id": "alice", "amount": "5", "currency": "USD", "transaction_id": uuid()}));
+    assert_eq!(r.status, 403);
+    assert_eq!(alice.post("/v1/wallet/accounts", &json!({"account_id": "mallory"})).status, 403);
+    assert_eq!(alice.get("/v1/wallet/events?from_seq=1").status, 403);
+    assert_eq!(balance(&server, "alice"), 9_000);
+    assert!(server.stop().success());
+}
+
+#[test]
+fn bad_tokens_are_401() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let forged = wallet::api::auth::mint(b"another-secret-another-secret-xx", "alice", "wallet:admin", Duration::from_secs(600)).unwrap();
+    let header = b64(br#"{"alg":"none","typ":"JWT"}"#);
+    let claims = b64(format!(r#"{{"sub":"alice","scope":"wallet:admin","exp":{}}}"#, now + 600).as_bytes());
+    let alg_none = format!("{header}.{claims}.");
+    let expired = {
+        let claims = wallet::api::auth::Claims { sub: "alice".into(), scope: "wallet:admin".into(), exp: now - 3600 };
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+    };
+    let hs512 = {
+        let claims = wallet::api::auth::Claims { sub: "alice".into(), scope: "wallet:admin".into(), exp: now + 600 };
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS512),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    for (name, t) in [("forged", forged), ("alg none", alg_none), ("expired", expired), ("other algorithm", hs512), ("garbage", "abc.def".into())] {
+        let mut c = as_caller(&server, Some(t));
+        let r = c.get("/v1/wallet/accounts/alice");
+        assert_eq!(r.status, 401, "{name}: {}", r.body);
+        assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    }
+    let mut none = as_caller(&server, None);
+    assert_eq!(none.get("/v1/wallet/accounts/alice").status, 401);
+    let r = none.request("GET", "/healthz", None, "application/json");
+    assert_eq!(r.status, 200, "operations endpoints stay public");
+    assert!(server.stop().success());
+}
+
+#[test]
+fn rate_and_velocity_limits_answer_429_and_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &["--rate-limit-per-caller", "5", "--velocity-per-account", "2"]);
+    let mut admin = as_caller(&server, Some(token("ops", "wallet:admin")));
+    common::open(&mut admin, "alice");
+    common::open(&mut admin, "bob");
+    std::thread::sleep(Duration::from_millis(1100));
+    common::deposit(&mut admin, "alice", "100.00");
+
+    let mut alice = as_caller(&server, Some(token("alice", "wallet:transfer wallet:read")));
+    let statuses: Vec<u16> = (0..3)
+        .map(|_| alice.post("/v1/wallet/balance_transfer", &transfer_body("alice", "bob", "1.00", &uuid())).status)
+        .collect();
+    assert_eq!(statuses, [200, 200, 429], "velocity: 2 transfers out per second");
+    std::thread::sleep(Duration::from_millis(1100));
+    let mut limited = None;
+    for i in 0..10 {
+        let r = alice.get("/v1/wallet/accounts/alice");
+        if r.status == 429 {
+            limited = Some((i, r.header("retry-after").map(str::to_string), r.json()["error"]["code"].clone()));
+            break;
+        }
+    }
+    let (i, retry_after, code) = limited.expect("the per-caller limit answers 429");
+    assert!(i >= 4, "the first requests pass ({i})");
+    assert!(retry_after.is_some(), "429 carries Retry-After");
+    assert_eq!(code, "rate_limited");
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(alice.get("/v1/wallet/accounts/alice").status, 200, "recovers");
+    assert!(server.stop().success());
+}
+
+#[test]
+fn slowloris_and_connection_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--header-read-timeout-ms", "500", "--max-connections", "3"]);
+    // A client that sends its headers one byte at a time is cut off.
+    let mut slow = TcpStream::connect(&server.address).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let started = Instant::now();
+    let mut closed = false;
+    for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ".iter().cycle().take(200) {
+        if slow.write_all(&[*byte]).is_err() {
+            closed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        if started.elapsed() > Duration::from_secs(4) {
+            break;
+        }
+    }
+    if !closed {
+        let mut buffer = [0u8; 512];
+        closed = match slow.read(&mut buffer) {
+            Ok(0) => true,
+            Ok(_) => String::from_utf8_lossy(&buffer).contains("408"),
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        };
+    }
+    assert!(closed, "a slowloris connection is closed");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    drop(slow);
+    std::thread::sleep(Duration::from_millis(200));
+
+    // Over the connection limit: an immediate 503, not a queue.
+    let held: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(&server.address).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = TcpStream::connect(&server.address).unwrap();
+    extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let response = common::read_response(&mut extra).expect("an answer");
+    assert_eq!(response.status, 503);
+    assert!(response.header("retry-after").is_some());
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(server.client().get("/healthz").status, 200, "serves again below the limit");
+    assert!(server.stop().success());
+}
+
+#[test]
+fn non_loopback_without_auth_is_refused() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+        .args(["serve", "--listen", "0.0.0.0:0", "--pin-core", "-1", "--data-dir"])
+        .arg(tempfile::tempdir().unwrap().path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("without authentication"));
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+        .args(["serve", "--listen", "0.0.0.0:0", "--auth", "none", "--data-dir"])
+        .arg(tempfile::tempdir().unwrap().path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "--auth none is loopback only");
+}
+
+#[test]
+fn https_with_rustls_and_loadgen_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(
+        &data,
+        &["--tls-cert", cert_path.to_str().unwrap(), "--tls-key", key_path.to_str().unwrap()],
+    );
+    let port = server.address.rsplit(':').next().unwrap().to_string();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+        .args(["loadgen", "--url", &format!("https://localhost:{port}"), "--ca"])
+        .arg(&cert_path)
+        .args(["--setup", "--accounts", "10", "--connections", "2", "--duration", "1", "--rate", "200", "--json"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "loadgen: {}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(report["status_counts"]["200"].as_u64().unwrap_or(0) > 50, "{report}");
+    // Plain HTTP to a TLS port gets nothing useful.
+    let mut plain = server.client();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plain.get("/healthz").status));
+    assert!(!matches!(r, Ok(200)));
+    assert!(server.stop().success());
+}
