@@ -124,14 +124,20 @@ impl ServeArgs {
         let ms = std::time::Duration::from_millis;
         let auth = match (self.auth.as_str(), &self.jwt_secret, &self.jwt_public_key) {
             ("none", None, None) => Auth::None,
-            ("none", _, _) => anyhow::bail!("--auth none contradicts --jwt-secret/--jwt-public-key"),
-            (_, Some(_), Some(_)) => anyhow::bail!("give either --jwt-secret or --jwt-public-key, not both"),
+            ("none", _, _) => {
+                anyhow::bail!("--auth none contradicts --jwt-secret/--jwt-public-key")
+            }
+            (_, Some(_), Some(_)) => {
+                anyhow::bail!("give either --jwt-secret or --jwt-public-key, not both")
+            }
             ("jwt" | "auto", Some(secret), None) => {
                 anyhow::ensure!(secret.len() >= 32, "--jwt-secret must be at least 32 bytes");
                 Auth::hs256(secret.as_bytes())
             }
             ("jwt" | "auto", None, Some(path)) => Auth::public_key(path)?,
-            ("jwt", None, None) => anyhow::bail!("--auth jwt needs --jwt-secret or --jwt-public-key"),
+            ("jwt", None, None) => {
+                anyhow::bail!("--auth jwt needs --jwt-secret or --jwt-public-key")
+            }
             ("auto", None, None) => Auth::None,
             (other, _, _) => anyhow::bail!("unknown --auth {other:?}: use auto, jwt or none"),
         };
@@ -160,13 +166,16 @@ impl ServeArgs {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WALLET_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("WALLET_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -186,21 +195,33 @@ fn main() -> ExitCode {
             } else {
                 replay::print(&report);
             }
-            if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }),
         Commands::Serve(args) => args
             .config()
-            .and_then(|config| runtime().and_then(|rt| rt.block_on(wallet::api::run(config, args.listen))))
+            .and_then(|config| {
+                runtime().and_then(|rt| rt.block_on(wallet::api::run(config, args.listen)))
+            })
             .map(|_| ExitCode::SUCCESS),
         Commands::Token(args) => humantime::parse_duration(&args.ttl)
             .map_err(|e| anyhow::anyhow!("--ttl: {e}"))
-            .and_then(|ttl| wallet::api::auth::mint(args.jwt_secret.as_bytes(), &args.sub, &args.scope, ttl))
+            .and_then(|ttl| {
+                wallet::api::auth::mint(args.jwt_secret.as_bytes(), &args.sub, &args.scope, ttl)
+            })
             .map(|token| {
                 println!("{token}");
                 ExitCode::SUCCESS
             }),
-        Commands::Loadgen(args) => runtime().and_then(|rt| rt.block_on(wallet::tools::loadgen::run(&args))).map(|_| ExitCode::SUCCESS),
-        Commands::ServeFixed { listen } => runtime().and_then(|rt| rt.block_on(wallet::tools::loadgen::serve_fixed(listen))).map(|_| ExitCode::SUCCESS),
+        Commands::Loadgen(args) => runtime()
+            .and_then(|rt| rt.block_on(wallet::tools::loadgen::run(&args)))
+            .map(|_| ExitCode::SUCCESS),
+        Commands::ServeFixed { listen } => runtime()
+            .and_then(|rt| rt.block_on(wallet::tools::loadgen::serve_fixed(listen)))
+            .map(|_| ExitCode::SUCCESS),
         Commands::Cluster(args) => wallet::replicate::cli::run_cluster(args),
         Commands::Replicate(args) => wallet::replicate::cli::run_replicate(args),
         Commands::Reconcile(args) => wallet::replicate::cli::run_reconcile(args),

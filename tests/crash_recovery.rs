@@ -18,18 +18,36 @@ const DEPOSIT_CENTS: i64 = 100_000;
 fn events_from(client: &mut Client, from: u64) -> Vec<Value> {
     let r = client.get(&format!("/v1/wallet/events?from_seq={from}&limit=10000"));
     assert_eq!(r.status, 200);
-    r.body.lines().map(|l| serde_json::from_str(l).expect("ndjson")).collect()
+    r.body
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("ndjson"))
+        .collect()
 }
 
 #[test]
 fn kill_9_under_load_loses_no_acknowledged_transfer() {
-    let seed: u64 = std::env::var("WALLET_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5EED_CAFE);
+    let seed: u64 = std::env::var("WALLET_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5EED_CAFE);
     println!("crash test seed {seed} (set WALLET_CRASH_SEED to replay)");
     let mut rng = wallet::tools::rng::SplitMix::new(seed);
-    let dir = tempfile::Builder::new().prefix("wallet-crash-").tempdir().expect("tempdir");
+    let dir = tempfile::Builder::new()
+        .prefix("wallet-crash-")
+        .tempdir()
+        .expect("tempdir");
     let side_file_path = dir.path().join("acknowledged.txt");
     let data_dir = dir.path().join("data");
-    let args = ["--sync", "batch", "--checkpoint-every", "150", "--snapshot-every", "400", "--segment-size", "65536"];
+    let args = [
+        "--sync",
+        "batch",
+        "--checkpoint-every",
+        "150",
+        "--snapshot-every",
+        "400",
+        "--segment-size",
+        "65536",
+    ];
     let accounts: Vec<String> = (0..ACCOUNTS).map(|i| format!("crash-{i}")).collect();
     {
         let server = Server::start(&data_dir, &args);
@@ -49,12 +67,24 @@ fn kill_9_under_load_loses_no_acknowledged_transfer() {
         let mut c = server.client();
         for (id, status) in acknowledged.lock().unwrap().iter() {
             let r = c.get(&format!("/v1/wallet/balance_transfer/{id}"));
-            assert_eq!(r.status, 200, "cycle {cycle}: acknowledged {id} lost: {}", r.body);
-            let expected = if *status == 200 { "committed" } else { "rejected" };
+            assert_eq!(
+                r.status, 200,
+                "cycle {cycle}: acknowledged {id} lost: {}",
+                r.body
+            );
+            let expected = if *status == 200 {
+                "committed"
+            } else {
+                "rejected"
+            };
             assert_eq!(r.json()["status"], expected, "cycle {cycle}: {id}");
         }
         let total: i64 = accounts.iter().map(|a| balance_cents(&mut c, a)).sum();
-        assert_eq!(total, DEPOSIT_CENTS * ACCOUNTS as i64, "cycle {cycle}: total conserved");
+        assert_eq!(
+            total,
+            DEPOSIT_CENTS * ACCOUNTS as i64,
+            "cycle {cycle}: total conserved"
+        );
 
         // Load from 4 clients, then kill -9 at a random moment.
         let stop = Arc::new(AtomicBool::new(false));
@@ -71,7 +101,11 @@ fn kill_9_under_load_loses_no_acknowledged_transfer() {
                 while !stop.load(Ordering::Relaxed) {
                     let from = &accounts[(local.next_u64() % ACCOUNTS as u64) as usize];
                     let to = &accounts[(local.next_u64() % ACCOUNTS as u64) as usize];
-                    let amount = format!("{}.{:02}", local.next_u64() % 400, 1 + local.next_u64() % 99);
+                    let amount = format!(
+                        "{}.{:02}",
+                        local.next_u64() % 400,
+                        1 + local.next_u64() % 99
+                    );
                     let id = uuid();
                     let body = transfer_body(from, to, &amount, &id);
                     // A killed server shows up as an I/O error: stop quietly, that request was
@@ -115,16 +149,29 @@ fn kill_9_under_load_loses_no_acknowledged_transfer() {
         from = last["sequence"].as_u64().unwrap() + 1;
         for e in &events {
             if e["kind"] == "debited" {
-                *debits.entry(e["transaction_id"].as_str().unwrap().to_string()).or_default() += 1;
+                *debits
+                    .entry(e["transaction_id"].as_str().unwrap().to_string())
+                    .or_default() += 1;
             }
         }
     }
-    assert!(debits.values().all(|n| *n == 1), "a transaction id was applied twice");
+    assert!(
+        debits.values().all(|n| *n == 1),
+        "a transaction id was applied twice"
+    );
     let acknowledged = acknowledged.lock().unwrap();
     for (id, status) in acknowledged.iter() {
-        assert_eq!(debits.contains_key(id), *status == 200, "{id}: journal disagrees with its acknowledgement");
+        assert_eq!(
+            debits.contains_key(id),
+            *status == 200,
+            "{id}: journal disagrees with its acknowledgement"
+        );
     }
-    assert!(acknowledged.len() > 100, "the load acknowledged enough transfers ({})", acknowledged.len());
+    assert!(
+        acknowledged.len() > 100,
+        "the load acknowledged enough transfers ({})",
+        acknowledged.len()
+    );
     let total: i64 = accounts.iter().map(|a| balance_cents(&mut c, a)).sum();
     assert_eq!(total, DEPOSIT_CENTS * ACCOUNTS as i64);
     assert!(server.stop().success());

@@ -9,7 +9,10 @@ use common::{Client, Server, balance_cents, deposit, open, transfer_body, uuid};
 use serde_json::json;
 
 fn temp() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("wallet-http-").tempdir().expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("wallet-http-")
+        .tempdir()
+        .expect("tempdir")
 }
 
 #[test]
@@ -26,31 +29,55 @@ fn endpoints_and_error_paths() {
 
     // A committed transfer: 200 with the sequence and both resulting balances.
     let id = uuid();
-    let r = c.post("/v1/wallet/balance_transfer", &transfer_body("alice", "bob", "12.34", &id));
+    let r = c.post(
+        "/v1/wallet/balance_transfer",
+        &transfer_body("alice", "bob", "12.34", &id),
+    );
     assert_eq!(r.status, 200, "{}", r.body);
     let v = r.json();
     assert_eq!(v["status"], "committed");
     assert_eq!(v["transaction_id"], id.as_str());
     assert!(v["sequence"].as_u64().unwrap() > 0);
-    assert_eq!(v["balances"][0], json!({"account_id": "alice", "currency": "USD", "balance": "87.66"}));
-    assert_eq!(v["balances"][1], json!({"account_id": "bob", "currency": "USD", "balance": "12.34"}));
+    assert_eq!(
+        v["balances"][0],
+        json!({"account_id": "alice", "currency": "USD", "balance": "87.66"})
+    );
+    assert_eq!(
+        v["balances"][1],
+        json!({"account_id": "bob", "currency": "USD", "balance": "12.34"})
+    );
 
     // Retry with the same id and body: the original status and body, marked as replayed.
-    let again = c.post("/v1/wallet/balance_transfer", &transfer_body("alice", "bob", "12.34", &id));
+    let again = c.post(
+        "/v1/wallet/balance_transfer",
+        &transfer_body("alice", "bob", "12.34", &id),
+    );
     assert_eq!(again.status, 200);
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
     assert_eq!(again.json(), v);
     // Same id, other body: 409, nothing moves.
-    let conflict = c.post("/v1/wallet/balance_transfer", &transfer_body("alice", "bob", "1.00", &id));
+    let conflict = c.post(
+        "/v1/wallet/balance_transfer",
+        &transfer_body("alice", "bob", "1.00", &id),
+    );
     assert_eq!(conflict.status, 409);
     assert_eq!(conflict.json()["error"]["code"], "transaction_id_reused");
     assert_eq!(balance_cents(&mut c, "alice"), 8766);
 
     // Business rejections: 422 with the ledger's code; a rejection is final for its id.
     let cases = [
-        (transfer_body("alice", "bob", "1000.00", &uuid()), "insufficient_funds"),
-        (transfer_body("alice", "nobody", "1.00", &uuid()), "account_not_found"),
-        (transfer_body("alice", "alice", "1.00", &uuid()), "same_account"),
+        (
+            transfer_body("alice", "bob", "1000.00", &uuid()),
+            "insufficient_funds",
+        ),
+        (
+            transfer_body("alice", "nobody", "1.00", &uuid()),
+            "account_not_found",
+        ),
+        (
+            transfer_body("alice", "alice", "1.00", &uuid()),
+            "same_account",
+        ),
     ];
     for (body, code) in cases {
         let r = c.post("/v1/wallet/balance_transfer", &body);
@@ -60,50 +87,120 @@ fn endpoints_and_error_paths() {
 
     // Bad input: 400 naming the field; nothing changes.
     let bad = [
-        (json!({"from_account": "alice", "to_account": "bob", "amount": "1.234", "currency": "USD", "transaction_id": uuid()}), "amount"),
-        (json!({"from_account": "alice", "to_account": "bob", "amount": "-1", "currency": "USD", "transaction_id": uuid()}), "amount"),
-        (json!({"from_account": "alice", "to_account": "bob", "amount": "1e2", "currency": "USD", "transaction_id": uuid()}), "amount"),
-        (json!({"from_account": "alice", "to_account": "bob", "amount": "0", "currency": "USD", "transaction_id": uuid()}), "amount"),
-        (json!({"from_account": "alice", "to_account": "bob", "amount": 5, "currency": "USD", "transaction_id": uuid()}), "amount"),
-        (json!({"from_account": "alice", "to_account": "bob", "amount": "1", "currency": "XAU", "transaction_id": uuid()}), "currency"),
-        (json!({"from_account": "alice", "to_account": "bob", "amount": "1", "currency": "usd", "transaction_id": uuid()}), "currency"),
-        (json!({"from_account": "alice", "to_account": "bob", "amount": "1", "currency": "USD", "transaction_id": "not-a-uuid"}), "transaction_id"),
-        (json!({"from_account": "al ice", "to_account": "bob", "amount": "1", "currency": "USD", "transaction_id": uuid()}), "from_account"),
-        (json!({"from_account": "alice", "to_account": "b".repeat(65), "amount": "1", "currency": "USD", "transaction_id": uuid()}), "to_account"),
-        (json!({"from_account": "alice", "to_account": "bob", "amount": "1", "currency": "USD", "transaction_id": uuid(), "memo": "x"}), "memo"),
-        (json!({"to_account": "bob", "amount": "1", "currency": "USD", "transaction_id": uuid()}), "body"),
+        (
+            json!({"from_account": "alice", "to_account": "bob", "amount": "1.234", "currency": "USD", "transaction_id": uuid()}),
+            "amount",
+        ),
+        (
+            json!({"from_account": "alice", "to_account": "bob", "amount": "-1", "currency": "USD", "transaction_id": uuid()}),
+            "amount",
+        ),
+        (
+            json!({"from_account": "alice", "to_account": "bob", "amount": "1e2", "currency": "USD", "transaction_id": uuid()}),
+            "amount",
+        ),
+        (
+            json!({"from_account": "alice", "to_account": "bob", "amount": "0", "currency": "USD", "transaction_id": uuid()}),
+            "amount",
+        ),
+        (
+            json!({"from_account": "alice", "to_account": "bob", "amount": 5, "currency": "USD", "transaction_id": uuid()}),
+            "amount",
+        ),
+        (
+            json!({"from_account": "alice", "to_account": "bob", "amount": "1", "currency": "XAU", "transaction_id": uuid()}),
+            "currency",
+        ),
+        (
+            json!({"from_account": "alice", "to_account": "bob", "amount": "1", "currency": "usd", "transaction_id": uuid()}),
+            "currency",
+        ),
+        (
+            json!({"from_account": "alice", "to_account": "bob", "amount": "1", "currency": "USD", "transaction_id": "not-a-uuid"}),
+            "transaction_id",
+        ),
+        (
+            json!({"from_account": "al ice", "to_account": "bob", "amount": "1", "currency": "USD", "transaction_id": uuid()}),
+            "from_account",
+        ),
+        (
+            json!({"from_account": "alice", "to_account": "b".repeat(65), "amount": "1", "currency": "USD", "transaction_id": uuid()}),
+            "to_account",
+        ),
+        (
+            json!({"from_account": "alice", "to_account": "bob", "amount": "1", "currency": "USD", "transaction_id": uuid(), "memo": "x"}),
+            "memo",
+        ),
+        (
+            json!({"to_account": "bob", "amount": "1", "currency": "USD", "transaction_id": uuid()}),
+            "body",
+        ),
     ];
     for (body, field) in bad {
         let r = c.post("/v1/wallet/balance_transfer", &body);
         assert_eq!(r.status, 400, "{body}: {}", r.body);
-        let message = r.json()["error"]["message"].as_str().unwrap_or("").to_string();
-        assert!(message.contains(field) || field == "body", "{body}: message {message:?} should name {field}");
+        let message = r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        assert!(
+            message.contains(field) || field == "body",
+            "{body}: message {message:?} should name {field}"
+        );
     }
-    let r = c.request("POST", "/v1/wallet/balance_transfer", Some(b"{not json"), "application/json");
+    let r = c.request(
+        "POST",
+        "/v1/wallet/balance_transfer",
+        Some(b"{not json"),
+        "application/json",
+    );
     assert_eq!(r.status, 400);
-    let r = c.request("POST", "/v1/wallet/balance_transfer", Some(b"{}"), "text/plain");
+    let r = c.request(
+        "POST",
+        "/v1/wallet/balance_transfer",
+        Some(b"{}"),
+        "text/plain",
+    );
     assert_eq!(r.status, 415);
     let huge = format!(r#"{{"from_account":"{}"}}"#, "a".repeat(4096));
-    let r = c.request("POST", "/v1/wallet/balance_transfer", Some(huge.as_bytes()), "application/json");
+    let r = c.request(
+        "POST",
+        "/v1/wallet/balance_transfer",
+        Some(huge.as_bytes()),
+        "application/json",
+    );
     assert_eq!(r.status, 413);
     assert_eq!(c.get("/v1/wallet/nothing").status, 404);
     assert_eq!(c.get("/v1/wallet/balance_transfer").status, 405);
-    assert_eq!(balance_cents(&mut c, "alice"), 8766, "rejected requests changed nothing");
+    assert_eq!(
+        balance_cents(&mut c, "alice"),
+        8766,
+        "rejected requests changed nothing"
+    );
     assert_eq!(balance_cents(&mut c, "bob"), 1234);
 
     // Deposit and withdraw.
     let w = c.post("/v1/wallet/withdraw", &json!({"account_id": "bob", "amount": "0.34", "currency": "USD", "transaction_id": uuid()}));
     assert_eq!(w.status, 200, "{}", w.body);
     assert_eq!(w.json()["balance"], "12.00");
-    let w = c.post("/v1/wallet/withdraw", &json!({"account_id": "bob", "amount": "50", "currency": "USD", "transaction_id": uuid()}));
+    let w = c.post(
+        "/v1/wallet/withdraw",
+        &json!({"account_id": "bob", "amount": "50", "currency": "USD", "transaction_id": uuid()}),
+    );
     assert_eq!(w.status, 422);
-    let d = c.post("/v1/wallet/deposit", &json!({"account_id": "bob", "amount": "5", "currency": "JPY", "transaction_id": uuid()}));
+    let d = c.post(
+        "/v1/wallet/deposit",
+        &json!({"account_id": "bob", "amount": "5", "currency": "JPY", "transaction_id": uuid()}),
+    );
     assert_eq!(d.status, 200);
     assert_eq!(d.json()["balance"], "5");
 
     // Reads: account, history with running balances, status, events, read-your-writes.
     let account = c.get("/v1/wallet/accounts/bob").json();
-    assert_eq!(account["balances"], json!([{"currency": "JPY", "balance": "5"}, {"currency": "USD", "balance": "12.00"}]));
+    assert_eq!(
+        account["balances"],
+        json!([{"currency": "JPY", "balance": "5"}, {"currency": "USD", "balance": "12.00"}])
+    );
     assert_eq!(c.get("/v1/wallet/accounts/nobody").status, 404);
     assert_eq!(c.get("/v1/wallet/accounts/no%20body").status, 400);
     let history = c.get("/v1/wallet/accounts/alice/history?limit=10").json();
@@ -114,28 +211,54 @@ fn endpoints_and_error_paths() {
     assert_eq!(entries[1]["balance_after"], "87.66");
     assert_eq!(entries[1]["counterparty"], "bob");
     let after = entries[0]["sequence"].as_u64().unwrap();
-    let later = c.get(&format!("/v1/wallet/accounts/alice/history?after_seq={after}")).json();
+    let later = c
+        .get(&format!(
+            "/v1/wallet/accounts/alice/history?after_seq={after}"
+        ))
+        .json();
     assert_eq!(later["entries"].as_array().unwrap().len(), 1);
-    assert_eq!(c.get("/v1/wallet/accounts/alice/history?limit=abc").status, 400);
+    assert_eq!(
+        c.get("/v1/wallet/accounts/alice/history?limit=abc").status,
+        400
+    );
     let status = c.get(&format!("/v1/wallet/balance_transfer/{id}"));
     assert_eq!(status.status, 200);
     assert_eq!(status.json(), v);
-    assert_eq!(c.get(&format!("/v1/wallet/balance_transfer/{}", uuid())).status, 404);
+    assert_eq!(
+        c.get(&format!("/v1/wallet/balance_transfer/{}", uuid()))
+            .status,
+        404
+    );
     assert_eq!(c.get("/v1/wallet/balance_transfer/xyz").status, 400);
     let seq = v["sequence"].as_u64().unwrap();
     let r = c.get(&format!("/v1/wallet/accounts/alice?min_seq={seq}"));
     assert_eq!(r.status, 200);
     assert!(r.json()["sequence"].as_u64().unwrap() >= seq);
     let r = c.get("/v1/wallet/accounts/alice?min_seq=999999999");
-    assert_eq!(r.status, 503, "a view that cannot catch up answers 503, bounded");
+    assert_eq!(
+        r.status, 503,
+        "a view that cannot catch up answers 503, bounded"
+    );
 
     let events = c.get("/v1/wallet/events?from_seq=1");
     assert_eq!(events.status, 200);
     assert_eq!(events.header("content-type"), Some("application/x-ndjson"));
-    let lines: Vec<serde_json::Value> = events.body.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = events
+        .body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines[0]["kind"], "account_opened");
-    assert!(lines.windows(2).all(|w| w[1]["sequence"].as_u64() == Some(w[0]["sequence"].as_u64().unwrap() + 1)));
-    assert!(lines.iter().any(|l| l["kind"] == "debited" && l["transaction_id"] == id.as_str()));
+    assert!(
+        lines
+            .windows(2)
+            .all(|w| w[1]["sequence"].as_u64() == Some(w[0]["sequence"].as_u64().unwrap() + 1))
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["kind"] == "debited" && l["transaction_id"] == id.as_str())
+    );
     let tail = c.get("/v1/wallet/events?from_seq=999999&wait_ms=100");
     assert_eq!(tail.status, 200);
     assert!(tail.body.is_empty());
@@ -155,16 +278,30 @@ fn endpoints_and_error_paths() {
     assert_eq!(results[2]["http_status"], 409);
     let r = c.post("/v1/wallet/balance_transfers", &json!({"transfers": []}));
     assert_eq!(r.status, 400);
-    let r = c.post("/v1/wallet/balance_transfers", &json!({"transfers": [transfer_body("alice", "bob", "x", &uuid())]}));
+    let r = c.post(
+        "/v1/wallet/balance_transfers",
+        &json!({"transfers": [transfer_body("alice", "bob", "x", &uuid())]}),
+    );
     assert_eq!(r.status, 400);
-    assert!(r.json()["error"]["field"].as_str().unwrap().contains("transfers[0].amount"));
+    assert!(
+        r.json()["error"]["field"]
+            .as_str()
+            .unwrap()
+            .contains("transfers[0].amount")
+    );
 
     // Operations endpoints.
     assert_eq!(c.get("/healthz").status, 200);
     assert_eq!(c.get("/readyz").status, 200);
     let metrics = c.get("/metrics");
     assert_eq!(metrics.status, 200);
-    for name in ["wallet_http_requests_total{route=\"transfer\",status=\"200\"}", "wallet_durable_sequence", "wallet_ring_depth", "wallet_journal_bytes", "wallet_http_request_duration_seconds_bucket"] {
+    for name in [
+        "wallet_http_requests_total{route=\"transfer\",status=\"200\"}",
+        "wallet_durable_sequence",
+        "wallet_ring_depth",
+        "wallet_journal_bytes",
+        "wallet_http_request_duration_seconds_bucket",
+    ] {
         assert!(metrics.body.contains(name), "metrics lack {name}");
     }
     let openapi = c.get("/v1/openapi.json");
@@ -175,15 +312,18 @@ fn endpoints_and_error_paths() {
 
 #[test]
 fn openapi_document_lists_exactly_the_server_routes() {
-    let document: serde_json::Value = serde_json::from_str(&wallet::api::openapi_json().unwrap()).unwrap();
+    let document: serde_json::Value =
+        serde_json::from_str(&wallet::api::openapi_json().unwrap()).unwrap();
     let mut documented: Vec<(String, String)> = Vec::new();
     for (path, item) in document["paths"].as_object().unwrap() {
         for method in item.as_object().unwrap().keys() {
             documented.push((method.to_uppercase(), path.clone()));
         }
     }
-    let mut served: Vec<(String, String)> =
-        wallet::api::routes::ROUTES.iter().map(|r| (r.method.to_string(), r.path.to_string())).collect();
+    let mut served: Vec<(String, String)> = wallet::api::routes::ROUTES
+        .iter()
+        .map(|r| (r.method.to_string(), r.path.to_string()))
+        .collect();
     documented.sort();
     served.sort();
     assert_eq!(documented, served);
@@ -218,7 +358,10 @@ fn bank_total_is_conserved_under_concurrency() {
                     continue;
                 }
                 let amount = format!("{}.{:02}", 1 + (w + i) % 300, i % 100);
-                let r = client.post("/v1/wallet/balance_transfer", &transfer_body(from, to, &amount, &uuid()));
+                let r = client.post(
+                    "/v1/wallet/balance_transfer",
+                    &transfer_body(from, to, &amount, &uuid()),
+                );
                 match r.status {
                     200 => outcomes[0] += 1,
                     422 => outcomes[1] += 1,
@@ -280,7 +423,9 @@ fn check_bank_stream(body: &str, total: i64) -> usize {
     let mut deposited = 0;
     for line in body.lines() {
         let e: serde_json::Value = serde_json::from_str(line).unwrap();
-        if let (Some(account), Some(after)) = (e["account_id"].as_str(), e["balance_after"].as_str()) {
+        if let (Some(account), Some(after)) =
+            (e["account_id"].as_str(), e["balance_after"].as_str())
+        {
             let after = common::cents(after);
             assert!(after >= 0, "negative balance at sequence {}", e["sequence"]);
             balances.insert(account.to_string(), after);
@@ -290,7 +435,12 @@ fn check_bank_stream(body: &str, total: i64) -> usize {
             if e["kind"] == "credited" {
                 transfers += 1;
                 assert_eq!(deposited, 10, "transfers start after the deposits");
-                assert_eq!(balances.values().sum::<i64>(), total, "total at sequence {}", e["sequence"]);
+                assert_eq!(
+                    balances.values().sum::<i64>(),
+                    total,
+                    "total at sequence {}",
+                    e["sequence"]
+                );
             }
         }
     }
@@ -317,15 +467,25 @@ fn one_transaction_id_from_16_clients_applies_once() {
                     let mut client = Client::connect(&address);
                     client.get("/healthz");
                     barrier.wait();
-                    let r = client.post("/v1/wallet/balance_transfer", &transfer_body("src", "dst", "1.00", &id));
+                    let r = client.post(
+                        "/v1/wallet/balance_transfer",
+                        &transfer_body("src", "dst", "1.00", &id),
+                    );
                     let replayed = r.header("idempotent-replayed").is_some();
                     (r.status, r.json(), replayed)
                 })
             })
             .collect();
         let answers: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        assert!(answers.iter().all(|a| a.0 == 200 && a.1 == answers[0].1), "all 16 get the same answer");
-        assert_eq!(answers.iter().filter(|a| !a.2).count(), 1, "exactly one execution");
+        assert!(
+            answers.iter().all(|a| a.0 == 200 && a.1 == answers[0].1),
+            "all 16 get the same answer"
+        );
+        assert_eq!(
+            answers.iter().filter(|a| !a.2).count(),
+            1,
+            "exactly one execution"
+        );
         assert_eq!(balance_cents(&mut c, "dst"), 100 * (round + 1));
     }
     assert!(server.stop().success());
@@ -340,7 +500,10 @@ fn restart_keeps_balances_history_and_remembered_ids() {
     open(&mut c, "b");
     deposit(&mut c, "a", "50.00");
     let id = uuid();
-    let first = c.post("/v1/wallet/balance_transfer", &transfer_body("a", "b", "20.00", &id));
+    let first = c.post(
+        "/v1/wallet/balance_transfer",
+        &transfer_body("a", "b", "20.00", &id),
+    );
     assert_eq!(first.status, 200);
     let history = c.get("/v1/wallet/accounts/a/history").json();
     let account = c.get("/v1/wallet/accounts/b").json();
@@ -350,11 +513,21 @@ fn restart_keeps_balances_history_and_remembered_ids() {
     let mut c = server.client();
     assert_eq!(c.get("/v1/wallet/accounts/a/history").json(), history);
     assert_eq!(c.get("/v1/wallet/accounts/b").json(), account);
-    let again = c.post("/v1/wallet/balance_transfer", &transfer_body("a", "b", "20.00", &id));
+    let again = c.post(
+        "/v1/wallet/balance_transfer",
+        &transfer_body("a", "b", "20.00", &id),
+    );
     assert_eq!(again.status, 200);
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
     assert_eq!(again.json(), first.json());
-    assert_eq!(c.post("/v1/wallet/balance_transfer", &transfer_body("a", "b", "21.00", &id)).status, 409);
+    assert_eq!(
+        c.post(
+            "/v1/wallet/balance_transfer",
+            &transfer_body("a", "b", "21.00", &id)
+        )
+        .status,
+        409
+    );
     assert_eq!(balance_cents(&mut c, "b"), 2000);
     assert!(server.stop().success());
 }
@@ -364,7 +537,14 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
     let dir = temp();
     let server = Server::start(dir.path(), &[]);
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--pin-core", "-1", "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--pin-core",
+            "-1",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .output()
         .expect("run");

@@ -26,7 +26,11 @@ fn b64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..=chunk.len() {
             let _ = out.write_char(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
@@ -59,19 +63,31 @@ fn owners_move_and_read_only_their_own_money() {
 
     // BOLA: alice's token, bob's money: 403 and nothing moves.
     let mut alice = as_caller(&server, Some(token("alice", "wallet:transfer")));
-    let r = alice.post("/v1/wallet/balance_transfer", &transfer_body("bob", "alice", "50.00", &uuid()));
+    let r = alice.post(
+        "/v1/wallet/balance_transfer",
+        &transfer_body("bob", "alice", "50.00", &uuid()),
+    );
     assert_eq!(r.status, 403, "{}", r.body);
     assert_eq!(balance(&server, "bob"), 10_000);
-    let r = alice.post("/v1/wallet/balance_transfers", &json!({"transfers": [
-        transfer_body("alice", "carol", "1.00", &uuid()),
-        transfer_body("bob", "carol", "1.00", &uuid()),
-    ]}));
-    assert_eq!(r.status, 403, "a batch with one foreign debit is refused whole");
+    let r = alice.post(
+        "/v1/wallet/balance_transfers",
+        &json!({"transfers": [
+            transfer_body("alice", "carol", "1.00", &uuid()),
+            transfer_body("bob", "carol", "1.00", &uuid()),
+        ]}),
+    );
+    assert_eq!(
+        r.status, 403,
+        "a batch with one foreign debit is refused whole"
+    );
     assert_eq!(balance(&server, "carol"), 0);
 
     // Her own money: fine.
     let id = uuid();
-    let r = alice.post("/v1/wallet/balance_transfer", &transfer_body("alice", "bob", "10.00", &id));
+    let r = alice.post(
+        "/v1/wallet/balance_transfer",
+        &transfer_body("alice", "bob", "10.00", &id),
+    );
     assert_eq!(r.status, 200, "{}", r.body);
 
     // Reads: own account yes; another's no (403 whether or not it exists).
@@ -81,15 +97,34 @@ fn owners_move_and_read_only_their_own_money() {
     assert_eq!(alice.get("/v1/wallet/accounts/bob/history").status, 403);
     // A transfer's status is visible to its two parties only; to others it does not exist.
     let mut bob = as_caller(&server, Some(token("bob", "wallet:read")));
-    assert_eq!(bob.get(&format!("/v1/wallet/balance_transfer/{id}")).status, 200);
+    assert_eq!(
+        bob.get(&format!("/v1/wallet/balance_transfer/{id}")).status,
+        200
+    );
     let mut carol = as_caller(&server, Some(token("carol", "wallet:read")));
-    assert_eq!(carol.get(&format!("/v1/wallet/balance_transfer/{id}")).status, 404);
+    assert_eq!(
+        carol
+            .get(&format!("/v1/wallet/balance_transfer/{id}"))
+            .status,
+        404
+    );
     // Read scope cannot transfer; transfer scope cannot deposit; only admin reads the stream.
-    let r = bob.post("/v1/wallet/balance_transfer", &transfer_body("bob", "alice", "1.00", &uuid()));
+    let r = bob.post(
+        "/v1/wallet/balance_transfer",
+        &transfer_body("bob", "alice", "1.00", &uuid()),
+    );
     assert_eq!(r.status, 403);
-    let r = alice.post("/v1/wallet/deposit", &json!({"account_id": "alice", "amount": "5", "currency": "USD", "transaction_id": uuid()}));
+    let r = alice.post(
+        "/v1/wallet/deposit",
+        &json!({"account_id": "alice", "amount": "5", "currency": "USD", "transaction_id": uuid()}),
+    );
     assert_eq!(r.status, 403);
-    assert_eq!(alice.post("/v1/wallet/accounts", &json!({"account_id": "mallory"})).status, 403);
+    assert_eq!(
+        alice
+            .post("/v1/wallet/accounts", &json!({"account_id": "mallory"}))
+            .status,
+        403
+    );
     assert_eq!(alice.get("/v1/wallet/events?from_seq=1").status, 403);
     assert_eq!(balance(&server, "alice"), 9_000);
     assert!(server.stop().success());
@@ -99,17 +134,43 @@ fn owners_move_and_read_only_their_own_money() {
 fn bad_tokens_are_401() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), &[]);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    let forged = wallet::api::auth::mint(b"another-secret-another-secret-xx", "alice", "wallet:admin", Duration::from_secs(600)).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let forged = wallet::api::auth::mint(
+        b"another-secret-another-secret-xx",
+        "alice",
+        "wallet:admin",
+        Duration::from_secs(600),
+    )
+    .unwrap();
     let header = b64(br#"{"alg":"none","typ":"JWT"}"#);
-    let claims = b64(format!(r#"{{"sub":"alice","scope":"wallet:admin","exp":{}}}"#, now + 600).as_bytes());
+    let claims = b64(format!(
+        r#"{{"sub":"alice","scope":"wallet:admin","exp":{}}}"#,
+        now + 600
+    )
+    .as_bytes());
     let alg_none = format!("{header}.{claims}.");
     let expired = {
-        let claims = wallet::api::auth::Claims { sub: "alice".into(), scope: "wallet:admin".into(), exp: now - 3600 };
-        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+        let claims = wallet::api::auth::Claims {
+            sub: "alice".into(),
+            scope: "wallet:admin".into(),
+            exp: now - 3600,
+        };
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
     };
     let hs512 = {
-        let claims = wallet::api::auth::Claims { sub: "alice".into(), scope: "wallet:admin".into(), exp: now + 600 };
+        let claims = wallet::api::auth::Claims {
+            sub: "alice".into(),
+            scope: "wallet:admin".into(),
+            exp: now + 600,
+        };
         jsonwebtoken::encode(
             &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS512),
             &claims,
@@ -117,7 +178,13 @@ fn bad_tokens_are_401() {
         )
         .unwrap()
     };
-    for (name, t) in [("forged", forged), ("alg none", alg_none), ("expired", expired), ("other algorithm", hs512), ("garbage", "abc.def".into())] {
+    for (name, t) in [
+        ("forged", forged),
+        ("alg none", alg_none),
+        ("expired", expired),
+        ("other algorithm", hs512),
+        ("garbage", "abc.def".into()),
+    ] {
         let mut c = as_caller(&server, Some(t));
         let r = c.get("/v1/wallet/accounts/alice");
         assert_eq!(r.status, 401, "{name}: {}", r.body);
@@ -133,7 +200,15 @@ fn bad_tokens_are_401() {
 #[test]
 fn rate_and_velocity_limits_answer_429_and_recover() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), &["--rate-limit-per-caller", "5", "--velocity-per-account", "2"]);
+    let server = start(
+        dir.path(),
+        &[
+            "--rate-limit-per-caller",
+            "5",
+            "--velocity-per-account",
+            "2",
+        ],
+    );
     let mut admin = as_caller(&server, Some(token("ops", "wallet:admin")));
     common::open(&mut admin, "alice");
     common::open(&mut admin, "bob");
@@ -142,15 +217,30 @@ fn rate_and_velocity_limits_answer_429_and_recover() {
 
     let mut alice = as_caller(&server, Some(token("alice", "wallet:transfer wallet:read")));
     let statuses: Vec<u16> = (0..3)
-        .map(|_| alice.post("/v1/wallet/balance_transfer", &transfer_body("alice", "bob", "1.00", &uuid())).status)
+        .map(|_| {
+            alice
+                .post(
+                    "/v1/wallet/balance_transfer",
+                    &transfer_body("alice", "bob", "1.00", &uuid()),
+                )
+                .status
+        })
         .collect();
-    assert_eq!(statuses, [200, 200, 429], "velocity: 2 transfers out per second");
+    assert_eq!(
+        statuses,
+        [200, 200, 429],
+        "velocity: 2 transfers out per second"
+    );
     std::thread::sleep(Duration::from_millis(1100));
     let mut limited = None;
     for i in 0..10 {
         let r = alice.get("/v1/wallet/accounts/alice");
         if r.status == 429 {
-            limited = Some((i, r.header("retry-after").map(str::to_string), r.json()["error"]["code"].clone()));
+            limited = Some((
+                i,
+                r.header("retry-after").map(str::to_string),
+                r.json()["error"]["code"].clone(),
+            ));
             break;
         }
     }
@@ -159,20 +249,31 @@ fn rate_and_velocity_limits_answer_429_and_recover() {
     assert!(retry_after.is_some(), "429 carries Retry-After");
     assert_eq!(code, "rate_limited");
     std::thread::sleep(Duration::from_millis(1100));
-    assert_eq!(alice.get("/v1/wallet/accounts/alice").status, 200, "recovers");
+    assert_eq!(
+        alice.get("/v1/wallet/accounts/alice").status,
+        200,
+        "recovers"
+    );
     assert!(server.stop().success());
 }
 
 #[test]
 fn slowloris_and_connection_limits() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &["--header-read-timeout-ms", "500", "--max-connections", "3"]);
+    let server = Server::start(
+        dir.path(),
+        &["--header-read-timeout-ms", "500", "--max-connections", "3"],
+    );
     // A client that sends its headers one byte at a time is cut off.
     let mut slow = TcpStream::connect(&server.address).unwrap();
     slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let started = Instant::now();
     let mut closed = false;
-    for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ".iter().cycle().take(200) {
+    for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: "
+        .iter()
+        .cycle()
+        .take(200)
+    {
         if slow.write_all(&[*byte]).is_err() {
             closed = true;
             break;
@@ -196,30 +297,52 @@ fn slowloris_and_connection_limits() {
     std::thread::sleep(Duration::from_millis(200));
 
     // Over the connection limit: an immediate 503, not a queue.
-    let held: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(&server.address).unwrap()).collect();
+    let held: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(&server.address).unwrap())
+        .collect();
     std::thread::sleep(Duration::from_millis(200));
     let mut extra = TcpStream::connect(&server.address).unwrap();
-    extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let response = common::read_response(&mut extra).expect("an answer");
     assert_eq!(response.status, 503);
     assert!(response.header("retry-after").is_some());
     drop(held);
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(server.client().get("/healthz").status, 200, "serves again below the limit");
+    assert_eq!(
+        server.client().get("/healthz").status,
+        200,
+        "serves again below the limit"
+    );
     assert!(server.stop().success());
 }
 
 #[test]
 fn non_loopback_without_auth_is_refused() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
-        .args(["serve", "--listen", "0.0.0.0:0", "--pin-core", "-1", "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--pin-core",
+            "-1",
+            "--data-dir",
+        ])
         .arg(tempfile::tempdir().unwrap().path())
         .output()
         .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("without authentication"));
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
-        .args(["serve", "--listen", "0.0.0.0:0", "--auth", "none", "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--auth",
+            "none",
+            "--data-dir",
+        ])
         .arg(tempfile::tempdir().unwrap().path())
         .output()
         .unwrap();
@@ -239,21 +362,51 @@ fn https_with_rustls_and_loadgen_over_tls() {
     let data = dir.path().join("data");
     let server = Server::start(
         &data,
-        &["--tls-cert", cert_path.to_str().unwrap(), "--tls-key", key_path.to_str().unwrap()],
+        &[
+            "--tls-cert",
+            cert_path.to_str().unwrap(),
+            "--tls-key",
+            key_path.to_str().unwrap(),
+        ],
     );
     let port = server.address.rsplit(':').next().unwrap().to_string();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
-        .args(["loadgen", "--url", &format!("https://localhost:{port}"), "--ca"])
+        .args([
+            "loadgen",
+            "--url",
+            &format!("https://localhost:{port}"),
+            "--ca",
+        ])
         .arg(&cert_path)
-        .args(["--setup", "--accounts", "10", "--connections", "2", "--duration", "1", "--rate", "200", "--json"])
+        .args([
+            "--setup",
+            "--accounts",
+            "10",
+            "--connections",
+            "2",
+            "--duration",
+            "1",
+            "--rate",
+            "200",
+            "--json",
+        ])
         .output()
         .unwrap();
-    assert!(output.status.success(), "loadgen: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "loadgen: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert!(report["status_counts"]["200"].as_u64().unwrap_or(0) > 50, "{report}");
+    assert!(
+        report["status_counts"]["200"].as_u64().unwrap_or(0) > 50,
+        "{report}"
+    );
     // Plain HTTP to a TLS port gets nothing useful.
     let mut plain = server.client();
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plain.get("/healthz").status));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        plain.get("/healthz").status
+    }));
     assert!(!matches!(r, Ok(200)));
     assert!(server.stop().success());
 }

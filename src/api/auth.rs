@@ -27,7 +27,10 @@ pub struct Claims {
 pub enum Auth {
     /// No authentication (loopback only): every caller may do everything.
     None,
-    Jwt { key: DecodingKey, validation: Validation },
+    Jwt {
+        key: Box<DecodingKey>,
+        validation: Box<Validation>,
+    },
 }
 
 /// Who is calling and what they may do.
@@ -41,7 +44,12 @@ pub struct Caller {
 
 impl Caller {
     pub fn unauthenticated(peer: &str) -> Caller {
-        Caller { sub: format!("anonymous@{peer}"), transfer: true, read: true, admin: true }
+        Caller {
+            sub: format!("anonymous@{peer}"),
+            transfer: true,
+            read: true,
+            admin: true,
+        }
     }
 
     /// May move money out of `account`.
@@ -74,18 +82,31 @@ impl std::fmt::Display for AuthError {
 
 impl Auth {
     pub fn hs256(secret: &[u8]) -> Auth {
-        Auth::Jwt { key: DecodingKey::from_secret(secret), validation: validation(Algorithm::HS256) }
+        Auth::Jwt {
+            key: Box::new(DecodingKey::from_secret(secret)),
+            validation: Box::new(validation(Algorithm::HS256)),
+        }
     }
 
     /// An RS256 or EdDSA public key in PEM, chosen by what the file holds.
     pub fn public_key(path: &Path) -> anyhow::Result<Auth> {
         let pem = std::fs::read(path)?;
         if let Ok(key) = DecodingKey::from_ed_pem(&pem) {
-            return Ok(Auth::Jwt { key, validation: validation(Algorithm::EdDSA) });
+            return Ok(Auth::Jwt {
+                key: Box::new(key),
+                validation: Box::new(validation(Algorithm::EdDSA)),
+            });
         }
-        let key = DecodingKey::from_rsa_pem(&pem)
-            .map_err(|e| anyhow::anyhow!("{}: neither an Ed25519 nor an RSA public key: {e}", path.display()))?;
-        Ok(Auth::Jwt { key, validation: validation(Algorithm::RS256) })
+        let key = DecodingKey::from_rsa_pem(&pem).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: neither an Ed25519 nor an RSA public key: {e}",
+                path.display()
+            )
+        })?;
+        Ok(Auth::Jwt {
+            key: Box::new(key),
+            validation: Box::new(validation(Algorithm::RS256)),
+        })
     }
 
     pub fn is_none(&self) -> bool {
@@ -132,7 +153,9 @@ impl Reason for jsonwebtoken::errors::ErrorKind {
             K::InvalidSignature => "bad signature".into(),
             K::InvalidAlgorithm => "algorithm not accepted".into(),
             K::MissingRequiredClaim(c) => format!("missing claim {c}"),
-            K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => "not a well-formed JWT".into(),
+            K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => {
+                "not a well-formed JWT".into()
+            }
             other => format!("{other:?}"),
         }
     }
@@ -148,8 +171,23 @@ fn validation(algorithm: Algorithm) -> Validation {
 }
 
 /// Mints an HS256 token (development and load tests).
-pub fn mint(secret: &[u8], sub: &str, scope: &str, ttl: std::time::Duration) -> anyhow::Result<String> {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
-    let claims = Claims { sub: sub.to_string(), scope: scope.to_string(), exp: now + ttl.as_secs() };
-    Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret))?)
+pub fn mint(
+    secret: &[u8],
+    sub: &str,
+    scope: &str,
+    ttl: std::time::Duration,
+) -> anyhow::Result<String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let claims = Claims {
+        sub: sub.to_string(),
+        scope: scope.to_string(),
+        exp: now + ttl.as_secs(),
+    };
+    Ok(jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret),
+    )?)
 }

@@ -16,7 +16,11 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(code: &'static str, field: &str, reason: impl std::fmt::Display) -> FieldError {
-        FieldError { code, field: field.to_string(), message: format!("{field}: {reason}") }
+        FieldError {
+            code,
+            field: field.to_string(),
+            message: format!("{field}: {reason}"),
+        }
     }
 
     pub fn body(&self) -> Value {
@@ -29,12 +33,22 @@ pub fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, FieldError
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let value: T = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path == "." { "body".to_string() } else { path };
-        FieldError { code: "invalid_request", message: format!("{field}: {}", e.inner()), field }
+        let field = if path == "." {
+            "body".to_string()
+        } else {
+            path
+        };
+        FieldError {
+            code: "invalid_request",
+            message: format!("{field}: {}", e.inner()),
+            field,
+        }
     })?;
-    deserializer
-        .end()
-        .map_err(|e| FieldError { code: "invalid_request", field: "body".into(), message: format!("body: {e}") })?;
+    deserializer.end().map_err(|e| FieldError {
+        code: "invalid_request",
+        field: "body".into(),
+        message: format!("body: {e}"),
+    })?;
     Ok(value)
 }
 
@@ -75,7 +89,8 @@ pub fn account(field: &str, text: &str) -> Result<AccountId, FieldError> {
 }
 
 pub fn transaction_id(field: &str, text: &str) -> Result<TransactionId, FieldError> {
-    TransactionId::parse(text).ok_or_else(|| FieldError::new("invalid_transaction_id", field, "must be a UUID"))
+    TransactionId::parse(text)
+        .ok_or_else(|| FieldError::new("invalid_transaction_id", field, "must be a UUID"))
 }
 
 pub fn currency(field: &str, text: &str) -> Result<Currency, FieldError> {
@@ -83,7 +98,8 @@ pub fn currency(field: &str, text: &str) -> Result<Currency, FieldError> {
 }
 
 pub fn amount(field: &str, text: &str, currency: Currency, max: u64) -> Result<u64, FieldError> {
-    parse_amount(text, currency, max).map_err(|e: AmountError| FieldError::new("invalid_amount", field, e))
+    parse_amount(text, currency, max)
+        .map_err(|e: AmountError| FieldError::new("invalid_amount", field, e))
 }
 
 pub fn max_amount() -> u64 {
@@ -92,13 +108,28 @@ pub fn max_amount() -> u64 {
 
 impl TransferRequest {
     pub fn to_command(&self, timestamp_ns: u64, prefix: &str) -> Result<Command, FieldError> {
-        let f = |name: &str| if prefix.is_empty() { name.to_string() } else { format!("{prefix}.{name}") };
+        let f = |name: &str| {
+            if prefix.is_empty() {
+                name.to_string()
+            } else {
+                format!("{prefix}.{name}")
+            }
+        };
         let transaction_id = transaction_id(&f("transaction_id"), &self.transaction_id)?;
         let from = account(&f("from_account"), &self.from_account)?;
         let to = account(&f("to_account"), &self.to_account)?;
         let currency = currency(&f("currency"), &self.currency)?;
         let amount = amount(&f("amount"), &self.amount, currency, max_amount())?;
-        Ok(Command { transaction_id, timestamp_ns, kind: CommandKind::Transfer { from, to, amount, currency } })
+        Ok(Command {
+            transaction_id,
+            timestamp_ns,
+            kind: CommandKind::Transfer {
+                from,
+                to,
+                amount,
+                currency,
+            },
+        })
     }
 }
 
@@ -109,10 +140,22 @@ impl MoneyRequest {
         let currency = currency("currency", &self.currency)?;
         let amount = amount("amount", &self.amount, currency, max_amount())?;
         let kind = if deposit {
-            CommandKind::Deposit { account, amount, currency }
+            CommandKind::Deposit {
+                account,
+                amount,
+                currency,
+            }
         } else {
-            CommandKind::Withdraw { account, amount, currency }
+            CommandKind::Withdraw {
+                account,
+                amount,
+                currency,
+            }
         };
-        Ok(Command { transaction_id, timestamp_ns, kind })
+        Ok(Command {
+            transaction_id,
+            timestamp_ns,
+            kind,
+        })
     }
 }

@@ -5,8 +5,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::api::routes::ROUTES;
 
-const STATUSES: [u16; 13] = [200, 201, 400, 401, 403, 404, 409, 413, 415, 422, 429, 503, 500];
-const BUCKETS_US: [u64; 14] = [50, 100, 250, 500, 1000, 2500, 5000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 5_000_000];
+const STATUSES: [u16; 13] = [
+    200, 201, 400, 401, 403, 404, 409, 413, 415, 422, 429, 503, 500,
+];
+const BUCKETS_US: [u64; 14] = [
+    50, 100, 250, 500, 1000, 2500, 5000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+    5_000_000,
+];
 
 pub struct Metrics {
     requests: Vec<AtomicU64>,
@@ -18,8 +23,12 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
-            requests: (0..(ROUTES.len() + 1) * (STATUSES.len() + 1)).map(|_| AtomicU64::new(0)).collect(),
-            latency_buckets: (0..BUCKETS_US.len() + 1).map(|_| AtomicU64::new(0)).collect(),
+            requests: (0..(ROUTES.len() + 1) * (STATUSES.len() + 1))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            latency_buckets: (0..BUCKETS_US.len() + 1)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             latency_sum_us: AtomicU64::new(0),
             latency_count: AtomicU64::new(0),
         }
@@ -29,9 +38,16 @@ impl Default for Metrics {
 impl Metrics {
     /// `route` is an index into `ROUTES`, or `ROUTES.len()` for unmatched paths.
     pub fn record(&self, route: usize, status: u16, latency_us: u64) {
-        let status_index = STATUSES.iter().position(|s| *s == status).unwrap_or(STATUSES.len());
-        self.requests[route.min(ROUTES.len()) * (STATUSES.len() + 1) + status_index].fetch_add(1, Ordering::Relaxed);
-        let bucket = BUCKETS_US.iter().position(|b| latency_us <= *b).unwrap_or(BUCKETS_US.len());
+        let status_index = STATUSES
+            .iter()
+            .position(|s| *s == status)
+            .unwrap_or(STATUSES.len());
+        self.requests[route.min(ROUTES.len()) * (STATUSES.len() + 1) + status_index]
+            .fetch_add(1, Ordering::Relaxed);
+        let bucket = BUCKETS_US
+            .iter()
+            .position(|b| latency_us <= *b)
+            .unwrap_or(BUCKETS_US.len());
         self.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
         self.latency_sum_us.fetch_add(latency_us, Ordering::Relaxed);
         self.latency_count.fetch_add(1, Ordering::Relaxed);
@@ -41,11 +57,24 @@ impl Metrics {
         let mut out = String::new();
         out.push_str("# HELP wallet_http_requests_total HTTP requests by route and status.\n");
         out.push_str("# TYPE wallet_http_requests_total counter\n");
-        for (r, route) in ROUTES.iter().map(|r| r.name).chain(std::iter::once("unmatched")).enumerate() {
-            for (s, status) in STATUSES.iter().map(|s| s.to_string()).chain(std::iter::once("other".into())).enumerate() {
+        for (r, route) in ROUTES
+            .iter()
+            .map(|r| r.name)
+            .chain(std::iter::once("unmatched"))
+            .enumerate()
+        {
+            for (s, status) in STATUSES
+                .iter()
+                .map(|s| s.to_string())
+                .chain(std::iter::once("other".into()))
+                .enumerate()
+            {
                 let v = self.requests[r * (STATUSES.len() + 1) + s].load(Ordering::Relaxed);
                 if v > 0 {
-                    let _ = writeln!(out, "wallet_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {v}");
+                    let _ = writeln!(
+                        out,
+                        "wallet_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {v}"
+                    );
                 }
             }
         }
@@ -61,15 +90,25 @@ impl Metrics {
             );
         }
         cumulative += self.latency_buckets[BUCKETS_US.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "wallet_http_request_duration_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(
+            out,
+            "wallet_http_request_duration_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
+        );
         let _ = writeln!(
             out,
             "wallet_http_request_duration_seconds_sum {}",
             self.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6
         );
-        let _ = writeln!(out, "wallet_http_request_duration_seconds_count {}", self.latency_count.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "wallet_http_request_duration_seconds_count {}",
+            self.latency_count.load(Ordering::Relaxed)
+        );
         for (name, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
         }
         out
     }

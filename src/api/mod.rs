@@ -29,7 +29,10 @@ use tokio::net::TcpListener;
 
 use crate::core::{CommandRecord, LedgerConfig};
 use crate::engine::recovery::recover;
-use crate::engine::{Engine, EngineConfig, EngineShared, JournalStage, NO_TOKEN, OutputSlot, ReplySink, Submitter, WaitMode};
+use crate::engine::{
+    Engine, EngineConfig, EngineShared, JournalStage, NO_TOKEN, OutputSlot, ReplySink, Submitter,
+    WaitMode,
+};
 use crate::journal::storage::MmapStorage;
 use crate::journal::{JournalConfig, JournalWriter, SyncMode, journal_dir, snapshot_dir};
 use crate::views::Views;
@@ -65,7 +68,11 @@ pub struct ServeConfig {
 
 impl std::fmt::Debug for auth::Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.is_none() { "Auth::None" } else { "Auth::Jwt" })
+        f.write_str(if self.is_none() {
+            "Auth::None"
+        } else {
+            "Auth::Jwt"
+        })
     }
 }
 
@@ -99,7 +106,9 @@ type KeyedLimiter = governor::DefaultKeyedRateLimiter<String>;
 
 fn keyed_limiter(per_second: u32) -> Option<KeyedLimiter> {
     let rate = std::num::NonZeroU32::new(per_second)?;
-    Some(governor::RateLimiter::keyed(governor::Quota::per_second(rate)))
+    Some(governor::RateLimiter::keyed(governor::Quota::per_second(
+        rate,
+    )))
 }
 
 /// State shared by every connection.
@@ -123,14 +132,46 @@ impl App {
         let submitted = s.submitted.load(Ordering::Relaxed);
         let completed = s.completed.load(Ordering::Relaxed);
         self.metrics.render(&[
-            ("wallet_ring_depth", "Commands submitted and not yet answered.", submitted.saturating_sub(completed)),
-            ("wallet_durable_sequence", "Highest durable sequence number.", durable),
-            ("wallet_durable_lag_events", "Events executed but not yet durable.", executed.saturating_sub(durable)),
-            ("wallet_journal_bytes", "Bytes appended to the journal by this process.", s.journal_bytes.load(Ordering::Relaxed)),
-            ("wallet_view_sequence", "Sequence the read views reflect.", self.views.applied_seq()),
-            ("wallet_in_flight_requests", "Requests waiting for their outcome.", self.waiters.in_flight() as u64),
-            ("wallet_overloaded_total", "Submissions refused because the ring was full.", s.overloaded.load(Ordering::Relaxed)),
-            ("wallet_halted", "1 if the journal failed and the engine stopped acknowledging.", u64::from(s.halted.load(Ordering::Relaxed))),
+            (
+                "wallet_ring_depth",
+                "Commands submitted and not yet answered.",
+                submitted.saturating_sub(completed),
+            ),
+            (
+                "wallet_durable_sequence",
+                "Highest durable sequence number.",
+                durable,
+            ),
+            (
+                "wallet_durable_lag_events",
+                "Events executed but not yet durable.",
+                executed.saturating_sub(durable),
+            ),
+            (
+                "wallet_journal_bytes",
+                "Bytes appended to the journal by this process.",
+                s.journal_bytes.load(Ordering::Relaxed),
+            ),
+            (
+                "wallet_view_sequence",
+                "Sequence the read views reflect.",
+                self.views.applied_seq(),
+            ),
+            (
+                "wallet_in_flight_requests",
+                "Requests waiting for their outcome.",
+                self.waiters.in_flight() as u64,
+            ),
+            (
+                "wallet_overloaded_total",
+                "Submissions refused because the ring was full.",
+                s.overloaded.load(Ordering::Relaxed),
+            ),
+            (
+                "wallet_halted",
+                "1 if the journal failed and the engine stopped acknowledging.",
+                u64::from(s.halted.load(Ordering::Relaxed)),
+            ),
         ])
     }
 }
@@ -149,7 +190,13 @@ impl ReplySink for ApiSink {
             self.batch.push(slot.record);
         }
         if slot.token != NO_TOKEN {
-            self.pending.push((slot.token, Delivered { record: slot.record, durable }));
+            self.pending.push((
+                slot.token,
+                Delivered {
+                    record: slot.record,
+                    durable,
+                },
+            ));
         }
         if self.batch.len() >= 4096 {
             self.flush();
@@ -185,17 +232,29 @@ pub struct DataDirLock(#[allow(dead_code)] std::fs::File);
 pub fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<DataDirLock> {
     use std::os::unix::io::AsRawFd;
     std::fs::create_dir_all(dir)?;
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("LOCK"))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("LOCK"))?;
     // SAFETY: a valid descriptor owned by `file`; flock takes no pointers.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    anyhow::ensure!(rc == 0, "data directory {} is in use by another wallet process", dir.display());
+    anyhow::ensure!(
+        rc == 0,
+        "data directory {} is in use by another wallet process",
+        dir.display()
+    );
     Ok(DataDirLock(file))
 }
 
 /// Recovers the state in `config.data_dir`, starts the engine, and serves on `listener` until
 /// `shutdown` resolves (or the journal fails). Then stops accepting, finishes in-flight
 /// requests, drains the engine and returns.
-pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn serve(
+    config: ServeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let _lock = lock_data_dir(&config.data_dir)?;
     let ledger_config = LedgerConfig::default();
     let data_dir = config.data_dir.clone();
@@ -237,7 +296,12 @@ pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: impl Fu
     };
     let writer = JournalWriter::open(Box::new(MmapStorage), journal_config, &recovered.end)?;
     let waiters = Arc::new(Waiters::new(config.max_in_flight));
-    let sink = ApiSink { views: views.clone(), waiters: waiters.clone(), batch: Vec::new(), pending: Vec::new() };
+    let sink = ApiSink {
+        views: views.clone(),
+        waiters: waiters.clone(),
+        batch: Vec::new(),
+        pending: Vec::new(),
+    };
     let engine_config = EngineConfig {
         input_ring_size: config.ring_size,
         output_ring_size: config.ring_size,
@@ -247,7 +311,12 @@ pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: impl Fu
         snapshot_every: config.snapshot_every,
         snapshot_dir: Some(snapshot_dir(&config.data_dir)),
     };
-    let engine = Engine::start(recovered.ledger, engine_config, JournalStage::Journal(writer), sink);
+    let engine = Engine::start(
+        recovered.ledger,
+        engine_config,
+        JournalStage::Journal(writer),
+        sink,
+    );
     let shared = engine.shared();
     let app = Arc::new(App {
         config: config.clone(),
@@ -323,13 +392,21 @@ pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: impl Fu
             let app = app.clone();
             let submitter = submitter.clone();
             let peer = peer.clone();
-            async move { Ok::<_, std::convert::Infallible>(routes::handle(app, submitter, peer, request).await) }
+            async move {
+                Ok::<_, std::convert::Infallible>(
+                    routes::handle(app, submitter, peer, request).await,
+                )
+            }
         });
         let mut builder = http1::Builder::new();
-        builder.keep_alive(true).timer(TokioTimer::new()).header_read_timeout(config.header_read_timeout);
+        builder
+            .keep_alive(true)
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout);
         match &tls {
             None => {
-                let watched = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                let watched =
+                    graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
                 tokio::spawn(async move {
                     let _ = watched.await;
                     drop(permit);
@@ -341,8 +418,12 @@ pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: impl Fu
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
                     // The handshake is bounded like a request's headers (slow clients are cut).
-                    if let Ok(Ok(stream)) = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        let _ = watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await;
+                    if let Ok(Ok(stream)) =
+                        tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
+                    {
+                        let _ = watcher
+                            .watch(builder.serve_connection(TokioIo::new(stream), service))
+                            .await;
                     }
                     drop(permit);
                 });
@@ -352,19 +433,29 @@ pub async fn serve(config: ServeConfig, listener: TcpListener, shutdown: impl Fu
     drop(listener);
     pruning.abort();
     tracing::info!("shutting down: finishing in-flight requests");
-    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("some connections did not finish within 10 s");
     }
     drop(app);
     let ledger = tokio::task::spawn_blocking(move || engine.shutdown()).await?;
-    tracing::info!(next_seq = ledger.next_seq(), state_hash = format!("{:016x}", ledger.state_hash()), "stopped");
+    tracing::info!(
+        next_seq = ledger.next_seq(),
+        state_hash = format!("{:016x}", ledger.state_hash()),
+        "stopped"
+    );
     if let Some(reason) = shared.halt_reason() {
         anyhow::bail!("the journal failed: {reason}");
     }
     Ok(())
 }
 
-fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     use tokio_rustls::rustls;
     use tokio_rustls::rustls::pki_types::pem::PemObject;
     use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -372,7 +463,8 @@ fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result
         .map_err(|e| anyhow::anyhow!("--tls-cert {}: {e}", cert.display()))?
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow::anyhow!("--tls-cert {}: {e}", cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| anyhow::anyhow!("--tls-key {}: {e}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| anyhow::anyhow!("--tls-key {}: {e}", key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -392,7 +484,9 @@ pub async fn run(config: ServeConfig, listen: SocketAddr) -> anyhow::Result<()> 
             listen.ip().is_loopback(),
             "refusing to serve on {listen} without authentication: configure --jwt-secret or --jwt-public-key (--auth none is for loopback only)"
         );
-        tracing::warn!("authentication is OFF (--auth none, loopback only): every local caller may move any money");
+        tracing::warn!(
+            "authentication is OFF (--auth none, loopback only): every local caller may move any money"
+        );
     }
     let listener = TcpListener::bind(listen).await?;
     let address = listener.local_addr()?;

@@ -13,9 +13,13 @@ use serde_json::{Value, json};
 
 use crate::api::App;
 use crate::api::auth::Caller;
-use crate::api::json::{self, BatchRequest, FieldError, MoneyRequest, OpenAccountRequest, TransferRequest};
+use crate::api::json::{
+    self, BatchRequest, FieldError, MoneyRequest, OpenAccountRequest, TransferRequest,
+};
 use crate::api::waiters::{Delivered, token};
-use crate::core::{Command, CommandKind, CommandType, EventKind, RejectCode, TransactionId, format_amount};
+use crate::core::{
+    Command, CommandKind, CommandType, EventKind, RejectCode, TransactionId, format_amount,
+};
 use crate::engine::Submitter;
 use crate::views::{OutcomeView, ViewState};
 
@@ -28,19 +32,71 @@ pub struct Route {
 
 /// Every route the server has. The OpenAPI test checks this list against `docs/openapi.yaml`.
 pub const ROUTES: &[Route] = &[
-    Route { method: "POST", path: "/v1/wallet/balance_transfer", name: "transfer" },
-    Route { method: "GET", path: "/v1/wallet/balance_transfer/{transaction_id}", name: "transfer_status" },
-    Route { method: "POST", path: "/v1/wallet/balance_transfers", name: "transfer_batch" },
-    Route { method: "POST", path: "/v1/wallet/accounts", name: "open_account" },
-    Route { method: "GET", path: "/v1/wallet/accounts/{account_id}", name: "account" },
-    Route { method: "GET", path: "/v1/wallet/accounts/{account_id}/history", name: "history" },
-    Route { method: "POST", path: "/v1/wallet/deposit", name: "deposit" },
-    Route { method: "POST", path: "/v1/wallet/withdraw", name: "withdraw" },
-    Route { method: "GET", path: "/v1/wallet/events", name: "events" },
-    Route { method: "GET", path: "/v1/openapi.json", name: "openapi" },
-    Route { method: "GET", path: "/metrics", name: "metrics" },
-    Route { method: "GET", path: "/healthz", name: "healthz" },
-    Route { method: "GET", path: "/readyz", name: "readyz" },
+    Route {
+        method: "POST",
+        path: "/v1/wallet/balance_transfer",
+        name: "transfer",
+    },
+    Route {
+        method: "GET",
+        path: "/v1/wallet/balance_transfer/{transaction_id}",
+        name: "transfer_status",
+    },
+    Route {
+        method: "POST",
+        path: "/v1/wallet/balance_transfers",
+        name: "transfer_batch",
+    },
+    Route {
+        method: "POST",
+        path: "/v1/wallet/accounts",
+        name: "open_account",
+    },
+    Route {
+        method: "GET",
+        path: "/v1/wallet/accounts/{account_id}",
+        name: "account",
+    },
+    Route {
+        method: "GET",
+        path: "/v1/wallet/accounts/{account_id}/history",
+        name: "history",
+    },
+    Route {
+        method: "POST",
+        path: "/v1/wallet/deposit",
+        name: "deposit",
+    },
+    Route {
+        method: "POST",
+        path: "/v1/wallet/withdraw",
+        name: "withdraw",
+    },
+    Route {
+        method: "GET",
+        path: "/v1/wallet/events",
+        name: "events",
+    },
+    Route {
+        method: "GET",
+        path: "/v1/openapi.json",
+        name: "openapi",
+    },
+    Route {
+        method: "GET",
+        path: "/metrics",
+        name: "metrics",
+    },
+    Route {
+        method: "GET",
+        path: "/healthz",
+        name: "healthz",
+    },
+    Route {
+        method: "GET",
+        path: "/readyz",
+        name: "readyz",
+    },
 ];
 
 /// Matches a path against a template; returns the captured `{parameters}` in order.
@@ -83,7 +139,12 @@ impl Reply {
     }
 
     fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
-        Reply { status, body: body.into(), content_type, headers: Vec::new() }
+        Reply {
+            status,
+            body: body.into(),
+            content_type,
+            headers: Vec::new(),
+        }
     }
 
     fn error(status: StatusCode, code: &str, message: &str) -> Reply {
@@ -100,13 +161,21 @@ impl Reply {
     }
 
     fn overloaded() -> Reply {
-        Reply::error(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "the engine is at capacity; retry later")
-            .with_header("retry-after", "1")
+        Reply::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "the engine is at capacity; retry later",
+        )
+        .with_header("retry-after", "1")
     }
 
     fn too_many() -> Reply {
-        Reply::error(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", "too many requests in flight; retry later")
-            .with_header("retry-after", "1")
+        Reply::error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            "too many requests in flight; retry later",
+        )
+        .with_header("retry-after", "1")
     }
 
     pub fn into_response(self) -> HttpResponse {
@@ -124,7 +193,10 @@ impl Reply {
 }
 
 pub fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
@@ -173,7 +245,11 @@ pub async fn handle(
     }
     let reply = if route_index == ROUTES.len() {
         if path_known {
-            Reply::error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this path")
+            Reply::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this path",
+            )
         } else {
             Reply::error(StatusCode::NOT_FOUND, "not_found", "no such route")
         }
@@ -195,22 +271,37 @@ pub async fn handle(
             }
         }
     };
-    app.metrics.record(route_index, reply.status.as_u16(), started.elapsed().as_micros() as u64);
+    app.metrics.record(
+        route_index,
+        reply.status.as_u16(),
+        started.elapsed().as_micros() as u64,
+    );
     reply.into_response()
 }
 
 /// Routes anyone may call (operations endpoints).
 fn is_public(route: usize) -> bool {
-    matches!(ROUTES[route].name, "healthz" | "readyz" | "metrics" | "openapi")
+    matches!(
+        ROUTES[route].name,
+        "healthz" | "readyz" | "metrics" | "openapi"
+    )
 }
 
 /// Authentication and the per-caller rate limit. Every refusal is audit-logged (caller, route,
 /// reason; never the token).
-fn admit(app: &App, route: usize, peer: &str, request: &Request<Incoming>) -> Result<Caller, Reply> {
+fn admit(
+    app: &App,
+    route: usize,
+    peer: &str,
+    request: &Request<Incoming>,
+) -> Result<Caller, Reply> {
     if is_public(route) {
         return Ok(Caller::unauthenticated(peer));
     }
-    let header = request.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let header = request
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
     let caller = app.config.auth.authenticate(header, peer).map_err(|e| {
         tracing::warn!(target: "audit", caller = %peer, route = ROUTES[route].name, reason = %e, "authentication refused");
         Reply::error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()).with_header("www-authenticate", "Bearer")
@@ -218,10 +309,16 @@ fn admit(app: &App, route: usize, peer: &str, request: &Request<Incoming>) -> Re
     if let Some(limiter) = &app.caller_limiter
         && let Err(not_until) = limiter.check_key(&caller.sub)
     {
-        let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(
+            &governor::clock::DefaultClock::default(),
+        ));
         tracing::warn!(target: "audit", caller = %caller.sub, route = ROUTES[route].name, reason = "rate limit", "request refused");
-        return Err(Reply::error(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many requests from this caller")
-            .with_header("retry-after", wait.as_secs().max(1).to_string()));
+        return Err(Reply::error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many requests from this caller",
+        )
+        .with_header("retry-after", wait.as_secs().max(1).to_string()));
     }
     Ok(caller)
 }
@@ -246,23 +343,41 @@ async fn dispatch(
         "healthz" => Reply::text(StatusCode::OK, "text/plain", "ok\n"),
         "readyz" => {
             if app.shared.halted.load(std::sync::atomic::Ordering::Relaxed) {
-                Reply::text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "journal failed\n")
+                Reply::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "journal failed\n",
+                )
             } else {
                 Reply::text(StatusCode::OK, "text/plain", "ready\n")
             }
         }
-        "metrics" => Reply::text(StatusCode::OK, "text/plain; version=0.0.4", app.render_metrics()),
+        "metrics" => Reply::text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            app.render_metrics(),
+        ),
         "openapi" => Reply::text(StatusCode::OK, "application/json", app.openapi_json.clone()),
         "account" => account(app, caller, &params[0], query).await,
         "history" => history(app, caller, &params[0], query).await,
         "transfer_status" => transfer_status(app, caller, &params[0], query).await,
-        "events" if !caller.admin => forbidden(caller, "events", "the event stream needs the wallet:admin scope"),
+        "events" if !caller.admin => forbidden(
+            caller,
+            "events",
+            "the event stream needs the wallet:admin scope",
+        ),
         "events" => events(app, query).await,
-        "open_account" | "deposit" | "withdraw" if !caller.admin => {
-            forbidden(caller, ROUTES[route].name, "this operation needs the wallet:admin scope")
-        }
+        "open_account" | "deposit" | "withdraw" if !caller.admin => forbidden(
+            caller,
+            ROUTES[route].name,
+            "this operation needs the wallet:admin scope",
+        ),
         name => {
-            let limit = if name == "transfer_batch" { app.config.max_batch_body_bytes } else { app.config.max_body_bytes };
+            let limit = if name == "transfer_batch" {
+                app.config.max_batch_body_bytes
+            } else {
+                app.config.max_body_bytes
+            };
             let body = match read_body(request, limit).await {
                 Ok(body) => body,
                 Err(reply) => return reply,
@@ -280,7 +395,11 @@ async fn dispatch(
 }
 
 async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Reply> {
-    let content_type = request.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let content_type = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let media = content_type.split(';').next().unwrap_or("").trim();
     if !media.eq_ignore_ascii_case("application/json") {
         return Err(Reply::error(
@@ -290,23 +409,45 @@ async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Re
         ));
     }
     let too_large = || {
-        Reply::error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", &format!("the body is larger than {limit} bytes"))
+        Reply::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            &format!("the body is larger than {limit} bytes"),
+        )
     };
-    if let Some(length) = request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+    if let Some(length) = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
         && length > limit
     {
         return Err(too_large());
     }
     match Limited::new(request.into_body(), limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
-        Err(_) => Err(Reply::error(StatusCode::BAD_REQUEST, "invalid_request", "could not read the body")),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large())
+        }
+        Err(_) => Err(Reply::error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "could not read the body",
+        )),
     }
 }
 
 /// Submits one command and waits for its durable outcome.
-async fn execute(app: &App, submitter: &std::sync::Mutex<Submitter>, command: Command) -> Result<Delivered, Reply> {
-    let Some((slot, receiver)) = app.waiters.wait_single() else { return Err(Reply::too_many()) };
+async fn execute(
+    app: &App,
+    submitter: &std::sync::Mutex<Submitter>,
+    command: Command,
+) -> Result<Delivered, Reply> {
+    let Some((slot, receiver)) = app.waiters.wait_single() else {
+        return Err(Reply::too_many());
+    };
     let submitted = {
         let mut submitter = submitter.lock().unwrap_or_else(|e| e.into_inner());
         submitter.try_submit(command, token(slot, 0), 0)
@@ -315,7 +456,13 @@ async fn execute(app: &App, submitter: &std::sync::Mutex<Submitter>, command: Co
         app.waiters.cancel(slot);
         return Err(Reply::overloaded());
     }
-    receiver.await.map_err(|_| Reply::error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the engine stopped"))
+    receiver.await.map_err(|_| {
+        Reply::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the engine stopped",
+        )
+    })
 }
 
 fn unknown_outcome() -> Reply {
@@ -332,7 +479,11 @@ fn money_string(amount: u64, currency: crate::core::Currency) -> String {
 }
 
 /// Renders an outcome the same way whether it is fresh, replayed or looked up.
-pub fn outcome_body(state: &ViewState, transaction_id: TransactionId, outcome: &OutcomeView) -> Value {
+pub fn outcome_body(
+    state: &ViewState,
+    transaction_id: TransactionId,
+    outcome: &OutcomeView,
+) -> Value {
     let id = transaction_id.to_uuid_string();
     if let Some(code) = outcome.rejection {
         return json!({
@@ -370,7 +521,9 @@ pub fn outcome_body(state: &ViewState, transaction_id: TransactionId, outcome: &
         CommandType::OpenAccount => json!({
             "transaction_id": id, "status": "committed", "sequence": outcome.seq, "account_id": name(0),
         }),
-        CommandType::Checkpoint => json!({"transaction_id": id, "status": "committed", "sequence": outcome.seq}),
+        CommandType::Checkpoint => {
+            json!({"transaction_id": id, "status": "committed", "sequence": outcome.seq})
+        }
     }
 }
 
@@ -378,7 +531,9 @@ fn status_for(outcome: &OutcomeView) -> StatusCode {
     match outcome.rejection {
         None if outcome.command_type == CommandType::OpenAccount => StatusCode::CREATED,
         None => StatusCode::OK,
-        Some(RejectCode::TransactionIdReused | RejectCode::AccountAlreadyExists) => StatusCode::CONFLICT,
+        Some(RejectCode::TransactionIdReused | RejectCode::AccountAlreadyExists) => {
+            StatusCode::CONFLICT
+        }
         Some(_) => StatusCode::UNPROCESSABLE_ENTITY,
     }
 }
@@ -411,15 +566,26 @@ fn render(app: &App, delivered: &Delivered) -> Reply {
         } else {
             (OutcomeView::from_record(record), false)
         };
-        let reply = Reply::json(status_for(&outcome), outcome_body(state, record.transaction_id, &outcome));
-        if replayed { reply.with_header("idempotent-replayed", "true") } else { reply }
+        let reply = Reply::json(
+            status_for(&outcome),
+            outcome_body(state, record.transaction_id, &outcome),
+        );
+        if replayed {
+            reply.with_header("idempotent-replayed", "true")
+        } else {
+            reply
+        }
     })
 }
 
 /// Owners move only their own money; the per-account velocity limit applies to the debit side.
 fn check_debit(app: &App, caller: &Caller, from: &str) -> Result<(), Reply> {
     if !caller.may_debit(from) {
-        return Err(forbidden(caller, "transfer", "a caller may only transfer from its own account with wallet:transfer"));
+        return Err(forbidden(
+            caller,
+            "transfer",
+            "a caller may only transfer from its own account with wallet:transfer",
+        ));
     }
     if let Some(limiter) = &app.velocity_limiter
         && limiter.check_key(&from.to_string()).is_err()
@@ -435,7 +601,12 @@ fn check_debit(app: &App, caller: &Caller, from: &str) -> Result<(), Reply> {
     Ok(())
 }
 
-async fn transfer(app: &App, submitter: &std::sync::Mutex<Submitter>, caller: &Caller, body: &[u8]) -> Reply {
+async fn transfer(
+    app: &App,
+    submitter: &std::sync::Mutex<Submitter>,
+    caller: &Caller,
+    body: &[u8],
+) -> Reply {
     let request: TransferRequest = match json::decode(body) {
         Ok(r) => r,
         Err(e) => return Reply::field(e),
@@ -455,13 +626,22 @@ async fn transfer(app: &App, submitter: &std::sync::Mutex<Submitter>, caller: &C
 
 pub const MAX_BATCH: usize = 8192;
 
-async fn transfer_batch(app: &App, submitter: &std::sync::Mutex<Submitter>, caller: &Caller, body: &[u8]) -> Reply {
+async fn transfer_batch(
+    app: &App,
+    submitter: &std::sync::Mutex<Submitter>,
+    caller: &Caller,
+    body: &[u8],
+) -> Reply {
     let request: BatchRequest = match json::decode(body) {
         Ok(r) => r,
         Err(e) => return Reply::field(e),
     };
     if request.transfers.is_empty() || request.transfers.len() > MAX_BATCH {
-        return Reply::field(FieldError::new("invalid_request", "transfers", format!("must hold 1 to {MAX_BATCH} transfers")));
+        return Reply::field(FieldError::new(
+            "invalid_request",
+            "transfers",
+            format!("must hold 1 to {MAX_BATCH} transfers"),
+        ));
     }
     let timestamp = now_ns();
     let mut commands = Vec::with_capacity(request.transfers.len());
@@ -475,9 +655,14 @@ async fn transfer_batch(app: &App, submitter: &std::sync::Mutex<Submitter>, call
             return reply;
         }
     }
-    let Some((slot, receiver)) = app.waiters.wait_batch(commands.len()) else { return Reply::too_many() };
-    let tagged: Vec<(Command, u64)> =
-        commands.iter().enumerate().map(|(i, c)| (*c, token(slot, i as u32))).collect();
+    let Some((slot, receiver)) = app.waiters.wait_batch(commands.len()) else {
+        return Reply::too_many();
+    };
+    let tagged: Vec<(Command, u64)> = commands
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (*c, token(slot, i as u32)))
+        .collect();
     let submitted = {
         let mut submitter = submitter.lock().unwrap_or_else(|e| e.into_inner());
         submitter.try_submit_batch(&tagged, 0)
@@ -487,7 +672,11 @@ async fn transfer_batch(app: &App, submitter: &std::sync::Mutex<Submitter>, call
         return Reply::overloaded();
     }
     let Ok(results) = receiver.await else {
-        return Reply::error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the engine stopped");
+        return Reply::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the engine stopped",
+        );
     };
     let mut out = Vec::with_capacity(results.len());
     for (i, result) in results.iter().enumerate() {
@@ -496,7 +685,10 @@ async fn transfer_batch(app: &App, submitter: &std::sync::Mutex<Submitter>, call
             None => unknown_outcome(),
         };
         let body: Value = serde_json::from_slice(&rendered.body).unwrap_or(Value::Null);
-        let replayed = rendered.headers.iter().any(|(n, _)| *n == "idempotent-replayed");
+        let replayed = rendered
+            .headers
+            .iter()
+            .any(|(n, _)| *n == "idempotent-replayed");
         out.push(json!({"index": i, "http_status": rendered.status.as_u16(), "replayed": replayed, "result": body}));
     }
     Reply::json(StatusCode::OK, json!({"results": out}))
@@ -518,14 +710,23 @@ async fn open_account(app: &App, submitter: &std::sync::Mutex<Submitter>, body: 
         },
         None => TransactionId(uuid::Uuid::new_v4().as_u128()),
     };
-    let command = Command { transaction_id, timestamp_ns: now_ns(), kind: CommandKind::OpenAccount { account } };
+    let command = Command {
+        transaction_id,
+        timestamp_ns: now_ns(),
+        kind: CommandKind::OpenAccount { account },
+    };
     match execute(app, submitter, command).await {
         Ok(delivered) => render(app, &delivered),
         Err(reply) => reply,
     }
 }
 
-async fn money(app: &App, submitter: &std::sync::Mutex<Submitter>, body: &[u8], deposit: bool) -> Reply {
+async fn money(
+    app: &App,
+    submitter: &std::sync::Mutex<Submitter>,
+    body: &[u8],
+    deposit: bool,
+) -> Reply {
     let request: MoneyRequest = match json::decode(body) {
         Ok(r) => r,
         Err(e) => return Reply::field(e),
@@ -566,13 +767,20 @@ async fn account(app: &App, caller: &Caller, id: &str, query: Option<&str>) -> R
     }
     let sequence = app.views.applied_seq();
     app.views.read(|state| match state.account(id) {
-        None => Reply::error(StatusCode::NOT_FOUND, "account_not_found", RejectCode::AccountNotFound.message()),
+        None => Reply::error(
+            StatusCode::NOT_FOUND,
+            "account_not_found",
+            RejectCode::AccountNotFound.message(),
+        ),
         Some(index) => {
             let balances: Vec<Value> = state.balances[index as usize]
                 .iter()
                 .map(|(c, b)| json!({"currency": c.to_string(), "balance": money_string(*b, *c)}))
                 .collect();
-            Reply::json(StatusCode::OK, json!({"account_id": id, "balances": balances, "sequence": sequence}))
+            Reply::json(
+                StatusCode::OK,
+                json!({"account_id": id, "balances": balances, "sequence": sequence}),
+            )
         }
     })
 }
@@ -596,7 +804,11 @@ async fn history(app: &App, caller: &Caller, id: &str, query: Option<&str>) -> R
         return reply;
     }
     app.views.read(|state| match state.account(id) {
-        None => Reply::error(StatusCode::NOT_FOUND, "account_not_found", RejectCode::AccountNotFound.message()),
+        None => Reply::error(
+            StatusCode::NOT_FOUND,
+            "account_not_found",
+            RejectCode::AccountNotFound.message(),
+        ),
         Some(index) => {
             let entries: Vec<Value> = state.history[index as usize]
                 .iter()
@@ -619,7 +831,10 @@ async fn history(app: &App, caller: &Caller, id: &str, query: Option<&str>) -> R
                 })
                 .collect();
             let oldest = state.history[index as usize].front().map(|e| e.seq);
-            Reply::json(StatusCode::OK, json!({"account_id": id, "entries": entries, "oldest_sequence_in_view": oldest}))
+            Reply::json(
+                StatusCode::OK,
+                json!({"account_id": id, "entries": entries, "oldest_sequence_in_view": oldest}),
+            )
         }
     })
 }
@@ -633,18 +848,29 @@ async fn transfer_status(app: &App, caller: &Caller, id: &str, query: Option<&st
         return reply;
     }
     if !(caller.admin || caller.read || caller.transfer) {
-        return forbidden(caller, "transfer_status", "reading needs wallet:read or wallet:transfer");
+        return forbidden(
+            caller,
+            "transfer_status",
+            "reading needs wallet:read or wallet:transfer",
+        );
     }
     app.views.read(|state| {
         // Visible to its two parties only; to anyone else it looks exactly like an unknown id.
         let visible = |o: &OutcomeView| {
-            caller.admin || o.accounts.iter().any(|a| *a != u32::MAX && state.name(*a) == caller.sub)
+            caller.admin
+                || o.accounts
+                    .iter()
+                    .any(|a| *a != u32::MAX && state.name(*a) == caller.sub)
         };
         match state.outcomes.get(&transaction_id.0).filter(|o| visible(o)) {
-            Some(outcome) => Reply::json(StatusCode::OK, outcome_body(state, transaction_id, outcome)),
-            None => {
-                Reply::error(StatusCode::NOT_FOUND, "transaction_not_found", "no outcome is known for this transaction_id")
+            Some(outcome) => {
+                Reply::json(StatusCode::OK, outcome_body(state, transaction_id, outcome))
             }
+            None => Reply::error(
+                StatusCode::NOT_FOUND,
+                "transaction_not_found",
+                "no outcome is known for this transaction_id",
+            ),
         }
     })
 }
@@ -664,7 +890,9 @@ async fn events(app: &App, query: Option<&str>) -> Reply {
         Err(r) => return r,
     };
     if wait_ms > 0 {
-        app.views.wait_for(from_seq, Duration::from_millis(wait_ms)).await;
+        app.views
+            .wait_for(from_seq, Duration::from_millis(wait_ms))
+            .await;
     }
     let window = app.views.read(|state| {
         let first = state.recent.front().map(|r| r.first_seq)?;
@@ -712,7 +940,12 @@ async fn events(app: &App, query: Option<&str>) -> Reply {
     Reply::text(StatusCode::OK, "application/x-ndjson", lines)
 }
 
-fn event_lines(state: &ViewState, record: &crate::core::CommandRecord, from_seq: u64, out: &mut String) -> usize {
+fn event_lines(
+    state: &ViewState,
+    record: &crate::core::CommandRecord,
+    from_seq: u64,
+    out: &mut String,
+) -> usize {
     let mut count = 0;
     for event in record.events().iter().filter(|e| e.seq >= from_seq) {
         let mut line = json!({
@@ -726,7 +959,9 @@ fn event_lines(state: &ViewState, record: &crate::core::CommandRecord, from_seq:
                 line["code"] = json!(record.rejection.map(|c| c.code()).unwrap_or(""));
             }
             EventKind::Checkpoint => line["state_hash"] = json!(format!("{:016x}", event.amount)),
-            EventKind::AccountOpened => line["account_id"] = json!(record.opened_account.to_string()),
+            EventKind::AccountOpened => {
+                line["account_id"] = json!(record.opened_account.to_string())
+            }
             _ => {
                 line["account_id"] = json!(state.name(event.account));
                 line["currency"] = json!(event.currency.to_string());
@@ -748,15 +983,35 @@ mod tests {
     #[test]
     fn paths_match_templates() {
         let cases: &[(&str, &str, Option<Vec<&str>>)] = &[
-            ("/v1/wallet/accounts/{account_id}", "/v1/wallet/accounts/alice", Some(vec!["alice"])),
-            ("/v1/wallet/accounts/{account_id}", "/v1/wallet/accounts/", None),
-            ("/v1/wallet/accounts/{account_id}", "/v1/wallet/accounts/a/history", None),
-            ("/v1/wallet/accounts/{account_id}/history", "/v1/wallet/accounts/a/history", Some(vec!["a"])),
+            (
+                "/v1/wallet/accounts/{account_id}",
+                "/v1/wallet/accounts/alice",
+                Some(vec!["alice"]),
+            ),
+            (
+                "/v1/wallet/accounts/{account_id}",
+                "/v1/wallet/accounts/",
+                None,
+            ),
+            (
+                "/v1/wallet/accounts/{account_id}",
+                "/v1/wallet/accounts/a/history",
+                None,
+            ),
+            (
+                "/v1/wallet/accounts/{account_id}/history",
+                "/v1/wallet/accounts/a/history",
+                Some(vec!["a"]),
+            ),
             ("/healthz", "/healthz", Some(vec![])),
             ("/healthz", "/healthz/", None),
         ];
         for (template, path, expected) in cases {
-            assert_eq!(&match_path(template, path), expected, "{template} vs {path}");
+            assert_eq!(
+                &match_path(template, path),
+                expected,
+                "{template} vs {path}"
+            );
         }
     }
 }

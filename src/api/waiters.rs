@@ -49,7 +49,10 @@ impl Waiters {
         for i in 0..capacity as u32 {
             let _ = free.push(i);
         }
-        Waiters { slots: (0..capacity).map(|_| Mutex::new(Waiter::Free)).collect(), free }
+        Waiters {
+            slots: (0..capacity).map(|_| Mutex::new(Waiter::Free)).collect(),
+            free,
+        }
     }
 
     pub fn in_flight(&self) -> usize {
@@ -65,7 +68,10 @@ impl Waiters {
     }
 
     /// Takes a slot for a batch of `count` commands.
-    pub fn wait_batch(&self, count: usize) -> Option<(u32, oneshot::Receiver<Vec<Option<Delivered>>>)> {
+    pub fn wait_batch(
+        &self,
+        count: usize,
+    ) -> Option<(u32, oneshot::Receiver<Vec<Option<Delivered>>>)> {
         let slot = self.free.pop()?;
         let (sender, receiver) = oneshot::channel();
         let collector = BatchCollector {
@@ -78,7 +84,9 @@ impl Waiters {
     }
 
     fn lock(&self, slot: u32) -> std::sync::MutexGuard<'_, Waiter> {
-        self.slots[slot as usize].lock().unwrap_or_else(|e| e.into_inner())
+        self.slots[slot as usize]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Frees a slot whose command was never submitted.
@@ -101,15 +109,27 @@ impl Waiters {
                 let _ = sender.send(delivered);
             }
             Waiter::Batch(collector) => {
-                if let Some(result) = collector.results.lock().unwrap_or_else(|e| e.into_inner()).get_mut(item) {
+                if let Some(result) = collector
+                    .results
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_mut(item)
+                {
                     *result = Some(delivered);
                 }
                 if collector.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
                     *waiter = Waiter::Batch(collector);
                     return;
                 }
-                let results = std::mem::take(&mut *collector.results.lock().unwrap_or_else(|e| e.into_inner()));
-                if let Some(sender) = collector.done.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                let results = std::mem::take(
+                    &mut *collector.results.lock().unwrap_or_else(|e| e.into_inner()),
+                );
+                if let Some(sender) = collector
+                    .done
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                {
                     let _ = sender.send(results);
                 }
             }

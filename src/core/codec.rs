@@ -4,7 +4,9 @@
 //! described byte by byte in `docs/journal-format.md`. All integers are little-endian; no
 //! `usize` is ever written. Decoders take hostile bytes: they return errors, never panic.
 
-use crate::core::command::{CommandRecord, CommandType, Event, EventKind, MAX_EVENTS_PER_COMMAND, RejectCode};
+use crate::core::command::{
+    CommandRecord, CommandType, Event, EventKind, MAX_EVENTS_PER_COMMAND, RejectCode,
+};
 use crate::core::ledger::{CurrencyTotals, Ledger, LedgerConfig};
 use crate::core::types::{AccountId, Currency, TransactionId};
 
@@ -67,7 +69,9 @@ fn padded(len: usize) -> usize {
 
 /// Bytes the payload of `record` takes (a multiple of 8).
 pub fn payload_len(record: &CommandRecord) -> usize {
-    COMMAND_HEADER_BYTES + EVENT_BYTES * record.event_count as usize + padded(record.opened_account.as_bytes().len())
+    COMMAND_HEADER_BYTES
+        + EVENT_BYTES * record.event_count as usize
+        + padded(record.opened_account.as_bytes().len())
 }
 
 /// Writes the payload of `record` into the front of `out` and returns its length.
@@ -107,11 +111,15 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 /// Decodes a payload written by `encode_record`; `first_seq` comes from the frame.
 pub fn decode_record(first_seq: u64, payload: &[u8]) -> Result<CommandRecord, DecodeError> {
     if payload.len() < COMMAND_HEADER_BYTES {
-        return Err(DecodeError::Truncated { need: COMMAND_HEADER_BYTES, have: payload.len() });
+        return Err(DecodeError::Truncated {
+            need: COMMAND_HEADER_BYTES,
+            have: payload.len(),
+        });
     }
     let mut id = [0u8; 16];
     id.copy_from_slice(&payload[0..16]);
-    let command_type = CommandType::from_u8(payload[32]).ok_or(DecodeError::CommandType(payload[32]))?;
+    let command_type =
+        CommandType::from_u8(payload[32]).ok_or(DecodeError::CommandType(payload[32]))?;
     let rejection = match payload[33] {
         0 => None,
         c => Some(RejectCode::from_u8(c).ok_or(DecodeError::RejectionCode(c))?),
@@ -126,7 +134,10 @@ pub fn decode_record(first_seq: u64, payload: &[u8]) -> Result<CommandRecord, De
     let name_len = payload[35] as usize;
     let need = COMMAND_HEADER_BYTES + EVENT_BYTES * event_count as usize + padded(name_len);
     if payload.len() != need {
-        return Err(DecodeError::Truncated { need, have: payload.len() });
+        return Err(DecodeError::Truncated {
+            need,
+            have: payload.len(),
+        });
     }
     let mut record = CommandRecord::empty();
     record.transaction_id = TransactionId(u128::from_le_bytes(id));
@@ -160,7 +171,8 @@ pub fn decode_record(first_seq: u64, payload: &[u8]) -> Result<CommandRecord, De
         at += EVENT_BYTES;
     }
     if name_len > 0 {
-        record.opened_account = AccountId::from_bytes(&payload[at..at + name_len]).map_err(|_| DecodeError::AccountId)?;
+        record.opened_account = AccountId::from_bytes(&payload[at..at + name_len])
+            .map_err(|_| DecodeError::AccountId)?;
         if payload[at + name_len..].iter().any(|b| *b != 0) {
             return Err(DecodeError::Reserved);
         }
@@ -190,7 +202,9 @@ const _: () = assert!(size_of::<SnapshotHeaderLayout>() == SNAPSHOT_HEADER_BYTES
 pub fn encode_snapshot(ledger: &Ledger) -> Vec<u8> {
     let totals = ledger.totals();
     let mut out = Vec::with_capacity(
-        SNAPSHOT_HEADER_BYTES + ledger.account_count() as usize * 32 + ledger.transaction_id_count() as usize * 32,
+        SNAPSHOT_HEADER_BYTES
+            + ledger.account_count() as usize * 32
+            + ledger.transaction_id_count() as usize * 32,
     );
     out.extend_from_slice(&SNAPSHOT_MAGIC);
     out.extend_from_slice(&1u16.to_le_bytes());
@@ -236,10 +250,14 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        let end = self.at.checked_add(n).filter(|e| *e <= self.bytes.len()).ok_or(DecodeError::Truncated {
-            need: self.at.saturating_add(n),
-            have: self.bytes.len(),
-        })?;
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|e| *e <= self.bytes.len())
+            .ok_or(DecodeError::Truncated {
+                need: self.at.saturating_add(n),
+                have: self.bytes.len(),
+            })?;
         let s = &self.bytes[self.at..end];
         self.at = end;
         Ok(s)
@@ -285,7 +303,10 @@ pub fn decode_snapshot(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, Dec
     let account_count = r.u64()?;
     let remembered_count = r.u64()?;
     let totals_count = r.u64()?;
-    if account_count > u64::from(u32::MAX) || remembered_count > u64::from(u32::MAX) || totals_count > 4096 {
+    if account_count > u64::from(u32::MAX)
+        || remembered_count > u64::from(u32::MAX)
+        || totals_count > 4096
+    {
         return Err(DecodeError::Snapshot("counts out of range"));
     }
     // Capacity hints are bounded by what the bytes could possibly hold.
@@ -317,7 +338,14 @@ pub fn decode_snapshot(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, Dec
         let deposited = r.u128()?;
         let withdrawn = r.u128()?;
         let outstanding = r.u64()?;
-        ledger.restore_totals(currency, CurrencyTotals { deposited, withdrawn, outstanding });
+        ledger.restore_totals(
+            currency,
+            CurrencyTotals {
+                deposited,
+                withdrawn,
+                outstanding,
+            },
+        );
     }
     for _ in 0..remembered_count {
         let id = r.u128()?;
@@ -333,9 +361,13 @@ pub fn decode_snapshot(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, Dec
     }
     ledger.restore_next_seq(next_seq);
     if ledger.state_hash() != state_hash {
-        return Err(DecodeError::Snapshot("state hash of the rebuilt ledger differs"));
+        return Err(DecodeError::Snapshot(
+            "state hash of the rebuilt ledger differs",
+        ));
     }
-    ledger.check_invariants().map_err(|_| DecodeError::Snapshot("invariants do not hold"))?;
+    ledger
+        .check_invariants()
+        .map_err(|_| DecodeError::Snapshot("invariants do not hold"))?;
     Ok(ledger)
 }
 

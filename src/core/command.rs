@@ -53,8 +53,12 @@ impl RejectCode {
             RejectCode::AccountNotFound => "the account does not exist",
             RejectCode::AccountAlreadyExists => "an account with this id already exists",
             RejectCode::SameAccount => "from_account and to_account must be different",
-            RejectCode::InsufficientFunds => "the debit account has insufficient funds in this currency",
-            RejectCode::InvalidAmount => "the amount must be positive and at most the maximum amount",
+            RejectCode::InsufficientFunds => {
+                "the debit account has insufficient funds in this currency"
+            }
+            RejectCode::InvalidAmount => {
+                "the amount must be positive and at most the maximum amount"
+            }
             RejectCode::UnsupportedCurrency => "the currency is not a supported ISO 4217 code",
             RejectCode::AmountOverflow => "the resulting balance or total would overflow",
             RejectCode::TransactionIdReused => {
@@ -73,10 +77,25 @@ impl RejectCode {
 /// What a command asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommandKind {
-    OpenAccount { account: AccountId },
-    Deposit { account: AccountId, amount: MinorUnits, currency: Currency },
-    Withdraw { account: AccountId, amount: MinorUnits, currency: Currency },
-    Transfer { from: AccountId, to: AccountId, amount: MinorUnits, currency: Currency },
+    OpenAccount {
+        account: AccountId,
+    },
+    Deposit {
+        account: AccountId,
+        amount: MinorUnits,
+        currency: Currency,
+    },
+    Withdraw {
+        account: AccountId,
+        amount: MinorUnits,
+        currency: Currency,
+    },
+    Transfer {
+        from: AccountId,
+        to: AccountId,
+        amount: MinorUnits,
+        currency: Currency,
+    },
 }
 
 /// A command with the id and time stamped on it before the state machine sees it.
@@ -103,14 +122,32 @@ impl Command {
                 put(&[1, account.as_bytes().len() as u8]);
                 put(account.as_bytes());
             }
-            CommandKind::Deposit { account, amount, currency } | CommandKind::Withdraw { account, amount, currency } => {
-                let tag = if matches!(self.kind, CommandKind::Deposit { .. }) { 2 } else { 3 };
+            CommandKind::Deposit {
+                account,
+                amount,
+                currency,
+            }
+            | CommandKind::Withdraw {
+                account,
+                amount,
+                currency,
+            } => {
+                let tag = if matches!(self.kind, CommandKind::Deposit { .. }) {
+                    2
+                } else {
+                    3
+                };
                 put(&[tag, account.as_bytes().len() as u8]);
                 put(account.as_bytes());
                 put(&amount.to_le_bytes());
                 put(&currency.packed().to_le_bytes());
             }
-            CommandKind::Transfer { from, to, amount, currency } => {
+            CommandKind::Transfer {
+                from,
+                to,
+                amount,
+                currency,
+            } => {
                 put(&[4, from.as_bytes().len() as u8]);
                 put(from.as_bytes());
                 put(&[to.as_bytes().len() as u8]);

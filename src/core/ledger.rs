@@ -10,7 +10,8 @@ use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 use crate::core::table::IndexTable;
 
 use crate::core::command::{
-    Command, CommandKind, CommandRecord, CommandType, Event, EventKind, MAX_EVENTS_PER_COMMAND, RejectCode,
+    Command, CommandKind, CommandRecord, CommandType, Event, EventKind, MAX_EVENTS_PER_COMMAND,
+    RejectCode,
 };
 use crate::core::types::{AccountId, Currency, DEFAULT_MAX_AMOUNT, MinorUnits, TransactionId};
 
@@ -23,7 +24,10 @@ pub struct LedgerConfig {
 
 impl Default for LedgerConfig {
     fn default() -> Self {
-        LedgerConfig { max_amount: DEFAULT_MAX_AMOUNT, max_accounts: u32::MAX - 1 }
+        LedgerConfig {
+            max_amount: DEFAULT_MAX_AMOUNT,
+            max_accounts: u32::MAX - 1,
+        }
     }
 }
 
@@ -185,12 +189,16 @@ impl Ledger {
     }
 
     pub fn account_name(&self, index: u32) -> Option<AccountId> {
-        self.accounts.get(index as usize).map(|slot| slot.name(&self.long_names))
+        self.accounts
+            .get(index as usize)
+            .map(|slot| slot.name(&self.long_names))
     }
 
     pub fn account_index(&self, account: &AccountId) -> Option<u32> {
         let (accounts, long_names) = (&self.accounts, &self.long_names);
-        self.name_index.find(hash_name(account.as_bytes()), |i| accounts[i as usize].has_name(account, long_names))
+        self.name_index.find(hash_name(account.as_bytes()), |i| {
+            accounts[i as usize].has_name(account, long_names)
+        })
     }
 
     /// The balance of an account in a currency, or `None` if it never received that currency.
@@ -213,7 +221,9 @@ impl Ledger {
     /// All balances of an account, sorted by currency.
     pub fn balances(&self, account: u32) -> Vec<(Currency, MinorUnits)> {
         let mut out = Vec::new();
-        let Some(slot) = self.accounts.get(account as usize) else { return out };
+        let Some(slot) = self.accounts.get(account as usize) else {
+            return out;
+        };
         if slot.currency != Currency::NONE {
             out.push((slot.currency, slot.balance));
         }
@@ -234,20 +244,31 @@ impl Ledger {
     }
 
     fn totals_of(&self, currency: Currency) -> CurrencyTotals {
-        self.totals.iter().find(|(c, _)| *c == currency).map(|(_, t)| *t).unwrap_or_default()
+        self.totals
+            .iter()
+            .find(|(c, _)| *c == currency)
+            .map(|(_, t)| *t)
+            .unwrap_or_default()
     }
 
     fn remembered(&self, id: TransactionId) -> Option<&RememberedId> {
         let chunks = &self.id_chunks;
         self.id_index
-            .find(hash_id(id.0), |i| chunks[i as usize / ID_CHUNK][i as usize % ID_CHUNK].id() == id.0)
+            .find(hash_id(id.0), |i| {
+                chunks[i as usize / ID_CHUNK][i as usize % ID_CHUNK].id() == id.0
+            })
             .map(|i| &chunks[i as usize / ID_CHUNK][i as usize % ID_CHUNK])
     }
 
     /// What the ledger remembers of a transaction id: the sequence of its first event and its
     /// rejection, if any.
     pub fn outcome_of(&self, id: TransactionId) -> Option<(u64, Option<RejectCode>)> {
-        self.remembered(id).map(|r| (r.seq_and_code >> 8, RejectCode::from_u8((r.seq_and_code & 0xFF) as u8)))
+        self.remembered(id).map(|r| {
+            (
+                r.seq_and_code >> 8,
+                RejectCode::from_u8((r.seq_and_code & 0xFF) as u8),
+            )
+        })
     }
 
     /// Prefetch stage 1 for a command that will execute soon: the index-table buckets of its
@@ -272,7 +293,10 @@ impl Ledger {
     pub fn prefetch_accounts(&self, command: &Command) {
         let slot = |account: &AccountId| {
             // Probing only the tag avoids touching slots here; a tag hit is what we prefetch.
-            if let Some(i) = self.name_index.find(hash_name(account.as_bytes()), |_| true) {
+            if let Some(i) = self
+                .name_index
+                .find(hash_name(account.as_bytes()), |_| true)
+            {
                 crate::core::table::prefetch(&self.accounts[i as usize]);
             }
         };
@@ -281,7 +305,9 @@ impl Ledger {
                 slot(from);
                 slot(to);
             }
-            CommandKind::Deposit { account, .. } | CommandKind::Withdraw { account, .. } => slot(account),
+            CommandKind::Deposit { account, .. } | CommandKind::Withdraw { account, .. } => {
+                slot(account)
+            }
             CommandKind::OpenAccount { .. } => {}
         }
     }
@@ -289,7 +315,11 @@ impl Ledger {
     /// Executes `commands` in order, exactly as calling `execute` on each would, but with
     /// software prefetching a few commands ahead so that the random memory accesses of
     /// consecutive commands overlap instead of queueing behind each other.
-    pub fn execute_batch(&mut self, commands: &[Command], mut emit: impl FnMut(usize, CommandRecord)) {
+    pub fn execute_batch(
+        &mut self,
+        commands: &[Command],
+        mut emit: impl FnMut(usize, CommandRecord),
+    ) {
         const BUCKETS_AHEAD: usize = 12;
         const ACCOUNTS_AHEAD: usize = 6;
         for command in commands.iter().take(BUCKETS_AHEAD) {
@@ -393,27 +423,61 @@ impl Ledger {
                 }
                 record.opened_account = account;
                 record.event_count = 1;
-                record.events[0] = event(EventKind::AccountOpened, self.accounts.len() as u32, Currency::NONE, 0, 0);
+                record.events[0] = event(
+                    EventKind::AccountOpened,
+                    self.accounts.len() as u32,
+                    Currency::NONE,
+                    0,
+                    0,
+                );
             }
-            CommandKind::Deposit { account, amount, currency } => {
+            CommandKind::Deposit {
+                account,
+                amount,
+                currency,
+            } => {
                 self.check_amount(amount, currency)?;
-                let index = self.account_index(&account).ok_or(RejectCode::AccountNotFound)?;
-                self.totals_of(currency).outstanding.checked_add(amount).ok_or(RejectCode::AmountOverflow)?;
-                let after = self.balance(index, currency).unwrap_or(0).checked_add(amount).ok_or(RejectCode::AmountOverflow)?;
+                let index = self
+                    .account_index(&account)
+                    .ok_or(RejectCode::AccountNotFound)?;
+                self.totals_of(currency)
+                    .outstanding
+                    .checked_add(amount)
+                    .ok_or(RejectCode::AmountOverflow)?;
+                let after = self
+                    .balance(index, currency)
+                    .unwrap_or(0)
+                    .checked_add(amount)
+                    .ok_or(RejectCode::AmountOverflow)?;
                 record.event_count = 1;
                 record.events[0] = event(EventKind::Deposited, index, currency, amount, after);
             }
-            CommandKind::Withdraw { account, amount, currency } => {
+            CommandKind::Withdraw {
+                account,
+                amount,
+                currency,
+            } => {
                 self.check_amount(amount, currency)?;
-                let index = self.account_index(&account).ok_or(RejectCode::AccountNotFound)?;
+                let index = self
+                    .account_index(&account)
+                    .ok_or(RejectCode::AccountNotFound)?;
                 let before = self.balance(index, currency).unwrap_or(0);
-                let after = before.checked_sub(amount).ok_or(RejectCode::InsufficientFunds)?;
+                let after = before
+                    .checked_sub(amount)
+                    .ok_or(RejectCode::InsufficientFunds)?;
                 record.event_count = 1;
                 record.events[0] = event(EventKind::Withdrawn, index, currency, amount, after);
             }
-            CommandKind::Transfer { from, to, amount, currency } => {
+            CommandKind::Transfer {
+                from,
+                to,
+                amount,
+                currency,
+            } => {
                 self.check_amount(amount, currency)?;
-                let from_index = self.account_index(&from).ok_or(RejectCode::AccountNotFound)?;
+                let from_index = self
+                    .account_index(&from)
+                    .ok_or(RejectCode::AccountNotFound)?;
                 let to_index = self.account_index(&to).ok_or(RejectCode::AccountNotFound)?;
                 if from_index == to_index {
                     return Err(RejectCode::SameAccount);
@@ -430,8 +494,12 @@ impl Ledger {
                     .checked_add(amount)
                     .ok_or(RejectCode::AmountOverflow)?;
                 record.event_count = 2;
-                record.events[0] = event(EventKind::Debited, from_index, currency, amount, from_after);
-                record.events[1] = Event { seq: seq + 1, ..event(EventKind::Credited, to_index, currency, amount, to_after) };
+                record.events[0] =
+                    event(EventKind::Debited, from_index, currency, amount, from_after);
+                record.events[1] = Event {
+                    seq: seq + 1,
+                    ..event(EventKind::Credited, to_index, currency, amount, to_after)
+                };
             }
         }
         Ok(())
@@ -463,12 +531,16 @@ impl Ledger {
             return Err("a replayed outcome is not a journal record".into());
         }
         if record.first_seq != self.next_seq {
-            return Err(format!("record at sequence {} but the ledger is at {}", record.first_seq, self.next_seq));
+            return Err(format!(
+                "record at sequence {} but the ledger is at {}",
+                record.first_seq, self.next_seq
+            ));
         }
         if record.event_count == 0 || record.event_count as usize > MAX_EVENTS_PER_COMMAND {
             return Err("bad event count".into());
         }
-        let mut pending: [(u32, Currency, MinorUnits); MAX_EVENTS_PER_COMMAND] = [(u32::MAX, Currency::NONE, 0); 2];
+        let mut pending: [(u32, Currency, MinorUnits); MAX_EVENTS_PER_COMMAND] =
+            [(u32::MAX, Currency::NONE, 0); 2];
         for (i, event) in record.events().iter().enumerate() {
             let known = (event.account as usize) < self.accounts.len();
             let current = |account: u32, currency: Currency| {
@@ -482,8 +554,13 @@ impl Ledger {
             };
             let after = match event.kind {
                 EventKind::AccountOpened => {
-                    if event.account as usize != self.accounts.len() || self.account_index(&record.opened_account).is_some() {
-                        return Err(format!("account opening at sequence {} does not fit", event.seq));
+                    if event.account as usize != self.accounts.len()
+                        || self.account_index(&record.opened_account).is_some()
+                    {
+                        return Err(format!(
+                            "account opening at sequence {} does not fit",
+                            event.seq
+                        ));
                     }
                     continue;
                 }
@@ -494,7 +571,12 @@ impl Ledger {
                     current(event.account, event.currency).checked_sub(event.amount)
                 }
                 EventKind::Rejected | EventKind::Checkpoint => continue,
-                _ => return Err(format!("event at sequence {} names unknown account {}", event.seq, event.account)),
+                _ => {
+                    return Err(format!(
+                        "event at sequence {} names unknown account {}",
+                        event.seq, event.account
+                    ));
+                }
             };
             if after != Some(event.balance_after) {
                 return Err(format!(
@@ -503,9 +585,16 @@ impl Ledger {
                 ));
             }
             if event.kind == EventKind::Deposited
-                && self.totals_of(event.currency).outstanding.checked_add(event.amount).is_none()
+                && self
+                    .totals_of(event.currency)
+                    .outstanding
+                    .checked_add(event.amount)
+                    .is_none()
             {
-                return Err(format!("deposit at sequence {} overflows the currency total", event.seq));
+                return Err(format!(
+                    "deposit at sequence {} overflows the currency total",
+                    event.seq
+                ));
             }
             pending[i] = (event.account, event.currency, event.balance_after);
         }
@@ -518,7 +607,10 @@ impl Ledger {
                 || debit.currency != credit.currency
                 || debit.account == credit.account
             {
-                return Err(format!("transfer at sequence {} is not one debit and one credit of the same amount", record.first_seq));
+                return Err(format!(
+                    "transfer at sequence {} is not one debit and one credit of the same amount",
+                    record.first_seq
+                ));
             }
         }
         Ok(())
@@ -533,28 +625,44 @@ impl Ledger {
         assert!(!record.replayed, "a replayed outcome is not applied");
         assert_eq!(record.first_seq, self.next_seq, "record out of sequence");
         for (i, event) in record.events().iter().enumerate() {
-            assert_eq!(event.seq, record.first_seq + i as u64, "event sequence inside record");
+            assert_eq!(
+                event.seq,
+                record.first_seq + i as u64,
+                "event sequence inside record"
+            );
             match event.kind {
                 EventKind::AccountOpened => {
-                    assert_eq!(event.account as usize, self.accounts.len(), "account index is dense");
+                    assert_eq!(
+                        event.account as usize,
+                        self.accounts.len(),
+                        "account index is dense"
+                    );
                     self.intern(record.opened_account);
                 }
                 EventKind::Deposited | EventKind::Credited => {
-                    let after = self.adjust_balance(event.account, event.currency, event.amount, true);
+                    let after =
+                        self.adjust_balance(event.account, event.currency, event.amount, true);
                     assert_eq!(after, event.balance_after, "credit balance_after");
                     if event.kind == EventKind::Deposited {
                         let totals = self.totals_entry(event.currency);
                         totals.deposited += u128::from(event.amount);
-                        totals.outstanding = totals.outstanding.checked_add(event.amount).expect("outstanding overflow");
+                        totals.outstanding = totals
+                            .outstanding
+                            .checked_add(event.amount)
+                            .expect("outstanding overflow");
                     }
                 }
                 EventKind::Withdrawn | EventKind::Debited => {
-                    let after = self.adjust_balance(event.account, event.currency, event.amount, false);
+                    let after =
+                        self.adjust_balance(event.account, event.currency, event.amount, false);
                     assert_eq!(after, event.balance_after, "debit balance_after");
                     if event.kind == EventKind::Withdrawn {
                         let totals = self.totals_entry(event.currency);
                         totals.withdrawn += u128::from(event.amount);
-                        totals.outstanding = totals.outstanding.checked_sub(event.amount).expect("outstanding underflow");
+                        totals.outstanding = totals
+                            .outstanding
+                            .checked_sub(event.amount)
+                            .expect("outstanding underflow");
                     }
                 }
                 EventKind::Rejected | EventKind::Checkpoint => {}
@@ -563,7 +671,12 @@ impl Ledger {
         self.next_seq = record.next_seq();
         if record.command_type != CommandType::Checkpoint {
             let code = record.rejection.map(|c| c as u8).unwrap_or(0);
-            self.remember(record.transaction_id, record.fingerprint, record.first_seq, code);
+            self.remember(
+                record.transaction_id,
+                record.fingerprint,
+                record.first_seq,
+                code,
+            );
         }
     }
 
@@ -581,7 +694,8 @@ impl Ledger {
         let head = name.len().min(INLINE_NAME);
         slot.name_head[..head].copy_from_slice(&name[..head]);
         if name.len() > INLINE_NAME {
-            slot.name_tail = u32::try_from(self.long_names.len()).expect("account name arena over 4 GiB");
+            slot.name_tail =
+                u32::try_from(self.long_names.len()).expect("account name arena over 4 GiB");
             self.long_names.extend_from_slice(&name[INLINE_NAME..]);
         }
         self.accounts.push(slot);
@@ -600,12 +714,22 @@ impl Ledger {
     }
 
     /// Adds or subtracts; a balance appears (at zero) on its first use. Returns the new balance.
-    fn adjust_balance(&mut self, account: u32, currency: Currency, amount: MinorUnits, credit: bool) -> MinorUnits {
+    fn adjust_balance(
+        &mut self,
+        account: u32,
+        currency: Currency,
+        amount: MinorUnits,
+        credit: bool,
+    ) -> MinorUnits {
         let change = |balance: &mut MinorUnits| {
             *balance = if credit {
-                balance.checked_add(amount).expect("balance overflow passed validation")
+                balance
+                    .checked_add(amount)
+                    .expect("balance overflow passed validation")
             } else {
-                balance.checked_sub(amount).expect("negative balance passed validation")
+                balance
+                    .checked_sub(amount)
+                    .expect("negative balance passed validation")
             };
             *balance
         };
@@ -627,7 +751,11 @@ impl Ledger {
             link = self.extras[link as usize].next_extra;
         }
         let new = u32::try_from(self.extras.len()).expect("too many extra balances");
-        self.extras.push(ExtraBalance { balance: 0, currency, next_extra: NO_EXTRA });
+        self.extras.push(ExtraBalance {
+            balance: 0,
+            currency,
+            next_extra: NO_EXTRA,
+        });
         match last {
             Some(l) => self.extras[l as usize].next_extra = new,
             None => self.accounts[account as usize].next_extra = new,
@@ -641,7 +769,7 @@ impl Ledger {
             return;
         }
         let index = self.id_count;
-        if index as usize % ID_CHUNK == 0 {
+        if (index as usize).is_multiple_of(ID_CHUNK) {
             self.id_chunks.push(Vec::with_capacity(ID_CHUNK));
         }
         let chunk = self.id_chunks.last_mut().expect("a chunk was just ensured");
@@ -699,9 +827,16 @@ impl Ledger {
             + (self.accounts.capacity() * size_of::<AccountSlot>()) as u64
             + (self.extras.capacity() * size_of::<ExtraBalance>()) as u64;
         let transaction_id_bytes = self.id_index.allocated_bytes() as u64
-            + self.id_chunks.iter().map(|c| (c.capacity() * size_of::<RememberedId>()) as u64).sum::<u64>()
+            + self
+                .id_chunks
+                .iter()
+                .map(|c| (c.capacity() * size_of::<RememberedId>()) as u64)
+                .sum::<u64>()
             + (self.id_chunks.capacity() * size_of::<Vec<RememberedId>>()) as u64;
-        MemoryUsage { account_bytes, transaction_id_bytes }
+        MemoryUsage {
+            account_bytes,
+            transaction_id_bytes,
+        }
     }
 
     /// Checks the ledger's invariants over the whole state: per currency, the sum of balances
@@ -717,7 +852,11 @@ impl Ledger {
             }
         }
         for (currency, totals) in self.totals() {
-            let sum = sums.iter().find(|(c, _)| *c == currency).map(|(_, s)| *s).unwrap_or(0);
+            let sum = sums
+                .iter()
+                .find(|(c, _)| *c == currency)
+                .map(|(_, s)| *s)
+                .unwrap_or(0);
             if totals.deposited < totals.withdrawn || sum != totals.deposited - totals.withdrawn {
                 return Err(format!(
                     "{currency}: sum of balances {sum} != deposited {} - withdrawn {}",
@@ -725,7 +864,10 @@ impl Ledger {
                 ));
             }
             if u128::from(totals.outstanding) != sum {
-                return Err(format!("{currency}: outstanding {} != sum of balances {sum}", totals.outstanding));
+                return Err(format!(
+                    "{currency}: outstanding {} != sum of balances {sum}",
+                    totals.outstanding
+                ));
             }
         }
         for (currency, sum) in &sums {
@@ -746,10 +888,19 @@ impl Ledger {
     }
 
     pub(crate) fn restore_remembered(&mut self, id: u128, fingerprint: u64, seq_and_code: u64) {
-        self.remember(TransactionId(id), fingerprint, seq_and_code >> 8, (seq_and_code & 0xFF) as u8);
+        self.remember(
+            TransactionId(id),
+            fingerprint,
+            seq_and_code >> 8,
+            (seq_and_code & 0xFF) as u8,
+        );
     }
 
-    pub(crate) fn restore_account(&mut self, account: AccountId, balances: &[(Currency, MinorUnits)]) {
+    pub(crate) fn restore_account(
+        &mut self,
+        account: AccountId,
+        balances: &[(Currency, MinorUnits)],
+    ) {
         let index = self.accounts.len() as u32;
         self.intern(account);
         for (currency, balance) in balances {

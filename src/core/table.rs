@@ -36,9 +36,15 @@ fn tag_of(hash: u64) -> u32 {
 
 impl IndexTable {
     pub fn with_capacity(entries: usize) -> IndexTable {
-        let wanted = (entries * MAX_LOAD_DENOMINATOR).div_ceil(MAX_LOAD_NUMERATOR).max(16);
+        let wanted = (entries * MAX_LOAD_DENOMINATOR)
+            .div_ceil(MAX_LOAD_NUMERATOR)
+            .max(16);
         let buckets = wanted.next_power_of_two();
-        IndexTable { buckets: vec![EMPTY; buckets], mask: buckets - 1, len: 0 }
+        IndexTable {
+            buckets: vec![EMPTY; buckets],
+            mask: buckets - 1,
+            len: 0,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -122,7 +128,9 @@ mod tests {
     #[test]
     fn finds_what_was_inserted_across_growth_and_collisions() {
         let mut table = IndexTable::with_capacity(1);
-        let keys: Vec<u64> = (0..10_000u64).map(|k| xxhash_rust::xxh3::xxh3_64(&k.to_le_bytes())).collect();
+        let keys: Vec<u64> = (0..10_000u64)
+            .map(|k| xxhash_rust::xxh3::xxh3_64(&k.to_le_bytes()))
+            .collect();
         for (i, hash) in keys.iter().enumerate() {
             assert_eq!(table.find(*hash, |j| j as usize == i), None);
             table.insert(*hash, i as u32);

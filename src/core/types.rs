@@ -38,7 +38,10 @@ impl fmt::Display for AccountIdError {
 }
 
 impl AccountId {
-    pub const EMPTY: AccountId = AccountId { len: 0, bytes: [0; ACCOUNT_ID_MAX_BYTES] };
+    pub const EMPTY: AccountId = AccountId {
+        len: 0,
+        bytes: [0; ACCOUNT_ID_MAX_BYTES],
+    };
 
     pub fn new(text: &str) -> Result<AccountId, AccountIdError> {
         Self::from_bytes(text.as_bytes())
@@ -59,7 +62,10 @@ impl AccountId {
         }
         let mut bytes = [0u8; ACCOUNT_ID_MAX_BYTES];
         bytes[..raw.len()].copy_from_slice(raw);
-        Ok(AccountId { len: raw.len() as u8, bytes })
+        Ok(AccountId {
+            len: raw.len() as u8,
+            bytes,
+        })
     }
 
     pub fn as_bytes(&self) -> &[u8] {
@@ -115,7 +121,9 @@ impl fmt::Display for CurrencyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             CurrencyError::NotIso4217 => "is not an ISO 4217 alphabetic code",
-            CurrencyError::NoMinorUnits => "has no defined minor units (e.g. XAU) and is not supported",
+            CurrencyError::NoMinorUnits => {
+                "has no defined minor units (e.g. XAU) and is not supported"
+            }
         })
     }
 }
@@ -140,7 +148,8 @@ impl Currency {
         if b.len() != 3 || !b.iter().all(|c| c.is_ascii_uppercase()) {
             return Err(CurrencyError::NotIso4217);
         }
-        let packed = (u16::from(b[0] - b'A') << 10) | (u16::from(b[1] - b'A') << 5) | u16::from(b[2] - b'A');
+        let packed =
+            (u16::from(b[0] - b'A') << 10) | (u16::from(b[1] - b'A') << 5) | u16::from(b[2] - b'A');
         Ok(Currency(packed))
     }
 
@@ -217,7 +226,9 @@ impl fmt::Display for AmountError {
                 "must be a plain positive decimal such as \"12.34\" (no sign, spaces or exponent)"
             }
             AmountError::Zero => "must be greater than zero",
-            AmountError::TooManyFractionDigits => "has more fractional digits than the currency allows",
+            AmountError::TooManyFractionDigits => {
+                "has more fractional digits than the currency allows"
+            }
             AmountError::AboveMaximum => "is above the maximum amount",
         })
     }
@@ -234,7 +245,11 @@ impl From<AmountError> for RejectCode {
 /// Accepted: digits, optionally followed by `.` and 1..=exponent digits. Rejected: empty,
 /// zero, any sign, whitespace, exponent notation, a bare `.`, too many fractional digits, and
 /// anything above `max_amount`. Arithmetic is checked; nothing wraps.
-pub fn parse_amount(text: &str, currency: Currency, max_amount: MinorUnits) -> Result<MinorUnits, AmountError> {
+pub fn parse_amount(
+    text: &str,
+    currency: Currency,
+    max_amount: MinorUnits,
+) -> Result<MinorUnits, AmountError> {
     if text.is_empty() {
         return Err(AmountError::Empty);
     }
@@ -282,7 +297,12 @@ pub fn format_amount(value: MinorUnits, currency: Currency) -> String {
         return value.to_string();
     }
     let scale = 10u64.pow(exponent);
-    format!("{}.{:0width$}", value / scale, value % scale, width = exponent as usize)
+    format!(
+        "{}.{:0width$}",
+        value / scale,
+        value % scale,
+        width = exponent as usize
+    )
 }
 
 /// A caller-chosen UUID that makes a command idempotent. Stored as its 128-bit value.
@@ -291,7 +311,9 @@ pub struct TransactionId(pub u128);
 
 impl TransactionId {
     pub fn parse(text: &str) -> Option<TransactionId> {
-        uuid::Uuid::try_parse(text).ok().map(|u| TransactionId(u.as_u128()))
+        uuid::Uuid::try_parse(text)
+            .ok()
+            .map(|u| TransactionId(u.as_u128()))
     }
 
     pub fn to_uuid_string(self) -> String {

@@ -19,7 +19,10 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use disruptor::wait_strategies::WaitStrategy;
-use disruptor::{MultiProducer, ProcessorSettings, Producer, SingleConsumerBarrier, build_multi_producer, build_single_producer};
+use disruptor::{
+    MultiProducer, ProcessorSettings, Producer, SingleConsumerBarrier, build_multi_producer,
+    build_single_producer,
+};
 
 use crate::core::codec::encode_snapshot;
 use crate::core::{Command, CommandRecord, Ledger};
@@ -59,7 +62,9 @@ impl std::str::FromStr for WaitMode {
                 .and_then(|v| v.strip_suffix("us"))
                 .and_then(|v| v.parse().ok())
                 .map(|us| WaitMode::Sleep(Duration::from_micros(us)))
-                .ok_or_else(|| format!("unknown wait strategy {text:?}: use spin, yield or sleep=<n>us")),
+                .ok_or_else(|| {
+                    format!("unknown wait strategy {text:?}: use spin, yield or sleep=<n>us")
+                }),
         }
     }
 }
@@ -90,7 +95,11 @@ pub struct OutputSlot {
 impl OutputSlot {
     /// The sequence number that must be durable before this outcome may be announced.
     pub fn durable_needed(&self) -> u64 {
-        if self.record.replayed { self.record.first_seq } else { self.record.next_seq() - 1 }
+        if self.record.replayed {
+            self.record.first_seq
+        } else {
+            self.record.next_seq() - 1
+        }
     }
 }
 
@@ -172,7 +181,12 @@ pub struct Submitter {
 }
 
 impl Submitter {
-    pub fn try_submit(&mut self, command: Command, token: u64, submitted_ns: u64) -> Result<(), Overloaded> {
+    pub fn try_submit(
+        &mut self,
+        command: Command,
+        token: u64,
+        submitted_ns: u64,
+    ) -> Result<(), Overloaded> {
         match self.producer.try_publish(|slot| {
             slot.command = command;
             slot.token = token;
@@ -206,7 +220,9 @@ impl Submitter {
             }
         }) {
             Ok(_) => {
-                self.shared.submitted.fetch_add(commands.len() as u64, Ordering::Relaxed);
+                self.shared
+                    .submitted
+                    .fetch_add(commands.len() as u64, Ordering::Relaxed);
                 Ok(())
             }
             Err(_) => {
@@ -264,7 +280,9 @@ impl EngineState {
     fn publish(&mut self, record: CommandRecord, token: u64, submitted_ns: u64) {
         // The output ring is bounded; when it is full the journal is behind and the engine
         // waits for it (internal back-pressure; callers see the input ring fill up and get 503).
-        let Some(output) = self.output.as_mut() else { return };
+        let Some(output) = self.output.as_mut() else {
+            return;
+        };
         loop {
             let published = output.try_publish(|slot| {
                 slot.record = record;
@@ -285,7 +303,9 @@ impl EngineState {
         if !end_of_batch && self.buffer.len() < EXECUTE_GROUP {
             return;
         }
-        let Some(mut ledger) = self.ledger.take() else { return };
+        let Some(mut ledger) = self.ledger.take() else {
+            return;
+        };
         self.commands.clear();
         self.commands.extend(self.buffer.iter().map(|s| s.command));
         let mut records = std::mem::take(&mut self.records);
@@ -311,7 +331,9 @@ impl EngineState {
                 let _ = sender.send(encode_snapshot(&ledger));
             }
         }
-        self.shared.executed_seq.store(ledger.next_seq() - 1, Ordering::Relaxed);
+        self.shared
+            .executed_seq
+            .store(ledger.next_seq() - 1, Ordering::Relaxed);
         self.ledger = Some(ledger);
     }
 }
@@ -349,15 +371,22 @@ impl Engine {
         mut journal: JournalStage,
         mut replies: impl ReplySink,
     ) -> Engine {
-        assert!(config.input_ring_size.is_power_of_two(), "input ring size must be a power of 2");
-        assert!(config.output_ring_size.is_power_of_two(), "output ring size must be a power of 2");
+        assert!(
+            config.input_ring_size.is_power_of_two(),
+            "input ring size must be a power of 2"
+        );
+        assert!(
+            config.output_ring_size.is_power_of_two(),
+            "output ring size must be a power of 2"
+        );
         let shared = Arc::new(EngineShared::default());
         let start_seq = ledger.next_seq();
         shared.durable_seq.store(start_seq - 1, Ordering::SeqCst);
         shared.executed_seq.store(start_seq - 1, Ordering::SeqCst);
 
         // Stage 5: the snapshot writer.
-        let (snapshot_sender, snapshot_thread) = match (&config.snapshot_dir, config.snapshot_every) {
+        let (snapshot_sender, snapshot_thread) = match (&config.snapshot_dir, config.snapshot_every)
+        {
             (Some(dir), every) if every > 0 => {
                 let (sender, receiver) = mpsc::channel::<Vec<u8>>();
                 let dir = dir.clone();
@@ -374,11 +403,15 @@ impl Engine {
         // Stages 3 and 4: the output ring with the journal stage, then the reply stage.
         let journal_shared = shared.clone();
         let reply_shared = shared.clone();
-        let output = build_single_producer(config.output_ring_size, || OutputSlot {
-            record: CommandRecord::empty(),
-            token: NO_TOKEN,
-            submitted_ns: 0,
-        }, config.wait)
+        let output = build_single_producer(
+            config.output_ring_size,
+            || OutputSlot {
+                record: CommandRecord::empty(),
+                token: NO_TOKEN,
+                submitted_ns: 0,
+            },
+            config.wait,
+        )
         .thread_name("wallet-journal")
         .handle_events_with(move |slot: &OutputSlot, _sequence, end_of_batch| {
             journal_stage(&mut journal, &journal_shared, slot, end_of_batch);
@@ -415,29 +448,47 @@ impl Engine {
             commands: Vec::with_capacity(EXECUTE_GROUP),
             records: Vec::with_capacity(EXECUTE_GROUP),
         };
-        let handler = |state: &mut EngineState, slot: &InputSlot, _sequence, end_of_batch| state.on_slot(slot, end_of_batch);
-        let builder = build_multi_producer(config.input_ring_size, || InputSlot {
-            command: Command {
-                transaction_id: crate::core::TransactionId(0),
-                timestamp_ns: 0,
-                kind: crate::core::CommandKind::OpenAccount { account: crate::core::AccountId::EMPTY },
+        let handler = |state: &mut EngineState, slot: &InputSlot, _sequence, end_of_batch| {
+            state.on_slot(slot, end_of_batch)
+        };
+        let builder = build_multi_producer(
+            config.input_ring_size,
+            || InputSlot {
+                command: Command {
+                    transaction_id: crate::core::TransactionId(0),
+                    timestamp_ns: 0,
+                    kind: crate::core::CommandKind::OpenAccount {
+                        account: crate::core::AccountId::EMPTY,
+                    },
+                },
+                token: NO_TOKEN,
+                submitted_ns: 0,
             },
-            token: NO_TOKEN,
-            submitted_ns: 0,
-        }, config.wait)
+            config.wait,
+        )
         .thread_name("wallet-engine");
         let producer = match config.pin_core {
             Some(core) if usable_core(core) => {
                 tracing::info!(core, "engine thread pinned");
-                builder.pin_at_core(core).handle_events_and_state_with(handler, init).build()
+                builder
+                    .pin_at_core(core)
+                    .handle_events_and_state_with(handler, init)
+                    .build()
             }
             Some(core) => {
-                tracing::warn!(core, "too few cores to pin the engine thread; running it unpinned");
+                tracing::warn!(
+                    core,
+                    "too few cores to pin the engine thread; running it unpinned"
+                );
                 builder.handle_events_and_state_with(handler, init).build()
             }
             None => builder.handle_events_and_state_with(handler, init).build(),
         };
-        Engine { submitter: Submitter { producer, shared }, ledger_back, snapshot_thread }
+        Engine {
+            submitter: Submitter { producer, shared },
+            ledger_back,
+            snapshot_thread,
+        }
     }
 
     pub fn submitter(&self) -> Submitter {
@@ -451,9 +502,15 @@ impl Engine {
     /// Drains everything already submitted, stops the threads and returns the ledger.
     /// Every other `Submitter` clone must have been dropped first, or this waits for them.
     pub fn shutdown(self) -> Ledger {
-        let Engine { submitter, ledger_back, snapshot_thread } = self;
+        let Engine {
+            submitter,
+            ledger_back,
+            snapshot_thread,
+        } = self;
         drop(submitter);
-        let ledger = ledger_back.recv().expect("the engine thread hands the ledger back");
+        let ledger = ledger_back
+            .recv()
+            .expect("the engine thread hands the ledger back");
         if let Some(handle) = snapshot_thread {
             let _ = handle.join();
         }
@@ -461,7 +518,12 @@ impl Engine {
     }
 }
 
-fn journal_stage(journal: &mut JournalStage, shared: &EngineShared, slot: &OutputSlot, end_of_batch: bool) {
+fn journal_stage(
+    journal: &mut JournalStage,
+    shared: &EngineShared,
+    slot: &OutputSlot,
+    end_of_batch: bool,
+) {
     if shared.halted.load(Ordering::Relaxed) {
         return;
     }
@@ -470,13 +532,18 @@ fn journal_stage(journal: &mut JournalStage, shared: &EngineShared, slot: &Outpu
             if !slot.record.replayed
                 && let Err(e) = writer.append(&slot.record)
             {
-                shared.halt(format!("journal append failed at sequence {}: {e}", slot.record.first_seq));
+                shared.halt(format!(
+                    "journal append failed at sequence {}: {e}",
+                    slot.record.first_seq
+                ));
                 return;
             }
             if end_of_batch {
                 match writer.commit() {
                     Ok(durable) => {
-                        shared.journal_bytes.store(writer.bytes_written(), Ordering::Relaxed);
+                        shared
+                            .journal_bytes
+                            .store(writer.bytes_written(), Ordering::Relaxed);
                         shared.durable_seq.store(durable, Ordering::Release);
                     }
                     Err(e) => shared.halt(format!("journal sync failed: {e}")),
@@ -484,9 +551,14 @@ fn journal_stage(journal: &mut JournalStage, shared: &EngineShared, slot: &Outpu
             }
         }
         JournalStage::Off => {
-            if end_of_batch {
-                let seq = slot.durable_needed().max(shared.durable_seq.load(Ordering::Relaxed));
-                shared.durable_seq.store(seq, Ordering::Release);
+            // Every executed record, not only the batch's last slot: a batch may end with a
+            // replayed outcome, whose sequence is older than the records before it, and then
+            // those records would be reported as not durable. (The reply stage sees the batch
+            // only after this stage finished it, so this is still "durable at end of batch".)
+            if !slot.record.replayed {
+                shared
+                    .durable_seq
+                    .store(slot.durable_needed(), Ordering::Release);
             }
         }
     }
@@ -494,7 +566,9 @@ fn journal_stage(journal: &mut JournalStage, shared: &EngineShared, slot: &Outpu
 
 fn snapshot_writer(dir: PathBuf, receiver: mpsc::Receiver<Vec<u8>>, shared: Arc<EngineShared>) {
     while let Ok(bytes) = receiver.recv() {
-        let Some(next_seq) = crate::core::codec::snapshot_next_seq(&bytes) else { continue };
+        let Some(next_seq) = crate::core::codec::snapshot_next_seq(&bytes) else {
+            continue;
+        };
         // A snapshot must never be ahead of the durable journal.
         while shared.durable_seq.load(Ordering::Acquire) + 1 < next_seq {
             if shared.halted.load(Ordering::Relaxed) {
@@ -504,7 +578,9 @@ fn snapshot_writer(dir: PathBuf, receiver: mpsc::Receiver<Vec<u8>>, shared: Arc<
         }
         match crate::journal::snapshot::write_snapshot(&dir, &bytes) {
             Ok(path) => tracing::info!(file = %path.display(), "snapshot written"),
-            Err(e) => tracing::warn!(error = %e, "snapshot failed; the journal still has everything"),
+            Err(e) => {
+                tracing::warn!(error = %e, "snapshot failed; the journal still has everything")
+            }
         }
     }
 }

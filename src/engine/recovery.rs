@@ -59,7 +59,11 @@ pub fn recover_with(
     let journal = journal_dir(data_dir);
     let mut at_most = None;
     loop {
-        let start = if use_snapshot { snapshot::load_newest(&snapshot_dir(data_dir), config, at_most) } else { None };
+        let start = if use_snapshot {
+            snapshot::load_newest(&snapshot_dir(data_dir), config, at_most)
+        } else {
+            None
+        };
         let snapshot_next_seq = start.as_ref().map(|l| l.next_seq());
         let mut ledger = start.unwrap_or_else(|| Ledger::new(config));
         on_start(&ledger);
@@ -77,10 +81,20 @@ pub fn recover_with(
             && end.next_seq < seq
         {
             // The snapshot is ahead of the journal (it should never be written so): distrust it.
-            tracing::warn!(snapshot_seq = seq, journal_next_seq = end.next_seq, "snapshot ahead of the journal; ignoring it");
+            tracing::warn!(
+                snapshot_seq = seq,
+                journal_next_seq = end.next_seq,
+                "snapshot ahead of the journal; ignoring it"
+            );
             at_most = Some(seq - 1);
             continue;
         }
-        return Ok(Recovered { ledger, end, snapshot_next_seq, records_replayed, checkpoints_verified });
+        return Ok(Recovered {
+            ledger,
+            end,
+            snapshot_next_seq,
+            records_replayed,
+            checkpoints_verified,
+        });
     }
 }

@@ -33,7 +33,11 @@ pub struct FrameHeaderLayout {
 }
 const _: () = assert!(size_of::<FrameHeaderLayout>() == FRAME_HEADER_BYTES);
 
-pub fn encode_segment_header(first_seq: u64, segment_size: u64, prev_crc: u32) -> [u8; SEGMENT_HEADER_BYTES] {
+pub fn encode_segment_header(
+    first_seq: u64,
+    segment_size: u64,
+    prev_crc: u32,
+) -> [u8; SEGMENT_HEADER_BYTES] {
     let mut h = [0u8; SEGMENT_HEADER_BYTES];
     h[0..8].copy_from_slice(&SEGMENT_MAGIC);
     h[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -131,7 +135,10 @@ pub fn check_frame(bytes: &[u8]) -> Result<Frame, FrameError> {
     if length == 0 {
         return Err(FrameError::End);
     }
-    if length < FRAME_HEADER_BYTES + 40 || length > MAX_FRAME_BYTES || length % 8 != 0 || length > bytes.len() {
+    if !(FRAME_HEADER_BYTES + 40..=MAX_FRAME_BYTES).contains(&length)
+        || !length.is_multiple_of(8)
+        || length > bytes.len()
+    {
         return Err(FrameError::BadLength);
     }
     let frame = &bytes[..length];
@@ -142,7 +149,12 @@ pub fn check_frame(bytes: &[u8]) -> Result<Frame, FrameError> {
     if u16::from_le_bytes([frame[20], frame[21]]) != FORMAT_VERSION || frame[22..24] != [0, 0] {
         return Err(FrameError::BadVersion);
     }
-    Ok(Frame { length, crc, sequence: read_u64(frame, 8), prev_crc: read_u32(frame, 16) })
+    Ok(Frame {
+        length,
+        crc,
+        sequence: read_u64(frame, 8),
+        prev_crc: read_u32(frame, 16),
+    })
 }
 
 pub fn segment_file_name(first_seq: u64) -> String {

@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 
 use crate::core::CommandRecord;
 use crate::core::codec::{encode_record, payload_len};
-use format::{FRAME_HEADER_BYTES, MAX_FRAME_BYTES, SEGMENT_HEADER_BYTES, encode_segment_header, seal_frame, segment_file_name};
+use format::{
+    FRAME_HEADER_BYTES, MAX_FRAME_BYTES, SEGMENT_HEADER_BYTES, encode_segment_header, seal_frame,
+    segment_file_name,
+};
 pub use reader::{JournalEnd, JournalError, list_segments, scan};
 use storage::{SegmentFile, Storage};
 
@@ -41,7 +44,9 @@ impl std::str::FromStr for SyncMode {
                 let ms = text
                     .strip_prefix("interval=")
                     .and_then(|v| v.parse::<u64>().ok())
-                    .ok_or_else(|| format!("unknown sync mode {text:?}: use batch, interval=<ms> or none"))?;
+                    .ok_or_else(|| {
+                        format!("unknown sync mode {text:?}: use batch, interval=<ms> or none")
+                    })?;
                 Ok(SyncMode::Interval(Duration::from_millis(ms)))
             }
         }
@@ -81,8 +86,15 @@ pub struct JournalWriter {
 impl JournalWriter {
     /// Opens the journal in `config.dir` after recovery: `end` is what `scan` returned.
     /// A torn tail reported in `end` is zeroed and synced before anything new is written.
-    pub fn open(mut storage: Box<dyn Storage>, config: JournalConfig, end: &JournalEnd) -> io::Result<JournalWriter> {
-        assert!(config.segment_size_bytes >= 4096, "segment size must be at least 4096 bytes");
+    pub fn open(
+        mut storage: Box<dyn Storage>,
+        config: JournalConfig,
+        end: &JournalEnd,
+    ) -> io::Result<JournalWriter> {
+        assert!(
+            config.segment_size_bytes >= 4096,
+            "segment size must be at least 4096 bytes"
+        );
         std::fs::create_dir_all(&config.dir)?;
         let mut segment = None;
         let mut write_offset = 0;
@@ -128,7 +140,9 @@ impl JournalWriter {
 
     fn check(&self) -> io::Result<()> {
         if self.poisoned {
-            return Err(io::Error::other("journal stopped after an earlier write or sync failure"));
+            return Err(io::Error::other(
+                "journal stopped after an earlier write or sync failure",
+            ));
         }
         Ok(())
     }
@@ -136,15 +150,17 @@ impl JournalWriter {
     /// Frames `record` and buffers it. Durable only after `commit`.
     pub fn append(&mut self, record: &CommandRecord) -> io::Result<()> {
         self.check()?;
-        assert_eq!(record.first_seq, self.next_seq, "journal append out of sequence");
+        assert_eq!(
+            record.first_seq, self.next_seq,
+            "journal append out of sequence"
+        );
         assert!(!record.replayed && record.event_count > 0);
         let frame_len = FRAME_HEADER_BYTES + payload_len(record);
         // The open segment's real size, not the configured one: a segment reopened after a
         // restart may have been created with another size.
-        let segment_full = self
-            .segment
-            .as_ref()
-            .is_none_or(|segment| self.write_offset + (self.pending.len() + frame_len) as u64 > segment.size());
+        let segment_full = self.segment.as_ref().is_none_or(|segment| {
+            self.write_offset + (self.pending.len() + frame_len) as u64 > segment.size()
+        });
         if segment_full {
             self.roll_segment(record.first_seq)?;
         }
@@ -163,7 +179,10 @@ impl JournalWriter {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let segment = self.segment.as_mut().expect("a segment is open when bytes are pending");
+        let segment = self
+            .segment
+            .as_mut()
+            .expect("a segment is open when bytes are pending");
         if let Err(e) = segment.write_at(self.write_offset, &self.pending) {
             self.poisoned = true;
             return Err(e);
@@ -194,12 +213,18 @@ impl JournalWriter {
             self.sync_segment()?;
         }
         let path = self.config.dir.join(segment_file_name(first_seq));
-        let header = encode_segment_header(first_seq, self.config.segment_size_bytes, self.last_crc);
-        let mut segment = self.storage.create_segment(&path, self.config.segment_size_bytes).inspect_err(|_| {
-            self.poisoned = true;
-        })?;
+        let header =
+            encode_segment_header(first_seq, self.config.segment_size_bytes, self.last_crc);
+        let mut segment = self
+            .storage
+            .create_segment(&path, self.config.segment_size_bytes)
+            .inspect_err(|_| {
+                self.poisoned = true;
+            })?;
         segment.write_at(0, &header)?;
-        segment.sync_range(0, SEGMENT_HEADER_BYTES as u64).inspect_err(|_| self.poisoned = true)?;
+        segment
+            .sync_range(0, SEGMENT_HEADER_BYTES as u64)
+            .inspect_err(|_| self.poisoned = true)?;
         self.segment = Some(segment);
         self.write_offset = SEGMENT_HEADER_BYTES as u64;
         self.synced_offset = self.write_offset;

@@ -9,16 +9,25 @@ use memmap2::Mmap;
 use crate::core::CommandRecord;
 use crate::core::codec::decode_record;
 use crate::journal::format::{
-    FRAME_HEADER_BYTES, FrameError, SEGMENT_HEADER_BYTES, check_frame, decode_segment_header, parse_segment_file_name,
+    FRAME_HEADER_BYTES, FrameError, SEGMENT_HEADER_BYTES, check_frame, decode_segment_header,
+    parse_segment_file_name,
 };
 
 /// Where and why the journal is unreadable. Never silently truncated.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     #[error("journal corrupt in {file} at byte offset {offset}, sequence {seq}: {reason}")]
-    Corrupt { file: PathBuf, offset: u64, seq: u64, reason: String },
+    Corrupt {
+        file: PathBuf,
+        offset: u64,
+        seq: u64,
+        reason: String,
+    },
     #[error("journal I/O error on {file}: {source}")]
-    Io { file: PathBuf, source: std::io::Error },
+    Io {
+        file: PathBuf,
+        source: std::io::Error,
+    },
     #[error("stopped by the visitor at sequence {seq}: {reason}")]
     Visitor { seq: u64, reason: String },
 }
@@ -36,7 +45,10 @@ pub struct JournalEnd {
 
 /// Lists the segment files of `dir`, sorted by their first sequence number.
 pub fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
-    let io = |source| JournalError::Io { file: dir.to_path_buf(), source };
+    let io = |source| JournalError::Io {
+        file: dir.to_path_buf(),
+        source,
+    };
     let mut out = Vec::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -79,10 +91,18 @@ pub fn scan(
     mut visit: impl FnMut(&CommandRecord) -> Result<(), String>,
 ) -> Result<JournalEnd, JournalError> {
     let segments = list_segments(dir)?;
-    let mut end = JournalEnd { segment: None, next_seq: 1, last_crc: 0, torn_at: None };
+    let mut end = JournalEnd {
+        segment: None,
+        next_seq: 1,
+        last_crc: 0,
+        torn_at: None,
+    };
     // Start at the last segment that begins at or before `from_seq`; the chain is verified from
     // that segment's header on.
-    let start = segments.iter().rposition(|(first, _)| *first <= from_seq).unwrap_or(0);
+    let start = segments
+        .iter()
+        .rposition(|(first, _)| *first <= from_seq)
+        .unwrap_or(0);
     for (position, (named_first, path)) in segments.iter().enumerate().skip(start) {
         let newest = position + 1 == segments.len();
         let corrupt = |offset: u64, seq: u64, reason: &str| JournalError::Corrupt {
@@ -91,20 +111,34 @@ pub fn scan(
             seq,
             reason: reason.to_string(),
         };
-        let file = File::open(path).map_err(|source| JournalError::Io { file: path.clone(), source })?;
+        let file = File::open(path).map_err(|source| JournalError::Io {
+            file: path.clone(),
+            source,
+        })?;
         // SAFETY: segment files are only appended to by the single journal writer, never
         // truncated while mapped; we only read.
-        let map = unsafe { Mmap::map(&file) }.map_err(|source| JournalError::Io { file: path.clone(), source })?;
+        let map = unsafe { Mmap::map(&file) }.map_err(|source| JournalError::Io {
+            file: path.clone(),
+            source,
+        })?;
         let bytes: &[u8] = &map;
         let header = decode_segment_header(bytes).map_err(|r| corrupt(0, *named_first, r))?;
         if header.first_seq != *named_first {
-            return Err(corrupt(0, header.first_seq, "segment header disagrees with its file name"));
+            return Err(corrupt(
+                0,
+                header.first_seq,
+                "segment header disagrees with its file name",
+            ));
         }
         if position == start {
             end.next_seq = header.first_seq;
             end.last_crc = header.prev_crc;
         } else if header.first_seq != end.next_seq || header.prev_crc != end.last_crc {
-            return Err(corrupt(0, header.first_seq, "segment does not continue the previous one (gap or broken chain)"));
+            return Err(corrupt(
+                0,
+                header.first_seq,
+                "segment does not continue the previous one (gap or broken chain)",
+            ));
         }
         let mut offset = SEGMENT_HEADER_BYTES;
         loop {
@@ -117,16 +151,32 @@ pub fn scan(
             match checked {
                 Ok(frame) => {
                     if frame.sequence != end.next_seq {
-                        return Err(corrupt(offset as u64, frame.sequence, "sequence gap or reorder"));
+                        return Err(corrupt(
+                            offset as u64,
+                            frame.sequence,
+                            "sequence gap or reorder",
+                        ));
                     }
                     if frame.prev_crc != end.last_crc {
-                        return Err(corrupt(offset as u64, frame.sequence, "checksum chain broken"));
+                        return Err(corrupt(
+                            offset as u64,
+                            frame.sequence,
+                            "checksum chain broken",
+                        ));
                     }
                     let payload = &bytes[offset + FRAME_HEADER_BYTES..offset + frame.length];
-                    let record = decode_record(frame.sequence, payload)
-                        .map_err(|e| corrupt(offset as u64, frame.sequence, &format!("undecodable payload: {e}")))?;
+                    let record = decode_record(frame.sequence, payload).map_err(|e| {
+                        corrupt(
+                            offset as u64,
+                            frame.sequence,
+                            &format!("undecodable payload: {e}"),
+                        )
+                    })?;
                     if record.first_seq >= from_seq {
-                        visit(&record).map_err(|reason| JournalError::Visitor { seq: record.first_seq, reason })?;
+                        visit(&record).map_err(|reason| JournalError::Visitor {
+                            seq: record.first_seq,
+                            reason,
+                        })?;
                     }
                     end.next_seq = record.next_seq();
                     end.last_crc = frame.crc;
@@ -136,7 +186,11 @@ pub fn scan(
                     // Unwritten space. In the newest segment, anything non-zero after it is a
                     // torn write of records that were never acknowledged.
                     if newest && valid_frame_after(bytes, offset, end.next_seq) {
-                        return Err(corrupt(offset as u64, end.next_seq, "zeroed frame inside the committed log"));
+                        return Err(corrupt(
+                            offset as u64,
+                            end.next_seq,
+                            "zeroed frame inside the committed log",
+                        ));
                     }
                     if newest && bytes[offset..].iter().any(|b| *b != 0) {
                         end.torn_at = Some(offset as u64);

@@ -23,7 +23,8 @@ fn parse_snapshot_file_name(name: &str) -> Option<u64> {
 
 /// Writes `bytes` (from `encode_snapshot`) as the snapshot at its sequence; returns the path.
 pub fn write_snapshot(dir: &Path, bytes: &[u8]) -> std::io::Result<PathBuf> {
-    let next_seq = snapshot_next_seq(bytes).ok_or_else(|| std::io::Error::other("not a snapshot"))?;
+    let next_seq =
+        snapshot_next_seq(bytes).ok_or_else(|| std::io::Error::other("not a snapshot"))?;
     fs::create_dir_all(dir)?;
     let path = dir.join(snapshot_file_name(next_seq));
     let temporary = dir.join(format!(".{}.tmp", snapshot_file_name(next_seq)));
@@ -43,9 +44,14 @@ pub fn list_snapshots(dir: &Path) -> Vec<(u64, PathBuf)> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(parse_snapshot_file_name).map(|s| (s, e.path())))
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(parse_snapshot_file_name)
+                .map(|s| (s, e.path()))
+        })
         .collect();
-    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.sort_by_key(|entry| std::cmp::Reverse(entry.0));
     out
 }
 
@@ -60,9 +66,13 @@ pub fn load_newest(dir: &Path, config: LedgerConfig, at_most: Option<u64>) -> Op
         match fs::read(&path) {
             Ok(bytes) => match decode_snapshot(&bytes, config) {
                 Ok(ledger) => return Some(ledger),
-                Err(e) => tracing::warn!(file = %path.display(), error = %e, "skipping an invalid snapshot"),
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "skipping an invalid snapshot")
+                }
             },
-            Err(e) => tracing::warn!(file = %path.display(), error = %e, "skipping an unreadable snapshot"),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "skipping an unreadable snapshot")
+            }
         }
     }
     None

@@ -42,7 +42,8 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 }
 
 fn preallocate(file: &File, size: u64) -> io::Result<()> {
-    let len = libc::off_t::try_from(size).map_err(|_| io::Error::other("segment size too large"))?;
+    let len =
+        libc::off_t::try_from(size).map_err(|_| io::Error::other("segment size too large"))?;
     // SAFETY: the descriptor is valid for the lifetime of `file`; posix_fallocate has no memory
     // arguments.
     let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
@@ -61,7 +62,11 @@ fn map(file: &File) -> io::Result<MmapMut> {
 
 impl Storage for MmapStorage {
     fn create_segment(&mut self, path: &Path, size: u64) -> io::Result<Box<dyn SegmentFile>> {
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
         if let Err(e) = preallocate(&file, size) {
             let _ = std::fs::remove_file(path);
             return Err(e);
@@ -84,7 +89,9 @@ impl Storage for MmapStorage {
 impl SegmentFile for MmapSegment {
     fn write_at(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
         let start = usize::try_from(offset).map_err(|_| io::Error::other("offset"))?;
-        let end = start.checked_add(bytes.len()).filter(|e| *e <= self.map.len());
+        let end = start
+            .checked_add(bytes.len())
+            .filter(|e| *e <= self.map.len());
         let end = end.ok_or_else(|| io::Error::other("write past the end of the segment"))?;
         self.map[start..end].copy_from_slice(bytes);
         Ok(())
@@ -123,7 +130,10 @@ pub struct Faults {
 
 impl Faults {
     pub fn new() -> Arc<Faults> {
-        Arc::new(Faults { syncs_before_failure: AtomicU64::new(u64::MAX), ..Default::default() })
+        Arc::new(Faults {
+            syncs_before_failure: AtomicU64::new(u64::MAX),
+            ..Default::default()
+        })
     }
 }
 
@@ -136,12 +146,20 @@ struct FaultySegment {
 impl Storage for FaultyStorage {
     fn create_segment(&mut self, path: &Path, size: u64) -> io::Result<Box<dyn SegmentFile>> {
         let inner = MmapStorage.create_segment(path, size)?;
-        Ok(Box::new(FaultySegment { inner, faults: self.faults.clone(), torn: false }))
+        Ok(Box::new(FaultySegment {
+            inner,
+            faults: self.faults.clone(),
+            torn: false,
+        }))
     }
 
     fn open_segment(&mut self, path: &Path) -> io::Result<Box<dyn SegmentFile>> {
         let inner = MmapStorage.open_segment(path)?;
-        Ok(Box::new(FaultySegment { inner, faults: self.faults.clone(), torn: false }))
+        Ok(Box::new(FaultySegment {
+            inner,
+            faults: self.faults.clone(),
+            torn: false,
+        }))
     }
 }
 

@@ -10,7 +10,9 @@ use serde::Serialize;
 
 use crate::core::ledger::LedgerConfig;
 use crate::core::{AccountId, Command, CommandKind, Currency, Ledger, RejectCode, TransactionId};
-use crate::engine::{Engine, EngineConfig, JournalStage, NO_TOKEN, OutputSlot, ReplySink, WaitMode};
+use crate::engine::{
+    Engine, EngineConfig, JournalStage, NO_TOKEN, OutputSlot, ReplySink, WaitMode,
+};
 use crate::journal::storage::MmapStorage;
 use crate::journal::{JournalConfig, JournalWriter, SyncMode, journal_dir};
 use crate::tools::rng::{SplitMix, zipf_rank};
@@ -120,7 +122,9 @@ impl ReplySink for BenchSink {
         assert!(durable, "bench: the journal stopped");
         if self.measuring.load(Ordering::Relaxed) == 1 {
             let now = self.base.elapsed().as_nanos() as u64;
-            let _ = self.histogram.record((now.saturating_sub(slot.submitted_ns) / 1000).max(1));
+            let _ = self
+                .histogram
+                .record((now.saturating_sub(slot.submitted_ns) / 1000).max(1));
             match slot.record.rejection {
                 None => self.committed += 1,
                 Some(code) => self.rejected[code as usize] += 1,
@@ -132,7 +136,9 @@ impl ReplySink for BenchSink {
 
 impl Drop for BenchSink {
     fn drop(&mut self) {
-        let _ = self.done.send((self.histogram.clone(), self.committed, self.rejected));
+        let _ = self
+            .done
+            .send((self.histogram.clone(), self.committed, self.rejected));
     }
 }
 
@@ -150,9 +156,11 @@ fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
         })
         .map(|kib| kib * 1024)
         .unwrap_or(0)
@@ -180,8 +188,16 @@ pub struct TransferGenerator {
 }
 
 impl TransferGenerator {
-    pub fn new(args: &BenchArgs, ids: Arc<Vec<AccountId>>, stream: u64, currency: Currency) -> TransferGenerator {
-        let mut rng = SplitMix::new(xxhash_rust::xxh3::xxh3_64_with_seed(&args.seed.to_le_bytes(), stream + 1));
+    pub fn new(
+        args: &BenchArgs,
+        ids: Arc<Vec<AccountId>>,
+        stream: u64,
+        currency: Currency,
+    ) -> TransferGenerator {
+        let mut rng = SplitMix::new(xxhash_rust::xxh3::xxh3_64_with_seed(
+            &args.seed.to_le_bytes(),
+            stream + 1,
+        ));
         let last_id = TransactionId(rng.next_u128());
         TransferGenerator {
             rng,
@@ -225,7 +241,12 @@ impl TransferGenerator {
         Command {
             transaction_id,
             timestamp_ns: 0,
-            kind: CommandKind::Transfer { from: self.ids[from], to: to_account, amount, currency: self.currency },
+            kind: CommandKind::Transfer {
+                from: self.ids[from],
+                to: to_account,
+                amount,
+                currency: self.currency,
+            },
         }
     }
 }
@@ -236,10 +257,22 @@ fn setup_ledger(ledger: &mut Ledger, ids: &[AccountId], currency: Currency, seed
     for id in ids {
         for kind in [
             CommandKind::OpenAccount { account: *id },
-            CommandKind::Deposit { account: *id, amount: 1_000_000_00, currency },
+            CommandKind::Deposit {
+                account: *id,
+                amount: 100_000_000,
+                currency,
+            },
         ] {
-            let record = ledger.execute(&Command { transaction_id: TransactionId(rng.next_u128()), timestamp_ns: 0, kind });
-            assert!(record.is_committed(), "bench setup failed: {:?}", record.rejection);
+            let record = ledger.execute(&Command {
+                transaction_id: TransactionId(rng.next_u128()),
+                timestamp_ns: 0,
+                kind,
+            });
+            assert!(
+                record.is_committed(),
+                "bench setup failed: {:?}",
+                record.rejection
+            );
         }
     }
 }
@@ -275,9 +308,19 @@ fn run_execute(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         elapsed += started.elapsed();
         remaining -= n as u64;
     }
-    ledger.check_invariants().map_err(|e| anyhow::anyhow!("invariant broken after bench: {e}"))?;
+    ledger
+        .check_invariants()
+        .map_err(|e| anyhow::anyhow!("invariant broken after bench: {e}"))?;
     let histogram = Histogram::new(3)?;
-    Ok(report(args, &ledger, elapsed.as_secs_f64(), committed, rejected_codes, &histogram, 0))
+    Ok(report(
+        args,
+        &ledger,
+        elapsed.as_secs_f64(),
+        committed,
+        rejected_codes,
+        &histogram,
+        0,
+    ))
 }
 
 fn report(
@@ -311,7 +354,8 @@ fn report(
         },
         peak_rss_bytes: peak_rss_bytes(),
         bytes_per_account: memory.account_bytes as f64 / f64::from(ledger.account_count().max(1)),
-        bytes_per_transaction_id: memory.transaction_id_bytes as f64 / f64::from(ledger.transaction_id_count().max(1)),
+        bytes_per_transaction_id: memory.transaction_id_bytes as f64
+            / f64::from(ledger.transaction_id_count().max(1)),
         journal_bytes,
         journal_bytes_per_transfer: journal_bytes as f64 / args.transfers as f64,
         sync: match (args.stage, args.no_journal) {
@@ -332,7 +376,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     }
     anyhow::ensure!(args.accounts >= 2, "--accounts must be at least 2");
     anyhow::ensure!(args.producers >= 1, "--producers must be at least 1");
-    anyhow::ensure!((0.0..=1.0).contains(&args.reject_share), "--reject-share must be within 0..=1");
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.reject_share),
+        "--reject-share must be within 0..=1"
+    );
     let usd = Currency::new("USD").map_err(|e| anyhow::anyhow!("{e}"))?;
     let ledger = Ledger::with_capacity(
         LedgerConfig::default(),
@@ -340,13 +387,24 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         args.transfers as usize + 2 * args.accounts as usize,
     );
     let temporary = match (&args.data_dir, args.no_journal) {
-        (None, false) => Some(tempfile::Builder::new().prefix("wallet-bench-").tempdir_in(".")?),
+        (None, false) => Some(
+            tempfile::Builder::new()
+                .prefix("wallet-bench-")
+                .tempdir_in(".")?,
+        ),
         _ => None,
     };
-    let data_dir = args.data_dir.clone().or_else(|| temporary.as_ref().map(|t| t.path().to_path_buf()));
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or_else(|| temporary.as_ref().map(|t| t.path().to_path_buf()));
     let journal = match (&data_dir, args.no_journal) {
         (Some(dir), false) => {
-            let config = JournalConfig { dir: journal_dir(dir), segment_size_bytes: args.segment_size, sync: args.sync };
+            let config = JournalConfig {
+                dir: journal_dir(dir),
+                segment_size_bytes: args.segment_size,
+                sync: args.sync,
+            };
             let end = crate::journal::scan(&config.dir, 1, |_| Ok(()))?;
             anyhow::ensure!(end.next_seq == 1, "bench needs an empty data directory");
             JournalStage::Journal(JournalWriter::open(Box::new(MmapStorage), config, &end)?)
@@ -383,10 +441,23 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let mut setup_count = 0u64;
     for index in 0..args.accounts {
         for kind in [
-            CommandKind::OpenAccount { account: ids[index as usize] },
-            CommandKind::Deposit { account: ids[index as usize], amount: 1_000_000_00, currency: usd },
+            CommandKind::OpenAccount {
+                account: ids[index as usize],
+            },
+            CommandKind::Deposit {
+                account: ids[index as usize],
+                amount: 100_000_000,
+                currency: usd,
+            },
         ] {
-            batch.push((Command { transaction_id: TransactionId(rng.next_u128()), timestamp_ns: 0, kind }, 0));
+            batch.push((
+                Command {
+                    transaction_id: TransactionId(rng.next_u128()),
+                    timestamp_ns: 0,
+                    kind,
+                },
+                0,
+            ));
             if batch.len() == args.batch {
                 submit_all(&mut submitter, &batch, base);
                 setup_count += batch.len() as u64;
@@ -406,7 +477,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let mut threads = Vec::new();
     for producer in 0..args.producers {
         let mut submitter = engine.submitter();
-        let count = if producer == 0 { args.transfers - per_producer * (args.producers as u64 - 1) } else { per_producer };
+        let count = if producer == 0 {
+            args.transfers - per_producer * (args.producers as u64 - 1)
+        } else {
+            per_producer
+        };
         let mut generator = TransferGenerator::new(args, ids.clone(), producer as u64 + 1, usd);
         let batch_size = args.batch;
         threads.push(std::thread::spawn(move || {
@@ -422,32 +497,59 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         }));
     }
     for thread in threads {
-        thread.join().map_err(|_| anyhow::anyhow!("a producer thread panicked"))?;
+        thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("a producer thread panicked"))?;
     }
     wait_for(&replies, setup_count + args.transfers);
     let seconds = started.elapsed().as_secs_f64();
-    let journal_bytes = engine.shared().journal_bytes.load(Ordering::Relaxed) - journal_bytes_before;
+    let journal_bytes =
+        engine.shared().journal_bytes.load(Ordering::Relaxed) - journal_bytes_before;
     drop(submitter);
     let ledger = engine.shutdown();
     let (histogram, committed, rejected_codes) = done.recv()?;
-    ledger.check_invariants().map_err(|e| anyhow::anyhow!("invariant broken after bench: {e}"))?;
+    ledger
+        .check_invariants()
+        .map_err(|e| anyhow::anyhow!("invariant broken after bench: {e}"))?;
     let _ = committed;
-    Ok(report(args, &ledger, seconds, committed, rejected_codes, &histogram, journal_bytes))
+    Ok(report(
+        args,
+        &ledger,
+        seconds,
+        committed,
+        rejected_codes,
+        &histogram,
+        journal_bytes,
+    ))
 }
 
-
 pub fn print_table(r: &BenchReport) {
-    println!("wallet bench: {} accounts, {} transfers, {}, {} producer(s), sync {}", r.accounts, r.transfers, r.distribution, r.producers, r.sync);
-    println!("  throughput        {:>14.0} transfers/s  ({:.3} s)", r.transfers_per_sec, r.seconds);
+    println!(
+        "wallet bench: {} accounts, {} transfers, {}, {} producer(s), sync {}",
+        r.accounts, r.transfers, r.distribution, r.producers, r.sync
+    );
+    println!(
+        "  throughput        {:>14.0} transfers/s  ({:.3} s)",
+        r.transfers_per_sec, r.seconds
+    );
     println!("  committed         {:>14}", r.committed);
-    println!("  rejected          {:>14}  {:?}", r.rejected, r.rejected_by_code);
+    println!(
+        "  rejected          {:>14}  {:?}",
+        r.rejected, r.rejected_by_code
+    );
     println!(
         "  latency us        p50 {}  p99 {}  p99.9 {}  p99.99 {}  max {}",
         r.latency_us.p50, r.latency_us.p99, r.latency_us.p999, r.latency_us.p9999, r.latency_us.max
     );
     println!("  peak RSS          {:>14} bytes", r.peak_rss_bytes);
     println!("  per account       {:>14.1} bytes", r.bytes_per_account);
-    println!("  per remembered id {:>14.1} bytes", r.bytes_per_transaction_id);
-    println!("  journal           {:>14} bytes ({:.1} per transfer)", r.journal_bytes, r.journal_bytes_per_transfer);
+    println!(
+        "  per remembered id {:>14.1} bytes",
+        r.bytes_per_transaction_id
+    );
+    println!(
+        "  journal           {:>14} bytes ({:.1} per transfer)",
+        r.journal_bytes, r.journal_bytes_per_transfer
+    );
     println!("  state hash        {}", r.state_hash);
 }

@@ -75,7 +75,10 @@ pub struct LoadgenReport {
 #[derive(Clone)]
 struct Target {
     host: String,
-    tls: Option<(tokio_rustls::TlsConnector, tokio_rustls::rustls::pki_types::ServerName<'static>)>,
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        tokio_rustls::rustls::pki_types::ServerName<'static>,
+    )>,
 }
 
 fn target(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Target> {
@@ -90,7 +93,8 @@ fn target(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Target> {
     if !tls {
         return Ok(Target { host, tls: None });
     }
-    let ca = ca.ok_or_else(|| anyhow::anyhow!("https:// needs --ca with the server's CA certificate"))?;
+    let ca =
+        ca.ok_or_else(|| anyhow::anyhow!("https:// needs --ca with the server's CA certificate"))?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)? {
         roots.add(cert?)?;
@@ -100,9 +104,19 @@ fn target(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Target> {
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let name = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(&host).to_string();
+    let name = host
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(&host)
+        .to_string();
     let server_name = rustls::pki_types::ServerName::try_from(name)?;
-    Ok(Target { host, tls: Some((tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)), server_name)) })
+    Ok(Target {
+        host,
+        tls: Some((
+            tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)),
+            server_name,
+        )),
+    })
 }
 
 struct Client {
@@ -116,18 +130,23 @@ impl Client {
         stream.set_nodelay(true)?;
         let sender = match &target.tls {
             None => {
-                let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
                 tokio::spawn(connection);
                 sender
             }
             Some((connector, name)) => {
                 let stream = connector.connect(name.clone(), stream).await?;
-                let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
                 tokio::spawn(connection);
                 sender
             }
         };
-        Ok(Client { sender, target: target.clone() })
+        Ok(Client {
+            sender,
+            target: target.clone(),
+        })
     }
 
     async fn send_as(
@@ -140,7 +159,10 @@ impl Client {
         if self.sender.ready().await.is_err() {
             *self = Client::connect(&self.target).await?;
         }
-        let mut builder = Request::builder().method(method).uri(path).header("host", &self.target.host);
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.target.host);
         if body.is_some() {
             builder = builder.header("content-type", "application/json");
         }
@@ -160,7 +182,10 @@ fn account(i: u64) -> String {
 }
 
 fn uuid(rng: &mut SplitMix) -> String {
-    uuid::Builder::from_random_bytes(rng.next_u128().to_le_bytes()).into_uuid().hyphenated().to_string()
+    uuid::Builder::from_random_bytes(rng.next_u128().to_le_bytes())
+        .into_uuid()
+        .hyphenated()
+        .to_string()
 }
 
 fn transfer_body(rng: &mut SplitMix, accounts: u64) -> String {
@@ -220,26 +245,45 @@ async fn setup(args: &LoadgenArgs, host: &Target, admin: Option<String>) -> anyh
 
 pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
     anyhow::ensure!(args.connections >= 1, "--connections must be at least 1");
-    anyhow::ensure!((1..=8192).contains(&args.batch), "--batch must be within 1..=8192");
+    anyhow::ensure!(
+        (1..=8192).contains(&args.batch),
+        "--batch must be within 1..=8192"
+    );
     let host = target(&args.url, args.ca.as_deref())?;
     let ttl = Duration::from_secs(args.duration + 3600);
     let tokens: Option<Arc<Vec<String>>> = match &args.jwt_secret {
         Some(secret) => Some(Arc::new(
             (0..u64::from(args.accounts).max(2))
-                .map(|i| crate::api::auth::mint(secret.as_bytes(), &account(i), "wallet:transfer wallet:read", ttl))
+                .map(|i| {
+                    crate::api::auth::mint(
+                        secret.as_bytes(),
+                        &account(i),
+                        "wallet:transfer wallet:read",
+                        ttl,
+                    )
+                })
                 .collect::<anyhow::Result<_>>()?,
         )),
         None => None,
     };
     if args.setup {
         let admin = match &args.jwt_secret {
-            Some(secret) => Some(crate::api::auth::mint(secret.as_bytes(), "loadgen-admin", "wallet:admin", ttl)?),
+            Some(secret) => Some(crate::api::auth::mint(
+                secret.as_bytes(),
+                "loadgen-admin",
+                "wallet:admin",
+                ttl,
+            )?),
             None => None,
         };
         setup(args, &host, admin).await?;
     }
     let requests_per_sec = args.rate as f64 / args.batch as f64;
-    let interval_ns = if args.rate == 0 { 0.0 } else { 1e9 / requests_per_sec };
+    let interval_ns = if args.rate == 0 {
+        0.0
+    } else {
+        1e9 / requests_per_sec
+    };
     let start = Instant::now() + Duration::from_millis(50);
     let end = start + Duration::from_secs(args.duration);
     let next = Arc::new(AtomicU64::new(0));
@@ -273,14 +317,26 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
                 let token = tokens.as_ref().map(|t| t[from as usize].as_str());
                 let (method, path, body) = match &args.raw_path {
                     Some(p) => ("GET", p.clone(), None),
-                    None if args.batch == 1 => {
-                        ("POST", "/v1/wallet/balance_transfer".to_string(), Some(transfer_from(&mut rng, accounts, from)))
-                    }
+                    None if args.batch == 1 => (
+                        "POST",
+                        "/v1/wallet/balance_transfer".to_string(),
+                        Some(transfer_from(&mut rng, accounts, from)),
+                    ),
                     None => {
                         let items: Vec<String> = (0..args.batch)
-                            .map(|_| if token.is_some() { transfer_from(&mut rng, accounts, from) } else { transfer_body(&mut rng, accounts) })
+                            .map(|_| {
+                                if token.is_some() {
+                                    transfer_from(&mut rng, accounts, from)
+                                } else {
+                                    transfer_body(&mut rng, accounts)
+                                }
+                            })
                             .collect();
-                        ("POST", "/v1/wallet/balance_transfers".to_string(), Some(format!(r#"{{"transfers":[{}]}}"#, items.join(","))))
+                        (
+                            "POST",
+                            "/v1/wallet/balance_transfers".to_string(),
+                            Some(format!(r#"{{"transfers":[{}]}}"#, items.join(","))),
+                        )
                     }
                 };
                 match client.send_as(method, &path, body, token).await {
@@ -308,7 +364,13 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
     let requests = histogram.len();
     let ok_transfers = statuses.get("200").copied().unwrap_or(0) * args.batch as u64;
     let mut latency = BTreeMap::new();
-    for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999), ("p9999", 0.9999)] {
+    for (name, q) in [
+        ("p50", 0.5),
+        ("p90", 0.9),
+        ("p99", 0.99),
+        ("p999", 0.999),
+        ("p9999", 0.9999),
+    ] {
         latency.insert(name.to_string(), histogram.value_at_quantile(q));
     }
     latency.insert("max".to_string(), histogram.max());
@@ -336,14 +398,26 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
             args.connections,
             args.batch,
             args.rate,
-            if args.rate == 0 { "closed loop" } else { "open loop" },
+            if args.rate == 0 {
+                "closed loop"
+            } else {
+                "open loop"
+            },
             seconds
         );
-        println!("  transfers/s {:.0}   requests/s {:.0}   errors {}", report.transfers_per_sec, report.requests_per_sec, errors);
+        println!(
+            "  transfers/s {:.0}   requests/s {:.0}   errors {}",
+            report.transfers_per_sec, report.requests_per_sec, errors
+        );
         println!("  status      {:?}", report.status_counts);
         println!(
             "  latency us  p50 {}  p90 {}  p99 {}  p99.9 {}  p99.99 {}  max {}",
-            latency["p50"], latency["p90"], latency["p99"], latency["p999"], latency["p9999"], latency["max"]
+            latency["p50"],
+            latency["p90"],
+            latency["p99"],
+            latency["p999"],
+            latency["p9999"],
+            latency["max"]
         );
     }
     Ok(report)
@@ -356,7 +430,11 @@ fn write_outputs(dir: &std::path::Path, histogram: &Histogram<u64>) -> anyhow::R
     let mut points = Vec::new();
     for v in histogram.iter_quantiles(1) {
         let q = v.quantile_iterated_to();
-        let inverse = if q < 1.0 { 1.0 / (1.0 - q) } else { f64::INFINITY };
+        let inverse = if q < 1.0 {
+            1.0 / (1.0 - q)
+        } else {
+            f64::INFINITY
+        };
         let _ = writeln!(
             hgrm,
             "{:12.3} {:14.12} {:10} {:14.2}",
@@ -366,7 +444,10 @@ fn write_outputs(dir: &std::path::Path, histogram: &Histogram<u64>) -> anyhow::R
             inverse
         );
         if q < 1.0 {
-            points.push(((1.0 / (1.0 - q)).log10(), v.value_iterated_to() as f64 / 1000.0));
+            points.push((
+                (1.0 / (1.0 - q)).log10(),
+                v.value_iterated_to() as f64 / 1000.0,
+            ));
         }
     }
     let _ = writeln!(
@@ -396,17 +477,41 @@ fn write_outputs(dir: &std::path::Path, histogram: &Histogram<u64>) -> anyhow::R
     );
     let sx = |x: f64| margin + x / max_x * (width - 2.0 * margin);
     let sy = |y: f64| height - margin - y / max_y * (height - 2.0 * margin);
-    for (label, x) in [("0%", 0.0), ("90%", 1.0), ("99%", 2.0), ("99.9%", 3.0), ("99.99%", 4.0), ("99.999%", 5.0)] {
+    for (label, x) in [
+        ("0%", 0.0),
+        ("90%", 1.0),
+        ("99%", 2.0),
+        ("99.9%", 3.0),
+        ("99.99%", 4.0),
+        ("99.999%", 5.0),
+    ] {
         if x <= max_x {
-            let _ = writeln!(svg, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{label}</text>"#, sx(x), height - margin + 18.0);
+            let _ = writeln!(
+                svg,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{label}</text>"#,
+                sx(x),
+                height - margin + 18.0
+            );
         }
     }
     for i in 0..=4 {
         let y = max_y * f64::from(i) / 4.0;
-        let _ = writeln!(svg, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{y:.2}</text>"#, margin - 6.0, sy(y) + 4.0);
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{y:.2}</text>"#,
+            margin - 6.0,
+            sy(y) + 4.0
+        );
     }
-    let path: Vec<String> = points.iter().map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y))).collect();
-    let _ = writeln!(svg, r#"<polyline fill="none" stroke="steelblue" stroke-width="2" points="{}"/>"#, path.join(" "));
+    let path: Vec<String> = points
+        .iter()
+        .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
+        .collect();
+    let _ = writeln!(
+        svg,
+        r#"<polyline fill="none" stroke="steelblue" stroke-width="2" points="{}"/>"#,
+        path.join(" ")
+    );
     svg.push_str("</svg>\n");
     std::fs::write(dir.join("latency.svg"), svg)?;
     Ok(())
@@ -426,10 +531,15 @@ pub async fn serve_fixed(listen: std::net::SocketAddr) -> anyhow::Result<()> {
                 let mut response = hyper::Response::new(Full::new(Bytes::from_static(
                     br#"{"transaction_id":"00000000-0000-0000-0000-000000000000","status":"committed","sequence":1}"#,
                 )));
-                response.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+                response.headers_mut().insert(
+                    "content-type",
+                    hyper::header::HeaderValue::from_static("application/json"),
+                );
                 Ok::<_, std::convert::Infallible>(response)
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }

@@ -81,8 +81,12 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
     let config = LedgerConfig::default();
     let started = Instant::now();
     let mut ledger = if args.from_snapshot {
-        snapshot::load_newest(&snapshot_dir(&args.data_dir), config, args.to_seq.map(|s| s + 1))
-            .unwrap_or_else(|| Ledger::new(config))
+        snapshot::load_newest(
+            &snapshot_dir(&args.data_dir),
+            config,
+            args.to_seq.map(|s| s + 1),
+        )
+        .unwrap_or_else(|| Ledger::new(config))
     } else {
         Ledger::new(config)
     };
@@ -121,7 +125,10 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
                     let touches = event.account == index
                         && matches!(
                             event.kind,
-                            EventKind::Deposited | EventKind::Withdrawn | EventKind::Debited | EventKind::Credited
+                            EventKind::Deposited
+                                | EventKind::Withdrawn
+                                | EventKind::Debited
+                                | EventKind::Credited
                         );
                     if touches {
                         entries.push(Entry {
@@ -138,7 +145,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
             }
         }
         if let Some(bar) = &progress
-            && records % 65536 == 0
+            && records.is_multiple_of(65536)
         {
             bar.set_message(format!("replaying: sequence {}", record.first_seq));
             bar.tick();
@@ -205,12 +212,20 @@ pub fn print(report: &ReplayReport) {
     }
     println!(
         "replayed {} records ({} events) to sequence {}; {} checkpoints verified; {} accounts, {} transaction ids",
-        report.records, report.events, report.last_seq, report.checkpoints_verified, report.accounts, report.transaction_ids
+        report.records,
+        report.events,
+        report.last_seq,
+        report.checkpoints_verified,
+        report.accounts,
+        report.transaction_ids
     );
     for (currency, total) in &report.totals {
         println!("  total {currency} {total}");
     }
-    println!("state hash {}  ({:.0} events/s)", report.state_hash, report.events_per_sec);
+    println!(
+        "state hash {}  ({:.0} events/s)",
+        report.state_hash, report.events_per_sec
+    );
     match &report.error {
         None => println!("OK: frames, chain, checkpoints and invariants verified"),
         Some(e) => println!("FAILED: {e}"),
@@ -228,5 +243,8 @@ pub struct SnapshotArgs {
 pub fn snapshot(args: &SnapshotArgs) -> anyhow::Result<PathBuf> {
     let recovered = recover(&args.data_dir, LedgerConfig::default(), true, |_, _| {})?;
     let bytes = encode_snapshot(&recovered.ledger);
-    Ok(snapshot::write_snapshot(&snapshot_dir(&args.data_dir), &bytes)?)
+    Ok(snapshot::write_snapshot(
+        &snapshot_dir(&args.data_dir),
+        &bytes,
+    )?)
 }

@@ -30,6 +30,8 @@ impl SplitMix {
 /// are then spread over the key space by a fixed odd multiplier so hot accounts are not
 /// neighbours in memory.
 pub fn zipf_rank(u: f64, n: u64) -> u64 {
-    let rank = ((n as f64 + 1.0).powf(u).floor() as u64).saturating_sub(1).min(n - 1);
+    let rank = ((n as f64 + 1.0).powf(u).floor() as u64)
+        .saturating_sub(1)
+        .min(n - 1);
     rank.wrapping_mul(0x9E37_79B9_7F4A_7C15 | 1) % n
 }

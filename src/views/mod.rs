@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use crate::core::{CommandRecord, CommandType, Currency, EventKind, Ledger, MinorUnits, RejectCode};
+use crate::core::{
+    CommandRecord, CommandType, Currency, EventKind, Ledger, MinorUnits, RejectCode,
+};
 
 /// Entries of history kept in memory per account; older entries are in the journal
 /// (`wallet replay --account`).
@@ -60,7 +62,10 @@ impl OutcomeView {
         for (i, event) in record.events().iter().enumerate() {
             match event.kind {
                 EventKind::AccountOpened => view.accounts[i] = event.account,
-                EventKind::Deposited | EventKind::Withdrawn | EventKind::Debited | EventKind::Credited => {
+                EventKind::Deposited
+                | EventKind::Withdrawn
+                | EventKind::Debited
+                | EventKind::Credited => {
                     view.accounts[i] = event.account;
                     view.balances_after[i] = event.balance_after;
                     view.amount = event.amount;
@@ -89,7 +94,10 @@ impl ViewState {
     }
 
     pub fn name(&self, index: u32) -> &str {
-        self.names.get(index as usize).map(String::as_str).unwrap_or("")
+        self.names
+            .get(index as usize)
+            .map(String::as_str)
+            .unwrap_or("")
     }
 
     fn apply(&mut self, record: &CommandRecord) {
@@ -102,7 +110,10 @@ impl ViewState {
                     self.balances.push(Vec::new());
                     self.history.push(VecDeque::new());
                 }
-                EventKind::Deposited | EventKind::Withdrawn | EventKind::Debited | EventKind::Credited => {
+                EventKind::Deposited
+                | EventKind::Withdrawn
+                | EventKind::Debited
+                | EventKind::Credited => {
                     let index = event.account as usize;
                     let balances = &mut self.balances[index];
                     match balances.iter_mut().find(|(c, _)| *c == event.currency) {
@@ -135,8 +146,11 @@ impl ViewState {
                 EventKind::Rejected | EventKind::Checkpoint => {}
             }
         }
-        if record.command_type != CommandType::Checkpoint && record.rejection != Some(RejectCode::TransactionIdReused) {
-            self.outcomes.insert(record.transaction_id.0, OutcomeView::from_record(record));
+        if record.command_type != CommandType::Checkpoint
+            && record.rejection != Some(RejectCode::TransactionIdReused)
+        {
+            self.outcomes
+                .insert(record.transaction_id.0, OutcomeView::from_record(record));
         }
         if self.recent.len() == RECENT_RECORDS {
             self.recent.pop_front();
@@ -157,7 +171,10 @@ impl Views {
     pub fn from_ledger(ledger: &Ledger) -> Arc<Views> {
         let mut state = ViewState::default();
         for index in 0..ledger.account_count() {
-            let name = ledger.account_name(index).map(|a| a.to_string()).unwrap_or_default();
+            let name = ledger
+                .account_name(index)
+                .map(|a| a.to_string())
+                .unwrap_or_default();
             state.directory.insert(name.clone(), index);
             state.names.push(name);
             state.balances.push(ledger.balances(index));
@@ -172,7 +189,9 @@ impl Views {
 
     /// Applies durable records in sequence order. Called by one writer only.
     pub fn apply_batch(&self, records: &[CommandRecord]) {
-        let Some(last) = records.iter().rev().find(|r| !r.replayed) else { return };
+        let Some(last) = records.iter().rev().find(|r| !r.replayed) else {
+            return;
+        };
         let last_seq = last.next_seq() - 1;
         {
             let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());

@@ -18,7 +18,15 @@ impl Server {
     pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_wallet"));
         command
-            .args(["serve", "--listen", "127.0.0.1:0", "--pin-core", "-1", "--wait", "sleep=50us"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--pin-core",
+                "-1",
+                "--wait",
+                "sleep=50us",
+            ])
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
@@ -38,9 +46,16 @@ impl Server {
                 let address = address.to_string();
                 // Keep draining stdout so the child never blocks on a full pipe.
                 std::thread::spawn(move || for _ in reader.lines() {});
-                return Server { child, address, data_dir: data_dir.to_path_buf() };
+                return Server {
+                    child,
+                    address,
+                    data_dir: data_dir.to_path_buf(),
+                };
             }
-            assert!(Instant::now() < deadline, "wallet serve did not start listening");
+            assert!(
+                Instant::now() < deadline,
+                "wallet serve did not start listening"
+            );
         }
     }
 
@@ -96,7 +111,10 @@ impl Response {
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -109,7 +127,11 @@ pub struct Client {
 
 impl Client {
     pub fn connect(address: &str) -> Client {
-        Client { address: address.to_string(), stream: None, token: None }
+        Client {
+            address: address.to_string(),
+            stream: None,
+            token: None,
+        }
     }
 
     pub fn get(&mut self, path: &str) -> Response {
@@ -117,7 +139,12 @@ impl Client {
     }
 
     pub fn post(&mut self, path: &str, body: &serde_json::Value) -> Response {
-        self.request("POST", path, Some(body.to_string().as_bytes()), "application/json")
+        self.request(
+            "POST",
+            path,
+            Some(body.to_string().as_bytes()),
+            "application/json",
+        )
     }
 
     /// One attempt, no retry, no panic: for tests that kill the server under the client.
@@ -128,14 +155,25 @@ impl Client {
             stream.set_nodelay(true)?;
             self.stream = Some(stream);
         }
-        let result = self.try_request("POST", path, Some(body.to_string().as_bytes()), "application/json");
+        let result = self.try_request(
+            "POST",
+            path,
+            Some(body.to_string().as_bytes()),
+            "application/json",
+        );
         if result.is_err() {
             self.stream = None;
         }
         result
     }
 
-    pub fn request(&mut self, method: &str, path: &str, body: Option<&[u8]>, content_type: &str) -> Response {
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        content_type: &str,
+    ) -> Response {
         for attempt in 0..2 {
             if self.stream.is_none() {
                 let stream = TcpStream::connect(&self.address).expect("connect");
@@ -154,10 +192,20 @@ impl Client {
         unreachable!()
     }
 
-    fn try_request(&mut self, method: &str, path: &str, body: Option<&[u8]>, content_type: &str) -> std::io::Result<Response> {
+    fn try_request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        content_type: &str,
+    ) -> std::io::Result<Response> {
         let stream = self.stream.as_mut().expect("connected");
         let body = body.unwrap_or_default();
-        let authorization = self.token.as_ref().map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        let authorization = self
+            .token
+            .as_ref()
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: test\r\n{authorization}Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
             body.len()
@@ -173,15 +221,25 @@ pub fn read_response(stream: &mut TcpStream) -> std::io::Result<Response> {
     let mut byte = [0u8; 1];
     while !buffer.ends_with(b"\r\n\r\n") {
         if stream.read(&mut byte)? == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed",
+            ));
         }
         buffer.push(byte[0]);
     }
     let head = String::from_utf8_lossy(&buffer).to_string();
     let mut lines = head.split("\r\n");
-    let status: u16 = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':').map(|(n, v)| (n.trim().to_string(), v.trim().to_string())))
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        })
         .collect();
     let length: usize = headers
         .iter()
@@ -190,7 +248,11 @@ pub fn read_response(stream: &mut TcpStream) -> std::io::Result<Response> {
         .unwrap_or(0);
     let mut body = vec![0u8; length];
     stream.read_exact(&mut body)?;
-    Ok(Response { status, headers, body: String::from_utf8_lossy(&body).to_string() })
+    Ok(Response {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).to_string(),
+    })
 }
 
 pub fn uuid() -> String {
@@ -198,7 +260,10 @@ pub fn uuid() -> String {
 }
 
 pub fn open(client: &mut Client, account: &str) {
-    let r = client.post("/v1/wallet/accounts", &serde_json::json!({"account_id": account}));
+    let r = client.post(
+        "/v1/wallet/accounts",
+        &serde_json::json!({"account_id": account}),
+    );
     assert_eq!(r.status, 201, "open {account}: {}", r.body);
 }
 
