@@ -410,3 +410,70 @@ fn https_with_rustls_and_loadgen_over_tls() {
     assert!(!matches!(r, Ok(200)));
     assert!(server.stop().success());
 }
+
+#[test]
+fn in_flight_and_request_time_limits() {
+    // Every reply waits for an msync that happens at most every 400 ms, so requests linger.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &["--sync", "interval=400", "--max-in-flight", "1"],
+    );
+    let mut c = server.client();
+    common::open(&mut c, "a");
+    common::open(&mut c, "b");
+    common::deposit(&mut c, "a", "10.00");
+    let address = server.address.clone();
+    let first = std::thread::spawn(move || {
+        let mut c = Client::connect(&address);
+        c.post(
+            "/v1/wallet/balance_transfer",
+            &transfer_body("a", "b", "1.00", &uuid()),
+        )
+        .status
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let second = c.post(
+        "/v1/wallet/balance_transfer",
+        &transfer_body("a", "b", "1.00", &uuid()),
+    );
+    assert_eq!(
+        second.status, 429,
+        "over the in-flight limit: {}",
+        second.body
+    );
+    assert!(second.header("retry-after").is_some());
+    assert_eq!(first.join().unwrap(), 200);
+    assert!(server.stop().success());
+
+    // A request that outlives --request-timeout-ms gets 503 "outcome unknown"; a retry with the
+    // same id later gets the real, original outcome.
+    let server = Server::start(
+        dir.path(),
+        &["--sync", "interval=1000", "--request-timeout-ms", "100"],
+    );
+    let mut c = server.client();
+    let id = uuid();
+    let r = c.post(
+        "/v1/wallet/balance_transfer",
+        &transfer_body("a", "b", "1.00", &id),
+    );
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "timeout");
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut retried = None;
+    for _ in 0..5 {
+        let r = c.post(
+            "/v1/wallet/balance_transfer",
+            &transfer_body("a", "b", "1.00", &id),
+        );
+        if r.status == 200 {
+            retried = Some(r);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    let retried = retried.expect("the retry gets the committed outcome");
+    assert_eq!(retried.header("idempotent-replayed"), Some("true"));
+    assert!(server.stop().success());
+}

@@ -306,6 +306,7 @@ pub async fn serve(
         input_ring_size: config.ring_size,
         output_ring_size: config.ring_size,
         wait: config.wait,
+        output_wait: None,
         pin_core: config.pin_core,
         checkpoint_every: config.checkpoint_every,
         snapshot_every: config.snapshot_every,

@@ -115,7 +115,10 @@ pub trait ReplySink: Send + 'static {
 pub struct EngineConfig {
     pub input_ring_size: usize,
     pub output_ring_size: usize,
+    /// How the engine thread waits for commands.
     pub wait: WaitMode,
+    /// How the journal and reply threads wait for records (`None`: as `wait`).
+    pub output_wait: Option<WaitMode>,
     /// Core to pin the engine thread to; `None`: do not pin.
     pub pin_core: Option<usize>,
     /// Emit a checkpoint record with the state hash every this many events (0: never).
@@ -131,6 +134,7 @@ impl Default for EngineConfig {
             input_ring_size: 1 << 16,
             output_ring_size: 1 << 16,
             wait: DEFAULT_WAIT,
+            output_wait: None,
             pin_core: Some(1),
             checkpoint_every: 1 << 20,
             snapshot_every: 0,
@@ -410,7 +414,7 @@ impl Engine {
                 token: NO_TOKEN,
                 submitted_ns: 0,
             },
-            config.wait,
+            config.output_wait.unwrap_or(config.wait),
         )
         .thread_name("wallet-journal")
         .handle_events_with(move |slot: &OutputSlot, _sequence, end_of_batch| {

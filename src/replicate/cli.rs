@@ -80,6 +80,8 @@ pub struct ReplicateArgs {
 pub enum ReplicateCommand {
     /// Keep the Redis partitions equal to the engine's balances, exactly once per node.
     Redis(RedisReplicateArgs),
+    /// Project the journal into sharded PostgreSQL with two-phase commit (see docs/sql-replication.md).
+    Sql(super::sql::SqlReplicateArgs),
 }
 
 #[derive(Args)]
@@ -108,6 +110,8 @@ pub struct ReconcileArgs {
 pub enum ReconcileCommand {
     /// Compare every balance in Redis with the journal's state at the nodes' applied sequence.
     Redis(RedisReconcileArgs),
+    /// Compare the SQL shards with the journal's state at their common watermark.
+    Sql(super::sql::SqlReconcileArgs),
 }
 
 #[derive(Args)]
@@ -206,7 +210,10 @@ pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn run_replicate(args: ReplicateArgs) -> anyhow::Result<ExitCode> {
-    let ReplicateCommand::Redis(args) = args.command;
+    let args = match args.command {
+        ReplicateCommand::Redis(args) => args,
+        ReplicateCommand::Sql(args) => return super::sql::run_replicate(args),
+    };
     let options = super::redis::ReplicateOptions {
         zk: args.zk.zk,
         zk_root: args.zk.zk_root,
@@ -228,7 +235,10 @@ pub fn run_replicate(args: ReplicateArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn run_reconcile(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
-    let ReconcileCommand::Redis(args) = args.command;
+    let args = match args.command {
+        ReconcileCommand::Redis(args) => args,
+        ReconcileCommand::Sql(args) => return super::sql::run_reconcile(args),
+    };
     let options = super::reconcile::ReconcileOptions {
         zk: args.zk.zk,
         zk_root: args.zk.zk_root,

@@ -17,6 +17,7 @@ pub mod hash;
 pub mod reconcile;
 pub mod redis;
 pub mod source;
+pub mod sql;
 pub mod zk;
 
 use std::sync::OnceLock;

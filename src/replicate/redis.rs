@@ -109,7 +109,8 @@ pub async fn probe(conn: &mut MultiplexedConnection) -> redis::RedisResult<(u64,
 /// The replicator's copy of every account and balance, at `seq`.
 #[derive(Default)]
 pub struct Directory {
-    pub names: Vec<Box<str>>,
+    /// `wallet:balance:<account id>` of every account, by index.
+    keys: Vec<Box<str>>,
     pub balances: Vec<Vec<(Currency, u64)>>,
     by_name: HashMap<Box<str>, u32>,
     /// The last event applied (0: none).
@@ -117,15 +118,31 @@ pub struct Directory {
 }
 
 impl Directory {
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn key(&self, account: u32) -> &str {
+        &self.keys[account as usize]
+    }
+
+    pub fn name(&self, account: u32) -> &str {
+        &self.keys[account as usize][BALANCE_PREFIX.len()..]
+    }
+
     fn open(&mut self, index: Option<u32>, name: &str) -> anyhow::Result<u32> {
-        let next = self.names.len() as u32;
+        let next = self.keys.len() as u32;
         if index.is_some_and(|i| i != next) {
             bail!("account {name:?} opened as index {index:?}, expected {next}");
         }
         if self.by_name.contains_key(name) {
             bail!("account {name:?} opened twice");
         }
-        self.names.push(name.into());
+        self.keys.push(balance_key(name).into());
         self.balances.push(Vec::new());
         self.by_name.insert(name.into(), next);
         Ok(next)
@@ -133,7 +150,7 @@ impl Directory {
 
     fn resolve(&self, account: &AccountRef) -> anyhow::Result<u32> {
         match account {
-            AccountRef::Index(i) if (*i as usize) < self.names.len() => Ok(*i),
+            AccountRef::Index(i) if (*i as usize) < self.keys.len() => Ok(*i),
             AccountRef::Index(i) => bail!("event for unknown account index {i}"),
             AccountRef::Name(name) => self
                 .by_name
@@ -168,6 +185,8 @@ struct Node {
     needs_resync: bool,
     /// Accounts changed since `applied_seq`.
     dirty: Vec<u32>,
+    /// Accounts of the write in flight (back to `dirty` if it fails).
+    inflight: Vec<u32>,
     /// Set while the node is down: when to try again.
     retry_at: Option<Instant>,
     backoff: Duration,
@@ -181,6 +200,7 @@ impl Node {
             applied_seq: 0,
             needs_resync: true,
             dirty: Vec::new(),
+            inflight: Vec::new(),
             retry_at: None,
             backoff: Duration::from_millis(50),
         }
@@ -223,6 +243,18 @@ impl Node {
                 false
             }
         }
+    }
+}
+
+/// Runs a prepared `EVALSHA` of the apply script, loading the script first if the node does
+/// not know it (a restarted node).
+async fn eval_apply(conn: &mut MultiplexedConnection, cmd: &redis::Cmd) -> redis::RedisResult<i64> {
+    match cmd.query_async(conn).await {
+        Err(e) if e.code() == Some("NOSCRIPT") => {
+            APPLY_SCRIPT.prepare_invoke().load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        other => other,
     }
 }
 
@@ -269,6 +301,18 @@ struct Replicator {
     marked: Vec<bool>,
     /// Nodes removed from the map whose keys are still to be deleted.
     retired: Vec<Node>,
+    /// Script writes in flight (node index, result), all for `inflight_target`.
+    inflight: tokio::task::JoinSet<(usize, redis::RedisResult<i64>)>,
+    inflight_target: u64,
+    /// When the source read that found the oldest event of the writes in flight began.
+    inflight_since: Option<Instant>,
+    /// Replication lag of the last completed batch and the largest seen: from the start of the
+    /// source read before the batch's events were visible to every node having applied them
+    /// (an upper bound, omitting only the moment between a journal append and our read).
+    lag_last: Duration,
+    lag_max: Duration,
+    /// Start of the previous source read (events of the current batch appeared after it).
+    last_read_started: Option<Instant>,
 }
 
 fn route_of(map: &PartitionMap, name: &str) -> u16 {
@@ -324,14 +368,47 @@ impl Replicator {
 
     /// Whether every node holds everything read so far.
     fn caught_up(&self) -> bool {
-        self.nodes
-            .iter()
-            .all(|n| n.is_up_and_current() && n.applied_seq >= self.dir.seq && n.dirty.is_empty())
+        self.inflight.is_empty()
+            && self.nodes.iter().all(|n| {
+                n.is_up_and_current() && n.applied_seq >= self.dir.seq && n.dirty.is_empty()
+            })
     }
 
-    /// Brings every reachable node up to `dir.seq`: rebuilds the nodes that need it, then
-    /// applies each node's changed accounts in one script per node, all nodes concurrently.
+    /// Brings every reachable node up to `dir.seq` and waits for it.
     async fn flush(&mut self) {
+        self.complete_writes().await;
+        self.start_writes().await;
+        self.complete_writes().await;
+    }
+
+    /// Waits for the writes in flight and books their outcome.
+    async fn complete_writes(&mut self) {
+        let target = self.inflight_target;
+        let mut done = 0;
+        while let Some(joined) = self.inflight.join_next().await {
+            match joined {
+                Ok((i, result)) => self.on_applied(i, target, result, &mut done),
+                Err(e) => tracing::error!(error = %e, "a Redis write task failed"),
+            }
+        }
+        if done > 0 {
+            self.book_lag();
+            failpoint("redis-after-batch");
+        }
+    }
+
+    fn book_lag(&mut self) {
+        if let Some(since) = self.inflight_since.take() {
+            self.lag_last = since.elapsed();
+            self.lag_max = self.lag_max.max(self.lag_last);
+        }
+    }
+
+    /// Rebuilds the nodes that need it, then sends each node its changed accounts in one
+    /// script, all nodes concurrently, without waiting: the caller reads the next batch from the
+    /// source meanwhile and calls `complete_writes` before the next `start_writes`.
+    async fn start_writes(&mut self) {
+        debug_assert!(self.inflight.is_empty());
         for i in 0..self.nodes.len() {
             if self.nodes[i].needs_resync && self.nodes[i].ensure_connected().await {
                 self.resync_node(i).await;
@@ -339,7 +416,6 @@ impl Replicator {
         }
         let version = self.version();
         let target = self.dir.seq;
-        let build_started = Instant::now();
         let mut writes = Vec::new();
         for i in 0..self.nodes.len() {
             let node = &self.nodes[i];
@@ -349,53 +425,49 @@ impl Replicator {
             if !self.nodes[i].ensure_connected().await {
                 continue;
             }
-            let node = &self.nodes[i];
+            let node = &mut self.nodes[i];
             let Some(conn) = node.conn.clone() else {
                 continue;
             };
-            let mut invocation = APPLY_SCRIPT.prepare_invoke();
-            invocation
-                .key(MAP_VERSION_KEY)
-                .key(APPLIED_SEQ_KEY)
+            // EVALSHA with the arguments packed into one buffer (no allocation per argument).
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(APPLY_SCRIPT.get_hash())
+                .arg(2)
+                .arg(MAP_VERSION_KEY)
+                .arg(APPLIED_SEQ_KEY)
                 .arg(&version)
                 .arg(node.applied_seq)
                 .arg(target);
-            for &account in &node.dirty {
+            node.inflight = std::mem::take(&mut node.dirty);
+            for &account in &node.inflight {
+                self.marked[account as usize] = false;
                 let balances = &self.dir.balances[account as usize];
-                invocation
-                    .arg(balance_key(&self.dir.names[account as usize]))
-                    .arg(balances.len());
+                cmd.arg(self.dir.key(account)).arg(balances.len());
                 for (currency, balance) in balances {
-                    invocation.arg(&currency.code()[..]).arg(*balance);
+                    cmd.arg(&currency.code()[..]).arg(*balance);
                 }
             }
-            writes.push((i, conn, invocation));
+            writes.push((i, conn, cmd));
         }
-        let build_time = build_started.elapsed();
-        let write_started = Instant::now();
-        let mut done = 0;
+        self.inflight_target = target;
+        if !writes.is_empty() {
+            self.inflight_since = self.last_read_started;
+        }
         if failpoint_armed("redis-after-node-1") {
             // Crash tests: one node at a time, so that the failpoint stops the process with
             // exactly one node ahead (concurrent writes would usually all land first).
-            for (i, mut conn, invocation) in writes {
-                let result = invocation.invoke_async(&mut conn).await;
+            let mut done = 0;
+            for (i, mut conn, cmd) in writes {
+                let result = eval_apply(&mut conn, &cmd).await;
                 self.on_applied(i, target, result, &mut done);
             }
+            self.book_lag();
         } else {
-            let mut tasks = tokio::task::JoinSet::new();
-            for (i, mut conn, invocation) in writes {
-                tasks.spawn(async move {
-                    let result: redis::RedisResult<i64> = invocation.invoke_async(&mut conn).await;
-                    (i, result)
-                });
-            }
-            while let Some(joined) = tasks.join_next().await {
-                let Ok((i, result)) = joined else { continue };
-                self.on_applied(i, target, result, &mut done);
+            for (i, mut conn, cmd) in writes {
+                self.inflight
+                    .spawn(async move { (i, eval_apply(&mut conn, &cmd).await) });
             }
         }
-        tracing::debug!(target_seq = target, ?build_time, write_time = ?write_started.elapsed(), "batch flushed");
-        failpoint("redis-after-batch");
     }
 
     fn on_applied(
@@ -405,6 +477,7 @@ impl Replicator {
         result: redis::RedisResult<i64>,
         done: &mut usize,
     ) {
+        let accounts = std::mem::take(&mut self.nodes[i].inflight);
         match result {
             Ok(_) => {
                 *done += 1;
@@ -413,13 +486,20 @@ impl Replicator {
                 }
                 self.nodes[i].applied_seq = target;
                 self.nodes[i].mark_up();
-                self.clear_dirty(i);
+                return;
             }
             Err(e) if is_stale(&e) => {
                 tracing::warn!(node = %self.nodes[i].address, error = %e, "node disagrees with the replicator; rebuilding it");
                 self.nodes[i].needs_resync = true;
             }
             Err(e) => self.nodes[i].mark_down(&anyhow::Error::from(e)),
+        }
+        // Not applied: those accounts are still to be written there.
+        for account in accounts {
+            if !self.marked[account as usize] {
+                self.marked[account as usize] = true;
+                self.nodes[i].dirty.push(account);
+            }
         }
     }
 
@@ -448,11 +528,8 @@ impl Replicator {
         // Everything reachable first reaches the same sequence, so moved copies are current.
         self.flush().await;
         let seq = self.dir.seq;
-        let new_route: Vec<u16> = self
-            .dir
-            .names
-            .iter()
-            .map(|name| route_of(&new_map, name))
+        let new_route: Vec<u16> = (0..self.dir.len() as u32)
+            .map(|a| route_of(&new_map, self.dir.name(a)))
             .collect();
         let mut old_nodes: Vec<Option<Node>> = std::mem::take(&mut self.nodes)
             .into_iter()
@@ -495,7 +572,7 @@ impl Replicator {
             };
             let result = match incremental[j] {
                 Some(old) => {
-                    let moved_in: Vec<u32> = (0..self.dir.names.len() as u32)
+                    let moved_in: Vec<u32> = (0..self.dir.len() as u32)
                         .filter(|&a| {
                             new_route[a as usize] == j as u16 && self.route[a as usize] != old
                         })
@@ -523,13 +600,13 @@ impl Replicator {
                 continue;
             };
             let moved_out: Vec<String> = match incremental[j] {
-                Some(old) => (0..self.dir.names.len())
+                Some(old) => (0..self.dir.len())
                     .filter(|&a| {
                         self.route[a] == old
                             && new_route[a] != j as u16
                             && !self.dir.balances[a].is_empty()
                     })
-                    .map(|a| balance_key(&self.dir.names[a]))
+                    .map(|a| self.dir.key(a as u32).to_string())
                     .collect(),
                 None => Vec::new(),
             };
@@ -603,7 +680,14 @@ impl Replicator {
                 format!("{}={}@{}", n.address, state, n.applied_seq)
             })
             .collect();
-        tracing::info!(seq = source_seq, map_version = self.map.version, nodes = %nodes.join(" "), "replicator status");
+        tracing::info!(
+            seq = source_seq,
+            map_version = self.map.version,
+            lag_ms = self.lag_last.as_millis() as u64,
+            lag_ms_max = self.lag_max.as_millis() as u64,
+            nodes = %nodes.join(" "),
+            "replicator status"
+        );
     }
 }
 
@@ -616,7 +700,7 @@ async fn write_accounts(
     for chunk in accounts.chunks(CHUNK_ACCOUNTS) {
         let mut pipe = redis::pipe();
         for &account in chunk {
-            let key = balance_key(&dir.names[account as usize]);
+            let key = dir.key(account);
             pipe.cmd("DEL").arg(&key).ignore();
             let balances = &dir.balances[account as usize];
             if !balances.is_empty() {
@@ -683,7 +767,7 @@ async fn resync(
     for keys in strays.chunks(1000) {
         redis::cmd("DEL").arg(keys).query_async::<()>(conn).await?;
     }
-    let mine: Vec<u32> = (0..dir.names.len() as u32)
+    let mine: Vec<u32> = (0..dir.len() as u32)
         .filter(|&a| route[a as usize] == node && !dir.balances[a as usize].is_empty())
         .collect();
     write_accounts(conn, dir, &mine).await?;
@@ -762,6 +846,12 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         route: Vec::new(),
         marked: Vec::new(),
         retired: Vec::new(),
+        inflight: tokio::task::JoinSet::new(),
+        inflight_target: 0,
+        inflight_since: None,
+        lag_last: Duration::ZERO,
+        lag_max: Duration::ZERO,
+        last_read_started: None,
     };
     let version = replicator.version();
     for address in replicator.map.nodes.clone() {
@@ -805,6 +895,7 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
     let mut items = Vec::with_capacity(options.batch_events);
     let mut last_status = Instant::now();
     let mut source_errors = 0u32;
+    let mut previous_read_started = Instant::now();
     loop {
         if map_changes.has_changed().unwrap_or(false) {
             let new_map = map_changes.borrow_and_update().clone();
@@ -813,6 +904,7 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
             }
         }
         items.clear();
+        let read_started = Instant::now();
         // While rebuilding the directory up to what the nodes already hold, do not wait.
         let wait = if options.once || replicator.dir.seq < resume {
             Duration::from_millis(1)
@@ -832,7 +924,12 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
             }
         }
         replicator.ingest(&items)?;
-        replicator.flush().await;
+        // The events just read appeared after the previous read started.
+        replicator.last_read_started = Some(previous_read_started);
+        previous_read_started = read_started;
+        // Pipelined: this batch's writes run while the next batch is read.
+        replicator.complete_writes().await;
+        replicator.start_writes().await;
         if !replicator.retired.is_empty() {
             replicator.clean_retired().await;
         }
@@ -847,8 +944,11 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
                     replicator.dir.seq
                 );
             }
-            if options.once && replicator.caught_up() {
-                break;
+            if options.once {
+                replicator.flush().await;
+                if replicator.caught_up() {
+                    break;
+                }
             }
             if replicator.nodes.iter().any(|n| n.retry_at.is_some()) {
                 tokio::time::sleep(Duration::from_millis(20)).await;

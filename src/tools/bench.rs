@@ -53,6 +53,10 @@ pub struct BenchArgs {
     /// Wait strategy of the ring consumers: spin, yield or sleep=<n>us.
     #[arg(long, default_value = "spin")]
     pub wait: WaitMode,
+    /// Wait strategy of the journal and reply threads (on 2 cores, spinning them too starves
+    /// the engine and the producers).
+    #[arg(long, default_value = "yield")]
+    pub output_wait: WaitMode,
     #[arg(long, default_value_t = 1 << 16)]
     pub ring_size: usize,
     /// Commands per batch publication.
@@ -172,7 +176,7 @@ fn submit_all(submitter: &mut crate::engine::Submitter, batch: &[(Command, u64)]
         if submitter.try_submit_batch(batch, now).is_ok() {
             return;
         }
-        std::hint::spin_loop();
+        std::thread::yield_now();
     }
 }
 
@@ -428,6 +432,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         input_ring_size: args.ring_size,
         output_ring_size: args.ring_size,
         wait: args.wait,
+        output_wait: Some(args.output_wait),
         pin_core: Some(args.pin_core),
         ..EngineConfig::default()
     };

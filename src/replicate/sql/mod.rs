@@ -1,0 +1,141 @@
+//! PostgreSQL shards written with two-phase commit (see `docs/sql-replication.md`).
+//!
+//! - [`schema`]: shard connections, the migrations of `migrations/`, the server checks.
+//! - [`coordinator`]: gids, the decision record in ZooKeeper, in-doubt recovery.
+//! - [`replicator`]: `wallet replicate sql`, one 2PC round per batch over every shard.
+//! - [`reconcile`]: `wallet reconcile sql`, the shards against a replay of the journal.
+//! - [`tail`]: whole command records from the journal files, tailed in place.
+//!
+//! Architecture invariant: a shard's rows and its watermark change only inside a prepared
+//! transaction whose commit was decided in ZooKeeper first; nothing here writes the journal.
+
+pub mod coordinator;
+pub mod reconcile;
+pub mod replicator;
+pub mod schema;
+pub mod tail;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::cli::ZkArgs;
+
+/// An error that retrying cannot fix (a misconfiguration, another writer, a broken invariant):
+/// the replicator stops instead of waiting.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Fatal(pub String);
+
+/// Whether `error` may go away by itself (a shard or ZooKeeper down, a connection cut, a
+/// timeout), so that waiting and retrying is the right answer.
+pub fn is_transient(error: &anyhow::Error) -> bool {
+    for cause in error.chain() {
+        if cause.downcast_ref::<Fatal>().is_some() {
+            return false;
+        }
+        if let Some(pg) = cause.downcast_ref::<tokio_postgres::Error>() {
+            let Some(db) = pg.as_db_error() else {
+                return true; // I/O, a closed connection, a timeout
+            };
+            // Connection exceptions, insufficient resources, operator intervention (a shutdown,
+            // a terminated backend, a database that refuses connections), serialization and
+            // deadlock failures, system errors. Anything else (a constraint violation, bad
+            // data, missing objects) would only fail again.
+            let code = db.code().code();
+            return ["08", "53", "57", "40", "58", "55"]
+                .iter()
+                .any(|class| code.starts_with(class));
+        }
+    }
+    true
+}
+
+#[derive(Args)]
+pub struct SqlReplicateArgs {
+    #[command(flatten)]
+    pub zk: ZkArgs,
+    /// The engine's data directory; its journal is tailed in place, even while `serve` runs.
+    #[arg(long)]
+    pub source: PathBuf,
+    /// Apply the missing schema migrations (migrations/*.sql) on every shard first.
+    #[arg(long)]
+    pub migrate: bool,
+    /// Most events per two-phase-commit round (whole records, so a transfer is never split).
+    #[arg(long, default_value_t = 65_536)]
+    pub batch_events: usize,
+    /// Stop once every shard has caught up with the end of the journal, and print events/s.
+    #[arg(long)]
+    pub once: bool,
+    /// Abandon (and recover) a round that takes longer than this many seconds.
+    #[arg(long, default_value_t = 60)]
+    pub round_timeout_s: u64,
+    /// Seconds to wait for ZooKeeper, and for the lock of a replicator that crashed.
+    #[arg(long, default_value_t = 30)]
+    pub zk_patience_s: u64,
+}
+
+#[derive(Args)]
+pub struct SqlReconcileArgs {
+    #[command(flatten)]
+    pub zk: ZkArgs,
+    #[arg(long, default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Differences printed in full (all are counted).
+    #[arg(long, default_value_t = 100)]
+    pub max_printed: usize,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// `wallet replicate sql`.
+pub fn run_replicate(args: SqlReplicateArgs) -> anyhow::Result<ExitCode> {
+    let options = replicator::ReplicateOptions {
+        zk: args.zk.zk,
+        zk_root: args.zk.zk_root,
+        source: args.source,
+        migrate: args.migrate,
+        batch_events: args.batch_events,
+        once: args.once,
+        round_timeout: Duration::from_secs(args.round_timeout_s.max(1)),
+        zk_patience: Duration::from_secs(args.zk_patience_s),
+    };
+    let report = runtime()?.block_on(replicator::run(&options))?;
+    println!(
+        "replicated {} events ({} transfers, sequences {}..{}) into {} SQL shards in {} rounds in {:.3} s: {:.0} events/s, {:.0} transfers/s (batch {} events)",
+        report.events,
+        report.transfers,
+        report.start_seq + 1,
+        report.end_seq,
+        report.shards,
+        report.rounds,
+        report.elapsed.as_secs_f64(),
+        report.per_second(report.events),
+        report.per_second(report.transfers),
+        options.batch_events,
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `wallet reconcile sql`: exit status 1 on any difference.
+pub fn run_reconcile(args: SqlReconcileArgs) -> anyhow::Result<ExitCode> {
+    let options = reconcile::ReconcileOptions {
+        zk: args.zk.zk,
+        zk_root: args.zk.zk_root,
+        data_dir: args.data_dir,
+        max_printed: args.max_printed,
+    };
+    let differences = runtime()?.block_on(reconcile::run(&options))?;
+    Ok(if differences == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

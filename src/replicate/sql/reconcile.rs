@@ -1,0 +1,642 @@
+//! `wallet reconcile sql`: the shards against the engine's state replayed from the journal.
+//!
+//! Each shard is read in one `REPEATABLE READ` snapshot, and the reads are repeated (a few
+//! times) until every shard shows the same watermark: the common watermark. Then, replaying
+//! the journal:
+//!
+//! - every balance row equals the engine's balance at the watermark (and its `last_seq` the
+//!   sequence of the account's last event in that currency), sits on the shard the hash names,
+//!   and every balance the engine has on that shard has a row;
+//! - per currency, each shard's sum equals the engine's sum over that shard's accounts, and the
+//!   sum over all shards equals the engine's total;
+//! - every balance event up to the watermark is exactly one entry, on its account's shard, with
+//!   the same values; every committed transfer is exactly one transfers row on the shard of
+//!   `from_account`; nothing else is there;
+//! - every transfer row has exactly one debit entry and one credit entry (across the shards).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_postgres::IsolationLevel;
+
+use super::coordinator;
+use super::schema::{self, Shard};
+use crate::core::{
+    AccountId, CommandRecord, CommandType, EventKind, Ledger, LedgerConfig, TransactionId,
+};
+use crate::engine::recovery::apply_verified;
+use crate::journal::{journal_dir, scan};
+use crate::replicate::hash::partition_of;
+use crate::replicate::zk::{self, Layout};
+
+#[derive(Debug, Clone)]
+pub struct ReconcileOptions {
+    pub zk: String,
+    pub zk_root: String,
+    pub data_dir: PathBuf,
+    /// Differences printed in full; the rest are only counted.
+    pub max_printed: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    transaction_id: String,
+    account: String,
+    currency: String,
+    kind: String,
+    amount: i128,
+    balance_after: u128,
+    timestamp_ns: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Transfer {
+    from: String,
+    to: String,
+    amount: u128,
+    currency: String,
+    outcome: String,
+    seq: i64,
+    timestamp_ns: i64,
+}
+
+/// One shard's content in one snapshot.
+#[derive(Default)]
+struct Content {
+    watermark: u64,
+    /// (account, currency) -> (balance, last_seq)
+    balances: HashMap<(String, String), (u128, i64)>,
+    /// currency -> sum of balances, as SQL computed it.
+    sums: HashMap<String, u128>,
+    entries: HashMap<i64, Entry>,
+    transfers: HashMap<String, Transfer>,
+    prepared: usize,
+}
+
+fn number<T: std::str::FromStr>(text: &str, what: &str) -> anyhow::Result<T> {
+    text.parse()
+        .map_err(|_| anyhow::anyhow!("{what} {text:?} is not a whole number"))
+}
+
+async fn read_shard(shard: &Shard, coordinator_id: Option<&str>) -> anyhow::Result<Content> {
+    let mut client = shard.connect().await?;
+    schema::check_schema(&client, shard).await?;
+    let prepared = match coordinator_id {
+        Some(id) => coordinator::prepared_gids(&client, id).await?.len(),
+        None => 0,
+    };
+    let tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let mut content = Content {
+        prepared,
+        ..Content::default()
+    };
+    let row = tx
+        .query_opt("SELECT applied_seq FROM watermark", &[])
+        .await?;
+    content.watermark = match row {
+        Some(row) => u64::try_from(row.try_get::<_, i64>(0)?)?,
+        None => 0,
+    };
+    for row in tx
+        .query(
+            "SELECT account_id, currency, balance::text, last_seq FROM balances",
+            &[],
+        )
+        .await?
+    {
+        let balance: String = row.try_get(2)?;
+        content.balances.insert(
+            (row.try_get(0)?, row.try_get(1)?),
+            (number(&balance, "balance")?, row.try_get(3)?),
+        );
+    }
+    for row in tx
+        .query(
+            "SELECT currency, sum(balance)::text FROM balances GROUP BY currency",
+            &[],
+        )
+        .await?
+    {
+        let sum: String = row.try_get(1)?;
+        content.sums.insert(row.try_get(0)?, number(&sum, "sum")?);
+    }
+    for row in tx
+        .query(
+            "SELECT seq, transaction_id::text, account_id, currency, kind, amount::text, balance_after::text, timestamp_ns FROM entries",
+            &[],
+        )
+        .await?
+    {
+        let amount: String = row.try_get(5)?;
+        let balance_after: String = row.try_get(6)?;
+        content.entries.insert(
+            row.try_get(0)?,
+            Entry {
+                transaction_id: row.try_get(1)?,
+                account: row.try_get(2)?,
+                currency: row.try_get(3)?,
+                kind: row.try_get(4)?,
+                amount: number(&amount, "amount")?,
+                balance_after: number(&balance_after, "balance_after")?,
+                timestamp_ns: row.try_get(7)?,
+            },
+        );
+    }
+    for row in tx
+        .query(
+            "SELECT transaction_id::text, from_account, to_account, amount::text, currency, outcome, seq, timestamp_ns FROM transfers",
+            &[],
+        )
+        .await?
+    {
+        let amount: String = row.try_get(3)?;
+        content.transfers.insert(
+            row.try_get(0)?,
+            Transfer {
+                from: row.try_get(1)?,
+                to: row.try_get(2)?,
+                amount: number(&amount, "amount")?,
+                currency: row.try_get(4)?,
+                outcome: row.try_get(5)?,
+                seq: row.try_get(6)?,
+                timestamp_ns: row.try_get(7)?,
+            },
+        );
+    }
+    tx.commit().await?;
+    Ok(content)
+}
+
+struct Differences {
+    count: u64,
+    max_printed: usize,
+}
+
+impl Differences {
+    fn report(&mut self, text: String) {
+        self.count += 1;
+        if self.count as usize <= self.max_printed {
+            println!("difference: {text}");
+        } else if self.count as usize == self.max_printed + 1 {
+            println!("difference: ... (further differences are counted, not printed)");
+        }
+    }
+}
+
+/// The replay's side: the ledger plus, per (account index, currency), the sequence of the last
+/// event that changed the balance.
+struct Engine {
+    ledger: Ledger,
+    last_seq: HashMap<(u32, u16), u64>,
+    /// Shard of each account index.
+    shards: Vec<usize>,
+}
+
+impl Engine {
+    fn shard_of(&self, account: u32) -> Option<usize> {
+        self.shards.get(account as usize).copied()
+    }
+}
+
+/// Compares the balances of shard `k` (whose watermark the ledger is at).
+fn compare_balances(
+    engine: &Engine,
+    k: usize,
+    shard: &Shard,
+    content: &Content,
+    shard_count: usize,
+    out: &mut Differences,
+) -> u64 {
+    let ledger = &engine.ledger;
+    let mut checked = 0;
+    let mut engine_sums: HashMap<String, u128> = HashMap::new();
+    for ((account, currency), (balance, last_seq)) in &content.balances {
+        checked += 1;
+        let right = partition_of(account, shard_count);
+        if right != k {
+            out.report(format!(
+                "balance {account} {currency} is on shard {k} ({}) but the hash names shard {right}",
+                shard.label
+            ));
+            continue;
+        }
+        let index = AccountId::new(account)
+            .ok()
+            .and_then(|id| ledger.account_index(&id));
+        let found = index.and_then(|i| {
+            ledger
+                .balances(i)
+                .into_iter()
+                .find(|(c, _)| c.to_string() == *currency)
+                .map(|(c, b)| (i, c, b))
+        });
+        match found {
+            None => out.report(format!(
+                "balance {account} {currency} = {balance} on shard {k}; the engine has no such balance"
+            )),
+            Some((i, c, expected)) => {
+                if *balance != u128::from(expected) {
+                    out.report(format!(
+                        "balance {account} {currency} on shard {k}: sql {balance}, engine {expected}"
+                    ));
+                }
+                let expected_seq = engine.last_seq.get(&(i, c.packed())).copied().unwrap_or(0);
+                if u64::try_from(*last_seq).ok() != Some(expected_seq) {
+                    out.report(format!(
+                        "balance {account} {currency} on shard {k}: last_seq sql {last_seq}, engine {expected_seq}"
+                    ));
+                }
+            }
+        }
+    }
+    for index in 0..ledger.account_count() {
+        if engine.shard_of(index) != Some(k) {
+            continue;
+        }
+        let Some(id) = ledger.account_name(index) else {
+            continue;
+        };
+        for (currency, balance) in ledger.balances(index) {
+            let code = currency.to_string();
+            *engine_sums.entry(code.clone()).or_default() += u128::from(balance);
+            if !content
+                .balances
+                .contains_key(&(id.as_str().to_string(), code.clone()))
+            {
+                out.report(format!(
+                    "balance {} {code} = {balance} in the engine is missing on shard {k} ({})",
+                    id.as_str(),
+                    shard.label
+                ));
+            }
+        }
+    }
+    let mut currencies: Vec<&String> = engine_sums.keys().chain(content.sums.keys()).collect();
+    currencies.sort();
+    currencies.dedup();
+    for currency in currencies {
+        let sql = content.sums.get(currency).copied().unwrap_or(0);
+        let engine = engine_sums.get(currency).copied().unwrap_or(0);
+        if sql != engine {
+            out.report(format!(
+                "shard {k} ({}): sum of {currency} balances is {sql} in SQL, {engine} in the engine",
+                shard.label
+            ));
+        }
+    }
+    checked
+}
+
+/// Checks one record's events and transfer against the shards' entries and transfers, removing
+/// what matched (what is left at the end has no event).
+fn check_record(
+    engine: &Engine,
+    record: &CommandRecord,
+    contents: &mut [Option<Content>],
+    out: &mut Differences,
+) {
+    let ledger = &engine.ledger;
+    let transaction = TransactionId(record.transaction_id.0).to_uuid_string();
+    let name = |account: u32| {
+        ledger
+            .account_name(account)
+            .map(|id| id.as_str().to_string())
+            .unwrap_or_default()
+    };
+    for event in record.events() {
+        let sign: i128 = match event.kind {
+            EventKind::Deposited | EventKind::Credited => 1,
+            EventKind::Withdrawn | EventKind::Debited => -1,
+            _ => continue,
+        };
+        let Some(k) = engine.shard_of(event.account) else {
+            out.report(format!(
+                "event {}: unknown account index {}",
+                event.seq, event.account
+            ));
+            continue;
+        };
+        let Some(content) = contents[k].as_mut() else {
+            continue;
+        };
+        if event.seq > content.watermark {
+            continue;
+        }
+        let expected = Entry {
+            transaction_id: transaction.clone(),
+            account: name(event.account),
+            currency: event.currency.to_string(),
+            kind: event.kind.name().to_string(),
+            amount: sign * i128::from(event.amount),
+            balance_after: u128::from(event.balance_after),
+            timestamp_ns: record.timestamp_ns.min(i64::MAX as u64) as i64,
+        };
+        match content.entries.remove(&(event.seq as i64)) {
+            None => out.report(format!(
+                "event {} ({} {} {}) is missing from the entries of shard {k}",
+                event.seq, expected.kind, expected.account, expected.amount
+            )),
+            Some(found) if found != expected => out.report(format!(
+                "entry {} on shard {k}: sql {found:?}, journal {expected:?}",
+                event.seq
+            )),
+            Some(_) => {}
+        }
+    }
+    if record.command_type == CommandType::Transfer
+        && record.is_committed()
+        && let [debit, credit] = record.events()
+    {
+        let Some(k) = engine.shard_of(debit.account) else {
+            return;
+        };
+        let Some(content) = contents[k].as_mut() else {
+            return;
+        };
+        if debit.seq > content.watermark {
+            return;
+        }
+        let expected = Transfer {
+            from: name(debit.account),
+            to: name(credit.account),
+            amount: u128::from(debit.amount),
+            currency: debit.currency.to_string(),
+            outcome: "committed".to_string(),
+            seq: debit.seq as i64,
+            timestamp_ns: record.timestamp_ns.min(i64::MAX as u64) as i64,
+        };
+        match content.transfers.remove(&transaction) {
+            None => out.report(format!(
+                "transfer {transaction} (sequence {}) is missing on shard {k}",
+                debit.seq
+            )),
+            Some(found) if found != expected => out.report(format!(
+                "transfer {transaction} on shard {k}: sql {found:?}, journal {expected:?}"
+            )),
+            Some(_) => {}
+        }
+    }
+}
+
+/// Every transfer row has exactly one debit and one credit entry, across all shards.
+fn check_pairs(contents: &[Option<Content>], out: &mut Differences) -> u64 {
+    let mut sides: HashMap<&str, (u32, u32)> = HashMap::new();
+    for content in contents.iter().flatten() {
+        for entry in content.entries.values() {
+            match entry.kind.as_str() {
+                "debited" => sides.entry(&entry.transaction_id).or_default().0 += 1,
+                "credited" => sides.entry(&entry.transaction_id).or_default().1 += 1,
+                _ => {}
+            }
+        }
+    }
+    let mut checked = 0;
+    for content in contents.iter().flatten() {
+        for id in content.transfers.keys() {
+            checked += 1;
+            match sides.remove(id.as_str()) {
+                Some((1, 1)) => {}
+                other => {
+                    let (debits, credits) = other.unwrap_or((0, 0));
+                    out.report(format!(
+                        "transfer {id} has {debits} debit and {credits} credit entries (expected 1 and 1)"
+                    ));
+                }
+            }
+        }
+    }
+    for (id, (debits, credits)) in sides {
+        out.report(format!(
+            "transaction {id} has {debits} debit and {credits} credit entries but no transfer row"
+        ));
+    }
+    checked
+}
+
+/// Reads every shard, repeating until they agree on the watermark (or `attempts` run out).
+async fn read_all(
+    shards: &[Shard],
+    coordinator_id: Option<&str>,
+    attempts: u32,
+) -> Vec<anyhow::Result<Content>> {
+    let mut contents = Vec::new();
+    for attempt in 0..attempts {
+        contents =
+            futures_util::future::join_all(shards.iter().map(|s| read_shard(s, coordinator_id)))
+                .await;
+        let marks: Vec<u64> = contents
+            .iter()
+            .filter_map(|c| c.as_ref().ok().map(|c| c.watermark))
+            .collect();
+        if marks.windows(2).all(|w| w[0] == w[1]) || attempt + 1 == attempts {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    contents
+}
+
+/// Runs the comparison and prints the differences, then a summary line. Returns the count.
+pub async fn run(options: &ReconcileOptions) -> anyhow::Result<u64> {
+    let layout = Layout::new(&options.zk_root)?;
+    let client = zk::connect(&options.zk).await?;
+    let list = zk::get_sql_shards(&client, &layout).await?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "no SQL shard list at {}: run `wallet cluster set-sql-shards` first",
+            layout.sql_shards()
+        )
+    })?;
+    let record = coordinator::read_record(&client, &layout).await?;
+    drop(client);
+    let coordinator_id = record.as_ref().map(|(r, _)| r.id.clone());
+    let shards = schema::parse_shards(&list.shards)?;
+    let n = shards.len();
+    let mut out = Differences {
+        count: 0,
+        max_printed: options.max_printed,
+    };
+    let mut contents: Vec<Option<Content>> = Vec::with_capacity(n);
+    for (shard, content) in shards
+        .iter()
+        .zip(read_all(&shards, coordinator_id.as_deref(), 25).await)
+    {
+        match content {
+            Ok(c) => {
+                if c.prepared > 0 {
+                    println!(
+                        "note: shard {} ({}) holds {} prepared transaction(s) of this replicator (in flight, or in doubt until `wallet replicate sql` runs again)",
+                        shard.index, shard.label, c.prepared
+                    );
+                }
+                contents.push(Some(c));
+            }
+            Err(e) => {
+                out.report(format!(
+                    "shard {} ({}) unreadable: {e:#}",
+                    shard.index, shard.label
+                ));
+                contents.push(None);
+            }
+        }
+    }
+    let watermarks: Vec<Option<u64>> = contents
+        .iter()
+        .map(|c| c.as_ref().map(|c| c.watermark))
+        .collect();
+    let readable: Vec<u64> = watermarks.iter().flatten().copied().collect();
+    let common = readable.iter().copied().min().unwrap_or(0);
+    let all_equal = readable.len() == n && readable.windows(2).all(|w| w[0] == w[1]);
+    if !all_equal && readable.len() == n {
+        out.report(format!(
+            "the shards are at different watermarks {readable:?}: a round is in doubt (run `wallet replicate sql` to recover it) or still running"
+        ));
+    }
+    let entry_count: usize = contents.iter().flatten().map(|c| c.entries.len()).sum();
+    let transfer_count: usize = contents.iter().flatten().map(|c| c.transfers.len()).sum();
+    let pairs_checked = check_pairs(&contents, &mut out);
+    let mut targets: Vec<u64> = readable.clone();
+    targets.sort_unstable();
+    targets.dedup();
+
+    let mut engine = Engine {
+        ledger: Ledger::new(LedgerConfig::default()),
+        last_seq: HashMap::new(),
+        shards: Vec::new(),
+    };
+    let mut next_target = 0;
+    let mut balances_checked = 0u64;
+    let mut totals_at_common = None;
+    let mut compare_at =
+        |engine: &Engine, at: u64, contents: &[Option<Content>], out: &mut Differences| {
+            for (k, content) in contents.iter().enumerate() {
+                if let Some(c) = content
+                    && c.watermark == at
+                {
+                    balances_checked += compare_balances(engine, k, &shards[k], c, n, out);
+                }
+            }
+        };
+    let end = scan(&journal_dir(&options.data_dir), 1, |record| {
+        let at = engine.ledger.next_seq() - 1;
+        while next_target < targets.len() && targets[next_target] == at {
+            compare_at(&engine, at, &contents, &mut out);
+            if at == common {
+                totals_at_common = Some(engine.ledger.totals());
+            }
+            next_target += 1;
+        }
+        while next_target < targets.len() && targets[next_target] < record.next_seq() - 1 {
+            out.report(format!(
+                "watermark {} falls inside the record at {}",
+                targets[next_target], record.first_seq
+            ));
+            next_target += 1;
+        }
+        apply_verified(&mut engine.ledger, record)?;
+        for event in record.events() {
+            match event.kind {
+                EventKind::AccountOpened => {
+                    let name = record.opened_account.as_str();
+                    engine.shards.push(partition_of(name, n));
+                }
+                EventKind::Deposited
+                | EventKind::Withdrawn
+                | EventKind::Debited
+                | EventKind::Credited => {
+                    engine
+                        .last_seq
+                        .insert((event.account, event.currency.packed()), event.seq);
+                }
+                _ => {}
+            }
+        }
+        check_record(&engine, record, &mut contents, &mut out);
+        Ok(())
+    })
+    .context("replaying the journal")?;
+    let journal_last = end.next_seq - 1;
+    for &target in &targets[next_target..] {
+        if target == journal_last {
+            compare_at(&engine, target, &contents, &mut out);
+            if target == common {
+                totals_at_common = Some(engine.ledger.totals());
+            }
+        } else {
+            out.report(format!(
+                "shards at watermark {target} are beyond the journal's end at {journal_last}"
+            ));
+        }
+    }
+    for (k, content) in contents.iter().enumerate() {
+        let Some(c) = content else { continue };
+        let mut extra: Vec<&i64> = c.entries.keys().collect();
+        extra.sort();
+        for seq in extra {
+            out.report(format!(
+                "entry {seq} on shard {k} matches no event of the journal on that shard up to its watermark {}",
+                c.watermark
+            ));
+        }
+        for id in c.transfers.keys() {
+            out.report(format!(
+                "transfer {id} on shard {k} matches no committed transfer of the journal on that shard"
+            ));
+        }
+    }
+    // Per currency, the sum over all shards against the engine's total at the common watermark.
+    if all_equal && let Some(totals) = &totals_at_common {
+        let mut sql: HashMap<String, u128> = HashMap::new();
+        for c in contents.iter().flatten() {
+            for (currency, sum) in &c.sums {
+                *sql.entry(currency.clone()).or_default() += sum;
+            }
+        }
+        for (currency, total) in totals {
+            let code = currency.to_string();
+            let in_sql = sql.remove(&code).unwrap_or(0);
+            if in_sql != u128::from(total.outstanding) {
+                out.report(format!(
+                    "{code}: the shards hold {in_sql} in total, the engine {} at sequence {common}",
+                    total.outstanding
+                ));
+            }
+        }
+        for (code, sum) in sql {
+            if sum != 0 {
+                out.report(format!(
+                    "{code}: the shards hold {sum}, the engine has no such currency"
+                ));
+            }
+        }
+    }
+    for (k, shard) in shards.iter().enumerate() {
+        match &contents[k] {
+            Some(c) => println!(
+                "shard {k} {}: watermark {} balances {} sums {:?}",
+                shard.label,
+                c.watermark,
+                c.balances.len(),
+                {
+                    let mut s: Vec<_> = c.sums.iter().collect();
+                    s.sort();
+                    s
+                }
+            ),
+            None => println!("shard {k} {}: unreadable", shard.label),
+        }
+    }
+    println!(
+        "reconcile: {} differences ({n} shards, common watermark {common}{}, {balances_checked} balances, {entry_count} entries, {transfer_count} transfers ({pairs_checked} debit/credit pairs) checked, {} accounts, journal ends at {journal_last})",
+        out.count,
+        if all_equal { "" } else { " (not all equal)" },
+        engine.ledger.account_count(),
+    );
+    Ok(out.count)
+}

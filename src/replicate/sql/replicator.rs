@@ -1,0 +1,720 @@
+//! `wallet replicate sql`: the journal projected into sharded PostgreSQL, one two-phase commit
+//! round per batch of many events.
+//!
+//! A round, for a batch of whole records ending at sequence `B`:
+//!
+//! 1. On every shard's own connection: `BEGIN`, `COPY` the entries and transfers, upsert the
+//!    balances, move the watermark row from its current value to `B` (checked), then
+//!    `PREPARE TRANSACTION 'wallet_{id}_{B}_{shard}'`.
+//! 2. Record the decision (`decided_batch = B`) in ZooKeeper: durable before anything commits.
+//! 3. `COMMIT PREPARED` on every shard's own connection.
+//!
+//! Any error drops every connection; each shard is then reconnected with backoff, and every
+//! new connection first runs the in-doubt recovery (commit what was decided, roll back the
+//! rest) and re-reads its watermark. The batch is kept and retried from there, skipping on each
+//! shard what its watermark says it already has: an event is applied exactly once.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use futures_util::SinkExt;
+use futures_util::future::try_join_all;
+use tokio_postgres::Client;
+
+use super::coordinator::{self, Coordinator, gid_statement};
+use super::schema::{self, Shard};
+use super::tail::RecordTail;
+use super::{Fatal, is_transient};
+use crate::core::{CommandRecord, CommandType, Currency, EventKind};
+use crate::replicate::hash::partition_of;
+use crate::replicate::zk::{self, Layout};
+use crate::replicate::{failpoint, failpoint_armed};
+
+#[derive(Debug, Clone)]
+pub struct ReplicateOptions {
+    pub zk: String,
+    pub zk_root: String,
+    /// The engine's data directory (its journal is tailed in place).
+    pub source: PathBuf,
+    /// Apply the missing migrations on every shard at start.
+    pub migrate: bool,
+    /// Most events per two-phase-commit round (whole records: a transfer is never split).
+    pub batch_events: usize,
+    /// Stop once every shard has caught up with the end of the journal.
+    pub once: bool,
+    /// A round that takes longer than this is abandoned (and its shards recovered).
+    pub round_timeout: Duration,
+    /// How long to wait for ZooKeeper and for the lock held by a crashed replicator.
+    pub zk_patience: Duration,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Copy)]
+pub struct Report {
+    /// The common watermark at start, and at the end.
+    pub start_seq: u64,
+    pub end_seq: u64,
+    /// Events and committed transfers in the rounds this run committed.
+    pub events: u64,
+    pub transfers: u64,
+    pub rounds: u64,
+    pub shards: usize,
+    /// From the first round to the last.
+    pub elapsed: Duration,
+}
+
+impl Report {
+    pub fn per_second(&self, count: u64) -> f64 {
+        count as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Account names and shards by the engine's dense account index.
+#[derive(Default)]
+struct Directory {
+    names: Vec<Box<str>>,
+    shards: Vec<u32>,
+}
+
+impl Directory {
+    fn learn(&mut self, records: &[CommandRecord], shard_count: usize) -> anyhow::Result<()> {
+        for record in records {
+            for event in record.events() {
+                if event.kind == EventKind::AccountOpened {
+                    if event.account as usize != self.names.len() {
+                        bail!(
+                            "journal sequence {}: account index {} opened, expected {}",
+                            event.seq,
+                            event.account,
+                            self.names.len()
+                        );
+                    }
+                    let name = record.opened_account.as_str();
+                    self.names.push(name.into());
+                    self.shards.push(partition_of(name, shard_count) as u32);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn get(&self, account: u32, seq: u64) -> anyhow::Result<(&str, usize)> {
+        match (
+            self.names.get(account as usize),
+            self.shards.get(account as usize),
+        ) {
+            (Some(name), Some(shard)) => Ok((name, *shard as usize)),
+            _ => bail!("journal sequence {seq}: account index {account} was never opened"),
+        }
+    }
+}
+
+/// One shard's part of a round.
+#[derive(Default)]
+struct ShardRows {
+    /// `COPY entries ... FROM STDIN` text.
+    entries: Vec<u8>,
+    entry_count: usize,
+    transfers: Vec<u8>,
+    transfer_count: usize,
+    /// (account, currency) -> (balance after, sequence), the newest in the batch.
+    balances: HashMap<(u32, Currency), (u64, u64)>,
+}
+
+const ENTRY_COLUMNS: &str = "COPY entries (seq, transaction_id, account_id, currency, kind, amount, balance_after, timestamp_ns) FROM STDIN";
+const TRANSFER_COLUMNS: &str = "COPY transfers (transaction_id, from_account, to_account, amount, currency, outcome, seq, timestamp_ns) FROM STDIN";
+const UPSERT_BALANCES: &str = "INSERT INTO balances (account_id, currency, balance, last_seq) \
+     SELECT a, c, b::numeric, s FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[]) AS t(a, c, b, s) \
+     ON CONFLICT (account_id, currency) DO UPDATE SET balance = EXCLUDED.balance, last_seq = EXCLUDED.last_seq \
+     WHERE balances.last_seq < EXCLUDED.last_seq";
+
+/// Splits `records` into each shard's rows, leaving out on each shard what its watermark says
+/// it already holds.
+fn build_rows(
+    records: &[CommandRecord],
+    directory: &Directory,
+    watermarks: &[u64],
+) -> anyhow::Result<(Vec<ShardRows>, u64)> {
+    use std::io::Write;
+    let mut rows: Vec<ShardRows> = watermarks.iter().map(|_| ShardRows::default()).collect();
+    let mut transfers = 0u64;
+    for record in records {
+        let transaction = uuid::Uuid::from_u128(record.transaction_id.0);
+        for event in record.events() {
+            let sign = match event.kind {
+                EventKind::Deposited | EventKind::Credited => "",
+                EventKind::Withdrawn | EventKind::Debited => "-",
+                EventKind::AccountOpened | EventKind::Rejected | EventKind::Checkpoint => continue,
+            };
+            let (name, shard) = directory.get(event.account, event.seq)?;
+            if event.seq <= watermarks[shard] {
+                continue;
+            }
+            let out = &mut rows[shard];
+            writeln!(
+                out.entries,
+                "{}\t{}\t{}\t{}\t{}\t{}{}\t{}\t{}",
+                event.seq,
+                transaction.hyphenated(),
+                name,
+                event.currency,
+                event.kind.name(),
+                sign,
+                event.amount,
+                event.balance_after,
+                record.timestamp_ns.min(i64::MAX as u64),
+            )?;
+            out.entry_count += 1;
+            out.balances.insert(
+                (event.account, event.currency),
+                (event.balance_after, event.seq),
+            );
+        }
+        if record.command_type == CommandType::Transfer && record.is_committed() {
+            let [debit, credit] = match record.events() {
+                [d, c] if d.kind == EventKind::Debited && c.kind == EventKind::Credited => [d, c],
+                other => bail!(
+                    "journal sequence {}: a committed transfer with events {:?}",
+                    record.first_seq,
+                    other.iter().map(|e| e.kind).collect::<Vec<_>>()
+                ),
+            };
+            let (from, shard) = directory.get(debit.account, debit.seq)?;
+            let (to, _) = directory.get(credit.account, credit.seq)?;
+            if debit.seq > watermarks[shard] {
+                let out = &mut rows[shard];
+                writeln!(
+                    out.transfers,
+                    "{}\t{from}\t{to}\t{}\t{}\tcommitted\t{}\t{}",
+                    transaction.hyphenated(),
+                    debit.amount,
+                    debit.currency,
+                    debit.seq,
+                    record.timestamp_ns.min(i64::MAX as u64),
+                )?;
+                out.transfer_count += 1;
+                transfers += 1;
+            }
+        }
+    }
+    Ok((rows, transfers))
+}
+
+async fn copy_in(client: &Client, statement: &str, data: Vec<u8>) -> anyhow::Result<()> {
+    let sink = client.copy_in::<_, Bytes>(statement).await?;
+    futures_util::pin_mut!(sink);
+    sink.send(Bytes::from(data)).await?;
+    sink.finish().await?;
+    Ok(())
+}
+
+/// Phase one on one shard: everything up to `PREPARE TRANSACTION`.
+async fn prepare_shard(
+    client: &Client,
+    directory: &Directory,
+    rows: ShardRows,
+    from: u64,
+    to: u64,
+    gid: &str,
+) -> anyhow::Result<()> {
+    let prepare = gid_statement("PREPARE TRANSACTION", gid)?;
+    client.batch_execute("BEGIN").await?;
+    if rows.entry_count > 0 {
+        copy_in(client, ENTRY_COLUMNS, rows.entries).await?;
+    }
+    if rows.transfer_count > 0 {
+        copy_in(client, TRANSFER_COLUMNS, rows.transfers).await?;
+    }
+    if !rows.balances.is_empty() {
+        let mut accounts = Vec::with_capacity(rows.balances.len());
+        let mut currencies = Vec::with_capacity(rows.balances.len());
+        let mut balances = Vec::with_capacity(rows.balances.len());
+        let mut seqs = Vec::with_capacity(rows.balances.len());
+        for ((account, currency), (balance, seq)) in &rows.balances {
+            accounts.push(directory.get(*account, *seq)?.0);
+            currencies.push(currency.to_string());
+            balances.push(balance.to_string());
+            seqs.push(i64::try_from(*seq)?);
+        }
+        client
+            .execute(UPSERT_BALANCES, &[&accounts, &currencies, &balances, &seqs])
+            .await?;
+    }
+    let moved = client
+        .execute(
+            "UPDATE watermark SET applied_seq = $1, updated_at = now() WHERE applied_seq = $2",
+            &[&i64::try_from(to)?, &i64::try_from(from)?],
+        )
+        .await?;
+    if moved != 1 {
+        return Err(Fatal(format!(
+            "the watermark of {gid}'s shard is no longer {from}: another writer is at work"
+        ))
+        .into());
+    }
+    client.batch_execute(&prepare).await?;
+    Ok(())
+}
+
+struct State {
+    shards: Vec<Shard>,
+    per_server: HashMap<String, usize>,
+    connections: Vec<Option<Client>>,
+    watermarks: Vec<u64>,
+    migrated: Vec<bool>,
+    migrate: bool,
+}
+
+impl State {
+    fn drop_connections(&mut self) {
+        for c in &mut self.connections {
+            *c = None;
+        }
+    }
+
+    /// Connects shard `i`: checks the server and the schema, makes sure the watermark row is
+    /// ours, recovers in-doubt transactions, reads the watermark.
+    async fn connect_shard(
+        &mut self,
+        i: usize,
+        coordinator: &mut Coordinator,
+    ) -> anyhow::Result<()> {
+        let shard = self.shards[i].clone();
+        let mut client = shard.connect().await?;
+        let needed = self.per_server.get(&shard.server).copied().unwrap_or(1);
+        let row = client
+            .query_one("SHOW max_prepared_transactions", &[])
+            .await?;
+        schema::check_max_prepared(&shard, &row.try_get::<_, String>(0)?, needed)
+            .map_err(|e| Fatal(format!("{e:#}")))?;
+        if self.migrate && !self.migrated[i] {
+            schema::migrate(&mut client, &shard).await.map_err(|e| {
+                if is_transient(&e) {
+                    e
+                } else {
+                    Fatal(format!("{e:#}")).into()
+                }
+            })?;
+            self.migrated[i] = true;
+        } else {
+            schema::check_schema(&client, &shard).await.map_err(|e| {
+                if is_transient(&e) {
+                    e
+                } else {
+                    Fatal(format!("{e:#}")).into()
+                }
+            })?;
+        }
+        let id = coordinator.record.id.clone();
+        let count = i32::try_from(self.shards.len())?;
+        client
+            .execute(
+                "INSERT INTO watermark (applied_seq, shard_index, shard_count, coordinator_id) VALUES (0, $1, $2, $3) ON CONFLICT DO NOTHING",
+                &[&i32::try_from(i)?, &count, &id],
+            )
+            .await?;
+        let row = client
+            .query_one(
+                "SELECT shard_index, shard_count, coordinator_id FROM watermark",
+                &[],
+            )
+            .await?;
+        let (index, stored_count, stored_id): (i32, i32, String) =
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+        if index as usize != i || stored_count != count || stored_id != id {
+            return Err(Fatal(format!(
+                "shard {i} ({}) belongs elsewhere: its watermark row says shard {index} of {stored_count}, coordinator {stored_id}; \
+                 this cluster has {count} shards and coordinator {id} (changing the shard list needs a rebuild into new databases)",
+                shard.label
+            ))
+            .into());
+        }
+        let decided = coordinator.current_decision().await?;
+        let done = coordinator::recover_shard(&client, &id, decided, i).await?;
+        if done != coordinator::Recovered::default() {
+            tracing::warn!(shard = %shard.label, committed = done.committed, rolled_back = done.rolled_back, "recovered in-doubt transactions");
+        }
+        let applied: i64 = client
+            .query_one("SELECT applied_seq FROM watermark", &[])
+            .await?
+            .try_get(0)?;
+        self.watermarks[i] = u64::try_from(applied)?;
+        self.connections[i] = Some(client);
+        tracing::info!(shard = %shard.label, applied_seq = applied, "shard connected");
+        Ok(())
+    }
+
+    /// Connects every missing shard. Returns the first error (after trying all of them, so a
+    /// shard that is up gets its in-doubt transactions finished even while another is down).
+    async fn connect_all(&mut self, coordinator: &mut Coordinator) -> anyhow::Result<()> {
+        let mut first_error = None;
+        for i in 0..self.shards.len() {
+            if self.connections[i].as_ref().is_some_and(|c| !c.is_closed()) {
+                continue;
+            }
+            self.connections[i] = None;
+            if let Err(e) = self.connect_shard(i, coordinator).await {
+                if !is_transient(&e) {
+                    return Err(e);
+                }
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// One two-phase-commit round over every shard. Returns the committed transfer count.
+    async fn round(
+        &mut self,
+        coordinator: &mut Coordinator,
+        directory: &Directory,
+        records: &[CommandRecord],
+        batch_end: u64,
+    ) -> anyhow::Result<u64> {
+        let (rows, transfers) = build_rows(records, directory, &self.watermarks)?;
+        let id = coordinator.record.id.clone();
+        let gids: Vec<String> = (0..self.shards.len())
+            .map(|i| coordinator::gid(&id, batch_end, i))
+            .collect::<anyhow::Result<_>>()?;
+        let mut clients = Vec::with_capacity(self.shards.len());
+        for (i, c) in self.connections.iter().enumerate() {
+            match c {
+                Some(c) => clients.push(c),
+                None => bail!("shard {} is not connected", self.shards[i].label),
+            }
+        }
+        let targets: Vec<u64> = self
+            .watermarks
+            .iter()
+            .map(|w| (*w).max(batch_end))
+            .collect();
+
+        // Phase one. Crash tests prepare one shard after the other, so that the failpoint
+        // leaves exactly one shard prepared.
+        if failpoint_armed("sql-after-prepare-one") {
+            for (i, rows) in rows.into_iter().enumerate() {
+                prepare_shard(
+                    clients[i],
+                    directory,
+                    rows,
+                    self.watermarks[i],
+                    targets[i],
+                    &gids[i],
+                )
+                .await
+                .with_context(|| format!("preparing on shard {}", self.shards[i].label))?;
+                failpoint("sql-after-prepare-one");
+            }
+        } else {
+            let shards = &self.shards;
+            let watermarks = &self.watermarks;
+            try_join_all(rows.into_iter().enumerate().map(|(i, rows)| {
+                let (client, gid, target) = (clients[i], &gids[i], targets[i]);
+                async move {
+                    prepare_shard(client, directory, rows, watermarks[i], target, gid)
+                        .await
+                        .with_context(|| format!("preparing on shard {}", shards[i].label))
+                }
+            }))
+            .await?;
+        }
+        failpoint("sql-after-prepare-all");
+
+        // The decision, durable before the first COMMIT PREPARED.
+        coordinator.decide(batch_end, &gids).await?;
+        failpoint("sql-after-decision");
+
+        // Phase two, each on the shard's own connection.
+        let commits: Vec<String> = gids
+            .iter()
+            .map(|g| gid_statement("COMMIT PREPARED", g))
+            .collect::<anyhow::Result<_>>()?;
+        if failpoint_armed("sql-after-first-commit") {
+            for (i, commit) in commits.iter().enumerate() {
+                clients[i].batch_execute(commit).await?;
+                failpoint("sql-after-first-commit");
+            }
+        } else {
+            let shards = &self.shards;
+            try_join_all(commits.iter().enumerate().map(|(i, commit)| {
+                let client = clients[i];
+                async move {
+                    client
+                        .batch_execute(commit)
+                        .await
+                        .with_context(|| format!("committing on shard {}", shards[i].label))
+                }
+            }))
+            .await?;
+        }
+        self.watermarks = targets;
+        Ok(transfers)
+    }
+}
+
+/// Runs the replicator until the process stops (or, with `once`, until caught up).
+pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
+    if options
+        .source
+        .to_str()
+        .is_some_and(|s| s.starts_with("http://") || s.starts_with("https://"))
+    {
+        bail!("`replicate sql` reads a data directory (the journal), not an engine URL");
+    }
+    let layout = Layout::new(&options.zk_root)?;
+    let mut coordinator = Coordinator::start(&options.zk, &layout, options.zk_patience).await?;
+    let result = replicate(options, &layout, &mut coordinator).await;
+    coordinator.release().await;
+    result
+}
+
+async fn replicate(
+    options: &ReplicateOptions,
+    layout: &Layout,
+    coordinator: &mut Coordinator,
+) -> anyhow::Result<Report> {
+    let list = zk::get_sql_shards(coordinator.client(), layout)
+        .await?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no SQL shard list at {}: run `wallet cluster set-sql-shards URL,URL,...` first",
+                layout.sql_shards()
+            )
+        })?;
+    let shards = schema::parse_shards(&list.shards)?;
+    let count = shards.len();
+    let mut state = State {
+        per_server: schema::shards_per_server(&shards),
+        shards,
+        connections: (0..count).map(|_| None).collect(),
+        watermarks: vec![0; count],
+        migrated: vec![false; count],
+        migrate: options.migrate,
+    };
+    let batch_events = options.batch_events.max(2);
+    let mut tail = RecordTail::new(&crate::journal::journal_dir(&options.source));
+    let mut directory = Directory::default();
+    let mut pending: Vec<CommandRecord> = Vec::with_capacity(batch_events + 2);
+    let mut backoff = Duration::from_millis(50);
+    let mut last_warning: Option<Instant> = None;
+    let mut report = Report {
+        start_seq: 0,
+        end_seq: 0,
+        events: 0,
+        transfers: 0,
+        rounds: 0,
+        shards: count,
+        elapsed: Duration::ZERO,
+    };
+    let mut started: Option<Instant> = None;
+    let mut first_connect = true;
+    let mut last_status = Instant::now();
+    let mut status_events = 0u64;
+    loop {
+        // Every shard connected (and recovered) before any round.
+        if state
+            .connections
+            .iter()
+            .any(|c| c.as_ref().is_none_or(|c| c.is_closed()))
+        {
+            coordinator.ensure_session(options.zk_patience).await?;
+            if let Err(e) = state.connect_all(coordinator).await {
+                if !is_transient(&e) {
+                    return Err(e);
+                }
+                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                    tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "a shard is unavailable; waiting");
+                    last_warning = Some(Instant::now());
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+            if first_connect {
+                report.start_seq = state.watermarks.iter().copied().min().unwrap_or(0);
+                first_connect = false;
+                tracing::info!(shards = count, watermarks = ?state.watermarks, source = %options.source.display(), "SQL replicator starting");
+            } else {
+                tracing::info!(watermarks = ?state.watermarks, "every shard is back");
+            }
+            backoff = Duration::from_millis(50);
+            last_warning = None;
+        }
+        let low = state.watermarks.iter().copied().min().unwrap_or(0);
+        pending.retain(|r| r.next_seq() - 1 > low);
+        if pending.is_empty() {
+            // Read until the batch is full or the journal has nothing more; records the shards
+            // already hold only teach the directory their account names.
+            let mut events = 0usize;
+            let mut fresh = Vec::new();
+            while events < batch_events {
+                fresh.clear();
+                tail.fetch(batch_events - events, &mut fresh)?;
+                if fresh.is_empty() {
+                    break;
+                }
+                directory.learn(&fresh, count)?;
+                for record in fresh.iter().filter(|r| r.next_seq() - 1 > low) {
+                    events += record.event_count as usize;
+                    pending.push(*record);
+                }
+            }
+            if pending.is_empty() {
+                if tail.next_seq() - 1 < low {
+                    // The shards are ahead of the journal read so far, and it has no more.
+                    if options.once {
+                        bail!(
+                            "the journal in {} ends at sequence {} but the shards hold up to {low}: wrong source, or a journal that lost its tail",
+                            options.source.display(),
+                            tail.next_seq() - 1
+                        );
+                    }
+                } else if options.once {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        }
+        let Some(batch_end) = pending.last().map(|r| r.next_seq() - 1) else {
+            continue;
+        };
+        let round_started = Instant::now();
+        started.get_or_insert(round_started);
+        let result = tokio::time::timeout(
+            options.round_timeout,
+            state.round(coordinator, &directory, &pending, batch_end),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(
+                "a round took longer than {:?}",
+                options.round_timeout
+            ))
+        });
+        match result {
+            Ok(transfers) => {
+                let events = batch_end - pending.first().map_or(batch_end, |r| r.first_seq - 1);
+                report.events += events;
+                report.transfers += transfers;
+                report.rounds += 1;
+                report.end_seq = batch_end;
+                report.elapsed = started.map_or(Duration::ZERO, |s| s.elapsed());
+                status_events += events;
+                pending.clear();
+                tracing::debug!(batch_end, events, took = ?round_started.elapsed(), "round committed");
+                if last_status.elapsed() > Duration::from_secs(5) {
+                    tracing::info!(
+                        applied_seq = batch_end,
+                        journal_seq = tail.next_seq() - 1,
+                        events_per_second =
+                            status_events as f64 / last_status.elapsed().as_secs_f64(),
+                        "replicating"
+                    );
+                    last_status = Instant::now();
+                    status_events = 0;
+                }
+            }
+            Err(e) if !is_transient(&e) => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), batch_end, "round failed; reconnecting and recovering the shards");
+                state.drop_connections();
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+    report.end_seq = state.watermarks.iter().copied().min().unwrap_or(0);
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{AccountId, Event, TransactionId};
+
+    fn record(first_seq: u64, events: &[Event], kind: CommandType) -> CommandRecord {
+        let mut r = CommandRecord::empty();
+        r.first_seq = first_seq;
+        r.command_type = kind;
+        r.transaction_id = TransactionId(first_seq as u128);
+        r.timestamp_ns = 1_700_000_000_000_000_000;
+        r.event_count = events.len() as u8;
+        r.events[..events.len()].copy_from_slice(events);
+        r
+    }
+
+    #[test]
+    fn rows_go_to_the_shard_of_their_account_and_skip_what_a_shard_has() {
+        let usd = Currency::new("USD").expect("usd");
+        let ev = |seq, kind, account, amount, balance_after| Event {
+            seq,
+            kind,
+            account,
+            currency: usd,
+            amount,
+            balance_after,
+        };
+        let mut open_a = record(
+            1,
+            &[ev(1, EventKind::AccountOpened, 0, 0, 0)],
+            CommandType::OpenAccount,
+        );
+        open_a.opened_account = AccountId::new("alice").expect("id");
+        let mut open_b = record(
+            2,
+            &[ev(2, EventKind::AccountOpened, 1, 0, 0)],
+            CommandType::OpenAccount,
+        );
+        open_b.opened_account = AccountId::new("bob").expect("id");
+        let deposit = record(
+            3,
+            &[ev(3, EventKind::Deposited, 0, 500, 500)],
+            CommandType::Deposit,
+        );
+        let transfer = record(
+            4,
+            &[
+                ev(4, EventKind::Debited, 0, 200, 300),
+                ev(5, EventKind::Credited, 1, 200, 200),
+            ],
+            CommandType::Transfer,
+        );
+        let records = [open_a, open_b, deposit, transfer];
+        let mut directory = Directory::default();
+        directory.learn(&records, 4).expect("learn");
+        let (a, b) = (partition_of("alice", 4), partition_of("bob", 4));
+        assert_ne!(
+            a, b,
+            "the pinned hash puts alice and bob on different shards of 4"
+        );
+
+        let (rows, transfers) = build_rows(&records, &directory, &[0; 4]).expect("rows");
+        assert_eq!(transfers, 1);
+        assert_eq!(rows[a].entry_count, 2);
+        assert_eq!(rows[b].entry_count, 1);
+        assert_eq!(rows[a].transfer_count, 1);
+        let text = String::from_utf8(rows[a].entries.clone()).expect("utf8");
+        assert!(
+            text.contains("\talice\tUSD\tdebited\t-200\t300\t"),
+            "{text}"
+        );
+        assert_eq!(rows[a].balances[&(0, usd)], (300, 4));
+
+        // Alice's shard already has everything up to 4: only bob's credit remains.
+        let mut watermarks = [0; 4];
+        watermarks[a] = 4;
+        let (rows, transfers) = build_rows(&records, &directory, &watermarks).expect("rows");
+        assert_eq!(
+            (rows[a].entry_count, rows[a].transfer_count, transfers),
+            (0, 0, 0)
+        );
+        assert_eq!(rows[b].entry_count, 1);
+    }
+}

@@ -1,0 +1,339 @@
+//! Connections to the shards, the schema migrations in `migrations/`, and the server checks made
+//! before any two-phase commit.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio_postgres::config::Host;
+use tokio_postgres::{Client, Config, NoTls};
+
+/// One versioned SQL file of `migrations/`, compiled into the binary.
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// Every migration, in order. A test checks that this list and the directory agree.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "0001_shard_schema.sql",
+    sql: include_str!("../../../migrations/0001_shard_schema.sql"),
+}];
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A shard's URL, parsed, with a label that never shows a password.
+#[derive(Clone)]
+pub struct Shard {
+    pub index: usize,
+    config: Config,
+    /// `host:port/database`, for messages.
+    pub label: String,
+    /// `host:port`: shards with the same server share its `max_prepared_transactions`.
+    pub server: String,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "shard {} ({})", self.index, self.label)
+    }
+}
+
+impl Shard {
+    pub fn parse(index: usize, url: &str) -> anyhow::Result<Shard> {
+        let mut config: Config = url.parse().map_err(|e| {
+            anyhow::anyhow!("shard {index}: not a PostgreSQL URL ({e}); expected postgres://user@host:port/database")
+        })?;
+        config
+            .connect_timeout(CONNECT_TIMEOUT)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .application_name("wallet-replicate-sql");
+        let hosts: Vec<String> = config
+            .get_hosts()
+            .iter()
+            .map(|h| match h {
+                Host::Tcp(name) => name.clone(),
+                Host::Unix(path) => path.display().to_string(),
+            })
+            .collect();
+        let ports: Vec<String> = config.get_ports().iter().map(u16::to_string).collect();
+        let server = format!(
+            "{}:{}",
+            if hosts.is_empty() {
+                "localhost".to_string()
+            } else {
+                hosts.join(",")
+            },
+            if ports.is_empty() {
+                "5432".to_string()
+            } else {
+                ports.join(",")
+            }
+        );
+        let Some(database) = config.get_dbname() else {
+            bail!("shard {index} ({server}): the URL names no database");
+        };
+        let label = format!("{server}/{database}");
+        Ok(Shard {
+            index,
+            config,
+            label,
+            server,
+        })
+    }
+
+    /// Opens a connection; its driver task runs on the current runtime until the client drops.
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        let (client, connection) = self.config.connect(NoTls).await.map_err(|e| {
+            anyhow::anyhow!(
+                "PostgreSQL shard {} at {} is unreachable: {e}",
+                self.index,
+                self.label
+            )
+        })?;
+        let label = self.label.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(shard = %label, error = %e, "shard connection closed");
+            }
+        });
+        Ok(client)
+    }
+}
+
+/// Parses the shard list, refusing duplicates (two shards in one database would share a
+/// watermark row).
+pub fn parse_shards(urls: &[String]) -> anyhow::Result<Vec<Shard>> {
+    if urls.is_empty() {
+        bail!("the SQL shard list is empty");
+    }
+    if urls.len() > i32::MAX as usize {
+        bail!("too many shards");
+    }
+    let shards: Vec<Shard> = urls
+        .iter()
+        .enumerate()
+        .map(|(i, url)| Shard::parse(i, url))
+        .collect::<anyhow::Result<_>>()?;
+    let mut seen = HashMap::new();
+    for shard in &shards {
+        if let Some(other) = seen.insert(shard.label.clone(), shard.index) {
+            bail!(
+                "shards {other} and {} are the same database {}",
+                shard.index,
+                shard.label
+            );
+        }
+    }
+    Ok(shards)
+}
+
+/// How many shards live on each server (`host:port`).
+pub fn shards_per_server(shards: &[Shard]) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
+    for shard in shards {
+        *out.entry(shard.server.clone()).or_insert(0) += 1;
+    }
+    out
+}
+
+/// The `max_prepared_transactions` check: at most one batch is prepared at a time, so a server
+/// needs one prepared transaction per shard it holds.
+pub fn check_max_prepared(shard: &Shard, value: &str, needed: usize) -> anyhow::Result<()> {
+    let parsed: usize = value.trim().parse().with_context(|| {
+        format!(
+            "PostgreSQL shard {} ({}): max_prepared_transactions is {value:?}",
+            shard.index, shard.label
+        )
+    })?;
+    if parsed < needed {
+        bail!(
+            "PostgreSQL shard {} ({}): max_prepared_transactions is {parsed}, but two-phase commit needs at least {needed} \
+             (one per shard on this server; the default is 0, which disables PREPARE TRANSACTION). \
+             Set max_prepared_transactions = 64 in postgresql.conf (or start with -c max_prepared_transactions=64) and restart the server.",
+            shard.index,
+            shard.label
+        );
+    }
+    Ok(())
+}
+
+/// Reads `max_prepared_transactions` and checks it.
+pub async fn verify_server(client: &Client, shard: &Shard, needed: usize) -> anyhow::Result<()> {
+    let row = client
+        .query_one("SHOW max_prepared_transactions", &[])
+        .await
+        .with_context(|| format!("shard {}: SHOW max_prepared_transactions", shard.label))?;
+    let value: String = row.try_get(0)?;
+    check_max_prepared(shard, &value, needed)
+}
+
+fn checksum(sql: &str) -> String {
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(sql.as_bytes()))
+}
+
+const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer     PRIMARY KEY,
+    name       text        NOT NULL,
+    checksum   text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)";
+
+/// Applies the missing migrations in one transaction (serialised by an advisory lock, so two
+/// replicators starting at once do not race), after checking that those already applied are
+/// the ones this binary knows. Returns how many were applied.
+pub async fn migrate(client: &mut Client, shard: &Shard) -> anyhow::Result<usize> {
+    let tx = client.transaction().await?;
+    tx.batch_execute("SELECT pg_advisory_xact_lock(7233100116500221001)")
+        .await?;
+    tx.batch_execute(MIGRATIONS_TABLE).await?;
+    let applied = applied_migrations(&tx).await?;
+    check_known(shard, &applied, false)?;
+    let mut count = 0;
+    for migration in MIGRATIONS {
+        if applied.contains_key(&migration.version) {
+            continue;
+        }
+        tx.batch_execute(migration.sql).await.with_context(|| {
+            format!(
+                "shard {} ({}): migration {}",
+                shard.index, shard.label, migration.name
+            )
+        })?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+            &[
+                &migration.version,
+                &migration.name,
+                &checksum(migration.sql),
+            ],
+        )
+        .await?;
+        tracing::info!(shard = %shard.label, migration = migration.name, "migration applied");
+        count += 1;
+    }
+    tx.commit().await?;
+    Ok(count)
+}
+
+async fn applied_migrations(
+    client: &impl tokio_postgres::GenericClient,
+) -> anyhow::Result<HashMap<i32, String>> {
+    let rows = client
+        .query("SELECT version, checksum FROM schema_migrations", &[])
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
+}
+
+/// Checks that every applied migration is known with the same text, and (with `complete`) that
+/// none is missing.
+fn check_known(
+    shard: &Shard,
+    applied: &HashMap<i32, String>,
+    complete: bool,
+) -> anyhow::Result<()> {
+    for (version, sum) in applied {
+        match MIGRATIONS.iter().find(|m| m.version == *version) {
+            None => bail!(
+                "shard {} ({}) has migration {version}, which this binary does not know: it is newer than this wallet",
+                shard.index,
+                shard.label
+            ),
+            Some(m) if checksum(m.sql) != *sum => bail!(
+                "shard {} ({}): migration {} was applied with a different text (checksum {sum}, file {})",
+                shard.index,
+                shard.label,
+                m.name,
+                checksum(m.sql)
+            ),
+            Some(_) => {}
+        }
+    }
+    if complete {
+        let missing: Vec<&str> = MIGRATIONS
+            .iter()
+            .filter(|m| !applied.contains_key(&m.version))
+            .map(|m| m.name)
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "shard {} ({}) lacks migrations {missing:?}: run `wallet replicate sql --migrate`",
+                shard.index,
+                shard.label
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Without `--migrate`: fails unless the schema is complete and known.
+pub async fn check_schema(client: &Client, shard: &Shard) -> anyhow::Result<()> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .await?
+        .try_get(0)?;
+    if !exists {
+        bail!(
+            "shard {} ({}) has no schema: run `wallet replicate sql --migrate`",
+            shard.index,
+            shard.label
+        );
+    }
+    let applied = applied_migrations(client).await?;
+    check_known(shard, &applied, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_migration_file_is_compiled_in_order() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let mut files: Vec<String> = std::fs::read_dir(&dir)
+            .expect("migrations/")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let names: Vec<&str> = MIGRATIONS.iter().map(|m| m.name).collect();
+        assert_eq!(files, names, "migrations/ and MIGRATIONS disagree");
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version, i as i32 + 1);
+            assert!(m.name.starts_with(&format!("{:04}_", m.version)));
+        }
+    }
+
+    #[test]
+    fn labels_hide_passwords_and_duplicates_are_refused() {
+        let shard = Shard::parse(0, "postgres://u:secret@db1:5433/shard_a").expect("parse");
+        assert_eq!(shard.label, "db1:5433/shard_a");
+        assert!(!format!("{shard:?}").contains("secret"));
+        let same = parse_shards(&[
+            "postgres://u@db1:5433/shard_a".into(),
+            "postgres://v@db1:5433/shard_a".into(),
+        ]);
+        assert!(same.is_err());
+        assert!(
+            Shard::parse(0, "postgres://db1:5433").is_err(),
+            "no database"
+        );
+    }
+
+    #[test]
+    fn max_prepared_transactions_zero_is_refused_by_name() {
+        let shard = Shard::parse(3, "postgres://postgres@127.0.0.1:25432/s3").expect("parse");
+        let error = check_max_prepared(&shard, "0", 2).expect_err("0 must fail");
+        let text = error.to_string();
+        assert!(text.contains("max_prepared_transactions is 0"), "{text}");
+        assert!(text.contains("127.0.0.1:25432/s3"), "{text}");
+        assert!(check_max_prepared(&shard, "1", 2).is_err());
+        assert!(check_max_prepared(&shard, "64", 2).is_ok());
+    }
+}
