@@ -312,6 +312,18 @@ impl Ledger {
         }
     }
 
+    /// Prefetch for replay: the account slots a journal record touches and the bucket its
+    /// transaction id will be remembered in.
+    #[inline]
+    pub fn prefetch_record(&self, record: &CommandRecord) {
+        self.id_index.prefetch(hash_id(record.transaction_id.0));
+        for event in record.events() {
+            if let Some(slot) = self.accounts.get(event.account as usize) {
+                crate::core::table::prefetch(slot);
+            }
+        }
+    }
+
     /// Executes `commands` in order, exactly as calling `execute` on each would, but with
     /// software prefetching a few commands ahead so that the random memory accesses of
     /// consecutive commands overlap instead of queueing behind each other.
@@ -787,36 +799,66 @@ impl Ledger {
     /// currency, totals sorted by currency, remembered ids in the order they were first seen.
     /// Independent of hash-table layout and iteration order.
     pub fn state_hash(&self) -> u64 {
-        let mut hasher = Xxh3::new();
-        hasher.update(b"wallet-state-v1");
-        hasher.update(&self.next_seq.to_le_bytes());
-        hasher.update(&(self.accounts.len() as u64).to_le_bytes());
-        for index in 0..self.accounts.len() as u32 {
-            let account = self.accounts[index as usize].name(&self.long_names);
+        // The bytes are gathered in a buffer and hashed in large pieces: the digest is that of
+        // the concatenation either way, and large updates are an order of magnitude faster.
+        struct Buffered {
+            hasher: Xxh3,
+            buffer: Vec<u8>,
+        }
+        impl Buffered {
+            #[inline]
+            fn put(&mut self, bytes: &[u8]) {
+                self.buffer.extend_from_slice(bytes);
+                if self.buffer.len() >= 1 << 16 {
+                    self.hasher.update(&self.buffer);
+                    self.buffer.clear();
+                }
+            }
+        }
+        let mut h = Buffered {
+            hasher: Xxh3::new(),
+            buffer: Vec::with_capacity((1 << 16) + 256),
+        };
+        h.put(b"wallet-state-v1");
+        h.put(&self.next_seq.to_le_bytes());
+        h.put(&(self.accounts.len() as u64).to_le_bytes());
+        for (index, slot) in self.accounts.iter().enumerate() {
+            let account = slot.name(&self.long_names);
             let name = account.as_bytes();
-            hasher.update(&[name.len() as u8]);
-            hasher.update(name);
-            let balances = self.balances(index);
-            hasher.update(&(balances.len() as u32).to_le_bytes());
-            for (currency, balance) in balances {
-                hasher.update(&currency.packed().to_le_bytes());
-                hasher.update(&balance.to_le_bytes());
+            h.put(&[name.len() as u8]);
+            h.put(name);
+            if slot.next_extra == NO_EXTRA {
+                let count: u32 = u32::from(slot.currency != Currency::NONE);
+                h.put(&count.to_le_bytes());
+                if count == 1 {
+                    h.put(&slot.currency.packed().to_le_bytes());
+                    h.put(&slot.balance.to_le_bytes());
+                }
+            } else {
+                let balances = self.balances(index as u32);
+                h.put(&(balances.len() as u32).to_le_bytes());
+                for (currency, balance) in balances {
+                    h.put(&currency.packed().to_le_bytes());
+                    h.put(&balance.to_le_bytes());
+                }
             }
         }
         for (currency, totals) in self.totals() {
-            hasher.update(&currency.packed().to_le_bytes());
-            hasher.update(&totals.deposited.to_le_bytes());
-            hasher.update(&totals.withdrawn.to_le_bytes());
+            h.put(&currency.packed().to_le_bytes());
+            h.put(&totals.deposited.to_le_bytes());
+            h.put(&totals.withdrawn.to_le_bytes());
         }
-        hasher.update(&u64::from(self.id_count).to_le_bytes());
+        h.put(&u64::from(self.id_count).to_le_bytes());
         for chunk in &self.id_chunks {
             for r in chunk {
-                hasher.update(&r.id_low.to_le_bytes());
-                hasher.update(&r.id_high.to_le_bytes());
-                hasher.update(&r.fingerprint.to_le_bytes());
-                hasher.update(&r.seq_and_code.to_le_bytes());
+                h.put(&r.id_low.to_le_bytes());
+                h.put(&r.id_high.to_le_bytes());
+                h.put(&r.fingerprint.to_le_bytes());
+                h.put(&r.seq_and_code.to_le_bytes());
             }
         }
+        let Buffered { mut hasher, buffer } = h;
+        hasher.update(&buffer);
         hasher.digest()
     }
 

@@ -153,6 +153,8 @@ pub struct JournalTail {
     /// When the bytes at the current offset first failed to parse (a write in progress, or
     /// corruption: told apart after a while by `journal::scan`).
     stuck_since: Option<Instant>,
+    /// When a new segment's header was first found unwritten.
+    header_stuck_since: Option<Instant>,
 }
 
 const MIN_READ_BYTES: usize = 64 << 10;
@@ -168,17 +170,26 @@ impl JournalTail {
             buffer: Vec::new(),
             read_size: MIN_READ_BYTES,
             stuck_since: None,
+            header_stuck_since: None,
         }
     }
 
-    fn open_segment(&mut self, path: &Path, first: bool) -> anyhow::Result<()> {
+    /// Opens the segment at `path` as the current one. Returns `false` while its header is not
+    /// written yet (the writer creates the file, then writes the header): try again later.
+    fn open_segment(&mut self, path: &Path, first: bool) -> anyhow::Result<bool> {
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let size = file.metadata()?.len();
         let mut header = [0u8; SEGMENT_HEADER_BYTES];
+        if size < SEGMENT_HEADER_BYTES as u64 {
+            return self.header_not_ready(path, "shorter than its header");
+        }
         file.read_exact_at(&mut header, 0)
             .with_context(|| format!("reading the header of {}", path.display()))?;
-        let header = decode_segment_header(&header)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let header = match decode_segment_header(&header) {
+            Ok(h) => h,
+            Err(e) => return self.header_not_ready(path, e),
+        };
+        self.header_stuck_since = None;
         if first {
             if header.first_seq != 1 {
                 bail!(
@@ -200,7 +211,17 @@ impl JournalTail {
             size,
             offset: SEGMENT_HEADER_BYTES as u64,
         });
-        Ok(())
+        Ok(true)
+    }
+
+    /// A new segment's header is written right after the file is created; one that stays bad
+    /// for seconds is corruption.
+    fn header_not_ready(&mut self, path: &Path, reason: &str) -> anyhow::Result<bool> {
+        let since = *self.header_stuck_since.get_or_insert_with(Instant::now);
+        if since.elapsed() > Duration::from_secs(5) {
+            bail!("{}: {reason}", path.display());
+        }
+        Ok(false)
     }
 
     /// Reads what was appended since the last call, up to about `max_events` events.
@@ -211,7 +232,9 @@ impl JournalTail {
                 return Ok(());
             };
             let path = path.clone();
-            self.open_segment(&path, true)?;
+            if !self.open_segment(&path, true)? {
+                return Ok(());
+            }
         }
         let start_len = out.len();
         while out.len() - start_len < max_events {
@@ -343,8 +366,7 @@ impl JournalTail {
             }
         }
         let path = path.clone();
-        self.open_segment(&path, false)?;
-        Ok(true)
+        self.open_segment(&path, false)
     }
 }
 
@@ -501,5 +523,126 @@ impl HttpSource {
         self.next_seq += items.len() as u64;
         out.extend(items.into_iter().map(|(item, _)| item));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{AccountId, Command, CommandKind, Ledger, LedgerConfig, TransactionId};
+    use crate::journal::storage::MmapStorage;
+    use crate::journal::{JournalConfig, JournalEnd, JournalWriter, SyncMode};
+
+    #[test]
+    fn amounts_parse_to_minor_units_including_zero() {
+        let usd = Currency::new("USD").expect("usd");
+        let jpy = Currency::new("JPY").expect("jpy");
+        assert_eq!(parse_minor_units("0.00", usd).ok(), Some(0));
+        assert_eq!(parse_minor_units("12.3", usd).ok(), Some(1230));
+        assert_eq!(parse_minor_units("12", usd).ok(), Some(1200));
+        assert_eq!(parse_minor_units("7", jpy).ok(), Some(7));
+        for bad in ["", "1.234", "-1", "1e3", "1.x", ".5"] {
+            assert!(
+                parse_minor_units(bad, usd).is_err(),
+                "{bad:?} must be refused"
+            );
+        }
+        assert!(parse_minor_units("99999999999999999999", usd).is_err());
+    }
+
+    /// The tail reads each record exactly once while the writer appends and rolls segments.
+    #[test]
+    fn tail_follows_appends_across_segment_rolls() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let dir = journal_dir(data.path());
+        let config = JournalConfig {
+            dir: dir.clone(),
+            segment_size_bytes: 4096,
+            sync: SyncMode::None,
+        };
+        let end = JournalEnd {
+            segment: None,
+            next_seq: 1,
+            last_crc: 0,
+            torn_at: None,
+        };
+        let mut writer = JournalWriter::open(Box::new(MmapStorage), config, &end).expect("writer");
+        let mut ledger = Ledger::new(LedgerConfig::default());
+        let usd = Currency::new("USD").expect("usd");
+        let mut id = 0u128;
+        let mut run = |ledger: &mut Ledger, kind: CommandKind| {
+            id += 1;
+            ledger.execute(&Command {
+                transaction_id: TransactionId(id),
+                timestamp_ns: 1,
+                kind,
+            })
+        };
+        let names = ["a", "b", "c"];
+        let mut tail = JournalTail::new(&dir);
+        let mut items = Vec::new();
+        tail.fetch(100, &mut items).expect("empty journal");
+        assert!(items.is_empty());
+        for name in names {
+            let account = AccountId::new(name).expect("id");
+            writer
+                .append(&run(&mut ledger, CommandKind::OpenAccount { account }))
+                .expect("append");
+            let record = run(
+                &mut ledger,
+                CommandKind::Deposit {
+                    account,
+                    amount: 1_000_000,
+                    currency: usd,
+                },
+            );
+            writer.append(&record).expect("append");
+        }
+        writer.commit().expect("commit");
+        for round in 0..200u64 {
+            let from = AccountId::new(names[(round % 3) as usize]).expect("id");
+            let to = AccountId::new(names[((round + 1) % 3) as usize]).expect("id");
+            let record = run(
+                &mut ledger,
+                CommandKind::Transfer {
+                    from,
+                    to,
+                    amount: 1 + round,
+                    currency: usd,
+                },
+            );
+            writer.append(&record).expect("append");
+            writer.commit().expect("commit");
+            if round % 7 == 0 {
+                tail.fetch(25, &mut items).expect("fetch");
+            }
+        }
+        while tail.next_seq < ledger.next_seq() {
+            let before = items.len();
+            tail.fetch(1000, &mut items).expect("fetch");
+            assert!(
+                items.len() > before,
+                "the tail stopped at {}",
+                tail.next_seq
+            );
+        }
+        assert!(
+            list_segments(&dir).expect("segments").len() > 3,
+            "the test must roll segments"
+        );
+        let seqs: Vec<u64> = items.iter().map(Item::seq).collect();
+        assert_eq!(seqs, (1..ledger.next_seq()).collect::<Vec<_>>());
+        // The last balance of each account is the ledger's.
+        for (index, name) in names.iter().enumerate() {
+            let last = items.iter().rev().find_map(|item| match item {
+                Item::Balance {
+                    account: AccountRef::Index(i),
+                    balance,
+                    ..
+                } if *i as usize == index => Some(*balance),
+                _ => None,
+            });
+            assert_eq!(last, ledger.balance(index as u32, usd), "{name}");
+        }
     }
 }

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::core::codec::encode_snapshot;
 use crate::core::{AccountId, EventKind, Ledger, LedgerConfig, format_amount};
-use crate::engine::recovery::{apply_verified, recover};
+use crate::engine::recovery::{Lookahead, apply_verified, recover};
 use crate::journal::{journal_dir, scan, snapshot, snapshot_dir};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -103,7 +103,51 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
     } else {
         None
     };
-    let result = scan(&journal_dir(&args.data_dir), ledger.next_seq(), |record| {
+    let mut lookahead = Lookahead::default();
+    let mut process =
+        |ledger: &mut Ledger, record: &crate::core::CommandRecord| -> Result<(), String> {
+            if apply_verified(ledger, record)? {
+                checkpoints += 1;
+            }
+            records += 1;
+            events += u64::from(record.event_count);
+            if let Some(id) = &account {
+                if account_index.is_none() {
+                    account_index = ledger.account_index(id);
+                }
+                if let Some(index) = account_index {
+                    for event in record.events() {
+                        let touches = event.account == index
+                            && matches!(
+                                event.kind,
+                                EventKind::Deposited
+                                    | EventKind::Withdrawn
+                                    | EventKind::Debited
+                                    | EventKind::Credited
+                            );
+                        if touches {
+                            entries.push(Entry {
+                                seq: event.seq,
+                                transaction_id: record.transaction_id.to_uuid_string(),
+                                kind: event.kind.name(),
+                                currency: event.currency.to_string(),
+                                amount: format_amount(event.amount, event.currency),
+                                balance_after: format_amount(event.balance_after, event.currency),
+                                timestamp_ns: record.timestamp_ns,
+                            });
+                        }
+                    }
+                }
+            }
+            if let Some(bar) = &progress
+                && records.is_multiple_of(65536)
+            {
+                bar.set_message(format!("replaying: sequence {}", record.first_seq));
+                bar.tick();
+            }
+            Ok(())
+        };
+    let scanned = scan(&journal_dir(&args.data_dir), ledger.next_seq(), |record| {
         if stopped
             || args.to_seq.is_some_and(|s| record.first_seq > s)
             || to_time_ns.is_some_and(|t| record.timestamp_ns > t && record.transaction_id.0 != 0)
@@ -111,51 +155,14 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
             stopped = true;
             return Ok(());
         }
-        if apply_verified(&mut ledger, record)? {
-            checkpoints += 1;
-        }
-        records += 1;
-        events += u64::from(record.event_count);
-        if let Some(id) = &account {
-            if account_index.is_none() {
-                account_index = ledger.account_index(id);
-            }
-            if let Some(index) = account_index {
-                for event in record.events() {
-                    let touches = event.account == index
-                        && matches!(
-                            event.kind,
-                            EventKind::Deposited
-                                | EventKind::Withdrawn
-                                | EventKind::Debited
-                                | EventKind::Credited
-                        );
-                    if touches {
-                        entries.push(Entry {
-                            seq: event.seq,
-                            transaction_id: record.transaction_id.to_uuid_string(),
-                            kind: event.kind.name(),
-                            currency: event.currency.to_string(),
-                            amount: format_amount(event.amount, event.currency),
-                            balance_after: format_amount(event.balance_after, event.currency),
-                            timestamp_ns: record.timestamp_ns,
-                        });
-                    }
-                }
-            }
-        }
-        if let Some(bar) = &progress
-            && records.is_multiple_of(65536)
-        {
-            bar.set_message(format!("replaying: sequence {}", record.first_seq));
-            bar.tick();
-        }
-        Ok(())
+        lookahead.push(&mut ledger, record, &mut process)
     });
+    let finished = lookahead.finish(&mut ledger, &mut process);
+    let result = scanned.map_err(|e| e.to_string()).and(finished);
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
-    let mut error = result.err().map(|e| e.to_string());
+    let mut error = result.err();
     if error.is_none()
         && let Err(e) = ledger.check_invariants()
     {

@@ -377,7 +377,9 @@ impl State {
         records: &[CommandRecord],
         batch_end: u64,
     ) -> anyhow::Result<u64> {
+        let started = Instant::now();
         let (rows, transfers) = build_rows(records, directory, &self.watermarks)?;
+        let built = Instant::now();
         let id = coordinator.record.id.clone();
         let gids: Vec<String> = (0..self.shards.len())
             .map(|i| coordinator::gid(&id, batch_end, i))
@@ -425,10 +427,12 @@ impl State {
             .await?;
         }
         failpoint("sql-after-prepare-all");
+        let prepared = Instant::now();
 
         // The decision, durable before the first COMMIT PREPARED.
         coordinator.decide(batch_end, &gids).await?;
         failpoint("sql-after-decision");
+        let decided = Instant::now();
 
         // Phase two, each on the shard's own connection.
         let commits: Vec<String> = gids
@@ -453,6 +457,14 @@ impl State {
             }))
             .await?;
         }
+        tracing::debug!(
+            batch_end,
+            build_ms = (built - started).as_secs_f64() * 1e3,
+            prepare_ms = (prepared - built).as_secs_f64() * 1e3,
+            decide_ms = (decided - prepared).as_secs_f64() * 1e3,
+            commit_ms = decided.elapsed().as_secs_f64() * 1e3,
+            "round"
+        );
         self.watermarks = targets;
         Ok(transfers)
     }
@@ -608,7 +620,6 @@ async fn replicate(
                 report.elapsed = started.map_or(Duration::ZERO, |s| s.elapsed());
                 status_events += events;
                 pending.clear();
-                tracing::debug!(batch_end, events, took = ?round_started.elapsed(), "round committed");
                 if last_status.elapsed() > Duration::from_secs(5) {
                     tracing::info!(
                         applied_seq = batch_end,
