@@ -59,6 +59,8 @@ pub enum DecodeError {
     AccountId,
     #[error("reserved bytes are not zero")]
     Reserved,
+    #[error("sequence {0} is out of range")]
+    Sequence(u64),
     #[error("snapshot: {0}")]
     Snapshot(&'static str),
 }
@@ -127,6 +129,10 @@ pub fn decode_record(first_seq: u64, payload: &[u8]) -> Result<CommandRecord, De
     let event_count = payload[34];
     if event_count == 0 || event_count as usize > MAX_EVENTS_PER_COMMAND {
         return Err(DecodeError::EventCount(event_count));
+    }
+    // Sequence numbers of every event, and the one after the record, must exist.
+    if first_seq == 0 || first_seq.checked_add(u64::from(event_count)).is_none() {
+        return Err(DecodeError::Sequence(first_seq));
     }
     if payload[36..40] != [0; 4] {
         return Err(DecodeError::Reserved);
