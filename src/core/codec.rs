@@ -309,6 +309,9 @@ pub fn decode_snapshot(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, Dec
     let account_count = r.u64()?;
     let remembered_count = r.u64()?;
     let totals_count = r.u64()?;
+    if next_seq == 0 || next_seq > u64::MAX >> 8 {
+        return Err(DecodeError::Snapshot("next sequence out of range"));
+    }
     if account_count > u64::from(u32::MAX)
         || remembered_count > u64::from(u32::MAX)
         || totals_count > 4096
