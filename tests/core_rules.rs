@@ -6,8 +6,8 @@ use std::collections::HashSet;
 use wallet::core::codec::{SNAPSHOT_HEADER_BYTES, encode_snapshot};
 use wallet::core::types::{AccountIdError, AmountError, CurrencyError, DEFAULT_MAX_AMOUNT};
 use wallet::core::{
-    AccountId, Command, CommandKind, CommandRecord, Currency, EventKind, Ledger, LedgerConfig, MinorUnits, RejectCode,
-    TransactionId, parse_amount,
+    AccountId, Command, CommandKind, CommandRecord, Currency, EventKind, Ledger, LedgerConfig,
+    MinorUnits, RejectCode, TransactionId, parse_amount,
 };
 
 fn usd() -> Currency {
@@ -43,14 +43,29 @@ fn amount_parsing_table() {
         (".5", "USD", DEFAULT_MAX_AMOUNT, Err(Malformed)),
         (".", "USD", DEFAULT_MAX_AMOUNT, Err(Malformed)),
         ("1.2.3", "USD", DEFAULT_MAX_AMOUNT, Err(Malformed)),
-        ("1.234", "USD", DEFAULT_MAX_AMOUNT, Err(TooManyFractionDigits)),
+        (
+            "1.234",
+            "USD",
+            DEFAULT_MAX_AMOUNT,
+            Err(TooManyFractionDigits),
+        ),
         ("1.5", "JPY", DEFAULT_MAX_AMOUNT, Err(TooManyFractionDigits)),
         ("12", "JPY", DEFAULT_MAX_AMOUNT, Ok(12)),
         ("1.234", "BHD", DEFAULT_MAX_AMOUNT, Ok(1234)),
         ("1.2", "BHD", DEFAULT_MAX_AMOUNT, Ok(1200)),
         // The maximum itself is allowed, one minor unit more is not.
-        ("10000000000000", "USD", DEFAULT_MAX_AMOUNT, Ok(DEFAULT_MAX_AMOUNT)),
-        ("10000000000000.01", "USD", DEFAULT_MAX_AMOUNT, Err(AboveMaximum)),
+        (
+            "10000000000000",
+            "USD",
+            DEFAULT_MAX_AMOUNT,
+            Ok(DEFAULT_MAX_AMOUNT),
+        ),
+        (
+            "10000000000000.01",
+            "USD",
+            DEFAULT_MAX_AMOUNT,
+            Err(AboveMaximum),
+        ),
         ("5.01", "USD", 500, Err(AboveMaximum)),
         ("5", "USD", 500, Ok(500)),
         (forty_digits, "USD", DEFAULT_MAX_AMOUNT, Err(AboveMaximum)),
@@ -72,7 +87,9 @@ fn amount_parsing_table() {
         let currency = Currency::new(code).unwrap();
         let got = parse_amount(text, currency, *max);
         if got != *expected {
-            failures.push(format!("parse_amount({text:?}, {code}, {max}) = {got:?}, expected {expected:?}"));
+            failures.push(format!(
+                "parse_amount({text:?}, {code}, {max}) = {got:?}, expected {expected:?}"
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -101,11 +118,15 @@ fn currency_table() {
         let got = Currency::new(code);
         let got_exponent = got.map(|c| c.exponent());
         if got_exponent != *expected {
-            failures.push(format!("Currency::new({code:?}) exponent = {got_exponent:?}, expected {expected:?}"));
+            failures.push(format!(
+                "Currency::new({code:?}) exponent = {got_exponent:?}, expected {expected:?}"
+            ));
         }
         if let Ok(currency) = got {
             // The packed form round-trips and names the same code.
-            if Currency::from_packed(currency.packed()) != Some(currency) || currency.to_string() != *code {
+            if Currency::from_packed(currency.packed()) != Some(currency)
+                || currency.to_string() != *code
+            {
                 failures.push(format!("{code}: packed form does not round-trip"));
             }
         }
@@ -141,7 +162,9 @@ fn account_id_table() {
         match (&got, expected) {
             (Ok(id), Ok(())) if id.as_str() == *text && id.as_bytes() == text.as_bytes() => {}
             (Err(e), Err(want)) if e == want => {}
-            _ => failures.push(format!("AccountId::new({text:?}) = {got:?}, expected {expected:?}")),
+            _ => failures.push(format!(
+                "AccountId::new({text:?}) = {got:?}, expected {expected:?}"
+            )),
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -158,27 +181,44 @@ struct Harness {
 
 impl Harness {
     fn new(config: LedgerConfig) -> Harness {
-        Harness { ledger: Ledger::new(config), next_id: 1 }
+        Harness {
+            ledger: Ledger::new(config),
+            next_id: 1,
+        }
     }
 
     fn run(&mut self, kind: CommandKind) -> CommandRecord {
         let id = TransactionId(self.next_id);
         self.next_id += 1;
-        self.ledger.execute(&Command { transaction_id: id, timestamp_ns: 1_000 + self.next_id as u64, kind })
+        self.ledger.execute(&Command {
+            transaction_id: id,
+            timestamp_ns: 1_000 + self.next_id as u64,
+            kind,
+        })
     }
 
     fn ok(&mut self, kind: CommandKind) -> CommandRecord {
         let record = self.run(kind);
-        assert!(record.is_committed(), "setup command {kind:?} was rejected: {:?}", record.rejection);
+        assert!(
+            record.is_committed(),
+            "setup command {kind:?} was rejected: {:?}",
+            record.rejection
+        );
         record
     }
 
     fn open(&mut self, name: &str) {
-        self.ok(CommandKind::OpenAccount { account: account(name) });
+        self.ok(CommandKind::OpenAccount {
+            account: account(name),
+        });
     }
 
     fn deposit(&mut self, name: &str, amount: MinorUnits) {
-        self.ok(CommandKind::Deposit { account: account(name), amount, currency: usd() });
+        self.ok(CommandKind::Deposit {
+            account: account(name),
+            amount,
+            currency: usd(),
+        });
     }
 }
 
@@ -205,25 +245,45 @@ fn assert_rejected(ledger: &mut Ledger, command: Command, code: RejectCode, reme
     assert_eq!(record.transaction_id, command.transaction_id);
     assert_eq!(record.fingerprint, command.fingerprint());
     assert_eq!(ledger.next_seq(), seq + 1);
-    assert_ne!(ledger.state_hash(), hash, "the sequence moved, so the hash must too");
+    assert_ne!(
+        ledger.state_hash(),
+        hash,
+        "the sequence moved, so the hash must too"
+    );
     ledger.check_invariants().unwrap();
 
     let after = encode_snapshot(ledger);
     // Header: next_seq at 16, account_count at 40, remembered_count at 48, totals_count at 56.
-    let header_u64 = |bytes: &[u8], at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+    let header_u64 =
+        |bytes: &[u8], at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
     assert_eq!(header_u64(&after, 16), seq + 1);
-    assert_eq!(header_u64(&after, 40), header_u64(&before, 40), "account count changed");
-    assert_eq!(header_u64(&after, 56), header_u64(&before, 56), "currency count changed");
+    assert_eq!(
+        header_u64(&after, 40),
+        header_u64(&before, 40),
+        "account count changed"
+    );
+    assert_eq!(
+        header_u64(&after, 56),
+        header_u64(&before, 56),
+        "currency count changed"
+    );
     let body_before = &before[SNAPSHOT_HEADER_BYTES..before.len() - 4];
     let body_after = &after[SNAPSHOT_HEADER_BYTES..after.len() - 4];
     if remembers_id {
         assert_eq!(ledger.transaction_id_count(), ids_before + 1);
-        assert_eq!(ledger.outcome_of(command.transaction_id), Some((seq, Some(code))));
+        assert_eq!(
+            ledger.outcome_of(command.transaction_id),
+            Some((seq, Some(code)))
+        );
         let mut expected = body_before.to_vec();
         expected.extend_from_slice(&command.transaction_id.0.to_le_bytes());
         expected.extend_from_slice(&command.fingerprint().to_le_bytes());
         expected.extend_from_slice(&((seq << 8) | code as u64).to_le_bytes());
-        assert_eq!(body_after, &expected[..], "balances, totals or older ids changed");
+        assert_eq!(
+            body_after,
+            &expected[..],
+            "balances, totals or older ids changed"
+        );
     } else {
         // A reused id keeps its original outcome; nothing new is remembered.
         assert_eq!(ledger.transaction_id_count(), ids_before);
@@ -233,7 +293,11 @@ fn assert_rejected(ledger: &mut Ledger, command: Command, code: RejectCode, reme
 }
 
 fn command(id: u128, kind: CommandKind) -> Command {
-    Command { transaction_id: TransactionId(id), timestamp_ns: 77, kind }
+    Command {
+        transaction_id: TransactionId(id),
+        timestamp_ns: 77,
+        kind,
+    }
 }
 
 fn setup_alice_bob(config: LedgerConfig) -> Harness {
@@ -249,29 +313,69 @@ fn rejects_account_not_found() {
     let mut h = setup_alice_bob(LedgerConfig::default());
     let (alice, ghost) = (account("alice"), account("ghost"));
     let cases = [
-        CommandKind::Deposit { account: ghost, amount: 5, currency: usd() },
-        CommandKind::Withdraw { account: ghost, amount: 5, currency: usd() },
-        CommandKind::Transfer { from: ghost, to: alice, amount: 5, currency: usd() },
-        CommandKind::Transfer { from: alice, to: ghost, amount: 5, currency: usd() },
+        CommandKind::Deposit {
+            account: ghost,
+            amount: 5,
+            currency: usd(),
+        },
+        CommandKind::Withdraw {
+            account: ghost,
+            amount: 5,
+            currency: usd(),
+        },
+        CommandKind::Transfer {
+            from: ghost,
+            to: alice,
+            amount: 5,
+            currency: usd(),
+        },
+        CommandKind::Transfer {
+            from: alice,
+            to: ghost,
+            amount: 5,
+            currency: usd(),
+        },
     ];
     for (i, kind) in cases.into_iter().enumerate() {
-        assert_rejected(&mut h.ledger, command(900 + i as u128, kind), RejectCode::AccountNotFound, true);
+        assert_rejected(
+            &mut h.ledger,
+            command(900 + i as u128, kind),
+            RejectCode::AccountNotFound,
+            true,
+        );
     }
 }
 
 #[test]
 fn rejects_account_already_exists() {
     let mut h = setup_alice_bob(LedgerConfig::default());
-    let kind = CommandKind::OpenAccount { account: account("alice") };
-    assert_rejected(&mut h.ledger, command(900, kind), RejectCode::AccountAlreadyExists, true);
+    let kind = CommandKind::OpenAccount {
+        account: account("alice"),
+    };
+    assert_rejected(
+        &mut h.ledger,
+        command(900, kind),
+        RejectCode::AccountAlreadyExists,
+        true,
+    );
 }
 
 #[test]
 fn rejects_same_account() {
     let mut h = setup_alice_bob(LedgerConfig::default());
     let alice = account("alice");
-    let kind = CommandKind::Transfer { from: alice, to: alice, amount: 5, currency: usd() };
-    assert_rejected(&mut h.ledger, command(900, kind), RejectCode::SameAccount, true);
+    let kind = CommandKind::Transfer {
+        from: alice,
+        to: alice,
+        amount: 5,
+        currency: usd(),
+    };
+    assert_rejected(
+        &mut h.ledger,
+        command(900, kind),
+        RejectCode::SameAccount,
+        true,
+    );
 }
 
 #[test]
@@ -280,34 +384,86 @@ fn rejects_insufficient_funds() {
     let (alice, bob) = (account("alice"), account("bob"));
     let eur = Currency::new("EUR").unwrap();
     let cases = [
-        CommandKind::Withdraw { account: alice, amount: 1_001, currency: usd() },
-        CommandKind::Transfer { from: alice, to: bob, amount: 1_001, currency: usd() },
+        CommandKind::Withdraw {
+            account: alice,
+            amount: 1_001,
+            currency: usd(),
+        },
+        CommandKind::Transfer {
+            from: alice,
+            to: bob,
+            amount: 1_001,
+            currency: usd(),
+        },
         // Bob has no balance at all, alice none in EUR.
-        CommandKind::Withdraw { account: bob, amount: 1, currency: usd() },
-        CommandKind::Transfer { from: alice, to: bob, amount: 1, currency: eur },
+        CommandKind::Withdraw {
+            account: bob,
+            amount: 1,
+            currency: usd(),
+        },
+        CommandKind::Transfer {
+            from: alice,
+            to: bob,
+            amount: 1,
+            currency: eur,
+        },
     ];
     for (i, kind) in cases.into_iter().enumerate() {
-        assert_rejected(&mut h.ledger, command(900 + i as u128, kind), RejectCode::InsufficientFunds, true);
+        assert_rejected(
+            &mut h.ledger,
+            command(900 + i as u128, kind),
+            RejectCode::InsufficientFunds,
+            true,
+        );
     }
     // The exact balance can be withdrawn.
-    h.ok(CommandKind::Withdraw { account: alice, amount: 1_000, currency: usd() });
+    h.ok(CommandKind::Withdraw {
+        account: alice,
+        amount: 1_000,
+        currency: usd(),
+    });
 }
 
 #[test]
 fn rejects_invalid_amount() {
-    let config = LedgerConfig { max_amount: 10_000, ..LedgerConfig::default() };
+    let config = LedgerConfig {
+        max_amount: 10_000,
+        ..LedgerConfig::default()
+    };
     let mut h = setup_alice_bob(config);
     let (alice, bob) = (account("alice"), account("bob"));
     let mut id = 900;
     for amount in [0, 10_001, u64::MAX] {
         for kind in [
-            CommandKind::Deposit { account: alice, amount, currency: usd() },
-            CommandKind::Withdraw { account: alice, amount, currency: usd() },
-            CommandKind::Transfer { from: alice, to: bob, amount, currency: usd() },
+            CommandKind::Deposit {
+                account: alice,
+                amount,
+                currency: usd(),
+            },
+            CommandKind::Withdraw {
+                account: alice,
+                amount,
+                currency: usd(),
+            },
+            CommandKind::Transfer {
+                from: alice,
+                to: bob,
+                amount,
+                currency: usd(),
+            },
             // The amount is checked before the account.
-            CommandKind::Deposit { account: account("ghost"), amount, currency: usd() },
+            CommandKind::Deposit {
+                account: account("ghost"),
+                amount,
+                currency: usd(),
+            },
         ] {
-            assert_rejected(&mut h.ledger, command(id, kind), RejectCode::InvalidAmount, true);
+            assert_rejected(
+                &mut h.ledger,
+                command(id, kind),
+                RejectCode::InvalidAmount,
+                true,
+            );
             id += 1;
         }
     }
@@ -319,27 +475,59 @@ fn rejects_unsupported_currency() {
     let mut h = setup_alice_bob(LedgerConfig::default());
     let (alice, bob) = (account("alice"), account("bob"));
     let cases = [
-        CommandKind::Deposit { account: alice, amount: 5, currency: Currency::NONE },
-        CommandKind::Withdraw { account: alice, amount: 5, currency: Currency::NONE },
-        CommandKind::Transfer { from: alice, to: bob, amount: 5, currency: Currency::NONE },
+        CommandKind::Deposit {
+            account: alice,
+            amount: 5,
+            currency: Currency::NONE,
+        },
+        CommandKind::Withdraw {
+            account: alice,
+            amount: 5,
+            currency: Currency::NONE,
+        },
+        CommandKind::Transfer {
+            from: alice,
+            to: bob,
+            amount: 5,
+            currency: Currency::NONE,
+        },
         // Currency::default() packs to "AAA", which is not ISO 4217.
-        CommandKind::Deposit { account: alice, amount: 5, currency: Currency::default() },
+        CommandKind::Deposit {
+            account: alice,
+            amount: 5,
+            currency: Currency::default(),
+        },
     ];
     for (i, kind) in cases.into_iter().enumerate() {
-        assert_rejected(&mut h.ledger, command(900 + i as u128, kind), RejectCode::UnsupportedCurrency, true);
+        assert_rejected(
+            &mut h.ledger,
+            command(900 + i as u128, kind),
+            RejectCode::UnsupportedCurrency,
+            true,
+        );
     }
 }
 
 #[test]
 fn rejects_invalid_account_id() {
     let mut h = setup_alice_bob(LedgerConfig::default());
-    let kind = CommandKind::OpenAccount { account: AccountId::EMPTY };
-    assert_rejected(&mut h.ledger, command(900, kind), RejectCode::InvalidAccountId, true);
+    let kind = CommandKind::OpenAccount {
+        account: AccountId::EMPTY,
+    };
+    assert_rejected(
+        &mut h.ledger,
+        command(900, kind),
+        RejectCode::InvalidAccountId,
+        true,
+    );
 }
 
 #[test]
 fn rejects_amount_overflow() {
-    let config = LedgerConfig { max_amount: u64::MAX, ..LedgerConfig::default() };
+    let config = LedgerConfig {
+        max_amount: u64::MAX,
+        ..LedgerConfig::default()
+    };
     let mut h = Harness::new(config);
     h.open("alice");
     h.open("bob");
@@ -347,19 +535,41 @@ fn rejects_amount_overflow() {
     h.deposit("bob", 10);
     let cases = [
         // The currency total would pass u64::MAX, on another account...
-        CommandKind::Deposit { account: account("bob"), amount: 1, currency: usd() },
+        CommandKind::Deposit {
+            account: account("bob"),
+            amount: 1,
+            currency: usd(),
+        },
         // ... and on the same one.
-        CommandKind::Deposit { account: account("alice"), amount: u64::MAX, currency: usd() },
+        CommandKind::Deposit {
+            account: account("alice"),
+            amount: u64::MAX,
+            currency: usd(),
+        },
     ];
     for (i, kind) in cases.into_iter().enumerate() {
-        assert_rejected(&mut h.ledger, command(900 + i as u128, kind), RejectCode::AmountOverflow, true);
+        assert_rejected(
+            &mut h.ledger,
+            command(900 + i as u128, kind),
+            RejectCode::AmountOverflow,
+            true,
+        );
     }
     // Moving the whole lot around is fine: the total does not change.
-    h.ok(CommandKind::Transfer { from: account("alice"), to: account("bob"), amount: u64::MAX - 10, currency: usd() });
+    h.ok(CommandKind::Transfer {
+        from: account("alice"),
+        to: account("bob"),
+        amount: u64::MAX - 10,
+        currency: usd(),
+    });
     let bob = h.ledger.account_index(&account("bob")).unwrap();
     assert_eq!(h.ledger.balance(bob, usd()), Some(u64::MAX));
     // Another currency has its own total.
-    h.ok(CommandKind::Deposit { account: account("bob"), amount: u64::MAX, currency: Currency::new("EUR").unwrap() });
+    h.ok(CommandKind::Deposit {
+        account: account("bob"),
+        amount: u64::MAX,
+        currency: Currency::new("EUR").unwrap(),
+    });
     h.ledger.check_invariants().unwrap();
 }
 
@@ -370,24 +580,53 @@ fn rejects_transaction_id_reused() {
     // Id 3 was the deposit of 1000 to alice; the same id with any other body is a reuse.
     let original = h.ledger.outcome_of(TransactionId(3)).unwrap();
     let cases = [
-        CommandKind::Deposit { account: alice, amount: 1_001, currency: usd() },
-        CommandKind::Withdraw { account: alice, amount: 1_000, currency: usd() },
-        CommandKind::OpenAccount { account: account("carol") },
+        CommandKind::Deposit {
+            account: alice,
+            amount: 1_001,
+            currency: usd(),
+        },
+        CommandKind::Withdraw {
+            account: alice,
+            amount: 1_000,
+            currency: usd(),
+        },
+        CommandKind::OpenAccount {
+            account: account("carol"),
+        },
     ];
     for kind in cases {
-        assert_rejected(&mut h.ledger, command(3, kind), RejectCode::TransactionIdReused, false);
+        assert_rejected(
+            &mut h.ledger,
+            command(3, kind),
+            RejectCode::TransactionIdReused,
+            false,
+        );
     }
     assert_eq!(h.ledger.outcome_of(TransactionId(3)), Some(original));
     // A rejected command's id is remembered too: reusing it is also refused.
     assert_rejected(
         &mut h.ledger,
-        command(500, CommandKind::Withdraw { account: alice, amount: 5_000, currency: usd() }),
+        command(
+            500,
+            CommandKind::Withdraw {
+                account: alice,
+                amount: 5_000,
+                currency: usd(),
+            },
+        ),
         RejectCode::InsufficientFunds,
         true,
     );
     assert_rejected(
         &mut h.ledger,
-        command(500, CommandKind::Withdraw { account: alice, amount: 5, currency: usd() }),
+        command(
+            500,
+            CommandKind::Withdraw {
+                account: alice,
+                amount: 5,
+                currency: usd(),
+            },
+        ),
         RejectCode::TransactionIdReused,
         false,
     );
@@ -395,18 +634,32 @@ fn rejects_transaction_id_reused() {
 
 #[test]
 fn rejects_too_many_accounts() {
-    let config = LedgerConfig { max_accounts: 1, ..LedgerConfig::default() };
+    let config = LedgerConfig {
+        max_accounts: 1,
+        ..LedgerConfig::default()
+    };
     let mut h = Harness::new(config);
     h.open("alice");
-    let kind = CommandKind::OpenAccount { account: account("bob") };
-    assert_rejected(&mut h.ledger, command(900, kind), RejectCode::TooManyAccounts, true);
+    let kind = CommandKind::OpenAccount {
+        account: account("bob"),
+    };
+    assert_rejected(
+        &mut h.ledger,
+        command(900, kind),
+        RejectCode::TooManyAccounts,
+        true,
+    );
     assert_eq!(h.ledger.account_count(), 1);
 }
 
 #[test]
 fn every_rejection_code_is_covered_above() {
     // Guards the list of tests above: a new code must get its own test.
-    assert_eq!(RejectCode::ALL.len(), 10, "a rejection code was added: write a rejects_* test for it");
+    assert_eq!(
+        RejectCode::ALL.len(),
+        10,
+        "a rejection code was added: write a rejects_* test for it"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -418,9 +671,20 @@ fn retry_with_same_id_and_body_is_replayed_and_changes_nothing() {
     let mut h = setup_alice_bob(LedgerConfig::default());
     let (alice, bob) = (account("alice"), account("bob"));
     let cases = [
-        CommandKind::Transfer { from: alice, to: bob, amount: 300, currency: usd() },
-        CommandKind::Withdraw { account: alice, amount: 1_000_000, currency: usd() },
-        CommandKind::OpenAccount { account: account("carol") },
+        CommandKind::Transfer {
+            from: alice,
+            to: bob,
+            amount: 300,
+            currency: usd(),
+        },
+        CommandKind::Withdraw {
+            account: alice,
+            amount: 1_000_000,
+            currency: usd(),
+        },
+        CommandKind::OpenAccount {
+            account: account("carol"),
+        },
         CommandKind::OpenAccount { account: alice },
     ];
     for (i, kind) in cases.into_iter().enumerate() {
@@ -430,7 +694,11 @@ fn retry_with_same_id_and_body_is_replayed_and_changes_nothing() {
         let seq = h.ledger.next_seq();
         for attempt in 0..3u64 {
             // A retry may carry a different timestamp: it is not part of the body.
-            let retry = Command { transaction_id: TransactionId(700 + i as u128), timestamp_ns: 5_000 + attempt, kind };
+            let retry = Command {
+                transaction_id: TransactionId(700 + i as u128),
+                timestamp_ns: 5_000 + attempt,
+                kind,
+            };
             let again = h.ledger.execute(&retry);
             assert!(again.replayed, "{kind:?}");
             assert_eq!(again.first_seq, original.first_seq);
@@ -441,31 +709,64 @@ fn retry_with_same_id_and_body_is_replayed_and_changes_nothing() {
         }
     }
     let bob_index = h.ledger.account_index(&bob).unwrap();
-    assert_eq!(h.ledger.balance(bob_index, usd()), Some(300), "the transfer ran once");
+    assert_eq!(
+        h.ledger.balance(bob_index, usd()),
+        Some(300),
+        "the transfer ran once"
+    );
 }
 
 #[test]
 fn transfer_emits_debit_then_credit() {
     let mut h = setup_alice_bob(LedgerConfig::default());
     let (alice, bob) = (account("alice"), account("bob"));
-    let (ai, bi) = (h.ledger.account_index(&alice).unwrap(), h.ledger.account_index(&bob).unwrap());
+    let (ai, bi) = (
+        h.ledger.account_index(&alice).unwrap(),
+        h.ledger.account_index(&bob).unwrap(),
+    );
     let mut expected_alice = 1_000;
     let mut expected_bob = 0;
     for amount in [1, 250, 749] {
         let seq = h.ledger.next_seq();
-        let record = h.ok(CommandKind::Transfer { from: alice, to: bob, amount, currency: usd() });
+        let record = h.ok(CommandKind::Transfer {
+            from: alice,
+            to: bob,
+            amount,
+            currency: usd(),
+        });
         expected_alice -= amount;
         expected_bob += amount;
         assert_eq!(record.first_seq, seq);
         assert_eq!(record.event_count, 2);
         let [debit, credit] = [record.events()[0], record.events()[1]];
         assert_eq!(
-            (debit.kind, debit.seq, debit.account, debit.amount, debit.balance_after, debit.currency),
+            (
+                debit.kind,
+                debit.seq,
+                debit.account,
+                debit.amount,
+                debit.balance_after,
+                debit.currency
+            ),
             (EventKind::Debited, seq, ai, amount, expected_alice, usd())
         );
         assert_eq!(
-            (credit.kind, credit.seq, credit.account, credit.amount, credit.balance_after, credit.currency),
-            (EventKind::Credited, seq + 1, bi, amount, expected_bob, usd())
+            (
+                credit.kind,
+                credit.seq,
+                credit.account,
+                credit.amount,
+                credit.balance_after,
+                credit.currency
+            ),
+            (
+                EventKind::Credited,
+                seq + 1,
+                bi,
+                amount,
+                expected_bob,
+                usd()
+            )
         );
         assert_eq!(h.ledger.next_seq(), seq + 2);
         assert_eq!(record.next_seq(), seq + 2);
@@ -474,7 +775,14 @@ fn transfer_emits_debit_then_credit() {
     assert_eq!(h.ledger.balance(bi, usd()), Some(1_000));
     let totals = h.ledger.totals();
     assert_eq!(totals.len(), 1);
-    assert_eq!((totals[0].1.deposited, totals[0].1.withdrawn, totals[0].1.outstanding), (1_000, 0, 1_000));
+    assert_eq!(
+        (
+            totals[0].1.deposited,
+            totals[0].1.withdrawn,
+            totals[0].1.outstanding
+        ),
+        (1_000, 0, 1_000)
+    );
 }
 
 #[test]
@@ -482,12 +790,25 @@ fn reject_codes_are_unique_snake_case_and_round_trip() {
     let mut seen = HashSet::new();
     for code in RejectCode::ALL {
         let name = code.code();
-        assert!(!name.is_empty() && !name.starts_with('_') && !name.ends_with('_') && !name.contains("__"), "{name}");
-        assert!(name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{name} is not snake_case");
+        assert!(
+            !name.is_empty()
+                && !name.starts_with('_')
+                && !name.ends_with('_')
+                && !name.contains("__"),
+            "{name}"
+        );
+        assert!(
+            name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+            "{name} is not snake_case"
+        );
         assert!(seen.insert(name), "duplicate code {name}");
         assert!(!code.message().is_empty());
         assert_eq!(RejectCode::from_u8(code as u8), Some(code));
     }
-    assert_eq!(RejectCode::from_u8(0), None, "0 means committed in the journal");
+    assert_eq!(
+        RejectCode::from_u8(0),
+        None,
+        "0 means committed in the journal"
+    );
     assert_eq!(RejectCode::from_u8(11), None);
 }

@@ -8,11 +8,13 @@ use std::sync::{Barrier, mpsc};
 use std::time::{Duration, Instant};
 
 use wallet::core::{
-    AccountId, Command, CommandKind, CommandRecord, Currency, Ledger, LedgerConfig, MinorUnits, RejectCode,
-    TransactionId,
+    AccountId, Command, CommandKind, CommandRecord, Currency, Ledger, LedgerConfig, MinorUnits,
+    RejectCode, TransactionId,
 };
 use wallet::engine::recovery::recover;
-use wallet::engine::{Engine, EngineConfig, JournalStage, NO_TOKEN, OutputSlot, ReplySink, Submitter, WaitMode};
+use wallet::engine::{
+    Engine, EngineConfig, JournalStage, NO_TOKEN, OutputSlot, ReplySink, Submitter, WaitMode,
+};
 use wallet::journal::storage::MmapStorage;
 use wallet::journal::{JournalConfig, JournalEnd, JournalWriter, SyncMode, journal_dir};
 
@@ -39,6 +41,8 @@ fn config(input_ring_size: usize, output_ring_size: usize, checkpoint_every: u64
         checkpoint_every,
         snapshot_every: 0,
         snapshot_dir: None,
+        // Anything added later keeps its default (waits default to `wait`).
+        ..EngineConfig::default()
     }
 }
 
@@ -51,14 +55,21 @@ fn account(name: &str) -> AccountId {
 }
 
 fn command(id: u128, kind: CommandKind) -> Command {
-    Command { transaction_id: TransactionId(id), timestamp_ns: 1_700_000_000_000_000_000 + id as u64, kind }
+    Command {
+        transaction_id: TransactionId(id),
+        timestamp_ns: 1_700_000_000_000_000_000 + id as u64,
+        kind,
+    }
 }
 
 /// Submits, retrying while the input ring is full; fails the test after `WAIT`.
 fn submit(submitter: &mut Submitter, command: Command, token: u64) {
     let deadline = Instant::now() + WAIT;
     while submitter.try_submit(command, token, 0).is_err() {
-        assert!(Instant::now() < deadline, "the input ring stayed full for {WAIT:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the input ring stayed full for {WAIT:?}"
+        );
         std::thread::sleep(Duration::from_micros(100));
     }
 }
@@ -72,13 +83,19 @@ struct Replies {
 
 impl Replies {
     fn new(receiver: mpsc::Receiver<Delivery>) -> Replies {
-        Replies { receiver, checkpoints: 0 }
+        Replies {
+            receiver,
+            checkpoints: 0,
+        }
     }
 
     /// The next delivery for a caller; checkpoints are counted and skipped.
     fn next(&mut self) -> Delivery {
         loop {
-            let delivery = self.receiver.recv_timeout(WAIT).expect("an outcome within the timeout");
+            let delivery = self
+                .receiver
+                .recv_timeout(WAIT)
+                .expect("an outcome within the timeout");
             if delivery.0 != NO_TOKEN {
                 return delivery;
             }
@@ -97,8 +114,17 @@ impl Replies {
 }
 
 fn journal_writer(data: &Path) -> JournalWriter {
-    let end = JournalEnd { segment: None, next_seq: 1, last_crc: 0, torn_at: None };
-    let config = JournalConfig { dir: journal_dir(data), segment_size_bytes: 1 << 20, sync: SyncMode::Batch };
+    let end = JournalEnd {
+        segment: None,
+        next_seq: 1,
+        last_crc: 0,
+        torn_at: None,
+    };
+    let config = JournalConfig {
+        dir: journal_dir(data),
+        segment_size_bytes: 1 << 20,
+        sync: SyncMode::Batch,
+    };
     JournalWriter::open(Box::new(MmapStorage), config, &end).unwrap()
 }
 
@@ -112,30 +138,98 @@ enum Expect {
 
 fn scenario() -> Vec<(Command, Expect)> {
     let (alice, bob, carol) = (account("alice"), account("bob"), account("carol"));
-    let transfer = CommandKind::Transfer { from: alice, to: bob, amount: 300, currency: usd() };
+    let transfer = CommandKind::Transfer {
+        from: alice,
+        to: bob,
+        amount: 300,
+        currency: usd(),
+    };
     vec![
-        (command(1, CommandKind::OpenAccount { account: alice }), Expect::Committed),
-        (command(2, CommandKind::OpenAccount { account: bob }), Expect::Committed),
-        (command(3, CommandKind::OpenAccount { account: carol }), Expect::Committed),
-        (command(4, CommandKind::Deposit { account: alice, amount: 1_000, currency: usd() }), Expect::Committed),
-        (command(5, transfer), Expect::Committed),
-        (command(6, CommandKind::Withdraw { account: bob, amount: 100, currency: usd() }), Expect::Committed),
         (
-            command(7, CommandKind::Transfer { from: bob, to: carol, amount: 500, currency: usd() }),
+            command(1, CommandKind::OpenAccount { account: alice }),
+            Expect::Committed,
+        ),
+        (
+            command(2, CommandKind::OpenAccount { account: bob }),
+            Expect::Committed,
+        ),
+        (
+            command(3, CommandKind::OpenAccount { account: carol }),
+            Expect::Committed,
+        ),
+        (
+            command(
+                4,
+                CommandKind::Deposit {
+                    account: alice,
+                    amount: 1_000,
+                    currency: usd(),
+                },
+            ),
+            Expect::Committed,
+        ),
+        (command(5, transfer), Expect::Committed),
+        (
+            command(
+                6,
+                CommandKind::Withdraw {
+                    account: bob,
+                    amount: 100,
+                    currency: usd(),
+                },
+            ),
+            Expect::Committed,
+        ),
+        (
+            command(
+                7,
+                CommandKind::Transfer {
+                    from: bob,
+                    to: carol,
+                    amount: 500,
+                    currency: usd(),
+                },
+            ),
             Expect::Rejected(RejectCode::InsufficientFunds),
         ),
         (
-            command(8, CommandKind::Deposit { account: account("ghost"), amount: 1, currency: usd() }),
+            command(
+                8,
+                CommandKind::Deposit {
+                    account: account("ghost"),
+                    amount: 1,
+                    currency: usd(),
+                },
+            ),
             Expect::Rejected(RejectCode::AccountNotFound),
         ),
-        (command(9, CommandKind::OpenAccount { account: bob }), Expect::Rejected(RejectCode::AccountAlreadyExists)),
+        (
+            command(9, CommandKind::OpenAccount { account: bob }),
+            Expect::Rejected(RejectCode::AccountAlreadyExists),
+        ),
         (command(5, transfer), Expect::Replayed(5)),
         (
-            command(5, CommandKind::Transfer { from: alice, to: bob, amount: 301, currency: usd() }),
+            command(
+                5,
+                CommandKind::Transfer {
+                    from: alice,
+                    to: bob,
+                    amount: 301,
+                    currency: usd(),
+                },
+            ),
             Expect::Rejected(RejectCode::TransactionIdReused),
         ),
         (
-            command(10, CommandKind::Transfer { from: bob, to: carol, amount: 200, currency: usd() }),
+            command(
+                10,
+                CommandKind::Transfer {
+                    from: bob,
+                    to: carol,
+                    amount: 200,
+                    currency: usd(),
+                },
+            ),
             Expect::Committed,
         ),
     ]
@@ -144,7 +238,12 @@ fn scenario() -> Vec<(Command, Expect)> {
 /// Runs the scenario through an engine and checks every outcome; returns the final ledger.
 fn run_scenario(stage: JournalStage, checkpoint_every: u64) -> Ledger {
     let (sender, receiver) = mpsc::channel();
-    let engine = Engine::start(Ledger::new(LedgerConfig::default()), config(64, 64, checkpoint_every), stage, ChannelSink(sender));
+    let engine = Engine::start(
+        Ledger::new(LedgerConfig::default()),
+        config(64, 64, checkpoint_every),
+        stage,
+        ChannelSink(sender),
+    );
     let mut replies = Replies::new(receiver);
     let mut submitter = engine.submitter();
     let steps = scenario();
@@ -163,11 +262,17 @@ fn run_scenario(stage: JournalStage, checkpoint_every: u64) -> Ledger {
                     Expect::Rejected(code) => Some(*code),
                     _ => None,
                 };
-                assert_eq!((record.replayed, record.rejection), (false, want), "step {token}");
+                assert_eq!(
+                    (record.replayed, record.rejection),
+                    (false, want),
+                    "step {token}"
+                );
                 // Checkpoints between commands take sequence numbers too.
                 assert!(record.first_seq >= expected_seq, "step {token}");
                 expected_seq = record.next_seq();
-                first_seq_of.entry(command.transaction_id.0).or_insert(record.first_seq);
+                first_seq_of
+                    .entry(command.transaction_id.0)
+                    .or_insert(record.first_seq);
             }
             Expect::Replayed(id) => {
                 assert!(record.replayed, "step {token}");
@@ -180,19 +285,31 @@ fn run_scenario(stage: JournalStage, checkpoint_every: u64) -> Ledger {
     drop(submitter);
     let ledger = engine.shutdown();
     assert!(!shared.halted.load(Ordering::SeqCst));
-    assert_eq!(shared.durable_seq.load(Ordering::SeqCst), ledger.next_seq() - 1);
+    assert_eq!(
+        shared.durable_seq.load(Ordering::SeqCst),
+        ledger.next_seq() - 1
+    );
     // Every outcome was handed to the sink: the callers' ones and the checkpoints.
     replies.drain();
-    assert_eq!(shared.completed.load(Ordering::SeqCst), shared.submitted.load(Ordering::SeqCst) + replies.checkpoints);
+    assert_eq!(
+        shared.completed.load(Ordering::SeqCst),
+        shared.submitted.load(Ordering::SeqCst) + replies.checkpoints
+    );
     assert_eq!(replies.checkpoints > 0, checkpoint_every > 0);
 
-    let balance = |name: &str| ledger.account_index(&account(name)).and_then(|i| ledger.balance(i, usd()));
-    assert_eq!((balance("alice"), balance("bob"), balance("carol")), (Some(700), Some(0), Some(200)));
+    let balance = |name: &str| {
+        ledger
+            .account_index(&account(name))
+            .and_then(|i| ledger.balance(i, usd()))
+    };
+    assert_eq!(
+        (balance("alice"), balance("bob"), balance("carol")),
+        (Some(700), Some(0), Some(200))
+    );
     assert_eq!(balance("ghost"), None);
     ledger.check_invariants().unwrap();
     ledger
 }
-
 
 #[test]
 fn outcomes_without_a_journal() {
@@ -220,12 +337,24 @@ fn one_transaction_id_from_eight_threads_executes_once() {
     for (id, kind) in [
         (1, CommandKind::OpenAccount { account: alice }),
         (2, CommandKind::OpenAccount { account: bob }),
-        (3, CommandKind::Deposit { account: alice, amount: 10_000, currency: usd() }),
+        (
+            3,
+            CommandKind::Deposit {
+                account: alice,
+                amount: 10_000,
+                currency: usd(),
+            },
+        ),
     ] {
         assert!(ledger.execute(&command(id, kind)).is_committed());
     }
     let (sender, receiver) = mpsc::channel();
-    let engine = Engine::start(ledger, config(64, 16, 0), JournalStage::Off, ChannelSink(sender));
+    let engine = Engine::start(
+        ledger,
+        config(64, 16, 0),
+        JournalStage::Off,
+        ChannelSink(sender),
+    );
     let mut replies = Replies::new(receiver);
     let barrier = Barrier::new(THREADS as usize);
     std::thread::scope(|scope| {
@@ -236,8 +365,17 @@ fn one_transaction_id_from_eight_threads_executes_once() {
                 barrier.wait();
                 for id in 0..IDS {
                     // The same body from every thread (the timestamp is not part of it).
-                    let kind = CommandKind::Transfer { from: alice, to: bob, amount: 1 + id as MinorUnits, currency: usd() };
-                    let retry = Command { transaction_id: TransactionId(1_000 + id), timestamp_ns: thread, kind };
+                    let kind = CommandKind::Transfer {
+                        from: alice,
+                        to: bob,
+                        amount: 1 + id as MinorUnits,
+                        currency: usd(),
+                    };
+                    let retry = Command {
+                        transaction_id: TransactionId(1_000 + id),
+                        timestamp_ns: thread,
+                        kind,
+                    };
                     submit(&mut submitter, retry, thread * 1_000 + id as u64);
                 }
             });
@@ -247,8 +385,15 @@ fn one_transaction_id_from_eight_threads_executes_once() {
     for _ in 0..THREADS * IDS as u64 {
         let (token, record, durable) = replies.next();
         assert!(durable);
-        assert_eq!(u128::from(token % 1_000) + 1_000, record.transaction_id.0, "the token matches its command");
-        by_id.entry(record.transaction_id.0).or_default().push(record);
+        assert_eq!(
+            u128::from(token % 1_000) + 1_000,
+            record.transaction_id.0,
+            "the token matches its command"
+        );
+        by_id
+            .entry(record.transaction_id.0)
+            .or_default()
+            .push(record);
     }
     let ledger = engine.shutdown();
     replies.drain();
@@ -257,9 +402,19 @@ fn one_transaction_id_from_eight_threads_executes_once() {
     for (id, records) in &by_id {
         assert_eq!(records.len(), THREADS as usize);
         let executed: Vec<&CommandRecord> = records.iter().filter(|r| !r.replayed).collect();
-        assert_eq!(executed.len(), 1, "id {id} executed {} times", executed.len());
+        assert_eq!(
+            executed.len(),
+            1,
+            "id {id} executed {} times",
+            executed.len()
+        );
         assert!(executed[0].is_committed());
-        assert!(records.iter().all(|r| r.first_seq == executed[0].first_seq && r.rejection.is_none()), "id {id}");
+        assert!(
+            records
+                .iter()
+                .all(|r| r.first_seq == executed[0].first_seq && r.rejection.is_none()),
+            "id {id}"
+        );
     }
     let moved: MinorUnits = (0..IDS as u64).map(|id| 1 + id).sum();
     let balance = |a: &AccountId| ledger.balance(ledger.account_index(a).unwrap(), usd());
@@ -289,36 +444,75 @@ fn a_full_input_ring_is_reported_as_overloaded_and_nothing_accepted_is_lost() {
     let (open_gate, gate) = mpsc::channel();
     let (sender, receiver) = mpsc::channel();
     let mut ledger = Ledger::new(LedgerConfig::default());
-    assert!(ledger.execute(&command(1, CommandKind::OpenAccount { account: account("alice") })).is_committed());
-    let engine = Engine::start(ledger, config(64, 4, 0), JournalStage::Off, GatedSink { gate: Some(gate), out: sender });
+    assert!(
+        ledger
+            .execute(&command(
+                1,
+                CommandKind::OpenAccount {
+                    account: account("alice")
+                }
+            ))
+            .is_committed()
+    );
+    let engine = Engine::start(
+        ledger,
+        config(64, 4, 0),
+        JournalStage::Off,
+        GatedSink {
+            gate: Some(gate),
+            out: sender,
+        },
+    );
     let mut replies = Replies::new(receiver);
     let mut submitter = engine.submitter();
-    let deposit = |i: u64| command(100 + u128::from(i), CommandKind::Deposit { account: account("alice"), amount: 1 + i, currency: usd() });
+    let deposit = |i: u64| {
+        command(
+            100 + u128::from(i),
+            CommandKind::Deposit {
+                account: account("alice"),
+                amount: 1 + i,
+                currency: usd(),
+            },
+        )
+    };
 
     // The reply stage is stuck on the first outcome, so after the output ring (4) and the input
     // ring (64) have filled, the input ring must refuse.
     let mut accepted = 0u64;
     let deadline = Instant::now() + WAIT;
-    loop {
-        match submitter.try_submit(deposit(accepted), accepted, 0) {
-            Ok(()) => accepted += 1,
-            Err(_) => break,
-        }
-        assert!(accepted <= 64 + 4 + 8, "accepted {accepted} commands with a stuck sink");
-        assert!(Instant::now() < deadline, "no back-pressure within {WAIT:?}");
+    while submitter.try_submit(deposit(accepted), accepted, 0).is_ok() {
+        accepted += 1;
+        assert!(
+            accepted <= 64 + 4 + 8,
+            "accepted {accepted} commands with a stuck sink"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no back-pressure within {WAIT:?}"
+        );
         std::thread::sleep(Duration::from_micros(200));
     }
-    assert!(accepted >= 64, "only {accepted} accepted before the ring was full");
+    assert!(
+        accepted >= 64,
+        "only {accepted} accepted before the ring was full"
+    );
     // Still full while the sink is stuck: the engine cannot drain.
     std::thread::sleep(Duration::from_millis(20));
-    assert!(submitter.try_submit(deposit(accepted), accepted, 0).is_err());
+    assert!(
+        submitter
+            .try_submit(deposit(accepted), accepted, 0)
+            .is_err()
+    );
     assert!(engine.shared().overloaded.load(Ordering::SeqCst) >= 2);
 
     open_gate.send(()).unwrap();
     for token in 0..accepted {
         let (got, record, durable) = replies.next();
         assert_eq!(got, token, "outcomes come in submission order");
-        assert!(durable && record.is_committed() && !record.replayed, "token {token}");
+        assert!(
+            durable && record.is_committed() && !record.replayed,
+            "token {token}"
+        );
     }
     // Accepting again once drained.
     submit(&mut submitter, deposit(accepted), accepted);
@@ -326,5 +520,8 @@ fn a_full_input_ring_is_reported_as_overloaded_and_nothing_accepted_is_lost() {
     drop(submitter);
     let ledger = engine.shutdown();
     let alice = ledger.account_index(&account("alice")).unwrap();
-    assert_eq!(ledger.balance(alice, usd()), Some((0..=accepted).map(|i| 1 + i).sum()));
+    assert_eq!(
+        ledger.balance(alice, usd()),
+        Some((0..=accepted).map(|i| 1 + i).sum())
+    );
 }

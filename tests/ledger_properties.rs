@@ -6,20 +6,28 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use wallet::core::codec::{
-    DecodeError, SNAPSHOT_HEADER_BYTES, decode_record, decode_snapshot, encode_record, encode_snapshot, payload_len,
+    DecodeError, SNAPSHOT_HEADER_BYTES, decode_record, decode_snapshot, encode_record,
+    encode_snapshot, payload_len,
 };
 use wallet::core::{
-    AccountId, Command, CommandKind, CommandRecord, Currency, EventKind, Ledger, LedgerConfig, MinorUnits, RejectCode,
-    TransactionId,
+    AccountId, Command, CommandKind, CommandRecord, Currency, EventKind, Ledger, LedgerConfig,
+    MinorUnits, RejectCode, TransactionId,
 };
 
 const NAMES: [&str; 6] = ["alice", "bob", "carol", "dave", "erin", "frank"];
 
 /// Small limits, so that `invalid_amount` and `too_many_accounts` happen in random runs.
-const CONFIG: LedgerConfig = LedgerConfig { max_amount: 500, max_accounts: 5 };
+const CONFIG: LedgerConfig = LedgerConfig {
+    max_amount: 500,
+    max_accounts: 5,
+};
 
 fn currencies() -> [Currency; 3] {
-    [Currency::new("USD").unwrap(), Currency::new("EUR").unwrap(), Currency::NONE]
+    [
+        Currency::new("USD").unwrap(),
+        Currency::new("EUR").unwrap(),
+        Currency::NONE,
+    ]
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -71,7 +79,11 @@ fn step() -> impl Strategy<Value = Step> {
     // Mostly fresh ids, some from a small hot pool (reused with other bodies), now and then a
     // big one.
     let id = prop_oneof![2 => 0..6u128, 8 => 6..100_000u128, 1 => any::<u128>()];
-    (id, any::<u64>(), op()).prop_map(|(id, timestamp_ns, op)| Step { id, timestamp_ns, op })
+    (id, any::<u64>(), op()).prop_map(|(id, timestamp_ns, op)| Step {
+        id,
+        timestamp_ns,
+        op,
+    })
 }
 
 /// Turns generated steps into commands (resolving retries against the commands before them).
@@ -83,19 +95,37 @@ fn commands(steps: &[Step]) -> Vec<Command> {
     for step in steps {
         let kind = match &step.op {
             Op::Open(a) => CommandKind::OpenAccount { account: acc(*a) },
-            Op::Deposit(a, m, c) => CommandKind::Deposit { account: acc(*a), amount: *m, currency: cur(*c) },
-            Op::Withdraw(a, m, c) => CommandKind::Withdraw { account: acc(*a), amount: *m, currency: cur(*c) },
-            Op::Transfer(f, t, m, c) => {
-                CommandKind::Transfer { from: acc(*f), to: acc(*t), amount: *m, currency: cur(*c) }
-            }
+            Op::Deposit(a, m, c) => CommandKind::Deposit {
+                account: acc(*a),
+                amount: *m,
+                currency: cur(*c),
+            },
+            Op::Withdraw(a, m, c) => CommandKind::Withdraw {
+                account: acc(*a),
+                amount: *m,
+                currency: cur(*c),
+            },
+            Op::Transfer(f, t, m, c) => CommandKind::Transfer {
+                from: acc(*f),
+                to: acc(*t),
+                amount: *m,
+                currency: cur(*c),
+            },
             Op::Retry(index) if !out.is_empty() => {
                 let earlier = out[index.index(out.len())];
-                out.push(Command { timestamp_ns: step.timestamp_ns, ..earlier });
+                out.push(Command {
+                    timestamp_ns: step.timestamp_ns,
+                    ..earlier
+                });
                 continue;
             }
             Op::Retry(_) => CommandKind::OpenAccount { account: acc(0) },
         };
-        out.push(Command { transaction_id: TransactionId(step.id), timestamp_ns: step.timestamp_ns, kind });
+        out.push(Command {
+            transaction_id: TransactionId(step.id),
+            timestamp_ns: step.timestamp_ns,
+            kind,
+        });
     }
     out
 }
@@ -106,18 +136,36 @@ fn commands(steps: &[Step]) -> Vec<Command> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
-    Committed { first_seq: u64, events: u8 },
-    Rejected { first_seq: u64, code: RejectCode },
-    Replayed { first_seq: u64, rejection: Option<RejectCode> },
+    Committed {
+        first_seq: u64,
+        events: u8,
+    },
+    Rejected {
+        first_seq: u64,
+        code: RejectCode,
+    },
+    Replayed {
+        first_seq: u64,
+        rejection: Option<RejectCode>,
+    },
 }
 
 fn outcome_of(record: &CommandRecord) -> Outcome {
     if record.replayed {
-        Outcome::Replayed { first_seq: record.first_seq, rejection: record.rejection }
+        Outcome::Replayed {
+            first_seq: record.first_seq,
+            rejection: record.rejection,
+        }
     } else if let Some(code) = record.rejection {
-        Outcome::Rejected { first_seq: record.first_seq, code }
+        Outcome::Rejected {
+            first_seq: record.first_seq,
+            code,
+        }
     } else {
-        Outcome::Committed { first_seq: record.first_seq, events: record.event_count }
+        Outcome::Committed {
+            first_seq: record.first_seq,
+            events: record.event_count,
+        }
     }
 }
 
@@ -136,19 +184,30 @@ struct Model {
 
 impl Model {
     fn new() -> Model {
-        Model { next_seq: 1, ..Model::default() }
+        Model {
+            next_seq: 1,
+            ..Model::default()
+        }
     }
 
     fn balance(&self, account: u32, currency: Currency) -> MinorUnits {
-        self.balances.get(&account).and_then(|b| b.get(&currency)).copied().unwrap_or(0)
+        self.balances
+            .get(&account)
+            .and_then(|b| b.get(&currency))
+            .copied()
+            .unwrap_or(0)
     }
 
     fn outstanding(&self, currency: Currency) -> u128 {
-        self.deposited.get(&currency).copied().unwrap_or(0) - self.withdrawn.get(&currency).copied().unwrap_or(0)
+        self.deposited.get(&currency).copied().unwrap_or(0)
+            - self.withdrawn.get(&currency).copied().unwrap_or(0)
     }
 
     fn find(&self, account: &AccountId) -> Result<u32, RejectCode> {
-        self.index.get(account.as_str()).copied().ok_or(RejectCode::AccountNotFound)
+        self.index
+            .get(account.as_str())
+            .copied()
+            .ok_or(RejectCode::AccountNotFound)
     }
 
     fn check_amount(amount: MinorUnits, currency: Currency) -> Result<(), RejectCode> {
@@ -162,11 +221,21 @@ impl Model {
     }
 
     fn credit(&mut self, account: u32, currency: Currency, amount: MinorUnits) {
-        *self.balances.entry(account).or_default().entry(currency).or_insert(0) += amount;
+        *self
+            .balances
+            .entry(account)
+            .or_default()
+            .entry(currency)
+            .or_insert(0) += amount;
     }
 
     fn debit(&mut self, account: u32, currency: Currency, amount: MinorUnits) {
-        *self.balances.get_mut(&account).unwrap().get_mut(&currency).unwrap() -= amount;
+        *self
+            .balances
+            .get_mut(&account)
+            .unwrap()
+            .get_mut(&currency)
+            .unwrap() -= amount;
     }
 
     /// Checks and applies `kind`; returns the number of events or the rejection.
@@ -183,7 +252,11 @@ impl Model {
                 self.index.insert(account.as_str().to_string(), next);
                 Ok(1)
             }
-            CommandKind::Deposit { account, amount, currency } => {
+            CommandKind::Deposit {
+                account,
+                amount,
+                currency,
+            } => {
                 Self::check_amount(amount, currency)?;
                 let a = self.find(&account)?;
                 if self.outstanding(currency) + u128::from(amount) > u128::from(u64::MAX) {
@@ -193,7 +266,11 @@ impl Model {
                 *self.deposited.entry(currency).or_default() += u128::from(amount);
                 Ok(1)
             }
-            CommandKind::Withdraw { account, amount, currency } => {
+            CommandKind::Withdraw {
+                account,
+                amount,
+                currency,
+            } => {
                 Self::check_amount(amount, currency)?;
                 let a = self.find(&account)?;
                 if self.balance(a, currency) < amount {
@@ -203,7 +280,12 @@ impl Model {
                 *self.withdrawn.entry(currency).or_default() += u128::from(amount);
                 Ok(1)
             }
-            CommandKind::Transfer { from, to, amount, currency } => {
+            CommandKind::Transfer {
+                from,
+                to,
+                amount,
+                currency,
+            } => {
                 Self::check_amount(amount, currency)?;
                 let f = self.find(&from)?;
                 let t = self.find(&to)?;
@@ -224,10 +306,16 @@ impl Model {
         let first_seq = self.next_seq;
         if let Some((body, seq, rejection)) = self.ids.get(&command.transaction_id.0) {
             if *body == command.kind {
-                return Outcome::Replayed { first_seq: *seq, rejection: *rejection };
+                return Outcome::Replayed {
+                    first_seq: *seq,
+                    rejection: *rejection,
+                };
             }
             self.next_seq += 1;
-            return Outcome::Rejected { first_seq, code: RejectCode::TransactionIdReused };
+            return Outcome::Rejected {
+                first_seq,
+                code: RejectCode::TransactionIdReused,
+            };
         }
         let (outcome, rejection) = match self.run(command.kind) {
             Ok(events) => {
@@ -239,7 +327,10 @@ impl Model {
                 (Outcome::Rejected { first_seq, code }, Some(code))
             }
         };
-        self.ids.insert(command.transaction_id.0, (command.kind, first_seq, rejection));
+        self.ids.insert(
+            command.transaction_id.0,
+            (command.kind, first_seq, rejection),
+        );
         outcome
     }
 }
@@ -259,13 +350,21 @@ fn check_against_model(ledger: &Ledger, model: &Model) -> Result<(), TestCaseErr
     prop_assert_eq!(ledger.transaction_id_count() as usize, model.ids.len());
     for name in NAMES {
         let id = AccountId::new(name).unwrap();
-        prop_assert_eq!(ledger.account_index(&id), model.index.get(name).copied(), "index of {}", name);
+        prop_assert_eq!(
+            ledger.account_index(&id),
+            model.index.get(name).copied(),
+            "index of {}",
+            name
+        );
     }
     let mut sums: BTreeMap<Currency, u128> = BTreeMap::new();
     for index in 0..ledger.account_count() {
         let got = ledger.balances(index);
-        let want: Vec<(Currency, MinorUnits)> =
-            model.balances.get(&index).map(|b| b.iter().map(|(c, v)| (*c, *v)).collect()).unwrap_or_default();
+        let want: Vec<(Currency, MinorUnits)> = model
+            .balances
+            .get(&index)
+            .map(|b| b.iter().map(|(c, v)| (*c, *v)).collect())
+            .unwrap_or_default();
         prop_assert_eq!(&got, &want, "balances of account {}", index);
         for (currency, balance) in got {
             *sums.entry(currency).or_default() += u128::from(balance);
@@ -273,11 +372,19 @@ fn check_against_model(ledger: &Ledger, model: &Model) -> Result<(), TestCaseErr
     }
     let totals = ledger.totals();
     let currencies_seen: Vec<Currency> = model.deposited.keys().copied().collect();
-    prop_assert_eq!(totals.iter().map(|(c, _)| *c).collect::<Vec<_>>(), currencies_seen);
+    prop_assert_eq!(
+        totals.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
+        currencies_seen
+    );
     for (currency, t) in totals {
         let deposited = model.deposited[&currency];
         let withdrawn = model.withdrawn.get(&currency).copied().unwrap_or(0);
-        prop_assert_eq!((t.deposited, t.withdrawn), (deposited, withdrawn), "totals of {}", currency);
+        prop_assert_eq!(
+            (t.deposited, t.withdrawn),
+            (deposited, withdrawn),
+            "totals of {}",
+            currency
+        );
         let sum = sums.get(&currency).copied().unwrap_or(0);
         prop_assert_eq!(sum, deposited - withdrawn, "conservation in {}", currency);
         prop_assert_eq!(u128::from(t.outstanding), sum);
@@ -293,8 +400,12 @@ fn round_trip_record(record: &CommandRecord) -> Result<(), TestCaseError> {
     prop_assert_eq!(len % 8, 0);
     let mut buffer = vec![0xAAu8; len + 16];
     prop_assert_eq!(encode_record(record, &mut buffer), len);
-    prop_assert!(buffer[len..].iter().all(|b| *b == 0xAA), "encode wrote past its length");
-    let decoded = decode_record(record.first_seq, &buffer[..len]).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    prop_assert!(
+        buffer[len..].iter().all(|b| *b == 0xAA),
+        "encode wrote past its length"
+    );
+    let decoded = decode_record(record.first_seq, &buffer[..len])
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
     prop_assert_eq!(&decoded, record);
     Ok(())
 }
@@ -318,10 +429,22 @@ fn check_run(steps: &[Step], split: Index) -> Result<(), TestCaseError> {
             prop_assert_eq!(record.timestamp_ns, command.timestamp_ns);
             for (k, event) in record.events().iter().enumerate() {
                 prop_assert_eq!(event.seq, record.first_seq + k as u64);
-                if matches!(event.kind, EventKind::Deposited | EventKind::Credited | EventKind::Withdrawn | EventKind::Debited) {
+                if matches!(
+                    event.kind,
+                    EventKind::Deposited
+                        | EventKind::Credited
+                        | EventKind::Withdrawn
+                        | EventKind::Debited
+                ) {
                     // Right after the command, balance_after is the account's balance, per the model too.
-                    prop_assert_eq!(Some(event.balance_after), ledger.balance(event.account, event.currency));
-                    prop_assert_eq!(event.balance_after, model.balance(event.account, event.currency));
+                    prop_assert_eq!(
+                        Some(event.balance_after),
+                        ledger.balance(event.account, event.currency)
+                    );
+                    prop_assert_eq!(
+                        event.balance_after,
+                        model.balance(event.account, event.currency)
+                    );
                 }
             }
         }
@@ -334,24 +457,40 @@ fn check_run(steps: &[Step], split: Index) -> Result<(), TestCaseError> {
     let mut replica = Ledger::new(CONFIG);
     for record in records.iter().filter(|r| !r.replayed) {
         if let Err(e) = replica.verify_record(record) {
-            return Err(TestCaseError::fail(format!("verify_record({record:?}): {e}")));
+            return Err(TestCaseError::fail(format!(
+                "verify_record({record:?}): {e}"
+            )));
         }
         replica.apply(record);
         round_trip_record(record)?;
     }
     prop_assert_eq!(replica.state_hash(), hash, "replay gives a different state");
 
-    // Determinism: a second run gives the same records and the same hash.
+    // Determinism: a second run gives the same records and the same hash; so does a run through
+    // `execute_batch` in groups (as the engine thread does it).
     let mut again = Ledger::new(CONFIG);
     prop_assert_eq!(&run_ledger(&mut again, &commands), &records);
     prop_assert_eq!(again.state_hash(), hash);
+    let mut batched = Ledger::new(CONFIG);
+    let mut batched_records = Vec::with_capacity(commands.len());
+    for group in commands.chunks(1 + split % 13) {
+        let base = batched_records.len();
+        batched.execute_batch(group, |i, record| {
+            assert_eq!(base + i, batched_records.len(), "emitted in order");
+            batched_records.push(record);
+        });
+    }
+    prop_assert_eq!(&batched_records, &records);
+    prop_assert_eq!(batched.state_hash(), hash);
 
     // Snapshots: the final state round-trips; a mid-run snapshot continues to the same end.
-    let restored = decode_snapshot(&encode_snapshot(&ledger), CONFIG).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let restored = decode_snapshot(&encode_snapshot(&ledger), CONFIG)
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
     prop_assert_eq!(restored.state_hash(), hash);
     check_against_model(&restored, &model)?;
     let bytes = snapshot.unwrap_or_else(|| encode_snapshot(&ledger));
-    let mut resumed = decode_snapshot(&bytes, CONFIG).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let mut resumed =
+        decode_snapshot(&bytes, CONFIG).map_err(|e| TestCaseError::fail(e.to_string()))?;
     let tail = run_ledger(&mut resumed, &commands[split.min(commands.len())..]);
     prop_assert_eq!(&tail[..], &records[split.min(commands.len())..]);
     prop_assert_eq!(resumed.state_hash(), hash);
@@ -390,13 +529,34 @@ fn sample_ledger() -> Ledger {
     let kinds = [
         CommandKind::OpenAccount { account: acc(0) },
         CommandKind::OpenAccount { account: acc(1) },
-        CommandKind::Deposit { account: acc(0), amount: 400, currency: usd },
-        CommandKind::Deposit { account: acc(1), amount: 300, currency: eur },
-        CommandKind::Transfer { from: acc(0), to: acc(1), amount: 150, currency: usd },
-        CommandKind::Withdraw { account: acc(1), amount: 900, currency: eur },
+        CommandKind::Deposit {
+            account: acc(0),
+            amount: 400,
+            currency: usd,
+        },
+        CommandKind::Deposit {
+            account: acc(1),
+            amount: 300,
+            currency: eur,
+        },
+        CommandKind::Transfer {
+            from: acc(0),
+            to: acc(1),
+            amount: 150,
+            currency: usd,
+        },
+        CommandKind::Withdraw {
+            account: acc(1),
+            amount: 900,
+            currency: eur,
+        },
     ];
     for (i, kind) in kinds.into_iter().enumerate() {
-        ledger.execute(&Command { transaction_id: TransactionId(i as u128 + 1), timestamp_ns: 9, kind });
+        ledger.execute(&Command {
+            transaction_id: TransactionId(i as u128 + 1),
+            timestamp_ns: 9,
+            kind,
+        });
     }
     ledger
 }
@@ -408,13 +568,30 @@ fn sample_payloads() -> Vec<(u64, Vec<u8>)> {
     let kinds = [
         CommandKind::OpenAccount { account: acc(2) },
         CommandKind::OpenAccount { account: acc(3) },
-        CommandKind::Deposit { account: acc(0), amount: 4, currency: usd },
-        CommandKind::Deposit { account: acc(2), amount: 400, currency: usd },
-        CommandKind::Transfer { from: acc(2), to: acc(3), amount: 150, currency: usd },
+        CommandKind::Deposit {
+            account: acc(0),
+            amount: 4,
+            currency: usd,
+        },
+        CommandKind::Deposit {
+            account: acc(2),
+            amount: 400,
+            currency: usd,
+        },
+        CommandKind::Transfer {
+            from: acc(2),
+            to: acc(3),
+            amount: 150,
+            currency: usd,
+        },
     ];
     let mut out = Vec::new();
     for (i, kind) in kinds.into_iter().enumerate() {
-        let record = ledger.execute(&Command { transaction_id: TransactionId(i as u128), timestamp_ns: 9, kind });
+        let record = ledger.execute(&Command {
+            transaction_id: TransactionId(i as u128),
+            timestamp_ns: 9,
+            kind,
+        });
         let mut payload = vec![0; payload_len(&record)];
         encode_record(&record, &mut payload);
         out.push((record.first_seq, payload));
@@ -523,11 +700,14 @@ fn snapshot_with_duplicate_currency(balance: MinorUnits) -> Vec<u8> {
 fn decode_snapshot_refuses_duplicate_currencies_without_panicking() {
     for balance in [7, u64::MAX] {
         let bytes = snapshot_with_duplicate_currency(balance);
-        let result = std::panic::catch_unwind(|| decode_snapshot(&bytes, CONFIG).map(|l| l.state_hash()));
+        let result =
+            std::panic::catch_unwind(|| decode_snapshot(&bytes, CONFIG).map(|l| l.state_hash()));
         match result {
             Ok(Err(DecodeError::Snapshot(_))) => {}
             Ok(other) => panic!("balance {balance}: expected a snapshot error, got {other:?}"),
-            Err(_) => panic!("balance {balance}: decode_snapshot panicked on a checksummed hostile snapshot"),
+            Err(_) => panic!(
+                "balance {balance}: decode_snapshot panicked on a checksummed hostile snapshot"
+            ),
         }
     }
 }

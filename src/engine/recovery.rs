@@ -40,6 +40,8 @@ pub fn apply_verified(ledger: &mut Ledger, record: &CommandRecord) -> Result<boo
 /// replay's random accesses overlap. Results are exactly those of applying in order.
 pub struct Lookahead {
     pending: std::collections::VecDeque<CommandRecord>,
+    /// The sequence of the record whose processing failed (errors surface a few records late).
+    pub failed_seq: Option<u64>,
 }
 
 const LOOKAHEAD: usize = 8;
@@ -65,7 +67,7 @@ impl Lookahead {
         if self.pending.len() > LOOKAHEAD
             && let Some(oldest) = self.pending.pop_front()
         {
-            process(ledger, &oldest)?;
+            process(ledger, &oldest).inspect_err(|_| self.failed_seq = Some(oldest.first_seq))?;
         }
         Ok(())
     }
@@ -77,7 +79,7 @@ impl Lookahead {
         mut process: impl FnMut(&mut Ledger, &CommandRecord) -> Result<(), String>,
     ) -> Result<(), String> {
         while let Some(record) = self.pending.pop_front() {
-            process(ledger, &record)?;
+            process(ledger, &record).inspect_err(|_| self.failed_seq = Some(record.first_seq))?;
         }
         Ok(())
     }
