@@ -324,7 +324,11 @@ fn transfers(client: &mut Client, accounts: usize, count: usize, seed: u64) {
 }
 
 fn start_server(cluster: &Cluster) -> Server {
-    Server::start(cluster.data.path(), &["--sync", "none"])
+    // Small segments: the replicator follows the journal across many segment rolls.
+    Server::start(
+        cluster.data.path(),
+        &["--sync", "none", "--segment-size", "1048576"],
+    )
 }
 
 #[test]

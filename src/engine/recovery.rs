@@ -50,6 +50,7 @@ impl Default for Lookahead {
     fn default() -> Self {
         Lookahead {
             pending: std::collections::VecDeque::with_capacity(LOOKAHEAD + 1),
+            failed_seq: None,
         }
     }
 }

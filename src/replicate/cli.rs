@@ -93,7 +93,7 @@ pub struct RedisReplicateArgs {
     #[arg(long)]
     pub source: String,
     /// Most events per batch (one script per node per batch).
-    #[arg(long, default_value_t = 1 << 17)]
+    #[arg(long, default_value_t = 1 << 20)]
     pub batch_events: usize,
     /// Stop when every node has caught up with the end of the source, and print events/s.
     #[arg(long)]
@@ -220,6 +220,7 @@ pub fn run_replicate(args: ReplicateArgs) -> anyhow::Result<ExitCode> {
         source: args.source,
         batch_events: args.batch_events.max(2),
         once: args.once,
+        metrics: None,
     };
     let report = runtime()?.block_on(super::redis::run(&options))?;
     println!(

@@ -23,7 +23,8 @@
 //! lacks a balance, so a reader that checks the version never sees a half-moved balance.
 
 use std::collections::HashMap;
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -273,6 +274,66 @@ pub struct ReplicateOptions {
     pub batch_events: usize,
     /// Stop once every node has caught up with the end of the source.
     pub once: bool,
+    /// Where to publish progress (for a `/metrics` endpoint); updated after every batch.
+    pub metrics: Option<Arc<Metrics>>,
+}
+
+/// The replicator's progress, readable from other threads.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// The last event read from the source.
+    pub source_seq: AtomicU64,
+    /// The lowest `wallet:applied_seq` over the nodes of the map.
+    pub min_applied_seq: AtomicU64,
+    /// Nodes down or being rebuilt.
+    pub nodes_unavailable: AtomicU64,
+    pub lag_ms: AtomicU64,
+    pub lag_ms_max: AtomicU64,
+    pub map_version: AtomicU64,
+}
+
+impl Metrics {
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let get = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        let source = get(&self.source_seq);
+        let applied = get(&self.min_applied_seq);
+        format!(
+            "# TYPE wallet_redis_source_seq gauge\nwallet_redis_source_seq {source}\n\
+             # TYPE wallet_redis_applied_seq gauge\nwallet_redis_applied_seq {applied}\n\
+             # TYPE wallet_redis_lag_events gauge\nwallet_redis_lag_events {}\n\
+             # TYPE wallet_redis_lag_ms gauge\nwallet_redis_lag_ms {}\n\
+             # TYPE wallet_redis_lag_ms_max gauge\nwallet_redis_lag_ms_max {}\n\
+             # TYPE wallet_redis_nodes_unavailable gauge\nwallet_redis_nodes_unavailable {}\n\
+             # TYPE wallet_redis_map_version gauge\nwallet_redis_map_version {}\n",
+            source.saturating_sub(applied),
+            get(&self.lag_ms),
+            get(&self.lag_ms_max),
+            get(&self.nodes_unavailable),
+            get(&self.map_version),
+        )
+    }
+}
+
+/// For `serve --replicate-redis`: runs the replicator on its own thread and runtime until the
+/// process ends, starting it again (after a pause) whenever it stops with an error.
+pub fn spawn(mut options: ReplicateOptions) -> (Arc<Metrics>, std::thread::JoinHandle<()>) {
+    let metrics = options.metrics.get_or_insert_with(Default::default).clone();
+    options.once = false;
+    let handle = std::thread::spawn(move || {
+        loop {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(run(&options)));
+            if let Err(e) = result {
+                tracing::error!(error = %format!("{e:#}"), "Redis replicator stopped; restarting in 1 s");
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    (metrics, handle)
 }
 
 /// What a run did.
@@ -665,6 +726,36 @@ impl Replicator {
         self.retired = kept;
     }
 
+    fn publish(&self, metrics: &Metrics) {
+        let min_applied = self
+            .nodes
+            .iter()
+            .map(|n| if n.needs_resync { 0 } else { n.applied_seq })
+            .min()
+            .unwrap_or(0);
+        let unavailable = self
+            .nodes
+            .iter()
+            .filter(|n| n.retry_at.is_some() || n.needs_resync)
+            .count();
+        metrics.source_seq.store(self.dir.seq, Ordering::Relaxed);
+        metrics
+            .min_applied_seq
+            .store(min_applied, Ordering::Relaxed);
+        metrics
+            .nodes_unavailable
+            .store(unavailable as u64, Ordering::Relaxed);
+        metrics
+            .lag_ms
+            .store(self.lag_last.as_millis() as u64, Ordering::Relaxed);
+        metrics
+            .lag_ms_max
+            .store(self.lag_max.as_millis() as u64, Ordering::Relaxed);
+        metrics
+            .map_version
+            .store(self.map.version, Ordering::Relaxed);
+    }
+
     fn log_status(&self, source_seq: u64) {
         let nodes: Vec<String> = self
             .nodes
@@ -701,10 +792,10 @@ async fn write_accounts(
         let mut pipe = redis::pipe();
         for &account in chunk {
             let key = dir.key(account);
-            pipe.cmd("DEL").arg(&key).ignore();
+            pipe.cmd("DEL").arg(key).ignore();
             let balances = &dir.balances[account as usize];
             if !balances.is_empty() {
-                let cmd = pipe.cmd("HSET").arg(&key);
+                let cmd = pipe.cmd("HSET").arg(key);
                 for (currency, balance) in balances {
                     cmd.arg(&currency.code()[..]).arg(*balance);
                 }
@@ -933,6 +1024,9 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         if !replicator.retired.is_empty() {
             replicator.clean_retired().await;
         }
+        if let Some(metrics) = &options.metrics {
+            replicator.publish(metrics);
+        }
         if last_status.elapsed() > Duration::from_secs(5) {
             replicator.log_status(source.next_seq() - 1);
             last_status = Instant::now();
@@ -962,4 +1056,47 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         elapsed: started.elapsed(),
         nodes: replicator.nodes.len(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_render_as_prometheus_text() {
+        let metrics = Metrics::default();
+        metrics.source_seq.store(10, Ordering::Relaxed);
+        metrics.min_applied_seq.store(4, Ordering::Relaxed);
+        let text = metrics.render();
+        assert!(text.contains("\nwallet_redis_lag_events 6\n"), "{text}");
+        assert!(
+            text.lines()
+                .all(|l| l.starts_with("# TYPE wallet_redis_") || l.starts_with("wallet_redis_")),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn directory_keeps_keys_and_sorted_balances() {
+        let mut dir = Directory::default();
+        let usd = Currency::new("USD").expect("usd");
+        let eur = Currency::new("EUR").expect("eur");
+        assert_eq!(dir.open(Some(0), "alice").ok(), Some(0));
+        assert!(
+            dir.open(Some(5), "bob").is_err(),
+            "an index out of order is refused"
+        );
+        assert!(
+            dir.open(None, "alice").is_err(),
+            "a name opened twice is refused"
+        );
+        dir.set(0, usd, 5);
+        dir.set(0, eur, 7);
+        dir.set(0, usd, 9);
+        assert_eq!(dir.key(0), "wallet:balance:alice");
+        assert_eq!(dir.name(0), "alice");
+        assert_eq!(dir.balances[0], vec![(eur, 7), (usd, 9)]);
+        assert_eq!(dir.resolve(&AccountRef::Name("alice".into())).ok(), Some(0));
+        assert!(dir.resolve(&AccountRef::Index(1)).is_err());
+    }
 }

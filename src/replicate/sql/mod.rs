@@ -53,6 +53,19 @@ pub fn is_transient(error: &anyhow::Error) -> bool {
     true
 }
 
+/// For the checks made when a shard is connected: the check failing is fatal, the connection
+/// failing while it runs is not.
+pub fn fatal_unless_connection(error: anyhow::Error) -> anyhow::Error {
+    let from_postgres = error
+        .chain()
+        .any(|c| c.downcast_ref::<tokio_postgres::Error>().is_some());
+    if from_postgres && is_transient(&error) {
+        error
+    } else {
+        Fatal(format!("{error:#}")).into()
+    }
+}
+
 #[derive(Args)]
 pub struct SqlReplicateArgs {
     #[command(flatten)]

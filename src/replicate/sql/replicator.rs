@@ -27,7 +27,7 @@ use tokio_postgres::Client;
 use super::coordinator::{self, Coordinator, gid_statement};
 use super::schema::{self, Shard};
 use super::tail::RecordTail;
-use super::{Fatal, is_transient};
+use super::{Fatal, fatal_unless_connection, is_transient};
 use crate::core::{CommandRecord, CommandType, Currency, EventKind};
 use crate::replicate::hash::partition_of;
 use crate::replicate::zk::{self, Layout};
@@ -291,22 +291,14 @@ impl State {
         schema::check_max_prepared(&shard, &row.try_get::<_, String>(0)?, needed)
             .map_err(|e| Fatal(format!("{e:#}")))?;
         if self.migrate && !self.migrated[i] {
-            schema::migrate(&mut client, &shard).await.map_err(|e| {
-                if is_transient(&e) {
-                    e
-                } else {
-                    Fatal(format!("{e:#}")).into()
-                }
-            })?;
+            schema::migrate(&mut client, &shard)
+                .await
+                .map_err(fatal_unless_connection)?;
             self.migrated[i] = true;
         } else {
-            schema::check_schema(&client, &shard).await.map_err(|e| {
-                if is_transient(&e) {
-                    e
-                } else {
-                    Fatal(format!("{e:#}")).into()
-                }
-            })?;
+            schema::check_schema(&client, &shard)
+                .await
+                .map_err(fatal_unless_connection)?;
         }
         let id = coordinator.record.id.clone();
         let count = i32::try_from(self.shards.len())?;
@@ -411,7 +403,9 @@ impl State {
                 )
                 .await
                 .with_context(|| format!("preparing on shard {}", self.shards[i].label))?;
-                failpoint("sql-after-prepare-one");
+                if i == 0 {
+                    failpoint("sql-after-prepare-one");
+                }
             }
         } else {
             let shards = &self.shards;
@@ -442,7 +436,9 @@ impl State {
         if failpoint_armed("sql-after-first-commit") {
             for (i, commit) in commits.iter().enumerate() {
                 clients[i].batch_execute(commit).await?;
-                failpoint("sql-after-first-commit");
+                if i == 0 {
+                    failpoint("sql-after-first-commit");
+                }
             }
         } else {
             let shards = &self.shards;
