@@ -116,6 +116,14 @@ struct ServeArgs {
     tls_cert: Option<std::path::PathBuf>,
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
+    /// Also run the Redis replicator in this process (partition map from ZooKeeper --zk).
+    #[arg(long, requires = "zk")]
+    replicate_redis: bool,
+    /// ZooKeeper address for --replicate-redis.
+    #[arg(long, env = "WALLET_ZK")]
+    zk: Option<String>,
+    #[arg(long, default_value = "/wallet")]
+    zk_root: String,
 }
 
 impl ServeArgs {
@@ -146,6 +154,10 @@ impl ServeArgs {
             rate_limit_per_caller: self.rate_limit_per_caller,
             velocity_per_account: self.velocity_per_account,
             tls: self.tls_cert.clone().zip(self.tls_key.clone()),
+            replicate_redis: match (self.replicate_redis, &self.zk) {
+                (true, Some(zk)) => Some((zk.clone(), self.zk_root.clone())),
+                _ => None,
+            },
             data_dir: self.data_dir.clone(),
             sync: self.sync,
             segment_size_bytes: self.segment_size,

@@ -64,6 +64,8 @@ pub struct ServeConfig {
     pub velocity_per_account: u32,
     /// PEM certificate chain and private key: serve HTTPS.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Run the Redis replicator inside this process: ZooKeeper address and root.
+    pub replicate_redis: Option<(String, String)>,
 }
 
 impl std::fmt::Debug for auth::Auth {
@@ -98,6 +100,7 @@ impl Default for ServeConfig {
             rate_limit_per_caller: 0,
             velocity_per_account: 0,
             tls: None,
+            replicate_redis: None,
         }
     }
 }
@@ -121,6 +124,8 @@ pub struct App {
     pub openapi_json: String,
     pub caller_limiter: Option<KeyedLimiter>,
     pub velocity_limiter: Option<KeyedLimiter>,
+    /// Progress of the in-process Redis replicator, if it runs.
+    pub redis_replicator: Option<Arc<crate::replicate::redis::Metrics>>,
     submitter: Submitter,
 }
 
@@ -131,7 +136,8 @@ impl App {
         let executed = s.executed_seq.load(Ordering::Relaxed);
         let submitted = s.submitted.load(Ordering::Relaxed);
         let completed = s.completed.load(Ordering::Relaxed);
-        self.metrics.render(&[
+        let replicator = self.redis_replicator.as_ref().map(|m| m.render()).unwrap_or_default();
+        let mut text = self.metrics.render(&[
             (
                 "wallet_ring_depth",
                 "Commands submitted and not yet answered.",
@@ -172,7 +178,9 @@ impl App {
                 "1 if the journal failed and the engine stopped acknowledging.",
                 u64::from(s.halted.load(Ordering::Relaxed)),
             ),
-        ])
+        ]);
+        text.push_str(&replicator);
+        text
     }
 }
 
@@ -326,6 +334,18 @@ pub async fn serve(
         metrics: Metrics::default(),
         shared: shared.clone(),
         openapi_json: openapi_json()?,
+        redis_replicator: config.replicate_redis.as_ref().map(|(zk, zk_root)| {
+            // Tails this data directory's journal; see docs/zookeeper-layout.md.
+            let (metrics, _thread) = crate::replicate::redis::spawn(crate::replicate::redis::ReplicateOptions {
+                zk: zk.clone(),
+                zk_root: zk_root.clone(),
+                source: config.data_dir.display().to_string(),
+                batch_events: 65_536,
+                once: false,
+                metrics: None,
+            });
+            metrics
+        }),
         caller_limiter: keyed_limiter(config.rate_limit_per_caller),
         velocity_limiter: keyed_limiter(config.velocity_per_account),
         submitter: engine.submitter(),
