@@ -136,7 +136,11 @@ impl App {
         let executed = s.executed_seq.load(Ordering::Relaxed);
         let submitted = s.submitted.load(Ordering::Relaxed);
         let completed = s.completed.load(Ordering::Relaxed);
-        let replicator = self.redis_replicator.as_ref().map(|m| m.render()).unwrap_or_default();
+        let replicator = self
+            .redis_replicator
+            .as_ref()
+            .map(|m| m.render())
+            .unwrap_or_default();
         let mut text = self.metrics.render(&[
             (
                 "wallet_ring_depth",
@@ -336,14 +340,15 @@ pub async fn serve(
         openapi_json: openapi_json()?,
         redis_replicator: config.replicate_redis.as_ref().map(|(zk, zk_root)| {
             // Tails this data directory's journal; see docs/zookeeper-layout.md.
-            let (metrics, _thread) = crate::replicate::redis::spawn(crate::replicate::redis::ReplicateOptions {
-                zk: zk.clone(),
-                zk_root: zk_root.clone(),
-                source: config.data_dir.display().to_string(),
-                batch_events: 65_536,
-                once: false,
-                metrics: None,
-            });
+            let (metrics, _thread) =
+                crate::replicate::redis::spawn(crate::replicate::redis::ReplicateOptions {
+                    zk: zk.clone(),
+                    zk_root: zk_root.clone(),
+                    source: config.data_dir.display().to_string(),
+                    batch_events: 65_536,
+                    once: false,
+                    metrics: None,
+                });
             metrics
         }),
         caller_limiter: keyed_limiter(config.rate_limit_per_caller),

@@ -33,8 +33,15 @@ impl Server {
             .env("WALLET_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        let mut child = command.spawn().expect("spawn wallet serve");
-        let stdout = child.stdout.take().expect("stdout");
+        let child = command.spawn().expect("spawn wallet serve");
+        // Owned by a `Server` at once, so that every path below (panics included) kills and
+        // waits for the child in `Drop`.
+        let mut server = Server {
+            child,
+            address: String::new(),
+            data_dir: data_dir.to_path_buf(),
+        };
+        let stdout = server.child.stdout.take().expect("stdout");
         let mut reader = BufReader::new(stdout);
         let mut line = String::new();
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -43,14 +50,10 @@ impl Server {
             let n = reader.read_line(&mut line).expect("read serve stdout");
             assert!(n > 0, "wallet serve exited before listening");
             if let Some(address) = line.trim().strip_prefix("listening on ") {
-                let address = address.to_string();
+                server.address = address.to_string();
                 // Keep draining stdout so the child never blocks on a full pipe.
                 std::thread::spawn(move || for _ in reader.lines() {});
-                return Server {
-                    child,
-                    address,
-                    data_dir: data_dir.to_path_buf(),
-                };
+                return server;
             }
             assert!(
                 Instant::now() < deadline,
