@@ -465,14 +465,6 @@ async fn execute(
     })
 }
 
-fn unknown_outcome() -> Reply {
-    Reply::error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "outcome_unknown",
-        "the journal failed before this outcome was durable; retry with the same transaction_id after the service restarts",
-    )
-    .with_header("retry-after", "5")
-}
 
 fn money_string(amount: u64, currency: crate::core::Currency) -> String {
     format_amount(amount, currency)
@@ -540,42 +532,46 @@ fn status_for(outcome: &OutcomeView) -> StatusCode {
 
 /// Turns a delivered record into the reply a caller gets.
 fn render(app: &App, delivered: &Delivered) -> Reply {
-    if !delivered.durable {
-        return unknown_outcome();
+    let (status, body, replayed) = app.views.read(|state| render_value(state, delivered));
+    let reply = Reply::json(status, body);
+    match (replayed, status) {
+        (_, StatusCode::SERVICE_UNAVAILABLE) => reply.with_header("retry-after", "5"),
+        (true, _) => reply.with_header("idempotent-replayed", "true"),
+        _ => reply,
     }
+}
+
+/// The status, body and replay mark of an outcome; shared by single and batch requests.
+fn render_value(state: &ViewState, delivered: &Delivered) -> (StatusCode, Value, bool) {
     let record = &delivered.record;
+    if !delivered.durable {
+        let body = json!({"error": {"code": "outcome_unknown", "message": "the journal failed before this outcome was durable; retry with the same transaction_id after the service restarts"}});
+        return (StatusCode::SERVICE_UNAVAILABLE, body, false);
+    }
     if record.rejection == Some(RejectCode::TransactionIdReused) {
         let code = RejectCode::TransactionIdReused;
-        return Reply::json(
-            StatusCode::CONFLICT,
-            json!({"transaction_id": record.transaction_id.to_uuid_string(), "error": {"code": code.code(), "message": code.message()}}),
-        );
+        let body = json!({"transaction_id": record.transaction_id.to_uuid_string(), "error": {"code": code.code(), "message": code.message()}});
+        return (StatusCode::CONFLICT, body, false);
     }
-    app.views.read(|state| {
-        let (outcome, replayed) = if record.replayed {
-            match state.outcomes.get(&record.transaction_id.0) {
-                Some(original) => (*original, true),
-                // The original predates the views (it is inside a snapshot): the ledger still knows
-                // its sequence and code.
-                None => {
-                    let mut minimal = OutcomeView::from_record(record);
-                    minimal.command_type = CommandType::Checkpoint;
-                    (minimal, true)
-                }
+    let (outcome, replayed) = if record.replayed {
+        match state.outcomes.get(&record.transaction_id.0) {
+            Some(original) => (*original, true),
+            // The original predates the views (it is inside a snapshot): the ledger still knows
+            // its sequence and code.
+            None => {
+                let mut minimal = OutcomeView::from_record(record);
+                minimal.command_type = CommandType::Checkpoint;
+                (minimal, true)
             }
-        } else {
-            (OutcomeView::from_record(record), false)
-        };
-        let reply = Reply::json(
-            status_for(&outcome),
-            outcome_body(state, record.transaction_id, &outcome),
-        );
-        if replayed {
-            reply.with_header("idempotent-replayed", "true")
-        } else {
-            reply
         }
-    })
+    } else {
+        (OutcomeView::from_record(record), false)
+    };
+    (
+        status_for(&outcome),
+        outcome_body(state, record.transaction_id, &outcome),
+        replayed,
+    )
 }
 
 /// Owners move only their own money; the per-account velocity limit applies to the debit side.
@@ -678,19 +674,24 @@ async fn transfer_batch(
             "the engine stopped",
         );
     };
-    let mut out = Vec::with_capacity(results.len());
-    for (i, result) in results.iter().enumerate() {
-        let rendered = match result {
-            Some(delivered) => render(app, delivered),
-            None => unknown_outcome(),
-        };
-        let body: Value = serde_json::from_slice(&rendered.body).unwrap_or(Value::Null);
-        let replayed = rendered
-            .headers
+    // One read lock for the whole batch; each outcome rendered straight into the response.
+    let out: Vec<Value> = app.views.read(|state| {
+        results
             .iter()
-            .any(|(n, _)| *n == "idempotent-replayed");
-        out.push(json!({"index": i, "http_status": rendered.status.as_u16(), "replayed": replayed, "result": body}));
-    }
+            .enumerate()
+            .map(|(i, result)| {
+                let (status, body, replayed) = match result {
+                    Some(delivered) => render_value(state, delivered),
+                    None => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        json!({"error": {"code": "outcome_unknown", "message": "no outcome was delivered"}}),
+                        false,
+                    ),
+                };
+                json!({"index": i, "http_status": status.as_u16(), "replayed": replayed, "result": body})
+            })
+            .collect()
+    });
     Reply::json(StatusCode::OK, json!({"results": out}))
 }
 

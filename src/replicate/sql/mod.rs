@@ -77,7 +77,7 @@ pub struct SqlReplicateArgs {
     #[arg(long)]
     pub migrate: bool,
     /// Most events per two-phase-commit round (whole records, so a transfer is never split).
-    #[arg(long, default_value_t = 65_536)]
+    #[arg(long, default_value_t = 131_072)]
     pub batch_events: usize,
     /// Stop once every shard has caught up with the end of the journal, and print events/s.
     #[arg(long)]

@@ -300,20 +300,29 @@ impl State {
                 .await
                 .map_err(fatal_unless_connection)?;
         }
+        // In-doubt transactions first: a prepared one holds the watermark row's lock, which
+        // anything but a plain read would wait for. Only gids with our coordinator id are
+        // touched, and each must name this shard.
         let id = coordinator.record.id.clone();
+        let decided = coordinator.current_decision().await?;
+        let done = coordinator::recover_shard(&client, &id, decided, i).await?;
+        if done != coordinator::Recovered::default() {
+            tracing::warn!(shard = %shard.label, committed = done.committed, rolled_back = done.rolled_back, "recovered in-doubt transactions");
+        }
         let count = i32::try_from(self.shards.len())?;
-        client
-            .execute(
-                "INSERT INTO watermark (applied_seq, shard_index, shard_count, coordinator_id) VALUES (0, $1, $2, $3) ON CONFLICT DO NOTHING",
-                &[&i32::try_from(i)?, &count, &id],
-            )
-            .await?;
-        let row = client
-            .query_one(
-                "SELECT shard_index, shard_count, coordinator_id FROM watermark",
-                &[],
-            )
-            .await?;
+        let identity = "SELECT shard_index, shard_count, coordinator_id FROM watermark";
+        let row = match client.query_opt(identity, &[]).await? {
+            Some(row) => row,
+            None => {
+                client
+                    .execute(
+                        "INSERT INTO watermark (applied_seq, shard_index, shard_count, coordinator_id) VALUES (0, $1, $2, $3) ON CONFLICT DO NOTHING",
+                        &[&i32::try_from(i)?, &count, &id],
+                    )
+                    .await?;
+                client.query_one(identity, &[]).await?
+            }
+        };
         let (index, stored_count, stored_id): (i32, i32, String) =
             (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
         if index as usize != i || stored_count != count || stored_id != id {
@@ -323,11 +332,6 @@ impl State {
                 shard.label
             ))
             .into());
-        }
-        let decided = coordinator.current_decision().await?;
-        let done = coordinator::recover_shard(&client, &id, decided, i).await?;
-        if done != coordinator::Recovered::default() {
-            tracing::warn!(shard = %shard.label, committed = done.committed, rolled_back = done.rolled_back, "recovered in-doubt transactions");
         }
         let applied: i64 = client
             .query_one("SELECT applied_seq FROM watermark", &[])
@@ -341,14 +345,26 @@ impl State {
 
     /// Connects every missing shard. Returns the first error (after trying all of them, so a
     /// shard that is up gets its in-doubt transactions finished even while another is down).
-    async fn connect_all(&mut self, coordinator: &mut Coordinator) -> anyhow::Result<()> {
+    async fn connect_all(
+        &mut self,
+        coordinator: &mut Coordinator,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
         let mut first_error = None;
         for i in 0..self.shards.len() {
             if self.connections[i].as_ref().is_some_and(|c| !c.is_closed()) {
                 continue;
             }
             self.connections[i] = None;
-            if let Err(e) = self.connect_shard(i, coordinator).await {
+            let connected = tokio::time::timeout(timeout, self.connect_shard(i, coordinator))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(anyhow::anyhow!(
+                        "connecting and recovering shard {} took longer than {timeout:?}",
+                        self.shards[i].label
+                    ))
+                });
+            if let Err(e) = connected {
                 if !is_transient(&e) {
                     return Err(e);
                 }
@@ -532,7 +548,7 @@ async fn replicate(
             .any(|c| c.as_ref().is_none_or(|c| c.is_closed()))
         {
             coordinator.ensure_session(options.zk_patience).await?;
-            if let Err(e) = state.connect_all(coordinator).await {
+            if let Err(e) = state.connect_all(coordinator, options.round_timeout).await {
                 if !is_transient(&e) {
                     return Err(e);
                 }
