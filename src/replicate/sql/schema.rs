@@ -87,11 +87,12 @@ impl Shard {
 
     /// Opens a connection; its driver task runs on the current runtime until the client drops.
     pub async fn connect(&self) -> anyhow::Result<Client> {
-        let (client, connection) = self.config.connect(NoTls).await.map_err(|e| {
-            anyhow::anyhow!(
-                "PostgreSQL shard {} at {} is unreachable: {e}",
-                self.index,
-                self.label
+        // The driver's error stays in the chain: `is_transient` tells a server that is down
+        // (wait) from a database that does not exist or a refused login (stop).
+        let (client, connection) = self.config.connect(NoTls).await.with_context(|| {
+            format!(
+                "PostgreSQL shard {} at {} is unreachable",
+                self.index, self.label
             )
         })?;
         let label = self.label.clone();

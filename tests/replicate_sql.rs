@@ -1,0 +1,772 @@
+//! PostgreSQL shards written with two-phase commit, against the real ZooKeeper and PostgreSQL
+//! servers started by `tools/services` (as `tools/test` does). Each test creates its own shard
+//! databases (`wsql_<test>_<random>_<i>`) and its own ZooKeeper root, and drops the databases at
+//! the end, so the tests can run in parallel with each other and with the Redis tests.
+
+mod common;
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Client, Server};
+use serde_json::json;
+
+struct Services {
+    zk: String,
+    /// `postgres://user@host:port`, without a database.
+    pg_base: String,
+}
+
+fn reachable(address: &str) -> bool {
+    address
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(1)).is_ok())
+}
+
+/// The services from the environment (`eval "$(tools/services env)"`) or their defaults; fails
+/// with a message naming what is missing when one does not answer.
+fn services() -> Services {
+    let zk = std::env::var("WALLET_ZK").unwrap_or_else(|_| "127.0.0.1:22181".into());
+    let shards = std::env::var("WALLET_PG_SHARDS")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:25432/wallet_shard_0".into());
+    let first = shards.split(',').next().unwrap_or_default();
+    let (pg_base, _) = first.rsplit_once('/').unwrap_or_else(|| {
+        panic!("WALLET_PG_SHARDS {first:?} is not postgres://user@host:port/db")
+    });
+    let address = pg_base
+        .rsplit_once('@')
+        .map_or(pg_base.trim_start_matches("postgres://"), |(_, a)| a);
+    assert!(
+        reachable(&zk),
+        "ZooKeeper at {zk} is unreachable: these tests need tools/services (run `tools/services start`, or `tools/test`)"
+    );
+    assert!(
+        reachable(address),
+        "PostgreSQL at {address} is unreachable: these tests need tools/services (run `tools/services start`, or `tools/test`)"
+    );
+    Services {
+        zk,
+        pg_base: pg_base.to_string(),
+    }
+}
+
+fn pg(url: &str) -> postgres::Client {
+    postgres::Client::connect(url, postgres::NoTls)
+        .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e} (start it with tools/services start)"))
+}
+
+/// One test's cluster: shard databases, a ZooKeeper root, a data directory.
+struct Cluster {
+    zk: String,
+    root: String,
+    pg_base: String,
+    databases: Vec<String>,
+    data: tempfile::TempDir,
+    logs: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn new(name: &str, shard_count: usize) -> Cluster {
+        let services = services();
+        let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
+        let databases: Vec<String> = (0..shard_count)
+            .map(|i| format!("wsql_{name}_{tag}_{i}"))
+            .collect();
+        let mut admin = pg(&format!("{}/postgres", services.pg_base));
+        for db in &databases {
+            admin
+                .batch_execute(&format!("CREATE DATABASE {db}"))
+                .unwrap_or_else(|e| panic!("CREATE DATABASE {db}: {e}"));
+        }
+        let cluster = Cluster {
+            zk: services.zk,
+            root: format!("/wallet-sqltest-{name}-{tag}"),
+            pg_base: services.pg_base,
+            databases,
+            data: tempfile::tempdir().expect("tempdir"),
+            logs: tempfile::tempdir().expect("tempdir"),
+        };
+        let urls = cluster.urls().join(",");
+        let out = cluster.wallet(&["cluster", "set-sql-shards", &urls], &[]);
+        assert!(
+            out.status.success(),
+            "set-sql-shards: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.databases
+            .iter()
+            .map(|db| format!("{}/{db}", self.pg_base))
+            .collect()
+    }
+
+    fn shard(&self, i: usize) -> postgres::Client {
+        pg(&self.urls()[i])
+    }
+
+    fn admin(&self) -> postgres::Client {
+        pg(&format!("{}/postgres", self.pg_base))
+    }
+
+    fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_wallet"));
+        command
+            .args(args)
+            .env("WALLET_ZK", &self.zk)
+            .env("WALLET_ZK_ROOT", &self.root)
+            .env("WALLET_LOG", "warn");
+        command.env_remove("WALLET_FAILPOINT");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        command
+    }
+
+    fn wallet(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        self.command(args, env).output().expect("run wallet")
+    }
+
+    fn source(&self) -> String {
+        self.data.path().display().to_string()
+    }
+
+    fn replicate_once(&self, extra: &[&str], env: &[(&str, &str)]) -> Output {
+        let source = self.source();
+        let mut args = vec!["replicate", "sql", "--once", "--source", &source];
+        args.extend_from_slice(extra);
+        self.wallet(&args, env)
+    }
+
+    /// A replicator following the journal until killed; its stderr goes to a log file.
+    fn replicate_follow(&self, extra: &[&str]) -> Follower {
+        let source = self.source();
+        let log = self
+            .logs
+            .path()
+            .join(format!("replicator-{}.log", uuid::Uuid::new_v4().simple()));
+        let mut args = vec!["replicate", "sql", "--migrate", "--source", &source];
+        args.extend_from_slice(extra);
+        let child = self
+            .command(&args, &[])
+            .env("WALLET_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn replicator");
+        Follower { child, log }
+    }
+
+    /// Runs reconcile; returns (success, stdout).
+    fn reconcile(&self) -> (bool, String) {
+        let data = self.source();
+        let out = self.wallet(&["reconcile", "sql", "--data-dir", &data], &[]);
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        (out.status.success(), format!("{stdout}{stderr}"))
+    }
+
+    /// Runs reconcile and asserts 0 differences; returns its output.
+    fn assert_reconciled(&self) -> String {
+        let (ok, text) = self.reconcile();
+        assert!(
+            ok && text.contains("reconcile: 0 differences"),
+            "reconcile found differences:\n{text}"
+        );
+        text
+    }
+
+    fn journal_last_seq(&self) -> u64 {
+        let end = wallet::journal::scan(
+            &wallet::journal::journal_dir(self.data.path()),
+            u64::MAX,
+            |_| Ok(()),
+        )
+        .expect("scan journal");
+        end.next_seq - 1
+    }
+
+    /// Each shard's watermark (`None` while it cannot be read).
+    fn watermarks(&self) -> Vec<Option<i64>> {
+        self.urls()
+            .iter()
+            .map(|url| {
+                let mut c = postgres::Client::connect(url, postgres::NoTls).ok()?;
+                c.query_opt("SELECT applied_seq FROM watermark", &[])
+                    .ok()
+                    .flatten()
+                    .map(|r| r.get::<_, i64>(0))
+            })
+            .collect()
+    }
+
+    fn wait_caught_up(&self, follower: &mut Follower, timeout: Duration) {
+        let last = self.journal_last_seq() as i64;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let marks = self.watermarks();
+            if marks.iter().all(|m| *m == Some(last)) {
+                return;
+            }
+            follower.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "replicator did not catch up to {last}: {marks:?}\n{}",
+                follower.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Our prepared transactions (those in this cluster's databases).
+    fn prepared(&self) -> Vec<String> {
+        self.admin()
+            .query(
+                "SELECT gid FROM pg_prepared_xacts WHERE database = ANY($1) ORDER BY gid",
+                &[&self.databases],
+            )
+            .expect("pg_prepared_xacts")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    /// No (transaction, kind) pair appears twice as an entry, on any shard or across shards.
+    fn assert_no_entry_twice(&self) {
+        let mut seen = std::collections::HashSet::new();
+        let mut total = 0;
+        for i in 0..self.databases.len() {
+            for row in self
+                .shard(i)
+                .query("SELECT transaction_id::text, kind FROM entries", &[])
+                .expect("entries")
+            {
+                let key: (String, String) = (row.get(0), row.get(1));
+                assert!(seen.insert(key.clone()), "entry {key:?} is there twice");
+                total += 1;
+            }
+        }
+        assert!(total > 0, "no entries at all");
+    }
+
+    fn set_allow_connections(&self, i: usize, allow: bool) {
+        let db = &self.databases[i];
+        let mut admin = self.admin();
+        admin
+            .batch_execute(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS {allow}"))
+            .expect("alter database");
+        if !allow {
+            self.terminate_connections(i);
+        }
+    }
+
+    fn terminate_connections(&self, i: usize) {
+        self.admin()
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&self.databases[i]],
+            )
+            .expect("terminate backends");
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Best effort: leave no prepared transaction and no database behind.
+        let Ok(mut admin) =
+            postgres::Client::connect(&format!("{}/postgres", self.pg_base), postgres::NoTls)
+        else {
+            return;
+        };
+        for (i, db) in self.databases.iter().enumerate() {
+            let _ = admin.batch_execute(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"));
+            if let Ok(mut shard) = postgres::Client::connect(&self.urls()[i], postgres::NoTls)
+                && let Ok(rows) = shard.query(
+                    "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()",
+                    &[],
+                )
+            {
+                for row in rows {
+                    let gid: String = row.get(0);
+                    let _ = shard.batch_execute(&format!("ROLLBACK PREPARED '{gid}'"));
+                }
+            }
+            let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
+        }
+    }
+}
+
+struct Follower {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Follower {
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "replicator log (last lines):\n{}",
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        )
+    }
+
+    fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().expect("try_wait") {
+            panic!("the replicator exited ({status}):\n{}", self.log_tail());
+        }
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn account(i: usize) -> String {
+    format!("acct-{i:05}")
+}
+
+/// Opens `count` accounts with 1000.00 USD each.
+fn setup_accounts(client: &mut Client, count: usize) {
+    for i in 0..count {
+        common::open(client, &account(i));
+        common::deposit(client, &account(i), "1000.00");
+    }
+}
+
+/// `count` transfers among `accounts`, through the batch endpoint (at most 8192 per request).
+fn transfers(client: &mut Client, accounts: usize, count: usize, seed: u64) {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut sent = 0;
+    while sent < count {
+        let n = (count - sent).min(8192);
+        let batch: Vec<_> = (0..n)
+            .map(|_| {
+                let from = (next() % accounts as u64) as usize;
+                let to = (from + 1 + (next() % (accounts as u64 - 1)) as usize) % accounts;
+                let amount = format!("{}.{:02}", 1 + next() % 20, next() % 100);
+                common::transfer_body(&account(from), &account(to), &amount, &common::uuid())
+            })
+            .collect();
+        let r = client.post(
+            "/v1/wallet/balance_transfers",
+            &json!({ "transfers": batch }),
+        );
+        assert_eq!(r.status, 200, "batch: {}", &r.body[..r.body.len().min(500)]);
+        sent += n;
+    }
+}
+
+fn start_server(cluster: &Cluster) -> Server {
+    Server::start(cluster.data.path(), &["--sync", "none"])
+}
+
+fn assert_ok(out: &Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{what} failed ({:?}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+#[ignore = "needs tools/services"]
+fn fifty_thousand_transfers_replicate_into_three_shards_and_reconcile() {
+    let cluster = Cluster::new("fifty", 3);
+    let server = start_server(&cluster);
+    let mut client = server.client();
+    setup_accounts(&mut client, 500);
+
+    // Without --migrate, an empty shard is refused with a message saying what to do.
+    let out = cluster.replicate_once(&[], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--migrate"),
+        "{stderr}"
+    );
+
+    let mut follower = cluster.replicate_follow(&["--batch-events", "20000"]);
+    transfers(&mut client, 500, 50_000, 1);
+    cluster.wait_caught_up(&mut follower, Duration::from_secs(40));
+    follower.kill();
+    assert_eq!(cluster.prepared(), Vec::<String>::new());
+    let report = cluster.assert_reconciled();
+    assert!(report.contains("500 accounts"), "{report}");
+    // Every shard got a share of the accounts and of the transfers.
+    let mut transfer_rows = 0;
+    for i in 0..3 {
+        let mut shard = cluster.shard(i);
+        let balances: i64 = shard
+            .query_one("SELECT count(*) FROM balances", &[])
+            .expect("count")
+            .get(0);
+        let rows: i64 = shard
+            .query_one("SELECT count(*) FROM transfers", &[])
+            .expect("count")
+            .get(0);
+        assert!(balances > 100, "shard {i} has only {balances} balances");
+        transfer_rows += rows;
+    }
+    assert!(
+        transfer_rows > 49_000,
+        "only {transfer_rows} transfers replicated"
+    );
+    cluster.assert_no_entry_twice();
+
+    // Caught up: a catch-up run has nothing to do.
+    let out = cluster.replicate_once(&[], &[]);
+    let stdout = assert_ok(&out, "replicate --once");
+    assert!(stdout.starts_with("replicated 0 events"), "{stdout}");
+
+    // A tampered balance is a difference, and reconcile says so with a non-zero exit.
+    cluster
+        .shard(1)
+        .batch_execute(
+            "UPDATE balances SET balance = balance + 1 WHERE account_id = (SELECT min(account_id) FROM balances)",
+        )
+        .expect("tamper");
+    let (ok, text) = cluster.reconcile();
+    assert!(!ok, "{text}");
+    assert!(text.contains("difference: balance acct-"), "{text}");
+    assert!(!text.contains("reconcile: 0 differences"), "{text}");
+    server.stop();
+}
+
+#[test]
+#[ignore = "needs tools/services"]
+fn coordinator_crashes_at_each_failpoint_then_recovers_exactly() {
+    let cluster = Cluster::new("crash", 2);
+    let server = start_server(&cluster);
+    let mut client = server.client();
+    setup_accounts(&mut client, 200);
+    assert_ok(&cluster.replicate_once(&["--migrate"], &[]), "first run");
+
+    // (failpoint, our prepared transactions left behind by the crash)
+    let cases = [
+        ("sql-after-prepare-one", 1),
+        ("sql-after-prepare-all", 2),
+        ("sql-after-decision", 2),
+        ("sql-after-first-commit", 1),
+    ];
+    for (round, (point, left)) in cases.iter().enumerate() {
+        transfers(&mut client, 200, 6_000, 10 + round as u64);
+        let spec = format!("{point}:2");
+        let out = cluster.replicate_once(
+            &["--batch-events", "4000"],
+            &[("WALLET_FAILPOINT", spec.as_str())],
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "failpoint {point}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let prepared = cluster.prepared();
+        assert_eq!(
+            prepared.len(),
+            *left,
+            "after {point}: prepared transactions {prepared:?}"
+        );
+        if *point == "sql-after-first-commit" {
+            // One shard committed the batch, the other has it prepared: in doubt, and reconcile
+            // says so.
+            let marks = cluster.watermarks();
+            assert_ne!(marks[0], marks[1], "{marks:?}");
+            let (ok, text) = cluster.reconcile();
+            assert!(!ok && text.contains("different watermarks"), "{text}");
+        }
+        // Restart: recovery finishes or rolls back the batch, then replication resumes.
+        assert_ok(&cluster.replicate_once(&[], &[]), "recovery run");
+        assert_eq!(cluster.prepared(), Vec::<String>::new(), "after {point}");
+        let last = cluster.journal_last_seq() as i64;
+        assert_eq!(cluster.watermarks(), vec![Some(last); 2]);
+        cluster.assert_reconciled();
+        cluster.assert_no_entry_twice();
+    }
+    server.stop();
+}
+
+#[test]
+#[ignore = "needs tools/services"]
+fn shard_down_during_load_then_back_resumes() {
+    let cluster = Cluster::new("down", 2);
+    let server = start_server(&cluster);
+    let mut client = server.client();
+    setup_accounts(&mut client, 300);
+    let mut follower = cluster.replicate_follow(&["--batch-events", "5000"]);
+    transfers(&mut client, 300, 10_000, 1);
+
+    // Shard 1 refuses connections and loses the ones it had, in the middle of the load.
+    cluster.set_allow_connections(1, false);
+    transfers(&mut client, 300, 10_000, 2);
+    std::thread::sleep(Duration::from_millis(1500));
+    follower.assert_running();
+    let last = cluster.journal_last_seq() as i64;
+    let mark0 = cluster.watermarks()[0];
+    assert!(
+        mark0.is_some_and(|m| m < last),
+        "shard 0 went on alone to {mark0:?} (journal at {last})"
+    );
+    cluster.set_allow_connections(1, true);
+    transfers(&mut client, 300, 10_000, 3);
+
+    // Connections cut on both shards, several times, while the load goes on.
+    for round in 0..4 {
+        cluster.terminate_connections(round % 2);
+        transfers(&mut client, 300, 3_000, 10 + round as u64);
+    }
+    cluster.wait_caught_up(&mut follower, Duration::from_secs(30));
+    let log = std::fs::read_to_string(&follower.log).unwrap_or_default();
+    assert!(
+        log.contains("a shard is unavailable; waiting") && log.contains("every shard is back"),
+        "the replicator never waited for the shard:\n{}",
+        follower.log_tail()
+    );
+    follower.kill();
+    assert_eq!(cluster.prepared(), Vec::<String>::new());
+    cluster.assert_reconciled();
+    cluster.assert_no_entry_twice();
+    server.stop();
+}
+
+/// Reads every shard's watermark and USD total, each in one statement (one snapshot per shard).
+fn read_cut(shards: &mut [postgres::Client]) -> Vec<(i64, u128)> {
+    shards
+        .iter_mut()
+        .map(|c| {
+            let row = c
+                .query_one(
+                    "SELECT applied_seq, (SELECT coalesce(sum(balance), 0)::text FROM balances WHERE currency = 'USD') FROM watermark",
+                    &[],
+                )
+                .expect("read cut");
+            let sum: String = row.get(1);
+            (row.get(0), sum.parse().expect("sum"))
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs tools/services"]
+fn concurrent_readers_at_the_common_watermark_see_the_exact_total() {
+    let cluster = Cluster::new("readers", 2);
+    let server = start_server(&cluster);
+    let mut client = server.client();
+    let accounts = 400;
+    setup_accounts(&mut client, accounts);
+    let expected: u128 = accounts as u128 * 100_000; // 1000.00 USD each, in cents
+    let mut follower = cluster.replicate_follow(&["--batch-events", "2000"]);
+    cluster.wait_caught_up(&mut follower, Duration::from_secs(30));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let consistent = Arc::new(AtomicU64::new(0));
+    let torn = Arc::new(AtomicU64::new(0));
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, consistent, torn) = (stop.clone(), consistent.clone(), torn.clone());
+            let urls = cluster.urls();
+            std::thread::spawn(move || {
+                let mut shards: Vec<postgres::Client> = urls.iter().map(|u| pg(u)).collect();
+                let mut seen = std::collections::BTreeSet::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let cut = read_cut(&mut shards);
+                    if cut.windows(2).all(|w| w[0].0 == w[1].0) {
+                        let total: u128 = cut.iter().map(|(_, s)| s).sum();
+                        assert_eq!(
+                            total, expected,
+                            "at common watermark {}: shards {cut:?} sum to {total}, expected {expected}",
+                            cut[0].0
+                        );
+                        consistent.fetch_add(1, Ordering::Relaxed);
+                        seen.insert(cut[0].0);
+                    } else {
+                        // Between the COMMIT PREPAREDs of a round: not a common watermark.
+                        torn.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                seen.len()
+            })
+        })
+        .collect();
+    transfers(&mut client, accounts, 30_000, 7);
+    cluster.wait_caught_up(&mut follower, Duration::from_secs(30));
+    stop.store(true, Ordering::Relaxed);
+    let mut distinct = 0;
+    for reader in readers {
+        distinct = distinct.max(reader.join().expect("a reader saw a wrong total"));
+    }
+    follower.kill();
+    let consistent = consistent.load(Ordering::Relaxed);
+    assert!(
+        consistent >= 50 && distinct >= 5,
+        "too few consistent reads: {consistent} reads at {distinct} watermarks ({} torn)",
+        torn.load(Ordering::Relaxed)
+    );
+    eprintln!(
+        "readers: {consistent} reads at a common watermark ({distinct} distinct watermarks), {} retried",
+        torn.load(Ordering::Relaxed)
+    );
+    cluster.assert_reconciled();
+    server.stop();
+}
+
+/// A throw-away PostgreSQL cluster with the server's defaults (so `max_prepared_transactions`
+/// is 0), on a free loopback port, stopped and deleted on drop. Run as the `postgres` user when
+/// we are root, as `tools/services` does.
+struct DefaultPostgres {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+fn as_postgres_user(program: &str, args: &[&str]) -> Output {
+    // SAFETY: geteuid has no preconditions and touches no memory of ours.
+    let root = unsafe { libc::geteuid() } == 0;
+    let program = format!("{PG_BIN}/{program}");
+    let mut command = if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", &program]);
+        c
+    } else {
+        Command::new(&program)
+    };
+    command
+        .args(args)
+        .current_dir("/")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{program}: {e} (PostgreSQL 15 is installed by tools/services start)")
+        })
+}
+
+impl DefaultPostgres {
+    fn start() -> DefaultPostgres {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let data_text = data.display().to_string();
+        // SAFETY: geteuid has no preconditions and touches no memory of ours.
+        if unsafe { libc::geteuid() } == 0 {
+            let status = Command::new("chown")
+                .args(["postgres:postgres", &dir.path().display().to_string()])
+                .status()
+                .expect("chown");
+            assert!(status.success(), "chown the throw-away cluster's directory");
+        }
+        let out = as_postgres_user(
+            "initdb",
+            &[
+                "-D",
+                &data_text,
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-locale",
+                "-E",
+                "UTF8",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let options = format!(
+            "-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}' -c fsync=off",
+            dir.path().display()
+        );
+        let log = dir.path().join("postgres.log").display().to_string();
+        let out = as_postgres_user(
+            "pg_ctl",
+            &[
+                "-D", &data_text, "-l", &log, "-w", "-t", "30", "-o", &options, "start",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        DefaultPostgres { dir, port }
+    }
+}
+
+impl Drop for DefaultPostgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data").display().to_string();
+        let _ = as_postgres_user("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
+    }
+}
+
+#[test]
+#[ignore = "needs tools/services"]
+fn a_server_without_prepared_transactions_is_refused_by_name() {
+    let services = services();
+    let server = DefaultPostgres::start();
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", server.port);
+    let cluster_root = format!(
+        "/wallet-sqltest-noprepared-{}",
+        uuid::Uuid::new_v4().simple()
+    );
+    let data = tempfile::tempdir().expect("tempdir");
+    let wallet = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .args(args)
+            .env("WALLET_ZK", &services.zk)
+            .env("WALLET_ZK_ROOT", &cluster_root)
+            .env("WALLET_LOG", "warn")
+            .env_remove("WALLET_FAILPOINT")
+            .output()
+            .expect("run wallet")
+    };
+    assert_ok(
+        &wallet(&["cluster", "set-sql-shards", &url]),
+        "set-sql-shards",
+    );
+    let source = data.path().display().to_string();
+    let out = wallet(&[
+        "replicate",
+        "sql",
+        "--migrate",
+        "--once",
+        "--source",
+        &source,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("max_prepared_transactions is 0") && stderr.contains("postgresql.conf"),
+        "{stderr}"
+    );
+}
