@@ -465,7 +465,6 @@ async fn execute(
     })
 }
 
-
 fn money_string(amount: u64, currency: crate::core::Currency) -> String {
     format_amount(amount, currency)
 }
