@@ -155,6 +155,8 @@ pub struct JournalTail {
     stuck_since: Option<Instant>,
     /// When a new segment's header was first found unwritten.
     header_stuck_since: Option<Instant>,
+    /// Records of the last `fetch`, kept to reuse the allocation.
+    scratch: Vec<crate::core::CommandRecord>,
 }
 
 const MIN_READ_BYTES: usize = 64 << 10;
@@ -171,6 +173,7 @@ impl JournalTail {
             read_size: MIN_READ_BYTES,
             stuck_since: None,
             header_stuck_since: None,
+            scratch: Vec::new(),
         }
     }
 
@@ -224,8 +227,31 @@ impl JournalTail {
         Ok(false)
     }
 
-    /// Reads what was appended since the last call, up to about `max_events` events.
+    /// The sequence number of the next event this tail will yield.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Reads what was appended since the last call, up to about `max_events` events, as the
+    /// balance changes they make.
     pub fn fetch(&mut self, max_events: usize, out: &mut Vec<Item>) -> anyhow::Result<()> {
+        let mut records = std::mem::take(&mut self.scratch);
+        records.clear();
+        let result = self.fetch_records(max_events, &mut records);
+        for record in &records {
+            items_of_record(record, out);
+        }
+        self.scratch = records;
+        result
+    }
+
+    /// Appends the whole records written since the last call, until at least `max_events`
+    /// events were added or the end of what is written was reached.
+    pub fn fetch_records(
+        &mut self,
+        max_events: usize,
+        out: &mut Vec<crate::core::CommandRecord>,
+    ) -> anyhow::Result<()> {
         if self.segment.is_none() {
             let segments = list_segments(&self.dir)?;
             let Some((_, path)) = segments.first() else {
@@ -236,9 +262,10 @@ impl JournalTail {
                 return Ok(());
             }
         }
-        let start_len = out.len();
-        while out.len() - start_len < max_events {
-            let progressed = self.read_chunk(max_events - (out.len() - start_len), out)?;
+        let mut events = 0usize;
+        while events < max_events {
+            let (progressed, added) = self.read_chunk(max_events - events, out)?;
+            events += added;
             if !progressed && !self.advance_segment()? {
                 break;
             }
@@ -246,10 +273,15 @@ impl JournalTail {
         Ok(())
     }
 
-    /// Parses frames from one positioned read. Returns whether any record was read.
-    fn read_chunk(&mut self, max_events: usize, out: &mut Vec<Item>) -> anyhow::Result<bool> {
+    /// Parses frames from one positioned read. Returns whether any record was read, and how many
+    /// events were added.
+    fn read_chunk(
+        &mut self,
+        max_events: usize,
+        out: &mut Vec<crate::core::CommandRecord>,
+    ) -> anyhow::Result<(bool, usize)> {
         let Some(segment) = self.segment.as_mut() else {
-            return Ok(false);
+            return Ok((false, 0));
         };
         if segment.size.saturating_sub(segment.offset) < self.read_size as u64 {
             // Segments are preallocated, but a file that grows as it is written works too.
@@ -258,7 +290,7 @@ impl JournalTail {
         let remaining = segment.size.saturating_sub(segment.offset) as usize;
         let want = self.read_size.min(remaining);
         if want < FRAME_HEADER_BYTES {
-            return Ok(false);
+            return Ok((false, 0));
         }
         self.buffer.resize(want, 0);
         segment
@@ -295,10 +327,10 @@ impl JournalTail {
                             frame.sequence
                         )
                     })?;
-                    items_of_record(&record, out);
                     events += record.event_count as usize;
                     self.next_seq = record.next_seq();
                     self.last_crc = frame.crc;
+                    out.push(record);
                     at += frame.length;
                 }
                 Err(_) => {
@@ -319,7 +351,7 @@ impl JournalTail {
         } else {
             self.stuck_since = None;
         }
-        Ok(at > 0)
+        Ok((at > 0, events))
     }
 
     /// A frame that does not verify at the tail is usually a write in progress. If it stays bad,

@@ -13,7 +13,6 @@ pub mod coordinator;
 pub mod reconcile;
 pub mod replicator;
 pub mod schema;
-pub mod tail;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -26,10 +26,10 @@ use tokio_postgres::Client;
 
 use super::coordinator::{self, Coordinator, gid_statement};
 use super::schema::{self, Shard};
-use super::tail::RecordTail;
 use super::{Fatal, fatal_unless_connection, is_transient};
 use crate::core::{CommandRecord, CommandType, Currency, EventKind};
 use crate::replicate::hash::partition_of;
+use crate::replicate::source::JournalTail;
 use crate::replicate::zk::{self, Layout};
 use crate::replicate::{failpoint, failpoint_armed};
 
@@ -522,7 +522,7 @@ async fn replicate(
         migrate: options.migrate,
     };
     let batch_events = options.batch_events.max(2);
-    let mut tail = RecordTail::new(&crate::journal::journal_dir(&options.source));
+    let mut tail = JournalTail::new(&crate::journal::journal_dir(&options.source));
     let mut directory = Directory::default();
     let mut pending: Vec<CommandRecord> = Vec::with_capacity(batch_events + 2);
     let mut backoff = Duration::from_millis(50);
@@ -579,7 +579,7 @@ async fn replicate(
             let mut fresh = Vec::new();
             while events < batch_events {
                 fresh.clear();
-                tail.fetch(batch_events - events, &mut fresh)?;
+                tail.fetch_records(batch_events - events, &mut fresh)?;
                 if fresh.is_empty() {
                     break;
                 }
