@@ -62,3 +62,20 @@ pub fn failpoint_armed(name: &str) -> bool {
         .as_ref()
         .is_some_and(|(point, _)| point == name)
 }
+
+/// Counts the differences a reconciliation finds and prints the first `max_printed`.
+pub(crate) struct Differences {
+    pub(crate) count: u64,
+    pub(crate) max_printed: usize,
+}
+
+impl Differences {
+    pub(crate) fn report(&mut self, text: String) {
+        self.count += 1;
+        if self.count as usize <= self.max_printed {
+            println!("difference: {text}");
+        } else if self.count as usize == self.max_printed + 1 {
+            println!("difference: ... (further differences are counted, not printed)");
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! `wallet reconcile redis`: every balance in Redis against the engine's state replayed from the
 //! journal at the sequence each node says it applied, plus the placement of every key.
 
+use crate::replicate::Differences;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -66,22 +67,6 @@ async fn read_node(address: &str) -> anyhow::Result<NodeContent> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     bail!("node {address} kept changing while being read; stop the replicator or let it catch up")
-}
-
-struct Differences {
-    count: u64,
-    max_printed: usize,
-}
-
-impl Differences {
-    fn report(&mut self, text: String) {
-        self.count += 1;
-        if self.count as usize <= self.max_printed {
-            println!("difference: {text}");
-        } else if self.count as usize == self.max_printed + 1 {
-            println!("difference: ... (further differences are counted, not printed)");
-        }
-    }
 }
 
 /// Compares the nodes in `group` (indices into `nodes`, all at the ledger's current sequence).

@@ -893,27 +893,10 @@ async fn retire(conn: &mut MultiplexedConnection, new_version: u64) -> anyhow::R
     Ok(())
 }
 
-/// Connects to ZooKeeper, retrying for up to `patience`.
-async fn connect_zk(address: &str, patience: Duration) -> anyhow::Result<zookeeper_client::Client> {
-    let deadline = Instant::now() + patience;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match zk::connect(address).await {
-            Ok(c) => return Ok(c),
-            Err(e) if Instant::now() + backoff < deadline => {
-                tracing::warn!(error = %e, "waiting for ZooKeeper");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 /// Runs the replicator until the process stops (or, with `once`, until caught up).
 pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
     let layout = Layout::new(&options.zk_root)?;
-    let client = connect_zk(&options.zk, Duration::from_secs(30)).await?;
+    let client = zk::connect_patiently(&options.zk, Duration::from_secs(30)).await?;
     let map = zk::get_partition_map(&client, &layout)
         .await?
         .ok_or_else(|| {

@@ -377,3 +377,23 @@ pub async fn watch_partition_map(
         }
     }
 }
+
+/// Connects to ZooKeeper, retrying with backoff for up to `patience`.
+pub async fn connect_patiently(
+    address: &str,
+    patience: std::time::Duration,
+) -> anyhow::Result<zookeeper_client::Client> {
+    let deadline = std::time::Instant::now() + patience;
+    let mut backoff = std::time::Duration::from_millis(100);
+    loop {
+        match connect(address).await {
+            Ok(c) => return Ok(c),
+            Err(e) if std::time::Instant::now() + backoff < deadline => {
+                tracing::warn!(error = %e, "waiting for ZooKeeper");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -130,7 +130,7 @@ impl Coordinator {
     /// Connects, takes the replicator lock (waiting up to `patience` for a crashed holder's
     /// session to expire), creates the record on first use, and bumps its epoch.
     pub async fn start(address: &str, layout: &Layout, patience: Duration) -> anyhow::Result<Self> {
-        let client = connect_with_patience(address, patience).await?;
+        let client = layout_zk::connect_patiently(address, patience).await?;
         let (record, version) = take_over(&client, layout, patience).await?;
         Ok(Coordinator {
             address: address.to_string(),
@@ -152,7 +152,7 @@ impl Coordinator {
             return Ok(());
         }
         tracing::warn!("the ZooKeeper session ended; reconnecting and taking the lock again");
-        let client = connect_with_patience(&self.address, patience).await?;
+        let client = layout_zk::connect_patiently(&self.address, patience).await?;
         let (record, version) = take_over(&client, &self.layout, patience).await?;
         if record.id != self.record.id {
             return Err(Fatal(format!(
@@ -216,22 +216,6 @@ impl Coordinator {
         let path = lock_path(&self.layout);
         if let Err(e) = self.client.delete(&path, None).await {
             tracing::debug!(error = %e, "releasing {path}");
-        }
-    }
-}
-
-async fn connect_with_patience(address: &str, patience: Duration) -> anyhow::Result<zk::Client> {
-    let deadline = Instant::now() + patience;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match layout_zk::connect(address).await {
-            Ok(c) => return Ok(c),
-            Err(e) if Instant::now() + backoff < deadline => {
-                tracing::warn!(error = %e, "waiting for ZooKeeper");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-            Err(e) => return Err(e),
         }
     }
 }

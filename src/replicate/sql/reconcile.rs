@@ -14,6 +14,7 @@
 //!   `from_account`; nothing else is there;
 //! - every transfer row has exactly one debit entry and one credit entry (across the shards).
 
+use crate::replicate::Differences;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -172,22 +173,6 @@ async fn read_shard(shard: &Shard, coordinator_id: Option<&str>) -> anyhow::Resu
     }
     tx.commit().await?;
     Ok(content)
-}
-
-struct Differences {
-    count: u64,
-    max_printed: usize,
-}
-
-impl Differences {
-    fn report(&mut self, text: String) {
-        self.count += 1;
-        if self.count as usize <= self.max_printed {
-            println!("difference: {text}");
-        } else if self.count as usize == self.max_printed + 1 {
-            println!("difference: ... (further differences are counted, not printed)");
-        }
-    }
 }
 
 /// The replay's side: the ledger plus, per (account index, currency), the sequence of the last
