@@ -327,27 +327,34 @@ impl Ledger {
     /// Executes `commands` in order, exactly as calling `execute` on each would, but with
     /// software prefetching a few commands ahead so that the random memory accesses of
     /// consecutive commands overlap instead of queueing behind each other.
-    pub fn execute_batch(
+    pub fn execute_batch(&mut self, commands: &[Command], emit: impl FnMut(usize, CommandRecord)) {
+        self.execute_batch_of(commands, |c| c, emit);
+    }
+
+    /// `execute_batch` over any slice that holds commands (ring slots, say), without copying
+    /// them out first.
+    pub fn execute_batch_of<T>(
         &mut self,
-        commands: &[Command],
+        items: &[T],
+        command_of: impl Fn(&T) -> &Command,
         mut emit: impl FnMut(usize, CommandRecord),
     ) {
         const BUCKETS_AHEAD: usize = 12;
         const ACCOUNTS_AHEAD: usize = 6;
-        for command in commands.iter().take(BUCKETS_AHEAD) {
-            self.prefetch_buckets(command);
+        for item in items.iter().take(BUCKETS_AHEAD) {
+            self.prefetch_buckets(command_of(item));
         }
-        for command in commands.iter().take(ACCOUNTS_AHEAD) {
-            self.prefetch_accounts(command);
+        for item in items.iter().take(ACCOUNTS_AHEAD) {
+            self.prefetch_accounts(command_of(item));
         }
-        for (i, command) in commands.iter().enumerate() {
-            if let Some(ahead) = commands.get(i + BUCKETS_AHEAD) {
-                self.prefetch_buckets(ahead);
+        for (i, item) in items.iter().enumerate() {
+            if let Some(ahead) = items.get(i + BUCKETS_AHEAD) {
+                self.prefetch_buckets(command_of(ahead));
             }
-            if let Some(ahead) = commands.get(i + ACCOUNTS_AHEAD) {
-                self.prefetch_accounts(ahead);
+            if let Some(ahead) = items.get(i + ACCOUNTS_AHEAD) {
+                self.prefetch_accounts(command_of(ahead));
             }
-            emit(i, self.execute(command));
+            emit(i, self.execute(command_of(item)));
         }
     }
 

@@ -261,7 +261,6 @@ struct EngineState {
     ledger_back: mpsc::Sender<Ledger>,
     shared: Arc<EngineShared>,
     buffer: Vec<InputSlot>,
-    commands: Vec<Command>,
     records: Vec<CommandRecord>,
 }
 
@@ -310,11 +309,13 @@ impl EngineState {
         let Some(mut ledger) = self.ledger.take() else {
             return;
         };
-        self.commands.clear();
-        self.commands.extend(self.buffer.iter().map(|s| s.command));
         let mut records = std::mem::take(&mut self.records);
         records.clear();
-        ledger.execute_batch(&self.commands, |_, record| records.push(record));
+        ledger.execute_batch_of(
+            &self.buffer,
+            |slot| &slot.command,
+            |_, record| records.push(record),
+        );
         let buffer = std::mem::take(&mut self.buffer);
         for (record, slot) in records.iter().zip(&buffer) {
             self.publish(*record, slot.token, slot.submitted_ns);
@@ -449,7 +450,6 @@ impl Engine {
             ledger_back: ledger_sender,
             shared: state_shared,
             buffer: Vec::with_capacity(EXECUTE_GROUP),
-            commands: Vec::with_capacity(EXECUTE_GROUP),
             records: Vec::with_capacity(EXECUTE_GROUP),
         };
         let handler = |state: &mut EngineState, slot: &InputSlot, _sequence, end_of_batch| {
