@@ -951,3 +951,60 @@ fn checkpoints_are_verified_and_a_wrong_one_stops_recovery() {
         }
     }
 }
+
+#[test]
+fn pipelined_scan_visits_what_scan_visits_and_stops_where_scan_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let mut ledger = Ledger::new(LedgerConfig::default());
+    let mut history = History::new(&ledger);
+    let mut writer = open_writer(
+        data,
+        Box::new(MmapStorage),
+        256 << 10,
+        SyncMode::Batch,
+        &empty_end(),
+    );
+    // More records than one hand-over batch (4096), over several segments.
+    write_commands(&mut writer, &mut ledger, &mut history, 0..10_000, 500);
+    drop(writer);
+    let journal = journal_dir(data);
+    assert!(list_segments(&journal).unwrap().len() > 1);
+
+    let mut plain = Vec::new();
+    let plain_end = wallet::journal::scan(&journal, 1, |r| {
+        plain.push((r.first_seq, r.transaction_id));
+        Ok(())
+    })
+    .unwrap();
+    let mut pipelined = Vec::new();
+    let pipelined_end = wallet::journal::scan_pipelined(&journal, 1, |r| {
+        pipelined.push((r.first_seq, r.transaction_id));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(plain.len(), 10_000);
+    assert_eq!(plain, pipelined);
+    assert_eq!(plain_end, pipelined_end);
+
+    // A visitor error in the third batch stops the scan there and names that record.
+    let stop_at = plain[9_000].0;
+    let mut seen = 0;
+    let error = wallet::journal::scan_pipelined(&journal, 1, |r| {
+        seen += 1;
+        if r.first_seq == stop_at {
+            Err("stop here".into())
+        } else {
+            Ok(())
+        }
+    })
+    .unwrap_err();
+    assert_eq!(seen, 9_001);
+    match error {
+        JournalError::Visitor { seq, reason } => {
+            assert_eq!(seq, stop_at);
+            assert_eq!(reason, "stop here");
+        }
+        other => panic!("expected a visitor error, got {other}"),
+    }
+}

@@ -189,6 +189,8 @@ pub fn decode_record(first_seq: u64, payload: &[u8]) -> Result<CommandRecord, De
 /// Snapshot magic, first 8 bytes of every snapshot.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"WALSNAP1";
 pub const SNAPSHOT_HEADER_BYTES: usize = 64;
+/// Version 2: fingerprints from cached account-id hashes and the digest-based state hash.
+pub const SNAPSHOT_VERSION: u16 = 2;
 
 #[repr(C)]
 struct SnapshotHeaderLayout {
@@ -213,7 +215,7 @@ pub fn encode_snapshot(ledger: &Ledger) -> Vec<u8> {
             + ledger.transaction_id_count() as usize * 32,
     );
     out.extend_from_slice(&SNAPSHOT_MAGIC);
-    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
     out.extend_from_slice(&[0; 6]);
     out.extend_from_slice(&ledger.next_seq().to_le_bytes());
     out.extend_from_slice(&ledger.state_hash().to_le_bytes());
@@ -299,7 +301,7 @@ pub fn decode_snapshot(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, Dec
     if r.take(8)? != SNAPSHOT_MAGIC {
         return Err(DecodeError::Snapshot("bad magic"));
     }
-    if r.u16()? != 1 {
+    if r.u16()? != SNAPSHOT_VERSION {
         return Err(DecodeError::Snapshot("unsupported version"));
     }
     r.take(6)?;

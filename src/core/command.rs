@@ -109,54 +109,37 @@ pub struct Command {
 
 impl Command {
     /// A 64-bit fingerprint of the command's body (everything but the id and the timestamp),
-    /// used to tell an honest retry from a reused transaction id.
+    /// used to tell an honest retry from a reused transaction id: xxh3-64 over a 32-byte
+    /// buffer of the command type, the accounts' xxh3-64 hashes (cached in `AccountId`), the
+    /// amount and the currency. Bodies that differ get equal fingerprints with probability
+    /// about 2^-64.
     pub fn fingerprint(&self) -> u64 {
-        let mut buffer = [0u8; 2 * 65 + 8 + 2 + 1];
-        let mut at = 0;
-        let mut put = |bytes: &[u8]| {
-            buffer[at..at + bytes.len()].copy_from_slice(bytes);
-            at += bytes.len();
-        };
-        match self.kind {
-            CommandKind::OpenAccount { account } => {
-                put(&[1, account.as_bytes().len() as u8]);
-                put(account.as_bytes());
-            }
+        let (tag, first, second, amount, currency) = match self.kind {
+            CommandKind::OpenAccount { account } => (1u8, account, AccountId::EMPTY, 0, 0),
             CommandKind::Deposit {
                 account,
                 amount,
                 currency,
-            }
-            | CommandKind::Withdraw {
+            } => (2, account, AccountId::EMPTY, amount, currency.packed()),
+            CommandKind::Withdraw {
                 account,
                 amount,
                 currency,
-            } => {
-                let tag = if matches!(self.kind, CommandKind::Deposit { .. }) {
-                    2
-                } else {
-                    3
-                };
-                put(&[tag, account.as_bytes().len() as u8]);
-                put(account.as_bytes());
-                put(&amount.to_le_bytes());
-                put(&currency.packed().to_le_bytes());
-            }
+            } => (3, account, AccountId::EMPTY, amount, currency.packed()),
             CommandKind::Transfer {
                 from,
                 to,
                 amount,
                 currency,
-            } => {
-                put(&[4, from.as_bytes().len() as u8]);
-                put(from.as_bytes());
-                put(&[to.as_bytes().len() as u8]);
-                put(to.as_bytes());
-                put(&amount.to_le_bytes());
-                put(&currency.packed().to_le_bytes());
-            }
-        }
-        xxhash_rust::xxh3::xxh3_64(&buffer[..at])
+            } => (4, from, to, amount, currency.packed()),
+        };
+        let mut buffer = [0u8; 32];
+        buffer[0] = tag;
+        buffer[2..4].copy_from_slice(&currency.to_le_bytes());
+        buffer[8..16].copy_from_slice(&first.hash64().to_le_bytes());
+        buffer[16..24].copy_from_slice(&second.hash64().to_le_bytes());
+        buffer[24..32].copy_from_slice(&amount.to_le_bytes());
+        xxhash_rust::xxh3::xxh3_64(&buffer)
     }
 
     pub fn command_type(&self) -> CommandType {

@@ -12,9 +12,12 @@ pub const ACCOUNT_ID_MAX_BYTES: usize = 64;
 
 /// An account id as the outside world spells it: 1 to 64 bytes from `[A-Za-z0-9._:-]`.
 ///
-/// Stored inline (no heap) so that a command fits in a ring slot without allocation.
+/// Stored inline (no heap) so that a command fits in a ring slot without allocation, with its
+/// xxh3-64 hash computed once by the constructor: the producer thread (an API handler) pays for
+/// hashing, not the engine thread, which looks the id up by that hash.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AccountId {
+    hash: u64,
     len: u8,
     bytes: [u8; ACCOUNT_ID_MAX_BYTES],
 }
@@ -37,8 +40,12 @@ impl fmt::Display for AccountIdError {
     }
 }
 
+/// `xxh3_64(b"")`, checked by a test (a `const fn` cannot call the hasher).
+const EMPTY_ID_HASH: u64 = 0x2D06_8005_38D3_94C2;
+
 impl AccountId {
     pub const EMPTY: AccountId = AccountId {
+        hash: EMPTY_ID_HASH,
         len: 0,
         bytes: [0; ACCOUNT_ID_MAX_BYTES],
     };
@@ -63,9 +70,17 @@ impl AccountId {
         let mut bytes = [0u8; ACCOUNT_ID_MAX_BYTES];
         bytes[..raw.len()].copy_from_slice(raw);
         Ok(AccountId {
+            hash: xxhash_rust::xxh3::xxh3_64(raw),
             len: raw.len() as u8,
             bytes,
         })
+    }
+
+    /// `xxh3_64` of the id's bytes: the ledger's lookup hash and the partition hash that
+    /// `replicate` documents.
+    #[inline]
+    pub fn hash64(&self) -> u64 {
+        self.hash
     }
 
     pub fn as_bytes(&self) -> &[u8] {
@@ -330,5 +345,23 @@ impl fmt::Debug for TransactionId {
 impl fmt::Display for TransactionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_uuid_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AccountId;
+
+    #[test]
+    fn account_id_hash_is_xxh3_of_its_bytes() {
+        assert_eq!(AccountId::EMPTY.hash64(), xxhash_rust::xxh3::xxh3_64(b""));
+        for text in [
+            "a",
+            "alice",
+            "a-much-longer-account-id:with.all_kinds-of-chars",
+        ] {
+            let id = AccountId::new(text).expect("valid id");
+            assert_eq!(id.hash64(), xxhash_rust::xxh3::xxh3_64(text.as_bytes()));
+        }
     }
 }

@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use crate::core::{CommandRecord, EventKind, Ledger, LedgerConfig};
-use crate::journal::{JournalEnd, JournalError, journal_dir, scan, snapshot, snapshot_dir};
+use crate::journal::{
+    JournalEnd, JournalError, journal_dir, scan_pipelined, snapshot, snapshot_dir,
+};
 
 pub struct Recovered {
     pub ledger: Ledger,
@@ -128,7 +130,7 @@ pub fn recover_with(
             observe(ledger, record);
             Ok(())
         };
-        let scanned = scan(&journal, ledger.next_seq(), |record| {
+        let scanned = scan_pipelined(&journal, ledger.next_seq(), |record| {
             lookahead.push(&mut ledger, record, &mut process)
         });
         // Records read before a failure are still applied: they are valid and durable.

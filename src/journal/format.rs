@@ -5,7 +5,9 @@ pub const SEGMENT_HEADER_BYTES: usize = 64;
 pub const SEGMENT_MAGIC: [u8; 8] = *b"WALSEG01";
 /// Bytes of the frame header in front of every record payload.
 pub const FRAME_HEADER_BYTES: usize = 24;
-pub const FORMAT_VERSION: u16 = 1;
+/// Version 2: checkpoint records carry the digest-based state hash (`wallet-state-v2`) and
+/// fingerprints are built from cached account-id hashes. A version-1 journal is refused.
+pub const FORMAT_VERSION: u16 = 2;
 /// The largest frame the encoder can produce: header, command header, two events, a 64-byte name.
 pub const MAX_FRAME_BYTES: usize = FRAME_HEADER_BYTES + 40 + 2 * 24 + 64;
 

@@ -20,7 +20,7 @@ use format::{
     FRAME_HEADER_BYTES, MAX_FRAME_BYTES, SEGMENT_HEADER_BYTES, encode_segment_header, seal_frame,
     segment_file_name,
 };
-pub use reader::{JournalEnd, JournalError, list_segments, scan};
+pub use reader::{JournalEnd, JournalError, list_segments, scan, scan_pipelined};
 use storage::{SegmentFile, Storage};
 
 /// How and when written records are made durable.

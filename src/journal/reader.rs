@@ -121,6 +121,8 @@ pub fn scan(
             file: path.clone(),
             source,
         })?;
+        // Read front to back: let the kernel read ahead and drop pages behind.
+        let _ = map.advise(memmap2::Advice::Sequential);
         let bytes: &[u8] = &map;
         let header = decode_segment_header(bytes).map_err(|r| corrupt(0, *named_first, r))?;
         if header.first_seq != *named_first {
@@ -215,4 +217,74 @@ pub fn scan(
         end.segment = Some((path.clone(), offset as u64));
     }
     Ok(end)
+}
+
+/// Records per batch handed from the reading thread to the visiting thread.
+const PIPELINE_BATCH: usize = 4096;
+
+/// `scan`, with the frames read, checksummed and decoded on a second thread while the calling
+/// thread visits the records, in batches. `visit` sees exactly the records `scan` would show it,
+/// in the same order, and the result is the same: records before a corruption are visited,
+/// then the corruption is reported; a visitor error stops the reading thread.
+pub fn scan_pipelined(
+    dir: &Path,
+    from_seq: u64,
+    mut visit: impl FnMut(&CommandRecord) -> Result<(), String>,
+) -> Result<JournalEnd, JournalError> {
+    use std::sync::mpsc::{channel, sync_channel};
+    let (full_sender, full) = sync_channel::<Vec<CommandRecord>>(4);
+    let (empty_sender, empty) = channel::<Vec<CommandRecord>>();
+    std::thread::scope(|scope| {
+        let reader = std::thread::Builder::new()
+            .name("wallet-journal-reader".into())
+            .spawn_scoped(scope, move || {
+                let mut batch = Vec::with_capacity(PIPELINE_BATCH);
+                let result = scan(dir, from_seq, |record| {
+                    batch.push(*record);
+                    if batch.len() == PIPELINE_BATCH {
+                        let next = empty
+                            .try_recv()
+                            .unwrap_or_else(|_| Vec::with_capacity(PIPELINE_BATCH));
+                        full_sender
+                            .send(std::mem::replace(&mut batch, next))
+                            .map_err(|_| "the visitor stopped".to_string())?;
+                    }
+                    Ok(())
+                });
+                if !batch.is_empty() {
+                    let _ = full_sender.send(batch);
+                }
+                result
+            })
+            .map_err(|source| JournalError::Io {
+                file: dir.to_path_buf(),
+                source,
+            })?;
+        let mut failure = None;
+        'batches: for mut batch in full.iter() {
+            for record in &batch {
+                if let Err(reason) = visit(record) {
+                    failure = Some(JournalError::Visitor {
+                        seq: record.first_seq,
+                        reason,
+                    });
+                    break 'batches;
+                }
+            }
+            batch.clear();
+            let _ = empty_sender.send(batch);
+        }
+        // Dropping the receiving end makes a blocked reader's next send fail, so it stops.
+        drop(full);
+        let scanned = reader.join().unwrap_or_else(|_| {
+            Err(JournalError::Visitor {
+                seq: 0,
+                reason: "the journal reader thread panicked".into(),
+            })
+        });
+        match failure {
+            Some(error) => Err(error),
+            None => scanned,
+        }
+    })
 }

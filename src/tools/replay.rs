@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::core::codec::encode_snapshot;
 use crate::core::{AccountId, EventKind, Ledger, LedgerConfig, format_amount};
 use crate::engine::recovery::{Lookahead, apply_verified, recover};
-use crate::journal::{journal_dir, scan, snapshot, snapshot_dir};
+use crate::journal::{journal_dir, scan_pipelined, snapshot, snapshot_dir};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayArgs {
@@ -147,7 +147,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
             }
             Ok(())
         };
-    let scanned = scan(&journal_dir(&args.data_dir), ledger.next_seq(), |record| {
+    let scanned = scan_pipelined(&journal_dir(&args.data_dir), ledger.next_seq(), |record| {
         if stopped
             || args.to_seq.is_some_and(|s| record.first_seq > s)
             || to_time_ns.is_some_and(|t| record.timestamp_ns > t && record.transaction_id.0 != 0)
