@@ -704,10 +704,16 @@ fn zookeeper_outage_keeps_the_replicator_applying_with_its_last_map() {
     services_tool(&["zk-stop"]);
     assert!(!reachable(&services.zk), "ZooKeeper still answers");
     let before = cluster.journal_last_seq();
-    transfers(&mut client, 300, 20_000, 2);
+    // Longer than the 6 s ZooKeeper session timeout, so the session expires meanwhile; every
+    // round of transfers reaches every node while ZooKeeper is down.
+    let down_since = Instant::now();
+    let mut round = 0;
+    while down_since.elapsed() < Duration::from_secs(8) {
+        transfers(&mut client, 300, 4_000, 100 + round);
+        cluster.wait_caught_up(&services.redis, 1, Duration::from_secs(30));
+        round += 1;
+    }
     assert!(cluster.journal_last_seq() > before);
-    // All of it reaches every node while ZooKeeper is down (about 2 session timeouts).
-    cluster.wait_caught_up(&services.redis, 1, Duration::from_secs(30));
     assert!(!reachable(&services.zk), "ZooKeeper came back by itself");
     assert!(
         follower.child.try_wait().expect("try_wait").is_none(),
