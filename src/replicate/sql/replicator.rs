@@ -481,7 +481,7 @@ impl State {
                     rows,
                     self.watermarks[i],
                     targets[i],
-                    &record,
+                    record,
                     &gids[i],
                 )
                 .await
