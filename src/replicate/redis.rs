@@ -19,8 +19,10 @@
 //! written there. A restarted replicator needs its copy of every balance again: it loads the
 //! newest snapshot of the engine (`serve --snapshot-every`, `wallet snapshot`) at or before the
 //! lowest applied sequence of its nodes and reads the journal from there (whole earlier
-//! segments are skipped); without one (or from an engine URL) it reads the source from
-//! sequence 1. Either way it writes only what each node has not applied.
+//! segments are skipped). From an engine URL, when every node follows the map, it reads the
+//! balances the nodes hold and the stream from after their lowest applied sequence. Otherwise
+//! it reads the source from sequence 1. Either way it writes only what each node has not
+//! applied.
 //!
 //! Reader protocol (see `docs/zookeeper-layout.md`): read the map (version v) from ZooKeeper,
 //! route the account, then on that node `MULTI; GET wallet:map_version; HGETALL
@@ -411,6 +413,10 @@ struct Replicator {
     map: PartitionMap,
     nodes: Vec<Node>,
     dir: Directory,
+    /// The directory was read from the nodes (an HTTP source resumed after sequence 1): it
+    /// lacks accounts that never had a balance, and may already know accounts opened after its
+    /// sequence (on nodes ahead of it). Such events are taken as they come.
+    dir_from_nodes: bool,
     /// Node index of every account under `map`.
     route: Vec<u16>,
     /// Whether the account is in its node's `dirty` list.
@@ -450,10 +456,10 @@ impl Replicator {
                 );
             }
             match item {
+                Item::Opened { name, .. }
+                    if self.dir_from_nodes && self.dir.index_of(name).is_some() => {}
                 Item::Opened { index, name, .. } => {
-                    self.dir.open(*index, name)?;
-                    self.route.push(route_of(&self.map, name));
-                    self.marked.push(false);
+                    self.open_account(*index, name)?;
                 }
                 Item::Balance {
                     account,
@@ -461,7 +467,13 @@ impl Replicator {
                     balance,
                     ..
                 } => {
-                    let account = self.dir.resolve(account)?;
+                    let account = match (self.dir.resolve(account), account) {
+                        (Ok(a), _) => a,
+                        (Err(_), AccountRef::Name(name)) if self.dir_from_nodes => {
+                            self.open_account(None, name)?
+                        }
+                        (Err(e), _) => return Err(e),
+                    };
                     self.dir.set(account, *currency, *balance);
                     let node = &mut self.nodes[self.route[account as usize] as usize];
                     if seq > node.applied_seq && !self.marked[account as usize] {
@@ -473,6 +485,59 @@ impl Replicator {
             }
             self.dir.seq = seq;
         }
+        Ok(())
+    }
+
+    fn open_account(&mut self, index: Option<u32>, name: &str) -> anyhow::Result<u32> {
+        let account = self.dir.open(index, name)?;
+        self.route.push(route_of(&self.map, name));
+        self.marked.push(false);
+        Ok(account)
+    }
+
+    /// Replaces the directory with what the nodes hold (every node follows the map; each is at
+    /// its own applied sequence, at least `seq`). Reading the source from `seq + 1` on then
+    /// makes it exact: balances are absolute values, and every event after `seq` comes again.
+    async fn directory_from_nodes(&mut self, seq: u64) -> anyhow::Result<()> {
+        let mut dir = Directory::default();
+        for node in &mut self.nodes {
+            let Some(conn) = node.conn.as_mut() else {
+                bail!("Redis node {} is not connected", node.address);
+            };
+            let keys = scan_balance_keys(conn).await?;
+            for chunk in keys.chunks(CHUNK_ACCOUNTS) {
+                let mut pipe = redis::pipe();
+                for key in chunk {
+                    pipe.cmd("HGETALL").arg(key);
+                }
+                let values: Vec<HashMap<String, u64>> =
+                    pipe.query_async(conn).await.with_context(|| {
+                        format!("reading the balances of Redis node {}", node.address)
+                    })?;
+                for (key, fields) in chunk.iter().zip(values) {
+                    let name = key.strip_prefix(BALANCE_PREFIX).unwrap_or(key);
+                    let account = dir
+                        .open(None, name)
+                        .with_context(|| format!("Redis node {}: {key}", node.address))?;
+                    for (code, balance) in fields {
+                        let currency = Currency::new(&code).map_err(|e| {
+                            anyhow::anyhow!(
+                                "Redis node {}: {key} field {code:?}: {e}",
+                                node.address
+                            )
+                        })?;
+                        dir.set(account, currency, balance);
+                    }
+                }
+            }
+        }
+        dir.seq = seq;
+        self.route = (0..dir.len() as u32)
+            .map(|a| route_of(&self.map, dir.name(a)))
+            .collect();
+        self.marked = vec![false; dir.len()];
+        self.dir = dir;
+        self.dir_from_nodes = true;
         Ok(())
     }
 
@@ -1047,6 +1112,7 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         lag_last: Duration::ZERO,
         lag_max: Duration::ZERO,
         last_read_started: None,
+        dir_from_nodes: false,
     };
     let version = replicator.version();
     // Per node that follows the map: its stored record identity, checked against the source.
@@ -1106,6 +1172,20 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
             snapshot_seq = seq,
             accounts = replicator.dir.len(),
             "starting from the engine's snapshot; the journal before it is not read"
+        );
+    } else if resume > 0
+        && matches!(source, Source::Http(_))
+        && replicator.nodes.iter().all(|n| !n.needs_resync)
+    {
+        // An engine URL has no snapshot, but every node follows the map: together they hold
+        // every balance, each as of its own applied sequence, all at or after `resume`.
+        replicator.directory_from_nodes(resume).await?;
+        replicator.dir.record = source.record_at(resume).await?.map(|(id, _)| id);
+        source.start_at(resume + 1)?;
+        tracing::info!(
+            from_nodes_seq = resume,
+            accounts = replicator.dir.len(),
+            "starting from the balances on the Redis nodes; the event stream is read from after it"
         );
     }
     tracing::info!(resume_after = resume, from_seq = replicator.dir.seq + 1, nodes = replicator.nodes.len(), source = %options.source, "replicator starting");

@@ -197,6 +197,22 @@ impl Source {
         Ok(Some(ledger))
     }
 
+    /// Starts an engine-URL source at `seq` (`from_seq`) instead of 1; a data-directory source
+    /// at the record that begins there (see [`JournalTail::start_at`]). Only before the first
+    /// fetch.
+    pub fn start_at(&mut self, seq: u64) -> anyhow::Result<()> {
+        match self {
+            Source::Journal(tail) => tail.start_at(seq),
+            Source::Http(http) => {
+                if http.next_seq != 1 {
+                    bail!("the event stream was already read");
+                }
+                http.next_seq = seq.max(1);
+                Ok(())
+            }
+        }
+    }
+
     /// The identity of the last record yielded (the one ending at `next_seq() - 1`).
     pub fn last_record(&self) -> Option<RecordId> {
         match self {
