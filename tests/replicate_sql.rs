@@ -770,3 +770,124 @@ fn a_server_without_prepared_transactions_is_refused_by_name() {
         "{stderr}"
     );
 }
+
+/// Issue #8: `--source` also takes an engine URL; the projection built from the running
+/// engine's `/v1/wallet/events` stream (rejections and all) reconciles with its journal.
+#[test]
+#[ignore = "needs tools/services"]
+fn replicates_from_a_running_engine_by_url_and_reconciles() {
+    let cluster = Cluster::new("url", 2);
+    let server = start_server(&cluster);
+    let mut client = server.client();
+    setup_accounts(&mut client, 200);
+    transfers(&mut client, 200, 20_000, 7);
+    // A rejected command in the stream too: a transfer far beyond any balance.
+    let r = client.post(
+        "/v1/wallet/balance_transfers",
+        &json!({ "transfers": [common::transfer_body(&account(1), &account(2), "999999.00", &common::uuid())] }),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let url = format!("http://{}", server.address);
+    let out = cluster.wallet(
+        &[
+            "replicate",
+            "sql",
+            "--migrate",
+            "--once",
+            "--source",
+            &url,
+            "--batch-events",
+            "7000",
+        ],
+        &[],
+    );
+    let stdout = assert_ok(&out, "replicate sql --source URL");
+    assert!(stdout.contains("replicated"), "{stdout}");
+    let last = cluster.journal_last_seq() as i64;
+    assert_eq!(cluster.watermarks(), vec![Some(last); 2]);
+    // More load while a follower reads the URL.
+    let log = cluster.logs.path().join("url-follower.log");
+    let child = cluster
+        .command(&["replicate", "sql", "--source", &url], &[])
+        .env("WALLET_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn");
+    let mut follower = Follower { child, log };
+    transfers(&mut client, 200, 20_000, 8);
+    cluster.wait_caught_up(&mut follower, Duration::from_secs(60));
+    follower.kill();
+    assert_eq!(cluster.prepared(), Vec::<String>::new());
+    let report = cluster.assert_reconciled();
+    assert!(report.contains("200 accounts"), "{report}");
+    cluster.assert_no_entry_twice();
+    // A bad URL is a clear error, not a hang.
+    let out = cluster.wallet(
+        &[
+            "replicate",
+            "sql",
+            "--once",
+            "--source",
+            "https://example.invalid",
+        ],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("https"),
+        "{stderr}"
+    );
+    server.stop();
+}
+
+/// Issue #8 (and #7 for SQL): the watermark row records the identity of the record at
+/// `applied_seq`; a replicator pointed at another engine's journal refuses the shards, naming
+/// the shard, the sequence and both identities.
+#[test]
+#[ignore = "needs tools/services"]
+fn shards_fed_by_another_journal_are_refused() {
+    let cluster = Cluster::new("identity", 2);
+    let server = start_server(&cluster);
+    let mut client = server.client();
+    setup_accounts(&mut client, 50);
+    transfers(&mut client, 50, 1_000, 1);
+    assert_ok(&cluster.replicate_once(&["--migrate"], &[]), "replicate");
+    let applied = cluster.journal_last_seq();
+    let stored: Option<String> = cluster
+        .shard(0)
+        .query_one("SELECT applied_record FROM watermark", &[])
+        .expect("watermark")
+        .get(0);
+    assert!(
+        stored.is_some_and(|s| s.contains('@')),
+        "applied_record is written"
+    );
+    // The same journal, more events: the check passes and the run goes on.
+    transfers(&mut client, 50, 500, 2);
+    assert_ok(&cluster.replicate_once(&[], &[]), "replicate again");
+    let applied_again = cluster.journal_last_seq();
+    assert!(applied_again > applied);
+    server.stop();
+
+    let other = tempfile::tempdir().expect("tempdir");
+    let other_server = Server::start(other.path(), &["--sync", "none"]);
+    let mut other_client = other_server.client();
+    setup_accounts(&mut other_client, 50);
+    transfers(&mut other_client, 50, 3_000, 3);
+    let url = format!("http://{}", other_server.address);
+    let other_dir = other.path().display().to_string();
+    for source in [&other_dir, &url] {
+        let out = cluster.wallet(&["replicate", "sql", "--once", "--source", source], &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{source}: {stderr}");
+        assert!(
+            stderr.contains("SQL shard 0")
+                && stderr.contains(&format!("sequence {applied_again}"))
+                && stderr.contains("another journal"),
+            "{source}: {stderr}"
+        );
+    }
+    assert_eq!(cluster.watermarks(), vec![Some(applied_again as i64); 2]);
+    other_server.stop();
+}

@@ -348,6 +348,9 @@ pub async fn serve(
                     batch_events: 65_536,
                     once: false,
                     metrics: None,
+                    // A node from another journal stops the replicator (logged, retried), it
+                    // is never cleared without an operator's `replicate redis --rebuild`.
+                    rebuild: false,
                 });
             metrics
         }),

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use crate::core::CommandRecord;
 use crate::core::codec::{encode_record, payload_len};
 use format::{
-    FRAME_HEADER_BYTES, MAX_FRAME_BYTES, SEGMENT_HEADER_BYTES, encode_segment_header, seal_frame,
-    segment_file_name,
+    DURABLE_FILE_NAME, FRAME_HEADER_BYTES, MAX_FRAME_BYTES, SEGMENT_HEADER_BYTES, encode_durable,
+    encode_segment_header, seal_frame, segment_file_name,
 };
 pub use reader::{JournalEnd, JournalError, list_segments, scan, scan_pipelined};
 use storage::{SegmentFile, Storage};
@@ -81,6 +81,31 @@ pub struct JournalWriter {
     last_sync: Instant,
     poisoned: bool,
     bytes_written: u64,
+    /// `journal/durable`: the durable watermark for readers outside the engine (see
+    /// `docs/journal-format.md`); `None` if it could not be opened (readers then fall back).
+    durable_file: Option<std::fs::File>,
+    /// The watermark last written there.
+    published_seq: u64,
+    /// When writing it last failed (warnings are rate-limited; a stale value is safe).
+    publish_failed_at: Option<Instant>,
+}
+
+/// Opens (creating if needed) the durable-watermark file of a journal directory.
+fn open_durable_file(dir: &Path) -> Option<std::fs::File> {
+    let path = dir.join(DURABLE_FILE_NAME);
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+    {
+        Ok(file) => Some(file),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot open the durable-watermark file; journal tailers will not see new records");
+            None
+        }
+    }
 }
 
 impl JournalWriter {
@@ -108,9 +133,15 @@ impl JournalWriter {
                 tracing::warn!(file = %path.display(), offset = torn_at, "cut a torn tail (records never acknowledged)");
             }
             write_offset = *offset;
+            // What recovery found may still be only in the page cache (the previous process
+            // crashed before its sync): make it durable before it is published as such.
+            if config.sync != SyncMode::None && write_offset > 0 {
+                file.sync_range(0, write_offset)?;
+            }
             segment = Some(file);
         }
-        Ok(JournalWriter {
+        let durable_file = open_durable_file(&config.dir);
+        let mut writer = JournalWriter {
             storage,
             config,
             segment,
@@ -123,7 +154,38 @@ impl JournalWriter {
             last_sync: Instant::now(),
             poisoned: false,
             bytes_written: 0,
-        })
+            durable_file,
+            published_seq: u64::MAX,
+            publish_failed_at: None,
+        };
+        writer.publish_durable();
+        Ok(writer)
+    }
+
+    /// Writes the durable watermark to `journal/durable` (one `pwrite` of 24 bytes, no fsync:
+    /// it is written only after the records it names are durable, and a stale, lower value
+    /// is safe for its readers).
+    fn publish_durable(&mut self) {
+        if self.published_seq == self.durable_seq {
+            return;
+        }
+        let Some(file) = self.durable_file.as_ref() else {
+            return;
+        };
+        use std::os::unix::fs::FileExt;
+        let bytes = encode_durable(self.durable_seq, self.last_crc);
+        match file.write_all_at(&bytes, 0) {
+            Ok(()) => self.published_seq = self.durable_seq,
+            Err(e) => {
+                if self
+                    .publish_failed_at
+                    .is_none_or(|t| t.elapsed() > Duration::from_secs(10))
+                {
+                    tracing::warn!(error = %e, seq = self.durable_seq, "writing the durable-watermark file failed; tailers see an older value");
+                    self.publish_failed_at = Some(Instant::now());
+                }
+            }
+        }
     }
 
     pub fn next_seq(&self) -> u64 {
@@ -249,6 +311,9 @@ impl JournalWriter {
         }
         self.last_sync = Instant::now();
         self.durable_seq = self.next_seq - 1;
+        // `last_crc` is the frame checksum of the record ending at `durable_seq`: everything
+        // appended is committed here.
+        self.publish_durable();
         Ok(self.durable_seq)
     }
 }

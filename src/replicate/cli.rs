@@ -98,6 +98,10 @@ pub struct RedisReplicateArgs {
     /// Stop when every node has caught up with the end of the source, and print events/s.
     #[arg(long)]
     pub once: bool,
+    /// Rebuild (clear and replay from sequence 1) a node whose `wallet:applied_record` differs
+    /// from the source's record at its `wallet:applied_seq`, instead of exiting with an error.
+    #[arg(long)]
+    pub rebuild: bool,
 }
 
 #[derive(Args)]
@@ -221,6 +225,7 @@ pub fn run_replicate(args: ReplicateArgs) -> anyhow::Result<ExitCode> {
         batch_events: args.batch_events.max(2),
         once: args.once,
         metrics: None,
+        rebuild: args.rebuild,
     };
     let report = runtime()?.block_on(super::redis::run(&options))?;
     println!(

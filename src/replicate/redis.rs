@@ -3,6 +3,11 @@
 //! Per node, the keys are
 //! - `wallet:balance:<account id>`: a hash, field = ISO currency code, value = minor units;
 //! - `wallet:applied_seq`: every event at or below it is reflected on this node;
+//! - `wallet:applied_record`: the identity (`<transaction uuid>@<timestamp_ns>`, see
+//!   [`RecordId`]) of the source record that ends at `wallet:applied_seq`, written together
+//!   with it; a restarted replicator checks it against its source and refuses to continue on a
+//!   mismatch (the node was fed by another journal, or by a tail the engine lost) unless told
+//!   to `--rebuild` such nodes;
 //! - `wallet:map_version`: the partition map version whose routing this node's keys follow.
 //!
 //! Exactly once: a node's balances and its `wallet:applied_seq` change in one Lua script, which
@@ -11,8 +16,13 @@
 //! a restart without persistence). Such a node is rebuilt ("resync") from the replicator's own
 //! copy of every balance. Balances are written as absolute values, so a batch applied again
 //! after a lost reply changes nothing; events at or below a node's `wallet:applied_seq` are never
-//! written there. A restarted replicator reads the source from sequence 1 to rebuild its copy of
-//! the balances and writes only what each node has not applied.
+//! written there. A restarted replicator needs its copy of every balance again: it loads the
+//! newest snapshot of the engine (`serve --snapshot-every`, `wallet snapshot`) at or before the
+//! lowest applied sequence of its nodes and reads the journal from there (whole earlier
+//! segments are skipped). From an engine URL, when every node follows the map, it reads the
+//! balances the nodes hold and the stream from after their lowest applied sequence. Otherwise
+//! it reads the source from sequence 1. Either way it writes only what each node has not
+//! applied.
 //!
 //! Reader protocol (see `docs/zookeeper-layout.md`): read the map (version v) from ZooKeeper,
 //! route the account, then on that node `MULTI; GET wallet:map_version; HGETALL
@@ -31,19 +41,21 @@ use anyhow::{Context, bail};
 use redis::aio::MultiplexedConnection;
 use tokio::sync::watch;
 
-use super::source::{AccountRef, Item, Source};
+use super::source::{AccountRef, Item, RecordId, Source};
 use super::zk::{self, Layout, PartitionMap};
 use super::{failpoint, failpoint_armed};
 use crate::core::Currency;
 
 pub const BALANCE_PREFIX: &str = "wallet:balance:";
 pub const APPLIED_SEQ_KEY: &str = "wallet:applied_seq";
+pub const APPLIED_RECORD_KEY: &str = "wallet:applied_record";
 pub const MAP_VERSION_KEY: &str = "wallet:map_version";
 /// Accounts per pipelined chunk when whole nodes are rebuilt or keys moved.
 const CHUNK_ACCOUNTS: usize = 2000;
 
-/// Applies one batch to one node. ARGV: expected map version, the applied sequence the
-/// replicator last saw on the node, the new applied sequence, then per account: key, field
+/// Applies one batch to one node. KEYS: map version, applied sequence, applied record. ARGV:
+/// expected map version, the applied sequence the replicator last saw on the node, the new
+/// applied sequence, the identity of the record ending there, then per account: key, field
 /// count, and field/value pairs.
 static APPLY_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
@@ -60,7 +72,7 @@ end
 if applied < tonumber(ARGV[2]) then
   return redis.error_reply('WALLET_STALE applied_seq is ' .. applied .. ', expected at least ' .. ARGV[2])
 end
-local i = 4
+local i = 5
 local n = #ARGV
 while i <= n do
   local key = ARGV[i]
@@ -71,6 +83,7 @@ while i <= n do
   i = i + 2 + 2 * fields
 end
 redis.call('SET', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[3], ARGV[4])
 return 1
 ",
     )
@@ -97,14 +110,37 @@ pub async fn connect(address: &str) -> anyhow::Result<MultiplexedConnection> {
 
 /// What a node says about itself: its applied sequence and map version.
 pub async fn probe(conn: &mut MultiplexedConnection) -> redis::RedisResult<(u64, Option<String>)> {
-    let (applied, version): (Option<u64>, Option<String>) = redis::pipe()
+    let (applied, version, _) = probe_record(conn).await?;
+    Ok((applied, version))
+}
+
+/// `probe` plus the stored identity of the record at the applied sequence.
+pub async fn probe_record(
+    conn: &mut MultiplexedConnection,
+) -> redis::RedisResult<(u64, Option<String>, Option<String>)> {
+    let (applied, version, record): (Option<u64>, Option<String>, Option<String>) = redis::pipe()
+        .atomic()
         .cmd("GET")
         .arg(APPLIED_SEQ_KEY)
         .cmd("GET")
         .arg(MAP_VERSION_KEY)
+        .cmd("GET")
+        .arg(APPLIED_RECORD_KEY)
         .query_async(conn)
         .await?;
-    Ok((applied.unwrap_or(0), version))
+    Ok((applied.unwrap_or(0), version, record))
+}
+
+/// Adds to `pipe` the commands that store `record` as the identity at the applied sequence.
+fn set_applied_record(pipe: &mut redis::Pipeline, record: Option<&RecordId>) {
+    match record {
+        Some(record) => pipe
+            .cmd("SET")
+            .arg(APPLIED_RECORD_KEY)
+            .arg(record.to_string())
+            .ignore(),
+        None => pipe.cmd("DEL").arg(APPLIED_RECORD_KEY).ignore(),
+    };
 }
 
 /// The replicator's copy of every account and balance, at `seq`.
@@ -116,6 +152,8 @@ pub struct Directory {
     by_name: HashMap<Box<str>, u32>,
     /// The last event applied (0: none).
     pub seq: u64,
+    /// The identity of the source record that ends at `seq`.
+    pub record: Option<RecordId>,
 }
 
 impl Directory {
@@ -174,6 +212,22 @@ impl Directory {
 
     pub fn index_of(&self, name: &str) -> Option<u32> {
         self.by_name.get(name).copied()
+    }
+
+    /// Every account and balance of `ledger` (a snapshot), at its last sequence.
+    pub fn from_ledger(ledger: &crate::core::Ledger) -> anyhow::Result<Directory> {
+        let mut dir = Directory::default();
+        for index in 0..ledger.account_count() {
+            let name = ledger
+                .account_name(index)
+                .ok_or_else(|| anyhow::anyhow!("snapshot: account index {index} has no id"))?;
+            dir.open(Some(index), name.as_str())?;
+            for (currency, balance) in ledger.balances(index) {
+                dir.set(index, currency, balance);
+            }
+        }
+        dir.seq = ledger.next_seq() - 1;
+        Ok(dir)
     }
 }
 
@@ -276,6 +330,9 @@ pub struct ReplicateOptions {
     pub once: bool,
     /// Where to publish progress (for a `/metrics` endpoint); updated after every batch.
     pub metrics: Option<Arc<Metrics>>,
+    /// A node whose stored record identity differs from the source's is rebuilt from
+    /// sequence 1 instead of stopping the run with an error.
+    pub rebuild: bool,
 }
 
 /// The replicator's progress, readable from other threads.
@@ -356,6 +413,10 @@ struct Replicator {
     map: PartitionMap,
     nodes: Vec<Node>,
     dir: Directory,
+    /// The directory was read from the nodes (an HTTP source resumed after sequence 1): it
+    /// lacks accounts that never had a balance, and may already know accounts opened after its
+    /// sequence (on nodes ahead of it). Such events are taken as they come.
+    dir_from_nodes: bool,
     /// Node index of every account under `map`.
     route: Vec<u16>,
     /// Whether the account is in its node's `dirty` list.
@@ -395,10 +456,10 @@ impl Replicator {
                 );
             }
             match item {
+                Item::Opened { name, .. }
+                    if self.dir_from_nodes && self.dir.index_of(name).is_some() => {}
                 Item::Opened { index, name, .. } => {
-                    self.dir.open(*index, name)?;
-                    self.route.push(route_of(&self.map, name));
-                    self.marked.push(false);
+                    self.open_account(*index, name)?;
                 }
                 Item::Balance {
                     account,
@@ -406,7 +467,13 @@ impl Replicator {
                     balance,
                     ..
                 } => {
-                    let account = self.dir.resolve(account)?;
+                    let account = match (self.dir.resolve(account), account) {
+                        (Ok(a), _) => a,
+                        (Err(_), AccountRef::Name(name)) if self.dir_from_nodes => {
+                            self.open_account(None, name)?
+                        }
+                        (Err(e), _) => return Err(e),
+                    };
                     self.dir.set(account, *currency, *balance);
                     let node = &mut self.nodes[self.route[account as usize] as usize];
                     if seq > node.applied_seq && !self.marked[account as usize] {
@@ -418,6 +485,59 @@ impl Replicator {
             }
             self.dir.seq = seq;
         }
+        Ok(())
+    }
+
+    fn open_account(&mut self, index: Option<u32>, name: &str) -> anyhow::Result<u32> {
+        let account = self.dir.open(index, name)?;
+        self.route.push(route_of(&self.map, name));
+        self.marked.push(false);
+        Ok(account)
+    }
+
+    /// Replaces the directory with what the nodes hold (every node follows the map; each is at
+    /// its own applied sequence, at least `seq`). Reading the source from `seq + 1` on then
+    /// makes it exact: balances are absolute values, and every event after `seq` comes again.
+    async fn directory_from_nodes(&mut self, seq: u64) -> anyhow::Result<()> {
+        let mut dir = Directory::default();
+        for node in &mut self.nodes {
+            let Some(conn) = node.conn.as_mut() else {
+                bail!("Redis node {} is not connected", node.address);
+            };
+            let keys = scan_balance_keys(conn).await?;
+            for chunk in keys.chunks(CHUNK_ACCOUNTS) {
+                let mut pipe = redis::pipe();
+                for key in chunk {
+                    pipe.cmd("HGETALL").arg(key);
+                }
+                let values: Vec<HashMap<String, u64>> =
+                    pipe.query_async(conn).await.with_context(|| {
+                        format!("reading the balances of Redis node {}", node.address)
+                    })?;
+                for (key, fields) in chunk.iter().zip(values) {
+                    let name = key.strip_prefix(BALANCE_PREFIX).unwrap_or(key);
+                    let account = dir
+                        .open(None, name)
+                        .with_context(|| format!("Redis node {}: {key}", node.address))?;
+                    for (code, balance) in fields {
+                        let currency = Currency::new(&code).map_err(|e| {
+                            anyhow::anyhow!(
+                                "Redis node {}: {key} field {code:?}: {e}",
+                                node.address
+                            )
+                        })?;
+                        dir.set(account, currency, balance);
+                    }
+                }
+            }
+        }
+        dir.seq = seq;
+        self.route = (0..dir.len() as u32)
+            .map(|a| route_of(&self.map, dir.name(a)))
+            .collect();
+        self.marked = vec![false; dir.len()];
+        self.dir = dir;
+        self.dir_from_nodes = true;
         Ok(())
     }
 
@@ -477,6 +597,7 @@ impl Replicator {
         }
         let version = self.version();
         let target = self.dir.seq;
+        let record = self.dir.record.map(|r| r.to_string()).unwrap_or_default();
         let mut writes = Vec::new();
         for i in 0..self.nodes.len() {
             let node = &self.nodes[i];
@@ -493,12 +614,14 @@ impl Replicator {
             // EVALSHA with the arguments packed into one buffer (no allocation per argument).
             let mut cmd = redis::cmd("EVALSHA");
             cmd.arg(APPLY_SCRIPT.get_hash())
-                .arg(2)
+                .arg(3)
                 .arg(MAP_VERSION_KEY)
                 .arg(APPLIED_SEQ_KEY)
+                .arg(APPLIED_RECORD_KEY)
                 .arg(&version)
                 .arg(node.applied_seq)
-                .arg(target);
+                .arg(target)
+                .arg(&record);
             node.inflight = std::mem::take(&mut node.dirty);
             for &account in &node.inflight {
                 self.marked[account as usize] = false;
@@ -677,6 +800,7 @@ impl Replicator {
                 pipe.cmd("DEL").arg(keys).ignore();
             }
             pipe.cmd("SET").arg(APPLIED_SEQ_KEY).arg(seq).ignore();
+            set_applied_record(&mut pipe, self.dir.record.as_ref());
             pipe.cmd("SET").arg(MAP_VERSION_KEY).arg(&version).ignore();
             match pipe.query_async::<()>(&mut conn).await {
                 Ok(()) => {
@@ -863,13 +987,14 @@ async fn resync(
         .collect();
     write_accounts(conn, dir, &mine).await?;
     if let Some(version) = finish {
-        redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .cmd("SET")
             .arg(APPLIED_SEQ_KEY)
             .arg(dir.seq)
-            .ignore()
-            .cmd("SET")
+            .ignore();
+        set_applied_record(&mut pipe, dir.record.as_ref());
+        pipe.cmd("SET")
             .arg(MAP_VERSION_KEY)
             .arg(version)
             .ignore()
@@ -889,6 +1014,67 @@ async fn retire(conn: &mut MultiplexedConnection, new_version: u64) -> anyhow::R
     let keys = scan_balance_keys(conn).await?;
     for chunk in keys.chunks(1000) {
         redis::cmd("DEL").arg(chunk).query_async::<()>(conn).await?;
+    }
+    Ok(())
+}
+
+/// Checks that the record each node names as the one at its applied sequence is the source's
+/// record there. A node fed by another journal, or by a journal tail the engine lost in a power
+/// failure, would otherwise skip the source's events up to its applied sequence for good.
+async fn check_identities(
+    replicator: &mut Replicator,
+    source: &mut Source,
+    stored: Vec<(usize, Option<String>)>,
+    options: &ReplicateOptions,
+) -> anyhow::Result<()> {
+    for (i, stored) in stored {
+        let node = &mut replicator.nodes[i];
+        let seq = node.applied_seq;
+        if seq == 0 {
+            continue;
+        }
+        let Some(stored) = stored else {
+            tracing::warn!(node = %node.address, seq, "node has no {APPLIED_RECORD_KEY} (written by an older replicator): its journal identity cannot be checked; it is stored with the next batch");
+            continue;
+        };
+        let theirs = RecordId::parse(&stored)
+            .with_context(|| format!("Redis node {}: {APPLIED_RECORD_KEY}", node.address))?;
+        let ours = source
+            .record_at(seq)
+            .await
+            .with_context(|| format!("reading the source's record at sequence {seq}"))?;
+        let problem = match ours {
+            Some((ours, true)) if ours == theirs => continue,
+            Some((ours, ends)) => format!(
+                "Redis node {} has applied up to sequence {seq}, recorded as {theirs}, but the source's record there is {ours}{}: the node holds data from another journal, or from a tail this journal lost",
+                node.address,
+                if ends {
+                    ""
+                } else {
+                    " (which does not even end there)"
+                }
+            ),
+            None => format!(
+                "Redis node {} has applied up to sequence {seq} (record {theirs}), but the source {} does not reach it: wrong source, or a journal that lost its tail",
+                node.address, options.source
+            ),
+        };
+        if !options.rebuild {
+            bail!(
+                "{problem}; rerun with --rebuild to clear that node and replay it from sequence 1"
+            );
+        }
+        tracing::warn!("{problem}; rebuilding it (--rebuild)");
+        node.needs_resync = true;
+        node.applied_seq = 0;
+        if let Some(conn) = node.conn.as_mut() {
+            redis::cmd("SET")
+                .arg(MAP_VERSION_KEY)
+                .arg("resync")
+                .query_async::<()>(conn)
+                .await
+                .with_context(|| format!("invalidating Redis node {}", node.address))?;
+        }
     }
     Ok(())
 }
@@ -926,19 +1112,23 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         lag_last: Duration::ZERO,
         lag_max: Duration::ZERO,
         last_read_started: None,
+        dir_from_nodes: false,
     };
     let version = replicator.version();
+    // Per node that follows the map: its stored record identity, checked against the source.
+    let mut stored_records = Vec::new();
     for address in replicator.map.nodes.clone() {
         let mut node = Node::new(&address);
         if node.ensure_connected().await
             && let Some(conn) = node.conn.as_mut()
         {
-            match probe(conn).await {
-                Ok((applied, Some(v))) if v == version => {
+            match probe_record(conn).await {
+                Ok((applied, Some(v), record)) if v == version => {
                     node.applied_seq = applied;
                     node.needs_resync = false;
+                    stored_records.push((replicator.nodes.len(), record));
                 }
-                Ok((applied, v)) => {
+                Ok((applied, v, _)) => {
                     tracing::info!(node = %address, applied, version = ?v, expected = %version, "node does not follow the current map; it will be rebuilt");
                     // Readers must stop trusting it now, before anything else moves.
                     let invalidate = redis::cmd("SET")
@@ -955,6 +1145,8 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         }
         replicator.nodes.push(node);
     }
+    let mut source = Source::open(&options.source)?;
+    check_identities(&mut replicator, &mut source, stored_records, options).await?;
     let resume = replicator
         .nodes
         .iter()
@@ -962,9 +1154,42 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         .map(|n| n.applied_seq)
         .min()
         .unwrap_or(0);
-    tracing::info!(resume_after = resume, nodes = replicator.nodes.len(), source = %options.source, "replicator starting");
+    // The replicator's copy of every balance must be complete before the first write: from a
+    // snapshot of the engine at or before `resume` (the journal segments before it are not
+    // read), else from sequence 1.
+    if let Some(ledger) = source.start_from_snapshot(resume)? {
+        let dir = Directory::from_ledger(&ledger)?;
+        replicator.route = (0..dir.len() as u32)
+            .map(|a| route_of(&replicator.map, dir.name(a)))
+            .collect();
+        replicator.marked = vec![false; dir.len()];
+        replicator.dir = dir;
+        let seq = replicator.dir.seq;
+        if seq > 0 {
+            replicator.dir.record = source.record_at(seq).await?.map(|(id, _)| id);
+        }
+        tracing::info!(
+            snapshot_seq = seq,
+            accounts = replicator.dir.len(),
+            "starting from the engine's snapshot; the journal before it is not read"
+        );
+    } else if resume > 0
+        && matches!(source, Source::Http(_))
+        && replicator.nodes.iter().all(|n| !n.needs_resync)
+    {
+        // An engine URL has no snapshot, but every node follows the map: together they hold
+        // every balance, each as of its own applied sequence, all at or after `resume`.
+        replicator.directory_from_nodes(resume).await?;
+        replicator.dir.record = source.record_at(resume).await?.map(|(id, _)| id);
+        source.start_at(resume + 1)?;
+        tracing::info!(
+            from_nodes_seq = resume,
+            accounts = replicator.dir.len(),
+            "starting from the balances on the Redis nodes; the event stream is read from after it"
+        );
+    }
+    tracing::info!(resume_after = resume, from_seq = replicator.dir.seq + 1, nodes = replicator.nodes.len(), source = %options.source, "replicator starting");
 
-    let mut source = Source::open(&options.source)?;
     let started = Instant::now();
     let mut items = Vec::with_capacity(options.batch_events);
     let mut last_status = Instant::now();
@@ -998,6 +1223,9 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
             }
         }
         replicator.ingest(&items)?;
+        if !items.is_empty() {
+            replicator.dir.record = source.last_record();
+        }
         // The events just read appeared after the previous read started.
         replicator.last_read_started = Some(previous_read_started);
         previous_read_started = read_started;

@@ -4,6 +4,7 @@
 //!
 //! Both yield the same [`Item`]s in sequence order, one per event, every sequence number once.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -14,8 +15,8 @@ use anyhow::{Context, bail};
 use crate::core::codec::decode_record;
 use crate::core::{Currency, EventKind};
 use crate::journal::format::{
-    FRAME_HEADER_BYTES, MAX_FRAME_BYTES, SEGMENT_HEADER_BYTES, check_frame, decode_segment_header,
-    read_u32,
+    DURABLE_FILE_BYTES, DURABLE_FILE_NAME, FRAME_HEADER_BYTES, MAX_FRAME_BYTES,
+    SEGMENT_HEADER_BYTES, check_frame, decode_durable, decode_segment_header, read_u32,
 };
 use crate::journal::{journal_dir, list_segments};
 
@@ -51,6 +52,53 @@ impl Item {
         match self {
             Item::Opened { seq, .. } | Item::Balance { seq, .. } | Item::Other { seq } => *seq,
         }
+    }
+}
+
+/// What identifies one journal record in both sources: its transaction id and the engine's
+/// timestamp of it. Projections store the identity of the record at their applied sequence, and
+/// a replicator that resumes checks it against the source: a projection fed by another journal,
+/// or by a tail the engine lost, has another record there (a command retried after a lost tail
+/// gets a new timestamp). Shown and stored as `<uuid>@<timestamp_ns>`.
+///
+/// (The frame checksum would be stronger, as it chains every earlier record, but the engine's
+/// event stream does not know it: the views never see frames.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordId {
+    pub transaction_id: u128,
+    pub timestamp_ns: u64,
+}
+
+impl RecordId {
+    pub fn of(record: &crate::core::CommandRecord) -> RecordId {
+        RecordId {
+            transaction_id: record.transaction_id.0,
+            timestamp_ns: record.timestamp_ns,
+        }
+    }
+
+    /// Parses the stored form `<uuid>@<timestamp_ns>`.
+    pub fn parse(text: &str) -> anyhow::Result<RecordId> {
+        let parsed = text.split_once('@').and_then(|(uuid, ts)| {
+            Some(RecordId {
+                transaction_id: uuid::Uuid::try_parse(uuid).ok()?.as_u128(),
+                timestamp_ns: ts.parse().ok()?,
+            })
+        });
+        parsed.ok_or_else(|| {
+            anyhow::anyhow!("bad record identity {text:?} (want <uuid>@<timestamp_ns>)")
+        })
+    }
+}
+
+impl std::fmt::Display for RecordId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}@{}",
+            uuid::Uuid::from_u128(self.transaction_id).hyphenated(),
+            self.timestamp_ns
+        )
     }
 }
 
@@ -101,6 +149,113 @@ impl Source {
             Source::Http(http) => http.next_seq,
         }
     }
+
+    /// Like `fetch`, but whole command records (what the SQL replicator needs). From the HTTP
+    /// source they are rebuilt from the event lines, see [`HttpSource::fetch_records`].
+    pub async fn fetch_records(
+        &mut self,
+        max_events: usize,
+        wait: Duration,
+        out: &mut Vec<crate::core::CommandRecord>,
+    ) -> anyhow::Result<()> {
+        match self {
+            Source::Journal(tail) => {
+                let before = out.len();
+                tail.fetch_records(max_events, out)?;
+                if out.len() == before && !wait.is_zero() {
+                    tokio::time::sleep(wait.min(Duration::from_millis(5))).await;
+                }
+                Ok(())
+            }
+            Source::Http(http) => http.fetch_records(max_events, wait, out).await,
+        }
+    }
+
+    /// For a data-directory source: the newest valid snapshot of its engine whose state is at
+    /// or before `seq` (its next sequence at most `seq + 1`); the tail then starts right after
+    /// it, skipping the journal segments before. `None` (the source still starts at 1): an
+    /// engine URL, no such snapshot, or `seq` 0.
+    pub fn start_from_snapshot(&mut self, seq: u64) -> anyhow::Result<Option<crate::core::Ledger>> {
+        let Source::Journal(tail) = self else {
+            return Ok(None);
+        };
+        if seq == 0 {
+            return Ok(None);
+        }
+        let Some(data_dir) = tail.dir.parent() else {
+            return Ok(None);
+        };
+        let snapshots = crate::journal::snapshot_dir(data_dir);
+        let Some(ledger) = crate::journal::snapshot::load_newest(
+            &snapshots,
+            crate::core::LedgerConfig::default(),
+            Some(seq + 1),
+        ) else {
+            return Ok(None);
+        };
+        tail.start_at(ledger.next_seq())?;
+        Ok(Some(ledger))
+    }
+
+    /// Starts an engine-URL source at `seq` (`from_seq`) instead of 1; a data-directory source
+    /// at the record that begins there (see [`JournalTail::start_at`]). Only before the first
+    /// fetch.
+    pub fn start_at(&mut self, seq: u64) -> anyhow::Result<()> {
+        match self {
+            Source::Journal(tail) => tail.start_at(seq),
+            Source::Http(http) => {
+                if http.next_seq != 1 {
+                    bail!("the event stream was already read");
+                }
+                http.next_seq = seq.max(1);
+                Ok(())
+            }
+        }
+    }
+
+    /// The identity of the last record yielded (the one ending at `next_seq() - 1`).
+    pub fn last_record(&self) -> Option<RecordId> {
+        match self {
+            Source::Journal(tail) => tail.last_record,
+            Source::Http(http) => http.last_record,
+        }
+    }
+
+    /// The identity of the record that holds event `seq`, and whether that record ends there;
+    /// read apart from the stream (the source does not move). `Ok(None)`: the source does not
+    /// reach `seq`.
+    pub async fn record_at(&mut self, seq: u64) -> anyhow::Result<Option<(RecordId, bool)>> {
+        match self {
+            Source::Journal(tail) => {
+                let dir = tail.dir.clone();
+                tokio::task::spawn_blocking(move || journal_record_at(&dir, seq)).await?
+            }
+            Source::Http(http) => http.record_at(seq).await,
+        }
+    }
+}
+
+/// The identity of the journal record that holds `seq` and whether it ends there (see
+/// [`Source::record_at`]).
+pub fn journal_record_at(dir: &Path, seq: u64) -> anyhow::Result<Option<(RecordId, bool)>> {
+    let mut found = None;
+    // `scan` visits records that begin at or after its start: begin where the record that
+    // holds `seq` can begin at the earliest.
+    let from = seq
+        .saturating_sub(crate::core::command::MAX_EVENTS_PER_COMMAND as u64 - 1)
+        .max(1);
+    let result = crate::journal::scan(dir, from, |record| {
+        if record.next_seq() > seq {
+            found = Some(*record);
+            return Err("found".into());
+        }
+        Ok(())
+    });
+    match result {
+        Ok(_) | Err(crate::journal::JournalError::Visitor { .. }) => {}
+        Err(e) => return Err(anyhow::Error::from(e).context("reading the journal")),
+    }
+    Ok(found.map(|record| (RecordId::of(&record), record.next_seq() - 1 == seq)))
 }
 
 fn items_of_record(record: &crate::core::CommandRecord, out: &mut Vec<Item>) {
@@ -138,11 +293,13 @@ struct OpenSegment {
 /// checksum chain like `journal::scan`, but reading only the new bytes on each call (positioned
 /// reads, no re-scan of the segment).
 ///
-/// Records are read as soon as they are complete in the page cache, which with `--sync batch`
-/// can be a moment before the engine's msync returns. A crash of the engine process loses
-/// nothing written there; a power loss can, and then the projection may be ahead of the
-/// recovered journal (reconcile reports it). Use the HTTP source to replicate durable records
-/// only.
+/// Durable records only: the journal writer rewrites `journal/durable` (24 bytes, see
+/// `docs/journal-format.md`) after every successful sync, and the tail yields no record beyond
+/// the sequence written there, so a record in the page cache whose msync has not returned yet
+/// is never replicated (a power loss cannot leave a projection ahead of the recovered journal).
+/// Fallback: when the file does not exist (a journal written by an engine older than the file),
+/// records are yielded as soon as they are complete in the page cache, as before; with
+/// `--sync none` the engine calls records durable without syncing, and so does the file.
 pub struct JournalTail {
     dir: PathBuf,
     segment: Option<OpenSegment>,
@@ -157,6 +314,16 @@ pub struct JournalTail {
     header_stuck_since: Option<Instant>,
     /// Records of the last `fetch`, kept to reuse the allocation.
     scratch: Vec<crate::core::CommandRecord>,
+    /// The durable watermark read from `journal/durable` (`None`: no such file, no limit).
+    durable_limit: Option<u64>,
+    /// Since when the durable file has not verified (a torn read is retried; a lasting one is
+    /// reported).
+    durable_bad_since: Option<Instant>,
+    /// The identity of the last record yielded (see [`RecordId`]).
+    last_record: Option<RecordId>,
+    /// Records before this sequence are verified (chain) but not yielded; reading starts in
+    /// the segment that holds it, skipping whole earlier segments.
+    start_seq: u64,
 }
 
 const MIN_READ_BYTES: usize = 64 << 10;
@@ -174,7 +341,69 @@ impl JournalTail {
             stuck_since: None,
             header_stuck_since: None,
             scratch: Vec::new(),
+            durable_limit: None,
+            durable_bad_since: None,
+            last_record: None,
+            start_seq: 1,
         }
+    }
+
+    /// Makes the tail start at `seq` (a record boundary, e.g. a snapshot's next sequence)
+    /// instead of 1: the segments before the one that holds it are not read at all. Only
+    /// before the first fetch.
+    pub fn start_at(&mut self, seq: u64) -> anyhow::Result<()> {
+        if self.segment.is_some() || self.next_seq != 1 {
+            bail!("the journal tail already started");
+        }
+        self.start_seq = seq.max(1);
+        Ok(())
+    }
+
+    /// The durable watermark this tail obeys (`None`: the journal has no durable file).
+    pub fn durable_limit(&self) -> Option<u64> {
+        self.durable_limit
+    }
+
+    /// The identity of the last record yielded.
+    pub fn last_record(&self) -> Option<&RecordId> {
+        self.last_record.as_ref()
+    }
+
+    /// Re-reads `journal/durable`. A missing file means no limit; a file that does not verify
+    /// (a read racing the writer's rewrite) keeps the previous limit, and is an error only when
+    /// it stays bad for seconds.
+    fn refresh_durable_limit(&mut self) -> anyhow::Result<()> {
+        let path = self.dir.join(DURABLE_FILE_NAME);
+        let mut bytes = [0u8; DURABLE_FILE_BYTES];
+        let read = match File::open(&path) {
+            Ok(file) => file.read_exact_at(&mut bytes, 0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.durable_limit = None;
+                return Ok(());
+            }
+            Err(e) => Err(e),
+        };
+        let decoded = match read {
+            Ok(()) => decode_durable(&bytes).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match decoded {
+            Ok((seq, _)) => {
+                self.durable_bad_since = None;
+                // Never lower: a stale read of an older value is possible, a lower watermark
+                // is not.
+                self.durable_limit = Some(self.durable_limit.unwrap_or(0).max(seq));
+            }
+            Err(reason) => {
+                let since = *self.durable_bad_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(5) {
+                    bail!("{}: {reason}", path.display());
+                }
+                // Until it verifies, nothing new is yielded beyond the last good value.
+                self.durable_limit = Some(self.durable_limit.unwrap_or(0));
+            }
+        }
+        Ok(())
     }
 
     /// Opens the segment at `path` as the current one. Returns `false` while its header is not
@@ -194,13 +423,15 @@ impl JournalTail {
         };
         self.header_stuck_since = None;
         if first {
-            if header.first_seq != 1 {
+            if header.first_seq > self.start_seq {
                 bail!(
-                    "{}: the journal starts at sequence {}, not 1",
+                    "{}: the journal starts at sequence {}, after {}",
                     path.display(),
-                    header.first_seq
+                    header.first_seq,
+                    self.start_seq
                 );
             }
+            self.next_seq = header.first_seq;
             self.last_crc = header.prev_crc;
         } else if header.first_seq != self.next_seq || header.prev_crc != self.last_crc {
             bail!(
@@ -254,7 +485,12 @@ impl JournalTail {
     ) -> anyhow::Result<()> {
         if self.segment.is_none() {
             let segments = list_segments(&self.dir)?;
-            let Some((_, path)) = segments.first() else {
+            // The last segment that begins at or before the start (segments are named by their
+            // first sequence).
+            let start = segments
+                .iter()
+                .rposition(|(first, _)| *first <= self.start_seq);
+            let Some((_, path)) = start.and_then(|i| segments.get(i)).or(segments.first()) else {
                 return Ok(());
             };
             let path = path.clone();
@@ -262,6 +498,7 @@ impl JournalTail {
                 return Ok(());
             }
         }
+        self.refresh_durable_limit()?;
         let mut events = 0usize;
         while events < max_events {
             let (progressed, added) = self.read_chunk(max_events - events, out)?;
@@ -309,6 +546,14 @@ impl JournalTail {
                 break; // the frame continues past this read
             }
             match check_frame(&self.buffer[at..]) {
+                // Written, but not durable yet.
+                Ok(frame)
+                    if self
+                        .durable_limit
+                        .is_some_and(|limit| frame.sequence > limit) =>
+                {
+                    break;
+                }
                 Ok(frame) => {
                     if frame.sequence != self.next_seq || frame.prev_crc != self.last_crc {
                         bail!(
@@ -327,10 +572,13 @@ impl JournalTail {
                             frame.sequence
                         )
                     })?;
-                    events += record.event_count as usize;
                     self.next_seq = record.next_seq();
                     self.last_crc = frame.crc;
-                    out.push(record);
+                    self.last_record = Some(RecordId::of(&record));
+                    if record.first_seq >= self.start_seq {
+                        events += record.event_count as usize;
+                        out.push(record);
+                    }
                     at += frame.length;
                 }
                 Err(_) => {
@@ -407,15 +655,41 @@ pub struct HttpSource {
     authority: String,
     sender: Option<hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>>,
     next_seq: u64,
+    last_record: Option<RecordId>,
+    /// Account index by id, in opening order (the engine's dense index), for `fetch_records`.
+    indexes: HashMap<String, u32>,
 }
 
 #[derive(serde::Deserialize)]
 struct EventLine {
     sequence: u64,
     kind: String,
+    transaction_id: String,
+    timestamp_ns: u64,
     account_id: Option<String>,
     currency: Option<String>,
+    amount: Option<String>,
     balance_after: Option<String>,
+    code: Option<String>,
+    state_hash: Option<String>,
+}
+
+impl EventLine {
+    fn record_id(&self) -> anyhow::Result<RecordId> {
+        let transaction_id = uuid::Uuid::try_parse(&self.transaction_id)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "event {}: bad transaction_id {:?}: {e}",
+                    self.sequence,
+                    self.transaction_id
+                )
+            })?
+            .as_u128();
+        Ok(RecordId {
+            transaction_id,
+            timestamp_ns: self.timestamp_ns,
+        })
+    }
 }
 
 /// Parses a decimal amount such as `"12.30"` (zero allowed) into minor units of `currency`.
@@ -453,7 +727,39 @@ impl HttpSource {
             authority: authority.to_string(),
             sender: None,
             next_seq: 1,
+            last_record: None,
+            indexes: HashMap::new(),
         })
+    }
+
+    /// The event lines from `from_seq` on, at most `limit`, waiting up to `wait` for the first.
+    async fn lines(
+        &mut self,
+        from_seq: u64,
+        limit: usize,
+        wait: Duration,
+    ) -> anyhow::Result<Vec<EventLine>> {
+        let path = format!(
+            "/v1/wallet/events?from_seq={from_seq}&limit={limit}&wait_ms={}",
+            wait.as_millis().min(30_000)
+        );
+        let body = self.get(&path).await?;
+        body.split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|line| {
+                serde_json::from_slice(line)
+                    .with_context(|| format!("bad event line {:?}", String::from_utf8_lossy(line)))
+            })
+            .collect()
+    }
+
+    async fn record_at(&mut self, seq: u64) -> anyhow::Result<Option<(RecordId, bool)>> {
+        let lines = self.lines(seq, 2, Duration::ZERO).await?;
+        let Some(line) = lines.iter().find(|l| l.sequence == seq) else {
+            return Ok(None);
+        };
+        // A transfer's debit is followed by its credit in the same record.
+        Ok(Some((line.record_id()?, line.kind != "debited")))
     }
 
     async fn get(&mut self, path: &str) -> anyhow::Result<bytes::Bytes> {
@@ -495,6 +801,167 @@ impl HttpSource {
         result
     }
 
+    /// Rebuilds whole command records from the event lines, with the engine's account indexes
+    /// (accounts are numbered in opening order, so this source must be read from sequence 1).
+    /// The records hold what the projections use: transaction id, timestamp, command type,
+    /// outcome and events. A rejection's line does not say which command was rejected: such a
+    /// record has `command_type` `Checkpoint`, its `rejected` event and the rejection code.
+    /// The fingerprint is not in the stream (0).
+    pub async fn fetch_records(
+        &mut self,
+        max_events: usize,
+        wait: Duration,
+        out: &mut Vec<crate::core::CommandRecord>,
+    ) -> anyhow::Result<()> {
+        use crate::core::{
+            AccountId, CommandRecord, CommandType, Event, RejectCode, TransactionId,
+        };
+        let limit = max_events.clamp(2, 10_000);
+        let lines = self.lines(self.next_seq, limit, wait).await?;
+        let mut expected = self.next_seq;
+        let mut i = 0;
+        while i < lines.len() {
+            let line = &lines[i];
+            i += 1;
+            if line.sequence < expected {
+                continue;
+            }
+            if line.sequence != expected {
+                bail!(
+                    "the event stream skipped from {expected} to {}",
+                    line.sequence
+                );
+            }
+            let id = line.record_id()?;
+            let mut record = CommandRecord::empty();
+            record.transaction_id = TransactionId(id.transaction_id);
+            record.timestamp_ns = id.timestamp_ns;
+            record.first_seq = line.sequence;
+            record.event_count = 1;
+            let kind = |name: &str| -> anyhow::Result<EventKind> {
+                (1..=7)
+                    .filter_map(EventKind::from_u8)
+                    .find(|k| k.name() == name)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("event {}: unknown kind {name:?}", line.sequence)
+                    })
+            };
+            let money = |line: &EventLine| -> anyhow::Result<Event> {
+                let code = line.currency.as_deref().unwrap_or_default();
+                let currency = Currency::new(code).map_err(|e| {
+                    anyhow::anyhow!("event {}: currency {code:?} {e}", line.sequence)
+                })?;
+                let name = line.account_id.as_deref().unwrap_or_default();
+                let account = *self.indexes.get(name).ok_or_else(|| {
+                    anyhow::anyhow!("event {}: account {name:?} was never opened", line.sequence)
+                })?;
+                Ok(Event {
+                    seq: line.sequence,
+                    kind: kind(&line.kind)?,
+                    account,
+                    currency,
+                    amount: parse_minor_units(line.amount.as_deref().unwrap_or(""), currency)?,
+                    balance_after: parse_minor_units(
+                        line.balance_after.as_deref().unwrap_or(""),
+                        currency,
+                    )?,
+                })
+            };
+            match line.kind.as_str() {
+                "account_opened" => {
+                    let name = line.account_id.as_deref().unwrap_or_default();
+                    let account = AccountId::new(name).map_err(|e| {
+                        anyhow::anyhow!("event {}: account id {name:?}: {e}", line.sequence)
+                    })?;
+                    let index = u32::try_from(self.indexes.len())?;
+                    if self.indexes.insert(name.to_string(), index).is_some() {
+                        bail!("event {}: account {name:?} opened twice", line.sequence);
+                    }
+                    record.command_type = CommandType::OpenAccount;
+                    record.opened_account = account;
+                    record.events[0] = Event {
+                        seq: line.sequence,
+                        kind: EventKind::AccountOpened,
+                        account: index,
+                        currency: Currency::NONE,
+                        amount: 0,
+                        balance_after: 0,
+                    };
+                }
+                "deposited" | "withdrawn" => {
+                    record.command_type = if line.kind == "deposited" {
+                        CommandType::Deposit
+                    } else {
+                        CommandType::Withdraw
+                    };
+                    record.events[0] = money(line)?;
+                }
+                "debited" => {
+                    // The credit is the same record: without it in this answer, stop before
+                    // the debit and read both next time.
+                    let Some(credit) = lines.get(i) else {
+                        break;
+                    };
+                    if credit.kind != "credited"
+                        || credit.sequence != line.sequence + 1
+                        || credit.transaction_id != line.transaction_id
+                    {
+                        bail!(
+                            "event {}: a debit not followed by its credit",
+                            line.sequence
+                        );
+                    }
+                    i += 1;
+                    record.command_type = CommandType::Transfer;
+                    record.event_count = 2;
+                    record.events[0] = money(line)?;
+                    record.events[1] = money(credit)?;
+                }
+                "rejected" => {
+                    let code = line.code.as_deref().unwrap_or_default();
+                    let rejection = RejectCode::ALL
+                        .into_iter()
+                        .find(|c| c.code() == code)
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "event {}: unknown rejection code {code:?}",
+                                line.sequence
+                            )
+                        })?;
+                    record.rejection = Some(rejection);
+                    record.events[0] = Event {
+                        seq: line.sequence,
+                        kind: EventKind::Rejected,
+                        account: u32::MAX,
+                        currency: Currency::NONE,
+                        amount: 0,
+                        balance_after: 0,
+                    };
+                }
+                "checkpoint" => {
+                    let text = line.state_hash.as_deref().unwrap_or_default();
+                    let hash = u64::from_str_radix(text, 16).map_err(|e| {
+                        anyhow::anyhow!("event {}: state_hash {text:?}: {e}", line.sequence)
+                    })?;
+                    record.events[0] = Event {
+                        seq: line.sequence,
+                        kind: EventKind::Checkpoint,
+                        account: u32::MAX,
+                        currency: Currency::NONE,
+                        amount: hash,
+                        balance_after: 0,
+                    };
+                }
+                other => bail!("event {}: a lone {other:?} event", line.sequence),
+            }
+            expected = record.next_seq();
+            self.last_record = Some(id);
+            out.push(record);
+        }
+        self.next_seq = expected;
+        Ok(())
+    }
+
     async fn fetch(
         &mut self,
         max_events: usize,
@@ -502,16 +969,10 @@ impl HttpSource {
         out: &mut Vec<Item>,
     ) -> anyhow::Result<()> {
         let limit = max_events.clamp(1, 10_000);
-        let path = format!(
-            "/v1/wallet/events?from_seq={}&limit={limit}&wait_ms={}",
-            self.next_seq,
-            wait.as_millis().min(30_000)
-        );
-        let body = self.get(&path).await?;
+        let lines = self.lines(self.next_seq, limit, wait).await?;
         let mut items = Vec::new();
-        for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            let line: EventLine = serde_json::from_slice(line)
-                .with_context(|| format!("bad event line {:?}", String::from_utf8_lossy(line)))?;
+        for line in lines {
+            let id = line.record_id()?;
             let expected = self.next_seq + items.len() as u64;
             if line.sequence < expected {
                 continue;
@@ -545,15 +1006,18 @@ impl HttpSource {
                 }
                 _ => Item::Other { seq: line.sequence },
             };
-            items.push((item, line.kind == "debited"));
+            items.push((item, line.kind == "debited", id));
         }
         // A transfer's debit and credit are one record: never stop between them, so that every
         // applied sequence is a record boundary (what `reconcile` replays to).
-        if items.last().is_some_and(|(_, debit)| *debit) {
+        if items.last().is_some_and(|(_, debit, _)| *debit) {
             items.pop();
         }
+        if let Some((_, _, id)) = items.last() {
+            self.last_record = Some(*id);
+        }
         self.next_seq += items.len() as u64;
-        out.extend(items.into_iter().map(|(item, _)| item));
+        out.extend(items.into_iter().map(|(item, _, _)| item));
         Ok(())
     }
 }
@@ -676,5 +1140,118 @@ mod tests {
             });
             assert_eq!(last, ledger.balance(index as u32, usd), "{name}");
         }
+    }
+
+    /// The writer publishes its durable watermark in `journal/durable`; the tail yields nothing
+    /// beyond it, and everything when the file is missing (older journals).
+    #[test]
+    fn tail_yields_only_what_the_durable_file_names() {
+        use crate::journal::format::{
+            DURABLE_FILE_BYTES, DURABLE_FILE_NAME, decode_durable, encode_durable,
+        };
+        let data = tempfile::tempdir().expect("tempdir");
+        let dir = journal_dir(data.path());
+        let config = JournalConfig {
+            dir: dir.clone(),
+            segment_size_bytes: 1 << 20,
+            sync: SyncMode::Batch,
+        };
+        let end = JournalEnd {
+            segment: None,
+            next_seq: 1,
+            last_crc: 0,
+            torn_at: None,
+        };
+        let mut writer = JournalWriter::open(Box::new(MmapStorage), config, &end).expect("writer");
+        let mut ledger = Ledger::new(LedgerConfig::default());
+        let usd = Currency::new("USD").expect("usd");
+        let mut records = Vec::new();
+        for i in 0..20u128 {
+            let account = AccountId::new(&format!("a{i}")).expect("id");
+            for kind in [
+                CommandKind::OpenAccount { account },
+                CommandKind::Deposit {
+                    account,
+                    amount: 100,
+                    currency: usd,
+                },
+            ] {
+                let record = ledger.execute(&Command {
+                    transaction_id: TransactionId(records.len() as u128 + 1),
+                    timestamp_ns: 7,
+                    kind,
+                });
+                writer.append(&record).expect("append");
+                records.push(record);
+            }
+        }
+        let durable = writer.commit().expect("commit");
+        assert_eq!(durable, 40);
+        let path = dir.join(DURABLE_FILE_NAME);
+        let bytes = std::fs::read(&path).expect("durable file");
+        assert_eq!(bytes.len(), DURABLE_FILE_BYTES);
+        let (seq, crc) = decode_durable(&bytes).expect("decodes");
+        assert_eq!(seq, 40);
+        assert_ne!(crc, 0, "the last record's frame checksum");
+
+        // Pretend only sequence 10 is durable: the records after it are in the file but not
+        // yielded, however often the tail looks.
+        std::fs::write(&path, encode_durable(10, 0)).expect("write");
+        let mut tail = JournalTail::new(&dir);
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            tail.fetch_records(1000, &mut out).expect("fetch");
+        }
+        assert_eq!(tail.durable_limit(), Some(10));
+        assert_eq!(out.len(), 10, "records 1..=10 only");
+        assert_eq!(tail.next_seq(), 11);
+        assert_eq!(tail.last_record(), Some(&RecordId::of(&records[9])));
+        // A damaged file keeps the last good limit (a torn read is retried).
+        std::fs::write(&path, [0u8; DURABLE_FILE_BYTES]).expect("write");
+        tail.fetch_records(1000, &mut out).expect("fetch");
+        assert_eq!(out.len(), 10);
+        // The watermark moves: the rest follows.
+        std::fs::write(&path, encode_durable(40, crc)).expect("write");
+        tail.fetch_records(1000, &mut out).expect("fetch");
+        assert_eq!(out.len(), 40);
+        // No file at all: everything written is yielded (the fallback).
+        std::fs::remove_file(&path).expect("rm");
+        let mut tail = JournalTail::new(&dir);
+        let mut all = Vec::new();
+        tail.fetch_records(1000, &mut all).expect("fetch");
+        assert_eq!(tail.durable_limit(), None);
+        assert_eq!(all.len(), 40);
+        // The record identity of a sequence: at a record end, and inside none (every record
+        // here is one event).
+        let at = journal_record_at(&dir, 25).expect("scan");
+        assert_eq!(at, Some((RecordId::of(&records[24]), true)));
+        assert_eq!(journal_record_at(&dir, 41).expect("scan"), None);
+        // A transfer is one record of two events: its debit is inside it, its credit ends it.
+        let transfer = ledger.execute(&Command {
+            transaction_id: TransactionId(99),
+            timestamp_ns: 8,
+            kind: CommandKind::Transfer {
+                from: AccountId::new("a1").expect("id"),
+                to: AccountId::new("a2").expect("id"),
+                amount: 5,
+                currency: usd,
+            },
+        });
+        assert_eq!(transfer.event_count, 2);
+        writer.append(&transfer).expect("append");
+        writer.commit().expect("commit");
+        let id = RecordId::of(&transfer);
+        assert_eq!(
+            journal_record_at(&dir, 41).expect("scan"),
+            Some((id, false))
+        );
+        assert_eq!(journal_record_at(&dir, 42).expect("scan"), Some((id, true)));
+        assert_eq!(
+            journal_record_at(&dir, 40).expect("scan"),
+            Some((RecordId::of(&records[39]), true))
+        );
+        let id = RecordId::of(&records[3]);
+        assert_eq!(RecordId::parse(&id.to_string()).ok(), Some(id));
+        assert!(RecordId::parse("nonsense@1").is_err());
     }
 }

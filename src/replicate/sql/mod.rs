@@ -69,9 +69,10 @@ pub fn fatal_unless_connection(error: anyhow::Error) -> anyhow::Error {
 pub struct SqlReplicateArgs {
     #[command(flatten)]
     pub zk: ZkArgs,
-    /// The engine's data directory; its journal is tailed in place, even while `serve` runs.
+    /// The engine's data directory (its journal is tailed in place, even while `serve` runs,
+    /// durable records only), or an engine URL http://host:port (its /v1/wallet/events stream).
     #[arg(long)]
-    pub source: PathBuf,
+    pub source: String,
     /// Apply the missing schema migrations (migrations/*.sql) on every shard first.
     #[arg(long)]
     pub migrate: bool,

@@ -15,7 +15,6 @@
 //! shard what its watermark says it already has: an event is applied exactly once.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -29,7 +28,7 @@ use super::schema::{self, Shard};
 use super::{Fatal, fatal_unless_connection, is_transient};
 use crate::core::{CommandRecord, CommandType, Currency, EventKind};
 use crate::replicate::hash::partition_of;
-use crate::replicate::source::JournalTail;
+use crate::replicate::source::{RecordId, Source};
 use crate::replicate::zk::{self, Layout};
 use crate::replicate::{failpoint, failpoint_armed};
 
@@ -37,8 +36,9 @@ use crate::replicate::{failpoint, failpoint_armed};
 pub struct ReplicateOptions {
     pub zk: String,
     pub zk_root: String,
-    /// The engine's data directory (its journal is tailed in place).
-    pub source: PathBuf,
+    /// The engine's data directory (its journal is tailed in place), or an engine URL
+    /// `http://host:port` (its `/v1/wallet/events` stream).
+    pub source: String,
     /// Apply the missing migrations on every shard at start.
     pub migrate: bool,
     /// Most events per two-phase-commit round (whole records: a transfer is never split).
@@ -99,6 +99,21 @@ impl Directory {
             }
         }
         Ok(())
+    }
+
+    /// The accounts of `ledger` (a snapshot of the engine), by index.
+    fn from_ledger(ledger: &crate::core::Ledger, shard_count: usize) -> anyhow::Result<Directory> {
+        let mut directory = Directory::default();
+        for index in 0..ledger.account_count() {
+            let name = ledger
+                .account_name(index)
+                .ok_or_else(|| anyhow::anyhow!("snapshot: account index {index} has no id"))?;
+            directory.names.push(name.as_str().into());
+            directory
+                .shards
+                .push(partition_of(name.as_str(), shard_count) as u32);
+        }
+        Ok(directory)
     }
 
     fn get(&self, account: u32, seq: u64) -> anyhow::Result<(&str, usize)> {
@@ -218,6 +233,7 @@ async fn prepare_shard(
     rows: ShardRows,
     from: u64,
     to: u64,
+    record: &str,
     gid: &str,
 ) -> anyhow::Result<()> {
     let prepare = gid_statement("PREPARE TRANSACTION", gid)?;
@@ -245,8 +261,10 @@ async fn prepare_shard(
     }
     let moved = client
         .execute(
-            "UPDATE watermark SET applied_seq = $1, updated_at = now() WHERE applied_seq = $2",
-            &[&i64::try_from(to)?, &i64::try_from(from)?],
+            "UPDATE watermark SET applied_seq = $1, updated_at = now(), \
+             applied_record = CASE WHEN $1 = $2 THEN applied_record ELSE $3 END \
+             WHERE applied_seq = $2",
+            &[&i64::try_from(to)?, &i64::try_from(from)?, &record],
         )
         .await?;
     if moved != 1 {
@@ -273,6 +291,48 @@ impl State {
         for c in &mut self.connections {
             *c = None;
         }
+    }
+
+    /// Refuses to continue a shard whose watermark row names another record at its
+    /// `applied_seq` than the source has there (it was fed by another journal, or by a tail
+    /// this journal lost).
+    async fn check_identities(&self, source: &mut Source) -> anyhow::Result<()> {
+        for (i, client) in self.connections.iter().enumerate() {
+            let seq = self.watermarks[i];
+            let Some(client) = client else { continue };
+            if seq == 0 {
+                continue;
+            }
+            let label = &self.shards[i].label;
+            let stored: Option<String> = client
+                .query_one("SELECT applied_record FROM watermark", &[])
+                .await?
+                .try_get(0)?;
+            let Some(stored) = stored else {
+                tracing::warn!(shard = %label, seq, "the watermark row has no applied_record (written by an older replicator): its journal identity cannot be checked; it is written with the next round");
+                continue;
+            };
+            let theirs = RecordId::parse(&stored)
+                .with_context(|| format!("shard {label}: watermark.applied_record"))?;
+            let ours = source
+                .record_at(seq)
+                .await
+                .with_context(|| format!("reading the source's record at sequence {seq}"))?;
+            match ours {
+                Some((ours, true)) if ours == theirs => {}
+                Some((ours, _)) => return Err(Fatal(format!(
+                    "SQL shard {i} ({label}) has applied up to sequence {seq}, recorded as {theirs}, but the source's record there is {ours}: \
+                     the shard holds data from another journal, or from a tail this journal lost; rebuild it into a new database"
+                ))
+                .into()),
+                None => return Err(Fatal(format!(
+                    "SQL shard {i} ({label}) has applied up to sequence {seq} (record {theirs}), but the source does not reach it: \
+                     wrong source, or a journal that lost its tail"
+                ))
+                .into()),
+            }
+        }
+        Ok(())
     }
 
     /// Connects shard `i`: checks the server and the schema, makes sure the watermark row is
@@ -387,6 +447,12 @@ impl State {
     ) -> anyhow::Result<u64> {
         let started = Instant::now();
         let (rows, transfers) = build_rows(records, directory, &self.watermarks)?;
+        // The identity of the record at `batch_end` (see `RecordId`).
+        let record = records
+            .last()
+            .map(|r| RecordId::of(r).to_string())
+            .unwrap_or_default();
+        let record = record.as_str();
         let built = Instant::now();
         let id = coordinator.record.id.clone();
         let gids: Vec<String> = (0..self.shards.len())
@@ -415,6 +481,7 @@ impl State {
                     rows,
                     self.watermarks[i],
                     targets[i],
+                    record,
                     &gids[i],
                 )
                 .await
@@ -429,7 +496,7 @@ impl State {
             try_join_all(rows.into_iter().enumerate().map(|(i, rows)| {
                 let (client, gid, target) = (clients[i], &gids[i], targets[i]);
                 async move {
-                    prepare_shard(client, directory, rows, watermarks[i], target, gid)
+                    prepare_shard(client, directory, rows, watermarks[i], target, record, gid)
                         .await
                         .with_context(|| format!("preparing on shard {}", shards[i].label))
                 }
@@ -484,13 +551,6 @@ impl State {
 
 /// Runs the replicator until the process stops (or, with `once`, until caught up).
 pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
-    if options
-        .source
-        .to_str()
-        .is_some_and(|s| s.starts_with("http://") || s.starts_with("https://"))
-    {
-        bail!("`replicate sql` reads a data directory (the journal), not an engine URL");
-    }
     let layout = Layout::new(&options.zk_root)?;
     let mut coordinator = Coordinator::start(&options.zk, &layout, options.zk_patience).await?;
     let result = replicate(options, &layout, &mut coordinator).await;
@@ -522,7 +582,8 @@ async fn replicate(
         migrate: options.migrate,
     };
     let batch_events = options.batch_events.max(2);
-    let mut tail = JournalTail::new(&crate::journal::journal_dir(&options.source));
+    let mut source = Source::open(&options.source)?;
+    let mut source_errors = 0u32;
     let mut directory = Directory::default();
     let mut pending: Vec<CommandRecord> = Vec::with_capacity(batch_events + 2);
     let mut backoff = Duration::from_millis(50);
@@ -563,7 +624,18 @@ async fn replicate(
             if first_connect {
                 report.start_seq = state.watermarks.iter().copied().min().unwrap_or(0);
                 first_connect = false;
-                tracing::info!(shards = count, watermarks = ?state.watermarks, source = %options.source.display(), "SQL replicator starting");
+                state.check_identities(&mut source).await?;
+                // Account names up to the lowest watermark from the engine's newest snapshot
+                // at or before it, if there is one: the journal before it is not read.
+                if let Some(ledger) = source.start_from_snapshot(report.start_seq)? {
+                    directory = Directory::from_ledger(&ledger, count)?;
+                    tracing::info!(
+                        snapshot_seq = ledger.next_seq() - 1,
+                        accounts = directory.names.len(),
+                        "starting from the engine's snapshot; the journal before it is not read"
+                    );
+                }
+                tracing::info!(shards = count, watermarks = ?state.watermarks, source = %options.source, "SQL replicator starting");
             } else {
                 tracing::info!(watermarks = ?state.watermarks, "every shard is back");
             }
@@ -579,7 +651,26 @@ async fn replicate(
             let mut fresh = Vec::new();
             while events < batch_events {
                 fresh.clear();
-                tail.fetch_records(batch_events - events, &mut fresh)?;
+                // Long-poll an engine URL only when there is nothing to send yet.
+                let wait = if events == 0 && !options.once {
+                    Duration::from_millis(200)
+                } else {
+                    Duration::ZERO
+                };
+                match source
+                    .fetch_records(batch_events - events, wait, &mut fresh)
+                    .await
+                {
+                    Ok(()) => source_errors = 0,
+                    // An engine URL may be briefly unreachable; a journal error is for good.
+                    Err(e) if matches!(source, Source::Http(_)) && source_errors < 50 => {
+                        source_errors += 1;
+                        tracing::warn!(error = %format!("{e:#}"), "reading the source failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        break;
+                    }
+                    Err(e) => return Err(e.context("reading the source")),
+                }
                 if fresh.is_empty() {
                     break;
                 }
@@ -590,13 +681,13 @@ async fn replicate(
                 }
             }
             if pending.is_empty() {
-                if tail.next_seq() - 1 < low {
+                if source.next_seq() - 1 < low {
                     // The shards are ahead of the journal read so far, and it has no more.
                     if options.once {
                         bail!(
-                            "the journal in {} ends at sequence {} but the shards hold up to {low}: wrong source, or a journal that lost its tail",
-                            options.source.display(),
-                            tail.next_seq() - 1
+                            "the source {} ends at sequence {} but the shards hold up to {low}: wrong source, or a journal that lost its tail",
+                            options.source,
+                            source.next_seq() - 1
                         );
                     }
                 } else if options.once {
@@ -635,7 +726,7 @@ async fn replicate(
                 if last_status.elapsed() > Duration::from_secs(5) {
                     tracing::info!(
                         applied_seq = batch_end,
-                        journal_seq = tail.next_seq() - 1,
+                        source_seq = source.next_seq() - 1,
                         events_per_second =
                             status_events as f64 / last_status.elapsed().as_secs_f64(),
                         "replicating"

@@ -16,11 +16,18 @@ pub struct Migration {
 }
 
 /// Every migration, in order. A test checks that this list and the directory agree.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_shard_schema.sql",
-    sql: include_str!("../../../migrations/0001_shard_schema.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_shard_schema.sql",
+        sql: include_str!("../../../migrations/0001_shard_schema.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_watermark_record.sql",
+        sql: include_str!("../../../migrations/0002_watermark_record.sql"),
+    },
+];
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
