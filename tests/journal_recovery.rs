@@ -1008,3 +1008,50 @@ fn pipelined_scan_visits_what_scan_visits_and_stops_where_scan_stops() {
         other => panic!("expected a visitor error, got {other}"),
     }
 }
+
+#[test]
+fn a_segment_creation_cut_short_by_a_crash_does_not_stop_recovery_or_the_next_roll() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let mut ledger = Ledger::new(LedgerConfig::default());
+    let mut history = History::new(&ledger);
+    let mut writer = open_writer(
+        data,
+        Box::new(MmapStorage),
+        64 << 10,
+        SyncMode::Batch,
+        &empty_end(),
+    );
+    write_commands(&mut writer, &mut ledger, &mut history, 0..1_000, 50);
+    drop(writer);
+    let journal = journal_dir(data);
+    let segments = list_segments(&journal).unwrap();
+    assert!(segments.len() > 1);
+    // What a kill between creating the next segment and naming it leaves behind: a preallocated
+    // file of zeros under the temporary name of the segment the writer would roll to.
+    let next_seq = ledger.next_seq();
+    let leftover = wallet::journal::storage::temporary_segment_path(
+        &journal.join(wallet::journal::format::segment_file_name(next_seq)),
+    );
+    File::create(&leftover).unwrap().set_len(64 << 10).unwrap();
+
+    let first = recovered(data);
+    assert_eq!(first.ledger.state_hash(), ledger.state_hash());
+    let mut writer = open_writer(
+        data,
+        Box::new(MmapStorage),
+        64 << 10,
+        SyncMode::Batch,
+        &first.end,
+    );
+    assert!(
+        !leftover.exists(),
+        "the writer removes the unfinished segment"
+    );
+    let mut ledger = first.ledger;
+    // Enough records to roll past the point where the leftover was.
+    write_commands(&mut writer, &mut ledger, &mut history, 1_000..2_000, 50);
+    drop(writer);
+    assert!(list_segments(&journal).unwrap().len() > segments.len());
+    assert_eq!(recovered(data).ledger.state_hash(), ledger.state_hash());
+}

@@ -108,6 +108,23 @@ fn open_durable_file(dir: &Path) -> Option<std::fs::File> {
     }
 }
 
+/// Removes segments whose creation was interrupted (still under their temporary name: they
+/// never held a record).
+fn remove_unfinished_segments(dir: &std::path::Path) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(".wal.tmp"))
+        {
+            tracing::warn!(file = %path.display(), "removing a segment whose creation was interrupted");
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
+}
+
 impl JournalWriter {
     /// Opens the journal in `config.dir` after recovery: `end` is what `scan` returned.
     /// A torn tail reported in `end` is zeroed and synced before anything new is written.
@@ -121,6 +138,7 @@ impl JournalWriter {
             "segment size must be at least 4096 bytes"
         );
         std::fs::create_dir_all(&config.dir)?;
+        remove_unfinished_segments(&config.dir)?;
         let mut segment = None;
         let mut write_offset = 0;
         if let Some((path, offset)) = &end.segment {
@@ -277,16 +295,12 @@ impl JournalWriter {
         let path = self.config.dir.join(segment_file_name(first_seq));
         let header =
             encode_segment_header(first_seq, self.config.segment_size_bytes, self.last_crc);
-        let mut segment = self
+        let segment = self
             .storage
-            .create_segment(&path, self.config.segment_size_bytes)
+            .create_segment(&path, self.config.segment_size_bytes, &header)
             .inspect_err(|_| {
                 self.poisoned = true;
             })?;
-        segment.write_at(0, &header)?;
-        segment
-            .sync_range(0, SEGMENT_HEADER_BYTES as u64)
-            .inspect_err(|_| self.poisoned = true)?;
         self.segment = Some(segment);
         self.write_offset = SEGMENT_HEADER_BYTES as u64;
         self.synced_offset = self.write_offset;

@@ -22,8 +22,15 @@ pub trait SegmentFile: Send {
 /// Creates and opens segment files.
 pub trait Storage: Send {
     /// Creates a new file of exactly `size` bytes with its blocks allocated (a full disk fails
-    /// here, not later with SIGBUS), then fsyncs the file and its directory.
-    fn create_segment(&mut self, path: &Path, size: u64) -> io::Result<Box<dyn SegmentFile>>;
+    /// here, not later with SIGBUS) and `header` durable at its start, and only then gives it
+    /// its name `path` (atomically, then fsyncs the directory): a segment file under its real
+    /// name always has a valid header, whenever the process is killed.
+    fn create_segment(
+        &mut self,
+        path: &Path,
+        size: u64,
+        header: &[u8],
+    ) -> io::Result<Box<dyn SegmentFile>>;
     /// Opens an existing segment for appending.
     fn open_segment(&mut self, path: &Path) -> io::Result<Box<dyn SegmentFile>>;
 }
@@ -60,23 +67,56 @@ fn map(file: &File) -> io::Result<MmapMut> {
     unsafe { MmapMut::map_mut(file) }
 }
 
+/// The name a segment is built under before it is renamed to `path`.
+pub fn temporary_segment_path(path: &Path) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".tmp");
+    std::path::PathBuf::from(name)
+}
+
 impl Storage for MmapStorage {
-    fn create_segment(&mut self, path: &Path, size: u64) -> io::Result<Box<dyn SegmentFile>> {
+    fn create_segment(
+        &mut self,
+        path: &Path,
+        size: u64,
+        header: &[u8],
+    ) -> io::Result<Box<dyn SegmentFile>> {
+        if path.exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("segment {} already exists", path.display()),
+            ));
+        }
+        let temporary = temporary_segment_path(path);
+        // A leftover from a creation that was interrupted holds no record: start it over.
+        let _ = std::fs::remove_file(&temporary);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
-            .open(path)?;
-        if let Err(e) = preallocate(&file, size) {
-            let _ = std::fs::remove_file(path);
-            return Err(e);
+            .open(&temporary)?;
+        let built = (|| {
+            preallocate(&file, size)?;
+            let mut segment = MmapSegment {
+                map: map(&file)?,
+                _file: file,
+            };
+            segment.write_at(0, header)?;
+            segment.sync_range(0, header.len() as u64)?;
+            segment._file.sync_all()?;
+            std::fs::rename(&temporary, path)?;
+            if let Some(dir) = path.parent() {
+                fsync_dir(dir)?;
+            }
+            Ok(segment)
+        })();
+        match built {
+            Ok(segment) => Ok(Box::new(segment)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&temporary);
+                Err(e)
+            }
         }
-        file.sync_all()?;
-        if let Some(dir) = path.parent() {
-            fsync_dir(dir)?;
-        }
-        let map = map(&file)?;
-        Ok(Box::new(MmapSegment { _file: file, map }))
     }
 
     fn open_segment(&mut self, path: &Path) -> io::Result<Box<dyn SegmentFile>> {
@@ -144,8 +184,18 @@ struct FaultySegment {
 }
 
 impl Storage for FaultyStorage {
-    fn create_segment(&mut self, path: &Path, size: u64) -> io::Result<Box<dyn SegmentFile>> {
-        let inner = MmapStorage.create_segment(path, size)?;
+    fn create_segment(
+        &mut self,
+        path: &Path,
+        size: u64,
+        header: &[u8],
+    ) -> io::Result<Box<dyn SegmentFile>> {
+        // Creating a segment syncs its header: it counts as one sync, and can fail as one.
+        let done = self.faults.syncs_done.fetch_add(1, Ordering::SeqCst);
+        if done >= self.faults.syncs_before_failure.load(Ordering::SeqCst) {
+            return Err(io::Error::other("injected fsync failure"));
+        }
+        let inner = MmapStorage.create_segment(path, size, header)?;
         Ok(Box::new(FaultySegment {
             inner,
             faults: self.faults.clone(),
