@@ -155,24 +155,25 @@ impl Currency {
     pub const NONE: Currency = Currency(0xFFFF);
 
     pub fn new(code: &str) -> Result<Currency, CurrencyError> {
-        let iso = iso_currency::Currency::from_code(code).ok_or(CurrencyError::NotIso4217)?;
-        if iso.exponent().is_none() {
-            return Err(CurrencyError::NoMinorUnits);
-        }
         let b = code.as_bytes();
         if b.len() != 3 || !b.iter().all(|c| c.is_ascii_uppercase()) {
             return Err(CurrencyError::NotIso4217);
         }
         let packed =
             (u16::from(b[0] - b'A') << 10) | (u16::from(b[1] - b'A') << 5) | u16::from(b[2] - b'A');
-        Ok(Currency(packed))
+        match exponents()[packed as usize] {
+            NOT_ISO => Err(CurrencyError::NotIso4217),
+            NO_MINOR_UNITS => Err(CurrencyError::NoMinorUnits),
+            _ => Ok(Currency(packed)),
+        }
     }
 
     /// Decodes the packed form, as read from a journal; `None` if it is not a supported code.
     pub fn from_packed(packed: u16) -> Option<Currency> {
-        let letters = Self::letters_of(packed)?;
-        let code = std::str::from_utf8(&letters).ok()?;
-        Currency::new(code).ok()
+        match exponents().get(packed as usize) {
+            Some(&e) if e != NOT_ISO && e != NO_MINOR_UNITS => Some(Currency(packed)),
+            _ => None,
+        }
     }
 
     fn letters_of(packed: u16) -> Option<[u8; 3]> {
@@ -193,14 +194,40 @@ impl Currency {
 
     /// Number of digits after the decimal point (2 for USD, 0 for JPY, 3 for BHD).
     pub fn exponent(self) -> u32 {
-        let code = self.code();
-        std::str::from_utf8(&code)
-            .ok()
-            .and_then(iso_currency::Currency::from_code)
-            .and_then(|c| c.exponent())
-            .map(u32::from)
-            .unwrap_or(0)
+        match exponents().get(self.0 as usize) {
+            Some(&e) if e != NOT_ISO && e != NO_MINOR_UNITS => u32::from(e),
+            _ => 0,
+        }
     }
+}
+
+const NOT_ISO: u8 = u8::MAX;
+const NO_MINOR_UNITS: u8 = u8::MAX - 1;
+
+/// Minor-unit exponent of every packed code (`NOT_ISO`, `NO_MINOR_UNITS` otherwise), built once
+/// from the `iso_currency` crate: a lookup by code there is a long string match, too slow for
+/// every journal event and every request.
+fn exponents() -> &'static [u8; 1 << 15] {
+    static TABLE: std::sync::OnceLock<Box<[u8; 1 << 15]>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut table = Box::new([NOT_ISO; 1 << 15]);
+        for packed in 0..(1u16 << 15) {
+            let Some(letters) = Currency::letters_of(packed) else {
+                continue;
+            };
+            let Some(iso) = std::str::from_utf8(&letters)
+                .ok()
+                .and_then(iso_currency::Currency::from_code)
+            else {
+                continue;
+            };
+            table[packed as usize] = match iso.exponent() {
+                Some(e) if e < NO_MINOR_UNITS as u16 => e as u8,
+                _ => NO_MINOR_UNITS,
+            };
+        }
+        table
+    })
 }
 
 impl fmt::Display for Currency {
