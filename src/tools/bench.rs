@@ -62,6 +62,10 @@ pub struct BenchArgs {
     /// Commands per batch publication.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
+    /// Offered load in transfers per second over all producers (0: as fast as possible). A
+    /// steady stream for measuring a replicator's lag behind the journal.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
     #[arg(long, default_value_t = 1)]
     pub pin_core: usize,
     /// What to measure: `pipeline` (ring, engine thread, journal, replies) or `execute`
@@ -539,11 +543,20 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         };
         let mut generator = TransferGenerator::new(args, ids.clone(), producer as u64 + 1, usd);
         let batch_size = args.batch;
+        // Each producer offers its share of `--rate`, pacing itself by batch.
+        let per_second = args.rate as f64 / args.producers as f64;
         threads.push(std::thread::spawn(move || {
             let mut batch: Vec<(Command, u64)> = Vec::with_capacity(batch_size);
-            for _ in 0..count {
+            let paced_from = Instant::now();
+            for sent in 0..count {
                 batch.push((generator.next_command(), 0));
                 if batch.len() == batch_size {
+                    if per_second > 0.0 {
+                        let due = Duration::from_secs_f64((sent + 1) as f64 / per_second);
+                        if let Some(wait) = due.checked_sub(paced_from.elapsed()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
                     submit_all(&mut submitter, &batch, base);
                     batch.clear();
                 }
