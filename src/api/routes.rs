@@ -129,6 +129,15 @@ pub struct Reply {
 }
 
 impl Reply {
+    fn json_bytes(status: StatusCode, body: Bytes) -> Reply {
+        Reply {
+            status,
+            body,
+            content_type: "application/json",
+            headers: Vec::new(),
+        }
+    }
+
     fn json(status: StatusCode, value: Value) -> Reply {
         Reply {
             status,
@@ -469,52 +478,127 @@ fn money_string(amount: u64, currency: crate::core::Currency) -> String {
     format_amount(amount, currency)
 }
 
+/// A response body, serialized straight to bytes: the typed variants borrow account names from
+/// the views and allocate no JSON tree (building `serde_json::Value`s per outcome was most of
+/// the batch endpoint's time, in malloc and free).
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+pub enum Body<'a> {
+    Rejected {
+        transaction_id: String,
+        status: &'static str,
+        sequence: u64,
+        error: ErrorBody,
+    },
+    Transfer {
+        transaction_id: String,
+        status: &'static str,
+        sequence: u64,
+        from_account: &'a str,
+        to_account: &'a str,
+        amount: String,
+        currency: String,
+        balances: [BalanceBody<'a>; 2],
+    },
+    Money {
+        transaction_id: String,
+        status: &'static str,
+        sequence: u64,
+        account_id: &'a str,
+        amount: String,
+        currency: String,
+        balance: String,
+    },
+    Opened {
+        transaction_id: String,
+        status: &'static str,
+        sequence: u64,
+        account_id: &'a str,
+    },
+    Bare {
+        transaction_id: String,
+        status: &'static str,
+        sequence: u64,
+    },
+    Other(Value),
+}
+
+#[derive(serde::Serialize)]
+pub struct ErrorBody {
+    code: &'static str,
+    message: &'static str,
+}
+
+#[derive(serde::Serialize)]
+pub struct BalanceBody<'a> {
+    account_id: &'a str,
+    currency: String,
+    balance: String,
+}
+
+impl Body<'_> {
+    fn to_bytes(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+    }
+}
+
 /// Renders an outcome the same way whether it is fresh, replayed or looked up.
-pub fn outcome_body(
-    state: &ViewState,
+pub fn outcome_body<'a>(
+    state: &'a ViewState,
     transaction_id: TransactionId,
     outcome: &OutcomeView,
-) -> Value {
-    let id = transaction_id.to_uuid_string();
+) -> Body<'a> {
+    let transaction_id = transaction_id.to_uuid_string();
+    let sequence = outcome.seq;
     if let Some(code) = outcome.rejection {
-        return json!({
-            "transaction_id": id,
-            "status": "rejected",
-            "sequence": outcome.seq,
-            "error": {"code": code.code(), "message": code.message()},
-        });
+        return Body::Rejected {
+            transaction_id,
+            status: "rejected",
+            sequence,
+            error: ErrorBody {
+                code: code.code(),
+                message: code.message(),
+            },
+        };
     }
-    let name = |i: usize| state.name(outcome.accounts[i]).to_string();
+    let status = "committed";
+    let name = |i: usize| state.name(outcome.accounts[i]);
     let money = |v: u64| money_string(v, outcome.currency);
     match outcome.command_type {
-        CommandType::Transfer => json!({
-            "transaction_id": id,
-            "status": "committed",
-            "sequence": outcome.seq,
-            "from_account": name(0),
-            "to_account": name(1),
-            "amount": money(outcome.amount),
-            "currency": outcome.currency.to_string(),
-            "balances": [
-                {"account_id": name(0), "currency": outcome.currency.to_string(), "balance": money(outcome.balances_after[0])},
-                {"account_id": name(1), "currency": outcome.currency.to_string(), "balance": money(outcome.balances_after[1])},
-            ],
-        }),
-        CommandType::Deposit | CommandType::Withdraw => json!({
-            "transaction_id": id,
-            "status": "committed",
-            "sequence": outcome.seq,
-            "account_id": name(0),
-            "amount": money(outcome.amount),
-            "currency": outcome.currency.to_string(),
-            "balance": money(outcome.balances_after[0]),
-        }),
-        CommandType::OpenAccount => json!({
-            "transaction_id": id, "status": "committed", "sequence": outcome.seq, "account_id": name(0),
-        }),
-        CommandType::Checkpoint => {
-            json!({"transaction_id": id, "status": "committed", "sequence": outcome.seq})
-        }
+        CommandType::Transfer => Body::Transfer {
+            transaction_id,
+            status,
+            sequence,
+            from_account: name(0),
+            to_account: name(1),
+            amount: money(outcome.amount),
+            currency: outcome.currency.to_string(),
+            balances: [0, 1].map(|i| BalanceBody {
+                account_id: name(i),
+                currency: outcome.currency.to_string(),
+                balance: money(outcome.balances_after[i]),
+            }),
+        },
+        CommandType::Deposit | CommandType::Withdraw => Body::Money {
+            transaction_id,
+            status,
+            sequence,
+            account_id: name(0),
+            amount: money(outcome.amount),
+            currency: outcome.currency.to_string(),
+            balance: money(outcome.balances_after[0]),
+        },
+        CommandType::OpenAccount => Body::Opened {
+            transaction_id,
+            status,
+            sequence,
+            account_id: name(0),
+        },
+        CommandType::Checkpoint => Body::Bare {
+            transaction_id,
+            status,
+            sequence,
+        },
     }
 }
 
@@ -531,8 +615,11 @@ fn status_for(outcome: &OutcomeView) -> StatusCode {
 
 /// Turns a delivered record into the reply a caller gets.
 fn render(app: &App, delivered: &Delivered) -> Reply {
-    let (status, body, replayed) = app.views.read(|state| render_value(state, delivered));
-    let reply = Reply::json(status, body);
+    let (status, body, replayed) = app.views.read(|state| {
+        let (status, body, replayed) = render_value(state, delivered);
+        (status, body.to_bytes(), replayed)
+    });
+    let reply = Reply::json_bytes(status, body);
     match (replayed, status) {
         (_, StatusCode::SERVICE_UNAVAILABLE) => reply.with_header("retry-after", "5"),
         (true, _) => reply.with_header("idempotent-replayed", "true"),
@@ -541,16 +628,16 @@ fn render(app: &App, delivered: &Delivered) -> Reply {
 }
 
 /// The status, body and replay mark of an outcome; shared by single and batch requests.
-fn render_value(state: &ViewState, delivered: &Delivered) -> (StatusCode, Value, bool) {
+fn render_value<'a>(state: &'a ViewState, delivered: &Delivered) -> (StatusCode, Body<'a>, bool) {
     let record = &delivered.record;
     if !delivered.durable {
         let body = json!({"error": {"code": "outcome_unknown", "message": "the journal failed before this outcome was durable; retry with the same transaction_id after the service restarts"}});
-        return (StatusCode::SERVICE_UNAVAILABLE, body, false);
+        return (StatusCode::SERVICE_UNAVAILABLE, Body::Other(body), false);
     }
     if record.rejection == Some(RejectCode::TransactionIdReused) {
         let code = RejectCode::TransactionIdReused;
         let body = json!({"transaction_id": record.transaction_id.to_uuid_string(), "error": {"code": code.code(), "message": code.message()}});
-        return (StatusCode::CONFLICT, body, false);
+        return (StatusCode::CONFLICT, Body::Other(body), false);
     }
     let (outcome, replayed) = if record.replayed {
         match state.outcomes.get(&record.transaction_id.0) {
@@ -673,25 +760,44 @@ async fn transfer_batch(
             "the engine stopped",
         );
     };
+    #[derive(serde::Serialize)]
+    struct Item<'a> {
+        index: usize,
+        http_status: u16,
+        replayed: bool,
+        result: Body<'a>,
+    }
+    #[derive(serde::Serialize)]
+    struct Results<'a> {
+        results: Vec<Item<'a>>,
+    }
     // One read lock for the whole batch; each outcome rendered straight into the response.
-    let out: Vec<Value> = app.views.read(|state| {
-        results
+    let body = app.views.read(|state| {
+        let results = results
             .iter()
             .enumerate()
-            .map(|(i, result)| {
-                let (status, body, replayed) = match result {
+            .map(|(index, result)| {
+                let (status, result, replayed) = match result {
                     Some(delivered) => render_value(state, delivered),
                     None => (
                         StatusCode::SERVICE_UNAVAILABLE,
-                        json!({"error": {"code": "outcome_unknown", "message": "no outcome was delivered"}}),
+                        Body::Other(
+                            json!({"error": {"code": "outcome_unknown", "message": "no outcome was delivered"}}),
+                        ),
                         false,
                     ),
                 };
-                json!({"index": i, "http_status": status.as_u16(), "replayed": replayed, "result": body})
+                Item {
+                    index,
+                    http_status: status.as_u16(),
+                    replayed,
+                    result,
+                }
             })
-            .collect()
+            .collect();
+        Bytes::from(serde_json::to_vec(&Results { results }).unwrap_or_default())
     });
-    Reply::json(StatusCode::OK, json!({"results": out}))
+    Reply::json_bytes(StatusCode::OK, body)
 }
 
 async fn open_account(app: &App, submitter: &std::sync::Mutex<Submitter>, body: &[u8]) -> Reply {
@@ -863,9 +969,10 @@ async fn transfer_status(app: &App, caller: &Caller, id: &str, query: Option<&st
                     .any(|a| *a != u32::MAX && state.name(*a) == caller.sub)
         };
         match state.outcomes.get(&transaction_id.0).filter(|o| visible(o)) {
-            Some(outcome) => {
-                Reply::json(StatusCode::OK, outcome_body(state, transaction_id, outcome))
-            }
+            Some(outcome) => Reply::json_bytes(
+                StatusCode::OK,
+                outcome_body(state, transaction_id, outcome).to_bytes(),
+            ),
             None => Reply::error(
                 StatusCode::NOT_FOUND,
                 "transaction_not_found",
