@@ -114,12 +114,7 @@ impl Replies {
 }
 
 fn journal_writer(data: &Path) -> JournalWriter {
-    let end = JournalEnd {
-        segment: None,
-        next_seq: 1,
-        last_crc: 0,
-        torn_at: None,
-    };
+    let end = JournalEnd::empty();
     let config = JournalConfig {
         dir: journal_dir(data),
         segment_size_bytes: 1 << 20,

@@ -102,15 +102,6 @@ impl History {
     }
 }
 
-fn empty_end() -> JournalEnd {
-    JournalEnd {
-        segment: None,
-        next_seq: 1,
-        last_crc: 0,
-        torn_at: None,
-    }
-}
-
 fn open_writer(
     data: &Path,
     storage: Box<dyn Storage>,
@@ -205,6 +196,27 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A fresh journal in `data` holding commands `range`, in segments of `segment_size` bytes,
+/// committed every `commit_every`.
+fn fresh_journal(
+    data: &Path,
+    segment_size: u64,
+    range: std::ops::Range<u64>,
+    commit_every: u64,
+) -> (Ledger, History) {
+    let mut ledger = Ledger::new(LedgerConfig::default());
+    let mut history = History::new(&ledger);
+    let mut writer = open_writer(
+        data,
+        Box::new(MmapStorage),
+        segment_size,
+        SyncMode::Batch,
+        &JournalEnd::empty(),
+    );
+    write_commands(&mut writer, &mut ledger, &mut history, range, commit_every);
+    (ledger, history)
+}
+
 /// A journal of about 300 records: two small (4 KiB) segments, then a 64 KiB newest segment that
 /// holds the last 220 records.
 fn build_journal(data: &Path) -> (Ledger, History) {
@@ -215,7 +227,7 @@ fn build_journal(data: &Path) -> (Ledger, History) {
         Box::new(MmapStorage),
         4096,
         SyncMode::None,
-        &empty_end(),
+        &JournalEnd::empty(),
     );
     write_commands(&mut writer, &mut ledger, &mut history, 0..70, 7);
     drop(writer);
@@ -478,7 +490,7 @@ fn segments_filled_to_the_last_bytes_recover() {
             Box::new(MmapStorage),
             segment_size,
             SyncMode::None,
-            &empty_end(),
+            &JournalEnd::empty(),
         );
         let mut history = History::new(&ledger);
         let open = Command {
@@ -528,7 +540,7 @@ fn reopening_with_a_bigger_segment_size_rolls_at_the_real_end() {
         Box::new(MmapStorage),
         4096,
         SyncMode::Batch,
-        &empty_end(),
+        &JournalEnd::empty(),
     );
     write_commands(&mut writer, &mut ledger, &mut history, 0..20, 5);
     drop(writer);
@@ -672,7 +684,7 @@ fn a_failed_sync_poisons_the_writer_for_good() {
             Box::new(storage),
             64 << 10,
             SyncMode::Batch,
-            &empty_end(),
+            &JournalEnd::empty(),
         );
         let mut ledger = Ledger::new(LedgerConfig::default());
         let mut failed_at = None;
@@ -740,7 +752,7 @@ fn engine_never_reports_durable_after_the_journal_failed() {
         Box::new(storage),
         64 << 10,
         SyncMode::Batch,
-        &empty_end(),
+        &JournalEnd::empty(),
     );
     let (sender, receiver) = mpsc::channel();
     let engine = Engine::start(
@@ -800,7 +812,7 @@ fn a_torn_write_is_cut_as_a_torn_tail_on_restart() {
         Box::new(storage),
         64 << 10,
         SyncMode::Batch,
-        &empty_end(),
+        &JournalEnd::empty(),
     );
     let mut ledger = Ledger::new(LedgerConfig::default());
     let mut history = History::new(&ledger);
@@ -863,7 +875,7 @@ fn snapshot_plus_tail_equals_the_full_replay_and_a_bad_snapshot_is_skipped() {
         Box::new(MmapStorage),
         64 << 10,
         SyncMode::None,
-        &empty_end(),
+        &JournalEnd::empty(),
     );
     write_commands(&mut writer, &mut ledger, &mut history, 0..1000, 16);
     let snapshot_path =
@@ -906,7 +918,7 @@ fn checkpoints_are_verified_and_a_wrong_one_stops_recovery() {
             Box::new(MmapStorage),
             16 << 10,
             SyncMode::None,
-            &empty_end(),
+            &JournalEnd::empty(),
         );
         let mut checkpoints = 0;
         let mut bad_seq = None;
@@ -956,18 +968,8 @@ fn checkpoints_are_verified_and_a_wrong_one_stops_recovery() {
 fn pipelined_scan_visits_what_scan_visits_and_stops_where_scan_stops() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    let mut ledger = Ledger::new(LedgerConfig::default());
-    let mut history = History::new(&ledger);
-    let mut writer = open_writer(
-        data,
-        Box::new(MmapStorage),
-        256 << 10,
-        SyncMode::Batch,
-        &empty_end(),
-    );
     // More records than one hand-over batch (4096), over several segments.
-    write_commands(&mut writer, &mut ledger, &mut history, 0..10_000, 500);
-    drop(writer);
+    fresh_journal(data, 256 << 10, 0..10_000, 500);
     let journal = journal_dir(data);
     assert!(list_segments(&journal).unwrap().len() > 1);
 
@@ -1013,17 +1015,7 @@ fn pipelined_scan_visits_what_scan_visits_and_stops_where_scan_stops() {
 fn a_segment_creation_cut_short_by_a_crash_does_not_stop_recovery_or_the_next_roll() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    let mut ledger = Ledger::new(LedgerConfig::default());
-    let mut history = History::new(&ledger);
-    let mut writer = open_writer(
-        data,
-        Box::new(MmapStorage),
-        64 << 10,
-        SyncMode::Batch,
-        &empty_end(),
-    );
-    write_commands(&mut writer, &mut ledger, &mut history, 0..1_000, 50);
-    drop(writer);
+    let (ledger, mut history) = fresh_journal(data, 64 << 10, 0..1_000, 50);
     let journal = journal_dir(data);
     let segments = list_segments(&journal).unwrap();
     assert!(segments.len() > 1);

@@ -43,6 +43,18 @@ pub struct JournalEnd {
     pub torn_at: Option<u64>,
 }
 
+impl JournalEnd {
+    /// The end of a journal with no record yet: the writer starts it at sequence 1.
+    pub fn empty() -> JournalEnd {
+        JournalEnd {
+            segment: None,
+            next_seq: 1,
+            last_crc: 0,
+            torn_at: None,
+        }
+    }
+}
+
 /// Lists the segment files of `dir`, sorted by their first sequence number.
 pub fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
     let io = |source| JournalError::Io {
@@ -91,12 +103,7 @@ pub fn scan(
     mut visit: impl FnMut(&CommandRecord) -> Result<(), String>,
 ) -> Result<JournalEnd, JournalError> {
     let segments = list_segments(dir)?;
-    let mut end = JournalEnd {
-        segment: None,
-        next_seq: 1,
-        last_crc: 0,
-        torn_at: None,
-    };
+    let mut end = JournalEnd::empty();
     // Start at the last segment that begins at or before `from_seq`; the chain is verified from
     // that segment's header on.
     let start = segments

@@ -175,6 +175,12 @@ impl Faults {
             ..Default::default()
         })
     }
+
+    /// Counts one sync; `true` if it is one of those that must fail.
+    fn count_sync(&self) -> bool {
+        let done = self.syncs_done.fetch_add(1, Ordering::SeqCst);
+        done >= self.syncs_before_failure.load(Ordering::SeqCst)
+    }
 }
 
 struct FaultySegment {
@@ -191,8 +197,7 @@ impl Storage for FaultyStorage {
         header: &[u8],
     ) -> io::Result<Box<dyn SegmentFile>> {
         // Creating a segment syncs its header: it counts as one sync, and can fail as one.
-        let done = self.faults.syncs_done.fetch_add(1, Ordering::SeqCst);
-        if done >= self.faults.syncs_before_failure.load(Ordering::SeqCst) {
+        if self.faults.count_sync() {
             return Err(io::Error::other("injected fsync failure"));
         }
         let inner = MmapStorage.create_segment(path, size, header)?;
@@ -224,8 +229,8 @@ impl SegmentFile for FaultySegment {
     }
 
     fn sync_range(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        let done = self.faults.syncs_done.fetch_add(1, Ordering::SeqCst);
-        if self.torn || done >= self.faults.syncs_before_failure.load(Ordering::SeqCst) {
+        let failing = self.faults.count_sync();
+        if self.torn || failing {
             return Err(io::Error::other("injected fsync failure"));
         }
         self.inner.sync_range(offset, len)

@@ -1056,12 +1056,7 @@ mod tests {
             segment_size_bytes: 4096,
             sync: SyncMode::None,
         };
-        let end = JournalEnd {
-            segment: None,
-            next_seq: 1,
-            last_crc: 0,
-            torn_at: None,
-        };
+        let end = JournalEnd::empty();
         let mut writer = JournalWriter::open(Box::new(MmapStorage), config, &end).expect("writer");
         let mut ledger = Ledger::new(LedgerConfig::default());
         let usd = Currency::new("USD").expect("usd");
@@ -1156,12 +1151,7 @@ mod tests {
             segment_size_bytes: 1 << 20,
             sync: SyncMode::Batch,
         };
-        let end = JournalEnd {
-            segment: None,
-            next_seq: 1,
-            last_crc: 0,
-            torn_at: None,
-        };
+        let end = JournalEnd::empty();
         let mut writer = JournalWriter::open(Box::new(MmapStorage), config, &end).expect("writer");
         let mut ledger = Ledger::new(LedgerConfig::default());
         let usd = Currency::new("USD").expect("usd");
