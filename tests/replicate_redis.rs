@@ -440,11 +440,7 @@ fn replicator_killed_at_failpoints_converges_exactly() {
         String::from_utf8_lossy(&out.stderr)
     );
     let out = cluster.replicate_once(&[], &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     cluster.assert_reconciled();
     assert_placement(&services.redis, &[]);
     server.stop();
@@ -527,11 +523,7 @@ fn map_changes_three_to_four_and_back_during_load() {
         );
         transfers(&mut client, 400, 5_000, 10 + version);
         let out = cluster.replicate_once(&[], &[]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_succeeded(&out);
         cluster.wait_caught_up(nodes, version, Duration::from_secs(5));
         cluster.assert_reconciled();
         assert_placement(nodes, &[]);
@@ -561,11 +553,7 @@ fn cluster_commands_route_with_the_documented_formula() {
         &["cluster", "set-sql-shards", "postgres://a/x,postgres://b/y"],
         &[],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let out = cluster.wallet(&["cluster", "show"], &[]);
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("show prints JSON");
     assert_eq!(shown["redis_partitions"]["version"], 1);
@@ -590,11 +578,7 @@ fn nodes_from_another_journal_are_refused_then_rebuilt_on_request() {
     setup_accounts(&mut client, 100);
     transfers(&mut client, 100, 2_000, 1);
     let out = cluster.replicate_once(&[], &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let applied = node_state(&services.redis[0]).expect("state").0;
     assert_eq!(applied, cluster.journal_last_seq());
     let stored: Option<String> = redis::cmd("GET")
@@ -605,11 +589,7 @@ fn nodes_from_another_journal_are_refused_then_rebuilt_on_request() {
     // Resuming on the same journal passes the check.
     transfers(&mut client, 100, 500, 2);
     let out = cluster.replicate_once(&[], &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let applied = node_state(&services.redis[0]).expect("state").0;
     server.stop();
 
@@ -746,6 +726,12 @@ fn zookeeper_outage_keeps_the_replicator_applying_with_its_last_map() {
     }
     transfers(&mut client, 300, 2_000, 4);
     cluster.wait_caught_up(&services.redis[..2], 2, Duration::from_secs(30));
+    // The removed node is emptied right after the switch (step 3 of a map change): give the
+    // replicator that moment before stopping it; `assert_placement` below then checks it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !balance_keys(&services.redis[2]).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     follower.kill();
     cluster.assert_reconciled();
     assert_placement(&services.redis[..2], &services.redis[2..]);
@@ -766,11 +752,7 @@ fn restarted_replicator_starts_from_a_snapshot_and_skips_earlier_segments() {
     setup_accounts(&mut client, 300);
     transfers(&mut client, 300, 30_000, 1);
     let out = cluster.replicate_once(&[], &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     server.stop();
     let snapshot_seq = cluster.journal_last_seq();
     let data = cluster.source();
@@ -864,11 +846,7 @@ fn http_source_resumes_after_the_nodes_applied_sequence() {
         cluster.wallet(&args, env)
     };
     let out = run(&[], &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     // More events; a run stopped after its first node leaves that node ahead of the others.
     transfers(&mut client, 200, 5_000, 2);
     let out = run(&[], &[("WALLET_FAILPOINT", "redis-after-node-1")]);
@@ -910,4 +888,13 @@ fn http_source_resumes_after_the_nodes_applied_sequence() {
     assert!(report.contains("240 accounts"), "{report}");
     assert_placement(&services.redis, &[]);
     server.stop();
+}
+
+/// Asserts that a `wallet` command exited 0, showing its stderr if not.
+fn assert_succeeded(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
