@@ -84,8 +84,8 @@ struct ServeArgs {
     max_in_flight: usize,
     #[arg(long, default_value_t = 1 << 16)]
     ring_size: usize,
-    /// Wait strategy of the engine's threads: spin (burns a core), yield, sleep=<n>us.
-    #[arg(long, default_value = "sleep=20us")]
+    /// Wait strategy of the engine's threads: park (sleeps until work arrives), spin (burns a core), yield, sleep=<n>us.
+    #[arg(long, default_value = "park")]
     wait: wallet::engine::WaitMode,
     /// Core to pin the engine thread to; negative: do not pin.
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]

@@ -1,5 +1,7 @@
 //! JSON request bodies, their validation into `Command`s, and response bodies.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -29,7 +31,12 @@ impl FieldError {
 }
 
 /// Decodes a JSON body strictly: unknown fields and wrong types are errors naming the field.
-pub fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, FieldError> {
+/// The common case decodes without path tracking; only a body that fails is decoded again with
+/// `serde_path_to_error` to name the field (same verdict, a third less work on success).
+pub fn decode<'de, T: Deserialize<'de>>(body: &'de [u8]) -> Result<T, FieldError> {
+    if let Ok(value) = serde_json::from_slice(body) {
+        return Ok(value);
+    }
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let value: T = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
         let path = e.path().to_string();
@@ -52,20 +59,28 @@ pub fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, FieldError
     Ok(value)
 }
 
+/// Fields borrow from the request body when they hold no escapes (the usual case), so a batch
+/// of thousands of transfers is parsed without five allocations per transfer.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct TransferRequest {
-    pub from_account: String,
-    pub to_account: String,
-    pub amount: String,
-    pub currency: String,
-    pub transaction_id: String,
+pub struct TransferRequest<'a> {
+    #[serde(borrow)]
+    pub from_account: Cow<'a, str>,
+    #[serde(borrow)]
+    pub to_account: Cow<'a, str>,
+    #[serde(borrow)]
+    pub amount: Cow<'a, str>,
+    #[serde(borrow)]
+    pub currency: Cow<'a, str>,
+    #[serde(borrow)]
+    pub transaction_id: Cow<'a, str>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BatchRequest {
-    pub transfers: Vec<TransferRequest>,
+pub struct BatchRequest<'a> {
+    #[serde(borrow)]
+    pub transfers: Vec<TransferRequest<'a>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -106,20 +121,24 @@ pub fn max_amount() -> u64 {
     DEFAULT_MAX_AMOUNT
 }
 
-impl TransferRequest {
-    pub fn to_command(&self, timestamp_ns: u64, prefix: &str) -> Result<Command, FieldError> {
-        let f = |name: &str| {
-            if prefix.is_empty() {
-                name.to_string()
-            } else {
-                format!("{prefix}.{name}")
-            }
-        };
-        let transaction_id = transaction_id(&f("transaction_id"), &self.transaction_id)?;
-        let from = account(&f("from_account"), &self.from_account)?;
-        let to = account(&f("to_account"), &self.to_account)?;
-        let currency = currency(&f("currency"), &self.currency)?;
-        let amount = amount(&f("amount"), &self.amount, currency, max_amount())?;
+impl FieldError {
+    /// The same error for a field inside an array element: `transfers[3].amount`.
+    pub fn within(mut self, prefix: &str) -> FieldError {
+        self.field = format!("{prefix}.{}", self.field);
+        self.message = format!("{prefix}.{}", self.message);
+        self
+    }
+}
+
+impl TransferRequest<'_> {
+    /// Validates the fields into a command. Field names in errors are the bare names; a batch
+    /// prefixes them with `FieldError::within` (only on error: nothing is formatted on success).
+    pub fn to_command(&self, timestamp_ns: u64) -> Result<Command, FieldError> {
+        let transaction_id = transaction_id("transaction_id", &self.transaction_id)?;
+        let from = account("from_account", &self.from_account)?;
+        let to = account("to_account", &self.to_account)?;
+        let currency = currency("currency", &self.currency)?;
+        let amount = amount("amount", &self.amount, currency, max_amount())?;
         Ok(Command {
             transaction_id,
             timestamp_ns,

@@ -18,7 +18,8 @@ use crate::api::json::{
 };
 use crate::api::waiters::{Delivered, token};
 use crate::core::{
-    Command, CommandKind, CommandType, EventKind, RejectCode, TransactionId, format_amount,
+    Command, CommandKind, CommandType, Currency, EventKind, RejectCode, TransactionId,
+    format_amount,
 };
 use crate::engine::Submitter;
 use crate::views::{OutcomeView, ViewState};
@@ -478,67 +479,225 @@ fn money_string(amount: u64, currency: crate::core::Currency) -> String {
     format_amount(amount, currency)
 }
 
-/// A response body, serialized straight to bytes: the typed variants borrow account names from
-/// the views and allocate no JSON tree (building `serde_json::Value`s per outcome was most of
-/// the batch endpoint's time, in malloc and free).
-#[derive(serde::Serialize)]
-#[serde(untagged)]
+/// A response body. The typed variants hold plain values (ids, minor units, currencies) and
+/// borrow account names from the views; `write_json` writes them straight into the response
+/// buffer without a `String` per field or an escape scan (every value in them is JSON-safe by
+/// construction: UUIDs, digits, ISO codes, validated account ids).
 pub enum Body<'a> {
     Rejected {
-        transaction_id: String,
-        status: &'static str,
+        transaction_id: TransactionId,
         sequence: u64,
-        error: ErrorBody,
+        code: RejectCode,
     },
     Transfer {
-        transaction_id: String,
-        status: &'static str,
+        transaction_id: TransactionId,
         sequence: u64,
         from_account: &'a str,
         to_account: &'a str,
-        amount: String,
-        currency: String,
-        balances: [BalanceBody<'a>; 2],
+        amount: u64,
+        currency: Currency,
+        balances: [u64; 2],
     },
     Money {
-        transaction_id: String,
-        status: &'static str,
+        transaction_id: TransactionId,
         sequence: u64,
         account_id: &'a str,
-        amount: String,
-        currency: String,
-        balance: String,
+        amount: u64,
+        currency: Currency,
+        balance: u64,
     },
     Opened {
-        transaction_id: String,
-        status: &'static str,
+        transaction_id: TransactionId,
         sequence: u64,
         account_id: &'a str,
     },
     Bare {
-        transaction_id: String,
-        status: &'static str,
+        transaction_id: TransactionId,
         sequence: u64,
     },
     Other(Value),
 }
 
-#[derive(serde::Serialize)]
-pub struct ErrorBody {
-    code: &'static str,
-    message: &'static str,
+/// Appends `"key":` (keys are literals without characters to escape).
+fn key(out: &mut Vec<u8>, name: &str) {
+    out.push(b'"');
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":");
 }
 
-#[derive(serde::Serialize)]
-pub struct BalanceBody<'a> {
-    account_id: &'a str,
-    currency: String,
-    balance: String,
+/// Appends a string value; escaped through serde_json unless every byte is plainly safe.
+fn string(out: &mut Vec<u8>, text: &str) {
+    if text
+        .bytes()
+        .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7F)
+    {
+        out.push(b'"');
+        out.extend_from_slice(text.as_bytes());
+        out.push(b'"');
+    } else {
+        let _ = serde_json::to_writer(&mut *out, text);
+    }
+}
+
+/// Appends an account id: its alphabet (`[A-Za-z0-9._:-]`, enforced by `AccountId`) needs no
+/// escaping, so no byte is scanned.
+fn account_string(out: &mut Vec<u8>, account: &str) {
+    debug_assert!(crate::core::AccountId::new(account).is_ok() || account.is_empty());
+    out.push(b'"');
+    out.extend_from_slice(account.as_bytes());
+    out.push(b'"');
+}
+
+fn number(out: &mut Vec<u8>, value: u64) {
+    let mut buffer = itoa::Buffer::new();
+    out.extend_from_slice(buffer.format(value).as_bytes());
+}
+
+fn money_value(out: &mut Vec<u8>, value: u64, currency: Currency) {
+    out.push(b'"');
+    crate::core::types::write_amount(out, value, currency);
+    out.push(b'"');
+}
+
+fn currency_code(out: &mut Vec<u8>, currency: Currency) {
+    out.push(b'"');
+    out.extend_from_slice(&currency.code());
+    out.push(b'"');
 }
 
 impl Body<'_> {
     fn to_bytes(&self) -> Bytes {
-        Bytes::from(serde_json::to_vec(self).unwrap_or_default())
+        let mut out = Vec::with_capacity(256);
+        self.write_json(&mut out);
+        Bytes::from(out)
+    }
+
+    /// Appends the body's JSON: `{"transaction_id":…,"status":…,"sequence":…, …}`.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let (transaction_id, status, sequence) = match self {
+            Body::Other(value) => {
+                let _ = serde_json::to_writer(&mut *out, value);
+                return;
+            }
+            Body::Rejected {
+                transaction_id,
+                sequence,
+                ..
+            } => (transaction_id, "rejected", sequence),
+            Body::Transfer {
+                transaction_id,
+                sequence,
+                ..
+            }
+            | Body::Money {
+                transaction_id,
+                sequence,
+                ..
+            }
+            | Body::Opened {
+                transaction_id,
+                sequence,
+                ..
+            }
+            | Body::Bare {
+                transaction_id,
+                sequence,
+            } => (transaction_id, "committed", sequence),
+        };
+        out.push(b'{');
+        key(out, "transaction_id");
+        out.push(b'"');
+        transaction_id.write_uuid(out);
+        out.extend_from_slice(b"\",");
+        key(out, "status");
+        string(out, status);
+        out.push(b',');
+        key(out, "sequence");
+        number(out, *sequence);
+        match self {
+            Body::Other(_) | Body::Bare { .. } => {}
+            Body::Rejected { code, .. } => {
+                out.push(b',');
+                key(out, "error");
+                out.push(b'{');
+                key(out, "code");
+                string(out, code.code());
+                out.push(b',');
+                key(out, "message");
+                string(out, code.message());
+                out.push(b'}');
+            }
+            Body::Transfer {
+                from_account,
+                to_account,
+                amount,
+                currency,
+                balances,
+                ..
+            } => {
+                out.push(b',');
+                key(out, "from_account");
+                account_string(out, from_account);
+                out.push(b',');
+                key(out, "to_account");
+                account_string(out, to_account);
+                out.push(b',');
+                key(out, "amount");
+                money_value(out, *amount, *currency);
+                out.push(b',');
+                key(out, "currency");
+                currency_code(out, *currency);
+                out.push(b',');
+                key(out, "balances");
+                out.push(b'[');
+                for (i, (account, balance)) in [from_account, to_account]
+                    .into_iter()
+                    .zip(balances)
+                    .enumerate()
+                {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.push(b'{');
+                    key(out, "account_id");
+                    account_string(out, account);
+                    out.push(b',');
+                    key(out, "currency");
+                    currency_code(out, *currency);
+                    out.push(b',');
+                    key(out, "balance");
+                    money_value(out, *balance, *currency);
+                    out.push(b'}');
+                }
+                out.push(b']');
+            }
+            Body::Money {
+                account_id,
+                amount,
+                currency,
+                balance,
+                ..
+            } => {
+                out.push(b',');
+                key(out, "account_id");
+                account_string(out, account_id);
+                out.push(b',');
+                key(out, "amount");
+                money_value(out, *amount, *currency);
+                out.push(b',');
+                key(out, "currency");
+                currency_code(out, *currency);
+                out.push(b',');
+                key(out, "balance");
+                money_value(out, *balance, *currency);
+            }
+            Body::Opened { account_id, .. } => {
+                out.push(b',');
+                key(out, "account_id");
+                account_string(out, account_id);
+            }
+        }
+        out.push(b'}');
     }
 }
 
@@ -548,55 +707,40 @@ pub fn outcome_body<'a>(
     transaction_id: TransactionId,
     outcome: &OutcomeView,
 ) -> Body<'a> {
-    let transaction_id = transaction_id.to_uuid_string();
     let sequence = outcome.seq;
     if let Some(code) = outcome.rejection {
         return Body::Rejected {
             transaction_id,
-            status: "rejected",
             sequence,
-            error: ErrorBody {
-                code: code.code(),
-                message: code.message(),
-            },
+            code,
         };
     }
-    let status = "committed";
     let name = |i: usize| state.name(outcome.accounts[i]);
-    let money = |v: u64| money_string(v, outcome.currency);
     match outcome.command_type {
         CommandType::Transfer => Body::Transfer {
             transaction_id,
-            status,
             sequence,
             from_account: name(0),
             to_account: name(1),
-            amount: money(outcome.amount),
-            currency: outcome.currency.to_string(),
-            balances: [0, 1].map(|i| BalanceBody {
-                account_id: name(i),
-                currency: outcome.currency.to_string(),
-                balance: money(outcome.balances_after[i]),
-            }),
+            amount: outcome.amount,
+            currency: outcome.currency,
+            balances: outcome.balances_after,
         },
         CommandType::Deposit | CommandType::Withdraw => Body::Money {
             transaction_id,
-            status,
             sequence,
             account_id: name(0),
-            amount: money(outcome.amount),
-            currency: outcome.currency.to_string(),
-            balance: money(outcome.balances_after[0]),
+            amount: outcome.amount,
+            currency: outcome.currency,
+            balance: outcome.balances_after[0],
         },
         CommandType::OpenAccount => Body::Opened {
             transaction_id,
-            status,
             sequence,
             account_id: name(0),
         },
         CommandType::Checkpoint => Body::Bare {
             transaction_id,
-            status,
             sequence,
         },
     }
@@ -693,7 +837,7 @@ async fn transfer(
         Ok(r) => r,
         Err(e) => return Reply::field(e),
     };
-    let command = match request.to_command(now_ns(), "") {
+    let command = match request.to_command(now_ns()) {
         Ok(c) => c,
         Err(e) => return Reply::field(e),
     };
@@ -728,10 +872,10 @@ async fn transfer_batch(
     let timestamp = now_ns();
     let mut commands = Vec::with_capacity(request.transfers.len());
     for (i, transfer) in request.transfers.iter().enumerate() {
-        match transfer.to_command(timestamp, &format!("transfers[{i}]")) {
+        match transfer.to_command(timestamp) {
             Ok(c) => commands.push(c),
             // The whole batch is refused before anything runs, so nothing is half-submitted.
-            Err(e) => return Reply::field(e),
+            Err(e) => return Reply::field(e.within(&format!("transfers[{i}]"))),
         }
         if let Err(reply) = check_debit(app, caller, &transfer.from_account) {
             return reply;
@@ -760,42 +904,41 @@ async fn transfer_batch(
             "the engine stopped",
         );
     };
-    #[derive(serde::Serialize)]
-    struct Item<'a> {
-        index: usize,
-        http_status: u16,
-        replayed: bool,
-        result: Body<'a>,
-    }
-    #[derive(serde::Serialize)]
-    struct Results<'a> {
-        results: Vec<Item<'a>>,
-    }
-    // One read lock for the whole batch; each outcome rendered straight into the response.
+    // One read lock for the whole batch; each outcome written straight into the response:
+    // {"results":[{"index":i,"http_status":s,"replayed":b,"result":{…}},…]}.
     let body = app.views.read(|state| {
-        let results = results
-            .iter()
-            .enumerate()
-            .map(|(index, result)| {
-                let (status, result, replayed) = match result {
-                    Some(delivered) => render_value(state, delivered),
-                    None => (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        Body::Other(
-                            json!({"error": {"code": "outcome_unknown", "message": "no outcome was delivered"}}),
-                        ),
-                        false,
+        let mut out = Vec::with_capacity(64 + results.len() * 400);
+        out.extend_from_slice(b"{\"results\":[");
+        for (index, result) in results.iter().enumerate() {
+            let (status, result, replayed) = match result {
+                Some(delivered) => render_value(state, delivered),
+                None => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Body::Other(
+                        json!({"error": {"code": "outcome_unknown", "message": "no outcome was delivered"}}),
                     ),
-                };
-                Item {
-                    index,
-                    http_status: status.as_u16(),
-                    replayed,
-                    result,
-                }
-            })
-            .collect();
-        Bytes::from(serde_json::to_vec(&Results { results }).unwrap_or_default())
+                    false,
+                ),
+            };
+            if index > 0 {
+                out.push(b',');
+            }
+            out.push(b'{');
+            key(&mut out, "index");
+            number(&mut out, index as u64);
+            out.push(b',');
+            key(&mut out, "http_status");
+            number(&mut out, u64::from(status.as_u16()));
+            out.push(b',');
+            key(&mut out, "replayed");
+            out.extend_from_slice(if replayed { b"true" } else { b"false" });
+            out.push(b',');
+            key(&mut out, "result");
+            result.write_json(&mut out);
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"]}");
+        Bytes::from(out)
     });
     Reply::json_bytes(StatusCode::OK, body)
 }
@@ -1085,7 +1228,82 @@ fn event_lines(
 
 #[cfg(test)]
 mod tests {
-    use super::match_path;
+    use super::{Body, match_path};
+    use crate::core::{Currency, RejectCode, TransactionId};
+    use serde_json::json;
+
+    fn written(body: &Body) -> serde_json::Value {
+        let mut out = Vec::new();
+        body.write_json(&mut out);
+        serde_json::from_slice(&out).expect("write_json writes valid JSON")
+    }
+
+    #[test]
+    fn response_bodies_are_the_documented_json() {
+        let id = TransactionId(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210);
+        let uuid = "01234567-89ab-cdef-fedc-ba9876543210";
+        let usd = Currency::new("USD").expect("ISO code");
+        let jpy = Currency::new("JPY").expect("ISO code");
+        assert_eq!(
+            written(&Body::Transfer {
+                transaction_id: id,
+                sequence: 41,
+                from_account: "alice",
+                to_account: "bob.2:x-y_z",
+                amount: 1_205,
+                currency: usd,
+                balances: [5, 100_000_000_000],
+            }),
+            json!({"transaction_id": uuid, "status": "committed", "sequence": 41,
+                "from_account": "alice", "to_account": "bob.2:x-y_z", "amount": "12.05",
+                "currency": "USD", "balances": [
+                    {"account_id": "alice", "currency": "USD", "balance": "0.05"},
+                    {"account_id": "bob.2:x-y_z", "currency": "USD", "balance": "1000000000.00"}]})
+        );
+        assert_eq!(
+            written(&Body::Money {
+                transaction_id: id,
+                sequence: u64::MAX,
+                account_id: "carol",
+                amount: 7,
+                currency: jpy,
+                balance: 0,
+            }),
+            json!({"transaction_id": uuid, "status": "committed", "sequence": u64::MAX,
+                "account_id": "carol", "amount": "7", "currency": "JPY", "balance": "0"})
+        );
+        assert_eq!(
+            written(&Body::Rejected {
+                transaction_id: id,
+                sequence: 3,
+                code: RejectCode::InsufficientFunds,
+            }),
+            json!({"transaction_id": uuid, "status": "rejected", "sequence": 3, "error": {
+                "code": "insufficient_funds", "message": RejectCode::InsufficientFunds.message()}})
+        );
+        assert_eq!(
+            written(&Body::Opened {
+                transaction_id: id,
+                sequence: 1,
+                account_id: "dave",
+            }),
+            json!({"transaction_id": uuid, "status": "committed", "sequence": 1, "account_id": "dave"})
+        );
+        assert_eq!(
+            written(&Body::Bare {
+                transaction_id: id,
+                sequence: 9,
+            }),
+            json!({"transaction_id": uuid, "status": "committed", "sequence": 9})
+        );
+        // A string that needs escaping still comes out as valid JSON.
+        let mut out = Vec::new();
+        super::string(&mut out, "a\"b\\c\u{1}é");
+        assert_eq!(
+            serde_json::from_slice::<String>(&out).expect("valid JSON string"),
+            "a\"b\\c\u{1}é"
+        );
+    }
 
     #[test]
     fn paths_match_templates() {

@@ -29,9 +29,35 @@ pub fn prefetch<T>(value: &T) {
     let _ = value;
 }
 
+/// The hash of a transaction id for an `IndexTable`. Ids are caller-chosen, so they are mixed
+/// rather than trusting their bits to be random: the splitmix64 finalizer (a bijection on 64
+/// bits) over each half, a few cycles instead of a general-purpose hash call on the engine
+/// thread. Distinct halves never cancel trivially: the high half goes through its own
+/// bijection before it meets the low half.
+#[inline]
+pub fn hash_id(id: u128) -> u64 {
+    mix64((id as u64) ^ mix64((id >> 64) as u64 ^ 0x243F_6A88_85A3_08D3))
+}
+
+/// splitmix64's finalizer: a bijection on 64 bits with good avalanche.
+#[inline]
+pub fn mix64(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
 #[inline]
 fn tag_of(hash: u64) -> u32 {
     (hash >> 32) as u32
+}
+
+impl Default for IndexTable {
+    fn default() -> IndexTable {
+        IndexTable::with_capacity(0)
+    }
 }
 
 impl IndexTable {

@@ -347,6 +347,29 @@ pub fn format_amount(value: MinorUnits, currency: Currency) -> String {
     )
 }
 
+/// Appends minor units as `format_amount` writes them, without allocating a `String` (response
+/// bodies write thousands of amounts per request).
+pub fn write_amount(out: &mut Vec<u8>, value: MinorUnits, currency: Currency) {
+    let exponent = currency.exponent() as usize;
+    // u64::MAX has 20 digits; with the exponent's zero padding and the point, 32 is enough.
+    let mut digits = [b'0'; 32];
+    let mut at = digits.len();
+    let mut rest = value;
+    while rest > 0 {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    // At least one digit before the point.
+    let start = at.min(digits.len() - exponent - 1);
+    let (whole, fraction) = digits[start..].split_at(digits.len() - start - exponent);
+    out.extend_from_slice(whole);
+    if exponent > 0 {
+        out.push(b'.');
+        out.extend_from_slice(fraction);
+    }
+}
+
 /// A caller-chosen UUID that makes a command idempotent. Stored as its 128-bit value.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct TransactionId(pub u128);
@@ -360,6 +383,17 @@ impl TransactionId {
 
     pub fn to_uuid_string(self) -> String {
         uuid::Uuid::from_u128(self.0).hyphenated().to_string()
+    }
+
+    /// Appends the hyphenated lowercase form (as `to_uuid_string`) without allocating.
+    pub fn write_uuid(self, out: &mut Vec<u8>) {
+        let mut buffer = uuid::Uuid::encode_buffer();
+        out.extend_from_slice(
+            uuid::Uuid::from_u128(self.0)
+                .hyphenated()
+                .encode_lower(&mut buffer)
+                .as_bytes(),
+        );
     }
 }
 
@@ -377,7 +411,54 @@ impl fmt::Display for TransactionId {
 
 #[cfg(test)]
 mod tests {
-    use super::AccountId;
+    use super::{AccountId, Currency, TransactionId, format_amount, write_amount};
+
+    #[test]
+    fn write_amount_and_write_uuid_match_their_string_forms() {
+        // Exponents 0 (JPY), 2 (USD), 3 (BHD) and 4 (CLF).
+        let currencies = ["JPY", "USD", "BHD", "CLF"].map(|c| Currency::new(c).expect("ISO code"));
+        let mut values = vec![
+            0,
+            1,
+            9,
+            10,
+            99,
+            100,
+            101,
+            12_345,
+            1_000_000,
+            u64::MAX,
+            u64::MAX - 1,
+        ];
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..2_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            values.push(x >> (x % 64));
+        }
+        for currency in currencies {
+            for &value in &values {
+                let mut out = b"prefix:".to_vec();
+                write_amount(&mut out, value, currency);
+                assert_eq!(
+                    std::str::from_utf8(&out[7..]).expect("ascii"),
+                    format_amount(value, currency),
+                    "{value} {currency}"
+                );
+            }
+        }
+        for id in [
+            0u128,
+            1,
+            u128::MAX,
+            0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
+        ] {
+            let mut out = Vec::new();
+            TransactionId(id).write_uuid(&mut out);
+            assert_eq!(out, TransactionId(id).to_uuid_string().into_bytes());
+        }
+    }
 
     #[test]
     fn account_id_hash_is_xxh3_of_its_bytes() {

@@ -11,6 +11,7 @@
 //!   the end-of-batch sync), and it still checks the durable watermark before answering
 //!   "committed".
 
+pub mod doorbell;
 pub mod recovery;
 
 use std::path::PathBuf;
@@ -27,6 +28,7 @@ use disruptor::{
 use crate::core::codec::encode_snapshot;
 use crate::core::{Command, CommandRecord, Ledger};
 use crate::journal::JournalWriter;
+use doorbell::Doorbell;
 
 /// How a waiting consumer thread waits for the next event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,18 +37,49 @@ pub enum WaitMode {
     BusySpin,
     /// Give the core away on every empty poll.
     Yield,
-    /// Sleep this long on every empty poll. The default: on 2 cores a spinning thread would
-    /// starve everything else.
+    /// Sleep this long on every empty poll.
     Sleep(Duration),
+    /// Spin briefly, then park until a producer rings (`doorbell`). The default: an idle
+    /// engine costs nothing, a busy one makes no syscalls, and nothing polls on a timer.
+    Park,
 }
 
-impl WaitStrategy for WaitMode {
-    #[inline]
-    fn wait_for(&self, _sequence: i64) {
+/// A `WaitMode` made concrete for one ring: `Park` carries the ring's doorbell.
+#[derive(Clone, Copy)]
+enum Strategy {
+    Spin,
+    Yield,
+    Sleep(Duration),
+    Park(&'static Doorbell),
+}
+
+impl Strategy {
+    fn new(mode: WaitMode) -> Strategy {
+        match mode {
+            WaitMode::BusySpin => Strategy::Spin,
+            WaitMode::Yield => Strategy::Yield,
+            WaitMode::Sleep(d) => Strategy::Sleep(d),
+            WaitMode::Park => Strategy::Park(Doorbell::leaked()),
+        }
+    }
+
+    /// The doorbell producers must ring after publishing, if this strategy parks.
+    fn bell(&self) -> Option<&'static Doorbell> {
         match self {
-            WaitMode::BusySpin => std::hint::spin_loop(),
-            WaitMode::Yield => std::thread::yield_now(),
-            WaitMode::Sleep(d) => std::thread::sleep(*d),
+            Strategy::Park(bell) => Some(bell),
+            _ => None,
+        }
+    }
+}
+
+impl WaitStrategy for Strategy {
+    #[inline]
+    fn wait_for(&self, sequence: i64) {
+        match self {
+            Strategy::Spin => std::hint::spin_loop(),
+            Strategy::Yield => std::thread::yield_now(),
+            Strategy::Sleep(d) => std::thread::sleep(*d),
+            Strategy::Park(bell) => bell.wait_for(sequence),
         }
     }
 }
@@ -57,19 +90,20 @@ impl std::str::FromStr for WaitMode {
         match text {
             "spin" | "busy-spin" => Ok(WaitMode::BusySpin),
             "yield" => Ok(WaitMode::Yield),
+            "park" => Ok(WaitMode::Park),
             _ => text
                 .strip_prefix("sleep=")
                 .and_then(|v| v.strip_suffix("us"))
                 .and_then(|v| v.parse().ok())
                 .map(|us| WaitMode::Sleep(Duration::from_micros(us)))
                 .ok_or_else(|| {
-                    format!("unknown wait strategy {text:?}: use spin, yield or sleep=<n>us")
+                    format!("unknown wait strategy {text:?}: use park, spin, yield or sleep=<n>us")
                 }),
         }
     }
 }
 
-pub const DEFAULT_WAIT: WaitMode = WaitMode::Sleep(Duration::from_micros(20));
+pub const DEFAULT_WAIT: WaitMode = WaitMode::Park;
 
 /// Token of a slot that nobody waits for (checkpoints).
 pub const NO_TOKEN: u64 = u64::MAX;
@@ -182,6 +216,8 @@ type InputProducer = MultiProducer<InputSlot, SingleConsumerBarrier>;
 pub struct Submitter {
     producer: InputProducer,
     shared: Arc<EngineShared>,
+    /// The engine thread's doorbell, when it parks.
+    bell: Option<&'static Doorbell>,
 }
 
 impl Submitter {
@@ -198,6 +234,9 @@ impl Submitter {
         }) {
             Ok(_) => {
                 self.shared.submitted.fetch_add(1, Ordering::Relaxed);
+                if let Some(bell) = self.bell {
+                    bell.ring();
+                }
                 Ok(())
             }
             Err(_) => {
@@ -227,6 +266,9 @@ impl Submitter {
                 self.shared
                     .submitted
                     .fetch_add(commands.len() as u64, Ordering::Relaxed);
+                if let Some(bell) = self.bell {
+                    bell.ring();
+                }
                 Ok(())
             }
             Err(_) => {
@@ -253,6 +295,8 @@ pub struct Engine {
 struct EngineState {
     ledger: Option<Ledger>,
     output: Option<disruptor::SingleProducer<OutputSlot, SingleConsumerBarrier>>,
+    /// The output thread's doorbell, when it parks.
+    output_bell: Option<&'static Doorbell>,
     next_checkpoint: u64,
     checkpoint_every: u64,
     next_snapshot: u64,
@@ -293,6 +337,9 @@ impl EngineState {
                 slot.submitted_ns = submitted_ns;
             });
             if published.is_ok() {
+                if let Some(bell) = self.output_bell {
+                    bell.ring();
+                }
                 return;
             }
             std::thread::yield_now();
@@ -333,6 +380,9 @@ impl EngineState {
                         );
                     });
                     if published.is_ok() {
+                        if let Some(bell) = self.output_bell {
+                            bell.ring();
+                        }
                         break;
                     }
                     std::thread::yield_now();
@@ -430,6 +480,8 @@ impl Engine {
         let output_shared = shared.clone();
         let mut staged: Vec<OutputSlot> = Vec::with_capacity(config.output_ring_size.min(4096));
         let mut last_executed = start_seq - 1;
+        let output_strategy = Strategy::new(config.output_wait.unwrap_or(config.wait));
+        let output_bell = output_strategy.bell();
         let output = build_single_producer(
             config.output_ring_size,
             || OutputSlot {
@@ -437,7 +489,7 @@ impl Engine {
                 token: NO_TOKEN,
                 submitted_ns: 0,
             },
-            config.output_wait.unwrap_or(config.wait),
+            output_strategy,
         )
         .thread_name("wallet-journal")
         .handle_events_with(move |slot: &OutputSlot, _sequence, end_of_batch| {
@@ -471,11 +523,14 @@ impl Engine {
         let checkpoint_every = config.checkpoint_every;
         let snapshot_every = config.snapshot_every;
         let output_capacity = config.output_ring_size;
+        let input_strategy = Strategy::new(config.wait);
+        let bell = input_strategy.bell();
         let init = move || EngineState {
             next_checkpoint: start_seq + checkpoint_every,
             next_snapshot: start_seq + snapshot_every,
             ledger: Some(ledger),
             output: Some(output),
+            output_bell,
             checkpoint_every,
             snapshot_every,
             snapshots: snapshot_sender,
@@ -500,7 +555,7 @@ impl Engine {
                 token: NO_TOKEN,
                 submitted_ns: 0,
             },
-            config.wait,
+            input_strategy,
         )
         .thread_name("wallet-engine");
         let producer = match config.pin_core {
@@ -521,7 +576,11 @@ impl Engine {
             None => builder.handle_events_and_state_with(handler, init).build(),
         };
         Engine {
-            submitter: Submitter { producer, shared },
+            submitter: Submitter {
+                producer,
+                shared,
+                bell,
+            },
             ledger_back,
             snapshot_thread,
         }

@@ -50,7 +50,7 @@ pub struct BenchArgs {
     pub data_dir: Option<PathBuf>,
     #[arg(long, default_value_t = 256 << 20)]
     pub segment_size: u64,
-    /// Wait strategy of the ring consumers: spin, yield or sleep=<n>us.
+    /// Wait strategy of the ring consumers: spin, yield, park or sleep=<n>us.
     #[arg(long, default_value = "spin")]
     pub wait: WaitMode,
     /// Wait strategy of the journal and reply threads (on 2 cores, spinning them too starves
