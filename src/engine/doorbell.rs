@@ -90,6 +90,12 @@ impl Doorbell {
             self.last_wanted.store(wanted, Ordering::Relaxed);
             self.polls.store(0, Ordering::Relaxed);
             self.park_ms.store(0, Ordering::Relaxed);
+            if self.announced.load(Ordering::Relaxed) {
+                // The check after announcing found work: withdraw the announcement, or every
+                // publication would pay a futex wake while this consumer is busy.
+                self.sleeping.store(false, Ordering::Relaxed);
+                self.announced.store(false, Ordering::Relaxed);
+            }
         }
         let polls = self.polls.load(Ordering::Relaxed) + 1;
         self.polls.store(polls, Ordering::Relaxed);
@@ -103,6 +109,9 @@ impl Doorbell {
         }
         if !self.announced.load(Ordering::Relaxed) {
             self.sleeping.store(true, Ordering::SeqCst);
+            // Orders the announcement before the disruptor's next (acquire) check of the cursor:
+            // the other half of the producer's fence.
+            fence(Ordering::SeqCst);
             self.seen_epoch
                 .store(self.epoch.load(Ordering::SeqCst), Ordering::Relaxed);
             self.announced.store(true, Ordering::Relaxed);
@@ -207,6 +216,23 @@ mod tests {
             bell.parks() > 0,
             "the consumer never parked during 3 ms gaps"
         );
+    }
+
+    #[test]
+    fn an_announcement_is_withdrawn_when_work_turns_up() {
+        let bell = Doorbell::with_backstop(Duration::from_secs(10), Duration::from_secs(10));
+        // Empty polls for sequence 5 until the consumer announces that it will sleep (the call
+        // that announces returns at once, for one more check of the cursor).
+        for _ in 0..=SPINS + YIELDS {
+            bell.wait_for(5);
+        }
+        assert!(bell.sleeping.load(Ordering::Relaxed));
+        assert_eq!(bell.parks(), 0);
+        // That check found sequence 5: the next wait is for something later. Producers must no
+        // longer see a sleeper (each would pay a futex wake for nothing).
+        bell.wait_for(9);
+        assert!(!bell.sleeping.load(Ordering::Relaxed));
+        assert_eq!(bell.parks(), 0);
     }
 
     #[test]

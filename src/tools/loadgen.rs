@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
+use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 
@@ -119,36 +118,90 @@ fn target(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Target> {
     })
 }
 
+/// A response's status line and headers, as far as loadgen needs them.
+struct Head {
+    status: u16,
+    /// Bytes of the status line and headers.
+    length: usize,
+    length_of_body: usize,
+    close: bool,
+}
+
+/// Parses a response head from the start of `buffer`; `None` while it is incomplete.
+fn parse_head(buffer: &[u8]) -> anyhow::Result<Option<Head>> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut response = httparse::Response::new(&mut headers);
+    let httparse::Status::Complete(length) = response.parse(buffer)? else {
+        return Ok(None);
+    };
+    let status = response.code.unwrap_or(0);
+    let mut length_of_body = None;
+    let mut close = false;
+    for header in response.headers.iter() {
+        if header.name.eq_ignore_ascii_case("content-length") {
+            length_of_body = std::str::from_utf8(header.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok());
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            anyhow::bail!(
+                "the server sent a chunked response; loadgen reads Content-Length bodies only"
+            );
+        } else if header.name.eq_ignore_ascii_case("connection") {
+            close = header.value.eq_ignore_ascii_case(b"close");
+        }
+    }
+    let length_of_body = length_of_body
+        .ok_or_else(|| anyhow::anyhow!("response without Content-Length (status {status})"))?;
+    Ok(Some(Head {
+        status,
+        length,
+        length_of_body,
+        close,
+    }))
+}
+
+/// The resolution of tokio's timer.
+const TIMER_TICK: Duration = Duration::from_millis(1);
+
+/// Any byte stream a client connection runs over (plain TCP or TLS).
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Sync> Io for T {}
+
+/// A minimal HTTP/1.1 client connection: one request at a time over a keep-alive connection,
+/// requests written from one buffer, responses read with `httparse` and `Content-Length`
+/// (what `wallet serve` and `serve-fixed` send; anything else is an error, never a guess).
+/// hyper's client cost so much per request that the generator, not the server, was the limit:
+/// 38k requests/s against a bare hyper server that `wrk` drove to 123k on the same machine.
 struct Client {
-    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    stream: Option<Box<dyn Io>>,
     target: Target,
+    request: Vec<u8>,
+    buffer: bytes::BytesMut,
 }
 
 impl Client {
     async fn connect(target: &Target) -> anyhow::Result<Client> {
-        let stream = tokio::net::TcpStream::connect(&target.host).await?;
-        stream.set_nodelay(true)?;
-        let sender = match &target.tls {
-            None => {
-                let (sender, connection) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-                tokio::spawn(connection);
-                sender
-            }
-            Some((connector, name)) => {
-                let stream = connector.connect(name.clone(), stream).await?;
-                let (sender, connection) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-                tokio::spawn(connection);
-                sender
-            }
-        };
-        Ok(Client {
-            sender,
+        let mut client = Client {
+            stream: None,
             target: target.clone(),
+            request: Vec::with_capacity(1024),
+            buffer: bytes::BytesMut::with_capacity(16 * 1024),
+        };
+        client.stream = Some(client.open().await?);
+        Ok(client)
+    }
+
+    async fn open(&self) -> anyhow::Result<Box<dyn Io>> {
+        let stream = tokio::net::TcpStream::connect(&self.target.host).await?;
+        stream.set_nodelay(true)?;
+        Ok(match &self.target.tls {
+            None => Box::new(stream),
+            Some((connector, name)) => Box::new(connector.connect(name.clone(), stream).await?),
         })
     }
 
+    /// Sends one request and reads its response. After any error the connection is dropped
+    /// and the next request opens a new one.
     async fn send_as(
         &mut self,
         method: &str,
@@ -156,24 +209,72 @@ impl Client {
         body: Option<String>,
         token: Option<&str>,
     ) -> anyhow::Result<(u16, Bytes)> {
-        if self.sender.ready().await.is_err() {
-            *self = Client::connect(&self.target).await?;
+        let result = self.exchange(method, path, body, token).await;
+        if result.is_err() {
+            self.stream = None;
         }
-        let mut builder = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", &self.target.host);
+        result
+    }
+
+    async fn exchange(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+        token: Option<&str>,
+    ) -> anyhow::Result<(u16, Bytes)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = match self.stream.take() {
+            Some(stream) => stream,
+            None => {
+                self.buffer.clear();
+                self.open().await?
+            }
+        };
+        let request = &mut self.request;
+        request.clear();
+        request.extend_from_slice(method.as_bytes());
+        request.push(b' ');
+        request.extend_from_slice(path.as_bytes());
+        request.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        request.extend_from_slice(self.target.host.as_bytes());
         if body.is_some() {
-            builder = builder.header("content-type", "application/json");
+            request.extend_from_slice(b"\r\ncontent-type: application/json");
         }
         if let Some(token) = token {
-            builder = builder.header("authorization", format!("Bearer {token}"));
+            request.extend_from_slice(b"\r\nauthorization: Bearer ");
+            request.extend_from_slice(token.as_bytes());
         }
-        let request = builder.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        let response = self.sender.send_request(request).await?;
-        let status = response.status().as_u16();
-        let body = response.into_body().collect().await?.to_bytes();
-        Ok((status, body))
+        let body = body.unwrap_or_default();
+        request.extend_from_slice(b"\r\ncontent-length: ");
+        request.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+        request.extend_from_slice(b"\r\n\r\n");
+        request.extend_from_slice(body.as_bytes());
+        stream.write_all(request).await?;
+        loop {
+            if let Some(head) = parse_head(&self.buffer)? {
+                while self.buffer.len() < head.length + head.length_of_body {
+                    if stream.read_buf(&mut self.buffer).await? == 0 {
+                        anyhow::bail!("the server closed the connection mid-response");
+                    }
+                }
+                let mut message = self
+                    .buffer
+                    .split_to(head.length + head.length_of_body)
+                    .freeze();
+                let body = message.split_off(head.length);
+                if !head.close {
+                    self.stream = Some(stream);
+                }
+                return Ok((head.status, body));
+            }
+            if self.buffer.capacity() - self.buffer.len() < 4096 {
+                self.buffer.reserve(16 * 1024);
+            }
+            if stream.read_buf(&mut self.buffer).await? == 0 {
+                anyhow::bail!("the server closed the connection");
+            }
+        }
     }
 }
 
@@ -307,10 +408,9 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
                 } else {
                     Instant::now().max(start)
                 };
-                if intended >= end {
+                if intended >= end || Instant::now() >= end {
                     break;
                 }
-                tokio::time::sleep_until(intended.into()).await;
                 // With tokens, a whole request debits one account (owners move only their own
                 // money), so a batch is many transfers out of one account.
                 let from = rng.next_u64() % accounts;
@@ -339,11 +439,23 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
                         )
                     }
                 };
+                // tokio's timer rounds a deadline up to its next 1 ms tick, so sleeping right up
+                // to `intended` would add up to a millisecond to every measured latency (and in
+                // closed loop, cap each connection near one request per tick). Sleep to within a
+                // tick of it instead, and measure from the earlier of the intended and the
+                // actual send time: late sends count against the server as coordinated omission
+                // demands, early ones never shorten a latency.
+                if let Some(ahead) = intended.checked_duration_since(Instant::now())
+                    && ahead > TIMER_TICK
+                {
+                    tokio::time::sleep_until((intended - TIMER_TICK).into()).await;
+                }
+                let sent = Instant::now();
                 match client.send_as(method, &path, body, token).await {
                     Ok((status, _)) => *statuses.entry(status).or_default() += 1,
                     Err(_) => errors += 1,
                 }
-                let latency_us = (intended.elapsed().as_nanos() / 1000) as u64;
+                let latency_us = (intended.min(sent).elapsed().as_nanos() / 1000) as u64;
                 let _ = histogram.record(latency_us.max(1));
             }
             anyhow::Ok((histogram, statuses, errors))
