@@ -711,3 +711,48 @@ fn decode_snapshot_refuses_duplicate_currencies_without_panicking() {
         }
     }
 }
+
+/// A snapshot whose id table names one transaction id twice is refused, even with a valid
+/// checksum (restoring it would remember one id with two outcomes).
+#[test]
+fn a_snapshot_with_a_duplicated_transaction_id_is_refused() {
+    let mut ledger = Ledger::new(LedgerConfig::default());
+    let usd = Currency::new("USD").unwrap();
+    let account = AccountId::new("alice").unwrap();
+    let mut commands = vec![Command {
+        transaction_id: TransactionId(1),
+        timestamp_ns: 1,
+        kind: CommandKind::OpenAccount { account },
+    }];
+    for i in 2..40u128 {
+        commands.push(Command {
+            transaction_id: TransactionId(i << 70 | i),
+            timestamp_ns: i as u64,
+            kind: CommandKind::Deposit {
+                account,
+                amount: 5,
+                currency: usd,
+            },
+        });
+    }
+    for command in &commands {
+        ledger.execute(command);
+    }
+    let bytes = encode_snapshot(&ledger);
+    assert!(decode_snapshot(&bytes, LedgerConfig::default()).is_ok());
+    // The id table is the last 32 bytes per id before the 4-byte checksum; copy the 16-byte id
+    // of entry 3 over entry 17 and re-seal the checksum.
+    let ids = ledger.transaction_id_count() as usize;
+    assert_eq!(ids, 39);
+    let table = bytes.len() - 4 - ids * 32;
+    let mut forged = bytes[..bytes.len() - 4].to_vec();
+    let copied: Vec<u8> = forged[table + 3 * 32..table + 3 * 32 + 16].to_vec();
+    forged[table + 17 * 32..table + 17 * 32 + 16].copy_from_slice(&copied);
+    let crc = crc32c::crc32c(&forged);
+    forged.extend_from_slice(&crc.to_le_bytes());
+    match decode_snapshot(&forged, LedgerConfig::default()) {
+        Err(DecodeError::Snapshot(reason)) => assert_eq!(reason, "duplicate transaction id"),
+        Err(other) => panic!("a duplicated id was refused for another reason: {other}"),
+        Ok(_) => panic!("a snapshot with a duplicated transaction id was accepted"),
+    }
+}

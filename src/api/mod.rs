@@ -275,7 +275,15 @@ pub async fn serve(
         // (history, every transaction's outcome) are rebuilt from the whole journal, so that a
         // status lookup or an idempotent retry of a transaction older than the snapshot still
         // gets its original answer.
+        let started = std::time::Instant::now();
         let recovered = recover(&data_dir, ledger_config, true, |_, _| {})?;
+        tracing::info!(
+            seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
+            snapshot = ?recovered.snapshot_next_seq,
+            records = recovered.records_replayed,
+            "ledger recovered; rebuilding the read views from the whole journal"
+        );
+        let started = std::time::Instant::now();
         let views = Views::from_ledger(&crate::core::Ledger::new(ledger_config));
         let mut pending = Vec::with_capacity(4096);
         let end = crate::journal::scan(&journal_dir(&data_dir), 1, |record| {
@@ -290,6 +298,10 @@ pub async fn serve(
         anyhow::ensure!(
             end.next_seq == recovered.ledger.next_seq() && views.applied_seq() + 1 == end.next_seq,
             "views and ledger disagree after recovery"
+        );
+        tracing::info!(
+            seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
+            "read views rebuilt"
         );
         Ok((recovered, views))
     })

@@ -8,6 +8,7 @@ use crate::core::command::{
     CommandRecord, CommandType, Event, EventKind, MAX_EVENTS_PER_COMMAND, RejectCode,
 };
 use crate::core::ledger::{CurrencyTotals, Ledger, LedgerConfig};
+use crate::core::table::hash_id;
 use crate::core::types::{AccountId, Currency, TransactionId};
 
 /// Size of the per-command header at the start of a record payload.
@@ -358,14 +359,39 @@ pub fn decode_snapshot(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, Dec
             },
         );
     }
-    for _ in 0..remembered_count {
-        let id = r.u128()?;
-        let fingerprint = r.u64()?;
-        let seq_and_code = r.u64()?;
-        if ledger.outcome_of(TransactionId(id)).is_some() {
+    // Remembered ids: fixed 32-byte entries. Restoring one costs a random access into the id
+    // table, so the table bucket of the entry `AHEAD` places on is prefetched (a 50-million-id
+    // snapshot otherwise spends most of its load time waiting on those misses one by one).
+    const ENTRY: usize = 32;
+    const AHEAD: usize = 16;
+    let entries_len = (remembered_count as usize)
+        .checked_mul(ENTRY)
+        .ok_or(DecodeError::Snapshot("counts out of range"))?;
+    let entries = r.take(entries_len)?;
+    let id_at = |i: usize| {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(&entries[i * ENTRY..i * ENTRY + 16]);
+        u128::from_le_bytes(a)
+    };
+    let count = remembered_count as usize;
+    // Hashes of the entries between the one being restored and the one being prefetched.
+    let mut hashes = [0u64; AHEAD];
+    for (i, hash) in hashes.iter_mut().enumerate().take(count) {
+        *hash = hash_id(id_at(i));
+        ledger.prefetch_id_hash(*hash);
+    }
+    for i in 0..count {
+        let hash = hashes[i % AHEAD];
+        if i + AHEAD < count {
+            let ahead = hash_id(id_at(i + AHEAD));
+            ledger.prefetch_id_hash(ahead);
+            hashes[i % AHEAD] = ahead;
+        }
+        let fingerprint = u64_at(entries, i * ENTRY + 16);
+        let seq_and_code = u64_at(entries, i * ENTRY + 24);
+        if !ledger.restore_remembered(id_at(i), hash, fingerprint, seq_and_code) {
             return Err(DecodeError::Snapshot("duplicate transaction id"));
         }
-        ledger.restore_remembered(id, fingerprint, seq_and_code);
     }
     if r.at != body.len() {
         return Err(DecodeError::Snapshot("trailing bytes"));
@@ -377,7 +403,7 @@ pub fn decode_snapshot(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, Dec
         ));
     }
     ledger
-        .check_invariants()
+        .check_conservation()
         .map_err(|_| DecodeError::Snapshot("invariants do not hold"))?;
     Ok(ledger)
 }

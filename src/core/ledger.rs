@@ -305,6 +305,13 @@ impl Ledger {
         })
     }
 
+    /// Hints the CPU to load the id-table bucket where the id with this `hash_id` is (or would
+    /// be) remembered.
+    #[inline]
+    pub fn prefetch_id_hash(&self, hash: u64) {
+        self.id_index.prefetch(hash);
+    }
+
     /// Prefetch stage 1 for a command that will execute soon: the index-table buckets of its
     /// accounts and its transaction id.
     #[inline]
@@ -924,6 +931,15 @@ impl Ledger {
                 self.digests
             ));
         }
+        self.check_conservation()
+    }
+
+    /// The money invariants alone: per currency, the sum of balances equals deposited minus
+    /// withdrawn and equals `outstanding`, and no currency has balances without deposits.
+    /// (Snapshot loading checks these but not the digests: it has just built the running
+    /// digests from the same entries, through the same mutators, and compares the resulting
+    /// state hash with the one the snapshot claims.)
+    pub fn check_conservation(&self) -> Result<(), String> {
         let mut sums: Vec<(Currency, u128)> = Vec::new();
         for index in 0..self.accounts.len() as u32 {
             for (currency, balance) in self.balances(index) {
@@ -969,13 +985,38 @@ impl Ledger {
         }
     }
 
-    pub(crate) fn restore_remembered(&mut self, id: u128, fingerprint: u64, seq_and_code: u64) {
-        self.remember(
-            TransactionId(id),
+    /// Restores one remembered id from a snapshot; false (and no change) if it is already
+    /// remembered. `hash` is `hash_id(id)`, which the caller computed for its prefetch.
+    pub(crate) fn restore_remembered(
+        &mut self,
+        id: u128,
+        hash: u64,
+        fingerprint: u64,
+        seq_and_code: u64,
+    ) -> bool {
+        let index = self.id_count;
+        let chunks = &self.id_chunks;
+        let existing = self.id_index.insert_unique(hash, index, |i| {
+            chunks[i as usize / ID_CHUNK][i as usize % ID_CHUNK].id() == id
+        });
+        if existing.is_some() {
+            return false;
+        }
+        if (index as usize).is_multiple_of(ID_CHUNK) {
+            self.id_chunks.push(Vec::with_capacity(ID_CHUNK));
+        }
+        let remembered = RememberedId {
+            id_low: id as u64,
+            id_high: (id >> 64) as u64,
             fingerprint,
-            seq_and_code >> 8,
-            (seq_and_code & 0xFF) as u8,
-        );
+            seq_and_code,
+        };
+        if let Some(chunk) = self.id_chunks.last_mut() {
+            chunk.push(remembered);
+        }
+        self.digests.ids = id_digest(self.digests.ids, &remembered);
+        self.id_count += 1;
+        true
     }
 
     pub(crate) fn restore_account(

@@ -119,6 +119,33 @@ impl IndexTable {
         }
     }
 
+    /// Inserts `index` under `hash` unless `is_key` accepts an entry already there, in which
+    /// case that entry's index is returned and nothing changes. One probe sequence does both.
+    pub fn insert_unique(
+        &mut self,
+        hash: u64,
+        index: u32,
+        mut is_key: impl FnMut(u32) -> bool,
+    ) -> Option<u32> {
+        if (self.len + 1) * MAX_LOAD_DENOMINATOR > self.buckets.len() * MAX_LOAD_NUMERATOR {
+            self.grow();
+        }
+        let tag = tag_of(hash);
+        let mut at = self.start(tag);
+        loop {
+            let entry = self.buckets[at];
+            if entry == EMPTY {
+                self.buckets[at] = (u64::from(tag) << 32) | u64::from(index);
+                self.len += 1;
+                return None;
+            }
+            if (entry >> 32) as u32 == tag && is_key(entry as u32) {
+                return Some(entry as u32);
+            }
+            at = (at + 1) & self.mask;
+        }
+    }
+
     /// Inserts `index` under `hash`. The caller guarantees the key is not present.
     pub fn insert(&mut self, hash: u64, index: u32) {
         if (self.len + 1) * MAX_LOAD_DENOMINATOR > self.buckets.len() * MAX_LOAD_NUMERATOR {
@@ -168,6 +195,12 @@ mod tests {
         }
         assert_eq!(table.find(keys[0], |j| j == 20_000), Some(20_000));
         assert_eq!(table.len(), 10_001);
+        // insert_unique: finds an existing key instead of inserting it twice, inserts a new one.
+        assert_eq!(table.insert_unique(keys[5], 30_000, |j| j == 5), Some(5));
+        assert_eq!(table.len(), 10_001);
+        assert_eq!(table.insert_unique(keys[5], 30_000, |j| j == 30_000), None);
+        assert_eq!(table.find(keys[5], |j| j == 30_000), Some(30_000));
+        assert_eq!(table.len(), 10_002);
         assert!(table.bucket_count() * 7 >= table.len() * 8);
     }
 }

@@ -55,6 +55,18 @@ pub fn list_snapshots(dir: &Path) -> Vec<(u64, PathBuf)> {
     out
 }
 
+/// Maps a snapshot file read-only. Reading a multi-GiB snapshot into a `Vec` made the kernel
+/// zero and then copy every page of it; mapped, the decoder reads the page cache directly.
+fn map_snapshot(path: &Path) -> std::io::Result<memmap2::Mmap> {
+    let file = File::open(path)?;
+    // SAFETY: snapshot files are written whole under a temporary name and renamed into place;
+    // nothing writes to or truncates a published snapshot, so the mapping's bytes do not change
+    // while it is alive. The decoder only reads them, and verifies their checksum first.
+    let map = unsafe { memmap2::Mmap::map(&file)? };
+    let _ = map.advise(memmap2::Advice::Sequential);
+    Ok(map)
+}
+
 /// Loads the newest snapshot that decodes and verifies, skipping (with a warning) any that do
 /// not. `at_most` bounds its sequence (a snapshot ahead of the journal is never trusted).
 pub fn load_newest(dir: &Path, config: LedgerConfig, at_most: Option<u64>) -> Option<Ledger> {
@@ -63,7 +75,7 @@ pub fn load_newest(dir: &Path, config: LedgerConfig, at_most: Option<u64>) -> Op
             tracing::warn!(file = %path.display(), "skipping a snapshot ahead of the journal");
             continue;
         }
-        match fs::read(&path) {
+        match map_snapshot(&path) {
             Ok(bytes) => match decode_snapshot(&bytes, config) {
                 Ok(ledger) => return Some(ledger),
                 Err(e) => {
