@@ -286,7 +286,7 @@ pub async fn serve(
         let started = std::time::Instant::now();
         let views = Views::from_ledger(&crate::core::Ledger::new(ledger_config));
         let mut pending = Vec::with_capacity(4096);
-        let end = crate::journal::scan(&journal_dir(&data_dir), 1, |record| {
+        let end = crate::journal::scan_pipelined(&journal_dir(&data_dir), 1, |record| {
             pending.push(*record);
             if pending.len() == pending.capacity() {
                 views.apply_batch(&pending);
