@@ -525,6 +525,12 @@ fn key(out: &mut Vec<u8>, name: &str) {
     out.extend_from_slice(b"\":");
 }
 
+/// Appends `,"key":` (a member after the first).
+fn next_key(out: &mut Vec<u8>, name: &str) {
+    out.push(b',');
+    key(out, name);
+}
+
 /// Appends a string value; escaped through serde_json unless every byte is plainly safe.
 fn string(out: &mut Vec<u8>, text: &str) {
     if text
@@ -611,19 +617,16 @@ impl Body<'_> {
         out.extend_from_slice(b"\",");
         key(out, "status");
         string(out, status);
-        out.push(b',');
-        key(out, "sequence");
+        next_key(out, "sequence");
         number(out, *sequence);
         match self {
             Body::Other(_) | Body::Bare { .. } => {}
             Body::Rejected { code, .. } => {
-                out.push(b',');
-                key(out, "error");
+                next_key(out, "error");
                 out.push(b'{');
                 key(out, "code");
                 string(out, code.code());
-                out.push(b',');
-                key(out, "message");
+                next_key(out, "message");
                 string(out, code.message());
                 out.push(b'}');
             }
@@ -635,20 +638,15 @@ impl Body<'_> {
                 balances,
                 ..
             } => {
-                out.push(b',');
-                key(out, "from_account");
+                next_key(out, "from_account");
                 account_string(out, from_account);
-                out.push(b',');
-                key(out, "to_account");
+                next_key(out, "to_account");
                 account_string(out, to_account);
-                out.push(b',');
-                key(out, "amount");
+                next_key(out, "amount");
                 money_value(out, *amount, *currency);
-                out.push(b',');
-                key(out, "currency");
+                next_key(out, "currency");
                 currency_code(out, *currency);
-                out.push(b',');
-                key(out, "balances");
+                next_key(out, "balances");
                 out.push(b'[');
                 for (i, (account, balance)) in [from_account, to_account]
                     .into_iter()
@@ -661,11 +659,9 @@ impl Body<'_> {
                     out.push(b'{');
                     key(out, "account_id");
                     account_string(out, account);
-                    out.push(b',');
-                    key(out, "currency");
+                    next_key(out, "currency");
                     currency_code(out, *currency);
-                    out.push(b',');
-                    key(out, "balance");
+                    next_key(out, "balance");
                     money_value(out, *balance, *currency);
                     out.push(b'}');
                 }
@@ -678,22 +674,17 @@ impl Body<'_> {
                 balance,
                 ..
             } => {
-                out.push(b',');
-                key(out, "account_id");
+                next_key(out, "account_id");
                 account_string(out, account_id);
-                out.push(b',');
-                key(out, "amount");
+                next_key(out, "amount");
                 money_value(out, *amount, *currency);
-                out.push(b',');
-                key(out, "currency");
+                next_key(out, "currency");
                 currency_code(out, *currency);
-                out.push(b',');
-                key(out, "balance");
+                next_key(out, "balance");
                 money_value(out, *balance, *currency);
             }
             Body::Opened { account_id, .. } => {
-                out.push(b',');
-                key(out, "account_id");
+                next_key(out, "account_id");
                 account_string(out, account_id);
             }
         }
