@@ -520,6 +520,10 @@ fn shard_down_during_load_then_back_resumes() {
     setup_accounts(&mut client, 300);
     let mut follower = cluster.replicate_follow(&["--batch-events", "5000"]);
     transfers(&mut client, 300, 10_000, 1);
+    // The replicator must be past its start-up (connecting, migrating) and replicating before
+    // the shard goes away: a fast load could otherwise finish before it connected, and the
+    // outage would hit its start-up instead of the steady state this test is about.
+    cluster.wait_caught_up(&mut follower, Duration::from_secs(30));
 
     // Shard 1 refuses connections and loses the ones it had, in the middle of the load.
     cluster.set_allow_connections(1, false);
