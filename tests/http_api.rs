@@ -552,3 +552,36 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("in use"));
     assert!(server.stop().success());
 }
+
+/// The server closes a keep-alive connection that stays idle past its header-read timeout.
+/// `wallet loadgen` must then resend on a fresh connection, not count an error: here every
+/// connection idles about 1 s between requests against a 300 ms timeout.
+#[test]
+fn loadgen_resends_on_a_fresh_connection_after_the_server_closed_an_idle_one() {
+    let dir = temp();
+    let server = Server::start(dir.path(), &["--header-read-timeout-ms", "300"]);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+        .args(["loadgen", "--url", &format!("http://{}", server.address)])
+        .args([
+            "--raw-path",
+            "/healthz",
+            "--rate",
+            "4",
+            "--connections",
+            "4",
+        ])
+        .args(["--duration", "3", "--json"])
+        .output()
+        .expect("run loadgen");
+    assert!(
+        output.status.success(),
+        "loadgen: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON report");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert!(
+        report["status_counts"]["200"].as_u64().unwrap_or(0) >= 10,
+        "{report}"
+    );
+}

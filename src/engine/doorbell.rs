@@ -72,7 +72,10 @@ impl Doorbell {
     #[inline]
     pub fn ring(&self) {
         fence(Ordering::SeqCst);
-        if self.sleeping.load(Ordering::Relaxed) {
+        // Only the first producer to see a sleeper wakes it; the others see the flag cleared.
+        // (The consumer announces again, with its own fence, before it sleeps again, so a
+        // producer that sees it cleared is covered by that announcement's re-check.)
+        if self.sleeping.load(Ordering::Relaxed) && self.sleeping.swap(false, Ordering::SeqCst) {
             self.epoch.fetch_add(1, Ordering::SeqCst);
             futex_wake(&self.epoch);
         }

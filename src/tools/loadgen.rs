@@ -177,6 +177,8 @@ struct Client {
     target: Target,
     request: Vec<u8>,
     buffer: bytes::BytesMut,
+    /// Whether a byte of the current response has arrived.
+    response_started: bool,
 }
 
 impl Client {
@@ -186,6 +188,7 @@ impl Client {
             target: target.clone(),
             request: Vec::with_capacity(1024),
             buffer: bytes::BytesMut::with_capacity(16 * 1024),
+            response_started: false,
         };
         client.stream = Some(client.open().await?);
         Ok(client)
@@ -201,7 +204,11 @@ impl Client {
     }
 
     /// Sends one request and reads its response. After any error the connection is dropped
-    /// and the next request opens a new one.
+    /// and the next request opens a new one. A kept-alive connection that the server closed
+    /// while it was idle (hyper closes one after its header-read timeout) fails before any byte
+    /// of a response arrives: the request is then sent once more on a fresh connection, as
+    /// hyper's client did. (Sending a transfer twice is safe: its transaction id makes it
+    /// idempotent.)
     async fn send_as(
         &mut self,
         method: &str,
@@ -209,28 +216,20 @@ impl Client {
         body: Option<String>,
         token: Option<&str>,
     ) -> anyhow::Result<(u16, Bytes)> {
-        let result = self.exchange(method, path, body, token).await;
+        self.build_request(method, path, body.as_deref(), token);
+        let reused = self.stream.is_some();
+        let mut result = self.exchange().await;
+        if result.is_err() && reused && !self.response_started {
+            self.stream = None;
+            result = self.exchange().await;
+        }
         if result.is_err() {
             self.stream = None;
         }
         result
     }
 
-    async fn exchange(
-        &mut self,
-        method: &str,
-        path: &str,
-        body: Option<String>,
-        token: Option<&str>,
-    ) -> anyhow::Result<(u16, Bytes)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = match self.stream.take() {
-            Some(stream) => stream,
-            None => {
-                self.buffer.clear();
-                self.open().await?
-            }
-        };
+    fn build_request(&mut self, method: &str, path: &str, body: Option<&str>, token: Option<&str>) {
         let request = &mut self.request;
         request.clear();
         request.extend_from_slice(method.as_bytes());
@@ -250,7 +249,22 @@ impl Client {
         request.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
         request.extend_from_slice(b"\r\n\r\n");
         request.extend_from_slice(body.as_bytes());
-        stream.write_all(request).await?;
+    }
+
+    /// Writes the prepared request and reads one response.
+    async fn exchange(&mut self) -> anyhow::Result<(u16, Bytes)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.response_started = false;
+        let mut stream = match self.stream.take() {
+            Some(stream) => stream,
+            None => {
+                self.buffer.clear();
+                self.open().await?
+            }
+        };
+        stream.write_all(&self.request).await?;
+        // TLS streams may hold the end of the request until flushed.
+        stream.flush().await?;
         loop {
             if let Some(head) = parse_head(&self.buffer)? {
                 while self.buffer.len() < head.length + head.length_of_body {
@@ -274,6 +288,7 @@ impl Client {
             if stream.read_buf(&mut self.buffer).await? == 0 {
                 anyhow::bail!("the server closed the connection");
             }
+            self.response_started = true;
         }
     }
 }
