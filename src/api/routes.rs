@@ -565,6 +565,18 @@ fn money_value(out: &mut Vec<u8>, value: u64, currency: Currency) {
     out.push(b'"');
 }
 
+/// Appends `,"name":"12.34"`.
+fn money_field(out: &mut Vec<u8>, name: &str, value: u64, currency: Currency) {
+    next_key(out, name);
+    money_value(out, value, currency);
+}
+
+/// Appends `,"currency":"USD"`.
+fn currency_field(out: &mut Vec<u8>, currency: Currency) {
+    next_key(out, "currency");
+    currency_code(out, currency);
+}
+
 fn currency_code(out: &mut Vec<u8>, currency: Currency) {
     out.push(b'"');
     out.extend_from_slice(&currency.code());
@@ -642,10 +654,8 @@ impl Body<'_> {
                 account_string(out, from_account);
                 next_key(out, "to_account");
                 account_string(out, to_account);
-                next_key(out, "amount");
-                money_value(out, *amount, *currency);
-                next_key(out, "currency");
-                currency_code(out, *currency);
+                money_field(out, "amount", *amount, *currency);
+                currency_field(out, *currency);
                 next_key(out, "balances");
                 out.push(b'[');
                 for (i, (account, balance)) in [from_account, to_account]
@@ -659,10 +669,8 @@ impl Body<'_> {
                     out.push(b'{');
                     key(out, "account_id");
                     account_string(out, account);
-                    next_key(out, "currency");
-                    currency_code(out, *currency);
-                    next_key(out, "balance");
-                    money_value(out, *balance, *currency);
+                    currency_field(out, *currency);
+                    money_field(out, "balance", *balance, *currency);
                     out.push(b'}');
                 }
                 out.push(b']');
@@ -676,12 +684,9 @@ impl Body<'_> {
             } => {
                 next_key(out, "account_id");
                 account_string(out, account_id);
-                next_key(out, "amount");
-                money_value(out, *amount, *currency);
-                next_key(out, "currency");
-                currency_code(out, *currency);
-                next_key(out, "balance");
-                money_value(out, *balance, *currency);
+                money_field(out, "amount", *amount, *currency);
+                currency_field(out, *currency);
+                money_field(out, "balance", *balance, *currency);
             }
             Body::Opened { account_id, .. } => {
                 next_key(out, "account_id");

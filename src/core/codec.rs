@@ -389,7 +389,7 @@ pub fn decode_snapshot(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, Dec
         }
         let fingerprint = u64_at(entries, i * ENTRY + 16);
         let seq_and_code = u64_at(entries, i * ENTRY + 24);
-        if !ledger.restore_remembered(id_at(i), hash, fingerprint, seq_and_code) {
+        if !ledger.remember_unique(id_at(i), hash, fingerprint, seq_and_code) {
             return Err(DecodeError::Snapshot("duplicate transaction id"));
         }
     }

@@ -835,25 +835,49 @@ impl Ledger {
     }
 
     fn remember(&mut self, id: TransactionId, fingerprint: u64, first_seq: u64, code: u8) {
-        if self.remembered(id).is_some() {
-            // Only `transaction_id_reused` rejections reach here: the original stays remembered.
-            return;
-        }
+        // Already remembered: only `transaction_id_reused` rejections reach here, and the
+        // original stays remembered.
+        self.remember_unique(
+            id.0,
+            hash_id(id.0),
+            fingerprint,
+            (first_seq << 8) | u64::from(code),
+        );
+    }
+
+    /// Remembers `id` unless it already is (then false, and nothing changes), with one probe of
+    /// the id table. The only writer of remembered ids, live and from snapshots (which pass
+    /// the `hash_id` they computed for their prefetch).
+    pub(crate) fn remember_unique(
+        &mut self,
+        id: u128,
+        hash: u64,
+        fingerprint: u64,
+        seq_and_code: u64,
+    ) -> bool {
         let index = self.id_count;
+        let chunks = &self.id_chunks;
+        let existing = self.id_index.insert_unique(hash, index, |i| {
+            chunks[i as usize / ID_CHUNK][i as usize % ID_CHUNK].id() == id
+        });
+        if existing.is_some() {
+            return false;
+        }
         if (index as usize).is_multiple_of(ID_CHUNK) {
             self.id_chunks.push(Vec::with_capacity(ID_CHUNK));
         }
-        let chunk = self.id_chunks.last_mut().expect("a chunk was just ensured");
         let remembered = RememberedId {
-            id_low: id.0 as u64,
-            id_high: (id.0 >> 64) as u64,
+            id_low: id as u64,
+            id_high: (id >> 64) as u64,
             fingerprint,
-            seq_and_code: (first_seq << 8) | u64::from(code),
+            seq_and_code,
         };
-        chunk.push(remembered);
+        if let Some(chunk) = self.id_chunks.last_mut() {
+            chunk.push(remembered);
+        }
         self.digests.ids = id_digest(self.digests.ids, &remembered);
         self.id_count += 1;
-        self.id_index.insert(hash_id(id.0), index);
+        true
     }
 
     /// A hash of the whole state: sequence, account ids in index order, every balance entry
@@ -983,40 +1007,6 @@ impl Ledger {
                 visit(r.id(), r.fingerprint, r.seq_and_code);
             }
         }
-    }
-
-    /// Restores one remembered id from a snapshot; false (and no change) if it is already
-    /// remembered. `hash` is `hash_id(id)`, which the caller computed for its prefetch.
-    pub(crate) fn restore_remembered(
-        &mut self,
-        id: u128,
-        hash: u64,
-        fingerprint: u64,
-        seq_and_code: u64,
-    ) -> bool {
-        let index = self.id_count;
-        let chunks = &self.id_chunks;
-        let existing = self.id_index.insert_unique(hash, index, |i| {
-            chunks[i as usize / ID_CHUNK][i as usize % ID_CHUNK].id() == id
-        });
-        if existing.is_some() {
-            return false;
-        }
-        if (index as usize).is_multiple_of(ID_CHUNK) {
-            self.id_chunks.push(Vec::with_capacity(ID_CHUNK));
-        }
-        let remembered = RememberedId {
-            id_low: id as u64,
-            id_high: (id >> 64) as u64,
-            fingerprint,
-            seq_and_code,
-        };
-        if let Some(chunk) = self.id_chunks.last_mut() {
-            chunk.push(remembered);
-        }
-        self.digests.ids = id_digest(self.digests.ids, &remembered);
-        self.id_count += 1;
-        true
     }
 
     pub(crate) fn restore_account(
