@@ -233,10 +233,7 @@ impl Submitter {
             slot.submitted_ns = submitted_ns;
         }) {
             Ok(_) => {
-                self.shared.submitted.fetch_add(1, Ordering::Relaxed);
-                if let Some(bell) = self.bell {
-                    bell.ring();
-                }
+                self.published(1);
                 Ok(())
             }
             Err(_) => {
@@ -263,12 +260,7 @@ impl Submitter {
             }
         }) {
             Ok(_) => {
-                self.shared
-                    .submitted
-                    .fetch_add(commands.len() as u64, Ordering::Relaxed);
-                if let Some(bell) = self.bell {
-                    bell.ring();
-                }
+                self.published(commands.len() as u64);
                 Ok(())
             }
             Err(_) => {
@@ -276,6 +268,12 @@ impl Submitter {
                 Err(Overloaded)
             }
         }
+    }
+
+    /// Counts a publication and wakes the engine thread if it parked.
+    fn published(&self, commands: u64) {
+        self.shared.submitted.fetch_add(commands, Ordering::Relaxed);
+        ring(self.bell);
     }
 
     pub fn shared(&self) -> &Arc<EngineShared> {
@@ -337,9 +335,7 @@ impl EngineState {
                 slot.submitted_ns = submitted_ns;
             });
             if published.is_ok() {
-                if let Some(bell) = self.output_bell {
-                    bell.ring();
-                }
+                ring(self.output_bell);
                 return;
             }
             std::thread::yield_now();
@@ -380,9 +376,7 @@ impl EngineState {
                         );
                     });
                     if published.is_ok() {
-                        if let Some(bell) = self.output_bell {
-                            bell.ring();
-                        }
+                        ring(self.output_bell);
                         break;
                     }
                     std::thread::yield_now();
@@ -408,6 +402,14 @@ impl EngineState {
             .executed_seq
             .store(ledger.next_seq() - 1, Ordering::Relaxed);
         self.ledger = Some(ledger);
+    }
+}
+
+/// Wakes a ring's parked consumer after a publication (no-op unless it parks).
+#[inline]
+fn ring(bell: Option<&'static Doorbell>) {
+    if let Some(bell) = bell {
+        bell.ring();
     }
 }
 
