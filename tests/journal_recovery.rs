@@ -1047,3 +1047,109 @@ fn a_segment_creation_cut_short_by_a_crash_does_not_stop_recovery_or_the_next_ro
     assert!(list_segments(&journal).unwrap().len() > segments.len());
     assert_eq!(recovered(data).ledger.state_hash(), ledger.state_hash());
 }
+
+/// Snapshots come from the engine's follower (stage 5), not the engine thread: each one must be
+/// exactly the journal's state at its sequence, and the follower must have verified every
+/// checkpoint record on the way (the live form of `wallet replay`'s check).
+#[test]
+fn the_snapshot_follower_writes_snapshots_equal_to_the_replayed_journal_and_verifies_checkpoints() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    // Small segments, so that the follower crosses segment rolls.
+    let writer = open_writer(
+        data,
+        Box::new(MmapStorage),
+        64 << 10,
+        SyncMode::Batch,
+        &JournalEnd::empty(),
+    );
+    let (sender, receiver) = mpsc::channel();
+    let engine = Engine::start(
+        Ledger::new(LedgerConfig::default()),
+        EngineConfig {
+            checkpoint_every: 300,
+            snapshot_every: 1000,
+            snapshot_dir: Some(snapshot_dir(data)),
+            ..engine_config()
+        },
+        JournalStage::Journal(writer),
+        Collect(sender),
+    );
+    let shared = engine.shared();
+    let mut submitter = engine.submitter();
+    let total = 6000u64;
+    for chunk in (0..total).collect::<Vec<_>>().chunks(32) {
+        for &i in chunk {
+            while submitter.try_submit(command(i), i, 0).is_err() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        for _ in chunk {
+            let (_, _, durable) = receiver
+                .recv_timeout(Duration::from_secs(10))
+                .expect("an outcome within 10 s");
+            assert!(durable);
+        }
+    }
+    // The follower reads the journal files behind the engine: give it (bounded) time to catch up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while shared.follower_seq.load(Ordering::SeqCst) < shared.durable_seq.load(Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower did not catch up within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(submitter);
+    let ledger = engine.shutdown();
+    assert!(
+        !shared.follower_failed.load(Ordering::SeqCst),
+        "{:?}",
+        shared.follower_failure.lock().unwrap()
+    );
+
+    // The state after every record of the journal, by the sequence that follows it.
+    let mut replayed = Ledger::new(LedgerConfig::default());
+    let mut hash_at = std::collections::HashMap::new();
+    let mut checkpoints = 0u64;
+    wallet::journal::scan(&journal_dir(data), 1, |record| {
+        if record.events()[0].kind == wallet::core::EventKind::Checkpoint {
+            checkpoints += 1;
+        }
+        replayed.apply(record);
+        hash_at.insert(replayed.next_seq(), replayed.state_hash());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(replayed.state_hash(), ledger.state_hash());
+    assert!(checkpoints >= 10, "{checkpoints} checkpoints");
+    assert_eq!(
+        shared.follower_checkpoints.load(Ordering::SeqCst),
+        checkpoints,
+        "every checkpoint was verified by the follower"
+    );
+
+    let snapshots = snapshot::list_snapshots(&snapshot_dir(data));
+    let last_seq = ledger.next_seq() - 1;
+    assert!(
+        snapshots.len() as u64 >= last_seq / 1000 - 1,
+        "{} snapshots for {last_seq} events",
+        snapshots.len()
+    );
+    assert_eq!(
+        shared.snapshots_written.load(Ordering::SeqCst),
+        snapshots.len() as u64
+    );
+    for (next_seq, path) in &snapshots {
+        let bytes = fs::read(path).unwrap();
+        let restored =
+            wallet::core::codec::decode_snapshot(&bytes, LedgerConfig::default()).unwrap();
+        assert_eq!(restored.next_seq(), *next_seq);
+        assert_eq!(
+            Some(&restored.state_hash()),
+            hash_at.get(next_seq),
+            "snapshot {} is the journal's state at its sequence",
+            path.display()
+        );
+    }
+}

@@ -182,6 +182,26 @@ impl App {
                 "1 if the journal failed and the engine stopped acknowledging.",
                 u64::from(s.halted.load(Ordering::Relaxed)),
             ),
+            (
+                "wallet_snapshot_follower_sequence",
+                "Last sequence the snapshot follower applied (with --snapshot-every).",
+                s.follower_seq.load(Ordering::Relaxed),
+            ),
+            (
+                "wallet_checkpoints_verified_live",
+                "Checkpoint records the snapshot follower replayed and found equal to the live state hash.",
+                s.follower_checkpoints.load(Ordering::Relaxed),
+            ),
+            (
+                "wallet_snapshots_written",
+                "Snapshots written by this process.",
+                s.snapshots_written.load(Ordering::Relaxed),
+            ),
+            (
+                "wallet_snapshot_follower_failed",
+                "1 if the snapshot follower stopped (its reason is in the log).",
+                u64::from(s.follower_failed.load(Ordering::Relaxed)),
+            ),
         ]);
         text.push_str(&replicator);
         text

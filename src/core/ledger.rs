@@ -126,6 +126,8 @@ pub struct MemoryUsage {
     pub transaction_id_bytes: u64,
 }
 
+/// `Clone` copies the whole state (the engine's snapshot follower starts from a copy).
+#[derive(Clone)]
 pub struct Ledger {
     config: LedgerConfig,
     /// Sequence number the next event gets. Starts at 1.

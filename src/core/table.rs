@@ -9,6 +9,7 @@ const EMPTY: u64 = u64::MAX;
 const MAX_LOAD_NUMERATOR: usize = 7;
 const MAX_LOAD_DENOMINATOR: usize = 8;
 
+#[derive(Clone)]
 pub struct IndexTable {
     buckets: Vec<u64>,
     mask: usize,

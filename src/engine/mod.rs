@@ -12,6 +12,7 @@
 //!   "committed".
 
 pub mod doorbell;
+mod follower;
 pub mod recovery;
 
 use std::path::PathBuf;
@@ -25,7 +26,6 @@ use disruptor::{
     build_single_producer,
 };
 
-use crate::core::codec::encode_snapshot;
 use crate::core::{Command, CommandRecord, Ledger};
 use crate::journal::JournalWriter;
 use doorbell::Doorbell;
@@ -188,6 +188,13 @@ pub struct EngineShared {
     pub submitted: AtomicU64,
     pub completed: AtomicU64,
     pub overloaded: AtomicU64,
+    /// The snapshot follower (stage 5): the last sequence it applied, the checkpoint records it
+    /// verified, the snapshots it wrote, and why it stopped if it did.
+    pub follower_seq: AtomicU64,
+    pub follower_checkpoints: AtomicU64,
+    pub snapshots_written: AtomicU64,
+    pub follower_failed: AtomicBool,
+    pub follower_failure: Mutex<Option<String>>,
 }
 
 impl EngineShared {
@@ -286,7 +293,8 @@ impl Submitter {
 pub struct Engine {
     submitter: Submitter,
     ledger_back: mpsc::Receiver<Ledger>,
-    snapshot_thread: Option<std::thread::JoinHandle<()>>,
+    /// Stage 5 and its stop flag.
+    follower: Option<(std::thread::JoinHandle<()>, Arc<AtomicBool>)>,
 }
 
 /// Owned by the engine thread.
@@ -297,9 +305,6 @@ struct EngineState {
     output_bell: Option<&'static Doorbell>,
     next_checkpoint: u64,
     checkpoint_every: u64,
-    next_snapshot: u64,
-    snapshot_every: u64,
-    snapshots: Option<mpsc::Sender<Vec<u8>>>,
     ledger_back: mpsc::Sender<Ledger>,
     shared: Arc<EngineShared>,
     buffer: Vec<InputSlot>,
@@ -392,12 +397,6 @@ impl EngineState {
             self.next_checkpoint = ledger.next_seq() + self.checkpoint_every;
             self.publish(checkpoint, NO_TOKEN, submitted_ns);
         }
-        if self.snapshot_every > 0 && ledger.next_seq() >= self.next_snapshot {
-            self.next_snapshot = ledger.next_seq() + self.snapshot_every;
-            if let Some(sender) = &self.snapshots {
-                let _ = sender.send(encode_snapshot(&ledger));
-            }
-        }
         self.shared
             .executed_seq
             .store(ledger.next_seq() - 1, Ordering::Relaxed);
@@ -433,13 +432,15 @@ impl Engine {
     /// 1. Input ring (multi-producer disruptor): API handlers and the bench publish commands.
     /// 2. Engine thread (pinned when the machine has the cores): `Ledger::execute`, then
     ///    publishes the record to the output ring. Every `checkpoint_every` events it appends a
-    ///    checkpoint record; every `snapshot_every` events it hands a snapshot to stage 5.
+    ///    checkpoint record.
     /// 3. Journal stage (the output ring's consumer thread): appends records, and at the end of
     ///    each batch syncs once (group commit) and publishes the durable watermark.
     /// 4. Reply stage (same thread, after stage 3 synced the batch): hands each outcome of the
     ///    batch to the sink, which updates read views and completes the waiting callers.
-    /// 5. Snapshot writer (plain thread, optional): waits until a snapshot's sequence is durable,
-    ///    then writes it atomically.
+    /// 5. Snapshot follower (plain thread, with a journal and `snapshot_every` > 0): its own
+    ///    copy of the ledger follows the durable journal, verifies every checkpoint, and writes
+    ///    a snapshot every `snapshot_every` events, so the engine thread never stops to encode
+    ///    one (see `follower.rs`).
     pub fn start(
         ledger: Ledger,
         config: EngineConfig,
@@ -459,20 +460,28 @@ impl Engine {
         shared.durable_seq.store(start_seq - 1, Ordering::SeqCst);
         shared.executed_seq.store(start_seq - 1, Ordering::SeqCst);
 
-        // Stage 5: the snapshot writer.
-        let (snapshot_sender, snapshot_thread) = match (&config.snapshot_dir, config.snapshot_every)
-        {
-            (Some(dir), every) if every > 0 => {
-                let (sender, receiver) = mpsc::channel::<Vec<u8>>();
-                let dir = dir.clone();
-                let shared = shared.clone();
-                let handle = std::thread::Builder::new()
-                    .name("wallet-snapshot".into())
-                    .spawn(move || snapshot_writer(dir, receiver, shared))
-                    .expect("spawn the snapshot thread");
-                (Some(sender), Some(handle))
+        // Stage 5: the snapshot follower, from a copy of the starting state.
+        shared.follower_seq.store(start_seq - 1, Ordering::Relaxed);
+        let follower = match (&config.snapshot_dir, &journal) {
+            (Some(dir), JournalStage::Journal(writer)) if config.snapshot_every > 0 => {
+                let stop = Arc::new(AtomicBool::new(false));
+                let handle = follower::Follower {
+                    ledger: ledger.clone(),
+                    journal_dir: writer.dir().to_path_buf(),
+                    snapshot_dir: dir.clone(),
+                    snapshot_every: config.snapshot_every,
+                    shared: shared.clone(),
+                    stop: stop.clone(),
+                }
+                .spawn();
+                Some((handle, stop))
             }
-            _ => (None, None),
+            _ => {
+                if config.snapshot_every > 0 {
+                    tracing::warn!("snapshots need a journal and a snapshot directory: none will be written");
+                }
+                None
+            }
         };
 
         // Stages 3 and 4: the output ring's one consumer thread runs the journal stage on each
@@ -523,19 +532,15 @@ impl Engine {
         let (ledger_sender, ledger_back) = mpsc::channel();
         let state_shared = shared.clone();
         let checkpoint_every = config.checkpoint_every;
-        let snapshot_every = config.snapshot_every;
         let output_capacity = config.output_ring_size;
         let input_strategy = Strategy::new(config.wait);
         let bell = input_strategy.bell();
         let init = move || EngineState {
             next_checkpoint: start_seq + checkpoint_every,
-            next_snapshot: start_seq + snapshot_every,
             ledger: Some(ledger),
             output: Some(output),
             output_bell,
             checkpoint_every,
-            snapshot_every,
-            snapshots: snapshot_sender,
             ledger_back: ledger_sender,
             shared: state_shared,
             buffer: Vec::with_capacity(EXECUTE_GROUP),
@@ -584,7 +589,7 @@ impl Engine {
                 bell,
             },
             ledger_back,
-            snapshot_thread,
+            follower,
         }
     }
 
@@ -602,13 +607,14 @@ impl Engine {
         let Engine {
             submitter,
             ledger_back,
-            snapshot_thread,
+            follower,
         } = self;
         drop(submitter);
         let ledger = ledger_back
             .recv()
             .expect("the engine thread hands the ledger back");
-        if let Some(handle) = snapshot_thread {
+        if let Some((handle, stop)) = follower {
+            stop.store(true, Ordering::Release);
             let _ = handle.join();
         }
         ledger
@@ -662,23 +668,3 @@ fn journal_stage(
     }
 }
 
-fn snapshot_writer(dir: PathBuf, receiver: mpsc::Receiver<Vec<u8>>, shared: Arc<EngineShared>) {
-    while let Ok(bytes) = receiver.recv() {
-        let Some(next_seq) = crate::core::codec::snapshot_next_seq(&bytes) else {
-            continue;
-        };
-        // A snapshot must never be ahead of the durable journal.
-        while shared.durable_seq.load(Ordering::Acquire) + 1 < next_seq {
-            if shared.halted.load(Ordering::Relaxed) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        match crate::journal::snapshot::write_snapshot(&dir, &bytes) {
-            Ok(path) => tracing::info!(file = %path.display(), "snapshot written"),
-            Err(e) => {
-                tracing::warn!(error = %e, "snapshot failed; the journal still has everything")
-            }
-        }
-    }
-}

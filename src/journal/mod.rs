@@ -9,6 +9,7 @@ pub mod format;
 pub mod reader;
 pub mod snapshot;
 pub mod storage;
+pub mod tail;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -212,6 +213,11 @@ impl JournalWriter {
 
     pub fn durable_seq(&self) -> u64 {
         self.durable_seq
+    }
+
+    /// The directory this writer appends to.
+    pub fn dir(&self) -> &Path {
+        &self.config.dir
     }
 
     pub fn bytes_written(&self) -> u64 {

@@ -1,0 +1,443 @@
+//! Following a journal as it grows: [`JournalTail`] reads the frames appended since its last
+//! call, verifying each frame and the chain like [`crate::journal::scan`], and yields only
+//! durable records. Replicators use it to feed their projections; the engine's snapshot
+//! follower uses it to keep its own copy of the ledger.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::core::CommandRecord;
+use crate::core::codec::decode_record;
+use crate::journal::format::{
+    DURABLE_FILE_BYTES, DURABLE_FILE_NAME, FRAME_HEADER_BYTES, MAX_FRAME_BYTES,
+    SEGMENT_HEADER_BYTES, check_frame, decode_durable, decode_segment_header, read_u32,
+};
+use crate::journal::list_segments;
+
+/// What identifies one journal record in both sources: its transaction id and the engine's
+/// timestamp of it. Projections store the identity of the record at their applied sequence, and
+/// a replicator that resumes checks it against the source: a projection fed by another journal,
+/// or by a tail the engine lost, has another record there (a command retried after a lost tail
+/// gets a new timestamp). Shown and stored as `<uuid>@<timestamp_ns>`.
+///
+/// (The frame checksum would be stronger, as it chains every earlier record, but the engine's
+/// event stream does not know it: the views never see frames.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordId {
+    pub transaction_id: u128,
+    pub timestamp_ns: u64,
+}
+
+impl RecordId {
+    pub fn of(record: &CommandRecord) -> RecordId {
+        RecordId {
+            transaction_id: record.transaction_id.0,
+            timestamp_ns: record.timestamp_ns,
+        }
+    }
+
+    /// Parses the stored form `<uuid>@<timestamp_ns>`.
+    pub fn parse(text: &str) -> anyhow::Result<RecordId> {
+        let parsed = text.split_once('@').and_then(|(uuid, ts)| {
+            Some(RecordId {
+                transaction_id: uuid::Uuid::try_parse(uuid).ok()?.as_u128(),
+                timestamp_ns: ts.parse().ok()?,
+            })
+        });
+        parsed.ok_or_else(|| {
+            anyhow::anyhow!("bad record identity {text:?} (want <uuid>@<timestamp_ns>)")
+        })
+    }
+}
+
+impl std::fmt::Display for RecordId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}@{}",
+            uuid::Uuid::from_u128(self.transaction_id).hyphenated(),
+            self.timestamp_ns
+        )
+    }
+}
+
+struct OpenSegment {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    /// Byte offset of the next frame.
+    offset: u64,
+}
+
+/// Follows the journal files of one directory from sequence 1 on, verifying every frame and the
+/// checksum chain like `journal::scan`, but reading only the new bytes on each call (positioned
+/// reads, no re-scan of the segment).
+///
+/// Durable records only: the journal writer rewrites `journal/durable` (24 bytes, see
+/// `docs/journal-format.md`) after every successful sync, and the tail yields no record beyond
+/// the sequence written there, so a record in the page cache whose msync has not returned yet
+/// is never replicated (a power loss cannot leave a projection ahead of the recovered journal).
+/// Fallback: when the file does not exist (a journal written by an engine older than the file),
+/// records are yielded as soon as they are complete in the page cache, as before; with
+/// `--sync none` the engine calls records durable without syncing, and so does the file.
+pub struct JournalTail {
+    dir: PathBuf,
+    segment: Option<OpenSegment>,
+    next_seq: u64,
+    last_crc: u32,
+    buffer: Vec<u8>,
+    read_size: usize,
+    /// When the bytes at the current offset first failed to parse (a write in progress, or
+    /// corruption: told apart after a while by `journal::scan`).
+    stuck_since: Option<Instant>,
+    /// When a new segment's header was first found unwritten.
+    header_stuck_since: Option<Instant>,
+    /// Records of the last `fetch`, kept to reuse the allocation.
+    scratch: Vec<CommandRecord>,
+    /// The durable watermark read from `journal/durable` (`None`: no such file, no limit).
+    durable_limit: Option<u64>,
+    /// Since when the durable file has not verified (a torn read is retried; a lasting one is
+    /// reported).
+    durable_bad_since: Option<Instant>,
+    /// The identity of the last record yielded (see [`RecordId`]).
+    last_record: Option<RecordId>,
+    /// Records before this sequence are verified (chain) but not yielded; reading starts in
+    /// the segment that holds it, skipping whole earlier segments.
+    start_seq: u64,
+}
+
+const MIN_READ_BYTES: usize = 64 << 10;
+const MAX_READ_BYTES: usize = 8 << 20;
+
+impl JournalTail {
+    pub fn new(dir: &Path) -> JournalTail {
+        JournalTail {
+            dir: dir.to_path_buf(),
+            segment: None,
+            next_seq: 1,
+            last_crc: 0,
+            buffer: Vec::new(),
+            read_size: MIN_READ_BYTES,
+            stuck_since: None,
+            header_stuck_since: None,
+            scratch: Vec::new(),
+            durable_limit: None,
+            durable_bad_since: None,
+            last_record: None,
+            start_seq: 1,
+        }
+    }
+
+    /// Makes the tail start at `seq` (a record boundary, e.g. a snapshot's next sequence)
+    /// instead of 1: the segments before the one that holds it are not read at all. Only
+    /// before the first fetch.
+    pub fn start_at(&mut self, seq: u64) -> anyhow::Result<()> {
+        if self.segment.is_some() || self.next_seq != 1 {
+            bail!("the journal tail already started");
+        }
+        self.start_seq = seq.max(1);
+        Ok(())
+    }
+
+    /// The durable watermark this tail obeys (`None`: the journal has no durable file).
+    pub fn durable_limit(&self) -> Option<u64> {
+        self.durable_limit
+    }
+
+    /// The identity of the last record yielded.
+    pub fn last_record(&self) -> Option<&RecordId> {
+        self.last_record.as_ref()
+    }
+
+    /// Re-reads `journal/durable`. A missing file means no limit; a file that does not verify
+    /// (a read racing the writer's rewrite) keeps the previous limit, and is an error only when
+    /// it stays bad for seconds.
+    fn refresh_durable_limit(&mut self) -> anyhow::Result<()> {
+        let path = self.dir.join(DURABLE_FILE_NAME);
+        let mut bytes = [0u8; DURABLE_FILE_BYTES];
+        let read = match File::open(&path) {
+            Ok(file) => file.read_exact_at(&mut bytes, 0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.durable_limit = None;
+                return Ok(());
+            }
+            Err(e) => Err(e),
+        };
+        let decoded = match read {
+            Ok(()) => decode_durable(&bytes).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match decoded {
+            Ok((seq, _)) => {
+                self.durable_bad_since = None;
+                // Never lower: a stale read of an older value is possible, a lower watermark
+                // is not.
+                self.durable_limit = Some(self.durable_limit.unwrap_or(0).max(seq));
+            }
+            Err(reason) => {
+                let since = *self.durable_bad_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(5) {
+                    bail!("{}: {reason}", path.display());
+                }
+                // Until it verifies, nothing new is yielded beyond the last good value.
+                self.durable_limit = Some(self.durable_limit.unwrap_or(0));
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens the segment at `path` as the current one. Returns `false` while its header is not
+    /// written yet (the writer creates the file, then writes the header): try again later.
+    fn open_segment(&mut self, path: &Path, first: bool) -> anyhow::Result<bool> {
+        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let size = file.metadata()?.len();
+        let mut header = [0u8; SEGMENT_HEADER_BYTES];
+        if size < SEGMENT_HEADER_BYTES as u64 {
+            return self.header_not_ready(path, "shorter than its header");
+        }
+        file.read_exact_at(&mut header, 0)
+            .with_context(|| format!("reading the header of {}", path.display()))?;
+        let header = match decode_segment_header(&header) {
+            Ok(h) => h,
+            Err(e) => return self.header_not_ready(path, e),
+        };
+        self.header_stuck_since = None;
+        if first {
+            if header.first_seq > self.start_seq {
+                bail!(
+                    "{}: the journal starts at sequence {}, after {}",
+                    path.display(),
+                    header.first_seq,
+                    self.start_seq
+                );
+            }
+            self.next_seq = header.first_seq;
+            self.last_crc = header.prev_crc;
+        } else if header.first_seq != self.next_seq || header.prev_crc != self.last_crc {
+            bail!(
+                "{}: segment does not continue the previous one (gap or broken chain)",
+                path.display()
+            );
+        }
+        self.segment = Some(OpenSegment {
+            path: path.to_path_buf(),
+            file,
+            size,
+            offset: SEGMENT_HEADER_BYTES as u64,
+        });
+        Ok(true)
+    }
+
+    /// A new segment's header is written right after the file is created; one that stays bad
+    /// for seconds is corruption.
+    fn header_not_ready(&mut self, path: &Path, reason: &str) -> anyhow::Result<bool> {
+        let since = *self.header_stuck_since.get_or_insert_with(Instant::now);
+        if since.elapsed() > Duration::from_secs(5) {
+            bail!("{}: {reason}", path.display());
+        }
+        Ok(false)
+    }
+
+    /// The sequence number of the next event this tail will yield.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Like `fetch_records`, but hands each record to `visit` (through a buffer the tail keeps,
+    /// so a caller that converts records need not allocate its own).
+    pub fn fetch_with(
+        &mut self,
+        max_events: usize,
+        mut visit: impl FnMut(&CommandRecord),
+    ) -> anyhow::Result<()> {
+        let mut records = std::mem::take(&mut self.scratch);
+        records.clear();
+        let result = self.fetch_records(max_events, &mut records);
+        records.iter().for_each(&mut visit);
+        self.scratch = records;
+        result
+    }
+
+    /// The journal directory this tail follows.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends the whole records written since the last call, until at least `max_events`
+    /// events were added or the end of what is written was reached.
+    pub fn fetch_records(
+        &mut self,
+        max_events: usize,
+        out: &mut Vec<CommandRecord>,
+    ) -> anyhow::Result<()> {
+        if self.segment.is_none() {
+            let segments = list_segments(&self.dir)?;
+            // The last segment that begins at or before the start (segments are named by their
+            // first sequence).
+            let start = segments
+                .iter()
+                .rposition(|(first, _)| *first <= self.start_seq);
+            let Some((_, path)) = start.and_then(|i| segments.get(i)).or(segments.first()) else {
+                return Ok(());
+            };
+            let path = path.clone();
+            if !self.open_segment(&path, true)? {
+                return Ok(());
+            }
+        }
+        self.refresh_durable_limit()?;
+        let mut events = 0usize;
+        while events < max_events {
+            let (progressed, added) = self.read_chunk(max_events - events, out)?;
+            events += added;
+            if !progressed && !self.advance_segment()? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses frames from one positioned read. Returns whether any record was read, and how many
+    /// events were added.
+    fn read_chunk(
+        &mut self,
+        max_events: usize,
+        out: &mut Vec<CommandRecord>,
+    ) -> anyhow::Result<(bool, usize)> {
+        let Some(segment) = self.segment.as_mut() else {
+            return Ok((false, 0));
+        };
+        if segment.size.saturating_sub(segment.offset) < self.read_size as u64 {
+            // Segments are preallocated, but a file that grows as it is written works too.
+            segment.size = segment.file.metadata()?.len();
+        }
+        let remaining = segment.size.saturating_sub(segment.offset) as usize;
+        let want = self.read_size.min(remaining);
+        if want < FRAME_HEADER_BYTES {
+            return Ok((false, 0));
+        }
+        self.buffer.resize(want, 0);
+        segment
+            .file
+            .read_exact_at(&mut self.buffer, segment.offset)
+            .with_context(|| format!("reading {} at {}", segment.path.display(), segment.offset))?;
+        let mut at = 0usize;
+        let mut events = 0usize;
+        let mut stuck = false;
+        while at + FRAME_HEADER_BYTES <= self.buffer.len() && events < max_events {
+            let length = read_u32(&self.buffer, at) as usize;
+            if length == 0 {
+                break; // unwritten space: the end for now
+            }
+            if length <= MAX_FRAME_BYTES && at + length > self.buffer.len() {
+                break; // the frame continues past this read
+            }
+            match check_frame(&self.buffer[at..]) {
+                // Written, but not durable yet.
+                Ok(frame)
+                    if self
+                        .durable_limit
+                        .is_some_and(|limit| frame.sequence > limit) =>
+                {
+                    break;
+                }
+                Ok(frame) => {
+                    if frame.sequence != self.next_seq || frame.prev_crc != self.last_crc {
+                        bail!(
+                            "journal {} at offset {}: sequence {} / chain break (expected sequence {})",
+                            segment.path.display(),
+                            segment.offset + at as u64,
+                            frame.sequence,
+                            self.next_seq
+                        );
+                    }
+                    let payload = &self.buffer[at + FRAME_HEADER_BYTES..at + frame.length];
+                    let record = decode_record(frame.sequence, payload).map_err(|e| {
+                        anyhow::anyhow!(
+                            "journal {}: undecodable record {}: {e}",
+                            segment.path.display(),
+                            frame.sequence
+                        )
+                    })?;
+                    self.next_seq = record.next_seq();
+                    self.last_crc = frame.crc;
+                    self.last_record = Some(RecordId::of(&record));
+                    if record.first_seq >= self.start_seq {
+                        events += record.event_count as usize;
+                        out.push(record);
+                    }
+                    at += frame.length;
+                }
+                Err(_) => {
+                    stuck = true;
+                    break;
+                }
+            }
+        }
+        segment.offset += at as u64;
+        // Read more next time when this read was filled, less when the tail was reached.
+        self.read_size = if at * 2 >= self.buffer.len() {
+            (self.read_size * 2).min(MAX_READ_BYTES)
+        } else {
+            MIN_READ_BYTES.max(at * 2)
+        };
+        if stuck && at == 0 {
+            self.check_stuck()?;
+        } else {
+            self.stuck_since = None;
+        }
+        Ok((at > 0, events))
+    }
+
+    /// A frame that does not verify at the tail is usually a write in progress. If it stays bad,
+    /// let the journal's own scan decide between a torn tail (keep waiting: the engine cuts it
+    /// on its next start) and corruption (stop with its error).
+    fn check_stuck(&mut self) -> anyhow::Result<()> {
+        let since = *self.stuck_since.get_or_insert_with(Instant::now);
+        if since.elapsed() > Duration::from_secs(2) {
+            self.stuck_since = Some(Instant::now());
+            let next = self.next_seq;
+            let result = crate::journal::scan(&self.dir, next, |_| Err("stop".into()));
+            match result {
+                Ok(_) | Err(crate::journal::JournalError::Visitor { .. }) => {
+                    tracing::warn!(
+                        seq = next,
+                        "the journal tail does not verify yet (a write in progress or a torn tail)"
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// At the end of the current segment: moves to the next one if the writer created it.
+    fn advance_segment(&mut self) -> anyhow::Result<bool> {
+        let segments = list_segments(&self.dir)?;
+        let Some((_, path)) = segments.iter().find(|(first, _)| *first == self.next_seq) else {
+            return Ok(false);
+        };
+        let Some(segment) = self.segment.as_ref() else {
+            return Ok(false);
+        };
+        if segment.path == *path {
+            return Ok(false);
+        }
+        // The writer finishes a segment before creating the next, but our last read may predate
+        // that: look once more before leaving.
+        let mut probe = [0u8; 4];
+        if segment.offset + 4 <= segment.size {
+            segment.file.read_exact_at(&mut probe, segment.offset)?;
+            if u32::from_le_bytes(probe) != 0 {
+                return Ok(true); // more frames appeared: read them first
+            }
+        }
+        let path = path.clone();
+        self.open_segment(&path, false)
+    }
+}
+
