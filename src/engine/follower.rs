@@ -200,8 +200,9 @@ mod tests {
                 segment_size_bytes: 1 << 20,
                 sync: SyncMode::Batch,
             };
-            let mut writer = JournalWriter::open(Box::new(MmapStorage), config, &JournalEnd::empty())
-                .expect("writer");
+            let mut writer =
+                JournalWriter::open(Box::new(MmapStorage), config, &JournalEnd::empty())
+                    .expect("writer");
             let mut ledger = Ledger::new(LedgerConfig::default());
             let mut bad_seq = 0;
             for i in 0..300u64 {

@@ -478,7 +478,9 @@ impl Engine {
             }
             _ => {
                 if config.snapshot_every > 0 {
-                    tracing::warn!("snapshots need a journal and a snapshot directory: none will be written");
+                    tracing::warn!(
+                        "snapshots need a journal and a snapshot directory: none will be written"
+                    );
                 }
                 None
             }
@@ -667,4 +669,3 @@ fn journal_stage(
         }
     }
 }
-

@@ -440,4 +440,3 @@ impl JournalTail {
         self.open_segment(&path, false)
     }
 }
-

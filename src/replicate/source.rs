@@ -650,7 +650,8 @@ mod tests {
         let names = ["a", "b", "c"];
         let mut tail = JournalTail::new(&dir);
         let mut items = Vec::new();
-        tail.fetch_with(100, |r| items_of_record(r, &mut items)).expect("empty journal");
+        tail.fetch_with(100, |r| items_of_record(r, &mut items))
+            .expect("empty journal");
         assert!(items.is_empty());
         for name in names {
             let account = AccountId::new(name).expect("id");
@@ -683,12 +684,14 @@ mod tests {
             writer.append(&record).expect("append");
             writer.commit().expect("commit");
             if round % 7 == 0 {
-                tail.fetch_with(25, |r| items_of_record(r, &mut items)).expect("fetch");
+                tail.fetch_with(25, |r| items_of_record(r, &mut items))
+                    .expect("fetch");
             }
         }
         while tail.next_seq() < ledger.next_seq() {
             let before = items.len();
-            tail.fetch_with(1000, |r| items_of_record(r, &mut items)).expect("fetch");
+            tail.fetch_with(1000, |r| items_of_record(r, &mut items))
+                .expect("fetch");
             assert!(
                 items.len() > before,
                 "the tail stopped at {}",
