@@ -4,6 +4,7 @@
 mod common;
 
 use std::sync::{Arc, Barrier};
+use std::time::Duration;
 
 use common::{Client, Server, balance_cents, deposit, open, transfer_body, uuid};
 use serde_json::json;
@@ -584,4 +585,72 @@ fn loadgen_resends_on_a_fresh_connection_after_the_server_closed_an_idle_one() {
         report["status_counts"]["200"].as_u64().unwrap_or(0) >= 10,
         "{report}"
     );
+}
+
+/// `serve` binds first and recovers after; in between it must answer, not leave connections in
+/// the accept backlog: `/healthz` 200, `/readyz` 503 naming the phase, anything else 503 with
+/// `Retry-After` (and nothing changes). Once recovered, the same address serves normally.
+#[test]
+fn while_recovering_health_is_ok_readiness_is_503_and_writes_are_refused() {
+    let dir = temp();
+    let data = dir.path().join("data");
+    // A journal of 1M transfers, so that recovery takes a while (seconds, on this machine).
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+        .args(["bench", "--accounts", "10000", "--transfers", "1000000"])
+        .args(["--sync", "none", "--wait", "yield", "--data-dir"])
+        .arg(&data)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run wallet bench");
+    assert!(status.success());
+    let server = Server::start_listening(&data, &[]);
+    let started = std::time::Instant::now();
+
+    let readiness = Client::connect(&server.address).get("/readyz");
+    assert_eq!(readiness.status, 503, "{}", readiness.body);
+    assert!(
+        readiness.body.starts_with("recovering: "),
+        "{}",
+        readiness.body
+    );
+    assert_eq!(readiness.header("connection"), Some("close"));
+    let health = Client::connect(&server.address).get("/healthz");
+    assert_eq!(health.status, 200);
+    let mut client = Client::connect(&server.address);
+    let refused = client.post(
+        "/v1/wallet/accounts",
+        &serde_json::json!({"account_id": "opened-while-recovering"}),
+    );
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert_eq!(refused.json()["error"]["code"], "starting");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the answers while recovering took {:?}",
+        started.elapsed()
+    );
+
+    // Ready within a bounded time; then the refused request had changed nothing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = Client::connect(&server.address).get("/readyz");
+        if r.status == 200 {
+            assert_eq!(r.body, "ready\n");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready after 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut client = Client::connect(&server.address);
+    let account = client.get("/v1/wallet/accounts/opened-while-recovering");
+    assert_eq!(account.status, 404, "{}", account.body);
+    let opened = client.post(
+        "/v1/wallet/accounts",
+        &serde_json::json!({"account_id": "opened-while-recovering"}),
+    );
+    assert_eq!(opened.status, 201, "{}", opened.body);
+    assert!(server.stop().success());
 }

@@ -288,13 +288,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let _lock = lock_data_dir(&config.data_dir)?;
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(tls_acceptor(cert, key)?),
+        None => None,
+    };
     let ledger_config = LedgerConfig::default();
     let data_dir = config.data_dir.clone();
-    let (recovered, views) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        // The ledger starts from the newest snapshot and replays the journal after it. The views
-        // (history, every transaction's outcome) are rebuilt from the whole journal, so that a
-        // status lookup or an idempotent retry of a transaction older than the snapshot still
-        // gets its original answer.
+    let phase = Arc::new(std::sync::atomic::AtomicU8::new(PHASE_LEDGER));
+    let recovery_phase = phase.clone();
+    let recovery = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let started = std::time::Instant::now();
         let recovered = recover(&data_dir, ledger_config, true, |_, _| {})?;
         tracing::info!(
@@ -302,6 +304,13 @@ pub async fn serve(
             snapshot = ?recovered.snapshot_next_seq,
             records = recovered.records_replayed,
             "ledger recovered; rebuilding the read views from the whole journal"
+        );
+        // (Unless a shutdown request already marked the phase as stopping.)
+        let _ = recovery_phase.compare_exchange(
+            PHASE_LEDGER,
+            PHASE_VIEWS,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
         );
         let started = std::time::Instant::now();
         let views = Views::from_ledger(&crate::core::Ledger::new(ledger_config));
@@ -324,15 +333,37 @@ pub async fn serve(
             "read views rebuilt"
         );
         Ok((recovered, views))
-    })
-    .await??;
+    });
+    tokio::pin!(shutdown);
+    // While recovering, the listener answers (health checks see "alive, not ready") instead of
+    // leaving connections in the accept backlog.
+    let (recovered, views) = {
+        tokio::pin!(recovery);
+        loop {
+            tokio::select! {
+                done = &mut recovery => break done??,
+                accepted = listener.accept() => {
+                    if let Ok((stream, _)) = accepted {
+                        serve_starting(stream, tls.clone(), phase.clone(), config.header_read_timeout);
+                    }
+                }
+                _ = &mut shutdown, if !phase_is(&phase, PHASE_STOPPING) => {
+                    tracing::info!("shutdown requested during recovery: stopping once recovery ends");
+                    phase.store(PHASE_STOPPING, Ordering::Relaxed);
+                }
+            }
+        }
+    };
+    if phase_is(&phase, PHASE_STOPPING) {
+        tracing::info!("stopped before serving");
+        return Ok(());
+    }
     tracing::info!(
         next_seq = recovered.ledger.next_seq(),
         records = recovered.records_replayed,
         snapshot = ?recovered.snapshot_next_seq,
         "recovered"
     );
-
     let journal_config = JournalConfig {
         dir: journal_dir(&config.data_dir),
         segment_size_bytes: config.segment_size_bytes,
@@ -390,10 +421,6 @@ pub async fn serve(
         velocity_limiter: keyed_limiter(config.velocity_per_account),
         submitter: engine.submitter(),
     });
-    let tls = match &config.tls {
-        Some((cert, key)) => Some(tls_acceptor(cert, key)?),
-        None => None,
-    };
     // Keyed limiters keep a cell per key; prune idle ones so the map stays bounded.
     let pruning = {
         let app = app.clone();
@@ -410,6 +437,8 @@ pub async fn serve(
         })
     };
 
+    // Tests and scripts wait for this line (after "listening on"): requests are served now.
+    println!("ready");
     let connections = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let halted = {
@@ -420,7 +449,6 @@ pub async fn serve(
             }
         }
     };
-    tokio::pin!(shutdown);
     tokio::pin!(halted);
     loop {
         let (stream, peer) = tokio::select! {
@@ -511,6 +539,55 @@ pub async fn serve(
         anyhow::bail!("the journal failed: {reason}");
     }
     Ok(())
+}
+
+const PHASE_LEDGER: u8 = 0;
+const PHASE_VIEWS: u8 = 1;
+const PHASE_STOPPING: u8 = 2;
+
+fn phase_is(phase: &std::sync::atomic::AtomicU8, value: u8) -> bool {
+    phase.load(Ordering::Relaxed) == value
+}
+
+/// Serves one connection accepted during recovery with `routes::starting_response`.
+fn serve_starting(
+    stream: tokio::net::TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    phase: Arc<std::sync::atomic::AtomicU8>,
+    header_read_timeout: Duration,
+) {
+    let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+        let phase = match phase.load(Ordering::Relaxed) {
+            PHASE_LEDGER => "replaying the journal",
+            PHASE_VIEWS => "rebuilding the read views",
+            _ => "stopping",
+        };
+        let response = routes::starting_response(request.uri().path(), phase);
+        async move { Ok::<_, std::convert::Infallible>(response) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .keep_alive(false)
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    tokio::spawn(async move {
+        match tls {
+            None => {
+                let _ = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            }
+            Some(acceptor) => {
+                if let Ok(Ok(stream)) =
+                    tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await
+                {
+                    let _ = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
+            }
+        }
+    });
 }
 
 fn tls_acceptor(

@@ -202,6 +202,30 @@ impl Reply {
     }
 }
 
+/// The answer to any request while `serve` is still recovering its state (the listener is open
+/// from the start so that health checks get an answer, not a hang): `/healthz` is 200 (the
+/// process is alive), `/readyz` 503 naming the phase, anything else 503 with `Retry-After`.
+/// Every one closes its connection, so a client's next request reaches the real server.
+pub(crate) fn starting_response(path: &str, phase: &str) -> HttpResponse {
+    let reply = match path {
+        "/healthz" => Reply::text(StatusCode::OK, "text/plain", "ok\n"),
+        "/readyz" => Reply::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("recovering: {phase}\n"),
+        ),
+        _ => Reply::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "starting",
+            &format!("the service is starting ({phase}); retry shortly"),
+        ),
+    };
+    reply
+        .with_header("retry-after", "1")
+        .with_header("connection", "close")
+        .into_response()
+}
+
 pub fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -15,7 +15,19 @@ pub struct Server {
 }
 
 impl Server {
+    /// Starts `wallet serve` and returns once it serves requests (it printed `ready`, after
+    /// recovering its state).
     pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        Server::spawn(data_dir, extra, "ready")
+    }
+
+    /// Returns as soon as the listener is bound (`listening on ...`), while the server may still
+    /// be recovering.
+    pub fn start_listening(data_dir: &Path, extra: &[&str]) -> Server {
+        Server::spawn(data_dir, extra, "listening on ")
+    }
+
+    fn spawn(data_dir: &Path, extra: &[&str], until: &str) -> Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_wallet"));
         command
             .args([
@@ -48,16 +60,18 @@ impl Server {
         loop {
             line.clear();
             let n = reader.read_line(&mut line).expect("read serve stdout");
-            assert!(n > 0, "wallet serve exited before listening");
+            assert!(n > 0, "wallet serve exited before printing {until:?}");
             if let Some(address) = line.trim().strip_prefix("listening on ") {
                 server.address = address.to_string();
+            }
+            if line.starts_with(until) {
                 // Keep draining stdout so the child never blocks on a full pipe.
                 std::thread::spawn(move || for _ in reader.lines() {});
                 return server;
             }
             assert!(
                 Instant::now() < deadline,
-                "wallet serve did not start listening"
+                "wallet serve did not print {until:?} within 60 s"
             );
         }
     }
