@@ -1079,9 +1079,8 @@ async fn history(app: &App, caller: &Caller, id: &str, query: Option<&str>) -> R
             RejectCode::AccountNotFound.message(),
         ),
         Some(index) => {
-            let entries: Vec<Value> = state.history[index as usize]
-                .iter()
-                .filter(|e| e.seq > after_seq)
+            let entries: Vec<Value> = state
+                .history_after(index, after_seq)
                 .take(limit)
                 .map(|e| {
                     let mut entry = json!({
@@ -1099,7 +1098,7 @@ async fn history(app: &App, caller: &Caller, id: &str, query: Option<&str>) -> R
                     entry
                 })
                 .collect();
-            let oldest = state.history[index as usize].front().map(|e| e.seq);
+            let oldest = state.oldest_history_seq(index);
             Reply::json(
                 StatusCode::OK,
                 json!({"account_id": id, "entries": entries, "oldest_sequence_in_view": oldest}),
