@@ -295,7 +295,6 @@ pub async fn serve(
     let ledger_config = LedgerConfig::default();
     let data_dir = config.data_dir.clone();
     let phase = Arc::new(std::sync::atomic::AtomicU8::new(PHASE_LEDGER));
-    let recovery_phase = phase.clone();
     let recovery = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let started = std::time::Instant::now();
         let recovered = recover(&data_dir, ledger_config, true, |_, _| {})?;
@@ -303,35 +302,12 @@ pub async fn serve(
             seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
             snapshot = ?recovered.snapshot_next_seq,
             records = recovered.records_replayed,
-            "ledger recovered; rebuilding the read views from the whole journal"
+            "ledger recovered"
         );
-        // (Unless a shutdown request already marked the phase as stopping.)
-        let _ = recovery_phase.compare_exchange(
-            PHASE_LEDGER,
-            PHASE_VIEWS,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-        let started = std::time::Instant::now();
-        let views = Views::from_ledger(&crate::core::Ledger::new(ledger_config));
-        let mut pending = Vec::with_capacity(4096);
-        let end = crate::journal::scan_pipelined(&journal_dir(&data_dir), 1, |record| {
-            pending.push(*record);
-            if pending.len() == pending.capacity() {
-                views.apply_batch(&pending);
-                pending.clear();
-            }
-            Ok(())
-        })?;
-        views.apply_batch(&pending);
-        anyhow::ensure!(
-            end.next_seq == recovered.ledger.next_seq() && views.applied_seq() + 1 == end.next_seq,
-            "views and ledger disagree after recovery"
-        );
-        tracing::info!(
-            seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
-            "read views rebuilt"
-        );
+        // Balances and the directory come from the recovered ledger at once; the outcomes and
+        // history of the journal's records are built in the background once the engine runs
+        // (see `spawn_views_past`).
+        let views = Views::from_ledger(&recovered.ledger);
         Ok((recovered, views))
     });
     tokio::pin!(shutdown);
@@ -370,6 +346,7 @@ pub async fn serve(
         sync: config.sync,
     };
     let writer = JournalWriter::open(Box::new(MmapStorage), journal_config, &recovered.end)?;
+    let recovered_end = recovered.end.next_seq;
     let waiters = Arc::new(Waiters::new(config.max_in_flight));
     let sink = ApiSink {
         views: views.clone(),
@@ -437,8 +414,16 @@ pub async fn serve(
         })
     };
 
-    // Tests and scripts wait for this line (after "listening on"): requests are served now.
-    println!("ready");
+    // Tests and scripts wait for "ready" (after "listening on"): every route is served then.
+    if app.views.past_complete() {
+        println!("ready");
+    } else {
+        spawn_views_past(
+            app.views.clone(),
+            journal_dir(&config.data_dir),
+            recovered_end,
+        );
+    }
     let connections = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let halted = {
@@ -542,8 +527,65 @@ pub async fn serve(
 }
 
 const PHASE_LEDGER: u8 = 0;
-const PHASE_VIEWS: u8 = 1;
-const PHASE_STOPPING: u8 = 2;
+const PHASE_STOPPING: u8 = 1;
+
+/// Builds the read views' past (outcomes and history of every record before `end`, the
+/// sequence where the engine started) on a background thread at low priority, while the server
+/// already executes; then merges it and prints `ready`. Until then status and history reads
+/// answer 503 and `/readyz` says so. The journal is read with `JournalTail`, which is made for
+/// a journal that is being appended to.
+fn spawn_views_past(views: Arc<Views>, dir: PathBuf, end: u64) {
+    let spawned = std::thread::Builder::new()
+        .name("wallet-views-past".into())
+        .spawn(move || {
+            crate::engine::follower::lower_priority();
+            let started = std::time::Instant::now();
+            match build_views_past(&dir, end) {
+                Ok(past) => {
+                    views.merge_past(past);
+                    tracing::info!(
+                        seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
+                        "read views complete (outcomes and history of the whole journal)"
+                    );
+                    println!("ready");
+                }
+                Err(e) => tracing::error!(
+                    error = format!("{e:#}"),
+                    "building the read views from the journal failed: status and history reads stay unavailable"
+                ),
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "could not start the read views' builder");
+    }
+}
+
+fn build_views_past(dir: &std::path::Path, end: u64) -> anyhow::Result<crate::views::Past> {
+    const AHEAD: usize = 8;
+    let mut past = crate::views::Past::default();
+    let mut tail = crate::journal::tail::JournalTail::new(dir);
+    let mut records = Vec::new();
+    while tail.next_seq() < end {
+        records.clear();
+        tail.fetch_records(1 << 16, &mut records)?;
+        if records.is_empty() {
+            // Everything before `end` was durable when the engine started: nothing to wait for.
+            anyhow::bail!(
+                "the journal ends at sequence {} before the engine's start {end}",
+                tail.next_seq()
+            );
+        }
+        let before_end = records.partition_point(|r| r.first_seq < end);
+        let records = &records[..before_end];
+        for (i, record) in records.iter().enumerate() {
+            if let Some(ahead) = records.get(i + AHEAD) {
+                past.prefetch(ahead);
+            }
+            past.apply(record);
+        }
+    }
+    Ok(past)
+}
 
 fn phase_is(phase: &std::sync::atomic::AtomicU8, value: u8) -> bool {
     phase.load(Ordering::Relaxed) == value
@@ -559,7 +601,6 @@ fn serve_starting(
     let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
         let phase = match phase.load(Ordering::Relaxed) {
             PHASE_LEDGER => "replaying the journal",
-            PHASE_VIEWS => "rebuilding the read views",
             _ => "stopping",
         };
         let response = routes::starting_response(request.uri().path(), phase);

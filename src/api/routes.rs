@@ -179,6 +179,16 @@ impl Reply {
         .with_header("retry-after", "1")
     }
 
+    /// A status or history read while the views still load the journal's past (after start-up).
+    fn still_loading() -> Reply {
+        Reply::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "starting",
+            "the read views are still loading the journal after a restart; retry shortly",
+        )
+        .with_header("retry-after", "1")
+    }
+
     fn too_many() -> Reply {
         Reply::error(
             StatusCode::TOO_MANY_REQUESTS,
@@ -381,6 +391,12 @@ async fn dispatch(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
                     "journal failed\n",
+                )
+            } else if !app.views.past_complete() {
+                Reply::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "recovering: rebuilding the read views (writes and balances are served)\n",
                 )
             } else {
                 Reply::text(StatusCode::OK, "text/plain", "ready\n")
@@ -779,8 +795,9 @@ fn status_for(outcome: &OutcomeView) -> StatusCode {
 
 /// Turns a delivered record into the reply a caller gets.
 fn render(app: &App, delivered: &Delivered) -> Reply {
+    let past_complete = app.views.past_complete();
     let (status, body, replayed) = app.views.read(|state| {
-        let (status, body, replayed) = render_value(state, delivered);
+        let (status, body, replayed) = render_value(state, delivered, past_complete);
         (status, body.to_bytes(), replayed)
     });
     let reply = Reply::json_bytes(status, body);
@@ -792,7 +809,11 @@ fn render(app: &App, delivered: &Delivered) -> Reply {
 }
 
 /// The status, body and replay mark of an outcome; shared by single and batch requests.
-fn render_value<'a>(state: &'a ViewState, delivered: &Delivered) -> (StatusCode, Body<'a>, bool) {
+fn render_value<'a>(
+    state: &'a ViewState,
+    delivered: &Delivered,
+    past_complete: bool,
+) -> (StatusCode, Body<'a>, bool) {
     let record = &delivered.record;
     if !delivered.durable {
         let body = json!({"error": {"code": "outcome_unknown", "message": "the journal failed before this outcome was durable; retry with the same transaction_id after the service restarts"}});
@@ -806,6 +827,12 @@ fn render_value<'a>(state: &'a ViewState, delivered: &Delivered) -> (StatusCode,
     let (outcome, replayed) = if record.replayed {
         match state.outcomes.get(&record.transaction_id.0) {
             Some(original) => (*original, true),
+            // The views are still loading the journal's past: the original body is not known
+            // yet, and a retry will get it.
+            None if !past_complete => {
+                let body = json!({"error": {"code": "starting", "message": "the original outcome of this transaction_id is still loading; retry shortly"}});
+                return (StatusCode::SERVICE_UNAVAILABLE, Body::Other(body), false);
+            }
             // The original predates the views (it is inside a snapshot): the ledger still knows
             // its sequence and code.
             None => {
@@ -926,12 +953,13 @@ async fn transfer_batch(
     };
     // One read lock for the whole batch; each outcome written straight into the response:
     // {"results":[{"index":i,"http_status":s,"replayed":b,"result":{…}},…]}.
+    let past_complete = app.views.past_complete();
     let body = app.views.read(|state| {
         let mut out = Vec::with_capacity(64 + results.len() * 400);
         out.extend_from_slice(b"{\"results\":[");
         for (index, result) in results.iter().enumerate() {
             let (status, result, replayed) = match result {
-                Some(delivered) => render_value(state, delivered),
+                Some(delivered) => render_value(state, delivered, past_complete),
                 None => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     Body::Other(
@@ -1072,6 +1100,9 @@ async fn history(app: &App, caller: &Caller, id: &str, query: Option<&str>) -> R
     if let Err(reply) = wait_min_seq(app, query).await {
         return reply;
     }
+    if !app.views.past_complete() {
+        return Reply::still_loading();
+    }
     app.views.read(|state| match state.account(id) {
         None => Reply::error(
             StatusCode::NOT_FOUND,
@@ -1121,6 +1152,9 @@ async fn transfer_status(app: &App, caller: &Caller, id: &str, query: Option<&st
             "transfer_status",
             "reading needs wallet:read or wallet:transfer",
         );
+    }
+    if !app.views.past_complete() {
+        return Reply::still_loading();
     }
     app.views.read(|state| {
         // Visible to its two parties only; to anyone else it looks exactly like an unknown id.

@@ -137,7 +137,7 @@ impl Follower {
 /// the engine, the journal's syncs and the request threads. Nice 10 for CPU; for I/O the lowest
 /// best-effort level (not the idle class, which a busy journal could starve forever). Both are
 /// hints: failing to set them changes nothing else.
-fn lower_priority() {
+pub(crate) fn lower_priority() {
     const IOPRIO_WHO_PROCESS: libc::c_long = 1;
     const IOPRIO_BEST_EFFORT_LOWEST: libc::c_long = (2 << 13) | 7;
     // SAFETY: plain syscalls about the calling thread itself (its id from gettid); no memory is

@@ -12,7 +12,7 @@
 //!   "committed".
 
 pub mod doorbell;
-mod follower;
+pub(crate) mod follower;
 pub mod recovery;
 
 use std::path::PathBuf;

@@ -188,16 +188,7 @@ impl ViewState {
     }
 
     fn apply(&mut self, record: &CommandRecord) {
-        let position = if record.command_type != CommandType::Checkpoint
-            && record.rejection != Some(RejectCode::TransactionIdReused)
-        {
-            Some(
-                self.outcomes
-                    .insert(record.transaction_id.0, OutcomeView::from_record(record)),
-            )
-        } else {
-            None
-        };
+        let position = record_outcome(&mut self.outcomes, record);
         for event in record.events() {
             match event.kind {
                 EventKind::AccountOpened => {
@@ -231,6 +222,61 @@ impl ViewState {
             self.recent.pop_front();
         }
         self.recent.push_back(*record);
+    }
+}
+
+/// Stores a record's outcome (not for checkpoints, nor for a `transaction_id_reused` refusal,
+/// which must not replace the original); returns its position.
+fn record_outcome(outcomes: &mut OutcomeMap, record: &CommandRecord) -> Option<u32> {
+    (record.command_type != CommandType::Checkpoint
+        && record.rejection != Some(RejectCode::TransactionIdReused))
+    .then(|| outcomes.insert(record.transaction_id.0, OutcomeView::from_record(record)))
+}
+
+/// The views' past, built apart while the server already runs: the outcomes and history of the
+/// records that were in the journal at start-up (balances and the directory come from the
+/// recovered ledger at once). `Views::merge_past` puts it in front of what was applied live.
+#[derive(Default)]
+pub struct Past {
+    outcomes: OutcomeMap,
+    history: Vec<Vec<u32>>,
+}
+
+impl Past {
+    /// Adds one record's outcome and history entries (records in sequence order).
+    pub fn apply(&mut self, record: &CommandRecord) {
+        let Some(position) = record_outcome(&mut self.outcomes, record) else {
+            return;
+        };
+        for event in record.events() {
+            let index = event.account as usize;
+            match event.kind {
+                EventKind::Deposited
+                | EventKind::Withdrawn
+                | EventKind::Debited
+                | EventKind::Credited => {
+                    if self.history.len() <= index {
+                        self.history.resize_with(index + 1, Vec::new);
+                    }
+                    self.history[index].push(position);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Prefetches the buckets and history tails a record will touch.
+    pub fn prefetch(&self, record: &CommandRecord) {
+        self.outcomes.prefetch(record.transaction_id.0);
+        for event in record.events() {
+            if let Some(last) = self
+                .history
+                .get(event.account as usize)
+                .and_then(|h| h.last())
+            {
+                prefetch(last);
+            }
+        }
     }
 }
 
@@ -316,10 +362,14 @@ pub struct Views {
     state: RwLock<ViewState>,
     applied_seq: AtomicU64,
     advanced: tokio::sync::Notify,
+    /// False while the outcomes and history of the records before the views' start are still
+    /// being built (see `Past`); balances and the directory are complete from the start.
+    past_complete: std::sync::atomic::AtomicBool,
 }
 
 impl Views {
-    /// Views that start from a ledger's current balances (after a snapshot) with no history.
+    /// Views that start from a ledger's current balances and accounts, with no outcomes or
+    /// history before it: complete when the ledger is new, otherwise until `merge_past`.
     pub fn from_ledger(ledger: &Ledger) -> Arc<Views> {
         let mut state = ViewState::default();
         for index in 0..ledger.account_count() {
@@ -336,7 +386,39 @@ impl Views {
             state: RwLock::new(state),
             applied_seq: AtomicU64::new(ledger.next_seq() - 1),
             advanced: tokio::sync::Notify::new(),
+            past_complete: std::sync::atomic::AtomicBool::new(ledger.next_seq() == 1),
         })
+    }
+
+    /// Whether outcomes and history before the views' start are in (see `Past`).
+    pub fn past_complete(&self) -> bool {
+        self.past_complete.load(Ordering::Acquire)
+    }
+
+    /// Puts the past (built from the journal up to the views' start) in front of what was
+    /// applied live since: live outcomes move into the past's map (they are few: what arrived
+    /// while the past was built), and each account's live history goes after its past history.
+    /// Holds the write lock for the live part only.
+    pub fn merge_past(&self, mut past: Past) {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let live = std::mem::take(&mut state.outcomes);
+        let moved: Vec<u32> = (0..live.len() as u32)
+            .map(|position| {
+                let (id, outcome) = live.at(position);
+                past.outcomes.insert(id, *outcome)
+            })
+            .collect();
+        let live_history = std::mem::take(&mut state.history);
+        if past.history.len() < live_history.len() {
+            past.history.resize_with(live_history.len(), Vec::new);
+        }
+        for (account, positions) in live_history.into_iter().enumerate() {
+            past.history[account].extend(positions.into_iter().map(|p| moved[p as usize]));
+        }
+        state.outcomes = past.outcomes;
+        state.history = past.history;
+        drop(state);
+        self.past_complete.store(true, Ordering::Release);
     }
 
     /// Applies durable records in sequence order. Called by one writer only.
@@ -535,6 +617,86 @@ mod tests {
         let mut view = OutcomeView::from_record(&CommandRecord::empty());
         view.seq = seq;
         view
+    }
+
+    /// Views started from a ledger mid-history, fed the rest live, then merged with the past
+    /// built from the first part, must equal views fed everything from the start.
+    #[test]
+    fn views_merged_with_their_past_equal_views_fed_from_the_start() {
+        let usd = Currency::new("USD").expect("usd");
+        let name = |i: u64| AccountId::new(&format!("m-{i}")).expect("id");
+        let mut ledger = Ledger::new(LedgerConfig::default());
+        let mut records = Vec::new();
+        let mut split_ledger = None;
+        for n in 0..3000u64 {
+            let kind = match n {
+                0..=9 => CommandKind::OpenAccount { account: name(n) },
+                10..=19 => CommandKind::Deposit {
+                    account: name(n - 10),
+                    amount: 10_000,
+                    currency: usd,
+                },
+                // Accounts opened after the split have no past.
+                2000..=2004 => CommandKind::OpenAccount {
+                    account: name(n - 1990),
+                },
+                _ => CommandKind::Transfer {
+                    from: name(n % 7),
+                    to: name(n * 7 % (if n > 2004 { 15 } else { 10 })),
+                    amount: 1 + n % 13,
+                    currency: usd,
+                },
+            };
+            if n == 1200 {
+                split_ledger = Some(ledger.clone());
+            }
+            records.push(ledger.execute(&Command {
+                transaction_id: TransactionId(u128::from(n) * 0x1_0000_0001 + 7),
+                timestamp_ns: n,
+                kind,
+            }));
+        }
+        let split = split_ledger.expect("split");
+        let k = records
+            .iter()
+            .position(|r| r.first_seq == split.next_seq())
+            .expect("k");
+
+        let full = Views::from_ledger(&Ledger::new(LedgerConfig::default()));
+        assert!(full.past_complete());
+        full.apply_batch(&records);
+
+        let merged = Views::from_ledger(&split);
+        assert!(!merged.past_complete());
+        merged.apply_batch(&records[k..]);
+        let mut past = super::Past::default();
+        for record in &records[..k] {
+            past.apply(record);
+        }
+        merged.merge_past(past);
+        assert!(merged.past_complete());
+
+        let history = |views: &Views, account: u32| -> Vec<(u64, u128, u64, u32)> {
+            views.read(|s| {
+                s.history_after(account, 0)
+                    .map(|e| (e.seq, e.transaction_id, e.balance_after, e.counterparty))
+                    .collect()
+            })
+        };
+        for account in 0..15u32 {
+            let want = history(&full, account);
+            assert!(!want.is_empty(), "account {account} has history");
+            assert_eq!(history(&merged, account), want, "account {account}");
+        }
+        for record in &records {
+            let id = record.transaction_id.0;
+            let seq =
+                |views: &Views| views.read(|s| s.outcomes.get(&id).map(|o| (o.seq, o.rejection)));
+            assert!(seq(&full).is_some());
+            assert_eq!(seq(&merged), seq(&full), "outcome of {id:#x}");
+        }
+        let balances = |views: &Views| views.read(|s| s.balances.clone());
+        assert_eq!(balances(&merged), balances(&full));
     }
 
     #[test]
