@@ -18,6 +18,8 @@ pub mod recovery;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
+
+use crossbeam_utils::CachePadded;
 use std::time::Duration;
 
 use disruptor::wait_strategies::WaitStrategy;
@@ -178,15 +180,19 @@ impl Default for EngineConfig {
 }
 
 /// Counters and the durable watermark, shared with the outside (metrics, shutdown).
+///
+/// The four words written on every batch by different threads (the journal thread, the engine
+/// thread, the producers, the journal thread again) each have their own cache line: in one line
+/// every write by one thread invalidated it for the others.
 #[derive(Default)]
 pub struct EngineShared {
-    pub durable_seq: AtomicU64,
-    pub executed_seq: AtomicU64,
+    pub durable_seq: CachePadded<AtomicU64>,
+    pub executed_seq: CachePadded<AtomicU64>,
     pub halted: AtomicBool,
     pub halt_reason: Mutex<Option<String>>,
     pub journal_bytes: AtomicU64,
-    pub submitted: AtomicU64,
-    pub completed: AtomicU64,
+    pub submitted: CachePadded<AtomicU64>,
+    pub completed: CachePadded<AtomicU64>,
     pub overloaded: AtomicU64,
     /// The snapshot follower (stage 5): the last sequence it applied, the checkpoint records it
     /// verified, the snapshots it wrote, and why it stopped if it did.
