@@ -209,8 +209,18 @@ const _: () = assert!(size_of::<SnapshotHeaderLayout>() == SNAPSHOT_HEADER_BYTES
 
 /// Serializes the whole ledger. The last 4 bytes are the CRC32C of everything before them.
 pub fn encode_snapshot(ledger: &Ledger) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_snapshot_into(ledger, &mut out);
+    out
+}
+
+/// `encode_snapshot` into a buffer the caller keeps (cleared first): a periodic snapshot of
+/// hundreds of megabytes then reuses memory that is already mapped instead of faulting in (and
+/// zeroing) a new buffer each time.
+pub fn encode_snapshot_into(ledger: &Ledger, out: &mut Vec<u8>) {
     let totals = ledger.totals();
-    let mut out = Vec::with_capacity(
+    out.clear();
+    out.reserve(
         SNAPSHOT_HEADER_BYTES
             + ledger.account_count() as usize * 32
             + ledger.transaction_id_count() as usize * 32,
@@ -249,7 +259,6 @@ pub fn encode_snapshot(ledger: &Ledger) -> Vec<u8> {
     });
     let crc = crc32c::crc32c(&out);
     out.extend_from_slice(&crc.to_le_bytes());
-    out
 }
 
 struct Reader<'a> {

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::core::Ledger;
-use crate::core::codec::encode_snapshot;
+use crate::core::codec::encode_snapshot_into;
 use crate::engine::EngineShared;
 use crate::engine::recovery::apply_verified;
 use crate::journal::snapshot::write_snapshot;
@@ -60,6 +60,8 @@ impl Follower {
         }
         let mut next_snapshot = self.ledger.next_seq() + self.snapshot_every;
         let mut records = Vec::new();
+        // Reused by every snapshot (see `encode_snapshot_into`).
+        let mut buffer = Vec::new();
         while !self.stop.load(Ordering::Acquire) && !self.shared.halted.load(Ordering::Relaxed) {
             records.clear();
             if let Err(e) = tail.fetch_records(FETCH_EVENTS, &mut records) {
@@ -91,7 +93,7 @@ impl Follower {
                 }
                 if self.ledger.next_seq() >= next_snapshot {
                     next_snapshot = self.ledger.next_seq() + self.snapshot_every;
-                    self.snapshot();
+                    self.snapshot(&mut buffer);
                 }
             }
             self.shared
@@ -100,10 +102,10 @@ impl Follower {
         }
     }
 
-    fn snapshot(&self) {
+    fn snapshot(&self, bytes: &mut Vec<u8>) {
         let started = std::time::Instant::now();
-        let bytes = encode_snapshot(&self.ledger);
-        match write_snapshot(&self.snapshot_dir, &bytes) {
+        encode_snapshot_into(&self.ledger, bytes);
+        match write_snapshot(&self.snapshot_dir, bytes) {
             Ok(path) => {
                 self.shared
                     .snapshots_written

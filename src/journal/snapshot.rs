@@ -30,12 +30,52 @@ pub fn write_snapshot(dir: &Path, bytes: &[u8]) -> std::io::Result<PathBuf> {
     let temporary = dir.join(format!(".{}.tmp", snapshot_file_name(next_seq)));
     {
         let mut file = File::create(&temporary)?;
-        file.write_all(bytes)?;
+        write_paced(&mut file, bytes)?;
         file.sync_all()?;
     }
     fs::rename(&temporary, &path)?;
     fsync_dir(dir)?;
     Ok(path)
+}
+
+/// Bytes written between two waits for writeback.
+const PACE_BYTES: usize = 8 << 20;
+
+/// Writes `bytes` in pieces, starting the writeback of each piece and waiting for the previous
+/// one's, so that at most two pieces are dirty at a time. A snapshot is hundreds of megabytes:
+/// written at once and then fsync'd, it sat in the page cache and then went to the disk in one
+/// burst, and every journal sync of that moment waited behind it (measured: p99 request latency
+/// 126 ms while snapshots were written, 2.6 ms without). The final `sync_all` still makes the
+/// file durable; the pacing is a hint (its errors are ignored, the `sync_all` reports them).
+fn write_paced(file: &mut File, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let fd = file.as_raw_fd();
+    let mut offset = 0usize;
+    for piece in bytes.chunks(PACE_BYTES) {
+        file.write_all(piece)?;
+        // SAFETY: sync_file_range takes the descriptor of a file we own and plain integers; it
+        // reads no memory of ours.
+        unsafe {
+            libc::sync_file_range(
+                fd,
+                offset as libc::off64_t,
+                piece.len() as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+            if offset >= PACE_BYTES {
+                libc::sync_file_range(
+                    fd,
+                    (offset - PACE_BYTES) as libc::off64_t,
+                    PACE_BYTES as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                        | libc::SYNC_FILE_RANGE_WRITE
+                        | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                );
+            }
+        }
+        offset += piece.len();
+    }
+    Ok(())
 }
 
 /// Snapshot files in `dir`, newest first.
