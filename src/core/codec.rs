@@ -257,7 +257,7 @@ pub fn encode_snapshot_into(ledger: &Ledger, out: &mut Vec<u8>) {
         out.extend_from_slice(&fingerprint.to_le_bytes());
         out.extend_from_slice(&seq_and_code.to_le_bytes());
     });
-    let crc = crc32c::crc32c(&out);
+    let crc = crc32c::crc32c(out);
     out.extend_from_slice(&crc.to_le_bytes());
 }
 
