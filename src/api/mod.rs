@@ -313,16 +313,24 @@ pub async fn serve(
     tokio::pin!(shutdown);
     // While recovering, the listener answers (health checks see "alive, not ready") instead of
     // leaving connections in the accept backlog.
+    let starting_connections = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
     let (recovered, views) = {
         tokio::pin!(recovery);
         loop {
             tokio::select! {
                 done = &mut recovery => break done??,
-                accepted = listener.accept() => {
-                    if let Ok((stream, _)) = accepted {
-                        serve_starting(stream, tls.clone(), phase.clone(), config.header_read_timeout);
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        // Over the connection limit the connection is dropped at once.
+                        if let Ok(permit) = starting_connections.clone().try_acquire_owned() {
+                            serve_starting(stream, tls.clone(), phase.clone(), config.header_read_timeout, permit);
+                        }
                     }
-                }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                },
                 _ = &mut shutdown, if !phase_is(&phase, PHASE_STOPPING) => {
                     tracing::info!("shutdown requested during recovery: stopping once recovery ends");
                     phase.store(PHASE_STOPPING, Ordering::Relaxed);
@@ -565,16 +573,26 @@ fn build_views_past(dir: &std::path::Path, end: u64) -> anyhow::Result<crate::vi
     let mut past = crate::views::Past::default();
     let mut tail = crate::journal::tail::JournalTail::new(dir);
     let mut records = Vec::new();
+    // Everything before `end` was durable when the engine started, so an empty read or an error
+    // is transient (a read racing the writer's rewrite of `journal/durable`, say) unless it
+    // lasts: retried for this long without progress, then reported.
+    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+    let mut progressed = std::time::Instant::now();
     while tail.next_seq() < end {
         records.clear();
-        tail.fetch_records(1 << 16, &mut records)?;
+        let fetched = tail.fetch_records(1 << 16, &mut records);
         if records.is_empty() {
-            // Everything before `end` was durable when the engine started: nothing to wait for.
-            anyhow::bail!(
-                "the journal ends at sequence {} before the engine's start {end}",
-                tail.next_seq()
-            );
+            if progressed.elapsed() > PATIENCE {
+                fetched?;
+                anyhow::bail!(
+                    "the journal yields nothing after sequence {} (the engine started at {end})",
+                    tail.next_seq()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            continue;
         }
+        progressed = std::time::Instant::now();
         let before_end = records.partition_point(|r| r.first_seq < end);
         let records = &records[..before_end];
         for (i, record) in records.iter().enumerate() {
@@ -597,6 +615,7 @@ fn serve_starting(
     tls: Option<tokio_rustls::TlsAcceptor>,
     phase: Arc<std::sync::atomic::AtomicU8>,
     header_read_timeout: Duration,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
         let phase = match phase.load(Ordering::Relaxed) {
@@ -612,6 +631,7 @@ fn serve_starting(
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout);
     tokio::spawn(async move {
+        let _permit = permit;
         match tls {
             None => {
                 let _ = builder

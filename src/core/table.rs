@@ -165,6 +165,15 @@ impl IndexTable {
         self.buckets[at] = entry;
     }
 
+    /// Grows now, if needed, so that `additional` more entries fit without growing later.
+    pub fn reserve(&mut self, additional: usize) {
+        while (self.len + additional) * MAX_LOAD_DENOMINATOR
+            > self.buckets.len() * MAX_LOAD_NUMERATOR
+        {
+            self.grow();
+        }
+    }
+
     fn grow(&mut self) {
         let doubled = vec![EMPTY; self.buckets.len() * 2];
         let old = std::mem::replace(&mut self.buckets, doubled);

@@ -47,7 +47,18 @@ impl Follower {
     pub(crate) fn spawn(self) -> std::thread::JoinHandle<()> {
         std::thread::Builder::new()
             .name("wallet-snapshot".into())
-            .spawn(move || self.run())
+            .spawn(move || {
+                let shared = self.shared.clone();
+                let run = std::panic::AssertUnwindSafe(|| self.run());
+                if let Err(panic) = std::panic::catch_unwind(run) {
+                    let reason = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "a panic".into());
+                    fail(&shared, format!("panicked: {reason}"));
+                }
+            })
             .expect("spawn the snapshot follower thread")
     }
 
@@ -73,6 +84,17 @@ impl Follower {
                 continue;
             }
             for (i, record) in records.iter().enumerate() {
+                // The tail obeys `journal/durable`; the engine's own watermark is the authority
+                // (the file may be missing, e.g. if the writer could not create it): a snapshot
+                // must never hold a record that is not durable.
+                while record.next_seq() - 1 > self.shared.durable_seq.load(Ordering::Acquire) {
+                    if self.stop.load(Ordering::Acquire)
+                        || self.shared.halted.load(Ordering::Relaxed)
+                    {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 if let Some(ahead) = records.get(i + PREFETCH_AHEAD) {
                     self.ledger.prefetch_record(ahead);
                 }
@@ -127,12 +149,16 @@ impl Follower {
     /// shorten start-up), but this is loud: a journal that does not replay to the live state is
     /// a bug or corruption that `wallet replay` will also report.
     fn fail(&self, reason: String) {
-        tracing::error!(%reason, "the snapshot follower stopped: no more snapshots until restart; audit with `wallet replay`");
-        if let Ok(mut slot) = self.shared.follower_failure.lock() {
-            slot.get_or_insert(reason);
-        }
-        self.shared.follower_failed.store(true, Ordering::SeqCst);
+        fail(&self.shared, reason);
     }
+}
+
+fn fail(shared: &EngineShared, reason: String) {
+    tracing::error!(%reason, "the snapshot follower stopped: no more snapshots until restart; audit with `wallet replay`");
+    if let Ok(mut slot) = shared.follower_failure.lock() {
+        slot.get_or_insert(reason);
+    }
+    shared.follower_failed.store(true, Ordering::SeqCst);
 }
 
 /// The follower is background work: on a 2-core machine it must not take CPU or disk time from
@@ -220,6 +246,10 @@ mod tests {
             }
             writer.commit().expect("commit");
             let shared = Arc::new(EngineShared::default());
+            // What the engine's journal stage would have published.
+            shared
+                .durable_seq
+                .store(ledger.next_seq() - 1, Ordering::SeqCst);
             let stop = Arc::new(AtomicBool::new(false));
             let snapshots = temp.path().join("snapshots");
             let handle = Follower {
@@ -259,5 +289,69 @@ mod tests {
                 assert!(newest > 0, "snapshots were written");
             }
         }
+    }
+
+    /// The engine's durable watermark bounds the follower even when the tail would read further
+    /// (here: no `journal/durable` limit matters, the watermark is held back by hand).
+    #[test]
+    fn the_follower_never_applies_or_snapshots_past_the_engines_durable_watermark() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let dir = journal_dir(temp.path());
+        let config = JournalConfig {
+            dir: dir.clone(),
+            segment_size_bytes: 1 << 20,
+            sync: SyncMode::None,
+        };
+        let mut writer = JournalWriter::open(Box::new(MmapStorage), config, &JournalEnd::empty())
+            .expect("writer");
+        let mut ledger = Ledger::new(LedgerConfig::default());
+        let mut held_at = 0;
+        for i in 0..300u64 {
+            writer.append(&ledger.execute(&command(i))).expect("append");
+            if i == 99 {
+                held_at = ledger.next_seq() - 1;
+            }
+        }
+        writer.commit().expect("commit");
+        let shared = Arc::new(EngineShared::default());
+        shared.durable_seq.store(held_at, Ordering::SeqCst);
+        let stop = Arc::new(AtomicBool::new(false));
+        let snapshots = temp.path().join("snapshots");
+        let handle = Follower {
+            ledger: Ledger::new(LedgerConfig::default()),
+            journal_dir: dir,
+            snapshot_dir: snapshots.clone(),
+            snapshot_every: 10,
+            shared: shared.clone(),
+            stop: stop.clone(),
+        }
+        .spawn();
+        std::thread::sleep(Duration::from_millis(300));
+        let newest = || {
+            crate::journal::snapshot::list_snapshots(&snapshots)
+                .first()
+                .map(|(seq, _)| *seq)
+                .unwrap_or(0)
+        };
+        assert!(newest() > 0, "snapshots up to the watermark are written");
+        assert!(
+            newest() <= held_at + 1,
+            "a snapshot past the durable watermark"
+        );
+        assert!(shared.follower_seq.load(Ordering::SeqCst) <= held_at);
+        shared
+            .durable_seq
+            .store(ledger.next_seq() - 1, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while shared.follower_seq.load(Ordering::SeqCst) < ledger.next_seq() - 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the follower did not resume"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stop.store(true, Ordering::SeqCst);
+        handle.join().expect("no panic");
+        assert!(!shared.follower_failed.load(Ordering::SeqCst));
     }
 }

@@ -9,7 +9,8 @@
 //! about 2.5 times the memory, and zeroing that memory was most of the start-up rebuild.
 //!
 //! Architecture invariant: views are fed only by durable records, in sequence order, by one
-//! writer (the reply stage, or recovery at start-up). Readers never touch the ledger.
+//! writer (the reply stage); after a restart `merge_past` adds, once, the outcomes and history
+//! of the records before the views' start, built apart. Readers never touch the ledger.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -343,6 +344,14 @@ impl OutcomeMap {
         index
     }
 
+    /// Makes room for `additional` more outcomes (index and storage) now.
+    pub fn reserve(&mut self, additional: usize) {
+        self.index.reserve(additional);
+        let chunks_needed = (self.len + additional).div_ceil(OUTCOME_CHUNK);
+        self.chunks
+            .reserve(chunks_needed.saturating_sub(self.chunks.len()));
+    }
+
     /// Hints the CPU to load the bucket where `id` is or will be.
     fn prefetch(&self, id: u128) {
         self.index.prefetch(hash_id(id));
@@ -398,8 +407,12 @@ impl Views {
     /// Puts the past (built from the journal up to the views' start) in front of what was
     /// applied live since: live outcomes move into the past's map (they are few: what arrived
     /// while the past was built), and each account's live history goes after its past history.
-    /// Holds the write lock for the live part only.
+    /// Holds the write lock for the live part only: the past's tables are grown before it is
+    /// taken (for twice the live part, plus a margin for what arrives in between), so no
+    /// rehash of the whole past happens under the lock, which the reply stage waits for.
     pub fn merge_past(&self, mut past: Past) {
+        let live_now = self.read(|state| state.outcomes.len());
+        past.outcomes.reserve(live_now * 2 + (1 << 16));
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         let live = std::mem::take(&mut state.outcomes);
         let moved: Vec<u32> = (0..live.len() as u32)
