@@ -103,8 +103,13 @@ impl Waiters {
             return;
         }
         let mut waiter = self.lock(slot);
+        // The slot is returned to the free list before the caller is woken: a caller that
+        // answers and sends its next request at once must find its slot free again (with
+        // `--max-in-flight 1`, the other order gave a spurious 429).
         match std::mem::replace(&mut *waiter, Waiter::Free) {
             Waiter::Single(sender) => {
+                drop(waiter);
+                let _ = self.free.push(slot);
                 // The caller may have timed out and gone; that is fine.
                 let _ = sender.send(delivered);
             }
@@ -121,6 +126,8 @@ impl Waiters {
                     *waiter = Waiter::Batch(collector);
                     return;
                 }
+                drop(waiter);
+                let _ = self.free.push(slot);
                 let results = std::mem::take(
                     &mut *collector.results.lock().unwrap_or_else(|e| e.into_inner()),
                 );
@@ -133,9 +140,88 @@ impl Waiters {
                     let _ = sender.send(results);
                 }
             }
-            Waiter::Free => return,
+            Waiter::Free => {}
         }
-        drop(waiter);
-        let _ = self.free.push(slot);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    use std::task::{Context, Wake, Waker};
+
+    use super::*;
+    use crate::core::CommandRecord;
+
+    /// A waker that records whether the waiter's slot was already free when the caller was woken.
+    struct CheckFree {
+        waiters: Arc<Waiters>,
+        woken: AtomicBool,
+        free_when_woken: AtomicBool,
+    }
+
+    impl Wake for CheckFree {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.free_when_woken
+                .store(self.waiters.in_flight() == 0, Ordering::SeqCst);
+            self.woken.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn check(waiters: Arc<Waiters>, receive: impl Future) {
+        let check = Arc::new(CheckFree {
+            waiters,
+            woken: AtomicBool::new(false),
+            free_when_woken: AtomicBool::new(false),
+        });
+        let waker = Waker::from(check.clone());
+        let mut receive = pin!(receive);
+        assert!(
+            receive
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending()
+        );
+        deliver_all(&check.waiters);
+        assert!(check.woken.load(Ordering::SeqCst), "the caller was woken");
+        assert!(
+            check.free_when_woken.load(Ordering::SeqCst),
+            "a caller woken by its reply finds its slot free (else its next request gets 429)"
+        );
+    }
+
+    fn deliver_all(waiters: &Waiters) {
+        for item in 0..2 {
+            waiters.deliver(
+                token(0, item),
+                Delivered {
+                    record: CommandRecord::empty(),
+                    durable: true,
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn the_slot_is_free_before_a_single_caller_is_woken() {
+        let waiters = Arc::new(Waiters::new(1));
+        let (slot, receiver) = waiters.wait_single().expect("a free slot");
+        assert_eq!(slot, 0);
+        assert!(waiters.wait_single().is_none(), "capacity 1 is full");
+        check(waiters, receiver);
+    }
+
+    #[test]
+    fn the_slot_is_free_before_a_batch_caller_is_woken() {
+        let waiters = Arc::new(Waiters::new(1));
+        let (slot, receiver) = waiters.wait_batch(2).expect("a free slot");
+        assert_eq!(slot, 0);
+        check(waiters, receiver);
     }
 }
