@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use wallet::core::codec::{
-    DecodeError, SNAPSHOT_HEADER_BYTES, decode_record, decode_snapshot, encode_record,
-    encode_snapshot, payload_len,
+    DecodeError, SNAPSHOT_HEADER_BYTES, check_snapshot, decode_record, decode_snapshot,
+    encode_record, encode_snapshot, payload_len, prepare_snapshot,
 };
 use wallet::core::{
     AccountId, Command, CommandKind, CommandRecord, Currency, EventKind, Ledger, LedgerConfig,
@@ -694,6 +694,57 @@ fn snapshot_with_duplicate_currency(balance: MinorUnits) -> Vec<u8> {
     out.extend_from_slice(&balance.wrapping_mul(2).to_le_bytes());
     out.extend_from_slice(&[0; 4]);
     with_valid_crc(out)
+}
+
+#[test]
+fn a_snapshot_decoded_in_parts_equals_the_whole_and_fills_its_reserved_memory() {
+    let ledger = sample_ledger();
+    let ids = ledger.transaction_id_count() as usize;
+    assert!(ids > 0);
+    let bytes = encode_snapshot(&ledger);
+    let mut decoded = prepare_snapshot(&bytes, CONFIG).unwrap();
+    let reserved = decoded.ledger().reserved_id_memory();
+    assert_eq!(reserved.len(), 1, "one block for a few ids: {reserved:?}");
+    assert!(reserved[0].1 >= ids * 32);
+    let checks = check_snapshot(&bytes).unwrap();
+    decoded.decode(&bytes).unwrap();
+    // The ids went into the reserved block, front first; the rest of it is still reserved.
+    assert_eq!(
+        decoded.ledger().reserved_id_memory(),
+        vec![(reserved[0].0 + ids * 32, reserved[0].1 - ids * 32)]
+    );
+    assert!(decoded.decode(&bytes).is_err(), "decoding twice is refused");
+    let restored = decoded.finish(checks).unwrap();
+    assert_eq!(restored.state_hash(), ledger.state_hash());
+    assert_eq!(
+        restored.state_hash(),
+        decode_snapshot(&bytes, CONFIG).unwrap().state_hash()
+    );
+
+    // The ids' digest is part of what `finish` verifies: one from another snapshot is refused.
+    let mut longer = sample_ledger();
+    longer.execute(&Command {
+        transaction_id: TransactionId(99),
+        timestamp_ns: 9,
+        kind: CommandKind::OpenAccount {
+            account: AccountId::new("zed").unwrap(),
+        },
+    });
+    let other_checks = check_snapshot(&encode_snapshot(&longer)).unwrap();
+    let mut decoded = prepare_snapshot(&bytes, CONFIG).unwrap();
+    decoded.decode(&bytes).unwrap();
+    assert!(matches!(
+        decoded.finish(other_checks),
+        Err(DecodeError::Snapshot(reason)) if reason.contains("state hash")
+    ));
+    // And a flipped bit among the ids fails the checksum.
+    let mut flipped = bytes.clone();
+    let at = flipped.len() - 4 - 7;
+    flipped[at] ^= 1;
+    assert!(matches!(
+        check_snapshot(&flipped),
+        Err(DecodeError::Snapshot("checksum mismatch"))
+    ));
 }
 
 #[test]

@@ -7,7 +7,7 @@
 use crate::core::command::{
     CommandRecord, CommandType, Event, EventKind, MAX_EVENTS_PER_COMMAND, RejectCode,
 };
-use crate::core::ledger::{CurrencyTotals, Ledger, LedgerConfig};
+use crate::core::ledger::{CurrencyTotals, Ledger, LedgerConfig, id_entry_digest};
 use crate::core::table::hash_id;
 use crate::core::types::{AccountId, Currency, TransactionId};
 
@@ -298,8 +298,51 @@ impl<'a> Reader<'a> {
 }
 
 /// Rebuilds a ledger from a snapshot, verifying the checksum, the structure and, last, that the
-/// rebuilt state has the state hash the snapshot claims.
+/// rebuilt state has the state hash the snapshot claims. The same as
+/// `decode_snapshot_structure(..)?.finish(check_snapshot(..)?)`, which callers with a second
+/// core run side by side.
 pub fn decode_snapshot(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, DecodeError> {
+    let checks = check_snapshot(bytes)?;
+    decode_snapshot_structure(bytes, config)?.finish(checks)
+}
+
+/// What `check_snapshot` proves about a snapshot's bytes, for `DecodedSnapshot::finish`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotChecks {
+    /// The running digest of the remembered ids (the ledger's `Digests::ids`), chained over the
+    /// entries in the order they were written.
+    ids_digest: u64,
+}
+
+/// A ledger decoded from a snapshot's structure, not yet trusted: its checksum and its state
+/// hash are checked by `finish`.
+pub struct DecodedSnapshot {
+    ledger: Ledger,
+    claimed_state_hash: u64,
+}
+
+impl DecodedSnapshot {
+    /// Completes the ledger with the digest `check_snapshot` computed and returns it only if
+    /// its state hash is the one the snapshot claims and the money invariants hold.
+    pub fn finish(mut self, checks: SnapshotChecks) -> Result<Ledger, DecodeError> {
+        self.ledger.restore_ids_digest(checks.ids_digest);
+        if self.ledger.state_hash() != self.claimed_state_hash {
+            return Err(DecodeError::Snapshot(
+                "state hash of the rebuilt ledger differs",
+            ));
+        }
+        self.ledger
+            .check_conservation()
+            .map_err(|_| DecodeError::Snapshot("invariants do not hold"))?;
+        Ok(self.ledger)
+    }
+}
+
+const SNAPSHOT_ID_ENTRY: usize = 32;
+
+/// The checksum of a snapshot and the digest of its remembered ids: the two passes over the
+/// whole file that do not need the decoded ledger. Fails on a checksum mismatch.
+pub fn check_snapshot(bytes: &[u8]) -> Result<SnapshotChecks, DecodeError> {
     if bytes.len() < SNAPSHOT_HEADER_BYTES + 4 {
         return Err(DecodeError::Snapshot("shorter than its header"));
     }
@@ -307,7 +350,53 @@ pub fn decode_snapshot(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, Dec
     if crc32c::crc32c(body).to_le_bytes() != crc {
         return Err(DecodeError::Snapshot("checksum mismatch"));
     }
-    let mut r = Reader { bytes: body, at: 0 };
+    // The entries are the body's last `remembered_count * 32` bytes; the structure decoder
+    // checks that they are exactly where the rest of the body ends.
+    let count = u64_at(body, 48);
+    let entries_len = usize::try_from(count)
+        .ok()
+        .and_then(|c| c.checked_mul(SNAPSHOT_ID_ENTRY))
+        .filter(|len| *len <= body.len() - SNAPSHOT_HEADER_BYTES)
+        .ok_or(DecodeError::Snapshot("counts out of range"))?;
+    let entries = &body[body.len() - entries_len..];
+    let ids_digest = entries
+        .chunks_exact(SNAPSHOT_ID_ENTRY)
+        .fold(0, |digest, entry| {
+            id_entry_digest(
+                digest,
+                [
+                    u64_at(entry, 0),
+                    u64_at(entry, 8),
+                    u64_at(entry, 16),
+                    u64_at(entry, 24),
+                ],
+            )
+        });
+    Ok(SnapshotChecks { ids_digest })
+}
+
+/// Decodes a snapshot's structure into a ledger without verifying its checksum (bytes that
+/// fail it may decode or may give an error, never a panic) and without the remembered ids'
+/// digest: `check_snapshot` computes both, `DecodedSnapshot::finish` joins them.
+pub fn decode_snapshot_structure(
+    bytes: &[u8],
+    config: LedgerConfig,
+) -> Result<DecodedSnapshot, DecodeError> {
+    let mut decoded = prepare_snapshot(bytes, config)?;
+    decoded.decode(bytes)?;
+    Ok(decoded)
+}
+
+struct SnapshotHeader {
+    next_seq: u64,
+    state_hash: u64,
+    account_count: u64,
+    remembered_count: u64,
+    totals_count: u64,
+}
+
+/// Reads and range-checks the header; `r` is left after it.
+fn read_snapshot_header(r: &mut Reader<'_>) -> Result<SnapshotHeader, DecodeError> {
     if r.take(8)? != SNAPSHOT_MAGIC {
         return Err(DecodeError::Snapshot("bad magic"));
     }
@@ -318,22 +407,89 @@ pub fn decode_snapshot(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, Dec
     let next_seq = r.u64()?;
     let state_hash = r.u64()?;
     let _max_amount = r.u64()?;
-    let account_count = r.u64()?;
-    let remembered_count = r.u64()?;
-    let totals_count = r.u64()?;
-    if next_seq == 0 || next_seq > u64::MAX >> 8 {
+    let header = SnapshotHeader {
+        next_seq,
+        state_hash,
+        account_count: r.u64()?,
+        remembered_count: r.u64()?,
+        totals_count: r.u64()?,
+    };
+    if header.next_seq == 0 || header.next_seq > u64::MAX >> 8 {
         return Err(DecodeError::Snapshot("next sequence out of range"));
     }
-    if account_count > u64::from(u32::MAX)
-        || remembered_count > u64::from(u32::MAX)
-        || totals_count > 4096
+    if header.account_count > u64::from(u32::MAX)
+        || header.remembered_count > u64::from(u32::MAX)
+        || header.totals_count > 4096
     {
         return Err(DecodeError::Snapshot("counts out of range"));
     }
-    // Capacity hints are bounded by what the bytes could possibly hold.
-    let accounts_hint = (account_count as usize).min(body.len() / 3);
-    let ids_hint = (remembered_count as usize).min(body.len() / 32);
-    let mut ledger = Ledger::with_capacity(config, accounts_hint, ids_hint);
+    Ok(header)
+}
+
+fn snapshot_body(bytes: &[u8]) -> Result<&[u8], DecodeError> {
+    if bytes.len() < SNAPSHOT_HEADER_BYTES + 4 {
+        return Err(DecodeError::Snapshot("shorter than its header"));
+    }
+    Ok(&bytes[..bytes.len() - 4])
+}
+
+/// An empty ledger sized for the snapshot in `bytes` (from its header, bounded by what the
+/// bytes could hold), to be filled by `DecodedSnapshot::decode`. In between, a caller can hand
+/// `ledger().reserved_id_memory()` to a thread that populates it.
+pub fn prepare_snapshot(
+    bytes: &[u8],
+    config: LedgerConfig,
+) -> Result<DecodedSnapshot, DecodeError> {
+    let body = snapshot_body(bytes)?;
+    let header = read_snapshot_header(&mut Reader { bytes: body, at: 0 })?;
+    let accounts_hint = (header.account_count as usize).min(body.len() / 3);
+    let ids_hint = (header.remembered_count as usize).min(body.len() / SNAPSHOT_ID_ENTRY);
+    Ok(DecodedSnapshot {
+        ledger: Ledger::with_capacity(config, accounts_hint, ids_hint),
+        claimed_state_hash: header.state_hash,
+    })
+}
+
+impl DecodedSnapshot {
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Decodes the snapshot's accounts, totals and remembered ids into the prepared ledger.
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<(), DecodeError> {
+        let body = snapshot_body(bytes)?;
+        let mut r = Reader { bytes: body, at: 0 };
+        let SnapshotHeader {
+            next_seq,
+            state_hash,
+            account_count,
+            remembered_count,
+            totals_count,
+        } = read_snapshot_header(&mut r)?;
+        if self.ledger.account_count() != 0 || self.ledger.transaction_id_count() != 0 {
+            return Err(DecodeError::Snapshot("decoded twice"));
+        }
+        self.claimed_state_hash = state_hash;
+        decode_snapshot_sections(
+            &mut r,
+            &mut self.ledger,
+            account_count,
+            remembered_count,
+            totals_count,
+        )?;
+        self.ledger.restore_next_seq(next_seq);
+        Ok(())
+    }
+}
+
+fn decode_snapshot_sections(
+    r: &mut Reader<'_>,
+    ledger: &mut Ledger,
+    account_count: u64,
+    remembered_count: u64,
+    totals_count: u64,
+) -> Result<(), DecodeError> {
+    let body_len = r.bytes.len();
     let mut balances = Vec::new();
     for _ in 0..account_count {
         let len = r.u8()? as usize;
@@ -371,15 +527,17 @@ pub fn decode_snapshot(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, Dec
     // Remembered ids: fixed 32-byte entries. Restoring one costs a random access into the id
     // table, so the table bucket of the entry `AHEAD` places on is prefetched (a 50-million-id
     // snapshot otherwise spends most of its load time waiting on those misses one by one).
-    const ENTRY: usize = 32;
     const AHEAD: usize = 16;
     let entries_len = (remembered_count as usize)
-        .checked_mul(ENTRY)
+        .checked_mul(SNAPSHOT_ID_ENTRY)
         .ok_or(DecodeError::Snapshot("counts out of range"))?;
     let entries = r.take(entries_len)?;
+    if r.at != body_len {
+        return Err(DecodeError::Snapshot("trailing bytes"));
+    }
     let id_at = |i: usize| {
         let mut a = [0u8; 16];
-        a.copy_from_slice(&entries[i * ENTRY..i * ENTRY + 16]);
+        a.copy_from_slice(&entries[i * SNAPSHOT_ID_ENTRY..i * SNAPSHOT_ID_ENTRY + 16]);
         u128::from_le_bytes(a)
     };
     let count = remembered_count as usize;
@@ -396,25 +554,13 @@ pub fn decode_snapshot(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, Dec
             ledger.prefetch_id_hash(ahead);
             hashes[i % AHEAD] = ahead;
         }
-        let fingerprint = u64_at(entries, i * ENTRY + 16);
-        let seq_and_code = u64_at(entries, i * ENTRY + 24);
-        if !ledger.remember_unique(id_at(i), hash, fingerprint, seq_and_code) {
+        let fingerprint = u64_at(entries, i * SNAPSHOT_ID_ENTRY + 16);
+        let seq_and_code = u64_at(entries, i * SNAPSHOT_ID_ENTRY + 24);
+        if !ledger.restore_remembered(id_at(i), hash, fingerprint, seq_and_code) {
             return Err(DecodeError::Snapshot("duplicate transaction id"));
         }
     }
-    if r.at != body.len() {
-        return Err(DecodeError::Snapshot("trailing bytes"));
-    }
-    ledger.restore_next_seq(next_seq);
-    if ledger.state_hash() != state_hash {
-        return Err(DecodeError::Snapshot(
-            "state hash of the rebuilt ledger differs",
-        ));
-    }
-    ledger
-        .check_conservation()
-        .map_err(|_| DecodeError::Snapshot("invariants do not hold"))?;
-    Ok(ledger)
+    Ok(())
 }
 
 /// The sequence a snapshot was taken at (its `next_seq`), without decoding the rest.

@@ -178,9 +178,13 @@ fn name_digest(digest: u64, account: &AccountId) -> u64 {
 }
 
 fn id_digest(digest: u64, r: &RememberedId) -> u64 {
-    [r.id_low, r.id_high, r.fingerprint, r.seq_and_code]
-        .into_iter()
-        .fold(digest, chain)
+    id_entry_digest(digest, [r.id_low, r.id_high, r.fingerprint, r.seq_and_code])
+}
+
+/// The remembered-id digest step over one entry's words (`id_low`, `id_high`, `fingerprint`,
+/// `seq_and_code`): also computed by snapshot checks straight from a snapshot's bytes.
+pub(crate) fn id_entry_digest(digest: u64, words: [u64; 4]) -> u64 {
+    words.into_iter().fold(digest, chain)
 }
 
 use crate::core::table::{hash_id, mix64};
@@ -201,7 +205,11 @@ impl Ledger {
             extras: Vec::new(),
             totals: Vec::new(),
             id_index: IndexTable::with_capacity(transaction_ids),
-            id_chunks: Vec::new(),
+            // Allocated, not touched: the pages are faulted in as ids arrive (or ahead of
+            // them, by a caller that populates `reserved_id_memory`).
+            id_chunks: (0..transaction_ids.div_ceil(ID_CHUNK))
+                .map(|_| Vec::with_capacity(ID_CHUNK))
+                .collect(),
             id_count: 0,
             digests: Digests::default(),
         }
@@ -848,9 +856,37 @@ impl Ledger {
     }
 
     /// Remembers `id` unless it already is (then false, and nothing changes), with one probe of
-    /// the id table. The only writer of remembered ids, live and from snapshots (which pass
-    /// the `hash_id` they computed for their prefetch).
+    /// the id table. The only writer of remembered ids, live and (through `restore_remembered`)
+    /// from snapshots, which pass the `hash_id` they computed for their prefetch.
     pub(crate) fn remember_unique(
+        &mut self,
+        id: u128,
+        hash: u64,
+        fingerprint: u64,
+        seq_and_code: u64,
+    ) -> bool {
+        self.remember_entry::<true>(id, hash, fingerprint, seq_and_code)
+    }
+
+    /// `remember_unique` without the running digest, for a snapshot whose ids' digest is
+    /// computed separately (`codec::check_snapshot`) and set with `restore_ids_digest`.
+    pub(crate) fn restore_remembered(
+        &mut self,
+        id: u128,
+        hash: u64,
+        fingerprint: u64,
+        seq_and_code: u64,
+    ) -> bool {
+        self.remember_entry::<false>(id, hash, fingerprint, seq_and_code)
+    }
+
+    /// Sets the remembered ids' running digest after `restore_remembered`.
+    pub(crate) fn restore_ids_digest(&mut self, digest: u64) {
+        self.digests.ids = digest;
+    }
+
+    #[inline]
+    fn remember_entry<const DIGEST: bool>(
         &mut self,
         id: u128,
         hash: u64,
@@ -865,7 +901,8 @@ impl Ledger {
         if existing.is_some() {
             return false;
         }
-        if (index as usize).is_multiple_of(ID_CHUNK) {
+        let chunk = index as usize / ID_CHUNK;
+        if chunk == self.id_chunks.len() {
             self.id_chunks.push(Vec::with_capacity(ID_CHUNK));
         }
         let remembered = RememberedId {
@@ -874,10 +911,10 @@ impl Ledger {
             fingerprint,
             seq_and_code,
         };
-        if let Some(chunk) = self.id_chunks.last_mut() {
-            chunk.push(remembered);
+        self.id_chunks[chunk].push(remembered);
+        if DIGEST {
+            self.digests.ids = id_digest(self.digests.ids, &remembered);
         }
-        self.digests.ids = id_digest(self.digests.ids, &remembered);
         self.id_count += 1;
         true
     }
@@ -925,6 +962,24 @@ impl Ledger {
             }
         }
         digests
+    }
+
+    /// The address and length of each block reserved for remembered ids and not yet filled,
+    /// in the order they will be filled. A caller that restores many ids (a snapshot load) can
+    /// have another thread populate these pages while this one fills them: the first touch of
+    /// fresh memory (the kernel zeroing it) is most of a large restore's cost.
+    pub fn reserved_id_memory(&self) -> Vec<(usize, usize)> {
+        self.id_chunks
+            .iter()
+            .filter(|chunk| chunk.len() < chunk.capacity())
+            .map(|chunk| {
+                let start = chunk.as_ptr() as usize + chunk.len() * size_of::<RememberedId>();
+                (
+                    start,
+                    (chunk.capacity() - chunk.len()) * size_of::<RememberedId>(),
+                )
+            })
+            .collect()
     }
 
     /// Bytes held by the ledger's tables (capacity, not just length), split by owner.

@@ -5,7 +5,7 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::core::codec::{decode_snapshot, snapshot_next_seq};
+use crate::core::codec::{DecodeError, check_snapshot, prepare_snapshot, snapshot_next_seq};
 use crate::core::{Ledger, LedgerConfig};
 use crate::journal::storage::fsync_dir;
 
@@ -107,6 +107,64 @@ fn map_snapshot(path: &Path) -> std::io::Result<memmap2::Mmap> {
     Ok(map)
 }
 
+/// `codec::decode_snapshot` on two threads. The decoder fills the prepared ledger; beside it,
+/// a helper first populates the memory the remembered ids will fill (so that the kernel zeroes
+/// those pages on the other core, ahead of the decoder, instead of on first touch), then runs
+/// the checksum and the remembered ids' digest (two passes over the whole file). The ledger
+/// is trusted only once both are done and agree.
+fn decode_side_by_side(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, DecodeError> {
+    let mut decoded = prepare_snapshot(bytes, config)?;
+    let reserved = decoded.ledger().reserved_id_memory();
+    std::thread::scope(|scope| {
+        let helper = std::thread::Builder::new()
+            .name("snapshot-check".into())
+            .spawn_scoped(scope, || {
+                populate(&reserved);
+                check_snapshot(bytes)
+            });
+        let structure = decoded.decode(bytes);
+        let checks = match helper {
+            Ok(handle) => handle
+                .join()
+                .map_err(|_| DecodeError::Snapshot("the checksum thread panicked"))?,
+            // No thread to spare: check here (the memory is touched as it is filled).
+            Err(_) => check_snapshot(bytes),
+        };
+        // A checksum mismatch explains any structural error, so it is reported first.
+        let checks = checks?;
+        structure?;
+        decoded.finish(checks)
+    })
+}
+
+/// Faults in (allocates and zeroes) the pages of these address ranges without changing what
+/// they hold, 2 MiB at a time, so that the filling thread does not stay far behind.
+fn populate(ranges: &[(usize, usize)]) {
+    const STEP: usize = 2 << 20;
+    const PAGE: usize = 4096;
+    for &(start, len) in ranges {
+        // Whole pages only: the partial pages at the ends are left to the filling thread.
+        let first = start.next_multiple_of(PAGE);
+        let end = (start + len) & !(PAGE - 1);
+        let mut at = first;
+        while at < end {
+            let n = STEP.min(end - at);
+            // SAFETY: MADV_POPULATE_WRITE only creates the page-table entries (and zeroed pages)
+            // for not-yet-present pages of the range; it never reads or writes the memory's
+            // contents, so it cannot race with the decoder writing these pages. The range lies
+            // inside blocks the ledger owns for the whole scope of `decode_side_by_side`; were
+            // it ever not mapped, the call fails with ENOMEM and changes nothing. Failure (an
+            // old kernel without the flag) is harmless: pages are then faulted on first write.
+            let result =
+                unsafe { libc::madvise(at as *mut libc::c_void, n, libc::MADV_POPULATE_WRITE) };
+            if result != 0 {
+                return;
+            }
+            at += n;
+        }
+    }
+}
+
 /// Loads the newest snapshot that decodes and verifies, skipping (with a warning) any that do
 /// not. `at_most` bounds its sequence (a snapshot ahead of the journal is never trusted).
 pub fn load_newest(dir: &Path, config: LedgerConfig, at_most: Option<u64>) -> Option<Ledger> {
@@ -116,7 +174,7 @@ pub fn load_newest(dir: &Path, config: LedgerConfig, at_most: Option<u64>) -> Op
             continue;
         }
         match map_snapshot(&path) {
-            Ok(bytes) => match decode_snapshot(&bytes, config) {
+            Ok(bytes) => match decode_side_by_side(&bytes, config) {
                 Ok(ledger) => return Some(ledger),
                 Err(e) => {
                     tracing::warn!(file = %path.display(), error = %e, "skipping an invalid snapshot")
@@ -128,4 +186,22 @@ pub fn load_newest(dir: &Path, config: LedgerConfig, at_most: Option<u64>) -> Op
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::populate;
+
+    #[test]
+    fn populating_reserved_memory_keeps_what_is_there_and_what_is_written_after() {
+        let mut values: Vec<u64> = Vec::with_capacity(3 << 20);
+        values.extend(0..1000);
+        let spare = values.spare_capacity_mut();
+        let range = (spare.as_ptr() as usize, std::mem::size_of_val(spare));
+        // Also a range that starts inside the filled part: populate must not touch contents.
+        populate(&[(values.as_ptr() as usize, 8000 + 4096 * 3), range]);
+        assert!(values.iter().copied().eq(0..1000));
+        values.extend(1000..(3 << 20));
+        assert!(values.iter().copied().eq(0..(3 << 20)));
+    }
 }

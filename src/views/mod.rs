@@ -12,7 +12,9 @@
 //! writer (the reply stage); after a restart `merge_past` adds, once, the outcomes and history
 //! of the records before the views' start, built apart. Readers never touch the ledger.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use xxhash_rust::xxh3::xxh3_64;
 
 use crate::core::table::{IndexTable, hash_id, prefetch};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -88,7 +90,8 @@ impl OutcomeView {
 #[derive(Default)]
 pub struct ViewState {
     pub names: Vec<String>,
-    pub directory: HashMap<String, u32>,
+    /// Account name -> index, keyed by the name's xxh3 (the names live once, in `names`).
+    directory: IndexTable,
     pub balances: Vec<Vec<(Currency, MinorUnits)>>,
     /// Per account, the positions in `outcomes` of the outcomes that changed its balances, in
     /// sequence order.
@@ -99,7 +102,14 @@ pub struct ViewState {
 
 impl ViewState {
     pub fn account(&self, name: &str) -> Option<u32> {
-        self.directory.get(name).copied()
+        let names = &self.names;
+        self.directory
+            .find(xxh3_64(name.as_bytes()), |i| names[i as usize] == name)
+    }
+
+    fn add_account(&mut self, name: String, index: u32) {
+        self.directory.insert(xxh3_64(name.as_bytes()), index);
+        self.names.push(name);
     }
 
     pub fn name(&self, index: u32) -> &str {
@@ -193,9 +203,7 @@ impl ViewState {
         for event in record.events() {
             match event.kind {
                 EventKind::AccountOpened => {
-                    let name = record.opened_account.to_string();
-                    self.directory.insert(name.clone(), event.account);
-                    self.names.push(name);
+                    self.add_account(record.opened_account.to_string(), event.account);
                     self.balances.push(Vec::new());
                     self.history.push(Vec::new());
                 }
@@ -381,15 +389,18 @@ impl Views {
     /// history before it: complete when the ledger is new, otherwise until `merge_past`.
     pub fn from_ledger(ledger: &Ledger) -> Arc<Views> {
         let mut state = ViewState::default();
+        let accounts = ledger.account_count() as usize;
+        state.directory = IndexTable::with_capacity(accounts);
+        state.names.reserve(accounts);
+        state.balances.reserve(accounts);
+        state.history.resize_with(accounts, Vec::new);
         for index in 0..ledger.account_count() {
             let name = ledger
                 .account_name(index)
                 .map(|a| a.to_string())
                 .unwrap_or_default();
-            state.directory.insert(name.clone(), index);
-            state.names.push(name);
+            state.add_account(name, index);
             state.balances.push(ledger.balances(index));
-            state.history.push(Vec::new());
         }
         Arc::new(Views {
             state: RwLock::new(state),
