@@ -982,6 +982,13 @@ impl Ledger {
             .collect()
     }
 
+    /// The address and length of the remembered ids' index table. Like `reserved_id_memory`,
+    /// for a restore that has its pages populated by another thread: a new table is zeroed
+    /// memory that the kernel provides on first touch, and a restore touches all of it.
+    pub fn id_table_memory(&self) -> (usize, usize) {
+        self.id_index.bucket_memory()
+    }
+
     /// Bytes held by the ledger's tables (capacity, not just length), split by owner.
     pub fn memory_usage(&self) -> MemoryUsage {
         let account_bytes = self.long_names.capacity() as u64

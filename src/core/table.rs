@@ -3,7 +3,12 @@
 //! storage only on a tag match, so a miss costs one cache line, and growing needs no rehashing
 //! (the bucket is derived from the stored tag).
 
-const EMPTY: u64 = u64::MAX;
+/// An empty bucket. Entries are stored inverted (`!entry`), so that an empty bucket is 0: a new
+/// table is then zeroed memory straight from the allocator (fresh pages, faulted in as they
+/// are used or populated ahead by another thread) instead of a memset on the caller's thread.
+/// The entry `u64::MAX` (tag and index all ones) is never stored: index `u32::MAX` is out of
+/// every owner's range.
+const EMPTY: u64 = 0;
 /// Grow when more than 7/8 of the buckets are used (linear probing with a 32-bit tag filter
 /// stays short at that load because probes compare tags, not keys).
 const MAX_LOAD_NUMERATOR: usize = 7;
@@ -86,6 +91,15 @@ impl IndexTable {
         self.buckets.len()
     }
 
+    /// The address and length of the bucket array (for a caller that populates its pages
+    /// ahead of use; see `Ledger::id_table_memory`).
+    pub fn bucket_memory(&self) -> (usize, usize) {
+        (
+            self.buckets.as_ptr() as usize,
+            std::mem::size_of_val(self.buckets.as_slice()),
+        )
+    }
+
     pub fn allocated_bytes(&self) -> usize {
         self.buckets.capacity() * size_of::<u64>()
     }
@@ -109,10 +123,11 @@ impl IndexTable {
         let tag = tag_of(hash);
         let mut at = self.start(tag);
         loop {
-            let entry = self.buckets[at];
-            if entry == EMPTY {
+            let stored = self.buckets[at];
+            if stored == EMPTY {
                 return None;
             }
+            let entry = !stored;
             if (entry >> 32) as u32 == tag && is_key(entry as u32) {
                 return Some(entry as u32);
             }
@@ -134,12 +149,13 @@ impl IndexTable {
         let tag = tag_of(hash);
         let mut at = self.start(tag);
         loop {
-            let entry = self.buckets[at];
-            if entry == EMPTY {
-                self.buckets[at] = (u64::from(tag) << 32) | u64::from(index);
+            let stored = self.buckets[at];
+            if stored == EMPTY {
+                self.buckets[at] = !((u64::from(tag) << 32) | u64::from(index));
                 self.len += 1;
                 return None;
             }
+            let entry = !stored;
             if (entry >> 32) as u32 == tag && is_key(entry as u32) {
                 return Some(entry as u32);
             }
@@ -162,7 +178,7 @@ impl IndexTable {
         while self.buckets[at] != EMPTY {
             at = (at + 1) & self.mask;
         }
-        self.buckets[at] = entry;
+        self.buckets[at] = !entry;
     }
 
     /// Grows now, if needed, so that `additional` more entries fit without growing later.
@@ -178,8 +194,8 @@ impl IndexTable {
         let doubled = vec![EMPTY; self.buckets.len() * 2];
         let old = std::mem::replace(&mut self.buckets, doubled);
         self.mask = self.buckets.len() - 1;
-        for entry in old.into_iter().filter(|e| *e != EMPTY) {
-            self.place(entry);
+        for stored in old.into_iter().filter(|e| *e != EMPTY) {
+            self.place(!stored);
         }
     }
 }

@@ -108,13 +108,17 @@ fn map_snapshot(path: &Path) -> std::io::Result<memmap2::Mmap> {
 }
 
 /// `codec::decode_snapshot` on two threads. The decoder fills the prepared ledger; beside it,
-/// a helper first populates the memory the remembered ids will fill (so that the kernel zeroes
-/// those pages on the other core, ahead of the decoder, instead of on first touch), then runs
+/// a helper first populates the memory the remembered ids will fill, their index table and
+/// their blocks (so that the kernel zeroes those pages on the other core, ahead of the
+/// decoder, instead of on first touch), then runs
 /// the checksum and the remembered ids' digest (two passes over the whole file). The ledger
 /// is trusted only once both are done and agree.
 fn decode_side_by_side(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, DecodeError> {
     let mut decoded = prepare_snapshot(bytes, config)?;
-    let reserved = decoded.ledger().reserved_id_memory();
+    // The id table first: the decoder starts inserting into it (at random places) as soon as
+    // the accounts are done; the id blocks it fills front to back.
+    let mut reserved = vec![decoded.ledger().id_table_memory()];
+    reserved.extend(decoded.ledger().reserved_id_memory());
     std::thread::scope(|scope| {
         let helper = std::thread::Builder::new()
             .name("snapshot-check".into())
