@@ -748,6 +748,69 @@ fn a_snapshot_decoded_in_parts_equals_the_whole_and_fills_its_reserved_memory() 
 }
 
 #[test]
+fn verify_record_refuses_a_transaction_id_executed_twice() {
+    let [usd, _, _] = currencies();
+    let mut live = Ledger::new(CONFIG);
+    let mut records = Vec::new();
+    let mut run = |id: u128, kind: CommandKind| {
+        records.push(live.execute(&Command {
+            transaction_id: TransactionId(id),
+            timestamp_ns: 1,
+            kind,
+        }))
+    };
+    let alice = AccountId::new(NAMES[0]).unwrap();
+    run(1, CommandKind::OpenAccount { account: alice });
+    run(
+        2,
+        CommandKind::Deposit {
+            account: alice,
+            amount: 100,
+            currency: usd,
+        },
+    );
+    // The same id with another body: journaled as a transaction_id_reused rejection.
+    run(
+        2,
+        CommandKind::Deposit {
+            account: alice,
+            amount: 7,
+            currency: usd,
+        },
+    );
+    assert_eq!(records[2].rejection, Some(RejectCode::TransactionIdReused));
+    let mut replica = Ledger::new(CONFIG);
+    for record in &records {
+        replica.verify_record(record).unwrap();
+        replica.apply(record);
+    }
+
+    // A forged record that executes id 2 a second time, consistent in every other way.
+    let mut again = records[1];
+    again.first_seq = replica.next_seq();
+    again.events[0].seq = again.first_seq;
+    again.events[0].balance_after = 200;
+    let error = replica.verify_record(&again).unwrap_err();
+    assert!(error.contains("already executed"), "{error}");
+    // With a fresh id the same record is fine: the id was the only thing wrong.
+    again.transaction_id = TransactionId(3);
+    replica.verify_record(&again).unwrap();
+
+    // A reuse rejection for an id never executed, and one for the very same body.
+    let mut reuse = records[2];
+    reuse.first_seq = replica.next_seq();
+    reuse.events[0].seq = reuse.first_seq;
+    reuse.transaction_id = TransactionId(99);
+    let error = replica.verify_record(&reuse).unwrap_err();
+    assert!(error.contains("never executed"), "{error}");
+    reuse.transaction_id = TransactionId(2);
+    replica.verify_record(&reuse).unwrap();
+    reuse.fingerprint = records[1].fingerprint;
+    let error = replica.verify_record(&reuse).unwrap_err();
+    assert!(error.contains("same body"), "{error}");
+}
+
+#[test]
 fn decode_snapshot_refuses_duplicate_currencies_without_panicking() {
     for balance in [7, u64::MAX] {
         let bytes = snapshot_with_duplicate_currency(balance);

@@ -608,6 +608,36 @@ impl Ledger {
         if record.event_count == 0 || record.event_count as usize > MAX_EVENTS_PER_COMMAND {
             return Err("bad event count".into());
         }
+        // Exactly once: a journal executes each transaction id at most once. The only record
+        // that may carry an id already remembered is its `transaction_id_reused` rejection
+        // (another body under the same id); a same-body repeat is a replay, never journaled.
+        if record.command_type != CommandType::Checkpoint {
+            let reused = record.rejection == Some(RejectCode::TransactionIdReused);
+            match (self.remembered(record.transaction_id), reused) {
+                (Some(previous), false) => {
+                    return Err(format!(
+                        "transaction id {} at sequence {} was already executed at sequence {}",
+                        record.transaction_id.to_uuid_string(),
+                        record.first_seq,
+                        previous.seq_and_code >> 8
+                    ));
+                }
+                (Some(previous), true) if previous.fingerprint == record.fingerprint => {
+                    return Err(format!(
+                        "record at sequence {} rejects a repeat of the same body as \
+                         transaction_id_reused",
+                        record.first_seq
+                    ));
+                }
+                (None, true) => {
+                    return Err(format!(
+                        "record at sequence {} is transaction_id_reused for an id never executed",
+                        record.first_seq
+                    ));
+                }
+                _ => {}
+            }
+        }
         let mut pending: [(u32, Currency, MinorUnits); MAX_EVENTS_PER_COMMAND] =
             [(u32::MAX, Currency::NONE, 0); 2];
         for (i, event) in record.events().iter().enumerate() {
