@@ -67,37 +67,6 @@ fn map(file: &File) -> io::Result<MmapMut> {
     unsafe { MmapMut::map_mut(file) }
 }
 
-/// Brings a new segment's pages into the page cache on a short-lived background thread, so
-/// that the journal thread's first write to each page finds it there. A segment's space is
-/// preallocated but unwritten, so the kernel hands out zero-filled pages for it; filling them
-/// on first touch was a quarter of the journal thread's time (`--sync none` bench). The
-/// thread reads through its own descriptor: nothing is shared with the writer, and if the
-/// segment is gone or the call fails, the writer simply faults the pages in itself.
-fn warm_page_cache(file: &File, len: u64) {
-    let Ok(file) = file.try_clone() else {
-        return;
-    };
-    let _ = std::thread::Builder::new()
-        .name("wallet-segment-warm".into())
-        .spawn(move || {
-            const STEP: u64 = 2 << 20;
-            let mut at = 0;
-            while at < len {
-                let n = STEP.min(len - at);
-                let (Ok(offset), Ok(count)) = (libc::off64_t::try_from(at), usize::try_from(n))
-                else {
-                    return;
-                };
-                // SAFETY: `file` is an open descriptor this thread owns; readahead(2) takes no
-                // memory arguments and only populates the page cache.
-                if unsafe { libc::readahead(file.as_raw_fd(), offset, count) } != 0 {
-                    return;
-                }
-                at += n;
-            }
-        });
-}
-
 /// The name a segment is built under before it is renamed to `path`.
 pub fn temporary_segment_path(path: &Path) -> std::path::PathBuf {
     let mut name = path.as_os_str().to_owned();
@@ -142,10 +111,7 @@ impl Storage for MmapStorage {
             Ok(segment)
         })();
         match built {
-            Ok(segment) => {
-                warm_page_cache(&segment._file, size);
-                Ok(Box::new(segment))
-            }
+            Ok(segment) => Ok(Box::new(segment)),
             Err(e) => {
                 let _ = std::fs::remove_file(&temporary);
                 Err(e)
@@ -156,7 +122,6 @@ impl Storage for MmapStorage {
     fn open_segment(&mut self, path: &Path) -> io::Result<Box<dyn SegmentFile>> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
         let map = map(&file)?;
-        warm_page_cache(&file, map.len() as u64);
         Ok(Box::new(MmapSegment { _file: file, map }))
     }
 }
@@ -273,52 +238,5 @@ impl SegmentFile for FaultySegment {
 
     fn size(&self) -> u64 {
         self.inner.size()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Pages of `file` (of `len` bytes) resident in the page cache.
-    fn resident_pages(file: &File, len: usize) -> usize {
-        // SAFETY: a read-only mapping of a file this test created and does not truncate.
-        let map = unsafe { memmap2::Mmap::map(file) }.unwrap();
-        let pages = len.div_ceil(4096);
-        let mut residency = vec![0u8; pages];
-        // SAFETY: `map` is a live mapping of `len` bytes and `residency` has one byte per page.
-        let rc = unsafe {
-            libc::mincore(
-                map.as_ptr() as *mut libc::c_void,
-                len,
-                residency.as_mut_ptr(),
-            )
-        };
-        assert_eq!(rc, 0, "mincore: {}", io::Error::last_os_error());
-        residency.iter().filter(|r| **r & 1 == 1).count()
-    }
-
-    #[test]
-    fn a_new_segment_is_brought_into_the_page_cache_before_it_is_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("00000000000000000001.wal");
-        let len = 16 << 20;
-        let segment = MmapStorage
-            .create_segment(&path, len as u64, &[7u8; 64])
-            .unwrap();
-        let file = File::open(&path).unwrap();
-        // The header page is resident from its write; the rest only if something read it in.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let mut resident = resident_pages(&file, len);
-        while resident < len / 4096 && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            resident = resident_pages(&file, len);
-        }
-        assert_eq!(
-            resident,
-            len / 4096,
-            "the preallocated pages were not warmed into the page cache"
-        );
-        drop(segment);
     }
 }
