@@ -737,6 +737,16 @@ fn a_snapshot_decoded_in_parts_equals_the_whole_and_fills_its_reserved_memory() 
         decoded.finish(other_checks),
         Err(DecodeError::Snapshot(reason)) if reason.contains("state hash")
     ));
+    // Counts in the (not yet checksummed) header that the file cannot hold are refused before
+    // anything is reserved for them.
+    for (offset, claim) in [(40, 1u64 << 31), (48, 1 << 31), (48, ids as u64 + 1000)] {
+        let mut lying = bytes.clone();
+        lying[offset..offset + 8].copy_from_slice(&claim.to_le_bytes());
+        assert!(matches!(
+            prepare_snapshot(&lying, CONFIG),
+            Err(DecodeError::Snapshot("counts larger than the file"))
+        ));
+    }
     // And a flipped bit among the ids fails the checksum.
     let mut flipped = bytes.clone();
     let at = flipped.len() - 4 - 7;

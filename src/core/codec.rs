@@ -343,6 +343,16 @@ const SNAPSHOT_ID_ENTRY: usize = 32;
 /// The checksum of a snapshot and the digest of its remembered ids: the two passes over the
 /// whole file that do not need the decoded ledger. Fails on a checksum mismatch.
 pub fn check_snapshot(bytes: &[u8]) -> Result<SnapshotChecks, DecodeError> {
+    verify_snapshot_checksum(bytes)?.digest_ids()
+}
+
+/// A snapshot whose checksum holds (the only way to get one is `verify_snapshot_checksum`).
+pub struct ChecksummedSnapshot<'a> {
+    body: &'a [u8],
+}
+
+/// Verifies a snapshot's CRC32C; the first half of `check_snapshot`.
+pub fn verify_snapshot_checksum(bytes: &[u8]) -> Result<ChecksummedSnapshot<'_>, DecodeError> {
     if bytes.len() < SNAPSHOT_HEADER_BYTES + 4 {
         return Err(DecodeError::Snapshot("shorter than its header"));
     }
@@ -350,29 +360,37 @@ pub fn check_snapshot(bytes: &[u8]) -> Result<SnapshotChecks, DecodeError> {
     if crc32c::crc32c(body).to_le_bytes() != crc {
         return Err(DecodeError::Snapshot("checksum mismatch"));
     }
-    // The entries are the body's last `remembered_count * 32` bytes; the structure decoder
-    // checks that they are exactly where the rest of the body ends.
-    let count = u64_at(body, 48);
-    let entries_len = usize::try_from(count)
-        .ok()
-        .and_then(|c| c.checked_mul(SNAPSHOT_ID_ENTRY))
-        .filter(|len| *len <= body.len() - SNAPSHOT_HEADER_BYTES)
-        .ok_or(DecodeError::Snapshot("counts out of range"))?;
-    let entries = &body[body.len() - entries_len..];
-    let ids_digest = entries
-        .chunks_exact(SNAPSHOT_ID_ENTRY)
-        .fold(0, |digest, entry| {
-            id_entry_digest(
-                digest,
-                [
-                    u64_at(entry, 0),
-                    u64_at(entry, 8),
-                    u64_at(entry, 16),
-                    u64_at(entry, 24),
-                ],
-            )
-        });
-    Ok(SnapshotChecks { ids_digest })
+    Ok(ChecksummedSnapshot { body })
+}
+
+impl ChecksummedSnapshot<'_> {
+    /// The remembered ids' digest; the second half of `check_snapshot`.
+    pub fn digest_ids(self) -> Result<SnapshotChecks, DecodeError> {
+        let body = self.body;
+        // The entries are the body's last `remembered_count * 32` bytes; the structure decoder
+        // checks that they are exactly where the rest of the body ends.
+        let count = u64_at(body, 48);
+        let entries_len = usize::try_from(count)
+            .ok()
+            .and_then(|c| c.checked_mul(SNAPSHOT_ID_ENTRY))
+            .filter(|len| *len <= body.len() - SNAPSHOT_HEADER_BYTES)
+            .ok_or(DecodeError::Snapshot("counts out of range"))?;
+        let entries = &body[body.len() - entries_len..];
+        let ids_digest = entries
+            .chunks_exact(SNAPSHOT_ID_ENTRY)
+            .fold(0, |digest, entry| {
+                id_entry_digest(
+                    digest,
+                    [
+                        u64_at(entry, 0),
+                        u64_at(entry, 8),
+                        u64_at(entry, 16),
+                        u64_at(entry, 24),
+                    ],
+                )
+            });
+        Ok(SnapshotChecks { ids_digest })
+    }
 }
 
 /// Decodes a snapshot's structure into a ledger without verifying its checksum (bytes that
@@ -442,8 +460,19 @@ pub fn prepare_snapshot(
 ) -> Result<DecodedSnapshot, DecodeError> {
     let body = snapshot_body(bytes)?;
     let header = read_snapshot_header(&mut Reader { bytes: body, at: 0 })?;
-    let accounts_hint = (header.account_count as usize).min(body.len() / 3);
-    let ids_hint = (header.remembered_count as usize).min(body.len() / SNAPSHOT_ID_ENTRY);
+    // The header is not yet checksummed here, so the sizes it claims must fit the bytes: every
+    // account takes at least 3 bytes (name length, one name byte, balance count), every total
+    // 42, every remembered id 32. A snapshot that claims more is refused before anything is
+    // reserved for it.
+    let needed = (SNAPSHOT_HEADER_BYTES as u128)
+        + u128::from(header.account_count) * 3
+        + u128::from(header.totals_count) * 42
+        + u128::from(header.remembered_count) * SNAPSHOT_ID_ENTRY as u128;
+    if needed > body.len() as u128 {
+        return Err(DecodeError::Snapshot("counts larger than the file"));
+    }
+    let accounts_hint = header.account_count as usize;
+    let ids_hint = header.remembered_count as usize;
     Ok(DecodedSnapshot {
         ledger: Ledger::with_capacity(config, accounts_hint, ids_hint),
         claimed_state_hash: header.state_hash,

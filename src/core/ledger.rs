@@ -941,7 +941,13 @@ impl Ledger {
             fingerprint,
             seq_and_code,
         };
-        self.id_chunks[chunk].push(remembered);
+        let block = &mut self.id_chunks[chunk];
+        if block.len() == block.capacity() {
+            // A cloned ledger's blocks have capacity == length: grow to a whole block once
+            // rather than by doubling.
+            block.reserve_exact(ID_CHUNK - block.len());
+        }
+        block.push(remembered);
         if DIGEST {
             self.digests.ids = id_digest(self.digests.ids, &remembered);
         }

@@ -5,7 +5,9 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::core::codec::{DecodeError, check_snapshot, prepare_snapshot, snapshot_next_seq};
+use crate::core::codec::{
+    DecodeError, check_snapshot, prepare_snapshot, snapshot_next_seq, verify_snapshot_checksum,
+};
 use crate::core::{Ledger, LedgerConfig};
 use crate::journal::storage::fsync_dir;
 
@@ -101,18 +103,19 @@ fn map_snapshot(path: &Path) -> std::io::Result<memmap2::Mmap> {
     let file = File::open(path)?;
     // SAFETY: snapshot files are written whole under a temporary name and renamed into place;
     // nothing writes to or truncates a published snapshot, so the mapping's bytes do not change
-    // while it is alive. The decoder only reads them, and verifies their checksum first.
+    // while it is alive. The loader relies on that beyond memory safety: the decoder and the
+    // checksum/digest helper read the same bytes separately (`decode_side_by_side`), and only
+    // unchanging bytes make what one decoded equal to what the other verified.
     let map = unsafe { memmap2::Mmap::map(&file)? };
     let _ = map.advise(memmap2::Advice::Sequential);
     Ok(map)
 }
 
 /// `codec::decode_snapshot` on two threads. The decoder fills the prepared ledger; beside it,
-/// a helper first populates the memory the remembered ids will fill, their index table and
-/// their blocks (so that the kernel zeroes those pages on the other core, ahead of the
-/// decoder, instead of on first touch), then runs
-/// the checksum and the remembered ids' digest (two passes over the whole file). The ledger
-/// is trusted only once both are done and agree.
+/// a helper checks the file's checksum, then populates the memory the remembered ids will
+/// fill, their index table and their blocks (so that the kernel zeroes those pages on the
+/// other core, ahead of the decoder, instead of on first touch), then computes the ids'
+/// digest. The ledger is trusted only once both are done and agree.
 fn decode_side_by_side(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, DecodeError> {
     let mut decoded = prepare_snapshot(bytes, config)?;
     // The id table first: the decoder starts inserting into it (at random places) as soon as
@@ -123,8 +126,11 @@ fn decode_side_by_side(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, Dec
         let helper = std::thread::Builder::new()
             .name("snapshot-check".into())
             .spawn_scoped(scope, || {
+                // Memory is populated only for a file whose checksum holds: a corrupt header
+                // must not make this thread fault in gigabytes for it.
+                let checksummed = verify_snapshot_checksum(bytes)?;
                 populate(&reserved);
-                check_snapshot(bytes)
+                checksummed.digest_ids()
             });
         let structure = decoded.decode(bytes);
         let checks = match helper {
@@ -157,8 +163,9 @@ fn populate(ranges: &[(usize, usize)]) {
             // for not-yet-present pages of the range; it never reads or writes the memory's
             // contents, so it cannot race with the decoder writing these pages. The range lies
             // inside blocks the ledger owns for the whole scope of `decode_side_by_side`; were
-            // it ever not mapped, the call fails with ENOMEM and changes nothing. Failure (an
-            // old kernel without the flag) is harmless: pages are then faulted on first write.
+            // part of it ever not mapped, the call would populate up to the gap and fail with
+            // ENOMEM, still without changing contents. Failure (an old kernel without the
+            // flag) is harmless: pages are then faulted on first write.
             let result =
                 unsafe { libc::madvise(at as *mut libc::c_void, n, libc::MADV_POPULATE_WRITE) };
             if result != 0 {
