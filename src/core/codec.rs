@@ -353,11 +353,8 @@ pub struct ChecksummedSnapshot<'a> {
 
 /// Verifies a snapshot's CRC32C; the first half of `check_snapshot`.
 pub fn verify_snapshot_checksum(bytes: &[u8]) -> Result<ChecksummedSnapshot<'_>, DecodeError> {
-    if bytes.len() < SNAPSHOT_HEADER_BYTES + 4 {
-        return Err(DecodeError::Snapshot("shorter than its header"));
-    }
-    let (body, crc) = bytes.split_at(bytes.len() - 4);
-    if crc32c::crc32c(body).to_le_bytes() != crc {
+    let body = snapshot_body(bytes)?;
+    if crc32c::crc32c(body).to_le_bytes() != bytes[body.len()..] {
         return Err(DecodeError::Snapshot("checksum mismatch"));
     }
     Ok(ChecksummedSnapshot { body })

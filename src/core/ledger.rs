@@ -877,7 +877,7 @@ impl Ledger {
     fn remember(&mut self, id: TransactionId, fingerprint: u64, first_seq: u64, code: u8) {
         // Already remembered: only `transaction_id_reused` rejections reach here, and the
         // original stays remembered.
-        self.remember_unique(
+        self.remember_entry::<true>(
             id.0,
             hash_id(id.0),
             fingerprint,
@@ -885,21 +885,9 @@ impl Ledger {
         );
     }
 
-    /// Remembers `id` unless it already is (then false, and nothing changes), with one probe of
-    /// the id table. The only writer of remembered ids, live and (through `restore_remembered`)
-    /// from snapshots, which pass the `hash_id` they computed for their prefetch.
-    pub(crate) fn remember_unique(
-        &mut self,
-        id: u128,
-        hash: u64,
-        fingerprint: u64,
-        seq_and_code: u64,
-    ) -> bool {
-        self.remember_entry::<true>(id, hash, fingerprint, seq_and_code)
-    }
-
-    /// `remember_unique` without the running digest, for a snapshot whose ids' digest is
-    /// computed separately (`codec::check_snapshot`) and set with `restore_ids_digest`.
+    /// `remember_entry` without the running digest, for a snapshot whose ids' digest is
+    /// computed separately (`codec::check_snapshot`) and set with `restore_ids_digest`. Snapshot
+    /// loading passes the `hash_id` it computed for its prefetch.
     pub(crate) fn restore_remembered(
         &mut self,
         id: u128,
@@ -915,6 +903,9 @@ impl Ledger {
         self.digests.ids = digest;
     }
 
+    /// Remembers `id` unless it already is (then false, and nothing changes), with one probe of
+    /// the id table. The only writer of remembered ids, live (`remember`) and from snapshots
+    /// (`restore_remembered`).
     #[inline]
     fn remember_entry<const DIGEST: bool>(
         &mut self,

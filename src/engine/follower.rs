@@ -188,6 +188,7 @@ mod tests {
     use crate::core::{AccountId, Command, CommandKind, Currency, LedgerConfig, TransactionId};
     use crate::journal::storage::MmapStorage;
     use crate::journal::{JournalConfig, JournalEnd, JournalWriter, SyncMode, journal_dir};
+    use std::path::Path;
 
     fn command(i: u64) -> Command {
         let account = |n: u64| AccountId::new(&format!("a{n}")).expect("id");
@@ -215,6 +216,47 @@ mod tests {
         }
     }
 
+    fn open_writer(temp: &Path, sync: SyncMode) -> (PathBuf, JournalWriter) {
+        let dir = journal_dir(temp);
+        let config = JournalConfig {
+            dir: dir.clone(),
+            segment_size_bytes: 1 << 20,
+            sync,
+        };
+        let writer = JournalWriter::open(Box::new(MmapStorage), config, &JournalEnd::empty())
+            .expect("writer");
+        (dir, writer)
+    }
+
+    /// Starts a follower from an empty ledger; returns its thread, its stop flag and its
+    /// snapshot directory.
+    fn start_follower(
+        temp: &Path,
+        journal_dir: PathBuf,
+        snapshot_every: u64,
+        shared: &Arc<EngineShared>,
+    ) -> (std::thread::JoinHandle<()>, Arc<AtomicBool>, PathBuf) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let snapshots = temp.join("snapshots");
+        let handle = Follower {
+            ledger: Ledger::new(LedgerConfig::default()),
+            journal_dir,
+            snapshot_dir: snapshots.clone(),
+            snapshot_every,
+            shared: shared.clone(),
+            stop: stop.clone(),
+        }
+        .spawn();
+        (handle, stop, snapshots)
+    }
+
+    fn newest_snapshot(snapshots: &Path) -> u64 {
+        crate::journal::snapshot::list_snapshots(snapshots)
+            .first()
+            .map(|(seq, _)| *seq)
+            .unwrap_or(0)
+    }
+
     /// A journal whose checkpoint at record 100 carries a wrong state hash (as a diverged engine
     /// or a corrupted-but-rechecksummed record would write): the follower must stop, say where
     /// and why, and write no snapshot past it.
@@ -222,15 +264,7 @@ mod tests {
     fn a_checkpoint_that_does_not_replay_stops_the_follower_with_its_sequence() {
         for tamper in [false, true] {
             let temp = tempfile::tempdir().expect("tempdir");
-            let dir = journal_dir(temp.path());
-            let config = JournalConfig {
-                dir: dir.clone(),
-                segment_size_bytes: 1 << 20,
-                sync: SyncMode::Batch,
-            };
-            let mut writer =
-                JournalWriter::open(Box::new(MmapStorage), config, &JournalEnd::empty())
-                    .expect("writer");
+            let (dir, mut writer) = open_writer(temp.path(), SyncMode::Batch);
             let mut ledger = Ledger::new(LedgerConfig::default());
             let mut bad_seq = 0;
             for i in 0..300u64 {
@@ -250,17 +284,7 @@ mod tests {
             shared
                 .durable_seq
                 .store(ledger.next_seq() - 1, Ordering::SeqCst);
-            let stop = Arc::new(AtomicBool::new(false));
-            let snapshots = temp.path().join("snapshots");
-            let handle = Follower {
-                ledger: Ledger::new(LedgerConfig::default()),
-                journal_dir: dir,
-                snapshot_dir: snapshots.clone(),
-                snapshot_every: 40,
-                shared: shared.clone(),
-                stop: stop.clone(),
-            }
-            .spawn();
+            let (handle, stop, snapshots) = start_follower(temp.path(), dir, 40, &shared);
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while shared.follower_seq.load(Ordering::SeqCst) < ledger.next_seq() - 1
                 && !shared.follower_failed.load(Ordering::SeqCst)
@@ -271,10 +295,7 @@ mod tests {
             stop.store(true, Ordering::SeqCst);
             handle.join().expect("the follower thread does not panic");
             let failure = shared.follower_failure.lock().expect("lock").clone();
-            let newest = crate::journal::snapshot::list_snapshots(&snapshots)
-                .first()
-                .map(|(seq, _)| *seq)
-                .unwrap_or(0);
+            let newest = newest_snapshot(&snapshots);
             if tamper {
                 let reason = failure.expect("the follower reports the divergence");
                 assert!(
@@ -296,14 +317,7 @@ mod tests {
     #[test]
     fn the_follower_never_applies_or_snapshots_past_the_engines_durable_watermark() {
         let temp = tempfile::tempdir().expect("tempdir");
-        let dir = journal_dir(temp.path());
-        let config = JournalConfig {
-            dir: dir.clone(),
-            segment_size_bytes: 1 << 20,
-            sync: SyncMode::None,
-        };
-        let mut writer = JournalWriter::open(Box::new(MmapStorage), config, &JournalEnd::empty())
-            .expect("writer");
+        let (dir, mut writer) = open_writer(temp.path(), SyncMode::None);
         let mut ledger = Ledger::new(LedgerConfig::default());
         let mut held_at = 0;
         for i in 0..300u64 {
@@ -315,24 +329,9 @@ mod tests {
         writer.commit().expect("commit");
         let shared = Arc::new(EngineShared::default());
         shared.durable_seq.store(held_at, Ordering::SeqCst);
-        let stop = Arc::new(AtomicBool::new(false));
-        let snapshots = temp.path().join("snapshots");
-        let handle = Follower {
-            ledger: Ledger::new(LedgerConfig::default()),
-            journal_dir: dir,
-            snapshot_dir: snapshots.clone(),
-            snapshot_every: 10,
-            shared: shared.clone(),
-            stop: stop.clone(),
-        }
-        .spawn();
+        let (handle, stop, snapshots) = start_follower(temp.path(), dir, 10, &shared);
         std::thread::sleep(Duration::from_millis(300));
-        let newest = || {
-            crate::journal::snapshot::list_snapshots(&snapshots)
-                .first()
-                .map(|(seq, _)| *seq)
-                .unwrap_or(0)
-        };
+        let newest = || newest_snapshot(&snapshots);
         assert!(newest() > 0, "snapshots up to the watermark are written");
         assert!(
             newest() <= held_at + 1,
