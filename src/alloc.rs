@@ -55,3 +55,87 @@ unsafe impl GlobalAlloc for HugePageAlloc {
         new
     }
 }
+
+/// Faults in (allocates and zeroes) the pages of these address ranges without changing what
+/// they hold, 2 MiB at a time, in order, so that another thread that fills the memory later
+/// finds it present instead of paying for the kernel's zeroing on first touch. Before each
+/// step, `before_step` is told how many bytes of the ranges are done; it may wait (to stay not
+/// too far ahead of the filling thread), and returning false stops. Only whole pages are
+/// populated; a failure (an old kernel without `MADV_POPULATE_WRITE`) stops quietly, and the
+/// pages are then faulted on first write as usual.
+///
+/// # Safety
+///
+/// Every range must lie inside memory that this process allocated and that stays allocated
+/// (not freed, not remapped) until this returns. The memory may be read and written by other
+/// threads meanwhile: `MADV_POPULATE_WRITE` only creates the page-table entries (and zeroed
+/// pages) for pages not yet present and never reads or writes contents.
+pub unsafe fn populate(ranges: &[(usize, usize)], mut before_step: impl FnMut(usize) -> bool) {
+    const STEP: usize = 2 << 20;
+    let mut base = 0usize;
+    for &(start, len) in ranges {
+        let first = start.next_multiple_of(PAGE);
+        let end = (start + len) & !(PAGE - 1);
+        let mut at = first;
+        while at < end {
+            if !before_step(base + (at - start)) {
+                return;
+            }
+            let n = STEP.min(end - at);
+            // SAFETY: [at, at + n) lies inside one of the caller's ranges, which the caller
+            // guarantees stay allocated; MADV_POPULATE_WRITE never changes contents (see above).
+            let result =
+                unsafe { libc::madvise(at as *mut libc::c_void, n, libc::MADV_POPULATE_WRITE) };
+            if result != 0 {
+                return;
+            }
+            at += n;
+        }
+        base += len;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::populate;
+
+    #[test]
+    fn populating_reserved_memory_keeps_what_is_there_and_what_is_written_after() {
+        let mut values: Vec<u64> = Vec::with_capacity(3 << 20);
+        values.extend(0..1000);
+        let spare = values.spare_capacity_mut();
+        let range = (spare.as_ptr() as usize, std::mem::size_of_val(spare));
+        // Also a range that starts inside the filled part: populate must not touch contents.
+        let filled = (values.as_ptr() as usize, 8000 + 4096 * 3);
+        let mut steps = Vec::new();
+        // SAFETY: both ranges lie inside `values`' allocation, alive until after the call.
+        unsafe {
+            populate(&[filled, range], |done| {
+                steps.push(done);
+                true
+            })
+        };
+        assert!(values.iter().copied().eq(0..1000));
+        values.extend(1000..(3 << 20));
+        assert!(values.iter().copied().eq(0..(3 << 20)));
+        // Progress only grows, and the caller saw every step.
+        assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+        assert!(steps.len() >= 2);
+    }
+
+    #[test]
+    fn populating_stops_when_told() {
+        let values: Vec<u8> = Vec::with_capacity(16 << 20);
+        let range = (values.as_ptr() as usize, values.capacity());
+        let mut calls = 0;
+        // SAFETY: the range is `values`' allocation, alive until after the call.
+        unsafe {
+            populate(&[range], |done| {
+                calls += 1;
+                done < (4 << 20)
+            })
+        };
+        // Steps at 0, 2 and 4 MiB: the third is refused.
+        assert_eq!(calls, 3);
+    }
+}

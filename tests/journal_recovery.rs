@@ -13,7 +13,7 @@ use wallet::core::codec::encode_snapshot;
 use wallet::core::{
     AccountId, Command, CommandKind, CommandRecord, Currency, Ledger, LedgerConfig, TransactionId,
 };
-use wallet::engine::recovery::{Recovered, recover};
+use wallet::engine::recovery::{Recovered, apply_verified, recover, replay_journal};
 use wallet::engine::{Engine, EngineConfig, JournalStage, OutputSlot, ReplySink, WaitMode};
 use wallet::journal::format::{SEGMENT_HEADER_BYTES, check_frame};
 use wallet::journal::storage::{Faults, FaultyStorage, MmapStorage, Storage};
@@ -943,13 +943,9 @@ fn checkpoints_are_verified_and_a_wrong_one_stops_recovery() {
                 assert_eq!(r.ledger.state_hash(), ledger.state_hash());
             }
             (true, Err(JournalError::Visitor { seq, reason })) => {
-                // Recovery applies a few records behind the reader, so `seq` may be a little
-                // past the bad record; the reason names it exactly.
+                // The error names the bad record, and so does its reason.
                 let bad_seq = bad_seq.unwrap();
-                assert!(
-                    seq >= bad_seq,
-                    "stopped at {seq}, before the bad checkpoint {bad_seq}"
-                );
+                assert_eq!(seq, bad_seq, "stopped elsewhere than at the bad checkpoint");
                 let named = format!("checkpoint at sequence {bad_seq} ");
                 assert!(reason.contains(&named), "{reason}");
             }
@@ -1006,6 +1002,75 @@ fn pipelined_scan_visits_what_scan_visits_and_stops_where_scan_stops() {
         JournalError::Visitor { seq, reason } => {
             assert_eq!(seq, stop_at);
             assert_eq!(reason, "stop here");
+        }
+        other => panic!("expected a visitor error, got {other}"),
+    }
+}
+
+#[test]
+fn replaying_with_id_memory_populated_ahead_equals_the_written_ledger_whatever_was_reserved() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    // Five hand-over batches (4096 records) over many segments.
+    let (written, _) = fresh_journal(data, 256 << 10, 0..20_000, 500);
+    let journal = journal_dir(data);
+    let mut records = 0usize;
+    let scanned_end = wallet::journal::scan(&journal, 1, |_| {
+        records += 1;
+        Ok(())
+    })
+    .unwrap();
+
+    // The size hint is in the right range: segment bytes at ~100 bytes a record, bounded by
+    // the durable watermark's event count.
+    let estimate = wallet::journal::estimate_records(&journal, 1);
+    assert!(
+        (records / 2..=records * 2).contains(&estimate),
+        "estimated {estimate} records for {records}"
+    );
+    let last_segment = list_segments(&journal).unwrap().last().unwrap().0;
+    assert!(wallet::journal::estimate_records(&journal, last_segment) < records / 4);
+    assert_eq!(
+        wallet::journal::estimate_records(&journal, scanned_end.next_seq),
+        0,
+        "nothing durable after the end"
+    );
+
+    // No reservation (the table grows at once), one that fits the first batch only (the
+    // populating helper is stopped before the table grows), the estimate, and a generous one.
+    for reserved in [0, 6_000, estimate, 4 * records] {
+        let mut ledger = Ledger::with_capacity(LedgerConfig::default(), 0, reserved);
+        let mut applied = 0;
+        let end = replay_journal(&mut ledger, &journal, |ledger, record| {
+            applied += 1;
+            apply_verified(ledger, record).map(|_| ())
+        })
+        .unwrap();
+        assert_eq!(applied, records, "reserved {reserved}");
+        assert_eq!(end, scanned_end, "reserved {reserved}");
+        assert_eq!(
+            ledger.state_hash(),
+            written.state_hash(),
+            "reserved {reserved}"
+        );
+        ledger.check_invariants().unwrap();
+    }
+
+    // A failing record stops the replay and is named, and nothing after it is processed.
+    let mut ledger = Ledger::new(LedgerConfig::default());
+    let stop_at = 5_000u64;
+    let error = replay_journal(&mut ledger, &journal, |ledger, record| {
+        if record.first_seq >= stop_at {
+            return Err("stop here".into());
+        }
+        apply_verified(ledger, record).map(|_| ())
+    })
+    .unwrap_err();
+    match error {
+        JournalError::Visitor { seq, reason } => {
+            assert_eq!(reason, "stop here");
+            assert_eq!(seq, ledger.next_seq());
+            assert!(seq >= stop_at);
         }
         other => panic!("expected a visitor error, got {other}"),
     }

@@ -99,6 +99,9 @@ struct RememberedId {
 }
 const _: () = assert!(size_of::<RememberedId>() == 32);
 
+/// Bytes of reserved id memory (`reserved_id_memory`) that each remembered id fills.
+pub const REMEMBERED_ID_BYTES: usize = size_of::<RememberedId>();
+
 impl RememberedId {
     fn id(&self) -> u128 {
         (u128::from(self.id_high) << 64) | u128::from(self.id_low)
@@ -1014,6 +1017,13 @@ impl Ledger {
     /// memory that the kernel provides on first touch, and a restore touches all of it.
     pub fn id_table_memory(&self) -> (usize, usize) {
         self.id_index.bucket_memory()
+    }
+
+    /// Whether `more` further transaction ids can be remembered without moving the id table
+    /// (which grows by reallocating). A caller that has another thread populate
+    /// `id_table_memory` stops that thread before this turns false.
+    pub fn ids_fit(&self, more: usize) -> bool {
+        self.id_index.fits(self.id_count as usize + more)
     }
 
     /// Bytes held by the ledger's tables (capacity, not just length), split by owner.

@@ -87,6 +87,11 @@ impl IndexTable {
         self.len == 0
     }
 
+    /// Whether the table holds `entries` entries without growing.
+    pub fn fits(&self, entries: usize) -> bool {
+        entries * MAX_LOAD_DENOMINATOR <= self.buckets.len() * MAX_LOAD_NUMERATOR
+    }
+
     pub fn bucket_count(&self) -> usize {
         self.buckets.len()
     }

@@ -4,8 +4,13 @@
 use std::path::Path;
 
 use crate::core::{CommandRecord, EventKind, Ledger, LedgerConfig};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::core::ledger::REMEMBERED_ID_BYTES;
 use crate::journal::{
-    JournalEnd, JournalError, journal_dir, scan_pipelined, snapshot, snapshot_dir,
+    JournalEnd, JournalError, estimate_records, journal_dir, scan_pipelined_batches, snapshot,
+    snapshot_dir,
 };
 
 pub struct Recovered {
@@ -38,54 +43,95 @@ pub fn apply_verified(ledger: &mut Ledger, record: &CommandRecord) -> Result<boo
     Ok(checkpoint)
 }
 
-/// Applies records a few behind the reader, prefetching the memory each will touch, so that
-/// replay's random accesses overlap. Results are exactly those of applying in order.
-pub struct Lookahead {
-    pending: std::collections::VecDeque<CommandRecord>,
-    /// The sequence of the record whose processing failed (errors surface a few records late).
-    pub failed_seq: Option<u64>,
-}
+/// How many records ahead of the one being applied `process_prefetched` prefetches.
+const PREFETCH_AHEAD: usize = 8;
 
-const LOOKAHEAD: usize = 8;
-
-impl Default for Lookahead {
-    fn default() -> Self {
-        Lookahead {
-            pending: std::collections::VecDeque::with_capacity(LOOKAHEAD + 1),
-            failed_seq: None,
-        }
-    }
-}
-
-impl Lookahead {
-    /// Queues `record`; processes the oldest queued one once enough are queued.
-    pub fn push(
-        &mut self,
-        ledger: &mut Ledger,
-        record: &CommandRecord,
-        mut process: impl FnMut(&mut Ledger, &CommandRecord) -> Result<(), String>,
-    ) -> Result<(), String> {
+/// Processes a batch of journal records in order, prefetching the memory each will touch
+/// `PREFETCH_AHEAD` records before it is processed, so that replay's random accesses overlap.
+/// Results are exactly those of processing the records one by one; the first error stops the
+/// batch and names its record's sequence.
+pub fn process_prefetched(
+    ledger: &mut Ledger,
+    batch: &[CommandRecord],
+    mut process: impl FnMut(&mut Ledger, &CommandRecord) -> Result<(), String>,
+) -> Result<(), (u64, String)> {
+    for record in batch.iter().take(PREFETCH_AHEAD) {
         ledger.prefetch_record(record);
-        self.pending.push_back(*record);
-        if self.pending.len() > LOOKAHEAD
-            && let Some(oldest) = self.pending.pop_front()
-        {
-            process(ledger, &oldest).inspect_err(|_| self.failed_seq = Some(oldest.first_seq))?;
-        }
-        Ok(())
     }
+    for (i, record) in batch.iter().enumerate() {
+        if let Some(ahead) = batch.get(i + PREFETCH_AHEAD) {
+            ledger.prefetch_record(ahead);
+        }
+        process(ledger, record).map_err(|reason| (record.first_seq, reason))?;
+    }
+    Ok(())
+}
 
-    /// Processes everything still queued.
-    pub fn finish(
-        &mut self,
-        ledger: &mut Ledger,
-        mut process: impl FnMut(&mut Ledger, &CommandRecord) -> Result<(), String>,
-    ) -> Result<(), String> {
-        while let Some(record) = self.pending.pop_front() {
-            process(ledger, &record).inspect_err(|_| self.failed_seq = Some(record.first_seq))?;
-        }
-        Ok(())
-    }
+/// How far (in remembered ids) `replay_journal`'s helper populates id memory ahead of the
+/// records replayed: two id blocks' worth, so that it is never the one the replay waits for
+/// and never holds much memory that an over-estimated reservation will not use.
+const POPULATE_AHEAD_IDS: usize = 1 << 17;
+
+/// Replays the journal in `journal` into `ledger`, from the ledger's next sequence on,
+/// processing each record in order with `process` (prefetched, see `process_prefetched`).
+///
+/// Meanwhile a helper thread has the kernel populate the memory the ledger reserved for the
+/// ids it will remember: its id table, then its id blocks, staying at most
+/// `POPULATE_AHEAD_IDS` ids ahead of the records replayed. On this VM the first touch of fresh
+/// memory (the kernel zeroing it) was about a tenth of a replay's time on the replaying
+/// thread; the helper takes it to the other core. It stops before the table would grow (and
+/// so move), and with the replay.
+pub fn replay_journal(
+    ledger: &mut Ledger,
+    journal: &Path,
+    mut process: impl FnMut(&mut Ledger, &CommandRecord) -> Result<(), String>,
+) -> Result<JournalEnd, JournalError> {
+    let table = ledger.id_table_memory();
+    let mut ranges = vec![table];
+    ranges.extend(ledger.reserved_id_memory());
+    let replayed = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let from_seq = ledger.next_seq();
+    std::thread::scope(|scope| {
+        let populate_ahead = || {
+            let may_populate = |done: usize| loop {
+                if stop.load(Ordering::Acquire) {
+                    return false;
+                }
+                let ids_allowed = replayed.load(Ordering::Acquire) + POPULATE_AHEAD_IDS;
+                if done < table.1 + ids_allowed * REMEMBERED_ID_BYTES {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            };
+            // SAFETY: the ranges are the ledger's id table and its reserved id blocks. Blocks
+            // are never freed or moved while the ledger lives (new ones are added beside
+            // them), and the ledger outlives this scope. The table moves only when it grows:
+            // before each batch the replaying thread checks that the batch's ids fit without
+            // growing (`ids_fit`), and otherwise stops and joins this thread first.
+            unsafe { crate::alloc::populate(&ranges, may_populate) }
+        };
+        let mut helper = std::thread::Builder::new()
+            .name("wallet-populate".into())
+            .spawn_scoped(scope, populate_ahead)
+            .ok();
+        let stop_helper = |helper: &mut Option<std::thread::ScopedJoinHandle<'_, ()>>| {
+            stop.store(true, Ordering::Release);
+            if let Some(handle) = helper.take() {
+                let _ = handle.join();
+            }
+        };
+        let scanned = scan_pipelined_batches(journal, from_seq, |batch| {
+            if helper.is_some() && !ledger.ids_fit(batch.len()) {
+                stop_helper(&mut helper);
+            }
+            process_prefetched(ledger, batch, &mut process)?;
+            replayed.fetch_add(batch.len(), Ordering::Release);
+            Ok(())
+        });
+        stop_helper(&mut helper);
+        scanned
+    })
 }
 
 /// Rebuilds the ledger from `data_dir`. With `use_snapshot`, starts from the newest valid
@@ -117,11 +163,11 @@ pub fn recover_with(
             None
         };
         let snapshot_next_seq = start.as_ref().map(|l| l.next_seq());
-        let mut ledger = start.unwrap_or_else(|| Ledger::new(config));
+        let mut ledger = start
+            .unwrap_or_else(|| Ledger::with_capacity(config, 0, estimate_records(&journal, 1)));
         on_start(&ledger);
         let mut records_replayed = 0;
         let mut checkpoints_verified = 0;
-        let mut lookahead = Lookahead::default();
         let mut process = |ledger: &mut Ledger, record: &CommandRecord| {
             if apply_verified(ledger, record)? {
                 checkpoints_verified += 1;
@@ -130,16 +176,9 @@ pub fn recover_with(
             observe(ledger, record);
             Ok(())
         };
-        let scanned = scan_pipelined(&journal, ledger.next_seq(), |record| {
-            lookahead.push(&mut ledger, record, &mut process)
-        });
-        // Records read before a failure are still applied: they are valid and durable.
-        let finished = lookahead.finish(&mut ledger, &mut process);
-        let end = scanned?;
-        finished.map_err(|reason| JournalError::Visitor {
-            seq: ledger.next_seq(),
-            reason,
-        })?;
+        // Records read before a corruption are still applied (the reader hands them over
+        // before it reports): they are valid and durable.
+        let end = replay_journal(&mut ledger, &journal, &mut process)?;
         if let Some(seq) = snapshot_next_seq
             && end.next_seq < seq
         {

@@ -21,7 +21,10 @@ use format::{
     DURABLE_FILE_NAME, FRAME_HEADER_BYTES, MAX_FRAME_BYTES, SEGMENT_HEADER_BYTES, encode_durable,
     encode_segment_header, seal_frame, segment_file_name,
 };
-pub use reader::{JournalEnd, JournalError, list_segments, scan, scan_pipelined};
+pub use reader::{
+    JournalEnd, JournalError, estimate_records, list_segments, scan, scan_pipelined,
+    scan_pipelined_batches,
+};
 use storage::{SegmentFile, Storage};
 
 /// How and when written records are made durable.

@@ -77,6 +77,31 @@ pub fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
     Ok(out)
 }
 
+/// A guess, for sizing tables before a replay, of how many records the journal in `dir`
+/// holds from `from_seq` on: the bytes of the segments that may hold them at about 100 bytes
+/// per record (a transfer's record is 112), and never more than the events the durable
+/// watermark file counts (every record has at least one event). Only a size hint: nothing
+/// depends on it being right, and a wrong guess costs memory or a table growth, not a result.
+pub fn estimate_records(dir: &Path, from_seq: u64) -> usize {
+    const BYTES_PER_RECORD: u64 = 100;
+    let segments = list_segments(dir).unwrap_or_default();
+    let bytes: u64 = segments
+        .iter()
+        .enumerate()
+        // A segment ends where the next begins; skip those that end before `from_seq`.
+        .filter(|(i, _)| segments.get(i + 1).is_none_or(|(next, _)| *next > from_seq))
+        .filter_map(|(_, (_, path))| std::fs::metadata(path).ok())
+        .map(|m| m.len())
+        .sum();
+    let by_size = bytes / BYTES_PER_RECORD;
+    let by_events = std::fs::read(dir.join(crate::journal::format::DURABLE_FILE_NAME))
+        .ok()
+        .and_then(|b| crate::journal::format::decode_durable(&b).ok())
+        .map(|(durable_seq, _)| (durable_seq + 1).saturating_sub(from_seq))
+        .unwrap_or(u64::MAX);
+    usize::try_from(by_size.min(by_events)).unwrap_or(usize::MAX)
+}
+
 /// Looks for any valid frame with a sequence at or beyond `expected` after `from`. If there is
 /// one, the bad bytes at `from` are not a torn tail but a hole in the committed log.
 fn valid_frame_after(bytes: &[u8], from: usize, expected: u64) -> bool {
@@ -238,6 +263,23 @@ pub fn scan_pipelined(
     from_seq: u64,
     mut visit: impl FnMut(&CommandRecord) -> Result<(), String>,
 ) -> Result<JournalEnd, JournalError> {
+    scan_pipelined_batches(dir, from_seq, |batch| {
+        for record in batch {
+            visit(record).map_err(|reason| (record.first_seq, reason))?;
+        }
+        Ok(())
+    })
+}
+
+/// `scan_pipelined`, handing the visitor whole batches (up to `PIPELINE_BATCH` records, in
+/// order), so that it can look ahead within a batch (prefetch the memory of records it will
+/// apply soon) without copying records out first. A visitor error names the sequence of the
+/// record it failed at; it stops the scan, and the records after it are not visited.
+pub fn scan_pipelined_batches(
+    dir: &Path,
+    from_seq: u64,
+    mut visit_batch: impl FnMut(&[CommandRecord]) -> Result<(), (u64, String)>,
+) -> Result<JournalEnd, JournalError> {
     use std::sync::mpsc::{channel, sync_channel};
     let (full_sender, full) = sync_channel::<Vec<CommandRecord>>(4);
     let (empty_sender, empty) = channel::<Vec<CommandRecord>>();
@@ -268,15 +310,10 @@ pub fn scan_pipelined(
                 source,
             })?;
         let mut failure = None;
-        'batches: for mut batch in full.iter() {
-            for record in &batch {
-                if let Err(reason) = visit(record) {
-                    failure = Some(JournalError::Visitor {
-                        seq: record.first_seq,
-                        reason,
-                    });
-                    break 'batches;
-                }
+        for mut batch in full.iter() {
+            if let Err((seq, reason)) = visit_batch(&batch) {
+                failure = Some(JournalError::Visitor { seq, reason });
+                break;
             }
             batch.clear();
             let _ = empty_sender.send(batch);

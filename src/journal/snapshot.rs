@@ -129,7 +129,10 @@ fn decode_side_by_side(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, Dec
                 // Memory is populated only for a file whose checksum holds: a corrupt header
                 // must not make this thread fault in gigabytes for it.
                 let checksummed = verify_snapshot_checksum(bytes)?;
-                populate(&reserved);
+                // SAFETY: the ranges are the id table and id blocks of `decoded`'s ledger,
+                // which nothing frees or moves while this scope runs: the decoder only fills
+                // them (never beyond the capacity the header's counts reserved).
+                unsafe { crate::alloc::populate(&reserved, |_| true) };
                 checksummed.digest_ids()
             });
         let structure = decoded.decode(bytes);
@@ -145,35 +148,6 @@ fn decode_side_by_side(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, Dec
         structure?;
         decoded.finish(checks)
     })
-}
-
-/// Faults in (allocates and zeroes) the pages of these address ranges without changing what
-/// they hold, 2 MiB at a time, so that the filling thread does not stay far behind.
-fn populate(ranges: &[(usize, usize)]) {
-    const STEP: usize = 2 << 20;
-    const PAGE: usize = 4096;
-    for &(start, len) in ranges {
-        // Whole pages only: the partial pages at the ends are left to the filling thread.
-        let first = start.next_multiple_of(PAGE);
-        let end = (start + len) & !(PAGE - 1);
-        let mut at = first;
-        while at < end {
-            let n = STEP.min(end - at);
-            // SAFETY: MADV_POPULATE_WRITE only creates the page-table entries (and zeroed pages)
-            // for not-yet-present pages of the range; it never reads or writes the memory's
-            // contents, so it cannot race with the decoder writing these pages. The range lies
-            // inside blocks the ledger owns for the whole scope of `decode_side_by_side`; were
-            // part of it ever not mapped, the call would populate up to the gap and fail with
-            // ENOMEM, still without changing contents. Failure (an old kernel without the
-            // flag) is harmless: pages are then faulted on first write.
-            let result =
-                unsafe { libc::madvise(at as *mut libc::c_void, n, libc::MADV_POPULATE_WRITE) };
-            if result != 0 {
-                return;
-            }
-            at += n;
-        }
-    }
 }
 
 /// Loads the newest snapshot that decodes and verifies, skipping (with a warning) any that do
@@ -197,22 +171,4 @@ pub fn load_newest(dir: &Path, config: LedgerConfig, at_most: Option<u64>) -> Op
         }
     }
     None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::populate;
-
-    #[test]
-    fn populating_reserved_memory_keeps_what_is_there_and_what_is_written_after() {
-        let mut values: Vec<u64> = Vec::with_capacity(3 << 20);
-        values.extend(0..1000);
-        let spare = values.spare_capacity_mut();
-        let range = (spare.as_ptr() as usize, std::mem::size_of_val(spare));
-        // Also a range that starts inside the filled part: populate must not touch contents.
-        populate(&[(values.as_ptr() as usize, 8000 + 4096 * 3), range]);
-        assert!(values.iter().copied().eq(0..1000));
-        values.extend(1000..(3 << 20));
-        assert!(values.iter().copied().eq(0..(3 << 20)));
-    }
 }

@@ -7,8 +7,8 @@ use serde::Serialize;
 
 use crate::core::codec::encode_snapshot;
 use crate::core::{AccountId, EventKind, Ledger, LedgerConfig, format_amount};
-use crate::engine::recovery::{Lookahead, apply_verified, recover};
-use crate::journal::{journal_dir, scan_pipelined, snapshot, snapshot_dir};
+use crate::engine::recovery::{apply_verified, recover, replay_journal};
+use crate::journal::{estimate_records, journal_dir, snapshot, snapshot_dir};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayArgs {
@@ -79,6 +79,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
         None => None,
     };
     let config = LedgerConfig::default();
+    let journal = journal_dir(&args.data_dir);
     let started = Instant::now();
     let mut ledger = if args.from_snapshot {
         snapshot::load_newest(
@@ -88,7 +89,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
         )
         .unwrap_or_else(|| Ledger::new(config))
     } else {
-        Ledger::new(config)
+        Ledger::with_capacity(config, 0, estimate_records(&journal, 1))
     };
     let mut records = 0u64;
     let mut events = 0u64;
@@ -103,7 +104,6 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
     } else {
         None
     };
-    let mut lookahead = Lookahead::default();
     let mut process =
         |ledger: &mut Ledger, record: &crate::core::CommandRecord| -> Result<(), String> {
             if apply_verified(ledger, record)? {
@@ -147,18 +147,16 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
             }
             Ok(())
         };
-    let scanned = scan_pipelined(&journal_dir(&args.data_dir), ledger.next_seq(), |record| {
-        if stopped
+    let scanned = replay_journal(&mut ledger, &journal, |ledger, record| {
+        stopped = stopped
             || args.to_seq.is_some_and(|s| record.first_seq > s)
-            || to_time_ns.is_some_and(|t| record.timestamp_ns > t && record.transaction_id.0 != 0)
-        {
-            stopped = true;
+            || to_time_ns.is_some_and(|t| record.timestamp_ns > t && record.transaction_id.0 != 0);
+        if stopped {
             return Ok(());
         }
-        lookahead.push(&mut ledger, record, &mut process)
+        process(ledger, record)
     });
-    let finished = lookahead.finish(&mut ledger, &mut process);
-    let result = scanned.map_err(|e| e.to_string()).and(finished);
+    let result = scanned.map(|_| ()).map_err(|e| e.to_string());
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
