@@ -307,7 +307,13 @@ pub async fn serve(
         // Balances and the directory come from the recovered ledger at once; the outcomes and
         // history of the journal's records are built in the background once the engine runs
         // (see `spawn_views_past`).
+        let views_started = std::time::Instant::now();
         let views = Views::from_ledger(&recovered.ledger);
+        tracing::info!(
+            seconds = format!("{:.2}", views_started.elapsed().as_secs_f64()),
+            accounts = recovered.ledger.account_count(),
+            "balance views built"
+        );
         Ok((recovered, views))
     });
     tokio::pin!(shutdown);

@@ -22,7 +22,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::core::{
-    CommandRecord, CommandType, Currency, EventKind, Ledger, MinorUnits, RejectCode,
+    AccountId, CommandRecord, CommandType, Currency, EventKind, Ledger, MinorUnits, RejectCode,
 };
 
 /// Records kept in memory for the event stream.
@@ -387,21 +387,47 @@ pub struct Views {
 impl Views {
     /// Views that start from a ledger's current balances and accounts, with no outcomes or
     /// history before it: complete when the ledger is new, otherwise until `merge_past`.
+    ///
+    /// Built in two halves on two threads, the names and their directory beside the balances
+    /// and (empty) histories: at a million accounts this is about 150 MB of fresh memory, and
+    /// on this project's VM the kernel zeroing it on first touch was most of the one-thread
+    /// build's second.
     pub fn from_ledger(ledger: &Ledger) -> Arc<Views> {
-        let mut state = ViewState::default();
-        let accounts = ledger.account_count() as usize;
-        state.directory = IndexTable::with_capacity(accounts);
-        state.names.reserve(accounts);
-        state.balances.reserve(accounts);
-        state.history.resize_with(accounts, Vec::new);
-        for index in 0..ledger.account_count() {
-            let name = ledger
-                .account_name(index)
-                .map(|a| a.to_string())
-                .unwrap_or_default();
-            state.add_account(name, index);
-            state.balances.push(ledger.balances(index));
-        }
+        let count = ledger.account_count();
+        let accounts = count as usize;
+        let build_directory = || {
+            let mut names = Vec::with_capacity(accounts);
+            let mut directory = IndexTable::with_capacity(accounts);
+            for index in 0..count {
+                let name = ledger.account_name(index).unwrap_or(AccountId::EMPTY);
+                // An `AccountId` carries the xxh3 of its bytes, the directory's key.
+                directory.insert(name.hash64(), index);
+                names.push(name.to_string());
+            }
+            (names, directory)
+        };
+        let ((names, directory), balances, history) = std::thread::scope(|scope| {
+            let other_half = std::thread::Builder::new()
+                .name("views-directory".into())
+                .spawn_scoped(scope, build_directory);
+            let balances: Vec<_> = (0..count).map(|index| ledger.balances(index)).collect();
+            let history: Vec<Vec<u32>> = (0..accounts).map(|_| Vec::new()).collect();
+            let names_and_directory = match other_half {
+                Ok(handle) => handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                // No thread to spare: build it here.
+                Err(_) => build_directory(),
+            };
+            (names_and_directory, balances, history)
+        });
+        let state = ViewState {
+            names,
+            directory,
+            balances,
+            history,
+            ..ViewState::default()
+        };
         Arc::new(Views {
             state: RwLock::new(state),
             applied_seq: AtomicU64::new(ledger.next_seq() - 1),
