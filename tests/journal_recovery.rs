@@ -13,7 +13,7 @@ use wallet::core::codec::encode_snapshot;
 use wallet::core::{
     AccountId, Command, CommandKind, CommandRecord, Currency, Ledger, LedgerConfig, TransactionId,
 };
-use wallet::engine::recovery::{Recovered, apply_verified, recover, replay_journal};
+use wallet::engine::recovery::{Recovered, recover, replay_journal};
 use wallet::engine::{Engine, EngineConfig, JournalStage, OutputSlot, ReplySink, WaitMode};
 use wallet::journal::format::{SEGMENT_HEADER_BYTES, check_frame};
 use wallet::journal::storage::{Faults, FaultyStorage, MmapStorage, Storage};
@@ -1014,12 +1014,13 @@ fn replaying_with_id_memory_populated_ahead_equals_the_written_ledger_whatever_w
     // Five hand-over batches (4096 records) over many segments.
     let (written, _) = fresh_journal(data, 256 << 10, 0..20_000, 500);
     let journal = journal_dir(data);
-    let mut records = 0usize;
-    let scanned_end = wallet::journal::scan(&journal, 1, |_| {
-        records += 1;
+    let mut sequences = Vec::new();
+    let scanned_end = wallet::journal::scan(&journal, 1, |record| {
+        sequences.push(record.first_seq);
         Ok(())
     })
     .unwrap();
+    let records = sequences.len();
 
     // The size hint is in the right range: segment bytes at ~100 bytes a record, bounded by
     // the durable watermark's event count.
@@ -1041,11 +1042,7 @@ fn replaying_with_id_memory_populated_ahead_equals_the_written_ledger_whatever_w
     for reserved in [0, 6_000, estimate, 4 * records] {
         let mut ledger = Ledger::with_capacity(LedgerConfig::default(), 0, reserved);
         let mut applied = 0;
-        let end = replay_journal(&mut ledger, &journal, |ledger, record| {
-            applied += 1;
-            apply_verified(ledger, record).map(|_| ())
-        })
-        .unwrap();
+        let end = replay_journal(&mut ledger, &journal, |_| true, |_, _, _| applied += 1).unwrap();
         assert_eq!(applied, records, "reserved {reserved}");
         assert_eq!(end, scanned_end, "reserved {reserved}");
         assert_eq!(
@@ -1056,24 +1053,45 @@ fn replaying_with_id_memory_populated_ahead_equals_the_written_ledger_whatever_w
         ledger.check_invariants().unwrap();
     }
 
-    // A failing record stops the replay and is named, and nothing after it is processed.
-    let mut ledger = Ledger::new(LedgerConfig::default());
+    // Records `admit` refuses are skipped: the ledger stops where it says.
     let stop_at = 5_000u64;
-    let error = replay_journal(&mut ledger, &journal, |ledger, record| {
-        if record.first_seq >= stop_at {
-            return Err("stop here".into());
-        }
-        apply_verified(ledger, record).map(|_| ())
-    })
-    .unwrap_err();
-    match error {
-        JournalError::Visitor { seq, reason } => {
-            assert_eq!(reason, "stop here");
-            assert_eq!(seq, ledger.next_seq());
-            assert!(seq >= stop_at);
-        }
-        other => panic!("expected a visitor error, got {other}"),
-    }
+    let mut ledger = Ledger::new(LedgerConfig::default());
+    let mut observed = Vec::new();
+    let end = replay_journal(
+        &mut ledger,
+        &journal,
+        |record| record.first_seq < stop_at,
+        |_, record, _| observed.push(record.first_seq),
+    )
+    .unwrap();
+    assert_eq!(end, scanned_end, "the scan still reads to the end");
+    let before: Vec<u64> = sequences.iter().copied().filter(|s| *s < stop_at).collect();
+    assert_eq!(observed, before);
+    let first_skipped = sequences.iter().copied().find(|s| *s >= stop_at).unwrap();
+    assert_eq!(ledger.next_seq(), first_skipped);
+
+    // A panic in the observer reaches the caller (the populating helper is stopped, so the
+    // replay's scope can end) instead of hanging.
+    let (done, finished) = mpsc::channel();
+    let journal_for_thread = journal.clone();
+    std::thread::spawn(move || {
+        let mut ledger = Ledger::with_capacity(LedgerConfig::default(), 0, 1 << 20);
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            replay_journal(
+                &mut ledger,
+                &journal_for_thread,
+                |_| true,
+                |_, record, _| {
+                    assert!(record.first_seq < 100, "observer gives up");
+                },
+            )
+        }));
+        let _ = done.send(outcome.is_err());
+    });
+    let panicked = finished
+        .recv_timeout(Duration::from_secs(60))
+        .expect("a replay whose observer panicked did not return within 60 s");
+    assert!(panicked, "the observer's panic was swallowed");
 }
 
 #[test]

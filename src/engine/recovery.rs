@@ -43,72 +43,74 @@ pub fn apply_verified(ledger: &mut Ledger, record: &CommandRecord) -> Result<boo
     Ok(checkpoint)
 }
 
-/// How many records ahead of the one being applied `process_prefetched` prefetches.
+/// How many records ahead of the one being applied `replay_journal` prefetches.
 const PREFETCH_AHEAD: usize = 8;
 
-/// Processes a batch of journal records in order, prefetching the memory each will touch
-/// `PREFETCH_AHEAD` records before it is processed, so that replay's random accesses overlap.
-/// Results are exactly those of processing the records one by one; the first error stops the
-/// batch and names its record's sequence.
-pub fn process_prefetched(
-    ledger: &mut Ledger,
-    batch: &[CommandRecord],
-    mut process: impl FnMut(&mut Ledger, &CommandRecord) -> Result<(), String>,
-) -> Result<(), (u64, String)> {
-    for record in batch.iter().take(PREFETCH_AHEAD) {
-        ledger.prefetch_record(record);
-    }
-    for (i, record) in batch.iter().enumerate() {
-        if let Some(ahead) = batch.get(i + PREFETCH_AHEAD) {
-            ledger.prefetch_record(ahead);
-        }
-        process(ledger, record).map_err(|reason| (record.first_seq, reason))?;
-    }
-    Ok(())
-}
-
-/// How far (in remembered ids) `replay_journal`'s helper populates id memory ahead of the
-/// records replayed: two id blocks' worth, so that it is never the one the replay waits for
-/// and never holds much memory that an over-estimated reservation will not use.
+/// How far (in remembered ids) `replay_journal`'s helper populates id blocks ahead of the ids
+/// remembered so far: two blocks' worth, so that it is never the one the replay waits for and
+/// never holds much memory that an over-estimated reservation will not use.
 const POPULATE_AHEAD_IDS: usize = 1 << 17;
 
-/// Replays the journal in `journal` into `ledger`, from the ledger's next sequence on,
-/// processing each record in order with `process` (prefetched, see `process_prefetched`).
+/// Sets the flag when dropped, also while unwinding: a panic in the replaying thread must stop
+/// the populating helper, which the scope waits for before it passes the panic on.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Replays the journal in `journal` into `ledger`, from the ledger's next sequence on: each
+/// record that `admit` accepts is applied with `apply_verified` (in order, prefetched
+/// `PREFETCH_AHEAD` records ahead), then shown to `observe` with whether it was a verified
+/// checkpoint. A record `admit` refuses is skipped (`wallet replay --to-seq` refuses
+/// everything after its point). The first record that does not verify stops the replay, named
+/// by its sequence; records before a corruption are still applied (the reader hands them over
+/// before it reports).
 ///
 /// Meanwhile a helper thread has the kernel populate the memory the ledger reserved for the
 /// ids it will remember: its id table, then its id blocks, staying at most
-/// `POPULATE_AHEAD_IDS` ids ahead of the records replayed. On this VM the first touch of fresh
-/// memory (the kernel zeroing it) was about a tenth of a replay's time on the replaying
-/// thread; the helper takes it to the other core. It stops before the table would grow (and
-/// so move), and with the replay.
+/// `POPULATE_AHEAD_IDS` ids ahead of the ids remembered so far. On this VM the first touch of
+/// fresh memory (the kernel zeroing it) was about a tenth of a replay's time on the replaying
+/// thread; the helper takes it to the other core.
 pub fn replay_journal(
     ledger: &mut Ledger,
     journal: &Path,
-    mut process: impl FnMut(&mut Ledger, &CommandRecord) -> Result<(), String>,
+    mut admit: impl FnMut(&CommandRecord) -> bool,
+    mut observe: impl FnMut(&Ledger, &CommandRecord, bool),
 ) -> Result<JournalEnd, JournalError> {
     let table = ledger.id_table_memory();
     let mut ranges = vec![table];
     ranges.extend(ledger.reserved_id_memory());
-    let replayed = AtomicUsize::new(0);
+    let ids_at_start = ledger.transaction_id_count();
+    let remembered = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let from_seq = ledger.next_seq();
     std::thread::scope(|scope| {
+        // Declared before the helper is spawned, so dropped (on any exit, a panic included)
+        // before the scope joins it.
+        let _stop_on_exit = SetOnDrop(&stop);
         let populate_ahead = || {
             let may_populate = |done: usize| loop {
                 if stop.load(Ordering::Acquire) {
                     return false;
                 }
-                let ids_allowed = replayed.load(Ordering::Acquire) + POPULATE_AHEAD_IDS;
+                let ids_allowed = remembered.load(Ordering::Acquire) + POPULATE_AHEAD_IDS;
                 if done < table.1 + ids_allowed * REMEMBERED_ID_BYTES {
                     return true;
                 }
                 std::thread::sleep(Duration::from_millis(1));
             };
-            // SAFETY: the ranges are the ledger's id table and its reserved id blocks. Blocks
-            // are never freed or moved while the ledger lives (new ones are added beside
-            // them), and the ledger outlives this scope. The table moves only when it grows:
-            // before each batch the replaying thread checks that the batch's ids fit without
-            // growing (`ids_fit`), and otherwise stops and joins this thread first.
+            // SAFETY: the ranges are the ledger's id table and the spare capacity of its id
+            // blocks, and the ledger outlives this scope. Only `apply_verified` below mutates
+            // the ledger while this runs (`admit` and `observe` get no `&mut Ledger`), and it
+            // remembers at most one id per record, pushing it into spare block capacity (blocks
+            // with spare capacity never reallocate: only a full cloned block does, and full
+            // blocks are not in `reserved_id_memory`) or into a new block beside the others.
+            // The table moves only when it grows: before each batch the replaying thread checks
+            // that one id per record of the batch fits without growing (`ids_fit`), and
+            // otherwise stops and joins this thread first.
             unsafe { crate::alloc::populate(&ranges, may_populate) }
         };
         let mut helper = std::thread::Builder::new()
@@ -125,8 +127,27 @@ pub fn replay_journal(
             if helper.is_some() && !ledger.ids_fit(batch.len()) {
                 stop_helper(&mut helper);
             }
-            process_prefetched(ledger, batch, &mut process)?;
-            replayed.fetch_add(batch.len(), Ordering::Release);
+            for record in batch.iter().take(PREFETCH_AHEAD) {
+                ledger.prefetch_record(record);
+            }
+            for (i, record) in batch.iter().enumerate() {
+                if let Some(ahead) = batch.get(i + PREFETCH_AHEAD) {
+                    ledger.prefetch_record(ahead);
+                }
+                if !admit(record) {
+                    continue;
+                }
+                let checkpoint =
+                    apply_verified(ledger, record).map_err(|reason| (record.first_seq, reason))?;
+                observe(ledger, record, checkpoint);
+            }
+            // Checked once a batch, release builds too: the SAFETY argument above rests on it.
+            assert!(
+                helper.is_none() || ledger.id_table_memory() == table,
+                "the id table moved while its memory was being populated"
+            );
+            let ids = (ledger.transaction_id_count() - ids_at_start) as usize;
+            remembered.store(ids, Ordering::Release);
             Ok(())
         });
         stop_helper(&mut helper);
@@ -168,17 +189,16 @@ pub fn recover_with(
         on_start(&ledger);
         let mut records_replayed = 0;
         let mut checkpoints_verified = 0;
-        let mut process = |ledger: &mut Ledger, record: &CommandRecord| {
-            if apply_verified(ledger, record)? {
-                checkpoints_verified += 1;
-            }
-            records_replayed += 1;
-            observe(ledger, record);
-            Ok(())
-        };
-        // Records read before a corruption are still applied (the reader hands them over
-        // before it reports): they are valid and durable.
-        let end = replay_journal(&mut ledger, &journal, &mut process)?;
+        let end = replay_journal(
+            &mut ledger,
+            &journal,
+            |_| true,
+            |ledger, record, checkpoint| {
+                checkpoints_verified += u64::from(checkpoint);
+                records_replayed += 1;
+                observe(ledger, record);
+            },
+        )?;
         if let Some(seq) = snapshot_next_seq
             && end.next_seq < seq
         {

@@ -79,27 +79,41 @@ pub fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
 
 /// A guess, for sizing tables before a replay, of how many records the journal in `dir`
 /// holds from `from_seq` on: the bytes of the segments that may hold them at about 100 bytes
-/// per record (a transfer's record is 112), and never more than the events the durable
-/// watermark file counts (every record has at least one event). Only a size hint: nothing
-/// depends on it being right, and a wrong guess costs memory or a table growth, not a result.
+/// per record (a transfer's record is 112). The newest segment is preallocated and mostly
+/// unwritten, so its share is also bounded by the events the durable watermark file counts in
+/// it (every record has at least one event), and so is the whole. At most `MAX_ESTIMATE`.
+/// Only a size hint: nothing depends on it being right, and a wrong guess costs memory or a
+/// table growth, not a result.
 pub fn estimate_records(dir: &Path, from_seq: u64) -> usize {
     const BYTES_PER_RECORD: u64 = 100;
+    /// The ledger indexes remembered ids with `u32`.
+    const MAX_ESTIMATE: u64 = 1 << 31;
     let segments = list_segments(dir).unwrap_or_default();
-    let bytes: u64 = segments
-        .iter()
-        .enumerate()
-        // A segment ends where the next begins; skip those that end before `from_seq`.
-        .filter(|(i, _)| segments.get(i + 1).is_none_or(|(next, _)| *next > from_seq))
-        .filter_map(|(_, (_, path))| std::fs::metadata(path).ok())
-        .map(|m| m.len())
-        .sum();
-    let by_size = bytes / BYTES_PER_RECORD;
-    let by_events = std::fs::read(dir.join(crate::journal::format::DURABLE_FILE_NAME))
+    let durable_seq = std::fs::read(dir.join(crate::journal::format::DURABLE_FILE_NAME))
         .ok()
         .and_then(|b| crate::journal::format::decode_durable(&b).ok())
-        .map(|(durable_seq, _)| (durable_seq + 1).saturating_sub(from_seq))
-        .unwrap_or(u64::MAX);
-    usize::try_from(by_size.min(by_events)).unwrap_or(usize::MAX)
+        .map(|(durable_seq, _)| durable_seq);
+    // Events at or after `start` up to the durable watermark (unbounded without one).
+    let durable_events_from =
+        |start: u64| durable_seq.map_or(u64::MAX, |d| d.saturating_add(1).saturating_sub(start));
+    let mut estimate = 0u64;
+    for (i, (first_seq, path)) in segments.iter().enumerate() {
+        let next = segments.get(i + 1).map(|(next, _)| *next);
+        // A segment ends where the next begins; skip those that end before `from_seq`.
+        if next.is_some_and(|next| next <= from_seq) {
+            continue;
+        }
+        let bytes = std::fs::metadata(path).map_or(0, |m| m.len());
+        let mut records = bytes / BYTES_PER_RECORD;
+        if next.is_none() {
+            records = records.min(durable_events_from((*first_seq).max(from_seq)));
+        }
+        estimate = estimate.saturating_add(records);
+    }
+    let estimate = estimate
+        .min(durable_events_from(from_seq))
+        .min(MAX_ESTIMATE);
+    usize::try_from(estimate).unwrap_or(usize::MAX)
 }
 
 /// Looks for any valid frame with a sequence at or beyond `expected` after `from`. If there is

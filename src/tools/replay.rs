@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::core::codec::encode_snapshot;
 use crate::core::{AccountId, EventKind, Ledger, LedgerConfig, format_amount};
-use crate::engine::recovery::{apply_verified, recover, replay_journal};
+use crate::engine::recovery::{recover, replay_journal};
 use crate::journal::{estimate_records, journal_dir, snapshot, snapshot_dir};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -88,8 +88,16 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
             args.to_seq.map(|s| s + 1),
         )
         .unwrap_or_else(|| Ledger::new(config))
+    } else if to_time_ns.is_some() {
+        // How much of the journal a time covers is unknown: no reservation.
+        Ledger::new(config)
     } else {
-        Ledger::with_capacity(config, 0, estimate_records(&journal, 1))
+        // No more ids than records up to --to-seq.
+        let records = estimate_records(&journal, 1).min(
+            args.to_seq
+                .map_or(usize::MAX, |s| usize::try_from(s).unwrap_or(usize::MAX)),
+        );
+        Ledger::with_capacity(config, 0, records)
     };
     let mut records = 0u64;
     let mut events = 0u64;
@@ -104,58 +112,52 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
     } else {
         None
     };
-    let mut process =
-        |ledger: &mut Ledger, record: &crate::core::CommandRecord| -> Result<(), String> {
-            if apply_verified(ledger, record)? {
-                checkpoints += 1;
-            }
-            records += 1;
-            events += u64::from(record.event_count);
-            if let Some(id) = &account {
-                if account_index.is_none() {
-                    account_index = ledger.account_index(id);
-                }
-                if let Some(index) = account_index {
-                    for event in record.events() {
-                        let touches = event.account == index
-                            && matches!(
-                                event.kind,
-                                EventKind::Deposited
-                                    | EventKind::Withdrawn
-                                    | EventKind::Debited
-                                    | EventKind::Credited
-                            );
-                        if touches {
-                            entries.push(Entry {
-                                seq: event.seq,
-                                transaction_id: record.transaction_id.to_uuid_string(),
-                                kind: event.kind.name(),
-                                currency: event.currency.to_string(),
-                                amount: format_amount(event.amount, event.currency),
-                                balance_after: format_amount(event.balance_after, event.currency),
-                                timestamp_ns: record.timestamp_ns,
-                            });
-                        }
-                    }
-                }
-            }
-            if let Some(bar) = &progress
-                && records.is_multiple_of(65536)
-            {
-                bar.set_message(format!("replaying: sequence {}", record.first_seq));
-                bar.tick();
-            }
-            Ok(())
-        };
-    let scanned = replay_journal(&mut ledger, &journal, |ledger, record| {
+    let admit = |record: &crate::core::CommandRecord| {
         stopped = stopped
             || args.to_seq.is_some_and(|s| record.first_seq > s)
             || to_time_ns.is_some_and(|t| record.timestamp_ns > t && record.transaction_id.0 != 0);
-        if stopped {
-            return Ok(());
+        !stopped
+    };
+    let observe = |ledger: &Ledger, record: &crate::core::CommandRecord, checkpoint: bool| {
+        checkpoints += u64::from(checkpoint);
+        records += 1;
+        events += u64::from(record.event_count);
+        if let Some(id) = &account {
+            if account_index.is_none() {
+                account_index = ledger.account_index(id);
+            }
+            if let Some(index) = account_index {
+                for event in record.events() {
+                    let touches = event.account == index
+                        && matches!(
+                            event.kind,
+                            EventKind::Deposited
+                                | EventKind::Withdrawn
+                                | EventKind::Debited
+                                | EventKind::Credited
+                        );
+                    if touches {
+                        entries.push(Entry {
+                            seq: event.seq,
+                            transaction_id: record.transaction_id.to_uuid_string(),
+                            kind: event.kind.name(),
+                            currency: event.currency.to_string(),
+                            amount: format_amount(event.amount, event.currency),
+                            balance_after: format_amount(event.balance_after, event.currency),
+                            timestamp_ns: record.timestamp_ns,
+                        });
+                    }
+                }
+            }
         }
-        process(ledger, record)
-    });
+        if let Some(bar) = &progress
+            && records.is_multiple_of(65536)
+        {
+            bar.set_message(format!("replaying: sequence {}", record.first_seq));
+            bar.tick();
+        }
+    };
+    let scanned = replay_journal(&mut ledger, &journal, admit, observe);
     let result = scanned.map(|_| ()).map_err(|e| e.to_string());
     if let Some(bar) = progress {
         bar.finish_and_clear();
