@@ -220,6 +220,14 @@ impl EventKind {
         })
     }
 
+    /// Whether the event changes a balance (and so is an entry of its account's history).
+    pub fn changes_balance(self) -> bool {
+        matches!(
+            self,
+            EventKind::Deposited | EventKind::Withdrawn | EventKind::Debited | EventKind::Credited
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             EventKind::AccountOpened => "account_opened",

@@ -6,7 +6,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::core::codec::encode_snapshot;
-use crate::core::{AccountId, EventKind, Ledger, LedgerConfig, format_amount};
+use crate::core::{AccountId, Ledger, LedgerConfig, format_amount};
 use crate::engine::recovery::{recover, replay_journal};
 use crate::journal::{estimate_records, journal_dir, snapshot, snapshot_dir};
 
@@ -128,15 +128,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
             }
             if let Some(index) = account_index {
                 for event in record.events() {
-                    let touches = event.account == index
-                        && matches!(
-                            event.kind,
-                            EventKind::Deposited
-                                | EventKind::Withdrawn
-                                | EventKind::Debited
-                                | EventKind::Credited
-                        );
-                    if touches {
+                    if event.account == index && event.kind.changes_balance() {
                         entries.push(Entry {
                             seq: event.seq,
                             transaction_id: record.transaction_id.to_uuid_string(),

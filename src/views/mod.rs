@@ -604,15 +604,7 @@ mod tests {
             let mut want = Vec::new();
             for record in &records {
                 for event in record.events() {
-                    if event.account == account
-                        && matches!(
-                            event.kind,
-                            EventKind::Deposited
-                                | EventKind::Withdrawn
-                                | EventKind::Debited
-                                | EventKind::Credited
-                        )
-                    {
+                    if event.account == account && event.kind.changes_balance() {
                         let counterparty = match (event.kind, record.event_count) {
                             (EventKind::Debited, 2) => record.events[1].account,
                             (EventKind::Credited, 2) => record.events[0].account,
