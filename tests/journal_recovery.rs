@@ -575,6 +575,69 @@ fn replay_args(data: &Path) -> wallet::tools::replay::ReplayArgs {
 }
 
 #[test]
+fn replay_to_a_sequence_prints_an_accounts_entries_with_running_balances() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    fresh_journal(data, 256 << 10, 0..3_000, 100);
+    let mut records = Vec::new();
+    wallet::journal::scan(&journal_dir(data), 1, |record| {
+        records.push(*record);
+        Ok(())
+    })
+    .unwrap();
+    let name = account(3);
+    let index = records
+        .iter()
+        .find(|r| r.opened_account == name)
+        .map(|r| r.events[0].account)
+        .unwrap();
+    let to_seq = records[records.len() / 2].first_seq;
+    // The reference, straight from the records: the account's balance events up to `to_seq`.
+    let want: Vec<(u64, &str, u64, u64)> = records
+        .iter()
+        .filter(|r| r.first_seq <= to_seq)
+        .flat_map(|r| r.events())
+        .filter(|e| e.account == index && e.kind.changes_balance())
+        .map(|e| (e.seq, e.kind.name(), e.amount, e.balance_after))
+        .collect();
+    assert!(
+        want.len() > 20,
+        "too few entries to mean anything: {}",
+        want.len()
+    );
+
+    let usd = Currency::new("USD").unwrap();
+    let report = wallet::tools::replay::run(&wallet::tools::replay::ReplayArgs {
+        to_seq: Some(to_seq),
+        account: Some(name.to_string()),
+        ..replay_args(data)
+    })
+    .unwrap();
+    assert!(report.ok, "{:?}", report.error);
+    assert!(report.last_seq <= to_seq + 1 && report.last_seq >= to_seq);
+    let account = report.account.unwrap();
+    let got: Vec<(u64, &str, String, String)> = account
+        .entries
+        .iter()
+        .map(|e| (e.seq, e.kind, e.amount.clone(), e.balance_after.clone()))
+        .collect();
+    let want: Vec<(u64, &str, String, String)> = want
+        .into_iter()
+        .map(|(seq, kind, amount, after)| {
+            (
+                seq,
+                kind,
+                wallet::core::format_amount(amount, usd),
+                wallet::core::format_amount(after, usd),
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+    let last = &want.last().unwrap().3;
+    assert_eq!(account.balances, vec![("USD".to_string(), last.clone())]);
+}
+
+#[test]
 fn every_flipped_bit_in_a_committed_record_is_reported_as_corruption() {
     let temp = tempfile::tempdir().unwrap();
     let data = temp.path();
