@@ -2,12 +2,11 @@
 //! frame, the chain and every checkpoint hash.
 
 use std::path::Path;
-
-use crate::core::{CommandRecord, EventKind, Ledger, LedgerConfig};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::core::ledger::REMEMBERED_ID_BYTES;
+use crate::core::{CommandRecord, EventKind, Ledger, LedgerConfig};
 use crate::journal::{
     JournalEnd, JournalError, estimate_records, journal_dir, scan_pipelined_batches, snapshot,
     snapshot_dir,
