@@ -95,6 +95,54 @@ pub unsafe fn populate(ranges: &[(usize, usize)], mut before_step: impl FnMut(us
     }
 }
 
+/// Spawns, in `scope`, a thread that `populate`s `ranges` while another thread fills them:
+/// the first `head` bytes (an index table, touched at random from the start) at once, the rest
+/// (storage filled front to back, `item_bytes` per item) at most `ahead_items` items beyond
+/// the `filled` count that the filling thread publishes. It stops when `stop` is set (checked
+/// between 2 MiB steps and while it waits). `None` if no thread could be started.
+///
+/// # Safety
+///
+/// As for `populate`, for as long as the thread runs: the filling thread must set `stop` and
+/// join the thread before any of the ranges could be freed or moved (also when it unwinds).
+pub unsafe fn spawn_populate_ahead<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    ranges: &'env [(usize, usize)],
+    head: usize,
+    item_bytes: usize,
+    ahead_items: usize,
+    filled: &'env std::sync::atomic::AtomicUsize,
+    stop: &'env std::sync::atomic::AtomicBool,
+) -> Option<std::thread::ScopedJoinHandle<'scope, ()>> {
+    use std::sync::atomic::Ordering;
+    let may_populate = move |done: usize| loop {
+        if stop.load(Ordering::Acquire) {
+            return false;
+        }
+        let allowed = filled.load(Ordering::Acquire).saturating_add(ahead_items);
+        if done < head.saturating_add(allowed.saturating_mul(item_bytes)) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    };
+    std::thread::Builder::new()
+        .name("wallet-populate".into())
+        // SAFETY: the caller keeps the ranges allocated until this thread is joined.
+        .spawn_scoped(scope, move || unsafe { populate(ranges, may_populate) })
+        .ok()
+}
+
+/// Sets the flag when dropped, also while unwinding: a thread that fills memory that a
+/// `spawn_populate_ahead` thread populates holds one, so that a panic stops the helper, which
+/// the scope waits for before it passes the panic on.
+pub struct SetOnDrop<'a>(pub &'a std::sync::atomic::AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::populate;

@@ -1085,7 +1085,7 @@ fn replaying_with_id_memory_populated_ahead_equals_the_written_ledger_whatever_w
     .unwrap();
     let records = sequences.len();
 
-    // The size hint is in the right range: segment bytes at ~100 bytes a record, bounded by
+    // The size hint is in the right range: segment bytes at 112 bytes a record, bounded by
     // the durable watermark's event count.
     let estimate = wallet::journal::estimate_records(&journal, 1);
     assert!(

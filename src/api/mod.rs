@@ -575,39 +575,85 @@ fn spawn_views_past(views: Arc<Views>, dir: PathBuf, end: u64) {
 }
 
 fn build_views_past(dir: &std::path::Path, end: u64) -> anyhow::Result<crate::views::Past> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
     const AHEAD: usize = 8;
-    let mut past = crate::views::Past::default();
-    let mut tail = crate::journal::tail::JournalTail::new(dir);
-    let mut records = Vec::new();
-    // Everything before `end` was durable when the engine started, so an empty read or an error
-    // is transient (a read racing the writer's rewrite of `journal/durable`, say) unless it
-    // lasts: retried for this long without progress, then reported.
-    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
-    let mut progressed = std::time::Instant::now();
-    while tail.next_seq() < end {
-        records.clear();
-        let fetched = tail.fetch_records(1 << 16, &mut records);
-        if records.is_empty() {
-            if progressed.elapsed() > PATIENCE {
-                fetched?;
-                anyhow::bail!(
-                    "the journal yields nothing after sequence {} (the engine started at {end})",
-                    tail.next_seq()
-                );
+    /// How far (in outcomes) the helper populates outcome storage ahead of the builder.
+    const POPULATE_AHEAD: usize = 1 << 17;
+    // About one outcome per record; no more records than events before `end`.
+    let expected = crate::journal::estimate_records(dir, 1)
+        .min(usize::try_from(end.saturating_sub(1)).unwrap_or(usize::MAX));
+    let mut past = crate::views::Past::with_capacity(expected);
+    // The outcome index, then its storage: on the VM this was measured on, the kernel zeroing
+    // fresh pages as outcomes were stored was a third of the build's time; a helper thread
+    // (at this thread's low priority, which it inherits) populates them ahead instead.
+    let ranges = past.reserved_memory();
+    let head = ranges.first().map_or(0, |r| r.1);
+    let filled = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        // Dropped on any exit from this closure (an error or a panic included), before the
+        // scope joins the helper.
+        let _stop_on_exit = crate::alloc::SetOnDrop(&stop);
+        // SAFETY: the ranges are `past`'s outcome index and the unfilled part of its storage
+        // blocks, and `past` outlives this scope. Storage blocks are allocated whole and never
+        // move; the index moves only when it grows: before each batch this thread checks that
+        // one outcome per record fits without growing (`Past::fits`), and otherwise stops and
+        // joins the helper first.
+        let mut helper = unsafe {
+            crate::alloc::spawn_populate_ahead(
+                scope,
+                &ranges,
+                head,
+                crate::views::OUTCOME_BYTES,
+                POPULATE_AHEAD,
+                &filled,
+                &stop,
+            )
+        };
+        let stop_helper = |helper: &mut Option<std::thread::ScopedJoinHandle<'_, ()>>| {
+            stop.store(true, Ordering::Release);
+            if let Some(handle) = helper.take() {
+                let _ = handle.join();
             }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-            continue;
-        }
-        progressed = std::time::Instant::now();
-        let before_end = records.partition_point(|r| r.first_seq < end);
-        let records = &records[..before_end];
-        for (i, record) in records.iter().enumerate() {
-            if let Some(ahead) = records.get(i + AHEAD) {
-                past.prefetch(ahead);
+        };
+        let mut tail = crate::journal::tail::JournalTail::new(dir);
+        let mut records = Vec::new();
+        // Everything before `end` was durable when the engine started, so an empty read or an
+        // error is transient (a read racing the writer's rewrite of `journal/durable`, say)
+        // unless it lasts: retried for this long without progress, then reported.
+        const PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+        let mut progressed = std::time::Instant::now();
+        while tail.next_seq() < end {
+            records.clear();
+            let fetched = tail.fetch_records(1 << 16, &mut records);
+            if records.is_empty() {
+                if progressed.elapsed() > PATIENCE {
+                    fetched?;
+                    anyhow::bail!(
+                        "the journal yields nothing after sequence {} (the engine started at {end})",
+                        tail.next_seq()
+                    );
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
             }
-            past.apply(record);
+            progressed = std::time::Instant::now();
+            let before_end = records.partition_point(|r| r.first_seq < end);
+            let records = &records[..before_end];
+            if helper.is_some() && !past.fits(records.len()) {
+                stop_helper(&mut helper);
+            }
+            for (i, record) in records.iter().enumerate() {
+                if let Some(ahead) = records.get(i + AHEAD) {
+                    past.prefetch(ahead);
+                }
+                past.apply(record);
+            }
+            filled.store(past.len(), Ordering::Release);
         }
-    }
+        stop_helper(&mut helper);
+        Ok(())
+    })?;
     Ok(past)
 }
 

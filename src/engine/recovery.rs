@@ -3,7 +3,6 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
 
 use crate::core::ledger::REMEMBERED_ID_BYTES;
 use crate::core::{CommandRecord, EventKind, Ledger, LedgerConfig};
@@ -50,16 +49,6 @@ const PREFETCH_AHEAD: usize = 8;
 /// never holds much memory that an over-estimated reservation will not use.
 const POPULATE_AHEAD_IDS: usize = 1 << 17;
 
-/// Sets the flag when dropped, also while unwinding: a panic in the replaying thread must stop
-/// the populating helper, which the scope waits for before it passes the panic on.
-struct SetOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for SetOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Release);
-    }
-}
-
 /// Replays the journal in `journal` into `ledger`, from the ledger's next sequence on: each
 /// record that `admit` accepts is applied with `apply_verified` (in order, prefetched
 /// `PREFETCH_AHEAD` records ahead), then shown to `observe` with whether it was a verified
@@ -89,33 +78,27 @@ pub fn replay_journal(
     std::thread::scope(|scope| {
         // Declared before the helper is spawned, so dropped (on any exit, a panic included)
         // before the scope joins it.
-        let _stop_on_exit = SetOnDrop(&stop);
-        let populate_ahead = || {
-            let may_populate = |done: usize| loop {
-                if stop.load(Ordering::Acquire) {
-                    return false;
-                }
-                let ids_allowed = remembered.load(Ordering::Acquire) + POPULATE_AHEAD_IDS;
-                if done < table.1 + ids_allowed * REMEMBERED_ID_BYTES {
-                    return true;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            };
-            // SAFETY: the ranges are the ledger's id table and the spare capacity of its id
-            // blocks, and the ledger outlives this scope. Only `apply_verified` below mutates
-            // the ledger while this runs (`admit` and `observe` get no `&mut Ledger`), and it
-            // remembers at most one id per record, pushing it into spare block capacity (blocks
-            // with spare capacity never reallocate: only a full cloned block does, and full
-            // blocks are not in `reserved_id_memory`) or into a new block beside the others.
-            // The table moves only when it grows: before each batch the replaying thread checks
-            // that one id per record of the batch fits without growing (`ids_fit`), and
-            // otherwise stops and joins this thread first.
-            unsafe { crate::alloc::populate(&ranges, may_populate) }
+        let _stop_on_exit = crate::alloc::SetOnDrop(&stop);
+        // SAFETY: the ranges are the ledger's id table and the spare capacity of its id
+        // blocks, and the ledger outlives this scope. Only `apply_verified` below mutates the
+        // ledger while the helper runs (`admit` and `observe` get no `&mut Ledger`), and it
+        // remembers at most one id per record, pushing it into spare block capacity (blocks
+        // with spare capacity never reallocate: only a full cloned block does, and full blocks
+        // are not in `reserved_id_memory`) or into a new block beside the others. The table
+        // moves only when it grows: before each batch this thread checks that one id per
+        // record of the batch fits without growing (`ids_fit`), and otherwise stops and joins
+        // the helper first; a panic stops it through `_stop_on_exit`.
+        let mut helper = unsafe {
+            crate::alloc::spawn_populate_ahead(
+                scope,
+                &ranges,
+                table.1,
+                REMEMBERED_ID_BYTES,
+                POPULATE_AHEAD_IDS,
+                &remembered,
+                &stop,
+            )
         };
-        let mut helper = std::thread::Builder::new()
-            .name("wallet-populate".into())
-            .spawn_scoped(scope, populate_ahead)
-            .ok();
         let stop_helper = |helper: &mut Option<std::thread::ScopedJoinHandle<'_, ()>>| {
             stop.store(true, Ordering::Release);
             if let Some(handle) = helper.take() {

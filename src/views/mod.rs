@@ -251,7 +251,38 @@ pub struct Past {
     history: Vec<Vec<u32>>,
 }
 
+/// Bytes of outcome storage each outcome fills (see `OutcomeMap::reserved_memory`).
+pub const OUTCOME_BYTES: usize = size_of::<([u64; 2], OutcomeView)>();
+
 impl Past {
+    /// A past with room for `records` outcomes.
+    pub fn with_capacity(records: usize) -> Past {
+        Past {
+            outcomes: OutcomeMap::with_capacity(records),
+            history: Vec::new(),
+        }
+    }
+
+    /// The outcome map's memory, for a thread that populates it ahead (see
+    /// `OutcomeMap::reserved_memory`).
+    pub fn reserved_memory(&self) -> Vec<(usize, usize)> {
+        self.outcomes.reserved_memory()
+    }
+
+    /// Whether `more` further outcomes fit without moving the outcome index.
+    pub fn fits(&self, more: usize) -> bool {
+        self.outcomes.fits(more)
+    }
+
+    /// Outcomes held so far.
+    pub fn len(&self) -> usize {
+        self.outcomes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.outcomes.is_empty()
+    }
+
     /// Adds one record's outcome and history entries (records in sequence order).
     pub fn apply(&mut self, record: &CommandRecord) {
         let Some(position) = record_outcome(&mut self.outcomes, record) else {
@@ -342,14 +373,49 @@ impl OutcomeMap {
             self.chunks[i as usize / OUTCOME_CHUNK][i as usize % OUTCOME_CHUNK].1 = outcome;
             return i;
         }
-        if self.len.is_multiple_of(OUTCOME_CHUNK) {
+        let chunk = self.len / OUTCOME_CHUNK;
+        if chunk == self.chunks.len() {
             self.chunks.push(Vec::with_capacity(OUTCOME_CHUNK));
         }
-        if let Some(chunk) = self.chunks.last_mut() {
-            chunk.push((halves, outcome));
-        }
+        self.chunks[chunk].push((halves, outcome));
         self.len += 1;
         index
+    }
+
+    /// An empty map with its index and storage allocated for `outcomes` outcomes (storage
+    /// blocks allocated but not touched: see `reserved_memory`).
+    pub fn with_capacity(outcomes: usize) -> OutcomeMap {
+        OutcomeMap {
+            index: IndexTable::with_capacity(outcomes),
+            chunks: (0..outcomes.div_ceil(OUTCOME_CHUNK))
+                .map(|_| Vec::with_capacity(OUTCOME_CHUNK))
+                .collect(),
+            len: 0,
+        }
+    }
+
+    /// The address and length of the index's buckets, then of each storage block's unfilled
+    /// part in the order they will be filled (for a thread that populates them ahead).
+    /// Storage blocks never move (each is allocated whole, once); the index moves when it
+    /// grows, which `fits` predicts.
+    pub fn reserved_memory(&self) -> Vec<(usize, usize)> {
+        let mut ranges = vec![self.index.bucket_memory()];
+        ranges.extend(
+            self.chunks
+                .iter()
+                .filter(|chunk| chunk.len() < chunk.capacity())
+                .map(|chunk| {
+                    let slot = OUTCOME_BYTES;
+                    let start = chunk.as_ptr() as usize + chunk.len() * slot;
+                    (start, (chunk.capacity() - chunk.len()) * slot)
+                }),
+        );
+        ranges
+    }
+
+    /// Whether `more` further outcomes fit without the index growing (and so moving).
+    pub fn fits(&self, more: usize) -> bool {
+        self.index.fits(self.len + more)
     }
 
     /// Makes room for `additional` more outcomes (index and storage) now.
@@ -529,7 +595,7 @@ impl Views {
 
 #[cfg(test)]
 mod tests {
-    use super::{OutcomeMap, OutcomeView, Views};
+    use super::{OUTCOME_BYTES, OUTCOME_CHUNK, OutcomeMap, OutcomeView, Views};
     use crate::core::{
         AccountId, Command, CommandKind, CommandRecord, Currency, EventKind, Ledger, LedgerConfig,
         TransactionId,
@@ -711,7 +777,8 @@ mod tests {
         let merged = Views::from_ledger(&split);
         assert!(!merged.past_complete());
         merged.apply_batch(&records[k..]);
-        let mut past = super::Past::default();
+        // Room for half the past: pre-allocated storage, then growth.
+        let mut past = super::Past::with_capacity(k / 2);
         for record in &records[..k] {
             past.apply(record);
         }
@@ -743,22 +810,45 @@ mod tests {
 
     #[test]
     fn outcome_map_finds_every_id_across_growth_and_replaces_in_place() {
-        let mut map = OutcomeMap::default();
         // Sequential ids (the hash must spread them) and ids that differ only in the high half.
         let ids: Vec<u128> = (0..100_000u128)
             .map(|i| if i % 2 == 0 { i } else { i << 64 })
             .collect();
-        for (n, id) in ids.iter().enumerate() {
-            assert!(map.get(id).is_none());
-            map.insert(*id, outcome(n as u64));
+        for reserved in [0, 1_000, ids.len()] {
+            let mut map = OutcomeMap::with_capacity(reserved);
+            let storage = map.reserved_memory()[1..].to_vec();
+            assert_eq!(
+                storage.iter().map(|r| r.1).sum::<usize>(),
+                reserved.div_ceil(OUTCOME_CHUNK) * OUTCOME_CHUNK * OUTCOME_BYTES
+            );
+            assert!(map.fits(reserved));
+            for (n, id) in ids.iter().enumerate() {
+                assert!(map.get(id).is_none());
+                map.insert(*id, outcome(n as u64));
+            }
+            assert_eq!(map.len(), ids.len());
+            for (n, id) in ids.iter().enumerate() {
+                assert_eq!(map.get(id).map(|o| o.seq), Some(n as u64), "id {id:#x}");
+                // Reserved storage is filled front to back, in place (a populating thread
+                // relies on it never moving).
+                if let Some(range) = storage.get(n / OUTCOME_CHUNK) {
+                    let slot = range.0 + (n % OUTCOME_CHUNK) * OUTCOME_BYTES;
+                    let stored = map.slot(n as u32) as *const ([u64; 2], OutcomeView);
+                    assert_eq!(stored as usize, slot, "slot {n}");
+                }
+            }
+            map.insert(ids[7], outcome(999_999));
+            assert_eq!(map.len(), ids.len());
+            assert_eq!(map.get(&ids[7]).map(|o| o.seq), Some(999_999));
+            assert!(map.get(&u128::MAX).is_none());
+            // Only the last block's tail is left unfilled.
+            assert!(
+                map.reserved_memory()[1..]
+                    .iter()
+                    .map(|r| r.1)
+                    .sum::<usize>()
+                    < OUTCOME_CHUNK * OUTCOME_BYTES
+            );
         }
-        assert_eq!(map.len(), ids.len());
-        for (n, id) in ids.iter().enumerate() {
-            assert_eq!(map.get(id).map(|o| o.seq), Some(n as u64), "id {id:#x}");
-        }
-        map.insert(ids[7], outcome(999_999));
-        assert_eq!(map.len(), ids.len());
-        assert_eq!(map.get(&ids[7]).map(|o| o.seq), Some(999_999));
-        assert!(map.get(&u128::MAX).is_none());
     }
 }
