@@ -132,6 +132,17 @@ pub unsafe fn spawn_populate_ahead<'scope, 'env>(
         .ok()
 }
 
+/// Sets `stop` and waits for a `spawn_populate_ahead` thread, if one is still held, to end.
+pub fn stop_populating(
+    stop: &std::sync::atomic::AtomicBool,
+    helper: &mut Option<std::thread::ScopedJoinHandle<'_, ()>>,
+) {
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    if let Some(handle) = helper.take() {
+        let _ = handle.join();
+    }
+}
+
 /// Sets the flag when dropped, also while unwinding: a thread that fills memory that a
 /// `spawn_populate_ahead` thread populates holds one, so that a panic stops the helper, which
 /// the scope waits for before it passes the panic on.

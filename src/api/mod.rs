@@ -610,12 +610,6 @@ fn build_views_past(dir: &std::path::Path, end: u64) -> anyhow::Result<crate::vi
                 &stop,
             )
         };
-        let stop_helper = |helper: &mut Option<std::thread::ScopedJoinHandle<'_, ()>>| {
-            stop.store(true, Ordering::Release);
-            if let Some(handle) = helper.take() {
-                let _ = handle.join();
-            }
-        };
         let mut tail = crate::journal::tail::JournalTail::new(dir);
         let mut records = Vec::new();
         // Everything before `end` was durable when the engine started, so an empty read or an
@@ -641,7 +635,7 @@ fn build_views_past(dir: &std::path::Path, end: u64) -> anyhow::Result<crate::vi
             let before_end = records.partition_point(|r| r.first_seq < end);
             let records = &records[..before_end];
             if helper.is_some() && !past.fits(records.len()) {
-                stop_helper(&mut helper);
+                crate::alloc::stop_populating(&stop, &mut helper);
             }
             for (i, record) in records.iter().enumerate() {
                 if let Some(ahead) = records.get(i + AHEAD) {
@@ -651,7 +645,7 @@ fn build_views_past(dir: &std::path::Path, end: u64) -> anyhow::Result<crate::vi
             }
             filled.store(past.len(), Ordering::Release);
         }
-        stop_helper(&mut helper);
+        crate::alloc::stop_populating(&stop, &mut helper);
         Ok(())
     })?;
     Ok(past)

@@ -99,15 +99,9 @@ pub fn replay_journal(
                 &stop,
             )
         };
-        let stop_helper = |helper: &mut Option<std::thread::ScopedJoinHandle<'_, ()>>| {
-            stop.store(true, Ordering::Release);
-            if let Some(handle) = helper.take() {
-                let _ = handle.join();
-            }
-        };
         let scanned = scan_pipelined_batches(journal, from_seq, |batch| {
             if helper.is_some() && !ledger.ids_fit(batch.len()) {
-                stop_helper(&mut helper);
+                crate::alloc::stop_populating(&stop, &mut helper);
             }
             for record in batch.iter().take(PREFETCH_AHEAD) {
                 ledger.prefetch_record(record);
@@ -132,7 +126,7 @@ pub fn replay_journal(
             remembered.store(ids, Ordering::Release);
             Ok(())
         });
-        stop_helper(&mut helper);
+        crate::alloc::stop_populating(&stop, &mut helper);
         scanned
     })
 }
