@@ -210,9 +210,7 @@ impl Ledger {
             id_index: IndexTable::with_capacity(transaction_ids),
             // Allocated, not touched: the pages are faulted in as ids arrive (or ahead of
             // them, by a caller that populates `reserved_id_memory`).
-            id_chunks: (0..transaction_ids.div_ceil(ID_CHUNK))
-                .map(|_| Vec::with_capacity(ID_CHUNK))
-                .collect(),
+            id_chunks: crate::core::table::reserve_blocks(transaction_ids, ID_CHUNK),
             id_count: 0,
             digests: Digests::default(),
         }
@@ -999,17 +997,7 @@ impl Ledger {
     /// have another thread populate these pages while this one fills them: the first touch of
     /// fresh memory (the kernel zeroing it) is most of a large restore's cost.
     pub fn reserved_id_memory(&self) -> Vec<(usize, usize)> {
-        self.id_chunks
-            .iter()
-            .filter(|chunk| chunk.len() < chunk.capacity())
-            .map(|chunk| {
-                let start = chunk.as_ptr() as usize + chunk.len() * size_of::<RememberedId>();
-                (
-                    start,
-                    (chunk.capacity() - chunk.len()) * size_of::<RememberedId>(),
-                )
-            })
-            .collect()
+        crate::core::table::spare_ranges(&self.id_chunks).collect()
     }
 
     /// The address and length of the remembered ids' index table. Like `reserved_id_memory`,

@@ -35,6 +35,27 @@ pub fn prefetch<T>(value: &T) {
     let _ = value;
 }
 
+/// `count` items' worth of storage blocks of `block` items each, allocated whole and not
+/// touched: an owner that fills them in order never moves an item (a full block is followed
+/// by the next, not grown).
+pub fn reserve_blocks<T>(count: usize, block: usize) -> Vec<Vec<T>> {
+    (0..count.div_ceil(block))
+        .map(|_| Vec::with_capacity(block))
+        .collect()
+}
+
+/// The address and length of each block's unfilled part, in the order the blocks fill (for a
+/// thread that populates them ahead of the owner).
+pub fn spare_ranges<T>(blocks: &[Vec<T>]) -> impl Iterator<Item = (usize, usize)> + '_ {
+    blocks
+        .iter()
+        .filter(|block| block.len() < block.capacity())
+        .map(|block| {
+            let start = block.as_ptr() as usize + block.len() * size_of::<T>();
+            (start, (block.capacity() - block.len()) * size_of::<T>())
+        })
+}
+
 /// The hash of a transaction id for an `IndexTable`. Ids are caller-chosen, so they are mixed
 /// rather than trusting their bits to be random: the splitmix64 finalizer (a bijection on 64
 /// bits) over each half, a few cycles instead of a general-purpose hash call on the engine

@@ -387,9 +387,7 @@ impl OutcomeMap {
     pub fn with_capacity(outcomes: usize) -> OutcomeMap {
         OutcomeMap {
             index: IndexTable::with_capacity(outcomes),
-            chunks: (0..outcomes.div_ceil(OUTCOME_CHUNK))
-                .map(|_| Vec::with_capacity(OUTCOME_CHUNK))
-                .collect(),
+            chunks: crate::core::table::reserve_blocks(outcomes, OUTCOME_CHUNK),
             len: 0,
         }
     }
@@ -400,16 +398,7 @@ impl OutcomeMap {
     /// grows, which `fits` predicts.
     pub fn reserved_memory(&self) -> Vec<(usize, usize)> {
         let mut ranges = vec![self.index.bucket_memory()];
-        ranges.extend(
-            self.chunks
-                .iter()
-                .filter(|chunk| chunk.len() < chunk.capacity())
-                .map(|chunk| {
-                    let slot = OUTCOME_BYTES;
-                    let start = chunk.as_ptr() as usize + chunk.len() * slot;
-                    (start, (chunk.capacity() - chunk.len()) * slot)
-                }),
-        );
+        ranges.extend(crate::core::table::spare_ranges(&self.chunks));
         ranges
     }
 
