@@ -120,7 +120,7 @@ fn journal_writer(data: &Path) -> JournalWriter {
         segment_size_bytes: 1 << 20,
         sync: SyncMode::Batch,
     };
-    JournalWriter::open(Box::new(MmapStorage), config, &end).unwrap()
+    JournalWriter::open(Box::new(MmapStorage::default()), config, &end).unwrap()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -208,7 +208,7 @@ fn fresh_journal(
     let mut history = History::new(&ledger);
     let mut writer = open_writer(
         data,
-        Box::new(MmapStorage),
+        Box::new(MmapStorage::default()),
         segment_size,
         SyncMode::Batch,
         &JournalEnd::empty(),
@@ -224,7 +224,7 @@ fn build_journal(data: &Path) -> (Ledger, History) {
     let mut history = History::new(&ledger);
     let mut writer = open_writer(
         data,
-        Box::new(MmapStorage),
+        Box::new(MmapStorage::default()),
         4096,
         SyncMode::None,
         &JournalEnd::empty(),
@@ -239,7 +239,7 @@ fn build_journal(data: &Path) -> (Ledger, History) {
     };
     let mut writer = open_writer(
         data,
-        Box::new(MmapStorage),
+        Box::new(MmapStorage::default()),
         64 << 10,
         SyncMode::None,
         &fresh,
@@ -439,7 +439,7 @@ fn after_a_cut_the_writer_continues_and_recovery_sees_everything() {
             } = recovered(&data);
             let mut writer = open_writer(
                 &data,
-                Box::new(MmapStorage),
+                Box::new(MmapStorage::default()),
                 64 << 10,
                 SyncMode::Batch,
                 &end,
@@ -487,7 +487,7 @@ fn segments_filled_to_the_last_bytes_recover() {
         let mut ledger = Ledger::new(LedgerConfig::default());
         let mut writer = open_writer(
             data,
-            Box::new(MmapStorage),
+            Box::new(MmapStorage::default()),
             segment_size,
             SyncMode::None,
             &JournalEnd::empty(),
@@ -537,7 +537,7 @@ fn reopening_with_a_bigger_segment_size_rolls_at_the_real_end() {
     let mut history = History::new(&ledger);
     let mut writer = open_writer(
         data,
-        Box::new(MmapStorage),
+        Box::new(MmapStorage::default()),
         4096,
         SyncMode::Batch,
         &JournalEnd::empty(),
@@ -545,7 +545,13 @@ fn reopening_with_a_bigger_segment_size_rolls_at_the_real_end() {
     write_commands(&mut writer, &mut ledger, &mut history, 0..20, 5);
     drop(writer);
     let end = recovered(data).end;
-    let mut writer = open_writer(data, Box::new(MmapStorage), 64 << 10, SyncMode::Batch, &end);
+    let mut writer = open_writer(
+        data,
+        Box::new(MmapStorage::default()),
+        64 << 10,
+        SyncMode::Batch,
+        &end,
+    );
     for i in 20..200 {
         let record = ledger.execute(&command(i));
         writer
@@ -914,7 +920,13 @@ fn a_torn_write_is_cut_as_a_torn_tail_on_restart() {
     let Recovered {
         mut ledger, end, ..
     } = r;
-    let mut writer = open_writer(data, Box::new(MmapStorage), 64 << 10, SyncMode::Batch, &end);
+    let mut writer = open_writer(
+        data,
+        Box::new(MmapStorage::default()),
+        64 << 10,
+        SyncMode::Batch,
+        &end,
+    );
     let mut more = History::new(&ledger);
     write_commands(&mut writer, &mut ledger, &mut more, 100..120, 4);
     drop(writer);
@@ -935,7 +947,7 @@ fn snapshot_plus_tail_equals_the_full_replay_and_a_bad_snapshot_is_skipped() {
     let mut history = History::new(&ledger);
     let mut writer = open_writer(
         data,
-        Box::new(MmapStorage),
+        Box::new(MmapStorage::default()),
         64 << 10,
         SyncMode::None,
         &JournalEnd::empty(),
@@ -978,7 +990,7 @@ fn checkpoints_are_verified_and_a_wrong_one_stops_recovery() {
         let mut ledger = Ledger::new(LedgerConfig::default());
         let mut writer = open_writer(
             data,
-            Box::new(MmapStorage),
+            Box::new(MmapStorage::default()),
             16 << 10,
             SyncMode::None,
             &JournalEnd::empty(),
@@ -1177,7 +1189,7 @@ fn a_segment_creation_cut_short_by_a_crash_does_not_stop_recovery_or_the_next_ro
     assert_eq!(first.ledger.state_hash(), ledger.state_hash());
     let mut writer = open_writer(
         data,
-        Box::new(MmapStorage),
+        Box::new(MmapStorage::default()),
         64 << 10,
         SyncMode::Batch,
         &first.end,
@@ -1204,7 +1216,7 @@ fn the_snapshot_follower_writes_snapshots_equal_to_the_replayed_journal_and_veri
     // Small segments, so that the follower crosses segment rolls.
     let writer = open_writer(
         data,
-        Box::new(MmapStorage),
+        Box::new(MmapStorage::default()),
         64 << 10,
         SyncMode::Batch,
         &JournalEnd::empty(),

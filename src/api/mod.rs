@@ -44,6 +44,7 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub sync: SyncMode,
     pub segment_size_bytes: u64,
+    pub journal_readahead: crate::journal::storage::Readahead,
     pub max_body_bytes: usize,
     pub max_batch_body_bytes: usize,
     pub header_read_timeout: Duration,
@@ -84,6 +85,7 @@ impl Default for ServeConfig {
             data_dir: PathBuf::from("./data"),
             sync: SyncMode::Batch,
             segment_size_bytes: 64 << 20,
+            journal_readahead: crate::journal::storage::Readahead::On,
             max_body_bytes: 16 << 10,
             max_batch_body_bytes: 4 << 20,
             header_read_timeout: Duration::from_secs(5),
@@ -359,7 +361,10 @@ pub async fn serve(
         segment_size_bytes: config.segment_size_bytes,
         sync: config.sync,
     };
-    let writer = JournalWriter::open(Box::new(MmapStorage), journal_config, &recovered.end)?;
+    let storage = MmapStorage {
+        readahead: config.journal_readahead,
+    };
+    let writer = JournalWriter::open(Box::new(storage), journal_config, &recovered.end)?;
     let recovered_end = recovered.end.next_seq;
     let waiters = Arc::new(Waiters::new(config.max_in_flight));
     let sink = ApiSink {

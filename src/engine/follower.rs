@@ -223,8 +223,12 @@ mod tests {
             segment_size_bytes: 1 << 20,
             sync,
         };
-        let writer = JournalWriter::open(Box::new(MmapStorage), config, &JournalEnd::empty())
-            .expect("writer");
+        let writer = JournalWriter::open(
+            Box::new(MmapStorage::default()),
+            config,
+            &JournalEnd::empty(),
+        )
+        .expect("writer");
         (dir, writer)
     }
 

@@ -635,7 +635,8 @@ mod tests {
             sync: SyncMode::None,
         };
         let end = JournalEnd::empty();
-        let mut writer = JournalWriter::open(Box::new(MmapStorage), config, &end).expect("writer");
+        let mut writer =
+            JournalWriter::open(Box::new(MmapStorage::default()), config, &end).expect("writer");
         let mut ledger = Ledger::new(LedgerConfig::default());
         let usd = Currency::new("USD").expect("usd");
         let mut id = 0u128;
@@ -733,7 +734,8 @@ mod tests {
             sync: SyncMode::Batch,
         };
         let end = JournalEnd::empty();
-        let mut writer = JournalWriter::open(Box::new(MmapStorage), config, &end).expect("writer");
+        let mut writer =
+            JournalWriter::open(Box::new(MmapStorage::default()), config, &end).expect("writer");
         let mut ledger = Ledger::new(LedgerConfig::default());
         let usd = Currency::new("USD").expect("usd");
         let mut records = Vec::new();

@@ -50,6 +50,9 @@ pub struct BenchArgs {
     pub data_dir: Option<PathBuf>,
     #[arg(long, default_value_t = 256 << 20)]
     pub segment_size: u64,
+    /// Kernel readahead on the journal's mapping: on, off or auto (as `serve`).
+    #[arg(long, default_value = "on")]
+    pub journal_readahead: crate::journal::storage::Readahead,
     /// Wait strategy of the ring consumers: spin, yield, park or sleep=<n>us.
     #[arg(long, default_value = "spin")]
     pub wait: WaitMode,
@@ -418,7 +421,13 @@ fn report(
         sync: match (args.stage, args.no_journal) {
             (Stage::Execute, _) => "execute-only".into(),
             (_, true) => "no-journal".into(),
-            _ => format!("{:?}", args.sync),
+            _ if args.journal_readahead == crate::journal::storage::Readahead::On => {
+                format!("{:?}", args.sync)
+            }
+            _ => format!(
+                "{:?}, journal readahead {}",
+                args.sync, args.journal_readahead
+            ),
         },
         distribution: format!("{:?}", args.distribution).to_lowercase(),
         producers: args.producers,
@@ -464,7 +473,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
             };
             let end = crate::journal::scan(&config.dir, 1, |_| Ok(()))?;
             anyhow::ensure!(end.next_seq == 1, "bench needs an empty data directory");
-            JournalStage::Journal(JournalWriter::open(Box::new(MmapStorage), config, &end)?)
+            let storage = MmapStorage {
+                readahead: args.journal_readahead,
+            };
+            JournalStage::Journal(JournalWriter::open(Box::new(storage), config, &end)?)
         }
         _ => JournalStage::Off,
     };
