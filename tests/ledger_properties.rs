@@ -880,3 +880,104 @@ fn a_snapshot_with_a_duplicated_transaction_id_is_refused() {
         Ok(_) => panic!("a snapshot with a duplicated transaction id was accepted"),
     }
 }
+
+/// The engine hands the ledger id blocks populated by a helper thread (`add_id_block`), and the
+/// bench frees the blocks `with_capacity` reserved (`release_spare_id_blocks`): where ids are
+/// stored must change no outcome, no state hash and no duplicate detection, also for a cloned
+/// ledger (whose last block is only as large as its ids).
+#[test]
+fn id_blocks_given_released_or_cloned_change_no_outcome() {
+    use wallet::core::ledger::IdBlock;
+    let usd = Currency::new("USD").unwrap();
+    let accounts: Vec<AccountId> = (0..50)
+        .map(|i| AccountId::new(&format!("acct-{i}")).unwrap())
+        .collect();
+    let mut commands = Vec::new();
+    for (i, account) in accounts.iter().enumerate() {
+        commands.push(CommandKind::OpenAccount { account: *account });
+        commands.push(CommandKind::Deposit {
+            account: *account,
+            amount: 1_000_000 + i as MinorUnits,
+            currency: usd,
+        });
+    }
+    // Over three blocks of 65,536 ids, and every 1,000th id a repeat of one from long before
+    // (in an earlier block).
+    let total = 200_000u128;
+    let commands: Vec<Command> = (0..total)
+        .map(|i| {
+            let kind = commands
+                .get(i as usize)
+                .copied()
+                .unwrap_or(CommandKind::Transfer {
+                    from: accounts[(i * 7 % 50) as usize],
+                    to: accounts[(i * 13 % 50 + 1) as usize % 50],
+                    amount: (i % 90 + 1) as MinorUnits,
+                    currency: usd,
+                });
+            let id = if i > 70_000 && i % 1000 == 0 {
+                i - 70_000
+            } else {
+                i + 1
+            };
+            Command {
+                transaction_id: TransactionId(id),
+                timestamp_ns: i as u64,
+                kind,
+            }
+        })
+        .collect();
+    let config = LedgerConfig::default();
+    let run = |ledger: &mut Ledger, commands: &[Command], give_blocks: bool| {
+        let mut outcomes = Vec::new();
+        for group in commands.chunks(64) {
+            ledger.execute_batch(group, |_, record| {
+                outcomes.push((record.rejection, record.replayed, record.first_seq))
+            });
+            if give_blocks && ledger.wants_id_block() {
+                ledger.add_id_block(IdBlock::new());
+            }
+        }
+        outcomes
+    };
+    let mut reference = Ledger::new(config);
+    let expected = run(&mut reference, &commands, false);
+    let duplicates = expected
+        .iter()
+        .filter(|(r, replayed, _)| *replayed || *r == Some(RejectCode::TransactionIdReused))
+        .count();
+    assert!(
+        duplicates >= 120,
+        "{duplicates} repeats detected as duplicates"
+    );
+
+    let mut given = Ledger::new(config);
+    assert!(
+        given.wants_id_block(),
+        "an empty ledger wants its first block"
+    );
+    assert_eq!(run(&mut given, &commands, true), expected);
+    assert_eq!(given.state_hash(), reference.state_hash());
+    assert!(
+        !given.wants_id_block(),
+        "a block was given whenever one was wanted"
+    );
+
+    let mut released = Ledger::with_capacity(config, 50, total as usize);
+    released.release_spare_id_blocks();
+    assert!(released.wants_id_block());
+    let (first, rest) = commands.split_at(100_000);
+    let mut outcomes = run(&mut released, first, true);
+    // A clone midway through a block, then more blocks given to the clone.
+    let mut cloned = released.clone();
+    outcomes.extend(run(&mut cloned, rest, true));
+    assert_eq!(outcomes, expected);
+    assert_eq!(cloned.state_hash(), reference.state_hash());
+    assert_eq!(
+        cloned.transaction_id_count(),
+        reference.transaction_id_count()
+    );
+    for ledger in [&given, &cloned] {
+        ledger.check_invariants().unwrap();
+    }
+}

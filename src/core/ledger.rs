@@ -112,6 +112,27 @@ impl RememberedId {
 /// spike) and never over-allocates by more than one chunk.
 const ID_CHUNK: usize = 1 << 16;
 
+/// Storage for `ID_CHUNK` remembered transaction ids, allocated and empty: a block that another
+/// thread can prepare (have its pages populated) before the ledger needs it, so that the first
+/// touch of fresh memory (the kernel zeroing 2 MiB) does not happen on the engine thread. See
+/// `Ledger::wants_id_block`.
+pub struct IdBlock(Vec<RememberedId>);
+
+impl IdBlock {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> IdBlock {
+        IdBlock(Vec::with_capacity(ID_CHUNK))
+    }
+
+    /// The block's memory: address and length in bytes.
+    pub fn memory(&self) -> (usize, usize) {
+        (
+            self.0.as_ptr() as usize,
+            self.0.capacity() * size_of::<RememberedId>(),
+        )
+    }
+}
+
 /// Per-currency totals, for the conservation invariant: sum of balances = deposited - withdrawn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CurrencyTotals {
@@ -990,6 +1011,29 @@ impl Ledger {
             }
         }
         digests
+    }
+
+    /// Whether an `IdBlock` given now would be used soon: the ids remembered so far are within
+    /// half a block of filling every block the ledger has.
+    pub fn wants_id_block(&self) -> bool {
+        self.id_chunks.len() * ID_CHUNK < self.id_count as usize + ID_CHUNK / 2
+    }
+
+    /// Frees the empty id blocks reserved by `with_capacity` (untouched memory), so that later
+    /// blocks come as they are needed, from `add_id_block` or allocated by the ledger: as in a
+    /// server whose ledger was sized for its history and then takes new transfers.
+    pub fn release_spare_id_blocks(&mut self) {
+        while self.id_chunks.last().is_some_and(|block| block.is_empty()) {
+            self.id_chunks.pop();
+        }
+    }
+
+    /// Adds an empty block after the last one; ids fill it when the blocks before it are full.
+    pub fn add_id_block(&mut self, block: IdBlock) {
+        // (A cloned ledger's last block may hold fewer than `ID_CHUNK` ids with no room for
+        // more: `remember_entry` gives it its whole block when it fills, before this one.)
+        assert!(block.0.is_empty() && block.0.capacity() >= ID_CHUNK);
+        self.id_chunks.push(block.0);
     }
 
     /// The address and length of each block reserved for remembered ids and not yet filled,

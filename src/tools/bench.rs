@@ -324,6 +324,9 @@ fn run_execute(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     );
     let ids: Arc<Vec<AccountId>> = Arc::new((0..args.accounts).map(account_id).collect());
     setup_ledger(&mut ledger, &ids, usd, args.seed);
+    // As on the engine thread: id storage blocks come populated from a helper thread.
+    ledger.release_spare_id_blocks();
+    let id_blocks = crate::engine::prepare_id_blocks();
     let mut generator = TransferGenerator::new(args, ids, 0, usd);
     // Commands are generated in chunks small enough to stay in cache, like commands a producer
     // just wrote into the ring (a chunk of a million would be read back from DRAM).
@@ -345,6 +348,7 @@ fn run_execute(args: &BenchArgs) -> anyhow::Result<BenchReport> {
                 None => committed += 1,
                 Some(code) => rejected_codes[code as usize] += 1,
             });
+            crate::engine::give_id_block(&mut ledger, id_blocks.as_ref());
         }
         elapsed += started.elapsed();
         cpu += thread_cpu_time().saturating_sub(cpu_started);
@@ -447,11 +451,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         "--reject-share must be within 0..=1"
     );
     let usd = Currency::new("USD").map_err(|e| anyhow::anyhow!("{e}"))?;
-    let ledger = Ledger::with_capacity(
+    let mut ledger = Ledger::with_capacity(
         LedgerConfig::default(),
         args.accounts as usize,
         args.transfers as usize + 2 * args.accounts as usize,
     );
+    // The id table is sized for every id to come (no growth while measuring), but their
+    // storage blocks come as the engine needs them, as in a server taking new transfers: from
+    // the engine's helper, which populates them ahead (`prepare_id_blocks`).
+    ledger.release_spare_id_blocks();
     let temporary = match (&args.data_dir, args.no_journal) {
         (None, false) => Some(
             tempfile::Builder::new()
