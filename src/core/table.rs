@@ -14,7 +14,6 @@ const EMPTY: u64 = 0;
 const MAX_LOAD_NUMERATOR: usize = 7;
 const MAX_LOAD_DENOMINATOR: usize = 8;
 
-#[derive(Clone)]
 pub struct IndexTable {
     buckets: Vec<u64>,
     mask: usize,
@@ -24,6 +23,47 @@ pub struct IndexTable {
     /// at a time (`MIGRATE_STEP` per insertion). Growing used to copy all of them at once: at
     /// tens of millions of remembered ids that stopped the engine thread for seconds.
     old: Option<OldBuckets>,
+    /// The bucket array for the next growth, if the owner prepared one (`give_spare`).
+    spare: Option<Vec<u64>>,
+    /// An owner that prepares arrays also takes the old ones back when a growth is done
+    /// (`take_retired`), to free them off its thread; other owners' are freed at once.
+    retired: Option<Vec<u64>>,
+    hands_back: bool,
+}
+
+impl Clone for IndexTable {
+    fn clone(&self) -> IndexTable {
+        IndexTable {
+            buckets: self.buckets.clone(),
+            mask: self.mask,
+            len: self.len,
+            old: self.old.clone(),
+            // A prepared array is memory for this table's next growth, not state.
+            spare: None,
+            retired: None,
+            hands_back: false,
+        }
+    }
+}
+
+/// A zeroed bucket array made ahead of a growth, typically on another thread that also has
+/// its pages populated, so that the growth does not make the owner's thread wait for the
+/// kernel to zero hundreds of MiB on first touch. See `IndexTable::spare_wanted`.
+pub struct SpareBuckets(Vec<u64>);
+
+impl SpareBuckets {
+    pub fn new(buckets: usize) -> SpareBuckets {
+        SpareBuckets(vec![EMPTY; buckets])
+    }
+
+    pub fn buckets(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Address and length in bytes.
+    pub fn memory(&self) -> (usize, usize) {
+        (self.0.as_ptr() as usize, size_of_val(self.0.as_slice()))
+    }
 }
 
 #[derive(Clone)]
@@ -116,6 +156,9 @@ impl IndexTable {
             mask: buckets - 1,
             len: 0,
             old: None,
+            spare: None,
+            retired: None,
+            hands_back: false,
         }
     }
 
@@ -146,8 +189,35 @@ impl IndexTable {
     }
 
     pub fn allocated_bytes(&self) -> usize {
-        (self.buckets.capacity() + self.old.as_ref().map_or(0, |old| old.buckets.capacity()))
+        (self.buckets.capacity()
+            + self.old.as_ref().map_or(0, |old| old.buckets.capacity())
+            + self.spare.as_ref().map_or(0, Vec::capacity)
+            + self.retired.as_ref().map_or(0, Vec::capacity))
             * size_of::<u64>()
+    }
+
+    /// The size (in buckets) of the next growth's array, once the table is 3/4 full and no
+    /// array is prepared or being copied into: the owner may then prepare one
+    /// (`SpareBuckets::new`, populated on another thread) and hand it in with `give_spare`.
+    pub fn spare_wanted(&self) -> Option<usize> {
+        (self.spare.is_none() && self.old.is_none() && self.len * 4 >= self.buckets.len() * 3)
+            .then_some(self.buckets.len() * 2)
+    }
+
+    /// Keeps `spare` for the next growth; an array of another size is handed back.
+    pub fn give_spare(&mut self, spare: SpareBuckets) -> Result<(), SpareBuckets> {
+        if self.spare.is_some() || spare.buckets() != self.buckets.len() * 2 {
+            return Err(spare);
+        }
+        self.spare = Some(spare.0);
+        self.hands_back = true;
+        Ok(())
+    }
+
+    /// The old bucket array of a finished growth, once the owner has given a spare: for the
+    /// owner to free on another thread (freeing hundreds of MiB takes the kernel a while).
+    pub fn take_retired(&mut self) -> Option<SpareBuckets> {
+        self.retired.take().map(SpareBuckets)
     }
 
     /// Whether a growth is still copying old buckets (for tests).
@@ -250,6 +320,8 @@ impl IndexTable {
         old.copied = end;
         if end < old.buckets.len() {
             self.old = Some(old);
+        } else if self.hands_back {
+            self.retired = Some(old.buckets);
         }
     }
 
@@ -278,7 +350,12 @@ impl IndexTable {
         // A growth still in progress finishes first (with `MIGRATE_STEP` copies per insertion
         // none is by the time the table is full again; this keeps it so whatever the step).
         self.migrate(usize::MAX);
-        let doubled = vec![EMPTY; self.buckets.len() * 2];
+        let size = self.buckets.len() * 2;
+        let doubled = match self.spare.take() {
+            // Zeroed by construction (`SpareBuckets::new`) and never written since.
+            Some(spare) if spare.len() == size => spare,
+            _ => vec![EMPTY; size],
+        };
         let buckets = std::mem::replace(&mut self.buckets, doubled);
         let mask = std::mem::replace(&mut self.mask, self.buckets.len() - 1);
         self.old = Some(OldBuckets {
@@ -320,7 +397,7 @@ fn probe(
 
 #[cfg(test)]
 mod tests {
-    use super::{IndexTable, MIGRATE_STEP};
+    use super::{IndexTable, MIGRATE_STEP, SpareBuckets};
 
     #[test]
     fn finds_what_was_inserted_across_growth_and_collisions() {
@@ -402,6 +479,55 @@ mod tests {
         assert!(table.fits(140_000));
         for (i, hash) in keys.iter().enumerate() {
             assert_eq!(table.find(*hash, |j| j as usize == i), Some(i as u32));
+        }
+    }
+
+    #[test]
+    fn a_growth_uses_the_array_handed_in_ahead() {
+        let mut table = IndexTable::with_capacity(100);
+        let buckets = table.bucket_count();
+        let keys: Vec<u64> = (0..10_000u64)
+            .map(|k| xxhash_rust::xxh3::xxh3_64(&k.to_le_bytes()))
+            .collect();
+        let mut i = 0;
+        while table.spare_wanted().is_none() {
+            table.insert(keys[i], i as u32);
+            i += 1;
+        }
+        // Wanted from 3/4 full on, at twice the size.
+        assert!(i * 4 >= buckets * 3 && (i - 1) * 4 < buckets * 3);
+        assert_eq!(table.spare_wanted(), Some(buckets * 2));
+        let wrong = table.give_spare(SpareBuckets::new(buckets * 4));
+        assert_eq!(wrong.map_err(|s| s.buckets()), Err(buckets * 4));
+        let spare = SpareBuckets::new(buckets * 2);
+        let address = spare.memory().0;
+        assert!(table.give_spare(spare).is_ok());
+        assert_eq!(table.spare_wanted(), None, "one is enough");
+        assert_eq!(
+            table.clone().spare_wanted(),
+            Some(buckets * 2),
+            "a clone has none"
+        );
+        while table.bucket_count() == buckets {
+            table.insert(keys[i], i as u32);
+            i += 1;
+        }
+        assert_eq!(
+            table.bucket_memory().0,
+            address,
+            "the growth took the given array"
+        );
+        // When the growth is done, the old array is handed back rather than freed here.
+        assert!(table.take_retired().is_none());
+        while table.growing() {
+            table.insert(keys[i], i as u32);
+            i += 1;
+        }
+        let retired = table.take_retired().expect("the old array");
+        assert_eq!(retired.buckets(), buckets);
+        assert!(table.take_retired().is_none());
+        for (k, hash) in keys[..i].iter().enumerate() {
+            assert_eq!(table.find(*hash, |j| j as usize == k), Some(k as u32));
         }
     }
 }

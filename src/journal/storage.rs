@@ -49,9 +49,9 @@ pub struct MmapStorage {
 /// of a few KiB, such as one HTTP transfer per request, then writes a whole large folio again
 /// and again: at a steady 20,000 transfers/s, 10 s of serving wrote 150-431 MB to the disk for
 /// 22 MB of journal (10 runs). With readahead off every page is its own 4 KiB folio, and the
-/// same runs wrote 15-61 MB (8 runs, `off` or `auto`). But each new page then costs its own
-/// fault, its own TLB flush when a sync write-protects it, and its own conversion of an
-/// unwritten extent: here the median msync took 172-232 us instead of 132-206 us, and a
+/// same runs wrote 34 and 61 MB (`off`), 44 and 48 MB (`auto`). But each new page then costs
+/// its own fault, its own TLB flush when a sync write-protects it, and its own conversion of an
+/// unwritten extent: here the median msync took 171-263 us instead of 132-206 us, and a
 /// 3 M-transfer `--sync batch` bench, whose syncs are hundreds of KiB, ran at 0.84-0.95 M/s
 /// instead of 1.04-1.39 M/s (528 MB written instead of 886-1,031 MB). This VM's disk absorbs
 /// the extra bytes almost for free, so `on` stays the default; a disk with little write

@@ -334,6 +334,7 @@ fn run_execute(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     // As on the engine thread: id storage blocks come populated from a helper thread.
     ledger.release_spare_id_blocks();
     let id_blocks = crate::engine::prepare_id_blocks();
+    let mut tables = crate::engine::TableHelper::start();
     let mut generator = TransferGenerator::new(args, ids, 0, usd);
     // Commands are generated in chunks small enough to stay in cache, like commands a producer
     // just wrote into the ring (a chunk of a million would be read back from DRAM).
@@ -359,6 +360,9 @@ fn run_execute(args: &BenchArgs) -> anyhow::Result<BenchReport> {
                 Some(code) => rejected_codes[code as usize] += 1,
             });
             crate::engine::give_id_block(&mut ledger, id_blocks.as_ref());
+            if let Some(tables) = tables.as_mut() {
+                tables.tend(&mut ledger);
+            }
             // The time each group took: a pause of the ledger (a table growing) shows as max.
             histogram.saturating_record(group_started.elapsed().as_micros() as u64);
         }
