@@ -429,8 +429,8 @@ pub fn give_id_block(ledger: &mut Ledger, blocks: Option<&mpsc::Receiver<IdBlock
 ///
 /// The ledger stores remembered transaction ids in 2 MiB blocks; the first id in a new block
 /// used to fault its pages in on the engine thread, and the kernel zeroing fresh memory was 9%
-/// of the engine thread's time in the pipeline bench (about 2 ms every 65,536 transfers on this
-/// VM). The helper owns each block while it populates it and then sends it over: no memory is
+/// of the engine thread's time in the pipeline bench (a new 2 MiB block every 65,536 ids).
+/// The helper owns each block while it populates it and then sends it over: no memory is
 /// shared. If a block is not ready in time, the ledger allocates one itself, as before. The
 /// helper ends when the engine drops the receiving end (its next send fails).
 pub fn prepare_id_blocks() -> Option<mpsc::Receiver<IdBlock>> {
