@@ -45,17 +45,11 @@ pub struct MmapStorage {
 /// segment faults (`--journal-readahead`).
 ///
 /// An msync writes back whole folios, and the kernel's readahead builds large ones as the
-/// writer moves through a segment (up to 2 MiB here, where the disk reads ahead 8 MiB). A sync
-/// of a few KiB, such as one HTTP transfer per request, then writes a whole large folio again
-/// and again: at a steady 20,000 transfers/s, 10 s of serving wrote 150-431 MB to the disk for
-/// 22 MB of journal (10 runs). With readahead off every page is its own 4 KiB folio, and the
-/// same runs wrote 34 and 61 MB (`off`), 44 and 48 MB (`auto`). But each new page then costs
-/// its own fault, its own TLB flush when a sync write-protects it, and its own conversion of an
-/// unwritten extent: here the median msync took 171-263 us instead of 132-206 us, and a
-/// 3 M-transfer `--sync batch` bench, whose syncs are hundreds of KiB, ran at 0.84-0.95 M/s
-/// instead of 1.04-1.39 M/s (528 MB written instead of 886-1,031 MB). This VM's disk absorbs
-/// the extra bytes almost for free, so `on` stays the default; a disk with little write
-/// bandwidth to spare (network block storage) wants `auto`.
+/// writer moves through a segment, so a sync of a few KiB (one HTTP transfer per request)
+/// rewrites a whole large folio each time. Without readahead every page is its own 4 KiB folio
+/// and few bytes are written, but each new page costs its own fault, TLB flush and extent
+/// conversion, which slows large syncs. The measured trade-off (disk bytes, msync times, bench
+/// throughput per mode) is in README, Durability and Performance; `on` stays the default.
 #[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Readahead {
     /// The kernel's default readahead (large folios).
