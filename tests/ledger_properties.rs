@@ -888,6 +888,7 @@ fn a_snapshot_with_a_duplicated_transaction_id_is_refused() {
 #[test]
 fn id_blocks_given_released_or_cloned_change_no_outcome() {
     use wallet::core::ledger::IdBlock;
+    use wallet::core::table::SpareBuckets;
     let usd = Currency::new("USD").unwrap();
     let accounts: Vec<AccountId> = (0..50)
         .map(|i| AccountId::new(&format!("acct-{i}")).unwrap())
@@ -928,7 +929,8 @@ fn id_blocks_given_released_or_cloned_change_no_outcome() {
         })
         .collect();
     let config = LedgerConfig::default();
-    let run = |ledger: &mut Ledger, commands: &[Command], give_blocks: bool| {
+    let mut spares_given = 0;
+    let mut run = |ledger: &mut Ledger, commands: &[Command], give_blocks: bool| {
         let mut outcomes = Vec::new();
         for group in commands.chunks(64) {
             ledger.execute_batch(group, |_, record| {
@@ -936,6 +938,15 @@ fn id_blocks_given_released_or_cloned_change_no_outcome() {
             });
             if give_blocks && ledger.wants_id_block() {
                 ledger.add_id_block(IdBlock::new());
+            }
+            // And arrays for the id table's growths, as the engine's helper makes them.
+            if give_blocks && let Some(buckets) = ledger.id_table_spare_wanted() {
+                assert!(
+                    ledger
+                        .give_id_table_spare(SpareBuckets::new(buckets))
+                        .is_ok()
+                );
+                spares_given += 1;
             }
         }
         outcomes
@@ -980,4 +991,5 @@ fn id_blocks_given_released_or_cloned_change_no_outcome() {
     for ledger in [&given, &cloned] {
         ledger.check_invariants().unwrap();
     }
+    assert!(spares_given >= 4, "{spares_given} id-table arrays given");
 }

@@ -1019,6 +1019,26 @@ impl Ledger {
         self.id_chunks.len() * ID_CHUNK < self.id_count as usize + ID_CHUNK / 2
     }
 
+    /// The size of the id table's next growth, once a prepared array would help: see
+    /// `IndexTable::spare_wanted`.
+    pub fn id_table_spare_wanted(&self) -> Option<usize> {
+        self.id_index.spare_wanted()
+    }
+
+    /// Hands in a prepared array for the id table's next growth (one of another size comes
+    /// back).
+    pub fn give_id_table_spare(
+        &mut self,
+        spare: crate::core::table::SpareBuckets,
+    ) -> Result<(), crate::core::table::SpareBuckets> {
+        self.id_index.give_spare(spare)
+    }
+
+    /// The id table's old array after a growth that used a given spare, to be freed elsewhere.
+    pub fn take_retired_id_table(&mut self) -> Option<crate::core::table::SpareBuckets> {
+        self.id_index.take_retired()
+    }
+
     /// Frees the empty id blocks reserved by `with_capacity` (untouched memory), so that later
     /// blocks come as they are needed, from `add_id_block` or allocated by the ledger: as in a
     /// server whose ledger was sized for its history and then takes new transfers.

@@ -14,12 +14,70 @@ const EMPTY: u64 = 0;
 const MAX_LOAD_NUMERATOR: usize = 7;
 const MAX_LOAD_DENOMINATOR: usize = 8;
 
-#[derive(Clone)]
 pub struct IndexTable {
     buckets: Vec<u64>,
     mask: usize,
+    /// Entries in the table, including those still only in `old`.
     len: usize,
+    /// The buckets before the last growth, while their entries are copied into `buckets` a few
+    /// at a time (`MIGRATE_STEP` per insertion). Growing used to copy all of them at once: at
+    /// tens of millions of remembered ids that stopped the engine thread for seconds.
+    old: Option<OldBuckets>,
+    /// The bucket array for the next growth, if the owner prepared one (`give_spare`).
+    spare: Option<Vec<u64>>,
+    /// An owner that prepares arrays also takes the old ones back when a growth is done
+    /// (`take_retired`), to free them off its thread; other owners' are freed at once.
+    retired: Option<Vec<u64>>,
+    hands_back: bool,
 }
+
+impl Clone for IndexTable {
+    fn clone(&self) -> IndexTable {
+        IndexTable {
+            buckets: self.buckets.clone(),
+            mask: self.mask,
+            len: self.len,
+            old: self.old.clone(),
+            // A prepared array is memory for this table's next growth, not state.
+            spare: None,
+            retired: None,
+            hands_back: false,
+        }
+    }
+}
+
+/// A zeroed bucket array made ahead of a growth, typically on another thread that also has
+/// its pages populated, so that the growth does not make the owner's thread wait for the
+/// kernel to zero hundreds of MiB on first touch. See `IndexTable::spare_wanted`.
+pub struct SpareBuckets(Vec<u64>);
+
+impl SpareBuckets {
+    pub fn new(buckets: usize) -> SpareBuckets {
+        SpareBuckets(vec![EMPTY; buckets])
+    }
+
+    pub fn buckets(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Address and length in bytes.
+    pub fn memory(&self) -> (usize, usize) {
+        (self.0.as_ptr() as usize, size_of_val(self.0.as_slice()))
+    }
+}
+
+#[derive(Clone)]
+struct OldBuckets {
+    buckets: Vec<u64>,
+    mask: usize,
+    /// Buckets before this one have been copied.
+    copied: usize,
+}
+
+/// Old buckets copied per insertion while a growth is in progress. The growth starts when the
+/// table is 7/8 full and doubles it, so the next one is at least 7/8 of the old size further
+/// away in insertions: copying 8 per insertion finishes long before.
+const MIGRATE_STEP: usize = 8;
 
 /// Asks the CPU to bring the cache line holding `value` closer. A hint only: it never faults
 /// and never changes a result.
@@ -97,6 +155,10 @@ impl IndexTable {
             buckets: vec![EMPTY; buckets],
             mask: buckets - 1,
             len: 0,
+            old: None,
+            spare: None,
+            retired: None,
+            hands_back: false,
         }
     }
 
@@ -127,38 +189,67 @@ impl IndexTable {
     }
 
     pub fn allocated_bytes(&self) -> usize {
-        self.buckets.capacity() * size_of::<u64>()
+        (self.buckets.capacity()
+            + self.old.as_ref().map_or(0, |old| old.buckets.capacity())
+            + self.spare.as_ref().map_or(0, Vec::capacity)
+            + self.retired.as_ref().map_or(0, Vec::capacity))
+            * size_of::<u64>()
+    }
+
+    /// The size (in buckets) of the next growth's array, once the table is 3/4 full and no
+    /// array is prepared or being copied into: the owner may then prepare one
+    /// (`SpareBuckets::new`, populated on another thread) and hand it in with `give_spare`.
+    pub fn spare_wanted(&self) -> Option<usize> {
+        (self.spare.is_none() && self.old.is_none() && self.len * 4 >= self.buckets.len() * 3)
+            .then_some(self.buckets.len() * 2)
+    }
+
+    /// Keeps `spare` for the next growth; an array of another size is handed back.
+    pub fn give_spare(&mut self, spare: SpareBuckets) -> Result<(), SpareBuckets> {
+        if self.spare.is_some() || spare.buckets() != self.buckets.len() * 2 {
+            return Err(spare);
+        }
+        self.spare = Some(spare.0);
+        self.hands_back = true;
+        Ok(())
+    }
+
+    /// The old bucket array of a finished growth, once the owner has given a spare: for the
+    /// owner to free on another thread (freeing hundreds of MiB takes the kernel a while).
+    pub fn take_retired(&mut self) -> Option<SpareBuckets> {
+        self.retired.take().map(SpareBuckets)
+    }
+
+    /// Whether a growth is still copying old buckets (for tests).
+    pub fn growing(&self) -> bool {
+        self.old.is_some()
     }
 
     #[inline]
     fn start(&self, tag: u32) -> usize {
-        // Spread the tag over the buckets with a multiplicative mix; the top bits of the product
-        // are the well-mixed ones.
-        (u64::from(tag).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) as usize & self.mask
+        start(tag, self.mask)
     }
 
     /// Hints the CPU to load the bucket where a lookup of `hash` starts. No effect on results.
     #[inline]
     pub fn prefetch(&self, hash: u64) {
-        prefetch(&self.buckets[self.start(tag_of(hash))]);
+        let tag = tag_of(hash);
+        prefetch(&self.buckets[self.start(tag)]);
+        if let Some(old) = &self.old {
+            prefetch(&old.buckets[start(tag, old.mask)]);
+        }
     }
 
     /// Finds the index whose key `is_key` accepts, among entries with this hash.
     #[inline]
     pub fn find(&self, hash: u64, mut is_key: impl FnMut(u32) -> bool) -> Option<u32> {
         let tag = tag_of(hash);
-        let mut at = self.start(tag);
-        loop {
-            let stored = self.buckets[at];
-            if stored == EMPTY {
-                return None;
-            }
-            let entry = !stored;
-            if (entry >> 32) as u32 == tag && is_key(entry as u32) {
-                return Some(entry as u32);
-            }
-            at = (at + 1) & self.mask;
+        if let Some(found) = probe(&self.buckets, self.mask, tag, &mut is_key) {
+            return Some(found);
         }
+        // During a growth an entry not copied yet is only in the old buckets.
+        let old = self.old.as_ref()?;
+        probe(&old.buckets, old.mask, tag, &mut is_key)
     }
 
     /// Inserts `index` under `hash` unless `is_key` accepts an entry already there, in which
@@ -169,17 +260,13 @@ impl IndexTable {
         index: u32,
         mut is_key: impl FnMut(u32) -> bool,
     ) -> Option<u32> {
-        if (self.len + 1) * MAX_LOAD_DENOMINATOR > self.buckets.len() * MAX_LOAD_NUMERATOR {
-            self.grow();
-        }
+        self.before_insert();
         let tag = tag_of(hash);
         let mut at = self.start(tag);
         loop {
             let stored = self.buckets[at];
             if stored == EMPTY {
-                self.buckets[at] = !((u64::from(tag) << 32) | u64::from(index));
-                self.len += 1;
-                return None;
+                break;
             }
             let entry = !stored;
             if (entry >> 32) as u32 == tag && is_key(entry as u32) {
@@ -187,16 +274,58 @@ impl IndexTable {
             }
             at = (at + 1) & self.mask;
         }
+        if let Some(old) = &self.old
+            && let Some(found) = probe(&old.buckets, old.mask, tag, &mut is_key)
+        {
+            return Some(found);
+        }
+        // `at` is still the first empty bucket of the probe: nothing was placed since.
+        self.buckets[at] = !((u64::from(tag) << 32) | u64::from(index));
+        self.len += 1;
+        None
     }
 
     /// Inserts `index` under `hash`. The caller guarantees the key is not present.
     pub fn insert(&mut self, hash: u64, index: u32) {
-        if (self.len + 1) * MAX_LOAD_DENOMINATOR > self.buckets.len() * MAX_LOAD_NUMERATOR {
-            self.grow();
-        }
+        self.before_insert();
         let tag = tag_of(hash);
         self.place((u64::from(tag) << 32) | u64::from(index));
         self.len += 1;
+    }
+
+    /// Copies a few old buckets if a growth is in progress, and starts a growth if one more
+    /// entry would not fit.
+    #[inline]
+    fn before_insert(&mut self) {
+        if self.old.is_some() {
+            self.migrate(MIGRATE_STEP);
+        }
+        if (self.len + 1) * MAX_LOAD_DENOMINATOR > self.buckets.len() * MAX_LOAD_NUMERATOR {
+            self.grow();
+        }
+    }
+
+    /// Copies up to `count` old buckets' entries; drops the old buckets when all are copied.
+    fn migrate(&mut self, count: usize) {
+        let Some(mut old) = self.old.take() else {
+            return;
+        };
+        // Saturating: `reserve` and `grow` pass `usize::MAX` for "all the rest". A wrapping
+        // sum once made that copy nothing (in release builds) and `grow` then dropped the old
+        // buckets with entries still in them: the views lost outcomes after a restart.
+        let end = old.copied.saturating_add(count).min(old.buckets.len());
+        for i in old.copied..end {
+            let stored = old.buckets[i];
+            if stored != EMPTY {
+                self.place(!stored);
+            }
+        }
+        old.copied = end;
+        if end < old.buckets.len() {
+            self.old = Some(old);
+        } else if self.hands_back {
+            self.retired = Some(old.buckets);
+        }
     }
 
     fn place(&mut self, entry: u64) {
@@ -207,28 +336,71 @@ impl IndexTable {
         self.buckets[at] = !entry;
     }
 
-    /// Grows now, if needed, so that `additional` more entries fit without growing later.
+    /// Grows now, if needed, so that `additional` more entries fit without growing later
+    /// (every entry copied before this returns).
     pub fn reserve(&mut self, additional: usize) {
+        self.migrate(usize::MAX);
         while (self.len + additional) * MAX_LOAD_DENOMINATOR
             > self.buckets.len() * MAX_LOAD_NUMERATOR
         {
             self.grow();
+            self.migrate(usize::MAX);
         }
     }
 
+    /// Doubles the buckets; the old ones are copied over by later insertions (`migrate`).
     fn grow(&mut self) {
-        let doubled = vec![EMPTY; self.buckets.len() * 2];
-        let old = std::mem::replace(&mut self.buckets, doubled);
-        self.mask = self.buckets.len() - 1;
-        for stored in old.into_iter().filter(|e| *e != EMPTY) {
-            self.place(!stored);
+        // A growth still in progress finishes first (with `MIGRATE_STEP` copies per insertion
+        // none is by the time the table is full again; this keeps it so whatever the step).
+        self.migrate(usize::MAX);
+        let size = self.buckets.len() * 2;
+        let doubled = match self.spare.take() {
+            // Zeroed by construction (`SpareBuckets::new`) and never written since.
+            Some(spare) if spare.len() == size => spare,
+            _ => vec![EMPTY; size],
+        };
+        let buckets = std::mem::replace(&mut self.buckets, doubled);
+        let mask = std::mem::replace(&mut self.mask, self.buckets.len() - 1);
+        self.old = Some(OldBuckets {
+            buckets,
+            mask,
+            copied: 0,
+        });
+    }
+}
+
+#[inline]
+fn start(tag: u32, mask: usize) -> usize {
+    // Spread the tag over the buckets with a multiplicative mix; the top bits of the product
+    // are the well-mixed ones.
+    (u64::from(tag).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) as usize & mask
+}
+
+/// Linear probing for `tag` from its start: the index `is_key` accepts, if any.
+#[inline]
+fn probe(
+    buckets: &[u64],
+    mask: usize,
+    tag: u32,
+    is_key: &mut impl FnMut(u32) -> bool,
+) -> Option<u32> {
+    let mut at = start(tag, mask);
+    loop {
+        let stored = buckets[at];
+        if stored == EMPTY {
+            return None;
         }
+        let entry = !stored;
+        if (entry >> 32) as u32 == tag && is_key(entry as u32) {
+            return Some(entry as u32);
+        }
+        at = (at + 1) & mask;
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::IndexTable;
+    use super::{IndexTable, MIGRATE_STEP, SpareBuckets};
 
     #[test]
     fn finds_what_was_inserted_across_growth_and_collisions() {
@@ -254,5 +426,146 @@ mod tests {
         assert_eq!(table.find(keys[5], |j| j == 30_000), Some(30_000));
         assert_eq!(table.len(), 10_002);
         assert!(table.bucket_count() * 7 >= table.len() * 8);
+    }
+
+    #[test]
+    fn a_growth_copies_a_few_buckets_per_insertion_and_every_entry_stays_found() {
+        let mut table = IndexTable::with_capacity(1000);
+        let first_buckets = table.bucket_count();
+        let keys: Vec<u64> = (0..40_000u64)
+            .map(|k| xxhash_rust::xxh3::xxh3_64(&k.to_le_bytes()))
+            .collect();
+        let mut growing_for = 0;
+        let mut growths = 0;
+        for (i, hash) in keys.iter().enumerate() {
+            let buckets = table.bucket_count();
+            assert_eq!(
+                table.insert_unique(*hash, i as u32, |j| j as usize == i),
+                None
+            );
+            if table.bucket_count() != buckets {
+                growths += 1;
+                // The old buckets are not all copied at once.
+                assert!(
+                    table.growing(),
+                    "growth {growths} copied everything at once"
+                );
+                growing_for = 0;
+            }
+            if table.growing() {
+                growing_for += 1;
+                // While growing, every earlier entry is found, wherever it is, and a repeat of
+                // one is refused with the original's index.
+                for k in (0..=i).step_by(97) {
+                    assert_eq!(table.find(keys[k], |j| j as usize == k), Some(k as u32));
+                    assert_eq!(
+                        table.insert_unique(keys[k], 99_999, |j| j as usize == k),
+                        Some(k as u32)
+                    );
+                }
+                // A growth ends within old buckets / MIGRATE_STEP insertions (the refused
+                // repeats above copy buckets too).
+                assert!(growing_for <= table.bucket_count() / 2 / MIGRATE_STEP + 1);
+            }
+            assert_eq!(table.len(), i + 1);
+        }
+        assert!(
+            growths >= 4,
+            "{growths} growths from {first_buckets} buckets"
+        );
+        for (i, hash) in keys.iter().enumerate() {
+            assert_eq!(table.find(*hash, |j| j as usize == i), Some(i as u32));
+        }
+        // `reserve` completes any growth at once.
+        table.reserve(100_000);
+        assert!(!table.growing());
+        assert!(table.fits(140_000));
+        for (i, hash) in keys.iter().enumerate() {
+            assert_eq!(table.find(*hash, |j| j as usize == i), Some(i as u32));
+        }
+    }
+
+    /// `reserve` in the middle of a growth (some old buckets copied, not all) finishes it and
+    /// loses nothing, whether or not it grows again. (Its "copy all the rest" once wrapped
+    /// around in release builds, and the next growth dropped the uncopied entries.)
+    #[test]
+    fn reserve_during_a_growth_keeps_every_entry_once() {
+        for additional in [1, 10_000] {
+            let mut table = IndexTable::with_capacity(1000);
+            let keys: Vec<u64> = (0..20_000u64)
+                .map(|k| xxhash_rust::xxh3::xxh3_64(&k.to_le_bytes()))
+                .collect();
+            let mut i = 0;
+            // Into a growth, and a few insertions on, so that some old buckets are copied.
+            while !table.growing() {
+                table.insert(keys[i], i as u32);
+                i += 1;
+            }
+            for _ in 0..3 {
+                table.insert(keys[i], i as u32);
+                i += 1;
+            }
+            let copied = table.old.as_ref().map(|old| old.copied);
+            assert!(copied.is_some_and(|c| c > 0 && c < table.bucket_count() / 2));
+            let before = table.bucket_count();
+            table.reserve(additional);
+            assert!(!table.growing(), "reserve finishes the growth");
+            assert_eq!(table.bucket_count() > before, additional > 1);
+            assert_eq!(table.len(), i);
+            let occupied = table.buckets.iter().filter(|&&b| b != super::EMPTY).count();
+            assert_eq!(occupied, i, "each entry is in the buckets exactly once");
+            for (k, hash) in keys[..i].iter().enumerate() {
+                assert_eq!(table.find(*hash, |j| j as usize == k), Some(k as u32));
+            }
+        }
+    }
+
+    #[test]
+    fn a_growth_uses_the_array_handed_in_ahead() {
+        let mut table = IndexTable::with_capacity(100);
+        let buckets = table.bucket_count();
+        let keys: Vec<u64> = (0..10_000u64)
+            .map(|k| xxhash_rust::xxh3::xxh3_64(&k.to_le_bytes()))
+            .collect();
+        let mut i = 0;
+        while table.spare_wanted().is_none() {
+            table.insert(keys[i], i as u32);
+            i += 1;
+        }
+        // Wanted from 3/4 full on, at twice the size.
+        assert!(i * 4 >= buckets * 3 && (i - 1) * 4 < buckets * 3);
+        assert_eq!(table.spare_wanted(), Some(buckets * 2));
+        let wrong = table.give_spare(SpareBuckets::new(buckets * 4));
+        assert_eq!(wrong.map_err(|s| s.buckets()), Err(buckets * 4));
+        let spare = SpareBuckets::new(buckets * 2);
+        let address = spare.memory().0;
+        assert!(table.give_spare(spare).is_ok());
+        assert_eq!(table.spare_wanted(), None, "one is enough");
+        assert_eq!(
+            table.clone().spare_wanted(),
+            Some(buckets * 2),
+            "a clone has none"
+        );
+        while table.bucket_count() == buckets {
+            table.insert(keys[i], i as u32);
+            i += 1;
+        }
+        assert_eq!(
+            table.bucket_memory().0,
+            address,
+            "the growth took the given array"
+        );
+        // When the growth is done, the old array is handed back rather than freed here.
+        assert!(table.take_retired().is_none());
+        while table.growing() {
+            table.insert(keys[i], i as u32);
+            i += 1;
+        }
+        let retired = table.take_retired().expect("the old array");
+        assert_eq!(retired.buckets(), buckets);
+        assert!(table.take_retired().is_none());
+        for (k, hash) in keys[..i].iter().enumerate() {
+            assert_eq!(table.find(*hash, |j| j as usize == k), Some(k as u32));
+        }
     }
 }

@@ -29,6 +29,7 @@ use disruptor::{
 };
 
 use crate::core::ledger::IdBlock;
+use crate::core::table::SpareBuckets;
 use crate::core::{Command, CommandRecord, Ledger};
 use crate::journal::JournalWriter;
 use doorbell::Doorbell;
@@ -318,6 +319,8 @@ struct EngineState {
     output_capacity: usize,
     /// Id blocks with their pages populated by a helper thread (`prepare_id_blocks`).
     id_blocks: Option<mpsc::Receiver<IdBlock>>,
+    /// Bucket arrays for the id table's growths, prepared by a helper thread.
+    tables: Option<TableHelper>,
 }
 
 /// Commands executed together (with prefetching across them) at most.
@@ -410,6 +413,9 @@ impl EngineState {
             .executed_seq
             .store(ledger.next_seq() - 1, Ordering::Relaxed);
         give_id_block(&mut ledger, self.id_blocks.as_ref());
+        if let Some(tables) = self.tables.as_mut() {
+            tables.tend(&mut ledger);
+        }
         self.ledger = Some(ledger);
     }
 }
@@ -422,6 +428,82 @@ pub fn give_id_block(ledger: &mut Ledger, blocks: Option<&mpsc::Receiver<IdBlock
         && let Ok(block) = blocks.try_recv()
     {
         ledger.add_id_block(block);
+    }
+}
+
+/// A helper thread that makes the id table's next bucket array ahead of its growth: zeroed
+/// and populated (the kernel zeroing a new array of hundreds of MiB on first touch was most of
+/// a growth's pause on the engine thread), and that frees arrays the ledger could not use.
+pub struct TableHelper {
+    requests: mpsc::Sender<TableRequest>,
+    prepared: mpsc::Receiver<SpareBuckets>,
+    /// The size asked for and not yet received.
+    asked: Option<usize>,
+}
+
+enum TableRequest {
+    Prepare(usize),
+    Free(SpareBuckets),
+}
+
+impl TableHelper {
+    /// Starts the helper thread (None if no thread could be started: growths then allocate
+    /// their arrays themselves, as before). It ends when the `TableHelper` is dropped.
+    pub fn start() -> Option<TableHelper> {
+        let (requests, inbox) = mpsc::channel::<TableRequest>();
+        let (outbox, prepared) = mpsc::channel::<SpareBuckets>();
+        std::thread::Builder::new()
+            .name("wallet-tables".into())
+            .spawn(move || {
+                while let Ok(request) = inbox.recv() {
+                    match request {
+                        TableRequest::Prepare(buckets) => {
+                            let spare = SpareBuckets::new(buckets);
+                            // SAFETY: the array is owned by this thread and stays allocated
+                            // (unmoved, unread) until the call returns; populating never
+                            // changes what memory holds.
+                            unsafe { crate::alloc::populate(&[spare.memory()], |_| true) };
+                            if outbox.send(spare).is_err() {
+                                return;
+                            }
+                        }
+                        TableRequest::Free(spare) => drop(spare),
+                    }
+                }
+            })
+            .ok()?;
+        Some(TableHelper {
+            requests,
+            prepared,
+            asked: None,
+        })
+    }
+
+    /// Asks for the array the ledger's id table wants, hands it in when it is ready, and has
+    /// the array a finished growth left behind freed on the helper thread.
+    pub fn tend(&mut self, ledger: &mut Ledger) {
+        if let Some(retired) = ledger.take_retired_id_table() {
+            let _ = self.requests.send(TableRequest::Free(retired));
+        }
+        if let Some(asked) = self.asked {
+            let Ok(spare) = self.prepared.try_recv() else {
+                return;
+            };
+            self.asked = None;
+            let unused = if ledger.id_table_spare_wanted() == Some(asked) {
+                ledger.give_id_table_spare(spare).err()
+            } else {
+                // The table grew without it (the helper was late): free it off this thread.
+                Some(spare)
+            };
+            if let Some(spare) = unused {
+                let _ = self.requests.send(TableRequest::Free(spare));
+            }
+        } else if let Some(buckets) = ledger.id_table_spare_wanted()
+            && self.requests.send(TableRequest::Prepare(buckets)).is_ok()
+        {
+            self.asked = Some(buckets);
+        }
     }
 }
 
@@ -589,6 +671,7 @@ impl Engine {
         // Started here, not in `init`: a thread started by the pinned engine thread would
         // inherit its pinning and compete with it for its core.
         let id_blocks = prepare_id_blocks();
+        let tables = TableHelper::start();
         let init = move || EngineState {
             next_checkpoint: start_seq + checkpoint_every,
             ledger: Some(ledger),
@@ -600,6 +683,7 @@ impl Engine {
             buffer: Vec::with_capacity(EXECUTE_GROUP),
             output_capacity,
             id_blocks,
+            tables,
         };
         let handler = |state: &mut EngineState, slot: &InputSlot, _sequence, end_of_batch| {
             state.on_slot(slot, end_of_batch)
