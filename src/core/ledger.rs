@@ -937,6 +937,13 @@ impl Ledger {
         seq_and_code: u64,
     ) -> bool {
         let index = self.id_count;
+        // Index `u32::MAX` would be stored as an empty bucket (entries are kept inverted):
+        // the table's capacity ends one short of it. Unreachable in practice (4.3 billion ids
+        // at 43 bytes each), but stopped loudly rather than wrapped silently.
+        assert!(
+            index < u32::MAX,
+            "the ledger remembers at most 2^32 - 1 transaction ids"
+        );
         let chunks = &self.id_chunks;
         let existing = self.id_index.insert_unique(hash, index, |i| {
             chunks[i as usize / ID_CHUNK][i as usize % ID_CHUNK].id() == id
@@ -1035,7 +1042,7 @@ impl Ledger {
     }
 
     /// The id table's old array after a growth that used a given spare, to be freed elsewhere.
-    pub fn take_retired_id_table(&mut self) -> Option<crate::core::table::SpareBuckets> {
+    pub fn take_retired_id_table(&mut self) -> Option<crate::core::table::RetiredBuckets> {
         self.id_index.take_retired()
     }
 

@@ -51,6 +51,16 @@ impl Clone for IndexTable {
 /// kernel to zero hundreds of MiB on first touch. See `IndexTable::spare_wanted`.
 pub struct SpareBuckets(Vec<u64>);
 
+/// A used bucket array that a growth left behind, only to be freed (see
+/// `IndexTable::take_retired`).
+pub struct RetiredBuckets(Vec<u64>);
+
+impl RetiredBuckets {
+    pub fn buckets(&self) -> usize {
+        self.0.len()
+    }
+}
+
 impl SpareBuckets {
     pub fn new(buckets: usize) -> SpareBuckets {
         SpareBuckets(vec![EMPTY; buckets])
@@ -216,8 +226,10 @@ impl IndexTable {
 
     /// The old bucket array of a finished growth, once the owner has given a spare: for the
     /// owner to free on another thread (freeing hundreds of MiB takes the kernel a while).
-    pub fn take_retired(&mut self) -> Option<SpareBuckets> {
-        self.retired.take().map(SpareBuckets)
+    /// Its own type, not a `SpareBuckets`: it still holds entries, and `give_spare` must
+    /// only ever get zeroed arrays.
+    pub fn take_retired(&mut self) -> Option<RetiredBuckets> {
+        self.retired.take().map(RetiredBuckets)
     }
 
     /// Whether a growth is still copying old buckets (for tests).

@@ -29,7 +29,7 @@ use disruptor::{
 };
 
 use crate::core::ledger::IdBlock;
-use crate::core::table::SpareBuckets;
+use crate::core::table::{RetiredBuckets, SpareBuckets};
 use crate::core::{Command, CommandRecord, Ledger};
 use crate::journal::JournalWriter;
 use doorbell::Doorbell;
@@ -444,6 +444,7 @@ pub struct TableHelper {
 enum TableRequest {
     Prepare(usize),
     Free(SpareBuckets),
+    FreeRetired(RetiredBuckets),
 }
 
 impl TableHelper {
@@ -468,6 +469,7 @@ impl TableHelper {
                             }
                         }
                         TableRequest::Free(spare) => drop(spare),
+                        TableRequest::FreeRetired(retired) => drop(retired),
                     }
                 }
             })
@@ -483,7 +485,7 @@ impl TableHelper {
     /// the array a finished growth left behind freed on the helper thread.
     pub fn tend(&mut self, ledger: &mut Ledger) {
         if let Some(retired) = ledger.take_retired_id_table() {
-            let _ = self.requests.send(TableRequest::Free(retired));
+            let _ = self.requests.send(TableRequest::FreeRetired(retired));
         }
         if let Some(asked) = self.asked {
             let Ok(spare) = self.prepared.try_recv() else {
