@@ -34,7 +34,7 @@ fn op() -> impl Strategy<Value = Op> {
 /// Keys' hashes: most are well mixed, but every 8th key shares its hash with key 0 (so tags
 /// collide and the key check decides) and keys 16 apart share the low half.
 fn hash_of(k: u16) -> u64 {
-    if k % 8 == 0 {
+    if k.is_multiple_of(8) {
         return 0x1234_5678_9abc_def0;
     }
     let mixed = xxhash_rust::xxh3::xxh3_64(&k.to_le_bytes());
