@@ -414,12 +414,17 @@ fn probe(
 mod tests {
     use super::{IndexTable, MIGRATE_STEP, SpareBuckets};
 
+    /// Well-mixed hashes of the keys 0..n.
+    fn hashes(n: u64) -> Vec<u64> {
+        (0..n)
+            .map(|k| xxhash_rust::xxh3::xxh3_64(&k.to_le_bytes()))
+            .collect()
+    }
+
     #[test]
     fn finds_what_was_inserted_across_growth_and_collisions() {
         let mut table = IndexTable::with_capacity(1);
-        let keys: Vec<u64> = (0..10_000u64)
-            .map(|k| xxhash_rust::xxh3::xxh3_64(&k.to_le_bytes()))
-            .collect();
+        let keys = hashes(10_000);
         for (i, hash) in keys.iter().enumerate() {
             assert_eq!(table.find(*hash, |j| j as usize == i), None);
             table.insert(*hash, i as u32);
@@ -444,9 +449,7 @@ mod tests {
     fn a_growth_copies_a_few_buckets_per_insertion_and_every_entry_stays_found() {
         let mut table = IndexTable::with_capacity(1000);
         let first_buckets = table.bucket_count();
-        let keys: Vec<u64> = (0..40_000u64)
-            .map(|k| xxhash_rust::xxh3::xxh3_64(&k.to_le_bytes()))
-            .collect();
+        let keys = hashes(40_000);
         let mut growing_for = 0;
         let mut growths = 0;
         for (i, hash) in keys.iter().enumerate() {
@@ -504,9 +507,7 @@ mod tests {
     fn reserve_during_a_growth_keeps_every_entry_once() {
         for additional in [1, 10_000] {
             let mut table = IndexTable::with_capacity(1000);
-            let keys: Vec<u64> = (0..20_000u64)
-                .map(|k| xxhash_rust::xxh3::xxh3_64(&k.to_le_bytes()))
-                .collect();
+            let keys = hashes(20_000);
             let mut i = 0;
             // Into a growth, and a few insertions on, so that some old buckets are copied.
             while !table.growing() {
@@ -536,9 +537,7 @@ mod tests {
     fn a_growth_uses_the_array_handed_in_ahead() {
         let mut table = IndexTable::with_capacity(100);
         let buckets = table.bucket_count();
-        let keys: Vec<u64> = (0..10_000u64)
-            .map(|k| xxhash_rust::xxh3::xxh3_64(&k.to_le_bytes()))
-            .collect();
+        let keys = hashes(10_000);
         let mut i = 0;
         while table.spare_wanted().is_none() {
             table.insert(keys[i], i as u32);
