@@ -49,7 +49,8 @@ pub struct MmapStorage {
 /// rewrites a whole large folio each time. Without readahead every page is its own 4 KiB folio
 /// and few bytes are written, but each new page costs its own fault, TLB flush and extent
 /// conversion, which slows large syncs. The measured trade-off (disk bytes, msync times, bench
-/// throughput per mode) is in README, Durability and Performance; `on` stays the default.
+/// throughput per mode) is in README, Durability, and `docs/performance-log.md`; `on` stays the
+/// default.
 #[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Readahead {
     /// The kernel's default readahead (large folios).

@@ -320,14 +320,20 @@ fn setup_ledger(ledger: &mut Ledger, ids: &[AccountId], currency: Currency, seed
     }
 }
 
+/// The transaction ids the ledger's id table is sized for: `--id-capacity`, or every id the run
+/// creates (a deposit and an opening per account, and the transfers).
+fn id_table_capacity(args: &BenchArgs) -> usize {
+    args.id_capacity
+        .unwrap_or(args.transfers as usize + 2 * args.accounts as usize)
+}
+
 /// `Ledger::execute` alone: commands are generated up front (outside the timing) in chunks.
 fn run_execute(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let usd = Currency::new("USD").map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut ledger = Ledger::with_capacity(
         LedgerConfig::default(),
         args.accounts as usize,
-        args.id_capacity
-            .unwrap_or(args.transfers as usize + 2 * args.accounts as usize),
+        id_table_capacity(args),
     );
     let ids: Arc<Vec<AccountId>> = Arc::new((0..args.accounts).map(account_id).collect());
     setup_ledger(&mut ledger, &ids, usd, args.seed);
@@ -469,10 +475,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let mut ledger = Ledger::with_capacity(
         LedgerConfig::default(),
         args.accounts as usize,
-        args.id_capacity
-            .unwrap_or(args.transfers as usize + 2 * args.accounts as usize),
+        id_table_capacity(args),
     );
-    // The id table is sized for every id to come (no growth while measuring), but their
+    // The id table is sized for every id to come unless `--id-capacity` says otherwise, but their
     // storage blocks come as the engine needs them, as in a server taking new transfers: from
     // the engine's helper, which populates them ahead (`prepare_id_blocks`).
     ledger.release_spare_id_blocks();
