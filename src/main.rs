@@ -70,11 +70,11 @@ struct ServeArgs {
     sync: wallet::journal::SyncMode,
     #[arg(long, default_value_t = 64 << 20)]
     segment_size: u64,
-    /// Kernel readahead on the journal's mapping: on (large page-cache folios: fastest under
-    /// heavy load), off (4 KiB folios: each small sync writes a few KiB to the disk instead of a
-    /// whole large folio), auto (off while syncs are small, on when they grow). See README,
+    /// Kernel readahead on the journal's mapping: auto (off while syncs are small, on when they
+    /// grow), on (large page-cache folios: each small sync rewrites a whole large folio on the
+    /// disk), off (4 KiB folios: fewest bytes written, slower large syncs). See README,
     /// Durability.
-    #[arg(long, default_value = "on")]
+    #[arg(long, default_value = "auto")]
     journal_readahead: wallet::journal::storage::Readahead,
     #[arg(long, default_value_t = 16 << 10)]
     max_body_bytes: usize,

@@ -85,7 +85,7 @@ impl Default for ServeConfig {
             data_dir: PathBuf::from("./data"),
             sync: SyncMode::Batch,
             segment_size_bytes: 64 << 20,
-            journal_readahead: crate::journal::storage::Readahead::On,
+            journal_readahead: crate::journal::storage::Readahead::default(),
             max_body_bytes: 16 << 10,
             max_batch_body_bytes: 4 << 20,
             header_read_timeout: Duration::from_secs(5),

@@ -48,18 +48,18 @@ pub struct MmapStorage {
 /// writer moves through a segment, so a sync of a few KiB (one HTTP transfer per request)
 /// rewrites a whole large folio each time. Without readahead every page is its own 4 KiB folio
 /// and few bytes are written, but each new page costs its own fault, TLB flush and extent
-/// conversion, which slows large syncs. The measured trade-off (disk bytes, msync times, bench
-/// throughput per mode) is in README, Durability, and `docs/performance-log.md`; `on` stays the
-/// default.
+/// conversion, which slows large syncs. `Auto` (the default) takes the cheap side of each: the
+/// measured trade-off (disk bytes, msync times, bench throughput and latency per mode) is in
+/// README, Durability, and `docs/performance-log.md`.
 #[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Readahead {
     /// The kernel's default readahead (large folios).
-    #[default]
     On,
     /// No readahead (`MADV_RANDOM`): 4 KiB folios, the fewest bytes written.
     Off,
     /// Off while syncs average fewer than `SMALL_SYNC_BYTES`, on again above
     /// `LARGE_SYNC_BYTES`: few bytes written under light load, large folios under heavy load.
+    #[default]
     Auto,
 }
 

@@ -57,7 +57,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 256 << 20)]
     pub segment_size: u64,
     /// Kernel readahead on the journal's mapping: on, off or auto (as `serve`).
-    #[arg(long, default_value = "on")]
+    #[arg(long, default_value = "auto")]
     pub journal_readahead: crate::journal::storage::Readahead,
     /// Wait strategy of the ring consumers: spin, yield, park or sleep=<n>us.
     #[arg(long, default_value = "spin")]
@@ -446,7 +446,7 @@ fn report(
         sync: match (args.stage, args.no_journal) {
             (Stage::Execute, _) => "execute-only".into(),
             (_, true) => "no-journal".into(),
-            _ if args.journal_readahead == crate::journal::storage::Readahead::On => {
+            _ if args.journal_readahead == crate::journal::storage::Readahead::default() => {
                 format!("{:?}", args.sync)
             }
             _ => format!(
