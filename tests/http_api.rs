@@ -587,6 +587,83 @@ fn loadgen_resends_on_a_fresh_connection_after_the_server_closed_an_idle_one() {
     );
 }
 
+/// Two load-generator runs against one server must measure two sets of transfers, not the first
+/// run's ids answered again as idempotent replays: the seed is random unless given, replays are
+/// counted apart from committed transfers (single and batch requests), and `--setup` run twice
+/// deposits once.
+#[test]
+fn loadgen_sends_fresh_ids_per_run_and_counts_replays_apart() {
+    let dir = temp();
+    let server = Server::start(dir.path(), &[]);
+    let url = format!("http://{}", server.address);
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .args([
+                "loadgen",
+                "--url",
+                &url,
+                "--accounts",
+                "20",
+                "--rate",
+                "200",
+            ])
+            .args(["--connections", "2", "--duration", "1", "--json"])
+            .args(extra)
+            .output()
+            .expect("run loadgen");
+        assert!(
+            output.status.success(),
+            "loadgen: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("JSON report")
+    };
+    let count = |report: &serde_json::Value, field: &str| report[field].as_u64().unwrap_or(0);
+    let ok = |report: &serde_json::Value| report["status_counts"]["200"].as_u64().unwrap_or(0);
+
+    let first = run(&["--setup", "--seed", "42"]);
+    assert_eq!(first["seed"], 42, "{first}");
+    assert!(count(&first, "transfers") >= 100, "{first}");
+    assert_eq!(count(&first, "replayed"), 0, "{first}");
+
+    // The same seed again: the same ids, answered as replays and not counted as transfers.
+    let again = run(&["--setup", "--seed", "42"]);
+    assert!(count(&again, "replayed") >= 50, "{again}");
+    assert_eq!(
+        count(&again, "transfers") + count(&again, "replayed"),
+        ok(&again),
+        "{again}"
+    );
+
+    // No seed: a fresh one each run, and nothing replayed.
+    let fresh = run(&[]);
+    let other = run(&[]);
+    assert_ne!(fresh["seed"], other["seed"]);
+    for report in [&fresh, &other] {
+        assert_eq!(count(report, "replayed"), 0, "{report}");
+        assert_eq!(count(report, "transfers"), ok(report), "{report}");
+    }
+
+    // Batches: replayed items are counted from the per-transfer results.
+    let batch = run(&["--seed", "7", "--batch", "10"]);
+    assert!(count(&batch, "transfers") >= 50, "{batch}");
+    assert_eq!(count(&batch, "replayed"), 0, "{batch}");
+    let batch_again = run(&["--seed", "7", "--batch", "10"]);
+    assert!(count(&batch_again, "replayed") >= 30, "{batch_again}");
+    assert_eq!(
+        count(&batch_again, "transfers") + count(&batch_again, "replayed"),
+        ok(&batch_again) * 10,
+        "{batch_again}"
+    );
+
+    // Two setups deposited once: the 20 accounts still hold exactly what one setup put in.
+    let mut c = server.client();
+    let total: i64 = (0..20)
+        .map(|i| balance_cents(&mut c, &format!("lg-{i:07}")))
+        .sum();
+    assert_eq!(total, 20 * 1_000_000_000 * 100);
+}
+
 /// `serve` binds first and recovers after; in between it must answer, not leave connections in
 /// the accept backlog: `/healthz` 200, `/readyz` 503 naming the phase, anything else 503 with
 /// `Retry-After` (and nothing changes). Once recovered, the same address serves normally.

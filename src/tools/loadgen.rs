@@ -36,8 +36,12 @@ pub struct LoadgenArgs {
     /// Open the accounts and deposit into them first.
     #[arg(long)]
     pub setup: bool,
-    #[arg(long, default_value_t = 7)]
-    pub seed: u64,
+    /// Seed of the transfers' accounts and transaction ids. Default: a fresh random seed, so
+    /// that a second run against the same server sends new transfers; the seed is printed in
+    /// the report, and passing it again repeats the run's ids exactly (the server then answers
+    /// them as idempotent replays, counted apart as `replayed`).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Send requests to this fixed path instead (to measure a bare server with the same client).
     #[arg(long)]
     pub raw_path: Option<String>,
@@ -58,7 +62,12 @@ pub struct LoadgenArgs {
 #[derive(Debug, Serialize)]
 pub struct LoadgenReport {
     pub requests: u64,
+    /// Transfers committed by this run: answered 200 and not as a replay of an earlier request.
     pub transfers: u64,
+    /// Transfers answered as idempotent replays (`Idempotent-Replayed: true`, or `"replayed":
+    /// true` in a batch): ids the server had already executed. Not counted in `transfers`.
+    pub replayed: u64,
+    pub seed: u64,
     pub seconds: f64,
     pub transfers_per_sec: f64,
     pub requests_per_sec: f64,
@@ -125,6 +134,8 @@ struct Head {
     length: usize,
     length_of_body: usize,
     close: bool,
+    /// `Idempotent-Replayed: true`: the server answered with an earlier request's outcome.
+    replayed: bool,
 }
 
 /// Parses a response head from the start of `buffer`; `None` while it is incomplete.
@@ -137,6 +148,7 @@ fn parse_head(buffer: &[u8]) -> anyhow::Result<Option<Head>> {
     let status = response.code.unwrap_or(0);
     let mut length_of_body = None;
     let mut close = false;
+    let mut replayed = false;
     for header in response.headers.iter() {
         if header.name.eq_ignore_ascii_case("content-length") {
             length_of_body = std::str::from_utf8(header.value)
@@ -148,6 +160,8 @@ fn parse_head(buffer: &[u8]) -> anyhow::Result<Option<Head>> {
             );
         } else if header.name.eq_ignore_ascii_case("connection") {
             close = header.value.eq_ignore_ascii_case(b"close");
+        } else if header.name.eq_ignore_ascii_case("idempotent-replayed") {
+            replayed = header.value.eq_ignore_ascii_case(b"true");
         }
     }
     let length_of_body = length_of_body
@@ -157,7 +171,35 @@ fn parse_head(buffer: &[u8]) -> anyhow::Result<Option<Head>> {
         length,
         length_of_body,
         close,
+        replayed,
     }))
+}
+
+/// One response: its status, whether it was an idempotent replay, and its body.
+struct Answer {
+    status: u16,
+    replayed: bool,
+    body: Bytes,
+}
+
+/// Committed and replayed transfers in one answer. A batch's body holds one result per
+/// transfer, `{"index":i,"http_status":s,"replayed":b,...}`, in the server's fixed layout.
+fn tally(answer: &Answer, batch: bool) -> (u64, u64) {
+    if !batch {
+        return match (answer.status, answer.replayed) {
+            (200, false) => (1, 0),
+            (200, true) => (0, 1),
+            _ => (0, 0),
+        };
+    }
+    if answer.status != 200 {
+        return (0, 0);
+    }
+    let count = |pattern: &[u8]| memchr::memmem::find_iter(&answer.body, pattern).count() as u64;
+    (
+        count(br#""http_status":200,"replayed":false"#),
+        count(br#""http_status":200,"replayed":true"#),
+    )
 }
 
 /// The resolution of tokio's timer.
@@ -215,7 +257,7 @@ impl Client {
         path: &str,
         body: Option<String>,
         token: Option<&str>,
-    ) -> anyhow::Result<(u16, Bytes)> {
+    ) -> anyhow::Result<Answer> {
         self.build_request(method, path, body.as_deref(), token);
         let reused = self.stream.is_some();
         let mut result = self.exchange().await;
@@ -252,7 +294,7 @@ impl Client {
     }
 
     /// Writes the prepared request and reads one response.
-    async fn exchange(&mut self) -> anyhow::Result<(u16, Bytes)> {
+    async fn exchange(&mut self) -> anyhow::Result<Answer> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         self.response_started = false;
         let mut stream = match self.stream.take() {
@@ -280,7 +322,11 @@ impl Client {
                 if !head.close {
                     self.stream = Some(stream);
                 }
-                return Ok((head.status, body));
+                return Ok(Answer {
+                    status: head.status,
+                    replayed: head.replayed,
+                    body,
+                });
             }
             if self.buffer.capacity() - self.buffer.len() < 4096 {
                 self.buffer.reserve(16 * 1024);
@@ -322,33 +368,36 @@ fn transfer_from(rng: &mut SplitMix, accounts: u64, from: u64) -> String {
     )
 }
 
+/// Seeds the deposits of `--setup` (with the account's number).
+const SETUP_SEED: u64 = 0x5E7_5E7_5E7;
+
 async fn setup(args: &LoadgenArgs, host: &Target, admin: Option<String>) -> anyhow::Result<()> {
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for worker in 0..args.connections.clamp(1, 32) {
+    for _ in 0..args.connections.clamp(1, 32) {
         let next = next.clone();
         let host = host.clone();
         let accounts = u64::from(args.accounts);
-        let seed = args.seed;
         let admin = admin.clone();
         tasks.push(tokio::spawn(async move {
             let token = admin.as_deref();
             let mut client = Client::connect(&host).await?;
-            let mut rng = SplitMix::new(seed ^ 0x5E7 ^ worker as u64);
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= accounts {
                     return anyhow::Ok(());
                 }
                 let open = format!(r#"{{"account_id":"{}"}}"#, account(i));
-                let (status, _) = client.send_as("POST", "/v1/wallet/accounts", Some(open), token).await?;
+                let status = client.send_as("POST", "/v1/wallet/accounts", Some(open), token).await?.status;
                 anyhow::ensure!(status == 201 || status == 409, "opening {} answered {status}", account(i));
+                // Each account's deposit id is fixed, so running --setup again deposits nothing
+                // more (the server replays the first deposit).
                 let body = format!(
                     r#"{{"account_id":"{}","amount":"1000000000.00","currency":"USD","transaction_id":"{}"}}"#,
                     account(i),
-                    uuid(&mut rng)
+                    uuid(&mut SplitMix::new(SETUP_SEED ^ i))
                 );
-                let (status, _) = client.send_as("POST", "/v1/wallet/deposit", Some(body), token).await?;
+                let status = client.send_as("POST", "/v1/wallet/deposit", Some(body), token).await?.status;
                 anyhow::ensure!(status == 200, "deposit into {} answered {status}", account(i));
             }
         }));
@@ -394,6 +443,11 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
         };
         setup(args, &host, admin).await?;
     }
+    let seed = match args.seed {
+        Some(seed) => seed,
+        // The OS's randomness (what a v4 UUID is made of).
+        None => uuid::Uuid::new_v4().as_u64_pair().0,
+    };
     let requests_per_sec = args.rate as f64 / args.batch as f64;
     let interval_ns = if args.rate == 0 {
         0.0
@@ -411,10 +465,12 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
         let tokens = tokens.clone();
         tasks.push(tokio::spawn(async move {
             let mut client = Client::connect(&host).await?;
-            let mut rng = SplitMix::new(args.seed.wrapping_mul(31).wrapping_add(worker as u64 + 1));
+            let mut rng = SplitMix::new(seed.wrapping_mul(31).wrapping_add(worker as u64 + 1));
             let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
             let mut statuses: BTreeMap<u16, u64> = BTreeMap::new();
             let mut errors = 0u64;
+            let (mut committed, mut replayed) = (0u64, 0u64);
+            let counts_transfers = args.raw_path.is_none();
             let accounts = u64::from(args.accounts).max(2);
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -467,20 +523,30 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
                 }
                 let sent = Instant::now();
                 match client.send_as(method, &path, body, token).await {
-                    Ok((status, _)) => *statuses.entry(status).or_default() += 1,
+                    Ok(answer) => {
+                        *statuses.entry(answer.status).or_default() += 1;
+                        if counts_transfers {
+                            let (c, r) = tally(&answer, args.batch > 1);
+                            committed += c;
+                            replayed += r;
+                        }
+                    }
                     Err(_) => errors += 1,
                 }
                 let latency_us = (intended.min(sent).elapsed().as_nanos() / 1000) as u64;
                 let _ = histogram.record(latency_us.max(1));
             }
-            anyhow::Ok((histogram, statuses, errors))
+            anyhow::Ok((histogram, statuses, errors, committed, replayed))
         }));
     }
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
     let mut errors = 0;
+    let (mut committed, mut replayed) = (0u64, 0u64);
     for task in tasks {
-        let (h, s, e) = task.await??;
+        let (h, s, e, c, r) = task.await??;
+        committed += c;
+        replayed += r;
         histogram.add(&h)?;
         for (status, count) in s {
             *statuses.entry(status.to_string()).or_default() += count;
@@ -489,7 +555,12 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
     }
     let seconds = start.elapsed().as_secs_f64().max(1e-9);
     let requests = histogram.len();
-    let ok_transfers = statuses.get("200").copied().unwrap_or(0) * args.batch as u64;
+    // A bare server's fixed answers count as one "transfer" each, for the same throughput field.
+    let ok_transfers = if args.raw_path.is_some() {
+        statuses.get("200").copied().unwrap_or(0)
+    } else {
+        committed
+    };
     let mut latency = BTreeMap::new();
     for (name, q) in [
         ("p50", 0.5),
@@ -504,6 +575,8 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
     let report = LoadgenReport {
         requests,
         transfers: ok_transfers,
+        replayed,
+        seed,
         seconds,
         transfers_per_sec: ok_transfers as f64 / seconds,
         requests_per_sec: requests as f64 / seconds,
@@ -533,8 +606,8 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
             seconds
         );
         println!(
-            "  transfers/s {:.0}   requests/s {:.0}   errors {}",
-            report.transfers_per_sec, report.requests_per_sec, errors
+            "  transfers/s {:.0}   requests/s {:.0}   errors {}   replayed {}   seed {}",
+            report.transfers_per_sec, report.requests_per_sec, errors, replayed, seed
         );
         println!("  status      {:?}", report.status_counts);
         println!(
