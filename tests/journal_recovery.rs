@@ -643,6 +643,67 @@ fn replay_to_a_sequence_prints_an_accounts_entries_with_running_balances() {
     assert_eq!(account.balances, vec![("USD".to_string(), last.clone())]);
 }
 
+/// `wallet replay` audits where the journal ends: a last record damaged after it was synced reads
+/// as a torn tail, but the durable watermark says it was acknowledged, so the replay fails; a
+/// snapshot ahead of the journal fails `--from-snapshot` the same way. Without the watermark
+/// file and the snapshot, the same journal replays as a torn tail (what a crash leaves).
+#[test]
+fn replay_fails_when_the_journal_ends_before_its_durable_watermark_or_snapshot() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let (ledger, _) = fresh_journal(data, 64 << 10, 0..500, 10);
+    let last_seq = ledger.next_seq() - 1;
+    snapshot::write_snapshot(&snapshot_dir(data), &encode_snapshot(&ledger)).unwrap();
+    let whole = wallet::tools::replay::run(&replay_args(data)).unwrap();
+    assert!(whole.ok, "{:?}", whole.error);
+    assert_eq!(
+        (whole.last_seq, whole.durable_seq),
+        (last_seq, Some(last_seq))
+    );
+    assert_eq!(whole.torn_tail, None);
+
+    // Damage the last record's final bytes, as a bad sector after the sync would.
+    let end = wallet::journal::scan(&journal_dir(data), 1, |_| Ok(())).unwrap();
+    let (segment, offset) = end.segment.clone().unwrap();
+    let file = OpenOptions::new().write(true).open(&segment).unwrap();
+    file.write_all_at(&[0u8; 8], offset - 8).unwrap();
+    drop(file);
+
+    let damaged = wallet::tools::replay::run(&replay_args(data)).unwrap();
+    assert!(!damaged.ok);
+    assert!(damaged.last_seq < last_seq);
+    assert!(damaged.torn_tail.is_some());
+    let error = damaged.error.unwrap();
+    assert!(
+        error.contains("durable watermark") && error.contains(&last_seq.to_string()),
+        "{error}"
+    );
+    let from_snapshot = wallet::tools::replay::run(&wallet::tools::replay::ReplayArgs {
+        from_snapshot: true,
+        ..replay_args(data)
+    })
+    .unwrap();
+    assert_eq!(from_snapshot.snapshot_seq, Some(last_seq));
+    let error = from_snapshot.error.unwrap();
+    assert!(error.contains("snapshot holds sequence"), "{error}");
+
+    // A replay that stops before the damage has nothing to say about the end.
+    let early = wallet::tools::replay::run(&wallet::tools::replay::ReplayArgs {
+        to_seq: Some(last_seq / 2),
+        ..replay_args(data)
+    })
+    .unwrap();
+    assert!(early.ok, "{:?}", early.error);
+
+    fs::remove_file(journal_dir(data).join(wallet::journal::format::DURABLE_FILE_NAME)).unwrap();
+    fs::remove_dir_all(snapshot_dir(data)).unwrap();
+    let crashed = wallet::tools::replay::run(&replay_args(data)).unwrap();
+    assert!(crashed.ok, "{:?}", crashed.error);
+    assert_eq!(crashed.last_seq, damaged.last_seq);
+    assert_eq!(crashed.durable_seq, None);
+    assert!(crashed.torn_tail.is_some());
+}
+
 #[test]
 fn every_flipped_bit_in_a_committed_record_is_reported_as_corruption() {
     let temp = tempfile::tempdir().unwrap();

@@ -49,6 +49,15 @@ pub struct ReplayReport {
     pub events: u64,
     pub checkpoints_verified: u64,
     pub last_seq: u64,
+    /// With `--from-snapshot`: the last sequence in the snapshot the replay started from (none:
+    /// no valid snapshot, so the replay started from the beginning of the journal).
+    pub snapshot_seq: Option<u64>,
+    /// The last sequence the journal's durable-watermark file says was synced (and so may have
+    /// been acknowledged). A journal that ends before it has lost acknowledged records.
+    pub durable_seq: Option<u64>,
+    /// Where a torn tail starts (newest segment and byte offset), when the journal has one:
+    /// bytes after the last valid record that are neither a record nor preallocated zeros.
+    pub torn_tail: Option<String>,
     pub accounts: u32,
     pub transaction_ids: u32,
     pub totals: Vec<(String, String)>,
@@ -81,13 +90,20 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
     let config = LedgerConfig::default();
     let journal = journal_dir(&args.data_dir);
     let started = Instant::now();
+    let durable_seq = read_durable_seq(&journal);
+    let mut snapshot_seq = None;
     let mut ledger = if args.from_snapshot {
-        snapshot::load_newest(
+        match snapshot::load_newest(
             &snapshot_dir(&args.data_dir),
             config,
             args.to_seq.map(|s| s + 1),
-        )
-        .unwrap_or_else(|| Ledger::new(config))
+        ) {
+            Some(ledger) => {
+                snapshot_seq = Some(ledger.next_seq() - 1);
+                ledger
+            }
+            None => Ledger::new(config),
+        }
     } else if to_time_ns.is_some() {
         // How much of the journal a time covers is unknown: no reservation.
         Ledger::new(config)
@@ -150,11 +166,37 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
         }
     };
     let scanned = replay_journal(&mut ledger, &journal, admit, observe);
-    let result = scanned.map(|_| ()).map_err(|e| e.to_string());
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
-    let mut error = result.err();
+    let (mut error, torn_tail) = match scanned {
+        Err(e) => (Some(e.to_string()), None),
+        Ok(end) => {
+            let torn_tail = end.torn_at.map(|offset| match &end.segment {
+                Some((path, _)) => format!("{} at byte {offset}", path.display()),
+                None => format!("byte {offset}"),
+            });
+            // Only a replay that read to the end of the journal can tell where it ends.
+            let to_end = !stopped;
+            let journal_last = end.next_seq - 1;
+            let missing = match (snapshot_seq, durable_seq) {
+                (Some(snap), _) if to_end && journal_last < snap => Some(format!(
+                    "the snapshot holds sequence {snap} but the journal ends at {journal_last}: \
+                     journal records the snapshot covers are missing"
+                )),
+                (_, Some(durable)) if to_end && journal_last < durable => Some(format!(
+                    "the journal ends at sequence {journal_last}{} but its durable watermark \
+                     says {durable} was synced: acknowledged records are missing",
+                    torn_tail
+                        .as_ref()
+                        .map(|t| format!(" (torn tail: {t})"))
+                        .unwrap_or_default()
+                )),
+                _ => None,
+            };
+            (missing, torn_tail)
+        }
+    };
     if error.is_none()
         && let Err(e) = ledger.check_invariants()
     {
@@ -178,6 +220,9 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
         events,
         checkpoints_verified: checkpoints,
         last_seq: ledger.next_seq() - 1,
+        snapshot_seq,
+        durable_seq,
+        torn_tail,
         accounts: ledger.account_count(),
         transaction_ids: ledger.transaction_id_count(),
         totals: ledger
@@ -189,6 +234,19 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
         events_per_sec: events as f64 / seconds.max(1e-9),
         account: account_report,
     })
+}
+
+/// The durable watermark's sequence, if the journal has a readable watermark file (a torn or
+/// missing one gives none: the check it feeds is then skipped, never failed).
+fn read_durable_seq(journal: &std::path::Path) -> Option<u64> {
+    let bytes = std::fs::read(journal.join(crate::journal::format::DURABLE_FILE_NAME)).ok()?;
+    match crate::journal::format::decode_durable(&bytes) {
+        Ok((seq, _)) => Some(seq),
+        Err(e) => {
+            tracing::warn!(error = e, "unreadable durable-watermark file; not checked");
+            None
+        }
+    }
 }
 
 fn console_is_terminal() -> bool {
@@ -220,6 +278,12 @@ pub fn print(report: &ReplayReport) {
     );
     for (currency, total) in &report.totals {
         println!("  total {currency} {total}");
+    }
+    if let Some(seq) = report.snapshot_seq {
+        println!("started from the snapshot at sequence {seq}");
+    }
+    if let Some(torn) = &report.torn_tail {
+        println!("torn tail (bytes after the last valid record): {torn}");
     }
     println!(
         "state hash {}  ({:.0} events/s)",
