@@ -621,6 +621,17 @@ fn loadgen_sends_fresh_ids_per_run_and_counts_replays_apart() {
     let count = |report: &serde_json::Value, field: &str| report[field].as_u64().unwrap_or(0);
     let ok = |report: &serde_json::Value| report["status_counts"]["200"].as_u64().unwrap_or(0);
 
+    // Before --setup no account exists: every answer is a rejection, none is a committed
+    // transfer, and only the all-answers latency has samples.
+    let rejected = run(&["--seed", "5"]);
+    assert!(
+        rejected["status_counts"]["422"].as_u64().unwrap_or(0) >= 100,
+        "{rejected}"
+    );
+    assert_eq!(count(&rejected, "transfers"), 0, "{rejected}");
+    assert_eq!(rejected["latency_us"]["max"], 0, "{rejected}");
+    assert!(rejected["latency_all_us"]["max"].as_u64().unwrap_or(0) > 0);
+
     let first = run(&["--setup", "--seed", "42"]);
     assert_eq!(first["seed"], 42, "{first}");
     assert!(count(&first, "transfers") >= 100, "{first}");
@@ -662,6 +673,54 @@ fn loadgen_sends_fresh_ids_per_run_and_counts_replays_apart() {
         .map(|i| balance_cents(&mut c, &format!("lg-{i:07}")))
         .sum();
     assert_eq!(total, 20 * 1_000_000_000 * 100);
+}
+
+/// Open loop: a server that stalls near the end of a run still gets every request that was due
+/// before the end, late, with its latency counted from the intended send time; the run does
+/// not drop them (and with them the worst latencies).
+#[test]
+fn loadgen_sends_the_backlog_of_a_stall_at_the_end_of_an_open_loop_run() {
+    let dir = temp();
+    let server = Server::start(dir.path(), &[]);
+    let url = format!("http://{}", server.address);
+    let loadgen = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+        .args(["loadgen", "--url", &url, "--raw-path", "/healthz"])
+        .args([
+            "--rate",
+            "200",
+            "--connections",
+            "4",
+            "--duration",
+            "2",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run loadgen");
+    // Stop the server for the last part of the run and a little after its end.
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = server.child.id().to_string();
+    let stop = |signal: &str| {
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    };
+    stop("-STOP");
+    std::thread::sleep(Duration::from_millis(1000));
+    stop("-CONT");
+    let output = loadgen.wait_with_output().expect("loadgen");
+    assert!(output.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON report");
+    // 200/s for 2 s: 400 requests were due, and all were sent and answered.
+    assert_eq!(report["requests"], 400, "{report}");
+    assert_eq!(report["unsent"], 0, "{report}");
+    assert_eq!(report["status_counts"]["200"], 400, "{report}");
+    assert!(
+        report["latency_us"]["max"].as_u64().unwrap_or(0) >= 500_000,
+        "the stall is in the latencies: {report}"
+    );
 }
 
 /// `serve` binds first and recovers after; in between it must answer, not leave connections in

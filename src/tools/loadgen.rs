@@ -73,7 +73,14 @@ pub struct LoadgenReport {
     pub requests_per_sec: f64,
     pub status_counts: BTreeMap<String, u64>,
     pub errors: u64,
+    /// Open loop: requests that were due before the end but still unsent when the drain limit
+    /// (`DRAIN_LIMIT` after the end) ran out; a server that stalled at the end shows here.
+    pub unsent: u64,
+    /// Latency of the answers that committed transfers (of 200s, with `--raw-path`): replays,
+    /// rejections, overload answers and errors are not in it.
     pub latency_us: BTreeMap<String, u64>,
+    /// Latency of every answer and error, whatever it was.
+    pub latency_all_us: BTreeMap<String, u64>,
     pub rate: u64,
     pub connections: usize,
     pub batch: usize,
@@ -201,6 +208,9 @@ fn tally(answer: &Answer, batch: bool) -> (u64, u64) {
         count(br#""http_status":200,"replayed":true"#),
     )
 }
+
+/// How long an open-loop run goes on past its end to send requests that were already due.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
 /// The resolution of tokio's timer.
 const TIMER_TICK: Duration = Duration::from_millis(1);
@@ -467,6 +477,7 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
             let mut client = Client::connect(&host).await?;
             let mut rng = SplitMix::new(seed.wrapping_mul(31).wrapping_add(worker as u64 + 1));
             let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+            let mut all = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
             let mut statuses: BTreeMap<u16, u64> = BTreeMap::new();
             let mut errors = 0u64;
             let (mut committed, mut replayed) = (0u64, 0u64);
@@ -479,7 +490,12 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
                 } else {
                     Instant::now().max(start)
                 };
-                if intended >= end || Instant::now() >= end {
+                // Closed loop stops at the end. Open loop sends every request due before the end,
+                // late ones included (their latency runs from their intended time), for at most
+                // `DRAIN_LIMIT` more: dropping them would drop the worst latencies of a stall.
+                let now = Instant::now();
+                if intended >= end || (interval_ns == 0.0 && now >= end) || now >= end + DRAIN_LIMIT
+                {
                     break;
                 }
                 // With tokens, a whole request debits one account (owners move only their own
@@ -522,56 +538,64 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
                     tokio::time::sleep_until((intended - TIMER_TICK).into()).await;
                 }
                 let sent = Instant::now();
-                match client.send_as(method, &path, body, token).await {
+                let counted = match client.send_as(method, &path, body, token).await {
                     Ok(answer) => {
                         *statuses.entry(answer.status).or_default() += 1;
                         if counts_transfers {
                             let (c, r) = tally(&answer, args.batch > 1);
                             committed += c;
                             replayed += r;
+                            c > 0
+                        } else {
+                            answer.status == 200
                         }
                     }
-                    Err(_) => errors += 1,
+                    Err(_) => {
+                        errors += 1;
+                        false
+                    }
+                };
+                let latency_us = ((intended.min(sent).elapsed().as_nanos() / 1000) as u64).max(1);
+                let _ = all.record(latency_us);
+                if counted {
+                    let _ = histogram.record(latency_us);
                 }
-                let latency_us = (intended.min(sent).elapsed().as_nanos() / 1000) as u64;
-                let _ = histogram.record(latency_us.max(1));
             }
-            anyhow::Ok((histogram, statuses, errors, committed, replayed))
+            anyhow::Ok((histogram, all, statuses, errors, committed, replayed))
         }));
     }
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let mut all = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
     let mut errors = 0;
     let (mut committed, mut replayed) = (0u64, 0u64);
     for task in tasks {
-        let (h, s, e, c, r) = task.await??;
+        let (h, a, s, e, c, r) = task.await??;
         committed += c;
         replayed += r;
         histogram.add(&h)?;
+        all.add(&a)?;
         for (status, count) in s {
             *statuses.entry(status.to_string()).or_default() += count;
         }
         errors += e;
     }
     let seconds = start.elapsed().as_secs_f64().max(1e-9);
-    let requests = histogram.len();
+    let requests = all.len();
+    // Requests due before the end (open loop) that the drain limit left unsent.
+    let due = if interval_ns > 0.0 {
+        (args.duration as f64 * 1e9 / interval_ns).ceil() as u64
+    } else {
+        0
+    };
+    let unsent = due.saturating_sub(requests);
     // A bare server's fixed answers count as one "transfer" each, for the same throughput field.
     let ok_transfers = if args.raw_path.is_some() {
         statuses.get("200").copied().unwrap_or(0)
     } else {
         committed
     };
-    let mut latency = BTreeMap::new();
-    for (name, q) in [
-        ("p50", 0.5),
-        ("p90", 0.9),
-        ("p99", 0.99),
-        ("p999", 0.999),
-        ("p9999", 0.9999),
-    ] {
-        latency.insert(name.to_string(), histogram.value_at_quantile(q));
-    }
-    latency.insert("max".to_string(), histogram.max());
+    let latency = percentiles(&histogram);
     let report = LoadgenReport {
         requests,
         transfers: ok_transfers,
@@ -582,7 +606,9 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
         requests_per_sec: requests as f64 / seconds,
         status_counts: statuses,
         errors,
+        unsent,
         latency_us: latency.clone(),
+        latency_all_us: percentiles(&all),
         rate: args.rate,
         connections: args.connections,
         batch: args.batch,
@@ -610,17 +636,38 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
             report.transfers_per_sec, report.requests_per_sec, errors, replayed, seed
         );
         println!("  status      {:?}", report.status_counts);
-        println!(
-            "  latency us  p50 {}  p90 {}  p99 {}  p99.9 {}  p99.99 {}  max {}",
-            latency["p50"],
-            latency["p90"],
-            latency["p99"],
-            latency["p999"],
-            latency["p9999"],
-            latency["max"]
-        );
+        if unsent > 0 {
+            println!(
+                "  unsent      {unsent} (due before the end, still unsent {DRAIN_LIMIT:?} after it)"
+            );
+        }
+        for (label, l) in [
+            ("latency us ", &latency),
+            ("all answers", &report.latency_all_us),
+        ] {
+            println!(
+                "  {label} p50 {}  p90 {}  p99 {}  p99.9 {}  p99.99 {}  max {}",
+                l["p50"], l["p90"], l["p99"], l["p999"], l["p9999"], l["max"]
+            );
+        }
     }
     Ok(report)
+}
+
+/// p50 to p99.99 and the maximum, in microseconds.
+fn percentiles(histogram: &Histogram<u64>) -> BTreeMap<String, u64> {
+    let mut latency = BTreeMap::new();
+    for (name, q) in [
+        ("p50", 0.5),
+        ("p90", 0.9),
+        ("p99", 0.99),
+        ("p999", 0.999),
+        ("p9999", 0.9999),
+    ] {
+        latency.insert(name.to_string(), histogram.value_at_quantile(q));
+    }
+    latency.insert("max".to_string(), histogram.max());
+    latency
 }
 
 /// Writes `latency.hgrm` (HdrHistogram's percentile-distribution text) and `latency.svg`.
