@@ -131,6 +131,8 @@ struct BenchSink {
     replies: Arc<AtomicU64>,
     committed: u64,
     rejected: [u64; 16],
+    /// Setup commands (accounts, deposits) that were rejected: the run is then meaningless.
+    setup_rejected: Arc<AtomicU64>,
     done: std::sync::mpsc::Sender<(Histogram<u64>, u64, [u64; 16])>,
     /// Clock reading for the batch being delivered.
     now: Option<u64>,
@@ -152,9 +154,13 @@ impl ReplySink for BenchSink {
                 .histogram
                 .record((now.saturating_sub(slot.submitted_ns) / 1000).max(1));
             match slot.record.rejection {
+                // A replayed outcome repeats an earlier command: not a transfer of this run.
+                None if slot.record.replayed => {}
                 None => self.committed += 1,
                 Some(code) => self.rejected[code as usize] += 1,
             }
+        } else if slot.record.rejection.is_some() {
+            self.setup_rejected.fetch_add(1, Ordering::Relaxed);
         }
         self.replies.fetch_add(1, Ordering::Release);
     }
@@ -210,8 +216,9 @@ fn peak_rss_bytes() -> u64 {
 }
 
 fn submit_all(submitter: &mut crate::engine::Submitter, batch: &[(Command, u64)], base: Instant) {
+    // Stamped once: the time spent waiting for room in a full ring counts in the latency.
+    let now = base.elapsed().as_nanos() as u64;
     loop {
-        let now = base.elapsed().as_nanos() as u64;
         if submitter.try_submit_batch(batch, now).is_ok() {
             return;
         }
@@ -513,7 +520,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let measuring = Arc::new(AtomicU64::new(0));
     let replies = Arc::new(AtomicU64::new(0));
     let (done_sender, done) = std::sync::mpsc::channel();
+    let setup_rejected = Arc::new(AtomicU64::new(0));
     let sink = BenchSink {
+        setup_rejected: setup_rejected.clone(),
         base,
         histogram: Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
         measuring: measuring.clone(),
@@ -568,6 +577,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     submit_all(&mut submitter, &batch, base);
     setup_count += batch.len() as u64;
     wait_for(&replies, setup_count);
+    let refused = setup_rejected.load(Ordering::Relaxed);
+    anyhow::ensure!(
+        refused == 0,
+        "bench: {refused} of {setup_count} setup commands (opening accounts, deposits) were rejected"
+    );
     let journal_bytes_before = engine.shared().journal_bytes.load(Ordering::Relaxed);
 
     // Measured phase: transfers from `producers` threads.
