@@ -334,6 +334,13 @@ fn check_cut(
     Ok(())
 }
 
+/// Removes the journal's durable-watermark file, as if the writer had not yet published its
+/// last syncs: the records past it are then ones a crash may tear.
+fn forget_durable_watermark(data: &Path) {
+    fs::remove_file(journal_dir(data).join(wallet::journal::format::DURABLE_FILE_NAME))
+        .expect("the writer left a durable-watermark file");
+}
+
 fn apply_cut(file: &File, original: &[u8], cut: usize, how: Cut) {
     match how {
         Cut::Zeroed => file
@@ -354,6 +361,10 @@ fn every_cut_in_the_last_200_records_recovers_the_whole_records_before_it() {
     let data = temp.path();
     let (live, history) = build_journal(data);
     assert_eq!(recovered(data).ledger.state_hash(), live.state_hash());
+    // A torn write can only hit records the watermark does not name yet: without the file
+    // the cuts model exactly that (with it, recovery refuses a cut as lost acknowledged
+    // records: `recovery_and_replay_refuse_a_journal_that_ends_before_its_durable_watermark`).
+    forget_durable_watermark(data);
     let frames = frame_positions(data);
     assert_eq!(frames.len(), history.records());
     let segments = list_segments(&journal_dir(data)).unwrap();
@@ -397,6 +408,7 @@ fn after_a_cut_the_writer_continues_and_recovery_sees_everything() {
     let temp = tempfile::tempdir().unwrap();
     let source = temp.path().join("source");
     let (_, history) = build_journal(&source);
+    forget_durable_watermark(&source);
     let frames = frame_positions(&source);
     let newest = frames.last().unwrap().file.clone();
     let in_newest: Vec<&FramePosition> = frames.iter().filter(|f| f.file == newest).collect();
@@ -643,12 +655,13 @@ fn replay_to_a_sequence_prints_an_accounts_entries_with_running_balances() {
     assert_eq!(account.balances, vec![("USD".to_string(), last.clone())]);
 }
 
-/// `wallet replay` audits where the journal ends: a last record damaged after it was synced reads
-/// as a torn tail, but the durable watermark says it was acknowledged, so the replay fails; a
-/// snapshot ahead of the journal fails `--from-snapshot` the same way. Without the watermark
-/// file and the snapshot, the same journal replays as a torn tail (what a crash leaves).
+/// A last record damaged after it was synced reads as a torn tail, but the durable watermark
+/// says it may have been acknowledged: recovery refuses to start (naming the file, offset and
+/// sequence) and `wallet replay` fails; a snapshot ahead of the journal fails `--from-snapshot`
+/// the same way. Without the watermark file and the snapshot, the same journal recovers and
+/// replays as a torn tail (what a crash leaves).
 #[test]
-fn replay_fails_when_the_journal_ends_before_its_durable_watermark_or_snapshot() {
+fn recovery_and_replay_refuse_a_journal_that_ends_before_its_durable_watermark() {
     let temp = tempfile::tempdir().unwrap();
     let data = temp.path();
     let (ledger, _) = fresh_journal(data, 64 << 10, 0..500, 10);
@@ -669,6 +682,23 @@ fn replay_fails_when_the_journal_ends_before_its_durable_watermark_or_snapshot()
     file.write_all_at(&[0u8; 8], offset - 8).unwrap();
     drop(file);
 
+    match recover(data, LedgerConfig::default(), false, |_, _| {}) {
+        Err(JournalError::Corrupt {
+            file,
+            offset: at,
+            seq,
+            reason,
+        }) => {
+            // The first sequence of the damaged record, the first one missing.
+            let after = wallet::journal::scan(&journal_dir(data), 1, |_| Ok(())).unwrap();
+            assert_eq!((file, seq), (segment.clone(), after.next_seq));
+            assert!(seq <= last_seq);
+            assert!(at < offset, "offset {at}");
+            assert!(reason.contains("durable watermark"), "{reason}");
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(r) => panic!("recovered to {} past lost records", r.end.next_seq),
+    }
     let damaged = wallet::tools::replay::run(&replay_args(data)).unwrap();
     assert!(!damaged.ok);
     assert!(damaged.last_seq < last_seq);
@@ -699,6 +729,9 @@ fn replay_fails_when_the_journal_ends_before_its_durable_watermark_or_snapshot()
     fs::remove_dir_all(snapshot_dir(data)).unwrap();
     let crashed = wallet::tools::replay::run(&replay_args(data)).unwrap();
     assert!(crashed.ok, "{:?}", crashed.error);
+    let recovered = recover(data, LedgerConfig::default(), false, |_, _| {}).unwrap();
+    assert_eq!(recovered.end.next_seq, damaged.last_seq + 1);
+    assert!(recovered.end.torn_at.is_some());
     assert_eq!(crashed.last_seq, damaged.last_seq);
     assert_eq!(crashed.durable_seq, None);
     assert!(crashed.torn_tail.is_some());

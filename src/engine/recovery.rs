@@ -133,6 +133,38 @@ pub fn replay_journal(
 
 /// Rebuilds the ledger from `data_dir`. With `use_snapshot`, starts from the newest valid
 /// snapshot that the journal covers.
+/// Refuses a journal that ends before its durable watermark: the records after its end were
+/// synced before the watermark file named them, so they may have been acknowledged, and a
+/// damaged last record that reads as a torn tail is then corruption, not a crash's torn write.
+fn check_durable_watermark(journal: &Path, end: &JournalEnd) -> Result<(), JournalError> {
+    let Some(durable) = crate::journal::durable_watermark(journal) else {
+        return Ok(());
+    };
+    if end.next_seq > durable {
+        return Ok(());
+    }
+    let watermark = journal.join(crate::journal::format::DURABLE_FILE_NAME);
+    let (file, offset) = match &end.segment {
+        Some((path, valid_end)) => (path.clone(), end.torn_at.unwrap_or(*valid_end)),
+        None => (journal.to_path_buf(), 0),
+    };
+    Err(JournalError::Corrupt {
+        file,
+        offset,
+        seq: end.next_seq,
+        reason: format!(
+            "the journal ends at sequence {} but its durable watermark says {durable} was synced \
+             (and may have been acknowledged): records {}..={durable} are missing or damaged. \
+             Restore the journal from a copy. If it was written with --sync none and the \
+             machine lost power, this loss is what that mode allows: remove {} to start from \
+             the journal as it is",
+            end.next_seq - 1,
+            end.next_seq,
+            watermark.display()
+        ),
+    })
+}
+
 pub fn recover(
     data_dir: &Path,
     config: LedgerConfig,
@@ -175,6 +207,7 @@ pub fn recover_with(
                 observe(ledger, record);
             },
         )?;
+        check_durable_watermark(&journal, &end)?;
         if let Some(seq) = snapshot_next_seq
             && end.next_seq < seq
         {

@@ -22,8 +22,8 @@ use format::{
     encode_segment_header, seal_frame, segment_file_name,
 };
 pub use reader::{
-    JournalEnd, JournalError, estimate_records, list_segments, scan, scan_pipelined,
-    scan_pipelined_batches,
+    JournalEnd, JournalError, durable_watermark, estimate_records, list_segments, scan,
+    scan_pipelined, scan_pipelined_batches,
 };
 use storage::{SegmentFile, Storage};
 

@@ -32,6 +32,20 @@ pub enum JournalError {
     Visitor { seq: u64, reason: String },
 }
 
+/// The last sequence the journal's durable-watermark file names as synced (so possibly
+/// acknowledged), if the file is there and intact. A torn or missing file gives `None`: the
+/// checks it feeds are then skipped, never failed.
+pub fn durable_watermark(dir: &Path) -> Option<u64> {
+    let bytes = std::fs::read(dir.join(crate::journal::format::DURABLE_FILE_NAME)).ok()?;
+    match crate::journal::format::decode_durable(&bytes) {
+        Ok((seq, _)) => Some(seq),
+        Err(e) => {
+            tracing::warn!(error = e, "unreadable durable-watermark file; not checked");
+            None
+        }
+    }
+}
+
 /// Where the valid journal ends: the writer continues from here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JournalEnd {
@@ -93,10 +107,7 @@ pub fn estimate_records(dir: &Path, from_seq: u64) -> usize {
     /// The ledger indexes remembered ids with `u32`.
     const MAX_ESTIMATE: u64 = 1 << 31;
     let segments = list_segments(dir).unwrap_or_default();
-    let durable_seq = std::fs::read(dir.join(crate::journal::format::DURABLE_FILE_NAME))
-        .ok()
-        .and_then(|b| crate::journal::format::decode_durable(&b).ok())
-        .map(|(durable_seq, _)| durable_seq);
+    let durable_seq = durable_watermark(dir);
     // Events at or after `start` up to the durable watermark (unbounded without one).
     let durable_events_from =
         |start: u64| durable_seq.map_or(u64::MAX, |d| d.saturating_add(1).saturating_sub(start));

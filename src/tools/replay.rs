@@ -90,7 +90,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
     let config = LedgerConfig::default();
     let journal = journal_dir(&args.data_dir);
     let started = Instant::now();
-    let durable_seq = read_durable_seq(&journal);
+    let durable_seq = crate::journal::durable_watermark(&journal);
     let mut snapshot_seq = None;
     let mut ledger = if args.from_snapshot {
         match snapshot::load_newest(
@@ -234,19 +234,6 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
         events_per_sec: events as f64 / seconds.max(1e-9),
         account: account_report,
     })
-}
-
-/// The durable watermark's sequence, if the journal has a readable watermark file (a torn or
-/// missing one gives none: the check it feeds is then skipped, never failed).
-fn read_durable_seq(journal: &std::path::Path) -> Option<u64> {
-    let bytes = std::fs::read(journal.join(crate::journal::format::DURABLE_FILE_NAME)).ok()?;
-    match crate::journal::format::decode_durable(&bytes) {
-        Ok((seq, _)) => Some(seq),
-        Err(e) => {
-            tracing::warn!(error = e, "unreadable durable-watermark file; not checked");
-            None
-        }
-    }
 }
 
 fn console_is_terminal() -> bool {
