@@ -554,24 +554,12 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
     assert!(server.stop().success());
 }
 
-/// The server closes a keep-alive connection that stays idle past its header-read timeout.
-/// `wallet loadgen` must then resend on a fresh connection, not count an error: here every
-/// connection idles about 1 s between requests against a 300 ms timeout.
-#[test]
-fn loadgen_resends_on_a_fresh_connection_after_the_server_closed_an_idle_one() {
-    let dir = temp();
-    let server = Server::start(dir.path(), &["--header-read-timeout-ms", "300"]);
+/// Runs `wallet loadgen --url URL ARGS MORE --json` to the end and returns its JSON report.
+fn loadgen(url: &str, args: &[&str], more: &[&str]) -> serde_json::Value {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
-        .args(["loadgen", "--url", &format!("http://{}", server.address)])
-        .args([
-            "--raw-path",
-            "/healthz",
-            "--rate",
-            "4",
-            "--connections",
-            "4",
-        ])
-        .args(["--duration", "3", "--json"])
+        .args(["loadgen", "--url", url, "--json"])
+        .args(args)
+        .args(more)
         .output()
         .expect("run loadgen");
     assert!(
@@ -579,7 +567,28 @@ fn loadgen_resends_on_a_fresh_connection_after_the_server_closed_an_idle_one() {
         "loadgen: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON report");
+    serde_json::from_slice(&output.stdout).expect("JSON report")
+}
+
+/// The server closes a keep-alive connection that stays idle past its header-read timeout.
+/// `wallet loadgen` must then resend on a fresh connection, not count an error: here every
+/// connection idles about 1 s between requests against a 300 ms timeout.
+#[test]
+fn loadgen_resends_on_a_fresh_connection_after_the_server_closed_an_idle_one() {
+    let dir = temp();
+    let server = Server::start(dir.path(), &["--header-read-timeout-ms", "300"]);
+    let report = loadgen(
+        &format!("http://{}", server.address),
+        &[
+            "--raw-path",
+            "/healthz",
+            "--rate",
+            "4",
+            "--connections",
+            "4",
+        ],
+        &["--duration", "3"],
+    );
     assert_eq!(report["errors"], 0, "{report}");
     assert!(
         report["status_counts"]["200"].as_u64().unwrap_or(0) >= 10,
@@ -596,27 +605,12 @@ fn loadgen_sends_fresh_ids_per_run_and_counts_replays_apart() {
     let dir = temp();
     let server = Server::start(dir.path(), &[]);
     let url = format!("http://{}", server.address);
-    let run = |extra: &[&str]| -> serde_json::Value {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
-            .args([
-                "loadgen",
-                "--url",
-                &url,
-                "--accounts",
-                "20",
-                "--rate",
-                "200",
-            ])
-            .args(["--connections", "2", "--duration", "1", "--json"])
-            .args(extra)
-            .output()
-            .expect("run loadgen");
-        assert!(
-            output.status.success(),
-            "loadgen: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        serde_json::from_slice(&output.stdout).expect("JSON report")
+    let run = |extra: &[&str]| {
+        loadgen(
+            &url,
+            &["--accounts", "20", "--rate", "200", "--connections", "2"],
+            &[&["--duration", "1"], extra].concat(),
+        )
     };
     let count = |report: &serde_json::Value, field: &str| report[field].as_u64().unwrap_or(0);
     let ok = |report: &serde_json::Value| report["status_counts"]["200"].as_u64().unwrap_or(0);
