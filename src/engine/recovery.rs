@@ -131,13 +131,16 @@ pub fn replay_journal(
     })
 }
 
-/// Rebuilds the ledger from `data_dir`. With `use_snapshot`, starts from the newest valid
-/// snapshot that the journal covers.
-/// Refuses a journal that ends before its durable watermark: the records after its end were
+/// Refuses a journal that ends before its durable watermark (`durable`, read before the scan:
+/// a writer still running can only move it forward): the records after the journal's end were
 /// synced before the watermark file named them, so they may have been acknowledged, and a
 /// damaged last record that reads as a torn tail is then corruption, not a crash's torn write.
-fn check_durable_watermark(journal: &Path, end: &JournalEnd) -> Result<(), JournalError> {
-    let Some(durable) = crate::journal::durable_watermark(journal) else {
+fn check_durable_watermark(
+    journal: &Path,
+    durable: Option<u64>,
+    end: &JournalEnd,
+) -> Result<(), JournalError> {
+    let Some(durable) = durable else {
         return Ok(());
     };
     if end.next_seq > durable {
@@ -165,6 +168,8 @@ fn check_durable_watermark(journal: &Path, end: &JournalEnd) -> Result<(), Journ
     })
 }
 
+/// Rebuilds the ledger from `data_dir`. With `use_snapshot`, starts from the newest valid
+/// snapshot that the journal covers.
 pub fn recover(
     data_dir: &Path,
     config: LedgerConfig,
@@ -197,6 +202,7 @@ pub fn recover_with(
         on_start(&ledger);
         let mut records_replayed = 0;
         let mut checkpoints_verified = 0;
+        let durable = crate::journal::durable_watermark(&journal);
         let end = replay_journal(
             &mut ledger,
             &journal,
@@ -207,7 +213,7 @@ pub fn recover_with(
                 observe(ledger, record);
             },
         )?;
-        check_durable_watermark(&journal, &end)?;
+        check_durable_watermark(&journal, durable, &end)?;
         if let Some(seq) = snapshot_next_seq
             && end.next_seq < seq
         {

@@ -15,7 +15,7 @@ use crate::engine::{
 };
 use crate::journal::storage::MmapStorage;
 use crate::journal::{JournalConfig, JournalWriter, SyncMode, journal_dir};
-use crate::tools::rng::{SplitMix, zipf_rank};
+use crate::tools::rng::{SplitMix, Zipf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Distribution {
@@ -144,7 +144,9 @@ impl ReplySink for BenchSink {
             return;
         }
         assert!(durable, "bench: the journal stopped");
-        if self.measuring.load(Ordering::Relaxed) == 1 {
+        // A replayed outcome repeats an earlier command (the generator makes none): not part of
+        // this run's latency or counts.
+        if self.measuring.load(Ordering::Relaxed) == 1 && !slot.record.replayed {
             // One clock read per delivered batch: its outcomes are delivered together.
             let base = self.base;
             let now = *self
@@ -154,8 +156,6 @@ impl ReplySink for BenchSink {
                 .histogram
                 .record((now.saturating_sub(slot.submitted_ns) / 1000).max(1));
             match slot.record.rejection {
-                // A replayed outcome repeats an earlier command: not a transfer of this run.
-                None if slot.record.replayed => {}
                 None => self.committed += 1,
                 Some(code) => self.rejected[code as usize] += 1,
             }
@@ -233,6 +233,7 @@ pub struct TransferGenerator {
     ghost: AccountId,
     last_id: TransactionId,
     distribution: Distribution,
+    zipf: Zipf,
     reject_share: f64,
     currency: Currency,
 }
@@ -251,6 +252,7 @@ impl TransferGenerator {
         let last_id = TransactionId(rng.next_u128());
         TransferGenerator {
             rng,
+            zipf: Zipf::new(ids.len() as u64),
             ids,
             ghost: AccountId::new("ghost-account").expect("valid"),
             last_id,
@@ -264,7 +266,7 @@ impl TransferGenerator {
         let accounts = self.ids.len() as u64;
         match self.distribution {
             Distribution::Uniform => (self.rng.next_u64() % accounts) as usize,
-            Distribution::Zipf => zipf_rank(self.rng.next_f64(), accounts) as usize,
+            Distribution::Zipf => self.zipf.pick(self.rng.next_f64()) as usize,
         }
     }
 
@@ -453,9 +455,8 @@ fn report(
         sync: match (args.stage, args.no_journal) {
             (Stage::Execute, _) => "execute-only".into(),
             (_, true) => "no-journal".into(),
-            _ if args.journal_readahead == crate::journal::storage::Readahead::default() => {
-                format!("{:?}", args.sync)
-            }
+            // Always named: builds before session 9 defaulted to `on`, so a label without it
+            // would not tell two binaries' runs apart.
             _ => format!(
                 "{:?}, journal readahead {}",
                 args.sync, args.journal_readahead

@@ -209,6 +209,19 @@ fn tally(answer: &Answer, batch: bool) -> (u64, u64) {
     )
 }
 
+/// Open loop: when request `i` is due after the start, `i * batch / rate` seconds, in integer
+/// nanoseconds so that the send loop and the report's `due` count agree exactly.
+fn due_after(i: u64, batch: usize, rate: u64) -> Duration {
+    let ns = u128::from(i) * batch as u128 * 1_000_000_000 / u128::from(rate.max(1));
+    Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
+}
+
+/// Open loop: how many requests are due before the end (`due_after(i) < duration` exactly when
+/// `i * batch < duration * rate`).
+fn due_count(duration_secs: u64, rate: u64, batch: usize) -> u64 {
+    duration_secs.saturating_mul(rate).div_ceil(batch as u64)
+}
+
 /// How long an open-loop run goes on past its end to send requests that were already due.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
@@ -455,15 +468,11 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
     }
     let seed = match args.seed {
         Some(seed) => seed,
-        // The OS's randomness (what a v4 UUID is made of).
-        None => uuid::Uuid::new_v4().as_u64_pair().0,
+        // The OS's randomness (what a v4 UUID is made of), cut to 53 bits so that JSON
+        // readers that hold numbers as doubles print it back exactly.
+        None => uuid::Uuid::new_v4().as_u64_pair().0 & ((1 << 53) - 1),
     };
-    let requests_per_sec = args.rate as f64 / args.batch as f64;
-    let interval_ns = if args.rate == 0 {
-        0.0
-    } else {
-        1e9 / requests_per_sec
-    };
+    let open_loop = args.rate > 0;
     let start = Instant::now() + Duration::from_millis(50);
     let end = start + Duration::from_secs(args.duration);
     let next = Arc::new(AtomicU64::new(0));
@@ -485,8 +494,8 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
             let accounts = u64::from(args.accounts).max(2);
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let intended = if interval_ns > 0.0 {
-                    start + Duration::from_nanos((i as f64 * interval_ns) as u64)
+                let intended = if open_loop {
+                    start + due_after(i, args.batch, args.rate)
                 } else {
                     Instant::now().max(start)
                 };
@@ -494,8 +503,7 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
                 // late ones included (their latency runs from their intended time), for at most
                 // `DRAIN_LIMIT` more: dropping them would drop the worst latencies of a stall.
                 let now = Instant::now();
-                if intended >= end || (interval_ns == 0.0 && now >= end) || now >= end + DRAIN_LIMIT
-                {
+                if intended >= end || (!open_loop && now >= end) || now >= end + DRAIN_LIMIT {
                     break;
                 }
                 // With tokens, a whole request debits one account (owners move only their own
@@ -583,8 +591,8 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
     let seconds = start.elapsed().as_secs_f64().max(1e-9);
     let requests = all.len();
     // Requests due before the end (open loop) that the drain limit left unsent.
-    let due = if interval_ns > 0.0 {
-        (args.duration as f64 * 1e9 / interval_ns).ceil() as u64
+    let due = if open_loop {
+        due_count(args.duration, args.rate, args.batch)
     } else {
         0
     };
@@ -788,5 +796,34 @@ pub async fn serve_fixed(listen: std::net::SocketAddr) -> anyhow::Result<()> {
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{due_after, due_count};
+    use std::time::Duration;
+
+    #[test]
+    fn the_due_count_is_the_number_of_requests_due_before_the_end() {
+        for (duration, rate, batch) in [
+            (5, 3000, 1000),
+            (10, 3000, 1000),
+            (20, 3000, 1000),
+            (10, 22_000, 1),
+            (11, 7, 3),
+            (2, 200, 1),
+            (1, 200, 10),
+        ] {
+            let end = Duration::from_secs(duration);
+            let sent = (0..)
+                .take_while(|&i| due_after(i, batch, rate) < end)
+                .count() as u64;
+            assert_eq!(
+                sent,
+                due_count(duration, rate, batch),
+                "{duration} s at {rate}/s in batches of {batch}"
+            );
+        }
     }
 }

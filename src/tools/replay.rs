@@ -289,8 +289,10 @@ pub struct SnapshotArgs {
 }
 
 /// Writes a snapshot of the state at the end of the journal (the engine must not be running on
-/// this data directory; the lock in `serve` enforces that).
+/// this data directory: both take its lock).
 pub fn snapshot(args: &SnapshotArgs) -> anyhow::Result<PathBuf> {
+    // A running server would keep writing behind the state read here.
+    let _lock = crate::api::lock_data_dir(&args.data_dir)?;
     let recovered = recover(&args.data_dir, LedgerConfig::default(), true, |_, _| {})?;
     let bytes = encode_snapshot(&recovered.ledger);
     Ok(snapshot::write_snapshot(

@@ -25,39 +25,64 @@ impl SplitMix {
     }
 }
 
-/// A Zipf-like (exponent 1) rank in `0..n` from a uniform `u` in [0, 1): the continuous
-/// inverse of the harmonic distribution, `floor((n + 1)^u) - 1`. Rank 0 is the hottest. Ranks
-/// are then spread over the key space (`spread`) so hot accounts are not neighbours in memory.
-pub fn zipf_rank(u: f64, n: u64) -> u64 {
-    let rank = ((n as f64 + 1.0).powf(u).floor() as u64)
-        .saturating_sub(1)
-        .min(n - 1);
-    spread(rank, n)
+/// Zipf-like (exponent 1) picks in `0..n`: the rank is the continuous inverse of the harmonic
+/// distribution, `floor((n + 1)^u) - 1` for a uniform `u` in [0, 1) (rank 0 the hottest), and
+/// ranks are spread over the key space by a permutation so that hot accounts are not
+/// neighbours in memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Zipf {
+    n: u64,
+    /// Coprime with `n` and near `0.618 n`: consecutive ranks land far apart, and each rank
+    /// keeps its own key (multiplication modulo `n` by it is a permutation).
+    multiplier: u64,
 }
 
-/// A permutation of `0..n` for every `n` up to 2^32: multiplication modulo `n` by a prime
-/// larger than any such `n`, so coprime with it (each rank keeps its own account, and the
-/// distribution keeps its shape).
-pub fn spread(rank: u64, n: u64) -> u64 {
-    const PRIME: u128 = 4_294_967_311; // the smallest prime above 2^32
-    ((u128::from(rank) * PRIME) % u128::from(n)) as u64
+impl Zipf {
+    pub fn new(n: u64) -> Zipf {
+        let n = n.max(1);
+        let mut multiplier = ((n as f64 * 0.618_033_988_75) as u64).max(1);
+        while gcd(multiplier, n) != 1 {
+            multiplier += 1;
+        }
+        Zipf { n, multiplier }
+    }
+
+    pub fn pick(&self, u: f64) -> u64 {
+        let rank = ((self.n as f64 + 1.0).powf(u).floor() as u64)
+            .saturating_sub(1)
+            .min(self.n - 1);
+        self.spread(rank)
+    }
+
+    fn spread(&self, rank: u64) -> u64 {
+        ((u128::from(rank) * u128::from(self.multiplier)) % u128::from(self.n)) as u64
+    }
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 #[cfg(test)]
 mod tests {
-    use super::spread;
+    use super::Zipf;
 
     #[test]
-    fn spread_is_a_permutation() {
+    fn spreading_is_a_permutation_that_keeps_neighbouring_ranks_apart() {
         for n in [1u64, 2, 10, 1000, 1024, 65_536, 999_983, 1_000_000] {
+            let zipf = Zipf::new(n);
             let mut seen = vec![false; n as usize];
             for rank in 0..n {
-                let to = spread(rank, n) as usize;
-                assert!(
-                    !seen[to],
-                    "n {n}: rank {rank} lands on a taken account {to}"
-                );
+                let to = zipf.spread(rank) as usize;
+                assert!(!seen[to], "n {n}: rank {rank} lands on a taken key {to}");
                 seen[to] = true;
+            }
+            if n >= 1000 {
+                let gap = zipf.spread(1).abs_diff(zipf.spread(0));
+                assert!(gap > n / 4, "n {n}: the two hottest keys are {gap} apart");
             }
         }
     }
