@@ -737,6 +737,36 @@ fn recovery_and_replay_refuse_a_journal_that_ends_before_its_durable_watermark()
     assert!(crashed.torn_tail.is_some());
 }
 
+/// The other side of the watermark rule: bytes written after the last sync (a crash in the middle
+/// of writing a batch, before its msync) are past the watermark, so they are cut as a torn tail
+/// and recovery starts, with the watermark file in place.
+#[test]
+fn a_torn_write_past_the_durable_watermark_is_cut_and_recovery_starts() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let (ledger, _) = fresh_journal(data, 64 << 10, 0..300, 10);
+    let durable = ledger.next_seq() - 1;
+    assert_eq!(
+        wallet::journal::durable_watermark(&journal_dir(data)),
+        Some(durable)
+    );
+    // Half of a record's worth of bytes after the last synced one.
+    let end = wallet::journal::scan(&journal_dir(data), 1, |_| Ok(())).unwrap();
+    let (segment, offset) = end.segment.clone().unwrap();
+    let file = OpenOptions::new().write(true).open(&segment).unwrap();
+    file.write_all_at(&[0xAB; 56], offset).unwrap();
+    drop(file);
+
+    let r = recovered(data);
+    assert_eq!(r.end.torn_at, Some(offset));
+    assert_eq!(r.end.next_seq, durable + 1);
+    assert_eq!(r.ledger.state_hash(), ledger.state_hash());
+    let report = wallet::tools::replay::run(&replay_args(data)).unwrap();
+    assert!(report.ok, "{:?}", report.error);
+    assert_eq!(report.durable_seq, Some(durable));
+    assert!(report.torn_tail.is_some());
+}
+
 #[test]
 fn every_flipped_bit_in_a_committed_record_is_reported_as_corruption() {
     let temp = tempfile::tempdir().unwrap();
