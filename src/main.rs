@@ -74,7 +74,7 @@ struct ServeArgs {
     /// grow), on (large page-cache folios: each small sync rewrites a whole large folio on the
     /// disk), off (4 KiB folios: fewest bytes written, slower large syncs). See README,
     /// Durability.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value_t)]
     journal_readahead: wallet::journal::storage::Readahead,
     #[arg(long, default_value_t = 16 << 10)]
     max_body_bytes: usize,

@@ -256,12 +256,12 @@ impl IndexTable {
     #[inline]
     pub fn find(&self, hash: u64, mut is_key: impl FnMut(u32) -> bool) -> Option<u32> {
         let tag = tag_of(hash);
-        if let Some(found) = probe(&self.buckets, self.mask, tag, &mut is_key) {
+        if let Ok(found) = probe(&self.buckets, self.mask, tag, &mut is_key) {
             return Some(found);
         }
         // During a growth an entry not copied yet is only in the old buckets.
         let old = self.old.as_ref()?;
-        probe(&old.buckets, old.mask, tag, &mut is_key)
+        probe(&old.buckets, old.mask, tag, &mut is_key).ok()
     }
 
     /// Inserts `index` under `hash` unless `is_key` accepts an entry already there, in which
@@ -272,22 +272,15 @@ impl IndexTable {
         index: u32,
         mut is_key: impl FnMut(u32) -> bool,
     ) -> Option<u32> {
+        check_index(index);
         self.before_insert();
         let tag = tag_of(hash);
-        let mut at = self.start(tag);
-        loop {
-            let stored = self.buckets[at];
-            if stored == EMPTY {
-                break;
-            }
-            let entry = !stored;
-            if (entry >> 32) as u32 == tag && is_key(entry as u32) {
-                return Some(entry as u32);
-            }
-            at = (at + 1) & self.mask;
-        }
+        let at = match probe(&self.buckets, self.mask, tag, &mut is_key) {
+            Ok(found) => return Some(found),
+            Err(empty) => empty,
+        };
         if let Some(old) = &self.old
-            && let Some(found) = probe(&old.buckets, old.mask, tag, &mut is_key)
+            && let Ok(found) = probe(&old.buckets, old.mask, tag, &mut is_key)
         {
             return Some(found);
         }
@@ -299,6 +292,7 @@ impl IndexTable {
 
     /// Inserts `index` under `hash`. The caller guarantees the key is not present.
     pub fn insert(&mut self, hash: u64, index: u32) {
+        check_index(index);
         self.before_insert();
         let tag = tag_of(hash);
         self.place((u64::from(tag) << 32) | u64::from(index));
@@ -388,23 +382,35 @@ fn start(tag: u32, mask: usize) -> usize {
     (u64::from(tag).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) as usize & mask
 }
 
-/// Linear probing for `tag` from its start: the index `is_key` accepts, if any.
+/// Entries are stored inverted, so that a zeroed array is empty; index `u32::MAX` (with tag
+/// `u32::MAX`) would then read as an empty bucket. The owners' indexes are counts of what they
+/// store, so this stops at 2^32 - 1 entries, loudly rather than by losing one.
+#[inline]
+fn check_index(index: u32) {
+    assert!(
+        index < u32::MAX,
+        "an index table holds at most 2^32 - 1 entries"
+    );
+}
+
+/// Linear probing for `tag` from its start: the index `is_key` accepts, or else the first
+/// empty bucket (where the key would go).
 #[inline]
 fn probe(
     buckets: &[u64],
     mask: usize,
     tag: u32,
     is_key: &mut impl FnMut(u32) -> bool,
-) -> Option<u32> {
+) -> Result<u32, usize> {
     let mut at = start(tag, mask);
     loop {
         let stored = buckets[at];
         if stored == EMPTY {
-            return None;
+            return Err(at);
         }
         let entry = !stored;
         if (entry >> 32) as u32 == tag && is_key(entry as u32) {
-            return Some(entry as u32);
+            return Ok(entry as u32);
         }
         at = (at + 1) & mask;
     }

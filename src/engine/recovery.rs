@@ -135,7 +135,7 @@ pub fn replay_journal(
 /// a writer still running can only move it forward): the records after the journal's end were
 /// synced before the watermark file named them, so they may have been acknowledged, and a
 /// damaged last record that reads as a torn tail is then corruption, not a crash's torn write.
-fn check_durable_watermark(
+pub fn check_durable_watermark(
     journal: &Path,
     durable: Option<u64>,
     end: &JournalEnd,

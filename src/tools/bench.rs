@@ -57,7 +57,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 256 << 20)]
     pub segment_size: u64,
     /// Kernel readahead on the journal's mapping: on, off or auto (as `serve`).
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value_t)]
     pub journal_readahead: crate::journal::storage::Readahead,
     /// Wait strategy of the ring consumers: spin, yield, park or sleep=<n>us.
     #[arg(long, default_value = "spin")]

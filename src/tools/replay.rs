@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::core::codec::encode_snapshot;
 use crate::core::{AccountId, Ledger, LedgerConfig, format_amount};
-use crate::engine::recovery::{recover, replay_journal};
+use crate::engine::recovery::{check_durable_watermark, recover, replay_journal};
 use crate::journal::{estimate_records, journal_dir, snapshot, snapshot_dir};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -179,19 +179,15 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
             // Only a replay that read to the end of the journal can tell where it ends.
             let to_end = !stopped;
             let journal_last = end.next_seq - 1;
-            let missing = match (snapshot_seq, durable_seq) {
-                (Some(snap), _) if to_end && journal_last < snap => Some(format!(
+            let missing = match snapshot_seq {
+                Some(snap) if to_end && journal_last < snap => Some(format!(
                     "the snapshot holds sequence {snap} but the journal ends at {journal_last}: \
                      journal records the snapshot covers are missing"
                 )),
-                (_, Some(durable)) if to_end && journal_last < durable => Some(format!(
-                    "the journal ends at sequence {journal_last}{} but its durable watermark \
-                     says {durable} was synced: acknowledged records are missing",
-                    torn_tail
-                        .as_ref()
-                        .map(|t| format!(" (torn tail: {t})"))
-                        .unwrap_or_default()
-                )),
+                // The rule start-up applies, with its message (file, offset, sequence).
+                _ if to_end => check_durable_watermark(&journal, durable_seq, &end)
+                    .err()
+                    .map(|e| e.to_string()),
                 _ => None,
             };
             (missing, torn_tail)

@@ -363,11 +363,8 @@ impl OutcomeMap {
 
     /// Inserts, or replaces the outcome already stored under `id`; returns its position.
     pub fn insert(&mut self, id: u128, outcome: OutcomeView) -> u32 {
-        // Index `u32::MAX` would be stored as an empty bucket (the table keeps entries inverted).
-        let index = u32::try_from(self.len)
-            .ok()
-            .filter(|&i| i < u32::MAX)
-            .expect("more than 2^32 - 1 outcomes in the views");
+        // The index table stops one short of `u32::MAX` itself.
+        let index = u32::try_from(self.len).expect("more than 2^32 outcomes in the views");
         let halves = split_id(id);
         let chunks = &self.chunks;
         let existing = self.index.insert_unique(hash_id(id), index, |i| {
