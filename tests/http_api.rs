@@ -508,10 +508,30 @@ fn restart_keeps_balances_history_and_remembered_ids() {
     assert_eq!(first.status, 200);
     let history = c.get("/v1/wallet/accounts/a/history").json();
     let account = c.get("/v1/wallet/accounts/b").json();
+    let events: Vec<serde_json::Value> = c
+        .get("/v1/wallet/events?from_seq=1")
+        .body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(events.iter().any(|e| e["kind"] == "credited"));
     assert!(server.stop().success(), "SIGTERM exits 0");
 
     let server = Server::start(dir.path(), &[]);
     let mut c = server.client();
+    // After a restart the in-memory window is empty and the stream is read from the journal:
+    // starting at any event, the second event of a transfer included, gives that event first.
+    for (i, event) in events.iter().enumerate() {
+        let seq = event["sequence"].as_u64().unwrap();
+        let r = c.get(&format!("/v1/wallet/events?from_seq={seq}"));
+        assert_eq!(r.status, 200, "{}", r.body);
+        let lines: Vec<serde_json::Value> = r
+            .body
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines, events[i..], "events from sequence {seq}");
+    }
     assert_eq!(c.get("/v1/wallet/accounts/a/history").json(), history);
     assert_eq!(c.get("/v1/wallet/accounts/b").json(), account);
     let again = c.post(

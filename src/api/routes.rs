@@ -1219,25 +1219,55 @@ async fn events(app: &App, query: Option<&str>) -> Reply {
             let dir = crate::journal::journal_dir(&app.config.data_dir);
             let app_views = app.views.clone();
             let durable = app.views.applied_seq();
+            const ENOUGH: &str = "enough";
             let result = tokio::task::spawn_blocking(move || {
                 let mut records = Vec::new();
-                let _ = crate::journal::scan(&dir, from_seq, |record| {
-                    if records.len() >= limit || record.first_seq > durable {
-                        return Err("enough".into());
+                let mut events = 0;
+                // `scan` visits records that start at or after its sequence; the record that
+                // holds event `from_seq` may start up to `MAX_EVENTS_PER_COMMAND - 1` before it
+                // (a transfer's credit event is the second of its record).
+                let start = from_seq
+                    .saturating_sub(crate::core::command::MAX_EVENTS_PER_COMMAND as u64 - 1)
+                    .max(1);
+                let scanned = crate::journal::scan(&dir, start, |record| {
+                    if record.next_seq() <= from_seq {
+                        return Ok(());
                     }
+                    if events >= limit || record.first_seq > durable {
+                        return Err(ENOUGH.into());
+                    }
+                    events += record.events().iter().filter(|e| e.seq >= from_seq).count();
                     records.push(*record);
                     Ok(())
                 });
-                app_views.read(|state| {
+                match scanned {
+                    Ok(_) => {}
+                    Err(crate::journal::JournalError::Visitor { reason, .. })
+                        if reason == ENOUGH => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+                Ok(app_views.read(|state| {
                     let mut lines = String::new();
                     for record in &records {
                         event_lines(state, record, from_seq, &mut lines);
                     }
                     lines
-                })
+                }))
             })
-            .await;
-            result.unwrap_or_default()
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+            match result {
+                Ok(lines) => lines,
+                Err(e) => {
+                    tracing::error!(error = %e, from_seq, "reading the event stream from the journal failed");
+                    return Reply::error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "journal_read_failed",
+                        "the journal could not be read at this sequence; see the server log",
+                    );
+                }
+            }
         }
     };
     Reply::text(StatusCode::OK, "application/x-ndjson", lines)
