@@ -312,6 +312,19 @@ fn endpoints_and_error_paths() {
 }
 
 #[test]
+fn a_long_poll_longer_than_the_request_timeout_ends_with_200() {
+    let dir = temp();
+    let server = Server::start(dir.path(), &["--request-timeout-ms", "1000"]);
+    let mut c = server.client();
+    let started = std::time::Instant::now();
+    let r = c.get("/v1/wallet/events?from_seq=999999&wait_ms=5000");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.is_empty());
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(server.stop().success());
+}
+
+#[test]
 fn openapi_document_lists_exactly_the_server_routes() {
     let document: serde_json::Value =
         serde_json::from_str(&wallet::api::openapi_json().unwrap()).unwrap();

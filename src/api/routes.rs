@@ -308,7 +308,11 @@ pub async fn handle(
                     Err(_) => Reply::error(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "timeout",
-                        "the request timed out; its outcome is unknown: retry with the same transaction_id",
+                        if ROUTES[route_index].method == "GET" {
+                            "the request timed out; retry"
+                        } else {
+                            "the request timed out; its outcome is unknown: retry with the same transaction_id"
+                        },
                     )
                     .with_header("retry-after", "1"),
                 }
@@ -1193,9 +1197,10 @@ async fn events(app: &App, query: Option<&str>) -> Reply {
         Err(r) => return r,
     };
     if wait_ms > 0 {
-        app.views
-            .wait_for(from_seq, Duration::from_millis(wait_ms))
-            .await;
+        // A long poll ends with an answer (possibly no lines) before the request timeout,
+        // which would otherwise cut it off with a 503.
+        let wait = Duration::from_millis(wait_ms).min(long_poll_limit(app.config.request_timeout));
+        app.views.wait_for(from_seq, wait).await;
     }
     let window = app.views.read(|state| {
         let first = state.recent.front().map(|r| r.first_seq)?;
@@ -1271,6 +1276,12 @@ async fn events(app: &App, query: Option<&str>) -> Reply {
         }
     };
     Reply::text(StatusCode::OK, "application/x-ndjson", lines)
+}
+
+/// The longest an event-stream long poll waits: a margin inside the request timeout, so that
+/// the poll's own answer wins the race.
+fn long_poll_limit(request_timeout: Duration) -> Duration {
+    request_timeout.saturating_sub(request_timeout / 10 + Duration::from_millis(100))
 }
 
 fn event_lines(
