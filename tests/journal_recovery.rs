@@ -768,6 +768,57 @@ fn a_torn_write_past_the_durable_watermark_is_cut_and_recovery_starts() {
 }
 
 #[test]
+fn a_hole_past_the_durable_watermark_with_valid_frames_after_it_is_cut_not_refused() {
+    // A crash during a sync can leave a later page of the unsynced records on the disk without
+    // an earlier one: a hole followed by valid frames. Past the watermark none of them was
+    // acknowledged, so recovery cuts from the hole; at or before it, it is corruption.
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let (ledger, _) = fresh_journal(data, 1 << 20, 0..300, 10);
+    let jdir = journal_dir(data);
+    let newest = list_segments(&jdir).unwrap().last().unwrap().1.clone();
+    let frames: Vec<FramePosition> = frame_positions(data)
+        .into_iter()
+        .filter(|f| f.file == newest)
+        .collect();
+    assert!(frames.len() > 20);
+    let hole = &frames[frames.len() - 8];
+    let synced = &frames[frames.len() - 10];
+    let original = fs::read(&newest).unwrap();
+    let write_watermark = |seq: u64| {
+        fs::write(
+            jdir.join(wallet::journal::format::DURABLE_FILE_NAME),
+            wallet::journal::format::encode_durable(seq, 0),
+        )
+        .unwrap()
+    };
+    let restore = || fs::write(&newest, &original).unwrap();
+    let file = OpenOptions::new().write(true).open(&newest).unwrap();
+    for (name, bytes) in [("zeroed", vec![0u8; hole.len]), ("garbled", vec![0xAB; 40])] {
+        file.write_all_at(&bytes, hole.offset as u64).unwrap();
+        // The watermark ends two records before the hole: cut there.
+        write_watermark(hole.seq - 1 - (hole.seq - synced.seq) / 2);
+        let r = recovered(data);
+        assert_eq!(r.end.torn_at, Some(hole.offset as u64), "{name}");
+        assert_eq!(r.end.next_seq, hole.seq, "{name}");
+        assert_ne!(r.ledger.state_hash(), ledger.state_hash());
+        // The same hole (recovery has cut the tail: put it back) under a watermark that covers
+        // it: refused.
+        restore();
+        file.write_all_at(&bytes, hole.offset as u64).unwrap();
+        write_watermark(hole.seq);
+        match recover_plain(data) {
+            Err(JournalError::Corrupt { offset, seq, .. }) => {
+                assert_eq!((offset, seq), (hole.offset as u64, hole.seq), "{name}")
+            }
+            Err(e) => panic!("{name}: unexpected error {e}"),
+            Ok(_) => panic!("{name}: a hole at or before the durable watermark was accepted"),
+        }
+        restore();
+    }
+}
+
+#[test]
 fn every_flipped_bit_in_a_committed_record_is_reported_as_corruption() {
     let temp = tempfile::tempdir().unwrap();
     let data = temp.path();

@@ -150,14 +150,18 @@ fn valid_frame_after(bytes: &[u8], from: usize, expected: u64) -> bool {
 /// Scans every record from `from_seq` on (records before it are verified but not visited),
 /// calling `visit` for each. Verifies frames, sequence continuity and the checksum chain.
 ///
-/// A bad frame in the newest segment with no valid frame after it is a torn tail: the scan stops
-/// there and reports it in `JournalEnd::torn_at`. Any other bad frame is `Corrupt`.
+/// A bad frame in the newest segment is a torn tail (the scan stops there and reports it in
+/// `JournalEnd::torn_at`) when no valid frame follows it, or when it starts past the durable
+/// watermark: records past the watermark were never synced, so never acknowledged, and a crash
+/// can leave any of their pages on the disk without the ones before (writeback has no order).
+/// Any other bad frame is `Corrupt`.
 pub fn scan(
     dir: &Path,
     from_seq: u64,
     mut visit: impl FnMut(&CommandRecord) -> Result<(), String>,
 ) -> Result<JournalEnd, JournalError> {
     let segments = list_segments(dir)?;
+    let durable = durable_watermark(dir);
     let mut end = JournalEnd::empty();
     // Start at the last segment that begins at or before `from_seq`; the chain is verified from
     // that segment's header on.
@@ -249,7 +253,8 @@ pub fn scan(
                 Err(FrameError::End) => {
                     // Unwritten space. In the newest segment, anything non-zero after it is a
                     // torn write of records that were never acknowledged.
-                    if newest && valid_frame_after(bytes, offset, end.next_seq) {
+                    let past_watermark = durable.is_some_and(|d| end.next_seq > d);
+                    if newest && !past_watermark && valid_frame_after(bytes, offset, end.next_seq) {
                         return Err(corrupt(
                             offset as u64,
                             end.next_seq,
@@ -262,7 +267,9 @@ pub fn scan(
                     break;
                 }
                 Err(error) => {
-                    if newest && !valid_frame_after(bytes, offset, end.next_seq) {
+                    let past_watermark = durable.is_some_and(|d| end.next_seq > d);
+                    if newest && (past_watermark || !valid_frame_after(bytes, offset, end.next_seq))
+                    {
                         end.torn_at = Some(offset as u64);
                         break;
                     }
