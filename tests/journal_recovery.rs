@@ -819,6 +819,41 @@ fn a_hole_past_the_durable_watermark_with_valid_frames_after_it_is_cut_not_refus
 }
 
 #[test]
+fn a_tail_keeps_its_last_durable_limit_when_the_watermark_file_disappears() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let mut ledger = Ledger::new(LedgerConfig::default());
+    let mut history = History::new(&ledger);
+    let mut writer = open_writer(
+        data,
+        Box::new(MmapStorage::default()),
+        1 << 20,
+        SyncMode::Batch,
+        &JournalEnd::empty(),
+    );
+    write_commands(&mut writer, &mut ledger, &mut history, 0..50, 10);
+    let limit = ledger.next_seq() - 1;
+    let mut tail = wallet::journal::tail::JournalTail::new(&journal_dir(data));
+    let mut records = Vec::new();
+    tail.fetch_records(usize::MAX, &mut records).unwrap();
+    assert_eq!(tail.durable_limit(), Some(limit));
+    assert_eq!(records.last().map(|r| r.next_seq()), Some(limit + 1));
+    // The file is removed by hand; the running writer goes on writing into its open descriptor,
+    // so nothing on disk names a later watermark. The records after the last limit are not known
+    // to be durable and stay unread.
+    forget_durable_watermark(data);
+    write_commands(&mut writer, &mut ledger, &mut history, 50..80, 10);
+    records.clear();
+    tail.fetch_records(usize::MAX, &mut records).unwrap();
+    assert_eq!(tail.durable_limit(), Some(limit));
+    assert!(
+        records.is_empty(),
+        "{} records past the last durable limit",
+        records.len()
+    );
+}
+
+#[test]
 fn every_flipped_bit_in_a_committed_record_is_reported_as_corruption() {
     let temp = tempfile::tempdir().unwrap();
     let data = temp.path();

@@ -87,29 +87,33 @@ pub struct JournalWriter {
     bytes_written: u64,
     /// `journal/durable`: the durable watermark for readers outside the engine (see
     /// `docs/journal-format.md`); `None` if it could not be opened (readers then fall back).
-    durable_file: Option<std::fs::File>,
+    durable_file: std::fs::File,
     /// The watermark last written there.
     published_seq: u64,
     /// When writing it last failed (warnings are rate-limited; a stale value is safe).
     publish_failed_at: Option<Instant>,
 }
 
-/// Opens (creating if needed) the durable-watermark file of a journal directory.
-fn open_durable_file(dir: &Path) -> Option<std::fs::File> {
+/// Opens (creating if needed) the durable-watermark file of a journal directory. Without it a
+/// writer does not start: journal tailers (the replicators) would have no limit to stop at and
+/// could copy records that are not yet durable.
+fn open_durable_file(dir: &Path) -> io::Result<std::fs::File> {
     let path = dir.join(DURABLE_FILE_NAME);
-    match std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .open(&path)
-    {
-        Ok(file) => Some(file),
-        Err(e) => {
-            tracing::warn!(file = %path.display(), error = %e, "cannot open the durable-watermark file; journal tailers will not see new records");
-            None
-        }
-    }
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot open the durable-watermark file {}: {e}",
+                    path.display()
+                ),
+            )
+        })
 }
 
 /// Removes segments whose creation was interrupted (still under their temporary name: they
@@ -162,7 +166,7 @@ impl JournalWriter {
             }
             segment = Some(file);
         }
-        let durable_file = open_durable_file(&config.dir);
+        let durable_file = open_durable_file(&config.dir)?;
         let mut writer = JournalWriter {
             storage,
             config,
@@ -191,12 +195,9 @@ impl JournalWriter {
         if self.published_seq == self.durable_seq {
             return;
         }
-        let Some(file) = self.durable_file.as_ref() else {
-            return;
-        };
         use std::os::unix::fs::FileExt;
         let bytes = encode_durable(self.durable_seq, self.last_crc);
-        match file.write_all_at(&bytes, 0) {
+        match self.durable_file.write_all_at(&bytes, 0) {
             Ok(()) => self.published_seq = self.durable_seq,
             Err(e) => {
                 if self

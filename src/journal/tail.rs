@@ -153,18 +153,17 @@ impl JournalTail {
         self.last_record.as_ref()
     }
 
-    /// Re-reads `journal/durable`. A missing file means no limit; a file that does not verify
-    /// (a read racing the writer's rewrite) keeps the previous limit, and is an error only when
-    /// it stays bad for seconds.
+    /// Re-reads `journal/durable`. A missing file means no limit until one has been seen (a
+    /// journal no writer has opened since it was copied), and then keeps the last limit (a
+    /// writer never runs without the file: it was removed by hand, and what is past the last
+    /// limit may not be durable); a file that does not verify (a read racing the writer's
+    /// rewrite) keeps the previous limit, and is an error only when it stays bad for seconds.
     fn refresh_durable_limit(&mut self) -> anyhow::Result<()> {
         let path = self.dir.join(DURABLE_FILE_NAME);
         let mut bytes = [0u8; DURABLE_FILE_BYTES];
         let read = match File::open(&path) {
             Ok(file) => file.read_exact_at(&mut bytes, 0),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.durable_limit = None;
-                return Ok(());
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => Err(e),
         };
         let decoded = match read {
