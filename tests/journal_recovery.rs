@@ -854,6 +854,57 @@ fn a_tail_keeps_its_last_durable_limit_when_the_watermark_file_disappears() {
 }
 
 #[test]
+fn reopening_a_segment_that_has_holes_allocates_them() {
+    // A segment restored with a sparse-aware copy has holes; writing into a hole through the
+    // mapping on a full disk is a SIGBUS, so the writer allocates them when it opens the segment.
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    fresh_journal(data, 1 << 20, 0..20, 10);
+    let newest = list_segments(&journal_dir(data))
+        .unwrap()
+        .last()
+        .unwrap()
+        .1
+        .clone();
+    let size = fs::metadata(&newest).unwrap().len();
+    let file = OpenOptions::new().write(true).open(&newest).unwrap();
+    let hole_from = (size / 2) as libc::off_t;
+    // SAFETY: a valid descriptor; fallocate takes no memory arguments.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            hole_from,
+            size as libc::off_t - hole_from,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "punching a hole: {}",
+        std::io::Error::last_os_error()
+    );
+    drop(file);
+    let allocated = |path: &Path| fs::metadata(path).unwrap().blocks() * 512;
+    assert!(allocated(&newest) < size, "the hole was not punched");
+    let end = recovered(data).end;
+    let _writer = open_writer(
+        data,
+        Box::new(MmapStorage::default()),
+        1 << 20,
+        SyncMode::Batch,
+        &end,
+    );
+    assert!(
+        allocated(&newest) >= size,
+        "{} of {size} bytes allocated",
+        allocated(&newest)
+    );
+}
+
+#[test]
 fn every_flipped_bit_in_a_committed_record_is_reported_as_corruption() {
     let temp = tempfile::tempdir().unwrap();
     let data = temp.path();

@@ -176,6 +176,11 @@ impl Storage for MmapStorage {
 
     fn open_segment(&mut self, path: &Path) -> io::Result<Box<dyn SegmentFile>> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
+        // A segment copied or restored with a sparse-aware tool has holes again: allocate them
+        // now (nothing to do when they are allocated), or a full disk would be a SIGBUS on the
+        // mapping instead of an error here.
+        let size = file.metadata()?.len();
+        preallocate(&file, size)?;
         Ok(Box::new(MmapSegment::new(file, self.readahead)?))
     }
 }
