@@ -265,7 +265,7 @@ pub struct DataDirLock(#[allow(dead_code)] std::fs::File);
 
 pub fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<DataDirLock> {
     use std::os::unix::io::AsRawFd;
-    std::fs::create_dir_all(dir)?;
+    crate::journal::storage::create_dir_all_durable(dir)?;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

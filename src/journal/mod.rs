@@ -145,7 +145,7 @@ impl JournalWriter {
             config.segment_size_bytes >= 4096,
             "segment size must be at least 4096 bytes"
         );
-        std::fs::create_dir_all(&config.dir)?;
+        storage::create_dir_all_durable(&config.dir)?;
         remove_unfinished_segments(&config.dir)?;
         let mut segment = None;
         let mut write_offset = 0;

@@ -27,7 +27,7 @@ fn parse_snapshot_file_name(name: &str) -> Option<u64> {
 pub fn write_snapshot(dir: &Path, bytes: &[u8]) -> std::io::Result<PathBuf> {
     let next_seq =
         snapshot_next_seq(bytes).ok_or_else(|| std::io::Error::other("not a snapshot"))?;
-    fs::create_dir_all(dir)?;
+    crate::journal::storage::create_dir_all_durable(dir)?;
     let path = dir.join(snapshot_file_name(next_seq));
     let temporary = dir.join(format!(".{}.tmp", snapshot_file_name(next_seq)));
     {

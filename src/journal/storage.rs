@@ -106,6 +106,26 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// `create_dir_all`, with every directory it creates made durable: each new entry's parent is
+/// fsynced, so a power loss cannot take away a directory whose files were already synced (a
+/// journal directory that vanished would read as an empty journal).
+pub fn create_dir_all_durable(dir: &Path) -> io::Result<()> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    std::fs::create_dir_all(dir)?;
+    // Deepest first: each parent's entry for its new child.
+    for created in missing {
+        if let Some(parent) = created.parent() {
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            fsync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
 fn preallocate(file: &File, size: u64) -> io::Result<()> {
     let len =
         libc::off_t::try_from(size).map_err(|_| io::Error::other("segment size too large"))?;
@@ -348,6 +368,18 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn create_dir_all_durable_creates_every_missing_level_and_accepts_existing_ones() {
+        let temp = tempfile::tempdir().unwrap();
+        let deep = temp.path().join("a/b/c");
+        create_dir_all_durable(&deep).unwrap();
+        assert!(deep.is_dir());
+        create_dir_all_durable(&deep).unwrap();
+        let file = temp.path().join("a/file");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(create_dir_all_durable(&file.join("d")).is_err());
+    }
 
     fn segment(dir: &Path, mode: Readahead) -> MmapSegment {
         let path = dir.join(format!("segment-{mode}"));
