@@ -737,6 +737,52 @@ fn recovery_and_replay_refuse_a_journal_that_ends_before_its_durable_watermark()
     assert!(crashed.torn_tail.is_some());
 }
 
+/// After a power loss under `--sync none` (watermark file removed as advised, tail lost), the
+/// newest snapshot is ahead of the journal: recovery starts without it and sets it aside, so a
+/// history that later grows past its sequence cannot pick it up. A snapshot whose name disagrees
+/// with its header is skipped (it made recovery retry forever).
+#[test]
+fn a_snapshot_ahead_of_the_journal_is_set_aside_and_a_misnamed_one_is_skipped() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let (ledger, _) = fresh_journal(data, 1 << 20, 0..300, 10);
+    let snapshots = snapshot_dir(data);
+    let written = snapshot::write_snapshot(&snapshots, &encode_snapshot(&ledger)).unwrap();
+    fs::copy(&written, snapshots.join(snapshot::snapshot_file_name(5))).unwrap();
+    // Lose the last 20 records, as a power loss under `--sync none` can.
+    let frames = frame_positions(data);
+    let cut = &frames[frames.len() - 20];
+    let file = OpenOptions::new().write(true).open(&cut.file).unwrap();
+    let len = fs::metadata(&cut.file).unwrap().len() as usize;
+    file.write_all_at(&vec![0u8; len - cut.offset], cut.offset as u64)
+        .unwrap();
+    drop(file);
+    forget_durable_watermark(data);
+
+    let (done, recovered) = mpsc::channel();
+    let dir = data.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = done.send(recover(&dir, LedgerConfig::default(), true, |_, _| {}));
+    });
+    let r = recovered
+        .recv_timeout(Duration::from_secs(60))
+        .expect("recovery did not finish")
+        .expect("recovery failed");
+    assert_eq!(r.snapshot_next_seq, None);
+    assert_eq!(r.end.next_seq, cut.seq);
+    let mut aside = written.clone().into_os_string();
+    aside.push(".ahead-of-journal");
+    assert!(!written.exists());
+    assert!(PathBuf::from(aside).exists());
+    // The misnamed copy stays where it is (it is not ahead by its name), skipped.
+    let listed: Vec<u64> = snapshot::list_snapshots(&snapshots)
+        .into_iter()
+        .map(|(seq, _)| seq)
+        .collect();
+    assert_eq!(listed, vec![5]);
+    assert!(snapshot::load_newest(&snapshots, LedgerConfig::default(), None).is_none());
+}
+
 /// The other side of the watermark rule: bytes written after the last sync (a crash in the middle
 /// of writing a batch, before its msync) are past the watermark, so they are cut as a torn tail
 /// and recovery starts, with the watermark file in place.

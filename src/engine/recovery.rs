@@ -217,10 +217,14 @@ pub fn recover_with(
         if let Some(seq) = snapshot_next_seq
             && end.next_seq < seq
         {
-            // The snapshot is ahead of the journal (it should never be written so): distrust it.
+            // The snapshot is ahead of the journal (it should never be written so): distrust it,
+            // and set it aside so that it cannot be mixed into a history that later grows past
+            // its sequence.
+            let aside = snapshot::set_aside_after(&snapshot_dir(data_dir), end.next_seq);
             tracing::warn!(
                 snapshot_seq = seq,
                 journal_next_seq = end.next_seq,
+                set_aside = ?aside,
                 "snapshot ahead of the journal; ignoring it"
             );
             at_most = Some(seq - 1);

@@ -152,6 +152,26 @@ fn decode_side_by_side(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, Dec
 
 /// Loads the newest snapshot that decodes and verifies, skipping (with a warning) any that do
 /// not. `at_most` bounds its sequence (a snapshot ahead of the journal is never trusted).
+/// Renames every snapshot after `next_seq` to `<name>.ahead-of-journal`, where no loader looks:
+/// a snapshot ahead of the journal's end belongs to a history the journal no longer has (a
+/// power loss under `--sync none`), and once the journal grows past it again it would mix two
+/// histories. Returns the paths it set aside.
+pub fn set_aside_after(dir: &Path, next_seq: u64) -> std::io::Result<Vec<PathBuf>> {
+    let mut moved = Vec::new();
+    for (seq, path) in list_snapshots(dir) {
+        if seq > next_seq {
+            let mut aside = path.clone().into_os_string();
+            aside.push(".ahead-of-journal");
+            fs::rename(&path, &aside)?;
+            moved.push(PathBuf::from(aside));
+        }
+    }
+    if !moved.is_empty() {
+        crate::journal::storage::fsync_dir(dir)?;
+    }
+    Ok(moved)
+}
+
 pub fn load_newest(dir: &Path, config: LedgerConfig, at_most: Option<u64>) -> Option<Ledger> {
     for (seq, path) in list_snapshots(dir) {
         if at_most.is_some_and(|limit| seq > limit) {
@@ -160,6 +180,13 @@ pub fn load_newest(dir: &Path, config: LedgerConfig, at_most: Option<u64>) -> Op
         }
         match map_snapshot(&path) {
             Ok(bytes) => match decode_side_by_side(&bytes, config) {
+                // The name is what `at_most` and the callers' checks go by: a snapshot whose
+                // header says another sequence (renamed by hand) is not trusted.
+                Ok(ledger) if ledger.next_seq() != seq => tracing::warn!(
+                    file = %path.display(),
+                    header_next_seq = ledger.next_seq(),
+                    "skipping a snapshot whose name disagrees with its header"
+                ),
                 Ok(ledger) => return Some(ledger),
                 Err(e) => {
                     tracing::warn!(file = %path.display(), error = %e, "skipping an invalid snapshot")
