@@ -950,6 +950,44 @@ fn reopening_a_segment_that_has_holes_allocates_them() {
     );
 }
 
+/// Bytes this thread has dirtied in the page cache (`write_bytes` of its `/proc` io file).
+fn thread_write_bytes() -> u64 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    let io = fs::read_to_string(format!("/proc/self/task/{tid}/io")).expect("per-thread io");
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("write_bytes")
+}
+
+#[test]
+fn opening_the_writer_rewrites_the_newest_segment_whatever_the_page_cache_says() {
+    // After a failed msync the kernel may keep pages that never reached the disk, marked clean;
+    // the next process would read them, msync nothing and publish them as durable. So opening
+    // dirties every page up to the end of the records before its sync. Here the pages are clean
+    // (written and synced): opening must still send them to the disk again.
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    fresh_journal(data, 4 << 20, 0..3000, 100);
+    let end = recovered(data).end;
+    let (_, write_offset) = end.segment.clone().unwrap();
+    assert!(write_offset > 200_000, "{write_offset}");
+    let before = thread_write_bytes();
+    let _writer = open_writer(
+        data,
+        Box::new(MmapStorage::default()),
+        4 << 20,
+        SyncMode::Batch,
+        &end,
+    );
+    let dirtied = thread_write_bytes() - before;
+    assert!(
+        dirtied >= write_offset - 4096,
+        "opening dirtied {dirtied} bytes of {write_offset}"
+    );
+}
+
 #[test]
 fn every_flipped_bit_in_a_committed_record_is_reported_as_corruption() {
     let temp = tempfile::tempdir().unwrap();

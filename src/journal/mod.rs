@@ -160,8 +160,13 @@ impl JournalWriter {
             }
             write_offset = *offset;
             // What recovery found may still be only in the page cache (the previous process
-            // crashed before its sync): make it durable before it is published as such.
+            // crashed before its sync): make it durable before it is published as such. Only
+            // the newest segment can hold unsynced records (a segment is synced before the next
+            // one is created). Its pages are dirtied first: if the previous process stopped on
+            // a failed msync, the kernel may have marked pages clean that never reached the
+            // disk, and an msync alone would skip them and "succeed".
             if config.sync != SyncMode::None && write_offset > 0 {
+                file.redirty(0, write_offset)?;
                 file.sync_range(0, write_offset)?;
             }
             segment = Some(file);

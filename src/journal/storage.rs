@@ -16,6 +16,11 @@ pub trait SegmentFile: Send {
     fn write_at(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()>;
     /// Makes `[offset, offset + len)` durable (msync with MS_SYNC).
     fn sync_range(&mut self, offset: u64, len: u64) -> io::Result<()>;
+    /// Marks every page of `[offset, offset + len)` dirty without changing a byte, so that the
+    /// next `sync_range` writes them to the disk whatever the page cache believes: after a
+    /// failed writeback the kernel may keep pages that never reached the disk, marked clean,
+    /// and a later msync would then skip them.
+    fn redirty(&mut self, offset: u64, len: u64) -> io::Result<()>;
     fn size(&self) -> u64;
 }
 
@@ -268,6 +273,27 @@ impl SegmentFile for MmapSegment {
         self.map.flush_range(start, len)
     }
 
+    fn redirty(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        const PAGE: usize = 4096;
+        let start = usize::try_from(offset).map_err(|_| io::Error::other("offset"))?;
+        let end = usize::try_from(offset.saturating_add(len))
+            .map_err(|_| io::Error::other("len"))?
+            .min(self.map.len());
+        let base = self.map.as_mut_ptr();
+        let mut at = start - start % PAGE;
+        while at < end {
+            // SAFETY: `at < end <= map.len()`, so the byte is inside the mapping, which is
+            // writable and exclusively borrowed here. Volatile, so that storing the byte it
+            // already holds is not optimised away: the store is what makes the page dirty.
+            unsafe {
+                let byte = base.add(at);
+                std::ptr::write_volatile(byte, std::ptr::read_volatile(byte));
+            }
+            at += PAGE;
+        }
+        Ok(())
+    }
+
     fn size(&self) -> u64 {
         self.map.len() as u64
     }
@@ -356,6 +382,10 @@ impl SegmentFile for FaultySegment {
             return Err(io::Error::other("injected fsync failure"));
         }
         self.inner.sync_range(offset, len)
+    }
+
+    fn redirty(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.redirty(offset, len)
     }
 
     fn size(&self) -> u64 {
