@@ -254,6 +254,28 @@ fn rate_and_velocity_limits_answer_429_and_recover() {
         200,
         "recovers"
     );
+    // A batch spends velocity allowance only when it is submitted whole: one that can never
+    // pass (more transfers out of an account than its limit) is a 400 naming `transfers`, one
+    // with an invalid item is a 400, and neither spends any.
+    std::thread::sleep(Duration::from_millis(1100));
+    let batch = |items: Vec<serde_json::Value>| json!({ "transfers": items });
+    let one = || transfer_body("alice", "bob", "1.00", &uuid());
+    let too_many = alice.post(
+        "/v1/wallet/balance_transfers",
+        &batch(vec![one(), one(), one()]),
+    );
+    assert_eq!(too_many.status, 400, "{}", too_many.body);
+    assert_eq!(too_many.json()["error"]["field"], "transfers");
+    let single = alice.post("/v1/wallet/balance_transfer", &one()).status;
+    let invalid = alice
+        .post(
+            "/v1/wallet/balance_transfers",
+            &batch(vec![one(), transfer_body("alice", "bob", "1.001", &uuid())]),
+        )
+        .status;
+    let second = alice.post("/v1/wallet/balance_transfer", &one()).status;
+    let third = alice.post("/v1/wallet/balance_transfer", &one()).status;
+    assert_eq!([single, invalid, second, third], [200, 400, 200, 429]);
     assert!(server.stop().success());
 }
 

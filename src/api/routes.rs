@@ -857,6 +857,11 @@ fn render_value<'a>(
 
 /// Owners move only their own money; the per-account velocity limit applies to the debit side.
 fn check_debit(app: &App, caller: &Caller, from: &str) -> Result<(), Reply> {
+    may_debit(caller, from)?;
+    check_velocity(app, caller, from, 1)
+}
+
+fn may_debit(caller: &Caller, from: &str) -> Result<(), Reply> {
     if !caller.may_debit(from) {
         return Err(forbidden(
             caller,
@@ -864,10 +869,16 @@ fn check_debit(app: &App, caller: &Caller, from: &str) -> Result<(), Reply> {
             "a caller may only transfer from its own account with wallet:transfer",
         ));
     }
-    if let Some(limiter) = &app.velocity_limiter
-        && limiter.check_key(&from.to_string()).is_err()
-    {
-        tracing::warn!(target: "audit", caller = %caller.sub, account = from, reason = "velocity limit", "transfer refused");
+    Ok(())
+}
+
+/// Takes `n` transfers out of `from`'s velocity allowance, or refuses them all (429).
+fn check_velocity(app: &App, caller: &Caller, from: &str, n: u32) -> Result<(), Reply> {
+    let (Some(limiter), Some(n)) = (&app.velocity_limiter, std::num::NonZeroU32::new(n)) else {
+        return Ok(());
+    };
+    if !matches!(limiter.check_key_n(&from.to_string(), n), Ok(Ok(()))) {
+        tracing::warn!(target: "audit", caller = %caller.sub, account = from, transfers = n.get(), reason = "velocity limit", "transfer refused");
         return Err(Reply::error(
             StatusCode::TOO_MANY_REQUESTS,
             "velocity_limit",
@@ -928,8 +939,33 @@ async fn transfer_batch(
             // The whole batch is refused before anything runs, so nothing is half-submitted.
             Err(e) => return Reply::field(e.within(&format!("transfers[{i}]"))),
         }
-        if let Err(reply) = check_debit(app, caller, &transfer.from_account) {
+        if let Err(reply) = may_debit(caller, &transfer.from_account) {
             return reply;
+        }
+    }
+    // The velocity limit, once the whole batch is known to be valid: per debit account, all of
+    // its transfers at once, so a batch refused for it has spent no allowance on that account.
+    if let Some(limit) = std::num::NonZeroU32::new(app.config.velocity_per_account) {
+        let mut per_account: std::collections::HashMap<&str, u32> =
+            std::collections::HashMap::new();
+        for transfer in &request.transfers {
+            *per_account
+                .entry(transfer.from_account.as_ref())
+                .or_default() += 1;
+        }
+        if let Some((from, n)) = per_account.iter().find(|(_, n)| **n > limit.get()) {
+            return Reply::field(FieldError::new(
+                "invalid_request",
+                "transfers",
+                format!(
+                    "holds {n} transfers out of account {from}, more than its velocity limit of {limit} per second lets through at once"
+                ),
+            ));
+        }
+        for (from, n) in per_account {
+            if let Err(reply) = check_velocity(app, caller, from, n) {
+                return reply;
+            }
         }
     }
     let Some((slot, receiver)) = app.waiters.wait_batch(commands.len()) else {
