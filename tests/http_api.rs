@@ -325,6 +325,42 @@ fn a_long_poll_longer_than_the_request_timeout_ends_with_200() {
 }
 
 #[test]
+fn a_batch_larger_than_the_ring_is_a_400_and_a_ring_size_that_is_not_a_power_of_two_is_refused() {
+    let dir = temp();
+    let server = Server::start(dir.path(), &["--ring-size", "64"]);
+    let mut c = server.client();
+    open(&mut c, "a");
+    open(&mut c, "b");
+    deposit(&mut c, "a", "100.00");
+    let batch = |n: usize| json!({"transfers": (0..n).map(|_| transfer_body("a", "b", "0.01", &uuid())).collect::<Vec<_>>()});
+    let r = c.post("/v1/wallet/balance_transfers", &batch(65));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"]["field"], "transfers");
+    assert!(r.body.contains("1 to 64"), "{}", r.body);
+    let r = c.post("/v1/wallet/balance_transfers", &batch(64));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(balance_cents(&mut c, "b"), 64);
+    assert!(server.stop().success());
+
+    for size in ["1000", "32"] {
+        let refused = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--ring-size", size])
+            .env("WALLET_LOG", "warn")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(!refused.status.success());
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            stderr.contains("--ring-size must be a power of two of at least 64")
+                && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
 fn openapi_document_lists_exactly_the_server_routes() {
     let document: serde_json::Value =
         serde_json::from_str(&wallet::api::openapi_json().unwrap()).unwrap();

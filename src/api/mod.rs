@@ -729,6 +729,11 @@ pub async fn run(config: ServeConfig, listen: SocketAddr) -> anyhow::Result<()> 
     // start-up is a graceful shutdown too, not the default kill.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    anyhow::ensure!(
+        config.ring_size.is_power_of_two() && config.ring_size >= 64,
+        "--ring-size must be a power of two of at least 64 (the ring library's minimum), not {}",
+        config.ring_size
+    );
     if config.auth.is_none() {
         anyhow::ensure!(
             listen.ip().is_loopback(),
