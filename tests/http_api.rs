@@ -361,6 +361,40 @@ fn a_batch_larger_than_the_ring_is_a_400_and_a_ring_size_that_is_not_a_power_of_
 }
 
 #[test]
+fn a_body_that_never_arrives_whole_is_a_408_and_submits_nothing() {
+    use std::io::Write;
+    let dir = temp();
+    let server = Server::start(dir.path(), &["--request-timeout-ms", "2000"]);
+    let mut c = server.client();
+    open(&mut c, "a");
+    open(&mut c, "b");
+    deposit(&mut c, "a", "100.00");
+    let id = uuid();
+    let body = transfer_body("a", "b", "1.00", &id).to_string();
+    let mut stream = std::net::TcpStream::connect(&server.address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let head = format!(
+        "POST /v1/wallet/balance_transfer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len() + 10
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body.as_bytes()).unwrap();
+    let started = std::time::Instant::now();
+    let r = common::read_response(&mut stream).expect("an answer");
+    assert_eq!(r.status, 408, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "body_incomplete");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(
+        c.get(&format!("/v1/wallet/balance_transfer/{id}")).status,
+        404,
+        "nothing was submitted"
+    );
+    assert!(server.stop().success());
+}
+
+#[test]
 fn openapi_document_lists_exactly_the_server_routes() {
     let document: serde_json::Value =
         serde_json::from_str(&wallet::api::openapi_json().unwrap()).unwrap();

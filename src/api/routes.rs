@@ -432,7 +432,11 @@ async fn dispatch(
             } else {
                 app.config.max_body_bytes
             };
-            let body = match read_body(request, limit).await {
+            // Half the request timeout, so that a body that never finishes arriving is told
+            // so (408: nothing was submitted) before the request's own timeout would answer
+            // that its outcome is unknown.
+            let deadline = app.config.request_timeout / 2;
+            let body = match read_body(request, limit, deadline).await {
                 Ok(body) => body,
                 Err(reply) => return reply,
             };
@@ -448,7 +452,11 @@ async fn dispatch(
     }
 }
 
-async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Reply> {
+async fn read_body(
+    request: Request<Incoming>,
+    limit: usize,
+    deadline: Duration,
+) -> Result<Bytes, Reply> {
     let content_type = request
         .headers()
         .get(CONTENT_TYPE)
@@ -477,7 +485,19 @@ async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Re
     {
         return Err(too_large());
     }
-    match Limited::new(request.into_body(), limit).collect().await {
+    let collect = Limited::new(request.into_body(), limit).collect();
+    let Ok(collected) = tokio::time::timeout(deadline, collect).await else {
+        return Err(Reply::error(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_incomplete",
+            &format!(
+                "the body did not arrive whole within {} ms; nothing was submitted",
+                deadline.as_millis()
+            ),
+        )
+        .with_header("connection", "close"));
+    };
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
