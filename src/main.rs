@@ -88,6 +88,9 @@ struct ServeArgs {
     max_connections: usize,
     #[arg(long, default_value_t = 16384)]
     max_in_flight: usize,
+    /// Batch requests admitted at once; more get a fast 429 before their bodies are read.
+    #[arg(long, default_value_t = 64)]
+    max_batches_in_flight: usize,
     #[arg(long, default_value_t = 1 << 16)]
     ring_size: usize,
     /// Wait strategy of the engine's threads: park (sleeps until work arrives), spin (burns a core), yield, sleep=<n>us.
@@ -174,6 +177,7 @@ impl ServeArgs {
             request_timeout: ms(self.request_timeout_ms),
             max_connections: self.max_connections,
             max_in_flight: self.max_in_flight,
+            max_batches_in_flight: self.max_batches_in_flight,
             ring_size: self.ring_size,
             wait: self.wait,
             pin_core: usize::try_from(self.pin_core).ok(),

@@ -395,6 +395,49 @@ fn a_body_that_never_arrives_whole_is_a_408_and_submits_nothing() {
 }
 
 #[test]
+fn batches_beyond_the_in_flight_limit_get_a_fast_429_before_their_bodies_are_read() {
+    use std::io::Write;
+    let dir = temp();
+    let server = Server::start(dir.path(), &["--max-batches-in-flight", "2"]);
+    let mut c = server.client();
+    open(&mut c, "a");
+    open(&mut c, "b");
+    deposit(&mut c, "a", "100.00");
+    let batch = || json!({"transfers": [transfer_body("a", "b", "0.01", &uuid())]});
+    // Two batches whose bodies are still arriving hold both permits.
+    let stalled: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(&server.address).unwrap();
+            s.write_all(
+                b"POST /v1/wallet/balance_transfers HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"transfers\":[",
+            )
+            .unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let r = c.post("/v1/wallet/balance_transfers", &batch());
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert!(r.header("retry-after").is_some());
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(
+        c.post(
+            "/v1/wallet/balance_transfer",
+            &transfer_body("a", "b", "0.01", &uuid())
+        )
+        .status,
+        200,
+        "single transfers are not limited by batches"
+    );
+    drop(stalled);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = c.post("/v1/wallet/balance_transfers", &batch());
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(server.stop().success());
+}
+
+#[test]
 fn openapi_document_lists_exactly_the_server_routes() {
     let document: serde_json::Value =
         serde_json::from_str(&wallet::api::openapi_json().unwrap()).unwrap();

@@ -53,6 +53,10 @@ pub struct ServeConfig {
     pub read_wait: Duration,
     pub max_connections: usize,
     pub max_in_flight: usize,
+    /// Batch requests admitted at once (their bodies are read, decoded and waited on); more
+    /// get a fast 429 before their bodies are read, so memory stays bounded by this times
+    /// `max_batch_body_bytes` and the decoded items.
+    pub max_batches_in_flight: usize,
     pub ring_size: usize,
     pub wait: WaitMode,
     pub pin_core: Option<usize>,
@@ -93,6 +97,7 @@ impl Default for ServeConfig {
             read_wait: Duration::from_secs(2),
             max_connections: 1024,
             max_in_flight: 16384,
+            max_batches_in_flight: 64,
             ring_size: 1 << 16,
             wait: crate::engine::DEFAULT_WAIT,
             pin_core: Some(1),
@@ -126,6 +131,8 @@ pub struct App {
     pub openapi_json: String,
     pub caller_limiter: Option<KeyedLimiter>,
     pub velocity_limiter: Option<KeyedLimiter>,
+    /// Permits for batch requests (`ServeConfig::max_batches_in_flight`).
+    pub batch_permits: tokio::sync::Semaphore,
     /// Progress of the in-process Redis replicator, if it runs.
     pub redis_replicator: Option<Arc<crate::replicate::redis::Metrics>>,
     submitter: Submitter,
@@ -415,6 +422,7 @@ pub async fn serve(
         }),
         caller_limiter: keyed_limiter(config.rate_limit_per_caller),
         velocity_limiter: keyed_limiter(config.velocity_per_account),
+        batch_permits: tokio::sync::Semaphore::new(config.max_batches_in_flight),
         submitter: engine.submitter(),
     });
     // Keyed limiters keep a cell per key; prune idle ones so the map stays bounded.

@@ -427,6 +427,15 @@ async fn dispatch(
             "this operation needs the wallet:admin scope",
         ),
         name => {
+            // A batch holds its permit from before its body is read until it is answered.
+            let _batch_permit = if name == "transfer_batch" {
+                match app.batch_permits.try_acquire() {
+                    Ok(permit) => Some(permit),
+                    Err(_) => return Reply::too_many(),
+                }
+            } else {
+                None
+            };
             let limit = if name == "transfer_batch" {
                 app.config.max_batch_body_bytes
             } else {
