@@ -130,12 +130,17 @@ pub struct Currency(u16);
 pub enum CurrencyError {
     NotIso4217,
     NoMinorUnits,
+    /// A valid code in the wrong case ("usd").
+    NotUpperCase,
 }
 
 impl fmt::Display for CurrencyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             CurrencyError::NotIso4217 => "is not an ISO 4217 alphabetic code",
+            CurrencyError::NotUpperCase => {
+                "must be an upper-case ISO 4217 alphabetic code (USD, not usd)"
+            }
             CurrencyError::NoMinorUnits => {
                 "has no defined minor units (e.g. XAU) and is not supported"
             }
@@ -157,6 +162,12 @@ impl Currency {
     pub fn new(code: &str) -> Result<Currency, CurrencyError> {
         let b = code.as_bytes();
         if b.len() != 3 || !b.iter().all(|c| c.is_ascii_uppercase()) {
+            if b.len() == 3
+                && b.iter().all(|c| c.is_ascii_alphabetic())
+                && Currency::new(&code.to_ascii_uppercase()).is_ok()
+            {
+                return Err(CurrencyError::NotUpperCase);
+            }
             return Err(CurrencyError::NotIso4217);
         }
         let packed =
