@@ -89,6 +89,50 @@ fn owners_move_and_read_only_their_own_money() {
         &transfer_body("alice", "bob", "10.00", &id),
     );
     assert_eq!(r.status, 200, "{}", r.body);
+    // Its answer shows her own balance after it, not bob's.
+    let shown = |body: &serde_json::Value| -> Vec<(String, String)> {
+        body["balances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                (
+                    b["account_id"].as_str().unwrap().to_string(),
+                    b["balance"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        shown(&r.json()),
+        [("alice".to_string(), "90.00".to_string())]
+    );
+    let r = alice.post(
+        "/v1/wallet/balance_transfers",
+        &json!({"transfers": [transfer_body("alice", "bob", "0.00", &uuid()), transfer_body("alice", "bob", "1.00", &id)]}),
+    );
+    assert_eq!(r.status, 400, "a zero amount refuses the batch");
+    let r = alice.post(
+        "/v1/wallet/balance_transfers",
+        &json!({"transfers": [transfer_body("alice", "bob", "10.00", &id)]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let item = &r.json()["results"][0];
+    assert_eq!(item["replayed"], true);
+    assert_eq!(
+        shown(&item["result"]),
+        [("alice".to_string(), "90.00".to_string())]
+    );
+    let all = admin
+        .get(&format!("/v1/wallet/balance_transfer/{id}"))
+        .json();
+    assert_eq!(
+        shown(&all),
+        [
+            ("alice".to_string(), "90.00".to_string()),
+            ("bob".to_string(), "110.00".to_string())
+        ]
+    );
 
     // Reads: own account yes; another's no (403 whether or not it exists).
     assert_eq!(alice.get("/v1/wallet/accounts/alice").status, 200);
@@ -97,9 +141,11 @@ fn owners_move_and_read_only_their_own_money() {
     assert_eq!(alice.get("/v1/wallet/accounts/bob/history").status, 403);
     // A transfer's status is visible to its two parties only; to others it does not exist.
     let mut bob = as_caller(&server, Some(token("bob", "wallet:read")));
+    let r = bob.get(&format!("/v1/wallet/balance_transfer/{id}"));
+    assert_eq!(r.status, 200);
     assert_eq!(
-        bob.get(&format!("/v1/wallet/balance_transfer/{id}")).status,
-        200
+        shown(&r.json()),
+        [("bob".to_string(), "110.00".to_string())]
     );
     let mut carol = as_caller(&server, Some(token("carol", "wallet:read")));
     assert_eq!(

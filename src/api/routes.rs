@@ -452,9 +452,9 @@ async fn dispatch(
             match name {
                 "transfer" => transfer(app, submitter, caller, &body).await,
                 "transfer_batch" => transfer_batch(app, submitter, caller, &body).await,
-                "open_account" => open_account(app, submitter, &body).await,
-                "deposit" => money(app, submitter, &body, true).await,
-                "withdraw" => money(app, submitter, &body, false).await,
+                "open_account" => open_account(app, submitter, caller, &body).await,
+                "deposit" => money(app, submitter, caller, &body, true).await,
+                "withdraw" => money(app, submitter, caller, &body, false).await,
                 _ => Reply::error(StatusCode::NOT_FOUND, "not_found", "no such route"),
             }
         }
@@ -570,6 +570,9 @@ pub enum Body<'a> {
         amount: u64,
         currency: Currency,
         balances: [u64; 2],
+        /// Whether each side's balance is shown: an owner sees only its own account's
+        /// (`Body::for_caller`).
+        shown: [bool; 2],
     },
     Money {
         transaction_id: TransactionId,
@@ -657,6 +660,21 @@ fn currency_code(out: &mut Vec<u8>, currency: Currency) {
 }
 
 impl Body<'_> {
+    /// Hides what `caller` may not read: an owner sees the balance of its own side of a
+    /// transfer, not the other party's.
+    fn for_caller(mut self, caller: &Caller) -> Self {
+        if let Body::Transfer {
+            from_account,
+            to_account,
+            shown,
+            ..
+        } = &mut self
+        {
+            *shown = [caller.may_read(from_account), caller.may_read(to_account)];
+        }
+        self
+    }
+
     fn to_bytes(&self) -> Bytes {
         let mut out = Vec::with_capacity(256);
         self.write_json(&mut out);
@@ -721,6 +739,7 @@ impl Body<'_> {
                 amount,
                 currency,
                 balances,
+                shown,
                 ..
             } => {
                 next_key(out, "from_account");
@@ -731,14 +750,19 @@ impl Body<'_> {
                 currency_field(out, *currency);
                 next_key(out, "balances");
                 out.push(b'[');
-                for (i, (account, balance)) in [from_account, to_account]
+                let mut first = true;
+                for ((account, balance), shown) in [from_account, to_account]
                     .into_iter()
                     .zip(balances)
-                    .enumerate()
+                    .zip(shown)
                 {
-                    if i > 0 {
+                    if !shown {
+                        continue;
+                    }
+                    if !first {
                         out.push(b',');
                     }
+                    first = false;
                     out.push(b'{');
                     key(out, "account_id");
                     account_string(out, account);
@@ -794,6 +818,7 @@ pub fn outcome_body<'a>(
             amount: outcome.amount,
             currency: outcome.currency,
             balances: outcome.balances_after,
+            shown: [true, true],
         },
         CommandType::Deposit | CommandType::Withdraw => Body::Money {
             transaction_id,
@@ -827,10 +852,10 @@ fn status_for(outcome: &OutcomeView) -> StatusCode {
 }
 
 /// Turns a delivered record into the reply a caller gets.
-fn render(app: &App, delivered: &Delivered) -> Reply {
+fn render(app: &App, caller: &Caller, delivered: &Delivered) -> Reply {
     let past_complete = app.views.past_complete();
     let (status, body, replayed) = app.views.read(|state| {
-        let (status, body, replayed) = render_value(state, delivered, past_complete);
+        let (status, body, replayed) = render_value(state, caller, delivered, past_complete);
         (status, body.to_bytes(), replayed)
     });
     let reply = Reply::json_bytes(status, body);
@@ -844,6 +869,7 @@ fn render(app: &App, delivered: &Delivered) -> Reply {
 /// The status, body and replay mark of an outcome; shared by single and batch requests.
 fn render_value<'a>(
     state: &'a ViewState,
+    caller: &Caller,
     delivered: &Delivered,
     past_complete: bool,
 ) -> (StatusCode, Body<'a>, bool) {
@@ -879,7 +905,7 @@ fn render_value<'a>(
     };
     (
         status_for(&outcome),
-        outcome_body(state, record.transaction_id, &outcome),
+        outcome_body(state, record.transaction_id, &outcome).for_caller(caller),
         replayed,
     )
 }
@@ -936,7 +962,7 @@ async fn transfer(
         return reply;
     }
     match execute(app, submitter, command).await {
-        Ok(delivered) => render(app, &delivered),
+        Ok(delivered) => render(app, caller, &delivered),
         Err(reply) => reply,
     }
 }
@@ -1030,7 +1056,7 @@ async fn transfer_batch(
         out.extend_from_slice(b"{\"results\":[");
         for (index, result) in results.iter().enumerate() {
             let (status, result, replayed) = match result {
-                Some(delivered) => render_value(state, delivered, past_complete),
+                Some(delivered) => render_value(state, caller, delivered, past_complete),
                 None => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     Body::Other(
@@ -1062,7 +1088,12 @@ async fn transfer_batch(
     Reply::json_bytes(StatusCode::OK, body)
 }
 
-async fn open_account(app: &App, submitter: &std::sync::Mutex<Submitter>, body: &[u8]) -> Reply {
+async fn open_account(
+    app: &App,
+    submitter: &std::sync::Mutex<Submitter>,
+    caller: &Caller,
+    body: &[u8],
+) -> Reply {
     let request: OpenAccountRequest = match json::decode(body) {
         Ok(r) => r,
         Err(e) => return Reply::field(e),
@@ -1084,7 +1115,7 @@ async fn open_account(app: &App, submitter: &std::sync::Mutex<Submitter>, body: 
         kind: CommandKind::OpenAccount { account },
     };
     match execute(app, submitter, command).await {
-        Ok(delivered) => render(app, &delivered),
+        Ok(delivered) => render(app, caller, &delivered),
         Err(reply) => reply,
     }
 }
@@ -1092,6 +1123,7 @@ async fn open_account(app: &App, submitter: &std::sync::Mutex<Submitter>, body: 
 async fn money(
     app: &App,
     submitter: &std::sync::Mutex<Submitter>,
+    caller: &Caller,
     body: &[u8],
     deposit: bool,
 ) -> Reply {
@@ -1104,7 +1136,7 @@ async fn money(
         Err(e) => return Reply::field(e),
     };
     match execute(app, submitter, command).await {
-        Ok(delivered) => render(app, &delivered),
+        Ok(delivered) => render(app, caller, &delivered),
         Err(reply) => reply,
     }
 }
@@ -1238,7 +1270,9 @@ async fn transfer_status(app: &App, caller: &Caller, id: &str, query: Option<&st
         match state.outcomes.get(&transaction_id.0).filter(|o| visible(o)) {
             Some(outcome) => Reply::json_bytes(
                 StatusCode::OK,
-                outcome_body(state, transaction_id, outcome).to_bytes(),
+                outcome_body(state, transaction_id, outcome)
+                    .for_caller(caller)
+                    .to_bytes(),
             ),
             None => Reply::error(
                 StatusCode::NOT_FOUND,
@@ -1414,6 +1448,7 @@ mod tests {
                 amount: 1_205,
                 currency: usd,
                 balances: [5, 100_000_000_000],
+                shown: [true, true],
             }),
             json!({"transaction_id": uuid, "status": "committed", "sequence": 41,
                 "from_account": "alice", "to_account": "bob.2:x-y_z", "amount": "12.05",
