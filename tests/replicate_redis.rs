@@ -655,6 +655,37 @@ fn nodes_from_another_journal_are_refused_then_rebuilt_on_request() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // An identity that cannot be read is a mismatch too: refused, then repaired by --rebuild
+    // (it used to stop the run with a parse error, --rebuild or not).
+    let _: () = redis::cmd("SET")
+        .arg("wallet:applied_record")
+        .arg("not a record id")
+        .query(&mut redis_connection(&services.redis[0]))
+        .expect("set");
+    let out = cluster.wallet(
+        &["replicate", "redis", "--once", "--source", &other_dir],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("unreadable") && stderr.contains("--rebuild"),
+        "{stderr}"
+    );
+    let rebuild = [
+        "replicate",
+        "redis",
+        "--once",
+        "--rebuild",
+        "--source",
+        &other_dir,
+    ];
+    let out = cluster.wallet(&rebuild, &[]);
+    assert!(
+        out.status.success(),
+        "--rebuild: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     other_server.stop();
 }
 

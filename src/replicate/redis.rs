@@ -1037,27 +1037,32 @@ async fn check_identities(
             tracing::warn!(node = %node.address, seq, "node has no {APPLIED_RECORD_KEY} (written by an older replicator): its journal identity cannot be checked; it is stored with the next batch");
             continue;
         };
-        let theirs = RecordId::parse(&stored)
-            .with_context(|| format!("Redis node {}: {APPLIED_RECORD_KEY}", node.address))?;
         let ours = source
             .record_at(seq)
             .await
             .with_context(|| format!("reading the source's record at sequence {seq}"))?;
-        let problem = match ours {
-            Some((ours, true)) if ours == theirs => continue,
-            Some((ours, ends)) => format!(
-                "Redis node {} has applied up to sequence {seq}, recorded as {theirs}, but the source's record there is {ours}{}: the node holds data from another journal, or from a tail this journal lost",
-                node.address,
-                if ends {
-                    ""
-                } else {
-                    " (which does not even end there)"
-                }
+        let problem = match RecordId::parse(&stored) {
+            // Unreadable: it cannot be checked, so it is a mismatch (`--rebuild` repairs it).
+            Err(e) => format!(
+                "Redis node {} has applied up to sequence {seq}, but its {APPLIED_RECORD_KEY} {stored:?} is unreadable ({e:#})",
+                node.address
             ),
-            None => format!(
-                "Redis node {} has applied up to sequence {seq} (record {theirs}), but the source {} does not reach it: wrong source, or a journal that lost its tail",
-                node.address, options.source
-            ),
+            Ok(theirs) => match ours {
+                Some((ours, true)) if ours == theirs => continue,
+                Some((ours, ends)) => format!(
+                    "Redis node {} has applied up to sequence {seq}, recorded as {theirs}, but the source's record there is {ours}{}: the node holds data from another journal, or from a tail this journal lost",
+                    node.address,
+                    if ends {
+                        ""
+                    } else {
+                        " (which does not even end there)"
+                    }
+                ),
+                None => format!(
+                    "Redis node {} has applied up to sequence {seq} (record {theirs}), but the source {} does not reach it: wrong source, or a journal that lost its tail",
+                    node.address, options.source
+                ),
+            },
         };
         if !options.rebuild {
             bail!(

@@ -350,6 +350,16 @@ impl State {
             .await?;
         schema::check_max_prepared(&shard, &row.try_get::<_, String>(0)?, needed)
             .map_err(|e| Fatal(format!("{e:#}")))?;
+        // In-doubt transactions first, before any migration: a prepared one holds the
+        // watermark row's lock, which anything but a plain read waits for (a migration's
+        // ALTER TABLE would wait for ever, holding the migration lock). Only gids with our
+        // coordinator id are touched, and each must name this shard.
+        let id = coordinator.record.id.clone();
+        let decided = coordinator.current_decision().await?;
+        let done = coordinator::recover_shard(&client, &id, decided, i).await?;
+        if done != coordinator::Recovered::default() {
+            tracing::warn!(shard = %shard.label, committed = done.committed, rolled_back = done.rolled_back, "recovered in-doubt transactions");
+        }
         if self.migrate && !self.migrated[i] {
             schema::migrate(&mut client, &shard)
                 .await
@@ -359,15 +369,6 @@ impl State {
             schema::check_schema(&client, &shard)
                 .await
                 .map_err(fatal_unless_connection)?;
-        }
-        // In-doubt transactions first: a prepared one holds the watermark row's lock, which
-        // anything but a plain read would wait for. Only gids with our coordinator id are
-        // touched, and each must name this shard.
-        let id = coordinator.record.id.clone();
-        let decided = coordinator.current_decision().await?;
-        let done = coordinator::recover_shard(&client, &id, decided, i).await?;
-        if done != coordinator::Recovered::default() {
-            tracing::warn!(shard = %shard.label, committed = done.committed, rolled_back = done.rolled_back, "recovered in-doubt transactions");
         }
         let count = i32::try_from(self.shards.len())?;
         let identity = "SELECT shard_index, shard_count, coordinator_id FROM watermark";

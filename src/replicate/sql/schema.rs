@@ -195,6 +195,9 @@ const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
 /// the ones this binary knows. Returns how many were applied.
 pub async fn migrate(client: &mut Client, shard: &Shard) -> anyhow::Result<usize> {
     let tx = client.transaction().await?;
+    // A lock held elsewhere (a prepared transaction this replicator does not own) fails the
+    // migration with an error naming it instead of queueing for ever behind it.
+    tx.batch_execute("SET LOCAL lock_timeout = '10s'").await?;
     tx.batch_execute("SELECT pg_advisory_xact_lock(7233100116500221001)")
         .await?;
     tx.batch_execute(MIGRATIONS_TABLE).await?;
