@@ -343,7 +343,12 @@ pub async fn watch_partition_map(
                 {
                     Ok(map) => {
                         sender.send_if_modified(|current| {
-                            if *current != map {
+                            // Maps only move forward: an older version is a read from a
+                            // ZooKeeper server that lags (a new session), not a change.
+                            if map.version < current.version {
+                                tracing::warn!(seen = map.version, current = current.version, "ignoring an older partition map (a lagging ZooKeeper server)");
+                                false
+                            } else if *current != map {
                                 tracing::info!(version = map.version, nodes = ?map.nodes, "partition map changed");
                                 *current = map;
                                 true

@@ -194,6 +194,13 @@ impl Coordinator {
     /// The decided batch as ZooKeeper has it now: after a failed or ambiguous `decide`, only
     /// ZooKeeper knows whether the write took effect.
     pub async fn current_decision(&mut self) -> anyhow::Result<u64> {
+        // A session that reconnected may be on a server that has not seen our last `decide`
+        // yet (its outcome was unclear): catch that server up before reading, or recovery could
+        // roll back a batch that was decided.
+        self.client
+            .sync(&record_path(&self.layout))
+            .await
+            .context("syncing the coordinator record")?;
         let Some((record, version)) = read_record(&self.client, &self.layout).await? else {
             return Err(Fatal(format!("{} disappeared", record_path(&self.layout))).into());
         };
