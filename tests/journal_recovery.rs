@@ -196,6 +196,24 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A writer on an empty journal in `data`, with an empty ledger and its history.
+fn fresh_writer(
+    data: &Path,
+    segment_size: u64,
+    sync: SyncMode,
+) -> (JournalWriter, Ledger, History) {
+    let ledger = Ledger::new(LedgerConfig::default());
+    let history = History::new(&ledger);
+    let writer = open_writer(
+        data,
+        Box::new(MmapStorage::default()),
+        segment_size,
+        sync,
+        &JournalEnd::empty(),
+    );
+    (writer, ledger, history)
+}
+
 /// A fresh journal in `data` holding commands `range`, in segments of `segment_size` bytes,
 /// committed every `commit_every`.
 fn fresh_journal(
@@ -204,15 +222,7 @@ fn fresh_journal(
     range: std::ops::Range<u64>,
     commit_every: u64,
 ) -> (Ledger, History) {
-    let mut ledger = Ledger::new(LedgerConfig::default());
-    let mut history = History::new(&ledger);
-    let mut writer = open_writer(
-        data,
-        Box::new(MmapStorage::default()),
-        segment_size,
-        SyncMode::Batch,
-        &JournalEnd::empty(),
-    );
+    let (mut writer, mut ledger, mut history) = fresh_writer(data, segment_size, SyncMode::Batch);
     write_commands(&mut writer, &mut ledger, &mut history, range, commit_every);
     (ledger, history)
 }
@@ -868,15 +878,7 @@ fn a_hole_past_the_durable_watermark_with_valid_frames_after_it_is_cut_not_refus
 fn a_tail_keeps_its_last_durable_limit_when_the_watermark_file_disappears() {
     let temp = tempfile::tempdir().unwrap();
     let data = temp.path();
-    let mut ledger = Ledger::new(LedgerConfig::default());
-    let mut history = History::new(&ledger);
-    let mut writer = open_writer(
-        data,
-        Box::new(MmapStorage::default()),
-        1 << 20,
-        SyncMode::Batch,
-        &JournalEnd::empty(),
-    );
+    let (mut writer, mut ledger, mut history) = fresh_writer(data, 1 << 20, SyncMode::Batch);
     write_commands(&mut writer, &mut ledger, &mut history, 0..50, 10);
     let limit = ledger.next_seq() - 1;
     let mut tail = wallet::journal::tail::JournalTail::new(&journal_dir(data));
@@ -1288,15 +1290,7 @@ fn a_torn_write_is_cut_as_a_torn_tail_on_restart() {
 fn snapshot_plus_tail_equals_the_full_replay_and_a_bad_snapshot_is_skipped() {
     let temp = tempfile::tempdir().unwrap();
     let data = temp.path();
-    let mut ledger = Ledger::new(LedgerConfig::default());
-    let mut history = History::new(&ledger);
-    let mut writer = open_writer(
-        data,
-        Box::new(MmapStorage::default()),
-        64 << 10,
-        SyncMode::None,
-        &JournalEnd::empty(),
-    );
+    let (mut writer, mut ledger, mut history) = fresh_writer(data, 64 << 10, SyncMode::None);
     write_commands(&mut writer, &mut ledger, &mut history, 0..1000, 16);
     let snapshot_path =
         snapshot::write_snapshot(&snapshot_dir(data), &encode_snapshot(&ledger)).unwrap();

@@ -615,17 +615,15 @@ fn nodes_from_another_journal_are_refused_then_rebuilt_on_request() {
     }
     // Nothing was written on the nodes by the refused runs.
     assert_eq!(node_state(&services.redis[0]).expect("state").0, applied);
-    let out = cluster.wallet(
-        &[
-            "replicate",
-            "redis",
-            "--once",
-            "--rebuild",
-            "--source",
-            &other_dir,
-        ],
-        &[],
-    );
+    let rebuild = [
+        "replicate",
+        "redis",
+        "--once",
+        "--rebuild",
+        "--source",
+        &other_dir,
+    ];
+    let out = cluster.wallet(&rebuild, &[]);
     assert!(
         out.status.success(),
         "--rebuild: {}",
@@ -672,14 +670,6 @@ fn nodes_from_another_journal_are_refused_then_rebuilt_on_request() {
         stderr.contains("unreadable") && stderr.contains("--rebuild"),
         "{stderr}"
     );
-    let rebuild = [
-        "replicate",
-        "redis",
-        "--once",
-        "--rebuild",
-        "--source",
-        &other_dir,
-    ];
     let out = cluster.wallet(&rebuild, &[]);
     assert!(
         out.status.success(),

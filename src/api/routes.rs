@@ -428,18 +428,13 @@ async fn dispatch(
         ),
         name => {
             // A batch holds its permit from before its body is read until it is answered.
-            let _batch_permit = if name == "transfer_batch" {
+            let (limit, _batch_permit) = if name == "transfer_batch" {
                 match app.batch_permits.try_acquire() {
-                    Ok(permit) => Some(permit),
+                    Ok(permit) => (app.config.max_batch_body_bytes, Some(permit)),
                     Err(_) => return Reply::too_many(),
                 }
             } else {
-                None
-            };
-            let limit = if name == "transfer_batch" {
-                app.config.max_batch_body_bytes
-            } else {
-                app.config.max_body_bytes
+                (app.config.max_body_bytes, None)
             };
             // Half the request timeout, so that a body that never finishes arriving is told
             // so (408: nothing was submitted) before the request's own timeout would answer
