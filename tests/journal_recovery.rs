@@ -991,6 +991,46 @@ fn opening_the_writer_rewrites_the_newest_segment_whatever_the_page_cache_says()
 }
 
 #[test]
+fn wallet_snapshot_makes_the_journal_durable_up_to_the_snapshot_before_writing_it() {
+    // A server that crashed before its sync leaves records that recovery reads (from the page
+    // cache) past the durable watermark. `wallet snapshot` must sync them before it writes a
+    // snapshot that includes them, or a power loss would leave the snapshot ahead of the journal.
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let (ledger, history) = fresh_journal(data, 4 << 20, 0..3000, 100);
+    let end = ledger.next_seq() - 1;
+    let behind = history.last_seq[1000];
+    fs::write(
+        journal_dir(data).join(wallet::journal::format::DURABLE_FILE_NAME),
+        wallet::journal::format::encode_durable(behind, 0),
+    )
+    .unwrap();
+    assert_eq!(
+        wallet::journal::durable_watermark(&journal_dir(data)),
+        Some(behind)
+    );
+    let (_, write_offset) = recovered(data).end.segment.unwrap();
+    let before = thread_write_bytes();
+    let written = wallet::tools::replay::snapshot(&wallet::tools::replay::SnapshotArgs {
+        data_dir: data.to_path_buf(),
+    })
+    .expect("wallet snapshot");
+    let wrote = thread_write_bytes() - before;
+    assert_eq!(
+        wallet::journal::durable_watermark(&journal_dir(data)),
+        Some(end),
+        "the watermark covers the snapshot"
+    );
+    assert!(
+        wrote >= write_offset - 4096 + fs::metadata(&written).unwrap().len(),
+        "wrote {wrote} bytes: the segment's {write_offset} and the snapshot"
+    );
+    let loaded = snapshot::load_newest(&snapshot_dir(data), LedgerConfig::default(), None)
+        .expect("the snapshot loads");
+    assert_eq!(loaded.state_hash(), ledger.state_hash());
+}
+
+#[test]
 fn every_flipped_bit_in_a_committed_record_is_reported_as_corruption() {
     let temp = tempfile::tempdir().unwrap();
     let data = temp.path();

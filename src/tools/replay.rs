@@ -8,7 +8,11 @@ use serde::Serialize;
 use crate::core::codec::encode_snapshot;
 use crate::core::{AccountId, Ledger, LedgerConfig, format_amount};
 use crate::engine::recovery::{check_durable_watermark, recover, replay_journal};
-use crate::journal::{estimate_records, journal_dir, snapshot, snapshot_dir};
+use crate::journal::storage::MmapStorage;
+use crate::journal::{
+    DEFAULT_SEGMENT_SIZE_BYTES, JournalConfig, JournalWriter, SyncMode, estimate_records,
+    journal_dir, snapshot, snapshot_dir,
+};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayArgs {
@@ -284,12 +288,27 @@ pub struct SnapshotArgs {
     pub data_dir: PathBuf,
 }
 
-/// Writes a snapshot of the state at the end of the journal (the engine must not be running on
-/// this data directory: both take its lock).
+/// Writes a snapshot of the state at the end of the journal, once the journal is durable up to
+/// it (the engine must not be running on this data directory: both take its lock).
 pub fn snapshot(args: &SnapshotArgs) -> anyhow::Result<PathBuf> {
     // A running server would keep writing behind the state read here.
     let _lock = crate::api::lock_data_dir(&args.data_dir)?;
     let recovered = recover(&args.data_dir, LedgerConfig::default(), true, |_, _| {})?;
+    // What recovery read may be only in the page cache (a server that crashed before its
+    // sync): a snapshot of it must not reach the disk before the records do. Opening a writer
+    // on the recovered end does what a starting server does: cuts a torn tail, syncs the newest
+    // segment (its pages dirtied first) and publishes the durable watermark.
+    let writer = JournalWriter::open(
+        Box::new(MmapStorage::default()),
+        JournalConfig {
+            dir: journal_dir(&args.data_dir),
+            // Only a new segment would take this size, and nothing is appended here.
+            segment_size_bytes: DEFAULT_SEGMENT_SIZE_BYTES,
+            sync: SyncMode::Batch,
+        },
+        &recovered.end,
+    )?;
+    drop(writer);
     let bytes = encode_snapshot(&recovered.ledger);
     Ok(snapshot::write_snapshot(
         &snapshot_dir(&args.data_dir),
