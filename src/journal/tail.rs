@@ -189,8 +189,9 @@ impl JournalTail {
         Ok(())
     }
 
-    /// Opens the segment at `path` as the current one. Returns `false` while its header is not
-    /// written yet (the writer creates the file, then writes the header): try again later.
+    /// Opens the segment at `path` as the current one. Returns `false` while its header does not
+    /// read as valid yet (segments are renamed into place with a durable header, so this is a
+    /// file from an older writer or a damaged one): try again later.
     fn open_segment(&mut self, path: &Path, first: bool) -> anyhow::Result<bool> {
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let size = file.metadata()?.len();
