@@ -263,6 +263,12 @@ fn endpoints_and_error_paths() {
     let tail = c.get("/v1/wallet/events?from_seq=999999&wait_ms=100");
     assert_eq!(tail.status, 200);
     assert!(tail.body.is_empty());
+    // `limit` counts events, whole records at a time: none at 0, the first record at 1.
+    let none = c.get("/v1/wallet/events?from_seq=1&limit=0");
+    assert_eq!(none.status, 200);
+    assert_eq!(none.body, "", "limit=0 from the in-memory window");
+    let one = c.get("/v1/wallet/events?from_seq=1&limit=1");
+    assert_eq!(one.body.lines().count(), 1, "{}", one.body);
 
     // Batch: one outcome per transfer, in order.
     let batch = json!({"transfers": [
@@ -658,6 +664,9 @@ fn restart_keeps_balances_history_and_remembered_ids() {
             .collect();
         assert_eq!(lines, events[i..], "events from sequence {seq}");
     }
+    let none = c.get("/v1/wallet/events?from_seq=1&limit=0");
+    assert_eq!(none.status, 200);
+    assert_eq!(none.body, "", "limit=0 from the journal");
     assert_eq!(c.get("/v1/wallet/accounts/a/history").json(), history);
     assert_eq!(c.get("/v1/wallet/accounts/b").json(), account);
     let again = c.post(

@@ -1160,7 +1160,6 @@ async fn account(app: &App, caller: &Caller, id: &str, query: Option<&str>) -> R
     if let Err(reply) = wait_min_seq(app, query).await {
         return reply;
     }
-    let sequence = app.views.applied_seq();
     app.views.read(|state| match state.account(id) {
         None => Reply::error(
             StatusCode::NOT_FOUND,
@@ -1168,6 +1167,8 @@ async fn account(app: &App, caller: &Caller, id: &str, query: Option<&str>) -> R
             RejectCode::AccountNotFound.message(),
         ),
         Some(index) => {
+            // Read under the views' lock, so that it is the sequence these balances reflect.
+            let sequence = app.views.applied_seq();
             let balances: Vec<Value> = state.balances[index as usize]
                 .iter()
                 .map(|(c, b)| json!({"currency": c.to_string(), "balance": money_string(*b, *c)}))
@@ -1306,10 +1307,11 @@ async fn events(app: &App, query: Option<&str>) -> Reply {
         let mut lines = String::new();
         let mut count = 0;
         for record in state.recent.iter().filter(|r| r.next_seq() > from_seq) {
-            count += event_lines(state, record, from_seq, &mut lines);
+            // As the journal path below: whole records while fewer than `limit` events.
             if count >= limit {
                 break;
             }
+            count += event_lines(state, record, from_seq, &mut lines);
         }
         Some(lines)
     });

@@ -554,8 +554,10 @@ impl Views {
                     state.apply(record);
                 }
             }
+            // Stored under the write lock: a reader holding the read lock sees the sequence
+            // that matches the state it reads.
+            self.applied_seq.store(last_seq, Ordering::Release);
         }
-        self.applied_seq.store(last_seq, Ordering::Release);
         self.advanced.notify_waiters();
     }
 
