@@ -234,9 +234,31 @@ fn assert_rejected(ledger: &mut Ledger, command: Command, code: RejectCode, reme
     let ids_before = ledger.transaction_id_count();
     let outcome_before = ledger.outcome_of(command.transaction_id);
 
+    // The account the rejection names: the command's own (the debit account of a transfer, the
+    // account of a deposit or withdrawal) when it is open, none for an opening or a reused id.
+    let party = match command.kind {
+        _ if !remembers_id => None,
+        CommandKind::Transfer { from, .. } => ledger.account_index(&from),
+        CommandKind::Deposit { account, .. } | CommandKind::Withdraw { account, .. } => {
+            ledger.account_index(&account)
+        }
+        CommandKind::OpenAccount { .. } => None,
+    };
+    let before_ledger = ledger.clone();
+
     let record = ledger.execute(&command);
 
     assert_eq!(record.rejection, Some(code), "{command:?}");
+    assert_eq!(
+        record.events()[0].account,
+        party.unwrap_or(u32::MAX),
+        "{command:?}"
+    );
+    // Replay accepts it, and refuses a rejection that names an account that does not exist.
+    before_ledger.verify_record(&record).unwrap();
+    let mut forged = record;
+    forged.events[0].account = before_ledger.account_count() + 7;
+    assert!(before_ledger.verify_record(&forged).is_err());
     assert!(!record.replayed);
     assert_eq!(record.first_seq, seq);
     assert_eq!(record.event_count, 1);

@@ -154,6 +154,33 @@ fn owners_move_and_read_only_their_own_money() {
             .status,
         404
     );
+    // A rejected transfer's status is visible to the account that sent it, and to nobody else.
+    let refused = uuid();
+    let r = alice.post(
+        "/v1/wallet/balance_transfer",
+        &transfer_body("alice", "bob", "1000.00", &refused),
+    );
+    assert_eq!(r.status, 422, "{}", r.body);
+    let r = alice.get(&format!("/v1/wallet/balance_transfer/{refused}"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["status"], "rejected");
+    assert_eq!(r.json()["error"]["code"], "insufficient_funds");
+    assert_eq!(
+        carol
+            .get(&format!("/v1/wallet/balance_transfer/{refused}"))
+            .status,
+        404
+    );
+    // The event stream names the account a rejection belongs to.
+    let stream = admin.get("/v1/wallet/events?from_seq=1&limit=10000");
+    let line: serde_json::Value = stream
+        .body
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|l| l["transaction_id"] == refused.as_str())
+        .expect("the rejection is in the stream");
+    assert_eq!(line["kind"], "rejected");
+    assert_eq!(line["account_id"], "alice");
     // Read scope cannot transfer; transfer scope cannot deposit; only admin reads the stream.
     let r = bob.post(
         "/v1/wallet/balance_transfer",

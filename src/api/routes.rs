@@ -1399,6 +1399,9 @@ fn event_lines(
         match event.kind {
             EventKind::Rejected => {
                 line["code"] = json!(record.rejection.map(|c| c.code()).unwrap_or(""));
+                if event.account != u32::MAX {
+                    line["account_id"] = json!(state.name(event.account));
+                }
             }
             EventKind::Checkpoint => line["state_hash"] = json!(format!("{:016x}", event.amount)),
             EventKind::AccountOpened => {

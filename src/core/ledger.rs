@@ -454,25 +454,37 @@ impl Ledger {
                 record.rejection = RejectCode::from_u8((previous.seq_and_code & 0xFF) as u8);
                 return record;
             }
-            self.reject(&mut record, RejectCode::TransactionIdReused);
+            self.reject(&mut record, RejectCode::TransactionIdReused, u32::MAX);
             return record;
         }
 
         if let Err(code) = self.validate(command, &mut record) {
-            self.reject(&mut record, code);
+            self.reject(&mut record, code, self.party(command));
             return record;
         }
         self.apply(&record);
         record
     }
 
-    fn reject(&mut self, record: &mut CommandRecord, code: RejectCode) {
+    /// The account a rejected command names as its own, if it is open: the debit account of a
+    /// transfer, the account of a deposit or withdrawal (none for an opening). Its rejection
+    /// event carries it, so that the account's owner can look the outcome up.
+    fn party(&self, command: &Command) -> u32 {
+        let account = match command.kind {
+            CommandKind::Transfer { from, .. } => from,
+            CommandKind::Deposit { account, .. } | CommandKind::Withdraw { account, .. } => account,
+            CommandKind::OpenAccount { .. } => return u32::MAX,
+        };
+        self.account_index(&account).unwrap_or(u32::MAX)
+    }
+
+    fn reject(&mut self, record: &mut CommandRecord, code: RejectCode, party: u32) {
         record.rejection = Some(code);
         record.event_count = 1;
         record.events[0] = Event {
             seq: record.first_seq,
             kind: EventKind::Rejected,
-            account: u32::MAX,
+            account: party,
             currency: Currency::NONE,
             amount: 0,
             balance_after: 0,
@@ -691,7 +703,9 @@ impl Ledger {
                 EventKind::Withdrawn | EventKind::Debited if known => {
                     current(event.account, event.currency).checked_sub(event.amount)
                 }
-                EventKind::Rejected | EventKind::Checkpoint => continue,
+                // A rejection names its command's own account, if that is open, or none.
+                EventKind::Rejected if known || event.account == u32::MAX => continue,
+                EventKind::Checkpoint => continue,
                 _ => {
                     return Err(format!(
                         "event at sequence {} names unknown account {}",

@@ -70,7 +70,8 @@ impl OutcomeView {
         };
         for (i, event) in record.events().iter().enumerate() {
             match event.kind {
-                EventKind::AccountOpened => view.accounts[i] = event.account,
+                // A rejection names its command's own account (or none): its owner may see it.
+                EventKind::AccountOpened | EventKind::Rejected => view.accounts[i] = event.account,
                 EventKind::Deposited
                 | EventKind::Withdrawn
                 | EventKind::Debited
@@ -80,7 +81,7 @@ impl OutcomeView {
                     view.amount = event.amount;
                     view.currency = event.currency;
                 }
-                EventKind::Rejected | EventKind::Checkpoint => {}
+                EventKind::Checkpoint => {}
             }
         }
         view
