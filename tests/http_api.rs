@@ -366,6 +366,64 @@ fn a_batch_larger_than_the_ring_is_a_400_and_a_ring_size_that_is_not_a_power_of_
     }
 }
 
+/// Sends `request` on a fresh connection and reads the answer.
+fn raw_request(server: &Server, request: &str) -> common::Response {
+    let mut stream = std::net::TcpStream::connect(&server.address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
+    common::read_response(&mut stream).expect("an answer")
+}
+
+#[test]
+fn without_authentication_only_requests_addressed_to_a_loopback_host_are_served() {
+    // A DNS-rebinding page reaches 127.0.0.1 from the user's browser with its own name in Host.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let mut c = server.client();
+    open(&mut c, "a");
+    open(&mut c, "b");
+    deposit(&mut c, "a", "100.00");
+    let send = |host: &str, id: &str| {
+        let body = transfer_body("a", "b", "1.00", id).to_string();
+        raw_request(
+            &server,
+            &format!(
+                "POST /v1/wallet/balance_transfer HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+    };
+    let refused = uuid();
+    let r = send("evil.example:8080", &refused);
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "host_not_allowed");
+    let r = raw_request(
+        &server,
+        "GET /v1/wallet/accounts/a HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+    );
+    assert_eq!(r.status, 403, "reads too: {}", r.body);
+    assert_eq!(
+        c.get(&format!("/v1/wallet/balance_transfer/{refused}"))
+            .status,
+        404,
+        "nothing was submitted"
+    );
+    assert_eq!(common::balance_cents(&mut c, "a"), 10_000);
+    for host in ["localhost:8080", "[::1]:8080", "127.0.0.1"] {
+        let r = send(host, &uuid());
+        assert_eq!(r.status, 200, "{host}: {}", r.body);
+    }
+    // Operations endpoints stay public.
+    let r = raw_request(
+        &server,
+        "GET /healthz HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    assert!(server.stop().success());
+}
+
 #[test]
 fn a_body_that_never_arrives_whole_is_a_408_and_submits_nothing() {
     use std::io::Write;
@@ -382,7 +440,7 @@ fn a_body_that_never_arrives_whole_is_a_408_and_submits_nothing() {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let head = format!(
-        "POST /v1/wallet/balance_transfer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        "POST /v1/wallet/balance_transfer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len() + 10
     );
     stream.write_all(head.as_bytes()).unwrap();
@@ -415,7 +473,7 @@ fn batches_beyond_the_in_flight_limit_get_a_fast_429_before_their_bodies_are_rea
         .map(|_| {
             let mut s = std::net::TcpStream::connect(&server.address).unwrap();
             s.write_all(
-                b"POST /v1/wallet/balance_transfers HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"transfers\":[",
+                b"POST /v1/wallet/balance_transfers HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"transfers\":[",
             )
             .unwrap();
             s

@@ -181,6 +181,26 @@ fn owners_move_and_read_only_their_own_money() {
         .expect("the rejection is in the stream");
     assert_eq!(line["kind"], "rejected");
     assert_eq!(line["account_id"], "alice");
+    // A caller that may not transfer is refused a batch before its body is read: it cannot
+    // hold one of the batch permits every caller shares while it sends a body slowly.
+    let mut raw = std::net::TcpStream::connect(&server.address).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    std::io::Write::write_all(
+        &mut raw,
+        format!(
+            "POST /v1/wallet/balance_transfers HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 4000000\r\n\r\n{{",
+            token("bob", "wallet:read")
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let r = common::read_response(&mut raw).expect("an answer");
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answered before any body timeout"
+    );
     // Read scope cannot transfer; transfer scope cannot deposit; only admin reads the stream.
     let r = bob.post(
         "/v1/wallet/balance_transfer",
@@ -251,7 +271,14 @@ fn bad_tokens_are_401() {
         )
         .unwrap()
     };
+    let not_yet_valid = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "alice", "scope": "wallet:admin", "exp": now + 7200, "nbf": now + 3600}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
     for (name, t) in [
+        ("not yet valid (nbf)", not_yet_valid),
         ("forged", forged),
         ("alg none", alg_none),
         ("expired", expired),
@@ -364,7 +391,7 @@ fn slowloris_and_connection_limits() {
     slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let started = Instant::now();
     let mut closed = false;
-    for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: "
+    for byte in b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
         .iter()
         .cycle()
         .take(200)

@@ -166,6 +166,8 @@ fn validation(algorithm: Algorithm) -> Validation {
     validation.algorithms = vec![algorithm];
     validation.leeway = LEEWAY_SECONDS;
     validation.validate_exp = true;
+    // A token is refused before its `nbf` (not before), when it has one.
+    validation.validate_nbf = true;
     validation.set_required_spec_claims(&["exp", "sub"]);
     validation
 }

@@ -327,6 +327,31 @@ pub async fn handle(
     reply.into_response()
 }
 
+/// Whether a `Host` header value names a loopback address or `localhost`, with or without a
+/// port.
+pub fn loopback_host(host: &str) -> bool {
+    let port_ok = |port: &str| port.bytes().all(|b| b.is_ascii_digit());
+    if let Some(rest) = host.strip_prefix('[') {
+        let Some((ip, after)) = rest.split_once(']') else {
+            return false;
+        };
+        let port_fine = after.is_empty() || after.strip_prefix(':').is_some_and(port_ok);
+        return port_fine
+            && ip
+                .parse::<std::net::Ipv6Addr>()
+                .is_ok_and(|ip| ip.is_loopback());
+    }
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port_ok(port) => name,
+        Some(_) => return false,
+        None => host,
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Routes anyone may call (operations endpoints).
 fn is_public(route: usize) -> bool {
     matches!(
@@ -345,6 +370,20 @@ fn admit(
 ) -> Result<Caller, Reply> {
     if is_public(route) {
         return Ok(Caller::unauthenticated(peer));
+    }
+    // With authentication off every caller is an admin, so the request must be addressed to a
+    // loopback name: a web page whose name an attacker re-resolved to 127.0.0.1 (DNS rebinding)
+    // reaches this port from the user's browser, but with its own name in `Host`.
+    if app.config.auth.is_none()
+        && let Some(host) = request.headers().get(hyper::header::HOST)
+        && !host.to_str().is_ok_and(loopback_host)
+    {
+        tracing::warn!(target: "audit", caller = %peer, route = ROUTES[route].name, host = ?host, "request refused: not addressed to a loopback host");
+        return Err(Reply::error(
+            StatusCode::FORBIDDEN,
+            "host_not_allowed",
+            "with authentication off, requests must be addressed to 127.0.0.1, [::1] or localhost (the Host header names another host)",
+        ));
     }
     let header = request
         .headers()
@@ -426,8 +465,14 @@ async fn dispatch(
             ROUTES[route].name,
             "this operation needs the wallet:admin scope",
         ),
+        "transfer" | "transfer_batch" if !(caller.transfer || caller.admin) => forbidden(
+            caller,
+            ROUTES[route].name,
+            "transfers need the wallet:transfer scope",
+        ),
         name => {
-            // A batch holds its permit from before its body is read until it is answered.
+            // A batch holds its permit from before its body is read until it is answered
+            // (only a caller that may transfer gets this far: the permits are shared).
             let (limit, _batch_permit) = if name == "transfer_batch" {
                 match app.batch_permits.try_acquire() {
                     Ok(permit) => (app.config.max_batch_body_bytes, Some(permit)),
@@ -1423,7 +1468,7 @@ fn event_lines(
 
 #[cfg(test)]
 mod tests {
-    use super::{Body, match_path};
+    use super::{Body, loopback_host, match_path};
     use crate::core::{Currency, RejectCode, TransactionId};
     use serde_json::json;
 
@@ -1431,6 +1476,36 @@ mod tests {
         let mut out = Vec::new();
         body.write_json(&mut out);
         serde_json::from_slice(&out).expect("write_json writes valid JSON")
+    }
+
+    #[test]
+    fn loopback_hosts_are_told_from_other_names() {
+        for host in [
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "127.1.2.3:1",
+            "localhost",
+            "LOCALHOST:8080",
+            "[::1]",
+            "[::1]:8080",
+        ] {
+            assert!(loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8080",
+            "localhost.evil.example",
+            "127.0.0.1.evil.example",
+            "10.0.0.1:8080",
+            "[::2]:80",
+            "[::1",
+            "[::1]x",
+            "127.0.0.1:80x",
+            "::1",
+            "",
+        ] {
+            assert!(!loopback_host(host), "{host}");
+        }
     }
 
     #[test]
