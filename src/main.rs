@@ -88,7 +88,8 @@ struct ServeArgs {
     max_connections: usize,
     #[arg(long, default_value_t = 16384)]
     max_in_flight: usize,
-    /// Batch requests admitted at once; more get a fast 429 before their bodies are read.
+    /// Batch requests admitted at once; more get a fast 429 before their bodies are read. A
+    /// caller other than an admin holds at most a quarter of them.
     #[arg(long, default_value_t = 64)]
     max_batches_in_flight: usize,
     #[arg(long, default_value_t = 1 << 16)]

@@ -224,6 +224,53 @@ fn owners_move_and_read_only_their_own_money() {
 }
 
 #[test]
+fn one_caller_holds_at_most_a_quarter_of_the_batch_permits() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &["--max-batches-in-flight", "8"]);
+    let mut admin = as_caller(&server, Some(token("ops", "wallet:admin")));
+    for a in ["alice", "bob"] {
+        common::open(&mut admin, a);
+        common::deposit(&mut admin, a, "10.00");
+    }
+    let alice_token = token("alice", "wallet:transfer");
+    // Two of alice's batches whose bodies are still arriving: her share of 8 permits.
+    let stalled: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(&server.address).unwrap();
+            s.write_all(
+                format!(
+                    "POST /v1/wallet/balance_transfers HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {alice_token}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"transfers\":["
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let batch =
+        |from: &str, to: &str| json!({"transfers": [transfer_body(from, to, "0.01", &uuid())]});
+    let mut alice = as_caller(&server, Some(alice_token.clone()));
+    let started = Instant::now();
+    let r = alice.post("/v1/wallet/balance_transfers", &batch("alice", "bob"));
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert!(r.body.contains("this caller"), "{}", r.body);
+    assert!(r.header("retry-after").is_some());
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // Other callers still get batches through.
+    let mut bob = as_caller(&server, Some(token("bob", "wallet:transfer")));
+    let r = bob.post("/v1/wallet/balance_transfers", &batch("bob", "alice"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["results"][0]["http_status"], 200);
+    // Her share comes back when her batches end.
+    drop(stalled);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = alice.post("/v1/wallet/balance_transfers", &batch("alice", "bob"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(server.stop().success());
+}
+
+#[test]
 fn bad_tokens_are_401() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), &[]);

@@ -133,6 +133,9 @@ pub struct App {
     pub velocity_limiter: Option<KeyedLimiter>,
     /// Permits for batch requests (`ServeConfig::max_batches_in_flight`).
     pub batch_permits: tokio::sync::Semaphore,
+    /// Batch permits held per caller (admins excepted): at most a quarter of them each, so that
+    /// one caller's slow batches cannot shut every other caller out of the batch endpoint.
+    pub batch_callers: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     /// Progress of the in-process Redis replicator, if it runs.
     pub redis_replicator: Option<Arc<crate::replicate::redis::Metrics>>,
     submitter: Submitter,
@@ -423,6 +426,7 @@ pub async fn serve(
         caller_limiter: keyed_limiter(config.rate_limit_per_caller),
         velocity_limiter: keyed_limiter(config.velocity_per_account),
         batch_permits: tokio::sync::Semaphore::new(config.max_batches_in_flight),
+        batch_callers: std::sync::Mutex::new(std::collections::HashMap::new()),
         submitter: engine.submitter(),
     });
     // Keyed limiters keep a cell per key; prune idle ones so the map stays bounded.

@@ -327,6 +327,50 @@ pub async fn handle(
     reply.into_response()
 }
 
+/// One batch counted against its caller's share of the batch permits until it is dropped
+/// (admins are not counted).
+struct CallerBatches<'a> {
+    app: &'a App,
+    sub: Option<String>,
+}
+
+impl<'a> CallerBatches<'a> {
+    fn take(app: &'a App, caller: &Caller, share: usize) -> Option<CallerBatches<'a>> {
+        if caller.admin {
+            return Some(CallerBatches { app, sub: None });
+        }
+        let mut held = app.batch_callers.lock().unwrap_or_else(|e| e.into_inner());
+        let count = held.entry(caller.sub.clone()).or_default();
+        if *count >= share {
+            return None;
+        }
+        *count += 1;
+        Some(CallerBatches {
+            app,
+            sub: Some(caller.sub.clone()),
+        })
+    }
+}
+
+impl Drop for CallerBatches<'_> {
+    fn drop(&mut self) {
+        let Some(sub) = &self.sub else {
+            return;
+        };
+        let mut held = self
+            .app
+            .batch_callers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = held.get_mut(sub) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(sub);
+            }
+        }
+    }
+}
+
 /// Whether a `Host` header value names a loopback address or `localhost`, with or without a
 /// port.
 pub fn loopback_host(host: &str) -> bool {
@@ -474,10 +518,19 @@ async fn dispatch(
             // A batch holds its permit from before its body is read until it is answered
             // (only a caller that may transfer gets this far: the permits are shared).
             let (limit, _batch_permit) = if name == "transfer_batch" {
-                match app.batch_permits.try_acquire() {
-                    Ok(permit) => (app.config.max_batch_body_bytes, Some(permit)),
-                    Err(_) => return Reply::too_many(),
-                }
+                let Ok(permit) = app.batch_permits.try_acquire() else {
+                    return Reply::too_many();
+                };
+                let share = (app.config.max_batches_in_flight / 4).max(1);
+                let Some(held) = CallerBatches::take(app, caller, share) else {
+                    return Reply::error(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too_many_requests",
+                        &format!("this caller already has {share} batches in flight, its share of the server's; retry later"),
+                    )
+                    .with_header("retry-after", "1");
+                };
+                (app.config.max_batch_body_bytes, Some((permit, held)))
             } else {
                 (app.config.max_body_bytes, None)
             };
