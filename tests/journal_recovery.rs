@@ -344,6 +344,15 @@ fn check_cut(
     Ok(())
 }
 
+/// Writes the journal's durable-watermark file naming `seq`, as the writer publishes it.
+fn set_durable_watermark(data: &Path, seq: u64) {
+    fs::write(
+        journal_dir(data).join(wallet::journal::format::DURABLE_FILE_NAME),
+        wallet::journal::format::encode_durable(seq, 0),
+    )
+    .expect("write the durable-watermark file");
+}
+
 /// Removes the journal's durable-watermark file, as if the writer had not yet published its
 /// last syncs: the records past it are then ones a crash may tear.
 fn forget_durable_watermark(data: &Path) {
@@ -841,13 +850,7 @@ fn a_hole_past_the_durable_watermark_with_valid_frames_after_it_is_cut_not_refus
     let hole = &frames[frames.len() - 8];
     let synced = &frames[frames.len() - 10];
     let original = fs::read(&newest).unwrap();
-    let write_watermark = |seq: u64| {
-        fs::write(
-            jdir.join(wallet::journal::format::DURABLE_FILE_NAME),
-            wallet::journal::format::encode_durable(seq, 0),
-        )
-        .unwrap()
-    };
+    let write_watermark = |seq: u64| set_durable_watermark(data, seq);
     let restore = || fs::write(&newest, &original).unwrap();
     let file = OpenOptions::new().write(true).open(&newest).unwrap();
     for (name, bytes) in [("zeroed", vec![0u8; hole.len]), ("garbled", vec![0xAB; 40])] {
@@ -1000,11 +1003,7 @@ fn wallet_snapshot_makes_the_journal_durable_up_to_the_snapshot_before_writing_i
     let (ledger, history) = fresh_journal(data, 4 << 20, 0..3000, 100);
     let end = ledger.next_seq() - 1;
     let behind = history.last_seq[1000];
-    fs::write(
-        journal_dir(data).join(wallet::journal::format::DURABLE_FILE_NAME),
-        wallet::journal::format::encode_durable(behind, 0),
-    )
-    .unwrap();
+    set_durable_watermark(data, behind);
     assert_eq!(
         wallet::journal::durable_watermark(&journal_dir(data)),
         Some(behind)
