@@ -134,18 +134,17 @@ fn endpoints_and_error_paths() {
         ),
         (
             json!({"to_account": "bob", "amount": "1", "currency": "USD", "transaction_id": uuid()}),
-            "body",
+            "from_account",
         ),
     ];
     for (body, field) in bad {
         let r = c.post("/v1/wallet/balance_transfer", &body);
         assert_eq!(r.status, 400, "{body}: {}", r.body);
-        let message = r.json()["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .to_string();
+        let error = &r.json()["error"];
+        assert_eq!(error["field"], field, "{body}: {}", r.body);
+        let message = error["message"].as_str().unwrap_or("");
         assert!(
-            message.contains(field) || field == "body",
+            message.starts_with(&format!("{field}: ")),
             "{body}: message {message:?} should name {field}"
         );
     }
@@ -203,7 +202,37 @@ fn endpoints_and_error_paths() {
         json!([{"currency": "JPY", "balance": "5"}, {"currency": "USD", "balance": "12.00"}])
     );
     assert_eq!(c.get("/v1/wallet/accounts/nobody").status, 404);
-    assert_eq!(c.get("/v1/wallet/accounts/no%20body").status, 400);
+    // Path segments are percent-decoded before validation: `%62ob` is `bob`, `no%20body` holds
+    // a space (refused by the id's alphabet, not by the escape) and `%zz` is no escape at all.
+    assert_eq!(c.get("/v1/wallet/accounts/%62ob").json(), account);
+    let r = c.get("/v1/wallet/accounts/no%20body");
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["error"]["code"],
+        "invalid_account_id",
+        "{}",
+        r.body
+    );
+    let r = c.get("/v1/wallet/accounts/b%zzob");
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["field"], "account_id", "{}", r.body);
+    // Query parameters: one the route does not take, one given twice, and a signed number are
+    // refused naming the parameter (a misspelt `after` would otherwise page from the start).
+    for (query, field) in [
+        ("after=5", "after"),
+        ("limit=5&limit=500", "limit"),
+        ("limit=+5", "limit"),
+    ] {
+        let r = c.get(&format!("/v1/wallet/accounts/alice/history?{query}"));
+        assert_eq!(r.status, 400, "{query}: {}", r.body);
+        assert_eq!(r.json()["error"]["field"], field, "{query}: {}", r.body);
+    }
+    let r = c.post(
+        "/v1/wallet/balance_transfer?dry_run=1",
+        &transfer_body("alice", "bob", "1.00", &uuid()),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"]["field"], "dry_run");
     let history = c.get("/v1/wallet/accounts/alice/history?limit=10").json();
     let entries = history["entries"].as_array().unwrap();
     assert_eq!(entries.len(), 2);
@@ -285,6 +314,29 @@ fn endpoints_and_error_paths() {
     assert_eq!(results[2]["http_status"], 409);
     let r = c.post("/v1/wallet/balance_transfers", &json!({"transfers": []}));
     assert_eq!(r.status, 400);
+    // One transaction id twice in a batch: refused whole (the second would be answered as a
+    // replay of the first, and a caller counting 200s would count one transfer twice).
+    let twice = uuid();
+    let before = balance_cents(&mut c, "bob");
+    let r = c.post(
+        "/v1/wallet/balance_transfers",
+        &json!({"transfers": [
+            transfer_body("alice", "bob", "1.00", &uuid()),
+            transfer_body("alice", "bob", "3.00", &twice),
+            transfer_body("alice", "bob", "3.00", &twice),
+        ]}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"]["field"], "transfers[2].transaction_id");
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("transfers[1]"),
+        "{}",
+        r.body
+    );
+    assert_eq!(balance_cents(&mut c, "bob"), before, "nothing moved");
     let r = c.post(
         "/v1/wallet/balance_transfers",
         &json!({"transfers": [transfer_body("alice", "bob", "x", &uuid())]}),
@@ -502,18 +554,31 @@ fn batches_beyond_the_in_flight_limit_get_a_fast_429_before_their_bodies_are_rea
 }
 
 #[test]
-fn openapi_document_lists_exactly_the_server_routes() {
+fn openapi_document_lists_exactly_the_server_routes_and_their_query_parameters() {
     let document: serde_json::Value =
         serde_json::from_str(&wallet::api::openapi_json().unwrap()).unwrap();
-    let mut documented: Vec<(String, String)> = Vec::new();
+    // Each route with the query parameters it takes (any other is refused with a 400).
+    let mut documented: Vec<(String, String, Vec<String>)> = Vec::new();
     for (path, item) in document["paths"].as_object().unwrap() {
-        for method in item.as_object().unwrap().keys() {
-            documented.push((method.to_uppercase(), path.clone()));
+        for (method, operation) in item.as_object().unwrap() {
+            let mut query: Vec<String> = operation["parameters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["in"] == "query")
+                .map(|p| p["name"].as_str().unwrap().to_string())
+                .collect();
+            query.sort();
+            documented.push((method.to_uppercase(), path.clone(), query));
         }
     }
-    let mut served: Vec<(String, String)> = wallet::api::routes::ROUTES
+    let mut served: Vec<(String, String, Vec<String>)> = wallet::api::routes::ROUTES
         .iter()
-        .map(|r| (r.method.to_string(), r.path.to_string()))
+        .map(|r| {
+            let mut query: Vec<String> = r.query.iter().map(|q| q.to_string()).collect();
+            query.sort();
+            (r.method.to_string(), r.path.to_string(), query)
+        })
         .collect();
     documented.sort();
     served.sort();

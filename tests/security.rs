@@ -80,6 +80,12 @@ fn owners_move_and_read_only_their_own_money() {
         r.status, 403,
         "a batch with one foreign debit is refused whole"
     );
+    assert_eq!(
+        r.json()["error"]["field"],
+        "transfers[1].from_account",
+        "the refusal names the item: {}",
+        r.body
+    );
     assert_eq!(balance(&server, "carol"), 0);
 
     // Her own money: fine.
@@ -423,6 +429,40 @@ fn rate_and_velocity_limits_answer_429_and_recover() {
     let second = alice.post("/v1/wallet/balance_transfer", &one()).status;
     let third = alice.post("/v1/wallet/balance_transfer", &one()).status;
     assert_eq!([single, invalid, second, third], [200, 400, 200, 429]);
+
+    // A batch debiting two accounts is charged all or nothing: carol's allowance is spent, so
+    // a batch [dave->bob, carol->bob] is refused (429 naming carol) and dave keeps his whole
+    // allowance (a limiter charged account by account would have taken one from dave).
+    common::open(&mut admin, "carol");
+    common::open(&mut admin, "dave");
+    common::deposit(&mut admin, "carol", "100.00");
+    common::deposit(&mut admin, "dave", "100.00");
+    std::thread::sleep(Duration::from_millis(1100));
+    let from = |account: &str| transfer_body(account, "bob", "1.00", &uuid());
+    for _ in 0..2 {
+        let r = admin.post("/v1/wallet/balance_transfer", &from("carol"));
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let r = admin.post(
+        "/v1/wallet/balance_transfers",
+        &batch(vec![from("dave"), from("carol")]),
+    );
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "velocity_limit");
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("carol"),
+        "{}",
+        r.body
+    );
+    let r = admin.post(
+        "/v1/wallet/balance_transfers",
+        &batch(vec![from("dave"), from("dave")]),
+    );
+    assert_eq!(r.status, 200, "dave's allowance is whole: {}", r.body);
+    assert_eq!(balance(&server, "dave"), 9_800);
     assert!(server.stop().success());
 }
 

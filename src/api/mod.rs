@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod json;
+pub mod limit;
 pub mod metrics;
 pub mod routes;
 pub mod waiters;
@@ -25,6 +26,8 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
+
+use limit::KeyedLimiter;
 use tokio::net::TcpListener;
 
 use crate::core::{CommandRecord, LedgerConfig};
@@ -110,15 +113,6 @@ impl Default for ServeConfig {
             replicate_redis: None,
         }
     }
-}
-
-type KeyedLimiter = governor::DefaultKeyedRateLimiter<String>;
-
-fn keyed_limiter(per_second: u32) -> Option<KeyedLimiter> {
-    let rate = std::num::NonZeroU32::new(per_second)?;
-    Some(governor::RateLimiter::keyed(governor::Quota::per_second(
-        rate,
-    )))
 }
 
 /// State shared by every connection.
@@ -423,8 +417,8 @@ pub async fn serve(
                 });
             metrics
         }),
-        caller_limiter: keyed_limiter(config.rate_limit_per_caller),
-        velocity_limiter: keyed_limiter(config.velocity_per_account),
+        caller_limiter: KeyedLimiter::per_second(config.rate_limit_per_caller),
+        velocity_limiter: KeyedLimiter::per_second(config.velocity_per_account),
         batch_permits: tokio::sync::Semaphore::new(config.max_batches_in_flight),
         batch_callers: std::sync::Mutex::new(std::collections::HashMap::new()),
         submitter: engine.submitter(),

@@ -29,6 +29,8 @@ pub struct Route {
     /// The path as written in the OpenAPI document.
     pub path: &'static str,
     pub name: &'static str,
+    /// The query parameters it takes (each an unsigned integer); any other is a 400.
+    pub query: &'static [&'static str],
 }
 
 /// Every route the server has. The OpenAPI test checks this list against `docs/openapi.yaml`.
@@ -37,68 +39,127 @@ pub const ROUTES: &[Route] = &[
         method: "POST",
         path: "/v1/wallet/balance_transfer",
         name: "transfer",
+        query: &[],
     },
     Route {
         method: "GET",
         path: "/v1/wallet/balance_transfer/{transaction_id}",
         name: "transfer_status",
+        query: &["min_seq"],
     },
     Route {
         method: "POST",
         path: "/v1/wallet/balance_transfers",
         name: "transfer_batch",
+        query: &[],
     },
     Route {
         method: "POST",
         path: "/v1/wallet/accounts",
         name: "open_account",
+        query: &[],
     },
     Route {
         method: "GET",
         path: "/v1/wallet/accounts/{account_id}",
         name: "account",
+        query: &["min_seq"],
     },
     Route {
         method: "GET",
         path: "/v1/wallet/accounts/{account_id}/history",
         name: "history",
+        query: &["after_seq", "limit", "min_seq"],
     },
     Route {
         method: "POST",
         path: "/v1/wallet/deposit",
         name: "deposit",
+        query: &[],
     },
     Route {
         method: "POST",
         path: "/v1/wallet/withdraw",
         name: "withdraw",
+        query: &[],
     },
     Route {
         method: "GET",
         path: "/v1/wallet/events",
         name: "events",
+        query: &["from_seq", "limit", "wait_ms"],
     },
     Route {
         method: "GET",
         path: "/v1/openapi.json",
         name: "openapi",
+        query: &[],
     },
     Route {
         method: "GET",
         path: "/metrics",
         name: "metrics",
+        query: &[],
     },
     Route {
         method: "GET",
         path: "/healthz",
         name: "healthz",
+        query: &[],
     },
     Route {
         method: "GET",
         path: "/readyz",
         name: "readyz",
+        query: &[],
     },
 ];
+
+/// Decodes a path segment's `%XX` escapes (a client's URL encoder writes `a:b` as `a%3Ab`);
+/// `None` for a malformed escape or bytes that are not UTF-8.
+fn percent_decode(segment: &str) -> Option<String> {
+    if !segment.contains('%') {
+        return Some(segment.to_string());
+    }
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let text = std::str::from_utf8(hex).ok()?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(text, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Decodes a route's captured segments; a malformed one is a 400 naming its parameter.
+fn decode_params(template: &str, captured: &[&str]) -> Result<Vec<String>, Reply> {
+    let names = template
+        .split('/')
+        .filter_map(|t| t.strip_prefix('{')?.strip_suffix('}'));
+    captured
+        .iter()
+        .zip(names)
+        .map(|(segment, name)| {
+            percent_decode(segment).ok_or_else(|| {
+                Reply::field(FieldError::new(
+                    "invalid_request",
+                    name,
+                    "is not a valid percent-encoded path segment",
+                ))
+            })
+        })
+        .collect()
+}
 
 /// Matches a path against a template; returns the captured `{parameters}` in order.
 fn match_path<'a>(template: &str, path: &'a str) -> Option<Vec<&'a str>> {
@@ -250,11 +311,45 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
     })
 }
 
+/// Refuses a query naming a parameter the route does not take, or one twice: a misspelt
+/// `after` instead of `after_seq` would otherwise page from the start again and again.
+fn check_query(route: &Route, query: Option<&str>) -> Result<(), Reply> {
+    let Some(query) = query else {
+        return Ok(());
+    };
+    let mut seen: Vec<&str> = Vec::new();
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+        if !route.query.contains(&name) {
+            let takes = if route.query.is_empty() {
+                "this route takes no query parameters".to_string()
+            } else {
+                format!("this route takes {}", route.query.join(", "))
+            };
+            return Err(Reply::field(FieldError::new(
+                "invalid_request",
+                name,
+                format!("is not a query parameter of this route; {takes}"),
+            )));
+        }
+        if seen.contains(&name) {
+            return Err(Reply::field(FieldError::new(
+                "invalid_request",
+                name,
+                "is given more than once",
+            )));
+        }
+        seen.push(name);
+    }
+    Ok(())
+}
+
 fn query_u64(query: Option<&str>, name: &str, default: u64, max: u64) -> Result<u64, Reply> {
     match query_param(query, name) {
         None => Ok(default),
+        // Digits only: `u64::from_str` would also take a leading `+`.
         Some(v) => match v.parse::<u64>() {
-            Ok(n) if n <= max => Ok(n),
+            Ok(n) if n <= max && v.bytes().all(|b| b.is_ascii_digit()) => Ok(n),
             _ => Err(Reply::field(FieldError::new(
                 "invalid_request",
                 name,
@@ -275,14 +370,14 @@ pub async fn handle(
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let mut route_index = ROUTES.len();
-    let mut params = Vec::new();
+    let mut params: Vec<&str> = Vec::new();
     let mut path_known = false;
     for (i, route) in ROUTES.iter().enumerate() {
         if let Some(captured) = match_path(route.path, &path) {
             path_known = true;
             if route.method == method.as_str() {
                 route_index = i;
-                params = captured.into_iter().map(str::to_string).collect();
+                params = captured;
                 break;
             }
         }
@@ -298,9 +393,14 @@ pub async fn handle(
             Reply::error(StatusCode::NOT_FOUND, "not_found", "no such route")
         }
     } else {
-        match admit(&app, route_index, &peer, &request) {
+        let route = &ROUTES[route_index];
+        let admitted = admit(&app, route_index, &peer, &request).and_then(|caller| {
+            check_query(route, request.uri().query())?;
+            Ok((caller, decode_params(route.path, &params)?))
+        });
+        match admitted {
             Err(reply) => reply,
-            Ok(caller) => {
+            Ok((caller, params)) => {
                 let timeout = app.config.request_timeout;
                 let work = dispatch(&app, &submitter, &caller, route_index, params, request);
                 match tokio::time::timeout(timeout, work).await {
@@ -438,18 +538,15 @@ fn admit(
         Reply::error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()).with_header("www-authenticate", "Bearer")
     })?;
     if let Some(limiter) = &app.caller_limiter
-        && let Err(not_until) = limiter.check_key(&caller.sub)
+        && let Err(wait) = limiter.check(&caller.sub, 1)
     {
-        let wait = not_until.wait_time_from(governor::clock::Clock::now(
-            &governor::clock::DefaultClock::default(),
-        ));
         tracing::warn!(target: "audit", caller = %caller.sub, route = ROUTES[route].name, reason = "rate limit", "request refused");
         return Err(Reply::error(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
             "too many requests from this caller",
         )
-        .with_header("retry-after", wait.as_secs().max(1).to_string()));
+        .with_header("retry-after", retry_after(wait)));
     }
     Ok(caller)
 }
@@ -458,6 +555,13 @@ fn admit(
 fn forbidden(caller: &Caller, route: &str, reason: &str) -> Reply {
     tracing::warn!(target: "audit", caller = %caller.sub, route, reason, "authorization refused");
     Reply::error(StatusCode::FORBIDDEN, "forbidden", reason)
+}
+
+/// A 403 for one part of a request (a batch item), naming it as a validation error does.
+fn forbidden_field(caller: &Caller, route: &str, field: &str, reason: &str) -> Reply {
+    tracing::warn!(target: "audit", caller = %caller.sub, route, field, reason, "authorization refused");
+    let error = FieldError::new("forbidden", field, reason);
+    Reply::json(StatusCode::FORBIDDEN, error.body())
 }
 
 async fn dispatch(
@@ -621,6 +725,16 @@ async fn execute(
     submitter: &std::sync::Mutex<Submitter>,
     command: Command,
 ) -> Result<Delivered, Reply> {
+    let receiver = submit(app, submitter, command)?;
+    wait_outcome(receiver).await
+}
+
+/// Publishes one command; an error (429 or 503) means it was not published.
+fn submit(
+    app: &App,
+    submitter: &std::sync::Mutex<Submitter>,
+    command: Command,
+) -> Result<tokio::sync::oneshot::Receiver<Delivered>, Reply> {
     let Some((slot, receiver)) = app.waiters.wait_single() else {
         return Err(Reply::too_many());
     };
@@ -632,6 +746,12 @@ async fn execute(
         app.waiters.cancel(slot);
         return Err(Reply::overloaded());
     }
+    Ok(receiver)
+}
+
+async fn wait_outcome(
+    receiver: tokio::sync::oneshot::Receiver<Delivered>,
+) -> Result<Delivered, Reply> {
     receiver.await.map_err(|_| {
         Reply::error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -1006,7 +1126,7 @@ fn render_value<'a>(
 /// Owners move only their own money; the per-account velocity limit applies to the debit side.
 fn check_debit(app: &App, caller: &Caller, from: &str) -> Result<(), Reply> {
     may_debit(caller, from)?;
-    check_velocity(app, caller, from, 1)
+    check_velocity(app, caller, &[(from, 1)])
 }
 
 fn may_debit(caller: &Caller, from: &str) -> Result<(), Reply> {
@@ -1020,21 +1140,36 @@ fn may_debit(caller: &Caller, from: &str) -> Result<(), Reply> {
     Ok(())
 }
 
-/// Takes `n` transfers out of `from`'s velocity allowance, or refuses them all (429).
-fn check_velocity(app: &App, caller: &Caller, from: &str, n: u32) -> Result<(), Reply> {
-    let (Some(limiter), Some(n)) = (&app.velocity_limiter, std::num::NonZeroU32::new(n)) else {
+/// Whole seconds for a `Retry-After` header, at least 1.
+fn retry_after(wait: Duration) -> String {
+    wait.as_secs_f64().ceil().max(1.0).to_string()
+}
+
+/// Takes each `(account, n)` transfers out of that debit account's velocity allowance, all or
+/// none (429 naming the first account that has not enough left).
+fn check_velocity(app: &App, caller: &Caller, charges: &[(&str, u32)]) -> Result<(), Reply> {
+    let Some(limiter) = &app.velocity_limiter else {
         return Ok(());
     };
-    if !matches!(limiter.check_key_n(&from.to_string(), n), Ok(Ok(()))) {
-        tracing::warn!(target: "audit", caller = %caller.sub, account = from, transfers = n.get(), reason = "velocity limit", "transfer refused");
+    if let Err((index, wait)) = limiter.check_all(charges) {
+        let (account, n) = charges[index];
+        tracing::warn!(target: "audit", caller = %caller.sub, account, transfers = n, reason = "velocity limit", "transfer refused");
         return Err(Reply::error(
             StatusCode::TOO_MANY_REQUESTS,
             "velocity_limit",
-            "too many transfers out of this account per second",
+            &format!("too many transfers out of account {account} per second"),
         )
-        .with_header("retry-after", "1"));
+        .with_header("retry-after", retry_after(wait)));
     }
     Ok(())
+}
+
+/// Gives back what `check_velocity` took for transfers that were then not submitted (the
+/// engine was at capacity): a client told to retry later has not spent its allowance.
+fn refund_velocity(app: &App, charges: &[(&str, u32)]) {
+    if let Some(limiter) = &app.velocity_limiter {
+        limiter.refund(charges);
+    }
 }
 
 async fn transfer(
@@ -1054,7 +1189,14 @@ async fn transfer(
     if let Err(reply) = check_debit(app, caller, &request.from_account) {
         return reply;
     }
-    match execute(app, submitter, command).await {
+    let receiver = match submit(app, submitter, command) {
+        Ok(receiver) => receiver,
+        Err(reply) => {
+            refund_velocity(app, &[(&request.from_account, 1)]);
+            return reply;
+        }
+    };
+    match wait_outcome(receiver).await {
         Ok(delivered) => render(app, caller, &delivered),
         Err(reply) => reply,
     }
@@ -1083,18 +1225,39 @@ async fn transfer_batch(
     }
     let timestamp = now_ns();
     let mut commands = Vec::with_capacity(request.transfers.len());
+    // Each transaction id once per batch: a repeat would be answered as a replay of the
+    // first, and a caller counting successes would count one transfer twice.
+    let mut first_of: std::collections::HashMap<u128, usize> =
+        std::collections::HashMap::with_capacity(request.transfers.len());
     for (i, transfer) in request.transfers.iter().enumerate() {
         match transfer.to_command(timestamp) {
             Ok(c) => commands.push(c),
             // The whole batch is refused before anything runs, so nothing is half-submitted.
             Err(e) => return Reply::field(e.within(&format!("transfers[{i}]"))),
         }
-        if let Err(reply) = may_debit(caller, &transfer.from_account) {
-            return reply;
+        let id = commands[i].transaction_id.0;
+        if let Some(first) = first_of.insert(id, i) {
+            return Reply::field(FieldError::new(
+                "invalid_request",
+                &format!("transfers[{i}].transaction_id"),
+                format!(
+                    "repeats the transaction_id of transfers[{first}]; a batch holds each id once"
+                ),
+            ));
+        }
+        if !caller.may_debit(&transfer.from_account) {
+            return forbidden_field(
+                caller,
+                "transfer_batch",
+                &format!("transfers[{i}].from_account"),
+                "a caller may only transfer from its own account with wallet:transfer",
+            );
         }
     }
-    // The velocity limit, once the whole batch is known to be valid: per debit account, all of
-    // its transfers at once, so a batch refused for it has spent no allowance on that account.
+    // The velocity limit, once the whole batch is known to be valid: every debit account's
+    // transfers at once and all accounts or none, so a refused batch has spent no allowance
+    // (and one the engine had no room for gets its allowance back).
+    let mut charges: Vec<(&str, u32)> = Vec::new();
     if let Some(limit) = std::num::NonZeroU32::new(app.config.velocity_per_account) {
         let mut per_account: std::collections::HashMap<&str, u32> =
             std::collections::HashMap::new();
@@ -1112,13 +1275,13 @@ async fn transfer_batch(
                 ),
             ));
         }
-        for (from, n) in per_account {
-            if let Err(reply) = check_velocity(app, caller, from, n) {
-                return reply;
-            }
+        charges.extend(per_account);
+        if let Err(reply) = check_velocity(app, caller, &charges) {
+            return reply;
         }
     }
     let Some((slot, receiver)) = app.waiters.wait_batch(commands.len()) else {
+        refund_velocity(app, &charges);
         return Reply::too_many();
     };
     let tagged: Vec<(Command, u64)> = commands
@@ -1132,6 +1295,7 @@ async fn transfer_batch(
     };
     if submitted.is_err() {
         app.waiters.cancel(slot);
+        refund_velocity(app, &charges);
         return Reply::overloaded();
     }
     let Ok(results) = receiver.await else {
