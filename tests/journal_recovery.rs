@@ -994,6 +994,93 @@ fn opening_the_writer_rewrites_the_newest_segment_whatever_the_page_cache_says()
 }
 
 #[test]
+fn cutting_a_torn_tail_keeps_the_cut_bytes_and_rewrites_only_up_to_them() {
+    // The durable watermark file is written without an fsync, so after a power loss it may be
+    // stale and a "torn tail" past it may hold acknowledged records behind damage: the cut
+    // bytes are kept beside the segment. And only the non-zero part is rewritten, not the rest
+    // of a (here 16 MiB) segment.
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let segment_size = 16 << 20;
+    let (ledger, _) = fresh_journal(data, segment_size, 0..300, 10);
+    let end = wallet::journal::scan(&journal_dir(data), 1, |_| Ok(())).unwrap();
+    let (segment, offset) = end.segment.clone().unwrap();
+    let file = OpenOptions::new().write(true).open(&segment).unwrap();
+    file.write_all_at(&[0xAB; 56], offset).unwrap();
+    file.write_all_at(&[0xCD], offset + 4000).unwrap();
+    drop(file);
+    let torn: Vec<u8> =
+        fs::read(&segment).unwrap()[offset as usize..offset as usize + 4001].to_vec();
+
+    let r = recovered(data);
+    assert_eq!(r.end.torn_at, Some(offset));
+    assert_eq!(r.end.torn_end, offset + 4001);
+    assert_eq!(r.ledger.state_hash(), ledger.state_hash());
+    let before = thread_write_bytes();
+    let writer = open_writer(
+        data,
+        Box::new(MmapStorage::default()),
+        segment_size,
+        SyncMode::Batch,
+        &r.end,
+    );
+    let wrote = thread_write_bytes() - before;
+    drop(writer);
+    let kept = fs::read(format!("{}.cut-at-{offset}", segment.display())).expect("the cut bytes");
+    assert_eq!(kept, torn);
+    assert!(
+        fs::read(&segment).unwrap()[offset as usize..]
+            .iter()
+            .all(|b| *b == 0),
+        "the tail is zeroed"
+    );
+    // The records' pages again (the writer's open rewrites them), the cut and its copy: far
+    // less than the 16 MiB the segment has.
+    assert!(
+        wrote < offset + 64 * 1024,
+        "opening wrote {wrote} bytes for a {offset}-byte journal and a 4001-byte cut"
+    );
+    // Recovery and replay are clean afterwards; the kept file is not taken for a segment.
+    let again = recovered(data);
+    assert_eq!(again.end.torn_at, None);
+    assert_eq!(again.ledger.state_hash(), ledger.state_hash());
+    let report = wallet::tools::replay::run(&replay_args(data)).unwrap();
+    assert!(report.ok, "{:?}", report.error);
+}
+
+#[test]
+fn opening_the_writer_syncs_older_segments_a_sync_none_writer_left_unsynced() {
+    // A writer under `--sync none` rolls to a new segment without syncing the old one. A
+    // writer opened later with a real sync mode publishes a durable watermark that covers every
+    // older segment, so it must make them durable first, not only the newest.
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let (mut writer, mut ledger, mut history) = fresh_writer(data, 8 << 10, SyncMode::None);
+    write_commands(&mut writer, &mut ledger, &mut history, 0..400, 10);
+    drop(writer);
+    let segments: Vec<PathBuf> = list_segments(&journal_dir(data))
+        .unwrap()
+        .into_iter()
+        .map(|(_, path)| path)
+        .collect();
+    assert!(segments.len() >= 3, "{} segments", segments.len());
+    let r = recovered(data);
+    let (storage, faults) = faulty(u64::MAX);
+    let _writer = open_writer(data, Box::new(storage), 8 << 10, SyncMode::Batch, &r.end);
+    let synced = faults.synced_files.lock().unwrap().clone();
+    assert_eq!(
+        synced,
+        segments[..segments.len() - 1],
+        "every segment but the newest (synced through its mapping) is fsynced"
+    );
+    // Under `--sync none` nothing is promised, and nothing is synced.
+    let (storage, faults) = faulty(u64::MAX);
+    let r = recovered(data);
+    let _none = open_writer(data, Box::new(storage), 8 << 10, SyncMode::None, &r.end);
+    assert!(faults.synced_files.lock().unwrap().is_empty());
+}
+
+#[test]
 fn wallet_snapshot_makes_the_journal_durable_up_to_the_snapshot_before_writing_it() {
     // A server that crashed before its sync leaves records that recovery reads (from the page
     // cache) past the durable watermark. `wallet snapshot` must sync them before it writes a

@@ -118,6 +118,24 @@ fn open_durable_file(dir: &Path) -> io::Result<std::fs::File> {
 
 /// Removes segments whose creation was interrupted (still under their temporary name: they
 /// never held a record).
+/// Copies `[from, to)` of the segment at `path` to `<segment>.cut-at-<from>` (synced, and the
+/// directory too) before a torn tail is zeroed; returns the copy's path.
+fn keep_cut_bytes(path: &Path, from: u64, to: u64) -> io::Result<PathBuf> {
+    use std::os::unix::fs::FileExt;
+    let mut bytes = vec![0u8; (to - from) as usize];
+    std::fs::File::open(path)?.read_exact_at(&mut bytes, from)?;
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".cut-at-{from}"));
+    let kept = PathBuf::from(name);
+    let mut file = std::fs::File::create(&kept)?;
+    std::io::Write::write_all(&mut file, &bytes)?;
+    file.sync_all()?;
+    if let Some(dir) = path.parent() {
+        storage::fsync_dir(dir)?;
+    }
+    Ok(kept)
+}
+
 fn remove_unfinished_segments(dir: &std::path::Path) -> io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
@@ -152,11 +170,19 @@ impl JournalWriter {
         if let Some((path, offset)) = &end.segment {
             let mut file = storage.open_segment(path)?;
             if let Some(torn_at) = end.torn_at {
-                let size = file.size();
-                let zeros = vec![0u8; (size - torn_at) as usize];
+                // The cut bytes are kept beside the segment first: they were never
+                // acknowledged if the durable watermark on disk is current, but that file is
+                // written without an fsync, so after a power loss it may be stale, and then
+                // what looks like a torn tail could hold acknowledged records behind damage.
+                let torn_end = end.torn_end.clamp(torn_at, file.size());
+                let kept = keep_cut_bytes(path, torn_at, torn_end)?;
+                // Zeroed up to the tail's last non-zero byte: the rest is zero already (a
+                // whole-segment rewrite would cost up to the segment's size on every start
+                // after a crash).
+                let zeros = vec![0u8; (torn_end - torn_at) as usize];
                 file.write_at(torn_at, &zeros)?;
-                file.sync_range(torn_at, size - torn_at)?;
-                tracing::warn!(file = %path.display(), offset = torn_at, "cut a torn tail (records never acknowledged)");
+                file.sync_range(torn_at, torn_end - torn_at)?;
+                tracing::warn!(file = %path.display(), offset = torn_at, bytes = torn_end - torn_at, kept = %kept.display(), "cut a torn tail (records never acknowledged; the cut bytes are kept)");
             }
             write_offset = *offset;
             // What recovery found may still be only in the page cache (the previous process
@@ -170,6 +196,16 @@ impl JournalWriter {
                 file.sync_range(0, write_offset)?;
             }
             segment = Some(file);
+            // Older segments are synced at their roll-over, except by a writer that ran with
+            // `--sync none`: their tails may still be only in the page cache. The watermark
+            // published below covers them, so they are made durable first (an fsync of a clean
+            // file writes nothing).
+            if config.sync != SyncMode::None {
+                let segments = reader::list_segments(&config.dir).map_err(io::Error::other)?;
+                for (_, older) in segments.iter().filter(|(_, p)| p != path) {
+                    storage.sync_file(older)?;
+                }
+            }
         }
         let durable_file = open_durable_file(&config.dir)?;
         let mut writer = JournalWriter {

@@ -55,6 +55,9 @@ pub struct JournalEnd {
     pub last_crc: u32,
     /// Set when a torn tail was found and must be cut: the offset of the first bad byte.
     pub torn_at: Option<u64>,
+    /// With `torn_at`: the offset right after the tail's last non-zero byte (the segment is
+    /// all zeros from there on, so the cut need not write further).
+    pub torn_end: u64,
 }
 
 impl JournalEnd {
@@ -65,6 +68,7 @@ impl JournalEnd {
             next_seq: 1,
             last_crc: 0,
             torn_at: None,
+            torn_end: 0,
         }
     }
 }
@@ -261,8 +265,11 @@ pub fn scan(
                             "zeroed frame inside the committed log",
                         ));
                     }
-                    if newest && bytes[offset..].iter().any(|b| *b != 0) {
+                    if let Some(last) = bytes[offset..].iter().rposition(|b| *b != 0)
+                        && newest
+                    {
                         end.torn_at = Some(offset as u64);
+                        end.torn_end = (offset + last + 1) as u64;
                     }
                     break;
                 }
@@ -270,7 +277,10 @@ pub fn scan(
                     let past_watermark = durable.is_some_and(|d| end.next_seq > d);
                     if newest && (past_watermark || !valid_frame_after(bytes, offset, end.next_seq))
                     {
+                        // A bad frame starts with a non-zero byte, so there is a last one.
+                        let last = bytes[offset..].iter().rposition(|b| *b != 0).unwrap_or(0);
                         end.torn_at = Some(offset as u64);
+                        end.torn_end = (offset + last + 1) as u64;
                         break;
                     }
                     let reason = match error {

@@ -38,6 +38,10 @@ pub trait Storage: Send {
     ) -> io::Result<Box<dyn SegmentFile>>;
     /// Opens an existing segment for appending.
     fn open_segment(&mut self, path: &Path) -> io::Result<Box<dyn SegmentFile>>;
+    /// Makes a whole existing segment durable (fsync; cheap when nothing in it is dirty).
+    fn sync_file(&mut self, path: &Path) -> io::Result<()> {
+        std::fs::File::open(path)?.sync_all()
+    }
 }
 
 /// The real thing: files mapped with `memmap2`.
@@ -314,6 +318,8 @@ pub struct Faults {
     /// If set, the next write copies only `tear_bytes` bytes, and the sync after it fails.
     pub tear_next_write: AtomicBool,
     pub tear_bytes: AtomicU64,
+    /// The files `sync_file` made durable, in order.
+    pub synced_files: std::sync::Mutex<Vec<std::path::PathBuf>>,
 }
 
 impl Faults {
@@ -363,6 +369,17 @@ impl Storage for FaultyStorage {
             faults: self.faults.clone(),
             torn: false,
         }))
+    }
+
+    fn sync_file(&mut self, path: &Path) -> io::Result<()> {
+        if self.faults.count_sync() {
+            return Err(io::Error::other("injected fsync failure"));
+        }
+        File::open(path)?.sync_all()?;
+        if let Ok(mut synced) = self.faults.synced_files.lock() {
+            synced.push(path.to_path_buf());
+        }
+        Ok(())
     }
 }
 
