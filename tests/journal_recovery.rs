@@ -672,6 +672,41 @@ fn replay_to_a_sequence_prints_an_accounts_entries_with_running_balances() {
     assert_eq!(got, want);
     let last = &want.last().unwrap().3;
     assert_eq!(account.balances, vec![("USD".to_string(), last.clone())]);
+
+    // To a time: from the start of the journal, up to the last record stamped at or before it.
+    // With a snapshot of the end in place, `--from-snapshot` would report the end's state as
+    // the state at that time (a snapshot records no time): refused.
+    let middle = &records[records.len() / 2];
+    let at = humantime::format_rfc3339_nanos(
+        std::time::UNIX_EPOCH + Duration::from_nanos(middle.timestamp_ns),
+    )
+    .to_string();
+    let mut ledger = Ledger::new(LedgerConfig::default());
+    for record in records
+        .iter()
+        .take_while(|r| r.timestamp_ns <= middle.timestamp_ns)
+    {
+        ledger.verify_record(record).unwrap();
+        ledger.apply(record);
+    }
+    let report = wallet::tools::replay::run(&wallet::tools::replay::ReplayArgs {
+        to_time: Some(at.clone()),
+        ..replay_args(data)
+    })
+    .unwrap();
+    assert!(report.ok, "{:?}", report.error);
+    assert_eq!(report.last_seq, ledger.next_seq() - 1);
+    assert!(report.last_seq < records.last().unwrap().next_seq() - 1);
+    assert_eq!(report.state_hash, format!("{:016x}", ledger.state_hash()));
+    let end = recovered(data).ledger;
+    snapshot::write_snapshot(&snapshot_dir(data), &encode_snapshot(&end)).unwrap();
+    let refused = wallet::tools::replay::run(&wallet::tools::replay::ReplayArgs {
+        to_time: Some(at),
+        from_snapshot: true,
+        ..replay_args(data)
+    });
+    let error = refused.expect_err("--to-time with --from-snapshot is refused");
+    assert!(error.to_string().contains("--to-time"), "{error}");
 }
 
 /// A last record damaged after it was synced reads as a torn tail, but the durable watermark

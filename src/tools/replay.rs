@@ -78,6 +78,12 @@ pub struct AccountReport {
 }
 
 pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
+    // A snapshot holds no time: the newest one may be past --to-time, and its state would be
+    // reported as the state at that time.
+    anyhow::ensure!(
+        !(args.from_snapshot && args.to_time.is_some()),
+        "--to-time cannot be combined with --from-snapshot: snapshots record no time, so the state at a time is replayed from the start of the journal (use --to-seq with --from-snapshot)"
+    );
     let to_time_ns = match &args.to_time {
         Some(t) => Some(
             humantime::parse_rfc3339(t)
