@@ -324,6 +324,22 @@ pub async fn prepared_gids(client: &Client, coordinator_id: &str) -> anyhow::Res
 /// Finishes this deployment's prepared transactions in one shard's database: `COMMIT PREPARED`
 /// for the decided batch, `ROLLBACK PREPARED` for any other (presumed abort). Must run on a
 /// connection to that database (`COMMIT PREPARED` only works there). Afterwards none is left.
+/// Runs `COMMIT PREPARED` or `ROLLBACK PREPARED` on `gid`; `false` if the transaction no
+/// longer exists. That happens when a round that timed out had already sent the same statement
+/// on a connection it then dropped: the server finishes it anyway, between our listing and
+/// our statement (SQLSTATE 42704, undefined object). Which way it went is the same decision,
+/// since rounds only ever commit decided batches.
+pub async fn finish_prepared(client: &Client, statement: &str, gid: &str) -> anyhow::Result<bool> {
+    match client.batch_execute(&gid_statement(statement, gid)?).await {
+        Ok(()) => Ok(true),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT) => {
+            tracing::info!(%gid, "recovery: the prepared transaction was already finished");
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 pub async fn recover_shard(
     client: &Client,
     coordinator_id: &str,
@@ -342,15 +358,11 @@ pub async fn recover_shard(
             .into());
         }
         if batch == decided_batch {
-            client
-                .batch_execute(&gid_statement("COMMIT PREPARED", &gid)?)
-                .await?;
-            tracing::info!(%gid, "recovery: committed a prepared transaction (decided)");
-            done.committed += 1;
-        } else {
-            client
-                .batch_execute(&gid_statement("ROLLBACK PREPARED", &gid)?)
-                .await?;
+            if finish_prepared(client, "COMMIT PREPARED", &gid).await? {
+                tracing::info!(%gid, "recovery: committed a prepared transaction (decided)");
+                done.committed += 1;
+            }
+        } else if finish_prepared(client, "ROLLBACK PREPARED", &gid).await? {
             tracing::info!(%gid, decided_batch, "recovery: rolled back a prepared transaction (not decided)");
             done.rolled_back += 1;
         }

@@ -147,8 +147,18 @@ const UPSERT_BALANCES: &str = "INSERT INTO balances (account_id, currency, balan
      WHERE balances.last_seq < EXCLUDED.last_seq";
 
 /// Splits `records` into each shard's rows, leaving out on each shard what its watermark says
-/// it already holds.
+/// it already holds. The rows follow from the records alone, so an error (a record of an
+/// unexpected shape, an account the directory never saw opened) would only come again: it is
+/// `Fatal`, not a round to retry forever.
 fn build_rows(
+    records: &[CommandRecord],
+    directory: &Directory,
+    watermarks: &[u64],
+) -> anyhow::Result<(Vec<ShardRows>, u64)> {
+    split_rows(records, directory, watermarks).map_err(|e| Fatal(format!("{e:#}")).into())
+}
+
+fn split_rows(
     records: &[CommandRecord],
     directory: &Directory,
     watermarks: &[u64],
@@ -313,11 +323,18 @@ impl State {
                 continue;
             };
             let theirs = RecordId::parse(&stored)
-                .with_context(|| format!("shard {label}: watermark.applied_record"))?;
-            let ours = source
-                .record_at(seq)
-                .await
-                .with_context(|| format!("reading the source's record at sequence {seq}"))?;
+                .map_err(|e| Fatal(format!("shard {label}: watermark.applied_record: {e:#}")))?;
+            // An engine URL may be briefly away (retried); a journal that cannot be read is
+            // not going to get better.
+            let http = matches!(source, Source::Http(_));
+            let ours = source.record_at(seq).await.map_err(|e| {
+                let e = e.context(format!("reading the source's record at sequence {seq}"));
+                if http {
+                    e
+                } else {
+                    Fatal(format!("{e:#}")).into()
+                }
+            })?;
             match ours {
                 Some((ours, true)) if ours == theirs => {}
                 Some((ours, _)) => return Err(Fatal(format!(
@@ -398,7 +415,24 @@ impl State {
             .query_one("SELECT applied_seq FROM watermark", &[])
             .await?
             .try_get(0)?;
-        self.watermarks[i] = u64::try_from(applied)?;
+        let applied = u64::try_from(applied)?;
+        // A watermark lower than the last one this process saw committed there means the shard
+        // lost commits (restored from a backup, failed over to a standby that was behind).
+        // Going on would skip the events in between for good: the records after the old
+        // watermark are all this process still holds. A restart reads the source again from
+        // the lowest watermark.
+        if applied < self.watermarks[i] {
+            return Err(Fatal(format!(
+                "shard {i} ({})'s watermark went back from {} to {applied} (restored from a backup, or failed over to a standby that lost commits): \
+                 stopping so that events {}..={} are not skipped; restart the replicator to replay them from the source",
+                shard.label,
+                self.watermarks[i],
+                applied + 1,
+                self.watermarks[i]
+            ))
+            .into());
+        }
+        self.watermarks[i] = applied;
         self.connections[i] = Some(client);
         tracing::info!(shard = %shard.label, applied_seq = applied, "shard connected");
         Ok(())
@@ -624,8 +658,18 @@ async fn replicate(
             }
             if first_connect {
                 report.start_seq = state.watermarks.iter().copied().min().unwrap_or(0);
+                if let Err(e) = state.check_identities(&mut source).await {
+                    // A shard or an engine URL briefly away: wait as for a connection.
+                    if !is_transient(&e) {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "checking the shards' record identities failed; retrying");
+                    state.drop_connections();
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
                 first_connect = false;
-                state.check_identities(&mut source).await?;
                 // Account names up to the lowest watermark from the engine's newest snapshot
                 // at or before it, if there is one: the journal before it is not read.
                 if let Some(ledger) = source.start_from_snapshot(report.start_seq)? {
@@ -650,6 +694,9 @@ async fn replicate(
             // already hold only teach the directory their account names.
             let mut events = 0usize;
             let mut fresh = Vec::new();
+            // A failed read says nothing about the source's end: `--once` must not take it
+            // for "caught up" (nor for "the source ends before the shards").
+            let mut fetch_failed = false;
             while events < batch_events {
                 fresh.clear();
                 // Long-poll an engine URL only when there is nothing to send yet.
@@ -668,6 +715,7 @@ async fn replicate(
                         source_errors += 1;
                         tracing::warn!(error = %format!("{e:#}"), "reading the source failed; retrying");
                         tokio::time::sleep(Duration::from_millis(200)).await;
+                        fetch_failed = true;
                         break;
                     }
                     Err(e) => return Err(e.context("reading the source")),
@@ -682,6 +730,9 @@ async fn replicate(
                 }
             }
             if pending.is_empty() {
+                if fetch_failed {
+                    continue;
+                }
                 if source.next_seq() - 1 < low {
                     // The shards are ahead of the journal read so far, and it has no more.
                     if options.once {
@@ -821,6 +872,25 @@ mod tests {
             "{text}"
         );
         assert_eq!(rows[a].balances[&(0, usd)], (300, 4));
+
+        // A record of a shape no round can write (a transfer with one event, an account never
+        // opened) is an error that would only come again: not transient, so the replicator
+        // stops instead of reconnecting and retrying it forever.
+        let mut broken = transfer;
+        broken.event_count = 1;
+        let Err(error) = build_rows(&[broken], &directory, &[0; 4]) else {
+            panic!("a one-event transfer was accepted");
+        };
+        assert!(!crate::replicate::sql::is_transient(&error), "{error:#}");
+        let stranger = record(
+            6,
+            &[ev(6, EventKind::Deposited, 7, 5, 5)],
+            CommandType::Deposit,
+        );
+        let Err(error) = build_rows(&[stranger], &directory, &[0; 4]) else {
+            panic!("an unknown account was accepted");
+        };
+        assert!(!crate::replicate::sql::is_transient(&error), "{error:#}");
 
         // Alice's shard already has everything up to 4: only bob's credit remains.
         let mut watermarks = [0; 4];
