@@ -522,6 +522,37 @@ fn map_changes_three_to_four_and_back_during_load() {
             "replicator did not stop at {point}"
         );
         transfers(&mut client, 400, 5_000, 10 + version);
+        // The restarted replicator reads the journal from its start, and the nodes were at a
+        // later sequence under the old map: no node may claim the new map with balances older
+        // than what it showed (it would be rebuilt at the first batch's sequence, and readers
+        // that check the version would take balances from the past). Stopped after its first
+        // write to a node, small batches: every node claiming the new version must be at or
+        // past where the nodes were.
+        let before = nodes
+            .iter()
+            .filter_map(|n| node_state(n).map(|(applied, _)| applied))
+            .max()
+            .unwrap_or(0);
+        assert!(before > 0);
+        let out = cluster.replicate_once(
+            &["--batch-events", "1000"],
+            &[("WALLET_FAILPOINT", "redis-after-node-1")],
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for node in nodes.iter() {
+            let (applied, claims) = node_state(node).expect("node state");
+            if claims.as_deref() == Some(version.to_string().as_str()) {
+                assert!(
+                    applied >= before,
+                    "after {point}: {node} claims map version {version} at sequence {applied}, behind the {before} the nodes showed before"
+                );
+            }
+        }
         let out = cluster.replicate_once(&[], &[]);
         assert_succeeded(&out);
         cluster.wait_caught_up(nodes, version, Duration::from_secs(5));

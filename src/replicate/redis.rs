@@ -435,6 +435,12 @@ struct Replicator {
     lag_max: Duration,
     /// Start of the previous source read (events of the current batch appeared after it).
     last_read_started: Option<Instant>,
+    /// The highest sequence a node showed at start-up from this source (following the map or
+    /// not, its record identity checked). Until the replicator has read this far, no node is
+    /// rebuilt and no map change is carried out: either would publish balances older than
+    /// what that node already showed (readers would see balances go back in time, under a map
+    /// version they trust). Nodes waiting for a rebuild say `resync` to readers meanwhile.
+    floor: u64,
 }
 
 fn route_of(map: &PartitionMap, name: &str) -> u16 {
@@ -572,6 +578,12 @@ impl Replicator {
                 Err(e) => tracing::error!(error = %e, "a Redis write task failed"),
             }
         }
+        // A task that failed (panicked) booked nothing: its node's accounts are still to be
+        // written there (the script is atomic, so resending them is right either way).
+        for i in 0..self.nodes.len() {
+            let accounts = std::mem::take(&mut self.nodes[i].inflight);
+            self.redirty(i, accounts);
+        }
         if done > 0 {
             self.book_lag();
             failpoint("redis-after-batch");
@@ -591,7 +603,10 @@ impl Replicator {
     async fn start_writes(&mut self) {
         debug_assert!(self.inflight.is_empty());
         for i in 0..self.nodes.len() {
-            if self.nodes[i].needs_resync && self.nodes[i].ensure_connected().await {
+            if self.nodes[i].needs_resync
+                && self.dir.seq >= self.floor
+                && self.nodes[i].ensure_connected().await
+            {
                 self.resync_node(i).await;
             }
         }
@@ -679,10 +694,14 @@ impl Replicator {
             Err(e) => self.nodes[i].mark_down(&anyhow::Error::from(e)),
         }
         // Not applied: those accounts are still to be written there.
+        self.redirty(i, accounts);
+    }
+
+    fn redirty(&mut self, node: usize, accounts: Vec<u32>) {
         for account in accounts {
             if !self.marked[account as usize] {
                 self.marked[account as usize] = true;
-                self.nodes[i].dirty.push(account);
+                self.nodes[node].dirty.push(account);
             }
         }
     }
@@ -1084,6 +1103,41 @@ async fn check_identities(
     Ok(())
 }
 
+/// The catch-up floor (`Replicator::floor`): the highest applied sequence among the nodes that
+/// follow the map (their identities are checked already) and those that do not but hold
+/// records of this source (identity checked here; a node fed by another journal is rebuilt
+/// from scratch and sets no floor).
+async fn catch_up_floor(
+    replicator: &Replicator,
+    source: &mut Source,
+    behind_map: Vec<(String, u64, Option<String>)>,
+) -> anyhow::Result<u64> {
+    let mut floor = replicator
+        .nodes
+        .iter()
+        .filter(|n| !n.needs_resync)
+        .map(|n| n.applied_seq)
+        .max()
+        .unwrap_or(0);
+    for (address, applied, record) in behind_map {
+        if applied <= floor {
+            continue;
+        }
+        let theirs = record.as_deref().and_then(|r| RecordId::parse(r).ok());
+        let ours = source
+            .record_at(applied)
+            .await
+            .with_context(|| format!("reading the source's record at sequence {applied}"))?;
+        match (theirs, ours) {
+            (Some(theirs), Some((ours, true))) if theirs == ours => floor = applied,
+            _ => {
+                tracing::info!(node = %address, applied, "node's record is not this source's: it sets no catch-up floor")
+            }
+        }
+    }
+    Ok(floor)
+}
+
 /// Runs the replicator until the process stops (or, with `once`, until caught up).
 pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
     let layout = Layout::new(&options.zk_root)?;
@@ -1118,10 +1172,13 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         lag_max: Duration::ZERO,
         last_read_started: None,
         dir_from_nodes: false,
+        floor: 0,
     };
     let version = replicator.version();
     // Per node that follows the map: its stored record identity, checked against the source.
     let mut stored_records = Vec::new();
+    // Per node that does not: where it was and its identity, for the catch-up floor.
+    let mut behind_map = Vec::new();
     for address in replicator.map.nodes.clone() {
         let mut node = Node::new(&address);
         if node.ensure_connected().await
@@ -1133,8 +1190,9 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
                     node.needs_resync = false;
                     stored_records.push((replicator.nodes.len(), record));
                 }
-                Ok((applied, v, _)) => {
+                Ok((applied, v, record)) => {
                     tracing::info!(node = %address, applied, version = ?v, expected = %version, "node does not follow the current map; it will be rebuilt");
+                    behind_map.push((address.clone(), applied, record));
                     // Readers must stop trusting it now, before anything else moves.
                     let invalidate = redis::cmd("SET")
                         .arg(MAP_VERSION_KEY)
@@ -1152,6 +1210,13 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
     }
     let mut source = Source::open(&options.source)?;
     check_identities(&mut replicator, &mut source, stored_records, options).await?;
+    replicator.floor = catch_up_floor(&replicator, &mut source, behind_map).await?;
+    if replicator.floor > 0 {
+        tracing::info!(
+            floor = replicator.floor,
+            "no node is rebuilt and no map change carried out before the replicator has read this far"
+        );
+    }
     let resume = replicator
         .nodes
         .iter()
@@ -1201,7 +1266,7 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
     let mut source_errors = 0u32;
     let mut previous_read_started = Instant::now();
     loop {
-        if map_changes.has_changed().unwrap_or(false) {
+        if replicator.dir.seq >= replicator.floor && map_changes.has_changed().unwrap_or(false) {
             let new_map = map_changes.borrow_and_update().clone();
             if new_map != replicator.map {
                 replicator.migrate(new_map).await;
