@@ -157,6 +157,7 @@ pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
                         serde_json::to_string(&map)?
                     ),
                     None => {
+                        crate::replicate::redis::check_distinct_servers(&redis_nodes).await?;
                         let map = zk::set_redis_nodes(&client, &layout, &redis_nodes).await?;
                         println!("{}: {}", layout.partitions(), serde_json::to_string(&map)?);
                     }
@@ -184,6 +185,7 @@ pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
                 let layout = Layout::new(&z.zk_root)?;
                 let client = zk::connect(&z.zk).await?;
                 zk::init_layout(&client, &layout).await?;
+                crate::replicate::redis::check_distinct_servers(&nodes).await?;
                 let map = zk::set_redis_nodes(&client, &layout, &nodes).await?;
                 println!("{}: {}", layout.partitions(), serde_json::to_string(&map)?);
             }

@@ -108,6 +108,35 @@ pub async fn connect(address: &str) -> anyhow::Result<MultiplexedConnection> {
         })
 }
 
+/// Refuses a node list that names one Redis server twice under two spellings
+/// (`localhost:6379` and `127.0.0.1:6379`): both "nodes" would share one
+/// `wallet:applied_seq`, and the second one's writes would be taken as already applied and
+/// silently skipped. Servers are told apart by their `run_id`; a node that does not answer now
+/// cannot be checked and is let through.
+pub async fn check_distinct_servers(nodes: &[String]) -> anyhow::Result<()> {
+    let mut seen: HashMap<String, &str> = HashMap::new();
+    for address in nodes {
+        let Ok(mut conn) = connect(address).await else {
+            continue;
+        };
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await
+            .with_context(|| format!("INFO server on Redis node {address}"))?;
+        let Some(run_id) = info.lines().find_map(|l| l.strip_prefix("run_id:")) else {
+            continue;
+        };
+        if let Some(other) = seen.insert(run_id.trim().to_string(), address) {
+            bail!(
+                "Redis nodes {other} and {address} are the same server (run_id {}): a partition map must name each server once",
+                run_id.trim()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// What a node says about itself: its applied sequence and map version.
 pub async fn probe(conn: &mut MultiplexedConnection) -> redis::RedisResult<(u64, Option<String>)> {
     let (applied, version, _) = probe_record(conn).await?;
@@ -1151,6 +1180,7 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
             )
         })?;
     drop(client);
+    check_distinct_servers(&map.nodes).await?;
     let (sender, mut map_changes) = watch::channel(map.clone());
     tokio::spawn(zk::watch_partition_map(
         options.zk.clone(),
@@ -1269,7 +1299,12 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         if replicator.dir.seq >= replicator.floor && map_changes.has_changed().unwrap_or(false) {
             let new_map = map_changes.borrow_and_update().clone();
             if new_map != replicator.map {
-                replicator.migrate(new_map).await;
+                match check_distinct_servers(&new_map.nodes).await {
+                    Ok(()) => replicator.migrate(new_map).await,
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), version = new_map.version, "refusing the new partition map; keeping the current one")
+                    }
+                }
             }
         }
         items.clear();
