@@ -467,6 +467,44 @@ fn rate_and_velocity_limits_answer_429_and_recover() {
 }
 
 #[test]
+fn a_client_that_never_reads_its_answers_loses_its_connection_slot() {
+    // Two connections (the limit) send thousands of pipelined requests and read nothing: the
+    // server's writes stall once the socket buffers are full. Each is closed after the request
+    // timeout without progress, and the slots serve other clients again.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &["--max-connections", "2", "--request-timeout-ms", "1000"],
+    );
+    let request = b"GET /v1/openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".repeat(4000);
+    let mut hogs = Vec::new();
+    for _ in 0..2 {
+        let mut hog = TcpStream::connect(&server.address).unwrap();
+        hog.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        // The server may stop reading before it has taken every request: that is fine.
+        let _ = hog.write_all(&request);
+        hogs.push(hog);
+    }
+    let mut probe = server.client();
+    let started = Instant::now();
+    let mut status = 0;
+    while started.elapsed() < Duration::from_secs(15) {
+        status = probe.get("/healthz").status;
+        if status == 200 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        status,
+        200,
+        "connections that never read kept every slot for {:?}",
+        started.elapsed()
+    );
+    drop(hogs);
+}
+
+#[test]
 fn slowloris_and_connection_limits() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(
