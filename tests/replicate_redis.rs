@@ -471,6 +471,25 @@ fn redis_node_down_during_load_catches_up() {
     follower.kill();
     cluster.assert_reconciled();
     assert_placement(&services.redis, &[]);
+    // `--once` with a node down: it waits `--once-wait-s` for it, then fails naming it (it
+    // used to wait forever).
+    let down = &services.redis[0];
+    let port = down.rsplit(':').next().expect("port");
+    services_tool(&["redis-stop", port]);
+    transfers(&mut client, 300, 1_000, 40);
+    let started = Instant::now();
+    let out = cluster.replicate_once(&["--once-wait-s", "2"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    services_tool(&["redis-start", port]);
+    assert!(
+        !out.status.success()
+            && stderr.contains(down.as_str())
+            && stderr.contains("down or behind"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_succeeded(&cluster.replicate_once(&[], &[]));
+    cluster.assert_reconciled();
     server.stop();
 }
 

@@ -414,6 +414,7 @@ pub async fn serve(
                     // A node from another journal stops the replicator (logged, retried), it
                     // is never cleared without an operator's `replicate redis --rebuild`.
                     rebuild: false,
+                    once_wait: Duration::ZERO,
                 });
             metrics
         }),

@@ -98,6 +98,10 @@ pub struct RedisReplicateArgs {
     /// Stop when every node has caught up with the end of the source, and print events/s.
     #[arg(long)]
     pub once: bool,
+    /// With --once: how long to wait for a node that is down or behind once the source is read
+    /// to its end, before giving up with an error naming it.
+    #[arg(long, default_value_t = 30)]
+    pub once_wait_s: u64,
     /// Rebuild (clear and replay from sequence 1) a node whose `wallet:applied_record` differs
     /// from the source's record at its `wallet:applied_seq`, instead of exiting with an error.
     #[arg(long)]
@@ -228,6 +232,7 @@ pub fn run_replicate(args: ReplicateArgs) -> anyhow::Result<ExitCode> {
         once: args.once,
         metrics: None,
         rebuild: args.rebuild,
+        once_wait: std::time::Duration::from_secs(args.once_wait_s),
     };
     let report = runtime()?.block_on(super::redis::run(&options))?;
     println!(

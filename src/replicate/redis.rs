@@ -362,6 +362,9 @@ pub struct ReplicateOptions {
     /// A node whose stored record identity differs from the source's is rebuilt from
     /// sequence 1 instead of stopping the run with an error.
     pub rebuild: bool,
+    /// With `once`: how long to wait, after the source is read to its end, for nodes that are
+    /// down or behind before giving up with an error.
+    pub once_wait: Duration,
 }
 
 /// The replicator's progress, readable from other threads.
@@ -1295,6 +1298,8 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
     let mut last_status = Instant::now();
     let mut source_errors = 0u32;
     let mut previous_read_started = Instant::now();
+    // With `once`: since when the source has had nothing more while some node is not caught up.
+    let mut once_waiting_since: Option<Instant> = None;
     loop {
         if replicator.dir.seq >= replicator.floor && map_changes.has_changed().unwrap_or(false) {
             let new_map = map_changes.borrow_and_update().clone();
@@ -1330,6 +1335,7 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         replicator.ingest(&items)?;
         if !items.is_empty() {
             replicator.dir.record = source.last_record();
+            once_waiting_since = None;
         }
         // The events just read appeared after the previous read started.
         replicator.last_read_started = Some(previous_read_started);
@@ -1358,6 +1364,21 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
                 replicator.flush().await;
                 if replicator.caught_up() {
                     break;
+                }
+                let waiting = *once_waiting_since.get_or_insert_with(Instant::now);
+                if waiting.elapsed() > options.once_wait {
+                    let behind: Vec<String> = replicator
+                        .nodes
+                        .iter()
+                        .filter(|n| !n.is_up_and_current() || n.applied_seq < replicator.dir.seq)
+                        .map(|n| format!("{} (applied {})", n.address, n.applied_seq))
+                        .collect();
+                    bail!(
+                        "--once: the source ends at sequence {}, but after waiting {:?} these Redis nodes are still down or behind: {}",
+                        replicator.dir.seq,
+                        options.once_wait,
+                        behind.join(", ")
+                    );
                 }
             }
             if replicator.nodes.iter().any(|n| n.retry_at.is_some()) {
