@@ -1401,6 +1401,20 @@ async fn money(
 /// Read-your-writes: `?min_seq=S` waits (bounded) until the views reflect sequence S.
 async fn wait_min_seq(app: &App, query: Option<&str>) -> Result<(), Reply> {
     let min_seq = query_u64(query, "min_seq", 0, u64::MAX)?;
+    // Every sequence an answer has named is durable (replies wait for the sync), so one past
+    // the durable end was never handed out: a client error, answered at once rather than
+    // after the bounded wait.
+    let durable = app
+        .shared
+        .durable_seq
+        .load(std::sync::atomic::Ordering::Acquire);
+    if min_seq > durable {
+        return Err(Reply::field(FieldError::new(
+            "invalid_request",
+            "min_seq",
+            format!("is past the last durable sequence ({durable}); no answer has named it"),
+        )));
+    }
     if min_seq > 0 && !app.views.wait_for(min_seq, app.config.read_wait).await {
         return Err(Reply::error(
             StatusCode::SERVICE_UNAVAILABLE,
