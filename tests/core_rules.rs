@@ -515,13 +515,13 @@ fn rejects_unsupported_currency() {
             amount: 5,
             currency: Currency::NONE,
         },
-        // Currency::default() packs to "AAA", which is not ISO 4217.
-        CommandKind::Deposit {
-            account: alice,
-            amount: 5,
-            currency: Currency::default(),
-        },
     ];
+    // NONE is the only non-ISO `Currency` a command can carry: the default is NONE, and codes
+    // that are not ISO 4217 with minor units cannot be built.
+    assert_eq!(Currency::default(), Currency::NONE);
+    for code in ["AAA", "XAU", "usd", "US"] {
+        assert!(Currency::new(code).is_err(), "{code}");
+    }
     for (i, kind) in cases.into_iter().enumerate() {
         assert_rejected(
             &mut h.ledger,

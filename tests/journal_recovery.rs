@@ -709,6 +709,33 @@ fn replay_to_a_sequence_prints_an_accounts_entries_with_running_balances() {
     assert!(error.to_string().contains("--to-time"), "{error}");
 }
 
+/// `wallet replay` checks each committed record's stored fingerprint against its body: a record
+/// journaled with another body's fingerprint (a bug or a forgery; the frame checksums hold)
+/// would answer a retry of that other body as a replay of a transfer that never happened.
+#[test]
+fn replay_refuses_a_record_whose_fingerprint_is_not_its_bodys() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let (mut writer, mut ledger, mut history) = fresh_writer(data, 1 << 20, SyncMode::Batch);
+    write_commands(&mut writer, &mut ledger, &mut history, 0..200, 10);
+    let clean = wallet::tools::replay::run(&replay_args(data)).unwrap();
+    assert!(clean.ok, "{:?}", clean.error);
+    let mut record = ledger.execute(&command(200));
+    assert!(record.is_committed());
+    record.fingerprint ^= 1;
+    writer.append(&record).unwrap();
+    writer.commit().unwrap();
+    drop(writer);
+    let report = wallet::tools::replay::run(&replay_args(data)).unwrap();
+    assert!(!report.ok);
+    let error = report.error.unwrap_or_default();
+    assert!(
+        error.contains(&format!("record at sequence {}", record.first_seq))
+            && error.contains("fingerprint"),
+        "{error}"
+    );
+}
+
 /// A last record damaged after it was synced reads as a torn tail, but the durable watermark
 /// says it may have been acknowledged: recovery refuses to start (naming the file, offset and
 /// sequence) and `wallet replay` fails; a snapshot ahead of the journal fails `--from-snapshot`

@@ -672,7 +672,7 @@ fn snapshot_with_duplicate_currency(balance: MinorUnits) -> Vec<u8> {
     let [usd, _, _] = currencies();
     let mut out = Vec::new();
     out.extend_from_slice(b"WALSNAP1");
-    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&wallet::core::codec::SNAPSHOT_VERSION.to_le_bytes());
     out.extend_from_slice(&[0; 6]);
     out.extend_from_slice(&3u64.to_le_bytes()); // next_seq
     out.extend_from_slice(&0u64.to_le_bytes()); // state hash: not reached if the decoder refuses
@@ -820,6 +820,155 @@ fn verify_record_refuses_a_transaction_id_executed_twice() {
     assert!(error.contains("same body"), "{error}");
 }
 
+/// Records `execute` can never produce, each consistent in its balances, sequence and id, are
+/// refused by `verify_record` (and so by recovery and `wallet replay`) instead of being applied:
+/// money in no currency total, or a state that panics later.
+#[test]
+fn verify_record_refuses_records_of_a_shape_execute_never_produces() {
+    use wallet::core::{CommandType, Event};
+    let [usd, _, _] = currencies();
+    let mut live = Ledger::new(CONFIG);
+    let alice = AccountId::new(NAMES[0]).unwrap();
+    let bob = AccountId::new(NAMES[1]).unwrap();
+    for (id, kind) in [
+        (1, CommandKind::OpenAccount { account: alice }),
+        (2, CommandKind::OpenAccount { account: bob }),
+        (
+            3,
+            CommandKind::Deposit {
+                account: alice,
+                amount: 100,
+                currency: usd,
+            },
+        ),
+    ] {
+        live.execute(&Command {
+            transaction_id: TransactionId(id),
+            timestamp_ns: 1,
+            kind,
+        });
+    }
+    let seq = live.next_seq();
+    let event = |i: u64, kind, account, currency, amount, balance_after| Event {
+        seq: seq + i,
+        kind,
+        account,
+        currency,
+        amount,
+        balance_after,
+    };
+    let record = |command_type, rejection, events: &[Event]| {
+        let mut r = CommandRecord::empty();
+        r.transaction_id = TransactionId(77);
+        r.timestamp_ns = 2;
+        r.command_type = command_type;
+        r.rejection = rejection;
+        r.first_seq = seq;
+        r.event_count = events.len() as u8;
+        r.events[..events.len()].copy_from_slice(events);
+        r
+    };
+    // A legitimate deposit of the same kind passes: the cases below differ only in shape.
+    let fine = record(
+        CommandType::Deposit,
+        None,
+        &[event(0, EventKind::Deposited, 1, usd, 5, 5)],
+    );
+    live.verify_record(&fine).unwrap();
+    let mut empty_name = record(
+        CommandType::OpenAccount,
+        None,
+        &[event(0, EventKind::AccountOpened, 2, Currency::NONE, 0, 0)],
+    );
+    empty_name.opened_account = AccountId::EMPTY;
+    let forged = [
+        (
+            "a deposit that debits alice and credits bob a million",
+            record(
+                CommandType::Deposit,
+                None,
+                &[
+                    event(0, EventKind::Debited, 0, usd, 1, 99),
+                    event(1, EventKind::Credited, 1, usd, 1_000_000, 1_000_000),
+                ],
+            ),
+        ),
+        (
+            "a rejection that credits",
+            record(
+                CommandType::Transfer,
+                Some(RejectCode::InsufficientFunds),
+                &[event(0, EventKind::Credited, 1, usd, 50, 50)],
+            ),
+        ),
+        (
+            "a checkpoint with a credit after it",
+            record(
+                CommandType::Checkpoint,
+                None,
+                &[
+                    event(0, EventKind::Checkpoint, u32::MAX, Currency::NONE, 0, 0),
+                    event(1, EventKind::Credited, 1, usd, 50, 50),
+                ],
+            ),
+        ),
+        (
+            "a deposit in no currency",
+            record(
+                CommandType::Deposit,
+                None,
+                &[event(0, EventKind::Deposited, 1, Currency::NONE, 5, 5)],
+            ),
+        ),
+        (
+            "a deposit above the maximum amount",
+            record(
+                CommandType::Deposit,
+                None,
+                &[event(0, EventKind::Deposited, 1, usd, 501, 501)],
+            ),
+        ),
+        (
+            "two deposits in one record",
+            record(
+                CommandType::Deposit,
+                None,
+                &[
+                    event(0, EventKind::Deposited, 1, usd, 5, 5),
+                    event(1, EventKind::Deposited, 1, usd, 5, 10),
+                ],
+            ),
+        ),
+        (
+            "two openings in one record",
+            record(
+                CommandType::OpenAccount,
+                None,
+                &[
+                    event(0, EventKind::AccountOpened, 2, Currency::NONE, 0, 0),
+                    event(1, EventKind::AccountOpened, 2, Currency::NONE, 0, 0),
+                ],
+            ),
+        ),
+        ("an opening with an empty account id", empty_name),
+        (
+            "events numbered out of sequence",
+            record(
+                CommandType::Deposit,
+                None,
+                &[event(1, EventKind::Deposited, 1, usd, 5, 5)],
+            ),
+        ),
+    ];
+    for (what, forged) in forged {
+        let verdict = std::panic::catch_unwind(|| live.verify_record(&forged));
+        assert!(
+            matches!(verdict, Ok(Err(_))),
+            "{what}: verify_record gave {verdict:?}"
+        );
+    }
+}
+
 #[test]
 fn decode_snapshot_refuses_duplicate_currencies_without_panicking() {
     for balance in [7, u64::MAX] {
@@ -827,8 +976,10 @@ fn decode_snapshot_refuses_duplicate_currencies_without_panicking() {
         let result =
             std::panic::catch_unwind(|| decode_snapshot(&bytes, CONFIG).map(|l| l.state_hash()));
         match result {
-            Ok(Err(DecodeError::Snapshot(_))) => {}
-            Ok(other) => panic!("balance {balance}: expected a snapshot error, got {other:?}"),
+            Ok(Err(DecodeError::Snapshot("duplicate currency in an account"))) => {}
+            Ok(other) => {
+                panic!("balance {balance}: expected the duplicate-currency error, got {other:?}")
+            }
             Err(_) => panic!(
                 "balance {balance}: decode_snapshot panicked on a checksummed hostile snapshot"
             ),

@@ -260,6 +260,49 @@ impl Ledger {
             .map(|slot| slot.name(&self.long_names))
     }
 
+    /// The fingerprint of the command a committed record executed, rebuilt from its events and
+    /// the account names (`None` for a rejection, whose body the record does not hold, and for
+    /// a checkpoint). Call it with the accounts the record names open (after applying it).
+    /// `wallet replay` compares it with the record's stored fingerprint: a record whose
+    /// fingerprint belongs to another body would answer a retry of that other body as a replay.
+    pub fn record_fingerprint(&self, record: &CommandRecord) -> Option<u64> {
+        if record.rejection.is_some() {
+            return None;
+        }
+        let [first, second] = record.events;
+        let name = |index: u32| self.account_name(index);
+        let kind = match record.command_type {
+            CommandType::Checkpoint => return None,
+            CommandType::OpenAccount => CommandKind::OpenAccount {
+                account: record.opened_account,
+            },
+            CommandType::Deposit => CommandKind::Deposit {
+                account: name(first.account)?,
+                amount: first.amount,
+                currency: first.currency,
+            },
+            CommandType::Withdraw => CommandKind::Withdraw {
+                account: name(first.account)?,
+                amount: first.amount,
+                currency: first.currency,
+            },
+            CommandType::Transfer => CommandKind::Transfer {
+                from: name(first.account)?,
+                to: name(second.account)?,
+                amount: first.amount,
+                currency: first.currency,
+            },
+        };
+        Some(
+            Command {
+                transaction_id: record.transaction_id,
+                timestamp_ns: record.timestamp_ns,
+                kind,
+            }
+            .fingerprint(),
+        )
+    }
+
     pub fn account_index(&self, account: &AccountId) -> Option<u32> {
         let (accounts, long_names) = (&self.accounts, &self.long_names);
         self.name_index.find(account.hash64(), |i| {
@@ -524,6 +567,12 @@ impl Ledger {
                 if self.accounts.len() as u64 >= u64::from(self.config.max_accounts) {
                     return Err(RejectCode::TooManyAccounts);
                 }
+                // Ids longer than the inline part continue in an arena addressed with `u32`.
+                if account.as_bytes().len() > INLINE_NAME
+                    && self.long_names.len() > u32::MAX as usize
+                {
+                    return Err(RejectCode::TooManyAccounts);
+                }
                 record.opened_account = account;
                 record.event_count = 1;
                 record.events[0] = event(
@@ -642,6 +691,7 @@ impl Ledger {
         if record.event_count == 0 || record.event_count as usize > MAX_EVENTS_PER_COMMAND {
             return Err("bad event count".into());
         }
+        self.verify_shape(record)?;
         // Exactly once: a journal executes each transaction id at most once. The only record
         // that may carry an id already remembered is its `transaction_id_reused` rejection
         // (another body under the same id); a same-body repeat is a replay, never journaled.
@@ -746,6 +796,74 @@ impl Ledger {
                     "transfer at sequence {} is not one debit and one credit of the same amount",
                     record.first_seq
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that `record` has a shape `execute` (or `checkpoint`) can produce: the events its
+    /// command type and outcome call for and no others, in sequence, with real currencies and
+    /// amounts within the limits. Without it a corrupt or forged record could carry, say, a
+    /// deposit's type with a debit and a large credit (money in no currency total), or two
+    /// openings, and `apply` would accept or panic on it.
+    fn verify_shape(&self, record: &CommandRecord) -> Result<(), String> {
+        let events = record.events();
+        let at = record.first_seq;
+        let bad = |what: &str| Err(format!("record at sequence {at}: {what}"));
+        for (i, event) in events.iter().enumerate() {
+            if event.seq != at + i as u64 {
+                return bad("its events are not numbered from its sequence");
+            }
+        }
+        let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
+        let money = |event: &Event| {
+            event.currency != Currency::NONE
+                && event.amount >= 1
+                && event.amount <= self.config.max_amount
+        };
+        let empty = |event: &Event| {
+            event.currency == Currency::NONE && event.amount == 0 && event.balance_after == 0
+        };
+        match (record.command_type, record.rejection) {
+            (CommandType::Checkpoint, None) => {
+                if kinds != [EventKind::Checkpoint] {
+                    return bad("a checkpoint is one checkpoint event");
+                }
+            }
+            (CommandType::Checkpoint, Some(_)) => return bad("a checkpoint is never rejected"),
+            (_, Some(_)) => {
+                if kinds != [EventKind::Rejected] || !empty(&events[0]) {
+                    return bad("a rejection is one empty rejected event");
+                }
+            }
+            (CommandType::OpenAccount, None) => {
+                let name = record.opened_account;
+                if kinds != [EventKind::AccountOpened]
+                    || !empty(&events[0])
+                    || name.is_empty()
+                    || AccountId::from_bytes(name.as_bytes()).is_err()
+                {
+                    return bad("an opening is one account-opened event with a valid account id");
+                }
+                if name.as_bytes().len() > INLINE_NAME && self.long_names.len() > u32::MAX as usize
+                {
+                    return bad("the account name arena is full");
+                }
+            }
+            (CommandType::Deposit, None) => {
+                if kinds != [EventKind::Deposited] || !money(&events[0]) {
+                    return bad("a deposit is one deposited event of a valid amount");
+                }
+            }
+            (CommandType::Withdraw, None) => {
+                if kinds != [EventKind::Withdrawn] || !money(&events[0]) {
+                    return bad("a withdrawal is one withdrawn event of a valid amount");
+                }
+            }
+            (CommandType::Transfer, None) => {
+                if kinds != [EventKind::Debited, EventKind::Credited] || !money(&events[0]) {
+                    return bad("a transfer is one debit and one credit of a valid amount");
+                }
             }
         }
         Ok(())

@@ -144,7 +144,20 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
             || to_time_ns.is_some_and(|t| record.timestamp_ns > t && record.transaction_id.0 != 0);
         !stopped
     };
+    // The first committed record whose stored fingerprint is not its own body's.
+    let mut wrong_fingerprint: Option<String> = None;
     let observe = |ledger: &Ledger, record: &crate::core::CommandRecord, checkpoint: bool| {
+        if wrong_fingerprint.is_none()
+            && let Some(fingerprint) = ledger.record_fingerprint(record)
+            && fingerprint != record.fingerprint
+        {
+            wrong_fingerprint = Some(format!(
+                "record at sequence {} (transaction {}) stores fingerprint {:016x}, but its body's is {fingerprint:016x}: a retry of its body would be refused as transaction_id_reused, and one of another body answered as a replay",
+                record.first_seq,
+                record.transaction_id.to_uuid_string(),
+                record.fingerprint
+            ));
+        }
         checkpoints += u64::from(checkpoint);
         records += 1;
         events += u64::from(record.event_count);
@@ -203,6 +216,9 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
             (missing, torn_tail)
         }
     };
+    if error.is_none() {
+        error = wrong_fingerprint;
+    }
     if error.is_none()
         && let Err(e) = ledger.check_invariants()
     {
