@@ -463,6 +463,15 @@ fn check_run(steps: &[Step], split: Index) -> Result<(), TestCaseError> {
         }
         replica.apply(record);
         round_trip_record(record)?;
+        // What `wallet replay` checks: a committed record's fingerprint is its body's.
+        let rebuilt = record.body_fingerprint(|i| replica.account_hash(i));
+        prop_assert_eq!(
+            rebuilt,
+            (record.is_committed() && record.command_type != wallet::core::CommandType::Checkpoint)
+                .then_some(record.fingerprint),
+            "fingerprint rebuilt from {:?}",
+            record
+        );
     }
     prop_assert_eq!(replica.state_hash(), hash, "replay gives a different state");
 

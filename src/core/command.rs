@@ -107,6 +107,60 @@ pub struct Command {
     pub kind: CommandKind,
 }
 
+/// The fingerprint of a body from its parts (`docs/journal-format.md`, Fingerprint): the
+/// command type's tag, the packed currency (0 for an opening), the accounts' `xxh3_64`s and
+/// the amount.
+fn body_fingerprint(tag: u8, currency: u16, first: u64, second: u64, amount: u64) -> u64 {
+    let mut buffer = [0u8; 32];
+    buffer[0] = tag;
+    buffer[2..4].copy_from_slice(&currency.to_le_bytes());
+    buffer[8..16].copy_from_slice(&first.to_le_bytes());
+    buffer[16..24].copy_from_slice(&second.to_le_bytes());
+    buffer[24..32].copy_from_slice(&amount.to_le_bytes());
+    xxhash_rust::xxh3::xxh3_64(&buffer)
+}
+
+impl CommandRecord {
+    /// The fingerprint of the body a committed record executed, rebuilt from its events, its
+    /// opened id and `account_hash` (an open account's `AccountId::hash64`, by index); `None`
+    /// for a rejection (whose body the record does not hold), a checkpoint, or an account
+    /// `account_hash` does not know. Equal to the command's `fingerprint()` for every record
+    /// `execute` produces.
+    pub fn body_fingerprint(&self, account_hash: impl Fn(u32) -> Option<u64>) -> Option<u64> {
+        if self.rejection.is_some() {
+            return None;
+        }
+        let [first, second] = self.events;
+        let none = AccountId::EMPTY.hash64();
+        let (tag, a, b) = match self.command_type {
+            CommandType::Checkpoint => return None,
+            CommandType::OpenAccount => {
+                return Some(body_fingerprint(
+                    1,
+                    0,
+                    self.opened_account.hash64(),
+                    none,
+                    0,
+                ));
+            }
+            CommandType::Deposit => (2, account_hash(first.account)?, none),
+            CommandType::Withdraw => (3, account_hash(first.account)?, none),
+            CommandType::Transfer => (
+                4,
+                account_hash(first.account)?,
+                account_hash(second.account)?,
+            ),
+        };
+        Some(body_fingerprint(
+            tag,
+            first.currency.packed(),
+            a,
+            b,
+            first.amount,
+        ))
+    }
+}
+
 impl Command {
     /// A 64-bit fingerprint of the command's body (everything but the id and the timestamp),
     /// used to tell an honest retry from a reused transaction id: xxh3-64 over a 32-byte
@@ -133,13 +187,7 @@ impl Command {
                 currency,
             } => (4, from, to, amount, currency.packed()),
         };
-        let mut buffer = [0u8; 32];
-        buffer[0] = tag;
-        buffer[2..4].copy_from_slice(&currency.to_le_bytes());
-        buffer[8..16].copy_from_slice(&first.hash64().to_le_bytes());
-        buffer[16..24].copy_from_slice(&second.hash64().to_le_bytes());
-        buffer[24..32].copy_from_slice(&amount.to_le_bytes());
-        xxhash_rust::xxh3::xxh3_64(&buffer)
+        body_fingerprint(tag, currency, first.hash64(), second.hash64(), amount)
     }
 
     pub fn command_type(&self) -> CommandType {

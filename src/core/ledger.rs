@@ -65,7 +65,10 @@ impl AccountSlot {
         }
     }
 
-    fn name(&self, long_names: &[u8]) -> AccountId {
+    fn name_bytes(
+        &self,
+        long_names: &[u8],
+    ) -> ([u8; crate::core::types::ACCOUNT_ID_MAX_BYTES], usize) {
         let len = self.name_len as usize;
         let mut bytes = [0u8; crate::core::types::ACCOUNT_ID_MAX_BYTES];
         let head = len.min(INLINE_NAME);
@@ -74,7 +77,18 @@ impl AccountSlot {
             let tail = self.name_tail as usize;
             bytes[INLINE_NAME..len].copy_from_slice(&long_names[tail..tail + len - INLINE_NAME]);
         }
+        (bytes, len)
+    }
+
+    fn name(&self, long_names: &[u8]) -> AccountId {
+        let (bytes, len) = self.name_bytes(long_names);
         AccountId::from_bytes(&bytes[..len]).expect("stored account ids are valid")
+    }
+
+    /// `AccountId::hash64` of the stored id, without validating it again.
+    fn name_hash(&self, long_names: &[u8]) -> u64 {
+        let (bytes, len) = self.name_bytes(long_names);
+        xxh3_64(&bytes[..len])
     }
 }
 
@@ -260,47 +274,11 @@ impl Ledger {
             .map(|slot| slot.name(&self.long_names))
     }
 
-    /// The fingerprint of the command a committed record executed, rebuilt from its events and
-    /// the account names (`None` for a rejection, whose body the record does not hold, and for
-    /// a checkpoint). Call it with the accounts the record names open (after applying it).
-    /// `wallet replay` compares it with the record's stored fingerprint: a record whose
-    /// fingerprint belongs to another body would answer a retry of that other body as a replay.
-    pub fn record_fingerprint(&self, record: &CommandRecord) -> Option<u64> {
-        if record.rejection.is_some() {
-            return None;
-        }
-        let [first, second] = record.events;
-        let name = |index: u32| self.account_name(index);
-        let kind = match record.command_type {
-            CommandType::Checkpoint => return None,
-            CommandType::OpenAccount => CommandKind::OpenAccount {
-                account: record.opened_account,
-            },
-            CommandType::Deposit => CommandKind::Deposit {
-                account: name(first.account)?,
-                amount: first.amount,
-                currency: first.currency,
-            },
-            CommandType::Withdraw => CommandKind::Withdraw {
-                account: name(first.account)?,
-                amount: first.amount,
-                currency: first.currency,
-            },
-            CommandType::Transfer => CommandKind::Transfer {
-                from: name(first.account)?,
-                to: name(second.account)?,
-                amount: first.amount,
-                currency: first.currency,
-            },
-        };
-        Some(
-            Command {
-                transaction_id: record.transaction_id,
-                timestamp_ns: record.timestamp_ns,
-                kind,
-            }
-            .fingerprint(),
-        )
+    /// The `AccountId::hash64` of an open account's id (for `CommandRecord::body_fingerprint`).
+    pub fn account_hash(&self, index: u32) -> Option<u64> {
+        self.accounts
+            .get(index as usize)
+            .map(|slot| slot.name_hash(&self.long_names))
     }
 
     pub fn account_index(&self, account: &AccountId) -> Option<u32> {
@@ -815,7 +793,11 @@ impl Ledger {
                 return bad("its events are not numbered from its sequence");
             }
         }
-        let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
+        let mut kind_array = [EventKind::Rejected; MAX_EVENTS_PER_COMMAND];
+        for (kind, event) in kind_array.iter_mut().zip(events) {
+            *kind = event.kind;
+        }
+        let kinds = &kind_array[..events.len()];
         let money = |event: &Event| {
             event.currency != Currency::NONE
                 && event.amount >= 1

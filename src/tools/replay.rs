@@ -144,11 +144,12 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
             || to_time_ns.is_some_and(|t| record.timestamp_ns > t && record.transaction_id.0 != 0);
         !stopped
     };
-    // The first committed record whose stored fingerprint is not its own body's.
+    // The first committed record whose stored fingerprint is not its own body's. The accounts'
+    // id hashes come from their slots, which applying the record has just brought into cache.
     let mut wrong_fingerprint: Option<String> = None;
     let observe = |ledger: &Ledger, record: &crate::core::CommandRecord, checkpoint: bool| {
         if wrong_fingerprint.is_none()
-            && let Some(fingerprint) = ledger.record_fingerprint(record)
+            && let Some(fingerprint) = record.body_fingerprint(|i| ledger.account_hash(i))
             && fingerprint != record.fingerprint
         {
             wrong_fingerprint = Some(format!(
