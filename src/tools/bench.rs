@@ -105,7 +105,10 @@ pub struct BenchReport {
     pub accounts: u32,
     pub transfers: u64,
     pub seconds: f64,
+    /// Every transfer executed, the share built to be rejected (`--reject-share`) included.
     pub transfers_per_sec: f64,
+    /// Committed transfers only.
+    pub committed_per_sec: f64,
     /// `execute` stage only: transfers per second of the thread's own CPU time.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_transfers_per_sec: Option<f64>,
@@ -215,9 +218,17 @@ fn peak_rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-fn submit_all(submitter: &mut crate::engine::Submitter, batch: &[(Command, u64)], base: Instant) {
-    // Stamped once: the time spent waiting for room in a full ring counts in the latency.
-    let now = base.elapsed().as_nanos() as u64;
+/// Publishes `batch`, retrying while the ring is full. Its latency is measured from `due` (the
+/// time its first command was due, when paced: a producer that runs late does not hide its
+/// lateness) or else from now; either way the time spent waiting for room in a full ring counts.
+fn submit_all(
+    submitter: &mut crate::engine::Submitter,
+    batch: &[(Command, u64)],
+    base: Instant,
+    due: Option<Instant>,
+) {
+    let start = due.map_or_else(Instant::now, |due| due.min(Instant::now()));
+    let now = start.saturating_duration_since(base).as_nanos() as u64;
     loop {
         if submitter.try_submit_batch(batch, now).is_ok() {
             return;
@@ -431,6 +442,7 @@ fn report(
         transfers: args.transfers,
         seconds,
         transfers_per_sec: args.transfers as f64 / seconds,
+        committed_per_sec: committed as f64 / seconds,
         cpu_transfers_per_sec: None,
         committed,
         rejected: rejected_codes.iter().sum(),
@@ -569,13 +581,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
                 0,
             ));
             if batch.len() == args.batch {
-                submit_all(&mut submitter, &batch, base);
+                submit_all(&mut submitter, &batch, base, None);
                 setup_count += batch.len() as u64;
                 batch.clear();
             }
         }
     }
-    submit_all(&mut submitter, &batch, base);
+    submit_all(&mut submitter, &batch, base, None);
     setup_count += batch.len() as u64;
     wait_for(&replies, setup_count);
     let refused = setup_rejected.load(Ordering::Relaxed);
@@ -607,17 +619,20 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
             for sent in 0..count {
                 batch.push((generator.next_command(), 0));
                 if batch.len() == batch_size {
+                    let mut first_due = None;
                     if per_second > 0.0 {
                         let due = Duration::from_secs_f64((sent + 1) as f64 / per_second);
                         if let Some(wait) = due.checked_sub(paced_from.elapsed()) {
                             std::thread::sleep(wait);
                         }
+                        let first = (sent + 1 - batch.len() as u64) as f64 / per_second;
+                        first_due = Some(paced_from + Duration::from_secs_f64(first));
                     }
-                    submit_all(&mut submitter, &batch, base);
+                    submit_all(&mut submitter, &batch, base, first_due);
                     batch.clear();
                 }
             }
-            submit_all(&mut submitter, &batch, base);
+            submit_all(&mut submitter, &batch, base, None);
         }));
     }
     for thread in threads {
@@ -635,7 +650,6 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     ledger
         .check_invariants()
         .map_err(|e| anyhow::anyhow!("invariant broken after bench: {e}"))?;
-    let _ = committed;
     Ok(report(
         args,
         &ledger,
@@ -659,7 +673,10 @@ pub fn print_table(r: &BenchReport) {
     if let Some(cpu) = r.cpu_transfers_per_sec {
         println!("  per CPU second    {cpu:>14.0} transfers/s  (the thread's own CPU time)");
     }
-    println!("  committed         {:>14}", r.committed);
+    println!(
+        "  committed         {:>14}  ({:.0}/s)",
+        r.committed, r.committed_per_sec
+    );
     println!(
         "  rejected          {:>14}  {:?}",
         r.rejected, r.rejected_by_code
