@@ -653,9 +653,12 @@ impl Engine {
                 for slot in &staged {
                     replies.deliver(slot, slot.durable_needed() <= durable_seq);
                 }
+                // Callers' outcomes only (checkpoints are not submitted), so that
+                // `submitted - completed` is the commands still in the pipeline.
+                let answered = staged.iter().filter(|s| s.token != NO_TOKEN).count();
                 output_shared
                     .completed
-                    .fetch_add(staged.len() as u64, Ordering::Relaxed);
+                    .fetch_add(answered as u64, Ordering::Relaxed);
                 staged.clear();
                 replies.end_of_batch();
             }
