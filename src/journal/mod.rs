@@ -116,18 +116,34 @@ fn open_durable_file(dir: &Path) -> io::Result<std::fs::File> {
         })
 }
 
-/// Removes segments whose creation was interrupted (still under their temporary name: they
-/// never held a record).
-/// Copies `[from, to)` of the segment at `path` to `<segment>.cut-at-<from>` (synced, and the
+/// Copies `[from, to)` of the segment at `path` to `<segment>.cut-at-<from>` (`.1`, `.2`, ... after a first one; synced, and the
 /// directory too) before a torn tail is zeroed; returns the copy's path.
 fn keep_cut_bytes(path: &Path, from: u64, to: u64) -> io::Result<PathBuf> {
     use std::os::unix::fs::FileExt;
     let mut bytes = vec![0u8; (to - from) as usize];
     std::fs::File::open(path)?.read_exact_at(&mut bytes, from)?;
-    let mut name = path.as_os_str().to_owned();
-    name.push(format!(".cut-at-{from}"));
-    let kept = PathBuf::from(name);
-    let mut file = std::fs::File::create(&kept)?;
+    // Never over an earlier cut at the same offset (a second crash before the first sync).
+    let (kept, mut file) = (0u32..)
+        .map(|n| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(format!(".cut-at-{from}"));
+            if n > 0 {
+                name.push(format!(".{n}"));
+            }
+            PathBuf::from(name)
+        })
+        .find_map(|kept| {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&kept)
+            {
+                Ok(file) => Some(Ok((kept, file))),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => None,
+                Err(e) => Some(Err(e)),
+            }
+        })
+        .unwrap_or_else(|| Err(io::Error::other("no free name for the cut bytes")))?;
     std::io::Write::write_all(&mut file, &bytes)?;
     file.sync_all()?;
     if let Some(dir) = path.parent() {
@@ -136,6 +152,8 @@ fn keep_cut_bytes(path: &Path, from: u64, to: u64) -> io::Result<PathBuf> {
     Ok(kept)
 }
 
+/// Removes segments whose creation was interrupted (still under their temporary name: they
+/// never held a record).
 fn remove_unfinished_segments(dir: &std::path::Path) -> io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();

@@ -119,11 +119,19 @@ pub async fn check_distinct_servers(nodes: &[String]) -> anyhow::Result<()> {
         let Ok(mut conn) = connect(address).await else {
             continue;
         };
-        let info: String = redis::cmd("INFO")
+        // A node that cannot answer INFO (an ACL without it, a renamed command, a dropped
+        // connection) cannot be checked and is let through, as one that is down.
+        let info: String = match redis::cmd("INFO")
             .arg("server")
             .query_async(&mut conn)
             .await
-            .with_context(|| format!("INFO server on Redis node {address}"))?;
+        {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::warn!(node = %address, error = %e, "INFO server failed: this node is not checked for a second name");
+                continue;
+            }
+        };
         let Some(run_id) = info.lines().find_map(|l| l.strip_prefix("run_id:")) else {
             continue;
         };
@@ -1136,17 +1144,18 @@ async fn check_identities(
 }
 
 /// The catch-up floor (`Replicator::floor`): the highest applied sequence among the nodes that
-/// follow the map (their identities are checked already) and those that do not but hold
+/// follow the map whose identities were checked (`verified`) and those that do not but hold
 /// records of this source (identity checked here; a node fed by another journal is rebuilt
 /// from scratch and sets no floor).
 async fn catch_up_floor(
     replicator: &Replicator,
+    verified: &[usize],
     source: &mut Source,
     behind_map: Vec<(String, u64, Option<String>)>,
 ) -> anyhow::Result<u64> {
-    let mut floor = replicator
-        .nodes
+    let mut floor = verified
         .iter()
+        .map(|&i| &replicator.nodes[i])
         .filter(|n| !n.needs_resync)
         .map(|n| n.applied_seq)
         .max()
@@ -1242,8 +1251,15 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         replicator.nodes.push(node);
     }
     let mut source = Source::open(&options.source)?;
+    // Nodes following the map whose record identity is checked below (one without a stored
+    // identity, written by an older replicator, is not: it sets no catch-up floor).
+    let verified: Vec<usize> = stored_records
+        .iter()
+        .filter(|(_, record)| record.is_some())
+        .map(|(i, _)| *i)
+        .collect();
     check_identities(&mut replicator, &mut source, stored_records, options).await?;
-    replicator.floor = catch_up_floor(&replicator, &mut source, behind_map).await?;
+    replicator.floor = catch_up_floor(&replicator, &verified, &mut source, behind_map).await?;
     if replicator.floor > 0 {
         tracing::info!(
             floor = replicator.floor,

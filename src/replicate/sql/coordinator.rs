@@ -321,9 +321,6 @@ pub async fn prepared_gids(client: &Client, coordinator_id: &str) -> anyhow::Res
         .collect()
 }
 
-/// Finishes this deployment's prepared transactions in one shard's database: `COMMIT PREPARED`
-/// for the decided batch, `ROLLBACK PREPARED` for any other (presumed abort). Must run on a
-/// connection to that database (`COMMIT PREPARED` only works there). Afterwards none is left.
 /// Runs `COMMIT PREPARED` or `ROLLBACK PREPARED` on `gid`; `false` if the transaction no
 /// longer exists. That happens when a round that timed out had already sent the same statement
 /// on a connection it then dropped: the server finishes it anyway, between our listing and
@@ -340,6 +337,9 @@ pub async fn finish_prepared(client: &Client, statement: &str, gid: &str) -> any
     }
 }
 
+/// Finishes this deployment's prepared transactions in one shard's database: `COMMIT PREPARED`
+/// for the decided batch, `ROLLBACK PREPARED` for any other (presumed abort). Must run on a
+/// connection to that database (`COMMIT PREPARED` only works there). Afterwards none is left.
 pub async fn recover_shard(
     client: &Client,
     coordinator_id: &str,
