@@ -114,7 +114,7 @@ fn bench(c: &mut Criterion) {
     });
     group.finish();
     drop(submitter);
-    drop(engine.shutdown());
+    drop(engine.shutdown().expect("the engine did not fail"));
 }
 
 criterion_group!(benches, bench);

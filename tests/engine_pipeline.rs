@@ -278,7 +278,7 @@ fn run_scenario(stage: JournalStage, checkpoint_every: u64) -> Ledger {
     }
     let shared = engine.shared();
     drop(submitter);
-    let ledger = engine.shutdown();
+    let ledger = engine.shutdown().expect("the engine did not fail");
     assert!(!shared.halted.load(Ordering::SeqCst));
     assert_eq!(
         shared.durable_seq.load(Ordering::SeqCst),
@@ -391,7 +391,7 @@ fn one_transaction_id_from_eight_threads_executes_once() {
             .or_default()
             .push(record);
     }
-    let ledger = engine.shutdown();
+    let ledger = engine.shutdown().expect("the engine did not fail");
     replies.drain();
     assert_eq!(replies.checkpoints, 0, "no extra outcomes");
     assert_eq!(by_id.len(), IDS as usize);
@@ -514,7 +514,7 @@ fn a_full_input_ring_is_reported_as_overloaded_and_nothing_accepted_is_lost() {
     submit(&mut submitter, deposit(accepted), accepted);
     assert_eq!(replies.next().0, accepted);
     drop(submitter);
-    let ledger = engine.shutdown();
+    let ledger = engine.shutdown().expect("the engine did not fail");
     let alice = ledger.account_index(&account("alice")).unwrap();
     assert_eq!(
         ledger.balance(alice, usd()),

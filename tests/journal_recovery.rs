@@ -1379,7 +1379,7 @@ fn engine_never_reports_durable_after_the_journal_failed() {
     }
     let shared = engine.shared();
     drop(submitter);
-    let ledger = engine.shutdown();
+    let ledger = engine.shutdown().expect("the engine did not fail");
     // Header sync + (allowed - 1) commits succeed; everything from the next record on is unknown.
     let durable_count = (allowed - 1) as usize;
     let want: Vec<bool> = (0..12).map(|i| i < durable_count).collect();
@@ -1786,7 +1786,7 @@ fn the_snapshot_follower_writes_snapshots_equal_to_the_replayed_journal_and_veri
         std::thread::sleep(Duration::from_millis(10));
     }
     drop(submitter);
-    let ledger = engine.shutdown();
+    let ledger = engine.shutdown().expect("the engine did not fail");
     assert!(
         !shared.follower_failed.load(Ordering::SeqCst),
         "{:?}",

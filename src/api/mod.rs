@@ -185,7 +185,7 @@ impl App {
             ),
             (
                 "wallet_halted",
-                "1 if the journal failed and the engine stopped acknowledging.",
+                "1 if the engine halted (a journal failure or a panic) and stopped acknowledging.",
                 u64::from(s.halted.load(Ordering::Relaxed)),
             ),
             (
@@ -541,14 +541,14 @@ pub async fn serve(
         tracing::warn!("some connections did not finish within 10 s");
     }
     drop(app);
-    let ledger = tokio::task::spawn_blocking(move || engine.shutdown()).await?;
+    let ledger = tokio::task::spawn_blocking(move || engine.shutdown()).await??;
     tracing::info!(
         next_seq = ledger.next_seq(),
         state_hash = format!("{:016x}", ledger.state_hash()),
         "stopped"
     );
     if let Some(reason) = shared.halt_reason() {
-        anyhow::bail!("the journal failed: {reason}");
+        anyhow::bail!("the engine halted: {reason}");
     }
     Ok(())
 }

@@ -582,11 +582,11 @@ async fn dispatch(
     match ROUTES[route].name {
         "healthz" => Reply::text(StatusCode::OK, "text/plain", "ok\n"),
         "readyz" => {
-            if app.shared.halted.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Some(reason) = app.shared.halt_reason() {
                 Reply::text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
-                    "journal failed\n",
+                    format!("halted: {reason}\n"),
                 )
             } else if !app.views.past_complete() {
                 Reply::text(
@@ -1093,7 +1093,7 @@ fn render_value<'a>(
 ) -> (StatusCode, Body<'a>, bool) {
     let record = &delivered.record;
     if !delivered.durable {
-        let body = json!({"error": {"code": "outcome_unknown", "message": "the journal failed before this outcome was durable; retry with the same transaction_id after the service restarts"}});
+        let body = json!({"error": {"code": "outcome_unknown", "message": "the engine halted (a journal failure or an internal error) before this outcome was durable; retry with the same transaction_id after the service restarts"}});
         return (StatusCode::SERVICE_UNAVAILABLE, Body::Other(body), false);
     }
     if record.rejection == Some(RejectCode::TransactionIdReused) {

@@ -16,7 +16,7 @@ use crate::core::CommandRecord;
 #[derive(Debug, Clone, Copy)]
 pub struct Delivered {
     pub record: CommandRecord,
-    /// False only when the journal failed: the outcome is unknown.
+    /// False only when the engine halted (journal failure or panic): the outcome is unknown.
     pub durable: bool,
 }
 

@@ -10,6 +10,11 @@
 //!   (both run on the output ring's one consumer thread: records are staged, and delivered after
 //!   the end-of-batch sync), and it still checks the durable watermark before answering
 //!   "committed".
+//! - A panic on the engine thread or the output thread halts the engine like a failed sync: it
+//!   is caught at the stage's edge, the ledger it was changing is dropped (never used again),
+//!   every later command is answered "outcome unknown" without being executed, and `shutdown`
+//!   returns the reason. The threads keep draining their rings, so no caller waits forever and
+//!   shutdown does not hang.
 
 pub mod doorbell;
 pub(crate) mod follower;
@@ -131,9 +136,28 @@ pub struct OutputSlot {
 }
 
 impl OutputSlot {
-    /// The sequence number that must be durable before this outcome may be announced.
+    /// The slot of a command the engine did not execute because it had halted (sequence numbers
+    /// start at 1, so a record at sequence 0 is never a real one). Its caller is told the outcome
+    /// is unknown.
+    pub fn not_executed(token: u64, submitted_ns: u64) -> OutputSlot {
+        OutputSlot {
+            record: CommandRecord::empty(),
+            token,
+            submitted_ns,
+        }
+    }
+
+    /// False for a `not_executed` slot.
+    pub fn executed(&self) -> bool {
+        self.record.first_seq != 0
+    }
+
+    /// The sequence number that must be durable before this outcome may be announced (never,
+    /// for a command that was not executed).
     pub fn durable_needed(&self) -> u64 {
-        if self.record.replayed {
+        if !self.executed() {
+            u64::MAX
+        } else if self.record.replayed {
             self.record.first_seq
         } else {
             self.record.next_seq() - 1
@@ -143,8 +167,9 @@ impl OutputSlot {
 
 /// Receives outcomes in sequence order on the reply stage's thread.
 pub trait ReplySink: Send + 'static {
-    /// `durable` is false only after the journal stopped: the outcome is then unknown to the
-    /// caller (it may or may not survive a restart) and must not be reported as committed.
+    /// `durable` is false only after the engine halted (a failed sync or a panic): the outcome
+    /// is then unknown to the caller (it may or may not survive a restart) and must not be
+    /// reported as committed. A slot that is not `executed()` is always delivered not durable.
     fn deliver(&mut self, slot: &OutputSlot, durable: bool);
     fn end_of_batch(&mut self) {}
 }
@@ -207,7 +232,7 @@ pub struct EngineShared {
 
 impl EngineShared {
     fn halt(&self, reason: String) {
-        tracing::error!(%reason, "journal failed: the engine stops acknowledging; exit and restart to recover");
+        tracing::error!(%reason, "the engine halted: it stops acknowledging; exit and restart to recover");
         if let Ok(mut slot) = self.halt_reason.lock() {
             slot.get_or_insert(reason);
         }
@@ -223,6 +248,11 @@ impl EngineShared {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the engine's input ring is full")]
 pub struct Overloaded;
+
+/// The engine lost its ledger (a panic on the engine thread); the reason is the halt reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the engine failed: {0}")]
+pub struct EngineFailed(pub String);
 
 type InputProducer = MultiProducer<InputSlot, SingleConsumerBarrier>;
 
@@ -321,6 +351,8 @@ struct EngineState {
     id_blocks: Option<mpsc::Receiver<IdBlock>>,
     /// Bucket arrays for the id table's growths, prepared by a helper thread.
     tables: Option<TableHelper>,
+    /// Set when a panic interrupted the ledger: nothing executes any more.
+    failed: bool,
 }
 
 /// Commands executed together (with prefetching across them) at most.
@@ -339,18 +371,15 @@ impl Drop for EngineState {
 }
 
 impl EngineState {
-    fn publish(&mut self, record: CommandRecord, token: u64, submitted_ns: u64) {
+    fn publish(&mut self, out: OutputSlot) {
         // The output ring is bounded; when it is full the journal is behind and the engine
         // waits for it (internal back-pressure; callers see the input ring fill up and get 503).
+        // The output thread never dies (its panics are caught), so this wait ends.
         let Some(output) = self.output.as_mut() else {
             return;
         };
         loop {
-            let published = output.try_publish(|slot| {
-                slot.record = record;
-                slot.token = token;
-                slot.submitted_ns = submitted_ns;
-            });
+            let published = output.try_publish(|slot| *slot = out);
             if published.is_ok() {
                 ring(self.output_bell);
                 return;
@@ -363,6 +392,10 @@ impl EngineState {
     /// ahead. A group ends at the ring's end of batch, so nothing waits for more input. Each
     /// record is built straight into its output ring slot (one batch publication per group).
     fn on_slot(&mut self, slot: &InputSlot, end_of_batch: bool) {
+        if self.failed {
+            self.publish(OutputSlot::not_executed(slot.token, slot.submitted_ns));
+            return;
+        }
         self.buffer.push(*slot);
         if !end_of_batch && self.buffer.len() < EXECUTE_GROUP {
             return;
@@ -371,6 +404,8 @@ impl EngineState {
             return;
         };
         let buffer = std::mem::take(&mut self.buffer);
+        // A panic while executing: which transaction, and the message.
+        let mut panicked: Option<String> = None;
         if let Some(output) = self.output.as_mut() {
             // The output ring is bounded; when it is full the journal is behind and the engine
             // waits for it (internal back-pressure; callers see the input ring fill up and get
@@ -380,17 +415,44 @@ impl EngineState {
                 loop {
                     let published = output.try_batch_publish(part.len(), |slots| {
                         let mut slots = slots;
-                        ledger.execute_batch_of(
-                            part,
-                            |input| &input.command,
-                            |i, record| {
-                                if let Some(out) = slots.next() {
-                                    out.record = record;
-                                    out.token = part[i].token;
-                                    out.submitted_ns = part[i].submitted_ns;
-                                }
-                            },
-                        );
+                        // Slots filled with a record, in `part`'s order.
+                        let mut filled = 0;
+                        // The panic is caught here, inside the publication, so that every slot
+                        // claimed is still filled: the rest of the group is answered "not
+                        // executed" instead of leaving its callers to time out.
+                        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            if panicked.is_some() {
+                                return;
+                            }
+                            ledger.execute_batch_of(
+                                part,
+                                |input| &input.command,
+                                |i, record| {
+                                    #[cfg(test)]
+                                    tests::panic_if_asked(&record);
+                                    if let Some(out) = slots.next() {
+                                        out.record = record;
+                                        out.token = part[i].token;
+                                        out.submitted_ns = part[i].submitted_ns;
+                                        filled += 1;
+                                    }
+                                },
+                            );
+                        }));
+                        if let Err(payload) = run {
+                            let transaction = part.get(filled).map_or_else(
+                                || "?".to_string(),
+                                |input| input.command.transaction_id.to_uuid_string(),
+                            );
+                            panicked = Some(format!(
+                                "the engine thread panicked executing transaction \
+                                 {transaction}: {}",
+                                panic_text(payload.as_ref())
+                            ));
+                        }
+                        for (out, input) in slots.zip(&part[filled..]) {
+                            *out = OutputSlot::not_executed(input.token, input.submitted_ns);
+                        }
                     });
                     if published.is_ok() {
                         ring(self.output_bell);
@@ -400,6 +462,13 @@ impl EngineState {
                 }
             }
         }
+        if let Some(reason) = panicked {
+            // The ledger may be half-way through a change: it is dropped, never used again.
+            self.fail(reason);
+            self.buffer = buffer;
+            self.buffer.clear();
+            return;
+        }
         let timestamp_ns = buffer.last().map(|s| s.command.timestamp_ns).unwrap_or(0);
         let submitted_ns = buffer.last().map(|s| s.submitted_ns).unwrap_or(0);
         self.buffer = buffer;
@@ -407,7 +476,11 @@ impl EngineState {
         if self.checkpoint_every > 0 && ledger.next_seq() >= self.next_checkpoint {
             let checkpoint = ledger.checkpoint(timestamp_ns);
             self.next_checkpoint = ledger.next_seq() + self.checkpoint_every;
-            self.publish(checkpoint, NO_TOKEN, submitted_ns);
+            self.publish(OutputSlot {
+                record: checkpoint,
+                token: NO_TOKEN,
+                submitted_ns,
+            });
         }
         self.shared
             .executed_seq
@@ -417,6 +490,26 @@ impl EngineState {
             tables.tend(&mut ledger);
         }
         self.ledger = Some(ledger);
+    }
+
+    /// Stops executing for good: the engine halts with `reason`, the ledger is dropped, and every
+    /// later command is answered "not executed".
+    fn fail(&mut self, reason: String) {
+        self.failed = true;
+        self.ledger = None;
+        self.buffer.clear();
+        self.shared.halt(reason);
+    }
+}
+
+/// The message a panic was raised with.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_string()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a panic without a message".to_string()
     }
 }
 
@@ -626,6 +719,7 @@ impl Engine {
         let output_shared = shared.clone();
         let mut staged: Vec<OutputSlot> = Vec::with_capacity(config.output_ring_size.min(4096));
         let mut last_executed = start_seq - 1;
+        let mut failed = false;
         let output_strategy = Strategy::new(config.output_wait.unwrap_or(config.wait));
         let output_bell = output_strategy.bell();
         let output = build_single_producer(
@@ -639,28 +733,50 @@ impl Engine {
         )
         .thread_name("wallet-journal")
         .handle_events_with(move |slot: &OutputSlot, _sequence, end_of_batch| {
-            journal_stage(
-                &mut journal,
-                &output_shared,
-                slot,
-                end_of_batch,
-                &mut last_executed,
-            );
             staged.push(*slot);
-            if end_of_batch {
-                // Stage 4: every outcome of the batch, now that the batch is durable.
-                let durable_seq = output_shared.durable_seq.load(Ordering::Acquire);
-                for slot in &staged {
-                    replies.deliver(slot, slot.durable_needed() <= durable_seq);
+            if failed {
+                if end_of_batch {
+                    deliver_unknown(&mut replies, &staged, &output_shared);
+                    staged.clear();
                 }
-                // Callers' outcomes only (checkpoints are not submitted), so that
-                // `submitted - completed` is the commands still in the pipeline.
-                let answered = staged.iter().filter(|s| s.token != NO_TOKEN).count();
-                output_shared
-                    .completed
-                    .fetch_add(answered as u64, Ordering::Relaxed);
+                return;
+            }
+            // How many of the staged outcomes were handed to the sink (or tried).
+            let mut attempted = 0;
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                journal_stage(
+                    &mut journal,
+                    &output_shared,
+                    slot,
+                    end_of_batch,
+                    &mut last_executed,
+                );
+                if end_of_batch {
+                    // Stage 4: every outcome of the batch, now that the batch is durable.
+                    let durable_seq = output_shared.durable_seq.load(Ordering::Acquire);
+                    for slot in &staged {
+                        attempted += 1;
+                        replies.deliver(slot, slot.durable_needed() <= durable_seq);
+                    }
+                    count_completed(&output_shared, &staged);
+                    staged.clear();
+                    replies.end_of_batch();
+                }
+            }));
+            if let Err(payload) = run {
+                // The journal or the sink panicked: halt like a failed sync. The outcomes not yet
+                // handed over are answered "unknown" (the one being handed over when it
+                // panicked may or may not have reached its caller), and so is everything after.
+                output_shared.halt(format!(
+                    "the journal and reply thread panicked: {}",
+                    panic_text(payload.as_ref())
+                ));
+                failed = true;
+                if attempted < staged.len() {
+                    let rest = staged.split_off(attempted);
+                    deliver_unknown(&mut replies, &rest, &output_shared);
+                }
                 staged.clear();
-                replies.end_of_batch();
             }
         })
         .build();
@@ -689,9 +805,20 @@ impl Engine {
             output_capacity,
             id_blocks,
             tables,
+            failed: false,
         };
         let handler = |state: &mut EngineState, slot: &InputSlot, _sequence, end_of_batch| {
-            state.on_slot(slot, end_of_batch)
+            // A panic outside the execution itself (a checkpoint, the helpers' hand-overs)
+            // halts the engine too; the thread lives on to drain the ring.
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                state.on_slot(slot, end_of_batch)
+            }));
+            if let Err(payload) = run {
+                state.fail(format!(
+                    "the engine thread panicked: {}",
+                    panic_text(payload.as_ref())
+                ));
+            }
         };
         let builder = build_multi_producer(
             config.input_ring_size,
@@ -747,22 +874,49 @@ impl Engine {
 
     /// Drains everything already submitted, stops the threads and returns the ledger.
     /// Every other `Submitter` clone must have been dropped first, or this waits for them.
-    pub fn shutdown(self) -> Ledger {
+    /// After a journal failure the ledger is still returned (it executed everything in memory;
+    /// `shared().halted` says the journal stopped); after a panic it is gone, and the error
+    /// carries the reason.
+    pub fn shutdown(self) -> Result<Ledger, EngineFailed> {
         let Engine {
             submitter,
             ledger_back,
             follower,
         } = self;
+        let shared = submitter.shared.clone();
         drop(submitter);
-        let ledger = ledger_back
-            .recv()
-            .expect("the engine thread hands the ledger back");
+        let ledger = ledger_back.recv();
         if let Some((handle, stop)) = follower {
             stop.store(true, Ordering::Release);
             let _ = handle.join();
         }
-        ledger
+        ledger.map_err(|_| {
+            EngineFailed(shared.halt_reason().unwrap_or_else(|| {
+                "the engine thread ended without handing the ledger back".to_string()
+            }))
+        })
     }
+}
+
+/// After the output thread failed: every outcome is handed over as unknown (a panic in the sink
+/// is swallowed: the thread must keep draining the ring).
+fn deliver_unknown(replies: &mut impl ReplySink, slots: &[OutputSlot], shared: &EngineShared) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for slot in slots {
+            replies.deliver(slot, false);
+        }
+        replies.end_of_batch();
+    }));
+    count_completed(shared, slots);
+}
+
+/// Counts callers' outcomes only (checkpoints are not submitted), so that
+/// `submitted - completed` is the commands still in the pipeline.
+fn count_completed(shared: &EngineShared, slots: &[OutputSlot]) {
+    let answered = slots.iter().filter(|s| s.token != NO_TOKEN).count();
+    shared
+        .completed
+        .fetch_add(answered as u64, Ordering::Relaxed);
 }
 
 /// Stage 3 for one record: append it; at the end of the batch, sync once (group commit) and
@@ -777,15 +931,15 @@ fn journal_stage(
     if shared.halted.load(Ordering::Relaxed) {
         return;
     }
-    if !slot.record.replayed {
-        // A replayed outcome repeats an older record; it is not journaled again.
+    // A replayed outcome repeats an older record; it is not journaled again. (A command that
+    // was not executed only follows a halt, seen above; it is never journaled either.)
+    let new_record = !slot.record.replayed && slot.executed();
+    if new_record {
         *last_executed = slot.durable_needed();
     }
     match journal {
         JournalStage::Journal(writer) => {
-            if !slot.record.replayed
-                && let Err(e) = writer.append(&slot.record)
-            {
+            if new_record && let Err(e) = writer.append(&slot.record) {
                 shared.halt(format!(
                     "journal append failed at sequence {}: {e}",
                     slot.record.first_seq
@@ -809,5 +963,225 @@ fn journal_stage(
                 shared.durable_seq.store(*last_executed, Ordering::Release);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{AccountId, CommandKind, Currency, LedgerConfig, TransactionId};
+    use std::time::Instant;
+
+    /// A transaction id whose record makes the engine thread panic as it is emitted (tests only:
+    /// nothing in the ledger panics on any input we know of, so the test has to ask for one).
+    const PANIC_ID: u128 = 0x0bad_0bad_0bad_0bad_0bad_0bad_0bad_0bad;
+
+    pub(super) fn panic_if_asked(record: &CommandRecord) {
+        if record.transaction_id.0 == PANIC_ID {
+            panic!("the test asked the engine thread to panic");
+        }
+    }
+
+    /// (token, executed, durable) for every caller's outcome; panics when it is handed the
+    /// outcome of `panic_on`.
+    struct Collect {
+        sender: mpsc::Sender<(u64, bool, bool)>,
+        panic_on: Option<u64>,
+    }
+
+    impl ReplySink for Collect {
+        fn deliver(&mut self, slot: &OutputSlot, durable: bool) {
+            if slot.token == NO_TOKEN {
+                return;
+            }
+            if self.panic_on == Some(slot.token) {
+                panic!("the test asked the reply sink to panic");
+            }
+            let _ = self.sender.send((slot.token, slot.executed(), durable));
+        }
+    }
+
+    fn command(id: u128, kind: CommandKind) -> Command {
+        Command {
+            transaction_id: TransactionId(id),
+            timestamp_ns: 1_700_000_000_000_000_000 + id as u64,
+            kind,
+        }
+    }
+
+    /// Opens two accounts and deposits into the first: tokens 0..3.
+    fn setup() -> Vec<Command> {
+        let a = AccountId::new("a").unwrap();
+        let b = AccountId::new("b").unwrap();
+        let usd = Currency::new("USD").unwrap();
+        vec![
+            command(1, CommandKind::OpenAccount { account: a }),
+            command(2, CommandKind::OpenAccount { account: b }),
+            command(
+                3,
+                CommandKind::Deposit {
+                    account: a,
+                    amount: 1_000_000,
+                    currency: usd,
+                },
+            ),
+        ]
+    }
+
+    fn transfer(id: u128) -> Command {
+        command(
+            id,
+            CommandKind::Transfer {
+                from: AccountId::new("a").unwrap(),
+                to: AccountId::new("b").unwrap(),
+                amount: 1,
+                currency: Currency::new("USD").unwrap(),
+            },
+        )
+    }
+
+    fn start(panic_on: Option<u64>) -> (Engine, mpsc::Receiver<(u64, bool, bool)>) {
+        let (sender, receiver) = mpsc::channel();
+        let config = EngineConfig {
+            input_ring_size: 1024,
+            output_ring_size: 1024,
+            wait: WaitMode::Sleep(Duration::from_micros(50)),
+            pin_core: None,
+            checkpoint_every: 0,
+            ..EngineConfig::default()
+        };
+        let engine = Engine::start(
+            Ledger::new(LedgerConfig::default()),
+            config,
+            JournalStage::Off,
+            Collect { sender, panic_on },
+        );
+        (engine, receiver)
+    }
+
+    fn submit_batch(submitter: &mut Submitter, commands: &[Command], first_token: u64) {
+        let batch: Vec<(Command, u64)> = commands
+            .iter()
+            .zip(first_token..)
+            .map(|(c, t)| (*c, t))
+            .collect();
+        submitter
+            .try_submit_batch(&batch, 0)
+            .expect("room in the ring");
+    }
+
+    /// Receives `count` outcomes within 10 s, by token.
+    fn receive(
+        receiver: &mpsc::Receiver<(u64, bool, bool)>,
+        count: usize,
+    ) -> BTreeMap<u64, (bool, bool)> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut got = BTreeMap::new();
+        while got.len() < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (token, executed, durable) = receiver
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("only {} of {count} outcomes in 10 s", got.len()));
+            assert!(
+                got.insert(token, (executed, durable)).is_none(),
+                "token {token} answered twice"
+            );
+        }
+        got
+    }
+
+    use std::collections::BTreeMap;
+
+    /// Shuts down on another thread so that a hang fails the test instead of stalling it.
+    fn shutdown_within_10s(engine: Engine) -> Result<Ledger, EngineFailed> {
+        let (done, result) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(engine.shutdown());
+        });
+        result
+            .recv_timeout(Duration::from_secs(10))
+            .expect("shutdown finished within 10 s")
+    }
+
+    #[test]
+    fn a_panic_on_the_engine_thread_halts_and_answers_every_caller() {
+        let (engine, receiver) = start(None);
+        let shared = engine.shared();
+        let mut submitter = engine.submitter();
+        submit_batch(&mut submitter, &setup(), 0);
+        let before = receive(&receiver, 3);
+        assert!(
+            before
+                .values()
+                .all(|&(executed, durable)| executed && durable)
+        );
+
+        // One group: two transfers, the one that panics, two more. Then more commands later.
+        let group = [
+            transfer(10),
+            transfer(11),
+            transfer(PANIC_ID),
+            transfer(12),
+            transfer(13),
+        ];
+        submit_batch(&mut submitter, &group, 10);
+        let during = receive(&receiver, 5);
+        // The two executed before the panic are not durable (the halt came before their batch's
+        // end), and nothing from the panicking one on was executed.
+        assert_eq!(during[&10], (true, false));
+        assert_eq!(during[&11], (true, false));
+        for token in 12..15 {
+            assert_eq!(during[&token], (false, false), "token {token}");
+        }
+        assert!(shared.halted.load(Ordering::SeqCst));
+        let reason = shared.halt_reason().expect("a halt reason");
+        assert!(
+            reason.contains("panicked")
+                && reason.contains("asked the engine thread to panic")
+                && reason.contains("0bad0bad-0bad"),
+            "{reason}"
+        );
+
+        // Later commands are drained, not executed, and answered at once.
+        submit_batch(&mut submitter, &[transfer(20), transfer(21)], 20);
+        let after = receive(&receiver, 2);
+        assert!(after.values().all(|&v| v == (false, false)), "{after:?}");
+        assert_eq!(shared.durable_seq.load(Ordering::SeqCst), 3);
+
+        drop(submitter);
+        match shutdown_within_10s(engine) {
+            Ok(_) => panic!("shutdown returned a ledger a panic interrupted"),
+            Err(failed) => assert_eq!(failed.0, reason),
+        }
+    }
+
+    #[test]
+    fn a_panic_in_the_reply_stage_halts_and_the_rest_is_answered_unknown() {
+        // Token 11 is the second of its group: 10 reached its caller, 11 is lost, 12 and 13 are
+        // answered "unknown".
+        let (engine, receiver) = start(Some(11));
+        let shared = engine.shared();
+        let mut submitter = engine.submitter();
+        submit_batch(&mut submitter, &setup(), 0);
+        receive(&receiver, 3);
+        submit_batch(
+            &mut submitter,
+            &[transfer(10), transfer(11), transfer(12), transfer(13)],
+            10,
+        );
+        let during = receive(&receiver, 3);
+        assert_eq!(during[&10], (true, true));
+        assert_eq!(during[&12], (true, false));
+        assert_eq!(during[&13], (true, false));
+        assert!(shared.halted.load(Ordering::SeqCst));
+        let reason = shared.halt_reason().expect("a halt reason");
+        assert!(reason.contains("asked the reply sink to panic"), "{reason}");
+
+        // The engine still executes in memory (as after a failed sync); nothing is durable.
+        submit_batch(&mut submitter, &[transfer(20)], 20);
+        assert_eq!(receive(&receiver, 1)[&20], (true, false));
+        drop(submitter);
+        let ledger = shutdown_within_10s(engine).expect("the ledger survives");
+        assert_eq!(ledger.next_seq(), 3 + 1 + 5 * 2);
     }
 }
