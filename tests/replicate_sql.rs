@@ -239,6 +239,15 @@ impl Cluster {
             .collect()
     }
 
+    /// The end state of every replication run: no prepared transaction left behind, 0
+    /// differences from the journal, no entry twice. Returns reconcile's output.
+    fn assert_settled(&self, context: &str) -> String {
+        assert_eq!(self.prepared(), Vec::<String>::new(), "{context}");
+        let report = self.assert_reconciled();
+        self.assert_no_entry_twice();
+        report
+    }
+
     /// No (transaction, kind) pair appears twice as an entry, on any shard or across shards.
     fn assert_no_entry_twice(&self) {
         let mut seen = std::collections::HashSet::new();
@@ -414,8 +423,7 @@ fn fifty_thousand_transfers_replicate_into_three_shards_and_reconcile() {
     transfers(&mut client, 500, 50_000, 1);
     cluster.wait_caught_up(&mut follower, Duration::from_secs(40));
     follower.kill();
-    assert_eq!(cluster.prepared(), Vec::<String>::new());
-    let report = cluster.assert_reconciled();
+    let report = cluster.assert_settled("after the load");
     assert!(report.contains("500 accounts"), "{report}");
     // Every shard got a share of the accounts and of the transfers.
     let mut transfer_rows = 0;
@@ -436,7 +444,6 @@ fn fifty_thousand_transfers_replicate_into_three_shards_and_reconcile() {
         transfer_rows > 49_000,
         "only {transfer_rows} transfers replicated"
     );
-    cluster.assert_no_entry_twice();
 
     // Caught up: a catch-up run has nothing to do.
     let out = cluster.replicate_once(&[], &[]);
@@ -517,11 +524,9 @@ fn coordinator_crashes_at_each_failpoint_then_recovers_exactly() {
             (*committed, *rolled_back),
             "after {point}:\n{log}"
         );
-        assert_eq!(cluster.prepared(), Vec::<String>::new(), "after {point}");
         let last = cluster.journal_last_seq() as i64;
-        assert_eq!(cluster.watermarks(), vec![Some(last); 2]);
-        cluster.assert_reconciled();
-        cluster.assert_no_entry_twice();
+        assert_eq!(cluster.watermarks(), vec![Some(last); 2], "after {point}");
+        cluster.assert_settled(&format!("after {point}"));
     }
     server.stop();
 }
@@ -567,9 +572,7 @@ fn shard_down_during_load_then_back_resumes() {
         follower.log_tail()
     );
     follower.kill();
-    assert_eq!(cluster.prepared(), Vec::<String>::new());
-    cluster.assert_reconciled();
-    cluster.assert_no_entry_twice();
+    cluster.assert_settled("after the shard came back");
     server.stop();
 }
 
@@ -837,10 +840,8 @@ fn replicates_from_a_running_engine_by_url_and_reconciles() {
     transfers(&mut client, 200, 20_000, 8);
     cluster.wait_caught_up(&mut follower, Duration::from_secs(60));
     follower.kill();
-    assert_eq!(cluster.prepared(), Vec::<String>::new());
-    let report = cluster.assert_reconciled();
+    let report = cluster.assert_settled("after the load");
     assert!(report.contains("200 accounts"), "{report}");
-    cluster.assert_no_entry_twice();
     // A bad URL is a clear error, not a hang.
     let out = cluster.wallet(
         &[
@@ -946,8 +947,7 @@ fn a_shard_whose_watermark_goes_back_stops_the_replicator_and_a_restart_fills_th
     assert_ok(&cluster.replicate_once(&[], &[]), "restart");
     let last = cluster.journal_last_seq() as i64;
     assert_eq!(cluster.watermarks(), vec![Some(last); 2]);
-    cluster.assert_reconciled();
-    cluster.assert_no_entry_twice();
+    cluster.assert_settled("after the restart");
     server.stop();
 }
 
