@@ -224,4 +224,39 @@ mod tests {
         assert_eq!(slot, 0);
         check(waiters, receiver);
     }
+
+    /// A caller that timed out drops its receiver, but its command is still in the engine: its
+    /// slot must stay taken until the reply stage delivers that command's outcome, or a new
+    /// caller given the slot would be handed the old command's outcome as its own.
+    #[test]
+    fn a_slot_whose_caller_gave_up_is_not_reused_before_its_outcome_arrives() {
+        let waiters = Waiters::new(1);
+        let (slot, receiver) = waiters.wait_single().expect("a free slot");
+        drop(receiver);
+        assert!(
+            waiters.wait_single().is_none(),
+            "the slot was handed out again"
+        );
+        assert!(
+            waiters.wait_batch(2).is_none(),
+            "the slot was handed out again"
+        );
+        let late = Delivered {
+            record: CommandRecord::empty(),
+            durable: true,
+        };
+        waiters.deliver(token(slot, 0), late);
+        let (again, _receiver) = waiters.wait_batch(2).expect("free after delivery");
+        assert_eq!(again, slot);
+
+        // A batch whose caller gave up keeps its slot until its last item is delivered.
+        drop(_receiver);
+        waiters.deliver(token(slot, 0), late);
+        assert!(
+            waiters.wait_single().is_none(),
+            "freed with an item pending"
+        );
+        waiters.deliver(token(slot, 1), late);
+        assert!(waiters.wait_single().is_some(), "free after the last item");
+    }
 }
