@@ -36,8 +36,8 @@ impl Server {
                 "127.0.0.1:0",
                 "--pin-core",
                 "-1",
-                "--wait",
-                "sleep=50us",
+                // The wait strategy is left at its default (`park`), as a user runs the server,
+                // so that every HTTP test also runs the doorbell end to end.
             ])
             .arg("--data-dir")
             .arg(data_dir)
