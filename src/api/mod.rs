@@ -244,6 +244,15 @@ impl ReplySink for ApiSink {
     fn end_of_batch(&mut self) {
         self.flush();
     }
+
+    fn after_panic(&mut self) {
+        // The views may hold part of the batch: not applied again (the server is halting).
+        // The callers are answered with what they were delivered.
+        self.batch.clear();
+        for (token, delivered) in self.pending.drain(..) {
+            self.waiters.deliver(token, delivered);
+        }
+    }
 }
 
 impl ApiSink {

@@ -172,6 +172,11 @@ pub trait ReplySink: Send + 'static {
     /// reported as committed. A slot that is not `executed()` is always delivered not durable.
     fn deliver(&mut self, slot: &OutputSlot, durable: bool);
     fn end_of_batch(&mut self) {}
+    /// Called once, after `deliver` or `end_of_batch` (or the journal) panicked: the sink drops
+    /// whatever it was in the middle of applying, and hands over the outcomes it still holds
+    /// (they were delivered with the durability they have). Everything after comes with
+    /// `durable` false.
+    fn after_panic(&mut self) {}
 }
 
 #[derive(Debug, Clone)]
@@ -231,10 +236,18 @@ pub struct EngineShared {
 }
 
 impl EngineShared {
+    /// Stops acknowledging for good. The first reason is kept (and logged); later ones are not.
     fn halt(&self, reason: String) {
-        tracing::error!(%reason, "the engine halted: it stops acknowledging; exit and restart to recover");
-        if let Ok(mut slot) = self.halt_reason.lock() {
-            slot.get_or_insert(reason);
+        let first = match self.halt_reason.lock() {
+            Ok(mut slot) if slot.is_none() => {
+                *slot = Some(reason.clone());
+                true
+            }
+            Ok(_) => false,
+            Err(_) => true,
+        };
+        if first {
+            tracing::error!(%reason, "the engine halted: it stops acknowledging; exit and restart to recover");
         }
         self.halted.store(true, Ordering::SeqCst);
     }
@@ -406,6 +419,7 @@ impl EngineState {
         let buffer = std::mem::take(&mut self.buffer);
         // A panic while executing: which transaction, and the message.
         let mut panicked: Option<String> = None;
+        let shared = &self.shared;
         if let Some(output) = self.output.as_mut() {
             // The output ring is bounded; when it is full the journal is behind and the engine
             // waits for it (internal back-pressure; callers see the input ring fill up and get
@@ -444,11 +458,16 @@ impl EngineState {
                                 || "?".to_string(),
                                 |input| input.command.transaction_id.to_uuid_string(),
                             );
-                            panicked = Some(format!(
+                            let reason = format!(
                                 "the engine thread panicked executing transaction \
                                  {transaction}: {}",
                                 panic_text(payload.as_ref())
-                            ));
+                            );
+                            // Halted before the group is published: the output thread then
+                            // neither journals nor acknowledges any of it (the records executed
+                            // before the panic included), whatever the threads' timing.
+                            shared.halt(reason.clone());
+                            panicked = Some(reason);
                         }
                         for (out, input) in slots.zip(&part[filled..]) {
                             *out = OutputSlot::not_executed(input.token, input.submitted_ns);
@@ -736,13 +755,16 @@ impl Engine {
             staged.push(*slot);
             if failed {
                 if end_of_batch {
-                    deliver_unknown(&mut replies, &staged, &output_shared);
+                    count_completed(&output_shared, &staged);
+                    deliver_unknown(&mut replies, &staged);
                     staged.clear();
                 }
                 return;
             }
-            // How many of the staged outcomes were handed to the sink (or tried).
+            // How many of the staged outcomes were handed to the sink (or tried), and whether
+            // the batch was counted as completed.
             let mut attempted = 0;
+            let mut counted = false;
             let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 journal_stage(
                     &mut journal,
@@ -754,11 +776,12 @@ impl Engine {
                 if end_of_batch {
                     // Stage 4: every outcome of the batch, now that the batch is durable.
                     let durable_seq = output_shared.durable_seq.load(Ordering::Acquire);
+                    count_completed(&output_shared, &staged);
+                    counted = true;
                     for slot in &staged {
                         attempted += 1;
                         replies.deliver(slot, slot.durable_needed() <= durable_seq);
                     }
-                    count_completed(&output_shared, &staged);
                     staged.clear();
                     replies.end_of_batch();
                 }
@@ -772,10 +795,14 @@ impl Engine {
                     panic_text(payload.as_ref())
                 ));
                 failed = true;
-                if attempted < staged.len() {
-                    let rest = staged.split_off(attempted);
-                    deliver_unknown(&mut replies, &rest, &output_shared);
+                if !counted {
+                    count_completed(&output_shared, &staged);
                 }
+                // What the sink was holding is handed over first (or dropped, if unsafe).
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    replies.after_panic()
+                }));
+                deliver_unknown(&mut replies, staged.get(attempted..).unwrap_or_default());
                 staged.clear();
             }
         })
@@ -900,14 +927,13 @@ impl Engine {
 
 /// After the output thread failed: every outcome is handed over as unknown (a panic in the sink
 /// is swallowed: the thread must keep draining the ring).
-fn deliver_unknown(replies: &mut impl ReplySink, slots: &[OutputSlot], shared: &EngineShared) {
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        for slot in slots {
-            replies.deliver(slot, false);
-        }
-        replies.end_of_batch();
-    }));
-    count_completed(shared, slots);
+fn deliver_unknown(replies: &mut impl ReplySink, slots: &[OutputSlot]) {
+    for slot in slots {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            replies.deliver(slot, false)
+        }));
+    }
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| replies.end_of_batch()));
 }
 
 /// Counts callers' outcomes only (checkpoints are not submitted), so that
@@ -982,11 +1008,14 @@ mod tests {
         }
     }
 
-    /// (token, executed, durable) for every caller's outcome; panics when it is handed the
-    /// outcome of `panic_on`.
+    /// (token, executed, durable) for every caller's outcome, held until the end of the batch
+    /// as the server's sink holds them. Panics when it is handed the outcome of `panic_on`, or
+    /// at the end of a batch holding the outcome of `panic_on_flush`.
     struct Collect {
         sender: mpsc::Sender<(u64, bool, bool)>,
         panic_on: Option<u64>,
+        panic_on_flush: Option<u64>,
+        held: Vec<(u64, bool, bool)>,
     }
 
     impl ReplySink for Collect {
@@ -997,7 +1026,24 @@ mod tests {
             if self.panic_on == Some(slot.token) {
                 panic!("the test asked the reply sink to panic");
             }
-            let _ = self.sender.send((slot.token, slot.executed(), durable));
+            self.held.push((slot.token, slot.executed(), durable));
+        }
+
+        fn end_of_batch(&mut self) {
+            if self
+                .held
+                .iter()
+                .any(|&(token, _, _)| Some(token) == self.panic_on_flush)
+            {
+                panic!("the test asked the reply sink to panic at the end of a batch");
+            }
+            self.after_panic();
+        }
+
+        fn after_panic(&mut self) {
+            for outcome in self.held.drain(..) {
+                let _ = self.sender.send(outcome);
+            }
         }
     }
 
@@ -1040,7 +1086,10 @@ mod tests {
         )
     }
 
-    fn start(panic_on: Option<u64>) -> (Engine, mpsc::Receiver<(u64, bool, bool)>) {
+    fn start(
+        panic_on: Option<u64>,
+        panic_on_flush: Option<u64>,
+    ) -> (Engine, mpsc::Receiver<(u64, bool, bool)>) {
         let (sender, receiver) = mpsc::channel();
         let config = EngineConfig {
             input_ring_size: 1024,
@@ -1054,7 +1103,12 @@ mod tests {
             Ledger::new(LedgerConfig::default()),
             config,
             JournalStage::Off,
-            Collect { sender, panic_on },
+            Collect {
+                sender,
+                panic_on,
+                panic_on_flush,
+                held: Vec::new(),
+            },
         );
         (engine, receiver)
     }
@@ -1105,7 +1159,7 @@ mod tests {
 
     #[test]
     fn a_panic_on_the_engine_thread_halts_and_answers_every_caller() {
-        let (engine, receiver) = start(None);
+        let (engine, receiver) = start(None, None);
         let shared = engine.shared();
         let mut submitter = engine.submitter();
         submit_batch(&mut submitter, &setup(), 0);
@@ -1153,13 +1207,14 @@ mod tests {
             Ok(_) => panic!("shutdown returned a ledger a panic interrupted"),
             Err(failed) => assert_eq!(failed.0, reason),
         }
+        assert_eq!(receiver.try_iter().count(), 0, "outcomes answered twice");
     }
 
     #[test]
     fn a_panic_in_the_reply_stage_halts_and_the_rest_is_answered_unknown() {
         // Token 11 is the second of its group: 10 reached its caller, 11 is lost, 12 and 13 are
         // answered "unknown".
-        let (engine, receiver) = start(Some(11));
+        let (engine, receiver) = start(Some(11), None);
         let shared = engine.shared();
         let mut submitter = engine.submitter();
         submit_batch(&mut submitter, &setup(), 0);
@@ -1183,5 +1238,31 @@ mod tests {
         drop(submitter);
         let ledger = shutdown_within_10s(engine).expect("the ledger survives");
         assert_eq!(ledger.next_seq(), 3 + 1 + 5 * 2);
+        assert_eq!(receiver.try_iter().count(), 0, "outcomes answered twice");
+    }
+
+    #[test]
+    fn a_panic_at_the_end_of_a_batch_hands_over_what_the_sink_held() {
+        // The sink panics at the end of the batch holding 11: the whole batch was synced and
+        // handed to the sink, so its outcomes reach the callers as they were (durable).
+        let (engine, receiver) = start(None, Some(11));
+        let shared = engine.shared();
+        let mut submitter = engine.submitter();
+        submit_batch(&mut submitter, &setup(), 0);
+        receive(&receiver, 3);
+        submit_batch(
+            &mut submitter,
+            &[transfer(10), transfer(11), transfer(12)],
+            10,
+        );
+        let during = receive(&receiver, 3);
+        assert!(during.values().all(|&v| v == (true, true)), "{during:?}");
+        let reason = shared.halt_reason().expect("a halt reason");
+        assert!(reason.contains("at the end of a batch"), "{reason}");
+        submit_batch(&mut submitter, &[transfer(20)], 20);
+        assert_eq!(receive(&receiver, 1)[&20], (true, false));
+        drop(submitter);
+        shutdown_within_10s(engine).expect("the ledger survives");
+        assert_eq!(receiver.try_iter().count(), 0, "outcomes answered twice");
     }
 }

@@ -210,6 +210,10 @@ fn wait_for(replies: &AtomicU64, shared: &EngineShared, target: u64) -> anyhow::
         }
         std::thread::sleep(Duration::from_micros(200));
     }
+    // The last outcomes may have arrived undurable, with the halt, inside one sleep.
+    if let Some(reason) = shared.halt_reason() {
+        anyhow::bail!("the engine halted: {reason}");
+    }
     Ok(())
 }
 
