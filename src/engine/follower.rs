@@ -51,11 +51,7 @@ impl Follower {
                 let shared = self.shared.clone();
                 let run = std::panic::AssertUnwindSafe(|| self.run());
                 if let Err(panic) = std::panic::catch_unwind(run) {
-                    let reason = panic
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_else(|| "a panic".into());
+                    let reason = super::panic_text(panic.as_ref());
                     fail(&shared, format!("panicked: {reason}"));
                 }
             })
