@@ -6,7 +6,9 @@ mod common;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use common::{Client, Server, balance_cents, deposit, open, transfer_body, uuid};
+use common::{
+    Client, Server, balance_cents, deposit, open, transfer_body, uuid, wait_with_timeout,
+};
 use serde_json::json;
 
 fn temp() -> tempfile::TempDir {
@@ -1091,5 +1093,45 @@ fn while_recovering_health_is_ok_readiness_is_503_and_writes_are_refused() {
         &serde_json::json!({"account_id": "opened-while-recovering"}),
     );
     assert_eq!(opened.status, 201, "{}", opened.body);
+    assert!(server.stop().success());
+}
+
+/// A panic on the engine thread (injected with the `engine-panic` failpoint): the request whose
+/// command panicked gets 503 `outcome_unknown`, the server stops by itself with a failure
+/// status, and after a restart everything acknowledged is there and the unacknowledged transfer
+/// is not (a retry with its id then commits it, once).
+#[test]
+fn a_panic_on_the_engine_thread_stops_the_server_and_loses_nothing_acknowledged() {
+    let dir = temp();
+    // Sequences: alice 1, bob 2, the deposit 3, the first transfer 4-5, the second 6-7.
+    let mut server =
+        Server::start_with_env(dir.path(), &[], &[("WALLET_FAILPOINT", "engine-panic:6")]);
+    let mut client = server.client();
+    open(&mut client, "alice");
+    open(&mut client, "bob");
+    deposit(&mut client, "alice", "100.00");
+    let (first, second) = (uuid(), uuid());
+    let path = "/v1/wallet/balance_transfer";
+    let r = client.post(path, &transfer_body("alice", "bob", "10.00", &first));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = client.post(path, &transfer_body("alice", "bob", "20.00", &second));
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "outcome_unknown", "{}", r.body);
+    let status = wait_with_timeout(&mut server.child, Duration::from_secs(30));
+    assert!(!status.success(), "the server exited with {status:?}");
+    drop(server);
+
+    let server = Server::start(dir.path(), &[]);
+    let mut client = server.client();
+    assert_eq!(balance_cents(&mut client, "alice"), 9_000);
+    assert_eq!(balance_cents(&mut client, "bob"), 1_000);
+    let r = client.get(&format!("{path}/{second}"));
+    assert_eq!(r.status, 404, "{}", r.body);
+    let r = client.post(path, &transfer_body("alice", "bob", "20.00", &second));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("idempotent-replayed"), None);
+    let r = client.post(path, &transfer_body("alice", "bob", "20.00", &second));
+    assert_eq!(r.header("idempotent-replayed"), Some("true"), "{}", r.body);
+    assert_eq!(balance_cents(&mut client, "bob"), 3_000);
     assert!(server.stop().success());
 }

@@ -395,6 +395,7 @@ pub async fn serve(
         checkpoint_every: config.checkpoint_every,
         snapshot_every: config.snapshot_every,
         snapshot_dir: Some(snapshot_dir(&config.data_dir)),
+        panic_at_seq: crate::replicate::failpoint_value("engine-panic"),
     };
     let engine = Engine::start(
         recovered.ledger,

@@ -194,6 +194,10 @@ pub struct EngineConfig {
     /// Write a snapshot every this many events (0: never), into this directory.
     pub snapshot_every: u64,
     pub snapshot_dir: Option<PathBuf>,
+    /// Crash-test hook: the engine thread panics as it executes the command whose record holds
+    /// this sequence number. `serve` sets it from `WALLET_FAILPOINT=engine-panic:<sequence>`;
+    /// `None` (the default) costs one comparison per command.
+    pub panic_at_seq: Option<u64>,
 }
 
 impl Default for EngineConfig {
@@ -207,6 +211,7 @@ impl Default for EngineConfig {
             checkpoint_every: 1 << 20,
             snapshot_every: 0,
             snapshot_dir: None,
+            panic_at_seq: None,
         }
     }
 }
@@ -366,6 +371,8 @@ struct EngineState {
     tables: Option<TableHelper>,
     /// Set when a panic interrupted the ledger: nothing executes any more.
     failed: bool,
+    /// `EngineConfig::panic_at_seq` (`u64::MAX`: never).
+    panic_at_seq: u64,
 }
 
 /// Commands executed together (with prefetching across them) at most.
@@ -420,6 +427,7 @@ impl EngineState {
         // A panic while executing: which transaction, and the message.
         let mut panicked: Option<String> = None;
         let shared = &self.shared;
+        let panic_at_seq = self.panic_at_seq;
         if let Some(output) = self.output.as_mut() {
             // The output ring is bounded; when it is full the journal is behind and the engine
             // waits for it (internal back-pressure; callers see the input ring fill up and get
@@ -442,8 +450,12 @@ impl EngineState {
                                 part,
                                 |input| &input.command,
                                 |i, record| {
-                                    #[cfg(test)]
-                                    tests::panic_if_asked(&record);
+                                    if !record.replayed
+                                        && (record.first_seq..record.next_seq())
+                                            .contains(&panic_at_seq)
+                                    {
+                                        panic!("failpoint engine-panic at sequence {panic_at_seq}");
+                                    }
                                     if let Some(out) = slots.next() {
                                         out.record = record;
                                         out.token = part[i].token;
@@ -833,6 +845,7 @@ impl Engine {
             id_blocks,
             tables,
             failed: false,
+            panic_at_seq: config.panic_at_seq.unwrap_or(u64::MAX),
         };
         let handler = |state: &mut EngineState, slot: &InputSlot, _sequence, end_of_batch| {
             // A panic outside the execution itself (a checkpoint, the helpers' hand-overs)
@@ -998,16 +1011,6 @@ mod tests {
     use crate::core::{AccountId, CommandKind, Currency, LedgerConfig, TransactionId};
     use std::time::Instant;
 
-    /// A transaction id whose record makes the engine thread panic as it is emitted (tests only:
-    /// nothing in the ledger panics on any input we know of, so the test has to ask for one).
-    const PANIC_ID: u128 = 0x0bad_0bad_0bad_0bad_0bad_0bad_0bad_0bad;
-
-    pub(super) fn panic_if_asked(record: &CommandRecord) {
-        if record.transaction_id.0 == PANIC_ID {
-            panic!("the test asked the engine thread to panic");
-        }
-    }
-
     /// (token, executed, durable) for every caller's outcome, held until the end of the batch
     /// as the server's sink holds them. Panics when it is handed the outcome of `panic_on`, or
     /// at the end of a batch holding the outcome of `panic_on_flush`.
@@ -1086,7 +1089,11 @@ mod tests {
         )
     }
 
+    /// An engine whose thread panics at `panic_at_seq` (nothing in the ledger panics on any
+    /// input we know of, so the tests have to ask for one), and whose sink panics as `Collect`
+    /// says.
     fn start(
+        panic_at_seq: Option<u64>,
         panic_on: Option<u64>,
         panic_on_flush: Option<u64>,
     ) -> (Engine, mpsc::Receiver<(u64, bool, bool)>) {
@@ -1097,6 +1104,7 @@ mod tests {
             wait: WaitMode::Sleep(Duration::from_micros(50)),
             pin_core: None,
             checkpoint_every: 0,
+            panic_at_seq,
             ..EngineConfig::default()
         };
         let engine = Engine::start(
@@ -1159,7 +1167,8 @@ mod tests {
 
     #[test]
     fn a_panic_on_the_engine_thread_halts_and_answers_every_caller() {
-        let (engine, receiver) = start(None, None);
+        // Setup holds sequences 1..=3, each transfer two: 12 is the one at 8.
+        let (engine, receiver) = start(Some(8), None, None);
         let shared = engine.shared();
         let mut submitter = engine.submitter();
         submit_batch(&mut submitter, &setup(), 0);
@@ -1174,9 +1183,9 @@ mod tests {
         let group = [
             transfer(10),
             transfer(11),
-            transfer(PANIC_ID),
             transfer(12),
             transfer(13),
+            transfer(14),
         ];
         submit_batch(&mut submitter, &group, 10);
         let during = receive(&receiver, 5);
@@ -1191,8 +1200,8 @@ mod tests {
         let reason = shared.halt_reason().expect("a halt reason");
         assert!(
             reason.contains("panicked")
-                && reason.contains("asked the engine thread to panic")
-                && reason.contains("0bad0bad-0bad"),
+                && reason.contains("failpoint engine-panic at sequence 8")
+                && reason.contains("00000000-0000-0000-0000-00000000000c"),
             "{reason}"
         );
 
@@ -1214,7 +1223,7 @@ mod tests {
     fn a_panic_in_the_reply_stage_halts_and_the_rest_is_answered_unknown() {
         // Token 11 is the second of its group: 10 reached its caller, 11 is lost, 12 and 13 are
         // answered "unknown".
-        let (engine, receiver) = start(Some(11), None);
+        let (engine, receiver) = start(None, Some(11), None);
         let shared = engine.shared();
         let mut submitter = engine.submitter();
         submit_batch(&mut submitter, &setup(), 0);
@@ -1245,7 +1254,7 @@ mod tests {
     fn a_panic_at_the_end_of_a_batch_hands_over_what_the_sink_held() {
         // The sink panics at the end of the batch holding 11: the whole batch was synced and
         // handed to the sink, so its outcomes reach the callers as they were (durable).
-        let (engine, receiver) = start(None, Some(11));
+        let (engine, receiver) = start(None, None, Some(11));
         let shared = engine.shared();
         let mut submitter = engine.submitter();
         submit_batch(&mut submitter, &setup(), 0);

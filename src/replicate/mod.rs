@@ -30,6 +30,10 @@ pub const FAILPOINT_EXIT_CODE: i32 = 3;
 /// the process exits with status 3 the moment it reaches the failpoint `name`, as abruptly as a
 /// kill: no destructor or flush runs. Without the variable this is one relaxed load.
 ///
+/// One failpoint is not an exit: `engine-panic:<sequence>` makes `serve`'s engine thread panic
+/// as it executes the command holding that sequence (`EngineConfig::panic_at_seq`), to test
+/// that a panic halts the engine (see `src/engine/mod.rs`).
+///
 /// Failpoints of the Redis replicator: `redis-after-node-1` (one node applied the batch, the
 /// others not yet; while armed, nodes are written one after the other), `redis-after-batch`, `redis-write-chunk` (inside a node rebuild or a key
 /// move), `redis-migrate-after-copy`, `redis-migrate-after-switch-1`.
@@ -54,6 +58,15 @@ fn failpoint_spec() -> &'static Option<(String, u64)> {
         };
         Some((point, nth))
     })
+}
+
+/// The number given with `name` in `WALLET_FAILPOINT` (`<name>:<n>`, 1 without one), if it
+/// names `name`: for failpoints that take an argument, such as `engine-panic:<sequence>`.
+pub fn failpoint_value(name: &str) -> Option<u64> {
+    failpoint_spec()
+        .as_ref()
+        .filter(|(point, _)| point == name)
+        .map(|(_, n)| *n)
 }
 
 /// Whether `WALLET_FAILPOINT` names `name` (code paths may then make the crash deterministic).

@@ -18,16 +18,21 @@ impl Server {
     /// Starts `wallet serve` and returns once it serves requests (it printed `ready`, after
     /// recovering its state).
     pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
-        Server::spawn(data_dir, extra, "ready")
+        Server::spawn(data_dir, extra, &[], "ready")
+    }
+
+    /// `start` with extra environment variables (failpoints, say).
+    pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::spawn(data_dir, extra, env, "ready")
     }
 
     /// Returns as soon as the listener is bound (`listening on ...`), while the server may still
     /// be recovering.
     pub fn start_listening(data_dir: &Path, extra: &[&str]) -> Server {
-        Server::spawn(data_dir, extra, "listening on ")
+        Server::spawn(data_dir, extra, &[], "listening on ")
     }
 
-    fn spawn(data_dir: &Path, extra: &[&str], until: &str) -> Server {
+    fn spawn(data_dir: &Path, extra: &[&str], env: &[(&str, &str)], until: &str) -> Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_wallet"));
         command
             .args([
@@ -43,6 +48,8 @@ impl Server {
             .arg(data_dir)
             .args(extra)
             .env("WALLET_LOG", "warn")
+            .env_remove("WALLET_FAILPOINT")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let child = command.spawn().expect("spawn wallet serve");
