@@ -980,3 +980,61 @@ fn assert_succeeded(out: &std::process::Output) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `serve --replicate-redis` runs the replicator in the server's process: the nodes follow the
+/// journal and reconcile with it. A panic in that replicator (the `redis-panic` failpoint, at
+/// its second batch) restarts it, counted in `/metrics`, and it still catches up exactly.
+#[test]
+#[ignore = "needs tools/services"]
+fn serve_runs_the_replicator_in_process_and_restarts_it_after_a_panic() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let services = services();
+    let cluster = Cluster::new("inproc", &services, &services.redis);
+    let server = Server::start_with_env(
+        cluster.data.path(),
+        &[
+            "--sync",
+            "none",
+            "--segment-size",
+            "1048576",
+            "--replicate-redis",
+            "--zk",
+            &cluster.zk,
+            "--zk-root",
+            &cluster.root,
+        ],
+        &[("WALLET_FAILPOINT", "redis-panic:2")],
+    );
+    let mut client = server.client();
+    setup_accounts(&mut client, 200);
+    transfers(&mut client, 200, 30_000, 7);
+    cluster.wait_caught_up(&services.redis, 1, Duration::from_secs(60));
+    let last = cluster.journal_last_seq();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let metrics = client.get("/metrics").body;
+        if metrics.contains(&format!("wallet_redis_applied_seq {last}\n"))
+            || Instant::now() > deadline
+        {
+            break metrics;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        metrics.contains(&format!("wallet_redis_applied_seq {last}\n")),
+        "{metrics}"
+    );
+    let restarts: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("wallet_redis_restarts_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("wallet_redis_restarts_total in /metrics");
+    assert!(
+        restarts >= 1,
+        "the failpoint's panic was not seen: {metrics}"
+    );
+    let report = cluster.assert_reconciled();
+    assert!(report.contains("200 accounts"), "{report}");
+    assert_placement(&services.redis, &[]);
+    assert!(server.stop().success());
+}

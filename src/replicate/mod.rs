@@ -48,6 +48,19 @@ pub fn failpoint(name: &str) {
     }
 }
 
+/// `failpoint`, panicking instead of exiting, and only the n-th time (a caller that recovers
+/// from the panic goes on). `redis-panic` is in the Redis replicator's loop: `serve
+/// --replicate-redis` must restart a replicator that panicked.
+pub fn failpoint_panic(name: &str) {
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    if let Some((point, nth)) = failpoint_spec()
+        && point == name
+        && HITS.fetch_add(1, Ordering::Relaxed) + 1 == *nth
+    {
+        panic!("failpoint {name} reached");
+    }
+}
+
 fn failpoint_spec() -> &'static Option<(String, u64)> {
     static SPEC: OnceLock<Option<(String, u64)>> = OnceLock::new();
     SPEC.get_or_init(|| {

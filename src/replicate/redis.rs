@@ -43,7 +43,7 @@ use tokio::sync::watch;
 
 use super::source::{AccountRef, Item, RecordId, Source};
 use super::zk::{self, Layout, PartitionMap};
-use super::{failpoint, failpoint_armed};
+use super::{failpoint, failpoint_armed, failpoint_panic};
 use crate::core::Currency;
 
 pub const BALANCE_PREFIX: &str = "wallet:balance:";
@@ -387,6 +387,9 @@ pub struct Metrics {
     pub lag_ms: AtomicU64,
     pub lag_ms_max: AtomicU64,
     pub map_version: AtomicU64,
+    /// Times the in-process replicator (`serve --replicate-redis`) stopped with an error or a
+    /// panic and was started again.
+    pub restarts: AtomicU64,
 }
 
 impl Metrics {
@@ -402,29 +405,43 @@ impl Metrics {
              # TYPE wallet_redis_lag_ms gauge\nwallet_redis_lag_ms {}\n\
              # TYPE wallet_redis_lag_ms_max gauge\nwallet_redis_lag_ms_max {}\n\
              # TYPE wallet_redis_nodes_unavailable gauge\nwallet_redis_nodes_unavailable {}\n\
-             # TYPE wallet_redis_map_version gauge\nwallet_redis_map_version {}\n",
+             # TYPE wallet_redis_map_version gauge\nwallet_redis_map_version {}\n\
+             # TYPE wallet_redis_restarts_total counter\nwallet_redis_restarts_total {}\n",
             source.saturating_sub(applied),
             get(&self.lag_ms),
             get(&self.lag_ms_max),
             get(&self.nodes_unavailable),
             get(&self.map_version),
+            get(&self.restarts),
         )
     }
 }
 
 /// For `serve --replicate-redis`: runs the replicator on its own thread and runtime until the
-/// process ends, starting it again (after a pause) whenever it stops with an error.
+/// process ends, starting it again (after a pause) whenever it stops with an error or a panic
+/// (counted in `wallet_redis_restarts_total`). Starting again is safe: a run resumes from what
+/// the nodes say they applied.
 pub fn spawn(mut options: ReplicateOptions) -> (Arc<Metrics>, std::thread::JoinHandle<()>) {
     let metrics = options.metrics.get_or_insert_with(Default::default).clone();
     options.once = false;
+    let thread_metrics = metrics.clone();
     let handle = std::thread::spawn(move || {
         loop {
-            let result = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(run(&options)));
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|rt| rt.block_on(run(&options)))
+            }))
+            .unwrap_or_else(|panic| {
+                Err(anyhow::anyhow!(
+                    "panicked: {}",
+                    crate::engine::panic_text(panic.as_ref())
+                ))
+            });
             if let Err(e) = result {
+                thread_metrics.restarts.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %format!("{e:#}"), "Redis replicator stopped; restarting in 1 s");
             }
             std::thread::sleep(Duration::from_secs(1));
@@ -627,6 +644,7 @@ impl Replicator {
         if done > 0 {
             self.book_lag();
             failpoint("redis-after-batch");
+            failpoint_panic("redis-panic");
         }
     }
 
