@@ -521,3 +521,78 @@ fn a_full_input_ring_is_reported_as_overloaded_and_nothing_accepted_is_lost() {
         Some((0..=accepted).map(|i| 1 + i).sum())
     );
 }
+
+/// `wallet bench`'s report adds up, and its journal replays to the state it reports: every
+/// measured transfer is counted once (committed or rejected, each code of the rejected share
+/// present), the events and remembered ids the journal holds are exactly what those counts
+/// imply, and `wallet replay` reaches the bench's `state_hash`.
+#[test]
+fn bench_report_adds_up_and_its_journal_replays_to_its_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let wallet = |args: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--json")
+            .env("WALLET_LOG", "warn")
+            .output()
+            .expect("run wallet");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON report")
+    };
+    let (accounts, transfers) = (1_000u64, 20_000u64);
+    let bench = wallet(&[
+        "bench",
+        "--accounts",
+        &accounts.to_string(),
+        "--transfers",
+        &transfers.to_string(),
+        "--sync",
+        "none",
+        "--wait",
+        "yield",
+        "--pin-core=-1",
+    ]);
+    let count = |v: &serde_json::Value| v.as_u64().expect("a count");
+    let (committed, rejected) = (count(&bench["committed"]), count(&bench["rejected"]));
+    assert_eq!(committed + rejected, transfers, "{bench}");
+    let codes: BTreeMap<String, u64> = bench["rejected_by_code"]
+        .as_array()
+        .expect("rejected_by_code")
+        .iter()
+        .map(|pair| (pair[0].as_str().unwrap().to_string(), count(&pair[1])))
+        .collect();
+    for code in [
+        "account_not_found",
+        "insufficient_funds",
+        "transaction_id_reused",
+    ] {
+        assert!(codes.get(code).is_some_and(|&n| n > 0), "{code}: {bench}");
+    }
+    assert_eq!(codes.values().sum::<u64>(), rejected, "{bench}");
+    let per_transfer = bench["journal_bytes_per_transfer"].as_f64().unwrap();
+    assert!((64.0..=128.0).contains(&per_transfer), "{bench}");
+
+    let replay = wallet(&["replay"]);
+    assert_eq!(replay["ok"], true, "{replay}");
+    assert_eq!(replay["state_hash"], bench["state_hash"], "{replay}");
+    // Setup: an opening and a deposit per account, one event each. A committed transfer is two
+    // events, a rejection one; a reused id is rejected but remembers nothing new.
+    assert_eq!(count(&replay["accounts"]), accounts);
+    assert_eq!(
+        count(&replay["events"]),
+        2 * accounts + 2 * committed + rejected,
+        "{replay}"
+    );
+    assert_eq!(
+        count(&replay["transaction_ids"]),
+        2 * accounts + transfers - codes["transaction_id_reused"],
+        "{replay}"
+    );
+}

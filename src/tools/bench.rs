@@ -75,8 +75,9 @@ pub struct BenchArgs {
     /// steady stream for measuring a replicator's lag behind the journal.
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
-    #[arg(long, default_value_t = 1)]
-    pub pin_core: usize,
+    /// Core to pin the engine thread to; negative: do not pin (as `serve`).
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    pub pin_core: i64,
     /// What to measure: `pipeline` (ring, engine thread, journal, replies) or `execute`
     /// (`Ledger::execute` alone on this thread, no ring, no journal).
     #[arg(long, value_enum, default_value_t = Stage::Pipeline)]
@@ -563,7 +564,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         output_ring_size: args.ring_size,
         wait: args.wait,
         output_wait: Some(args.output_wait),
-        pin_core: Some(args.pin_core),
+        pin_core: usize::try_from(args.pin_core).ok(),
         ..EngineConfig::default()
     };
     let engine = Engine::start(ledger, engine_config, journal, sink);
