@@ -525,7 +525,8 @@ fn a_full_input_ring_is_reported_as_overloaded_and_nothing_accepted_is_lost() {
 /// `wallet bench`'s report adds up, and its journal replays to the state it reports: every
 /// measured transfer is counted once (committed or rejected, each code of the rejected share
 /// present), the events and remembered ids the journal holds are exactly what those counts
-/// imply, and `wallet replay` reaches the bench's `state_hash`.
+/// imply, and `wallet replay` reaches the bench's `state_hash`; so does `--stage execute`
+/// (`Ledger::execute` alone, no ring) on the same seed.
 #[test]
 fn bench_report_adds_up_and_its_journal_replays_to_its_state() {
     let dir = tempfile::tempdir().unwrap();
@@ -582,6 +583,18 @@ fn bench_report_adds_up_and_its_journal_replays_to_its_state() {
     let replay = wallet(&["replay"]);
     assert_eq!(replay["ok"], true, "{replay}");
     assert_eq!(replay["state_hash"], bench["state_hash"], "{replay}");
+    // (40,000 events: no checkpoint record, which only the pipeline writes, shifts sequences.)
+    let execute = wallet(&[
+        "bench",
+        "--accounts",
+        &accounts.to_string(),
+        "--transfers",
+        &transfers.to_string(),
+        "--stage",
+        "execute",
+    ]);
+    assert_eq!(execute["state_hash"], bench["state_hash"], "{execute}");
+    assert_eq!(execute["committed"], bench["committed"], "{execute}");
     // Setup: an opening and a deposit per account, one event each. A committed transfer is two
     // events, a rejection one; a reused id is rejected but remembers nothing new.
     assert_eq!(count(&replay["accounts"]), accounts);

@@ -375,7 +375,9 @@ fn run_execute(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     ledger.release_spare_id_blocks();
     let id_blocks = crate::engine::prepare_id_blocks();
     let mut tables = crate::engine::TableHelper::start();
-    let mut generator = TransferGenerator::new(args, ids, 0, usd);
+    // The stream of the pipeline's first producer: with one producer (and no checkpoint in the
+    // run), both stages execute the same commands and reach the same `state_hash`.
+    let mut generator = TransferGenerator::new(args, ids, 1, usd);
     // Commands are generated in chunks small enough to stay in cache, like commands a producer
     // just wrote into the ring (a chunk of a million would be read back from DRAM).
     let chunk = 1 << 14;
