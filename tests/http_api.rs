@@ -1135,3 +1135,48 @@ fn a_panic_on_the_engine_thread_stops_the_server_and_loses_nothing_acknowledged(
     assert_eq!(balance_cents(&mut client, "bob"), 3_000);
     assert!(server.stop().success());
 }
+
+/// `wallet serve-fixed` (the bare-hyper baseline the README compares against) answers every
+/// request with its fixed JSON body, and `loadgen --raw-path` measures it with the same client:
+/// every request offered at a fixed rate is sent and answered 200, none counted as an error.
+#[test]
+fn serve_fixed_answers_the_baseline_body_and_loadgen_measures_it() {
+    /// Killed on drop, a failed assertion included.
+    struct Child(std::process::Child);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .args(["serve-fixed", "--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn serve-fixed"),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.0.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("read");
+    let address = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("serve-fixed printed {line:?}"))
+        .to_string();
+    let r = Client::connect(&address).get("/v1/anything");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["status"], "committed", "{}", r.body);
+    let url = format!("http://{address}");
+    let report = loadgen(
+        &url,
+        &["--raw-path", "/healthz", "--rate", "400", "--duration", "1"],
+        &["--connections", "2"],
+    );
+    assert_eq!(report["requests"], 400, "{report}");
+    assert_eq!(report["status_counts"]["200"], 400, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+}
