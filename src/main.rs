@@ -149,7 +149,11 @@ impl ServeArgs {
                 anyhow::bail!("give either --jwt-secret or --jwt-public-key, not both")
             }
             ("jwt" | "auto", Some(secret), None) => {
-                anyhow::ensure!(secret.len() >= 32, "--jwt-secret must be at least 32 bytes");
+                anyhow::ensure!(
+                    secret.len() >= wallet::api::auth::MIN_SECRET_BYTES,
+                    "--jwt-secret must be at least {} bytes",
+                    wallet::api::auth::MIN_SECRET_BYTES
+                );
                 Auth::hs256(secret.as_bytes())
             }
             ("jwt" | "auto", None, Some(path)) => Auth::public_key(path)?,
@@ -231,8 +235,7 @@ fn main() -> ExitCode {
                 runtime().and_then(|rt| rt.block_on(wallet::api::run(config, args.listen)))
             })
             .map(|_| ExitCode::SUCCESS),
-        Commands::Token(args) => humantime::parse_duration(&args.ttl)
-            .map_err(|e| anyhow::anyhow!("--ttl: {e}"))
+        Commands::Token(args) => token_ttl(&args)
             .and_then(|ttl| {
                 wallet::api::auth::mint(args.jwt_secret.as_bytes(), &args.sub, &args.scope, ttl)
             })
@@ -261,4 +264,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Checks `wallet token`'s arguments as `serve` would judge the token (so that a typo is an
+/// error here, not a 401 or 403 later) and returns its lifetime.
+fn token_ttl(args: &TokenArgs) -> anyhow::Result<std::time::Duration> {
+    use wallet::api::auth::{MIN_SECRET_BYTES, SCOPE_ADMIN, SCOPE_READ, SCOPE_TRANSFER};
+    anyhow::ensure!(
+        args.jwt_secret.len() >= MIN_SECRET_BYTES,
+        "--jwt-secret must be at least {MIN_SECRET_BYTES} bytes (serve refuses a shorter one)"
+    );
+    anyhow::ensure!(!args.sub.is_empty(), "--sub: must not be empty");
+    for scope in args.scope.split_whitespace() {
+        anyhow::ensure!(
+            [SCOPE_TRANSFER, SCOPE_READ, SCOPE_ADMIN].contains(&scope),
+            "--scope: unknown scope {scope:?}; use {SCOPE_TRANSFER}, {SCOPE_READ} or {SCOPE_ADMIN}"
+        );
+    }
+    let ttl = humantime::parse_duration(&args.ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+    anyhow::ensure!(!ttl.is_zero(), "--ttl: must be longer than zero");
+    Ok(ttl)
 }

@@ -724,3 +724,82 @@ fn in_flight_and_request_time_limits() {
     assert_eq!(retried.header("idempotent-replayed"), Some("true"));
     assert!(server.stop().success());
 }
+
+/// `wallet token` mints a token `serve` accepts with its scopes, and refuses, naming the
+/// argument, what `serve` would reject later: a short secret, an unknown scope, a zero TTL.
+#[test]
+fn wallet_token_mints_what_serve_accepts_and_refuses_what_it_would_not() {
+    let mint = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .arg("token")
+            .args(args)
+            .env_remove("WALLET_JWT_SECRET")
+            .output()
+            .expect("run wallet token")
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let out = mint(&[
+        "--jwt-secret",
+        SECRET,
+        "--sub",
+        "ops",
+        "--scope",
+        "wallet:admin",
+        "--ttl",
+        "5m",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let admin_token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let mut admin = as_caller(&server, Some(admin_token));
+    common::open(&mut admin, "alice");
+    // The default scopes (transfer and read) for alice: she reads her own account, and may
+    // not open one (admin only).
+    let out = mint(&["--jwt-secret", SECRET, "--sub", "alice"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut alice = as_caller(
+        &server,
+        Some(String::from_utf8(out.stdout).unwrap().trim().to_string()),
+    );
+    assert_eq!(alice.get("/v1/wallet/accounts/alice").status, 200);
+    let r = alice.post("/v1/wallet/accounts", &json!({"account_id": "mallory"}));
+    assert_eq!(r.status, 403, "{}", r.body);
+
+    for (args, field) in [
+        (
+            &["--jwt-secret", "too-short", "--sub", "ops"][..],
+            "--jwt-secret",
+        ),
+        (
+            &[
+                "--jwt-secret",
+                SECRET,
+                "--sub",
+                "ops",
+                "--scope",
+                "wallet:amdin",
+            ][..],
+            "--scope",
+        ),
+        (
+            &["--jwt-secret", SECRET, "--sub", "ops", "--ttl", "0s"][..],
+            "--ttl",
+        ),
+        (&["--jwt-secret", SECRET, "--sub", ""][..], "--sub"),
+    ] {
+        let out = mint(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} minted a token");
+        assert!(stderr.contains(field), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?} printed a token");
+    }
+    server.stop();
+}

@@ -14,6 +14,9 @@ pub const LEEWAY_SECONDS: u64 = 10;
 pub const SCOPE_TRANSFER: &str = "wallet:transfer";
 pub const SCOPE_READ: &str = "wallet:read";
 pub const SCOPE_ADMIN: &str = "wallet:admin";
+/// The shortest HS256 secret `serve` accepts (and `wallet token` mints with): the key size of
+/// the hash, as RFC 7518 section 3.2 requires.
+pub const MIN_SECRET_BYTES: usize = 32;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
