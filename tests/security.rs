@@ -801,5 +801,23 @@ fn wallet_token_mints_what_serve_accepts_and_refuses_what_it_would_not() {
         assert!(stderr.contains(field), "{args:?}: {stderr}");
         assert!(out.stdout.is_empty(), "{args:?} printed a token");
     }
+    // loadgen mints its tokens the same way: a short secret is refused before any request.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+        .args(["loadgen", "--url", &format!("http://{}", server.address)])
+        .args([
+            "--jwt-secret",
+            "too-short",
+            "--duration",
+            "1",
+            "--rate",
+            "10",
+        ])
+        .output()
+        .expect("run loadgen");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--jwt-secret"),
+        "{stderr}"
+    );
     server.stop();
 }

@@ -175,13 +175,18 @@ fn validation(algorithm: Algorithm) -> Validation {
     validation
 }
 
-/// Mints an HS256 token (development and load tests).
+/// Mints an HS256 token (development and load tests). A secret shorter than `serve` accepts is
+/// refused: no server would take the token.
 pub fn mint(
     secret: &[u8],
     sub: &str,
     scope: &str,
     ttl: std::time::Duration,
 ) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        secret.len() >= MIN_SECRET_BYTES,
+        "the HS256 secret must be at least {MIN_SECRET_BYTES} bytes"
+    );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();

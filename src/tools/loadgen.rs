@@ -439,6 +439,13 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
     );
     let host = target(&args.url, args.ca.as_deref())?;
     let ttl = Duration::from_secs(args.duration + 3600);
+    if let Some(secret) = &args.jwt_secret {
+        anyhow::ensure!(
+            secret.len() >= crate::api::auth::MIN_SECRET_BYTES,
+            "--jwt-secret must be at least {} bytes (serve refuses a shorter one)",
+            crate::api::auth::MIN_SECRET_BYTES
+        );
+    }
     let tokens: Option<Arc<Vec<String>>> = match &args.jwt_secret {
         Some(secret) => Some(Arc::new(
             (0..u64::from(args.accounts).max(2))
