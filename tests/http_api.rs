@@ -1180,3 +1180,55 @@ fn serve_fixed_answers_the_baseline_body_and_loadgen_measures_it() {
     assert_eq!(report["status_counts"]["200"], 400, "{report}");
     assert_eq!(report["errors"], 0, "{report}");
 }
+
+/// Command-line mistakes in `serve`, `bench` and `loadgen` are errors naming the flag, at once:
+/// not a panic, and not a hang (`bench --batch 0` waited forever, a ring smaller than 64 or a
+/// segment under a page panicked).
+#[test]
+fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
+    let dir = temp();
+    let data = dir.path().to_str().unwrap().to_string();
+    let cases: &[(&[&str], &str)] = &[
+        (&["bench", "--batch", "0"], "--batch"),
+        (&["bench", "--stage", "execute", "--batch", "0"], "--batch"),
+        (&["bench", "--ring-size", "1000"], "--ring-size"),
+        (&["bench", "--ring-size", "16"], "--ring-size"),
+        (&["bench", "--batch", "128", "--ring-size", "64"], "--batch"),
+        (&["bench", "--segment-size", "100"], "--segment-size"),
+        (&["bench", "--accounts", "1"], "--accounts"),
+        (
+            &["loadgen", "--url", "http://127.0.0.1:9", "--accounts", "1"],
+            "--accounts",
+        ),
+        (
+            &["serve", "--listen", "127.0.0.1:0", "--segment-size", "100"],
+            "--segment-size",
+        ),
+        (
+            &["serve", "--listen", "127.0.0.1:0", "--ring-size", "100"],
+            "--ring-size",
+        ),
+    ];
+    for (args, flag) in cases {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"));
+        command.args(*args);
+        if args[0] != "loadgen" {
+            command.args(["--data-dir", &data]);
+        }
+        let mut child = command
+            .env("WALLET_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn wallet");
+        let status = wait_with_timeout(&mut child, Duration::from_secs(20));
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(!status.success(), "{args:?} succeeded");
+        assert_eq!(status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(flag) && !stderr.contains("panicked"),
+            "{args:?}: {stderr}"
+        );
+    }
+}

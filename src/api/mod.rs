@@ -846,6 +846,12 @@ pub async fn run(config: ServeConfig, listen: SocketAddr) -> anyhow::Result<()> 
         "--ring-size must be a power of two of at least 64 (the ring library's minimum), not {}",
         config.ring_size
     );
+    anyhow::ensure!(
+        config.segment_size_bytes >= crate::journal::MIN_SEGMENT_SIZE_BYTES,
+        "--segment-size must be at least {} bytes, not {}",
+        crate::journal::MIN_SEGMENT_SIZE_BYTES,
+        config.segment_size_bytes
+    );
     if config.auth.is_none() {
         anyhow::ensure!(
             listen.ip().is_loopback(),

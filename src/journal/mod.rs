@@ -65,6 +65,8 @@ pub struct JournalConfig {
 }
 
 pub const DEFAULT_SEGMENT_SIZE_BYTES: u64 = 256 << 20;
+/// The smallest segment size: a page (the header and at least one record must fit).
+pub const MIN_SEGMENT_SIZE_BYTES: u64 = 4096;
 /// Bytes buffered before they are copied into the mapping, even inside one batch.
 const PENDING_LIMIT_BYTES: usize = 1 << 20;
 
@@ -177,10 +179,15 @@ impl JournalWriter {
         config: JournalConfig,
         end: &JournalEnd,
     ) -> io::Result<JournalWriter> {
-        assert!(
-            config.segment_size_bytes >= 4096,
-            "segment size must be at least 4096 bytes"
-        );
+        if config.segment_size_bytes < MIN_SEGMENT_SIZE_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the segment size must be at least {MIN_SEGMENT_SIZE_BYTES} bytes, not {}",
+                    config.segment_size_bytes
+                ),
+            ));
+        }
         storage::create_dir_all_durable(&config.dir)?;
         remove_unfinished_segments(&config.dir)?;
         let mut segment = None;

@@ -497,15 +497,33 @@ fn report(
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
-    if args.stage == Stage::Execute {
-        anyhow::ensure!(args.accounts >= 2, "--accounts must be at least 2");
-        return run_execute(args);
-    }
     anyhow::ensure!(args.accounts >= 2, "--accounts must be at least 2");
-    anyhow::ensure!(args.producers >= 1, "--producers must be at least 1");
     anyhow::ensure!(
         (0.0..=1.0).contains(&args.reject_share),
         "--reject-share must be within 0..=1"
+    );
+    anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
+    if args.stage == Stage::Execute {
+        return run_execute(args);
+    }
+    anyhow::ensure!(args.producers >= 1, "--producers must be at least 1");
+    anyhow::ensure!(
+        args.ring_size.is_power_of_two() && args.ring_size >= 64,
+        "--ring-size must be a power of two of at least 64 (the ring library's minimum), not {}",
+        args.ring_size
+    );
+    // A batch is published whole or not at all: one larger than the ring would never fit.
+    anyhow::ensure!(
+        args.batch <= args.ring_size,
+        "--batch ({}) must not exceed --ring-size ({})",
+        args.batch,
+        args.ring_size
+    );
+    anyhow::ensure!(
+        args.no_journal || args.segment_size >= crate::journal::MIN_SEGMENT_SIZE_BYTES,
+        "--segment-size must be at least {} bytes, not {}",
+        crate::journal::MIN_SEGMENT_SIZE_BYTES,
+        args.segment_size
     );
     let usd = Currency::new("USD").map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut ledger = Ledger::with_capacity(

@@ -433,6 +433,8 @@ async fn setup(args: &LoadgenArgs, host: &Target, admin: Option<String>) -> anyh
 
 pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
     anyhow::ensure!(args.connections >= 1, "--connections must be at least 1");
+    // Every transfer is between two different accounts.
+    anyhow::ensure!(args.accounts >= 2, "--accounts must be at least 2");
     anyhow::ensure!(
         (1..=8192).contains(&args.batch),
         "--batch must be within 1..=8192"
