@@ -1181,14 +1181,18 @@ fn serve_fixed_answers_the_baseline_body_and_loadgen_measures_it() {
     assert_eq!(report["errors"], 0, "{report}");
 }
 
-/// Command-line mistakes in `serve`, `bench` and `loadgen` are errors naming the flag, at once:
-/// not a panic, and not a hang (`bench --batch 0` waited forever, a ring smaller than 64 or a
-/// segment under a page panicked).
+/// Command-line mistakes in `serve`, `bench`, `loadgen`, `replay` and `snapshot` are errors
+/// naming the flag, at once: not a panic, and not a hang (`bench --batch 0` waited forever, a
+/// ring smaller than 64 or a segment under a page panicked, and `replay` of a directory without
+/// a journal said "OK: verified").
 #[test]
 fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
     let dir = temp();
     let data = dir.path().to_str().unwrap().to_string();
     let cases: &[(&[&str], &str)] = &[
+        // A directory without a journal (a mistyped path): not "OK: verified", no snapshot.
+        (&["replay"], "--data-dir"),
+        (&["snapshot"], "--data-dir"),
         (&["bench", "--batch", "0"], "--batch"),
         (&["bench", "--stage", "execute", "--batch", "0"], "--batch"),
         (&["bench", "--ring-size", "1000"], "--ring-size"),
@@ -1230,5 +1234,11 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
             stderr.contains(flag) && !stderr.contains("panicked"),
             "{args:?}: {stderr}"
         );
+        if args[0] == "snapshot" {
+            assert!(
+                std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+                "snapshot wrote into the data directory"
+            );
+        }
     }
 }

@@ -78,6 +78,7 @@ pub struct AccountReport {
 }
 
 pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
+    existing_journal(&args.data_dir)?;
     // A snapshot holds no time: the newest one may be past --to-time, and its state would be
     // reported as the state at that time.
     anyhow::ensure!(
@@ -313,7 +314,21 @@ pub struct SnapshotArgs {
 
 /// Writes a snapshot of the state at the end of the journal, once the journal is durable up to
 /// it (the engine must not be running on this data directory: both take its lock).
+/// Refuses a data directory without a journal: an audit or a snapshot of a mistyped path
+/// would otherwise report an empty ledger as verified.
+fn existing_journal(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let journal = journal_dir(data_dir);
+    anyhow::ensure!(
+        journal.is_dir(),
+        "--data-dir: there is no journal at {} (a server never ran with this data directory, or \
+         the path is wrong)",
+        journal.display()
+    );
+    Ok(())
+}
+
 pub fn snapshot(args: &SnapshotArgs) -> anyhow::Result<PathBuf> {
+    existing_journal(&args.data_dir)?;
     // A running server would keep writing behind the state read here.
     let _lock = crate::api::lock_data_dir(&args.data_dir)?;
     let recovered = recover(&args.data_dir, LedgerConfig::default(), true, |_, _| {})?;
