@@ -1212,11 +1212,22 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
             &["serve", "--listen", "127.0.0.1:0", "--ring-size", "100"],
             "--ring-size",
         ),
+        // A data directory that cannot be created: the error names it.
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                "/proc/no-such-dir",
+            ],
+            "--data-dir: creating /proc/no-such-dir",
+        ),
     ];
     for (args, flag) in cases {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"));
         command.args(*args);
-        if args[0] != "loadgen" {
+        if args[0] != "loadgen" && !args.contains(&"--data-dir") {
             command.args(["--data-dir", &data]);
         }
         let mut child = command

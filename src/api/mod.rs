@@ -277,13 +277,16 @@ pub fn openapi_json() -> anyhow::Result<String> {
 pub struct DataDirLock(#[allow(dead_code)] std::fs::File);
 
 pub fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<DataDirLock> {
+    use anyhow::Context;
     use std::os::unix::io::AsRawFd;
-    crate::journal::storage::create_dir_all_durable(dir)?;
+    crate::journal::storage::create_dir_all_durable(dir)
+        .with_context(|| format!("--data-dir: creating {}", dir.display()))?;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(dir.join("LOCK"))?;
+        .open(dir.join("LOCK"))
+        .with_context(|| format!("--data-dir: opening {}", dir.join("LOCK").display()))?;
     // SAFETY: a valid descriptor owned by `file`; flock takes no pointers.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     anyhow::ensure!(
