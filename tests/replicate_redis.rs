@@ -610,6 +610,59 @@ fn cluster_commands_route_with_the_documented_formula() {
         !out.status.success() && stderr.contains("are the same server"),
         "{stderr}"
     );
+    // Addresses the replicator could never use, and shard lists that are not PostgreSQL URLs,
+    // are refused when written, naming what is wrong; the map and the list stay as they were.
+    for (bad, why) in [
+        ("nonsense", "no port"),
+        (":6379", "no host"),
+        ("127.0.0.1:0", "port"),
+        ("127.0.0.1:99999", "port"),
+    ] {
+        let nodes = format!("{},{bad}", services.redis[0]);
+        let out = cluster.wallet(&["cluster", "set-redis-nodes", &nodes], &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("bad node address") && stderr.contains(why),
+            "{bad}: {stderr}"
+        );
+    }
+    let out = cluster.wallet(
+        &["cluster", "set-sql-shards", "postgres://a/x,not a url"],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("shard 1 is not a PostgreSQL connection URL"),
+        "{stderr}"
+    );
+    // A source or data directory without a journal (a mistyped path) is refused by name, not
+    // replicated or reconciled as an empty ledger.
+    let missing = "/nonexistent-wallet-data";
+    for (args, flag) in [
+        (
+            &["replicate", "redis", "--once", "--source", missing][..],
+            "--source",
+        ),
+        (
+            &["replicate", "sql", "--once", "--source", missing][..],
+            "--source",
+        ),
+        (
+            &["reconcile", "redis", "--data-dir", missing][..],
+            "--data-dir",
+        ),
+        (
+            &["reconcile", "sql", "--data-dir", missing][..],
+            "--data-dir",
+        ),
+    ] {
+        let out = cluster.wallet(args, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(flag) && stderr.contains("no journal at"),
+            "{args:?}: {stderr}"
+        );
+    }
     let out = cluster.wallet(
         &["cluster", "set-sql-shards", "postgres://a/x,postgres://b/y"],
         &[],

@@ -776,6 +776,9 @@ fn a_server_without_prepared_transactions_is_refused_by_name() {
         &wallet(&["cluster", "set-sql-shards", &url]),
         "set-sql-shards",
     );
+    // A data directory as a server that has not written yet leaves it (the replicator refuses
+    // one without a journal).
+    std::fs::create_dir_all(wallet::journal::journal_dir(data.path())).expect("journal dir");
     let source = data.path().display().to_string();
     let out = wallet(&[
         "replicate",

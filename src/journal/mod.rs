@@ -413,6 +413,20 @@ pub fn journal_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("journal")
 }
 
+/// The journal directory of `data_dir`, which must exist: for the tools that read a journal
+/// (replay, snapshot, replicate, reconcile), where a mistyped path would otherwise read as an
+/// empty, "verified" ledger.
+pub fn existing_journal_dir(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    let journal = journal_dir(data_dir);
+    anyhow::ensure!(
+        journal.is_dir(),
+        "there is no journal at {} (a server never ran with this data directory, or the path is \
+         wrong)",
+        journal.display()
+    );
+    Ok(journal)
+}
+
 pub fn snapshot_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("snapshots")
 }

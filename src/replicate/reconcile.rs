@@ -138,6 +138,9 @@ fn compare(
 
 /// Runs the comparison and prints the differences, then a summary line. Returns the count.
 pub async fn run(options: &ReconcileOptions) -> anyhow::Result<u64> {
+    // Before anything else: a mistyped path would reconcile the store against an empty ledger.
+    crate::journal::existing_journal_dir(&options.data_dir)
+        .map_err(|e| anyhow::anyhow!("--data-dir: {e}"))?;
     let layout = Layout::new(&options.zk_root)?;
     let client = zk::connect(&options.zk).await?;
     let map = zk::get_partition_map(&client, &layout)

@@ -11,7 +11,6 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use crate::core::{Currency, EventKind};
-use crate::journal::journal_dir;
 pub use crate::journal::tail::{JournalTail, RecordId};
 
 /// How an event names its account: the journal uses the dense index, the HTTP stream the id.
@@ -63,9 +62,9 @@ impl Source {
         } else if spec.starts_with("https://") {
             bail!("https sources are not supported; use http:// or a data directory")
         } else {
-            Ok(Source::Journal(JournalTail::new(&journal_dir(Path::new(
-                spec,
-            )))))
+            let journal = crate::journal::existing_journal_dir(Path::new(spec))
+                .map_err(|e| anyhow::anyhow!("--source: {e}"))?;
+            Ok(Source::Journal(JournalTail::new(&journal)))
         }
     }
 
@@ -604,6 +603,7 @@ impl HttpSource {
 mod tests {
     use super::*;
     use crate::core::{AccountId, Command, CommandKind, Ledger, LedgerConfig, TransactionId};
+    use crate::journal::journal_dir;
     use crate::journal::storage::MmapStorage;
     use crate::journal::{JournalConfig, JournalEnd, JournalWriter, SyncMode, list_segments};
 

@@ -51,11 +51,23 @@ impl PartitionMap {
             bail!("a node address appears twice in {:?}", self.nodes);
         }
         for node in &self.nodes {
-            if node.is_empty() || node.contains(char::is_whitespace) {
-                bail!("bad node address {node:?}");
-            }
+            check_host_port(node)?;
         }
         Ok(())
+    }
+}
+
+/// A Redis node address must be `host:port` (`[v6]:port` for an IPv6 literal) with a port
+/// from 1 to 65535: a map naming anything else would only fail later, in the replicator.
+fn check_host_port(node: &str) -> anyhow::Result<()> {
+    let bad = |why: &str| anyhow::anyhow!("bad node address {node:?}: {why} (expected host:port)");
+    let (host, port) = node.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    if host.is_empty() || host.contains(char::is_whitespace) || host == "[]" {
+        return Err(bad("no host"));
+    }
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => Err(bad("the port must be a number from 1 to 65535")),
+        Ok(_) => Ok(()),
     }
 }
 
@@ -229,6 +241,12 @@ pub async fn set_sql_shards(
 ) -> anyhow::Result<SqlShards> {
     if shards.is_empty() || shards.iter().any(|s| s.trim().is_empty()) {
         bail!("the shard list needs at least one non-empty URL");
+    }
+    for (i, shard) in shards.iter().enumerate() {
+        // The URL is not echoed back: it may hold a password.
+        if let Err(e) = shard.parse::<tokio_postgres::Config>() {
+            bail!("shard {i} is not a PostgreSQL connection URL: {e}");
+        }
     }
     let path = layout.sql_shards();
     let current: Option<(SqlShards, i32)> = read_json(client, &path).await?;

@@ -317,14 +317,9 @@ pub struct SnapshotArgs {
 /// Refuses a data directory without a journal: an audit or a snapshot of a mistyped path
 /// would otherwise report an empty ledger as verified.
 fn existing_journal(data_dir: &std::path::Path) -> anyhow::Result<()> {
-    let journal = journal_dir(data_dir);
-    anyhow::ensure!(
-        journal.is_dir(),
-        "--data-dir: there is no journal at {} (a server never ran with this data directory, or \
-         the path is wrong)",
-        journal.display()
-    );
-    Ok(())
+    crate::journal::existing_journal_dir(data_dir)
+        .map(drop)
+        .map_err(|e| anyhow::anyhow!("--data-dir: {e}"))
 }
 
 pub fn snapshot(args: &SnapshotArgs) -> anyhow::Result<PathBuf> {

@@ -587,8 +587,10 @@ impl State {
 /// Runs the replicator until the process stops (or, with `once`, until caught up).
 pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
     let layout = Layout::new(&options.zk_root)?;
+    // Before the lock: a source that cannot be read is an error at once.
+    let source = Source::open(&options.source)?;
     let mut coordinator = Coordinator::start(&options.zk, &layout, options.zk_patience).await?;
-    let result = replicate(options, &layout, &mut coordinator).await;
+    let result = replicate(options, &layout, &mut coordinator, source).await;
     coordinator.release().await;
     result
 }
@@ -597,6 +599,7 @@ async fn replicate(
     options: &ReplicateOptions,
     layout: &Layout,
     coordinator: &mut Coordinator,
+    mut source: Source,
 ) -> anyhow::Result<Report> {
     let list = zk::get_sql_shards(coordinator.client(), layout)
         .await?
@@ -617,7 +620,6 @@ async fn replicate(
         migrate: options.migrate,
     };
     let batch_events = options.batch_events.max(2);
-    let mut source = Source::open(&options.source)?;
     let mut source_errors = 0u32;
     let mut directory = Directory::default();
     let mut pending: Vec<CommandRecord> = Vec::with_capacity(batch_events + 2);
