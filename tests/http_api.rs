@@ -1183,8 +1183,9 @@ fn serve_fixed_answers_the_baseline_body_and_loadgen_measures_it() {
 
 /// Command-line mistakes in `serve`, `bench`, `loadgen`, `replay` and `snapshot` are errors
 /// naming the flag, at once: not a panic, and not a hang (`bench --batch 0` waited forever, a
-/// ring smaller than 64 or a segment under a page panicked, and `replay` of a directory without
-/// a journal said "OK: verified").
+/// ring smaller than 64 or a segment under a page panicked, `serve --max-in-flight` of 10^11
+/// aborted, limits of 0 served nothing but errors, and `replay` of a directory without a
+/// journal said "OK: verified").
 #[test]
 fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
     let dir = temp();
@@ -1211,6 +1212,70 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
         (
             &["serve", "--listen", "127.0.0.1:0", "--ring-size", "100"],
             "--ring-size",
+        ),
+        // Limits that would refuse every request.
+        (
+            &["serve", "--listen", "127.0.0.1:0", "--max-body-bytes", "0"],
+            "--max-body-bytes",
+        ),
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--max-batch-body-bytes",
+                "10",
+            ],
+            "--max-batch-body-bytes",
+        ),
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--request-timeout-ms",
+                "0",
+            ],
+            "--request-timeout-ms",
+        ),
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--header-read-timeout-ms",
+                "0",
+            ],
+            "--header-read-timeout-ms",
+        ),
+        (
+            &["serve", "--listen", "127.0.0.1:0", "--max-connections", "0"],
+            "--max-connections",
+        ),
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--max-batches-in-flight",
+                "0",
+            ],
+            "--max-batches-in-flight",
+        ),
+        (
+            &["serve", "--listen", "127.0.0.1:0", "--max-in-flight", "0"],
+            "--max-in-flight",
+        ),
+        // The waiter table is allocated whole: this aborted on allocation.
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--max-in-flight",
+                "100000000000",
+            ],
+            "--max-in-flight",
         ),
         // A data directory that cannot be created: the error names it.
         (

@@ -76,6 +76,57 @@ pub struct ServeConfig {
     pub replicate_redis: Option<(String, String)>,
 }
 
+/// The most requests `serve` waits on at once (`--max-in-flight`): each takes a waiter slot
+/// (tokens address slots with 32 bits; the table is allocated whole at start).
+pub const MAX_IN_FLIGHT_LIMIT: usize = 1 << 20;
+/// The smallest body limit: a transfer's JSON fits in it with room to spare.
+pub const MIN_BODY_BYTES: usize = 512;
+
+impl ServeConfig {
+    /// Refuses, naming the flag, a configuration that could not serve: a limit of zero would
+    /// answer every request 413, 429 or 503, which is a mistake to report at start, not to serve.
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.ring_size.is_power_of_two() && self.ring_size >= 64,
+            "--ring-size must be a power of two of at least 64 (the ring library's minimum), not {}",
+            self.ring_size
+        );
+        anyhow::ensure!(
+            self.segment_size_bytes >= crate::journal::MIN_SEGMENT_SIZE_BYTES,
+            "--segment-size must be at least {} bytes, not {}",
+            crate::journal::MIN_SEGMENT_SIZE_BYTES,
+            self.segment_size_bytes
+        );
+        for (flag, bytes) in [
+            ("--max-body-bytes", self.max_body_bytes),
+            ("--max-batch-body-bytes", self.max_batch_body_bytes),
+        ] {
+            anyhow::ensure!(
+                bytes >= MIN_BODY_BYTES,
+                "{flag} must be at least {MIN_BODY_BYTES}, not {bytes}"
+            );
+        }
+        for (flag, timeout) in [
+            ("--header-read-timeout-ms", self.header_read_timeout),
+            ("--request-timeout-ms", self.request_timeout),
+        ] {
+            anyhow::ensure!(!timeout.is_zero(), "{flag} must be at least 1");
+        }
+        for (flag, count) in [
+            ("--max-connections", self.max_connections),
+            ("--max-batches-in-flight", self.max_batches_in_flight),
+        ] {
+            anyhow::ensure!(count >= 1, "{flag} must be at least 1");
+        }
+        anyhow::ensure!(
+            (1..=MAX_IN_FLIGHT_LIMIT).contains(&self.max_in_flight),
+            "--max-in-flight must be within 1..={MAX_IN_FLIGHT_LIMIT}, not {}",
+            self.max_in_flight
+        );
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for auth::Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(if self.is_none() {
@@ -844,17 +895,7 @@ pub async fn run(config: ServeConfig, listen: SocketAddr) -> anyhow::Result<()> 
     // start-up is a graceful shutdown too, not the default kill.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    anyhow::ensure!(
-        config.ring_size.is_power_of_two() && config.ring_size >= 64,
-        "--ring-size must be a power of two of at least 64 (the ring library's minimum), not {}",
-        config.ring_size
-    );
-    anyhow::ensure!(
-        config.segment_size_bytes >= crate::journal::MIN_SEGMENT_SIZE_BYTES,
-        "--segment-size must be at least {} bytes, not {}",
-        crate::journal::MIN_SEGMENT_SIZE_BYTES,
-        config.segment_size_bytes
-    );
+    config.check()?;
     if config.auth.is_none() {
         anyhow::ensure!(
             listen.ip().is_loopback(),
