@@ -1289,9 +1289,48 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
             "--data-dir: creating /proc/no-such-dir",
         ),
     ];
+    // More connections than the process may open (it inherits this one's limit): refused
+    // before the run, which used to hang in connect. An --out that cannot be written: refused
+    // before the run, not after it.
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the valid, exclusively borrowed `limit`.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+        0
+    );
+    let connections = limit.rlim_cur.min(u64::from(u32::MAX)).to_string();
+    let dynamic: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "loadgen",
+                "--url",
+                "http://127.0.0.1:9",
+                "--connections",
+                &connections,
+            ],
+            "--connections",
+        ),
+        (
+            vec![
+                "loadgen",
+                "--url",
+                "http://127.0.0.1:9",
+                "--out",
+                "/proc/no-such-dir",
+            ],
+            "--out /proc/no-such-dir",
+        ),
+    ];
+    let cases = cases
+        .iter()
+        .map(|(args, flag)| (args.to_vec(), *flag))
+        .chain(dynamic);
     for (args, flag) in cases {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"));
-        command.args(*args);
+        command.args(&args);
         if args[0] != "loadgen" && !args.contains(&"--data-dir") {
             command.args(["--data-dir", &data]);
         }

@@ -260,7 +260,19 @@ impl Client {
     }
 
     async fn open(&self) -> anyhow::Result<Box<dyn Io>> {
-        let stream = tokio::net::TcpStream::connect(&self.target.host).await?;
+        // Bounded: a server whose accept queue is full drops the SYN, and the kernel would
+        // retry for minutes; a load test must stop by itself.
+        let stream = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect(&self.target.host),
+        )
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "connecting to {} timed out after {CONNECT_TIMEOUT:?}",
+                self.target.host
+            )
+        })??;
         stream.set_nodelay(true)?;
         Ok(match &self.target.tls {
             None => Box::new(stream),
@@ -435,6 +447,20 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
     anyhow::ensure!(args.connections >= 1, "--connections must be at least 1");
     // Every transfer is between two different accounts.
     anyhow::ensure!(args.accounts >= 2, "--accounts must be at least 2");
+    // One descriptor per connection, and a few for the rest: past the limit, connections fail
+    // with EMFILE part-way through the run.
+    let files = open_files_limit();
+    anyhow::ensure!(
+        args.connections as u64 + 64 <= files,
+        "--connections {} is more than this process may open (its open-files limit is {files}; \
+         raise it with `ulimit -n`)",
+        args.connections
+    );
+    if let Some(dir) = &args.out {
+        // Before the run, not after it: an --out that cannot be written would waste the run.
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("--out {}: {e}", dir.display()))?;
+    }
     anyhow::ensure!(
         (1..=8192).contains(&args.batch),
         "--batch must be within 1..=8192"
@@ -685,6 +711,23 @@ fn percentiles(histogram: &Histogram<u64>) -> BTreeMap<String, u64> {
     }
     latency.insert("max".to_string(), histogram.max());
     latency
+}
+
+/// How long opening a connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The soft limit on open files (`RLIMIT_NOFILE`), or `u64::MAX` if it cannot be read.
+fn open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the valid, exclusively borrowed `limit`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur
+    } else {
+        u64::MAX
+    }
 }
 
 /// Writes `latency.hgrm` (HdrHistogram's percentile-distribution text) and `latency.svg`.
