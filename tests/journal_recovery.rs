@@ -672,6 +672,16 @@ fn replay_to_a_sequence_prints_an_accounts_entries_with_running_balances() {
     assert_eq!(got, want);
     let last = &want.last().unwrap().3;
     assert_eq!(account.balances, vec![("USD".to_string(), last.clone())]);
+    assert!(account.opened);
+    // An id that was never opened is reported so, not as an account without activity.
+    let report = wallet::tools::replay::run(&wallet::tools::replay::ReplayArgs {
+        to_seq: Some(to_seq),
+        account: Some("never-opened".to_string()),
+        ..replay_args(data)
+    })
+    .unwrap();
+    let account = report.account.unwrap();
+    assert!(!account.opened && account.entries.is_empty() && account.balances.is_empty());
 
     // To a time: from the start of the journal, up to the last record stamped at or before it.
     // With a snapshot of the end in place, `--from-snapshot` would report the end's state as

@@ -73,6 +73,9 @@ pub struct ReplayReport {
 #[derive(Debug, Serialize)]
 pub struct AccountReport {
     pub account_id: String,
+    /// Whether the account was open at the end of the replay: a mistyped id is told apart from
+    /// an account without activity.
+    pub opened: bool,
     pub balances: Vec<(String, String)>,
     pub entries: Vec<Entry>,
 }
@@ -229,6 +232,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
     let seconds = started.elapsed().as_secs_f64();
     let account_report = account.map(|id| AccountReport {
         account_id: id.to_string(),
+        opened: account_index.is_some(),
         balances: account_index
             .map(|i| ledger.balances(i))
             .unwrap_or_default()
@@ -267,7 +271,14 @@ fn console_is_terminal() -> bool {
 
 pub fn print(report: &ReplayReport) {
     if let Some(account) = &report.account {
-        println!("account {}", account.account_id);
+        if account.opened {
+            println!("account {}", account.account_id);
+        } else {
+            println!(
+                "account {}: never opened (up to sequence {})",
+                account.account_id, report.last_seq
+            );
+        }
         for (currency, balance) in &account.balances {
             println!("  balance {currency} {balance}");
         }
