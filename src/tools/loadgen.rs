@@ -451,7 +451,7 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
     // with EMFILE part-way through the run.
     let files = open_files_limit();
     anyhow::ensure!(
-        args.connections as u64 + 64 <= files,
+        args.connections as u64 + 16 <= files,
         "--connections {} is more than this process may open (its open-files limit is {files}; \
          raise it with `ulimit -n`)",
         args.connections
