@@ -856,19 +856,44 @@ fn recovery_and_replay_refuse_a_journal_that_ends_before_its_durable_watermark()
     assert!(crashed.torn_tail.is_some());
 }
 
-/// After a power loss under `--sync none` (watermark file removed as advised, tail lost), the
-/// newest snapshot is ahead of the journal: recovery starts without it and sets it aside, so a
-/// history that later grows past its sequence cannot pick it up. A snapshot whose name disagrees
-/// with its header is skipped (it made recovery retry forever).
+fn recover_in_thread(data: &Path) -> Result<Recovered, JournalError> {
+    let (done, recovered) = mpsc::channel();
+    let dir = data.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = done.send(recover(&dir, LedgerConfig::default(), true, |_, _| {}));
+    });
+    recovered
+        .recv_timeout(Duration::from_secs(60))
+        .expect("recovery did not finish")
+}
+
+fn refusal(result: Result<Recovered, JournalError>) -> String {
+    match result {
+        Ok(r) => panic!(
+            "recovery started at sequence {} instead of refusing",
+            r.end.next_seq
+        ),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// A snapshot covers only records that were durable when it was written, so a journal that ends
+/// before it lost records that may have been acknowledged: damage cut as a torn tail behind a
+/// missing watermark file, a journal restored from an older copy. Recovery refuses, naming the
+/// snapshot and the missing records (it used to set the snapshot aside and start from the
+/// shorter journal). The one loss that is not damage, a power loss under `--sync none`, the
+/// operator accepts by moving the snapshot away; recovery then starts from the journal as it
+/// is. A snapshot whose name disagrees with its header is skipped (it made recovery retry
+/// forever).
 #[test]
-fn a_snapshot_ahead_of_the_journal_is_set_aside_and_a_misnamed_one_is_skipped() {
+fn a_snapshot_ahead_of_the_journal_refuses_start_up_until_it_is_moved_away() {
     let temp = tempfile::tempdir().unwrap();
     let data = temp.path();
     let (ledger, _) = fresh_journal(data, 1 << 20, 0..300, 10);
     let snapshots = snapshot_dir(data);
     let written = snapshot::write_snapshot(&snapshots, &encode_snapshot(&ledger)).unwrap();
     fs::copy(&written, snapshots.join(snapshot::snapshot_file_name(5))).unwrap();
-    // Lose the last 20 records, as a power loss under `--sync none` can.
+    // Lose the last 20 records, and the watermark file that would have said they were synced.
     let frames = frame_positions(data);
     let cut = &frames[frames.len() - 20];
     let file = OpenOptions::new().write(true).open(&cut.file).unwrap();
@@ -878,21 +903,26 @@ fn a_snapshot_ahead_of_the_journal_is_set_aside_and_a_misnamed_one_is_skipped() 
     drop(file);
     forget_durable_watermark(data);
 
-    let (done, recovered) = mpsc::channel();
-    let dir = data.to_path_buf();
-    std::thread::spawn(move || {
-        let _ = done.send(recover(&dir, LedgerConfig::default(), true, |_, _| {}));
-    });
-    let r = recovered
-        .recv_timeout(Duration::from_secs(60))
-        .expect("recovery did not finish")
-        .expect("recovery failed");
+    let error = refusal(recover_in_thread(data));
+    let snapshot_seq = ledger.next_seq();
+    for part in [
+        format!("ends at sequence {}", cut.seq - 1),
+        written.display().to_string(),
+        format!("records {}..={} are missing", cut.seq, snapshot_seq - 1),
+        "--sync none".to_string(),
+    ] {
+        assert!(error.contains(&part), "{part:?} not in: {error}");
+    }
+    // Nothing was written or renamed by the refusal.
+    assert!(written.exists());
+    assert_eq!(frame_positions(data).len(), frames.len() - 20);
+
+    // The operator accepts the loss: the snapshot moves out of the directory.
+    let moved = data.join("ahead.bin");
+    fs::rename(&written, &moved).unwrap();
+    let r = recover_in_thread(data).expect("recovery failed");
     assert_eq!(r.snapshot_next_seq, None);
     assert_eq!(r.end.next_seq, cut.seq);
-    let mut aside = written.clone().into_os_string();
-    aside.push(".ahead-of-journal");
-    assert!(!written.exists());
-    assert!(PathBuf::from(aside).exists());
     // The misnamed copy stays where it is (it is not ahead by its name), skipped.
     let listed: Vec<u64> = snapshot::list_snapshots(&snapshots)
         .into_iter()
@@ -900,6 +930,76 @@ fn a_snapshot_ahead_of_the_journal_is_set_aside_and_a_misnamed_one_is_skipped() 
         .collect();
     assert_eq!(listed, vec![5]);
     assert!(snapshot::load_newest(&snapshots, LedgerConfig::default(), None).is_none());
+}
+
+/// A data directory whose journal is empty or gone (a volume that did not mount, a journal not
+/// restored) beside a snapshot is refused: it used to start an empty ledger, set the snapshot
+/// aside and begin a second history at sequence 1.
+#[test]
+fn a_missing_journal_beside_a_snapshot_is_refused_not_started_empty() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let (ledger, _) = fresh_journal(data, 1 << 20, 0..50, 10);
+    let written = snapshot::write_snapshot(&snapshot_dir(data), &encode_snapshot(&ledger)).unwrap();
+    let journal = journal_dir(data);
+    for (_, path) in list_segments(&journal).unwrap() {
+        fs::remove_file(path).unwrap();
+    }
+    // The watermark file says what was synced.
+    let error = refusal(recover_in_thread(data));
+    assert!(error.contains("the journal ends at sequence 0"), "{error}");
+    assert!(error.contains("durable watermark says"), "{error}");
+    // Without it, the snapshot says so.
+    forget_durable_watermark(data);
+    let error = refusal(recover_in_thread(data));
+    assert!(error.contains("the journal ends at sequence 0"), "{error}");
+    assert!(error.contains(&written.display().to_string()), "{error}");
+    fs::remove_dir_all(&journal).unwrap();
+    let error = refusal(recover_in_thread(data));
+    assert!(error.contains("the journal ends at sequence 0"), "{error}");
+    assert!(written.exists());
+}
+
+/// Recovery from a snapshot does not read the segments before the snapshot's, but it checks
+/// their headers: a journal whose first segments are missing, or a file named like a segment
+/// that is not one, is refused naming the file (the history must be whole from sequence 1).
+#[test]
+fn segments_before_the_snapshot_are_checked_by_their_headers() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let (ledger, _) = fresh_journal(data, 4096, 0..200, 10);
+    snapshot::write_snapshot(&snapshot_dir(data), &encode_snapshot(&ledger)).unwrap();
+    let journal = journal_dir(data);
+    let segments = list_segments(&journal).unwrap();
+    assert!(segments.len() >= 4, "{} segments", segments.len());
+    assert!(recover_in_thread(data).is_ok());
+
+    // Garbage under a segment's name, before the snapshot's segment.
+    let (second_seq, second) = segments[1].clone();
+    let original = fs::read(&second).unwrap();
+    fs::write(&second, vec![7u8; 4096]).unwrap();
+    let error = refusal(recover_in_thread(data));
+    assert!(error.contains(&second.display().to_string()), "{error}");
+    assert!(error.contains(&format!("sequence {second_seq}")), "{error}");
+    // A real segment header under another segment's name.
+    fs::write(&second, fs::read(&segments[2].1).unwrap()).unwrap();
+    let error = refusal(recover_in_thread(data));
+    assert!(error.contains("disagrees with its file name"), "{error}");
+    fs::write(&second, original).unwrap();
+    assert!(recover_in_thread(data).is_ok());
+
+    // The oldest segment moved away.
+    let (_, first) = segments[0].clone();
+    fs::rename(&first, data.join("first.wal")).unwrap();
+    let error = refusal(recover_in_thread(data));
+    assert!(
+        error.contains("not 1: the segments before it are missing"),
+        "{error}"
+    );
+    assert!(
+        error.contains(&segments[1].1.display().to_string()),
+        "{error}"
+    );
 }
 
 /// The other side of the watermark rule: bytes written after the last sync (a crash in the middle

@@ -734,10 +734,14 @@ fn spawn_views_past(views: Arc<Views>, dir: PathBuf, end: u64) {
                     );
                     println!("ready");
                 }
-                Err(e) => tracing::error!(
-                    error = format!("{e:#}"),
-                    "building the read views from the journal failed: status and history reads stay unavailable"
-                ),
+                Err(e) => {
+                    let reason = format!("{e:#}");
+                    tracing::error!(
+                        error = reason,
+                        "building the read views from the journal failed: status and history reads stay unavailable"
+                    );
+                    views.fail_past(reason);
+                }
             }
         });
     if let Err(e) = spawned {
@@ -791,6 +795,11 @@ fn build_views_past(dir: &std::path::Path, end: u64) -> anyhow::Result<crate::vi
         while tail.next_seq() < end {
             records.clear();
             let fetched = tail.fetch_records(1 << 16, &mut records);
+            if let Err(e) = &fetched
+                && e.is::<crate::journal::tail::JournalGap>()
+            {
+                return fetched;
+            }
             if records.is_empty() {
                 if progressed.elapsed() > PATIENCE {
                     fetched?;

@@ -22,7 +22,7 @@ use crate::core::{
     format_amount,
 };
 use crate::engine::Submitter;
-use crate::views::{OutcomeView, ViewState};
+use crate::views::{OutcomeView, ViewState, Views};
 
 pub struct Route {
     pub method: &'static str,
@@ -241,7 +241,16 @@ impl Reply {
     }
 
     /// A status or history read while the views still load the journal's past (after start-up).
-    fn still_loading() -> Reply {
+    /// The answer of a read that needs the views' past while it is not in: loading after a
+    /// restart (retry shortly), or failed to load (an operator must look at the journal).
+    fn still_loading(views: &Views) -> Reply {
+        if let Some(reason) = views.past_failure() {
+            return Reply::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "views_unavailable",
+                &format!("the read views could not be rebuilt from the journal: {reason}"),
+            );
+        }
         Reply::error(
             StatusCode::SERVICE_UNAVAILABLE,
             "starting",
@@ -587,6 +596,14 @@ async fn dispatch(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
                     format!("halted: {reason}\n"),
+                )
+            } else if let Some(reason) = app.views.past_failure() {
+                Reply::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!(
+                        "failed: the read views could not be rebuilt from the journal (status and history reads are unavailable): {reason}\n"
+                    ),
                 )
             } else if !app.views.past_complete() {
                 Reply::text(
@@ -1481,7 +1498,7 @@ async fn history(app: &App, caller: &Caller, id: &str, query: Option<&str>) -> R
         return reply;
     }
     if !app.views.past_complete() {
-        return Reply::still_loading();
+        return Reply::still_loading(&app.views);
     }
     app.views.read(|state| match state.account(id) {
         None => Reply::error(
@@ -1534,7 +1551,7 @@ async fn transfer_status(app: &App, caller: &Caller, id: &str, query: Option<&st
         );
     }
     if !app.views.past_complete() {
-        return Reply::still_loading();
+        return Reply::still_loading(&app.views);
     }
     app.views.read(|state| {
         // Visible to its two parties only; to anyone else it looks exactly like an unknown id.

@@ -189,53 +189,94 @@ pub fn recover_with(
     mut observe: impl FnMut(&Ledger, &CommandRecord),
 ) -> Result<Recovered, JournalError> {
     let journal = journal_dir(data_dir);
-    let mut at_most = None;
-    loop {
-        let start = if use_snapshot {
-            snapshot::load_newest(&snapshot_dir(data_dir), config, at_most)
-        } else {
-            None
-        };
-        let snapshot_next_seq = start.as_ref().map(|l| l.next_seq());
-        let mut ledger = start
-            .unwrap_or_else(|| Ledger::with_capacity(config, 0, estimate_records(&journal, 1)));
-        on_start(&ledger);
-        let mut records_replayed = 0;
-        let mut checkpoints_verified = 0;
-        let durable = crate::journal::durable_watermark(&journal);
-        let end = replay_journal(
-            &mut ledger,
-            &journal,
-            |_| true,
-            |ledger, record, checkpoint| {
-                checkpoints_verified += u64::from(checkpoint);
-                records_replayed += 1;
-                observe(ledger, record);
-            },
-        )?;
-        check_durable_watermark(&journal, durable, &end)?;
-        if let Some(seq) = snapshot_next_seq
-            && end.next_seq < seq
-        {
-            // The snapshot is ahead of the journal (it should never be written so): distrust it,
-            // and set it aside so that it cannot be mixed into a history that later grows past
-            // its sequence.
-            let aside = snapshot::set_aside_after(&snapshot_dir(data_dir), end.next_seq);
-            tracing::warn!(
-                snapshot_seq = seq,
-                journal_next_seq = end.next_seq,
-                set_aside = ?aside,
-                "snapshot ahead of the journal; ignoring it"
-            );
-            at_most = Some(seq - 1);
-            continue;
-        }
-        return Ok(Recovered {
-            ledger,
-            end,
-            snapshot_next_seq,
-            records_replayed,
-            checkpoints_verified,
+    let start = if use_snapshot {
+        snapshot::load_newest(&snapshot_dir(data_dir), config, None)
+    } else {
+        None
+    };
+    let snapshot_next_seq = start.as_ref().map(|l| l.next_seq());
+    // The segments the replay does not open (those before the snapshot's) are checked by
+    // their headers: the history starts at sequence 1 and every file named like a segment is
+    // one. A gap between them is found by the read views' rebuild, which reads them all.
+    crate::journal::reader::check_segment_headers(&journal, snapshot_next_seq.unwrap_or(1))?;
+    let mut ledger =
+        start.unwrap_or_else(|| Ledger::with_capacity(config, 0, estimate_records(&journal, 1)));
+    on_start(&ledger);
+    let mut records_replayed = 0;
+    let mut checkpoints_verified = 0;
+    let durable = crate::journal::durable_watermark(&journal);
+    let end = replay_journal(
+        &mut ledger,
+        &journal,
+        |_| true,
+        |ledger, record, checkpoint| {
+            checkpoints_verified += u64::from(checkpoint);
+            records_replayed += 1;
+            observe(ledger, record);
+        },
+    )?;
+    check_durable_watermark(&journal, durable, &end)?;
+    if let Some(seq) = snapshot_next_seq
+        && end.next_seq < seq
+    {
+        return Err(snapshot_ahead(data_dir, seq, &end));
+    }
+    if ledger.next_seq() != end.next_seq {
+        // Only a journal that does not start where the ledger does gets here (a lone segment
+        // named after a later sequence, say): writing on would break the sequence.
+        let (file, offset) = end.segment.clone().unwrap_or_else(|| (journal.clone(), 0));
+        return Err(JournalError::Corrupt {
+            file,
+            offset,
+            seq: end.next_seq,
+            reason: format!(
+                "the journal continues at sequence {} but the state rebuilt from it (and the \
+                 snapshot, if any) ends before sequence {}",
+                end.next_seq,
+                ledger.next_seq()
+            ),
         });
+    }
+    Ok(Recovered {
+        ledger,
+        end,
+        snapshot_next_seq,
+        records_replayed,
+        checkpoints_verified,
+    })
+}
+
+/// The refusal of a snapshot ahead of the journal's end. The follower snapshots only durable
+/// records and `wallet snapshot` syncs the journal first, so the records the snapshot covers
+/// past the journal's end were durable, and may have been acknowledged: a damaged or missing
+/// journal (an unmounted volume, a restore from an older copy, damage cut as a torn tail
+/// behind a stale watermark file), never a state to start from silently. The one loss that is
+/// not damage is a power loss under `--sync none`, which the operator can accept by moving the
+/// snapshot aside.
+fn snapshot_ahead(data_dir: &Path, snapshot_seq: u64, end: &JournalEnd) -> JournalError {
+    let journal = journal_dir(data_dir);
+    let (file, offset) = match &end.segment {
+        Some((path, valid_end)) => (path.clone(), end.torn_at.unwrap_or(*valid_end)),
+        None => (journal, 0),
+    };
+    let snapshot = snapshot_dir(data_dir).join(snapshot::snapshot_file_name(snapshot_seq));
+    JournalError::Corrupt {
+        file,
+        offset,
+        seq: end.next_seq,
+        reason: format!(
+            "the journal ends at sequence {} but snapshot {} covers records up to {}, which \
+             were durable when it was written (and may have been acknowledged): records \
+             {}..={} are missing or damaged. Restore the journal from a copy. If it was written \
+             with --sync none and the machine lost power, this loss is what that mode allows: \
+             move every snapshot after sequence {} out of {} to start from the journal as it is",
+            end.next_seq - 1,
+            snapshot.display(),
+            snapshot_seq - 1,
+            end.next_seq,
+            snapshot_seq - 1,
+            end.next_seq,
+            snapshot_dir(data_dir).display(),
+        ),
     }
 }

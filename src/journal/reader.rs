@@ -151,6 +151,59 @@ fn valid_frame_after(bytes: &[u8], from: usize, expected: u64) -> bool {
     false
 }
 
+/// Checks the segments that a scan from `from_seq` does not open (those before the last one
+/// that begins at or before it) by their headers alone: the oldest segment begins at sequence
+/// 1 (the history is whole from its start), and each header decodes and names the sequence in
+/// its file name. Reads one header per segment. Whether the segments follow one another without
+/// a gap only a read of their records can tell.
+pub fn check_segment_headers(dir: &Path, from_seq: u64) -> Result<(), JournalError> {
+    use std::os::unix::fs::FileExt;
+    let segments = list_segments(dir)?;
+    let Some((oldest, oldest_path)) = segments.first() else {
+        return Ok(());
+    };
+    if *oldest != 1 {
+        return Err(JournalError::Corrupt {
+            file: oldest_path.clone(),
+            offset: 0,
+            seq: *oldest,
+            reason: format!(
+                "the oldest segment begins at sequence {oldest}, not 1: the segments before it \
+                 are missing (the journal is the whole history; restore them)"
+            ),
+        });
+    }
+    let start = segments
+        .iter()
+        .rposition(|(first, _)| *first <= from_seq)
+        .unwrap_or(0);
+    for (named_first, path) in &segments[..start] {
+        let io = |source| JournalError::Io {
+            file: path.clone(),
+            source,
+        };
+        let mut header = [0u8; SEGMENT_HEADER_BYTES];
+        let file = File::open(path).map_err(io)?;
+        let read = file.read_at(&mut header, 0).map_err(io)?;
+        let decoded = decode_segment_header(&header[..read]).and_then(|h| {
+            if h.first_seq == *named_first {
+                Ok(h)
+            } else {
+                Err("segment header disagrees with its file name")
+            }
+        });
+        if let Err(reason) = decoded {
+            return Err(JournalError::Corrupt {
+                file: path.clone(),
+                offset: 0,
+                seq: *named_first,
+                reason: reason.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Scans every record from `from_seq` on (records before it are verified but not visited),
 /// calling `visit` for each. Verifies frames, sequence continuity and the checksum chain.
 ///

@@ -151,31 +151,11 @@ fn decode_side_by_side(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, Dec
 }
 
 /// Loads the newest snapshot that decodes and verifies, skipping (with a warning) any that do
-/// not. `at_most` bounds its sequence (a snapshot ahead of the journal is never trusted).
-/// Renames every snapshot after `next_seq` to `<name>.ahead-of-journal`, where no loader looks:
-/// a snapshot ahead of the journal's end belongs to a history the journal no longer has (a
-/// power loss under `--sync none`), and once the journal grows past it again it would mix two
-/// histories. Returns the paths it set aside.
-pub fn set_aside_after(dir: &Path, next_seq: u64) -> std::io::Result<Vec<PathBuf>> {
-    let mut moved = Vec::new();
-    for (seq, path) in list_snapshots(dir) {
-        if seq > next_seq {
-            let mut aside = path.clone().into_os_string();
-            aside.push(".ahead-of-journal");
-            fs::rename(&path, &aside)?;
-            moved.push(PathBuf::from(aside));
-        }
-    }
-    if !moved.is_empty() {
-        crate::journal::storage::fsync_dir(dir)?;
-    }
-    Ok(moved)
-}
-
+/// not. `at_most` bounds its sequence (a caller that wants the state at an earlier point).
 pub fn load_newest(dir: &Path, config: LedgerConfig, at_most: Option<u64>) -> Option<Ledger> {
     for (seq, path) in list_snapshots(dir) {
         if at_most.is_some_and(|limit| seq > limit) {
-            tracing::warn!(file = %path.display(), "skipping a snapshot ahead of the journal");
+            tracing::debug!(file = %path.display(), "skipping a snapshot past the sequence asked for");
             continue;
         }
         match map_snapshot(&path) {

@@ -418,10 +418,23 @@ impl JournalTail {
     /// At the end of the current segment: moves to the next one if the writer created it.
     fn advance_segment(&mut self) -> anyhow::Result<bool> {
         let segments = list_segments(&self.dir)?;
-        let Some((_, path)) = segments.iter().find(|(first, _)| *first == self.next_seq) else {
+        let Some(segment) = self.segment.as_ref() else {
             return Ok(false);
         };
-        let Some(segment) = self.segment.as_ref() else {
+        let Some((_, path)) = segments.iter().find(|(first, _)| *first == self.next_seq) else {
+            // The writer finishes a segment before it creates the next, so a later segment
+            // that is already there means this one has no more records to come: if none
+            // begins where this one ends, the journal has a gap.
+            if let Some((later, later_path)) = segments.iter().find(|(f, _)| *f > self.next_seq)
+                && !more_frames(segment)?
+            {
+                return Err(JournalGap {
+                    segment: later_path.clone(),
+                    begins_at: *later,
+                    previous_ends_at: self.next_seq - 1,
+                }
+                .into());
+            }
             return Ok(false);
         };
         if segment.path == *path {
@@ -429,14 +442,34 @@ impl JournalTail {
         }
         // The writer finishes a segment before creating the next, but our last read may predate
         // that: look once more before leaving.
-        let mut probe = [0u8; 4];
-        if segment.offset + 4 <= segment.size {
-            segment.file.read_exact_at(&mut probe, segment.offset)?;
-            if u32::from_le_bytes(probe) != 0 {
-                return Ok(true); // more frames appeared: read them first
-            }
+        if more_frames(segment)? {
+            return Ok(true); // more frames appeared: read them first
         }
         let path = path.clone();
         self.open_segment(&path, false)
     }
+}
+
+/// A gap between two segments: definitive (unlike a frame that does not verify yet, which may
+/// be a write in progress), so readers that retry other errors stop on it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{}: the segment before it ends at sequence {previous_ends_at}, but this one begins at \
+     {begins_at} (a gap in the journal: segments are missing)",
+    segment.display()
+)]
+pub struct JournalGap {
+    pub segment: std::path::PathBuf,
+    pub begins_at: u64,
+    pub previous_ends_at: u64,
+}
+
+/// Whether a frame has been written at the segment's read offset since the last read.
+fn more_frames(segment: &OpenSegment) -> std::io::Result<bool> {
+    let mut probe = [0u8; 4];
+    if segment.offset + 4 <= segment.size {
+        segment.file.read_exact_at(&mut probe, segment.offset)?;
+        return Ok(u32::from_le_bytes(probe) != 0);
+    }
+    Ok(false)
 }

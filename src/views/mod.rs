@@ -439,6 +439,8 @@ pub struct Views {
     /// False while the outcomes and history of the records before the views' start are still
     /// being built (see `Past`); balances and the directory are complete from the start.
     past_complete: std::sync::atomic::AtomicBool,
+    /// Why the past could not be built, if it could not (it then never completes).
+    past_failed: std::sync::OnceLock<String>,
 }
 
 impl Views {
@@ -490,12 +492,24 @@ impl Views {
             applied_seq: AtomicU64::new(ledger.next_seq() - 1),
             advanced: tokio::sync::Notify::new(),
             past_complete: std::sync::atomic::AtomicBool::new(ledger.next_seq() == 1),
+            past_failed: std::sync::OnceLock::new(),
         })
     }
 
     /// Whether outcomes and history before the views' start are in (see `Past`).
     pub fn past_complete(&self) -> bool {
         self.past_complete.load(Ordering::Acquire)
+    }
+
+    /// Records that the past cannot be built (a journal whose records do not reach the views'
+    /// start): it stays incomplete, and readers are told why instead of "still loading".
+    pub fn fail_past(&self, reason: String) {
+        let _ = self.past_failed.set(reason);
+    }
+
+    /// Why the past could not be built, once that is known.
+    pub fn past_failure(&self) -> Option<&str> {
+        self.past_failed.get().map(String::as_str)
     }
 
     /// Puts the past (built from the journal up to the views' start) in front of what was
