@@ -833,6 +833,22 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
         .expect("run");
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("in use"));
+    // Nor does a bench get to write into a live server's journal, even one with no record yet
+    // (its only check used to be that the journal was empty).
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+        .args(["bench", "--accounts", "10", "--transfers", "100"])
+        .args(["--wait", "yield", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("in use"), "{stderr}");
+    assert!(
+        wallet::journal::list_segments(&dir.path().join("journal"))
+            .unwrap()
+            .is_empty()
+    );
     assert!(server.stop().success());
 }
 

@@ -225,6 +225,16 @@ fn owners_move_and_read_only_their_own_money() {
         403
     );
     assert_eq!(alice.get("/v1/wallet/events?from_seq=1").status, 403);
+    // A token without a read scope is refused before any wait for the views (it used to wait,
+    // or get a 400 that named the durable sequence).
+    let mut nobody = as_caller(&server, Some(token("alice", "")));
+    for min_seq in ["1", "999999999"] {
+        let r = nobody.get(&format!(
+            "/v1/wallet/balance_transfer/{}?min_seq={min_seq}",
+            uuid()
+        ));
+        assert_eq!(r.status, 403, "min_seq={min_seq}: {}", r.body);
+    }
     assert_eq!(balance(&server, "alice"), 9_000);
     assert!(server.stop().success());
 }

@@ -340,11 +340,18 @@ pub fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<DataDirLock> {
         .with_context(|| format!("--data-dir: opening {}", dir.join("LOCK").display()))?;
     // SAFETY: a valid descriptor owned by `file`; flock takes no pointers.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    anyhow::ensure!(
-        rc == 0,
-        "data directory {} is in use by another wallet process",
-        dir.display()
-    );
+    if rc != 0 {
+        let error = std::io::Error::last_os_error();
+        anyhow::ensure!(
+            error.kind() != std::io::ErrorKind::WouldBlock,
+            "data directory {} is in use by another wallet process",
+            dir.display()
+        );
+        anyhow::bail!(
+            "--data-dir: locking {}: {error}",
+            dir.join("LOCK").display()
+        );
+    }
     Ok(DataDirLock(file))
 }
 

@@ -1540,15 +1540,16 @@ async fn transfer_status(app: &App, caller: &Caller, id: &str, query: Option<&st
         Ok(t) => t,
         Err(e) => return Reply::field(e),
     };
-    if let Err(reply) = wait_min_seq(app, query).await {
-        return reply;
-    }
+    // The scope first: a caller that may not read does not get to wait.
     if !(caller.admin || caller.read || caller.transfer) {
         return forbidden(
             caller,
             "transfer_status",
             "reading needs wallet:read or wallet:transfer",
         );
+    }
+    if let Err(reply) = wait_min_seq(app, query).await {
+        return reply;
     }
     if !app.views.past_complete() {
         return Reply::still_loading(&app.views);

@@ -238,8 +238,16 @@ pub fn scan(
             file: path.clone(),
             source,
         })?;
-        // SAFETY: segment files are only appended to by the single journal writer, never
-        // truncated while mapped; we only read.
+        // SAFETY: segment files are never truncated while mapped, so the mapping stays valid
+        // for as long as `map` lives. It is not immutable: a writer running at the same time
+        // (this process's engine, under the events route's journal fallback or a tail's stuck
+        // check; or another process's) stores into the newest segment past its last record
+        // while this slice is alive. Every read here is bounds-checked against the fixed
+        // mapping length and every frame is checksummed before it is trusted, so a byte that
+        // changes underneath reads as a frame not written yet (a torn tail, which a scan that
+        // races a writer never acts on: only recovery cuts, and it runs with no writer). That
+        // is a data race in the language's terms, which a pread copy of the live segment would
+        // avoid; known and left so (see ARCHITECTURE.md, journal).
         let map = unsafe { Mmap::map(&file) }.map_err(|source| JournalError::Io {
             file: path.clone(),
             source,

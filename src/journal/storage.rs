@@ -148,9 +148,12 @@ fn preallocate(file: &File, size: u64) -> io::Result<()> {
 }
 
 fn map(file: &File) -> io::Result<MmapMut> {
-    // SAFETY: the journal is the only writer of its segment files (one engine per data
-    // directory, enforced by the lock file in `Journal::open`), and the file is never truncated
-    // while mapped, so the mapping stays valid.
+    // SAFETY: one writer per data directory: every command that opens a `JournalWriter` on a
+    // user's directory (`serve`, `bench --data-dir`, `snapshot`, `replay`) holds its `LOCK`
+    // (`api::lock_data_dir`) first. Nothing truncates a segment file while it is mapped, so the
+    // mapping stays valid. Readers in this process and others map the same file read-only
+    // (`journal::scan`) or read it with `pread` (`JournalTail`), and see the bytes this mapping
+    // stores; see `scan` for what that means for them.
     unsafe { MmapMut::map_mut(file) }
 }
 

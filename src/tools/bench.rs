@@ -547,6 +547,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         .data_dir
         .clone()
         .or_else(|| temporary.as_ref().map(|t| t.path().to_path_buf()));
+    // Held to the end of the run, as `serve` holds it: a bench pointed at a live server's
+    // directory (even one that has journaled nothing yet) is refused, not mixed into its journal.
+    let _lock = match (&data_dir, args.no_journal) {
+        (Some(dir), false) => Some(crate::api::lock_data_dir(dir)?),
+        _ => None,
+    };
     let journal = match (&data_dir, args.no_journal) {
         (Some(dir), false) => {
             let config = JournalConfig {
