@@ -18,6 +18,8 @@ pub struct Metrics {
     latency_buckets: Vec<AtomicU64>,
     latency_sum_us: AtomicU64,
     latency_count: AtomicU64,
+    /// Event-stream requests answered by reading the journal files (older than the window).
+    pub events_journal_reads: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -31,6 +33,7 @@ impl Default for Metrics {
                 .collect(),
             latency_sum_us: AtomicU64::new(0),
             latency_count: AtomicU64::new(0),
+            events_journal_reads: AtomicU64::new(0),
         }
     }
 }

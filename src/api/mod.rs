@@ -235,6 +235,11 @@ impl App {
                 s.overloaded.load(Ordering::Relaxed),
             ),
             (
+                "wallet_events_journal_reads_total",
+                "Event-stream requests answered from the journal files (older than the in-memory window).",
+                self.metrics.events_journal_reads.load(Ordering::Relaxed),
+            ),
+            (
                 "wallet_halted",
                 "1 if the engine halted (a journal failure or a panic) and stopped acknowledging.",
                 u64::from(s.halted.load(Ordering::Relaxed)),

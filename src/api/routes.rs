@@ -22,7 +22,7 @@ use crate::core::{
     format_amount,
 };
 use crate::engine::Submitter;
-use crate::views::{OutcomeView, ViewState, Views};
+use crate::views::{HistoryEntry, OutcomeView, ViewState, Views};
 
 pub struct Route {
     pub method: &'static str,
@@ -1500,39 +1500,50 @@ async fn history(app: &App, caller: &Caller, id: &str, query: Option<&str>) -> R
     if !app.views.past_complete() {
         return Reply::still_loading(&app.views);
     }
-    app.views.read(|state| match state.account(id) {
-        None => Reply::error(
+    // Copied out under the read lock, rendered after it: the output thread takes the write
+    // lock for every durable batch, and waits while a reader holds it.
+    let copied = app.views.read(|state| {
+        let index = state.account(id)?;
+        let entries: Vec<(HistoryEntry, Option<String>)> = state
+            .history_after(index, after_seq)
+            .take(limit)
+            .map(|e| {
+                let counterparty =
+                    (e.counterparty != u32::MAX).then(|| state.name(e.counterparty).to_string());
+                (e, counterparty)
+            })
+            .collect();
+        Some((entries, state.oldest_history_seq(index)))
+    });
+    let Some((entries, oldest)) = copied else {
+        return Reply::error(
             StatusCode::NOT_FOUND,
             "account_not_found",
             RejectCode::AccountNotFound.message(),
-        ),
-        Some(index) => {
-            let entries: Vec<Value> = state
-                .history_after(index, after_seq)
-                .take(limit)
-                .map(|e| {
-                    let mut entry = json!({
-                        "sequence": e.seq,
-                        "transaction_id": TransactionId(e.transaction_id).to_uuid_string(),
-                        "kind": e.kind.name(),
-                        "currency": e.currency.to_string(),
-                        "amount": money_string(e.amount, e.currency),
-                        "balance_after": money_string(e.balance_after, e.currency),
-                        "timestamp_ns": e.timestamp_ns,
-                    });
-                    if e.counterparty != u32::MAX {
-                        entry["counterparty"] = json!(state.name(e.counterparty));
-                    }
-                    entry
-                })
-                .collect();
-            let oldest = state.oldest_history_seq(index);
-            Reply::json(
-                StatusCode::OK,
-                json!({"account_id": id, "entries": entries, "oldest_sequence_in_view": oldest}),
-            )
-        }
-    })
+        );
+    };
+    let entries: Vec<Value> = entries
+        .into_iter()
+        .map(|(e, counterparty)| {
+            let mut entry = json!({
+                "sequence": e.seq,
+                "transaction_id": TransactionId(e.transaction_id).to_uuid_string(),
+                "kind": e.kind.name(),
+                "currency": e.currency.to_string(),
+                "amount": money_string(e.amount, e.currency),
+                "balance_after": money_string(e.balance_after, e.currency),
+                "timestamp_ns": e.timestamp_ns,
+            });
+            if let Some(name) = counterparty {
+                entry["counterparty"] = json!(name);
+            }
+            entry
+        })
+        .collect();
+    Reply::json(
+        StatusCode::OK,
+        json!({"account_id": id, "entries": entries, "oldest_sequence_in_view": oldest}),
+    )
 }
 
 async fn transfer_status(app: &App, caller: &Caller, id: &str, query: Option<&str>) -> Reply {
@@ -1598,26 +1609,44 @@ async fn events(app: &App, query: Option<&str>) -> Reply {
         let wait = Duration::from_millis(wait_ms).min(long_poll_limit(app.config.request_timeout));
         app.views.wait_for(from_seq, wait).await;
     }
+    // The records and the names they need are copied out under the read lock and rendered
+    // after it (the output thread waits for the write lock while a reader holds it); the
+    // window's records are in sequence order, so the first one wanted is found by bisection.
     let window = app.views.read(|state| {
         let first = state.recent.front().map(|r| r.first_seq)?;
         if from_seq < first {
             return None;
         }
-        let mut lines = String::new();
+        let start = state.recent.partition_point(|r| r.next_seq() <= from_seq);
+        let mut records = Vec::new();
         let mut count = 0;
-        for record in state.recent.iter().filter(|r| r.next_seq() > from_seq) {
+        for record in state.recent.range(start..) {
             // As the journal path below: whole records while fewer than `limit` events.
             if count >= limit {
                 break;
             }
-            count += event_lines(state, record, from_seq, &mut lines);
+            count += record.events().iter().filter(|e| e.seq >= from_seq).count();
+            records.push(*record);
         }
-        Some(lines)
+        let names = names_of(state, &records);
+        Some((records, names))
     });
     let lines = match window {
-        Some(lines) => lines,
+        Some((records, names)) => {
+            let mut lines = String::new();
+            for record in &records {
+                event_lines(&names, record, from_seq, &mut lines);
+            }
+            lines
+        }
+        // Nothing at or after `from_seq` is applied yet (a poll at the end, with a window
+        // that is empty after a restart): no journal read finds more.
+        None if from_seq > app.views.applied_seq() => String::new(),
         None => {
             // Older than the in-memory window: read the journal.
+            app.metrics
+                .events_journal_reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let dir = crate::journal::journal_dir(&app.config.data_dir);
             let app_views = app.views.clone();
             let durable = app.views.applied_seq();
@@ -1648,13 +1677,12 @@ async fn events(app: &App, query: Option<&str>) -> Reply {
                         if reason == ENOUGH => {}
                     Err(e) => return Err(e.to_string()),
                 }
-                Ok(app_views.read(|state| {
-                    let mut lines = String::new();
-                    for record in &records {
-                        event_lines(state, record, from_seq, &mut lines);
-                    }
-                    lines
-                }))
+                let names = app_views.read(|state| names_of(state, &records));
+                let mut lines = String::new();
+                for record in &records {
+                    event_lines(&names, record, from_seq, &mut lines);
+                }
+                Ok(lines)
             })
             .await
             .map_err(|e| e.to_string())
@@ -1681,8 +1709,27 @@ fn long_poll_limit(request_timeout: Duration) -> Duration {
     request_timeout.saturating_sub(request_timeout / 10 + Duration::from_millis(100))
 }
 
-fn event_lines(
+/// The names of the accounts that `records`' events name, by account index (copied, so that
+/// lines can be rendered without the views' lock).
+fn names_of(
     state: &ViewState,
+    records: &[crate::core::CommandRecord],
+) -> std::collections::HashMap<u32, String> {
+    let mut names = std::collections::HashMap::new();
+    for record in records {
+        for event in record.events() {
+            if event.account != u32::MAX {
+                names
+                    .entry(event.account)
+                    .or_insert_with(|| state.name(event.account).to_string());
+            }
+        }
+    }
+    names
+}
+
+fn event_lines(
+    names: &std::collections::HashMap<u32, String>,
     record: &crate::core::CommandRecord,
     from_seq: u64,
     out: &mut String,
@@ -1699,7 +1746,7 @@ fn event_lines(
             EventKind::Rejected => {
                 line["code"] = json!(record.rejection.map(|c| c.code()).unwrap_or(""));
                 if event.account != u32::MAX {
-                    line["account_id"] = json!(state.name(event.account));
+                    line["account_id"] = json!(name(names, event.account));
                 }
             }
             EventKind::Checkpoint => line["state_hash"] = json!(format!("{:016x}", event.amount)),
@@ -1707,7 +1754,7 @@ fn event_lines(
                 line["account_id"] = json!(record.opened_account.to_string())
             }
             _ => {
-                line["account_id"] = json!(state.name(event.account));
+                line["account_id"] = json!(name(names, event.account));
                 line["currency"] = json!(event.currency.to_string());
                 line["amount"] = json!(money_string(event.amount, event.currency));
                 line["balance_after"] = json!(money_string(event.balance_after, event.currency));
@@ -1718,6 +1765,10 @@ fn event_lines(
         count += 1;
     }
     count
+}
+
+fn name(names: &std::collections::HashMap<u32, String>, account: u32) -> &str {
+    names.get(&account).map_or("", String::as_str)
 }
 
 #[cfg(test)]
