@@ -254,7 +254,7 @@ pub fn snapshot_bytes(data: &[u8]) {
     let _ = snapshot_next_seq(&bytes);
     if let Ok(ledger) = decode_snapshot(&bytes, LedgerConfig::default()) {
         assert_eq!(snapshot_next_seq(&bytes), Some(ledger.next_seq()));
-        let again = decode_snapshot(&encode_snapshot(&ledger), LedgerConfig::default())
+        let again = decode_snapshot(&encode_snapshot(&ledger, None), LedgerConfig::default())
             .expect("a re-encoded snapshot decodes");
         assert_eq!(again.state_hash(), ledger.state_hash());
         assert_eq!(again.next_seq(), ledger.next_seq());

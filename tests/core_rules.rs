@@ -230,7 +230,7 @@ impl Harness {
 fn assert_rejected(ledger: &mut Ledger, command: Command, code: RejectCode, remembers_id: bool) {
     let seq = ledger.next_seq();
     let hash = ledger.state_hash();
-    let before = encode_snapshot(ledger);
+    let before = encode_snapshot(ledger, None);
     let ids_before = ledger.transaction_id_count();
     let outcome_before = ledger.outcome_of(command.transaction_id);
 
@@ -276,7 +276,7 @@ fn assert_rejected(ledger: &mut Ledger, command: Command, code: RejectCode, reme
     );
     ledger.check_invariants().unwrap();
 
-    let after = encode_snapshot(ledger);
+    let after = encode_snapshot(ledger, None);
     // Header: next_seq at 16, account_count at 40, remembered_count at 48, totals_count at 56.
     let header_u64 =
         |bytes: &[u8], at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());

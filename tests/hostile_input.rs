@@ -127,7 +127,7 @@ fn busy_ledger(ledger: &mut Ledger) -> Vec<wallet::core::CommandRecord> {
 
 /// Valid snapshots: empty, after one command, and after a busy run.
 fn seed_snapshots() -> Vec<Vec<u8>> {
-    let mut out = vec![encode_snapshot(&Ledger::new(LedgerConfig::default()))];
+    let mut out = vec![encode_snapshot(&Ledger::new(LedgerConfig::default()), None)];
     let mut one = Ledger::new(LedgerConfig::default());
     one.execute(&Command {
         transaction_id: TransactionId(1),
@@ -136,10 +136,10 @@ fn seed_snapshots() -> Vec<Vec<u8>> {
             account: account("alice"),
         },
     });
-    out.push(encode_snapshot(&one));
+    out.push(encode_snapshot(&one, None));
     let mut busy = Ledger::new(LedgerConfig::default());
     busy_ledger(&mut busy);
-    out.push(encode_snapshot(&busy));
+    out.push(encode_snapshot(&busy, None));
     out
 }
 

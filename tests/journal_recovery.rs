@@ -709,7 +709,7 @@ fn replay_to_a_sequence_prints_an_accounts_entries_with_running_balances() {
     assert!(report.last_seq < records.last().unwrap().next_seq() - 1);
     assert_eq!(report.state_hash, format!("{:016x}", ledger.state_hash()));
     let end = recovered(data).ledger;
-    snapshot::write_snapshot(&snapshot_dir(data), &encode_snapshot(&end)).unwrap();
+    snapshot::write_snapshot(&snapshot_dir(data), &encode_snapshot(&end, None)).unwrap();
     let refused = wallet::tools::replay::run(&wallet::tools::replay::ReplayArgs {
         to_time: Some(at),
         from_snapshot: true,
@@ -732,7 +732,7 @@ fn replay_refuses_a_record_whose_fingerprint_is_not_its_bodys() {
     assert!(clean.ok, "{:?}", clean.error);
     // The state before the bad record, as a snapshot: the audit must know the accounts it
     // holds (their id hashes) to check a transfer between them.
-    snapshot::write_snapshot(&snapshot_dir(data), &encode_snapshot(&ledger)).unwrap();
+    snapshot::write_snapshot(&snapshot_dir(data), &encode_snapshot(&ledger, None)).unwrap();
     // The first of the next commands that is a transfer and commits (a rejected one before it
     // is journaled as it is).
     let mut record = (200..)
@@ -785,7 +785,7 @@ fn recovery_and_replay_refuse_a_journal_that_ends_before_its_durable_watermark()
     let data = temp.path();
     let (ledger, _) = fresh_journal(data, 64 << 10, 0..500, 10);
     let last_seq = ledger.next_seq() - 1;
-    snapshot::write_snapshot(&snapshot_dir(data), &encode_snapshot(&ledger)).unwrap();
+    snapshot::write_snapshot(&snapshot_dir(data), &encode_snapshot(&ledger, None)).unwrap();
     let whole = wallet::tools::replay::run(&replay_args(data)).unwrap();
     assert!(whole.ok, "{:?}", whole.error);
     assert_eq!(
@@ -891,7 +891,7 @@ fn a_snapshot_ahead_of_the_journal_refuses_start_up_until_it_is_moved_away() {
     let data = temp.path();
     let (ledger, _) = fresh_journal(data, 1 << 20, 0..300, 10);
     let snapshots = snapshot_dir(data);
-    let written = snapshot::write_snapshot(&snapshots, &encode_snapshot(&ledger)).unwrap();
+    let written = snapshot::write_snapshot(&snapshots, &encode_snapshot(&ledger, None)).unwrap();
     fs::copy(&written, snapshots.join(snapshot::snapshot_file_name(5))).unwrap();
     // Lose the last 20 records, and the watermark file that would have said they were synced.
     let frames = frame_positions(data);
@@ -932,6 +932,90 @@ fn a_snapshot_ahead_of_the_journal_refuses_start_up_until_it_is_moved_away() {
     assert!(snapshot::load_newest(&snapshots, LedgerConfig::default(), None).is_none());
 }
 
+/// A journal of commands 0..199 and a last deposit of `amount` cents: two of these with
+/// different amounts are two histories with the same sequence numbers.
+fn history_ending_with_a_deposit_of(data: &Path, amount: u64) -> Ledger {
+    let (mut writer, mut ledger, mut history) = fresh_writer(data, 1 << 20, SyncMode::Batch);
+    write_commands(&mut writer, &mut ledger, &mut history, 0..199, 10);
+    let last = Command {
+        transaction_id: TransactionId(0xD1FF),
+        timestamp_ns: 5_000_000,
+        kind: CommandKind::Deposit {
+            account: account(0),
+            amount,
+            currency: Currency::new("USD").unwrap(),
+        },
+    };
+    let record = ledger.execute(&last);
+    writer.append(&record).unwrap();
+    writer.commit().unwrap();
+    ledger
+}
+
+/// A snapshot names the journal's chain value at its sequence (the checksum of the record
+/// before it), so a snapshot of another history (another data directory's, or this one's before
+/// its journal was replaced) is refused, by start-up and by `wallet replay --from-snapshot`,
+/// naming the snapshot. Before, it was loaded: here it carried the other history's balance (one
+/// cent more) on this journal, with nothing to tell. A snapshot with the right chain value
+/// loads; one written without a chain value (older builds) loads as before.
+#[test]
+fn a_snapshot_of_another_history_is_refused_by_its_chain_value() {
+    let temp = tempfile::tempdir().unwrap();
+    let (ours, theirs) = (temp.path().join("ours"), temp.path().join("theirs"));
+    let ledger = history_ending_with_a_deposit_of(&ours, 700);
+    let other = history_ending_with_a_deposit_of(&theirs, 701);
+    assert_eq!(ledger.next_seq(), other.next_seq());
+    assert_ne!(ledger.state_hash(), other.state_hash());
+    let their_chain = recovered(&theirs).end.last_crc;
+    let our_chain = recovered(&ours).end.last_crc;
+    assert_ne!(their_chain, our_chain);
+
+    let written = snapshot::write_snapshot(
+        &snapshot_dir(&ours),
+        &encode_snapshot(&other, Some(their_chain)),
+    )
+    .unwrap();
+    let error = refusal(recover_in_thread(&ours));
+    assert!(
+        error.contains("does not belong to this journal")
+            && error.contains(&written.display().to_string()),
+        "{error}"
+    );
+    let mut args = replay_args(&ours);
+    args.from_snapshot = true;
+    let report = wallet::tools::replay::run(&args).unwrap();
+    assert!(!report.ok);
+    assert!(
+        report
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("does not belong to this journal")),
+        "{:?}",
+        report.error
+    );
+
+    // Our own state with our chain value loads.
+    fs::remove_file(&written).unwrap();
+    snapshot::write_snapshot(
+        &snapshot_dir(&ours),
+        &encode_snapshot(&ledger, Some(our_chain)),
+    )
+    .unwrap();
+    let r = recover_in_thread(&ours).expect("recovery failed");
+    assert_eq!(r.snapshot_next_seq, Some(ledger.next_seq()));
+    assert_eq!(r.ledger.state_hash(), ledger.state_hash());
+    // `wallet snapshot` writes the chain value of the journal it read.
+    let path = wallet::tools::replay::snapshot(&wallet::tools::replay::SnapshotArgs {
+        data_dir: theirs.clone(),
+    })
+    .unwrap();
+    let bytes = fs::read(&path).unwrap();
+    assert_eq!(
+        wallet::core::codec::snapshot_chain(&bytes),
+        Some(their_chain)
+    );
+}
+
 /// A data directory whose journal is empty or gone (a volume that did not mount, a journal not
 /// restored) beside a snapshot is refused: it used to start an empty ledger, set the snapshot
 /// aside and begin a second history at sequence 1.
@@ -940,7 +1024,8 @@ fn a_missing_journal_beside_a_snapshot_is_refused_not_started_empty() {
     let temp = tempfile::tempdir().unwrap();
     let data = temp.path();
     let (ledger, _) = fresh_journal(data, 1 << 20, 0..50, 10);
-    let written = snapshot::write_snapshot(&snapshot_dir(data), &encode_snapshot(&ledger)).unwrap();
+    let written =
+        snapshot::write_snapshot(&snapshot_dir(data), &encode_snapshot(&ledger, None)).unwrap();
     let journal = journal_dir(data);
     for (_, path) in list_segments(&journal).unwrap() {
         fs::remove_file(path).unwrap();
@@ -968,7 +1053,7 @@ fn segments_before_the_snapshot_are_checked_by_their_headers() {
     let temp = tempfile::tempdir().unwrap();
     let data = temp.path();
     let (ledger, _) = fresh_journal(data, 4096, 0..200, 10);
-    snapshot::write_snapshot(&snapshot_dir(data), &encode_snapshot(&ledger)).unwrap();
+    snapshot::write_snapshot(&snapshot_dir(data), &encode_snapshot(&ledger, None)).unwrap();
     let journal = journal_dir(data);
     let segments = list_segments(&journal).unwrap();
     assert!(segments.len() >= 4, "{} segments", segments.len());
@@ -1619,7 +1704,7 @@ fn snapshot_plus_tail_equals_the_full_replay_and_a_bad_snapshot_is_skipped() {
     let (mut writer, mut ledger, mut history) = fresh_writer(data, 64 << 10, SyncMode::None);
     write_commands(&mut writer, &mut ledger, &mut history, 0..1000, 16);
     let snapshot_path =
-        snapshot::write_snapshot(&snapshot_dir(data), &encode_snapshot(&ledger)).unwrap();
+        snapshot::write_snapshot(&snapshot_dir(data), &encode_snapshot(&ledger, None)).unwrap();
     let snapshot_seq = ledger.next_seq();
     write_commands(&mut writer, &mut ledger, &mut history, 1000..2000, 16);
     drop(writer);
@@ -1632,7 +1717,18 @@ fn snapshot_plus_tail_equals_the_full_replay_and_a_bad_snapshot_is_skipped() {
     assert_eq!(full.records_replayed, 2000);
     assert_eq!(fast.records_replayed, 1000);
     assert_eq!(fast.snapshot_next_seq, Some(snapshot_seq));
-    assert_eq!(fast.end, full.end);
+    // The same end; the chain value each scan saw at its start differs by design.
+    assert_eq!(
+        JournalEnd {
+            chain_at_from: None,
+            ..fast.end.clone()
+        },
+        JournalEnd {
+            chain_at_from: None,
+            ..full.end.clone()
+        }
+    );
+    assert_eq!(full.end.chain_at_from, Some(0));
 
     let mut bytes = fs::read(&snapshot_path).unwrap();
     let middle = bytes.len() / 2;
@@ -1972,6 +2068,15 @@ fn the_snapshot_follower_writes_snapshots_equal_to_the_replayed_journal_and_veri
             Some(&restored.state_hash()),
             hash_at.get(next_seq),
             "snapshot {} is the journal's state at its sequence",
+            path.display()
+        );
+        // And it names the journal's chain value there.
+        let end = wallet::journal::scan(&journal_dir(data), *next_seq, |_| Ok(())).unwrap();
+        assert!(end.chain_at_from.is_some());
+        assert_eq!(
+            wallet::core::codec::snapshot_chain(&bytes),
+            end.chain_at_from,
+            "snapshot {}",
             path.display()
         );
     }

@@ -419,7 +419,7 @@ fn check_run(steps: &[Step], split: Index) -> Result<(), TestCaseError> {
     let mut snapshot = None;
     for (i, command) in commands.iter().enumerate() {
         if i == split {
-            snapshot = Some(encode_snapshot(&ledger));
+            snapshot = Some(encode_snapshot(&ledger, None));
         }
         let record = ledger.execute(command);
         let want = model.execute(command);
@@ -493,11 +493,11 @@ fn check_run(steps: &[Step], split: Index) -> Result<(), TestCaseError> {
     prop_assert_eq!(batched.state_hash(), hash);
 
     // Snapshots: the final state round-trips; a mid-run snapshot continues to the same end.
-    let restored = decode_snapshot(&encode_snapshot(&ledger), CONFIG)
+    let restored = decode_snapshot(&encode_snapshot(&ledger, None), CONFIG)
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
     prop_assert_eq!(restored.state_hash(), hash);
     check_against_model(&restored, &model)?;
-    let bytes = snapshot.unwrap_or_else(|| encode_snapshot(&ledger));
+    let bytes = snapshot.unwrap_or_else(|| encode_snapshot(&ledger, None));
     let mut resumed =
         decode_snapshot(&bytes, CONFIG).map_err(|e| TestCaseError::fail(e.to_string()))?;
     let tail = run_ledger(&mut resumed, &commands[split.min(commands.len())..]);
@@ -660,7 +660,7 @@ proptest! {
         fix_crc in any::<bool>(),
     ) {
         let ledger = sample_ledger();
-        let mut bytes = encode_snapshot(&ledger);
+        let mut bytes = encode_snapshot(&ledger, None);
         for (at, value) in edits {
             let i = at.index(bytes.len());
             bytes[i] = value;
@@ -710,7 +710,7 @@ fn a_snapshot_decoded_in_parts_equals_the_whole_and_fills_its_reserved_memory() 
     let ledger = sample_ledger();
     let ids = ledger.transaction_id_count() as usize;
     assert!(ids > 0);
-    let bytes = encode_snapshot(&ledger);
+    let bytes = encode_snapshot(&ledger, None);
     let mut decoded = prepare_snapshot(&bytes, CONFIG).unwrap();
     let reserved = decoded.ledger().reserved_id_memory();
     assert_eq!(reserved.len(), 1, "one block for a few ids: {reserved:?}");
@@ -739,7 +739,7 @@ fn a_snapshot_decoded_in_parts_equals_the_whole_and_fills_its_reserved_memory() 
             account: AccountId::new("zed").unwrap(),
         },
     });
-    let other_checks = check_snapshot(&encode_snapshot(&longer)).unwrap();
+    let other_checks = check_snapshot(&encode_snapshot(&longer, None)).unwrap();
     let mut decoded = prepare_snapshot(&bytes, CONFIG).unwrap();
     decoded.decode(&bytes).unwrap();
     assert!(matches!(
@@ -1022,7 +1022,7 @@ fn a_snapshot_with_a_duplicated_transaction_id_is_refused() {
     for command in &commands {
         ledger.execute(command);
     }
-    let bytes = encode_snapshot(&ledger);
+    let bytes = encode_snapshot(&ledger, None);
     assert!(decode_snapshot(&bytes, LedgerConfig::default()).is_ok());
     // The id table is the last 32 bytes per id before the 4-byte checksum; copy the 16-byte id
     // of entry 3 over entry 17 and re-seal the checksum.

@@ -193,11 +193,19 @@ pub const SNAPSHOT_HEADER_BYTES: usize = 64;
 /// Version 2: fingerprints from cached account-id hashes and the digest-based state hash.
 pub const SNAPSHOT_VERSION: u16 = 2;
 
+/// Header flag: `chain` holds the journal's chain value at the snapshot's sequence.
+const SNAPSHOT_FLAG_CHAINED: u16 = 1;
+
 #[repr(C)]
 struct SnapshotHeaderLayout {
     magic: [u8; 8],
     version: u16,
-    reserved: [u8; 6],
+    /// The frame checksum of the journal record that ends right before `next_seq` (what the
+    /// record at `next_seq` chains to; 0 at sequence 1), valid with `SNAPSHOT_FLAG_CHAINED`.
+    /// Little-endian u32 (bytes, so that the layout has no padding before it).
+    chain: [u8; 4],
+    /// Little-endian u16.
+    flags: [u8; 2],
     next_seq: u64,
     state_hash: u64,
     max_amount: u64,
@@ -208,16 +216,28 @@ struct SnapshotHeaderLayout {
 const _: () = assert!(size_of::<SnapshotHeaderLayout>() == SNAPSHOT_HEADER_BYTES);
 
 /// Serializes the whole ledger. The last 4 bytes are the CRC32C of everything before them.
-pub fn encode_snapshot(ledger: &Ledger) -> Vec<u8> {
+/// `chain` is the journal's chain value at the ledger's next sequence (the frame checksum of
+/// the record before it), which ties the snapshot to the journal it was taken from; `None`
+/// when it is not known (start-up cannot then tell a snapshot of another history).
+pub fn encode_snapshot(ledger: &Ledger, chain: Option<u32>) -> Vec<u8> {
     let mut out = Vec::new();
-    encode_snapshot_into(ledger, &mut out);
+    encode_snapshot_into(ledger, chain, &mut out);
     out
+}
+
+/// The journal chain value a snapshot was written at (see `encode_snapshot`), if it names one.
+/// Reads only the header: verify the snapshot before trusting it.
+pub fn snapshot_chain(bytes: &[u8]) -> Option<u32> {
+    let header = bytes.get(..SNAPSHOT_HEADER_BYTES)?;
+    let flags = u16::from_le_bytes([header[14], header[15]]);
+    (flags & SNAPSHOT_FLAG_CHAINED != 0)
+        .then(|| u32::from_le_bytes([header[10], header[11], header[12], header[13]]))
 }
 
 /// `encode_snapshot` into a buffer the caller keeps (cleared first): a periodic snapshot of
 /// hundreds of megabytes then reuses memory that is already mapped instead of faulting in (and
 /// zeroing) a new buffer each time.
-pub fn encode_snapshot_into(ledger: &Ledger, out: &mut Vec<u8>) {
+pub fn encode_snapshot_into(ledger: &Ledger, chain: Option<u32>, out: &mut Vec<u8>) {
     let totals = ledger.totals();
     out.clear();
     out.reserve(
@@ -227,7 +247,13 @@ pub fn encode_snapshot_into(ledger: &Ledger, out: &mut Vec<u8>) {
     );
     out.extend_from_slice(&SNAPSHOT_MAGIC);
     out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
-    out.extend_from_slice(&[0; 6]);
+    out.extend_from_slice(&chain.unwrap_or(0).to_le_bytes());
+    let flags = if chain.is_some() {
+        SNAPSHOT_FLAG_CHAINED
+    } else {
+        0
+    };
+    out.extend_from_slice(&flags.to_le_bytes());
     out.extend_from_slice(&ledger.next_seq().to_le_bytes());
     out.extend_from_slice(&ledger.state_hash().to_le_bytes());
     out.extend_from_slice(&ledger.config().max_amount.to_le_bytes());

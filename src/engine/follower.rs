@@ -67,11 +67,14 @@ impl Follower {
         }
         let mut next_snapshot = self.ledger.next_seq() + self.snapshot_every;
         let mut records = Vec::new();
+        let mut chains = Vec::new();
         // Reused by every snapshot (see `encode_snapshot_into`).
         let mut buffer = Vec::new();
         while !self.stop.load(Ordering::Acquire) && !self.shared.halted.load(Ordering::Relaxed) {
             records.clear();
-            if let Err(e) = tail.fetch_records(FETCH_EVENTS, &mut records) {
+            chains.clear();
+            if let Err(e) = tail.fetch_records_with_chains(FETCH_EVENTS, &mut records, &mut chains)
+            {
                 self.fail(format!("reading the journal: {e:#}"));
                 return;
             }
@@ -111,7 +114,8 @@ impl Follower {
                 }
                 if self.ledger.next_seq() >= next_snapshot {
                     next_snapshot = self.ledger.next_seq() + self.snapshot_every;
-                    self.snapshot(&mut buffer);
+                    // The record's frame checksum names the journal this state came from.
+                    self.snapshot(chains.get(i).copied(), &mut buffer);
                 }
             }
             self.shared
@@ -120,9 +124,9 @@ impl Follower {
         }
     }
 
-    fn snapshot(&self, bytes: &mut Vec<u8>) {
+    fn snapshot(&self, chain: Option<u32>, bytes: &mut Vec<u8>) {
         let started = std::time::Instant::now();
-        encode_snapshot_into(&self.ledger, bytes);
+        encode_snapshot_into(&self.ledger, chain, bytes);
         match write_snapshot(&self.snapshot_dir, bytes) {
             Ok(path) => {
                 self.shared

@@ -189,10 +189,14 @@ pub fn recover_with(
     mut observe: impl FnMut(&Ledger, &CommandRecord),
 ) -> Result<Recovered, JournalError> {
     let journal = journal_dir(data_dir);
-    let start = if use_snapshot {
-        snapshot::load_newest(&snapshot_dir(data_dir), config, None)
+    let loaded = if use_snapshot {
+        snapshot::load_newest_snapshot(&snapshot_dir(data_dir), config, None)
     } else {
         None
+    };
+    let (start, snapshot_chain) = match loaded {
+        Some(l) => (Some(l.ledger), l.chain.map(|chain| (chain, l.path))),
+        None => (None, None),
     };
     let snapshot_next_seq = start.as_ref().map(|l| l.next_seq());
     // The segments the replay does not open (those before the snapshot's) are checked by
@@ -220,6 +224,25 @@ pub fn recover_with(
         && end.next_seq < seq
     {
         return Err(snapshot_ahead(data_dir, seq, &end));
+    }
+    if let (Some((chain, path)), Some(journal_chain), Some(seq)) =
+        (snapshot_chain, end.chain_at_from, snapshot_next_seq)
+        && chain != journal_chain
+    {
+        // The snapshot was taken after another record than the journal's: a snapshot of
+        // another history (another data directory's, or this one's before it was replaced),
+        // whose balances would be carried on as this journal's.
+        return Err(JournalError::Corrupt {
+            file: path,
+            offset: 0,
+            seq,
+            reason: format!(
+                "the snapshot does not belong to this journal: it follows a record with \
+                 checksum {chain:#010x}, the journal's record before sequence {seq} has \
+                 {journal_chain:#010x}. Move it out of the snapshot directory to start from \
+                 an older snapshot or the journal alone"
+            ),
+        });
     }
     if ledger.next_seq() != end.next_seq {
         // Only a journal that does not start where the ledger does gets here (a lone segment

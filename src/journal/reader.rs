@@ -58,6 +58,10 @@ pub struct JournalEnd {
     /// With `torn_at`: the offset right after the tail's last non-zero byte (the segment is
     /// all zeros from there on, so the cut need not write further).
     pub torn_end: u64,
+    /// The journal's chain value at the scan's `from_seq` (the frame checksum of the record that
+    /// ends right before it, which the record starting there chains to), when a record starts
+    /// exactly there or the journal ends exactly there; `None` otherwise.
+    pub chain_at_from: Option<u32>,
 }
 
 impl JournalEnd {
@@ -69,6 +73,7 @@ impl JournalEnd {
             last_crc: 0,
             torn_at: None,
             torn_end: 0,
+            chain_at_from: None,
         }
     }
 }
@@ -220,6 +225,7 @@ pub fn scan(
     let segments = list_segments(dir)?;
     let durable = durable_watermark(dir);
     let mut end = JournalEnd::empty();
+    let mut passed_from = false;
     // Start at the last segment that begins at or before `from_seq`; the chain is verified from
     // that segment's header on.
     let start = segments
@@ -305,6 +311,11 @@ pub fn scan(
                             &format!("undecodable payload: {e}"),
                         )
                     })?;
+                    if record.first_seq >= from_seq && !passed_from {
+                        passed_from = true;
+                        end.chain_at_from =
+                            (record.first_seq == from_seq).then_some(frame.prev_crc);
+                    }
                     if record.first_seq >= from_seq {
                         visit(&record).map_err(|reason| JournalError::Visitor {
                             seq: record.first_seq,
@@ -355,6 +366,9 @@ pub fn scan(
             }
         }
         end.segment = Some((path.clone(), offset as u64));
+    }
+    if !passed_from && end.next_seq == from_seq {
+        end.chain_at_from = Some(end.last_crc);
     }
     Ok(end)
 }

@@ -153,6 +153,23 @@ fn decode_side_by_side(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, Dec
 /// Loads the newest snapshot that decodes and verifies, skipping (with a warning) any that do
 /// not. `at_most` bounds its sequence (a caller that wants the state at an earlier point).
 pub fn load_newest(dir: &Path, config: LedgerConfig, at_most: Option<u64>) -> Option<Ledger> {
+    load_newest_snapshot(dir, config, at_most).map(|loaded| loaded.ledger)
+}
+
+/// A snapshot loaded by `load_newest_snapshot`.
+pub struct LoadedSnapshot {
+    pub ledger: Ledger,
+    /// The journal chain value it was written at (`codec::snapshot_chain`), if it names one.
+    pub chain: Option<u32>,
+    pub path: PathBuf,
+}
+
+/// `load_newest`, with the snapshot's file and journal chain value.
+pub fn load_newest_snapshot(
+    dir: &Path,
+    config: LedgerConfig,
+    at_most: Option<u64>,
+) -> Option<LoadedSnapshot> {
     for (seq, path) in list_snapshots(dir) {
         if at_most.is_some_and(|limit| seq > limit) {
             tracing::debug!(file = %path.display(), "skipping a snapshot past the sequence asked for");
@@ -167,7 +184,13 @@ pub fn load_newest(dir: &Path, config: LedgerConfig, at_most: Option<u64>) -> Op
                     header_next_seq = ledger.next_seq(),
                     "skipping a snapshot whose name disagrees with its header"
                 ),
-                Ok(ledger) => return Some(ledger),
+                Ok(ledger) => {
+                    return Some(LoadedSnapshot {
+                        ledger,
+                        chain: crate::core::codec::snapshot_chain(&bytes),
+                        path,
+                    });
+                }
                 Err(e) => {
                     tracing::warn!(file = %path.display(), error = %e, "skipping an invalid snapshot")
                 }

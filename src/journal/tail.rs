@@ -274,6 +274,26 @@ impl JournalTail {
         max_events: usize,
         out: &mut Vec<CommandRecord>,
     ) -> anyhow::Result<()> {
+        self.fetch_inner(max_events, out, None)
+    }
+
+    /// `fetch_records`, also appending to `chains` each record's frame checksum (the journal's
+    /// chain value after it), one per record added to `out`.
+    pub fn fetch_records_with_chains(
+        &mut self,
+        max_events: usize,
+        out: &mut Vec<CommandRecord>,
+        chains: &mut Vec<u32>,
+    ) -> anyhow::Result<()> {
+        self.fetch_inner(max_events, out, Some(chains))
+    }
+
+    fn fetch_inner(
+        &mut self,
+        max_events: usize,
+        out: &mut Vec<CommandRecord>,
+        mut chains: Option<&mut Vec<u32>>,
+    ) -> anyhow::Result<()> {
         if self.segment.is_none() {
             let segments = list_segments(&self.dir)?;
             // The last segment that begins at or before the start (segments are named by their
@@ -292,7 +312,8 @@ impl JournalTail {
         self.refresh_durable_limit()?;
         let mut events = 0usize;
         while events < max_events {
-            let (progressed, added) = self.read_chunk(max_events - events, out)?;
+            let (progressed, added) =
+                self.read_chunk(max_events - events, out, chains.as_deref_mut())?;
             events += added;
             if !progressed && !self.advance_segment()? {
                 break;
@@ -307,6 +328,7 @@ impl JournalTail {
         &mut self,
         max_events: usize,
         out: &mut Vec<CommandRecord>,
+        mut chains: Option<&mut Vec<u32>>,
     ) -> anyhow::Result<(bool, usize)> {
         let Some(segment) = self.segment.as_mut() else {
             return Ok((false, 0));
@@ -369,6 +391,9 @@ impl JournalTail {
                     if record.first_seq >= self.start_seq {
                         events += record.event_count as usize;
                         out.push(record);
+                        if let Some(chains) = chains.as_deref_mut() {
+                            chains.push(frame.crc);
+                        }
                     }
                     at += frame.length;
                 }

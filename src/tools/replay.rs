@@ -106,15 +106,17 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
     let started = Instant::now();
     let durable_seq = crate::journal::durable_watermark(&journal);
     let mut snapshot_seq = None;
+    let mut snapshot_chain = None;
     let mut ledger = if args.from_snapshot {
-        match snapshot::load_newest(
+        match snapshot::load_newest_snapshot(
             &snapshot_dir(&args.data_dir),
             config,
             args.to_seq.map(|s| s + 1),
         ) {
-            Some(ledger) => {
-                snapshot_seq = Some(ledger.next_seq() - 1);
-                ledger
+            Some(loaded) => {
+                snapshot_seq = Some(loaded.ledger.next_seq() - 1);
+                snapshot_chain = loaded.chain;
+                loaded.ledger
             }
             None => Ledger::new(config),
         }
@@ -212,6 +214,20 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
                     "the snapshot holds sequence {snap} but the journal ends at {journal_last}: \
                      journal records the snapshot covers are missing"
                 )),
+                // Taken after another record than the journal's: another history's snapshot.
+                Some(snap)
+                    if snapshot_chain.is_some()
+                        && end.chain_at_from.is_some()
+                        && snapshot_chain != end.chain_at_from =>
+                {
+                    Some(format!(
+                        "the snapshot at sequence {snap} does not belong to this journal: it \
+                         follows a record with checksum {:#010x}, the journal's record {snap} \
+                         has {:#010x}",
+                        snapshot_chain.unwrap_or(0),
+                        end.chain_at_from.unwrap_or(0)
+                    ))
+                }
                 // The rule start-up applies, with its message (file, offset, sequence).
                 _ if to_end => check_durable_watermark(&journal, durable_seq, &end)
                     .err()
@@ -353,7 +369,7 @@ pub fn snapshot(args: &SnapshotArgs) -> anyhow::Result<PathBuf> {
         &recovered.end,
     )?;
     drop(writer);
-    let bytes = encode_snapshot(&recovered.ledger);
+    let bytes = encode_snapshot(&recovered.ledger, Some(recovered.end.last_crc));
     Ok(snapshot::write_snapshot(
         &snapshot_dir(&args.data_dir),
         &bytes,
