@@ -105,6 +105,10 @@ struct ServeArgs {
     /// Write a snapshot every this many events (0: never).
     #[arg(long, default_value_t = 0)]
     snapshot_every: u64,
+    /// Snapshots kept after each one written: older ones (and the temporary files of
+    /// interrupted ones) are removed (0: keep all, and let the disk fill).
+    #[arg(long, default_value_t = wallet::engine::DEFAULT_SNAPSHOT_KEEP)]
+    snapshot_keep: usize,
     /// `jwt` (needs --jwt-secret or --jwt-public-key), `none` (loopback only), or `auto`: jwt
     /// when a key is given, otherwise none on loopback and a refusal elsewhere.
     #[arg(long, default_value = "auto")]
@@ -188,6 +192,7 @@ impl ServeArgs {
             pin_core: usize::try_from(self.pin_core).ok(),
             checkpoint_every: self.checkpoint_every,
             snapshot_every: self.snapshot_every,
+            snapshot_keep: self.snapshot_keep,
             ..wallet::api::ServeConfig::default()
         })
     }

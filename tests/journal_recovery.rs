@@ -1967,13 +1967,13 @@ fn a_segment_creation_cut_short_by_a_crash_does_not_stop_recovery_or_the_next_ro
     assert_eq!(recovered(data).ledger.state_hash(), ledger.state_hash());
 }
 
-/// Snapshots come from the engine's follower (stage 5), not the engine thread: each one must be
-/// exactly the journal's state at its sequence, and the follower must have verified every
-/// checkpoint record on the way (the live form of `wallet replay`'s check).
-#[test]
-fn the_snapshot_follower_writes_snapshots_equal_to_the_replayed_journal_and_verifies_checkpoints() {
-    let temp = tempfile::tempdir().unwrap();
-    let data = temp.path();
+/// Runs 6,000 commands through an engine with a journal in `data` (64 KiB segments), a
+/// checkpoint every 300 events and a snapshot every 1,000, keeping `snapshot_keep`; returns the
+/// final ledger and the engine's shared state once the follower has caught up.
+fn run_with_snapshot_follower(
+    data: &Path,
+    snapshot_keep: usize,
+) -> (Ledger, Arc<wallet::engine::EngineShared>) {
     // Small segments, so that the follower crosses segment rolls.
     let writer = open_writer(
         data,
@@ -1989,6 +1989,7 @@ fn the_snapshot_follower_writes_snapshots_equal_to_the_replayed_journal_and_veri
             checkpoint_every: 300,
             snapshot_every: 1000,
             snapshot_dir: Some(snapshot_dir(data)),
+            snapshot_keep,
             ..engine_config()
         },
         JournalStage::Journal(writer),
@@ -2021,6 +2022,17 @@ fn the_snapshot_follower_writes_snapshots_equal_to_the_replayed_journal_and_veri
     }
     drop(submitter);
     let ledger = engine.shutdown().expect("the engine did not fail");
+    (ledger, shared)
+}
+
+/// Snapshots come from the engine's follower (stage 5), not the engine thread: each one must be
+/// exactly the journal's state at its sequence, and the follower must have verified every
+/// checkpoint record on the way (the live form of `wallet replay`'s check).
+#[test]
+fn the_snapshot_follower_writes_snapshots_equal_to_the_replayed_journal_and_verifies_checkpoints() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let (ledger, shared) = run_with_snapshot_follower(data, 0);
     assert!(
         !shared.follower_failed.load(Ordering::SeqCst),
         "{:?}",
@@ -2080,4 +2092,33 @@ fn the_snapshot_follower_writes_snapshots_equal_to_the_replayed_journal_and_veri
             path.display()
         );
     }
+}
+
+/// A server with `--snapshot-every` keeps only the newest `--snapshot-keep` snapshots (each is
+/// as large as the state; keeping them all filled the disk), and removes the temporary files of
+/// snapshots whose writing a crash interrupted. Other files are left alone.
+#[test]
+fn the_snapshot_follower_keeps_only_the_newest_snapshots() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let snapshots = snapshot_dir(data);
+    fs::create_dir_all(&snapshots).unwrap();
+    let interrupted = snapshots.join(".snapshot-00000000000000000005.bin.tmp");
+    fs::write(&interrupted, b"half a snapshot").unwrap();
+    let other = snapshots.join("notes.txt");
+    fs::write(&other, b"an operator's file").unwrap();
+    let (ledger, shared) = run_with_snapshot_follower(data, 2);
+    let written = shared.snapshots_written.load(Ordering::SeqCst);
+    assert!(written >= 4, "{written} snapshots written");
+    let kept = snapshot::list_snapshots(&snapshots);
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    // The newest two: the last one written is at most one interval behind the end.
+    assert!(kept[0].0 + 1000 + 64 >= ledger.next_seq(), "{kept:?}");
+    assert!(kept[1].0 < kept[0].0);
+    assert!(!interrupted.exists());
+    assert!(other.exists());
+    // And they load.
+    let r = recover_in_thread(data).expect("recovery failed");
+    assert_eq!(r.snapshot_next_seq, Some(kept[0].0));
+    assert_eq!(r.ledger.state_hash(), ledger.state_hash());
 }

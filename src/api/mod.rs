@@ -65,6 +65,8 @@ pub struct ServeConfig {
     pub pin_core: Option<usize>,
     pub checkpoint_every: u64,
     pub snapshot_every: u64,
+    /// Snapshots kept after each one written (0: all).
+    pub snapshot_keep: usize,
     pub auth: Arc<auth::Auth>,
     /// Requests per second per caller (0: no limit).
     pub rate_limit_per_caller: u32,
@@ -157,6 +159,7 @@ impl Default for ServeConfig {
             pin_core: Some(1),
             checkpoint_every: 1 << 20,
             snapshot_every: 0,
+            snapshot_keep: crate::engine::DEFAULT_SNAPSHOT_KEEP,
             auth: Arc::new(auth::Auth::None),
             rate_limit_per_caller: 0,
             velocity_per_account: 0,
@@ -461,6 +464,7 @@ pub async fn serve(
         checkpoint_every: config.checkpoint_every,
         snapshot_every: config.snapshot_every,
         snapshot_dir: Some(snapshot_dir(&config.data_dir)),
+        snapshot_keep: config.snapshot_keep,
         panic_at_seq: crate::replicate::failpoint_value("engine-panic"),
     };
     let engine = Engine::start(

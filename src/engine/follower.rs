@@ -38,6 +38,8 @@ pub(crate) struct Follower {
     pub journal_dir: PathBuf,
     pub snapshot_dir: PathBuf,
     pub snapshot_every: u64,
+    /// Snapshots kept in `snapshot_dir` after each one written (0: all).
+    pub snapshot_keep: usize,
     pub shared: Arc<EngineShared>,
     /// Set by `Engine::shutdown`: finish the records at hand and return.
     pub stop: Arc<AtomicBool>,
@@ -138,6 +140,19 @@ impl Follower {
                     seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
                     "snapshot written"
                 );
+                if self.snapshot_keep > 0 {
+                    match crate::journal::snapshot::prune(&self.snapshot_dir, self.snapshot_keep) {
+                        Ok(removed) if !removed.is_empty() => {
+                            tracing::info!(
+                                removed = removed.len(),
+                                keep = self.snapshot_keep,
+                                "older snapshots removed"
+                            )
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "removing older snapshots failed"),
+                    }
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "snapshot failed; the journal still has everything")
@@ -247,6 +262,7 @@ mod tests {
             journal_dir,
             snapshot_dir: snapshots.clone(),
             snapshot_every,
+            snapshot_keep: 0,
             shared: shared.clone(),
             stop: stop.clone(),
         }

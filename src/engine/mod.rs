@@ -194,11 +194,17 @@ pub struct EngineConfig {
     /// Write a snapshot every this many events (0: never), into this directory.
     pub snapshot_every: u64,
     pub snapshot_dir: Option<PathBuf>,
+    /// Snapshots kept in `snapshot_dir` after each one the follower writes (0: all).
+    pub snapshot_keep: usize,
     /// Crash-test hook: the engine thread panics as it executes the command whose record holds
     /// this sequence number. `serve` sets it from `WALLET_FAILPOINT=engine-panic:<sequence>`;
     /// `None` (the default) costs one comparison per command.
     pub panic_at_seq: Option<u64>,
 }
+
+/// Snapshots a server keeps by default: the newest, and two older ones in case it is damaged
+/// (and for replicas catching up from a snapshot at or before their position).
+pub const DEFAULT_SNAPSHOT_KEEP: usize = 3;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -211,6 +217,7 @@ impl Default for EngineConfig {
             checkpoint_every: 1 << 20,
             snapshot_every: 0,
             snapshot_dir: None,
+            snapshot_keep: DEFAULT_SNAPSHOT_KEEP,
             panic_at_seq: None,
         }
     }
@@ -727,6 +734,7 @@ impl Engine {
                     journal_dir: writer.dir().to_path_buf(),
                     snapshot_dir: dir.clone(),
                     snapshot_every: config.snapshot_every,
+                    snapshot_keep: config.snapshot_keep,
                     shared: shared.clone(),
                     stop: stop.clone(),
                 }

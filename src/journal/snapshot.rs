@@ -80,6 +80,34 @@ fn write_paced(file: &mut File, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Removes all but the newest `keep` snapshots of `dir` (at least one is always kept), and the
+/// temporary files of snapshots whose writing was interrupted (a crash: never loaded, and each
+/// as large as a snapshot). Call it with no snapshot being written into `dir`. Returns what it
+/// removed. Without it a server with `--snapshot-every` fills its disk.
+pub fn prune(dir: &Path, keep: usize) -> std::io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for (_, path) in list_snapshots(dir).into_iter().skip(keep.max(1)) {
+        fs::remove_file(&path)?;
+        removed.push(path);
+    }
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let unfinished = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix('.')?.strip_suffix(".tmp"))
+            .is_some_and(|n| parse_snapshot_file_name(n).is_some());
+        if unfinished {
+            fs::remove_file(&path)?;
+            removed.push(path);
+        }
+    }
+    if !removed.is_empty() {
+        fsync_dir(dir)?;
+    }
+    Ok(removed)
+}
+
 /// Snapshot files in `dir`, newest first.
 pub fn list_snapshots(dir: &Path) -> Vec<(u64, PathBuf)> {
     let mut out: Vec<(u64, PathBuf)> = fs::read_dir(dir)
