@@ -386,6 +386,32 @@ fn a_long_poll_longer_than_the_request_timeout_ends_with_200() {
     assert!(server.stop().success());
 }
 
+/// A shutdown ends the long polls in flight at once, each with a 200 and what there is, so
+/// SIGTERM is not held up by them (it took until the 10 s drain limit, and a poll longer than
+/// that lost its connection instead of getting an answer).
+#[test]
+fn a_long_poll_ends_with_200_as_soon_as_the_server_stops() {
+    let dir = temp();
+    let server = Server::start(dir.path(), &["--request-timeout-ms", "30000"]);
+    let address = server.address.clone();
+    let poll = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let r = Client::connect(&address).get("/v1/wallet/events?from_seq=999999&wait_ms=25000");
+        (r, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let stopping = std::time::Instant::now();
+    assert!(server.stop().success());
+    let stopped_in = stopping.elapsed();
+    let (r, polled_for) = poll.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.is_empty());
+    assert!(
+        stopped_in < Duration::from_secs(5) && polled_for < Duration::from_secs(6),
+        "stopped in {stopped_in:?}, the poll took {polled_for:?}"
+    );
+}
+
 #[test]
 fn a_batch_larger_than_the_ring_is_a_400_and_a_ring_size_that_is_not_a_power_of_two_is_refused() {
     let dir = temp();

@@ -613,6 +613,8 @@ pub async fn serve(
     }
     drop(listener);
     pruning.abort();
+    // Long polls and read-your-writes waits answer now, with what there is.
+    app.views.close();
     tracing::info!("shutting down: finishing in-flight requests");
     if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
         .await

@@ -441,6 +441,8 @@ pub struct Views {
     past_complete: std::sync::atomic::AtomicBool,
     /// Why the past could not be built, if it could not (it then never completes).
     past_failed: std::sync::OnceLock<String>,
+    /// Set when the server stops (shutdown or a halt): waits end at once.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl Views {
@@ -493,6 +495,7 @@ impl Views {
             advanced: tokio::sync::Notify::new(),
             past_complete: std::sync::atomic::AtomicBool::new(ledger.next_seq() == 1),
             past_failed: std::sync::OnceLock::new(),
+            closing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -588,10 +591,21 @@ impl Views {
             if self.applied_seq() >= seq {
                 return true;
             }
+            if self.closing.load(Ordering::Acquire) {
+                return false;
+            }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return self.applied_seq() >= seq;
             }
         }
+    }
+
+    /// Ends every wait (`wait_for`) now and later: the server is stopping (a shutdown or a
+    /// halt), and long polls answer with what they have instead of holding the shutdown up
+    /// until their timeout, or waiting for records a halted engine will never make.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.advanced.notify_waiters();
     }
 
     pub fn read<T>(&self, read: impl FnOnce(&ViewState) -> T) -> T {
