@@ -858,6 +858,46 @@ fn restart_keeps_balances_history_and_remembered_ids() {
     assert!(server.stop().success());
 }
 
+/// The event stream read from the journal files (older than the in-memory window) meets a
+/// record damaged on disk while the server runs: a 500 naming the failure, never a short or
+/// empty 200 that a consumer would take for "nothing more" and poll forever.
+#[test]
+fn a_damaged_record_under_the_event_stream_is_an_error_not_an_empty_answer() {
+    use std::os::unix::fs::FileExt;
+    let dir = temp();
+    let server = Server::start(dir.path(), &[]);
+    let mut c = server.client();
+    for a in ["a", "b", "c"] {
+        open(&mut c, a);
+    }
+    deposit(&mut c, "a", "5.00");
+    assert!(server.stop().success());
+    let server = Server::start(dir.path(), &[]);
+    let mut c = server.client();
+    let whole = c.get("/v1/wallet/events?from_seq=1");
+    assert_eq!((whole.status, whole.body.lines().count()), (200, 4));
+    // Flip a bit inside the second record's frame (the first record is at offset 64).
+    let (_, segment) = wallet::journal::list_segments(&dir.path().join("journal"))
+        .unwrap()
+        .remove(0);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&segment)
+        .unwrap();
+    let mut length = [0u8; 4];
+    file.read_exact_at(&mut length, 64).unwrap();
+    let second = 64 + u64::from(u32::from_le_bytes(length));
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, second + 40).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x04], second + 40).unwrap();
+    drop(file);
+    let r = c.get("/v1/wallet/events?from_seq=1");
+    assert_eq!(r.status, 500, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "journal_read_failed");
+    server.kill9();
+}
+
 #[test]
 fn a_second_server_on_the_same_data_dir_is_refused() {
     let dir = temp();

@@ -1650,32 +1650,46 @@ async fn events(app: &App, query: Option<&str>) -> Reply {
             let dir = crate::journal::journal_dir(&app.config.data_dir);
             let app_views = app.views.clone();
             let durable = app.views.applied_seq();
-            const ENOUGH: &str = "enough";
             let result = tokio::task::spawn_blocking(move || {
                 let mut records = Vec::new();
                 let mut events = 0;
-                // `scan` visits records that start at or after its sequence; the record that
-                // holds event `from_seq` may start up to `MAX_EVENTS_PER_COMMAND - 1` before it
-                // (a transfer's credit event is the second of its record).
+                // The record that holds event `from_seq` may start up to
+                // `MAX_EVENTS_PER_COMMAND - 1` before it (a transfer's credit event is the
+                // second of its record). Read with `JournalTail` (positioned reads, durable
+                // records only) rather than a mapping the engine's writer stores into.
                 let start = from_seq
                     .saturating_sub(crate::core::command::MAX_EVENTS_PER_COMMAND as u64 - 1)
                     .max(1);
-                let scanned = crate::journal::scan(&dir, start, |record| {
-                    if record.next_seq() <= from_seq {
-                        return Ok(());
+                let mut tail = crate::journal::tail::JournalTail::new(&dir);
+                tail.start_at(start).map_err(|e| format!("{e:#}"))?;
+                let mut batch = Vec::new();
+                'reading: loop {
+                    batch.clear();
+                    tail.fetch_records(limit.saturating_sub(events).max(1), &mut batch)
+                        .map_err(|e| format!("{e:#}"))?;
+                    if batch.is_empty() {
+                        break;
                     }
-                    if events >= limit || record.first_seq > durable {
-                        return Err(ENOUGH.into());
+                    for record in &batch {
+                        if record.next_seq() <= from_seq {
+                            continue;
+                        }
+                        if events >= limit || record.first_seq > durable {
+                            break 'reading;
+                        }
+                        events += record.events().iter().filter(|e| e.seq >= from_seq).count();
+                        records.push(*record);
                     }
-                    events += record.events().iter().filter(|e| e.seq >= from_seq).count();
-                    records.push(*record);
-                    Ok(())
-                });
-                match scanned {
-                    Ok(_) => {}
-                    Err(crate::journal::JournalError::Visitor { reason, .. })
-                        if reason == ENOUGH => {}
-                    Err(e) => return Err(e.to_string()),
+                }
+                // Short of the limit and of the views' sequence: the tail stopped at a frame it
+                // cannot read yet. Usually the durable-watermark file a little behind the
+                // views; a damaged record is an error, as it would be for any reader.
+                if events < limit && tail.next_seq() <= durable {
+                    let checked =
+                        crate::journal::scan(&dir, tail.next_seq(), |_| Err("stop".into()));
+                    if let Err(e @ crate::journal::JournalError::Corrupt { .. }) = checked {
+                        return Err(e.to_string());
+                    }
                 }
                 let names = app_views.read(|state| names_of(state, &records));
                 let mut lines = String::new();

@@ -246,8 +246,8 @@ pub fn scan(
         })?;
         // SAFETY: segment files are never truncated while mapped, so the mapping stays valid
         // for as long as `map` lives. It is not immutable: a writer running at the same time
-        // (this process's engine, under the events route's journal fallback or a tail's stuck
-        // check; or another process's) stores into the newest segment past its last record
+        // (this process's engine, under a tail's stuck check; or another process's, under a
+        // replicator's record lookup) stores into the newest segment past its last record
         // while this slice is alive. Every read here is bounds-checked against the fixed
         // mapping length and every frame is checksummed before it is trusted, so a byte that
         // changes underneath reads as a frame not written yet (a torn tail, which a scan that
