@@ -1195,10 +1195,6 @@ fn while_recovering_health_is_ok_readiness_is_503_and_writes_are_refused() {
     assert!(server.stop().success());
 }
 
-/// A panic on the engine thread (injected with the `engine-panic` failpoint): the request whose
-/// command panicked gets 503 `outcome_unknown`, the server stops by itself with a failure
-/// status, and after a restart everything acknowledged is there and the unacknowledged transfer
-/// is not (a retry with its id then commits it, once).
 /// A gap in the journal below the newest snapshot passes start-up (recovery reads only the
 /// journal after the snapshot), but the read views' rebuild reads it all: the gap is reported on
 /// `/readyz` and by the reads that need the views' past, within seconds. It used to leave the
@@ -1270,6 +1266,10 @@ fn a_gap_below_the_snapshot_is_reported_by_readiness_and_reads_not_left_recoveri
     assert!(server.stop().success());
 }
 
+/// A panic on the engine thread (injected with the `engine-panic` failpoint): the request whose
+/// command panicked gets 503 `outcome_unknown`, the server stops by itself with a failure
+/// status, and after a restart everything acknowledged is there and the unacknowledged transfer
+/// is not (a retry with its id then commits it, once).
 #[test]
 fn a_panic_on_the_engine_thread_stops_the_server_and_loses_nothing_acknowledged() {
     let dir = temp();

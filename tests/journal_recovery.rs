@@ -935,6 +935,11 @@ fn a_snapshot_ahead_of_the_journal_refuses_start_up_until_it_is_moved_away() {
 /// A journal of commands 0..199 and a last deposit of `amount` cents: two of these with
 /// different amounts are two histories with the same sequence numbers.
 fn history_ending_with_a_deposit_of(data: &Path, amount: u64) -> Ledger {
+    history_with_a_deposit_of(data, amount, 0..0)
+}
+
+/// `history_ending_with_a_deposit_of`, then commands `after`.
+fn history_with_a_deposit_of(data: &Path, amount: u64, after: std::ops::Range<u64>) -> Ledger {
     let (mut writer, mut ledger, mut history) = fresh_writer(data, 1 << 20, SyncMode::Batch);
     write_commands(&mut writer, &mut ledger, &mut history, 0..199, 10);
     let last = Command {
@@ -949,6 +954,7 @@ fn history_ending_with_a_deposit_of(data: &Path, amount: u64) -> Ledger {
     let record = ledger.execute(&last);
     writer.append(&record).unwrap();
     writer.commit().unwrap();
+    write_commands(&mut writer, &mut ledger, &mut history, after, 10);
     ledger
 }
 
@@ -994,6 +1000,34 @@ fn a_snapshot_of_another_history_is_refused_by_its_chain_value() {
         report.error
     );
 
+    // The same snapshot beside a journal that goes on after it: refused as another history's
+    // before any record is applied to it (that used to fail on the first record, blaming the
+    // journal: "stopped by the visitor at sequence ...").
+    let longer = temp.path().join("longer");
+    history_with_a_deposit_of(&longer, 700, 199..260);
+    let snapshot_there = snapshot::write_snapshot(
+        &snapshot_dir(&longer),
+        &encode_snapshot(&other, Some(their_chain)),
+    )
+    .unwrap();
+    let error = refusal(recover_in_thread(&longer));
+    assert!(
+        error.contains("does not belong to this journal")
+            && error.contains(&snapshot_there.display().to_string()),
+        "{error}"
+    );
+    let mut args = replay_args(&longer);
+    args.from_snapshot = true;
+    let report = wallet::tools::replay::run(&args).unwrap();
+    assert!(
+        report
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("does not belong to this journal")),
+        "{:?}",
+        report.error
+    );
+
     // Our own state with our chain value loads.
     fs::remove_file(&written).unwrap();
     snapshot::write_snapshot(
@@ -1013,6 +1047,56 @@ fn a_snapshot_of_another_history_is_refused_by_its_chain_value() {
     assert_eq!(
         wallet::core::codec::snapshot_chain(&bytes),
         Some(their_chain)
+    );
+}
+
+/// A tail (the read views' rebuild, the follower, the replicators) that reaches the end of a
+/// segment's records while a later segment exists tells a gap between segments from damage
+/// inside one: a missing segment is a `JournalGap` naming both ends, zeroed records followed by
+/// others are damage at their offset (it called that "segments are missing" too).
+#[test]
+fn a_tail_tells_a_missing_segment_from_damage_inside_one() {
+    let fetch_all = |data: &Path| -> anyhow::Result<usize> {
+        let mut tail = wallet::journal::tail::JournalTail::new(&journal_dir(data));
+        let mut records = Vec::new();
+        loop {
+            let before = records.len();
+            tail.fetch_records(1 << 16, &mut records)?;
+            if records.len() == before {
+                return Ok(records.len());
+            }
+        }
+    };
+    let temp = tempfile::tempdir().unwrap();
+    let (gap, damaged) = (temp.path().join("gap"), temp.path().join("damaged"));
+    fresh_journal(&gap, 4096, 0..200, 10);
+    fresh_journal(&damaged, 4096, 0..200, 10);
+    assert_eq!(fetch_all(&gap).unwrap(), 200);
+    let segments = list_segments(&journal_dir(&gap)).unwrap();
+    assert!(segments.len() >= 4);
+    fs::remove_file(&segments[2].1).unwrap();
+    let error = fetch_all(&gap).unwrap_err();
+    assert!(error.is::<wallet::journal::tail::JournalGap>(), "{error:#}");
+    assert!(
+        format!("{error:#}").contains(&format!("begins at {}", segments[3].0)),
+        "{error:#}"
+    );
+
+    // Zero the first frame of the second segment: the records after it are still there.
+    let (_, second) = list_segments(&journal_dir(&damaged)).unwrap().remove(1);
+    let file = OpenOptions::new().write(true).open(&second).unwrap();
+    file.write_all_at(&[0u8; 8], SEGMENT_HEADER_BYTES as u64)
+        .unwrap();
+    drop(file);
+    let error = fetch_all(&damaged).unwrap_err();
+    assert!(
+        !error.is::<wallet::journal::tail::JournalGap>(),
+        "{error:#}"
+    );
+    assert!(
+        format!("{error:#}").contains("damage inside the segment")
+            && format!("{error:#}").contains(&format!("offset {SEGMENT_HEADER_BYTES}")),
+        "{error:#}"
     );
 }
 
@@ -2107,9 +2191,15 @@ fn the_snapshot_follower_keeps_only_the_newest_snapshots() {
     fs::write(&interrupted, b"half a snapshot").unwrap();
     let other = snapshots.join("notes.txt");
     fs::write(&other, b"an operator's file").unwrap();
+    // A damaged snapshot named above everything the run will write: start-up would skip it, so
+    // it must not count among the kept ones (it pushed the good ones out), nor be removed.
+    let damaged = snapshots.join(snapshot::snapshot_file_name(1 << 40));
+    fs::write(&damaged, b"not a snapshot").unwrap();
     let (ledger, shared) = run_with_snapshot_follower(data, 2);
     let written = shared.snapshots_written.load(Ordering::SeqCst);
     assert!(written >= 4, "{written} snapshots written");
+    assert!(damaged.exists());
+    fs::remove_file(&damaged).unwrap();
     let kept = snapshot::list_snapshots(&snapshots);
     assert_eq!(kept.len(), 2, "{kept:?}");
     // The newest two: the last one written is at most one interval behind the end.

@@ -1088,9 +1088,9 @@ fn status_for(outcome: &OutcomeView) -> StatusCode {
 
 /// Turns a delivered record into the reply a caller gets.
 fn render(app: &App, caller: &Caller, delivered: &Delivered) -> Reply {
-    let past_complete = app.views.past_complete();
+    let past = PastState::of(&app.views);
     let (status, body, replayed) = app.views.read(|state| {
-        let (status, body, replayed) = render_value(state, caller, delivered, past_complete);
+        let (status, body, replayed) = render_value(state, caller, delivered, &past);
         (status, body.to_bytes(), replayed)
     });
     let reply = Reply::json_bytes(status, body);
@@ -1106,7 +1106,7 @@ fn render_value<'a>(
     state: &'a ViewState,
     caller: &Caller,
     delivered: &Delivered,
-    past_complete: bool,
+    past: &PastState,
 ) -> (StatusCode, Body<'a>, bool) {
     let record = &delivered.record;
     if !delivered.durable {
@@ -1123,7 +1123,11 @@ fn render_value<'a>(
             Some(original) => (*original, true),
             // The views are still loading the journal's past: the original body is not known
             // yet, and a retry will get it.
-            None if !past_complete => {
+            None if past.failed.is_some() => {
+                let body = json!({"error": {"code": "views_unavailable", "message": format!("the original outcome of this transaction_id cannot be shown: the read views could not be rebuilt from the journal: {}", past.failed.as_deref().unwrap_or(""))}});
+                return (StatusCode::SERVICE_UNAVAILABLE, Body::Other(body), false);
+            }
+            None if !past.complete => {
                 let body = json!({"error": {"code": "starting", "message": "the original outcome of this transaction_id is still loading; retry shortly"}});
                 return (StatusCode::SERVICE_UNAVAILABLE, Body::Other(body), false);
             }
@@ -1329,13 +1333,13 @@ async fn transfer_batch(
     };
     // One read lock for the whole batch; each outcome written straight into the response:
     // {"results":[{"index":i,"http_status":s,"replayed":b,"result":{…}},…]}.
-    let past_complete = app.views.past_complete();
+    let past = PastState::of(&app.views);
     let body = app.views.read(|state| {
         let mut out = Vec::with_capacity(64 + results.len() * 400);
         out.extend_from_slice(b"{\"results\":[");
         for (index, result) in results.iter().enumerate() {
             let (status, result, replayed) = match result {
-                Some(delivered) => render_value(state, caller, delivered, past_complete),
+                Some(delivered) => render_value(state, caller, delivered, &past),
                 None => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     Body::Other(
@@ -1725,6 +1729,21 @@ fn long_poll_limit(request_timeout: Duration) -> Duration {
 
 /// The names of the accounts that `records`' events name, by account index (copied, so that
 /// lines can be rendered without the views' lock).
+/// Whether the views' past is in (see `Views::past_complete`), and why not if it failed.
+struct PastState {
+    complete: bool,
+    failed: Option<String>,
+}
+
+impl PastState {
+    fn of(views: &Views) -> PastState {
+        PastState {
+            complete: views.past_complete(),
+            failed: views.past_failure().map(str::to_string),
+        }
+    }
+}
+
 fn names_of(
     state: &ViewState,
     records: &[crate::core::CommandRecord],

@@ -141,7 +141,12 @@ impl Follower {
                     "snapshot written"
                 );
                 if self.snapshot_keep > 0 {
-                    match crate::journal::snapshot::prune(&self.snapshot_dir, self.snapshot_keep) {
+                    let written = self.ledger.next_seq();
+                    match crate::journal::snapshot::prune(
+                        &self.snapshot_dir,
+                        written,
+                        self.snapshot_keep,
+                    ) {
                         Ok(removed) if !removed.is_empty() => {
                             tracing::info!(
                                 removed = removed.len(),

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::core::ledger::REMEMBERED_ID_BYTES;
 use crate::core::{CommandRecord, EventKind, Ledger, LedgerConfig};
+use crate::journal::reader::ChainAt;
 use crate::journal::{
     JournalEnd, JournalError, estimate_records, journal_dir, scan_pipelined_batches, snapshot,
     snapshot_dir,
@@ -159,8 +160,8 @@ pub fn check_durable_watermark(
             "the journal ends at sequence {} but its durable watermark says {durable} was synced \
              (and may have been acknowledged): records {}..={durable} are missing or damaged. \
              Restore the journal from a copy. If it was written with --sync none and the \
-             machine lost power, this loss is what that mode allows: remove {} to start from \
-             the journal as it is",
+             machine lost power, this loss is what that mode allows: remove {} (and move out \
+             any snapshot after the journal's end) to start from the journal as it is",
             end.next_seq - 1,
             end.next_seq,
             watermark.display()
@@ -203,6 +204,12 @@ pub fn recover_with(
     // their headers: the history starts at sequence 1 and every file named like a segment is
     // one. A gap between them is found by the read views' rebuild, which reads them all.
     crate::journal::reader::check_segment_headers(&journal, snapshot_next_seq.unwrap_or(1))?;
+    // A snapshot names the journal's chain value at its sequence: checked before any record is
+    // applied to it, so that a snapshot of another history is refused as such (applying this
+    // journal's records to it would fail, or worse pass, and blame the journal).
+    if let (Some((chain, path)), Some(seq)) = (&snapshot_chain, snapshot_next_seq) {
+        check_snapshot_chain(&journal, path, seq, *chain)?;
+    }
     let mut ledger =
         start.unwrap_or_else(|| Ledger::with_capacity(config, 0, estimate_records(&journal, 1)));
     on_start(&ledger);
@@ -225,36 +232,18 @@ pub fn recover_with(
     {
         return Err(snapshot_ahead(data_dir, seq, &end));
     }
-    if let (Some((chain, path)), Some(journal_chain), Some(seq)) =
-        (snapshot_chain, end.chain_at_from, snapshot_next_seq)
-        && chain != journal_chain
-    {
-        // The snapshot was taken after another record than the journal's: a snapshot of
-        // another history (another data directory's, or this one's before it was replaced),
-        // whose balances would be carried on as this journal's.
-        return Err(JournalError::Corrupt {
-            file: path,
-            offset: 0,
-            seq,
-            reason: format!(
-                "the snapshot does not belong to this journal: it follows a record with \
-                 checksum {chain:#010x}, the journal's record before sequence {seq} has \
-                 {journal_chain:#010x}. Move it out of the snapshot directory to start from \
-                 an older snapshot or the journal alone"
-            ),
-        });
-    }
     if ledger.next_seq() != end.next_seq {
-        // Only a journal that does not start where the ledger does gets here (a lone segment
-        // named after a later sequence, say): writing on would break the sequence.
+        // Only a snapshot that names no chain value (from an older build) and is not at one of
+        // this journal's record boundaries gets here: writing on would break the sequence.
         let (file, offset) = end.segment.clone().unwrap_or_else(|| (journal.clone(), 0));
         return Err(JournalError::Corrupt {
             file,
             offset,
             seq: end.next_seq,
             reason: format!(
-                "the journal continues at sequence {} but the state rebuilt from it (and the \
-                 snapshot, if any) ends before sequence {}",
+                "the journal continues at sequence {} but the snapshot's state ends before \
+                 sequence {}: the snapshot was not taken at a record boundary of this journal \
+                 (another history's?). Move it out of the snapshot directory",
                 end.next_seq,
                 ledger.next_seq()
             ),
@@ -267,6 +256,34 @@ pub fn recover_with(
         records_replayed,
         checkpoints_verified,
     })
+}
+
+/// Refuses a snapshot whose chain value is not the journal's at its sequence, or that falls
+/// inside one of the journal's records. A journal that ends before it is left to the
+/// snapshot-ahead check, which says more.
+pub fn check_snapshot_chain(
+    journal: &Path,
+    snapshot: &Path,
+    seq: u64,
+    chain: u32,
+) -> Result<(), JournalError> {
+    let refuse = |found: String| JournalError::Corrupt {
+        file: snapshot.to_path_buf(),
+        offset: 0,
+        seq,
+        reason: format!(
+            "the snapshot does not belong to this journal: it follows a record with checksum \
+             {chain:#010x}, and in the journal {found}. Move it out of the snapshot directory \
+             to start from an older snapshot or the journal alone"
+        ),
+    };
+    match crate::journal::reader::chain_at(journal, seq)? {
+        ChainAt::Boundary(found) if found != chain => Err(refuse(format!(
+            "the record before sequence {seq} has checksum {found:#010x}"
+        ))),
+        ChainAt::InsideRecord => Err(refuse(format!("sequence {seq} falls inside a record"))),
+        _ => Ok(()),
+    }
 }
 
 /// The refusal of a snapshot ahead of the journal's end. The follower snapshots only durable

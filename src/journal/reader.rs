@@ -220,7 +220,47 @@ pub fn check_segment_headers(dir: &Path, from_seq: u64) -> Result<(), JournalErr
 pub fn scan(
     dir: &Path,
     from_seq: u64,
+    visit: impl FnMut(&CommandRecord) -> Result<(), String>,
+) -> Result<JournalEnd, JournalError> {
+    scan_inner(dir, from_seq, visit, &mut None)
+}
+
+/// The journal's chain value at `seq`, read before anything is applied there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainAt {
+    /// A record starts at `seq` (or the journal ends exactly there): the frame checksum of the
+    /// record before it.
+    Boundary(u32),
+    /// `seq` falls inside a record.
+    InsideRecord,
+    /// The journal ends before `seq`.
+    Beyond,
+}
+
+/// The journal's chain value at `seq`: verifies the segment that holds it up to there and
+/// stops (a snapshot's chain value is checked with it before the snapshot is built on).
+pub fn chain_at(dir: &Path, seq: u64) -> Result<ChainAt, JournalError> {
+    let mut seen = None;
+    match scan_inner(dir, seq, |_| Err(String::new()), &mut seen) {
+        Ok(end) => Ok(match end.chain_at_from {
+            Some(chain) => ChainAt::Boundary(chain),
+            None if end.next_seq < seq => ChainAt::Beyond,
+            None => ChainAt::InsideRecord,
+        }),
+        Err(JournalError::Visitor { .. }) => Ok(seen
+            .flatten()
+            .map_or(ChainAt::InsideRecord, ChainAt::Boundary)),
+        Err(e) => Err(e),
+    }
+}
+
+/// `scan`; `chain_seen` is set, as the scan passes `from_seq`, to what `chain_at_from` will
+/// hold (so that a caller whose visitor stops the scan still gets it).
+fn scan_inner(
+    dir: &Path,
+    from_seq: u64,
     mut visit: impl FnMut(&CommandRecord) -> Result<(), String>,
+    chain_seen: &mut Option<Option<u32>>,
 ) -> Result<JournalEnd, JournalError> {
     let segments = list_segments(dir)?;
     let durable = durable_watermark(dir);
@@ -315,6 +355,7 @@ pub fn scan(
                         passed_from = true;
                         end.chain_at_from =
                             (record.first_seq == from_seq).then_some(frame.prev_crc);
+                        *chain_seen = Some(end.chain_at_from);
                     }
                     if record.first_seq >= from_seq {
                         visit(&record).map_err(|reason| JournalError::Visitor {

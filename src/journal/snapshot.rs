@@ -80,15 +80,26 @@ fn write_paced(file: &mut File, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Removes all but the newest `keep` snapshots of `dir` (at least one is always kept), and the
-/// temporary files of snapshots whose writing was interrupted (a crash: never loaded, and each
-/// as large as a snapshot). Call it with no snapshot being written into `dir`. Returns what it
-/// removed. Without it a server with `--snapshot-every` fills its disk.
-pub fn prune(dir: &Path, keep: usize) -> std::io::Result<Vec<PathBuf>> {
+/// Right after the snapshot at `written` (a sequence) was written: removes all but the newest
+/// `keep` snapshots at or below it (it is always kept), and the temporary files of snapshots
+/// whose writing was interrupted (a crash: never loaded, and each as large as a snapshot).
+/// Snapshots above it are left alone and not counted: start-up skipped them (damaged), so they
+/// are for an operator to look at, and must not push out the good ones. Call it with no snapshot
+/// being written into `dir`. Returns what it removed. Without it a server with
+/// `--snapshot-every` fills its disk.
+pub fn prune(dir: &Path, written: u64, keep: usize) -> std::io::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    for (_, path) in list_snapshots(dir).into_iter().skip(keep.max(1)) {
-        fs::remove_file(&path)?;
-        removed.push(path);
+    let older = list_snapshots(dir)
+        .into_iter()
+        .filter(|(seq, _)| *seq <= written)
+        .skip(keep.max(1));
+    for (_, path) in older {
+        match fs::remove_file(&path) {
+            Ok(()) => removed.push(path),
+            // Removed by someone else meanwhile: that is what was wanted.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
     }
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
@@ -98,8 +109,11 @@ pub fn prune(dir: &Path, keep: usize) -> std::io::Result<Vec<PathBuf>> {
             .and_then(|n| n.strip_prefix('.')?.strip_suffix(".tmp"))
             .is_some_and(|n| parse_snapshot_file_name(n).is_some());
         if unfinished {
-            fs::remove_file(&path)?;
-            removed.push(path);
+            match fs::remove_file(&path) {
+                Ok(()) => removed.push(path),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     if !removed.is_empty() {

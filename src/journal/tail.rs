@@ -446,25 +446,39 @@ impl JournalTail {
         let Some(segment) = self.segment.as_ref() else {
             return Ok(false);
         };
-        let Some((_, path)) = segments.iter().find(|(first, _)| *first == self.next_seq) else {
+        let next = segments
+            .iter()
+            .find(|(first, _)| *first == self.next_seq)
+            .filter(|(_, path)| *path != segment.path);
+        let Some((_, path)) = next else {
             // The writer finishes a segment before it creates the next, so a later segment
-            // that is already there means this one has no more records to come: if none
-            // begins where this one ends, the journal has a gap.
+            // that is already there means this one has no more records to come.
             if let Some((later, later_path)) = segments.iter().find(|(f, _)| *f > self.next_seq)
                 && !more_frames(segment)?
             {
-                return Err(JournalGap {
-                    segment: later_path.clone(),
-                    begins_at: *later,
-                    previous_ends_at: self.next_seq - 1,
+                // Bytes after the end of this segment's records are damage inside it (a
+                // zeroed frame), not missing files.
+                if let Some(at) = nonzero_after(segment)? {
+                    bail!(
+                        "{}: no readable record at offset {} but data at offset {at} (damage \
+                         inside the segment; the next segment begins at {later})",
+                        segment.path.display(),
+                        segment.offset
+                    );
                 }
-                .into());
+                // Nothing at all after this segment's records, and no segment where they end:
+                // the one that began there is missing.
+                if !segments.iter().any(|(f, _)| *f == self.next_seq) {
+                    return Err(JournalGap {
+                        segment: later_path.clone(),
+                        begins_at: *later,
+                        previous_ends_at: self.next_seq - 1,
+                    }
+                    .into());
+                }
             }
             return Ok(false);
         };
-        if segment.path == *path {
-            return Ok(false);
-        }
         // The writer finishes a segment before creating the next, but our last read may predate
         // that: look once more before leaving.
         if more_frames(segment)? {
@@ -492,9 +506,27 @@ pub struct JournalGap {
 /// Whether a frame has been written at the segment's read offset since the last read.
 fn more_frames(segment: &OpenSegment) -> std::io::Result<bool> {
     let mut probe = [0u8; 4];
-    if segment.offset + 4 <= segment.size {
+    // The file's size now (a segment that grows as it is written may have grown).
+    let size = segment.file.metadata()?.len();
+    if segment.offset + 4 <= size {
         segment.file.read_exact_at(&mut probe, segment.offset)?;
         return Ok(u32::from_le_bytes(probe) != 0);
     }
     Ok(false)
+}
+
+/// The offset of the first non-zero byte after the segment's read offset, if any.
+fn nonzero_after(segment: &OpenSegment) -> std::io::Result<Option<u64>> {
+    let size = segment.file.metadata()?.len();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut at = segment.offset;
+    while at < size {
+        let n = ((size - at) as usize).min(buffer.len());
+        segment.file.read_exact_at(&mut buffer[..n], at)?;
+        if let Some(i) = buffer[..n].iter().position(|b| *b != 0) {
+            return Ok(Some(at + i as u64));
+        }
+        at += n as u64;
+    }
+    Ok(None)
 }

@@ -115,7 +115,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
         ) {
             Some(loaded) => {
                 snapshot_seq = Some(loaded.ledger.next_seq() - 1);
-                snapshot_chain = loaded.chain;
+                snapshot_chain = loaded.chain.map(|chain| (chain, loaded.path));
                 loaded.ledger
             }
             None => Ledger::new(config),
@@ -195,6 +195,16 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
             bar.tick();
         }
     };
+    // A snapshot of another history is reported as such, before what applying this journal's
+    // records to it would say.
+    let chain_error = match (&snapshot_chain, snapshot_seq) {
+        (Some((chain, path)), Some(seq)) => {
+            crate::engine::recovery::check_snapshot_chain(&journal, path, seq + 1, *chain)
+                .err()
+                .map(|e| e.to_string())
+        }
+        _ => None,
+    };
     let scanned = replay_journal(&mut ledger, &journal, admit, observe);
     if let Some(bar) = progress {
         bar.finish_and_clear();
@@ -214,20 +224,6 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
                     "the snapshot holds sequence {snap} but the journal ends at {journal_last}: \
                      journal records the snapshot covers are missing"
                 )),
-                // Taken after another record than the journal's: another history's snapshot.
-                Some(snap)
-                    if snapshot_chain.is_some()
-                        && end.chain_at_from.is_some()
-                        && snapshot_chain != end.chain_at_from =>
-                {
-                    Some(format!(
-                        "the snapshot at sequence {snap} does not belong to this journal: it \
-                         follows a record with checksum {:#010x}, the journal's record {snap} \
-                         has {:#010x}",
-                        snapshot_chain.unwrap_or(0),
-                        end.chain_at_from.unwrap_or(0)
-                    ))
-                }
                 // The rule start-up applies, with its message (file, offset, sequence).
                 _ if to_end => check_durable_watermark(&journal, durable_seq, &end)
                     .err()
@@ -237,6 +233,9 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
             (missing, torn_tail)
         }
     };
+    if chain_error.is_some() {
+        error = chain_error;
+    }
     if error.is_none() {
         error = wrong_fingerprint;
     }
