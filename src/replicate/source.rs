@@ -132,13 +132,24 @@ impl Source {
             return Ok(None);
         };
         let snapshots = crate::journal::snapshot_dir(data_dir);
-        let Some(ledger) = crate::journal::snapshot::load_newest(
+        let Some(loaded) = crate::journal::snapshot::load_newest_snapshot(
             &snapshots,
             crate::core::LedgerConfig::default(),
             Some(seq + 1),
         ) else {
             return Ok(None);
         };
+        let ledger = loaded.ledger;
+        // A snapshot of another history is refused here as at the engine's start-up: a
+        // projection built on it would carry its balances.
+        if let Some(chain) = loaded.chain {
+            crate::engine::recovery::check_snapshot_chain(
+                tail.dir(),
+                &loaded.path,
+                ledger.next_seq(),
+                chain,
+            )?;
+        }
         tail.start_at(ledger.next_seq())?;
         Ok(Some(ledger))
     }
@@ -622,6 +633,64 @@ mod tests {
             );
         }
         assert!(parse_minor_units("99999999999999999999", usd).is_err());
+    }
+
+    /// A replicator starting from a snapshot checks its chain value against the journal, as the
+    /// engine's start-up does: another history's snapshot is refused, naming it; the journal's
+    /// own is used.
+    #[test]
+    fn starting_from_a_snapshot_of_another_history_is_refused() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let dir = journal_dir(data.path());
+        let config = JournalConfig {
+            dir: dir.clone(),
+            segment_size_bytes: 4096,
+            sync: SyncMode::Batch,
+        };
+        let mut writer = JournalWriter::open(
+            Box::new(MmapStorage::default()),
+            config,
+            &JournalEnd::empty(),
+        )
+        .expect("writer");
+        let mut ledger = Ledger::new(LedgerConfig::default());
+        for (i, name) in ["a", "b", "c"].iter().enumerate() {
+            let account = AccountId::new(name).expect("id");
+            let record = ledger.execute(&Command {
+                transaction_id: TransactionId(i as u128 + 1),
+                timestamp_ns: 1,
+                kind: CommandKind::OpenAccount { account },
+            });
+            writer.append(&record).expect("append");
+        }
+        writer.commit().expect("commit");
+        drop(writer);
+        let end = crate::journal::scan(&dir, 1, |_| Ok(())).expect("scan");
+        let snapshots = crate::journal::snapshot_dir(data.path());
+        let foreign = crate::journal::snapshot::write_snapshot(
+            &snapshots,
+            &crate::core::codec::encode_snapshot(&ledger, Some(end.last_crc ^ 1)),
+        )
+        .expect("write");
+        let mut source = Source::Journal(JournalTail::new(&dir));
+        let Err(error) = source.start_from_snapshot(10) else {
+            panic!("another history's snapshot was accepted");
+        };
+        let text = format!("{error:#}");
+        assert!(
+            text.contains("does not belong to this journal")
+                && text.contains(&foreign.display().to_string()),
+            "{text}"
+        );
+        std::fs::remove_file(&foreign).expect("rm");
+        crate::journal::snapshot::write_snapshot(
+            &snapshots,
+            &crate::core::codec::encode_snapshot(&ledger, Some(end.last_crc)),
+        )
+        .expect("write");
+        let mut source = Source::Journal(JournalTail::new(&dir));
+        let started = source.start_from_snapshot(10).expect("own snapshot");
+        assert_eq!(started.map(|l| l.state_hash()), Some(ledger.state_hash()));
     }
 
     /// The tail reads each record exactly once while the writer appends and rolls segments.
