@@ -1093,6 +1093,11 @@ fn a_tail_tells_a_missing_segment_from_damage_inside_one() {
         !error.is::<wallet::journal::tail::JournalGap>(),
         "{error:#}"
     );
+    // Definitive too: the read views' rebuild stops on it at once instead of retrying for 30 s.
+    assert!(
+        error.is::<wallet::journal::tail::JournalDamage>(),
+        "{error:#}"
+    );
     assert!(
         format!("{error:#}").contains("damage inside the segment")
             && format!("{error:#}").contains(&format!("offset {SEGMENT_HEADER_BYTES}")),

@@ -814,7 +814,8 @@ fn build_views_past(dir: &std::path::Path, end: u64) -> anyhow::Result<crate::vi
             records.clear();
             let fetched = tail.fetch_records(1 << 16, &mut records);
             if let Err(e) = &fetched
-                && e.is::<crate::journal::tail::JournalGap>()
+                && (e.is::<crate::journal::tail::JournalGap>()
+                    || e.is::<crate::journal::tail::JournalDamage>())
             {
                 return fetched;
             }

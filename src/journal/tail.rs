@@ -459,12 +459,13 @@ impl JournalTail {
                 // Bytes after the end of this segment's records are damage inside it (a
                 // zeroed frame), not missing files.
                 if let Some(at) = nonzero_after(segment)? {
-                    bail!(
-                        "{}: no readable record at offset {} but data at offset {at} (damage \
-                         inside the segment; the next segment begins at {later})",
-                        segment.path.display(),
-                        segment.offset
-                    );
+                    return Err(JournalDamage {
+                        segment: segment.path.clone(),
+                        offset: segment.offset,
+                        data_at: at,
+                        next_begins_at: *later,
+                    }
+                    .into());
                 }
                 // Nothing at all after this segment's records, and no segment where they end:
                 // the one that began there is missing.
@@ -501,6 +502,21 @@ pub struct JournalGap {
     pub segment: std::path::PathBuf,
     pub begins_at: u64,
     pub previous_ends_at: u64,
+}
+
+/// Damage inside a segment that a later one follows: no readable record where its records
+/// stop, but data after that. Definitive, like `JournalGap` (the writer finished this segment).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{}: no readable record at offset {offset} but data at offset {data_at} (damage inside the \
+     segment; the next segment begins at {next_begins_at})",
+    segment.display()
+)]
+pub struct JournalDamage {
+    pub segment: std::path::PathBuf,
+    pub offset: u64,
+    pub data_at: u64,
+    pub next_begins_at: u64,
 }
 
 /// Whether a frame has been written at the segment's read offset since the last read.
