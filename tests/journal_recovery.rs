@@ -976,57 +976,41 @@ fn a_snapshot_of_another_history_is_refused_by_its_chain_value() {
     let our_chain = recovered(&ours).end.last_crc;
     assert_ne!(their_chain, our_chain);
 
-    let written = snapshot::write_snapshot(
-        &snapshot_dir(&ours),
-        &encode_snapshot(&other, Some(their_chain)),
-    )
-    .unwrap();
-    let error = refusal(recover_in_thread(&ours));
-    assert!(
-        error.contains("does not belong to this journal")
-            && error.contains(&written.display().to_string()),
-        "{error}"
-    );
-    let mut args = replay_args(&ours);
-    args.from_snapshot = true;
-    let report = wallet::tools::replay::run(&args).unwrap();
-    assert!(!report.ok);
-    assert!(
-        report
-            .error
-            .as_deref()
-            .is_some_and(|e| e.contains("does not belong to this journal")),
-        "{:?}",
-        report.error
-    );
-
+    // Their state, under their chain value, in `data`'s snapshot directory: refused by
+    // start-up and by `wallet replay --from-snapshot`, naming it. Returns the snapshot's path.
+    let refused_beside = |data: &Path| -> PathBuf {
+        let written = snapshot::write_snapshot(
+            &snapshot_dir(data),
+            &encode_snapshot(&other, Some(their_chain)),
+        )
+        .unwrap();
+        let error = refusal(recover_in_thread(data));
+        assert!(
+            error.contains("does not belong to this journal")
+                && error.contains(&written.display().to_string()),
+            "{error}"
+        );
+        let mut args = replay_args(data);
+        args.from_snapshot = true;
+        let report = wallet::tools::replay::run(&args).unwrap();
+        assert!(!report.ok);
+        assert!(
+            report
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("does not belong to this journal")),
+            "{:?}",
+            report.error
+        );
+        written
+    };
+    let written = refused_beside(&ours);
     // The same snapshot beside a journal that goes on after it: refused as another history's
     // before any record is applied to it (that used to fail on the first record, blaming the
     // journal: "stopped by the visitor at sequence ...").
     let longer = temp.path().join("longer");
     history_with_a_deposit_of(&longer, 700, 199..260);
-    let snapshot_there = snapshot::write_snapshot(
-        &snapshot_dir(&longer),
-        &encode_snapshot(&other, Some(their_chain)),
-    )
-    .unwrap();
-    let error = refusal(recover_in_thread(&longer));
-    assert!(
-        error.contains("does not belong to this journal")
-            && error.contains(&snapshot_there.display().to_string()),
-        "{error}"
-    );
-    let mut args = replay_args(&longer);
-    args.from_snapshot = true;
-    let report = wallet::tools::replay::run(&args).unwrap();
-    assert!(
-        report
-            .error
-            .as_deref()
-            .is_some_and(|e| e.contains("does not belong to this journal")),
-        "{:?}",
-        report.error
-    );
+    refused_beside(&longer);
 
     // Our own state with our chain value loads.
     fs::remove_file(&written).unwrap();

@@ -248,7 +248,7 @@ impl Reply {
             return Reply::error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "views_unavailable",
-                &format!("the read views could not be rebuilt from the journal: {reason}"),
+                &format!("{VIEWS_FAILED}: {reason}"),
             );
         }
         Reply::error(
@@ -602,7 +602,7 @@ async fn dispatch(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
                     format!(
-                        "failed: the read views could not be rebuilt from the journal (status and history reads are unavailable): {reason}\n"
+                        "failed: {VIEWS_FAILED} (status and history reads are unavailable): {reason}\n"
                     ),
                 )
             } else if !app.views.past_complete() {
@@ -1124,7 +1124,7 @@ fn render_value<'a>(
             // The views are still loading the journal's past: the original body is not known
             // yet, and a retry will get it.
             None if past.failed.is_some() => {
-                let body = json!({"error": {"code": "views_unavailable", "message": format!("the original outcome of this transaction_id cannot be shown: the read views could not be rebuilt from the journal: {}", past.failed.as_deref().unwrap_or(""))}});
+                let body = json!({"error": {"code": "views_unavailable", "message": format!("the original outcome of this transaction_id cannot be shown: {VIEWS_FAILED}: {}", past.failed.as_deref().unwrap_or(""))}});
                 return (StatusCode::SERVICE_UNAVAILABLE, Body::Other(body), false);
             }
             None if !past.complete => {
@@ -1729,6 +1729,9 @@ fn long_poll_limit(request_timeout: Duration) -> Duration {
 
 /// The names of the accounts that `records`' events name, by account index (copied, so that
 /// lines can be rendered without the views' lock).
+/// What a failed rebuild of the views' past is called in every answer that reports it.
+const VIEWS_FAILED: &str = "the read views could not be rebuilt from the journal";
+
 /// Whether the views' past is in (see `Views::past_complete`), and why not if it failed.
 struct PastState {
     complete: bool,
