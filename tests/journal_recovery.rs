@@ -2201,3 +2201,77 @@ fn the_snapshot_follower_keeps_only_the_newest_snapshots() {
     assert_eq!(r.snapshot_next_seq, Some(kept[0].0));
     assert_eq!(r.ledger.state_hash(), ledger.state_hash());
 }
+
+/// Whether this process has `path` mapped now.
+fn is_mapped(path: &Path) -> bool {
+    let path = fs::canonicalize(path).unwrap();
+    let maps = fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines()
+        .any(|line| line.ends_with(path.to_str().unwrap()))
+}
+
+#[test]
+fn the_newest_segment_is_read_not_mapped_and_reads_the_same_across_read_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    // Two segments of 2 MiB: the newest holds more than one 1 MiB read window of records.
+    let (ledger, _) = fresh_journal(data, 2 << 20, 0..40_000, 1_000);
+    let journal = journal_dir(data);
+    let segments = list_segments(&journal).unwrap();
+    assert_eq!(segments.len(), 2, "{segments:?}");
+    let (newest_first, newest) = segments[1].clone();
+    let sealed = segments[0].1.clone();
+    let positions = frame_positions(data);
+    let newest_frames: Vec<&FramePosition> =
+        positions.iter().filter(|p| p.file == newest).collect();
+    assert!(newest_frames.last().unwrap().end() > 1 << 20);
+
+    // A writer may be storing into the newest segment while a scan reads it (a tail's stuck
+    // check, a replicator's record lookup): it must never be mapped. The sealed one may be.
+    let (mut visited, mut sealed_mapped, mut newest_mapped) = (0, 0, 0);
+    let end = wallet::journal::scan(&journal, 1, |record| {
+        visited += 1;
+        if record.first_seq >= newest_first {
+            newest_mapped += usize::from(is_mapped(&newest));
+        } else if visited % 1_000 == 1 {
+            sealed_mapped += usize::from(is_mapped(&sealed));
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(visited, 40_000);
+    assert!(sealed_mapped > 0, "the check sees no mapping at all");
+    assert_eq!(
+        newest_mapped, 0,
+        "the newest segment was mapped while scanned"
+    );
+    assert_eq!(end.next_seq, ledger.next_seq());
+    assert_eq!(
+        end.segment,
+        Some((newest.clone(), newest_frames.last().unwrap().end() as u64))
+    );
+    assert_eq!(end.torn_at, None);
+
+    let file = OpenOptions::new().write(true).open(&newest).unwrap();
+    // Garbage in the last window, far behind the records: a torn tail up to its last byte.
+    let garbage_at = (2 << 20) - 100;
+    file.write_all_at(&[0xAB; 10], garbage_at as u64).unwrap();
+    let end = wallet::journal::scan(&journal, 1, |_| Ok(())).unwrap();
+    let records_end = newest_frames.last().unwrap().end() as u64;
+    assert_eq!(end.torn_at, Some(records_end));
+    assert_eq!(end.torn_end, garbage_at as u64 + 10);
+    file.write_all_at(&[0; 10], garbage_at as u64).unwrap();
+
+    // A zeroed frame in the first window with valid frames after it, in the next window too:
+    // damage inside the committed log (the watermark covers it), not a torn tail.
+    let hole = newest_frames[10];
+    file.write_all_at(&vec![0; hole.len], hole.offset as u64)
+        .unwrap();
+    match wallet::journal::scan(&journal, 1, |_| Ok(())) {
+        Err(JournalError::Corrupt { offset, reason, .. }) => {
+            assert_eq!(offset, hole.offset as u64);
+            assert!(reason.contains("zeroed frame"), "{reason}");
+        }
+        other => panic!("expected corruption, got {other:?}"),
+    }
+}

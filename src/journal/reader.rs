@@ -9,8 +9,8 @@ use memmap2::Mmap;
 use crate::core::CommandRecord;
 use crate::core::codec::decode_record;
 use crate::journal::format::{
-    FRAME_HEADER_BYTES, FrameError, SEGMENT_HEADER_BYTES, check_frame, decode_segment_header,
-    parse_segment_file_name,
+    FRAME_HEADER_BYTES, FrameError, MAX_FRAME_BYTES, SEGMENT_HEADER_BYTES, check_frame,
+    decode_segment_header, parse_segment_file_name,
 };
 
 /// Where and why the journal is unreadable. Never silently truncated.
@@ -143,17 +143,21 @@ pub fn estimate_records(dir: &Path, from_seq: u64) -> usize {
 
 /// Looks for any valid frame with a sequence at or beyond `expected` after `from`. If there is
 /// one, the bad bytes at `from` are not a torn tail but a hole in the committed log.
-fn valid_frame_after(bytes: &[u8], from: usize, expected: u64) -> bool {
+fn valid_frame_after(
+    bytes: &mut impl SegmentBytes,
+    from: usize,
+    expected: u64,
+) -> std::io::Result<bool> {
     let mut at = from + 8;
     while at + FRAME_HEADER_BYTES <= bytes.len() {
-        if let Ok(frame) = check_frame(&bytes[at..])
+        if let Ok(frame) = check_frame(bytes.at(at, MAX_FRAME_BYTES)?)
             && frame.sequence >= expected
         {
-            return true;
+            return Ok(true);
         }
         at += 8;
     }
-    false
+    Ok(false)
 }
 
 /// Checks the segments that a scan from `from_seq` does not open (those before the last one
@@ -263,9 +267,13 @@ fn scan_inner(
     chain_seen: &mut Option<Option<u32>>,
 ) -> Result<JournalEnd, JournalError> {
     let segments = list_segments(dir)?;
-    let durable = durable_watermark(dir);
-    let mut end = JournalEnd::empty();
-    let mut passed_from = false;
+    let mut scan = Scan {
+        from_seq,
+        durable: durable_watermark(dir),
+        end: JournalEnd::empty(),
+        passed_from: false,
+        chain_seen,
+    };
     // Start at the last segment that begins at or before `from_seq`; the chain is verified from
     // that segment's header on.
     let start = segments
@@ -273,43 +281,210 @@ fn scan_inner(
         .rposition(|(first, _)| *first <= from_seq)
         .unwrap_or(0);
     for (position, (named_first, path)) in segments.iter().enumerate().skip(start) {
-        let newest = position + 1 == segments.len();
+        let io = |source| JournalError::Io {
+            file: path.clone(),
+            source,
+        };
+        let file = File::open(path).map_err(io)?;
+        let segment = SegmentAt {
+            path,
+            named_first: *named_first,
+            first: position == start,
+            newest: position + 1 == segments.len(),
+        };
+        // Only the newest segment can be written while a scan runs (the writer stores into its
+        // current segment, and creates the next only after it is done with this one), so only
+        // it is read with `pread` into a buffer: no mapping that another thread or process
+        // stores into is ever read. The sealed segments before it are mapped.
+        let offset = if segment.newest {
+            scan.segment(
+                &mut ReadSegment::new(file).map_err(io)?,
+                &segment,
+                &mut visit,
+            )?
+        } else {
+            scan.segment(
+                &mut MappedSegment::new(&file).map_err(io)?,
+                &segment,
+                &mut visit,
+            )?
+        };
+        scan.end.segment = Some((path.clone(), offset as u64));
+    }
+    if !scan.passed_from && scan.end.next_seq == from_seq {
+        scan.end.chain_at_from = Some(scan.end.last_crc);
+    }
+    Ok(scan.end)
+}
+
+/// The bytes of one segment file as a scan reads them, front to back.
+trait SegmentBytes {
+    /// The file's length.
+    fn len(&self) -> usize;
+    /// The bytes from `offset` on: at least `want` of them, or all up to the end if fewer are
+    /// left (`offset <= len`).
+    fn at(&mut self, offset: usize, want: usize) -> std::io::Result<&[u8]>;
+    /// The offset right after the last non-zero byte at or after `from`, if there is one.
+    fn nonzero_end(&mut self, from: usize) -> std::io::Result<Option<usize>>;
+}
+
+/// A sealed segment, mapped: nothing writes to it any more.
+struct MappedSegment(Mmap);
+
+impl MappedSegment {
+    fn new(file: &File) -> std::io::Result<MappedSegment> {
+        // SAFETY: the scan maps only sealed segments, those with a newer segment after them:
+        // the one writer of a data directory stores only into its newest segment and creates
+        // the next after its last store into this one, and nothing truncates a segment file,
+        // so the mapped bytes neither change nor go away while the mapping lives. (Recovery
+        // cuts a torn tail only in the newest segment, and runs with no other reader.)
+        let map = unsafe { Mmap::map(file) }?;
+        // Read front to back: let the kernel read ahead and drop pages behind.
+        let _ = map.advise(memmap2::Advice::Sequential);
+        Ok(MappedSegment(map))
+    }
+}
+
+impl SegmentBytes for MappedSegment {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    #[inline]
+    fn at(&mut self, offset: usize, _want: usize) -> std::io::Result<&[u8]> {
+        Ok(&self.0[offset..])
+    }
+
+    fn nonzero_end(&mut self, from: usize) -> std::io::Result<Option<usize>> {
+        Ok(self.0[from..]
+            .iter()
+            .rposition(|b| *b != 0)
+            .map(|i| from + i + 1))
+    }
+}
+
+/// The newest segment, which a writer may be storing into while it is read: copied out with
+/// positioned reads, a window at a time. A frame read while it is being written fails its
+/// checksum and reads as not written yet.
+struct ReadSegment {
+    file: File,
+    len: usize,
+    buffer: Vec<u8>,
+    /// The file offset of `buffer[0]`.
+    start: usize,
+}
+
+/// Bytes per positioned read of the newest segment.
+const READ_WINDOW_BYTES: usize = 1 << 20;
+
+impl ReadSegment {
+    fn new(file: File) -> std::io::Result<ReadSegment> {
+        let len = usize::try_from(file.metadata()?.len())
+            .map_err(|_| std::io::Error::other("segment file too large"))?;
+        Ok(ReadSegment {
+            file,
+            len,
+            buffer: Vec::new(),
+            start: 0,
+        })
+    }
+
+    /// Reads `len - offset` bytes, at most a window, at `offset` into the buffer.
+    fn fill(&mut self, offset: usize) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let n = (self.len - offset).min(READ_WINDOW_BYTES);
+        self.buffer.resize(n, 0);
+        self.start = offset;
+        if let Err(e) = self.file.read_exact_at(&mut self.buffer, offset as u64) {
+            self.buffer.clear();
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+impl SegmentBytes for ReadSegment {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn at(&mut self, offset: usize, want: usize) -> std::io::Result<&[u8]> {
+        let need = want.min(self.len - offset);
+        let held = offset >= self.start && offset + need <= self.start + self.buffer.len();
+        if !held {
+            self.fill(offset)?;
+        }
+        Ok(&self.buffer[offset - self.start..])
+    }
+
+    fn nonzero_end(&mut self, from: usize) -> std::io::Result<Option<usize>> {
+        // From the end backwards: the unwritten rest of a segment is zeros.
+        let mut window_end = self.len;
+        while window_end > from {
+            let window_start = window_end.saturating_sub(READ_WINDOW_BYTES).max(from);
+            let bytes = self.at(window_start, window_end - window_start)?;
+            if let Some(i) = bytes[..window_end - window_start]
+                .iter()
+                .rposition(|b| *b != 0)
+            {
+                return Ok(Some(window_start + i + 1));
+            }
+            window_end = window_start;
+        }
+        Ok(None)
+    }
+}
+
+/// Which segment a scan is reading.
+struct SegmentAt<'a> {
+    path: &'a PathBuf,
+    named_first: u64,
+    /// The first segment this scan reads: its header starts the chain.
+    first: bool,
+    /// The newest segment: bad bytes at its end can be a torn tail.
+    newest: bool,
+}
+
+/// A scan's state from one segment to the next.
+struct Scan<'a> {
+    from_seq: u64,
+    durable: Option<u64>,
+    end: JournalEnd,
+    passed_from: bool,
+    chain_seen: &'a mut Option<Option<u32>>,
+}
+
+impl Scan<'_> {
+    /// Verifies and visits the records of one segment; returns the offset right after its last
+    /// valid record.
+    fn segment(
+        &mut self,
+        bytes: &mut impl SegmentBytes,
+        segment: &SegmentAt,
+        visit: &mut impl FnMut(&CommandRecord) -> Result<(), String>,
+    ) -> Result<usize, JournalError> {
+        let path = segment.path;
         let corrupt = |offset: u64, seq: u64, reason: &str| JournalError::Corrupt {
             file: path.clone(),
             offset,
             seq,
             reason: reason.to_string(),
         };
-        let file = File::open(path).map_err(|source| JournalError::Io {
+        let io = |source| JournalError::Io {
             file: path.clone(),
             source,
-        })?;
-        // SAFETY: segment files are never truncated while mapped, so the mapping stays valid
-        // for as long as `map` lives. It is not immutable: a writer running at the same time
-        // (this process's engine, under a tail's stuck check; or another process's, under a
-        // replicator's record lookup) stores into the newest segment past its last record
-        // while this slice is alive. Every read here is bounds-checked against the fixed
-        // mapping length and every frame is checksummed before it is trusted, so a byte that
-        // changes underneath reads as a frame not written yet (a torn tail, which a scan that
-        // races a writer never acts on: only recovery cuts, and it runs with no writer). That
-        // is a data race in the language's terms, which a pread copy of the live segment would
-        // avoid; known and left so (see ARCHITECTURE.md, journal).
-        let map = unsafe { Mmap::map(&file) }.map_err(|source| JournalError::Io {
-            file: path.clone(),
-            source,
-        })?;
-        // Read front to back: let the kernel read ahead and drop pages behind.
-        let _ = map.advise(memmap2::Advice::Sequential);
-        let bytes: &[u8] = &map;
-        let header = decode_segment_header(bytes).map_err(|r| corrupt(0, *named_first, r))?;
-        if header.first_seq != *named_first {
+        };
+        let header = decode_segment_header(bytes.at(0, SEGMENT_HEADER_BYTES).map_err(io)?)
+            .map_err(|r| corrupt(0, segment.named_first, r))?;
+        if header.first_seq != segment.named_first {
             return Err(corrupt(
                 0,
                 header.first_seq,
                 "segment header disagrees with its file name",
             ));
         }
-        if position == start {
+        let end = &mut self.end;
+        if segment.first {
             end.next_seq = header.first_seq;
             end.last_crc = header.prev_crc;
         } else if header.first_seq != end.next_seq || header.prev_crc != end.last_crc {
@@ -319,14 +494,16 @@ fn scan_inner(
                 "segment does not continue the previous one (gap or broken chain)",
             ));
         }
+        let len = bytes.len();
         let mut offset = SEGMENT_HEADER_BYTES;
         loop {
             // Slack at the end of a segment too small for a frame header is unwritten space.
-            let checked = if bytes.len() - offset < FRAME_HEADER_BYTES {
-                Err(FrameError::End)
+            let frame_bytes = if len - offset < FRAME_HEADER_BYTES {
+                None
             } else {
-                check_frame(&bytes[offset..])
+                Some(bytes.at(offset, MAX_FRAME_BYTES).map_err(io)?)
             };
+            let checked = frame_bytes.map_or(Err(FrameError::End), check_frame);
             match checked {
                 Ok(frame) => {
                     if frame.sequence != end.next_seq {
@@ -343,7 +520,8 @@ fn scan_inner(
                             "checksum chain broken",
                         ));
                     }
-                    let payload = &bytes[offset + FRAME_HEADER_BYTES..offset + frame.length];
+                    let frame_bytes = frame_bytes.unwrap_or_default();
+                    let payload = &frame_bytes[FRAME_HEADER_BYTES..frame.length];
                     let record = decode_record(frame.sequence, payload).map_err(|e| {
                         corrupt(
                             offset as u64,
@@ -351,13 +529,13 @@ fn scan_inner(
                             &format!("undecodable payload: {e}"),
                         )
                     })?;
-                    if record.first_seq >= from_seq && !passed_from {
-                        passed_from = true;
+                    if record.first_seq >= self.from_seq && !self.passed_from {
+                        self.passed_from = true;
                         end.chain_at_from =
-                            (record.first_seq == from_seq).then_some(frame.prev_crc);
-                        *chain_seen = Some(end.chain_at_from);
+                            (record.first_seq == self.from_seq).then_some(frame.prev_crc);
+                        *self.chain_seen = Some(end.chain_at_from);
                     }
-                    if record.first_seq >= from_seq {
+                    if record.first_seq >= self.from_seq {
                         visit(&record).map_err(|reason| JournalError::Visitor {
                             seq: record.first_seq,
                             reason,
@@ -370,30 +548,35 @@ fn scan_inner(
                 Err(FrameError::End) => {
                     // Unwritten space. In the newest segment, anything non-zero after it is a
                     // torn write of records that were never acknowledged.
-                    let past_watermark = durable.is_some_and(|d| end.next_seq > d);
-                    if newest && !past_watermark && valid_frame_after(bytes, offset, end.next_seq) {
+                    if !segment.newest {
+                        break;
+                    }
+                    let past_watermark = self.durable.is_some_and(|d| end.next_seq > d);
+                    if !past_watermark
+                        && valid_frame_after(bytes, offset, end.next_seq).map_err(io)?
+                    {
                         return Err(corrupt(
                             offset as u64,
                             end.next_seq,
                             "zeroed frame inside the committed log",
                         ));
                     }
-                    if let Some(last) = bytes[offset..].iter().rposition(|b| *b != 0)
-                        && newest
-                    {
+                    if let Some(nonzero_end) = bytes.nonzero_end(offset).map_err(io)? {
                         end.torn_at = Some(offset as u64);
-                        end.torn_end = (offset + last + 1) as u64;
+                        end.torn_end = nonzero_end as u64;
                     }
                     break;
                 }
                 Err(error) => {
-                    let past_watermark = durable.is_some_and(|d| end.next_seq > d);
-                    if newest && (past_watermark || !valid_frame_after(bytes, offset, end.next_seq))
+                    let past_watermark = self.durable.is_some_and(|d| end.next_seq > d);
+                    if segment.newest
+                        && (past_watermark
+                            || !valid_frame_after(bytes, offset, end.next_seq).map_err(io)?)
                     {
                         // A bad frame starts with a non-zero byte, so there is a last one.
-                        let last = bytes[offset..].iter().rposition(|b| *b != 0).unwrap_or(0);
+                        let nonzero_end = bytes.nonzero_end(offset).map_err(io)?;
                         end.torn_at = Some(offset as u64);
-                        end.torn_end = (offset + last + 1) as u64;
+                        end.torn_end = nonzero_end.unwrap_or(offset + 1) as u64;
                         break;
                     }
                     let reason = match error {
@@ -406,12 +589,8 @@ fn scan_inner(
                 }
             }
         }
-        end.segment = Some((path.clone(), offset as u64));
+        Ok(offset)
     }
-    if !passed_from && end.next_seq == from_seq {
-        end.chain_at_from = Some(end.last_crc);
-    }
-    Ok(end)
 }
 
 /// Records per batch handed from the reading thread to the visiting thread.

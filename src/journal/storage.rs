@@ -151,9 +151,9 @@ fn map(file: &File) -> io::Result<MmapMut> {
     // SAFETY: one writer per data directory: every command that opens a `JournalWriter` on a
     // user's directory (`serve`, `bench --data-dir`, `snapshot`, `replay`) holds its `LOCK`
     // (`api::lock_data_dir`) first. Nothing truncates a segment file while it is mapped, so the
-    // mapping stays valid. Readers in this process and others map the same file read-only
-    // (`journal::scan`) or read it with `pread` (`JournalTail`), and see the bytes this mapping
-    // stores; see `scan` for what that means for them.
+    // mapping stays valid. Readers in this process and others read the segment this mapping
+    // stores into with `pread` (`journal::scan` and `JournalTail`), never through a mapping of
+    // their own; `scan` maps only sealed segments, which no mapping stores into any more.
     unsafe { MmapMut::map_mut(file) }
 }
 
