@@ -493,6 +493,18 @@ fn without_authentication_only_requests_addressed_to_a_loopback_host_are_served(
         "nothing was submitted"
     );
     assert_eq!(common::balance_cents(&mut c, "a"), 10_000);
+    // No Host header at all: nothing to check it against, refused too.
+    let body = transfer_body("a", "b", "1.00", &refused).to_string();
+    let r = raw_request(
+        &server,
+        &format!(
+            "POST /v1/wallet/balance_transfer HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "host_required");
+    assert_eq!(common::balance_cents(&mut c, "a"), 10_000);
     for host in ["localhost:8080", "[::1]:8080", "127.0.0.1"] {
         let r = send(host, &uuid());
         assert_eq!(r.status, 200, "{host}: {}", r.body);
@@ -1435,6 +1447,48 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
         (
             &["serve", "--listen", "127.0.0.1:0", "--max-in-flight", "0"],
             "--max-in-flight",
+        ),
+        // Above tokio's semaphore cap: this panicked at start.
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--max-connections",
+                "18446744073709551615",
+            ],
+            "--max-connections",
+        ),
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--max-batches-in-flight",
+                "18446744073709551615",
+            ],
+            "--max-batches-in-flight",
+        ),
+        // Above one per nanosecond: the limit was silently off.
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--velocity-per-account",
+                "4000000000",
+            ],
+            "--velocity-per-account",
+        ),
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--rate-limit-per-caller",
+                "4000000000",
+            ],
+            "--rate-limit-per-caller",
         ),
         // The waiter table is allocated whole: this aborted on allocation.
         (

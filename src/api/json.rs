@@ -112,15 +112,59 @@ pub struct TransferRequest<'a> {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest<'a> {
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "objects")]
     pub transfers: Vec<TransferRequest<'a>>,
+}
+
+/// A list of JSON objects. A derived struct also takes an array of its fields' values in
+/// declaration order (`["alice","bob","1.00",...]`): an order no document gives, so a client
+/// that wrote one would move money by guesswork. `decode` refuses it for a whole body; this
+/// refuses it for each item of a list.
+fn objects<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let items: Vec<Object<T>> = Deserialize::deserialize(deserializer)?;
+    Ok(items.into_iter().map(|Object(item)| item).collect())
+}
+
+/// `T`, taken only from a JSON object.
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Only<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Only<T> {
+            type Value = Object<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Object<T>, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Object)
+            }
+        }
+        deserializer.deserialize_map(Only(std::marker::PhantomData))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpenAccountRequest {
     pub account_id: String,
+    /// Optional, but when it is there it is a string: `null` is not taken for "none given",
+    /// which would open the account under a fresh id and turn the caller's retry into a 409.
+    #[serde(default, deserialize_with = "some_string")]
     pub transaction_id: Option<String>,
+}
+
+fn some_string<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    String::deserialize(deserializer).map(Some)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -261,6 +305,20 @@ mod tests {
         let e = decode::<BatchRequest>(format!(r#"{{"transfers":[[{}]]}}"#, "\"a\"").as_bytes())
             .unwrap_err();
         assert_eq!(e.field, "transfers[0]", "{e:?}");
+        // A whole transfer written as an array of its values, in the struct's field order.
+        let positional =
+            r#"{"transfers":[{OK},["a","b","1.00","USD","5f0c6a57-3c5d-4f0e-9a8e-2b1f4a6d7c89"]]}"#
+                .replace("{OK}", &format!("{{{ok}}}"));
+        let e = decode::<BatchRequest>(positional.as_bytes()).unwrap_err();
+        assert_eq!(e.field, "transfers[1]", "{e:?}");
+        assert!(e.message.contains("expected a JSON object"), "{e:?}");
+        // An open-account id is a string when it is there; left out, it is none.
+        let e = decode::<super::OpenAccountRequest>(br#"{"account_id":"c","transaction_id":null}"#)
+            .unwrap_err();
+        assert_eq!(e.field, "transaction_id", "{e:?}");
+        assert!(e.message.contains("expected a string"), "{e:?}");
+        let open = decode::<super::OpenAccountRequest>(br#"{"account_id":"c"}"#).unwrap();
+        assert_eq!(open.transaction_id, None);
         assert!(
             decode::<BatchRequest>(format!(r#"{{"transfers":[{{{ok}}}]}}"#).as_bytes()).is_ok()
         );

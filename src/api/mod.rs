@@ -81,6 +81,10 @@ pub struct ServeConfig {
 /// The most requests `serve` waits on at once (`--max-in-flight`): each takes a waiter slot
 /// (tokens address slots with 32 bits; the table is allocated whole at start).
 pub const MAX_IN_FLIGHT_LIMIT: usize = 1 << 20;
+/// The most connections (`--max-connections`) or batches in flight (`--max-batches-in-flight`).
+pub const MAX_PERMITS_LIMIT: usize = 1 << 24;
+/// The highest per-second limit (`--rate-limit-per-caller`, `--velocity-per-account`).
+pub const MAX_PER_SECOND_LIMIT: u32 = 1_000_000_000;
 /// The smallest body limit: a transfer's JSON fits in it with room to spare.
 pub const MIN_BODY_BYTES: usize = 512;
 
@@ -118,7 +122,22 @@ impl ServeConfig {
             ("--max-connections", self.max_connections),
             ("--max-batches-in-flight", self.max_batches_in_flight),
         ] {
-            anyhow::ensure!(count >= 1, "{flag} must be at least 1");
+            // Each is a semaphore's permits, which tokio caps (it panics above the cap).
+            anyhow::ensure!(
+                (1..=MAX_PERMITS_LIMIT).contains(&count),
+                "{flag} must be within 1..={MAX_PERMITS_LIMIT}, not {count}"
+            );
+        }
+        for (flag, per_second) in [
+            ("--rate-limit-per-caller", self.rate_limit_per_caller),
+            ("--velocity-per-account", self.velocity_per_account),
+        ] {
+            // Limits count time in whole nanoseconds per unit: above this a unit would take no
+            // time, and the limit would quietly be off.
+            anyhow::ensure!(
+                per_second <= MAX_PER_SECOND_LIMIT,
+                "{flag} must be at most {MAX_PER_SECOND_LIMIT} (0: no limit), not {per_second}"
+            );
         }
         anyhow::ensure!(
             (1..=MAX_IN_FLIGHT_LIMIT).contains(&self.max_in_flight),

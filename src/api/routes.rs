@@ -531,17 +531,25 @@ fn admit(
     }
     // With authentication off every caller is an admin, so the request must be addressed to a
     // loopback name: a web page whose name an attacker re-resolved to 127.0.0.1 (DNS rebinding)
-    // reaches this port from the user's browser, but with its own name in `Host`.
-    if app.config.auth.is_none()
-        && let Some(host) = request.headers().get(hyper::header::HOST)
-        && !host.to_str().is_ok_and(loopback_host)
-    {
-        tracing::warn!(target: "audit", caller = %peer, route = ROUTES[route].name, host = ?host, "request refused: not addressed to a loopback host");
-        return Err(Reply::error(
-            StatusCode::FORBIDDEN,
-            "host_not_allowed",
-            "with authentication off, requests must be addressed to 127.0.0.1, [::1] or localhost (the Host header names another host)",
-        ));
+    // reaches this port from the user's browser, but with its own name in `Host`. A request
+    // without a Host header (which HTTP/1.1 requires) names no host to check: refused as well.
+    if app.config.auth.is_none() {
+        let Some(host) = request.headers().get(hyper::header::HOST) else {
+            tracing::warn!(target: "audit", caller = %peer, route = ROUTES[route].name, "request refused: no Host header");
+            return Err(Reply::error(
+                StatusCode::BAD_REQUEST,
+                "host_required",
+                "with authentication off, requests must carry a Host header naming 127.0.0.1, [::1] or localhost",
+            ));
+        };
+        if !host.to_str().is_ok_and(loopback_host) {
+            tracing::warn!(target: "audit", caller = %peer, route = ROUTES[route].name, host = ?host, "request refused: not addressed to a loopback host");
+            return Err(Reply::error(
+                StatusCode::FORBIDDEN,
+                "host_not_allowed",
+                "with authentication off, requests must be addressed to 127.0.0.1, [::1] or localhost (the Host header names another host)",
+            ));
+        }
     }
     let header = request
         .headers()
