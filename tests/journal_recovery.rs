@@ -1413,29 +1413,79 @@ fn opening_the_writer_syncs_older_segments_a_sync_none_writer_left_unsynced() {
     // older segment, so it must make them durable first, not only the newest.
     let temp = tempfile::tempdir().unwrap();
     let data = temp.path();
+    let journal = journal_dir(data);
+    let unsynced = journal.join(wallet::journal::format::UNSYNCED_FILE_NAME);
     let (mut writer, mut ledger, mut history) = fresh_writer(data, 8 << 10, SyncMode::None);
     write_commands(&mut writer, &mut ledger, &mut history, 0..400, 10);
     drop(writer);
-    let segments: Vec<PathBuf> = list_segments(&journal_dir(data))
+    let segments: Vec<PathBuf> = list_segments(&journal)
         .unwrap()
         .into_iter()
         .map(|(_, path)| path)
         .collect();
     assert!(segments.len() >= 3, "{} segments", segments.len());
+    let older = &segments[..segments.len() - 1];
+    // The `--sync none` writer marked, before writing, the segments it may leave unsynced:
+    // all of them, from the first.
+    let mark = fs::read(&unsynced).expect("a --sync none writer leaves the unsynced mark");
+    assert_eq!(wallet::journal::format::decode_unsynced(&mark), Ok(1));
+
+    // A sync of an older segment fails (a writeback of it failed in the background): the open
+    // fails, and the mark stays. The kernel has reported the error now, and may have marked the
+    // lost pages clean, so a plain fsync on the next open would "succeed" without them.
     let r = recovered(data);
+    let (storage, _) = faulty(1);
+    let config = JournalConfig {
+        dir: journal.clone(),
+        segment_size_bytes: 8 << 10,
+        sync: SyncMode::Batch,
+    };
+    assert!(JournalWriter::open(Box::new(storage), config, &r.end).is_err());
+    assert!(
+        unsynced.exists(),
+        "the mark stays until the segments are synced"
+    );
+
+    // The next open dirties those segments again in full and syncs them, then removes the mark.
     let (storage, faults) = faulty(u64::MAX);
     let _writer = open_writer(data, Box::new(storage), 8 << 10, SyncMode::Batch, &r.end);
-    let synced = faults.synced_files.lock().unwrap().clone();
+    assert_eq!(*faults.redirtied_files.lock().unwrap(), older);
+    // The directory: a process killed between a new segment's rename and the directory's
+    // fsync leaves a name that a power loss can take away, with every record acknowledged in
+    // that segment since. Opening makes the names durable before it publishes a watermark
+    // (and again once the mark is removed).
     assert_eq!(
-        synced,
-        segments[..segments.len() - 1],
-        "every segment but the newest (synced through its mapping) is fsynced"
+        *faults.synced_files.lock().unwrap(),
+        [journal.clone(), journal.clone()]
     );
-    // Under `--sync none` nothing is promised, and nothing is synced.
+    assert!(!unsynced.exists());
+    drop(_writer);
+
+    // Without the mark, older segments were synced at their roll-over: an fsync each (of a
+    // clean file: it writes nothing), no rewrite.
+    let (storage, faults) = faulty(u64::MAX);
+    let r = recovered(data);
+    let _writer = open_writer(data, Box::new(storage), 8 << 10, SyncMode::Batch, &r.end);
+    assert!(faults.redirtied_files.lock().unwrap().is_empty());
+    let mut expected = older.to_vec();
+    expected.push(journal.clone());
+    assert_eq!(*faults.synced_files.lock().unwrap(), expected);
+    drop(_writer);
+
+    // Under `--sync none` nothing is promised and no segment is synced; the mark now names the
+    // newest segment, the first this writer may leave unsynced.
     let (storage, faults) = faulty(u64::MAX);
     let r = recovered(data);
     let _none = open_writer(data, Box::new(storage), 8 << 10, SyncMode::None, &r.end);
-    assert!(faults.synced_files.lock().unwrap().is_empty());
+    assert_eq!(
+        *faults.synced_files.lock().unwrap(),
+        std::slice::from_ref(&journal)
+    );
+    let newest_first = list_segments(&journal).unwrap().last().unwrap().0;
+    assert_eq!(
+        wallet::journal::format::decode_unsynced(&fs::read(&unsynced).unwrap()),
+        Ok(newest_first)
+    );
 }
 
 #[test]

@@ -171,6 +171,50 @@ pub fn parse_segment_file_name(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// Name of the file a `--sync none` writer leaves in the journal directory: the segments from
+/// the one it names on may hold records only in the page cache.
+pub const UNSYNCED_FILE_NAME: &str = "unsynced";
+pub const UNSYNCED_MAGIC: [u8; 8] = *b"WALUNS01";
+/// Bytes of the unsynced-segments file.
+pub const UNSYNCED_FILE_BYTES: usize = 24;
+
+/// The unsynced-segments file: written (and synced, with its directory) by a writer that opens
+/// the journal under `--sync none`, before it writes anything; removed by the next writer with
+/// a real sync mode once it has rewritten and synced those segments.
+#[repr(C)]
+pub struct UnsyncedLayout {
+    pub magic: [u8; 8],
+    /// The first sequence of the oldest segment that may hold unsynced records.
+    pub from_segment: u64,
+    /// CRC32C of bytes 0..16.
+    pub file_crc: u32,
+    pub reserved: u32,
+}
+const _: () = assert!(size_of::<UnsyncedLayout>() == UNSYNCED_FILE_BYTES);
+
+pub fn encode_unsynced(from_segment: u64) -> [u8; UNSYNCED_FILE_BYTES] {
+    let mut b = [0u8; UNSYNCED_FILE_BYTES];
+    b[0..8].copy_from_slice(&UNSYNCED_MAGIC);
+    b[8..16].copy_from_slice(&from_segment.to_le_bytes());
+    let crc = crc32c::crc32c(&b[0..16]);
+    b[16..20].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// The segment `encode_unsynced` named, or why the bytes are not an unsynced-segments file.
+pub fn decode_unsynced(bytes: &[u8]) -> Result<u64, &'static str> {
+    if bytes.len() != UNSYNCED_FILE_BYTES {
+        return Err("unsynced-segments file is not 24 bytes");
+    }
+    if bytes[0..8] != UNSYNCED_MAGIC {
+        return Err("bad unsynced-segments file magic");
+    }
+    if crc32c::crc32c(&bytes[0..16]).to_le_bytes() != bytes[16..20] {
+        return Err("unsynced-segments file checksum mismatch");
+    }
+    Ok(read_u64(bytes, 8))
+}
+
 /// Name of the durable-watermark file in the journal directory.
 pub const DURABLE_FILE_NAME: &str = "durable";
 pub const DURABLE_MAGIC: [u8; 8] = *b"WALDUR01";

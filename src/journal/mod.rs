@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 use crate::core::CommandRecord;
 use crate::core::codec::{encode_record, payload_len};
 use format::{
-    DURABLE_FILE_NAME, FRAME_HEADER_BYTES, MAX_FRAME_BYTES, SEGMENT_HEADER_BYTES, encode_durable,
-    encode_segment_header, seal_frame, segment_file_name,
+    DURABLE_FILE_NAME, FRAME_HEADER_BYTES, MAX_FRAME_BYTES, SEGMENT_HEADER_BYTES,
+    UNSYNCED_FILE_NAME, decode_unsynced, encode_durable, encode_segment_header, encode_unsynced,
+    parse_segment_file_name, seal_frame, segment_file_name,
 };
 pub use reader::{
     JournalEnd, JournalError, durable_watermark, estimate_records, list_segments, scan,
@@ -156,6 +157,22 @@ fn keep_cut_bytes(path: &Path, from: u64, to: u64) -> io::Result<PathBuf> {
 
 /// Removes segments whose creation was interrupted (still under their temporary name: they
 /// never held a record).
+/// The first sequence of the oldest segment a `--sync none` writer may have left unsynced, if
+/// its mark is there (an unreadable mark counts every segment).
+fn unsynced_segments(dir: &Path) -> io::Result<Option<u64>> {
+    match std::fs::read(dir.join(UNSYNCED_FILE_NAME)) {
+        Ok(bytes) => Ok(Some(decode_unsynced(&bytes).unwrap_or_else(|e| {
+            tracing::warn!(
+                error = e,
+                "unreadable unsynced-segments file: every segment is rewritten"
+            );
+            0
+        }))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 fn remove_unfinished_segments(dir: &std::path::Path) -> io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
@@ -225,11 +242,52 @@ impl JournalWriter {
             // `--sync none`: their tails may still be only in the page cache. The watermark
             // published below covers them, so they are made durable first (an fsync of a clean
             // file writes nothing).
+            //
+            // An fsync alone is not enough for the segments a `--sync none` writer wrote (the
+            // unsynced-segments file names the oldest): if a writeback of theirs failed in the
+            // background, the kernel reports it once (to a previous open, which then failed)
+            // and may keep the lost pages marked clean, so a later fsync "succeeds" without
+            // them. Those segments are dirtied again in full and synced.
             if config.sync != SyncMode::None {
+                let unsynced_from = unsynced_segments(&config.dir)?;
                 let segments = reader::list_segments(&config.dir).map_err(io::Error::other)?;
-                for (_, older) in segments.iter().filter(|(_, p)| p != path) {
-                    storage.sync_file(older)?;
+                for (first, older) in segments.iter().filter(|(_, p)| p != path) {
+                    if unsynced_from.is_some_and(|from| *first >= from) {
+                        let mut file = storage.open_segment(older)?;
+                        file.redirty(0, file.size())?;
+                        file.sync_range(0, file.size())?;
+                    } else {
+                        storage.sync_file(older)?;
+                    }
                 }
+            }
+        }
+        let unsynced_file = config.dir.join(UNSYNCED_FILE_NAME);
+        if config.sync == SyncMode::None {
+            // Before anything is written: the segments from the newest on may now hold records
+            // that only the page cache has. A mark left by an earlier `--sync none` writer
+            // names an older segment: it stays.
+            if !unsynced_file.exists() {
+                let from = end
+                    .segment
+                    .as_ref()
+                    .and_then(|(path, _)| path.file_name()?.to_str())
+                    .and_then(parse_segment_file_name)
+                    .unwrap_or(end.next_seq);
+                let file = std::fs::File::create(&unsynced_file)?;
+                std::io::Write::write_all(&mut &file, &encode_unsynced(from))?;
+                file.sync_all()?;
+                storage.sync_dir(&config.dir)?;
+            }
+        } else {
+            // The segments' names too: a segment is created under a temporary name, renamed
+            // and then the directory is fsynced, and a process killed (or failing) between the
+            // rename and that fsync leaves a segment whose name may not survive a power loss.
+            // Records this writer acknowledges in it would go with it.
+            storage.sync_dir(&config.dir)?;
+            if unsynced_file.exists() {
+                std::fs::remove_file(&unsynced_file)?;
+                storage.sync_dir(&config.dir)?;
             }
         }
         let durable_file = open_durable_file(&config.dir)?;

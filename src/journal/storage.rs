@@ -42,6 +42,10 @@ pub trait Storage: Send {
     fn sync_file(&mut self, path: &Path) -> io::Result<()> {
         std::fs::File::open(path)?.sync_all()
     }
+    /// Makes the directory `dir`'s entries durable (fsync of the directory).
+    fn sync_dir(&mut self, dir: &Path) -> io::Result<()> {
+        fsync_dir(dir)
+    }
 }
 
 /// The real thing: files mapped with `memmap2`.
@@ -321,8 +325,10 @@ pub struct Faults {
     /// If set, the next write copies only `tear_bytes` bytes, and the sync after it fails.
     pub tear_next_write: AtomicBool,
     pub tear_bytes: AtomicU64,
-    /// The files `sync_file` made durable, in order.
+    /// The files `sync_file` and the directories `sync_dir` made durable, in order.
     pub synced_files: std::sync::Mutex<Vec<std::path::PathBuf>>,
+    /// The segments `redirty` dirtied whole (from offset 0 to their size), in order.
+    pub redirtied_files: std::sync::Mutex<Vec<std::path::PathBuf>>,
 }
 
 impl Faults {
@@ -344,6 +350,7 @@ struct FaultySegment {
     inner: Box<dyn SegmentFile>,
     faults: Arc<Faults>,
     torn: bool,
+    path: std::path::PathBuf,
 }
 
 impl Storage for FaultyStorage {
@@ -362,6 +369,7 @@ impl Storage for FaultyStorage {
             inner,
             faults: self.faults.clone(),
             torn: false,
+            path: path.to_path_buf(),
         }))
     }
 
@@ -371,6 +379,7 @@ impl Storage for FaultyStorage {
             inner,
             faults: self.faults.clone(),
             torn: false,
+            path: path.to_path_buf(),
         }))
     }
 
@@ -381,6 +390,14 @@ impl Storage for FaultyStorage {
         File::open(path)?.sync_all()?;
         if let Ok(mut synced) = self.faults.synced_files.lock() {
             synced.push(path.to_path_buf());
+        }
+        Ok(())
+    }
+
+    fn sync_dir(&mut self, dir: &Path) -> io::Result<()> {
+        fsync_dir(dir)?;
+        if let Ok(mut synced) = self.faults.synced_files.lock() {
+            synced.push(dir.to_path_buf());
         }
         Ok(())
     }
@@ -405,6 +422,12 @@ impl SegmentFile for FaultySegment {
     }
 
     fn redirty(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        if offset == 0
+            && len == self.inner.size()
+            && let Ok(mut redirtied) = self.faults.redirtied_files.lock()
+        {
+            redirtied.push(self.path.clone());
+        }
         self.inner.redirty(offset, len)
     }
 
