@@ -379,12 +379,14 @@ fn rate_and_velocity_limits_answer_429_and_recover() {
     common::deposit(&mut admin, "alice", "100.00");
 
     let mut alice = as_caller(&server, Some(token("alice", "wallet:transfer wallet:read")));
-    let statuses: Vec<u16> = (0..3)
-        .map(|_| {
+    let ids: Vec<String> = (0..3).map(|_| uuid()).collect();
+    let statuses: Vec<u16> = ids
+        .iter()
+        .map(|id| {
             alice
                 .post(
                     "/v1/wallet/balance_transfer",
-                    &transfer_body("alice", "bob", "1.00", &uuid()),
+                    &transfer_body("alice", "bob", "1.00", id),
                 )
                 .status
         })
@@ -394,6 +396,23 @@ fn rate_and_velocity_limits_answer_429_and_recover() {
         [200, 200, 429],
         "velocity: 2 transfers out per second"
     );
+    // A retry of a transfer that was decided moves no money: it gets its original outcome
+    // (the allowance is spent, but a retry is not a transfer), alone or in a batch.
+    let retry = alice.post(
+        "/v1/wallet/balance_transfer",
+        &transfer_body("alice", "bob", "1.00", &ids[0]),
+    );
+    assert_eq!(retry.status, 200, "{}", retry.body);
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    let retries = alice.post(
+        "/v1/wallet/balance_transfers",
+        &json!({ "transfers": [
+            transfer_body("alice", "bob", "1.00", &ids[0]),
+            transfer_body("alice", "bob", "1.00", &ids[1]),
+        ]}),
+    );
+    assert_eq!(retries.status, 200, "{}", retries.body);
+    assert_eq!(common::balance_cents(&mut admin, "alice"), 9_800);
     std::thread::sleep(Duration::from_millis(1100));
     let mut limited = None;
     for i in 0..10 {

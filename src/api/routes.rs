@@ -1157,10 +1157,30 @@ fn render_value<'a>(
     )
 }
 
-/// Owners move only their own money; the per-account velocity limit applies to the debit side.
-fn check_debit(app: &App, caller: &Caller, from: &str) -> Result<(), Reply> {
+/// Owners move only their own money; the per-account velocity limit applies to the debit side,
+/// and only to transfers not decided yet: a retry of one that was (answered from its original
+/// outcome, or refused as a reused id) moves no money, and must get that answer, not a 429.
+/// Returns whether the allowance was charged.
+fn check_debit(
+    app: &App,
+    caller: &Caller,
+    from: &str,
+    transaction_id: TransactionId,
+) -> Result<bool, Reply> {
     may_debit(caller, from)?;
-    check_velocity(app, caller, &[(from, 1)])
+    if app.velocity_limiter.is_none() || already_decided(app, transaction_id) {
+        return Ok(false);
+    }
+    check_velocity(app, caller, &[(from, 1)])?;
+    Ok(true)
+}
+
+/// Whether the read views hold an outcome for `transaction_id` (the engine executes an id at
+/// most once, so such a command moves no money again). The views trail the engine by a moment:
+/// a retry sent before they saw the original is charged like a new transfer.
+fn already_decided(app: &App, transaction_id: TransactionId) -> bool {
+    app.views
+        .read(|state| state.outcomes.get(&transaction_id.0).is_some())
 }
 
 fn may_debit(caller: &Caller, from: &str) -> Result<(), Reply> {
@@ -1220,13 +1240,16 @@ async fn transfer(
         Ok(c) => c,
         Err(e) => return Reply::field(e),
     };
-    if let Err(reply) = check_debit(app, caller, &request.from_account) {
-        return reply;
-    }
+    let charged = match check_debit(app, caller, &request.from_account, command.transaction_id) {
+        Ok(charged) => charged,
+        Err(reply) => return reply,
+    };
     let receiver = match submit(app, submitter, command) {
         Ok(receiver) => receiver,
         Err(reply) => {
-            refund_velocity(app, &[(&request.from_account, 1)]);
+            if charged {
+                refund_velocity(app, &[(&request.from_account, 1)]);
+            }
             return reply;
         }
     };
@@ -1295,10 +1318,19 @@ async fn transfer_batch(
     if let Some(limit) = std::num::NonZeroU32::new(app.config.velocity_per_account) {
         let mut per_account: std::collections::HashMap<&str, u32> =
             std::collections::HashMap::new();
-        for transfer in &request.transfers {
-            *per_account
-                .entry(transfer.from_account.as_ref())
-                .or_default() += 1;
+        // Items decided before (retries) move no money again: not charged.
+        let decided: Vec<bool> = app.views.read(|state| {
+            commands
+                .iter()
+                .map(|c| state.outcomes.get(&c.transaction_id.0).is_some())
+                .collect()
+        });
+        for (transfer, decided) in request.transfers.iter().zip(decided) {
+            if !decided {
+                *per_account
+                    .entry(transfer.from_account.as_ref())
+                    .or_default() += 1;
+            }
         }
         if let Some((from, n)) = per_account.iter().find(|(_, n)| **n > limit.get()) {
             return Reply::field(FieldError::new(
