@@ -2325,3 +2325,29 @@ fn the_newest_segment_is_read_not_mapped_and_reads_the_same_across_read_windows(
         other => panic!("expected corruption, got {other:?}"),
     }
 }
+
+#[test]
+fn a_durable_watermark_that_cannot_be_written_stops_the_writer() {
+    // Recovery tells a torn tail from damage by the durable-watermark file: a writer that went
+    // on acknowledging while the file stayed behind would let a later start cut acknowledged
+    // records as a torn tail. A failed write of it stops the writer like a failed sync.
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    fresh_journal(data, 64 << 10, 0..50, 10);
+    let durable = journal_dir(data).join(wallet::journal::format::DURABLE_FILE_NAME);
+    let r = recovered(data);
+    fs::remove_file(&durable).unwrap();
+    // Every write to /dev/full fails with ENOSPC.
+    std::os::unix::fs::symlink("/dev/full", &durable).unwrap();
+    let config = JournalConfig {
+        dir: journal_dir(data),
+        segment_size_bytes: 64 << 10,
+        sync: SyncMode::Batch,
+    };
+    let error = match JournalWriter::open(Box::new(MmapStorage::default()), config, &r.end) {
+        Ok(_) => panic!("a writer that cannot publish its watermark opened"),
+        Err(e) => e.to_string(),
+    };
+    assert!(error.contains("durable-watermark file"), "{error}");
+    assert!(error.contains(durable.to_str().unwrap()), "{error}");
+}

@@ -89,12 +89,10 @@ pub struct JournalWriter {
     poisoned: bool,
     bytes_written: u64,
     /// `journal/durable`: the durable watermark for readers outside the engine (see
-    /// `docs/journal-format.md`); `None` if it could not be opened (readers then fall back).
+    /// `docs/journal-format.md`).
     durable_file: std::fs::File,
     /// The watermark last written there.
     published_seq: u64,
-    /// When writing it last failed (warnings are rate-limited; a stale value is safe).
-    publish_failed_at: Option<Instant>,
 }
 
 /// Opens (creating if needed) the durable-watermark file of a journal directory. Without it a
@@ -306,33 +304,35 @@ impl JournalWriter {
             bytes_written: 0,
             durable_file,
             published_seq: u64::MAX,
-            publish_failed_at: None,
         };
-        writer.publish_durable();
+        writer.publish_durable()?;
         Ok(writer)
     }
 
     /// Writes the durable watermark to `journal/durable` (one `pwrite` of 24 bytes, no fsync:
     /// it is written only after the records it names are durable, and a stale, lower value
-    /// is safe for its readers).
-    fn publish_durable(&mut self) {
+    /// is safe for its readers). A failed write poisons the writer like a failed sync: recovery
+    /// tells a torn tail from damage by this file, so a file left behind for good would let a
+    /// later start cut acknowledged records as a torn tail (kept aside, but cut), and nothing
+    /// else is acknowledged.
+    fn publish_durable(&mut self) -> io::Result<()> {
         if self.published_seq == self.durable_seq {
-            return;
+            return Ok(());
         }
         use std::os::unix::fs::FileExt;
         let bytes = encode_durable(self.durable_seq, self.last_crc);
-        match self.durable_file.write_all_at(&bytes, 0) {
-            Ok(()) => self.published_seq = self.durable_seq,
-            Err(e) => {
-                if self
-                    .publish_failed_at
-                    .is_none_or(|t| t.elapsed() > Duration::from_secs(10))
-                {
-                    tracing::warn!(error = %e, seq = self.durable_seq, "writing the durable-watermark file failed; tailers see an older value");
-                    self.publish_failed_at = Some(Instant::now());
-                }
-            }
+        if let Err(e) = self.durable_file.write_all_at(&bytes, 0) {
+            self.poisoned = true;
+            return Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "writing the durable-watermark file {} failed: {e}",
+                    self.config.dir.join(DURABLE_FILE_NAME).display()
+                ),
+            ));
         }
+        self.published_seq = self.durable_seq;
+        Ok(())
     }
 
     pub fn next_seq(&self) -> u64 {
@@ -461,7 +461,7 @@ impl JournalWriter {
         self.durable_seq = self.next_seq - 1;
         // `last_crc` is the frame checksum of the record ending at `durable_seq`: everything
         // appended is committed here.
-        self.publish_durable();
+        self.publish_durable()?;
         Ok(self.durable_seq)
     }
 }

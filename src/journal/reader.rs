@@ -36,7 +36,14 @@ pub enum JournalError {
 /// acknowledged), if the file is there and intact. A torn or missing file gives `None`: the
 /// checks it feeds are then skipped, never failed.
 pub fn durable_watermark(dir: &Path) -> Option<u64> {
-    let bytes = std::fs::read(dir.join(crate::journal::format::DURABLE_FILE_NAME)).ok()?;
+    // At most a little more than the file's size: whatever is there, a read of it is bounded.
+    let mut bytes = Vec::new();
+    let file = File::open(dir.join(crate::journal::format::DURABLE_FILE_NAME)).ok()?;
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(file, 2 * crate::journal::format::DURABLE_FILE_BYTES as u64),
+        &mut bytes,
+    )
+    .ok()?;
     match crate::journal::format::decode_durable(&bytes) {
         Ok((seq, _)) => Some(seq),
         Err(e) => {
