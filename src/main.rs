@@ -55,6 +55,12 @@ struct TokenArgs {
     scope: String,
     #[arg(long, default_value = "1h")]
     ttl: String,
+    /// The `aud` claim (for a server run with --jwt-audience).
+    #[arg(long)]
+    audience: Option<String>,
+    /// The `iss` claim (for a server run with --jwt-issuer).
+    #[arg(long)]
+    issuer: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -119,6 +125,13 @@ struct ServeArgs {
     /// RS256 or EdDSA public key (PEM) for bearer tokens.
     #[arg(long)]
     jwt_public_key: Option<std::path::PathBuf>,
+    /// Tokens must carry this `aud` (audience) claim: a key shared with other services then
+    /// cannot be used to call this one with their tokens.
+    #[arg(long)]
+    jwt_audience: Option<String>,
+    /// Tokens must carry this `iss` (issuer) claim.
+    #[arg(long)]
+    jwt_issuer: Option<String>,
     /// Requests per second per caller (0: no limit); over it: 429 with Retry-After.
     #[arg(long, default_value_t = 0)]
     rate_limit_per_caller: u32,
@@ -144,7 +157,24 @@ impl ServeArgs {
     fn config(&self) -> anyhow::Result<wallet::api::ServeConfig> {
         use wallet::api::auth::Auth;
         let ms = std::time::Duration::from_millis;
+        let expect = wallet::api::auth::Expect {
+            audience: self.jwt_audience.clone(),
+            issuer: self.jwt_issuer.clone(),
+        };
+        for (flag, value) in [
+            ("--jwt-audience", &expect.audience),
+            ("--jwt-issuer", &expect.issuer),
+        ] {
+            anyhow::ensure!(
+                value.as_ref().is_none_or(|v| !v.is_empty()),
+                "{flag}: must not be empty"
+            );
+        }
+        let has_expect = expect != wallet::api::auth::Expect::default();
         let auth = match (self.auth.as_str(), &self.jwt_secret, &self.jwt_public_key) {
+            ("none" | "auto", None, None) if has_expect => {
+                anyhow::bail!("--jwt-audience/--jwt-issuer need --jwt-secret or --jwt-public-key")
+            }
             ("none", None, None) => Auth::None,
             ("none", _, _) => {
                 anyhow::bail!("--auth none contradicts --jwt-secret/--jwt-public-key")
@@ -158,9 +188,9 @@ impl ServeArgs {
                     "--jwt-secret must be at least {} bytes",
                     wallet::api::auth::MIN_SECRET_BYTES
                 );
-                Auth::hs256(secret.as_bytes())
+                Auth::hs256(secret.as_bytes(), &expect)
             }
-            ("jwt" | "auto", None, Some(path)) => Auth::public_key(path)?,
+            ("jwt" | "auto", None, Some(path)) => Auth::public_key(path, &expect)?,
             ("jwt", None, None) => {
                 anyhow::bail!("--auth jwt needs --jwt-secret or --jwt-public-key")
             }
@@ -242,7 +272,17 @@ fn main() -> ExitCode {
             .map(|_| ExitCode::SUCCESS),
         Commands::Token(args) => token_ttl(&args)
             .and_then(|ttl| {
-                wallet::api::auth::mint(args.jwt_secret.as_bytes(), &args.sub, &args.scope, ttl)
+                let names = wallet::api::auth::Expect {
+                    audience: args.audience.clone(),
+                    issuer: args.issuer.clone(),
+                };
+                wallet::api::auth::mint_for(
+                    args.jwt_secret.as_bytes(),
+                    &args.sub,
+                    &args.scope,
+                    ttl,
+                    &names,
+                )
             })
             .map(|token| {
                 println!("{token}");

@@ -850,3 +850,76 @@ fn wallet_token_mints_what_serve_accepts_and_refuses_what_it_would_not() {
     );
     server.stop();
 }
+
+#[test]
+fn with_an_audience_and_issuer_configured_only_tokens_naming_both_are_taken() {
+    // A signing key shared with other services: their tokens (another audience, or none) must
+    // not call this one.
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(
+        dir.path(),
+        &[
+            "--jwt-audience",
+            "wallet-api",
+            "--jwt-issuer",
+            "idp.example",
+        ],
+    );
+    let mint = |audience: Option<&str>, issuer: Option<&str>| {
+        wallet::api::auth::mint_for(
+            SECRET.as_bytes(),
+            "ops",
+            "wallet:admin",
+            Duration::from_secs(600),
+            &wallet::api::auth::Expect {
+                audience: audience.map(str::to_string),
+                issuer: issuer.map(str::to_string),
+            },
+        )
+        .unwrap()
+    };
+    let cases = [
+        (None, None, 401),
+        (Some("billing-api"), Some("idp.example"), 401),
+        (Some("wallet-api"), None, 401),
+        (Some("wallet-api"), Some("other-idp"), 401),
+        (None, Some("idp.example"), 401),
+        (Some("wallet-api"), Some("idp.example"), 201),
+    ];
+    for (i, (audience, issuer, status)) in cases.into_iter().enumerate() {
+        let mut c = as_caller(&server, Some(mint(audience, issuer)));
+        let r = c.post(
+            "/v1/wallet/accounts",
+            &json!({ "account_id": format!("acct{i}") }),
+        );
+        assert_eq!(
+            r.status, status,
+            "aud {audience:?}, iss {issuer:?}: {}",
+            r.body
+        );
+    }
+    // The CLI mints what the server expects, and refuses the flags without a key.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+        .args(["token", "--sub", "ops", "--scope", "wallet:admin"])
+        .args(["--audience", "wallet-api", "--issuer", "idp.example"])
+        .env("WALLET_JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let mut c = as_caller(&server, Some(token));
+    let r = c.post("/v1/wallet/accounts", &json!({ "account_id": "minted" }));
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert!(server.stop().success());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--jwt-audience", "x"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--jwt-audience"),
+        "{out:?}"
+    );
+}

@@ -1,7 +1,8 @@
 //! Authentication (JWT bearer tokens) and the authorization rules of the wallet API.
 //!
 //! Only the configured algorithm is accepted (never `none`, never a switch from an asymmetric
-//! key to HMAC), `exp` is required, with a small leeway for clock skew.
+//! key to HMAC), `exp` is required, with a small leeway for clock skew; `aud` and `iss` are
+//! required and checked when the server is configured with them.
 
 use std::path::Path;
 
@@ -25,6 +26,27 @@ pub struct Claims {
     #[serde(default)]
     pub scope: String,
     pub exp: u64,
+}
+
+/// What a token must name besides a valid signature: `aud` and `iss`, when they are set
+/// (`--jwt-audience`, `--jwt-issuer`). A key shared with other services then cannot be used to
+/// call this one with their tokens.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Expect {
+    pub audience: Option<String>,
+    pub issuer: Option<String>,
+}
+
+/// The claims `mint` writes: `Claims` and the optional audience and issuer.
+#[derive(Serialize)]
+struct MintClaims<'a> {
+    sub: &'a str,
+    scope: &'a str,
+    exp: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aud: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<&'a str>,
 }
 
 pub enum Auth {
@@ -84,20 +106,20 @@ impl std::fmt::Display for AuthError {
 }
 
 impl Auth {
-    pub fn hs256(secret: &[u8]) -> Auth {
+    pub fn hs256(secret: &[u8], expect: &Expect) -> Auth {
         Auth::Jwt {
             key: Box::new(DecodingKey::from_secret(secret)),
-            validation: Box::new(validation(Algorithm::HS256)),
+            validation: Box::new(validation(Algorithm::HS256, expect)),
         }
     }
 
     /// An RS256 or EdDSA public key in PEM, chosen by what the file holds.
-    pub fn public_key(path: &Path) -> anyhow::Result<Auth> {
+    pub fn public_key(path: &Path, expect: &Expect) -> anyhow::Result<Auth> {
         let pem = std::fs::read(path)?;
         if let Ok(key) = DecodingKey::from_ed_pem(&pem) {
             return Ok(Auth::Jwt {
                 key: Box::new(key),
-                validation: Box::new(validation(Algorithm::EdDSA)),
+                validation: Box::new(validation(Algorithm::EdDSA, expect)),
             });
         }
         let key = DecodingKey::from_rsa_pem(&pem).map_err(|e| {
@@ -108,7 +130,7 @@ impl Auth {
         })?;
         Ok(Auth::Jwt {
             key: Box::new(key),
-            validation: Box::new(validation(Algorithm::RS256)),
+            validation: Box::new(validation(Algorithm::RS256, expect)),
         })
     }
 
@@ -164,14 +186,23 @@ impl Reason for jsonwebtoken::errors::ErrorKind {
     }
 }
 
-fn validation(algorithm: Algorithm) -> Validation {
+fn validation(algorithm: Algorithm, expect: &Expect) -> Validation {
     let mut validation = Validation::new(algorithm);
     validation.algorithms = vec![algorithm];
     validation.leeway = LEEWAY_SECONDS;
     validation.validate_exp = true;
     // A token is refused before its `nbf` (not before), when it has one.
     validation.validate_nbf = true;
-    validation.set_required_spec_claims(&["exp", "sub"]);
+    let mut required = vec!["exp", "sub"];
+    if let Some(audience) = &expect.audience {
+        validation.set_audience(&[audience]);
+        required.push("aud");
+    }
+    if let Some(issuer) = &expect.issuer {
+        validation.set_issuer(&[issuer]);
+        required.push("iss");
+    }
+    validation.set_required_spec_claims(&required);
     validation
 }
 
@@ -183,6 +214,17 @@ pub fn mint(
     scope: &str,
     ttl: std::time::Duration,
 ) -> anyhow::Result<String> {
+    mint_for(secret, sub, scope, ttl, &Expect::default())
+}
+
+/// `mint`, naming the audience and issuer a server with `--jwt-audience`/`--jwt-issuer` expects.
+pub fn mint_for(
+    secret: &[u8],
+    sub: &str,
+    scope: &str,
+    ttl: std::time::Duration,
+    names: &Expect,
+) -> anyhow::Result<String> {
     anyhow::ensure!(
         secret.len() >= MIN_SECRET_BYTES,
         "the HS256 secret must be at least {MIN_SECRET_BYTES} bytes"
@@ -190,10 +232,12 @@ pub fn mint(
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
-    let claims = Claims {
-        sub: sub.to_string(),
-        scope: scope.to_string(),
+    let claims = MintClaims {
+        sub,
+        scope,
         exp: now + ttl.as_secs(),
+        aud: names.audience.as_deref(),
+        iss: names.issuer.as_deref(),
     };
     Ok(jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
