@@ -25,7 +25,7 @@ enum Commands {
     /// Write a snapshot of the state at the end of the journal.
     Snapshot(replay::SnapshotArgs),
     /// Serve the HTTP API (recovers the journal in --data-dir first).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// HTTP load generator with HDR latency (open-loop at --rate, or closed-loop with --rate 0).
     Loadgen(wallet::tools::loadgen::LoadgenArgs),
     /// Mint an HS256 bearer token (development and load tests).
