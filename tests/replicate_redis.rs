@@ -1091,3 +1091,48 @@ fn serve_runs_the_replicator_in_process_and_restarts_it_after_a_panic() {
     assert_placement(&services.redis, &[]);
     assert!(server.stop().success());
 }
+
+/// Respelling a node's address in the map (`localhost:P` for `127.0.0.1:P`, the same server)
+/// keeps that node: it is not rebuilt as a new node and then emptied as a removed one (which
+/// left an idle partition with no balances and the version `retired:<v>` for good).
+#[test]
+#[ignore = "needs tools/services"]
+fn respelled_node_address_keeps_the_node_and_its_balances() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let services = services();
+    let cluster = Cluster::new("respell", &services, &services.redis);
+    let server = start_server(&cluster);
+    let mut client = server.client();
+    setup_accounts(&mut client, 300);
+    transfers(&mut client, 300, 5_000, 1);
+    let follower = cluster.replicate_follow(&[]);
+    cluster.wait_caught_up(&services.redis, 1, Duration::from_secs(30));
+    let port = services.redis[0].rsplit(':').next().expect("port");
+    let mut respelled = services.redis.clone();
+    respelled[0] = format!("localhost:{port}");
+    let keys_before = balance_keys(&services.redis[0]).len();
+    assert!(keys_before > 0);
+    // No traffic from here on: an idle node must be right by itself.
+    cluster.set_nodes(&respelled);
+    cluster.wait_caught_up(&respelled, 2, Duration::from_secs(30));
+    // Give the replicator the moment it would take to empty the "removed" spelling.
+    std::thread::sleep(Duration::from_secs(1));
+    let last = cluster.journal_last_seq();
+    let state = node_state(&services.redis[0]).expect("node state");
+    assert_eq!(
+        state,
+        (last, Some("2".to_string())),
+        "{} (respelled {}) after the map change",
+        services.redis[0],
+        respelled[0]
+    );
+    assert_eq!(
+        balance_keys(&services.redis[0]).len(),
+        keys_before,
+        "the respelled node lost balance keys"
+    );
+    follower.kill();
+    cluster.assert_reconciled();
+    assert_placement(&respelled, &[]);
+    server.stop();
+}

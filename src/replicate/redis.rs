@@ -119,30 +119,39 @@ pub async fn check_distinct_servers(nodes: &[String]) -> anyhow::Result<()> {
         let Ok(mut conn) = connect(address).await else {
             continue;
         };
-        // A node that cannot answer INFO (an ACL without it, a renamed command, a dropped
-        // connection) cannot be checked and is let through, as one that is down.
-        let info: String = match redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut conn)
-            .await
-        {
-            Ok(info) => info,
-            Err(e) => {
-                tracing::warn!(node = %address, error = %e, "INFO server failed: this node is not checked for a second name");
-                continue;
-            }
-        };
-        let Some(run_id) = info.lines().find_map(|l| l.strip_prefix("run_id:")) else {
+        let Some(run_id) = server_id(&mut conn, address).await else {
             continue;
         };
-        if let Some(other) = seen.insert(run_id.trim().to_string(), address) {
+        if let Some(other) = seen.insert(run_id.clone(), address) {
             bail!(
-                "Redis nodes {other} and {address} are the same server (run_id {}): a partition map must name each server once",
-                run_id.trim()
+                "Redis nodes {other} and {address} are the same server (run_id {run_id}): a partition map must name each server once",
             );
         }
     }
     Ok(())
+}
+
+/// The `run_id` of the Redis server behind `conn` (tells one server apart from another whatever
+/// the address it is reached by). `None` when it cannot be read: a node that cannot answer
+/// INFO (an ACL without it, a renamed command, a dropped connection) cannot be checked, as one
+/// that is down.
+async fn server_id(conn: &mut MultiplexedConnection, address: &str) -> Option<String> {
+    let info: String = match redis::cmd("INFO").arg("server").query_async(conn).await {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::warn!(node = %address, error = %e, "INFO server failed: this node is not checked for a second name");
+            return None;
+        }
+    };
+    info.lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .map(|id| id.trim().to_string())
+}
+
+/// `server_id` of the node at `address`, over a new connection; `None` if it does not answer.
+async fn server_id_at(address: &str) -> Option<String> {
+    let mut conn = connect(address).await.ok()?;
+    server_id(&mut conn, address).await
 }
 
 /// What a node says about itself: its applied sequence and map version.
@@ -796,11 +805,17 @@ impl Replicator {
             .into_iter()
             .map(Some)
             .collect();
+        let respelled = self.respelled_nodes(&new_map, &mut old_nodes).await;
         let mut nodes = Vec::with_capacity(new_map.nodes.len());
         // For each new node: its old index, if it was current under the old map.
         let mut incremental: Vec<Option<u16>> = Vec::new();
-        for address in &new_map.nodes {
-            let old = self.map.nodes.iter().position(|a| a == address);
+        for (j, address) in new_map.nodes.iter().enumerate() {
+            let old = self
+                .map
+                .nodes
+                .iter()
+                .position(|a| a == address)
+                .or_else(|| respelled.get(&j).copied());
             let retired = self
                 .retired
                 .iter()
@@ -810,6 +825,8 @@ impl Replicator {
                 Some(node) => node,
                 None => retired.unwrap_or_else(|| Node::new(address)),
             };
+            // A respelled node keeps its state under its new name (the same server).
+            node.address.clone_from(address);
             let current =
                 node.is_up_and_current() && node.applied_seq == seq && node.dirty.is_empty();
             incremental.push(if current { old.map(|k| k as u16) } else { None });
@@ -906,8 +923,52 @@ impl Replicator {
         tracing::info!(version = self.map.version, "partition map switched");
     }
 
+    /// New-map nodes (by index) that are an old-map node under another spelling
+    /// (`localhost:6379` for `127.0.0.1:6379`), with that old node's index: the same server,
+    /// told apart by its `run_id`, so the same node; it must not be rebuilt as a new one and
+    /// then retired (emptied) under its old name. Nodes that do not answer are not matched
+    /// (`clean_retired` checks again before it empties a node).
+    async fn respelled_nodes(
+        &self,
+        new_map: &PartitionMap,
+        old_nodes: &mut [Option<Node>],
+    ) -> HashMap<usize, usize> {
+        let mut respelled = HashMap::new();
+        let mut gone = Vec::new();
+        for (k, slot) in old_nodes.iter_mut().enumerate() {
+            let Some(node) = slot.as_mut() else { continue };
+            if new_map.nodes.contains(&node.address) || !node.ensure_connected().await {
+                continue;
+            }
+            let Some(conn) = node.conn.as_mut() else {
+                continue;
+            };
+            if let Some(id) = server_id(conn, &node.address).await {
+                gone.push((id, k));
+            }
+        }
+        if gone.is_empty() {
+            return respelled;
+        }
+        for (j, address) in new_map.nodes.iter().enumerate() {
+            if self.map.nodes.contains(address) {
+                continue;
+            }
+            let Some(id) = server_id_at(address).await else {
+                continue;
+            };
+            if let Some(&(_, k)) = gone.iter().find(|(g, _)| *g == id) {
+                tracing::warn!(old = %self.map.nodes[k], new = %address, "the new map names a node under another address (the same server): it keeps its balances and is not retired");
+                respelled.insert(j, k);
+            }
+        }
+        respelled
+    }
+
     async fn clean_retired(&mut self) {
         let mut kept = Vec::new();
+        // The servers of the current map, read once the first retired node answers.
+        let mut current_ids: Option<Vec<(String, String)>> = None;
         for mut node in std::mem::take(&mut self.retired) {
             if !node.ensure_connected().await {
                 kept.push(node);
@@ -916,6 +977,27 @@ impl Replicator {
             let Some(mut conn) = node.conn.clone() else {
                 continue;
             };
+            // A removed address whose server is in the map under another spelling (it did not
+            // answer when the map changed) is that map node: emptying it would empty the node.
+            if let Some(id) = server_id(&mut conn, &node.address).await {
+                if current_ids.is_none() {
+                    let mut ids = Vec::new();
+                    for current in &self.nodes {
+                        if let Some(current_id) = server_id_at(&current.address).await {
+                            ids.push((current_id, current.address.clone()));
+                        }
+                    }
+                    current_ids = Some(ids);
+                }
+                if let Some((_, current)) = current_ids
+                    .iter()
+                    .flatten()
+                    .find(|(current_id, _)| *current_id == id)
+                {
+                    tracing::warn!(node = %node.address, same_as = %current, "removed node is the same server as a node of the map: not retired");
+                    continue;
+                }
+            }
             match retire(&mut conn, self.map.version).await {
                 Ok(()) => tracing::info!(node = %node.address, "removed node emptied"),
                 Err(e) => {
