@@ -284,6 +284,10 @@ struct Node {
     applied_seq: u64,
     /// The node's content cannot be trusted (unknown, lost data, interrupted move): rebuild it.
     needs_resync: bool,
+    /// The node could not be read at start-up (down, or its probe failed, e.g. `LOADING`): it
+    /// is probed and compared with the source, as the others were, before anything is written
+    /// there (`probe_late_nodes`); it may hold newer balances than the other nodes.
+    unprobed: bool,
     /// Accounts changed since `applied_seq`.
     dirty: Vec<u32>,
     /// Accounts of the write in flight (back to `dirty` if it fails).
@@ -300,6 +304,7 @@ impl Node {
             conn: None,
             applied_seq: 0,
             needs_resync: true,
+            unprobed: false,
             dirty: Vec::new(),
             inflight: Vec::new(),
             retry_at: None,
@@ -671,6 +676,7 @@ impl Replicator {
         debug_assert!(self.inflight.is_empty());
         for i in 0..self.nodes.len() {
             if self.nodes[i].needs_resync
+                && !self.nodes[i].unprobed
                 && self.dir.seq >= self.floor
                 && self.nodes[i].ensure_connected().await
             {
@@ -842,7 +848,8 @@ impl Replicator {
         // new-version readers wait until that node switches.
         let mut placed = vec![false; nodes.len()];
         for (j, node) in nodes.iter_mut().enumerate() {
-            if !node.ensure_connected().await {
+            // Not read yet (down at start-up): probed first, then rebuilt (`probe_late_nodes`).
+            if node.unprobed || !node.ensure_connected().await {
                 continue;
             }
             let Some(mut conn) = node.conn.clone() else {
@@ -1279,6 +1286,64 @@ async fn catch_up_floor(
     Ok(floor)
 }
 
+/// Nodes that could not be read at start-up, once they answer: probed and compared with the
+/// source as start-up does with the others, before anything is written there. One that follows
+/// the map with this source's record at its applied sequence continues from there (it may be
+/// ahead of the others); one that does not is invalidated (`resync`) and rebuilt, not before
+/// the replicator has read as far as it had applied (the catch-up floor rises to it). Rebuilding
+/// it at once, at the other nodes' sequence, would show balances older than it already showed,
+/// under the same map version.
+async fn probe_late_nodes(
+    replicator: &mut Replicator,
+    source: &mut Source,
+    options: &ReplicateOptions,
+) -> anyhow::Result<()> {
+    let version = replicator.version();
+    for i in 0..replicator.nodes.len() {
+        let node = &mut replicator.nodes[i];
+        if !node.unprobed || !node.ensure_connected().await {
+            continue;
+        }
+        let Some(conn) = node.conn.as_mut() else {
+            continue;
+        };
+        let (applied, v, record) = match probe_record(conn).await {
+            Ok(state) => state,
+            Err(e) => {
+                node.mark_down(&e.into());
+                continue;
+            }
+        };
+        if v.as_deref() == Some(version.as_str()) {
+            tracing::info!(node = %node.address, applied, "node that could not be read at start-up answers; it follows the map");
+            node.unprobed = false;
+            node.applied_seq = applied;
+            node.needs_resync = false;
+            let verified = record.is_some();
+            check_identities(replicator, source, vec![(i, record)], options).await?;
+            if verified && !replicator.nodes[i].needs_resync {
+                replicator.floor = replicator.floor.max(applied);
+            }
+        } else {
+            tracing::info!(node = %node.address, applied, version = ?v, expected = %version, "node that could not be read at start-up does not follow the current map; it will be rebuilt");
+            let invalidate = redis::cmd("SET")
+                .arg(MAP_VERSION_KEY)
+                .arg("resync")
+                .query_async::<()>(conn)
+                .await;
+            if let Err(e) = invalidate {
+                node.mark_down(&e.into());
+                continue;
+            }
+            node.unprobed = false;
+            let behind = vec![(node.address.clone(), applied, record)];
+            let floor = catch_up_floor(replicator, &[], source, behind).await?;
+            replicator.floor = replicator.floor.max(floor);
+        }
+    }
+    Ok(())
+}
+
 /// Runs the replicator until the process stops (or, with `once`, until caught up).
 pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
     let layout = Layout::new(&options.zk_root)?;
@@ -1345,8 +1410,13 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
                         node.mark_down(&e.into());
                     }
                 }
-                Err(e) => node.mark_down(&e.into()),
+                Err(e) => {
+                    node.unprobed = true;
+                    node.mark_down(&e.into());
+                }
             }
+        } else {
+            node.unprobed = true;
         }
         replicator.nodes.push(node);
     }
@@ -1456,6 +1526,9 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         // The events just read appeared after the previous read started.
         replicator.last_read_started = Some(previous_read_started);
         previous_read_started = read_started;
+        if replicator.nodes.iter().any(|n| n.unprobed) {
+            probe_late_nodes(&mut replicator, &mut source, options).await?;
+        }
         // Pipelined: this batch's writes run while the next batch is read.
         replicator.complete_writes().await;
         replicator.start_writes().await;
