@@ -1214,3 +1214,33 @@ fn node_down_at_start_never_claims_the_map_with_older_balances() {
     cluster.assert_reconciled();
     assert_placement(&nodes, &[]);
 }
+
+/// A node emptied while the replicator is idle (FLUSHALL) and then part of a map change is not
+/// switched to the new version as if it held its balances: the switch checks the node's
+/// version and applied sequence in the same step, and the node is rebuilt instead.
+#[test]
+#[ignore = "needs tools/services"]
+fn map_switch_rebuilds_a_node_emptied_while_idle() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let services = services();
+    let cluster = Cluster::new("idle-flush", &services, &services.redis);
+    let server = start_server(&cluster);
+    let mut client = server.client();
+    setup_accounts(&mut client, 300);
+    let follower = cluster.replicate_follow(&[]);
+    transfers(&mut client, 300, 5_000, 1);
+    cluster.wait_caught_up(&services.redis, 1, Duration::from_secs(30));
+    // No traffic from here on.
+    flush(&services.redis[0]);
+    let two = services.redis[..2].to_vec();
+    cluster.set_nodes(&two);
+    cluster.wait_caught_up(&two, 2, Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !balance_keys(&services.redis[2]).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    follower.kill();
+    cluster.assert_reconciled();
+    assert_placement(&two, &services.redis[2..]);
+    server.stop();
+}

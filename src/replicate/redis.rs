@@ -89,6 +89,42 @@ return 1
     )
 });
 
+/// Switches one node to a new partition map version (step 2 of a map change), only if the
+/// node is still what the replicator believes (a node emptied or rewritten behind its back must
+/// not be stamped as holding the new map's balances). KEYS: map version, applied sequence,
+/// applied record. ARGV: the version the node must say, the applied sequence it must say
+/// (empty: any), the new applied sequence, the record identity there (empty: none), the new
+/// version, then the balance keys that moved away (deleted).
+static SWITCH_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local version = redis.call('GET', KEYS[1])
+if version ~= ARGV[1] then
+  return redis.error_reply('WALLET_STALE map_version is ' .. tostring(version) .. ', expected ' .. ARGV[1])
+end
+local applied = redis.call('GET', KEYS[2]) or '0'
+if ARGV[2] ~= '' and applied ~= ARGV[2] then
+  return redis.error_reply('WALLET_STALE applied_seq is ' .. applied .. ', expected ' .. ARGV[2])
+end
+local n = #ARGV
+local i = 6
+while i <= n do
+  local last = math.min(i + 999, n)
+  redis.call('DEL', unpack(ARGV, i, last))
+  i = last + 1
+end
+redis.call('SET', KEYS[2], ARGV[3])
+if ARGV[4] == '' then
+  redis.call('DEL', KEYS[3])
+else
+  redis.call('SET', KEYS[3], ARGV[4])
+end
+redis.call('SET', KEYS[1], ARGV[5])
+return 1
+",
+    )
+});
+
 pub fn balance_key(account: &str) -> String {
     format!("{BALANCE_PREFIX}{account}")
 }
@@ -844,6 +880,7 @@ impl Replicator {
             *m = false;
         }
         let version = new_map.version.to_string();
+        let old_version = self.version();
         // 1. Place. Old-version readers never look for a moved key on its new node, and
         // new-version readers wait until that node switches.
         let mut placed = vec![false; nodes.len()];
@@ -895,16 +932,34 @@ impl Replicator {
                     .collect(),
                 None => Vec::new(),
             };
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            for keys in moved_out.chunks(1000) {
-                pipe.cmd("DEL").arg(keys).ignore();
+            // What the node must still say: a node switched incrementally is current under
+            // the old map at `seq`; a rebuilt one says `resync` (any applied sequence). A node
+            // that lost its data since (a FLUSHALL, a restart without persistence) is refused
+            // and rebuilt rather than stamped with the new version.
+            let (expected_version, expected_applied) = match incremental[j] {
+                Some(_) => (old_version.clone(), seq.to_string()),
+                None => ("resync".to_string(), String::new()),
+            };
+            let record = self.dir.record.map(|r| r.to_string()).unwrap_or_default();
+            let mut switch = SWITCH_SCRIPT.prepare_invoke();
+            switch
+                .key(MAP_VERSION_KEY)
+                .key(APPLIED_SEQ_KEY)
+                .key(APPLIED_RECORD_KEY)
+                .arg(&expected_version)
+                .arg(&expected_applied)
+                .arg(seq)
+                .arg(&record)
+                .arg(&version);
+            for key in &moved_out {
+                switch.arg(key);
             }
-            pipe.cmd("SET").arg(APPLIED_SEQ_KEY).arg(seq).ignore();
-            set_applied_record(&mut pipe, self.dir.record.as_ref());
-            pipe.cmd("SET").arg(MAP_VERSION_KEY).arg(&version).ignore();
-            match pipe.query_async::<()>(&mut conn).await {
-                Ok(()) => {
+            match switch.invoke_async::<i64>(&mut conn).await {
+                Err(e) if is_stale(&e) => {
+                    tracing::warn!(node = %node.address, error = %e, "node is not what the replicator believed at the map switch; rebuilding it");
+                    node.needs_resync = true;
+                }
+                Ok(_) => {
                     node.applied_seq = seq;
                     node.needs_resync = false;
                     node.mark_up();
