@@ -1244,3 +1244,47 @@ fn map_switch_rebuilds_a_node_emptied_while_idle() {
     assert_placement(&two, &services.redis[2..]);
     server.stop();
 }
+
+/// A node removed from the map is emptied even when the replicator that would have done it
+/// stopped first (here: `--once` runs, the first with the removed node down): the nodes still
+/// to be emptied are kept in ZooKeeper (`{root}/redis/retiring`), not only in memory.
+#[test]
+#[ignore = "needs tools/services"]
+fn removed_node_is_emptied_after_a_replicator_restart() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let services = services();
+    let cluster = Cluster::new("retiring", &services, &services.redis);
+    let server = start_server(&cluster);
+    let mut client = server.client();
+    setup_accounts(&mut client, 300);
+    transfers(&mut client, 300, 5_000, 1);
+    assert_succeeded(&cluster.replicate_once(&[], &[]));
+    // The append-only node (the third) returns with its data after a stop.
+    let removed = services.redis[2].clone();
+    assert!(!balance_keys(&removed).is_empty());
+    let port = removed.rsplit(':').next().expect("port");
+    services_tool(&["redis-stop", port]);
+    let two = services.redis[..2].to_vec();
+    cluster.set_nodes(&two);
+    transfers(&mut client, 300, 2_000, 2);
+    assert_succeeded(&cluster.replicate_once(&["--once-wait-s", "2"], &[]));
+    services_tool(&["redis-start", port]);
+    assert!(
+        !balance_keys(&removed).is_empty(),
+        "the test needs the removed node to return with its keys"
+    );
+    assert_succeeded(&cluster.replicate_once(&[], &[]));
+    let (_, version) = node_state(&removed).expect("node state");
+    assert_eq!(
+        version.as_deref(),
+        Some("retired:2"),
+        "{removed} was removed from the map"
+    );
+    assert!(
+        balance_keys(&removed).is_empty(),
+        "{removed} was removed from the map but still holds balance keys"
+    );
+    cluster.assert_reconciled();
+    assert_placement(&two, std::slice::from_ref(&removed));
+    server.stop();
+}

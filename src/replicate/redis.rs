@@ -542,6 +542,9 @@ struct Replicator {
     lag_max: Duration,
     /// Start of the previous source read (events of the current batch appeared after it).
     last_read_started: Option<Instant>,
+    /// Where the list of nodes still to be emptied is kept (`zk::update_retiring`): ZooKeeper's
+    /// address and the layout.
+    zk: (String, Layout),
     /// The highest sequence a node showed at start-up from this source (following the map or
     /// not, its record identity checked). Until the replicator has read this far, no node is
     /// rebuilt and no map change is carried out: either would publish balances older than
@@ -1057,11 +1060,15 @@ impl Replicator {
                     .find(|(current_id, _)| *current_id == id)
                 {
                     tracing::warn!(node = %node.address, same_as = %current, "removed node is the same server as a node of the map: not retired");
+                    self.forget_retiring(&node.address).await;
                     continue;
                 }
             }
             match retire(&mut conn, self.map.version).await {
-                Ok(()) => tracing::info!(node = %node.address, "removed node emptied"),
+                Ok(()) => {
+                    tracing::info!(node = %node.address, "removed node emptied");
+                    self.forget_retiring(&node.address).await;
+                }
                 Err(e) => {
                     node.mark_down(&e);
                     kept.push(node);
@@ -1069,6 +1076,26 @@ impl Replicator {
             }
         }
         self.retired = kept;
+    }
+
+    /// Takes an emptied node off the retiring list in ZooKeeper. If that fails (ZooKeeper down),
+    /// the entry stays and a later start empties the node again, which changes nothing.
+    async fn forget_retiring(&self, address: &str) {
+        let (zk_address, layout) = &self.zk;
+        let remove = [address.to_string()];
+        let update = async {
+            let client = zk::connect(zk_address).await?;
+            zk::update_retiring(&client, layout, &[], &remove).await
+        };
+        match tokio::time::timeout(Duration::from_secs(10), update).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(node = %address, error = %format!("{e:#}"), "could not take the emptied node off the retiring list; it is emptied again at the next start")
+            }
+            Err(_) => {
+                tracing::warn!(node = %address, "ZooKeeper did not answer: the emptied node stays on the retiring list; it is emptied again at the next start")
+            }
+        }
     }
 
     fn publish(&self, metrics: &Metrics) {
@@ -1411,6 +1438,8 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
                 layout.partitions()
             )
         })?;
+    // Nodes removed from the map but maybe not emptied yet (a replicator stopped before it did).
+    let retiring = zk::get_retiring(&client, &layout).await?;
     drop(client);
     check_distinct_servers(&map.nodes).await?;
     let (sender, mut map_changes) = watch::channel(map.clone());
@@ -1420,13 +1449,22 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         sender,
     ));
 
+    let retired: Vec<Node> = retiring
+        .iter()
+        .filter(|a| !map.nodes.contains(a))
+        .map(|a| Node::new(a))
+        .collect();
+    if !retired.is_empty() {
+        tracing::info!(nodes = ?retiring, "nodes removed from the map are still to be emptied");
+    }
     let mut replicator = Replicator {
         map,
         nodes: Vec::new(),
         dir: Directory::default(),
         route: Vec::new(),
         marked: Vec::new(),
-        retired: Vec::new(),
+        retired,
+        zk: (options.zk.clone(), layout.clone()),
         inflight: tokio::task::JoinSet::new(),
         inflight_target: 0,
         inflight_since: None,
