@@ -89,6 +89,42 @@ return 1
     )
 });
 
+/// Switches one node to a new partition map version (step 2 of a map change), only if the
+/// node is still what the replicator believes (a node emptied or rewritten behind its back must
+/// not be stamped as holding the new map's balances). KEYS: map version, applied sequence,
+/// applied record. ARGV: the version the node must say, the applied sequence it must say
+/// (empty: any), the new applied sequence, the record identity there (empty: none), the new
+/// version, then the balance keys that moved away (deleted).
+static SWITCH_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local version = redis.call('GET', KEYS[1])
+if version ~= ARGV[1] then
+  return redis.error_reply('WALLET_STALE map_version is ' .. tostring(version) .. ', expected ' .. ARGV[1])
+end
+local applied = redis.call('GET', KEYS[2]) or '0'
+if ARGV[2] ~= '' and applied ~= ARGV[2] then
+  return redis.error_reply('WALLET_STALE applied_seq is ' .. applied .. ', expected ' .. ARGV[2])
+end
+local n = #ARGV
+local i = 6
+while i <= n do
+  local last = math.min(i + 999, n)
+  redis.call('DEL', unpack(ARGV, i, last))
+  i = last + 1
+end
+redis.call('SET', KEYS[2], ARGV[3])
+if ARGV[4] == '' then
+  redis.call('DEL', KEYS[3])
+else
+  redis.call('SET', KEYS[3], ARGV[4])
+end
+redis.call('SET', KEYS[1], ARGV[5])
+return 1
+",
+    )
+});
+
 pub fn balance_key(account: &str) -> String {
     format!("{BALANCE_PREFIX}{account}")
 }
@@ -119,30 +155,39 @@ pub async fn check_distinct_servers(nodes: &[String]) -> anyhow::Result<()> {
         let Ok(mut conn) = connect(address).await else {
             continue;
         };
-        // A node that cannot answer INFO (an ACL without it, a renamed command, a dropped
-        // connection) cannot be checked and is let through, as one that is down.
-        let info: String = match redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut conn)
-            .await
-        {
-            Ok(info) => info,
-            Err(e) => {
-                tracing::warn!(node = %address, error = %e, "INFO server failed: this node is not checked for a second name");
-                continue;
-            }
-        };
-        let Some(run_id) = info.lines().find_map(|l| l.strip_prefix("run_id:")) else {
+        let Some(run_id) = server_id(&mut conn, address).await else {
             continue;
         };
-        if let Some(other) = seen.insert(run_id.trim().to_string(), address) {
+        if let Some(other) = seen.insert(run_id.clone(), address) {
             bail!(
-                "Redis nodes {other} and {address} are the same server (run_id {}): a partition map must name each server once",
-                run_id.trim()
+                "Redis nodes {other} and {address} are the same server (run_id {run_id}): a partition map must name each server once",
             );
         }
     }
     Ok(())
+}
+
+/// The `run_id` of the Redis server behind `conn` (tells one server apart from another whatever
+/// the address it is reached by). `None` when it cannot be read: a node that cannot answer
+/// INFO (an ACL without it, a renamed command, a dropped connection) cannot be checked, as one
+/// that is down.
+async fn server_id(conn: &mut MultiplexedConnection, address: &str) -> Option<String> {
+    let info: String = match redis::cmd("INFO").arg("server").query_async(conn).await {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::warn!(node = %address, error = %e, "INFO server failed: this node is not checked for a second name");
+            return None;
+        }
+    };
+    info.lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .map(|id| id.trim().to_string())
+}
+
+/// `server_id` of the node at `address`, over a new connection; `None` if it does not answer.
+async fn server_id_at(address: &str) -> Option<String> {
+    let mut conn = connect(address).await.ok()?;
+    server_id(&mut conn, address).await
 }
 
 /// What a node says about itself: its applied sequence and map version.
@@ -275,6 +320,10 @@ struct Node {
     applied_seq: u64,
     /// The node's content cannot be trusted (unknown, lost data, interrupted move): rebuild it.
     needs_resync: bool,
+    /// The node could not be read at start-up (down, or its probe failed, e.g. `LOADING`): it
+    /// is probed and compared with the source, as the others were, before anything is written
+    /// there (`probe_late_nodes`); it may hold newer balances than the other nodes.
+    unprobed: bool,
     /// Accounts changed since `applied_seq`.
     dirty: Vec<u32>,
     /// Accounts of the write in flight (back to `dirty` if it fails).
@@ -291,6 +340,7 @@ impl Node {
             conn: None,
             applied_seq: 0,
             needs_resync: true,
+            unprobed: false,
             dirty: Vec::new(),
             inflight: Vec::new(),
             retry_at: None,
@@ -492,6 +542,9 @@ struct Replicator {
     lag_max: Duration,
     /// Start of the previous source read (events of the current batch appeared after it).
     last_read_started: Option<Instant>,
+    /// Where the list of nodes still to be emptied is kept (`zk::update_retiring`): ZooKeeper's
+    /// address and the layout.
+    zk: (String, Layout),
     /// The highest sequence a node showed at start-up from this source (following the map or
     /// not, its record identity checked). Until the replicator has read this far, no node is
     /// rebuilt and no map change is carried out: either would publish balances older than
@@ -662,6 +715,7 @@ impl Replicator {
         debug_assert!(self.inflight.is_empty());
         for i in 0..self.nodes.len() {
             if self.nodes[i].needs_resync
+                && !self.nodes[i].unprobed
                 && self.dir.seq >= self.floor
                 && self.nodes[i].ensure_connected().await
             {
@@ -796,11 +850,17 @@ impl Replicator {
             .into_iter()
             .map(Some)
             .collect();
+        let respelled = self.respelled_nodes(&new_map, &mut old_nodes).await;
         let mut nodes = Vec::with_capacity(new_map.nodes.len());
         // For each new node: its old index, if it was current under the old map.
         let mut incremental: Vec<Option<u16>> = Vec::new();
-        for address in &new_map.nodes {
-            let old = self.map.nodes.iter().position(|a| a == address);
+        for (j, address) in new_map.nodes.iter().enumerate() {
+            let old = self
+                .map
+                .nodes
+                .iter()
+                .position(|a| a == address)
+                .or_else(|| respelled.get(&j).copied());
             let retired = self
                 .retired
                 .iter()
@@ -810,6 +870,8 @@ impl Replicator {
                 Some(node) => node,
                 None => retired.unwrap_or_else(|| Node::new(address)),
             };
+            // A respelled node keeps its state under its new name (the same server).
+            node.address.clone_from(address);
             let current =
                 node.is_up_and_current() && node.applied_seq == seq && node.dirty.is_empty();
             incremental.push(if current { old.map(|k| k as u16) } else { None });
@@ -821,11 +883,13 @@ impl Replicator {
             *m = false;
         }
         let version = new_map.version.to_string();
+        let old_version = self.version();
         // 1. Place. Old-version readers never look for a moved key on its new node, and
         // new-version readers wait until that node switches.
         let mut placed = vec![false; nodes.len()];
         for (j, node) in nodes.iter_mut().enumerate() {
-            if !node.ensure_connected().await {
+            // Not read yet (down at start-up): probed first, then rebuilt (`probe_late_nodes`).
+            if node.unprobed || !node.ensure_connected().await {
                 continue;
             }
             let Some(mut conn) = node.conn.clone() else {
@@ -871,16 +935,34 @@ impl Replicator {
                     .collect(),
                 None => Vec::new(),
             };
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            for keys in moved_out.chunks(1000) {
-                pipe.cmd("DEL").arg(keys).ignore();
+            // What the node must still say: a node switched incrementally is current under
+            // the old map at `seq`; a rebuilt one says `resync` (any applied sequence). A node
+            // that lost its data since (a FLUSHALL, a restart without persistence) is refused
+            // and rebuilt rather than stamped with the new version.
+            let (expected_version, expected_applied) = match incremental[j] {
+                Some(_) => (old_version.clone(), seq.to_string()),
+                None => ("resync".to_string(), String::new()),
+            };
+            let record = self.dir.record.map(|r| r.to_string()).unwrap_or_default();
+            let mut switch = SWITCH_SCRIPT.prepare_invoke();
+            switch
+                .key(MAP_VERSION_KEY)
+                .key(APPLIED_SEQ_KEY)
+                .key(APPLIED_RECORD_KEY)
+                .arg(&expected_version)
+                .arg(&expected_applied)
+                .arg(seq)
+                .arg(&record)
+                .arg(&version);
+            for key in &moved_out {
+                switch.arg(key);
             }
-            pipe.cmd("SET").arg(APPLIED_SEQ_KEY).arg(seq).ignore();
-            set_applied_record(&mut pipe, self.dir.record.as_ref());
-            pipe.cmd("SET").arg(MAP_VERSION_KEY).arg(&version).ignore();
-            match pipe.query_async::<()>(&mut conn).await {
-                Ok(()) => {
+            match switch.invoke_async::<i64>(&mut conn).await {
+                Err(e) if is_stale(&e) => {
+                    tracing::warn!(node = %node.address, error = %e, "node is not what the replicator believed at the map switch; rebuilding it");
+                    node.needs_resync = true;
+                }
+                Ok(_) => {
                     node.applied_seq = seq;
                     node.needs_resync = false;
                     node.mark_up();
@@ -906,8 +988,52 @@ impl Replicator {
         tracing::info!(version = self.map.version, "partition map switched");
     }
 
+    /// New-map nodes (by index) that are an old-map node under another spelling
+    /// (`localhost:6379` for `127.0.0.1:6379`), with that old node's index: the same server,
+    /// told apart by its `run_id`, so the same node; it must not be rebuilt as a new one and
+    /// then retired (emptied) under its old name. Nodes that do not answer are not matched
+    /// (`clean_retired` checks again before it empties a node).
+    async fn respelled_nodes(
+        &self,
+        new_map: &PartitionMap,
+        old_nodes: &mut [Option<Node>],
+    ) -> HashMap<usize, usize> {
+        let mut respelled = HashMap::new();
+        let mut gone = Vec::new();
+        for (k, slot) in old_nodes.iter_mut().enumerate() {
+            let Some(node) = slot.as_mut() else { continue };
+            if new_map.nodes.contains(&node.address) || !node.ensure_connected().await {
+                continue;
+            }
+            let Some(conn) = node.conn.as_mut() else {
+                continue;
+            };
+            if let Some(id) = server_id(conn, &node.address).await {
+                gone.push((id, k));
+            }
+        }
+        if gone.is_empty() {
+            return respelled;
+        }
+        for (j, address) in new_map.nodes.iter().enumerate() {
+            if self.map.nodes.contains(address) {
+                continue;
+            }
+            let Some(id) = server_id_at(address).await else {
+                continue;
+            };
+            if let Some(&(_, k)) = gone.iter().find(|(g, _)| *g == id) {
+                tracing::warn!(old = %self.map.nodes[k], new = %address, "the new map names a node under another address (the same server): it keeps its balances and is not retired");
+                respelled.insert(j, k);
+            }
+        }
+        respelled
+    }
+
     async fn clean_retired(&mut self) {
         let mut kept = Vec::new();
+        // The servers of the current map, read once the first retired node answers.
+        let mut current_ids: Option<Vec<(String, String)>> = None;
         for mut node in std::mem::take(&mut self.retired) {
             if !node.ensure_connected().await {
                 kept.push(node);
@@ -916,8 +1042,33 @@ impl Replicator {
             let Some(mut conn) = node.conn.clone() else {
                 continue;
             };
+            // A removed address whose server is in the map under another spelling (it did not
+            // answer when the map changed) is that map node: emptying it would empty the node.
+            if let Some(id) = server_id(&mut conn, &node.address).await {
+                if current_ids.is_none() {
+                    let mut ids = Vec::new();
+                    for current in &self.nodes {
+                        if let Some(current_id) = server_id_at(&current.address).await {
+                            ids.push((current_id, current.address.clone()));
+                        }
+                    }
+                    current_ids = Some(ids);
+                }
+                if let Some((_, current)) = current_ids
+                    .iter()
+                    .flatten()
+                    .find(|(current_id, _)| *current_id == id)
+                {
+                    tracing::warn!(node = %node.address, same_as = %current, "removed node is the same server as a node of the map: not retired");
+                    self.forget_retiring(&node.address).await;
+                    continue;
+                }
+            }
             match retire(&mut conn, self.map.version).await {
-                Ok(()) => tracing::info!(node = %node.address, "removed node emptied"),
+                Ok(()) => {
+                    tracing::info!(node = %node.address, "removed node emptied");
+                    self.forget_retiring(&node.address).await;
+                }
                 Err(e) => {
                     node.mark_down(&e);
                     kept.push(node);
@@ -925,6 +1076,26 @@ impl Replicator {
             }
         }
         self.retired = kept;
+    }
+
+    /// Takes an emptied node off the retiring list in ZooKeeper. If that fails (ZooKeeper down),
+    /// the entry stays and a later start empties the node again, which changes nothing.
+    async fn forget_retiring(&self, address: &str) {
+        let (zk_address, layout) = &self.zk;
+        let remove = [address.to_string()];
+        let update = async {
+            let client = zk::connect(zk_address).await?;
+            zk::update_retiring(&client, layout, &[], &remove).await
+        };
+        match tokio::time::timeout(Duration::from_secs(10), update).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(node = %address, error = %format!("{e:#}"), "could not take the emptied node off the retiring list; it is emptied again at the next start")
+            }
+            Err(_) => {
+                tracing::warn!(node = %address, "ZooKeeper did not answer: the emptied node stays on the retiring list; it is emptied again at the next start")
+            }
+        }
     }
 
     fn publish(&self, metrics: &Metrics) {
@@ -1197,6 +1368,64 @@ async fn catch_up_floor(
     Ok(floor)
 }
 
+/// Nodes that could not be read at start-up, once they answer: probed and compared with the
+/// source as start-up does with the others, before anything is written there. One that follows
+/// the map with this source's record at its applied sequence continues from there (it may be
+/// ahead of the others); one that does not is invalidated (`resync`) and rebuilt, not before
+/// the replicator has read as far as it had applied (the catch-up floor rises to it). Rebuilding
+/// it at once, at the other nodes' sequence, would show balances older than it already showed,
+/// under the same map version.
+async fn probe_late_nodes(
+    replicator: &mut Replicator,
+    source: &mut Source,
+    options: &ReplicateOptions,
+) -> anyhow::Result<()> {
+    let version = replicator.version();
+    for i in 0..replicator.nodes.len() {
+        let node = &mut replicator.nodes[i];
+        if !node.unprobed || !node.ensure_connected().await {
+            continue;
+        }
+        let Some(conn) = node.conn.as_mut() else {
+            continue;
+        };
+        let (applied, v, record) = match probe_record(conn).await {
+            Ok(state) => state,
+            Err(e) => {
+                node.mark_down(&e.into());
+                continue;
+            }
+        };
+        if v.as_deref() == Some(version.as_str()) {
+            tracing::info!(node = %node.address, applied, "node that could not be read at start-up answers; it follows the map");
+            node.unprobed = false;
+            node.applied_seq = applied;
+            node.needs_resync = false;
+            let verified = record.is_some();
+            check_identities(replicator, source, vec![(i, record)], options).await?;
+            if verified && !replicator.nodes[i].needs_resync {
+                replicator.floor = replicator.floor.max(applied);
+            }
+        } else {
+            tracing::info!(node = %node.address, applied, version = ?v, expected = %version, "node that could not be read at start-up does not follow the current map; it will be rebuilt");
+            let invalidate = redis::cmd("SET")
+                .arg(MAP_VERSION_KEY)
+                .arg("resync")
+                .query_async::<()>(conn)
+                .await;
+            if let Err(e) = invalidate {
+                node.mark_down(&e.into());
+                continue;
+            }
+            node.unprobed = false;
+            let behind = vec![(node.address.clone(), applied, record)];
+            let floor = catch_up_floor(replicator, &[], source, behind).await?;
+            replicator.floor = replicator.floor.max(floor);
+        }
+    }
+    Ok(())
+}
+
 /// Runs the replicator until the process stops (or, with `once`, until caught up).
 pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
     let layout = Layout::new(&options.zk_root)?;
@@ -1209,6 +1438,8 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
                 layout.partitions()
             )
         })?;
+    // Nodes removed from the map but maybe not emptied yet (a replicator stopped before it did).
+    let retiring = zk::get_retiring(&client, &layout).await?;
     drop(client);
     check_distinct_servers(&map.nodes).await?;
     let (sender, mut map_changes) = watch::channel(map.clone());
@@ -1218,13 +1449,22 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         sender,
     ));
 
+    let retired: Vec<Node> = retiring
+        .iter()
+        .filter(|a| !map.nodes.contains(a))
+        .map(|a| Node::new(a))
+        .collect();
+    if !retired.is_empty() {
+        tracing::info!(nodes = ?retiring, "nodes removed from the map are still to be emptied");
+    }
     let mut replicator = Replicator {
         map,
         nodes: Vec::new(),
         dir: Directory::default(),
         route: Vec::new(),
         marked: Vec::new(),
-        retired: Vec::new(),
+        retired,
+        zk: (options.zk.clone(), layout.clone()),
         inflight: tokio::task::JoinSet::new(),
         inflight_target: 0,
         inflight_since: None,
@@ -1263,8 +1503,13 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
                         node.mark_down(&e.into());
                     }
                 }
-                Err(e) => node.mark_down(&e.into()),
+                Err(e) => {
+                    node.unprobed = true;
+                    node.mark_down(&e.into());
+                }
             }
+        } else {
+            node.unprobed = true;
         }
         replicator.nodes.push(node);
     }
@@ -1374,6 +1619,9 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         // The events just read appeared after the previous read started.
         replicator.last_read_started = Some(previous_read_started);
         previous_read_started = read_started;
+        if replicator.nodes.iter().any(|n| n.unprobed) {
+            probe_late_nodes(&mut replicator, &mut source, options).await?;
+        }
         // Pipelined: this batch's writes run while the next batch is read.
         replicator.complete_writes().await;
         replicator.start_writes().await;

@@ -5,6 +5,7 @@
 //! | path | kind | data |
 //! |---|---|---|
 //! | `{root}/redis/partitions` | persistent | `{"version": n, "nodes": ["host:port", ...]}` |
+//! | `{root}/redis/retiring` | persistent | `{"nodes": ["host:port", ...]}`: removed from the map, not yet emptied |
 //! | `{root}/sql/shards` | persistent | `{"version": n, "shards": ["postgres://...", ...]}` |
 //! | `{root}/engine/leader` | ephemeral | the serving engine's address |
 //! | `{root}/api/{address}` | ephemeral | one per running `serve` front end |
@@ -96,6 +97,10 @@ impl Layout {
     }
     pub fn partitions(&self) -> String {
         format!("{}/redis/partitions", self.root)
+    }
+    /// Nodes removed from the partition map whose keys the replicator has not deleted yet.
+    pub fn redis_retiring(&self) -> String {
+        format!("{}/redis/retiring", self.root)
     }
     pub fn sql_shards(&self) -> String {
         format!("{}/sql/shards", self.root)
@@ -206,7 +211,60 @@ pub async fn get_partition_map(
     }
 }
 
+/// The nodes still to be emptied after leaving the partition map (`{root}/redis/retiring`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retiring {
+    pub nodes: Vec<String>,
+}
+
+/// The addresses removed from the partition map whose keys are not known to be deleted yet.
+pub async fn get_retiring(client: &zk::Client, layout: &Layout) -> anyhow::Result<Vec<String>> {
+    let current: Option<(Retiring, i32)> = read_json(client, &layout.redis_retiring()).await?;
+    Ok(current.map(|(r, _)| r.nodes).unwrap_or_default())
+}
+
+/// Adds `add` to the retiring list and takes `remove` off it (conditional writes, retried when
+/// another writer changed the list in between).
+pub async fn update_retiring(
+    client: &zk::Client,
+    layout: &Layout,
+    add: &[String],
+    remove: &[String],
+) -> anyhow::Result<()> {
+    let path = layout.redis_retiring();
+    let mut attempts = 0;
+    loop {
+        let current: Option<(Retiring, i32)> = read_json(client, &path).await?;
+        let mut nodes = current
+            .as_ref()
+            .map(|(r, _)| r.nodes.clone())
+            .unwrap_or_default();
+        for address in add {
+            if !nodes.contains(address) {
+                nodes.push(address.clone());
+            }
+        }
+        nodes.retain(|a| !remove.contains(a));
+        if current.as_ref().is_some_and(|(r, _)| r.nodes == nodes)
+            || (current.is_none() && nodes.is_empty())
+        {
+            return Ok(());
+        }
+        let value = Retiring { nodes };
+        match write_json(client, &path, &value, current.map(|(_, v)| v)).await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempts < 5 => {
+                attempts += 1;
+                tracing::debug!(error = %format!("{e:#}"), "retrying the update of {path}");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Replaces the Redis node list, bumping the map version. Creates the map (version 1) if absent.
+/// Nodes of the old map that are not in the new one are first added to the retiring list
+/// (`update_retiring`), so that a replicator that restarts before emptying them still does.
 pub async fn set_redis_nodes(
     client: &zk::Client,
     layout: &Layout,
@@ -219,6 +277,17 @@ pub async fn set_redis_nodes(
         nodes: nodes.to_vec(),
     };
     map.check()?;
+    let removed: Vec<String> = current
+        .as_ref()
+        .map(|(m, _)| {
+            m.nodes
+                .iter()
+                .filter(|a| !nodes.contains(a))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    update_retiring(client, layout, &removed, nodes).await?;
     write_json(client, &path, &map, current.map(|(_, v)| v)).await?;
     Ok(map)
 }
