@@ -1227,7 +1227,8 @@ fn map_switch_rebuilds_a_node_emptied_while_idle() {
     let server = start_server(&cluster);
     let mut client = server.client();
     setup_accounts(&mut client, 300);
-    let follower = cluster.replicate_follow(&[]);
+    // Without the idle check, which would find the emptied node first: the switch must.
+    let follower = cluster.replicate_follow(&[("WALLET_REDIS_IDLE_CHECK_MS", "0")]);
     transfers(&mut client, 300, 5_000, 1);
     cluster.wait_caught_up(&services.redis, 1, Duration::from_secs(30));
     // No traffic from here on.
@@ -1242,6 +1243,31 @@ fn map_switch_rebuilds_a_node_emptied_while_idle() {
     follower.kill();
     cluster.assert_reconciled();
     assert_placement(&two, &services.redis[2..]);
+    server.stop();
+}
+
+/// A node emptied while the source is idle (`FLUSHALL`, a restart without persistence) is
+/// found by the replicator's idle check and rebuilt, without waiting for an event to touch it:
+/// until then it served no balances while the replicator reported it up.
+#[test]
+#[ignore = "needs tools/services"]
+fn a_node_emptied_while_idle_is_rebuilt_without_new_events() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let services = services();
+    let cluster = Cluster::new("idle-check", &services, &services.redis);
+    let server = start_server(&cluster);
+    let mut client = server.client();
+    setup_accounts(&mut client, 300);
+    let follower = cluster.replicate_follow(&[]);
+    transfers(&mut client, 300, 5_000, 1);
+    cluster.wait_caught_up(&services.redis, 1, Duration::from_secs(30));
+    assert!(!balance_keys(&services.redis[0]).is_empty());
+    // No traffic from here on.
+    flush(&services.redis[0]);
+    cluster.wait_caught_up(&services.redis, 1, Duration::from_secs(15));
+    assert!(!balance_keys(&services.redis[0]).is_empty());
+    follower.kill();
+    cluster.assert_reconciled();
     server.stop();
 }
 

@@ -514,6 +514,7 @@ pub async fn serve(
                     // is never cleared without an operator's `replicate redis --rebuild`.
                     rebuild: false,
                     once_wait: Duration::ZERO,
+                    idle_check: crate::replicate::redis::DEFAULT_IDLE_CHECK,
                 });
             metrics
         }),

@@ -102,6 +102,10 @@ pub struct RedisReplicateArgs {
     /// to its end, before giving up with an error naming it.
     #[arg(long, default_value_t = 30)]
     pub once_wait_s: u64,
+    /// While the source is idle, how often nodes believed current are asked whether they still
+    /// are (a node emptied or rewound behind the replicator's back is rebuilt); 0: never.
+    #[arg(long, env = "WALLET_REDIS_IDLE_CHECK_MS", default_value_t = 1000)]
+    pub idle_check_ms: u64,
     /// Rebuild (clear and replay from sequence 1) a node whose `wallet:applied_record` differs
     /// from the source's record at its `wallet:applied_seq`, instead of exiting with an error.
     #[arg(long)]
@@ -233,6 +237,7 @@ pub fn run_replicate(args: ReplicateArgs) -> anyhow::Result<ExitCode> {
         metrics: None,
         rebuild: args.rebuild,
         once_wait: std::time::Duration::from_secs(args.once_wait_s),
+        idle_check: std::time::Duration::from_millis(args.idle_check_ms),
     };
     let report = runtime()?.block_on(super::redis::run(&options))?;
     println!(

@@ -50,6 +50,9 @@ pub const BALANCE_PREFIX: &str = "wallet:balance:";
 pub const APPLIED_SEQ_KEY: &str = "wallet:applied_seq";
 pub const APPLIED_RECORD_KEY: &str = "wallet:applied_record";
 pub const MAP_VERSION_KEY: &str = "wallet:map_version";
+/// How often, by default, nodes believed current are asked whether they still are while the
+/// source has nothing new (`Replicator::check_idle_nodes`).
+pub const DEFAULT_IDLE_CHECK: Duration = Duration::from_secs(1);
 /// Accounts per pipelined chunk when whole nodes are rebuilt or keys moved.
 const CHUNK_ACCOUNTS: usize = 2000;
 
@@ -423,6 +426,9 @@ pub struct ReplicateOptions {
     /// With `once`: how long to wait, after the source is read to its end, for nodes that are
     /// down or behind before giving up with an error.
     pub once_wait: Duration,
+    /// While the source is idle, how often nodes believed current are asked whether they still
+    /// are (`Replicator::check_idle_nodes`); zero: never.
+    pub idle_check: Duration,
 }
 
 /// The replicator's progress, readable from other threads.
@@ -560,6 +566,32 @@ fn route_of(map: &PartitionMap, name: &str) -> u16 {
 impl Replicator {
     fn version(&self) -> String {
         self.map.version.to_string()
+    }
+
+    /// While the source is idle: asks each node believed current whether it still is. A node
+    /// emptied (`FLUSHALL`, a restart without persistence) or rewound (an older dump) behind
+    /// the replicator's back would otherwise keep serving that state under the current map
+    /// version, and be reported up, until the next event touched it. One that no longer says
+    /// the map version, or says an applied sequence below what was written there, is rebuilt.
+    async fn check_idle_nodes(&mut self) {
+        let version = self.version();
+        for node in &mut self.nodes {
+            if node.unprobed || !node.is_up_and_current() || !node.inflight.is_empty() {
+                continue;
+            }
+            let Some(conn) = node.conn.as_mut() else {
+                continue;
+            };
+            match probe(conn).await {
+                Ok((applied, v))
+                    if v.as_deref() == Some(version.as_str()) && applied >= node.applied_seq => {}
+                Ok((applied, v)) => {
+                    tracing::warn!(node = %node.address, applied, version = ?v, expected_applied = node.applied_seq, expected_version = %version, "node lost what was written there (emptied or rewound while idle); rebuilding it");
+                    node.needs_resync = true;
+                }
+                Err(e) => node.mark_down(&e.into()),
+            }
+        }
     }
 
     fn ingest(&mut self, items: &[Item]) -> anyhow::Result<()> {
@@ -1579,6 +1611,7 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
     let mut previous_read_started = Instant::now();
     // With `once`: since when the source has had nothing more while some node is not caught up.
     let mut once_waiting_since: Option<Instant> = None;
+    let mut last_idle_check = Instant::now();
     loop {
         if replicator.dir.seq >= replicator.floor && map_changes.has_changed().unwrap_or(false) {
             let new_map = map_changes.borrow_and_update().clone();
@@ -1665,6 +1698,14 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
             }
             if replicator.nodes.iter().any(|n| n.retry_at.is_some()) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if !options.once
+                && !options.idle_check.is_zero()
+                && replicator.inflight.is_empty()
+                && last_idle_check.elapsed() >= options.idle_check
+            {
+                replicator.check_idle_nodes().await;
+                last_idle_check = Instant::now();
             }
         }
     }
