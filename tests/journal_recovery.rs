@@ -2312,8 +2312,8 @@ fn the_newest_segment_is_read_not_mapped_and_reads_the_same_across_read_windows(
     assert_eq!(end.torn_end, garbage_at as u64 + 10);
     file.write_all_at(&[0; 10], garbage_at as u64).unwrap();
 
-    // A zeroed frame in the first window with valid frames after it, in the next window too:
-    // damage inside the committed log (the watermark covers it), not a torn tail.
+    // A zeroed frame in the first window with valid frames after it: damage inside the
+    // committed log (the watermark covers it), not a torn tail.
     let hole = newest_frames[10];
     file.write_all_at(&vec![0; hole.len], hole.offset as u64)
         .unwrap();

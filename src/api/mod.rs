@@ -122,7 +122,8 @@ impl ServeConfig {
             ("--max-connections", self.max_connections),
             ("--max-batches-in-flight", self.max_batches_in_flight),
         ] {
-            // Each is a semaphore's permits, which tokio caps (it panics above the cap).
+            // Each is a semaphore's permits: tokio panics above `usize::MAX >> 3`, and far
+            // fewer already exhaust the process's file descriptors or memory.
             anyhow::ensure!(
                 (1..=MAX_PERMITS_LIMIT).contains(&count),
                 "{flag} must be within 1..={MAX_PERMITS_LIMIT}, not {count}"

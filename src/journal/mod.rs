@@ -153,12 +153,18 @@ fn keep_cut_bytes(path: &Path, from: u64, to: u64) -> io::Result<PathBuf> {
     Ok(kept)
 }
 
-/// Removes segments whose creation was interrupted (still under their temporary name: they
-/// never held a record).
 /// The first sequence of the oldest segment a `--sync none` writer may have left unsynced, if
 /// its mark is there (an unreadable mark counts every segment).
 fn unsynced_segments(dir: &Path) -> io::Result<Option<u64>> {
-    match std::fs::read(dir.join(UNSYNCED_FILE_NAME)) {
+    use std::io::Read;
+    let read = std::fs::File::open(dir.join(UNSYNCED_FILE_NAME)).and_then(|file| {
+        // Bounded, whatever is there: a longer file is not a mark either.
+        let mut bytes = Vec::new();
+        file.take(2 * format::UNSYNCED_FILE_BYTES as u64)
+            .read_to_end(&mut bytes)?;
+        Ok(bytes)
+    });
+    match read {
         Ok(bytes) => Ok(Some(decode_unsynced(&bytes).unwrap_or_else(|e| {
             tracing::warn!(
                 error = e,
@@ -171,6 +177,8 @@ fn unsynced_segments(dir: &Path) -> io::Result<Option<u64>> {
     }
 }
 
+/// Removes segments whose creation was interrupted (still under their temporary name: they
+/// never held a record).
 fn remove_unfinished_segments(dir: &std::path::Path) -> io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();

@@ -343,8 +343,12 @@ impl MappedSegment {
         // SAFETY: the scan maps only sealed segments, those with a newer segment after them:
         // the one writer of a data directory stores only into its newest segment and creates
         // the next after its last store into this one, and nothing truncates a segment file,
-        // so the mapped bytes neither change nor go away while the mapping lives. (Recovery
-        // cuts a torn tail only in the newest segment, and runs with no other reader.)
+        // so the mapped bytes do not go away while the mapping lives and do not change.
+        // (Recovery cuts a torn tail only in the newest segment, and runs with no other reader.
+        // One store does reach sealed segments: a writer opening after a `--sync none` run
+        // stores every page's first byte back unchanged into the segments marked unsynced, to
+        // dirty them; that happens before this process reads any, and a reader in another
+        // process then sees the same bytes.)
         let map = unsafe { Mmap::map(file) }?;
         // Read front to back: let the kernel read ahead and drop pages behind.
         let _ = map.advise(memmap2::Advice::Sequential);

@@ -53,6 +53,9 @@ pub const MAP_VERSION_KEY: &str = "wallet:map_version";
 /// How often, by default, nodes believed current are asked whether they still are while the
 /// source has nothing new (`Replicator::check_idle_nodes`).
 pub const DEFAULT_IDLE_CHECK: Duration = Duration::from_secs(1);
+/// How long a node removed from the map that could not be emptied waits before it is tried
+/// again.
+const RETIRED_RETRY: Duration = Duration::from_secs(30);
 /// Accounts per pipelined chunk when whole nodes are rebuilt or keys moved.
 const CHUNK_ACCOUNTS: usize = 2000;
 
@@ -548,6 +551,10 @@ struct Replicator {
     lag_max: Duration,
     /// Start of the previous source read (events of the current batch appeared after it).
     last_read_started: Option<Instant>,
+    /// The sequence the replicator's copy of the balances starts from (an engine snapshot's;
+    /// 0 when it was built from sequence 1): changes before it are in the copy but were never
+    /// marked to be written, so a node that applied less than this cannot be continued.
+    copy_from: u64,
     /// Where the list of nodes still to be emptied is kept (`zk::update_retiring`): ZooKeeper's
     /// address and the layout.
     zk: (String, Layout),
@@ -1067,7 +1074,14 @@ impl Replicator {
         // The servers of the current map, read once the first retired node answers.
         let mut current_ids: Option<Vec<(String, String)>> = None;
         for mut node in std::mem::take(&mut self.retired) {
+            // A removed node is often a decommissioned host: each try can wait for a connect
+            // timeout inside the main loop, so it is tried again only every `RETIRED_RETRY`.
+            let before = node.retry_at;
             if !node.ensure_connected().await {
+                if node.retry_at != before {
+                    // It tried, and failed.
+                    node.retry_at = Some(Instant::now() + RETIRED_RETRY);
+                }
                 kept.push(node);
                 continue;
             }
@@ -1103,6 +1117,7 @@ impl Replicator {
                 }
                 Err(e) => {
                     node.mark_down(&e);
+                    node.retry_at = Some(Instant::now() + RETIRED_RETRY);
                     kept.push(node);
                 }
             }
@@ -1413,6 +1428,7 @@ async fn probe_late_nodes(
     options: &ReplicateOptions,
 ) -> anyhow::Result<()> {
     let version = replicator.version();
+    let copy_from = replicator.copy_from;
     for i in 0..replicator.nodes.len() {
         let node = &mut replicator.nodes[i];
         if !node.unprobed || !node.ensure_connected().await {
@@ -1428,7 +1444,10 @@ async fn probe_late_nodes(
                 continue;
             }
         };
-        if v.as_deref() == Some(version.as_str()) {
+        // A node behind where the replicator's copy starts (a snapshot taken while it was
+        // down) would miss the changes between the two, which were never marked to be
+        // written: rebuilt, like one that does not follow the map.
+        if v.as_deref() == Some(version.as_str()) && applied >= copy_from {
             tracing::info!(node = %node.address, applied, "node that could not be read at start-up answers; it follows the map");
             node.unprobed = false;
             node.applied_seq = applied;
@@ -1439,7 +1458,7 @@ async fn probe_late_nodes(
                 replicator.floor = replicator.floor.max(applied);
             }
         } else {
-            tracing::info!(node = %node.address, applied, version = ?v, expected = %version, "node that could not be read at start-up does not follow the current map; it will be rebuilt");
+            tracing::info!(node = %node.address, applied, version = ?v, expected = %version, copy_from, "node that could not be read at start-up does not follow the current map, or is behind the snapshot the replicator started from; it will be rebuilt");
             let invalidate = redis::cmd("SET")
                 .arg(MAP_VERSION_KEY)
                 .arg("resync")
@@ -1503,6 +1522,7 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         lag_last: Duration::ZERO,
         lag_max: Duration::ZERO,
         last_read_started: None,
+        copy_from: 0,
         dir_from_nodes: false,
         floor: 0,
     };
@@ -1579,6 +1599,7 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         replicator.marked = vec![false; dir.len()];
         replicator.dir = dir;
         let seq = replicator.dir.seq;
+        replicator.copy_from = seq;
         if seq > 0 {
             replicator.dir.record = source.record_at(seq).await?.map(|(id, _)| id);
         }

@@ -287,8 +287,12 @@ pub async fn set_redis_nodes(
                 .collect()
         })
         .unwrap_or_default();
-    update_retiring(client, layout, &removed, nodes).await?;
+    // Removed nodes go on the list before the map drops them; nodes the map takes back come off
+    // it only once the new map is written (a failed write leaves the old map, under which they
+    // may still be out, and still to be emptied).
+    update_retiring(client, layout, &removed, &[]).await?;
     write_json(client, &path, &map, current.map(|(_, v)| v)).await?;
+    update_retiring(client, layout, &[], nodes).await?;
     Ok(map)
 }
 
