@@ -1335,6 +1335,13 @@ fn removed_node_is_emptied_after_a_replicator_restart() {
     services_tool(&["redis-stop", port]);
     let two = services.redis[..2].to_vec();
     cluster.set_nodes(&two);
+    let retiring = |cluster: &Cluster| {
+        let out = cluster.wallet(&["cluster", "show"], &[]);
+        let shown: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("show prints JSON");
+        shown["redis_retiring"].clone()
+    };
+    assert_eq!(retiring(&cluster), serde_json::json!([removed]));
     transfers(&mut client, 300, 2_000, 2);
     assert_succeeded(&cluster.replicate_once(&["--once-wait-s", "2"], &[]));
     services_tool(&["redis-start", port]);
@@ -1352,6 +1359,11 @@ fn removed_node_is_emptied_after_a_replicator_restart() {
     assert!(
         balance_keys(&removed).is_empty(),
         "{removed} was removed from the map but still holds balance keys"
+    );
+    assert_eq!(
+        retiring(&cluster),
+        serde_json::json!([]),
+        "emptied: off the list"
     );
     cluster.assert_reconciled();
     assert_placement(&two, std::slice::from_ref(&removed));

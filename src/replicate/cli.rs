@@ -181,9 +181,11 @@ pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
                 let map = zk::get_partition_map(&client, &layout).await?;
                 let shards = zk::get_sql_shards(&client, &layout).await?;
                 let (leader, api) = zk::get_registrations(&client, &layout).await?;
+                let retiring = zk::get_retiring(&client, &layout).await?;
                 print_json(&serde_json::json!({
                     "root": layout.root,
                     "redis_partitions": map,
+                    "redis_retiring": retiring,
                     "sql_shards": shards,
                     "engine_leader": leader,
                     "api": api,
