@@ -156,15 +156,7 @@ fn keep_cut_bytes(path: &Path, from: u64, to: u64) -> io::Result<PathBuf> {
 /// The first sequence of the oldest segment a `--sync none` writer may have left unsynced, if
 /// its mark is there (an unreadable mark counts every segment).
 fn unsynced_segments(dir: &Path) -> io::Result<Option<u64>> {
-    use std::io::Read;
-    let read = std::fs::File::open(dir.join(UNSYNCED_FILE_NAME)).and_then(|file| {
-        // Bounded, whatever is there: a longer file is not a mark either.
-        let mut bytes = Vec::new();
-        file.take(2 * format::UNSYNCED_FILE_BYTES as u64)
-            .read_to_end(&mut bytes)?;
-        Ok(bytes)
-    });
-    match read {
+    match reader::read_small_file(&dir.join(UNSYNCED_FILE_NAME), format::UNSYNCED_FILE_BYTES) {
         Ok(bytes) => Ok(Some(decode_unsynced(&bytes).unwrap_or_else(|e| {
             tracing::warn!(
                 error = e,

@@ -36,12 +36,9 @@ pub enum JournalError {
 /// acknowledged), if the file is there and intact. A torn or missing file gives `None`: the
 /// checks it feeds are then skipped, never failed.
 pub fn durable_watermark(dir: &Path) -> Option<u64> {
-    // At most a little more than the file's size: whatever is there, a read of it is bounded.
-    let mut bytes = Vec::new();
-    let file = File::open(dir.join(crate::journal::format::DURABLE_FILE_NAME)).ok()?;
-    std::io::Read::read_to_end(
-        &mut std::io::Read::take(file, 2 * crate::journal::format::DURABLE_FILE_BYTES as u64),
-        &mut bytes,
+    let bytes = read_small_file(
+        &dir.join(crate::journal::format::DURABLE_FILE_NAME),
+        crate::journal::format::DURABLE_FILE_BYTES,
     )
     .ok()?;
     match crate::journal::format::decode_durable(&bytes) {
@@ -51,6 +48,18 @@ pub fn durable_watermark(dir: &Path) -> Option<u64> {
             None
         }
     }
+}
+
+/// The bytes of a small fixed-size file (`size` bytes when intact), read with a bound: at most
+/// twice `size`, whatever is there (a device or a huge file is not read whole; what is read is
+/// then refused by its decoder).
+pub(crate) fn read_small_file(path: &Path, size: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    File::open(path)?
+        .take(2 * size as u64)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// Where the valid journal ends: the writer continues from here.
