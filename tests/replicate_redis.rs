@@ -14,8 +14,16 @@ use common::{Client, Server};
 use serde_json::json;
 use wallet::replicate::hash::partition_of;
 
-/// A fourth node for map changes, started through `tools/services redis-start`.
-const EXTRA_REDIS_PORT: u16 = 26382;
+/// The port of a fourth node for map changes, started through `tools/services redis-start`:
+/// `WALLET_EXTRA_REDIS_PORT` (which `tools/services env` prints), or 26382.
+fn extra_redis_port() -> u16 {
+    match std::env::var("WALLET_EXTRA_REDIS_PORT") {
+        Ok(port) => port
+            .parse()
+            .unwrap_or_else(|_| panic!("WALLET_EXTRA_REDIS_PORT={port:?} is not a port number")),
+        Err(_) => 26382,
+    }
+}
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -503,8 +511,9 @@ fn redis_node_down_during_load_catches_up() {
 fn map_changes_three_to_four_and_back_during_load() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let services = services();
-    services_tool(&["redis-start", &EXTRA_REDIS_PORT.to_string()]);
-    let extra = format!("127.0.0.1:{EXTRA_REDIS_PORT}");
+    let extra_port = extra_redis_port();
+    services_tool(&["redis-start", &extra_port.to_string()]);
+    let extra = format!("127.0.0.1:{extra_port}");
     flush(&extra);
     let three = services.redis.clone();
     let mut four = three.clone();

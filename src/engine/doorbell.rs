@@ -6,12 +6,17 @@
 //! time under HTTP load (perf, `finish_task_switch` under `clock_nanosleep`). A parked consumer
 //! is woken once, by the producer that published the event it waits for.
 //!
-//! Protocol (no lost wake-up): the consumer announces `sleeping`, reads `epoch`, lets the
-//! disruptor check its cursor once more, and only then sleeps on `epoch` with the value it
-//! read. A producer publishes its slot, fences, and if it sees `sleeping` bumps `epoch` and
-//! wakes. Either the consumer's re-check sees the slot, or the producer's fence comes after
-//! the announcement and the producer sees `sleeping`: then `epoch` changes before the futex
-//! compares it, or the wake finds the consumer asleep.
+//! Protocol (an eventcount; no lost wake-up): the consumer reads `epoch`, then announces
+//! `sleeping`, lets the disruptor check its cursor once more, and only then sleeps on `epoch`
+//! with the value it read before announcing. A producer publishes its slot, fences, and if it
+//! sees `sleeping` clears it, bumps `epoch` and wakes. Either the consumer's re-check sees the
+//! slot, or the producer's fence comes after the announcement and the producer sees
+//! `sleeping` (or a later producer cleared it, and that producer's bump comes after the
+//! consumer read `epoch`): then `epoch` changes before the futex compares it, or the wake finds
+//! the consumer asleep. Reading `epoch` after the announcement instead lost wake-ups: with
+//! several producers publishing out of order, a producer of a later slot could clear the
+//! announcement and bump `epoch` before the read, and the consumer then slept on the bumped
+//! value with nobody left to wake it for the slot it waited for.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering, fence};
 use std::time::Duration;
@@ -111,12 +116,15 @@ impl Doorbell {
             return;
         }
         if !self.announced.load(Ordering::Relaxed) {
+            // The epoch first: any producer that clears the announcement below bumps it later.
+            self.seen_epoch
+                .store(self.epoch.load(Ordering::SeqCst), Ordering::Relaxed);
             self.sleeping.store(true, Ordering::SeqCst);
             // Orders the announcement before the disruptor's next (acquire) check of the cursor:
             // the other half of the producer's fence.
             fence(Ordering::SeqCst);
-            self.seen_epoch
-                .store(self.epoch.load(Ordering::SeqCst), Ordering::Relaxed);
+            #[cfg(test)]
+            tests::after_announcing(self);
             self.announced.store(true, Ordering::Relaxed);
             // Back to the disruptor for one more check of the cursor before sleeping.
             return;
@@ -179,7 +187,49 @@ fn futex_wake(_word: &AtomicU32) {}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
     use std::sync::atomic::AtomicU64;
+
+    thread_local! {
+        /// Run by the consumer right after it announces (its fence done): lets a test put a
+        /// producer's ring exactly there.
+        static AFTER_ANNOUNCING: Cell<Option<fn(&Doorbell)>> = const { Cell::new(None) };
+    }
+
+    pub(super) fn after_announcing(bell: &Doorbell) {
+        if let Some(hook) = AFTER_ANNOUNCING.with(Cell::take) {
+            hook(bell);
+        }
+    }
+
+    #[test]
+    fn a_later_slot_rung_as_the_consumer_announces_does_not_swallow_the_wake_up_it_waits_for() {
+        // Two producers of a multi-producer ring: P1 publishes slot 2 and rings while the
+        // consumer, waiting for slot 1, is announcing that it will sleep; P0 publishes slot 1
+        // later. P1's ring clears the announcement, so P0's ring sees nobody sleeping: the
+        // consumer must not sleep on an epoch that P1 has already bumped.
+        let bell = Doorbell::with_backstop(Duration::from_secs(10), Duration::from_secs(10));
+        let published: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+        let consumer = std::thread::spawn(move || {
+            AFTER_ANNOUNCING.with(|hook| hook.set(Some(|bell: &Doorbell| bell.ring())));
+            // Slot 1 is the one waited for; slot 2 (published by P1 in the hook) does not end
+            // the wait, as in the disruptor, which waits for the lowest unpublished slot.
+            while published.load(Ordering::Acquire) < 1 {
+                bell.wait_for(1);
+            }
+        });
+        // Let the consumer announce (P1 rings inside that) and go to sleep.
+        std::thread::sleep(Duration::from_millis(200));
+        let rung_at = std::time::Instant::now();
+        published.store(1, Ordering::Release);
+        bell.ring();
+        consumer.join().expect("consumer thread");
+        assert!(
+            rung_at.elapsed() < Duration::from_secs(2),
+            "the consumer slept through slot 1's ring until the {:?} backstop",
+            rung_at.elapsed()
+        );
+    }
 
     /// A one-slot "ring": the consumer waits for `published` to reach `wanted` exactly as the
     /// disruptor's consumer loop does (check, then wait_for, then check again).

@@ -150,7 +150,28 @@ fn map_snapshot(path: &Path) -> std::io::Result<memmap2::Mmap> {
     // unchanging bytes make what one decoded equal to what the other verified.
     let map = unsafe { memmap2::Mmap::map(&file)? };
     let _ = map.advise(memmap2::Advice::Sequential);
+    populate(&map)?;
     Ok(map)
+}
+
+/// Faults every page of a snapshot's mapping in before anything reads it, so that a page the
+/// kernel cannot read (an I/O error, a file cut shorter since it was mapped) is this error,
+/// and the snapshot is skipped as unreadable, instead of a SIGBUS that kills the process at
+/// the decoder's first touch of it. (A page reclaimed and read again later can still fail that
+/// way; this closes the window at load, where a damaged disk shows first.) On a kernel without
+/// `MADV_POPULATE_READ` (before 5.14: `EINVAL`) the pages are faulted in as they are read.
+fn populate(map: &memmap2::Mmap) -> std::io::Result<()> {
+    if map.is_empty() {
+        return Ok(());
+    }
+    match map.advise(memmap2::Advice::PopulateRead) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        Err(e) => Err(std::io::Error::new(
+            e.kind(),
+            format!("its pages cannot be read: {e}"),
+        )),
+        Ok(()) => Ok(()),
+    }
 }
 
 /// `codec::decode_snapshot` on two threads. The decoder fills the prepared ledger; beside it,
@@ -243,4 +264,28 @@ pub fn load_newest_snapshot(
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mapping_whose_pages_cannot_be_read_is_an_error_not_a_sigbus() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(snapshot_file_name(7));
+        fs::write(&path, vec![0xA5u8; 1 << 20]).unwrap();
+        let map = map_snapshot(&path).unwrap();
+        assert_eq!(map[(1 << 20) - 1], 0xA5);
+        drop(map);
+
+        let file = File::open(&path).unwrap();
+        // SAFETY: the test owns the file; it is cut short below on purpose, and nothing reads
+        // the mapping's bytes after that except `populate`, which must not touch them.
+        let map = unsafe { memmap2::Mmap::map(&file).unwrap() };
+        File::options().write(true).open(&path).unwrap().set_len(4096).unwrap();
+        // The pages past the new end would SIGBUS on a read; populating them reports it.
+        let err = populate(&map).expect_err("pages past the end of the file populated");
+        assert!(err.to_string().contains("cannot be read"), "{err}");
+    }
 }
