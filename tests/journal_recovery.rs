@@ -719,6 +719,86 @@ fn replay_to_a_sequence_prints_an_accounts_entries_with_running_balances() {
     assert!(error.to_string().contains("--to-time"), "{error}");
 }
 
+/// `--to-time` stops before the first record stamped after the time, whatever its transaction
+/// id: the nil UUID is a valid id, not a checkpoint (replay used to take every record with id 0
+/// for one and applied it past the time). `--to-seq` past the journal's end is an error, not
+/// the end's state reported as the state at that sequence, and `u64::MAX` with
+/// `--from-snapshot` still starts from the snapshot.
+#[test]
+fn replay_to_a_time_or_sequence_stops_where_asked_or_says_it_cannot() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let (mut writer, mut ledger, mut history) = fresh_writer(data, 1 << 20, SyncMode::Batch);
+    write_commands(&mut writer, &mut ledger, &mut history, 0..100, 10);
+    let before = ledger.state_hash();
+    let last_before = ledger.next_seq() - 1;
+    let nil = Command {
+        transaction_id: TransactionId(0),
+        timestamp_ns: 9_000_000,
+        kind: CommandKind::Deposit {
+            account: account(0),
+            amount: 7,
+            currency: Currency::new("USD").unwrap(),
+        },
+    };
+    let record = ledger.execute(&nil);
+    assert!(record.rejection.is_none(), "{:?}", record.rejection);
+    writer.append(&record).unwrap();
+    writer.commit().unwrap();
+    drop(writer);
+    let end = ledger.next_seq() - 1;
+
+    let at = humantime::format_rfc3339_nanos(
+        std::time::UNIX_EPOCH + Duration::from_nanos(1_000_000 + 99),
+    )
+    .to_string();
+    let report = wallet::tools::replay::run(&wallet::tools::replay::ReplayArgs {
+        to_time: Some(at),
+        ..replay_args(data)
+    })
+    .unwrap();
+    assert!(report.ok, "{:?}", report.error);
+    assert_eq!(report.last_seq, last_before);
+    assert_eq!(report.state_hash, format!("{before:016x}"));
+
+    let report = wallet::tools::replay::run(&wallet::tools::replay::ReplayArgs {
+        to_seq: Some(end),
+        ..replay_args(data)
+    })
+    .unwrap();
+    assert!(report.ok, "{:?}", report.error);
+    assert_eq!(report.last_seq, end);
+    let report = wallet::tools::replay::run(&wallet::tools::replay::ReplayArgs {
+        to_seq: Some(end + 100),
+        ..replay_args(data)
+    })
+    .unwrap();
+    assert!(!report.ok);
+    let error = report.error.unwrap();
+    assert!(
+        error.contains(&format!(
+            "--to-seq {} is past the end of the journal (its last sequence is {end})",
+            end + 100
+        )),
+        "{error}"
+    );
+
+    snapshot::write_snapshot(&snapshot_dir(data), &encode_snapshot(&ledger, None)).unwrap();
+    let report = wallet::tools::replay::run(&wallet::tools::replay::ReplayArgs {
+        to_seq: Some(u64::MAX),
+        from_snapshot: true,
+        ..replay_args(data)
+    })
+    .unwrap();
+    assert_eq!(report.snapshot_seq, Some(end));
+    assert!(
+        report
+            .error
+            .unwrap()
+            .contains("past the end of the journal")
+    );
+}
+
 /// `wallet replay` checks each committed record's stored fingerprint against its body: a record
 /// journaled with another body's fingerprint (a bug or a forgery; the frame checksums hold)
 /// would answer a retry of that other body as a replay of a transfer that never happened.
@@ -1139,12 +1219,20 @@ fn segments_before_the_snapshot_are_checked_by_their_headers() {
     let error = refusal(recover_in_thread(data));
     assert!(error.contains(&second.display().to_string()), "{error}");
     assert!(error.contains(&format!("sequence {second_seq}")), "{error}");
+    assert_eq!(replay_from_snapshot_refusal(data), error);
     // A real segment header under another segment's name.
     fs::write(&second, fs::read(&segments[2].1).unwrap()).unwrap();
     let error = refusal(recover_in_thread(data));
     assert!(error.contains("disagrees with its file name"), "{error}");
+    assert_eq!(replay_from_snapshot_refusal(data), error);
     fs::write(&second, original).unwrap();
     assert!(recover_in_thread(data).is_ok());
+    let report = wallet::tools::replay::run(&wallet::tools::replay::ReplayArgs {
+        from_snapshot: true,
+        ..replay_args(data)
+    })
+    .unwrap();
+    assert!(report.ok, "{:?}", report.error);
 
     // The oldest segment moved away.
     let (_, first) = segments[0].clone();
@@ -1158,6 +1246,22 @@ fn segments_before_the_snapshot_are_checked_by_their_headers() {
         error.contains(&segments[1].1.display().to_string()),
         "{error}"
     );
+    assert_eq!(replay_from_snapshot_refusal(data), error);
+    // Without the snapshot, replay from the journal alone is refused the same way (it began at
+    // the oldest segment left and reported a whole history).
+    let report = wallet::tools::replay::run(&replay_args(data)).unwrap();
+    assert_eq!(report.error.as_deref(), Some(error.as_str()));
+}
+
+/// What `wallet replay --from-snapshot` says of `data`: it must refuse it.
+fn replay_from_snapshot_refusal(data: &Path) -> String {
+    let report = wallet::tools::replay::run(&wallet::tools::replay::ReplayArgs {
+        from_snapshot: true,
+        ..replay_args(data)
+    })
+    .unwrap();
+    assert!(!report.ok, "replay passed what start-up refuses");
+    report.error.unwrap()
 }
 
 /// The other side of the watermark rule: bytes written after the last sync (a crash in the middle

@@ -283,7 +283,12 @@ mod tests {
         // SAFETY: the test owns the file; it is cut short below on purpose, and nothing reads
         // the mapping's bytes after that except `populate`, which must not touch them.
         let map = unsafe { memmap2::Mmap::map(&file).unwrap() };
-        File::options().write(true).open(&path).unwrap().set_len(4096).unwrap();
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
         // The pages past the new end would SIGBUS on a read; populating them reports it.
         let err = populate(&map).expect_err("pages past the end of the file populated");
         assert!(err.to_string().contains("cannot be read"), "{err}");

@@ -5,9 +5,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::core::CommandType;
 use crate::core::codec::encode_snapshot;
 use crate::core::{AccountId, Ledger, LedgerConfig, format_amount};
 use crate::engine::recovery::{check_durable_watermark, recover, replay_journal};
+use crate::journal::reader::check_segment_headers;
 use crate::journal::storage::MmapStorage;
 use crate::journal::{
     DEFAULT_SEGMENT_SIZE_BYTES, JournalConfig, JournalWriter, SyncMode, estimate_records,
@@ -24,7 +26,8 @@ pub struct ReplayArgs {
     /// Stop after the record holding this sequence number.
     #[arg(long)]
     pub to_seq: Option<u64>,
-    /// Stop before the first record stamped after this time (RFC 3339).
+    /// Stop before the first record stamped after this time (RFC 3339: `Z` or an offset such
+    /// as `+01:00`).
     #[arg(long)]
     pub to_time: Option<String>,
     /// Print this account's balances and its entries with running balances.
@@ -89,12 +92,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
         "--to-time cannot be combined with --from-snapshot: snapshots record no time, so the state at a time is replayed from the start of the journal (use --to-seq with --from-snapshot)"
     );
     let to_time_ns = match &args.to_time {
-        Some(t) => Some(
-            humantime::parse_rfc3339(t)
-                .map_err(|e| anyhow::anyhow!("--to-time: {e}"))?
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_nanos() as u64,
-        ),
+        Some(t) => Some(parse_rfc3339_ns(t).map_err(|e| anyhow::anyhow!("--to-time {t:?}: {e}"))?),
         None => None,
     };
     let account = match &args.account {
@@ -111,7 +109,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
         match snapshot::load_newest_snapshot(
             &snapshot_dir(&args.data_dir),
             config,
-            args.to_seq.map(|s| s + 1),
+            args.to_seq.map(|s| s.saturating_add(1)),
         ) {
             Some(loaded) => {
                 snapshot_seq = Some(loaded.ledger.next_seq() - 1);
@@ -147,7 +145,9 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
     let admit = |record: &crate::core::CommandRecord| {
         stopped = stopped
             || args.to_seq.is_some_and(|s| record.first_seq > s)
-            || to_time_ns.is_some_and(|t| record.timestamp_ns > t && record.transaction_id.0 != 0);
+            || to_time_ns.is_some_and(|t| {
+                record.timestamp_ns > t && record.command_type != CommandType::Checkpoint
+            });
         !stopped
     };
     // The first committed record whose stored fingerprint is not its own body's. The accounts'
@@ -205,6 +205,12 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
         }
         _ => None,
     };
+    // What start-up checks of the segments the replay does not open (those before the
+    // snapshot's): the history starts at sequence 1 and every file named like a segment is one.
+    // A replay that passed a journal `serve` refuses would be no audit.
+    let headers_error = check_segment_headers(&journal, snapshot_seq.map_or(1, |s| s + 1))
+        .err()
+        .map(|e| e.to_string());
     let scanned = replay_journal(&mut ledger, &journal, admit, observe);
     if let Some(bar) = progress {
         bar.finish_and_clear();
@@ -230,11 +236,38 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
                     .map(|e| e.to_string()),
                 _ => None,
             };
+            // Start-up's last check: the journal continues where the state ends (a snapshot
+            // from an older build, naming no chain value, could end inside a record).
+            let missing = missing.or_else(|| {
+                (to_end && ledger.next_seq() != end.next_seq).then(|| {
+                    format!(
+                        "the journal continues at sequence {} but the replayed state ends before \
+                         sequence {}: the snapshot was not taken at a record boundary of this \
+                         journal",
+                        end.next_seq,
+                        ledger.next_seq()
+                    )
+                })
+            });
+            // A state asked for at a sequence the journal does not reach is not the end's.
+            let missing = missing.or_else(|| {
+                args.to_seq
+                    .filter(|&s| to_end && s > journal_last)
+                    .map(|s| {
+                        format!(
+                            "--to-seq {s} is past the end of the journal (its last sequence is \
+                         {journal_last}): there is no state at {s} yet"
+                        )
+                    })
+            });
             (missing, torn_tail)
         }
     };
     if chain_error.is_some() {
         error = chain_error;
+    }
+    if headers_error.is_some() {
+        error = headers_error;
     }
     if error.is_none() {
         error = wrong_fingerprint;
@@ -373,4 +406,65 @@ pub fn snapshot(args: &SnapshotArgs) -> anyhow::Result<PathBuf> {
         &snapshot_dir(&args.data_dir),
         &bytes,
     )?)
+}
+
+/// An RFC 3339 time as nanoseconds since the Unix epoch: `humantime` for the part before the
+/// offset, which it accepts only as `Z`; a numeric offset (`+01:00`, `-05:30`) is applied here.
+fn parse_rfc3339_ns(text: &str) -> anyhow::Result<u64> {
+    let (utc, offset_secs) = match text.len().checked_sub(6).map(|i| text.split_at(i)) {
+        Some((time, offset)) if offset.starts_with(['+', '-']) && !time.is_empty() => {
+            let b = offset.as_bytes();
+            let digits = |i: usize| -> anyhow::Result<i64> {
+                match (b[i], b[i + 1]) {
+                    (h @ b'0'..=b'9', l @ b'0'..=b'9') => {
+                        Ok(i64::from(h - b'0') * 10 + i64::from(l - b'0'))
+                    }
+                    _ => anyhow::bail!("the offset {offset:?} is not [+-]HH:MM"),
+                }
+            };
+            anyhow::ensure!(b[3] == b':', "the offset {offset:?} is not [+-]HH:MM");
+            let (hours, minutes) = (digits(1)?, digits(4)?);
+            anyhow::ensure!(
+                hours < 24 && minutes < 60,
+                "the offset {offset:?} is out of range"
+            );
+            let secs = hours * 3600 + minutes * 60;
+            (format!("{time}Z"), if b[0] == b'+' { secs } else { -secs })
+        }
+        _ => (text.to_string(), 0),
+    };
+    let since_epoch = humantime::parse_rfc3339(&utc)?
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| anyhow::anyhow!("before 1970"))?;
+    // Local time minus its offset is UTC.
+    let ns = i128::try_from(since_epoch.as_nanos())? - i128::from(offset_secs) * 1_000_000_000;
+    u64::try_from(ns).map_err(|_| anyhow::anyhow!("before 1970 or too far ahead"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rfc3339_ns;
+
+    #[test]
+    fn times_with_offsets_are_the_same_instant_in_utc() {
+        let utc = parse_rfc3339_ns("2026-12-03T10:00:00Z").unwrap();
+        assert_eq!(parse_rfc3339_ns("2026-12-03T11:00:00+01:00").unwrap(), utc);
+        assert_eq!(parse_rfc3339_ns("2026-12-03T04:30:00-05:30").unwrap(), utc);
+        assert_eq!(parse_rfc3339_ns("2026-12-03T10:00:00+00:00").unwrap(), utc);
+        assert_eq!(
+            parse_rfc3339_ns("2026-12-03T11:00:00.5+01:00").unwrap(),
+            utc + 500_000_000
+        );
+        for bad in [
+            "2026-12-03T10:00:00+1:00",
+            "2026-12-03T10:00:00+24:00",
+            "2026-12-03T10:00:00+01:60",
+            "2026-12-03T10:00:00+0a:00",
+            "2026-12-03T10:00:00",
+            "+01:00",
+            "yesterday",
+        ] {
+            assert!(parse_rfc3339_ns(bad).is_err(), "{bad} was accepted");
+        }
+    }
 }
