@@ -427,6 +427,19 @@ impl EngineState {
         if !end_of_batch && self.buffer.len() < EXECUTE_GROUP {
             return;
         }
+        if self.shared.halted.load(Ordering::Relaxed) {
+            // The output thread halted (a failed sync or append, a panic): nothing more is
+            // journaled, so nothing more is executed, and the ledger, which may already be ahead
+            // of the journal, is dropped like after a panic here. Checked once per group; a
+            // group that raced the halt is answered "not durable" by the output thread.
+            let reason = self.shared.halt_reason().unwrap_or_default();
+            let buffer = std::mem::take(&mut self.buffer);
+            self.fail(reason);
+            for input in &buffer {
+                self.publish(OutputSlot::not_executed(input.token, input.submitted_ns));
+            }
+            return;
+        }
         let Some(mut ledger) = self.ledger.take() else {
             return;
         };
@@ -1249,12 +1262,21 @@ mod tests {
         let reason = shared.halt_reason().expect("a halt reason");
         assert!(reason.contains("asked the reply sink to panic"), "{reason}");
 
-        // The engine still executes in memory (as after a failed sync); nothing is durable.
-        submit_batch(&mut submitter, &[transfer(20)], 20);
-        assert_eq!(receive(&receiver, 1)[&20], (true, false));
+        // Later commands are answered at once and not executed: nothing more is journaled, so
+        // the ledger would only run ahead of the journal.
+        submit_batch(&mut submitter, &[transfer(20), transfer(21)], 20);
+        let after = receive(&receiver, 2);
+        assert!(after.values().all(|&v| v == (false, false)), "{after:?}");
+        assert_eq!(shared.executed_seq.load(Ordering::SeqCst), 3 + 4 * 2);
         drop(submitter);
-        let ledger = shutdown_within_10s(engine).expect("the ledger survives");
-        assert_eq!(ledger.next_seq(), 3 + 1 + 5 * 2);
+        // The ledger, ahead of the journal, is not handed back as the engine's state.
+        match shutdown_within_10s(engine) {
+            Ok(ledger) => panic!(
+                "shutdown handed back a ledger at sequence {} that the journal does not hold",
+                ledger.next_seq()
+            ),
+            Err(failed) => assert_eq!(failed.0, reason),
+        }
         assert_eq!(receiver.try_iter().count(), 0, "outcomes answered twice");
     }
 
@@ -1277,9 +1299,9 @@ mod tests {
         let reason = shared.halt_reason().expect("a halt reason");
         assert!(reason.contains("at the end of a batch"), "{reason}");
         submit_batch(&mut submitter, &[transfer(20)], 20);
-        assert_eq!(receive(&receiver, 1)[&20], (true, false));
+        assert_eq!(receive(&receiver, 1)[&20], (false, false));
         drop(submitter);
-        shutdown_within_10s(engine).expect("the ledger survives");
+        assert!(shutdown_within_10s(engine).is_err());
         assert_eq!(receiver.try_iter().count(), 0, "outcomes answered twice");
     }
 }
