@@ -751,6 +751,31 @@ fn in_flight_and_request_time_limits() {
     }
     let retried = retried.expect("the retry gets the committed outcome");
     assert_eq!(retried.header("idempotent-replayed"), Some("true"));
+
+    // An account opened without a transaction_id: the id the server gave it comes with the
+    // timeout, so the caller can learn the outcome (its retry without one would be 409, as if
+    // someone else had opened the account).
+    let r = c.post("/v1/wallet/accounts", &json!({"account_id": "opened-late"}));
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "timeout");
+    let id = r.json()["error"]["transaction_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no transaction_id in the timeout: {}", r.body))
+        .to_string();
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains(&id));
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut retried = None;
+    for _ in 0..5 {
+        let body = json!({"account_id": "opened-late", "transaction_id": id});
+        let r = c.post("/v1/wallet/accounts", &body);
+        if r.status == 201 {
+            retried = Some(r);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    let retried = retried.expect("the retry with the given id gets the original 201");
+    assert_eq!(retried.header("idempotent-replayed"), Some("true"));
     assert!(server.stop().success());
 }
 

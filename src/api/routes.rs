@@ -416,18 +416,45 @@ pub async fn handle(
             Err(reply) => reply,
             Ok((caller, params)) => {
                 let timeout = app.config.request_timeout;
-                let work = dispatch(&app, &submitter, &caller, route_index, params, request);
+                // A transaction id the server made up for the request (an account opened without
+                // one): a timed-out caller needs it to learn the outcome.
+                let generated = std::sync::OnceLock::new();
+                let work = dispatch(
+                    &app,
+                    &submitter,
+                    &caller,
+                    route_index,
+                    params,
+                    request,
+                    &generated,
+                );
                 match tokio::time::timeout(timeout, work).await {
                     Ok(reply) => reply,
-                    Err(_) => Reply::error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "timeout",
-                        if ROUTES[route_index].method == "GET" {
-                            "the request timed out; retry"
-                        } else {
-                            "the request timed out; its outcome is unknown: retry with the same transaction_id"
-                        },
-                    )
+                    Err(_) => match generated.get() {
+                        Some(id) => {
+                            let id = id.to_uuid_string();
+                            Reply::json(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                json!({"error": {
+                                    "code": "timeout",
+                                    "message": format!(
+                                        "the request timed out; its outcome is unknown: the server \
+                                         gave it transaction_id {id}; retry with it"
+                                    ),
+                                    "transaction_id": id,
+                                }}),
+                            )
+                        }
+                        None => Reply::error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "timeout",
+                            if ROUTES[route_index].method == "GET" {
+                                "the request timed out; retry"
+                            } else {
+                                "the request timed out; its outcome is unknown: retry with the same transaction_id"
+                            },
+                        ),
+                    }
                     .with_header("retry-after", "1"),
                 }
             }
@@ -593,6 +620,7 @@ async fn dispatch(
     route: usize,
     params: Vec<String>,
     request: Request<Incoming>,
+    generated: &std::sync::OnceLock<TransactionId>,
 ) -> Reply {
     let query = request.uri().query().map(str::to_string);
     let query = query.as_deref();
@@ -679,7 +707,7 @@ async fn dispatch(
             match name {
                 "transfer" => transfer(app, submitter, caller, &body).await,
                 "transfer_batch" => transfer_batch(app, submitter, caller, &body).await,
-                "open_account" => open_account(app, submitter, caller, &body).await,
+                "open_account" => open_account(app, submitter, caller, &body, generated).await,
                 "deposit" => money(app, submitter, caller, &body, true).await,
                 "withdraw" => money(app, submitter, caller, &body, false).await,
                 _ => Reply::error(StatusCode::NOT_FOUND, "not_found", "no such route"),
@@ -1416,6 +1444,7 @@ async fn open_account(
     submitter: &std::sync::Mutex<Submitter>,
     caller: &Caller,
     body: &[u8],
+    generated: &std::sync::OnceLock<TransactionId>,
 ) -> Reply {
     let request: OpenAccountRequest = match json::decode(body) {
         Ok(r) => r,
@@ -1430,7 +1459,7 @@ async fn open_account(
             Ok(id) => id,
             Err(e) => return Reply::field(e),
         },
-        None => TransactionId(uuid::Uuid::new_v4().as_u128()),
+        None => *generated.get_or_init(|| TransactionId(uuid::Uuid::new_v4().as_u128())),
     };
     let command = Command {
         transaction_id,
