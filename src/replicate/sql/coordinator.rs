@@ -9,7 +9,8 @@
 //! | `{root}/sql/replicator-lock` | ephemeral | the holder's host and pid |
 //!
 //! The decision rule is presumed abort: a prepared transaction of ours commits only if the
-//! coordinator record names its batch as decided; every other one is rolled back. The record is
+//! coordinator record's decision names its gid; every other one is rolled back, except one of
+//! a newer epoch than the recovering replicator's, which it never touches (it lost the lock). The record is
 //! written (a ZooKeeper write is durable on a quorum before it returns) after every shard has
 //! prepared and before the first `COMMIT PREPARED`. At most one batch is ever in doubt, because
 //! a round needs every shard connected and every connection first runs [`recover_shard`].
@@ -61,18 +62,39 @@ pub fn validate_gid(gid: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The gid of `batch` (its last sequence number) on shard `shard`: `wallet_{id}_{batch}_{shard}`.
-pub fn gid(coordinator_id: &str, batch: u64, shard: usize) -> anyhow::Result<String> {
-    let gid = format!("{}{batch}_{shard}", gid_prefix(coordinator_id));
+/// The gid of `batch` (its last sequence number) on shard `shard`, prepared by the replicator
+/// of `epoch`: `wallet_{id}_{epoch}_{batch}_{shard}`. The epoch keeps a replicator that lost
+/// the lock (a long pause) from finishing or colliding with its successor's transactions, and
+/// a batch prepared again after a shard was rebuilt from a new gid.
+pub fn gid(coordinator_id: &str, epoch: u64, batch: u64, shard: usize) -> anyhow::Result<String> {
+    let gid = format!("{}{epoch}_{batch}_{shard}", gid_prefix(coordinator_id));
     validate_gid(&gid)?;
     Ok(gid)
 }
 
-/// The batch and shard a gid of this deployment names, or `None` for anybody else's gid.
-pub fn parse_gid(coordinator_id: &str, gid: &str) -> Option<(u64, usize)> {
+/// What a gid of this deployment names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GidParts {
+    /// 0 for a gid from a build before epochs were part of gids (`wallet_{id}_{batch}_{shard}`).
+    pub epoch: u64,
+    pub batch: u64,
+    pub shard: usize,
+}
+
+/// The epoch, batch and shard a gid of this deployment names, or `None` for anybody else's gid.
+pub fn parse_gid(coordinator_id: &str, gid: &str) -> Option<GidParts> {
     let rest = gid.strip_prefix(&gid_prefix(coordinator_id))?;
-    let (batch, shard) = rest.split_once('_')?;
-    Some((batch.parse().ok()?, shard.parse().ok()?))
+    let parts: Vec<&str> = rest.split('_').collect();
+    let (epoch, batch, shard) = match parts[..] {
+        [epoch, batch, shard] => (epoch.parse().ok()?, batch, shard),
+        [batch, shard] => (0, batch, shard),
+        _ => return None,
+    };
+    Some(GidParts {
+        epoch,
+        batch: batch.parse().ok()?,
+        shard: shard.parse().ok()?,
+    })
 }
 
 /// `sql` with a validated gid: `PREPARE TRANSACTION 'gid'` and the like.
@@ -337,33 +359,55 @@ pub async fn finish_prepared(client: &Client, statement: &str, gid: &str) -> any
     }
 }
 
+/// Whether the decision in `record` commits the prepared transaction `gid`: it names the gid
+/// (a record from a build that did not list them names only its batch).
+fn decided(record: &CoordinatorRecord, gid: &str, parts: GidParts) -> bool {
+    if record.decided_gids.is_empty() {
+        parts.batch == record.decided_batch && record.decided_batch != 0
+    } else {
+        record.decided_gids.iter().any(|g| g == gid)
+    }
+}
+
 /// Finishes this deployment's prepared transactions in one shard's database: `COMMIT PREPARED`
-/// for the decided batch, `ROLLBACK PREPARED` for any other (presumed abort). Must run on a
-/// connection to that database (`COMMIT PREPARED` only works there). Afterwards none is left.
+/// for those the decision in `record` names, `ROLLBACK PREPARED` for any other (presumed
+/// abort), except that one prepared by a newer epoch than `record`'s is never touched: another
+/// replicator took over, and its transactions are its own to finish (this one then stops).
+/// `record` must be the coordinator record as just read (`Coordinator::current_decision`).
+/// Must run on a connection to that database (`COMMIT PREPARED` only works there). Afterwards
+/// none is left.
 pub async fn recover_shard(
     client: &Client,
-    coordinator_id: &str,
-    decided_batch: u64,
+    record: &CoordinatorRecord,
     shard: usize,
 ) -> anyhow::Result<Recovered> {
+    let coordinator_id = record.id.as_str();
     let mut done = Recovered::default();
     for gid in prepared_gids(client, coordinator_id).await? {
-        let Some((batch, gid_shard)) = parse_gid(coordinator_id, &gid) else {
+        let Some(parts) = parse_gid(coordinator_id, &gid) else {
             bail!("prepared transaction {gid:?} carries our prefix but is not one of our gids");
         };
-        if gid_shard != shard {
+        if parts.shard != shard {
             return Err(Fatal(format!(
-                "prepared transaction {gid} names shard {gid_shard} but sits in shard {shard}'s database: the shard list was reordered"
+                "prepared transaction {gid} names shard {} but sits in shard {shard}'s database: the shard list was reordered",
+                parts.shard
             ))
             .into());
         }
-        if batch == decided_batch {
+        if parts.epoch > record.epoch {
+            return Err(Fatal(format!(
+                "prepared transaction {gid} belongs to epoch {}, newer than ours ({}): another replicator took over",
+                parts.epoch, record.epoch
+            ))
+            .into());
+        }
+        if decided(record, &gid, parts) {
             if finish_prepared(client, "COMMIT PREPARED", &gid).await? {
                 tracing::info!(%gid, "recovery: committed a prepared transaction (decided)");
                 done.committed += 1;
             }
         } else if finish_prepared(client, "ROLLBACK PREPARED", &gid).await? {
-            tracing::info!(%gid, decided_batch, "recovery: rolled back a prepared transaction (not decided)");
+            tracing::info!(%gid, decided_batch = record.decided_batch, "recovery: rolled back a prepared transaction (not decided)");
             done.rolled_back += 1;
         }
     }
@@ -379,17 +423,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn gids_name_batch_and_shard_and_only_safe_characters_pass() {
+    fn gids_name_epoch_batch_and_shard_and_only_safe_characters_pass() {
         let id = "0123456789abcdef0123456789abcdef";
-        let g = gid(id, 123_456, 7).expect("gid");
-        assert_eq!(g, format!("wallet_{id}_123456_7"));
-        assert_eq!(parse_gid(id, &g), Some((123_456, 7)));
+        let g = gid(id, 3, 123_456, 7).expect("gid");
+        assert_eq!(g, format!("wallet_{id}_3_123456_7"));
+        let parts = |epoch, batch, shard| {
+            Some(GidParts {
+                epoch,
+                batch,
+                shard,
+            })
+        };
+        assert_eq!(parse_gid(id, &g), parts(3, 123_456, 7));
         assert_eq!(parse_gid("ffff", &g), None);
+        // A gid from before epochs were in gids is epoch 0, older than any replicator's.
+        assert_eq!(
+            parse_gid(id, &format!("wallet_{id}_123456_7")),
+            parts(0, 123_456, 7)
+        );
+        for bad in ["1_2_3_4", "1", "x_1_2", "1__2"] {
+            assert_eq!(parse_gid(id, &format!("wallet_{id}_{bad}")), None, "{bad}");
+        }
         assert_eq!(
             gid_statement("COMMIT PREPARED", &g).expect("ok"),
             format!("COMMIT PREPARED '{g}'")
         );
-        let max = gid(id, u64::MAX, u16::MAX as usize).expect("long gid");
+        let max = gid(id, u64::MAX, u64::MAX, u16::MAX as usize).expect("long gid");
         assert!(max.len() <= MAX_GID_BYTES);
         for bad in [
             "",
@@ -402,6 +461,31 @@ mod tests {
             assert!(validate_gid(bad).is_err(), "{bad:?} must be refused");
             assert!(gid_statement("PREPARE TRANSACTION", bad).is_err());
         }
-        assert!(gid("bad'id", 1, 0).is_err());
+        assert!(gid("bad'id", 1, 1, 0).is_err());
+    }
+
+    #[test]
+    fn the_decision_commits_the_gids_it_names_and_no_other_round_of_the_same_batch() {
+        let id = "0123456789abcdef0123456789abcdef";
+        let record = |decided_batch, decided_gids: Vec<String>| CoordinatorRecord {
+            id: id.to_string(),
+            epoch: 5,
+            decided_batch,
+            decided_gids,
+        };
+        let check = |record: &CoordinatorRecord, g: &str| {
+            decided(record, g, parse_gid(id, g).expect("ours"))
+        };
+        let ours = gid(id, 5, 100, 0).unwrap();
+        let decided_record = record(100, vec![ours.clone(), gid(id, 5, 100, 1).unwrap()]);
+        assert!(check(&decided_record, &ours));
+        // The same batch prepared by an earlier epoch, never decided: rolled back.
+        assert!(!check(&decided_record, &gid(id, 4, 100, 0).unwrap()));
+        assert!(!check(&decided_record, &gid(id, 5, 101, 0).unwrap()));
+        // A record written before the decision listed its gids goes by the batch.
+        let old = format!("wallet_{id}_100_0");
+        assert!(check(&record(100, Vec::new()), &old));
+        assert!(!check(&record(99, Vec::new()), &old));
+        assert!(!check(&record(0, Vec::new()), &format!("wallet_{id}_0_0")));
     }
 }

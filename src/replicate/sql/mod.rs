@@ -4,7 +4,6 @@
 //! - [`coordinator`]: gids, the decision record in ZooKeeper, in-doubt recovery.
 //! - [`replicator`]: `wallet replicate sql`, one 2PC round per batch over every shard.
 //! - [`reconcile`]: `wallet reconcile sql`, the shards against a replay of the journal.
-//! - [`tail`]: whole command records from the journal files, tailed in place.
 //!
 //! Architecture invariant: a shard's rows and its watermark change only inside a prepared
 //! transaction whose commit was decided in ZooKeeper first; nothing here writes the journal.

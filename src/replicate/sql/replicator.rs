@@ -372,8 +372,8 @@ impl State {
         // ALTER TABLE would wait for ever, holding the migration lock). Only gids with our
         // coordinator id are touched, and each must name this shard.
         let id = coordinator.record.id.clone();
-        let decided = coordinator.current_decision().await?;
-        let done = coordinator::recover_shard(&client, &id, decided, i).await?;
+        coordinator.current_decision().await?;
+        let done = coordinator::recover_shard(&client, &coordinator.record, i).await?;
         if done != coordinator::Recovered::default() {
             tracing::warn!(shard = %shard.label, committed = done.committed, rolled_back = done.rolled_back, "recovered in-doubt transactions");
         }
@@ -489,9 +489,9 @@ impl State {
             .unwrap_or_default();
         let record = record.as_str();
         let built = Instant::now();
-        let id = coordinator.record.id.clone();
+        let (id, epoch) = (coordinator.record.id.clone(), coordinator.record.epoch);
         let gids: Vec<String> = (0..self.shards.len())
-            .map(|i| coordinator::gid(&id, batch_end, i))
+            .map(|i| coordinator::gid(&id, epoch, batch_end, i))
             .collect::<anyhow::Result<_>>()?;
         let mut clients = Vec::with_capacity(self.shards.len());
         for (i, c) in self.connections.iter().enumerate() {
