@@ -789,6 +789,78 @@ fn one_transaction_id_from_16_clients_applies_once() {
     assert!(server.stop().success());
 }
 
+/// A consumer catching up from the journal (older than the in-memory window, as everything is
+/// after a restart), poll by poll, reads only the new bytes each time: each read resumes where
+/// the last one ended. Before, every poll read its segment from the start, so catching up over
+/// a segment was quadratic. The events returned are the same contiguous stream either way.
+#[test]
+fn polling_the_event_stream_from_the_journal_resumes_where_the_last_poll_ended() {
+    let dir = temp();
+    let server = Server::start(dir.path(), &[]);
+    let mut c = server.client();
+    open(&mut c, "a");
+    open(&mut c, "b");
+    deposit(&mut c, "a", "100000.00");
+    for _ in 0..4 {
+        let transfers: Vec<_> = (0..7_500)
+            .map(|_| transfer_body("a", "b", "0.01", &uuid()))
+            .collect();
+        let r = c.post(
+            "/v1/wallet/balance_transfers",
+            &json!({ "transfers": transfers }),
+        );
+        assert_eq!(r.status, 200);
+    }
+    assert!(server.stop().success());
+
+    let server = Server::start(dir.path(), &[]);
+    let mut c = server.client();
+    let journal_bytes = |c: &mut Client| -> u64 {
+        let metrics = c.get("/metrics").body;
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("wallet_events_journal_bytes_total "))
+            .unwrap_or_else(|| panic!("no journal-bytes counter in {metrics}"));
+        line.split(' ').nth(1).unwrap().parse().unwrap()
+    };
+    // About 2.2 MB into the segment (112-byte records, two events each).
+    let first = 40_000u64;
+    let mut from = first;
+    let mut read = Vec::new();
+    for _ in 0..8 {
+        let before = journal_bytes(&mut c);
+        let r = c.get(&format!("/v1/wallet/events?from_seq={from}&limit=1000"));
+        assert_eq!(r.status, 200, "{}", r.body);
+        read.push(journal_bytes(&mut c) - before);
+        let seqs: Vec<u64> = r
+            .body
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["sequence"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(seqs.len(), 1000, "a whole page of events");
+        assert_eq!(
+            seqs,
+            (from..from + 1000).collect::<Vec<_>>(),
+            "contiguous from {from}"
+        );
+        from += 1000;
+    }
+    // The first poll reads the segment up to its start; each later one about a page of records
+    // (1,000 events: 56 KB), not the 2.2 MB before it.
+    assert!(read[0] > 2_000_000, "first poll read {} bytes", read[0]);
+    for (i, bytes) in read.iter().enumerate().skip(1) {
+        assert!(
+            *bytes < 512 << 10,
+            "poll {i} read {bytes} bytes (all polls: {read:?})"
+        );
+    }
+    assert!(server.stop().success());
+}
+
 #[test]
 fn restart_keeps_balances_history_and_remembered_ids() {
     let dir = temp();

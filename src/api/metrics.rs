@@ -20,6 +20,8 @@ pub struct Metrics {
     latency_count: AtomicU64,
     /// Event-stream requests answered by reading the journal files (older than the window).
     pub events_journal_reads: AtomicU64,
+    /// Bytes those requests read from the journal files.
+    pub events_journal_bytes: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -34,6 +36,7 @@ impl Default for Metrics {
             latency_sum_us: AtomicU64::new(0),
             latency_count: AtomicU64::new(0),
             events_journal_reads: AtomicU64::new(0),
+            events_journal_bytes: AtomicU64::new(0),
         }
     }
 }
@@ -114,5 +117,35 @@ impl Metrics {
             );
         }
         out
+    }
+}
+
+/// Where event-stream reads from the journal ended (`TailPosition`s by their next sequence), so
+/// that the next read at or after one resumes there. Bounded: the oldest positions go first
+/// (consumers move forward).
+#[derive(Default)]
+pub struct TailPositions {
+    positions:
+        std::sync::Mutex<std::collections::BTreeMap<u64, crate::journal::tail::TailPosition>>,
+}
+
+impl TailPositions {
+    /// How many positions are kept.
+    pub const CAPACITY: usize = 4096;
+
+    /// The position with the highest sequence at or before `seq`.
+    pub fn nearest(&self, seq: u64) -> Option<crate::journal::tail::TailPosition> {
+        let positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+        positions.range(..=seq).next_back().map(|(_, p)| *p)
+    }
+
+    pub fn remember(&self, found: &[crate::journal::tail::TailPosition]) {
+        let mut positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+        for position in found {
+            positions.insert(position.next_seq, *position);
+        }
+        while positions.len() > Self::CAPACITY {
+            positions.pop_first();
+        }
     }
 }

@@ -206,6 +206,8 @@ pub struct App {
     pub batch_callers: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     /// Progress of the in-process Redis replicator, if it runs.
     pub redis_replicator: Option<Arc<crate::replicate::redis::Metrics>>,
+    /// Where the event stream's journal reads ended, to resume the next one there.
+    pub events_positions: metrics::TailPositions,
     submitter: Submitter,
 }
 
@@ -261,6 +263,11 @@ impl App {
                 "wallet_events_journal_reads_total",
                 "Event-stream requests answered from the journal files (older than the in-memory window).",
                 self.metrics.events_journal_reads.load(Ordering::Relaxed),
+            ),
+            (
+                "wallet_events_journal_bytes_total",
+                "Bytes those requests read from the journal files.",
+                self.metrics.events_journal_bytes.load(Ordering::Relaxed),
             ),
             (
                 "wallet_halted",
@@ -499,6 +506,7 @@ pub async fn serve(
         views,
         waiters,
         metrics: Metrics::default(),
+        events_positions: Default::default(),
         shared: shared.clone(),
         openapi_json: openapi_json()?,
         redis_replicator: config.replicate_redis.as_ref().map(|(zk, zk_root)| {

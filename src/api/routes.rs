@@ -1723,23 +1723,35 @@ async fn events(app: &App, query: Option<&str>) -> Reply {
             let dir = crate::journal::journal_dir(&app.config.data_dir);
             let app_views = app.views.clone();
             let durable = app.views.applied_seq();
+            // The record that holds event `from_seq` may start up to
+            // `MAX_EVENTS_PER_COMMAND - 1` before it (a transfer's credit event is the second
+            // of its record).
+            let start = from_seq
+                .saturating_sub(crate::core::command::MAX_EVENTS_PER_COMMAND as u64 - 1)
+                .max(1);
+            // Where an earlier read ended, at or before `from_seq`: a consumer catching up poll
+            // by poll then reads only its new bytes, not its segment from the start each time.
+            // A position is a record boundary, so the record holding `from_seq` starts at or
+            // after it.
+            let resume = app.events_positions.nearest(from_seq);
             let result = tokio::task::spawn_blocking(move || {
                 let mut records = Vec::new();
                 let mut events = 0;
-                // The record that holds event `from_seq` may start up to
-                // `MAX_EVENTS_PER_COMMAND - 1` before it (a transfer's credit event is the
-                // second of its record). Read with `JournalTail` (positioned reads, durable
-                // records only) rather than a mapping the engine's writer stores into.
-                let start = from_seq
-                    .saturating_sub(crate::core::command::MAX_EVENTS_PER_COMMAND as u64 - 1)
-                    .max(1);
+                // Read with `JournalTail` (positioned reads, durable records only) rather than
+                // a mapping the engine's writer stores into.
                 let mut tail = crate::journal::tail::JournalTail::new(&dir);
-                tail.start_at(start).map_err(|e| format!("{e:#}"))?;
+                match resume {
+                    Some(position) => tail.resume_at(position, start.max(position.next_seq)),
+                    None => tail.start_at(start),
+                }
+                .map_err(|e| format!("{e:#}"))?;
+                let mut positions = Vec::new();
                 let mut batch = Vec::new();
                 'reading: loop {
                     batch.clear();
                     tail.fetch_records(limit.saturating_sub(events).max(1), &mut batch)
                         .map_err(|e| format!("{e:#}"))?;
+                    positions.extend(tail.position());
                     if batch.is_empty() {
                         break;
                     }
@@ -1769,13 +1781,19 @@ async fn events(app: &App, query: Option<&str>) -> Reply {
                 for record in &records {
                     event_lines(&names, record, from_seq, &mut lines);
                 }
-                Ok(lines)
+                Ok((lines, positions, tail.bytes_read()))
             })
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r);
             match result {
-                Ok(lines) => lines,
+                Ok((lines, positions, bytes_read)) => {
+                    app.metrics
+                        .events_journal_bytes
+                        .fetch_add(bytes_read, std::sync::atomic::Ordering::Relaxed);
+                    app.events_positions.remember(&positions);
+                    lines
+                }
                 Err(e) => {
                     tracing::error!(error = %e, from_seq, "reading the event stream from the journal failed");
                     return Reply::error(

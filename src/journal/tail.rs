@@ -71,6 +71,21 @@ struct OpenSegment {
     size: u64,
     /// Byte offset of the next frame.
     offset: u64,
+    /// The first sequence its header names (and its file name).
+    first_seq: u64,
+}
+
+/// A verified point in a journal that a later tail can resume from (`JournalTail::resume_at`)
+/// instead of reading its segment from the start: the next frame's offset in the segment that
+/// begins at `segment_first_seq`, its sequence, and the chain value before it. A resumed tail
+/// still checks that the frame there continues the chain, so a stale position is an error, not
+/// a silent skip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TailPosition {
+    pub next_seq: u64,
+    segment_first_seq: u64,
+    offset: u64,
+    last_crc: u32,
 }
 
 /// Follows the journal files of one directory from sequence 1 on, verifying every frame and the
@@ -108,6 +123,8 @@ pub struct JournalTail {
     /// Records before this sequence are verified (chain) but not yielded; reading starts in
     /// the segment that holds it, skipping whole earlier segments.
     start_seq: u64,
+    /// Bytes read from segment files so far.
+    bytes_read: u64,
 }
 
 const MIN_READ_BYTES: usize = 64 << 10;
@@ -129,7 +146,50 @@ impl JournalTail {
             durable_bad_since: None,
             last_record: None,
             start_seq: 1,
+            bytes_read: 0,
         }
+    }
+
+    /// Bytes this tail has read from segment files.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
+    }
+
+    /// Where this tail stands (the next frame to read), once it has opened a segment.
+    pub fn position(&self) -> Option<TailPosition> {
+        self.segment.as_ref().map(|segment| TailPosition {
+            next_seq: self.next_seq,
+            segment_first_seq: segment.first_seq,
+            offset: segment.offset,
+            last_crc: self.last_crc,
+        })
+    }
+
+    /// `start_at(seq)`, reading from `position` (of an earlier tail of this journal, at or
+    /// before `seq`) instead of from the start of the segment that holds `seq`: a reader that
+    /// polls a journal from where its last poll ended reads only the new bytes. Only before the
+    /// first fetch.
+    pub fn resume_at(&mut self, position: TailPosition, seq: u64) -> anyhow::Result<()> {
+        if position.next_seq > seq.max(1) {
+            bail!(
+                "a tail position at sequence {} cannot start a read at {seq}",
+                position.next_seq
+            );
+        }
+        self.start_at(position.segment_first_seq)?;
+        let path = self.dir.join(crate::journal::format::segment_file_name(
+            position.segment_first_seq,
+        ));
+        if !self.open_segment(&path, true)? {
+            bail!("{}: its header does not read", path.display());
+        }
+        if let Some(segment) = self.segment.as_mut() {
+            segment.offset = position.offset.max(SEGMENT_HEADER_BYTES as u64);
+        }
+        self.next_seq = position.next_seq;
+        self.last_crc = position.last_crc;
+        self.start_seq = seq.max(1);
+        Ok(())
     }
 
     /// Makes the tail start at `seq` (a record boundary, e.g. a snapshot's next sequence)
@@ -228,6 +288,7 @@ impl JournalTail {
             file,
             size,
             offset: SEGMENT_HEADER_BYTES as u64,
+            first_seq: header.first_seq,
         });
         Ok(true)
     }
@@ -347,6 +408,7 @@ impl JournalTail {
             .file
             .read_exact_at(&mut self.buffer, segment.offset)
             .with_context(|| format!("reading {} at {}", segment.path.display(), segment.offset))?;
+        self.bytes_read += want as u64;
         let mut at = 0usize;
         let mut events = 0usize;
         let mut stuck = false;
