@@ -187,26 +187,37 @@ struct Answer {
     status: u16,
     replayed: bool,
     body: Bytes,
+    /// Sent a second time, on a fresh connection, after the kept-alive one failed before any
+    /// byte of a response: the first send may have reached the server and executed.
+    resent: bool,
 }
 
 /// Committed and replayed transfers in one answer. A batch's body holds one result per
 /// transfer, `{"index":i,"http_status":s,"replayed":b,...}`, in the server's fixed layout.
+/// A replay answering a resend is this run's own commit (its first send reached the server,
+/// and the connection died before the answer), so it counts as committed, not as replayed.
 fn tally(answer: &Answer, batch: bool) -> (u64, u64) {
-    if !batch {
-        return match (answer.status, answer.replayed) {
+    let (committed, replayed) = if !batch {
+        match (answer.status, answer.replayed) {
             (200, false) => (1, 0),
             (200, true) => (0, 1),
             _ => (0, 0),
-        };
+        }
+    } else if answer.status != 200 {
+        (0, 0)
+    } else {
+        let count =
+            |pattern: &[u8]| memchr::memmem::find_iter(&answer.body, pattern).count() as u64;
+        (
+            count(br#""http_status":200,"replayed":false"#),
+            count(br#""http_status":200,"replayed":true"#),
+        )
+    };
+    if answer.resent {
+        (committed + replayed, 0)
+    } else {
+        (committed, replayed)
     }
-    if answer.status != 200 {
-        return (0, 0);
-    }
-    let count = |pattern: &[u8]| memchr::memmem::find_iter(&answer.body, pattern).count() as u64;
-    (
-        count(br#""http_status":200,"replayed":false"#),
-        count(br#""http_status":200,"replayed":true"#),
-    )
 }
 
 /// Open loop: when request `i` is due after the start, `i * batch / rate` seconds, in integer
@@ -299,6 +310,9 @@ impl Client {
         if result.is_err() && reused && !self.response_started {
             self.stream = None;
             result = self.exchange().await;
+            if let Ok(answer) = result.as_mut() {
+                answer.resent = true;
+            }
         }
         if result.is_err() {
             self.stream = None;
@@ -361,6 +375,7 @@ impl Client {
                     status: head.status,
                     replayed: head.replayed,
                     body,
+                    resent: false,
                 });
             }
             if self.buffer.capacity() - self.buffer.len() < 4096 {
@@ -853,8 +868,84 @@ pub async fn serve_fixed(listen: std::net::SocketAddr) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{due_after, due_count};
+    use super::{Client, due_after, due_count, tally, target};
+    use std::io::{Read, Write};
     use std::time::Duration;
+
+    /// Reads one request (headers and a Content-Length body) from a blocking stream.
+    fn read_request(stream: &mut std::net::TcpStream) {
+        let mut buffer = Vec::new();
+        let mut byte = [0u8; 1];
+        while !buffer.ends_with(b"\r\n\r\n") {
+            assert_eq!(stream.read(&mut byte).unwrap(), 1, "request cut short");
+            buffer.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&buffer).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        let mut body = vec![0u8; length];
+        stream.read_exact(&mut body).unwrap();
+    }
+
+    fn respond(stream: &mut std::net::TcpStream, replayed: bool) {
+        let header = if replayed {
+            "idempotent-replayed: true\r\n"
+        } else {
+            ""
+        };
+        let response = format!("HTTP/1.1 200 OK\r\n{header}content-length: 2\r\n\r\n{{}}");
+        stream.write_all(response.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn a_replay_answering_a_resend_is_this_runs_commit() {
+        // The server commits the second request, then its connection dies before the answer;
+        // the resend on a fresh connection is answered as a replay of it.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut first, _) = listener.accept().unwrap();
+            read_request(&mut first);
+            respond(&mut first, false);
+            read_request(&mut first);
+            drop(first);
+            let (mut second, _) = listener.accept().unwrap();
+            read_request(&mut second);
+            respond(&mut second, true);
+            // A replay that is not a resend stays a replay.
+            read_request(&mut second);
+            respond(&mut second, true);
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let counts = runtime.block_on(async {
+            let target = target(&format!("http://{address}"), None).unwrap();
+            let mut client = Client::connect(&target).await.unwrap();
+            let mut counts = Vec::new();
+            for _ in 0..3 {
+                let answer = client
+                    .send_as(
+                        "POST",
+                        "/v1/wallet/balance_transfer",
+                        Some("{}".into()),
+                        None,
+                    )
+                    .await
+                    .unwrap();
+                counts.push((tally(&answer, false), answer.resent));
+            }
+            counts
+        });
+        server.join().unwrap();
+        assert_eq!(
+            counts,
+            vec![((1, 0), false), ((1, 0), true), ((0, 1), false)]
+        );
+    }
 
     #[test]
     fn the_due_count_is_the_number_of_requests_due_before_the_end() {
