@@ -1624,6 +1624,22 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
         .iter()
         .map(|(args, flag)| (args.to_vec(), *flag))
         .chain(dynamic);
+    // A SQL round too big for one COPY message would be retried for ever: refused by clap
+    // (usage errors exit 2).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+        .args([
+            "replicate",
+            "sql",
+            "--source",
+            ".",
+            "--batch-events",
+            "2000000",
+        ])
+        .output()
+        .expect("run wallet");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--batch-events"), "{stderr}");
     for (args, flag) in cases {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"));
         command.args(&args);

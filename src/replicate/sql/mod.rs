@@ -21,6 +21,9 @@ use clap::Args;
 
 use super::cli::ZkArgs;
 
+/// The most events `--batch-events` takes (about 200 MB of COPY rows on one shard at most).
+pub const MAX_BATCH_EVENTS: u64 = 1 << 20;
+
 /// An error that retrying cannot fix (a misconfiguration, another writer, a broken invariant):
 /// the replicator stops instead of waiting.
 #[derive(Debug, thiserror::Error)]
@@ -75,9 +78,11 @@ pub struct SqlReplicateArgs {
     /// Apply the missing schema migrations (migrations/*.sql) on every shard first.
     #[arg(long)]
     pub migrate: bool,
-    /// Most events per two-phase-commit round (whole records, so a transfer is never split).
-    #[arg(long, default_value_t = 131_072)]
-    pub batch_events: usize,
+    /// Most events per two-phase-commit round (whole records, so a transfer is never split),
+    /// 2 to 1048576: a shard's rows go out as one COPY message, which PostgreSQL caps at 1 GB,
+    /// and a round that can never fit would be retried for ever.
+    #[arg(long, default_value_t = 131_072, value_parser = clap::value_parser!(u64).range(2..=MAX_BATCH_EVENTS))]
+    pub batch_events: u64,
     /// Stop once every shard has caught up with the end of the journal, and print events/s.
     #[arg(long)]
     pub once: bool,
@@ -114,7 +119,7 @@ pub fn run_replicate(args: SqlReplicateArgs) -> anyhow::Result<ExitCode> {
         zk_root: args.zk.zk_root,
         source: args.source,
         migrate: args.migrate,
-        batch_events: args.batch_events,
+        batch_events: args.batch_events as usize,
         once: args.once,
         round_timeout: Duration::from_secs(args.round_timeout_s.max(1)),
         zk_patience: Duration::from_secs(args.zk_patience_s),
