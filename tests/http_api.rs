@@ -861,6 +861,66 @@ fn polling_the_event_stream_from_the_journal_resumes_where_the_last_poll_ended()
     assert!(server.stop().success());
 }
 
+/// A position cached by an earlier read far back (here in the first segment) is not resumed
+/// from when the sequence asked for lies in a later segment: that would read every segment in
+/// between in one request. The read starts at the segment holding the sequence instead.
+#[test]
+fn an_event_read_never_resumes_from_a_segment_before_the_one_it_needs() {
+    let dir = temp();
+    let one_mib = (1u64 << 20).to_string();
+    let server = Server::start(dir.path(), &["--segment-size", &one_mib]);
+    let mut c = server.client();
+    open(&mut c, "a");
+    open(&mut c, "b");
+    deposit(&mut c, "a", "100000.00");
+    for _ in 0..4 {
+        let transfers: Vec<_> = (0..7_500)
+            .map(|_| transfer_body("a", "b", "0.01", &uuid()))
+            .collect();
+        let r = c.post(
+            "/v1/wallet/balance_transfers",
+            &json!({ "transfers": transfers }),
+        );
+        assert_eq!(r.status, 200);
+    }
+    assert!(server.stop().success());
+    let segments = std::fs::read_dir(dir.path().join("journal"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".wal")
+        })
+        .count();
+    assert!(segments >= 3, "{segments} segments");
+
+    let server = Server::start(dir.path(), &["--segment-size", &one_mib]);
+    let mut c = server.client();
+    let journal_bytes = |c: &mut Client| -> u64 {
+        let metrics = c.get("/metrics").body;
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("wallet_events_journal_bytes_total "))
+            .unwrap_or_else(|| panic!("no journal-bytes counter in {metrics}"));
+        line.split(' ').nth(1).unwrap().parse().unwrap()
+    };
+    let r = c.get("/v1/wallet/events?from_seq=3&limit=10");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let before = journal_bytes(&mut c);
+    let r = c.get("/v1/wallet/events?from_seq=55000&limit=10");
+    let read = journal_bytes(&mut c) - before;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let first: serde_json::Value = serde_json::from_str(r.body.lines().next().unwrap()).unwrap();
+    assert_eq!(first["sequence"], 55000);
+    assert!(
+        read < 3 << 19,
+        "the read at 55000 read {read} bytes: more than its own 1 MiB segment"
+    );
+    assert!(server.stop().success());
+}
+
 #[test]
 fn restart_keeps_balances_history_and_remembered_ids() {
     let dir = temp();

@@ -167,28 +167,47 @@ impl JournalTail {
 
     /// `start_at(seq)`, reading from `position` (of an earlier tail of this journal, at or
     /// before `seq`) instead of from the start of the segment that holds `seq`: a reader that
-    /// polls a journal from where its last poll ended reads only the new bytes. Only before the
-    /// first fetch.
+    /// polls a journal from where its last poll ended reads only the new bytes. A position in
+    /// an earlier segment than the one holding `seq` is not used (reading on from it would read
+    /// every segment in between), nor one whose segment does not open: the tail then starts as
+    /// `start_at(seq)` would. Only before the first fetch.
     pub fn resume_at(&mut self, position: TailPosition, seq: u64) -> anyhow::Result<()> {
-        if position.next_seq > seq.max(1) {
+        let seq = seq.max(1);
+        if position.next_seq > seq {
             bail!(
                 "a tail position at sequence {} cannot start a read at {seq}",
                 position.next_seq
             );
         }
-        self.start_at(position.segment_first_seq)?;
+        if self.segment.is_some() || self.next_seq != 1 {
+            bail!("the journal tail already started");
+        }
+        let segments = list_segments(&self.dir)?;
+        let holding = segments
+            .iter()
+            .rev()
+            .find(|(first, _)| *first <= seq)
+            .map(|(first, _)| *first);
+        if holding != Some(position.segment_first_seq) {
+            return self.start_at(seq);
+        }
         let path = self.dir.join(crate::journal::format::segment_file_name(
             position.segment_first_seq,
         ));
-        if !self.open_segment(&path, true)? {
-            bail!("{}: its header does not read", path.display());
+        self.start_seq = position.segment_first_seq;
+        if !matches!(self.open_segment(&path, true), Ok(true)) {
+            self.segment = None;
+            self.next_seq = 1;
+            self.last_crc = 0;
+            self.header_stuck_since = None;
+            return self.start_at(seq);
         }
         if let Some(segment) = self.segment.as_mut() {
             segment.offset = position.offset.max(SEGMENT_HEADER_BYTES as u64);
         }
         self.next_seq = position.next_seq;
         self.last_crc = position.last_crc;
-        self.start_seq = seq.max(1);
+        self.start_seq = seq;
         Ok(())
     }
 
