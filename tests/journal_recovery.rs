@@ -1829,6 +1829,17 @@ fn engine_never_reports_durable_after_the_journal_failed() {
         delivered.push(durable);
         executed.push(record.first_seq != 0);
     }
+    // A retry of a command that was durable before the failure still gets its original
+    // outcome; a retry of the one whose sync failed does not (it is not durable).
+    for (i, durable) in [(0u64, true), (allowed - 1, false)] {
+        submitter.try_submit(command(i), 100 + i, 0).unwrap();
+        let (token, record, answered_durable) = receiver
+            .recv_timeout(Duration::from_secs(10))
+            .expect("an outcome within 10 s");
+        assert_eq!(token, 100 + i);
+        assert!(record.replayed, "command {i} was not answered as a replay");
+        assert_eq!(answered_durable, durable, "command {i}");
+    }
     let shared = engine.shared();
     drop(submitter);
     // The ledger ran ahead of the journal by the record whose sync failed: it is not handed

@@ -487,6 +487,29 @@ impl Ledger {
         record
     }
 
+    /// What `execute` would answer for a repeat of a remembered command (the same id and body),
+    /// without executing anything: the original outcome, marked as replayed. `None` for any
+    /// other command. An engine that stopped executing still answers retries with this.
+    pub fn replay_of(&self, command: &Command) -> Option<CommandRecord> {
+        let previous = self.remembered(command.transaction_id)?;
+        let fingerprint = command.fingerprint();
+        if previous.fingerprint != fingerprint {
+            return None;
+        }
+        Some(CommandRecord {
+            transaction_id: command.transaction_id,
+            timestamp_ns: command.timestamp_ns,
+            fingerprint,
+            command_type: command.command_type(),
+            rejection: RejectCode::from_u8((previous.seq_and_code & 0xFF) as u8),
+            replayed: true,
+            first_seq: previous.seq_and_code >> 8,
+            event_count: 0,
+            events: [Event::default(); MAX_EVENTS_PER_COMMAND],
+            opened_account: crate::core::types::AccountId::EMPTY,
+        })
+    }
+
     /// The account a rejected command names as its own, if it is open: the debit account of a
     /// transfer, the account of a deposit or withdrawal (none for an opening). Its rejection
     /// event carries it, so that the account's owner can look the outcome up.

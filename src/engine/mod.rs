@@ -391,6 +391,12 @@ impl Drop for EngineState {
         // delivered when `Engine::shutdown` returns. Then hand the in-RAM ledger back (not
         // durable work: the journal already holds everything).
         drop(self.output.take());
+        // After a halt the ledger may be ahead of the journal (a failed sync of the last batch,
+        // with no group after it to see the halt): not handed back as the engine's state. The
+        // output thread is joined above, so its halt is visible here.
+        if self.shared.halted.load(Ordering::SeqCst) {
+            self.ledger = None;
+        }
         if let Some(ledger) = self.ledger.take() {
             let _ = self.ledger_back.send(ledger);
         }
@@ -429,14 +435,25 @@ impl EngineState {
         }
         if self.shared.halted.load(Ordering::Relaxed) {
             // The output thread halted (a failed sync or append, a panic): nothing more is
-            // journaled, so nothing more is executed, and the ledger, which may already be ahead
-            // of the journal, is dropped like after a panic here. Checked once per group; a
-            // group that raced the halt is answered "not durable" by the output thread.
-            let reason = self.shared.halt_reason().unwrap_or_default();
+            // journaled, so nothing more is executed. Checked once per group; a group that
+            // raced the halt is answered "not durable" by the output thread. A retry of a
+            // remembered command still gets its original outcome, which the output thread
+            // announces only if that record was durable before the failure; the ledger (ahead
+            // of the journal by what the failed sync held) is never handed back (`Drop`).
             let buffer = std::mem::take(&mut self.buffer);
-            self.fail(reason);
             for input in &buffer {
-                self.publish(OutputSlot::not_executed(input.token, input.submitted_ns));
+                let replay = self
+                    .ledger
+                    .as_ref()
+                    .and_then(|ledger| ledger.replay_of(&input.command));
+                self.publish(match replay {
+                    Some(record) => OutputSlot {
+                        record,
+                        token: input.token,
+                        submitted_ns: input.submitted_ns,
+                    },
+                    None => OutputSlot::not_executed(input.token, input.submitted_ns),
+                });
             }
             return;
         }
@@ -935,9 +952,8 @@ impl Engine {
 
     /// Drains everything already submitted, stops the threads and returns the ledger.
     /// Every other `Submitter` clone must have been dropped first, or this waits for them.
-    /// After a journal failure the ledger is still returned (it executed everything in memory;
-    /// `shared().halted` says the journal stopped); after a panic it is gone, and the error
-    /// carries the reason.
+    /// After a halt (a journal failure or a panic on either thread) the ledger is not returned
+    /// (it may hold records the journal does not), and the error carries the reason.
     pub fn shutdown(self) -> Result<Ledger, EngineFailed> {
         let Engine {
             submitter,
@@ -1278,6 +1294,29 @@ mod tests {
             Err(failed) => assert_eq!(failed.0, reason),
         }
         assert_eq!(receiver.try_iter().count(), 0, "outcomes answered twice");
+    }
+
+    #[test]
+    fn a_halt_on_the_last_batch_keeps_the_ledger_from_being_handed_back() {
+        // The output thread halts at the end of the last batch and nothing comes after it: no
+        // group on the engine thread sees the halt, and shutdown must still not return the
+        // ledger (it holds records the journal stage never finished).
+        let (engine, receiver) = start(None, None, Some(11));
+        let shared = engine.shared();
+        let mut submitter = engine.submitter();
+        submit_batch(&mut submitter, &setup(), 0);
+        receive(&receiver, 3);
+        submit_batch(&mut submitter, &[transfer(10), transfer(11)], 10);
+        receive(&receiver, 2);
+        let reason = shared.halt_reason().expect("a halt reason");
+        drop(submitter);
+        match shutdown_within_10s(engine) {
+            Ok(ledger) => panic!(
+                "shutdown handed back a ledger at sequence {} after a halt",
+                ledger.next_seq()
+            ),
+            Err(failed) => assert_eq!(failed.0, reason),
+        }
     }
 
     #[test]
