@@ -428,34 +428,24 @@ pub async fn handle(
                     request,
                     &generated,
                 );
-                match tokio::time::timeout(timeout, work).await {
+                let reply = match tokio::time::timeout(timeout, work).await {
                     Ok(reply) => reply,
-                    Err(_) => match generated.get() {
-                        Some(id) => {
-                            let id = id.to_uuid_string();
-                            Reply::json(
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                json!({"error": {
-                                    "code": "timeout",
-                                    "message": format!(
-                                        "the request timed out; its outcome is unknown: the server \
-                                         gave it transaction_id {id}; retry with it"
-                                    ),
-                                    "transaction_id": id,
-                                }}),
-                            )
-                        }
-                        None => Reply::error(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "timeout",
-                            if ROUTES[route_index].method == "GET" {
-                                "the request timed out; retry"
-                            } else {
-                                "the request timed out; its outcome is unknown: retry with the same transaction_id"
-                            },
-                        ),
-                    }
+                    Err(_) => Reply::error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "timeout",
+                        if ROUTES[route_index].method == "GET" {
+                            "the request timed out; retry"
+                        } else {
+                            "the request timed out; its outcome is unknown: retry with the same transaction_id"
+                        },
+                    )
                     .with_header("retry-after", "1"),
+                };
+                match generated.get() {
+                    Some(id) if reply.status == StatusCode::SERVICE_UNAVAILABLE => {
+                        name_generated_id(reply, *id)
+                    }
+                    _ => reply,
                 }
             }
         }
@@ -611,6 +601,33 @@ fn forbidden_field(caller: &Caller, route: &str, field: &str, reason: &str) -> R
     tracing::warn!(target: "audit", caller = %caller.sub, route, field, reason, "authorization refused");
     let error = FieldError::new("forbidden", field, reason);
     Reply::json(StatusCode::FORBIDDEN, error.body())
+}
+
+/// A 503 whose outcome is unknown (a timeout, a halt, a shutdown) for a command sent without a
+/// transaction id: the error names the id the server gave it (`error.transaction_id`), the only
+/// way its caller can retry it and learn the outcome.
+fn name_generated_id(mut reply: Reply, id: TransactionId) -> Reply {
+    let id = id.to_uuid_string();
+    let Ok(mut body) = serde_json::from_slice::<serde_json::Value>(&reply.body) else {
+        return reply;
+    };
+    let Some(error) = body.get_mut("error").and_then(|e| e.as_object_mut()) else {
+        return reply;
+    };
+    let message = error
+        .get("message")
+        .and_then(|m| m.as_str())
+        .unwrap_or_default()
+        .to_string();
+    error.insert(
+        "message".into(),
+        json!(format!(
+            "{message} (the server gave this request transaction_id {id}; retry with it)"
+        )),
+    );
+    error.insert("transaction_id".into(), json!(id));
+    reply.body = Bytes::from(body.to_string());
+    reply
 }
 
 async fn dispatch(
