@@ -411,7 +411,12 @@ pub fn snapshot(args: &SnapshotArgs) -> anyhow::Result<PathBuf> {
 /// An RFC 3339 time as nanoseconds since the Unix epoch: `humantime` for the part before the
 /// offset, which it accepts only as `Z`; a numeric offset (`+01:00`, `-05:30`) is applied here.
 fn parse_rfc3339_ns(text: &str) -> anyhow::Result<u64> {
-    let (utc, offset_secs) = match text.len().checked_sub(6).map(|i| text.split_at(i)) {
+    let split = text
+        .len()
+        .checked_sub(6)
+        .filter(|&i| text.is_char_boundary(i))
+        .map(|i| text.split_at(i));
+    let (utc, offset_secs) = match split {
         Some((time, offset)) if offset.starts_with(['+', '-']) && !time.is_empty() => {
             let b = offset.as_bytes();
             let digits = |i: usize| -> anyhow::Result<i64> {
@@ -463,6 +468,8 @@ mod tests {
             "2026-12-03T10:00:00",
             "+01:00",
             "yesterday",
+            "2026-12-03T10:00€a€",
+            "€a€",
         ] {
             assert!(parse_rfc3339_ns(bad).is_err(), "{bad} was accepted");
         }
