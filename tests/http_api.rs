@@ -921,6 +921,37 @@ fn an_event_read_never_resumes_from_a_segment_before_the_one_it_needs() {
     assert!(server.stop().success());
 }
 
+/// SIGTERM ends the server within its 10 s grace period plus a little, even with a request
+/// that would run on for much longer (here a body that never finishes arriving, under a 60 s
+/// request timeout): it is cut. Before, the engine's shutdown waited for the connection to end
+/// by itself (the body deadline, 30 s here).
+#[test]
+fn shutdown_is_bounded_even_with_a_request_that_never_finishes() {
+    use std::io::Write;
+    let dir = temp();
+    let server = Server::start(dir.path(), &["--request-timeout-ms", "60000"]);
+    let mut c = server.client();
+    open(&mut c, "a");
+    let mut stalled = std::net::TcpStream::connect(&server.address).unwrap();
+    stalled
+        .write_all(
+            b"POST /v1/wallet/deposit HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{",
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let status = server.stop();
+    let took = started.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(15), "shutdown took {took:?}");
+    // What was acknowledged is there after the restart.
+    let server = Server::start(dir.path(), &[]);
+    let mut c = server.client();
+    assert_eq!(c.get("/v1/wallet/accounts/a").status, 200);
+    assert!(server.stop().success());
+    drop(stalled);
+}
+
 #[test]
 fn restart_keeps_balances_history_and_remembered_ids() {
     let dir = temp();

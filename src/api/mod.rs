@@ -570,7 +570,12 @@ pub async fn serve(
         }
     };
     tokio::pin!(halted);
+    // The connection tasks, so that shutdown can cut those still running after its grace
+    // period: each holds the application and its own submitter, and the engine does not stop
+    // while one is alive. Finished ones are reaped as connections come in.
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
+        while tasks.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -617,7 +622,7 @@ pub async fn serve(
             None => {
                 let watched =
                     graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     let _ = watched.await;
                     drop(permit);
                 });
@@ -626,7 +631,7 @@ pub async fn serve(
                 let acceptor = acceptor.clone();
                 let handshake_timeout = config.header_read_timeout;
                 let watcher = graceful.watcher();
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     // The handshake is bounded like a request's headers (slow clients are cut).
                     if let Ok(Ok(stream)) =
                         tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
@@ -649,8 +654,17 @@ pub async fn serve(
         .await
         .is_err()
     {
-        tracing::warn!("some connections did not finish within 10 s");
+        // A request still running (a body trickling in, an outcome awaited) is cut: its
+        // caller gets no answer, which it must treat as "unknown" and retry with the same
+        // transaction id, as after any lost connection. Without this the engine's shutdown
+        // waited for it, up to the request timeout.
+        tracing::warn!(
+            connections = tasks.len(),
+            "some connections did not finish within 10 s; closing them"
+        );
+        tasks.abort_all();
     }
+    while tasks.join_next().await.is_some() {}
     drop(app);
     let ledger = tokio::task::spawn_blocking(move || engine.shutdown()).await??;
     tracing::info!(
