@@ -789,14 +789,10 @@ fn one_transaction_id_from_16_clients_applies_once() {
     assert!(server.stop().success());
 }
 
-/// A consumer catching up from the journal (older than the in-memory window, as everything is
-/// after a restart), poll by poll, reads only the new bytes each time: each read resumes where
-/// the last one ended. Before, every poll read its segment from the start, so catching up over
-/// a segment was quadratic. The events returned are the same contiguous stream either way.
-#[test]
-fn polling_the_event_stream_from_the_journal_resumes_where_the_last_poll_ended() {
-    let dir = temp();
-    let server = Server::start(dir.path(), &[]);
+/// A journal in `dir` (a server run with `args`, stopped): accounts `a` and `b`, a deposit, then
+/// 30,000 transfers in batches (about 60,000 events, 3.4 MB of records).
+fn thirty_thousand_transfers(dir: &std::path::Path, args: &[&str]) {
+    let server = Server::start(dir, args);
     let mut c = server.client();
     open(&mut c, "a");
     open(&mut c, "b");
@@ -812,17 +808,28 @@ fn polling_the_event_stream_from_the_journal_resumes_where_the_last_poll_ended()
         assert_eq!(r.status, 200);
     }
     assert!(server.stop().success());
+}
 
+/// `wallet_events_journal_bytes_total` from `/metrics`.
+fn journal_bytes(c: &mut Client) -> u64 {
+    let metrics = c.get("/metrics").body;
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("wallet_events_journal_bytes_total "))
+        .unwrap_or_else(|| panic!("no journal-bytes counter in {metrics}"));
+    line.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// A consumer catching up from the journal (older than the in-memory window, as everything is
+/// after a restart), poll by poll, reads only the new bytes each time: each read resumes where
+/// the last one ended. Before, every poll read its segment from the start, so catching up over
+/// a segment was quadratic. The events returned are the same contiguous stream either way.
+#[test]
+fn polling_the_event_stream_from_the_journal_resumes_where_the_last_poll_ended() {
+    let dir = temp();
+    thirty_thousand_transfers(dir.path(), &[]);
     let server = Server::start(dir.path(), &[]);
     let mut c = server.client();
-    let journal_bytes = |c: &mut Client| -> u64 {
-        let metrics = c.get("/metrics").body;
-        let line = metrics
-            .lines()
-            .find(|l| l.starts_with("wallet_events_journal_bytes_total "))
-            .unwrap_or_else(|| panic!("no journal-bytes counter in {metrics}"));
-        line.split(' ').nth(1).unwrap().parse().unwrap()
-    };
     // About 2.2 MB into the segment (112-byte records, two events each).
     let first = 40_000u64;
     let mut from = first;
@@ -868,22 +875,7 @@ fn polling_the_event_stream_from_the_journal_resumes_where_the_last_poll_ended()
 fn an_event_read_never_resumes_from_a_segment_before_the_one_it_needs() {
     let dir = temp();
     let one_mib = (1u64 << 20).to_string();
-    let server = Server::start(dir.path(), &["--segment-size", &one_mib]);
-    let mut c = server.client();
-    open(&mut c, "a");
-    open(&mut c, "b");
-    deposit(&mut c, "a", "100000.00");
-    for _ in 0..4 {
-        let transfers: Vec<_> = (0..7_500)
-            .map(|_| transfer_body("a", "b", "0.01", &uuid()))
-            .collect();
-        let r = c.post(
-            "/v1/wallet/balance_transfers",
-            &json!({ "transfers": transfers }),
-        );
-        assert_eq!(r.status, 200);
-    }
-    assert!(server.stop().success());
+    thirty_thousand_transfers(dir.path(), &["--segment-size", &one_mib]);
     let segments = std::fs::read_dir(dir.path().join("journal"))
         .unwrap()
         .filter(|e| {
@@ -898,14 +890,6 @@ fn an_event_read_never_resumes_from_a_segment_before_the_one_it_needs() {
 
     let server = Server::start(dir.path(), &["--segment-size", &one_mib]);
     let mut c = server.client();
-    let journal_bytes = |c: &mut Client| -> u64 {
-        let metrics = c.get("/metrics").body;
-        let line = metrics
-            .lines()
-            .find(|l| l.starts_with("wallet_events_journal_bytes_total "))
-            .unwrap_or_else(|| panic!("no journal-bytes counter in {metrics}"));
-        line.split(' ').nth(1).unwrap().parse().unwrap()
-    };
     let r = c.get("/v1/wallet/events?from_seq=3&limit=10");
     assert_eq!(r.status, 200, "{}", r.body);
     let before = journal_bytes(&mut c);

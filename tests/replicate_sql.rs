@@ -1023,8 +1023,8 @@ fn finishing_a_prepared_transaction_that_is_already_gone_is_not_an_error() {
 /// A replicator that lost the lock (paused past its ZooKeeper session) and then recovers a
 /// shard must not roll back a transaction its successor prepared and decided: gids carry the
 /// epoch, and one of a newer epoch is refused, not finished. Before, the stale replicator
-/// rolled it back, and the successor's COMMIT PREPARED failed with one shard behind. The same
-/// batch prepared by an earlier epoch is rolled back, even when its batch is the decided one.
+/// rolled it back, and the successor's COMMIT PREPARED failed with one shard behind. (That the
+/// same batch prepared by an earlier epoch is rolled back is the unit test of `decided`.)
 #[test]
 #[ignore = "needs tools/services"]
 fn a_replicator_of_an_older_epoch_never_finishes_its_successors_transactions() {

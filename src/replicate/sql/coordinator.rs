@@ -38,7 +38,8 @@ pub struct CoordinatorRecord {
     pub epoch: u64,
     /// The last batch (its last sequence number) decided to commit.
     pub decided_batch: u64,
-    /// That batch's gids, for people reading the record.
+    /// That batch's gids: recovery commits exactly these (a record written before they were
+    /// listed has none, and recovery then goes by `decided_batch`).
     #[serde(default)]
     pub decided_gids: Vec<String>,
 }

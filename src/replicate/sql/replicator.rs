@@ -6,7 +6,8 @@
 //! 1. On every shard's own connection: `BEGIN`, `COPY` the entries and transfers, upsert the
 //!    balances, move the watermark row from its current value to `B` (checked), then
 //!    `PREPARE TRANSACTION 'wallet_{id}_{B}_{shard}'`.
-//! 2. Record the decision (`decided_batch = B`) in ZooKeeper: durable before anything commits.
+//! 2. Record the decision (`decided_batch = B` and the round's gids) in ZooKeeper: durable
+//!    before anything commits.
 //! 3. `COMMIT PREPARED` on every shard's own connection.
 //!
 //! Any error drops every connection; each shard is then reconnected with backoff, and every
