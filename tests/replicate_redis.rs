@@ -424,12 +424,7 @@ fn replicator_killed_at_failpoints_converges_exactly() {
         transfers(&mut client, 300, 20_000, 10 + round as u64);
         let out =
             cluster.replicate_once(&["--batch-events", "5000"], &[("WALLET_FAILPOINT", point)]);
-        assert_eq!(
-            out.status.code(),
-            Some(3),
-            "failpoint {point}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_stopped_at_failpoint(&out, &format!("failpoint {point}"));
         let states: Vec<_> = services
             .redis
             .iter()
@@ -446,12 +441,7 @@ fn replicator_killed_at_failpoints_converges_exactly() {
     flush(&services.redis[1]);
     transfers(&mut client, 300, 5_000, 99);
     let out = cluster.replicate_once(&[], &[("WALLET_FAILPOINT", "redis-write-chunk")]);
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_stopped_at_failpoint(&out, "failpoint");
     let out = cluster.replicate_once(&[], &[]);
     assert_succeeded(&out);
     cluster.assert_reconciled();
@@ -571,12 +561,7 @@ fn map_changes_three_to_four_and_back_during_load() {
             &["--batch-events", "1000"],
             &[("WALLET_FAILPOINT", "redis-after-node-1")],
         );
-        assert_eq!(
-            out.status.code(),
-            Some(3),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_stopped_at_failpoint(&out, "failpoint");
         for node in nodes.iter() {
             let (applied, claims) = node_state(node).expect("node state");
             if claims.as_deref() == Some(version.to_string().as_str()) {
@@ -999,12 +984,7 @@ fn http_source_resumes_after_the_nodes_applied_sequence() {
     // More events; a run stopped after its first node leaves that node ahead of the others.
     transfers(&mut client, 200, 5_000, 2);
     let out = run(&[], &[("WALLET_FAILPOINT", "redis-after-node-1")]);
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_stopped_at_failpoint(&out, "failpoint");
     let applied: Vec<u64> = services
         .redis
         .iter()
@@ -1044,6 +1024,16 @@ fn assert_succeeded(out: &std::process::Output) {
     assert!(
         out.status.success(),
         "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A run stopped by its failpoint: the failpoint's exit status, 3.
+fn assert_stopped_at_failpoint(out: &std::process::Output, what: &str) {
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{what}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
@@ -1181,12 +1171,7 @@ fn node_down_at_start_never_claims_the_map_with_older_balances() {
         &["--batch-events", "20000"],
         &[("WALLET_FAILPOINT", "redis-after-node-1")],
     );
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_stopped_at_failpoint(&out, "failpoint");
     let (s2, version) = node_state(&late).expect("node state");
     assert_eq!(version.as_deref(), Some("1"));
     assert!(s2 > s1, "{late} is at {s2}, not ahead of {s1}");
