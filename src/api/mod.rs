@@ -30,7 +30,7 @@ use tokio::io::AsyncWriteExt;
 use limit::KeyedLimiter;
 use tokio::net::TcpListener;
 
-use crate::core::{CommandRecord, LedgerConfig};
+use crate::core::CommandRecord;
 use crate::engine::recovery::recover;
 use crate::engine::{
     Engine, EngineConfig, EngineShared, JournalStage, NO_TOKEN, OutputSlot, ReplySink, Submitter,
@@ -403,7 +403,7 @@ pub async fn serve(
         Some((cert, key)) => Some(tls_acceptor(cert, key)?),
         None => None,
     };
-    let ledger_config = LedgerConfig::default();
+    let ledger_config = crate::engine::ledger_config();
     let data_dir = config.data_dir.clone();
     let phase = Arc::new(std::sync::atomic::AtomicU8::new(PHASE_LEDGER));
     let recovery = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {

@@ -8,7 +8,6 @@ use crate::core::command::{
     CommandRecord, CommandType, Event, EventKind, MAX_EVENTS_PER_COMMAND, RejectCode,
 };
 use crate::core::ledger::{CurrencyTotals, Ledger, LedgerConfig, id_entry_digest};
-use crate::core::table::hash_id;
 use crate::core::types::{AccountId, Currency, TransactionId};
 
 /// Size of the per-command header at the start of a record payload.
@@ -596,13 +595,13 @@ fn decode_snapshot_sections(
     // Hashes of the entries between the one being restored and the one being prefetched.
     let mut hashes = [0u64; AHEAD];
     for (i, hash) in hashes.iter_mut().enumerate().take(count) {
-        *hash = hash_id(id_at(i));
+        *hash = ledger.hash_id(id_at(i));
         ledger.prefetch_id_hash(*hash);
     }
     for i in 0..count {
         let hash = hashes[i % AHEAD];
         if i + AHEAD < count {
-            let ahead = hash_id(id_at(i + AHEAD));
+            let ahead = ledger.hash_id(id_at(i + AHEAD));
             ledger.prefetch_id_hash(ahead);
             hashes[i % AHEAD] = ahead;
         }

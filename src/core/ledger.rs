@@ -20,6 +20,11 @@ use crate::core::types::{AccountId, Currency, DEFAULT_MAX_AMOUNT, MinorUnits, Tr
 pub struct LedgerConfig {
     pub max_amount: MinorUnits,
     pub max_accounts: u32,
+    /// The key of the transaction-id table's hash (`table::hash_id`). Not a rule: it decides
+    /// where an id is stored, never an outcome or the state hash. A server draws it at random
+    /// (`engine::ledger_config`) so that callers cannot choose ids that all land in one probe
+    /// run; the default is a fixed key, for tests and tools.
+    pub id_hash_key: u64,
 }
 
 impl Default for LedgerConfig {
@@ -27,6 +32,7 @@ impl Default for LedgerConfig {
         LedgerConfig {
             max_amount: DEFAULT_MAX_AMOUNT,
             max_accounts: u32::MAX - 1,
+            id_hash_key: DEFAULT_ID_HASH_KEY,
         }
     }
 }
@@ -225,7 +231,7 @@ pub(crate) fn id_entry_digest(digest: u64, words: [u64; 4]) -> u64 {
     words.into_iter().fold(digest, chain)
 }
 
-use crate::core::table::{hash_id, mix64};
+use crate::core::table::{DEFAULT_ID_HASH_KEY, hash_id, mix64};
 
 impl Ledger {
     pub fn new(config: LedgerConfig) -> Ledger {
@@ -341,7 +347,7 @@ impl Ledger {
     fn remembered(&self, id: TransactionId) -> Option<&RememberedId> {
         let chunks = &self.id_chunks;
         self.id_index
-            .find(hash_id(id.0), |i| {
+            .find(self.hash_id(id.0), |i| {
                 chunks[i as usize / ID_CHUNK][i as usize % ID_CHUNK].id() == id.0
             })
             .map(|i| &chunks[i as usize / ID_CHUNK][i as usize % ID_CHUNK])
@@ -358,6 +364,12 @@ impl Ledger {
         })
     }
 
+    /// Where the id table looks for `id`: `table::hash_id` under this ledger's key.
+    #[inline]
+    pub fn hash_id(&self, id: u128) -> u64 {
+        hash_id(id, self.config.id_hash_key)
+    }
+
     /// Hints the CPU to load the id-table bucket where the id with this `hash_id` is (or would
     /// be) remembered.
     #[inline]
@@ -369,7 +381,8 @@ impl Ledger {
     /// accounts and its transaction id.
     #[inline]
     pub fn prefetch_buckets(&self, command: &Command) {
-        self.id_index.prefetch(hash_id(command.transaction_id.0));
+        self.id_index
+            .prefetch(self.hash_id(command.transaction_id.0));
         match &command.kind {
             CommandKind::Transfer { from, to, .. } => {
                 self.name_index.prefetch(from.hash64());
@@ -407,7 +420,8 @@ impl Ledger {
     /// transaction id will be remembered in.
     #[inline]
     pub fn prefetch_record(&self, record: &CommandRecord) {
-        self.id_index.prefetch(hash_id(record.transaction_id.0));
+        self.id_index
+            .prefetch(self.hash_id(record.transaction_id.0));
         for event in record.events() {
             if let Some(slot) = self.accounts.get(event.account as usize) {
                 crate::core::table::prefetch(slot);
@@ -1038,7 +1052,7 @@ impl Ledger {
         // original stays remembered.
         self.remember_entry::<true>(
             id.0,
-            hash_id(id.0),
+            self.hash_id(id.0),
             fingerprint,
             (first_seq << 8) | u64::from(code),
         );

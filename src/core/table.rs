@@ -124,14 +124,25 @@ pub fn spare_ranges<T>(blocks: &[Vec<T>]) -> impl Iterator<Item = (usize, usize)
         })
 }
 
-/// The hash of a transaction id for an `IndexTable`. Ids are caller-chosen, so they are mixed
-/// rather than trusting their bits to be random: the splitmix64 finalizer (a bijection on 64
-/// bits) over each half, a few cycles instead of a general-purpose hash call on the engine
-/// thread. Distinct halves never cancel trivially: the high half goes through its own
-/// bijection before it meets the low half.
+/// The key `hash_id` uses where no other is given (tests, tools). A server draws its own at
+/// random (`engine::random_hash_key`).
+pub const DEFAULT_ID_HASH_KEY: u64 = 0x243F_6A88_85A3_08D3;
+
+/// The hash of a transaction id for an `IndexTable`, under `key`. Ids are caller-chosen, so
+/// they are mixed rather than trusting their bits to be random: the splitmix64 finalizer (a
+/// bijection on 64 bits) over each half, a few cycles instead of a general-purpose hash call
+/// on the engine thread. Distinct halves never cancel trivially: the high half goes through
+/// its own bijection before it meets the low half.
+///
+/// The key is what keeps callers from choosing where their ids land. Under a known key anyone
+/// can compute, for every high half, the low half that cancels it (`lo = mix64(hi ^ key)`
+/// hashes to `mix64(0)`): 2^64 ids, all with one hash, all in one probe run, every insertion
+/// and lookup among them a scan of the whole run. Under a key the caller does not know, the
+/// high half's mix is unknown, and an id's place is as good as random. The key changes where
+/// an id is stored, never an outcome or the state hash.
 #[inline]
-pub fn hash_id(id: u128) -> u64 {
-    mix64((id as u64) ^ mix64((id >> 64) as u64 ^ 0x243F_6A88_85A3_08D3))
+pub fn hash_id(id: u128, key: u64) -> u64 {
+    mix64((id as u64) ^ mix64((id >> 64) as u64 ^ key))
 }
 
 /// splitmix64's finalizer: a bijection on 64 bits with good avalanche.
@@ -425,6 +436,45 @@ mod tests {
         (0..n)
             .map(|k| xxhash_rust::xxh3::xxh3_64(&k.to_le_bytes()))
             .collect()
+    }
+
+    /// Ids made to collide under a known key (`lo = mix64(hi ^ key)`: every one hashes to
+    /// `mix64(0)`), inserted into a table keyed with `key`: how many full comparisons the
+    /// insertions make (`is_key` runs only where the stored tag equals the probed one).
+    fn comparisons_for_crafted_ids(key: u64) -> u64 {
+        let crafted_for = super::DEFAULT_ID_HASH_KEY;
+        let mut table = IndexTable::with_capacity(2_000);
+        let mut ids = Vec::new();
+        let mut comparisons = 0u64;
+        for hi in 1..=2_000u64 {
+            let id = (u128::from(hi) << 64) | u128::from(super::mix64(hi ^ crafted_for));
+            let index = ids.len() as u32;
+            let existing = table.insert_unique(super::hash_id(id, key), index, |i| {
+                comparisons += 1;
+                ids[i as usize] == id
+            });
+            assert_eq!(existing, None);
+            ids.push(id);
+        }
+        comparisons
+    }
+
+    #[test]
+    fn ids_crafted_against_one_key_do_not_collide_under_another() {
+        // Under the key they were made for, the 2,000 ids share one hash: every insertion
+        // compares against every id before it.
+        assert_eq!(
+            comparisons_for_crafted_ids(super::DEFAULT_ID_HASH_KEY),
+            2_000 * 1_999 / 2
+        );
+        // Under another key (a server draws its own at random), they spread like any ids.
+        assert!(comparisons_for_crafted_ids(0x0123_4567_89AB_CDEF) < 20);
+        let (a, b) = (
+            crate::engine::ledger_config(),
+            crate::engine::ledger_config(),
+        );
+        assert_ne!(a.id_hash_key, b.id_hash_key, "each server draws its own key");
+        assert_ne!(a.id_hash_key, super::DEFAULT_ID_HASH_KEY);
     }
 
     #[test]

@@ -35,7 +35,7 @@ use disruptor::{
 
 use crate::core::ledger::IdBlock;
 use crate::core::table::{RetiredBuckets, SpareBuckets};
-use crate::core::{Command, CommandRecord, Ledger};
+use crate::core::{Command, CommandRecord, Ledger, LedgerConfig};
 use crate::journal::JournalWriter;
 use doorbell::Doorbell;
 
@@ -200,6 +200,23 @@ pub struct EngineConfig {
     /// this sequence number. `serve` sets it from `WALLET_FAILPOINT=engine-panic:<sequence>`;
     /// `None` (the default) costs one comparison per command.
     pub panic_at_seq: Option<u64>,
+}
+
+/// A 64-bit key drawn at random for this process's hash tables (std's `RandomState`, seeded
+/// from the operating system's random source), so that callers cannot choose keys that collide:
+/// `core::table::hash_id`.
+pub fn random_hash_key() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(0x5EED_u64)
+}
+
+/// The ledger configuration `serve`, recovery, replay and the replicators run with: the
+/// default rules, and a transaction-id hash key drawn at random (`LedgerConfig::id_hash_key`).
+pub fn ledger_config() -> LedgerConfig {
+    LedgerConfig {
+        id_hash_key: random_hash_key(),
+        ..LedgerConfig::default()
+    }
 }
 
 /// Snapshots a server keeps by default: the newest, and two older ones in case it is damaged

@@ -10,7 +10,7 @@ use anyhow::bail;
 
 use super::redis::{BALANCE_PREFIX, connect, probe, scan_balance_keys};
 use super::zk::{self, Layout, PartitionMap};
-use crate::core::{AccountId, Ledger, LedgerConfig};
+use crate::core::{AccountId, Ledger};
 use crate::engine::recovery::apply_verified;
 use crate::journal::{journal_dir, scan};
 
@@ -194,7 +194,7 @@ pub async fn run(options: &ReconcileOptions) -> anyhow::Result<u64> {
     };
 
     // Replay the journal, comparing each group of nodes when the ledger reaches its sequence.
-    let mut ledger = Ledger::new(LedgerConfig::default());
+    let mut ledger = Ledger::new(crate::engine::ledger_config());
     let mut next_target = 0;
     let mut keys_checked = 0;
     let end = scan(&journal_dir(&options.data_dir), 1, |record| {

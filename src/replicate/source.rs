@@ -134,7 +134,7 @@ impl Source {
         let snapshots = crate::journal::snapshot_dir(data_dir);
         let Some(loaded) = crate::journal::snapshot::load_newest_snapshot(
             &snapshots,
-            crate::core::LedgerConfig::default(),
+            crate::engine::ledger_config(),
             Some(seq + 1),
         ) else {
             return Ok(None);

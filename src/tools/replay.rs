@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::core::CommandType;
 use crate::core::codec::encode_snapshot;
-use crate::core::{AccountId, Ledger, LedgerConfig, format_amount};
+use crate::core::{AccountId, Ledger, format_amount};
 use crate::engine::recovery::{check_durable_watermark, recover, replay_journal};
 use crate::journal::reader::check_segment_headers;
 use crate::journal::storage::MmapStorage;
@@ -99,7 +99,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
         Some(a) => Some(AccountId::new(a).map_err(|e| anyhow::anyhow!("--account: {e}"))?),
         None => None,
     };
-    let config = LedgerConfig::default();
+    let config = crate::engine::ledger_config();
     let journal = journal_dir(&args.data_dir);
     let started = Instant::now();
     let durable_seq = crate::journal::durable_watermark(&journal);
@@ -385,7 +385,12 @@ pub fn snapshot(args: &SnapshotArgs) -> anyhow::Result<PathBuf> {
     existing_journal(&args.data_dir)?;
     // A running server would keep writing behind the state read here.
     let _lock = crate::api::lock_data_dir(&args.data_dir)?;
-    let recovered = recover(&args.data_dir, LedgerConfig::default(), true, |_, _| {})?;
+    let recovered = recover(
+        &args.data_dir,
+        crate::engine::ledger_config(),
+        true,
+        |_, _| {},
+    )?;
     // What recovery read may be only in the page cache (a server that crashed before its
     // sync): a snapshot of it must not reach the disk before the records do. Opening a writer
     // on the recovered end does what a starting server does: cuts a torn tail, syncs the newest

@@ -324,9 +324,11 @@ impl Past {
 /// Every transaction's outcome by id. An index table of 8-byte buckets over chunked storage:
 /// growing moves only the buckets (a `HashMap<u128, OutcomeView>` rehashed 80-byte entries,
 /// 16% of the batch endpoint's CPU time under load) and never copies an outcome.
-#[derive(Default)]
 pub struct OutcomeMap {
     index: IndexTable,
+    /// `hash_id`'s key, drawn at random for each map (see `table::hash_id`: callers choose
+    /// transaction ids, and must not be able to choose where they land).
+    key: u64,
     /// `(id low, id high, outcome)`: two `u64`s rather than a `u128`, whose 16-byte alignment
     /// would pad every slot from 72 to 80 bytes.
     chunks: Vec<Vec<([u64; 2], OutcomeView)>>,
@@ -344,6 +346,12 @@ fn join_id(halves: [u64; 2]) -> u128 {
     u128::from(halves[0]) | (u128::from(halves[1]) << 64)
 }
 
+impl Default for OutcomeMap {
+    fn default() -> OutcomeMap {
+        OutcomeMap::with_capacity(0)
+    }
+}
+
 impl OutcomeMap {
     fn slot(&self, i: u32) -> &([u64; 2], OutcomeView) {
         &self.chunks[i as usize / OUTCOME_CHUNK][i as usize % OUTCOME_CHUNK]
@@ -352,7 +360,7 @@ impl OutcomeMap {
     pub fn get(&self, id: &u128) -> Option<&OutcomeView> {
         let halves = split_id(*id);
         self.index
-            .find(hash_id(*id), |i| self.slot(i).0 == halves)
+            .find(hash_id(*id, self.key), |i| self.slot(i).0 == halves)
             .map(|i| &self.slot(i).1)
     }
 
@@ -368,7 +376,7 @@ impl OutcomeMap {
         let index = u32::try_from(self.len).expect("more than 2^32 outcomes in the views");
         let halves = split_id(id);
         let chunks = &self.chunks;
-        let existing = self.index.insert_unique(hash_id(id), index, |i| {
+        let existing = self.index.insert_unique(hash_id(id, self.key), index, |i| {
             chunks[i as usize / OUTCOME_CHUNK][i as usize % OUTCOME_CHUNK].0 == halves
         });
         if let Some(i) = existing {
@@ -389,6 +397,7 @@ impl OutcomeMap {
     pub fn with_capacity(outcomes: usize) -> OutcomeMap {
         OutcomeMap {
             index: IndexTable::with_capacity(outcomes),
+            key: crate::engine::random_hash_key(),
             chunks: crate::core::table::reserve_blocks(outcomes, OUTCOME_CHUNK),
             len: 0,
         }
@@ -419,7 +428,7 @@ impl OutcomeMap {
 
     /// Hints the CPU to load the bucket where `id` is or will be.
     fn prefetch(&self, id: u128) {
-        self.index.prefetch(hash_id(id));
+        self.index.prefetch(hash_id(id, self.key));
     }
 
     pub fn len(&self) -> usize {

@@ -24,9 +24,7 @@ use tokio_postgres::IsolationLevel;
 
 use super::coordinator;
 use super::schema::{self, Shard};
-use crate::core::{
-    AccountId, CommandRecord, CommandType, EventKind, Ledger, LedgerConfig, TransactionId,
-};
+use crate::core::{AccountId, CommandRecord, CommandType, EventKind, Ledger, TransactionId};
 use crate::engine::recovery::apply_verified;
 use crate::journal::{journal_dir, scan};
 use crate::replicate::hash::partition_of;
@@ -494,7 +492,7 @@ pub async fn run(options: &ReconcileOptions) -> anyhow::Result<u64> {
     targets.dedup();
 
     let mut engine = Engine {
-        ledger: Ledger::new(LedgerConfig::default()),
+        ledger: Ledger::new(crate::engine::ledger_config()),
         last_seq: HashMap::new(),
         shards: Vec::new(),
     };
