@@ -67,7 +67,7 @@ impl Follower {
             self.fail(format!("{e:#}"));
             return;
         }
-        let mut next_snapshot = self.ledger.next_seq() + self.snapshot_every;
+        let mut next_snapshot = self.ledger.next_seq().saturating_add(self.snapshot_every);
         let mut records = Vec::new();
         let mut chains = Vec::new();
         // Reused by every snapshot (see `encode_snapshot_into`).
@@ -115,7 +115,7 @@ impl Follower {
                     }
                 }
                 if self.ledger.next_seq() >= next_snapshot {
-                    next_snapshot = self.ledger.next_seq() + self.snapshot_every;
+                    next_snapshot = self.ledger.next_seq().saturating_add(self.snapshot_every);
                     // The record's frame checksum names the journal this state came from.
                     self.snapshot(chains.get(i).copied(), &mut buffer);
                 }
@@ -377,5 +377,35 @@ mod tests {
         stop.store(true, Ordering::SeqCst);
         handle.join().expect("no panic");
         assert!(!shared.follower_failed.load(Ordering::SeqCst));
+    }
+
+    /// `--snapshot-every 18446744073709551615` means "practically never": the interval does not
+    /// wrap round to a snapshot after every record (or panic, with overflow checks on).
+    #[test]
+    fn a_huge_snapshot_interval_writes_no_snapshot() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let (dir, mut writer) = open_writer(temp.path(), SyncMode::Batch);
+        let mut ledger = Ledger::new(LedgerConfig::default());
+        for i in 0..300u64 {
+            writer.append(&ledger.execute(&command(i))).expect("append");
+        }
+        writer.commit().expect("commit");
+        let shared = Arc::new(EngineShared::default());
+        shared
+            .durable_seq
+            .store(ledger.next_seq() - 1, Ordering::SeqCst);
+        let (handle, stop, snapshots) = start_follower(temp.path(), dir, u64::MAX, &shared);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while shared.follower_seq.load(Ordering::SeqCst) < ledger.next_seq() - 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the follower did not follow"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stop.store(true, Ordering::SeqCst);
+        handle.join().expect("no panic");
+        assert!(!shared.follower_failed.load(Ordering::SeqCst));
+        assert_eq!(newest_snapshot(&snapshots), 0, "a snapshot was written");
     }
 }

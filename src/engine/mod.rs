@@ -560,7 +560,7 @@ impl EngineState {
         self.buffer.clear();
         if self.checkpoint_every > 0 && ledger.next_seq() >= self.next_checkpoint {
             let checkpoint = ledger.checkpoint(timestamp_ns);
-            self.next_checkpoint = ledger.next_seq() + self.checkpoint_every;
+            self.next_checkpoint = ledger.next_seq().saturating_add(self.checkpoint_every);
             self.publish(OutputSlot {
                 record: checkpoint,
                 token: NO_TOKEN,
@@ -888,7 +888,7 @@ impl Engine {
         let id_blocks = prepare_id_blocks();
         let tables = TableHelper::start();
         let init = move || EngineState {
-            next_checkpoint: start_seq + checkpoint_every,
+            next_checkpoint: start_seq.saturating_add(checkpoint_every),
             ledger: Some(ledger),
             output: Some(output),
             output_bell,
