@@ -611,6 +611,16 @@ fn openapi_document_lists_exactly_the_server_routes_and_their_query_parameters()
                 .map(|p| p["name"].as_str().unwrap().to_string())
                 .collect();
             query.sort();
+            // Every POST route reads its body through the same limits: a slow body (408), a
+            // body too large (413) and one that is not JSON (415) are answers it can give.
+            if method == "post" {
+                for status in ["408", "413", "415"] {
+                    assert!(
+                        operation["responses"].get(status).is_some(),
+                        "POST {path} does not document {status}"
+                    );
+                }
+            }
             documented.push((method.to_uppercase(), path.clone(), query));
         }
     }
