@@ -898,7 +898,21 @@ fn verify_record_refuses_records_of_a_shape_execute_never_produces() {
         &[event(0, EventKind::AccountOpened, 2, Currency::NONE, 0, 0)],
     );
     empty_name.opened_account = AccountId::EMPTY;
+    let mut named_deposit = record(
+        CommandType::Deposit,
+        None,
+        &[event(0, EventKind::Deposited, 1, usd, 5, 5)],
+    );
+    named_deposit.opened_account = AccountId::new("mallory").unwrap();
+    let mut named_rejection = record(
+        CommandType::OpenAccount,
+        Some(RejectCode::AccountAlreadyExists),
+        &[event(0, EventKind::Rejected, 0, Currency::NONE, 0, 0)],
+    );
+    named_rejection.opened_account = AccountId::new("mallory").unwrap();
     let forged = [
+        ("a deposit that names an account", named_deposit),
+        ("a rejected opening that names an account", named_rejection),
         (
             "a deposit that debits alice and credits bob a million",
             record(
@@ -1046,6 +1060,56 @@ fn a_snapshot_with_a_duplicated_transaction_id_is_refused() {
         Err(DecodeError::Snapshot(reason)) => assert_eq!(reason, "duplicate transaction id"),
         Err(other) => panic!("a duplicated id was refused for another reason: {other}"),
         Ok(_) => panic!("a snapshot with a duplicated transaction id was accepted"),
+    }
+
+    // Re-sealed forgeries of what `execute` never remembers or writes: an unknown outcome code
+    // (it would read as "committed"), `transaction_id_reused` (never stored: the first outcome
+    // stays), a sequence not yet taken or 0 (these four also change the ids' digest, so the
+    // state hash refuses them unless it is forged too; the decoder now names what is wrong),
+    // and one currency's totals listed twice (which the state hash does not see: the second
+    // copy replaced the first).
+    let seal = |mut body: Vec<u8>| {
+        let crc = crc32c::crc32c(&body);
+        body.extend_from_slice(&crc.to_le_bytes());
+        body
+    };
+    let body = bytes[..bytes.len() - 4].to_vec();
+    let seq_and_code = |entry: usize| table + entry * 32 + 24;
+    let mut unknown_code = body.clone();
+    unknown_code[seq_and_code(17)] = 0xC8;
+    let mut reused_code = body.clone();
+    reused_code[seq_and_code(17)] = RejectCode::TransactionIdReused as u8;
+    let mut future_seq = body.clone();
+    future_seq[seq_and_code(17)..seq_and_code(17) + 8]
+        .copy_from_slice(&(ledger.next_seq() << 8).to_le_bytes());
+    let mut zero_seq = body.clone();
+    zero_seq[seq_and_code(17)..seq_and_code(17) + 8].copy_from_slice(&0u64.to_le_bytes());
+    // Totals: one 42-byte entry (currency, deposited, withdrawn, outstanding) before the id
+    // table; the header's `totals_count` is at byte 56.
+    let mut twice_totals = body[..table].to_vec();
+    twice_totals.extend_from_slice(&body[table - 42..]);
+    twice_totals[56..64].copy_from_slice(&2u64.to_le_bytes());
+    let impossible = "a remembered id with an impossible sequence or outcome";
+    for (what, forged, reason) in [
+        ("an unknown outcome code", unknown_code, impossible),
+        (
+            "a remembered transaction_id_reused",
+            reused_code,
+            impossible,
+        ),
+        ("a sequence not yet taken", future_seq, impossible),
+        ("sequence 0", zero_seq, impossible),
+        (
+            "one currency's totals twice",
+            twice_totals,
+            "duplicate currency in the totals",
+        ),
+    ] {
+        match decode_snapshot(&seal(forged), LedgerConfig::default()) {
+            Err(DecodeError::Snapshot(got)) => assert_eq!(got, reason, "{what}"),
+            Err(other) => panic!("{what}: refused for another reason: {other}"),
+            Ok(_) => panic!("{what}: accepted"),
+        }
     }
 }
 

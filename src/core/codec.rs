@@ -524,6 +524,7 @@ impl DecodedSnapshot {
         decode_snapshot_sections(
             &mut r,
             &mut self.ledger,
+            next_seq,
             account_count,
             remembered_count,
             totals_count,
@@ -536,6 +537,7 @@ impl DecodedSnapshot {
 fn decode_snapshot_sections(
     r: &mut Reader<'_>,
     ledger: &mut Ledger,
+    next_seq: u64,
     account_count: u64,
     remembered_count: u64,
     totals_count: u64,
@@ -560,9 +562,15 @@ fn decode_snapshot_sections(
         }
         ledger.restore_account(account, &balances);
     }
+    let mut totals_seen = Vec::new();
     for _ in 0..totals_count {
         let packed = r.u16()?;
         let currency = Currency::from_packed(packed).ok_or(DecodeError::Currency(packed))?;
+        // Restoring a currency's totals twice would keep only the second.
+        if totals_seen.contains(&packed) {
+            return Err(DecodeError::Snapshot("duplicate currency in the totals"));
+        }
+        totals_seen.push(packed);
         let deposited = r.u128()?;
         let withdrawn = r.u128()?;
         let outstanding = r.u64()?;
@@ -607,6 +615,17 @@ fn decode_snapshot_sections(
         }
         let fingerprint = u64_at(entries, i * SNAPSHOT_ID_ENTRY + 16);
         let seq_and_code = u64_at(entries, i * SNAPSHOT_ID_ENTRY + 24);
+        // What `execute` remembers: a sequence already taken, and committed (0) or a rejection
+        // other than `transaction_id_reused` (which never replaces the id's first outcome). An
+        // unknown code would otherwise read as "committed".
+        let (seq, code) = (seq_and_code >> 8, (seq_and_code & 0xFF) as u8);
+        let outcome_ok = code == 0
+            || RejectCode::from_u8(code).is_some_and(|c| c != RejectCode::TransactionIdReused);
+        if seq == 0 || seq >= next_seq || !outcome_ok {
+            return Err(DecodeError::Snapshot(
+                "a remembered id with an impossible sequence or outcome",
+            ));
+        }
         if !ledger.restore_remembered(id_at(i), hash, fingerprint, seq_and_code) {
             return Err(DecodeError::Snapshot("duplicate transaction id"));
         }

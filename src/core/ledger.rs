@@ -835,6 +835,12 @@ impl Ledger {
             *kind = event.kind;
         }
         let kinds = &kind_array[..events.len()];
+        // Only a committed opening names an account (the format's `opened_name_len` is 0 in
+        // every other record).
+        let opening = record.command_type == CommandType::OpenAccount && record.rejection.is_none();
+        if !opening && !record.opened_account.is_empty() {
+            return bad("only a committed opening names an account");
+        }
         let money = |event: &Event| {
             event.currency != Currency::NONE
                 && event.amount >= 1

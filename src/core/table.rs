@@ -473,7 +473,10 @@ mod tests {
             crate::engine::ledger_config(),
             crate::engine::ledger_config(),
         );
-        assert_ne!(a.id_hash_key, b.id_hash_key, "each server draws its own key");
+        assert_ne!(
+            a.id_hash_key, b.id_hash_key,
+            "each server draws its own key"
+        );
         assert_ne!(a.id_hash_key, super::DEFAULT_ID_HASH_KEY);
     }
 
