@@ -1167,6 +1167,60 @@ fn a_tail_tells_a_missing_segment_from_damage_inside_one() {
             && format!("{error:#}").contains(&format!("offset {SEGMENT_HEADER_BYTES}")),
         "{error:#}"
     );
+
+    // Bytes that are not a frame in the spare space after a finished segment's last record,
+    // where the next segment begins at the following sequence: damage, not a reason to read
+    // the same bytes again forever (the tail spun on them, and the read views' rebuild with it).
+    let spare = temp.path().join("spare");
+    fresh_journal(&spare, 4096, 0..200, 10);
+    let (_, first) = list_segments(&journal_dir(&spare)).unwrap().remove(0);
+    let bytes = fs::read(&first).unwrap();
+    let mut end = SEGMENT_HEADER_BYTES;
+    while end + 4 <= bytes.len() && bytes[end..end + 4] != [0u8; 4] {
+        end += u32::from_le_bytes(bytes[end..end + 4].try_into().unwrap()) as usize;
+    }
+    assert!(
+        end + 4 <= bytes.len(),
+        "no spare space after the last record"
+    );
+    let file = OpenOptions::new().write(true).open(&first).unwrap();
+    file.write_all_at(&[0xFF; 4], end as u64).unwrap();
+    drop(file);
+    let (sender, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = sender.send(fetch_all(&spare).map_err(|e| {
+            let damage = e.is::<wallet::journal::tail::JournalDamage>();
+            (format!("{e:#}"), damage)
+        }));
+    });
+    match receiver.recv_timeout(Duration::from_secs(20)) {
+        Ok(Err((message, damage))) => {
+            assert!(damage, "{message}");
+            assert!(message.contains(&format!("offset {end}")), "{message}");
+        }
+        Ok(Ok(records)) => panic!("damage read as the end of the journal ({records} records)"),
+        Err(_) => panic!("the tail still reads the damaged spare space after 20 s"),
+    }
+
+    // A finished segment with every record lost (zeros after its header), a later one after
+    // it: the records up to the later segment are missing (the tail returned nothing, forever).
+    let emptied = temp.path().join("emptied");
+    fresh_journal(&emptied, 4096, 0..200, 10);
+    let segments = list_segments(&journal_dir(&emptied)).unwrap();
+    let length = fs::metadata(&segments[1].1).unwrap().len() as usize;
+    let file = OpenOptions::new().write(true).open(&segments[1].1).unwrap();
+    file.write_all_at(
+        &vec![0u8; length - SEGMENT_HEADER_BYTES],
+        SEGMENT_HEADER_BYTES as u64,
+    )
+    .unwrap();
+    drop(file);
+    let error = fetch_all(&emptied).unwrap_err();
+    assert!(error.is::<wallet::journal::tail::JournalGap>(), "{error:#}");
+    assert!(
+        format!("{error:#}").contains(&format!("begins at {}", segments[2].0)),
+        "{error:#}"
+    );
 }
 
 /// A data directory whose journal is empty or gone (a volume that did not mount, a journal not

@@ -111,6 +111,10 @@ pub struct JournalTail {
     stuck_since: Option<Instant>,
     /// When a new segment's header was first found unwritten.
     header_stuck_since: Option<Instant>,
+    /// Where `advance_segment` last sent the reader back to read once more (a segment that
+    /// begins at the next sequence exists, but bytes follow this one's records): the same
+    /// place again means the read made no progress there, and the bytes are damage.
+    looked_again_at: Option<(PathBuf, u64)>,
     /// Records of the last `fetch`, kept to reuse the allocation.
     scratch: Vec<CommandRecord>,
     /// The durable watermark read from `journal/durable` (`None`: no such file, no limit).
@@ -141,6 +145,7 @@ impl JournalTail {
             read_size: MIN_READ_BYTES,
             stuck_since: None,
             header_stuck_since: None,
+            looked_again_at: None,
             scratch: Vec::new(),
             durable_limit: None,
             durable_bad_since: None,
@@ -548,22 +553,34 @@ impl JournalTail {
                     }
                     .into());
                 }
-                // Nothing at all after this segment's records, and no segment where they end:
-                // the one that began there is missing.
-                if !segments.iter().any(|(f, _)| *f == self.next_seq) {
-                    return Err(JournalGap {
-                        segment: later_path.clone(),
-                        begins_at: *later,
-                        previous_ends_at: self.next_seq - 1,
-                    }
-                    .into());
+                // Nothing at all after this segment's records, and no other segment begins
+                // where they end (this one may: it then holds no record at all, although the
+                // writer rolled on from it): the records up to the later segment are missing.
+                return Err(JournalGap {
+                    segment: later_path.clone(),
+                    begins_at: *later,
+                    previous_ends_at: self.next_seq - 1,
                 }
+                .into());
             }
             return Ok(false);
         };
         // The writer finishes a segment before creating the next, but our last read may predate
-        // that: look once more before leaving.
+        // that: look once more before leaving. Once: the next segment begins at our next
+        // sequence, so no frame can follow this segment's records; bytes that still do not
+        // read as one after a second look are damage (reading them again forever would spin).
         if more_frames(segment)? {
+            let here = (segment.path.clone(), segment.offset);
+            if self.looked_again_at.as_ref() == Some(&here) {
+                return Err(JournalDamage {
+                    segment: segment.path.clone(),
+                    offset: segment.offset,
+                    data_at: nonzero_after(segment)?.unwrap_or(segment.offset),
+                    next_begins_at: self.next_seq,
+                }
+                .into());
+            }
+            self.looked_again_at = Some(here);
             return Ok(true); // more frames appeared: read them first
         }
         let path = path.clone();
