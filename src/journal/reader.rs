@@ -344,8 +344,20 @@ trait SegmentBytes {
     fn nonzero_end(&mut self, from: usize) -> std::io::Result<Option<usize>>;
 }
 
-/// A sealed segment, mapped: nothing writes to it any more.
-struct MappedSegment(Mmap);
+/// A sealed segment, mapped: nothing writes to it any more. Its pages are populated a window
+/// ahead of the reads (`MADV_POPULATE_READ`), so that a page the kernel cannot read (an I/O
+/// error, a file cut shorter since it was mapped) is an error naming the file, not a SIGBUS at
+/// the scan's first touch of it. (As for snapshots, `journal::snapshot::populate`: a page
+/// reclaimed and read again later can still fail that way, and a kernel before 5.14 has no
+/// `MADV_POPULATE_READ`: `EINVAL`, and the pages are faulted in as they are read.)
+struct MappedSegment {
+    map: Mmap,
+    /// The bytes before this offset are populated.
+    populated: usize,
+}
+
+/// Bytes a sealed segment's mapping is populated ahead, one `madvise` each.
+const POPULATE_WINDOW_BYTES: usize = 4 << 20;
 
 impl MappedSegment {
     fn new(file: &File) -> std::io::Result<MappedSegment> {
@@ -361,22 +373,53 @@ impl MappedSegment {
         let map = unsafe { Mmap::map(file) }?;
         // Read front to back: let the kernel read ahead and drop pages behind.
         let _ = map.advise(memmap2::Advice::Sequential);
-        Ok(MappedSegment(map))
+        Ok(MappedSegment { map, populated: 0 })
+    }
+
+    /// Populates the mapping up to at least `end` (a window further, within the file).
+    fn populate_to(&mut self, end: usize) -> std::io::Result<()> {
+        if end <= self.populated {
+            return Ok(());
+        }
+        let to = end
+            .max(self.populated + POPULATE_WINDOW_BYTES)
+            .min(self.map.len());
+        match self.map.advise_range(
+            memmap2::Advice::PopulateRead,
+            self.populated,
+            to - self.populated,
+        ) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "the pages at offsets {} to {to} cannot be read: {e}",
+                        self.populated
+                    ),
+                ));
+            }
+            Ok(()) => {}
+        }
+        self.populated = to;
+        Ok(())
     }
 }
 
 impl SegmentBytes for MappedSegment {
     fn len(&self) -> usize {
-        self.0.len()
+        self.map.len()
     }
 
     #[inline]
-    fn at(&mut self, offset: usize, _want: usize) -> std::io::Result<&[u8]> {
-        Ok(&self.0[offset..])
+    fn at(&mut self, offset: usize, want: usize) -> std::io::Result<&[u8]> {
+        self.populate_to(offset.saturating_add(want).min(self.map.len()))?;
+        Ok(&self.map[offset..])
     }
 
     fn nonzero_end(&mut self, from: usize) -> std::io::Result<Option<usize>> {
-        Ok(self.0[from..]
+        self.populate_to(self.map.len())?;
+        Ok(self.map[from..]
             .iter()
             .rposition(|b| *b != 0)
             .map(|i| from + i + 1))
@@ -693,4 +736,33 @@ pub fn scan_pipelined_batches(
             None => scanned,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MappedSegment, SegmentBytes};
+
+    /// A sealed segment whose file was cut shorter after it was mapped: reading past the new
+    /// end is an error, not a SIGBUS that kills the process.
+    #[test]
+    fn a_mapped_segment_whose_pages_cannot_be_read_is_an_error_not_a_sigbus() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let path = temp.path().join("segment");
+        std::fs::write(&path, vec![7u8; 64 << 10]).expect("write");
+        let file = std::fs::File::open(&path).expect("open");
+        let mut segment = MappedSegment::new(&file).expect("map");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open for writing")
+            .set_len(4096)
+            .expect("truncate");
+        // The mapping still spans 64 KiB; its pages past 4 KiB are gone.
+        let error = segment
+            .at(32 << 10, 100)
+            .map(|b| b[0])
+            .expect_err("a page past the end");
+        assert!(error.to_string().contains("cannot be read"), "{error}");
+        assert!(segment.nonzero_end(0).is_err());
+    }
 }
