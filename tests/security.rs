@@ -625,16 +625,81 @@ fn non_loopback_without_auth_is_refused() {
     assert!(!output.status.success(), "--auth none is loopback only");
 }
 
-#[test]
-fn https_with_rustls_and_loadgen_over_tls() {
-    let dir = tempfile::tempdir().unwrap();
+/// A self-signed certificate for `localhost` in `dir`: its PEM paths and its DER bytes.
+fn self_signed_localhost(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
     let key = rcgen::KeyPair::generate().unwrap();
     let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
     let cert = params.self_signed(&key).unwrap();
-    let cert_path = dir.path().join("cert.pem");
-    let key_path = dir.path().join("key.pem");
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
     std::fs::write(&cert_path, cert.pem()).unwrap();
     std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (cert_path, key_path, cert.der().to_vec())
+}
+
+/// Over `--max-connections`, a TLS client gets its 503 with `Retry-After` inside TLS, as a
+/// plain client does (it was written in plaintext into the handshake: the client saw a broken
+/// handshake, not an answer to retry after).
+#[test]
+fn over_the_connection_limit_a_tls_client_gets_a_503_it_can_read() {
+    use tokio_rustls::rustls;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path, der) = self_signed_localhost(dir.path());
+    let server = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--tls-cert",
+            cert_path.to_str().unwrap(),
+            "--tls-key",
+            key_path.to_str().unwrap(),
+            "--max-connections",
+            "1",
+        ],
+    );
+    // Holds the one connection slot (its handshake never starts; the header read timeout,
+    // 5 s by default, bounds it).
+    let _hold = TcpStream::connect(&server.address).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der.into()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connection =
+        rustls::ClientConnection::new(std::sync::Arc::new(config), "localhost".try_into().unwrap())
+            .unwrap();
+    let socket = TcpStream::connect(&server.address).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(4)))
+        .unwrap();
+    let mut tls = rustls::StreamOwned::new(connection, socket);
+    let mut answer = Vec::new();
+    let written = tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert!(written.is_ok(), "the TLS handshake failed: {written:?}");
+    let mut buffer = [0u8; 1024];
+    while let Ok(n) = tls.read(&mut buffer) {
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buffer[..n]);
+    }
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(
+        answer.starts_with("http/1.1 503") && answer.contains("retry-after: 1"),
+        "{answer:?}"
+    );
+    assert!(server.stop().success());
+}
+
+#[test]
+fn https_with_rustls_and_loadgen_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path, _) = self_signed_localhost(dir.path());
     let data = dir.path().join("data");
     let server = Server::start(
         &data,

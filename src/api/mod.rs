@@ -560,6 +560,9 @@ pub async fn serve(
         );
     }
     let connections = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
+    // Connections over the limit being answered 503 at once: a bounded number (past it they
+    // are closed unanswered), because over TLS the answer needs a handshake first.
+    let refusals = Arc::new(tokio::sync::Semaphore::new(OVER_LIMIT_ANSWERS));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let halted = {
         let shared = shared.clone();
@@ -589,12 +592,27 @@ pub async fn serve(
             _ = &mut halted => break,
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            // Over the connection limit: answer at once and close, never queue.
+            // Over the connection limit: answer at once and close, never queue. Over TLS the
+            // answer goes inside TLS (a plaintext 503 on a TLS port reads to the client as a
+            // broken handshake, never as a 503 to retry after), after a handshake bounded like
+            // any other.
+            let Ok(refusal) = refusals.clone().try_acquire_owned() else {
+                continue;
+            };
+            let acceptor = tls.clone();
+            let handshake_timeout = config.header_read_timeout;
             tokio::spawn(async move {
-                let mut stream = stream;
-                let _ = stream
-                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                    .await;
+                match acceptor {
+                    None => answer_over_limit(stream).await,
+                    Some(acceptor) => {
+                        if let Ok(Ok(stream)) =
+                            tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
+                        {
+                            answer_over_limit(stream).await;
+                        }
+                    }
+                }
+                drop(refusal);
             });
             continue;
         };
@@ -937,6 +955,28 @@ fn serve_starting(
             }
         }
     });
+}
+
+/// Connections over `--max-connections` answered 503 at the same time, at most.
+const OVER_LIMIT_ANSWERS: usize = 64;
+
+/// The answer to a connection over the connection limit: 503 with `Retry-After`, then close.
+/// The request is read (for up to 250 ms) after the answer is written and the write side
+/// shut, so that closing with it unread does not reset the connection before the client has
+/// read the answer.
+async fn answer_over_limit<S>(mut stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let answer = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let _ = tokio::time::timeout(Duration::from_millis(250), async {
+        if stream.write_all(answer).await.is_ok() && stream.shutdown().await.is_ok() {
+            let mut sink = [0u8; 4096];
+            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+        }
+    })
+    .await;
 }
 
 fn tls_acceptor(
