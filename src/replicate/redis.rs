@@ -41,7 +41,7 @@ use anyhow::{Context, bail};
 use redis::aio::MultiplexedConnection;
 use tokio::sync::watch;
 
-use super::source::{AccountRef, Item, RecordId, Source};
+use super::source::{AccountRef, Item, RecordId, Source, SourceRetry};
 use super::zk::{self, Layout, PartitionMap};
 use super::{failpoint, failpoint_armed, failpoint_panic};
 use crate::core::Currency;
@@ -1628,7 +1628,7 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut items = Vec::with_capacity(options.batch_events);
     let mut last_status = Instant::now();
-    let mut source_errors = 0u32;
+    let mut source_retry = SourceRetry::new(crate::replicate::source::SOURCE_OUTAGE_LIMIT);
     let mut previous_read_started = Instant::now();
     // With `once`: since when the source has had nothing more while some node is not caught up.
     let mut once_waiting_since: Option<Instant> = None;
@@ -1654,14 +1654,15 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
             Duration::from_millis(200)
         };
         match source.fetch(options.batch_events, wait, &mut items).await {
-            Ok(()) => source_errors = 0,
+            Ok(()) => source_retry.succeeded(),
             Err(e) => {
-                source_errors += 1;
-                if source_errors > 50 || matches!(source, Source::Journal(_)) {
+                if matches!(source, Source::Journal(_)) {
                     return Err(e.context("reading the source"));
                 }
-                tracing::warn!(error = %format!("{e:#}"), "reading the source failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                let pause = source_retry
+                    .failed(e)
+                    .map_err(|e| e.context("reading the source"))?;
+                tokio::time::sleep(pause).await;
                 continue;
             }
         }

@@ -48,6 +48,51 @@ impl Item {
     }
 }
 
+/// How a replicator retries a source that fails (an engine URL that is briefly unreachable,
+/// or answers 503 while it restarts and recovers): with a growing pause (200 ms doubling to
+/// 5 s), for as long as the failures have lasted less than `give_up_after` (it gave up after
+/// 50 tries 200 ms apart, about 10 s: less than an engine's recovery of a long history).
+pub struct SourceRetry {
+    give_up_after: Duration,
+    failing_since: Option<std::time::Instant>,
+    pause: Duration,
+}
+
+/// How long a replicator keeps retrying an engine URL that fails, by default.
+pub const SOURCE_OUTAGE_LIMIT: Duration = Duration::from_secs(300);
+
+impl SourceRetry {
+    pub fn new(give_up_after: Duration) -> SourceRetry {
+        SourceRetry {
+            give_up_after,
+            failing_since: None,
+            pause: Duration::ZERO,
+        }
+    }
+
+    pub fn succeeded(&mut self) {
+        self.failing_since = None;
+        self.pause = Duration::ZERO;
+    }
+
+    /// After a failure: the pause before the next try, or the error when the failures have
+    /// lasted too long.
+    pub fn failed(&mut self, error: anyhow::Error) -> anyhow::Result<Duration> {
+        let since = *self
+            .failing_since
+            .get_or_insert_with(std::time::Instant::now);
+        if since.elapsed() >= self.give_up_after {
+            return Err(error.context(format!(
+                "the source has failed for {:?}; giving up",
+                since.elapsed()
+            )));
+        }
+        self.pause = (self.pause * 2).clamp(Duration::from_millis(200), Duration::from_secs(5));
+        tracing::warn!(error = %format!("{error:#}"), retry_in = ?self.pause, "reading the source failed; retrying");
+        Ok(self.pause)
+    }
+}
+
 /// The replicator's input.
 pub enum Source {
     Journal(JournalTail),
@@ -241,6 +286,11 @@ fn items_of_record(record: &crate::core::CommandRecord, out: &mut Vec<Item>) {
 /// Reads `GET /v1/wallet/events` from a running engine, which serves durable events only.
 pub struct HttpSource {
     authority: String,
+    /// How long a connection attempt may take.
+    connect_timeout: Duration,
+    /// How long an answer may take beyond the long-poll wait it asked for. Without a bound, an
+    /// engine host that vanished (no FIN, no RST) held the replicator in one request forever.
+    answer_margin: Duration,
     sender: Option<hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>>,
     next_seq: u64,
     last_record: Option<RecordId>,
@@ -313,6 +363,8 @@ impl HttpSource {
         }
         Ok(HttpSource {
             authority: authority.to_string(),
+            connect_timeout: Duration::from_secs(5),
+            answer_margin: Duration::from_secs(10),
             sender: None,
             next_seq: 1,
             last_record: None,
@@ -331,7 +383,7 @@ impl HttpSource {
             "/v1/wallet/events?from_seq={from_seq}&limit={limit}&wait_ms={}",
             wait.as_millis().min(30_000)
         );
-        let body = self.get(&path).await?;
+        let body = self.get(&path, wait.min(Duration::from_secs(30))).await?;
         body.split(|b| *b == b'\n')
             .filter(|l| !l.is_empty())
             .map(|line| {
@@ -350,12 +402,18 @@ impl HttpSource {
         Ok(Some((line.record_id()?, line.kind != "debited")))
     }
 
-    async fn get(&mut self, path: &str) -> anyhow::Result<bytes::Bytes> {
+    /// GETs `path`, whose answer may take `wait` (a long poll) plus `answer_margin`.
+    async fn get(&mut self, path: &str, wait: Duration) -> anyhow::Result<bytes::Bytes> {
         use http_body_util::BodyExt;
         if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
-            let stream = tokio::net::TcpStream::connect(&self.authority)
-                .await
-                .with_context(|| format!("connecting to the engine at {}", self.authority))?;
+            let stream = tokio::time::timeout(
+                self.connect_timeout,
+                tokio::net::TcpStream::connect(&self.authority),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("no connection within {:?}", self.connect_timeout))
+            .and_then(|r| r.map_err(anyhow::Error::from))
+            .with_context(|| format!("connecting to the engine at {}", self.authority))?;
             stream.set_nodelay(true).ok();
             let (sender, connection) =
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
@@ -370,7 +428,8 @@ impl HttpSource {
         let request = hyper::Request::get(path)
             .header(hyper::header::HOST, &self.authority)
             .body(http_body_util::Empty::new())?;
-        let result = async {
+        let limit = wait + self.answer_margin;
+        let result = tokio::time::timeout(limit, async {
             let response = sender.send_request(request).await?;
             let status = response.status();
             let body = response.into_body().collect().await?.to_bytes();
@@ -381,8 +440,9 @@ impl HttpSource {
                 );
             }
             Ok(body)
-        }
-        .await;
+        })
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("GET {path}: no answer within {limit:?}")));
         if result.is_err() {
             self.sender = None;
         }
@@ -895,5 +955,73 @@ mod tests {
         let id = RecordId::of(&records[3]);
         assert_eq!(RecordId::parse(&id.to_string()).ok(), Some(id));
         assert!(RecordId::parse("nonsense@1").is_err());
+    }
+
+    /// An engine that accepts the connection and never answers (its host vanished without a
+    /// FIN or RST): the request fails after its wait and margin, instead of holding the
+    /// replicator forever; a refused connection fails at once.
+    #[test]
+    fn a_request_that_is_never_answered_fails_within_its_bound() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let address = silent.local_addr().expect("address");
+            let held = tokio::spawn(async move {
+                let mut streams = Vec::new();
+                while let Ok((stream, _)) = silent.accept().await {
+                    streams.push(stream);
+                }
+            });
+            let mut source = HttpSource::new(&address.to_string()).expect("source");
+            source.answer_margin = Duration::from_millis(300);
+            let started = std::time::Instant::now();
+            let outcome = tokio::time::timeout(
+                Duration::from_secs(20),
+                source.lines(1, 10, Duration::from_millis(200)),
+            )
+            .await
+            .expect("the request was still waiting after 20 s");
+            let error = outcome.err().expect("no answer is an error");
+            assert!(
+                format!("{error:#}").contains("no answer within"),
+                "{error:#}"
+            );
+            assert!(started.elapsed() < Duration::from_secs(5));
+            held.abort();
+        });
+    }
+
+    /// Failures are retried with a growing pause for as long as they last less than the
+    /// limit; a success starts the count again.
+    #[test]
+    fn source_failures_are_retried_until_they_have_lasted_too_long() {
+        let mut retry = SourceRetry::new(Duration::from_millis(300));
+        let failure = || anyhow::anyhow!("HTTP 503: starting");
+        assert_eq!(
+            retry.failed(failure()).ok(),
+            Some(Duration::from_millis(200))
+        );
+        assert_eq!(
+            retry.failed(failure()).ok(),
+            Some(Duration::from_millis(400))
+        );
+        std::thread::sleep(Duration::from_millis(350));
+        let error = retry.failed(failure()).expect_err("failing for 350 ms");
+        assert!(format!("{error:#}").contains("giving up"), "{error:#}");
+        retry.succeeded();
+        assert_eq!(
+            retry.failed(failure()).ok(),
+            Some(Duration::from_millis(200))
+        );
+        let mut long = SourceRetry::new(Duration::from_secs(60));
+        for _ in 0..10 {
+            let _ = long.failed(failure());
+        }
+        assert_eq!(long.failed(failure()).ok(), Some(Duration::from_secs(5)));
     }
 }

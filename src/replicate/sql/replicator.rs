@@ -621,7 +621,8 @@ async fn replicate(
         migrate: options.migrate,
     };
     let batch_events = options.batch_events.max(2);
-    let mut source_errors = 0u32;
+    let mut source_retry =
+        crate::replicate::source::SourceRetry::new(crate::replicate::source::SOURCE_OUTAGE_LIMIT);
     let mut directory = Directory::default();
     let mut pending: Vec<CommandRecord> = Vec::with_capacity(batch_events + 2);
     let mut backoff = Duration::from_millis(50);
@@ -712,12 +713,14 @@ async fn replicate(
                     .fetch_records(batch_events - events, wait, &mut fresh)
                     .await
                 {
-                    Ok(()) => source_errors = 0,
-                    // An engine URL may be briefly unreachable; a journal error is for good.
-                    Err(e) if matches!(source, Source::Http(_)) && source_errors < 50 => {
-                        source_errors += 1;
-                        tracing::warn!(error = %format!("{e:#}"), "reading the source failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ok(()) => source_retry.succeeded(),
+                    // An engine URL may be briefly unreachable (or restarting); a journal error
+                    // is for good.
+                    Err(e) if matches!(source, Source::Http(_)) => {
+                        let pause = source_retry
+                            .failed(e)
+                            .map_err(|e| e.context("reading the source"))?;
+                        tokio::time::sleep(pause).await;
                         fetch_failed = true;
                         break;
                     }
