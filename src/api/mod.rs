@@ -600,7 +600,9 @@ pub async fn serve(
                 continue;
             };
             let acceptor = tls.clone();
-            let handshake_timeout = config.header_read_timeout;
+            // Shorter than a served connection's: a client that stalls its handshake holds
+            // one of the few refusal slots.
+            let handshake_timeout = config.header_read_timeout.min(Duration::from_secs(1));
             tokio::spawn(async move {
                 match acceptor {
                     None => answer_over_limit(stream).await,

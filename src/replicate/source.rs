@@ -48,8 +48,22 @@ impl Item {
     }
 }
 
-/// How a replicator retries a source that fails (an engine URL that is briefly unreachable,
-/// or answers 503 while it restarts and recovers): with a growing pause (200 ms doubling to
+/// An engine URL whose history is no longer the one a replicator has read (see
+/// `HttpSource::check_position`): definitive, never retried.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct HistoryChanged(pub String);
+
+/// An engine URL that did not answer, or answered 5xx (it may be restarting): worth asking
+/// again. Every other source error is not (a 4xx, a malformed or skipping stream, a changed
+/// history).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
+
+/// How a replicator retries a source that fails for a while (`Unavailable`: an engine URL
+/// that is briefly unreachable, or answers 503 while it restarts and recovers; any other
+/// error is returned at once): with a growing pause (200 ms doubling to
 /// 5 s), for as long as the failures have lasted less than `give_up_after` (it gave up after
 /// 50 tries 200 ms apart, about 10 s: less than an engine's recovery of a long history).
 pub struct SourceRetry {
@@ -78,6 +92,9 @@ impl SourceRetry {
     /// After a failure: the pause before the next try, or the error when the failures have
     /// lasted too long.
     pub fn failed(&mut self, error: anyhow::Error) -> anyhow::Result<Duration> {
+        if !error.is::<Unavailable>() {
+            return Err(error);
+        }
         let since = *self
             .failing_since
             .get_or_insert_with(std::time::Instant::now);
@@ -291,6 +308,12 @@ pub struct HttpSource {
     /// How long an answer may take beyond the long-poll wait it asked for. Without a bound, an
     /// engine host that vanished (no FIN, no RST) held the replicator in one request forever.
     answer_margin: Duration,
+    /// Set when a connection is opened: the engine behind it may have restarted, and one that
+    /// lost its tail (`--sync none` and a power loss, a data directory restored from a copy)
+    /// would otherwise go on from our position with records of another history. Before more
+    /// records are yielded, the record we last yielded is read again and must be the same
+    /// (`confirm_position`).
+    check_position: bool,
     sender: Option<hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>>,
     next_seq: u64,
     last_record: Option<RecordId>,
@@ -365,6 +388,7 @@ impl HttpSource {
             authority: authority.to_string(),
             connect_timeout: Duration::from_secs(5),
             answer_margin: Duration::from_secs(10),
+            check_position: false,
             sender: None,
             next_seq: 1,
             last_record: None,
@@ -393,6 +417,57 @@ impl HttpSource {
             .collect()
     }
 
+    /// The event lines from `next_seq` on for `fetch` and `fetch_records`, read only while the
+    /// engine still holds the record last yielded, where it was: after a new connection, that
+    /// record is read again first (and the lines read anew if the connection was new for
+    /// them). Nothing is yielded from an engine whose history is not the one already yielded.
+    async fn stream_lines(
+        &mut self,
+        limit: usize,
+        wait: Duration,
+    ) -> anyhow::Result<Vec<EventLine>> {
+        for _ in 0..2 {
+            if self.check_position {
+                self.confirm_position().await?;
+            }
+            let lines = self.lines(self.next_seq, limit, wait).await?;
+            if !self.check_position {
+                return Ok(lines);
+            }
+        }
+        // Connected anew for every read: nothing this time (the next read confirms first).
+        Ok(Vec::new())
+    }
+
+    /// See `check_position`. Clears it once the record last yielded (if any) is confirmed.
+    async fn confirm_position(&mut self) -> anyhow::Result<()> {
+        let Some(ours) = self.last_record else {
+            self.check_position = false;
+            return Ok(());
+        };
+        let seq = self.next_seq - 1;
+        self.check_position = false;
+        let theirs = self.record_at(seq).await;
+        let theirs = match theirs {
+            Ok(theirs) => theirs,
+            Err(e) => {
+                self.check_position = true;
+                return Err(e);
+            }
+        };
+        match theirs {
+            Some((theirs, true)) if theirs == ours => Ok(()),
+            Some((theirs, _)) => Err(HistoryChanged(format!(
+                "the engine's record at sequence {seq} is now {theirs}, but this replicator read {ours} there: the engine lost its tail or is another engine's history"
+            ))
+            .into()),
+            None => Err(HistoryChanged(format!(
+                "the engine no longer reaches sequence {seq} (record {ours}), which this replicator has read: it lost its tail or is another engine"
+            ))
+            .into()),
+        }
+    }
+
     async fn record_at(&mut self, seq: u64) -> anyhow::Result<Option<(RecordId, bool)>> {
         let lines = self.lines(seq, 2, Duration::ZERO).await?;
         let Some(line) = lines.iter().find(|l| l.sequence == seq) else {
@@ -402,21 +477,39 @@ impl HttpSource {
         Ok(Some((line.record_id()?, line.kind != "debited")))
     }
 
-    /// GETs `path`, whose answer may take `wait` (a long poll) plus `answer_margin`.
+    /// GETs `path`, whose answer may take `wait` (a long poll) plus `answer_margin`. A failure
+    /// to connect or to get an answer, and a 5xx answer, are `Unavailable` (retried); a 4xx
+    /// answer is not (asking again gets the same answer).
     async fn get(&mut self, path: &str, wait: Duration) -> anyhow::Result<bytes::Bytes> {
         use http_body_util::BodyExt;
+        let unavailable = |what: String| anyhow::Error::new(Unavailable(what));
         if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
-            let stream = tokio::time::timeout(
+            let authority = &self.authority;
+            let stream = match tokio::time::timeout(
                 self.connect_timeout,
-                tokio::net::TcpStream::connect(&self.authority),
+                tokio::net::TcpStream::connect(authority),
             )
             .await
-            .map_err(|_| anyhow::anyhow!("no connection within {:?}", self.connect_timeout))
-            .and_then(|r| r.map_err(anyhow::Error::from))
-            .with_context(|| format!("connecting to the engine at {}", self.authority))?;
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    return Err(unavailable(format!(
+                        "connecting to the engine at {authority}: {e}"
+                    )));
+                }
+                Err(_) => {
+                    return Err(unavailable(format!(
+                        "connecting to the engine at {authority}: no connection within {:?}",
+                        self.connect_timeout
+                    )));
+                }
+            };
             stream.set_nodelay(true).ok();
+            self.check_position = true;
             let (sender, connection) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .map_err(|e| unavailable(format!("connecting to the engine: {e}")))?;
             tokio::spawn(async move {
                 let _ = connection.await;
             });
@@ -430,19 +523,36 @@ impl HttpSource {
             .body(http_body_util::Empty::new())?;
         let limit = wait + self.answer_margin;
         let result = tokio::time::timeout(limit, async {
-            let response = sender.send_request(request).await?;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| unavailable(format!("GET {path}: {e}")))?;
             let status = response.status();
-            let body = response.into_body().collect().await?.to_bytes();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| unavailable(format!("GET {path}: {e}")))?
+                .to_bytes();
             if !status.is_success() {
-                bail!(
+                let message = format!(
                     "GET {path}: HTTP {status}: {}",
                     String::from_utf8_lossy(&body)
                 );
+                return Err(if status.is_server_error() {
+                    unavailable(message)
+                } else {
+                    anyhow::anyhow!(message)
+                });
             }
             Ok(body)
         })
         .await
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("GET {path}: no answer within {limit:?}")));
+        .unwrap_or_else(|_| {
+            Err(unavailable(format!(
+                "GET {path}: no answer within {limit:?}"
+            )))
+        });
         if result.is_err() {
             self.sender = None;
         }
@@ -465,7 +575,7 @@ impl HttpSource {
             AccountId, CommandRecord, CommandType, Event, RejectCode, TransactionId,
         };
         let limit = max_events.clamp(2, 10_000);
-        let lines = self.lines(self.next_seq, limit, wait).await?;
+        let lines = self.stream_lines(limit, wait).await?;
         let mut expected = self.next_seq;
         let mut i = 0;
         while i < lines.len() {
@@ -617,7 +727,7 @@ impl HttpSource {
         out: &mut Vec<Item>,
     ) -> anyhow::Result<()> {
         let limit = max_events.clamp(1, 10_000);
-        let lines = self.lines(self.next_seq, limit, wait).await?;
+        let lines = self.stream_lines(limit, wait).await?;
         let mut items = Vec::new();
         for line in lines {
             let id = line.record_id()?;
@@ -959,7 +1069,7 @@ mod tests {
 
     /// An engine that accepts the connection and never answers (its host vanished without a
     /// FIN or RST): the request fails after its wait and margin, instead of holding the
-    /// replicator forever; a refused connection fails at once.
+    /// replicator forever.
     #[test]
     fn a_request_that_is_never_answered_fails_within_its_bound() {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -991,6 +1101,7 @@ mod tests {
                 format!("{error:#}").contains("no answer within"),
                 "{error:#}"
             );
+            assert!(error.is::<Unavailable>(), "retried: {error:#}");
             assert!(started.elapsed() < Duration::from_secs(5));
             held.abort();
         });
@@ -1001,7 +1112,7 @@ mod tests {
     #[test]
     fn source_failures_are_retried_until_they_have_lasted_too_long() {
         let mut retry = SourceRetry::new(Duration::from_millis(300));
-        let failure = || anyhow::anyhow!("HTTP 503: starting");
+        let failure = || anyhow::Error::new(Unavailable("HTTP 503: starting".into()));
         assert_eq!(
             retry.failed(failure()).ok(),
             Some(Duration::from_millis(200))
@@ -1023,5 +1134,189 @@ mod tests {
             let _ = long.failed(failure());
         }
         assert_eq!(long.failed(failure()).ok(), Some(Duration::from_secs(5)));
+        // What asking again cannot fix is returned at once.
+        let refused = anyhow::anyhow!("GET /v1/wallet/events: HTTP 401 Unauthorized");
+        assert!(
+            SourceRetry::new(Duration::from_secs(60))
+                .failed(refused)
+                .is_err()
+        );
+    }
+
+    /// A scripted engine for the HTTP source: answers `GET /v1/wallet/events?from_seq=&limit=`
+    /// with the lines of the history it holds now; replacing the history (an engine restarted
+    /// with another tail) closes the connections it had.
+    struct ScriptedEngine {
+        history: std::sync::Arc<std::sync::Mutex<(u64, Vec<String>)>>,
+        address: std::net::SocketAddr,
+    }
+
+    impl ScriptedEngine {
+        async fn start(history: Vec<String>) -> ScriptedEngine {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let history = std::sync::Arc::new(std::sync::Mutex::new((0u64, history)));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let address = listener.local_addr().expect("address");
+            let shared = history.clone();
+            tokio::spawn(async move {
+                while let Ok((mut stream, _)) = listener.accept().await {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        let generation = shared.lock().expect("lock").0;
+                        let mut request = Vec::new();
+                        let mut buffer = [0u8; 4096];
+                        loop {
+                            let Ok(n) = stream.read(&mut buffer).await else {
+                                return;
+                            };
+                            if n == 0 {
+                                return;
+                            }
+                            request.extend_from_slice(&buffer[..n]);
+                            let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n")
+                            else {
+                                continue;
+                            };
+                            let head = String::from_utf8_lossy(&request[..end]).to_string();
+                            request.drain(..end + 4);
+                            let (now, lines) = {
+                                let guard = shared.lock().expect("lock");
+                                (guard.0, guard.1.clone())
+                            };
+                            if now != generation {
+                                return; // restarted: this connection is gone
+                            }
+                            let query = |name: &str| -> usize {
+                                head.split(['?', '&', ' '])
+                                    .find_map(|p| p.strip_prefix(&format!("{name}=")))
+                                    .and_then(|v| v.parse().ok())
+                                    .unwrap_or(0)
+                            };
+                            let from = query("from_seq").max(1);
+                            let limit = query("limit");
+                            let body: String = lines
+                                .iter()
+                                .skip(from - 1)
+                                .take(limit)
+                                .map(|l| format!("{l}\n"))
+                                .collect();
+                            let answer = format!(
+                                "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nContent-Length: {}\r\n\r\n{body}",
+                                body.len()
+                            );
+                            if stream.write_all(answer.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+            ScriptedEngine { history, address }
+        }
+
+        /// The engine restarts holding `lines`.
+        fn restart_with(&self, lines: Vec<String>) {
+            let mut guard = self.history.lock().expect("lock");
+            guard.0 += 1;
+            guard.1 = lines;
+        }
+    }
+
+    /// Event lines: account `a` opened at 1, then deposits of 1.00 with transaction ids
+    /// `tag`-numbered from sequence 2 to `last`.
+    fn deposit_lines(tag: u128, last: u64) -> Vec<String> {
+        let mut lines = vec![format!(
+            r#"{{"sequence":1,"transaction_id":"{}","kind":"account_opened","timestamp_ns":1,"account_id":"a"}}"#,
+            uuid::Uuid::from_u128(1)
+        )];
+        for seq in 2..=last {
+            lines.push(format!(
+                r#"{{"sequence":{seq},"transaction_id":"{}","kind":"deposited","timestamp_ns":{seq},"account_id":"a","currency":"USD","amount":"1.00","balance_after":"{}.00"}}"#,
+                uuid::Uuid::from_u128(tag << 64 | u128::from(seq)),
+                seq - 1
+            ));
+        }
+        lines
+    }
+
+    /// `fetch`, tried again after a failure as the replicators do (the first read after an
+    /// engine restart finds its connection closed), except after a `HistoryChanged`.
+    async fn fetch_retrying(source: &mut Source, items: &mut Vec<Item>) -> anyhow::Result<()> {
+        let mut result = Ok(());
+        for _ in 0..3 {
+            result = source.fetch(100, Duration::ZERO, items).await;
+            match &result {
+                Err(e) if !e.is::<HistoryChanged>() => continue,
+                _ => return result,
+            }
+        }
+        result
+    }
+
+    /// An engine that comes back after a restart with the history the replicator read goes on
+    /// from where it was; one that comes back with another tail (it lost the records the
+    /// replicator read, then wrote others under their sequence numbers) is refused before any
+    /// of its records is yielded, and for good (not retried).
+    #[test]
+    fn an_engine_that_comes_back_with_another_history_is_refused() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let engine = ScriptedEngine::start(deposit_lines(7, 10)).await;
+            let mut source =
+                Source::Http(HttpSource::new(&engine.address.to_string()).expect("source"));
+            let mut items = Vec::new();
+            source
+                .fetch(100, Duration::ZERO, &mut items)
+                .await
+                .expect("fetch");
+            assert_eq!(items.len(), 10);
+            assert_eq!(source.next_seq(), 11);
+
+            // The same history, grown: read on.
+            let mut grown = deposit_lines(7, 10);
+            grown.extend(deposit_lines(7, 12).into_iter().skip(10));
+            engine.restart_with(grown);
+            items.clear();
+            fetch_retrying(&mut source, &mut items)
+                .await
+                .expect("fetch after a restart");
+            assert_eq!(items.iter().map(Item::seq).collect::<Vec<_>>(), [11, 12]);
+
+            // Another tail from sequence 6 on, longer than what was read.
+            let mut other = deposit_lines(7, 5);
+            other.extend(deposit_lines(9, 20).into_iter().skip(5));
+            engine.restart_with(other);
+            items.clear();
+            let error = fetch_retrying(&mut source, &mut items)
+                .await
+                .expect_err("another history");
+            assert!(items.is_empty(), "records of another history were yielded");
+            assert!(error.is::<HistoryChanged>(), "{error:#}");
+            assert!(format!("{error:#}").contains("sequence 12"), "{error:#}");
+            let mut retry = SourceRetry::new(Duration::from_secs(60));
+            assert!(retry.failed(error).is_err(), "retried");
+
+            // A shorter one: it does not reach what was read.
+            let mut fresh =
+                Source::Http(HttpSource::new(&engine.address.to_string()).expect("source"));
+            items.clear();
+            fresh
+                .fetch(100, Duration::ZERO, &mut items)
+                .await
+                .expect("fetch");
+            engine.restart_with(deposit_lines(9, 8));
+            let error = fetch_retrying(&mut fresh, &mut items)
+                .await
+                .expect_err("a shorter history");
+            assert!(
+                format!("{error:#}").contains("no longer reaches sequence 20"),
+                "{error:#}"
+            );
+        });
     }
 }
