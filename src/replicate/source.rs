@@ -314,6 +314,9 @@ pub struct HttpSource {
     /// records are yielded, the record we last yielded is read again and must be the same
     /// (`confirm_position`).
     check_position: bool,
+    /// Sent as `Authorization: Bearer <token>` on every request (the event stream needs
+    /// `wallet:admin` on an engine that checks tokens): `WALLET_SOURCE_TOKEN`.
+    token: Option<String>,
     sender: Option<hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>>,
     next_seq: u64,
     last_record: Option<RecordId>,
@@ -389,6 +392,9 @@ impl HttpSource {
             connect_timeout: Duration::from_secs(5),
             answer_margin: Duration::from_secs(10),
             check_position: false,
+            token: std::env::var("WALLET_SOURCE_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty()),
             sender: None,
             next_seq: 1,
             last_record: None,
@@ -518,9 +524,11 @@ impl HttpSource {
         let Some(sender) = self.sender.as_mut() else {
             bail!("no connection")
         };
-        let request = hyper::Request::get(path)
-            .header(hyper::header::HOST, &self.authority)
-            .body(http_body_util::Empty::new())?;
+        let mut request = hyper::Request::get(path).header(hyper::header::HOST, &self.authority);
+        if let Some(token) = &self.token {
+            request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = request.body(http_body_util::Empty::new())?;
         let limit = wait + self.answer_margin;
         let result = tokio::time::timeout(limit, async {
             let response = sender
@@ -1317,6 +1325,43 @@ mod tests {
                 format!("{error:#}").contains("no longer reaches sequence 20"),
                 "{error:#}"
             );
+        });
+    }
+
+    /// With a token (`WALLET_SOURCE_TOKEN`), every request to the engine carries it.
+    #[test]
+    fn requests_carry_the_source_token() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let address = listener.local_addr().expect("address");
+            let head = tokio::spawn(async move {
+                let (mut stream, _) = listener.accept().await.expect("accept");
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = stream.read(&mut buffer).await.expect("read");
+                    assert!(n > 0, "closed before the request's head");
+                    request.extend_from_slice(&buffer[..n]);
+                }
+                stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                    .await
+                    .expect("write");
+                String::from_utf8_lossy(&request).to_lowercase()
+            });
+            let mut source = HttpSource::new(&address.to_string()).expect("source");
+            source.token = Some("the-token".into());
+            let lines = source.lines(1, 10, Duration::ZERO).await.expect("lines");
+            assert!(lines.is_empty());
+            let head = head.await.expect("server");
+            assert!(head.contains("authorization: bearer the-token"), "{head}");
         });
     }
 }
