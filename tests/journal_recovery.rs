@@ -1217,9 +1217,12 @@ fn a_tail_tells_a_missing_segment_from_damage_inside_one() {
     drop(file);
     let error = fetch_all(&emptied).unwrap_err();
     assert!(error.is::<wallet::journal::tail::JournalGap>(), "{error:#}");
+    let message = format!("{error:#}");
     assert!(
-        format!("{error:#}").contains(&format!("begins at {}", segments[2].0)),
-        "{error:#}"
+        message.contains(&format!("begins at {}", segments[2].0))
+            && message.contains("no readable record")
+            && message.contains(&segments[1].1.display().to_string()),
+        "{message}"
     );
 }
 

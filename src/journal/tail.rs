@@ -560,6 +560,7 @@ impl JournalTail {
                     segment: later_path.clone(),
                     begins_at: *later,
                     previous_ends_at: self.next_seq - 1,
+                    emptied: (segment.first_seq == self.next_seq).then(|| segment.path.clone()),
                 }
                 .into());
             }
@@ -590,16 +591,41 @@ impl JournalTail {
 
 /// A gap between two segments: definitive (unlike a frame that does not verify yet, which may
 /// be a write in progress), so readers that retry other errors stop on it.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "{}: the segment before it ends at sequence {previous_ends_at}, but this one begins at \
-     {begins_at} (a gap in the journal: segments are missing)",
-    segment.display()
-)]
+#[derive(Debug)]
 pub struct JournalGap {
     pub segment: std::path::PathBuf,
     pub begins_at: u64,
     pub previous_ends_at: u64,
+    /// The segment before, when it is there but holds no readable record (zeros after its
+    /// header): its records are what is missing, not a file.
+    pub emptied: Option<std::path::PathBuf>,
+}
+
+impl std::error::Error for JournalGap {}
+
+impl std::fmt::Display for JournalGap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (segment, begins_at, ends_at) = (
+            self.segment.display(),
+            self.begins_at,
+            self.previous_ends_at,
+        );
+        match &self.emptied {
+            Some(emptied) => write!(
+                f,
+                "{}: a finished segment with no readable record (zeros after its header), but \
+                 the next one, {segment}, begins at {begins_at}: records {} to {} are lost",
+                emptied.display(),
+                ends_at + 1,
+                begins_at - 1
+            ),
+            None => write!(
+                f,
+                "{segment}: the segment before it ends at sequence {ends_at}, but this one \
+                 begins at {begins_at} (a gap in the journal: segments are missing)"
+            ),
+        }
+    }
 }
 
 /// Damage inside a segment that a later one follows: no readable record where its records
