@@ -275,6 +275,27 @@ mod tests {
         (handle, stop, snapshots)
     }
 
+    /// Waits (up to 10 s) until the follower has applied `last_seq`, then stops it; it must not
+    /// have failed.
+    fn finish_following(
+        shared: &EngineShared,
+        last_seq: u64,
+        handle: std::thread::JoinHandle<()>,
+        stop: &AtomicBool,
+    ) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while shared.follower_seq.load(Ordering::SeqCst) < last_seq {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the follower did not reach sequence {last_seq}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stop.store(true, Ordering::SeqCst);
+        handle.join().expect("no panic");
+        assert!(!shared.follower_failed.load(Ordering::SeqCst));
+    }
+
     fn newest_snapshot(snapshots: &Path) -> u64 {
         crate::journal::snapshot::list_snapshots(snapshots)
             .first()
@@ -366,17 +387,7 @@ mod tests {
         shared
             .durable_seq
             .store(ledger.next_seq() - 1, Ordering::SeqCst);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while shared.follower_seq.load(Ordering::SeqCst) < ledger.next_seq() - 1 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the follower did not resume"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        stop.store(true, Ordering::SeqCst);
-        handle.join().expect("no panic");
-        assert!(!shared.follower_failed.load(Ordering::SeqCst));
+        finish_following(&shared, ledger.next_seq() - 1, handle, &stop);
     }
 
     /// `--snapshot-every 18446744073709551615` means "practically never": the interval does not
@@ -395,17 +406,7 @@ mod tests {
             .durable_seq
             .store(ledger.next_seq() - 1, Ordering::SeqCst);
         let (handle, stop, snapshots) = start_follower(temp.path(), dir, u64::MAX, &shared);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while shared.follower_seq.load(Ordering::SeqCst) < ledger.next_seq() - 1 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the follower did not follow"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        stop.store(true, Ordering::SeqCst);
-        handle.join().expect("no panic");
-        assert!(!shared.follower_failed.load(Ordering::SeqCst));
+        finish_following(&shared, ledger.next_seq() - 1, handle, &stop);
         assert_eq!(newest_snapshot(&snapshots), 0, "a snapshot was written");
     }
 }

@@ -1075,16 +1075,21 @@ mod tests {
         assert!(RecordId::parse("nonsense@1").is_err());
     }
 
+    /// Runs `future` on a fresh single-threaded runtime (with timers and sockets).
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(future)
+    }
+
     /// An engine that accepts the connection and never answers (its host vanished without a
     /// FIN or RST): the request fails after its wait and margin, instead of holding the
     /// replicator forever.
     #[test]
     fn a_request_that_is_never_answered_fails_within_its_bound() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
+        block_on(async {
             let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
                 .expect("bind");
@@ -1269,11 +1274,7 @@ mod tests {
     /// of its records is yielded, and for good (not retried).
     #[test]
     fn an_engine_that_comes_back_with_another_history_is_refused() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
+        block_on(async {
             let engine = ScriptedEngine::start(deposit_lines(7, 10)).await;
             let mut source =
                 Source::Http(HttpSource::new(&engine.address.to_string()).expect("source"));
@@ -1331,11 +1332,7 @@ mod tests {
     /// With a token (`WALLET_SOURCE_TOKEN`), every request to the engine carries it.
     #[test]
     fn requests_carry_the_source_token() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
+        block_on(async {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
