@@ -437,6 +437,10 @@ impl HttpSource {
                 self.confirm_position().await?;
             }
             let lines = self.lines(self.next_seq, limit, wait).await?;
+            // Nothing yielded yet: nothing to confirm (a replicator checks where it starts).
+            if self.last_record.is_none() {
+                self.check_position = false;
+            }
             if !self.check_position {
                 return Ok(lines);
             }
