@@ -1628,7 +1628,8 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut items = Vec::with_capacity(options.batch_events);
     let mut last_status = Instant::now();
-    let mut source_retry = SourceRetry::new(crate::replicate::source::SOURCE_OUTAGE_LIMIT);
+    let mut source_retry =
+        SourceRetry::new(crate::replicate::source::source_outage_limit(options.once));
     let mut previous_read_started = Instant::now();
     // With `once`: since when the source has had nothing more while some node is not caught up.
     let mut once_waiting_since: Option<Instant> = None;

@@ -72,8 +72,16 @@ pub struct SourceRetry {
     pause: Duration,
 }
 
-/// How long a replicator keeps retrying an engine URL that fails, by default.
-pub const SOURCE_OUTAGE_LIMIT: Duration = Duration::from_secs(300);
+/// How long a replicator keeps retrying an engine URL that fails: 5 minutes (an engine's
+/// restart and recovery), but 10 s under `--once` (a catch-up run that reports what it could
+/// not reach rather than waiting for it).
+pub fn source_outage_limit(once: bool) -> Duration {
+    if once {
+        Duration::from_secs(10)
+    } else {
+        Duration::from_secs(300)
+    }
+}
 
 impl SourceRetry {
     pub fn new(give_up_after: Duration) -> SourceRetry {

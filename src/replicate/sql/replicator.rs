@@ -621,8 +621,9 @@ async fn replicate(
         migrate: options.migrate,
     };
     let batch_events = options.batch_events.max(2);
-    let mut source_retry =
-        crate::replicate::source::SourceRetry::new(crate::replicate::source::SOURCE_OUTAGE_LIMIT);
+    let mut source_retry = crate::replicate::source::SourceRetry::new(
+        crate::replicate::source::source_outage_limit(options.once),
+    );
     let mut directory = Directory::default();
     let mut pending: Vec<CommandRecord> = Vec::with_capacity(batch_events + 2);
     let mut backoff = Duration::from_millis(50);
