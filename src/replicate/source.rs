@@ -63,9 +63,9 @@ pub struct Unavailable(pub String);
 
 /// How a replicator retries a source that fails for a while (`Unavailable`: an engine URL
 /// that is briefly unreachable, or answers 503 while it restarts and recovers; any other
-/// error is returned at once): with a growing pause (200 ms doubling to
-/// 5 s), for as long as the failures have lasted less than `give_up_after` (it gave up after
-/// 50 tries 200 ms apart, about 10 s: less than an engine's recovery of a long history).
+/// error is returned at once): with a growing pause (200 ms doubling to 5 s), for as long as
+/// the failures have lasted less than `give_up_after` (see `source_outage_limit`; it gave up
+/// after 50 tries 200 ms apart, about 10 s: less than an engine's recovery of a long history).
 pub struct SourceRetry {
     give_up_after: Duration,
     failing_since: Option<std::time::Instant>,
@@ -464,15 +464,9 @@ impl HttpSource {
             return Ok(());
         };
         let seq = self.next_seq - 1;
+        // Read on the connection the lines will come from (a failure leaves the flag set).
+        let theirs = self.record_at(seq).await?;
         self.check_position = false;
-        let theirs = self.record_at(seq).await;
-        let theirs = match theirs {
-            Ok(theirs) => theirs,
-            Err(e) => {
-                self.check_position = true;
-                return Err(e);
-            }
-        };
         match theirs {
             Some((theirs, true)) if theirs == ours => Ok(()),
             Some((theirs, _)) => Err(HistoryChanged(format!(
