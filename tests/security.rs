@@ -752,6 +752,23 @@ fn https_with_rustls_and_loadgen_over_tls() {
     assert!(server.stop().success());
 }
 
+/// POSTs `body` up to five times, 1.2 s apart, until it is answered `status`.
+fn retry_until(
+    c: &mut Client,
+    path: &str,
+    body: &serde_json::Value,
+    status: u16,
+) -> Option<common::Response> {
+    for _ in 0..5 {
+        let r = c.post(path, body);
+        if r.status == status {
+            return Some(r);
+        }
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    None
+}
+
 #[test]
 fn in_flight_and_request_time_limits() {
     // Every reply waits for an msync that happens at most every 400 ms, so requests linger.
@@ -802,19 +819,13 @@ fn in_flight_and_request_time_limits() {
     assert_eq!(r.status, 503, "{}", r.body);
     assert_eq!(r.json()["error"]["code"], "timeout");
     std::thread::sleep(Duration::from_millis(1500));
-    let mut retried = None;
-    for _ in 0..5 {
-        let r = c.post(
-            "/v1/wallet/balance_transfer",
-            &transfer_body("a", "b", "1.00", &id),
-        );
-        if r.status == 200 {
-            retried = Some(r);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(1200));
-    }
-    let retried = retried.expect("the retry gets the committed outcome");
+    let retried = retry_until(
+        &mut c,
+        "/v1/wallet/balance_transfer",
+        &transfer_body("a", "b", "1.00", &id),
+        200,
+    )
+    .expect("the retry gets the committed outcome");
     assert_eq!(retried.header("idempotent-replayed"), Some("true"));
 
     // An account opened without a transaction_id: the id the server gave it comes with the
@@ -829,17 +840,9 @@ fn in_flight_and_request_time_limits() {
         .to_string();
     assert!(r.json()["error"]["message"].as_str().unwrap().contains(&id));
     std::thread::sleep(Duration::from_millis(1500));
-    let mut retried = None;
-    for _ in 0..5 {
-        let body = json!({"account_id": "opened-late", "transaction_id": id});
-        let r = c.post("/v1/wallet/accounts", &body);
-        if r.status == 201 {
-            retried = Some(r);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(1200));
-    }
-    let retried = retried.expect("the retry with the given id gets the original 201");
+    let body = json!({"account_id": "opened-late", "transaction_id": id});
+    let retried = retry_until(&mut c, "/v1/wallet/accounts", &body, 201)
+        .expect("the retry with the given id gets the original 201");
     assert_eq!(retried.header("idempotent-replayed"), Some("true"));
     assert!(server.stop().success());
 }

@@ -1209,6 +1209,18 @@ mod tests {
     use std::collections::BTreeMap;
 
     /// Shuts down on another thread so that a hang fails the test instead of stalling it.
+    /// Shuts down (within 10 s) a halted engine: it must fail with the halt's `reason`, never
+    /// hand back its ledger (`why`: what that ledger would be).
+    fn shutdown_refuses(engine: Engine, reason: &str, why: &str) {
+        match shutdown_within_10s(engine) {
+            Ok(ledger) => panic!(
+                "shutdown handed back a ledger at sequence {} ({why})",
+                ledger.next_seq()
+            ),
+            Err(failed) => assert_eq!(failed.0, reason),
+        }
+    }
+
     fn shutdown_within_10s(engine: Engine) -> Result<Ledger, EngineFailed> {
         let (done, result) = mpsc::channel();
         std::thread::spawn(move || {
@@ -1266,10 +1278,7 @@ mod tests {
         assert_eq!(shared.durable_seq.load(Ordering::SeqCst), 3);
 
         drop(submitter);
-        match shutdown_within_10s(engine) {
-            Ok(_) => panic!("shutdown returned a ledger a panic interrupted"),
-            Err(failed) => assert_eq!(failed.0, reason),
-        }
+        shutdown_refuses(engine, &reason, "a panic interrupted");
         assert_eq!(receiver.try_iter().count(), 0, "outcomes answered twice");
     }
 
@@ -1303,13 +1312,7 @@ mod tests {
         assert_eq!(shared.executed_seq.load(Ordering::SeqCst), 3 + 4 * 2);
         drop(submitter);
         // The ledger, ahead of the journal, is not handed back as the engine's state.
-        match shutdown_within_10s(engine) {
-            Ok(ledger) => panic!(
-                "shutdown handed back a ledger at sequence {} that the journal does not hold",
-                ledger.next_seq()
-            ),
-            Err(failed) => assert_eq!(failed.0, reason),
-        }
+        shutdown_refuses(engine, &reason, "the journal does not hold");
         assert_eq!(receiver.try_iter().count(), 0, "outcomes answered twice");
     }
 
@@ -1327,13 +1330,7 @@ mod tests {
         receive(&receiver, 2);
         let reason = shared.halt_reason().expect("a halt reason");
         drop(submitter);
-        match shutdown_within_10s(engine) {
-            Ok(ledger) => panic!(
-                "shutdown handed back a ledger at sequence {} after a halt",
-                ledger.next_seq()
-            ),
-            Err(failed) => assert_eq!(failed.0, reason),
-        }
+        shutdown_refuses(engine, &reason, "after a halt");
     }
 
     #[test]
