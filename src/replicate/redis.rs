@@ -332,11 +332,49 @@ struct Node {
     unprobed: bool,
     /// Accounts changed since `applied_seq`.
     dirty: Vec<u32>,
+    /// When the source read began after which the oldest change in `dirty` appeared.
+    dirty_since: Option<Instant>,
     /// Accounts of the write in flight (back to `dirty` if it fails).
     inflight: Vec<u32>,
+    /// The script write in flight to the node, if any. Each node has at most one, and the
+    /// others do not wait for it: a node that hangs holds back only its own balances.
+    write: Option<Write>,
+    /// Lag of the last write the node completed (see `Write::since`).
+    lag: Duration,
     /// Set while the node is down: when to try again.
     retry_at: Option<Instant>,
     backoff: Duration,
+}
+
+/// A script write in flight to one node.
+struct Write {
+    /// Its task in `Replicator::inflight` (none for writes awaited in place).
+    task: Option<tokio::task::Id>,
+    started: Instant,
+    /// When the source read began after which the oldest change it carries appeared.
+    since: Option<Instant>,
+}
+
+/// What a write task returns: the node, the sequence written, the connection (made by the
+/// task if the node had none), and the script's answer.
+type WriteDone = (
+    usize,
+    u64,
+    Option<MultiplexedConnection>,
+    anyhow::Result<i64>,
+);
+
+/// How long the replicator waits for a write before it goes on without it: the next batches
+/// go to the other nodes meanwhile, and to that node once its write is done.
+const SLOW_WRITE: Duration = Duration::from_secs(1);
+
+/// Which writes `complete_writes` waits for.
+#[derive(Clone, Copy, PartialEq)]
+enum Wait {
+    /// Every write in flight.
+    All,
+    /// Those started less than `SLOW_WRITE` ago; finished ones are booked too.
+    Fresh,
 }
 
 impl Node {
@@ -348,7 +386,10 @@ impl Node {
             needs_resync: true,
             unprobed: false,
             dirty: Vec::new(),
+            dirty_since: None,
             inflight: Vec::new(),
+            write: None,
+            lag: Duration::ZERO,
             retry_at: None,
             backoff: Duration::from_millis(50),
         }
@@ -392,6 +433,27 @@ impl Node {
             }
         }
     }
+}
+
+/// One node's write task: connects if the node has no connection, then runs the apply script.
+async fn write_node(
+    i: usize,
+    target: u64,
+    conn: Option<MultiplexedConnection>,
+    address: String,
+    cmd: redis::Cmd,
+) -> WriteDone {
+    let mut conn = match conn {
+        Some(conn) => conn,
+        None => match connect(&address).await {
+            Ok(conn) => conn,
+            Err(e) => return (i, target, None, Err(e)),
+        },
+    };
+    let result = eval_apply(&mut conn, &cmd)
+        .await
+        .map_err(anyhow::Error::from);
+    (i, target, Some(conn), result)
 }
 
 /// Runs a prepared `EVALSHA` of the apply script, loading the script first if the node does
@@ -539,15 +601,11 @@ struct Replicator {
     marked: Vec<bool>,
     /// Nodes removed from the map whose keys are still to be deleted.
     retired: Vec<Node>,
-    /// Script writes in flight (node index, result), all for `inflight_target`.
-    inflight: tokio::task::JoinSet<(usize, redis::RedisResult<i64>)>,
-    inflight_target: u64,
-    /// When the source read that found the oldest event of the writes in flight began.
-    inflight_since: Option<Instant>,
-    /// Replication lag of the last completed batch and the largest seen: from the start of the
-    /// source read before the batch's events were visible to every node having applied them
-    /// (an upper bound, omitting only the moment between a journal append and our read).
-    lag_last: Duration,
+    /// Script writes in flight, at most one per node (`Node::write`).
+    inflight: tokio::task::JoinSet<WriteDone>,
+    /// The largest replication lag seen (`lag`): from the start of the source read before an
+    /// event appeared to a node having applied it (an upper bound, omitting only the moment
+    /// between a journal append and our read).
     lag_max: Duration,
     /// Start of the previous source read (events of the current batch appeared after it).
     last_read_started: Option<Instant>,
@@ -580,23 +638,28 @@ impl Replicator {
     /// the replicator's back would otherwise keep serving that state under the current map
     /// version, and be reported up, until the next event touched it. One that no longer says
     /// the map version, or says an applied sequence below what was written there, is rebuilt.
+    /// A node that does not answer within `SLOW_WRITE` is taken as down (the check must not
+    /// hold back the other nodes).
     async fn check_idle_nodes(&mut self) {
         let version = self.version();
         for node in &mut self.nodes {
-            if node.unprobed || !node.is_up_and_current() || !node.inflight.is_empty() {
+            if node.unprobed || !node.is_up_and_current() || node.write.is_some() {
                 continue;
             }
             let Some(conn) = node.conn.as_mut() else {
                 continue;
             };
-            match probe(conn).await {
-                Ok((applied, v))
+            match tokio::time::timeout(SLOW_WRITE, probe(conn)).await {
+                Ok(Ok((applied, v)))
                     if v.as_deref() == Some(version.as_str()) && applied >= node.applied_seq => {}
-                Ok((applied, v)) => {
+                Ok(Ok((applied, v))) => {
                     tracing::warn!(node = %node.address, applied, version = ?v, expected_applied = node.applied_seq, expected_version = %version, "node lost what was written there (emptied or rewound while idle); rebuilding it");
                     node.needs_resync = true;
                 }
-                Err(e) => node.mark_down(&e.into()),
+                Ok(Err(e)) => node.mark_down(&e.into()),
+                Err(_) => node.mark_down(&anyhow::anyhow!(
+                    "no answer to the idle check within {SLOW_WRITE:?}"
+                )),
             }
         }
     }
@@ -634,6 +697,9 @@ impl Replicator {
                     if seq > node.applied_seq && !self.marked[account as usize] {
                         self.marked[account as usize] = true;
                         node.dirty.push(account);
+                        if node.dirty_since.is_none() {
+                            node.dirty_since = self.last_read_started;
+                        }
                     }
                 }
                 Item::Other { .. } => {}
@@ -697,6 +763,7 @@ impl Replicator {
     }
 
     fn clear_dirty(&mut self, node: usize) {
+        self.nodes[node].dirty_since = None;
         for account in std::mem::take(&mut self.nodes[node].dirty) {
             self.marked[account as usize] = false;
         }
@@ -712,49 +779,105 @@ impl Replicator {
 
     /// Brings every reachable node up to `dir.seq` and waits for it.
     async fn flush(&mut self) {
-        self.complete_writes().await;
+        self.complete_writes(Wait::All).await;
         self.start_writes().await;
-        self.complete_writes().await;
+        self.complete_writes(Wait::All).await;
     }
 
-    /// Waits for the writes in flight and books their outcome.
-    async fn complete_writes(&mut self) {
-        let target = self.inflight_target;
+    /// Waits for writes in flight (`wait` says which) and books the outcome of every write
+    /// that is done.
+    async fn complete_writes(&mut self, wait: Wait) {
         let mut done = 0;
-        while let Some(joined) = self.inflight.join_next().await {
-            match joined {
-                Ok((i, result)) => self.on_applied(i, target, result, &mut done),
-                Err(e) => tracing::error!(error = %e, "a Redis write task failed"),
+        loop {
+            while let Some(joined) = self.inflight.try_join_next_with_id() {
+                self.book(joined, &mut done);
+            }
+            if self.inflight.is_empty() {
+                break;
+            }
+            let joined = match wait {
+                Wait::All => self.inflight.join_next_with_id().await,
+                Wait::Fresh => {
+                    let now = Instant::now();
+                    let Some(deadline) = self
+                        .nodes
+                        .iter()
+                        .filter_map(|n| n.write.as_ref())
+                        .map(|w| w.started + SLOW_WRITE)
+                        .filter(|&d| d > now)
+                        .min()
+                    else {
+                        break;
+                    };
+                    let deadline = tokio::time::Instant::from_std(deadline);
+                    match tokio::time::timeout_at(deadline, self.inflight.join_next_with_id()).await
+                    {
+                        Ok(joined) => joined,
+                        Err(_) => continue,
+                    }
+                }
+            };
+            if let Some(joined) = joined {
+                self.book(joined, &mut done);
             }
         }
-        // A task that failed (panicked) booked nothing: its node's accounts are still to be
-        // written there (the script is atomic, so resending them is right either way).
-        for i in 0..self.nodes.len() {
-            let accounts = std::mem::take(&mut self.nodes[i].inflight);
-            self.redirty(i, accounts);
-        }
         if done > 0 {
-            self.book_lag();
             failpoint("redis-after-batch");
             failpoint_panic("redis-panic");
         }
     }
 
-    fn book_lag(&mut self) {
-        if let Some(since) = self.inflight_since.take() {
-            self.lag_last = since.elapsed();
-            self.lag_max = self.lag_max.max(self.lag_last);
+    fn book(
+        &mut self,
+        joined: Result<(tokio::task::Id, WriteDone), tokio::task::JoinError>,
+        done: &mut usize,
+    ) {
+        match joined {
+            Ok((_, (i, target, conn, result))) => self.on_applied(i, target, conn, result, done),
+            Err(e) => {
+                // A task that failed (panicked) booked nothing: its node's accounts are still
+                // to be written there (the script is atomic, so resending them is right
+                // either way).
+                tracing::error!(error = %e, "a Redis write task failed");
+                let task = Some(e.id());
+                if let Some(i) = self
+                    .nodes
+                    .iter()
+                    .position(|n| n.write.as_ref().is_some_and(|w| w.task == task))
+                {
+                    let write = self.nodes[i].write.take();
+                    let accounts = std::mem::take(&mut self.nodes[i].inflight);
+                    self.redirty(i, accounts, write.and_then(|w| w.since));
+                }
+            }
         }
     }
 
-    /// Rebuilds the nodes that need it, then sends each node its changed accounts in one
-    /// script, all nodes concurrently, without waiting: the caller reads the next batch from the
-    /// source meanwhile and calls `complete_writes` before the next `start_writes`.
+    /// The replication lag now: per node, that of its last completed write, or the age of the
+    /// oldest change not yet applied there if greater; the largest over the nodes.
+    fn lag(&self) -> Duration {
+        self.nodes
+            .iter()
+            .map(|n| {
+                let oldest = [n.write.as_ref().and_then(|w| w.since), n.dirty_since]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                n.lag.max(oldest.map_or(Duration::ZERO, |t| t.elapsed()))
+            })
+            .max()
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// Rebuilds the nodes that need it, then sends each node without a write in flight its
+    /// changed accounts in one script, all such nodes concurrently, without waiting: the caller
+    /// reads the next batch from the source meanwhile and calls `complete_writes` before the
+    /// next `start_writes`.
     async fn start_writes(&mut self) {
-        debug_assert!(self.inflight.is_empty());
         for i in 0..self.nodes.len() {
             if self.nodes[i].needs_resync
                 && !self.nodes[i].unprobed
+                && self.nodes[i].write.is_none()
                 && self.dir.seq >= self.floor
                 && self.nodes[i].ensure_connected().await
             {
@@ -765,18 +888,20 @@ impl Replicator {
         let target = self.dir.seq;
         let record = self.dir.record.map(|r| r.to_string()).unwrap_or_default();
         let mut writes = Vec::new();
+        let now = Instant::now();
         for i in 0..self.nodes.len() {
-            let node = &self.nodes[i];
-            if node.needs_resync || (node.applied_seq >= target && node.dirty.is_empty()) {
-                continue;
-            }
-            if !self.nodes[i].ensure_connected().await {
-                continue;
-            }
             let node = &mut self.nodes[i];
-            let Some(conn) = node.conn.clone() else {
+            if node.needs_resync
+                || node.write.is_some()
+                || (node.applied_seq >= target && node.dirty.is_empty())
+            {
                 continue;
-            };
+            }
+            // A node that is down is connected by its write task, once its backoff has passed
+            // (connecting must not hold back the other nodes either).
+            if node.conn.is_none() && node.retry_at.is_some_and(|at| now < at) {
+                continue;
+            }
             // EVALSHA with the arguments packed into one buffer (no allocation per argument).
             let mut cmd = redis::cmd("EVALSHA");
             cmd.arg(APPLY_SCRIPT.get_hash())
@@ -789,6 +914,11 @@ impl Replicator {
                 .arg(target)
                 .arg(&record);
             node.inflight = std::mem::take(&mut node.dirty);
+            node.write = Some(Write {
+                task: None,
+                started: now,
+                since: node.dirty_since.take().or(self.last_read_started),
+            });
             for &account in &node.inflight {
                 self.marked[account as usize] = false;
                 let balances = &self.dir.balances[account as usize];
@@ -797,25 +927,24 @@ impl Replicator {
                     cmd.arg(&currency.code()[..]).arg(*balance);
                 }
             }
-            writes.push((i, conn, cmd));
-        }
-        self.inflight_target = target;
-        if !writes.is_empty() {
-            self.inflight_since = self.last_read_started;
+            writes.push((i, node.conn.clone(), node.address.clone(), cmd));
         }
         if failpoint_armed("redis-after-node-1") {
             // Crash tests: one node at a time, so that the failpoint stops the process with
             // exactly one node ahead (concurrent writes would usually all land first).
             let mut done = 0;
-            for (i, mut conn, cmd) in writes {
-                let result = eval_apply(&mut conn, &cmd).await;
-                self.on_applied(i, target, result, &mut done);
+            for (i, conn, address, cmd) in writes {
+                let (i, target, conn, result) = write_node(i, target, conn, address, cmd).await;
+                self.on_applied(i, target, conn, result, &mut done);
             }
-            self.book_lag();
         } else {
-            for (i, mut conn, cmd) in writes {
-                self.inflight
-                    .spawn(async move { (i, eval_apply(&mut conn, &cmd).await) });
+            for (i, conn, address, cmd) in writes {
+                let task = self
+                    .inflight
+                    .spawn(write_node(i, target, conn, address, cmd));
+                if let Some(write) = self.nodes[i].write.as_mut() {
+                    write.task = Some(task.id());
+                }
             }
         }
     }
@@ -824,31 +953,51 @@ impl Replicator {
         &mut self,
         i: usize,
         target: u64,
-        result: redis::RedisResult<i64>,
+        conn: Option<MultiplexedConnection>,
+        result: anyhow::Result<i64>,
         done: &mut usize,
     ) {
+        let write = self.nodes[i].write.take();
+        let since = write.and_then(|w| w.since);
         let accounts = std::mem::take(&mut self.nodes[i].inflight);
+        if conn.is_some() {
+            self.nodes[i].conn = conn;
+        }
         match result {
             Ok(_) => {
                 *done += 1;
                 if *done == 1 {
                     failpoint("redis-after-node-1");
                 }
-                self.nodes[i].applied_seq = target;
-                self.nodes[i].mark_up();
+                let node = &mut self.nodes[i];
+                node.applied_seq = target;
+                node.mark_up();
+                if let Some(since) = since {
+                    node.lag = since.elapsed();
+                    self.lag_max = self.lag_max.max(node.lag);
+                }
                 return;
             }
-            Err(e) if is_stale(&e) => {
+            Err(e) if e.downcast_ref::<redis::RedisError>().is_some_and(is_stale) => {
                 tracing::warn!(node = %self.nodes[i].address, error = %e, "node disagrees with the replicator; rebuilding it");
                 self.nodes[i].needs_resync = true;
             }
-            Err(e) => self.nodes[i].mark_down(&anyhow::Error::from(e)),
+            Err(e) => self.nodes[i].mark_down(&e),
         }
         // Not applied: those accounts are still to be written there.
-        self.redirty(i, accounts);
+        self.redirty(i, accounts, since);
     }
 
-    fn redirty(&mut self, node: usize, accounts: Vec<u32>) {
+    /// Puts the accounts of a write that was not applied back into its node's `dirty`
+    /// (`since`: when the oldest change among them appeared).
+    fn redirty(&mut self, node: usize, accounts: Vec<u32>, since: Option<Instant>) {
+        let node_state = &mut self.nodes[node];
+        if !accounts.is_empty() {
+            node_state.dirty_since = match (node_state.dirty_since, since) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
         for account in accounts {
             if !self.marked[account as usize] {
                 self.marked[account as usize] = true;
@@ -916,6 +1065,7 @@ impl Replicator {
             incremental.push(if current { old.map(|k| k as u16) } else { None });
             node.needs_resync = !current;
             node.dirty.clear();
+            node.dirty_since = None;
             nodes.push(node);
         }
         for m in self.marked.iter_mut() {
@@ -1164,12 +1314,13 @@ impl Replicator {
         metrics
             .nodes_unavailable
             .store(unavailable as u64, Ordering::Relaxed);
+        let lag = self.lag();
         metrics
             .lag_ms
-            .store(self.lag_last.as_millis() as u64, Ordering::Relaxed);
+            .store(lag.as_millis() as u64, Ordering::Relaxed);
         metrics
             .lag_ms_max
-            .store(self.lag_max.as_millis() as u64, Ordering::Relaxed);
+            .store(self.lag_max.max(lag).as_millis() as u64, Ordering::Relaxed);
         metrics
             .map_version
             .store(self.map.version, Ordering::Relaxed);
@@ -1193,8 +1344,8 @@ impl Replicator {
         tracing::info!(
             seq = source_seq,
             map_version = self.map.version,
-            lag_ms = self.lag_last.as_millis() as u64,
-            lag_ms_max = self.lag_max.as_millis() as u64,
+            lag_ms = self.lag().as_millis() as u64,
+            lag_ms_max = self.lag_max.max(self.lag()).as_millis() as u64,
             nodes = %nodes.join(" "),
             "replicator status"
         );
@@ -1517,9 +1668,6 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         retired,
         zk: (options.zk.clone(), layout.clone()),
         inflight: tokio::task::JoinSet::new(),
-        inflight_target: 0,
-        inflight_since: None,
-        lag_last: Duration::ZERO,
         lag_max: Duration::ZERO,
         last_read_started: None,
         copy_from: 0,
@@ -1667,19 +1815,20 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
                 continue;
             }
         }
+        // The events just read appeared after the previous read started.
+        replicator.last_read_started = Some(previous_read_started);
+        previous_read_started = read_started;
         replicator.ingest(&items)?;
         if !items.is_empty() {
             replicator.dir.record = source.last_record();
             once_waiting_since = None;
         }
-        // The events just read appeared after the previous read started.
-        replicator.last_read_started = Some(previous_read_started);
-        previous_read_started = read_started;
         if replicator.nodes.iter().any(|n| n.unprobed) {
             probe_late_nodes(&mut replicator, &mut source, options).await?;
         }
-        // Pipelined: this batch's writes run while the next batch is read.
-        replicator.complete_writes().await;
+        // Pipelined: this batch's writes run while the next batch is read. A node whose write
+        // takes longer than `SLOW_WRITE` does not hold back the others.
+        replicator.complete_writes(Wait::Fresh).await;
         replicator.start_writes().await;
         if !replicator.retired.is_empty() {
             replicator.clean_retired().await;
@@ -1724,7 +1873,6 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
             }
             if !options.once
                 && !options.idle_check.is_zero()
-                && replicator.inflight.is_empty()
                 && last_idle_check.elapsed() >= options.idle_check
             {
                 replicator.check_idle_nodes().await;
