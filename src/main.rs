@@ -149,7 +149,8 @@ struct ServeArgs {
     /// ZooKeeper address for --replicate-redis.
     #[arg(long, env = "WALLET_ZK")]
     zk: Option<String>,
-    #[arg(long, default_value = "/wallet")]
+    /// Root of the wallet's nodes in ZooKeeper, for --replicate-redis.
+    #[arg(long, env = "WALLET_ZK_ROOT", default_value = wallet::replicate::zk::DEFAULT_ROOT)]
     zk_root: String,
 }
 
@@ -203,7 +204,11 @@ impl ServeArgs {
             velocity_per_account: self.velocity_per_account,
             tls: self.tls_cert.clone().zip(self.tls_key.clone()),
             replicate_redis: match (self.replicate_redis, &self.zk) {
-                (true, Some(zk)) => Some((zk.clone(), self.zk_root.clone())),
+                (true, Some(zk)) => {
+                    // Refused here, not in the replicator's restart loop.
+                    wallet::replicate::zk::Layout::new(&self.zk_root)?;
+                    Some((zk.clone(), self.zk_root.clone()))
+                }
                 _ => None,
             },
             data_dir: self.data_dir.clone(),

@@ -1605,6 +1605,21 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
             &["serve", "--listen", "127.0.0.1:0", "--max-in-flight", "0"],
             "--max-in-flight",
         ),
+        // A ZooKeeper root that is no path: refused at start, not in the replicator's restart
+        // loop behind a server that looked healthy.
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--replicate-redis",
+                "--zk",
+                "127.0.0.1:9",
+                "--zk-root",
+                "wallet",
+            ],
+            "--zk-root",
+        ),
         // Above tokio's semaphore cap: this panicked at start.
         (
             &[
@@ -1709,22 +1724,21 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
         .iter()
         .map(|(args, flag)| (args.to_vec(), *flag))
         .chain(dynamic);
-    // A SQL round too big for one COPY message would be retried for ever: refused by clap
-    // (usage errors exit 2).
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
-        .args([
-            "replicate",
-            "sql",
-            "--source",
-            ".",
-            "--batch-events",
-            "2000000",
-        ])
-        .output()
-        .expect("run wallet");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("--batch-events"), "{stderr}");
+    // A SQL round too big for one COPY message would be retried for ever; a Redis batch of
+    // 2^64-1 events panicked reserving its buffer: both refused by clap (usage errors exit 2).
+    for (kind, events) in [("sql", "2000000"), ("redis", "18446744073709551615")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .args(["replicate", kind, "--source", ".", "--batch-events", events])
+            .args(["--zk", "127.0.0.1:9"])
+            .output()
+            .expect("run wallet");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{kind}: {stderr}");
+        assert!(
+            stderr.contains("--batch-events") && !stderr.contains("panicked"),
+            "{kind}: {stderr}"
+        );
+    }
     for (args, flag) in cases {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"));
         command.args(&args);

@@ -92,9 +92,9 @@ pub struct RedisReplicateArgs {
     /// http://host:port (its /v1/wallet/events stream, durable events only).
     #[arg(long)]
     pub source: String,
-    /// Most events per batch (one script per node per batch).
-    #[arg(long, default_value_t = 1 << 20)]
-    pub batch_events: usize,
+    /// Most events per batch (one script per node per batch), 2 to 16777216.
+    #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(2..=1 << 24))]
+    pub batch_events: u64,
     /// Stop when every node has caught up with the end of the source, and print events/s.
     #[arg(long)]
     pub once: bool,
@@ -166,7 +166,8 @@ pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
                     ),
                     None => {
                         crate::replicate::redis::check_distinct_servers(&redis_nodes).await?;
-                        let map = zk::set_redis_nodes(&client, &layout, &redis_nodes).await?;
+                        let at_least = crate::replicate::redis::next_map_version(&redis_nodes).await;
+                        let map = zk::set_redis_nodes(&client, &layout, &redis_nodes, at_least).await?;
                         println!("{}: {}", layout.partitions(), serde_json::to_string(&map)?);
                     }
                 }
@@ -196,7 +197,8 @@ pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
                 let client = zk::connect(&z.zk).await?;
                 zk::init_layout(&client, &layout).await?;
                 crate::replicate::redis::check_distinct_servers(&nodes).await?;
-                let map = zk::set_redis_nodes(&client, &layout, &nodes).await?;
+                let at_least = crate::replicate::redis::next_map_version(&nodes).await;
+                let map = zk::set_redis_nodes(&client, &layout, &nodes, at_least).await?;
                 println!("{}: {}", layout.partitions(), serde_json::to_string(&map)?);
             }
             ClusterCommand::SetSqlShards { zk: z, shards } => {
@@ -234,7 +236,7 @@ pub fn run_replicate(args: ReplicateArgs) -> anyhow::Result<ExitCode> {
         zk: args.zk.zk,
         zk_root: args.zk.zk_root,
         source: args.source,
-        batch_events: args.batch_events.max(2),
+        batch_events: args.batch_events as usize,
         once: args.once,
         metrics: None,
         rebuild: args.rebuild,

@@ -173,6 +173,32 @@ pub async fn check_distinct_servers(nodes: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One more than the highest partition map version any of `nodes` shows (`N`, or
+/// `retired:N`), 0 if none shows one: a map written for these nodes must be numbered above it.
+/// Otherwise a map deleted and created again (version 1) would meet nodes still saying 5, and a
+/// map reusing a version those nodes were stamped with would be trusted by readers holding an
+/// older node list. Nodes that do not answer are skipped, as in `check_distinct_servers`.
+pub async fn next_map_version(nodes: &[String]) -> u64 {
+    let mut next = 0;
+    for address in nodes {
+        let Ok(mut conn) = connect(address).await else {
+            continue;
+        };
+        let version: Option<String> = redis::cmd("GET")
+            .arg(MAP_VERSION_KEY)
+            .query_async(&mut conn)
+            .await
+            .unwrap_or(None);
+        if let Some(v) = version
+            .as_deref()
+            .and_then(|v| v.strip_prefix("retired:").unwrap_or(v).parse::<u64>().ok())
+        {
+            next = next.max(v.saturating_add(1));
+        }
+    }
+    next
+}
+
 /// The `run_id` of the Redis server behind `conn` (tells one server apart from another whatever
 /// the address it is reached by). `None` when it cannot be read: a node that cannot answer
 /// INFO (an ACL without it, a renamed command, a dropped connection) cannot be checked, as one

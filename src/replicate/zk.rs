@@ -59,12 +59,23 @@ impl PartitionMap {
 }
 
 /// A Redis node address must be `host:port` (`[v6]:port` for an IPv6 literal) with a port
-/// from 1 to 65535: a map naming anything else would only fail later, in the replicator.
+/// from 1 to 65535: a map naming anything else would only fail later, in the replicator (which
+/// builds `redis://{node}/` from it, so no character may change that URL's meaning).
 fn check_host_port(node: &str) -> anyhow::Result<()> {
     let bad = |why: &str| anyhow::anyhow!("bad node address {node:?}: {why} (expected host:port)");
     let (host, port) = node.rsplit_once(':').ok_or_else(|| bad("no port"))?;
     if host.is_empty() || host.contains(char::is_whitespace) || host == "[]" {
         return Err(bad("no host"));
+    }
+    if let Some(c) = host.chars().find(|c| matches!(c, '/' | '@' | '?' | '#' | '\\' | '%')) {
+        return Err(bad(&format!("{c:?} is not allowed in a host")));
+    }
+    let bracketed = host.starts_with('[') && host.ends_with(']');
+    if host.contains(':') && !bracketed {
+        return Err(bad("an IPv6 address must be in brackets, as [::1]:6379"));
+    }
+    if !bracketed && (host.contains('[') || host.contains(']')) {
+        return Err(bad("brackets go around a whole IPv6 address"));
     }
     match port.parse::<u16>() {
         Ok(0) | Err(_) => Err(bad("the port must be a number from 1 to 65535")),
@@ -265,15 +276,27 @@ pub async fn update_retiring(
 /// Replaces the Redis node list, bumping the map version. Creates the map (version 1) if absent.
 /// Nodes of the old map that are not in the new one are first added to the retiring list
 /// (`update_retiring`), so that a replicator that restarts before emptying them still does.
+///
+/// The new version is at least `at_least`: one more than any version the nodes show
+/// (`redis::highest_map_version`).
 pub async fn set_redis_nodes(
     client: &zk::Client,
     layout: &Layout,
     nodes: &[String],
+    at_least: u64,
 ) -> anyhow::Result<PartitionMap> {
     let path = layout.partitions();
     let current: Option<(PartitionMap, i32)> = read_json(client, &path).await?;
+    let version = match &current {
+        Some((m, _)) => m.version.checked_add(1).ok_or_else(|| {
+            anyhow::anyhow!("{path}: version {} cannot grow any more", m.version)
+        })?,
+        None => 1,
+    };
+    // Versions never go back, even when the map was deleted and created again: nodes still
+    // showing a version from before would otherwise be taken as current by readers.
     let map = PartitionMap {
-        version: current.as_ref().map_or(1, |(m, _)| m.version + 1),
+        version: version.max(at_least),
         nodes: nodes.to_vec(),
     };
     map.check()?;
@@ -324,7 +347,12 @@ pub async fn set_sql_shards(
     let path = layout.sql_shards();
     let current: Option<(SqlShards, i32)> = read_json(client, &path).await?;
     let value = SqlShards {
-        version: current.as_ref().map_or(1, |(s, _)| s.version + 1),
+        version: match &current {
+            Some((s, _)) => s.version.checked_add(1).ok_or_else(|| {
+                anyhow::anyhow!("{path}: version {} cannot grow any more", s.version)
+            })?,
+            None => 1,
+        },
         shards: shards.to_vec(),
     };
     write_json(client, &path, &value, current.map(|(_, v)| v)).await?;
@@ -435,9 +463,14 @@ pub async fn watch_partition_map(
                     Ok(map) => {
                         sender.send_if_modified(|current| {
                             // Maps only move forward: an older version is a read from a
-                            // ZooKeeper server that lags (a new session), not a change.
+                            // ZooKeeper server that lags (a new session), not a change. The
+                            // same version with other nodes is never a change either (readers
+                            // holding the old list would trust nodes stamped with it).
                             if map.version < current.version {
-                                tracing::warn!(seen = map.version, current = current.version, "ignoring an older partition map (a lagging ZooKeeper server)");
+                                tracing::warn!(seen = map.version, current = current.version, "ignoring an older partition map (a lagging ZooKeeper server; if it stays, the map was reset: versions must only grow, see `wallet cluster set-redis-nodes`)");
+                                false
+                            } else if map.version == current.version && *current != map {
+                                tracing::error!(version = map.version, nodes = ?map.nodes, current = ?current.nodes, "refusing a partition map that names other nodes under the current version; keeping the current map");
                                 false
                             } else if *current != map {
                                 tracing::info!(version = map.version, nodes = ?map.nodes, "partition map changed");
@@ -490,6 +523,34 @@ pub async fn connect_patiently(
                 backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
             }
             Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_addresses_are_host_and_port_and_nothing_that_changes_the_url() {
+        for good in ["127.0.0.1:6379", "localhost:1", "[::1]:6379", "redis-3.local:65535"] {
+            assert!(check_host_port(good).is_ok(), "{good}");
+        }
+        for (bad, why) in [
+            ("127.0.0.1", "no port"),
+            (":6379", "no host"),
+            ("h:0", "from 1 to 65535"),
+            ("h:65536", "from 1 to 65535"),
+            ("::1:6379", "brackets"),
+            ("a/b:6379", "'/'"),
+            ("user:pw@h:6379", "'@'"),
+            ("h?x=1:6379", "'?'"),
+            ("h#f:6379", "'#'"),
+            ("[::1:6379", "brackets"),
+            ("h]:6379", "brackets"),
+        ] {
+            let e = check_host_port(bad).expect_err(bad).to_string();
+            assert!(e.contains(why) && e.contains(bad), "{bad}: {e}");
         }
     }
 }
