@@ -678,12 +678,38 @@ fn rejects_too_many_accounts() {
 
 #[test]
 fn every_rejection_code_is_covered_above() {
-    // Guards the list of tests above: a new code must get its own test.
-    assert_eq!(
-        RejectCode::ALL.len(),
-        10,
-        "a rejection code was added: write a rejects_* test for it"
-    );
+    // Guards the list of tests above: a new code does not compile here until it is named, and
+    // the test named for it must exist and assert that code.
+    let source = include_str!("core_rules.rs");
+    for code in RejectCode::ALL {
+        let (test, variant) = match code {
+            RejectCode::AccountNotFound => ("rejects_account_not_found", "AccountNotFound"),
+            RejectCode::AccountAlreadyExists => {
+                ("rejects_account_already_exists", "AccountAlreadyExists")
+            }
+            RejectCode::SameAccount => ("rejects_same_account", "SameAccount"),
+            RejectCode::InsufficientFunds => ("rejects_insufficient_funds", "InsufficientFunds"),
+            RejectCode::InvalidAmount => ("rejects_invalid_amount", "InvalidAmount"),
+            RejectCode::UnsupportedCurrency => {
+                ("rejects_unsupported_currency", "UnsupportedCurrency")
+            }
+            RejectCode::AmountOverflow => ("rejects_amount_overflow", "AmountOverflow"),
+            RejectCode::TransactionIdReused => {
+                ("rejects_transaction_id_reused", "TransactionIdReused")
+            }
+            RejectCode::InvalidAccountId => ("rejects_invalid_account_id", "InvalidAccountId"),
+            RejectCode::TooManyAccounts => ("rejects_too_many_accounts", "TooManyAccounts"),
+        };
+        let start = source
+            .find(&format!("#[test]\nfn {test}() {{"))
+            .unwrap_or_else(|| panic!("no test {test} for {code:?}"));
+        let body = &source[start..];
+        let body = &body[..body[1..].find("#[test]").map_or(body.len(), |end| end + 1)];
+        assert!(
+            body.contains(&format!("RejectCode::{variant}")),
+            "{test} never checks RejectCode::{variant}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -834,5 +860,5 @@ fn reject_codes_are_unique_snake_case_and_round_trip() {
         None,
         "0 means committed in the journal"
     );
-    assert_eq!(RejectCode::from_u8(11), None);
+    assert_eq!(RejectCode::from_u8(RejectCode::ALL.len() as u8 + 1), None);
 }

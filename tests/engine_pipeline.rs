@@ -567,7 +567,9 @@ fn bench_report_adds_up_and_its_journal_replays_to_its_state() {
         "--sync",
         "none",
         "--wait",
-        "yield",
+        "park",
+        "--output-wait",
+        "park",
         "--pin-core=-1",
     ]);
     let count = |v: &serde_json::Value| v.as_u64().expect("a count");

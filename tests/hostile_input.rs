@@ -256,6 +256,17 @@ fn fuzz_seed_corpus() {
                     path.display()
                 )
             };
+            // The seeds are made deterministically: each must be byte for byte what its
+            // maker makes now.
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            let index: usize = name["seed-".len()..]
+                .parse()
+                .unwrap_or_else(|_| panic!("{}: not seed-NN", path.display()));
+            assert!(
+                inputs.get(index).is_some_and(|input| *input == bytes),
+                "{}",
+                stale()
+            );
             match target {
                 "journal_record" => {
                     let (seq, payload) = checks::split_journal_input(&bytes);
@@ -288,16 +299,19 @@ fn fuzz_regressions() {
         ("snapshot_decoder", checks::snapshot_bytes),
     ];
     let mut failures = Vec::new();
+    let mut checked = 0;
     for (target, check) in targets {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("fuzz/regressions")
             .join(target);
+        // Targets without a regression yet have no directory.
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
         };
         for entry in entries {
             let path = entry.unwrap().path();
             let bytes = std::fs::read(&path).unwrap();
+            checked += 1;
             if let Err(panic) = std::panic::catch_unwind(|| check(&bytes)) {
                 let message = panic
                     .downcast_ref::<String>()
@@ -309,6 +323,9 @@ fn fuzz_regressions() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // The committed regressions (fuzz/regressions/journal_record/*) were found and run: a moved
+    // directory must not turn this into a test of nothing.
+    assert!(checked >= 2, "only {checked} regression inputs found");
 }
 
 // ---------------------------------------------------------------------------------------------

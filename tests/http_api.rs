@@ -573,12 +573,45 @@ fn batches_beyond_the_in_flight_limit_get_a_fast_429_before_their_bodies_are_rea
             s
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
-    let started = std::time::Instant::now();
-    let r = c.post("/v1/wallet/balance_transfers", &batch());
-    assert_eq!(r.status, 429, "{}", r.body);
-    assert!(r.header("retry-after").is_some());
-    assert!(started.elapsed() < Duration::from_secs(1));
+    // Until they hold both permits, a complete batch is still answered 200.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = c.post("/v1/wallet/balance_transfers", &batch());
+        if r.status == 429 {
+            assert!(r.header("retry-after").is_some());
+            break;
+        }
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stalled batches never held both permits"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A third batch is refused on its headers alone: its body never comes, the 429 does.
+    let mut third = std::net::TcpStream::connect(&server.address).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    third
+        .write_all(
+            b"POST /v1/wallet/balance_transfers HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n",
+        )
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match std::io::Read::read(&mut third, &mut byte) {
+            Ok(1) => head.push(byte[0]),
+            other => panic!(
+                "no answer before the body: {other:?} after {:?}",
+                String::from_utf8_lossy(&head)
+            ),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 429"), "{head}");
+    assert!(head.contains("\r\nretry-after:"), "{head}");
     assert_eq!(
         c.post(
             "/v1/wallet/balance_transfer",
@@ -589,9 +622,21 @@ fn batches_beyond_the_in_flight_limit_get_a_fast_429_before_their_bodies_are_rea
         "single transfers are not limited by batches"
     );
     drop(stalled);
-    std::thread::sleep(Duration::from_millis(300));
-    let r = c.post("/v1/wallet/balance_transfers", &batch());
-    assert_eq!(r.status, 200, "{}", r.body);
+    drop(third);
+    // The permits come back once those connections are gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = c.post("/v1/wallet/balance_transfers", &batch());
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 429, "{}", r.body);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the permits of the closed batches never came back"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(server.stop().success());
 }
 
@@ -1089,7 +1134,7 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
     // (its only check used to be that the journal was empty).
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
         .args(["bench", "--accounts", "10", "--transfers", "100"])
-        .args(["--wait", "yield", "--data-dir"])
+        .args(["--wait", "park", "--output-wait", "park", "--data-dir"])
         .arg(dir.path())
         .output()
         .expect("run");
@@ -1277,7 +1322,8 @@ fn while_recovering_health_is_ok_readiness_is_503_and_writes_are_refused() {
     // A journal of 1M transfers, so that recovery takes a while (seconds, on this machine).
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
         .args(["bench", "--accounts", "10000", "--transfers", "1000000"])
-        .args(["--sync", "none", "--wait", "yield", "--data-dir"])
+        .args(["--sync", "none", "--wait", "park", "--output-wait", "park"])
+        .arg("--data-dir")
         .arg(&data)
         .stdout(std::process::Stdio::null())
         .status()
@@ -1378,7 +1424,9 @@ fn a_gap_below_the_snapshot_is_reported_by_readiness_and_reads_not_left_recoveri
             "--sync",
             "none",
             "--wait",
-            "yield",
+            "park",
+            "--output-wait",
+            "park",
             "--segment-size",
             "4096",
         ])

@@ -2304,7 +2304,12 @@ fn run_with_snapshot_follower(
     let total = 6000u64;
     for chunk in (0..total).collect::<Vec<_>>().chunks(32) {
         for &i in chunk {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while submitter.try_submit(command(i), i, 0).is_err() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the engine took no command for 10 s"
+                );
                 std::thread::sleep(Duration::from_millis(1));
             }
         }

@@ -539,7 +539,12 @@ fn a_partition_map_version_is_never_reused() {
             .expect("delete the map");
     });
     let out = cluster.wallet(
-        &["cluster", "init", "--redis-nodes", &services.redis.join(",")],
+        &[
+            "cluster",
+            "init",
+            "--redis-nodes",
+            &services.redis.join(","),
+        ],
         &[],
     );
     assert_succeeded(&out);

@@ -67,7 +67,10 @@ fn check_host_port(node: &str) -> anyhow::Result<()> {
     if host.is_empty() || host.contains(char::is_whitespace) || host == "[]" {
         return Err(bad("no host"));
     }
-    if let Some(c) = host.chars().find(|c| matches!(c, '/' | '@' | '?' | '#' | '\\' | '%')) {
+    if let Some(c) = host
+        .chars()
+        .find(|c| matches!(c, '/' | '@' | '?' | '#' | '\\' | '%'))
+    {
         return Err(bad(&format!("{c:?} is not allowed in a host")));
     }
     let bracketed = host.starts_with('[') && host.ends_with(']');
@@ -288,9 +291,10 @@ pub async fn set_redis_nodes(
     let path = layout.partitions();
     let current: Option<(PartitionMap, i32)> = read_json(client, &path).await?;
     let version = match &current {
-        Some((m, _)) => m.version.checked_add(1).ok_or_else(|| {
-            anyhow::anyhow!("{path}: version {} cannot grow any more", m.version)
-        })?,
+        Some((m, _)) => m
+            .version
+            .checked_add(1)
+            .ok_or_else(|| anyhow::anyhow!("{path}: version {} cannot grow any more", m.version))?,
         None => 1,
     };
     // Versions never go back, even when the map was deleted and created again: nodes still
@@ -533,7 +537,12 @@ mod tests {
 
     #[test]
     fn node_addresses_are_host_and_port_and_nothing_that_changes_the_url() {
-        for good in ["127.0.0.1:6379", "localhost:1", "[::1]:6379", "redis-3.local:65535"] {
+        for good in [
+            "127.0.0.1:6379",
+            "localhost:1",
+            "[::1]:6379",
+            "redis-3.local:65535",
+        ] {
             assert!(check_host_port(good).is_ok(), "{good}");
         }
         for (bad, why) in [

@@ -315,7 +315,16 @@ pub fn balance_cents(client: &mut Client, account: &str) -> i64 {
         .unwrap_or(0)
 }
 
+/// A two-decimal amount string in cents, its sign kept (checks for negative balances rely on it).
 pub fn cents(text: &str) -> i64 {
-    let (whole, fraction) = text.split_once('.').unwrap_or((text, "00"));
-    whole.parse::<i64>().expect("whole") * 100 + fraction.parse::<i64>().expect("fraction")
+    let (sign, digits) = match text.strip_prefix('-') {
+        Some(rest) => (-1, rest),
+        None => (1, text),
+    };
+    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, "00"));
+    assert!(
+        fraction.len() == 2 && !whole.starts_with(['-', '+']),
+        "not an amount with two decimals: {text:?}"
+    );
+    sign * (whole.parse::<i64>().expect("whole") * 100 + fraction.parse::<i64>().expect("fraction"))
 }

@@ -315,9 +315,10 @@ async fn take_over(
             }
         }
     };
-    record.epoch = record.epoch.checked_add(1).ok_or_else(|| {
-        anyhow::anyhow!("{path}: epoch {} cannot grow any more", record.epoch)
-    })?;
+    record.epoch = record
+        .epoch
+        .checked_add(1)
+        .ok_or_else(|| anyhow::anyhow!("{path}: epoch {} cannot grow any more", record.epoch))?;
     let stat = client
         .set_data(&path, &serde_json::to_vec(&record)?, Some(version))
         .await
