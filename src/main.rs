@@ -146,6 +146,11 @@ struct ServeArgs {
     /// Also run the Redis replicator in this process (partition map from ZooKeeper --zk).
     #[arg(long, requires = "zk")]
     replicate_redis: bool,
+    /// Claim the engine leadership in ZooKeeper (--zk, under --zk-root) and register this
+    /// front end's address: refuse to start while another engine holds it, stop if another
+    /// engine takes it.
+    #[arg(long, requires = "zk")]
+    zk_leader: bool,
     /// ZooKeeper address for --replicate-redis.
     #[arg(long, env = "WALLET_ZK")]
     zk: Option<String>,
@@ -203,6 +208,13 @@ impl ServeArgs {
             rate_limit_per_caller: self.rate_limit_per_caller,
             velocity_per_account: self.velocity_per_account,
             tls: self.tls_cert.clone().zip(self.tls_key.clone()),
+            zk_leader: match (self.zk_leader, &self.zk) {
+                (true, Some(zk)) => {
+                    wallet::replicate::zk::Layout::new(&self.zk_root)?;
+                    Some((zk.clone(), self.zk_root.clone()))
+                }
+                _ => None,
+            },
             replicate_redis: match (self.replicate_redis, &self.zk) {
                 (true, Some(zk)) => {
                     // Refused here, not in the replicator's restart loop.

@@ -496,6 +496,89 @@ fn redis_node_down_during_load_catches_up() {
     server.stop();
 }
 
+/// `wallet cluster show` as JSON.
+fn cluster_show(cluster: &Cluster) -> serde_json::Value {
+    let out = cluster.wallet(&["cluster", "show"], &[]);
+    assert_succeeded(&out);
+    serde_json::from_slice(&out.stdout).expect("cluster show prints JSON")
+}
+
+/// `serve --zk-leader`: one engine per ZooKeeper root. A second one is refused while the first
+/// holds the leader node; the node goes with the first one's stop; an engine whose node is
+/// taken by another stops serving (exit 1).
+#[test]
+#[ignore = "needs tools/services"]
+fn one_engine_leads_a_cluster_root_at_a_time() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let services = services();
+    let cluster = Cluster::new("leader", &services, &services.redis);
+    let leader_args = [
+        "--zk-leader",
+        "--zk",
+        services.zk.as_str(),
+        "--zk-root",
+        cluster.root.as_str(),
+    ];
+    let first = Server::start(cluster.data.path(), &leader_args);
+    let show = cluster_show(&cluster);
+    assert_eq!(show["engine_leader"], first.address.as_str(), "{show}");
+    assert_eq!(show["api"], json!([first.address.as_str()]), "{show}");
+
+    let other = tempfile::tempdir().expect("tempdir");
+    let refused = Command::new(env!("CARGO_BIN_EXE_wallet"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--pin-core",
+            "-1",
+            "--data-dir",
+        ])
+        .arg(other.path())
+        .args(leader_args)
+        .env("WALLET_LOG", "warn")
+        .output()
+        .expect("run wallet serve");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("another engine") && stderr.contains(first.address.as_str()),
+        "{stderr}"
+    );
+    assert!(
+        std::fs::read_dir(other.path().join("journal")).is_err(),
+        "the refused engine created a journal"
+    );
+
+    assert!(first.stop().success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !cluster_show(&cluster)["engine_leader"].is_null() {
+        assert!(
+            Instant::now() < deadline,
+            "the leader node outlived the stopped engine"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut second = Server::start(other.path(), &leader_args);
+    assert_eq!(
+        cluster_show(&cluster)["engine_leader"],
+        second.address.as_str()
+    );
+    // Someone else takes the node (here by hand, from another session): the engine stops.
+    with_zk(&cluster, async |zk, layout| {
+        zk.delete(&layout.engine_leader(), None)
+            .await
+            .expect("delete the leader node");
+        let holder = wallet::replicate::zk::claim_engine_leader(zk, layout, "127.0.0.1:1")
+            .await
+            .expect("claim");
+        assert_eq!(holder, wallet::replicate::zk::Leader::Us);
+        // Held while the engine notices: this session stays open until it exits.
+        let status = common::wait_with_timeout(&mut second.child, Duration::from_secs(20));
+        assert_eq!(status.code(), Some(1), "the engine did not stop");
+    });
+}
+
 /// Runs `f` against this cluster's ZooKeeper (for edits no `wallet` command makes).
 fn with_zk<T>(
     cluster: &Cluster,

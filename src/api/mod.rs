@@ -76,6 +76,10 @@ pub struct ServeConfig {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Run the Redis replicator inside this process: ZooKeeper address and root.
     pub replicate_redis: Option<(String, String)>,
+    /// Claim the engine leadership (`{root}/engine/leader`) and register the front end in
+    /// ZooKeeper: its address and root. `run` refuses to start while another engine holds it,
+    /// and stops serving if another engine takes it.
+    pub zk_leader: Option<(String, String)>,
 }
 
 /// The most requests `serve` waits on at once (`--max-in-flight`): each takes a waiter slot
@@ -185,6 +189,7 @@ impl Default for ServeConfig {
             velocity_per_account: 0,
             tls: None,
             replicate_redis: None,
+            zk_leader: None,
         }
     }
 }
@@ -1020,13 +1025,85 @@ pub async fn run(config: ServeConfig, listen: SocketAddr) -> anyhow::Result<()> 
     }
     let listener = TcpListener::bind(listen).await?;
     let address = listener.local_addr()?;
+    // The leadership first: an engine that is not the leader never recovers or serves.
+    let (leadership, zk_session) = match &config.zk_leader {
+        Some((zk, root)) => {
+            let (task, session) = claim_leadership(zk, root, &address.to_string()).await?;
+            (Some(task), Some(session))
+        }
+        None => (None, None),
+    };
+    let leadership_abort = leadership.as_ref().map(|t| t.abort_handle());
     println!("listening on {address}");
     tracing::info!(%address, data_dir = %config.data_dir.display(), sync = ?config.sync, "wallet serve");
-    let shutdown = async move {
-        tokio::select! {
-            _ = terminate.recv() => {},
-            _ = interrupt.recv() => {},
+    let lost = Arc::new(std::sync::Mutex::new(None));
+    let shutdown = {
+        let lost = lost.clone();
+        async move {
+            let leadership_lost = async {
+                match leadership {
+                    Some(task) => task
+                        .await
+                        .unwrap_or_else(|e| format!("the leadership task failed: {e}")),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = terminate.recv() => {},
+                _ = interrupt.recv() => {},
+                reason = leadership_lost => {
+                    tracing::error!(%reason, "lost the engine leadership: stopping");
+                    if let Ok(mut lost) = lost.lock() {
+                        *lost = Some(reason);
+                    }
+                }
+            }
         }
     };
-    serve(config, listener, shutdown).await
+    let served = serve(config, listener, shutdown).await;
+    // Close the ZooKeeper session now, so that the leader node goes at once (not after the
+    // session timeout, which would keep a successor out for that long).
+    if let Some(abort) = leadership_abort {
+        abort.abort();
+    }
+    if let Some(session) = zk_session {
+        let mut state = session.state_watcher();
+        drop(session);
+        let closed = async { while !state.changed().await.is_terminated() {} };
+        let _ = tokio::time::timeout(Duration::from_secs(2), closed).await;
+    }
+    served?;
+    match lost.lock().ok().and_then(|mut l| l.take()) {
+        Some(reason) => anyhow::bail!("stopped serving: lost the engine leadership: {reason}"),
+        None => Ok(()),
+    }
+}
+
+/// Claims the engine leadership in ZooKeeper for `address` and registers the front end; the
+/// returned task keeps both and ends (with the reason) only if another engine takes over.
+async fn claim_leadership(
+    zk: &str,
+    root: &str,
+    address: &str,
+) -> anyhow::Result<(tokio::task::JoinHandle<String>, zookeeper_client::Client)> {
+    use crate::replicate::zk::{self, Layout, Leader};
+    let layout = Layout::new(root)?;
+    let client = zk::connect_patiently(zk, Duration::from_secs(10)).await?;
+    match zk::claim_engine_leader(&client, &layout, address).await? {
+        Leader::Us => {}
+        Leader::Other(holder) => anyhow::bail!(
+            "another engine ({holder}) is the leader at {}: stop it first, or use another --zk-root",
+            layout.engine_leader()
+        ),
+    }
+    zk::register_api(&client, &layout, address).await?;
+    tracing::info!(%address, node = %layout.engine_leader(), "engine leader");
+    let session = client.clone();
+    let task = tokio::spawn(zk::keep_engine_leadership(
+        zk.to_string(),
+        layout,
+        address.to_string(),
+        client,
+    ));
+    Ok((task, session))
 }

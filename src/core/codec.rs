@@ -364,6 +364,27 @@ impl DecodedSnapshot {
 }
 
 const SNAPSHOT_ID_ENTRY: usize = 32;
+/// One per-currency totals entry of a snapshot body (all little-endian, no padding).
+const SNAPSHOT_TOTALS_ENTRY: usize = 42;
+
+/// A remembered id in a snapshot body (`SNAPSHOT_ID_ENTRY` bytes; docs/journal-format.md).
+#[repr(C)]
+struct SnapshotIdEntryLayout {
+    id: [u8; 16],
+    fingerprint: [u8; 8],
+    seq_and_code: [u8; 8],
+}
+const _: () = assert!(size_of::<SnapshotIdEntryLayout>() == SNAPSHOT_ID_ENTRY);
+
+/// A currency's totals in a snapshot body (`SNAPSHOT_TOTALS_ENTRY` bytes).
+#[repr(C)]
+struct SnapshotTotalsEntryLayout {
+    currency: [u8; 2],
+    deposited: [u8; 16],
+    withdrawn: [u8; 16],
+    outstanding: [u8; 8],
+}
+const _: () = assert!(size_of::<SnapshotTotalsEntryLayout>() == SNAPSHOT_TOTALS_ENTRY);
 
 /// The checksum of a snapshot and the digest of its remembered ids: the two passes over the
 /// whole file that do not need the decoded ledger. Fails on a checksum mismatch.
@@ -488,7 +509,7 @@ pub fn prepare_snapshot(
     // reserved for it.
     let needed = (SNAPSHOT_HEADER_BYTES as u128)
         + u128::from(header.account_count) * 3
-        + u128::from(header.totals_count) * 42
+        + u128::from(header.totals_count) * SNAPSHOT_TOTALS_ENTRY as u128
         + u128::from(header.remembered_count) * SNAPSHOT_ID_ENTRY as u128;
     if needed > body.len() as u128 {
         return Err(DecodeError::Snapshot("counts larger than the file"));

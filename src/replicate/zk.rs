@@ -380,21 +380,105 @@ fn ephemeral() -> zk::CreateOptions<'static> {
     zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all())
 }
 
-/// Claims `{root}/engine/leader` with `address` as data. Returns `false` if another engine
-/// holds it. The node lives as long as `client`'s session.
+/// Who holds `{root}/engine/leader`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Leader {
+    /// This client's session (the node was created by it, maybe by a retried request).
+    Us,
+    /// Another session: the address it wrote there.
+    Other(String),
+}
+
+/// Claims `{root}/engine/leader` with `address` as data. The node is ephemeral: it lives as
+/// long as `client`'s session.
 pub async fn claim_engine_leader(
     client: &zk::Client,
     layout: &Layout,
     address: &str,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Leader> {
     ensure_dir(client, &format!("{}/engine", layout.root)).await?;
-    match client
-        .create(&layout.engine_leader(), address.as_bytes(), &ephemeral())
-        .await
-    {
-        Ok(_) => Ok(true),
-        Err(zk::Error::NodeExists) => Ok(false),
-        Err(e) => Err(anyhow::anyhow!("claiming the engine leader node: {e}")),
+    let path = layout.engine_leader();
+    for _ in 0..5 {
+        match client.create(&path, address.as_bytes(), &ephemeral()).await {
+            Ok(_) => return Ok(Leader::Us),
+            Err(zk::Error::NodeExists) => match client.get_data(&path).await {
+                Ok((_, stat)) if stat.ephemeral_owner == client.session_id().0 => {
+                    return Ok(Leader::Us);
+                }
+                Ok((data, _)) => {
+                    return Ok(Leader::Other(String::from_utf8_lossy(&data).into_owned()));
+                }
+                // Released meanwhile: claim it again.
+                Err(zk::Error::NoNode) => continue,
+                Err(e) => bail!("reading {path}: {e}"),
+            },
+            Err(e) => bail!("claiming {path}: {e}"),
+        }
+    }
+    bail!("{path} keeps appearing and disappearing; another engine is starting and stopping")
+}
+
+/// Holds the engine leadership that `client` claimed for `address` (and its front-end
+/// registration): when the session ends (expired after an outage, closed), or the leader node
+/// is deleted or rewritten by hand, claims it again over a new session. Returns only when
+/// another engine holds it: the caller must stop serving. While ZooKeeper is unreachable the
+/// server goes on serving; another engine can claim the node only after this session expired,
+/// and this one then learns it at its next claim.
+pub async fn keep_engine_leadership(
+    zk_address: String,
+    layout: Layout,
+    address: String,
+    mut client: zk::Client,
+) -> String {
+    let path = layout.engine_leader();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        // Wait until the node or the session changes.
+        let mut session = client.state_watcher();
+        match client.get_and_watch_data(&path).await {
+            Ok((_, stat, node)) if stat.ephemeral_owner == client.session_id().0 => {
+                backoff = Duration::from_millis(100);
+                tokio::select! {
+                    _ = node.changed() => {}
+                    _ = async {
+                        while !session.changed().await.is_terminated() {}
+                    } => {}
+                }
+            }
+            Ok(_) | Err(zk::Error::NoNode) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "watching the engine leader node failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        if client.state().is_terminated() {
+            tracing::warn!(state = ?client.state(), "ZooKeeper session ended; claiming the engine leader node again");
+            match connect(&zk_address).await {
+                Ok(c) => client = c,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "ZooKeeper unreachable; still serving");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+        }
+        match claim_engine_leader(&client, &layout, &address).await {
+            Ok(Leader::Us) => {
+                if let Err(e) = register_api(&client, &layout, &address).await {
+                    tracing::warn!(error = %format!("{e:#}"), "registering the front end again failed");
+                }
+            }
+            Ok(Leader::Other(holder)) => {
+                return format!("another engine ({holder}) holds {path}");
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "claiming the engine leader node again failed; still serving");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
     }
 }
 

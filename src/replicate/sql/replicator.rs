@@ -5,7 +5,7 @@
 //!
 //! 1. On every shard's own connection: `BEGIN`, `COPY` the entries and transfers, upsert the
 //!    balances, move the watermark row from its current value to `B` (checked), then
-//!    `PREPARE TRANSACTION 'wallet_{id}_{B}_{shard}'`.
+//!    `PREPARE TRANSACTION 'wallet_{id}_{epoch}_{B}_{shard}'`.
 //! 2. Record the decision (`decided_batch = B` and the round's gids) in ZooKeeper: durable
 //!    before anything commits.
 //! 3. `COMMIT PREPARED` on every shard's own connection.
