@@ -1153,3 +1153,42 @@ fn shards_fed_by_another_journal_are_refused() {
     assert_eq!(cluster.watermarks(), vec![Some(applied_again as i64); 2]);
     other_server.stop();
 }
+
+/// `cluster init` never replaces an existing shard list (it used to, bumping its version, even
+/// when it printed "already initialised" for the Redis map): the same list is accepted as it
+/// is, another one is refused; `set-sql-shards` is the way to change it.
+#[test]
+#[ignore = "needs tools/services"]
+fn cluster_init_keeps_an_existing_shard_list() {
+    let cluster = Cluster::new("reinit", 2);
+    let shards = || {
+        let out = cluster.wallet(&["cluster", "show"], &[]);
+        let show: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("cluster show prints JSON");
+        show["sql_shards"].clone()
+    };
+    let before = shards();
+    assert_eq!(before["version"], 1, "{before}");
+    let urls = cluster.urls();
+    let init = |list: &[String]| {
+        cluster.wallet(
+            &[
+                "cluster",
+                "init",
+                "--redis-nodes",
+                "127.0.0.1:26379",
+                "--sql-shards",
+                &list.join(","),
+            ],
+            &[],
+        )
+    };
+    assert_ok(&init(&urls), "init with the same list");
+    assert_eq!(shards(), before);
+    let reversed: Vec<String> = urls.iter().rev().cloned().collect();
+    let out = init(&reversed);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("set-sql-shards"), "{stderr}");
+    assert_eq!(shards(), before, "the list changed");
+}

@@ -171,9 +171,24 @@ pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
                         println!("{}: {}", layout.partitions(), serde_json::to_string(&map)?);
                     }
                 }
+                // As with the map: init never replaces an existing list (a reordered or resized
+                // one sends rows to other shards); `set-sql-shards` does, on purpose.
                 if !sql_shards.is_empty() {
-                    let shards = zk::set_sql_shards(&client, &layout, &sql_shards).await?;
-                    println!("{}: {}", layout.sql_shards(), serde_json::to_string(&shards)?);
+                    match zk::get_sql_shards(&client, &layout).await? {
+                        Some(current) if current.shards == sql_shards => {
+                            println!("already initialised: {} (version {})", layout.sql_shards(), current.version);
+                        }
+                        Some(current) => anyhow::bail!(
+                            "{} already holds another list of {} shards (version {}); use `wallet cluster set-sql-shards` to change it",
+                            layout.sql_shards(),
+                            current.shards.len(),
+                            current.version
+                        ),
+                        None => {
+                            let shards = zk::set_sql_shards(&client, &layout, &sql_shards).await?;
+                            println!("{}: {}", layout.sql_shards(), serde_json::to_string(&shards)?);
+                        }
+                    }
                 }
             }
             ClusterCommand::Show { zk: z } => {
