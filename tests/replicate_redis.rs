@@ -193,6 +193,25 @@ impl Cluster {
         Follower { child }
     }
 
+    /// `replicate_follow` logging at info level into a file (returned), for tests that wait
+    /// for what the replicator did (`wait_for_log`).
+    fn replicate_follow_logged(&self) -> (Follower, std::path::PathBuf) {
+        let log = self
+            .data
+            .path()
+            .join(format!("replicator-{}.log", uuid::Uuid::new_v4().simple()));
+        let child = self
+            .command(
+                &["replicate", "redis", "--source", &self.source()],
+                &[("WALLET_LOG", "info")],
+            )
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn replicator");
+        (Follower { child }, log)
+    }
+
     fn set_nodes(&self, nodes: &[String]) {
         let out = self.wallet(&["cluster", "set-redis-nodes", &nodes.join(",")], &[]);
         assert!(
@@ -270,6 +289,19 @@ impl Drop for Follower {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Waits up to 15 s for `line` in the replicator's log.
+fn wait_for_log(log: &Path, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !strip_ansi(&std::fs::read_to_string(log).unwrap_or_default()).contains(line) {
+        assert!(
+            Instant::now() < deadline,
+            "no {line:?} from the replicator: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -639,31 +671,8 @@ fn a_partition_map_version_is_never_reused() {
 
     // A map edited by hand to name other nodes under the version in force is refused by a
     // running replicator, which keeps its map (it used to switch to it).
-    let log = cluster.data.path().join("replicator.log");
-    let child = cluster
-        .command(
-            &["replicate", "redis", "--source", &cluster.source()],
-            &[("WALLET_LOG", "info")],
-        )
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("spawn replicator");
-    let follower = Follower { child };
-    let wait_for_log = |line: &str| {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains(line)
-        {
-            assert!(
-                Instant::now() < deadline,
-                "no {line:?} from the replicator: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let (follower, log) = cluster.replicate_follow_logged();
+    let wait_for_log = |line: &str| wait_for_log(&log, line);
     // It has read the map before the map is edited.
     wait_for_log("replicator starting");
     let map_json = |nodes: &[String]| serde_json::to_vec(&json!({ "version": 3, "nodes": nodes }));
@@ -1372,7 +1381,7 @@ fn respelled_node_address_keeps_the_node_and_its_balances() {
     let mut client = server.client();
     setup_accounts(&mut client, 300);
     transfers(&mut client, 300, 5_000, 1);
-    let follower = cluster.replicate_follow(&[]);
+    let (follower, log) = cluster.replicate_follow_logged();
     cluster.wait_caught_up(&services.redis, 1, Duration::from_secs(30));
     let port = services.redis[0].rsplit(':').next().expect("port");
     let mut respelled = services.redis.clone();
@@ -1382,8 +1391,8 @@ fn respelled_node_address_keeps_the_node_and_its_balances() {
     // No traffic from here on: an idle node must be right by itself.
     cluster.set_nodes(&respelled);
     cluster.wait_caught_up(&respelled, 2, Duration::from_secs(30));
-    // Give the replicator the moment it would take to empty the "removed" spelling.
-    std::thread::sleep(Duration::from_secs(1));
+    // The move is over, its last step (emptying removed nodes) included.
+    wait_for_log(&log, "partition map switched");
     let last = cluster.journal_last_seq();
     let state = node_state(&services.redis[0]).expect("node state");
     assert_eq!(
@@ -1507,8 +1516,8 @@ fn node_down_across_a_snapshot_is_rebuilt_when_it_returns() {
         assert_eq!(node_state(node).expect("node state").0, last, "{node}");
     }
     // The replicator starts from the snapshot (at `last`) while the node is down.
-    let follower = cluster.replicate_follow(&[]);
-    std::thread::sleep(Duration::from_millis(500));
+    let (follower, log) = cluster.replicate_follow_logged();
+    wait_for_log(&log, "starting from the engine's snapshot");
     services_tool(&["redis-start", port]);
     cluster.wait_caught_up(&nodes, 1, Duration::from_secs(30));
     follower.kill();

@@ -219,7 +219,14 @@ mod tests {
             }
         });
         // Let the consumer announce (P1 rings inside that) and go to sleep.
-        std::thread::sleep(Duration::from_millis(200));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while bell.parks() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the consumer never parked"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let rung_at = std::time::Instant::now();
         published.store(1, Ordering::Release);
         bell.ring();

@@ -89,6 +89,10 @@ impl Follower {
                 // (the file may be missing, e.g. if the writer could not create it): a snapshot
                 // must never hold a record that is not durable.
                 while record.next_seq() - 1 > self.shared.durable_seq.load(Ordering::Acquire) {
+                    // Where it is held (the metric, and tests, see it while it waits).
+                    self.shared
+                        .follower_seq
+                        .store(self.ledger.next_seq() - 1, Ordering::Relaxed);
                     if self.stop.load(Ordering::Acquire)
                         || self.shared.halted.load(Ordering::Relaxed)
                     {
@@ -376,7 +380,16 @@ mod tests {
         let shared = Arc::new(EngineShared::default());
         shared.durable_seq.store(held_at, Ordering::SeqCst);
         let (handle, stop, snapshots) = start_follower(temp.path(), dir, 10, &shared);
-        std::thread::sleep(Duration::from_millis(300));
+        // Once it has reached the watermark, give it time to (wrongly) go past it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while shared.follower_seq.load(Ordering::SeqCst) < held_at {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the follower never reached the watermark"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(200));
         let newest = || newest_snapshot(&snapshots);
         assert!(newest() > 0, "snapshots up to the watermark are written");
         assert!(
