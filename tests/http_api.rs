@@ -1668,6 +1668,20 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
             ],
             "--zk-root",
         ),
+        // The leader node would name 0.0.0.0, which nobody can reach.
+        (
+            &[
+                "serve",
+                "--listen",
+                "0.0.0.0:0",
+                "--jwt-secret",
+                "0123456789abcdef0123456789abcdef",
+                "--zk-leader",
+                "--zk",
+                "127.0.0.1:9",
+            ],
+            "--zk-leader",
+        ),
         // Above tokio's semaphore cap: this panicked at start.
         (
             &[

@@ -596,11 +596,32 @@ fn one_engine_leads_a_cluster_root_at_a_time() {
         cluster_show(&cluster)["engine_leader"],
         second.address.as_str()
     );
-    // Someone else takes the node (here by hand, from another session): the engine stops.
+    // The node rewritten by hand (still this engine's session): the engine puts its address back.
     with_zk(&cluster, async |zk, layout| {
-        zk.delete(&layout.engine_leader(), None)
+        zk.set_data(&layout.engine_leader(), b"10.0.0.1:1", None)
             .await
-            .expect("delete the leader node");
+            .expect("rewrite the leader node");
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while cluster_show(&cluster)["engine_leader"] != second.address.as_str() {
+        assert!(
+            Instant::now() < deadline,
+            "the engine did not restore its address in the leader node"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Another session takes the node (deleted and created again in one transaction, as
+    // after this engine's session expired): the engine stops.
+    with_zk(&cluster, async |zk, layout| {
+        let path = layout.engine_leader();
+        let mut takeover = zk.new_multi_writer();
+        takeover.add_delete(&path, None).expect("delete op");
+        let ephemeral =
+            zookeeper_client::CreateMode::Ephemeral.with_acls(zookeeper_client::Acls::anyone_all());
+        takeover
+            .add_create(&path, b"127.0.0.1:1", &ephemeral)
+            .expect("create op");
+        takeover.commit().await.expect("take the leader node");
         let holder = wallet::replicate::zk::claim_engine_leader(zk, layout, "127.0.0.1:1")
             .await
             .expect("claim");

@@ -1028,6 +1028,10 @@ pub async fn run(config: ServeConfig, listen: SocketAddr) -> anyhow::Result<()> 
     // The leadership first: an engine that is not the leader never recovers or serves.
     let (leadership, zk_session) = match &config.zk_leader {
         Some((zk, root)) => {
+            anyhow::ensure!(
+                !address.ip().is_unspecified(),
+                "--zk-leader registers the --listen address for others to reach: {address} is not one (listen on a specific address)"
+            );
             let (task, session) = claim_leadership(zk, root, &address.to_string()).await?;
             (Some(task), Some(session))
         }

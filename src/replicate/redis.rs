@@ -184,11 +184,13 @@ pub async fn next_map_version(nodes: &[String]) -> u64 {
         let Ok(mut conn) = connect(address).await else {
             continue;
         };
-        let version: Option<String> = redis::cmd("GET")
-            .arg(MAP_VERSION_KEY)
-            .query_async(&mut conn)
-            .await
-            .unwrap_or(None);
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(MAP_VERSION_KEY);
+        let get = cmd.query_async::<Option<String>>(&mut conn);
+        let version = match tokio::time::timeout(Duration::from_secs(2), get).await {
+            Ok(Ok(version)) => version,
+            _ => None,
+        };
         if let Some(v) = version
             .as_deref()
             .and_then(|v| v.strip_prefix("retired:").unwrap_or(v).parse::<u64>().ok())
@@ -880,10 +882,17 @@ impl Replicator {
     }
 
     /// The replication lag now: per node, that of its last completed write, or the age of the
-    /// oldest change not yet applied there if greater; the largest over the nodes.
+    /// oldest change not yet applied there if greater (none for a node holding everything read
+    /// so far); the largest over the nodes.
     fn lag(&self) -> Duration {
         self.nodes
             .iter()
+            .filter(|n| {
+                !(n.is_up_and_current()
+                    && n.applied_seq >= self.dir.seq
+                    && n.dirty.is_empty()
+                    && n.write.is_none())
+            })
             .map(|n| {
                 let oldest = [n.write.as_ref().and_then(|w| w.since), n.dirty_since]
                     .into_iter()
@@ -1018,12 +1027,10 @@ impl Replicator {
     /// (`since`: when the oldest change among them appeared).
     fn redirty(&mut self, node: usize, accounts: Vec<u32>, since: Option<Instant>) {
         let node_state = &mut self.nodes[node];
-        if !accounts.is_empty() {
-            node_state.dirty_since = match (node_state.dirty_since, since) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-        }
+        node_state.dirty_since = match (node_state.dirty_since, since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         for account in accounts {
             if !self.marked[account as usize] {
                 self.marked[account as usize] = true;

@@ -281,7 +281,7 @@ pub async fn update_retiring(
 /// (`update_retiring`), so that a replicator that restarts before emptying them still does.
 ///
 /// The new version is at least `at_least`: one more than any version the nodes show
-/// (`redis::highest_map_version`).
+/// (`redis::next_map_version`).
 pub async fn set_redis_nodes(
     client: &zk::Client,
     layout: &Layout,
@@ -402,7 +402,14 @@ pub async fn claim_engine_leader(
         match client.create(&path, address.as_bytes(), &ephemeral()).await {
             Ok(_) => return Ok(Leader::Us),
             Err(zk::Error::NodeExists) => match client.get_data(&path).await {
-                Ok((_, stat)) if stat.ephemeral_owner == client.session_id().0 => {
+                Ok((data, stat)) if stat.ephemeral_owner == client.session_id().0 => {
+                    // Ours, but rewritten by hand: put the address back.
+                    if data != address.as_bytes() {
+                        client
+                            .set_data(&path, address.as_bytes(), Some(stat.version))
+                            .await
+                            .map_err(|e| anyhow::anyhow!("restoring {path}: {e}"))?;
+                    }
                     return Ok(Leader::Us);
                 }
                 Ok((data, _)) => {
