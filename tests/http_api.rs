@@ -573,21 +573,31 @@ fn batches_beyond_the_in_flight_limit_get_a_fast_429_before_their_bodies_are_rea
             s
         })
         .collect();
-    // Until they hold both permits, a complete batch is still answered 200.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = c.post("/v1/wallet/balance_transfers", &batch());
-        if r.status == 429 {
-            assert!(r.header("retry-after").is_some());
-            break;
+    // Posts batches until one is answered `want` (the other answer allowed meanwhile: `until`).
+    let post_until = |c: &mut Client, want: u16, until: u16, what: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = c.post("/v1/wallet/balance_transfers", &batch());
+            if r.status == want {
+                return r;
+            }
+            assert_eq!(r.status, until, "{}", r.body);
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(50));
         }
-        assert_eq!(r.status, 200, "{}", r.body);
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the stalled batches never held both permits"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    };
+    // They must be read before any batch of ours: a batch of ours in flight as they arrive
+    // would take this caller's share (max(2 / 4, 1) = 1), and they would be refused instead.
+    std::thread::sleep(Duration::from_millis(300));
+    // From then on the batches of this caller are refused (a 200 only while they are not
+    // read yet).
+    let r = post_until(
+        &mut c,
+        429,
+        200,
+        "the stalled batches never held both permits",
+    );
+    assert!(r.header("retry-after").is_some());
     // A third batch is refused on its headers alone: its body never comes, the 429 does.
     let mut third = std::net::TcpStream::connect(&server.address).unwrap();
     third
@@ -624,19 +634,12 @@ fn batches_beyond_the_in_flight_limit_get_a_fast_429_before_their_bodies_are_rea
     drop(stalled);
     drop(third);
     // The permits come back once those connections are gone.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = c.post("/v1/wallet/balance_transfers", &batch());
-        if r.status == 200 {
-            break;
-        }
-        assert_eq!(r.status, 429, "{}", r.body);
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the permits of the closed batches never came back"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    post_until(
+        &mut c,
+        200,
+        429,
+        "the permits of the closed batches never came back",
+    );
     assert!(server.stop().success());
 }
 
@@ -1116,18 +1119,7 @@ fn a_damaged_record_under_the_event_stream_is_an_error_not_an_empty_answer() {
 fn a_second_server_on_the_same_data_dir_is_refused() {
     let dir = temp();
     let server = Server::start(dir.path(), &[]);
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--pin-core",
-            "-1",
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .output()
-        .expect("run");
+    let output = Server::command(dir.path()).output().expect("run");
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("in use"));
     // Nor does a bench get to write into a live server's journal, even one with no record yet

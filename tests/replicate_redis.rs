@@ -557,16 +557,7 @@ fn one_engine_leads_a_cluster_root_at_a_time() {
     assert_eq!(show["api"], json!([first.address.as_str()]), "{show}");
 
     let other = tempfile::tempdir().expect("tempdir");
-    let refused = Command::new(env!("CARGO_BIN_EXE_wallet"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--pin-core",
-            "-1",
-            "--data-dir",
-        ])
-        .arg(other.path())
+    let refused = Server::command(other.path())
         .args(leader_args)
         .env("WALLET_LOG", "warn")
         .output()

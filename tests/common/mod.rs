@@ -32,7 +32,8 @@ impl Server {
         Server::spawn(data_dir, extra, &[], "listening on ")
     }
 
-    fn spawn(data_dir: &Path, extra: &[&str], env: &[(&str, &str)], until: &str) -> Server {
+    /// `wallet serve` on a free loopback port, unpinned, over `data_dir`, not started.
+    pub fn command(data_dir: &Path) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_wallet"));
         command
             .args([
@@ -45,7 +46,13 @@ impl Server {
                 // so that every HTTP test also runs the doorbell end to end.
             ])
             .arg("--data-dir")
-            .arg(data_dir)
+            .arg(data_dir);
+        command
+    }
+
+    fn spawn(data_dir: &Path, extra: &[&str], env: &[(&str, &str)], until: &str) -> Server {
+        let mut command = Server::command(data_dir);
+        command
             .args(extra)
             .env("WALLET_LOG", "warn")
             .env_remove("WALLET_FAILPOINT")
