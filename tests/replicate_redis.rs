@@ -582,11 +582,42 @@ fn one_engine_leads_a_cluster_root_at_a_time() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut second = Server::start(other.path(), &leader_args);
+    let second = Server::start(other.path(), &leader_args);
     assert_eq!(
         cluster_show(&cluster)["engine_leader"],
         second.address.as_str()
     );
+    // A front end registered under an address a new engine now listens on (a crashed one
+    // whose session has not expired yet) is replaced, not kept: it would vanish with that
+    // session and leave the new engine unregistered.
+    let third_dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let address = format!("127.0.0.1:{port}");
+    assert!(second.stop().success());
+    let mut third = with_zk(&cluster, async |zk, layout| {
+        let path = format!("{}/{address}", layout.api_dir());
+        let ephemeral =
+            zookeeper_client::CreateMode::Ephemeral.with_acls(zookeeper_client::Acls::anyone_all());
+        zk.create(&path, b"stale", &ephemeral)
+            .await
+            .expect("a stale registration");
+        // This session stays open while the engine starts (the runtime is blocked meanwhile,
+        // within the 6 s session timeout).
+        let server = Server::start_at(third_dir.path(), &address, &leader_args);
+        let (data, stat) = zk.get_data(&path).await.expect("registration");
+        assert_eq!(data, address.as_bytes());
+        assert_ne!(
+            stat.ephemeral_owner,
+            zk.session_id().0,
+            "still the stale one"
+        );
+        server
+    });
+    // The stale session is closed now; the registration is the engine's and stays.
+    assert_eq!(cluster_show(&cluster)["api"], json!([address]));
     // The node rewritten by hand (still this engine's session): the engine puts its address back.
     with_zk(&cluster, async |zk, layout| {
         zk.set_data(&layout.engine_leader(), b"10.0.0.1:1", None)
@@ -594,7 +625,7 @@ fn one_engine_leads_a_cluster_root_at_a_time() {
             .expect("rewrite the leader node");
     });
     let deadline = Instant::now() + Duration::from_secs(15);
-    while cluster_show(&cluster)["engine_leader"] != second.address.as_str() {
+    while cluster_show(&cluster)["engine_leader"] != third.address.as_str() {
         assert!(
             Instant::now() < deadline,
             "the engine did not restore its address in the leader node"
@@ -618,7 +649,7 @@ fn one_engine_leads_a_cluster_root_at_a_time() {
             .expect("claim");
         assert_eq!(holder, wallet::replicate::zk::Leader::Us);
         // Held while the engine notices: this session stays open until it exits.
-        let status = common::wait_with_timeout(&mut second.child, Duration::from_secs(20));
+        let status = common::wait_with_timeout(&mut third.child, Duration::from_secs(20));
         assert_eq!(status.code(), Some(1), "the engine did not stop");
     });
 }

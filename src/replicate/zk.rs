@@ -497,10 +497,36 @@ pub async fn register_api(
 ) -> anyhow::Result<()> {
     ensure_dir(client, &layout.api_dir()).await?;
     let path = format!("{}/{}", layout.api_dir(), address.replace('/', "_"));
-    match client.create(&path, address.as_bytes(), &ephemeral()).await {
-        Ok(_) | Err(zk::Error::NodeExists) => Ok(()),
-        Err(e) => Err(anyhow::anyhow!("registering {path}: {e}")),
+    for _ in 0..5 {
+        match client.create(&path, address.as_bytes(), &ephemeral()).await {
+            Ok(_) => return Ok(()),
+            Err(zk::Error::NodeExists) => {}
+            Err(e) => bail!("registering {path}: {e}"),
+        }
+        let stat = match client.check_stat(&path).await {
+            Ok(Some(stat)) => stat,
+            // Gone meanwhile: create it again.
+            Ok(None) => continue,
+            Err(e) => bail!("reading {path}: {e}"),
+        };
+        if stat.ephemeral_owner == client.session_id().0 {
+            return Ok(());
+        }
+        // Another session's: a front end that had this address before (crashed, its session
+        // not expired yet). This process holds the address now, so it is stale: replace it
+        // in one step, or it would vanish with that session and leave this one unregistered.
+        let mut replace = client.new_multi_writer();
+        replace
+            .add_delete(&path, Some(stat.version))
+            .and_then(|()| replace.add_create(&path, address.as_bytes(), &ephemeral()))
+            .map_err(|e| anyhow::anyhow!("registering {path}: {e}"))?;
+        match replace.commit().await {
+            Ok(_) => return Ok(()),
+            // Changed meanwhile: look again.
+            Err(e) => tracing::debug!(error = %e, "replacing {path} failed; retrying"),
+        }
     }
+    bail!("registering {path}: it keeps changing")
 }
 
 /// The engine leader's address, if any, and the registered front ends.

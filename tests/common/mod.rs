@@ -32,14 +32,23 @@ impl Server {
         Server::spawn(data_dir, extra, &[], "listening on ")
     }
 
+    /// `start` listening on `listen`.
+    pub fn start_at(data_dir: &Path, listen: &str, extra: &[&str]) -> Server {
+        Server::spawn_at(data_dir, listen, extra, &[], "ready")
+    }
+
     /// `wallet serve` on a free loopback port, unpinned, over `data_dir`, not started.
     pub fn command(data_dir: &Path) -> Command {
+        Server::command_at(data_dir, "127.0.0.1:0")
+    }
+
+    fn command_at(data_dir: &Path, listen: &str) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_wallet"));
         command
             .args([
                 "serve",
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--pin-core",
                 "-1",
                 // The wait strategy is left at its default (`park`), as a user runs the server,
@@ -51,7 +60,17 @@ impl Server {
     }
 
     fn spawn(data_dir: &Path, extra: &[&str], env: &[(&str, &str)], until: &str) -> Server {
-        let mut command = Server::command(data_dir);
+        Server::spawn_at(data_dir, "127.0.0.1:0", extra, env, until)
+    }
+
+    fn spawn_at(
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        until: &str,
+    ) -> Server {
+        let mut command = Server::command_at(data_dir, listen);
         command
             .args(extra)
             .env("WALLET_LOG", "warn")
