@@ -281,20 +281,25 @@ mod tests {
 
     /// Waits (up to 10 s) until the follower has applied `last_seq`, then stops it; it must not
     /// have failed.
+    /// Waits until the follower has applied up to `seq`; fails after `within`.
+    fn wait_for_follower(shared: &EngineShared, seq: u64, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        while shared.follower_seq.load(Ordering::SeqCst) < seq {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the follower did not reach sequence {seq}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn finish_following(
         shared: &EngineShared,
         last_seq: u64,
         handle: std::thread::JoinHandle<()>,
         stop: &AtomicBool,
     ) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while shared.follower_seq.load(Ordering::SeqCst) < last_seq {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the follower did not reach sequence {last_seq}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_follower(shared, last_seq, Duration::from_secs(10));
         stop.store(true, Ordering::SeqCst);
         handle.join().expect("no panic");
         assert!(!shared.follower_failed.load(Ordering::SeqCst));
@@ -381,14 +386,7 @@ mod tests {
         shared.durable_seq.store(held_at, Ordering::SeqCst);
         let (handle, stop, snapshots) = start_follower(temp.path(), dir, 10, &shared);
         // Once it has reached the watermark, give it time to (wrongly) go past it.
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while shared.follower_seq.load(Ordering::SeqCst) < held_at {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the follower never reached the watermark"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_follower(&shared, held_at, Duration::from_secs(20));
         std::thread::sleep(Duration::from_millis(200));
         let newest = || newest_snapshot(&snapshots);
         assert!(newest() > 0, "snapshots up to the watermark are written");

@@ -276,6 +276,22 @@ pub async fn update_retiring(
     }
 }
 
+/// The version after `current` (1 for a znode not written yet).
+fn next_version(path: &str, current: Option<u64>) -> anyhow::Result<u64> {
+    match current {
+        Some(v) => v
+            .checked_add(1)
+            .ok_or_else(|| anyhow::anyhow!("{path}: version {v} cannot grow any more")),
+        None => Ok(1),
+    }
+}
+
+/// Waits `backoff`, then doubles it up to 5 s (retries against ZooKeeper).
+async fn back_off(backoff: &mut Duration) {
+    tokio::time::sleep(*backoff).await;
+    *backoff = (*backoff * 2).min(Duration::from_secs(5));
+}
+
 /// Replaces the Redis node list, bumping the map version. Creates the map (version 1) if absent.
 /// Nodes of the old map that are not in the new one are first added to the retiring list
 /// (`update_retiring`), so that a replicator that restarts before emptying them still does.
@@ -290,13 +306,7 @@ pub async fn set_redis_nodes(
 ) -> anyhow::Result<PartitionMap> {
     let path = layout.partitions();
     let current: Option<(PartitionMap, i32)> = read_json(client, &path).await?;
-    let version = match &current {
-        Some((m, _)) => m
-            .version
-            .checked_add(1)
-            .ok_or_else(|| anyhow::anyhow!("{path}: version {} cannot grow any more", m.version))?,
-        None => 1,
-    };
+    let version = next_version(&path, current.as_ref().map(|(m, _)| m.version))?;
     // Versions never go back, even when the map was deleted and created again: nodes still
     // showing a version from before would otherwise be taken as current by readers.
     let map = PartitionMap {
@@ -351,12 +361,7 @@ pub async fn set_sql_shards(
     let path = layout.sql_shards();
     let current: Option<(SqlShards, i32)> = read_json(client, &path).await?;
     let value = SqlShards {
-        version: match &current {
-            Some((s, _)) => s.version.checked_add(1).ok_or_else(|| {
-                anyhow::anyhow!("{path}: version {} cannot grow any more", s.version)
-            })?,
-            None => 1,
-        },
+        version: next_version(&path, current.as_ref().map(|(s, _)| s.version))?,
         shards: shards.to_vec(),
     };
     write_json(client, &path, &value, current.map(|(_, v)| v)).await?;
@@ -455,8 +460,7 @@ pub async fn keep_engine_leadership(
             Ok(_) | Err(zk::Error::NoNode) => {}
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "watching the engine leader node failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                back_off(&mut backoff).await;
             }
         }
         if client.state().is_terminated() {
@@ -465,8 +469,7 @@ pub async fn keep_engine_leadership(
                 Ok(c) => client = c,
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "ZooKeeper unreachable; still serving");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    back_off(&mut backoff).await;
                     continue;
                 }
             }
@@ -482,8 +485,7 @@ pub async fn keep_engine_leadership(
             }
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "claiming the engine leader node again failed; still serving");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                back_off(&mut backoff).await;
             }
         }
     }
@@ -569,8 +571,7 @@ pub async fn watch_partition_map(
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "ZooKeeper down; keeping the last partition map");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                back_off(&mut backoff).await;
                 continue;
             }
         };
@@ -618,8 +619,7 @@ pub async fn watch_partition_map(
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "reading the partition map failed; keeping the last one");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                back_off(&mut backoff).await;
                 if !c.state().is_terminated() {
                     client = Some(c);
                 }
