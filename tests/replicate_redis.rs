@@ -811,6 +811,61 @@ fn a_hung_node_holds_back_only_its_own_balances() {
     server.stop();
 }
 
+/// A node that needs a rebuild and hangs while it is rebuilt holds back only its own balances:
+/// the rebuild is a write like the others (it used to run in place and stop every node).
+#[test]
+#[ignore = "needs tools/services"]
+fn a_hung_rebuild_holds_back_only_its_own_balances() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let services = services();
+    let cluster = Cluster::new("hung-rebuild", &services, &services.redis);
+    let server = start_server(&cluster);
+    let mut client = server.client();
+    setup_accounts(&mut client, 300);
+    let (follower, log) = cluster.replicate_follow_logged();
+    transfers(&mut client, 300, 2_000, 1);
+    cluster.wait_caught_up(&services.redis, 1, Duration::from_secs(30));
+    let (others, hung) = services.redis.split_at(services.redis.len() - 1);
+    let hung = &hung[0];
+    let pause = Duration::from_secs(20);
+    let paused_at = Instant::now();
+    // Emptied, then paused, with nothing in between (one client's pipeline runs in one go):
+    // the idle check finds it emptied, and its rebuild blocks at the first write.
+    redis::pipe()
+        .cmd("FLUSHALL")
+        .cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(pause.as_millis() as u64)
+        .arg("WRITE")
+        .query::<()>(&mut redis_connection(hung))
+        .expect("FLUSHALL and CLIENT PAUSE");
+    wait_for_log(&log, "node lost what was written there");
+    let mut last = 0;
+    for round in 0..3 {
+        transfers(&mut client, 300, 1_000, 10 + round);
+        last = cluster.journal_last_seq();
+        assert!(
+            nodes_reach(others, last, Duration::from_secs(5)),
+            "round {round}: the other nodes did not reach sequence {last} while {hung} hung in its rebuild: {:?}",
+            others.iter().map(|n| node_state(n)).collect::<Vec<_>>()
+        );
+    }
+    let state = node_state(hung).expect("hung node state (reads are not paused)");
+    assert!(
+        paused_at.elapsed() < pause,
+        "the rounds took longer than the pause; the test proved nothing"
+    );
+    assert_eq!(state, (0, None), "the paused node was written");
+    redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query::<()>(&mut redis_connection(hung))
+        .expect("CLIENT UNPAUSE");
+    cluster.wait_caught_up(&services.redis, 1, Duration::from_secs(30));
+    follower.kill();
+    cluster.assert_reconciled();
+    server.stop();
+}
+
 #[test]
 #[ignore = "needs tools/services"]
 fn map_changes_three_to_four_and_back_during_load() {

@@ -374,7 +374,7 @@ struct Node {
     backoff: Duration,
 }
 
-/// A script write in flight to one node.
+/// A write in flight to one node: a script write of its changed accounts, or a rebuild.
 struct Write {
     /// Its task in `Replicator::inflight` (none for writes awaited in place).
     task: Option<tokio::task::Id>,
@@ -383,14 +383,51 @@ struct Write {
     since: Option<Instant>,
 }
 
-/// What a write task returns: the node, the sequence written, the connection (made by the
-/// task if the node had none), and the script's answer.
-type WriteDone = (
-    usize,
-    u64,
-    Option<MultiplexedConnection>,
-    anyhow::Result<i64>,
-);
+/// What a write task returns.
+struct WriteDone {
+    node: usize,
+    /// The sequence the node holds once the write is applied.
+    target: u64,
+    /// The connection (made by the task if the node had none).
+    conn: Option<MultiplexedConnection>,
+    result: anyhow::Result<()>,
+    /// A rebuild (`resync`), not a script write.
+    rebuild: bool,
+}
+
+/// Keys and balances of some accounts, copied out of the directory: a write task cannot
+/// borrow the directory, which goes on changing while the task runs.
+type Entries = Vec<(Box<str>, Vec<(Currency, u64)>)>;
+
+fn entries(dir: &Directory, accounts: impl Iterator<Item = u32>) -> Entries {
+    accounts
+        .map(|a| {
+            (
+                dir.keys[a as usize].clone(),
+                dir.balances[a as usize].clone(),
+            )
+        })
+        .collect()
+}
+
+/// Node `node`'s share of the balances under `route`: its accounts with a balance, sorted by
+/// key (`resync` looks keys up in it).
+fn share(dir: &Directory, route: &[u16], node: u16) -> Entries {
+    let mut share = entries(
+        dir,
+        (0..dir.len() as u32)
+            .filter(|&a| route[a as usize] == node && !dir.balances[a as usize].is_empty()),
+    );
+    share.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    share
+}
+
+/// What a finished rebuild stamps on its node, in one transaction.
+struct Finish {
+    version: String,
+    seq: u64,
+    record: Option<RecordId>,
+}
 
 /// How long the replicator waits for a write before it goes on without it: the next batches
 /// go to the other nodes meanwhile, and to that node once its write is done.
@@ -471,17 +508,60 @@ async fn write_node(
     address: String,
     cmd: redis::Cmd,
 ) -> WriteDone {
+    let mut done = WriteDone {
+        node: i,
+        target,
+        conn: None,
+        result: Ok(()),
+        rebuild: false,
+    };
     let mut conn = match conn {
         Some(conn) => conn,
         None => match connect(&address).await {
             Ok(conn) => conn,
-            Err(e) => return (i, target, None, Err(e)),
+            Err(e) => {
+                done.result = Err(e);
+                return done;
+            }
         },
     };
-    let result = eval_apply(&mut conn, &cmd)
+    done.result = eval_apply(&mut conn, &cmd)
         .await
+        .map(|_| ())
         .map_err(anyhow::Error::from);
-    (i, target, Some(conn), result)
+    done.conn = Some(conn);
+    done
+}
+
+/// One node's rebuild task: connects if the node has no connection, then rebuilds it from
+/// `share` (`resync`) and stamps `finish`.
+async fn rebuild_node(
+    i: usize,
+    conn: Option<MultiplexedConnection>,
+    address: String,
+    share: Entries,
+    finish: Finish,
+) -> WriteDone {
+    let mut done = WriteDone {
+        node: i,
+        target: finish.seq,
+        conn: None,
+        result: Ok(()),
+        rebuild: true,
+    };
+    let mut conn = match conn {
+        Some(conn) => conn,
+        None => match connect(&address).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                done.result = Err(e);
+                return done;
+            }
+        },
+    };
+    done.result = resync(&mut conn, &share, Some(&finish)).await;
+    done.conn = Some(conn);
+    done
 }
 
 /// Runs a prepared `EVALSHA` of the apply script, loading the script first if the node does
@@ -861,7 +941,7 @@ impl Replicator {
         done: &mut usize,
     ) {
         match joined {
-            Ok((_, (i, target, conn, result))) => self.on_applied(i, target, conn, result, done),
+            Ok((_, write)) => self.on_applied(write, done),
             Err(e) => {
                 // A task that failed (panicked) booked nothing: its node's accounts are still
                 // to be written there (the script is atomic, so resending them is right
@@ -904,26 +984,58 @@ impl Replicator {
             .unwrap_or(Duration::ZERO)
     }
 
-    /// Rebuilds the nodes that need it, then sends each node without a write in flight its
-    /// changed accounts in one script, all such nodes concurrently, without waiting: the caller
-    /// reads the next batch from the source meanwhile and calls `complete_writes` before the
-    /// next `start_writes`.
+    /// Starts a rebuild of each node that needs one, and sends each other node without a
+    /// write in flight its changed accounts in one script; all concurrently, without waiting:
+    /// the caller reads the next batch from the source meanwhile and calls `complete_writes`
+    /// before the next `start_writes`. A rebuild is a write like the others: a node whose
+    /// rebuild hangs holds back only its own balances.
     async fn start_writes(&mut self) {
+        let now = Instant::now();
+        let inline = failpoint_armed("redis-after-node-1");
         for i in 0..self.nodes.len() {
-            if self.nodes[i].needs_resync
-                && !self.nodes[i].unprobed
-                && self.nodes[i].write.is_none()
-                && self.dir.seq >= self.floor
-                && self.nodes[i].ensure_connected().await
+            let node = &self.nodes[i];
+            if !node.needs_resync
+                || node.unprobed
+                || node.write.is_some()
+                || self.dir.seq < self.floor
+                || (node.conn.is_none() && node.retry_at.is_some_and(|at| now < at))
             {
-                self.resync_node(i).await;
+                continue;
+            }
+            tracing::info!(node = %node.address, seq = self.dir.seq, "rebuilding node from the replicator's balances");
+            let share = share(&self.dir, &self.route, i as u16);
+            let finish = Finish {
+                version: self.version(),
+                seq: self.dir.seq,
+                record: self.dir.record,
+            };
+            let since = self.nodes[i].dirty_since.or(self.last_read_started);
+            // The rebuild carries every change so far; later ones are marked from here on and
+            // written after it, as to any node.
+            self.clear_dirty(i);
+            let node = &mut self.nodes[i];
+            node.applied_seq = self.dir.seq;
+            node.write = Some(Write {
+                task: None,
+                started: now,
+                since,
+            });
+            let task = rebuild_node(i, node.conn.clone(), node.address.clone(), share, finish);
+            if inline {
+                let mut done = 0;
+                let write = task.await;
+                self.on_applied(write, &mut done);
+            } else {
+                let task = self.inflight.spawn(task);
+                if let Some(write) = self.nodes[i].write.as_mut() {
+                    write.task = Some(task.id());
+                }
             }
         }
         let version = self.version();
         let target = self.dir.seq;
         let record = self.dir.record.map(|r| r.to_string()).unwrap_or_default();
         let mut writes = Vec::new();
-        let now = Instant::now();
         for i in 0..self.nodes.len() {
             let node = &mut self.nodes[i];
             if node.needs_resync
@@ -964,13 +1076,13 @@ impl Replicator {
             }
             writes.push((i, node.conn.clone(), node.address.clone(), cmd));
         }
-        if failpoint_armed("redis-after-node-1") {
+        if inline {
             // Crash tests: one node at a time, so that the failpoint stops the process with
             // exactly one node ahead (concurrent writes would usually all land first).
             let mut done = 0;
             for (i, conn, address, cmd) in writes {
-                let (i, target, conn, result) = write_node(i, target, conn, address, cmd).await;
-                self.on_applied(i, target, conn, result, &mut done);
+                let write = write_node(i, target, conn, address, cmd).await;
+                self.on_applied(write, &mut done);
             }
         } else {
             for (i, conn, address, cmd) in writes {
@@ -984,19 +1096,36 @@ impl Replicator {
         }
     }
 
-    fn on_applied(
-        &mut self,
-        i: usize,
-        target: u64,
-        conn: Option<MultiplexedConnection>,
-        result: anyhow::Result<i64>,
-        done: &mut usize,
-    ) {
+    fn on_applied(&mut self, write: WriteDone, done: &mut usize) {
+        let WriteDone {
+            node: i,
+            target,
+            conn,
+            result,
+            rebuild,
+        } = write;
         let write = self.nodes[i].write.take();
         let since = write.and_then(|w| w.since);
         let accounts = std::mem::take(&mut self.nodes[i].inflight);
         if conn.is_some() {
             self.nodes[i].conn = conn;
+        }
+        if rebuild {
+            let node = &mut self.nodes[i];
+            match result {
+                Ok(()) => {
+                    node.needs_resync = false;
+                    node.mark_up();
+                    if let Some(since) = since {
+                        node.lag = since.elapsed();
+                        self.lag_max = self.lag_max.max(node.lag);
+                    }
+                }
+                // Still to be rebuilt (its changes since are cleared when the next rebuild
+                // starts).
+                Err(e) => node.mark_down(&e),
+            }
+            return;
         }
         match result {
             Ok(_) => {
@@ -1036,24 +1165,6 @@ impl Replicator {
                 self.marked[account as usize] = true;
                 self.nodes[node].dirty.push(account);
             }
-        }
-    }
-
-    async fn resync_node(&mut self, i: usize) {
-        let version = self.version();
-        let Some(mut conn) = self.nodes[i].conn.clone() else {
-            return;
-        };
-        tracing::info!(node = %self.nodes[i].address, seq = self.dir.seq, "rebuilding node from the replicator's balances");
-        match resync(&mut conn, i as u16, &self.route, &self.dir, Some(&version)).await {
-            Ok(()) => {
-                let node = &mut self.nodes[i];
-                node.applied_seq = self.dir.seq;
-                node.needs_resync = false;
-                node.mark_up();
-                self.clear_dirty(i);
-            }
-            Err(e) => self.nodes[i].mark_down(&e),
         }
     }
 
@@ -1124,9 +1235,9 @@ impl Replicator {
                             new_route[a as usize] == j as u16 && self.route[a as usize] != old
                         })
                         .collect();
-                    write_accounts(&mut conn, &self.dir, &moved_in).await
+                    write_accounts(&mut conn, &entries(&self.dir, moved_in.into_iter())).await
                 }
-                None => resync(&mut conn, j as u16, &new_route, &self.dir, None).await,
+                None => resync(&mut conn, &share(&self.dir, &new_route, j as u16), None).await,
             };
             match result {
                 Ok(()) => placed[j] = true,
@@ -1388,15 +1499,13 @@ impl Replicator {
 /// Writes the full balances of `accounts` (replacing each hash), pipelined in chunks.
 async fn write_accounts(
     conn: &mut MultiplexedConnection,
-    dir: &Directory,
-    accounts: &[u32],
+    accounts: &Entries,
 ) -> anyhow::Result<()> {
     for chunk in accounts.chunks(CHUNK_ACCOUNTS) {
         let mut pipe = redis::pipe();
-        for &account in chunk {
-            let key = dir.key(account);
+        for (key, balances) in chunk {
+            let key = &key[..];
             pipe.cmd("DEL").arg(key).ignore();
-            let balances = &dir.balances[account as usize];
             if !balances.is_empty() {
                 let cmd = pipe.cmd("HSET").arg(key);
                 for (currency, balance) in balances {
@@ -1434,15 +1543,13 @@ pub async fn scan_balance_keys(
     }
 }
 
-/// Rebuilds node `node` from `dir` under `route`: invalidates its version (readers retry), drops
-/// every key that does not belong there, writes every balance that does. With `finish`, then
-/// sets the applied sequence and that version in one transaction.
+/// Rebuilds a node from its `share` of the balances: invalidates its version (readers retry),
+/// drops every key that does not belong there, writes every balance that does. With `finish`,
+/// then sets the applied sequence, record and version in one transaction.
 async fn resync(
     conn: &mut MultiplexedConnection,
-    node: u16,
-    route: &[u16],
-    dir: &Directory,
-    finish: Option<&str>,
+    share: &Entries,
+    finish: Option<&Finish>,
 ) -> anyhow::Result<()> {
     redis::cmd("SET")
         .arg(MAP_VERSION_KEY)
@@ -1453,29 +1560,26 @@ async fn resync(
         .await?
         .into_iter()
         .filter(|key| {
-            let name = key.strip_prefix(BALANCE_PREFIX).unwrap_or(key);
-            dir.index_of(name)
-                .is_none_or(|a| route[a as usize] != node || dir.balances[a as usize].is_empty())
+            share
+                .binary_search_by(|(k, _)| (**k).cmp(key.as_str()))
+                .is_err()
         })
         .collect();
     for keys in strays.chunks(1000) {
         redis::cmd("DEL").arg(keys).query_async::<()>(conn).await?;
     }
-    let mine: Vec<u32> = (0..dir.len() as u32)
-        .filter(|&a| route[a as usize] == node && !dir.balances[a as usize].is_empty())
-        .collect();
-    write_accounts(conn, dir, &mine).await?;
-    if let Some(version) = finish {
+    write_accounts(conn, share).await?;
+    if let Some(finish) = finish {
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("SET")
             .arg(APPLIED_SEQ_KEY)
-            .arg(dir.seq)
+            .arg(finish.seq)
             .ignore();
-        set_applied_record(&mut pipe, dir.record.as_ref());
+        set_applied_record(&mut pipe, finish.record.as_ref());
         pipe.cmd("SET")
             .arg(MAP_VERSION_KEY)
-            .arg(version)
+            .arg(&finish.version)
             .ignore()
             .query_async::<()>(conn)
             .await?;
