@@ -173,7 +173,48 @@ fn endpoints_and_error_paths() {
     );
     assert_eq!(r.status, 413);
     assert_eq!(c.get("/v1/wallet/nothing").status, 404);
-    assert_eq!(c.get("/v1/wallet/balance_transfer").status, 405);
+    let r = c.get("/v1/wallet/balance_transfer");
+    assert_eq!(r.status, 405);
+    assert_eq!(
+        r.header("allow"),
+        Some("POST"),
+        "a 405 names the methods the path takes"
+    );
+    let r = c.request(
+        "DELETE",
+        "/v1/wallet/accounts/alice",
+        None,
+        "application/json",
+    );
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
+    // HEAD is GET without the body: the head names the body's length, no body follows (the
+    // next answer on the connection starts right after the head).
+    {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&server.address).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        write!(
+            stream,
+            "HEAD /v1/wallet/accounts/alice HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(stream.read(&mut byte).unwrap(), 1, "closed after {head:?}");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(head.contains("content-length: "), "{head}");
+        assert!(!head.contains("content-length: 0\r\n"), "{head}");
+        write!(stream, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+        let r = common::read_response(&mut stream).unwrap();
+        assert_eq!(r.status, 200, "a body followed the HEAD answer: {}", r.body);
+    }
     assert_eq!(
         balance_cents(&mut c, "alice"),
         8766,
@@ -509,12 +550,20 @@ fn without_authentication_only_requests_addressed_to_a_loopback_host_are_served(
         let r = send(host, &uuid());
         assert_eq!(r.status, 200, "{host}: {}", r.body);
     }
-    // Operations endpoints stay public.
-    let r = raw_request(
-        &server,
-        "GET /healthz HTTP/1.1\r\nHost: evil.example\r\n\r\n",
-    );
-    assert_eq!(r.status, 200);
+    // The operations routes as well: /readyz and /metrics say things a rebinding page must
+    // not read.
+    for path in ["/healthz", "/readyz", "/metrics", "/v1/openapi.json"] {
+        let r = raw_request(
+            &server,
+            &format!("GET {path} HTTP/1.1\r\nHost: evil.example\r\n\r\n"),
+        );
+        assert_eq!(r.status, 403, "{path}: {}", r.body);
+        let r = raw_request(
+            &server,
+            &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+        );
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+    }
     assert!(server.stop().success());
 }
 
@@ -1821,4 +1870,74 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
             );
         }
     }
+}
+
+/// Event-stream reads from the journal files run on the blocking pool and go on after their
+/// caller hangs up: past a few at once they are refused with a 429, not queued without bound.
+#[test]
+fn journal_reads_of_the_event_stream_are_bounded() {
+    let dir = temp();
+    let server = Server::start(dir.path(), &[]);
+    let mut c = server.client();
+    open(&mut c, "a");
+    open(&mut c, "b");
+    deposit(&mut c, "a", "100000.00");
+    for _ in 0..4 {
+        let transfers: Vec<serde_json::Value> = (0..2_500)
+            .map(|_| transfer_body("a", "b", "0.01", &uuid()))
+            .collect();
+        let r = c.post(
+            "/v1/wallet/balance_transfers",
+            &json!({ "transfers": transfers }),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    assert!(server.stop().success());
+    // After a restart the in-memory window is empty: every read below is a journal read.
+    let server = Server::start(dir.path(), &[]);
+    let address = server.address.clone();
+    let mut refused = None;
+    for _round in 0..5 {
+        let readers = 32;
+        let barrier = Arc::new(Barrier::new(readers));
+        let answers: Vec<common::Response> = (0..readers)
+            .map(|_| {
+                let barrier = barrier.clone();
+                let address = address.clone();
+                std::thread::spawn(move || {
+                    let mut c = Client::connect(&address);
+                    barrier.wait();
+                    c.get("/v1/wallet/events?from_seq=1&limit=10000")
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().expect("reader thread"))
+            .collect();
+        for r in &answers {
+            match r.status {
+                200 => assert!(r.body.lines().count() >= 10_000, "a short read"),
+                429 => {
+                    assert_eq!(r.json()["error"]["code"], "too_many_requests");
+                    assert_eq!(r.header("retry-after"), Some("1"));
+                }
+                other => panic!("status {other}: {}", r.body),
+            }
+        }
+        refused = answers.iter().find(|r| r.status == 429).map(|r| r.status);
+        if refused.is_some() {
+            break;
+        }
+    }
+    assert_eq!(
+        refused,
+        Some(429),
+        "32 concurrent journal reads, five times, and none was refused"
+    );
+    // The permits come back.
+    let r = server
+        .client()
+        .get("/v1/wallet/events?from_seq=1&limit=10000");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(server.stop().success());
 }

@@ -840,10 +840,9 @@ fn a_hung_rebuild_holds_back_only_its_own_balances() {
         .query::<()>(&mut redis_connection(hung))
         .expect("FLUSHALL and CLIENT PAUSE");
     wait_for_log(&log, "node lost what was written there");
-    let mut last = 0;
     for round in 0..3 {
         transfers(&mut client, 300, 1_000, 10 + round);
-        last = cluster.journal_last_seq();
+        let last = cluster.journal_last_seq();
         assert!(
             nodes_reach(others, last, Duration::from_secs(5)),
             "round {round}: the other nodes did not reach sequence {last} while {hung} hung in its rebuild: {:?}",

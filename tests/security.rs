@@ -353,6 +353,26 @@ fn bad_tokens_are_401() {
         assert_eq!(r.status, 401, "{name}: {}", r.body);
         assert_eq!(r.header("www-authenticate"), Some("Bearer"));
     }
+    // The scheme name is case-insensitive; a token needs its scheme and one space. (No account
+    // is open here: a caller let in is told 404.)
+    let valid = token("alice", "wallet:admin");
+    for (authorization, status) in [
+        (format!("Bearer {valid}"), 404),
+        (format!("BEARER {valid}"), 404),
+        (format!("bEaReR {valid}"), 404),
+        (format!("Bearer  {valid}"), 401),
+        (format!("Basic {valid}"), 401),
+        (valid.clone(), 401),
+    ] {
+        let mut stream = TcpStream::connect(&server.address).unwrap();
+        write!(
+            stream,
+            "GET /v1/wallet/accounts/alice HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {authorization}\r\n\r\n"
+        )
+        .unwrap();
+        let r = common::read_response(&mut stream).unwrap();
+        assert_eq!(r.status, status, "{authorization:.12}: {}", r.body);
+    }
     let mut none = as_caller(&server, None);
     assert_eq!(none.get("/v1/wallet/accounts/alice").status, 401);
     let r = none.request("GET", "/healthz", None, "application/json");
@@ -1043,4 +1063,89 @@ fn with_an_audience_and_issuer_configured_only_tokens_naming_both_are_taken() {
         String::from_utf8_lossy(&out.stderr).contains("--jwt-audience"),
         "{out:?}"
     );
+}
+
+/// A retry of a decided transfer moves no money. After a restart, while the read views load
+/// and do not know the original yet, such a retry is charged on arrival; it is given back once
+/// the engine answers it as a replay, so retries cannot use up the account's allowance.
+#[test]
+fn retries_after_a_restart_do_not_use_up_the_velocity_allowance() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--jwt-secret",
+        SECRET,
+        "--velocity-per-account",
+        "1",
+        "--sync",
+        "none",
+    ];
+    let server = Server::start(dir.path(), &args);
+    let mut admin = as_caller(&server, Some(token("ops", "wallet:admin")));
+    common::open(&mut admin, "alice");
+    common::open(&mut admin, "bob");
+    common::deposit(&mut admin, "alice", "100.00");
+    let post_until_allowed = |c: &mut Client, body: &serde_json::Value| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = c.post("/v1/wallet/balance_transfer", body);
+            if r.status != 429 || Instant::now() > deadline {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let t1 = transfer_body("alice", "bob", "1.00", &uuid());
+    let t2 = transfer_body("alice", "bob", "2.00", &uuid());
+    for t in [&t1, &t2] {
+        let r = post_until_allowed(&mut admin, t);
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    assert!(server.stop().success());
+
+    let server = Server::start_listening_with_env(
+        dir.path(),
+        &args,
+        &[("WALLET_FAILPOINT", "views-past-delay:5000")],
+    );
+    let mut admin = as_caller(&server, Some(token("ops", "wallet:admin")));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = admin.get("/readyz");
+        assert_eq!(r.status, 503, "ready too soon: {}", r.body);
+        if r.body.contains("rebuilding the read views") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", r.body);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Writes are served; the views do not know the journal's outcomes yet. A retry in a
+    // batch, then a single one: the allowance (one transfer) must be back after each.
+    let r = admin.post(
+        "/v1/wallet/balance_transfers",
+        &json!({ "transfers": [t1] }),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let item = &r.json()["results"][0];
+    assert_eq!(item["http_status"], 503, "{item}");
+    assert_eq!(item["result"]["error"]["code"], "starting", "{item}");
+    let r = admin.post("/v1/wallet/balance_transfer", &t2);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "starting", "{}", r.body);
+    // Neither retry spent the allowance: a new transfer is let through at once.
+    let t3 = transfer_body("alice", "bob", "3.00", &uuid());
+    let r = admin.post("/v1/wallet/balance_transfer", &t3);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        admin.get("/readyz").status,
+        503,
+        "the views loaded before the checks above; they proved nothing"
+    );
+    assert!(server.stop().success());
+    let server = Server::start(dir.path(), &args);
+    assert_eq!(
+        balance(&server, "alice"),
+        9_400,
+        "each transfer moved money once"
+    );
+    assert!(server.stop().success());
 }

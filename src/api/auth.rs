@@ -145,9 +145,11 @@ impl Auth {
             Auth::Jwt { key, validation } => (key, validation),
         };
         let header = header.ok_or(AuthError::Missing)?;
+        // The scheme name is case-insensitive (RFC 9110, section 11.1).
         let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token)
             .filter(|t| !t.is_empty() && !t.contains(' '))
             .ok_or(AuthError::Malformed)?;
         let data = jsonwebtoken::decode::<Claims>(token, key, validation)

@@ -195,6 +195,10 @@ impl Default for ServeConfig {
 }
 
 /// State shared by every connection.
+/// Event-stream reads from the journal files at once (each up to 10,000 events, a few
+/// milliseconds of one core).
+pub const JOURNAL_READS: usize = 4;
+
 pub struct App {
     pub config: ServeConfig,
     pub views: Arc<Views>,
@@ -206,6 +210,10 @@ pub struct App {
     pub velocity_limiter: Option<KeyedLimiter>,
     /// Permits for batch requests (`ServeConfig::max_batches_in_flight`).
     pub batch_permits: tokio::sync::Semaphore,
+    /// Permits for event-stream reads from the journal files (`JOURNAL_READS`). Each runs on
+    /// the blocking pool and goes on after its caller hangs up, so they are refused past this
+    /// many rather than queued.
+    pub journal_reads: Arc<tokio::sync::Semaphore>,
     /// Batch permits held per caller (admins excepted): at most a quarter of them each, so that
     /// one caller's slow batches cannot shut every other caller out of the batch endpoint.
     pub batch_callers: std::sync::Mutex<std::collections::HashMap<String, usize>>,
@@ -535,6 +543,7 @@ pub async fn serve(
         caller_limiter: KeyedLimiter::per_second(config.rate_limit_per_caller),
         velocity_limiter: KeyedLimiter::per_second(config.velocity_per_account),
         batch_permits: tokio::sync::Semaphore::new(config.max_batches_in_flight),
+        journal_reads: Arc::new(tokio::sync::Semaphore::new(JOURNAL_READS)),
         batch_callers: std::sync::Mutex::new(std::collections::HashMap::new()),
         submitter: engine.submitter(),
     });
@@ -811,6 +820,11 @@ fn spawn_views_past(views: Arc<Views>, dir: PathBuf, end: u64) {
         .spawn(move || {
             crate::engine::follower::lower_priority();
             let started = std::time::Instant::now();
+            // Tests: `views-past-delay:<ms>` holds the views' past back that long (the window
+            // after a restart in which they do not know the journal's outcomes yet).
+            if let Some(ms) = crate::replicate::failpoint_value("views-past-delay") {
+                std::thread::sleep(Duration::from_millis(ms));
+            }
             match build_views_past(&dir, end) {
                 Ok(past) => {
                     views.merge_past(past);

@@ -385,11 +385,18 @@ pub async fn handle(
     let path = request.uri().path().to_string();
     let mut route_index = ROUTES.len();
     let mut params: Vec<&str> = Vec::new();
-    let mut path_known = false;
+    // The methods the path takes (for a 405's `Allow`). HEAD is GET without the body (hyper
+    // sends none in answer to a HEAD).
+    let mut allowed: Vec<&str> = Vec::new();
+    let as_method = if method == hyper::Method::HEAD {
+        "GET"
+    } else {
+        method.as_str()
+    };
     for (i, route) in ROUTES.iter().enumerate() {
         if let Some(captured) = match_path(route.path, &path) {
-            path_known = true;
-            if route.method == method.as_str() {
+            allowed.push(route.method);
+            if route.method == as_method {
                 route_index = i;
                 params = captured;
                 break;
@@ -397,12 +404,16 @@ pub async fn handle(
         }
     }
     let reply = if route_index == ROUTES.len() {
-        if path_known {
+        if !allowed.is_empty() {
+            if allowed.contains(&"GET") {
+                allowed.push("HEAD");
+            }
             Reply::error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
                 "method not allowed on this path",
             )
+            .with_header("allow", allowed.join(", "))
         } else {
             Reply::error(StatusCode::NOT_FOUND, "not_found", "no such route")
         }
@@ -543,13 +554,14 @@ fn admit(
     peer: &str,
     request: &Request<Incoming>,
 ) -> Result<Caller, Reply> {
-    if is_public(route) {
-        return Ok(Caller::unauthenticated(peer));
-    }
     // With authentication off every caller is an admin, so the request must be addressed to a
     // loopback name: a web page whose name an attacker re-resolved to 127.0.0.1 (DNS rebinding)
     // reaches this port from the user's browser, but with its own name in `Host`. A request
     // without a Host header (which HTTP/1.1 requires) names no host to check: refused as well.
+    // The operations routes too (`/readyz` can name files and a halt's reason, `/metrics`
+    // shows the traffic); the server listens on loopback only then, so every legitimate
+    // caller uses a loopback name.
+    let public = is_public(route);
     if app.config.auth.is_none() {
         let Some(host) = request.headers().get(hyper::header::HOST) else {
             tracing::warn!(target: "audit", caller = %peer, route = ROUTES[route].name, "request refused: no Host header");
@@ -567,6 +579,9 @@ fn admit(
                 "with authentication off, requests must be addressed to 127.0.0.1, [::1] or localhost (the Host header names another host)",
             ));
         }
+    }
+    if public {
+        return Ok(Caller::unauthenticated(peer));
     }
     let header = request
         .headers()
@@ -1299,9 +1314,24 @@ async fn transfer(
         }
     };
     match wait_outcome(receiver).await {
-        Ok(delivered) => render(app, caller, &delivered),
+        Ok(delivered) => {
+            if charged && moved_no_money_again(&delivered) {
+                refund_velocity(app, &[(&request.from_account, 1)]);
+            }
+            render(app, caller, &delivered)
+        }
         Err(reply) => reply,
     }
+}
+
+/// Whether the engine found the command's id decided before (a retry answered from its
+/// original outcome, or a reused id refused): it moved no money, so the velocity allowance
+/// charged for it (the views had not seen the original yet: after a restart, while they
+/// load, or a moment after the original) is given back.
+fn moved_no_money_again(delivered: &Delivered) -> bool {
+    delivered.durable
+        && (delivered.record.replayed
+            || delivered.record.rejection == Some(RejectCode::TransactionIdReused))
 }
 
 pub const MAX_BATCH: usize = 8192;
@@ -1360,6 +1390,8 @@ async fn transfer_batch(
     // transfers at once and all accounts or none, so a refused batch has spent no allowance
     // (and one the engine had no room for gets its allowance back).
     let mut charges: Vec<(&str, u32)> = Vec::new();
+    // Which items were charged (by index).
+    let mut charged: Vec<bool> = Vec::new();
     if let Some(limit) = std::num::NonZeroU32::new(app.config.velocity_per_account) {
         let mut per_account: std::collections::HashMap<&str, u32> =
             std::collections::HashMap::new();
@@ -1370,6 +1402,7 @@ async fn transfer_batch(
                 .map(|c| state.outcomes.get(&c.transaction_id.0).is_some())
                 .collect()
         });
+        charged = decided.iter().map(|d| !d).collect();
         for (transfer, decided) in request.transfers.iter().zip(decided) {
             if !decided {
                 *per_account
@@ -1416,6 +1449,19 @@ async fn transfer_batch(
             "the engine stopped",
         );
     };
+    // Items charged that turn out decided before: their allowance back.
+    let refunds: Vec<(&str, u32)> = results
+        .iter()
+        .zip(&request.transfers)
+        .zip(&charged)
+        .filter(|((result, _), charged)| {
+            **charged && result.as_ref().is_some_and(moved_no_money_again)
+        })
+        .map(|((_, transfer), _)| (transfer.from_account.as_ref(), 1))
+        .collect();
+    if !refunds.is_empty() {
+        refund_velocity(app, &refunds);
+    }
     // One read lock for the whole batch; each outcome written straight into the response:
     // {"results":[{"index":i,"http_status":s,"replayed":b,"result":{…}},…]}.
     let past = PastState::of(&app.views);
@@ -1527,7 +1573,13 @@ async fn wait_min_seq(app: &App, query: Option<&str>) -> Result<(), Reply> {
             format!("is past the last durable sequence ({durable}); no answer has named it"),
         )));
     }
-    if min_seq > 0 && !app.views.wait_for(min_seq, app.config.read_wait).await {
+    // Bounded inside the request timeout too, so that a short `--request-timeout-ms` still
+    // gets `view_behind` (retry) rather than the request's `timeout`.
+    let wait = app
+        .config
+        .read_wait
+        .min(long_poll_limit(app.config.request_timeout));
+    if min_seq > 0 && !app.views.wait_for(min_seq, wait).await {
         return Err(Reply::error(
             StatusCode::SERVICE_UNAVAILABLE,
             "view_behind",
@@ -1733,7 +1785,16 @@ async fn events(app: &App, query: Option<&str>) -> Reply {
         // that is empty after a restart): no journal read finds more.
         None if from_seq > app.views.applied_seq() => String::new(),
         None => {
-            // Older than the in-memory window: read the journal.
+            // Older than the in-memory window: read the journal, if a read permit is free
+            // (held by the read itself, which a caller hanging up does not stop).
+            let Ok(permit) = app.journal_reads.clone().try_acquire_owned() else {
+                return Reply::error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_requests",
+                    "too many event-stream reads from the journal files at once; retry",
+                )
+                .with_header("retry-after", "1");
+            };
             app.metrics
                 .events_journal_reads
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1752,6 +1813,7 @@ async fn events(app: &App, query: Option<&str>) -> Reply {
             // after it.
             let resume = app.events_positions.nearest(from_seq);
             let result = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
                 let mut records = Vec::new();
                 let mut events = 0;
                 // Read with `JournalTail` (positioned reads, durable records only) rather than

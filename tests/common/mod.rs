@@ -32,6 +32,15 @@ impl Server {
         Server::spawn(data_dir, extra, &[], "listening on ")
     }
 
+    /// `start_listening` with extra environment variables.
+    pub fn start_listening_with_env(
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
+        Server::spawn(data_dir, extra, env, "listening on ")
+    }
+
     /// `start` listening on `listen`.
     pub fn start_at(data_dir: &Path, listen: &str, extra: &[&str]) -> Server {
         Server::spawn_at(data_dir, listen, extra, &[], "ready")
