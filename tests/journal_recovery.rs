@@ -344,11 +344,16 @@ fn check_cut(
     Ok(())
 }
 
-/// Writes the journal's durable-watermark file naming `seq`, as the writer publishes it.
+/// Writes the journal's durable-watermark file naming `seq`, as the writer publishes it: with
+/// the frame crc of the journal's record that ends there (0 past the journal's end).
 fn set_durable_watermark(data: &Path, seq: u64) {
+    let crc = match wallet::journal::reader::chain_at(&journal_dir(data), seq + 1) {
+        Ok(wallet::journal::reader::ChainAt::Boundary(crc)) => crc,
+        _ => 0,
+    };
     fs::write(
         journal_dir(data).join(wallet::journal::format::DURABLE_FILE_NAME),
-        wallet::journal::format::encode_durable(seq, 0),
+        wallet::journal::format::encode_durable(seq, crc),
     )
     .expect("write the durable-watermark file");
 }
@@ -1331,7 +1336,7 @@ fn a_torn_write_past_the_durable_watermark_is_cut_and_recovery_starts() {
     let (ledger, _) = fresh_journal(data, 64 << 10, 0..300, 10);
     let durable = ledger.next_seq() - 1;
     assert_eq!(
-        wallet::journal::durable_watermark(&journal_dir(data)),
+        wallet::journal::durable_watermark(&journal_dir(data)).unwrap(),
         Some(durable)
     );
     // Half of a record's worth of bytes after the last synced one.
@@ -1614,10 +1619,17 @@ fn opening_the_writer_syncs_older_segments_a_sync_none_writer_left_unsynced() {
     // The directory: a process killed between a new segment's rename and the directory's
     // fsync leaves a name that a power loss can take away, with every record acknowledged in
     // that segment since. Opening makes the names durable before it publishes a watermark
-    // (and again once the mark is removed).
+    // (and again once the mark is removed). Then the first watermark it publishes is made
+    // durable, file and name: a power loss must not leave the records without it.
+    let durable = journal.join(wallet::journal::format::DURABLE_FILE_NAME);
     assert_eq!(
         *faults.synced_files.lock().unwrap(),
-        [journal.clone(), journal.clone()]
+        [
+            journal.clone(),
+            journal.clone(),
+            durable.clone(),
+            journal.clone()
+        ]
     );
     assert!(!unsynced.exists());
     drop(_writer);
@@ -1629,7 +1641,7 @@ fn opening_the_writer_syncs_older_segments_a_sync_none_writer_left_unsynced() {
     let _writer = open_writer(data, Box::new(storage), 8 << 10, SyncMode::Batch, &r.end);
     assert!(faults.redirtied_files.lock().unwrap().is_empty());
     let mut expected = older.to_vec();
-    expected.push(journal.clone());
+    expected.extend([journal.clone(), durable.clone(), journal.clone()]);
     assert_eq!(*faults.synced_files.lock().unwrap(), expected);
     drop(_writer);
 
@@ -1640,7 +1652,7 @@ fn opening_the_writer_syncs_older_segments_a_sync_none_writer_left_unsynced() {
     let _none = open_writer(data, Box::new(storage), 8 << 10, SyncMode::None, &r.end);
     assert_eq!(
         *faults.synced_files.lock().unwrap(),
-        std::slice::from_ref(&journal)
+        [journal.clone(), durable, journal.clone()]
     );
     let newest_first = list_segments(&journal).unwrap().last().unwrap().0;
     assert_eq!(
@@ -1661,7 +1673,7 @@ fn wallet_snapshot_makes_the_journal_durable_up_to_the_snapshot_before_writing_i
     let behind = history.last_seq[1000];
     set_durable_watermark(data, behind);
     assert_eq!(
-        wallet::journal::durable_watermark(&journal_dir(data)),
+        wallet::journal::durable_watermark(&journal_dir(data)).unwrap(),
         Some(behind)
     );
     let (_, write_offset) = recovered(data).end.segment.unwrap();
@@ -1672,7 +1684,7 @@ fn wallet_snapshot_makes_the_journal_durable_up_to_the_snapshot_before_writing_i
     .expect("wallet snapshot");
     let wrote = thread_write_bytes() - before;
     assert_eq!(
-        wallet::journal::durable_watermark(&journal_dir(data)),
+        wallet::journal::durable_watermark(&journal_dir(data)).unwrap(),
         Some(end),
         "the watermark covers the snapshot"
     );
@@ -2536,4 +2548,87 @@ fn a_durable_watermark_that_cannot_be_written_stops_the_writer() {
     };
     assert!(error.contains("durable-watermark file"), "{error}");
     assert!(error.contains(durable.to_str().unwrap()), "{error}");
+}
+
+/// The durable watermark names the record that ends at its sequence by its frame crc: a
+/// watermark file of another history is refused, by start-up and by replay, and so is one
+/// that cannot be read (only a missing file means "no watermark": a disk or permission
+/// error must not turn the checks it feeds off).
+#[test]
+fn a_durable_watermark_of_another_history_or_unreadable_is_refused() {
+    let temp = tempfile::tempdir().unwrap();
+    let ours = temp.path().join("ours");
+    let theirs = temp.path().join("theirs");
+    // Two histories: the same accounts, then other commands (theirs shorter).
+    let (ledger, _) = fresh_journal(&ours, 64 << 10, 0..300, 10);
+    let (mut writer, mut other, mut history) = fresh_writer(&theirs, 64 << 10, SyncMode::Batch);
+    write_commands(&mut writer, &mut other, &mut history, 0..ACCOUNTS, 10);
+    write_commands(&mut writer, &mut other, &mut history, 5_000..5_100, 10);
+    drop(writer);
+    let last_seq = ledger.next_seq() - 1;
+    let their_seq = other.next_seq() - 1;
+    assert!(their_seq < last_seq);
+    let watermark =
+        |data: &Path| journal_dir(data).join(wallet::journal::format::DURABLE_FILE_NAME);
+    assert!(recover(&ours, LedgerConfig::default(), false, |_, _| {}).is_ok());
+    let report = wallet::tools::replay::run(&replay_args(&ours)).unwrap();
+    assert!(report.ok, "{:?}", report.error);
+    let (seq, _) = wallet::journal::read_durable_watermark(&journal_dir(&ours))
+        .unwrap()
+        .expect("a watermark");
+    assert_eq!(seq, last_seq);
+
+    // Their watermark next to our journal: a sequence our journal holds, another record.
+    fs::copy(watermark(&theirs), watermark(&ours)).unwrap();
+    match recover(&ours, LedgerConfig::default(), false, |_, _| {}) {
+        Err(JournalError::Corrupt {
+            file, seq, reason, ..
+        }) => {
+            assert_eq!((file, seq), (watermark(&ours), their_seq));
+            assert!(reason.contains("another history"), "{reason}");
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("recovered under another history's watermark"),
+    }
+    let report = wallet::tools::replay::run(&replay_args(&ours)).unwrap();
+    assert!(!report.ok);
+    let error = report.error.unwrap();
+    assert!(error.contains("another history"), "{error}");
+
+    // Our last sequence (a record boundary of ours) with another record's crc.
+    let (_, crc) = wallet::journal::read_durable_watermark(&journal_dir(&theirs))
+        .unwrap()
+        .expect("their watermark");
+    fs::write(
+        watermark(&ours),
+        wallet::journal::format::encode_durable(last_seq, crc),
+    )
+    .unwrap();
+    match recover(&ours, LedgerConfig::default(), false, |_, _| {}) {
+        Err(JournalError::Corrupt { seq, reason, .. }) => {
+            assert_eq!(seq, last_seq);
+            assert!(
+                reason.contains("the journal's record there has crc"),
+                "{reason}"
+            );
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("recovered under a watermark naming another record"),
+    }
+
+    // A watermark that cannot be read (here: a directory in its place) is an error, not
+    // "no watermark".
+    fs::remove_file(watermark(&ours)).unwrap();
+    assert!(recover(&ours, LedgerConfig::default(), false, |_, _| {}).is_ok());
+    fs::create_dir(watermark(&ours)).unwrap();
+    match recover(&ours, LedgerConfig::default(), false, |_, _| {}) {
+        Err(JournalError::Io { file, .. }) => assert_eq!(file, watermark(&ours)),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("recovered without reading the watermark"),
+    }
+    let replayed = wallet::tools::replay::run(&replay_args(&ours));
+    assert!(
+        replayed.as_ref().is_err() || replayed.as_ref().is_ok_and(|r| !r.ok),
+        "replay passed without reading the watermark"
+    );
 }

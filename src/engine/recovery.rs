@@ -136,16 +136,42 @@ pub fn replay_journal(
 /// a writer still running can only move it forward): the records after the journal's end were
 /// synced before the watermark file named them, so they may have been acknowledged, and a
 /// damaged last record that reads as a torn tail is then corruption, not a crash's torn write.
+/// Also refuses a watermark whose record is not this journal's: the file names the frame crc
+/// of the record ending at its sequence, which must be the journal's record there (a
+/// watermark file from another history would otherwise pass, and its sequence decide what is
+/// cut as a torn tail).
 pub fn check_durable_watermark(
     journal: &Path,
-    durable: Option<u64>,
+    durable: Option<(u64, u32)>,
     end: &JournalEnd,
 ) -> Result<(), JournalError> {
-    let Some(durable) = durable else {
+    let Some((durable, durable_crc)) = durable else {
         return Ok(());
     };
     if end.next_seq > durable {
-        return Ok(());
+        if durable == 0 {
+            return Ok(());
+        }
+        let found = match crate::journal::reader::chain_at(journal, durable + 1)? {
+            crate::journal::reader::ChainAt::Boundary(crc) if crc == durable_crc => return Ok(()),
+            crate::journal::reader::ChainAt::Boundary(crc) => {
+                format!("the journal's record there has crc {crc:#010x}")
+            }
+            _ => "no record of the journal ends there".to_string(),
+        };
+        let watermark = journal.join(crate::journal::format::DURABLE_FILE_NAME);
+        return Err(JournalError::Corrupt {
+            file: watermark.clone(),
+            offset: 0,
+            seq: durable,
+            reason: format!(
+                "the durable watermark names the record ending at sequence {durable} with frame \
+                 crc {durable_crc:#010x}, but {found}: the file (or the journal) comes from \
+                 another history. Restore the journal and its watermark together; if the \
+                 journal is the right one, remove {}",
+                watermark.display()
+            ),
+        });
     }
     let watermark = journal.join(crate::journal::format::DURABLE_FILE_NAME);
     let (file, offset) = match &end.segment {
@@ -215,7 +241,7 @@ pub fn recover_with(
     on_start(&ledger);
     let mut records_replayed = 0;
     let mut checkpoints_verified = 0;
-    let durable = crate::journal::durable_watermark(&journal);
+    let durable = crate::journal::read_durable_watermark(&journal)?;
     let end = replay_journal(
         &mut ledger,
         &journal,

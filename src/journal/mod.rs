@@ -23,8 +23,8 @@ use format::{
     parse_segment_file_name, seal_frame, segment_file_name,
 };
 pub use reader::{
-    JournalEnd, JournalError, durable_watermark, estimate_records, list_segments, scan,
-    scan_pipelined, scan_pipelined_batches,
+    JournalEnd, JournalError, durable_watermark, estimate_records, list_segments,
+    read_durable_watermark, scan, scan_pipelined, scan_pipelined_batches,
 };
 use storage::{SegmentFile, Storage};
 
@@ -306,6 +306,26 @@ impl JournalWriter {
             published_seq: u64::MAX,
         };
         writer.publish_durable()?;
+        // The first watermark is made durable, its contents and its name: the file may be new
+        // (a fresh directory, one its operator removed), and until then a power loss could
+        // take it away or leave it empty. A later start would then judge the journal's tail
+        // without it, and pages of an unacknowledged batch that reached the disk after a hole
+        // would read as damage: the start refused. From here on the file holds a value this
+        // writer published, a true lower bound.
+        let path = writer.config.dir.join(DURABLE_FILE_NAME);
+        let synced = writer
+            .storage
+            .sync_small_file(&writer.durable_file, &path)
+            .and_then(|()| writer.storage.sync_dir(&writer.config.dir));
+        if let Err(e) = synced {
+            return Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "syncing the durable-watermark file {} failed: {e}",
+                    path.display()
+                ),
+            ));
+        }
         Ok(writer)
     }
 

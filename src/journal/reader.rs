@@ -32,22 +32,30 @@ pub enum JournalError {
     Visitor { seq: u64, reason: String },
 }
 
-/// The last sequence the journal's durable-watermark file names as synced (so possibly
-/// acknowledged), if the file is there and intact. A torn or missing file gives `None`: the
-/// checks it feeds are then skipped, never failed.
-pub fn durable_watermark(dir: &Path) -> Option<u64> {
-    let bytes = read_small_file(
-        &dir.join(crate::journal::format::DURABLE_FILE_NAME),
-        crate::journal::format::DURABLE_FILE_BYTES,
-    )
-    .ok()?;
+/// The journal's durable watermark: the last sequence its file names as synced (so possibly
+/// acknowledged), and the frame crc of the record that ends there. `None` when the file is
+/// not there (a journal from before it existed, or one its operator removed) or is torn: the
+/// checks it feeds are then skipped, never failed. Any other failure to read it is an error:
+/// a disk or permission error must not turn those checks off.
+pub fn read_durable_watermark(dir: &Path) -> Result<Option<(u64, u32)>, JournalError> {
+    let path = dir.join(crate::journal::format::DURABLE_FILE_NAME);
+    let bytes = match read_small_file(&path, crate::journal::format::DURABLE_FILE_BYTES) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(JournalError::Io { file: path, source }),
+    };
     match crate::journal::format::decode_durable(&bytes) {
-        Ok((seq, _)) => Some(seq),
+        Ok(watermark) => Ok(Some(watermark)),
         Err(e) => {
             tracing::warn!(error = e, "unreadable durable-watermark file; not checked");
-            None
+            Ok(None)
         }
     }
+}
+
+/// The sequence of `read_durable_watermark`.
+pub fn durable_watermark(dir: &Path) -> Result<Option<u64>, JournalError> {
+    Ok(read_durable_watermark(dir)?.map(|(seq, _)| seq))
 }
 
 /// The bytes of a small fixed-size file (`size` bytes when intact), read with a bound: at most
@@ -132,7 +140,7 @@ pub fn estimate_records(dir: &Path, from_seq: u64) -> usize {
     /// The ledger indexes remembered ids with `u32`.
     const MAX_ESTIMATE: u64 = 1 << 31;
     let segments = list_segments(dir).unwrap_or_default();
-    let durable_seq = durable_watermark(dir);
+    let durable_seq = durable_watermark(dir).ok().flatten();
     // Events at or after `start` up to the durable watermark (unbounded without one).
     let durable_events_from =
         |start: u64| durable_seq.map_or(u64::MAX, |d| d.saturating_add(1).saturating_sub(start));
@@ -285,7 +293,7 @@ fn scan_inner(
     let segments = list_segments(dir)?;
     let mut scan = Scan {
         from_seq,
-        durable: durable_watermark(dir),
+        durable: durable_watermark(dir)?,
         end: JournalEnd::empty(),
         passed_from: false,
         chain_seen,

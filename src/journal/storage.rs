@@ -46,6 +46,11 @@ pub trait Storage: Send {
     fn sync_dir(&mut self, dir: &Path) -> io::Result<()> {
         fsync_dir(dir)
     }
+    /// Makes a small file the journal keeps open durable (`path` names it). Not a segment:
+    /// not counted as one of the syncs `Faults` can make fail.
+    fn sync_small_file(&mut self, file: &File, _path: &Path) -> io::Result<()> {
+        file.sync_all()
+    }
 }
 
 /// The real thing: files mapped with `memmap2`.
@@ -398,6 +403,14 @@ impl Storage for FaultyStorage {
         fsync_dir(dir)?;
         if let Ok(mut synced) = self.faults.synced_files.lock() {
             synced.push(dir.to_path_buf());
+        }
+        Ok(())
+    }
+
+    fn sync_small_file(&mut self, file: &File, path: &Path) -> io::Result<()> {
+        file.sync_all()?;
+        if let Ok(mut synced) = self.faults.synced_files.lock() {
+            synced.push(path.to_path_buf());
         }
         Ok(())
     }

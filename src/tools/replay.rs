@@ -102,7 +102,8 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
     let config = crate::engine::ledger_config();
     let journal = journal_dir(&args.data_dir);
     let started = Instant::now();
-    let durable_seq = crate::journal::durable_watermark(&journal);
+    let durable = crate::journal::read_durable_watermark(&journal)?;
+    let durable_seq = durable.map(|(seq, _)| seq);
     let mut snapshot_seq = None;
     let mut snapshot_chain = None;
     let mut ledger = if args.from_snapshot {
@@ -231,7 +232,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
                      journal records the snapshot covers are missing"
                 )),
                 // The rule start-up applies, with its message (file, offset, sequence).
-                _ if to_end => check_durable_watermark(&journal, durable_seq, &end)
+                _ if to_end => check_durable_watermark(&journal, durable, &end)
                     .err()
                     .map(|e| e.to_string()),
                 _ => None,
