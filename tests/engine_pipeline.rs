@@ -620,4 +620,37 @@ fn bench_report_adds_up_and_its_journal_replays_to_its_state() {
         2 * accounts + transfers - codes["transaction_id_reused"],
         "{replay}"
     );
+
+    // A bench refuses a directory with a journal, and one whose journal lost the records its
+    // durable watermark says were synced (here: every segment removed), as `serve` would: it
+    // must not write over what may be acknowledged history.
+    let bench_again = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .args([
+                "bench",
+                "--accounts",
+                "10",
+                "--transfers",
+                "10",
+                "--sync",
+                "none",
+            ])
+            .args(["--wait", "park", "--output-wait", "park", "--pin-core=-1"])
+            .arg("--data-dir")
+            .arg(&data)
+            .env("WALLET_LOG", "warn")
+            .output()
+            .expect("run wallet")
+    };
+    let out = bench_again();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("needs an empty data directory"), "{stderr}");
+    for (_, segment) in wallet::journal::list_segments(&data.join("journal")).unwrap() {
+        std::fs::remove_file(segment).unwrap();
+    }
+    let out = bench_again();
+    assert!(!out.status.success(), "bench wrote over a lost journal");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("durable watermark"), "{stderr}");
 }

@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wallet::core::codec::encode_snapshot;
 use wallet::core::{
@@ -1425,6 +1425,45 @@ fn a_tail_keeps_its_last_durable_limit_when_the_watermark_file_disappears() {
         records.is_empty(),
         "{} records past the last durable limit",
         records.len()
+    );
+}
+
+/// A tail stuck at a record the durable watermark covers reports damage (within a few
+/// seconds) rather than waiting for good: that record was synced whole, so it is no write in
+/// progress, although nothing valid follows it (which alone reads as a torn tail).
+#[test]
+fn a_tail_stuck_at_a_damaged_durable_record_reports_it() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let (ledger, _) = fresh_journal(data, 1 << 20, 0..50, 10);
+    let end = wallet::journal::scan(&journal_dir(data), 1, |_| Ok(())).unwrap();
+    assert_eq!(end.next_seq, ledger.next_seq());
+    // Damage the last record's final bytes, as a bad sector after the sync would.
+    let (segment, offset) = end.segment.clone().unwrap();
+    let file = OpenOptions::new().write(true).open(&segment).unwrap();
+    file.write_all_at(&[0u8; 8], offset - 8).unwrap();
+    drop(file);
+    let mut tail = wallet::journal::tail::JournalTail::new(&journal_dir(data));
+    let mut records = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let error = loop {
+        match tail.fetch_records(usize::MAX, &mut records) {
+            Err(e) => break format!("{e:#}"),
+            Ok(()) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the tail waited 10 s at a damaged durable record"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    assert!(error.contains("journal damaged"), "{error}");
+    assert!(
+        records
+            .last()
+            .is_some_and(|r| r.next_seq() < ledger.next_seq()),
+        "the damaged record was yielded"
     );
 }
 

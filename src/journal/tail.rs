@@ -506,14 +506,33 @@ impl JournalTail {
 
     /// A frame that does not verify at the tail is usually a write in progress. If it stays bad,
     /// let the journal's own scan decide between a torn tail (keep waiting: the engine cuts it
-    /// on its next start) and corruption (stop with its error).
+    /// on its next start) and corruption (stop with its error). A frame the durable watermark
+    /// covers was synced whole before the file named it: one that does not verify is damage,
+    /// even where the scan, which finds nothing valid after it, would call it a torn tail.
     fn check_stuck(&mut self) -> anyhow::Result<()> {
         let since = *self.stuck_since.get_or_insert_with(Instant::now);
         if since.elapsed() > Duration::from_secs(2) {
             self.stuck_since = Some(Instant::now());
             let next = self.next_seq;
+            // Read before the scan: a running writer only moves it forward.
+            let durable = crate::journal::durable_watermark(&self.dir)?;
             let result = crate::journal::scan(&self.dir, next, |_| Err("stop".into()));
             match result {
+                Ok(end) if durable.is_some_and(|d| end.next_seq <= d) => {
+                    let (file, offset) = match &end.segment {
+                        Some((path, valid_end)) => (
+                            path.display().to_string(),
+                            end.torn_at.unwrap_or(*valid_end),
+                        ),
+                        None => (self.dir.display().to_string(), 0),
+                    };
+                    bail!(
+                        "journal damaged: {file} at byte {offset}: the record at sequence {} does \
+                         not verify, but the durable watermark says up to {} was synced",
+                        end.next_seq,
+                        durable.unwrap_or_default()
+                    );
+                }
                 Ok(_) | Err(crate::journal::JournalError::Visitor { .. }) => {
                     tracing::warn!(
                         seq = next,

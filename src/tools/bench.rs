@@ -560,8 +560,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
                 segment_size_bytes: args.segment_size,
                 sync: args.sync,
             };
+            // Start-up's rules first: a directory whose journal lost records its watermark
+            // says were synced is refused as `serve` refuses it, not written over.
+            let durable = crate::journal::read_durable_watermark(&config.dir)?;
             let end = crate::journal::scan(&config.dir, 1, |_| Ok(()))?;
-            anyhow::ensure!(end.next_seq == 1, "bench needs an empty data directory");
+            crate::engine::recovery::check_durable_watermark(&config.dir, durable, &end)?;
+            anyhow::ensure!(
+                end.next_seq == 1 && end.torn_at.is_none(),
+                "bench needs an empty data directory; {} holds a journal",
+                config.dir.display()
+            );
             let storage = MmapStorage {
                 readahead: args.journal_readahead,
             };
