@@ -2671,3 +2671,81 @@ fn a_durable_watermark_of_another_history_or_unreadable_is_refused() {
         "replay passed without reading the watermark"
     );
 }
+
+/// `wallet replay` without `--from-snapshot` audits the snapshot start-up would use: a journal
+/// that does not reach it, a snapshot of another history, and a snapshot whose state is not
+/// the journal's at its sequence are all reported (each passed before, although `serve`
+/// refuses the first two and starts from the wrong state on the third).
+#[test]
+fn replay_from_the_start_audits_the_snapshot_start_up_would_use() {
+    let temp = tempfile::tempdir().unwrap();
+    let (ours, theirs) = (temp.path().join("ours"), temp.path().join("theirs"));
+    let ledger = history_ending_with_a_deposit_of(&ours, 700);
+    let other = history_ending_with_a_deposit_of(&theirs, 701);
+    assert_eq!(ledger.next_seq(), other.next_seq());
+    let our_chain = recovered(&ours).end.last_crc;
+    let their_chain = recovered(&theirs).end.last_crc;
+    let last_seq = ledger.next_seq() - 1;
+    let plain = |data: &Path| wallet::tools::replay::run(&replay_args(data)).unwrap();
+
+    // Our own snapshot: audited and passed.
+    let ours_snapshot = snapshot::write_snapshot(
+        &snapshot_dir(&ours),
+        &encode_snapshot(&ledger, Some(our_chain)),
+    )
+    .unwrap();
+    let report = plain(&ours);
+    assert!(report.ok, "{:?}", report.error);
+    assert_eq!(report.snapshot_audited, Some(last_seq));
+
+    // Their state under our chain value: the chain passes, the state does not.
+    fs::remove_file(&ours_snapshot).unwrap();
+    snapshot::write_snapshot(
+        &snapshot_dir(&ours),
+        &encode_snapshot(&other, Some(our_chain)),
+    )
+    .unwrap();
+    let report = plain(&ours);
+    assert!(!report.ok);
+    let error = report.error.unwrap();
+    assert!(
+        error.contains("other than the journal's at sequence"),
+        "{error}"
+    );
+
+    // Their state under their chain value: another history's snapshot.
+    fs::remove_file(&ours_snapshot).unwrap();
+    snapshot::write_snapshot(
+        &snapshot_dir(&ours),
+        &encode_snapshot(&other, Some(their_chain)),
+    )
+    .unwrap();
+    let report = plain(&ours);
+    assert!(!report.ok);
+    let error = report.error.unwrap();
+    assert!(error.contains("does not belong to this journal"), "{error}");
+
+    // A journal replaced by an older copy (its own watermark with it): the snapshot holds
+    // records the journal no longer has.
+    fs::remove_file(&ours_snapshot).unwrap();
+    snapshot::write_snapshot(
+        &snapshot_dir(&ours),
+        &encode_snapshot(&ledger, Some(our_chain)),
+    )
+    .unwrap();
+    let older = temp.path().join("older");
+    let (mut writer, mut short, mut history) = fresh_writer(&older, 1 << 20, SyncMode::Batch);
+    write_commands(&mut writer, &mut short, &mut history, 0..150, 10);
+    drop(writer);
+    fs::remove_dir_all(journal_dir(&ours)).unwrap();
+    fs::rename(journal_dir(&older), journal_dir(&ours)).unwrap();
+    assert!(refusal(recover_in_thread(&ours)).contains("missing or damaged"));
+    let report = plain(&ours);
+    assert!(!report.ok);
+    let error = report.error.unwrap();
+    assert!(
+        error.contains("covers records up to")
+            && error.contains(&ours_snapshot.display().to_string()),
+        "{error}"
+    );
+}

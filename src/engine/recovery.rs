@@ -319,7 +319,7 @@ pub fn check_snapshot_chain(
 /// behind a stale watermark file), never a state to start from silently. The one loss that is
 /// not damage is a power loss under `--sync none`, which the operator can accept by moving the
 /// snapshot aside.
-fn snapshot_ahead(data_dir: &Path, snapshot_seq: u64, end: &JournalEnd) -> JournalError {
+pub(crate) fn snapshot_ahead(data_dir: &Path, snapshot_seq: u64, end: &JournalEnd) -> JournalError {
     let journal = journal_dir(data_dir);
     let (file, offset) = match &end.segment {
         Some((path, valid_end)) => (path.clone(), end.torn_at.unwrap_or(*valid_end)),

@@ -59,6 +59,10 @@ pub struct ReplayReport {
     /// With `--from-snapshot`: the last sequence in the snapshot the replay started from (none:
     /// no valid snapshot, so the replay started from the beginning of the journal).
     pub snapshot_seq: Option<u64>,
+    /// Without `--from-snapshot`: the last sequence in the snapshot `serve` would start from
+    /// (the newest valid one), which the replay audited: its chain value against the journal,
+    /// a journal that reaches it, and its state against the replayed state at its sequence.
+    pub snapshot_audited: Option<u64>,
     /// The last sequence the journal's durable-watermark file says was synced (and so may have
     /// been acknowledged). A journal that ends before it has lost acknowledged records.
     pub durable_seq: Option<u64>,
@@ -134,6 +138,16 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
     let mut events = 0u64;
     let mut checkpoints = 0u64;
     let mut stopped = false;
+    // Without --from-snapshot, the snapshot start-up would use is audited against the journal
+    // (a replay that passed a data directory `serve` refuses would be no audit). Loaded, hashed
+    // and dropped before the replay: one ledger in memory at a time.
+    let audited = if args.from_snapshot {
+        None
+    } else {
+        snapshot::load_newest_snapshot(&snapshot_dir(&args.data_dir), config, None)
+            .map(|l| (l.ledger.next_seq(), l.ledger.state_hash(), l.chain, l.path))
+    };
+    let mut hash_at_snapshot: Option<u64> = None;
     let mut account_index: Option<u32> = account.as_ref().and_then(|a| ledger.account_index(a));
     let mut entries = Vec::new();
     let progress = if !args.json && console_is_terminal() {
@@ -165,6 +179,11 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
                 record.transaction_id.to_uuid_string(),
                 record.fingerprint
             ));
+        }
+        if let Some((next_seq, ..)) = &audited
+            && ledger.next_seq() == *next_seq
+        {
+            hash_at_snapshot = Some(ledger.state_hash());
         }
         checkpoints += u64::from(checkpoint);
         records += 1;
@@ -204,7 +223,14 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
                 .err()
                 .map(|e| e.to_string())
         }
-        _ => None,
+        _ => match &audited {
+            Some((next_seq, _, Some(chain), path)) => {
+                crate::engine::recovery::check_snapshot_chain(&journal, path, *next_seq, *chain)
+                    .err()
+                    .map(|e| e.to_string())
+            }
+            _ => None,
+        },
     };
     // What start-up checks of the segments the replay does not open (those before the
     // snapshot's): the history starts at sequence 1 and every file named like a segment is one.
@@ -231,10 +257,22 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
                     "the snapshot holds sequence {snap} but the journal ends at {journal_last}: \
                      journal records the snapshot covers are missing"
                 )),
-                // The rule start-up applies, with its message (file, offset, sequence).
+                // The rules start-up applies, in its order, with its messages (file, offset,
+                // sequence): the durable watermark, then the snapshot it would use.
                 _ if to_end => check_durable_watermark(&journal, durable, &end)
                     .err()
-                    .map(|e| e.to_string()),
+                    .map(|e| e.to_string())
+                    .or_else(|| match &audited {
+                        Some((next_seq, ..)) if end.next_seq < *next_seq => Some(
+                            crate::engine::recovery::snapshot_ahead(
+                                &args.data_dir,
+                                *next_seq,
+                                &end,
+                            )
+                            .to_string(),
+                        ),
+                        _ => None,
+                    }),
                 _ => None,
             };
             // Start-up's last check: the journal continues where the state ends (a snapshot
@@ -264,6 +302,18 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
             (missing, torn_tail)
         }
     };
+    // The audited snapshot's state against the journal's at its sequence.
+    if error.is_none()
+        && let (Some((next_seq, hash, _, path)), Some(replayed)) = (&audited, hash_at_snapshot)
+        && replayed != *hash
+    {
+        error = Some(format!(
+            "snapshot {} holds a state (hash {hash:016x}) other than the journal's at sequence {} \
+             (hash {replayed:016x}): one of them is wrong; `serve` would start from the snapshot",
+            path.display(),
+            next_seq - 1
+        ));
+    }
     if chain_error.is_some() {
         error = chain_error;
     }
@@ -298,6 +348,10 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
         checkpoints_verified: checkpoints,
         last_seq: ledger.next_seq() - 1,
         snapshot_seq,
+        snapshot_audited: audited
+            .as_ref()
+            .filter(|_| hash_at_snapshot.is_some())
+            .map(|(next_seq, ..)| next_seq - 1),
         durable_seq,
         torn_tail,
         accounts: ledger.account_count(),
@@ -352,6 +406,9 @@ pub fn print(report: &ReplayReport) {
     }
     if let Some(seq) = report.snapshot_seq {
         println!("started from the snapshot at sequence {seq}");
+    }
+    if let Some(seq) = report.snapshot_audited {
+        println!("the snapshot at sequence {seq} matches the replayed state there");
     }
     if let Some(torn) = &report.torn_tail {
         println!("torn tail (bytes after the last valid record): {torn}");
