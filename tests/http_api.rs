@@ -1941,3 +1941,47 @@ fn journal_reads_of_the_event_stream_are_bounded() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(server.stop().success());
 }
+
+/// A request refused before its body is read (413 from `Content-Length`, 415) still lets the
+/// client send the whole body and read the answer: the body is drained, not cut off with a
+/// reset (which fails the client's send with EPIPE and can discard the answer), and the
+/// connection then serves the next request.
+#[test]
+fn a_refused_large_body_is_drained_and_its_answer_read() {
+    use std::io::{Read, Write};
+    let dir = temp();
+    let server = Server::start(dir.path(), &["--max-body-bytes", "16384"]);
+    let mut stream = std::net::TcpStream::connect(&server.address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let body = vec![b'x'; 8 << 20];
+    for (content_type, status) in [("application/json", 413), ("text/plain", 415)] {
+        write!(
+            stream,
+            "POST /v1/wallet/balance_transfer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        stream
+            .write_all(&body)
+            .unwrap_or_else(|e| panic!("{status}: the server cut the body off: {e}"));
+        let r = common::read_response(&mut stream).unwrap();
+        assert_eq!(r.status, status, "{}", r.body);
+    }
+    write!(stream, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let r = common::read_response(&mut stream).unwrap();
+    assert_eq!(
+        r.status, 200,
+        "the connection serves on after a drained body"
+    );
+    let mut rest = [0u8; 1];
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    assert!(
+        stream.read(&mut rest).is_err(),
+        "nothing more was expected on the connection"
+    );
+    assert!(server.stop().success());
+}

@@ -11,6 +11,7 @@
 pub mod auth;
 pub mod json;
 pub mod limit;
+pub mod linger;
 pub mod metrics;
 pub mod routes;
 pub mod waiters;
@@ -643,7 +644,7 @@ pub async fn serve(
             let peer = peer.clone();
             async move {
                 Ok::<_, std::convert::Infallible>(
-                    routes::handle(app, submitter, peer, request).await,
+                    routes::handle(app, submitter, peer, request.map(linger::Body::new)).await,
                 )
             }
         });
@@ -950,7 +951,12 @@ fn serve_starting(
             _ => "stopping",
         };
         let response = routes::starting_response(request.uri().path(), phase);
-        async move { Ok::<_, std::convert::Infallible>(response) }
+        // Unread: drained after the answer rather than cut off (`linger`).
+        let body = linger::Body::new(request.into_body());
+        async move {
+            drop(body);
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     let mut builder = http1::Builder::new();
     builder

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::api::linger;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use serde_json::{Value, json};
@@ -378,7 +378,7 @@ pub async fn handle(
     app: Arc<App>,
     submitter: Arc<std::sync::Mutex<Submitter>>,
     peer: Arc<str>,
-    request: Request<Incoming>,
+    request: Request<linger::Body>,
 ) -> HttpResponse {
     let started = Instant::now();
     let method = request.method().clone();
@@ -552,7 +552,7 @@ fn admit(
     app: &App,
     route: usize,
     peer: &str,
-    request: &Request<Incoming>,
+    request: &Request<linger::Body>,
 ) -> Result<Caller, Reply> {
     // With authentication off every caller is an admin, so the request must be addressed to a
     // loopback name: a web page whose name an attacker re-resolved to 127.0.0.1 (DNS rebinding)
@@ -651,7 +651,7 @@ async fn dispatch(
     caller: &Caller,
     route: usize,
     params: Vec<String>,
-    request: Request<Incoming>,
+    request: Request<linger::Body>,
     generated: &std::sync::OnceLock<TransactionId>,
 ) -> Reply {
     let query = request.uri().query().map(str::to_string);
@@ -749,7 +749,7 @@ async fn dispatch(
 }
 
 async fn read_body(
-    request: Request<Incoming>,
+    request: Request<linger::Body>,
     limit: usize,
     deadline: Duration,
 ) -> Result<Bytes, Reply> {
