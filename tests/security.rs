@@ -1135,6 +1135,11 @@ fn retries_after_a_restart_do_not_use_up_the_velocity_allowance() {
     let t3 = transfer_body("alice", "bob", "3.00", &uuid());
     let r = admin.post("/v1/wallet/balance_transfer", &t3);
     assert_eq!(r.status, 200, "{}", r.body);
+    // And the allowance is charged: the next new transfer at once is refused (this also shows
+    // the requests above came within the second the allowance takes to come back).
+    let t4 = transfer_body("alice", "bob", "4.00", &uuid());
+    let r = admin.post("/v1/wallet/balance_transfer", &t4);
+    assert_eq!(r.status, 429, "{}", r.body);
     assert_eq!(
         admin.get("/readyz").status,
         503,

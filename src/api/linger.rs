@@ -31,6 +31,12 @@ impl Body {
     pub fn new(inner: Incoming) -> Body {
         Body { inner: Some(inner) }
     }
+
+    /// Drops the body without draining it: for a client already known to be too slow (its
+    /// body did not arrive in time), whose connection is closed rather than kept reading.
+    pub fn discard(mut self) {
+        self.inner.take();
+    }
 }
 
 impl hyper::body::Body for Body {

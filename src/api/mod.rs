@@ -195,11 +195,11 @@ impl Default for ServeConfig {
     }
 }
 
-/// State shared by every connection.
 /// Event-stream reads from the journal files at once (each up to 10,000 events, a few
 /// milliseconds of one core).
 pub const JOURNAL_READS: usize = 4;
 
+/// State shared by every connection.
 pub struct App {
     pub config: ServeConfig,
     pub views: Arc<Views>,

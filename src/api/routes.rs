@@ -781,8 +781,10 @@ async fn read_body(
     {
         return Err(too_large());
     }
-    let collect = Limited::new(request.into_body(), limit).collect();
+    let mut body = request.into_body();
+    let collect = Limited::new(&mut body, limit).collect();
     let Ok(collected) = tokio::time::timeout(deadline, collect).await else {
+        body.discard();
         return Err(Reply::error(
             StatusCode::REQUEST_TIMEOUT,
             "body_incomplete",

@@ -391,8 +391,8 @@ struct WriteDone {
     /// The connection (made by the task if the node had none).
     conn: Option<MultiplexedConnection>,
     result: anyhow::Result<()>,
-    /// A rebuild (`resync`), not a script write.
-    rebuild: bool,
+    /// What the task did.
+    kind: JobKind,
 }
 
 /// Keys and balances of some accounts, copied out of the directory: a write task cannot
@@ -500,20 +500,43 @@ impl Node {
     }
 }
 
-/// One node's write task: connects if the node has no connection, then runs the apply script.
-async fn write_node(
+/// What a node's write task does.
+enum Job {
+    /// Runs the apply script (`EVALSHA`) of its changed accounts.
+    Apply(redis::Cmd),
+    /// Rebuilds the node from its share of the balances (`resync`) and stamps `Finish`.
+    Rebuild(Entries, Finish),
+    /// Only connects: a node to rebuild is connected first, so that its share is copied only
+    /// for a node that answers.
+    Connect,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum JobKind {
+    Apply,
+    Rebuild,
+    Connect,
+}
+
+/// One node's write task: connects if the node has no connection, then does `job`; the node
+/// then holds sequence `target`.
+async fn node_task(
     i: usize,
     target: u64,
     conn: Option<MultiplexedConnection>,
     address: String,
-    cmd: redis::Cmd,
+    job: Job,
 ) -> WriteDone {
     let mut done = WriteDone {
         node: i,
         target,
         conn: None,
         result: Ok(()),
-        rebuild: false,
+        kind: match job {
+            Job::Apply(_) => JobKind::Apply,
+            Job::Rebuild(..) => JobKind::Rebuild,
+            Job::Connect => JobKind::Connect,
+        },
     };
     let mut conn = match conn {
         Some(conn) => conn,
@@ -525,41 +548,14 @@ async fn write_node(
             }
         },
     };
-    done.result = eval_apply(&mut conn, &cmd)
-        .await
-        .map(|_| ())
-        .map_err(anyhow::Error::from);
-    done.conn = Some(conn);
-    done
-}
-
-/// One node's rebuild task: connects if the node has no connection, then rebuilds it from
-/// `share` (`resync`) and stamps `finish`.
-async fn rebuild_node(
-    i: usize,
-    conn: Option<MultiplexedConnection>,
-    address: String,
-    share: Entries,
-    finish: Finish,
-) -> WriteDone {
-    let mut done = WriteDone {
-        node: i,
-        target: finish.seq,
-        conn: None,
-        result: Ok(()),
-        rebuild: true,
+    done.result = match job {
+        Job::Apply(cmd) => eval_apply(&mut conn, &cmd)
+            .await
+            .map(|_| ())
+            .map_err(anyhow::Error::from),
+        Job::Rebuild(share, finish) => resync(&mut conn, &share, Some(&finish)).await,
+        Job::Connect => Ok(()),
     };
-    let mut conn = match conn {
-        Some(conn) => conn,
-        None => match connect(&address).await {
-            Ok(conn) => conn,
-            Err(e) => {
-                done.result = Err(e);
-                return done;
-            }
-        },
-    };
-    done.result = resync(&mut conn, &share, Some(&finish)).await;
     done.conn = Some(conn);
     done
 }
@@ -709,7 +705,8 @@ struct Replicator {
     marked: Vec<bool>,
     /// Nodes removed from the map whose keys are still to be deleted.
     retired: Vec<Node>,
-    /// Script writes in flight, at most one per node (`Node::write`).
+    /// Writes in flight (script writes, rebuilds, connects), at most one per node
+    /// (`Node::write`).
     inflight: tokio::task::JoinSet<WriteDone>,
     /// The largest replication lag seen (`lag`): from the start of the source read before an
     /// event appeared to a node having applied it (an upper bound, omitting only the moment
@@ -1002,6 +999,32 @@ impl Replicator {
             {
                 continue;
             }
+            if node.conn.is_none() {
+                // Connected first (by a task: connecting must not hold back the other nodes);
+                // the rebuild starts once it answers.
+                let task = node_task(
+                    i,
+                    node.applied_seq,
+                    None,
+                    node.address.clone(),
+                    Job::Connect,
+                );
+                self.nodes[i].write = Some(Write {
+                    task: None,
+                    started: now,
+                    since: None,
+                });
+                if inline {
+                    let write = task.await;
+                    self.on_applied(write, &mut 0);
+                } else {
+                    let task = self.inflight.spawn(task);
+                    if let Some(write) = self.nodes[i].write.as_mut() {
+                        write.task = Some(task.id());
+                    }
+                }
+                continue;
+            }
             tracing::info!(node = %node.address, seq = self.dir.seq, "rebuilding node from the replicator's balances");
             let share = share(&self.dir, &self.route, i as u16);
             let finish = Finish {
@@ -1020,7 +1043,13 @@ impl Replicator {
                 started: now,
                 since,
             });
-            let task = rebuild_node(i, node.conn.clone(), node.address.clone(), share, finish);
+            let task = node_task(
+                i,
+                self.dir.seq,
+                node.conn.clone(),
+                node.address.clone(),
+                Job::Rebuild(share, finish),
+            );
             if inline {
                 let mut done = 0;
                 let write = task.await;
@@ -1081,14 +1110,14 @@ impl Replicator {
             // exactly one node ahead (concurrent writes would usually all land first).
             let mut done = 0;
             for (i, conn, address, cmd) in writes {
-                let write = write_node(i, target, conn, address, cmd).await;
+                let write = node_task(i, target, conn, address, Job::Apply(cmd)).await;
                 self.on_applied(write, &mut done);
             }
         } else {
             for (i, conn, address, cmd) in writes {
-                let task = self
-                    .inflight
-                    .spawn(write_node(i, target, conn, address, cmd));
+                let task =
+                    self.inflight
+                        .spawn(node_task(i, target, conn, address, Job::Apply(cmd)));
                 if let Some(write) = self.nodes[i].write.as_mut() {
                     write.task = Some(task.id());
                 }
@@ -1102,7 +1131,7 @@ impl Replicator {
             target,
             conn,
             result,
-            rebuild,
+            kind,
         } = write;
         let write = self.nodes[i].write.take();
         let since = write.and_then(|w| w.since);
@@ -1110,23 +1139,37 @@ impl Replicator {
         if conn.is_some() {
             self.nodes[i].conn = conn;
         }
-        if rebuild {
-            let node = &mut self.nodes[i];
-            match result {
-                Ok(()) => {
-                    node.needs_resync = false;
-                    node.mark_up();
-                    if let Some(since) = since {
-                        node.lag = since.elapsed();
-                        self.lag_max = self.lag_max.max(node.lag);
-                    }
+        match (kind, result) {
+            (JobKind::Connect, Ok(())) => self.nodes[i].mark_up(),
+            (JobKind::Connect, Err(e)) => self.nodes[i].mark_down(&e),
+            (JobKind::Rebuild, Ok(())) => {
+                let node = &mut self.nodes[i];
+                node.needs_resync = false;
+                node.mark_up();
+                if let Some(since) = since {
+                    node.lag = since.elapsed();
+                    self.lag_max = self.lag_max.max(node.lag);
                 }
-                // Still to be rebuilt (its changes since are cleared when the next rebuild
-                // starts).
-                Err(e) => node.mark_down(&e),
             }
-            return;
+            (JobKind::Rebuild, Err(e)) => {
+                // Still to be rebuilt; its oldest change not yet there stays counted in its
+                // lag (the changes themselves are cleared when the next rebuild starts).
+                self.nodes[i].mark_down(&e);
+                self.redirty(i, Vec::new(), since);
+            }
+            (JobKind::Apply, result) => self.apply_done(i, target, accounts, since, result, done),
         }
+    }
+
+    fn apply_done(
+        &mut self,
+        i: usize,
+        target: u64,
+        accounts: Vec<u32>,
+        since: Option<Instant>,
+        result: anyhow::Result<()>,
+        done: &mut usize,
+    ) {
         match result {
             Ok(_) => {
                 *done += 1;

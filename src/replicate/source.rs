@@ -553,11 +553,14 @@ impl HttpSource {
                     "GET {path}: HTTP {status}: {}",
                     String::from_utf8_lossy(&body)
                 );
-                return Err(if status.is_server_error() {
-                    unavailable(message)
-                } else {
-                    anyhow::anyhow!(message)
-                });
+                // 429: the engine is busy (its journal reads are bounded): retried like a 5xx.
+                return Err(
+                    if status.is_server_error() || status == hyper::StatusCode::TOO_MANY_REQUESTS {
+                        unavailable(message)
+                    } else {
+                        anyhow::anyhow!(message)
+                    },
+                );
             }
             Ok(body)
         })
@@ -1124,6 +1127,37 @@ mod tests {
             assert!(started.elapsed() < Duration::from_secs(5));
             held.abort();
         });
+    }
+
+    /// A 429 (the engine's journal reads are all taken) is retried like a 5xx; another 4xx
+    /// is not.
+    #[test]
+    fn a_busy_engine_is_retried_and_a_refusal_is_not() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for (status, retried) in [("429 Too Many Requests", true), ("403 Forbidden", false)] {
+            block_on(async {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                let address = listener.local_addr().expect("address");
+                let answer = format!("HTTP/1.1 {status}\r\ncontent-length: 2\r\n\r\n{{}}");
+                let server = tokio::spawn(async move {
+                    let (mut stream, _) = listener.accept().await.expect("accept");
+                    let mut buffer = [0u8; 4096];
+                    let _ = stream.read(&mut buffer).await;
+                    stream.write_all(answer.as_bytes()).await.expect("write");
+                    let _ = stream.read(&mut buffer).await;
+                });
+                let mut source = HttpSource::new(&address.to_string()).expect("source");
+                let error = source
+                    .lines(1, 10, Duration::from_millis(0))
+                    .await
+                    .err()
+                    .expect("an error answer");
+                assert_eq!(error.is::<Unavailable>(), retried, "{status}: {error:#}");
+                server.abort();
+            });
+        }
     }
 
     /// Failures are retried with a growing pause for as long as they last less than the
