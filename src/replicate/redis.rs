@@ -364,7 +364,7 @@ struct Node {
     dirty_since: Option<Instant>,
     /// Accounts of the write in flight (back to `dirty` if it fails).
     inflight: Vec<u32>,
-    /// The script write in flight to the node, if any. Each node has at most one, and the
+    /// The write in flight to the node (`Job`), if any. Each node has at most one, and the
     /// others do not wait for it: a node that hangs holds back only its own balances.
     write: Option<Write>,
     /// Lag of the last write the node completed (see `Write::since`).
@@ -374,7 +374,8 @@ struct Node {
     backoff: Duration,
 }
 
-/// A write in flight to one node: a script write of its changed accounts, or a rebuild.
+/// A write in flight to one node: a script write of its changed accounts, a rebuild, or a
+/// connect before one.
 struct Write {
     /// Its task in `Replicator::inflight` (none for writes awaited in place).
     task: Option<tokio::task::Id>,
