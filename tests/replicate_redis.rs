@@ -741,6 +741,22 @@ fn a_partition_map_version_is_never_reused() {
 
 /// Waits until every node of `nodes` shows an applied sequence of at least `seq`; false if
 /// that takes longer than `timeout`.
+/// Three rounds of 1,000 transfers while `hung` hangs: after each, the `others` must reach the
+/// journal's end within 5 s. Returns the journal's last sequence.
+fn others_keep_up(cluster: &Cluster, client: &mut Client, others: &[String], hung: &str) -> u64 {
+    let mut last = 0;
+    for round in 0..3 {
+        transfers(client, 300, 1_000, 10 + round);
+        last = cluster.journal_last_seq();
+        assert!(
+            nodes_reach(others, last, Duration::from_secs(5)),
+            "round {round}: the other nodes did not reach sequence {last} while {hung} hung: {:?}",
+            others.iter().map(|n| node_state(n)).collect::<Vec<_>>()
+        );
+    }
+    last
+}
+
 fn nodes_reach(nodes: &[String], seq: u64, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
@@ -784,16 +800,7 @@ fn a_hung_node_holds_back_only_its_own_balances() {
         .expect("CLIENT PAUSE");
     // The first batch's write to the hung node blocks; later batches must still reach the
     // others, each within seconds.
-    let mut last = 0;
-    for round in 0..3 {
-        transfers(&mut client, 300, 1_000, 10 + round);
-        last = cluster.journal_last_seq();
-        assert!(
-            nodes_reach(others, last, Duration::from_secs(5)),
-            "round {round}: the other nodes did not reach sequence {last} while {hung} hung: {:?}",
-            others.iter().map(|n| node_state(n)).collect::<Vec<_>>()
-        );
-    }
+    let last = others_keep_up(&cluster, &mut client, others, hung);
     let (applied, _) = node_state(hung).expect("hung node state (reads are not paused)");
     assert!(
         paused_at.elapsed() < pause,
@@ -840,15 +847,7 @@ fn a_hung_rebuild_holds_back_only_its_own_balances() {
         .query::<()>(&mut redis_connection(hung))
         .expect("FLUSHALL and CLIENT PAUSE");
     wait_for_log(&log, "node lost what was written there");
-    for round in 0..3 {
-        transfers(&mut client, 300, 1_000, 10 + round);
-        let last = cluster.journal_last_seq();
-        assert!(
-            nodes_reach(others, last, Duration::from_secs(5)),
-            "round {round}: the other nodes did not reach sequence {last} while {hung} hung in its rebuild: {:?}",
-            others.iter().map(|n| node_state(n)).collect::<Vec<_>>()
-        );
-    }
+    others_keep_up(&cluster, &mut client, others, hung);
     let state = node_state(hung).expect("hung node state (reads are not paused)");
     assert!(
         paused_at.elapsed() < pause,

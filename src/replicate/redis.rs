@@ -1003,27 +1003,13 @@ impl Replicator {
             if node.conn.is_none() {
                 // Connected first (by a task: connecting must not hold back the other nodes);
                 // the rebuild starts once it answers.
-                let task = node_task(
-                    i,
-                    node.applied_seq,
-                    None,
-                    node.address.clone(),
-                    Job::Connect,
-                );
+                let target = node.applied_seq;
                 self.nodes[i].write = Some(Write {
                     task: None,
                     started: now,
                     since: None,
                 });
-                if inline {
-                    let write = task.await;
-                    self.on_applied(write, &mut 0);
-                } else {
-                    let task = self.inflight.spawn(task);
-                    if let Some(write) = self.nodes[i].write.as_mut() {
-                        write.task = Some(task.id());
-                    }
-                }
+                self.launch(i, target, Job::Connect, inline, &mut 0).await;
                 continue;
             }
             tracing::info!(node = %node.address, seq = self.dir.seq, "rebuilding node from the replicator's balances");
@@ -1044,23 +1030,9 @@ impl Replicator {
                 started: now,
                 since,
             });
-            let task = node_task(
-                i,
-                self.dir.seq,
-                node.conn.clone(),
-                node.address.clone(),
-                Job::Rebuild(share, finish),
-            );
-            if inline {
-                let mut done = 0;
-                let write = task.await;
-                self.on_applied(write, &mut done);
-            } else {
-                let task = self.inflight.spawn(task);
-                if let Some(write) = self.nodes[i].write.as_mut() {
-                    write.task = Some(task.id());
-                }
-            }
+            let target = self.dir.seq;
+            self.launch(i, target, Job::Rebuild(share, finish), inline, &mut 0)
+                .await;
         }
         let version = self.version();
         let target = self.dir.seq;
@@ -1104,25 +1076,40 @@ impl Replicator {
                     cmd.arg(&currency.code()[..]).arg(*balance);
                 }
             }
-            writes.push((i, node.conn.clone(), node.address.clone(), cmd));
+            writes.push((i, cmd));
         }
+        let mut done = 0;
+        for (i, cmd) in writes {
+            self.launch(i, target, Job::Apply(cmd), inline, &mut done)
+                .await;
+        }
+    }
+
+    /// Runs `job` as node `i`'s write (already in `Node::write`): a task in `inflight`, or,
+    /// while the crash tests' failpoint is armed (`inline`), awaited in place, one node at a
+    /// time, so that the failpoint stops the process with exactly one node ahead (concurrent
+    /// writes would usually all land first).
+    async fn launch(&mut self, i: usize, target: u64, job: Job, inline: bool, done: &mut usize) {
+        let node = &self.nodes[i];
+        let task = node_task(i, target, node.conn.clone(), node.address.clone(), job);
         if inline {
-            // Crash tests: one node at a time, so that the failpoint stops the process with
-            // exactly one node ahead (concurrent writes would usually all land first).
-            let mut done = 0;
-            for (i, conn, address, cmd) in writes {
-                let write = node_task(i, target, conn, address, Job::Apply(cmd)).await;
-                self.on_applied(write, &mut done);
-            }
+            let write = task.await;
+            self.on_applied(write, done);
         } else {
-            for (i, conn, address, cmd) in writes {
-                let task =
-                    self.inflight
-                        .spawn(node_task(i, target, conn, address, Job::Apply(cmd)));
-                if let Some(write) = self.nodes[i].write.as_mut() {
-                    write.task = Some(task.id());
-                }
+            let task = self.inflight.spawn(task);
+            if let Some(write) = self.nodes[i].write.as_mut() {
+                write.task = Some(task.id());
             }
+        }
+    }
+
+    /// Books the lag of a write node `i` completed (`since`: when the oldest change it
+    /// carried appeared).
+    fn book_lag(&mut self, i: usize, since: Option<Instant>) {
+        if let Some(since) = since {
+            let node = &mut self.nodes[i];
+            node.lag = since.elapsed();
+            self.lag_max = self.lag_max.max(node.lag);
         }
     }
 
@@ -1147,10 +1134,7 @@ impl Replicator {
                 let node = &mut self.nodes[i];
                 node.needs_resync = false;
                 node.mark_up();
-                if let Some(since) = since {
-                    node.lag = since.elapsed();
-                    self.lag_max = self.lag_max.max(node.lag);
-                }
+                self.book_lag(i, since);
             }
             (JobKind::Rebuild, Err(e)) => {
                 // Still to be rebuilt; its oldest change not yet there stays counted in its
@@ -1180,10 +1164,7 @@ impl Replicator {
                 let node = &mut self.nodes[i];
                 node.applied_seq = target;
                 node.mark_up();
-                if let Some(since) = since {
-                    node.lag = since.elapsed();
-                    self.lag_max = self.lag_max.max(node.lag);
-                }
+                self.book_lag(i, since);
                 return;
             }
             Err(e) if e.downcast_ref::<redis::RedisError>().is_some_and(is_stale) => {
