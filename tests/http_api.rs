@@ -1353,6 +1353,98 @@ fn loadgen_sends_the_backlog_of_a_stall_at_the_end_of_an_open_loop_run() {
     );
 }
 
+/// A server that accepts connections and then never answers: reads every byte it is sent,
+/// writes nothing, until the test ends. Returns its address.
+fn silent_server() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut sink = [0u8; 4096];
+                while matches!(std::io::Read::read(&mut stream, &mut sink), Ok(n) if n > 0) {}
+            });
+        }
+    });
+    address
+}
+
+/// Runs `wallet loadgen ARGS` and waits at most `limit` for it to exit by itself (killed and
+/// failed past that): its exit status, stdout and stderr.
+fn loadgen_within(args: &[&str], limit: Duration) -> (std::process::ExitStatus, String, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+        .arg("loadgen")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run loadgen");
+    let started = std::time::Instant::now();
+    while child.try_wait().expect("wait for loadgen").is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("loadgen {args:?} was still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().expect("loadgen output");
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A load test stops by itself: against a server that accepts and never answers, a request
+/// without an answer by the drain limit (10 s after the run's end) is an error and the run
+/// reports; a TLS handshake that never finishes fails the run within the connect timeout.
+/// (Only connecting was bounded before: both runs waited forever.)
+#[test]
+fn loadgen_stops_by_itself_when_the_server_never_answers() {
+    let address = silent_server().to_string();
+    let url = format!("http://{address}");
+    let (status, stdout, stderr) = loadgen_within(
+        &["--url", &url, "--json", "--rate", "10", "--duration", "1"],
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON report");
+    // Ten requests were due (10/s for 1 s), each on its own connection of the default 64,
+    // and each hung until the deadline.
+    assert_eq!(report["errors"], report["requests"], "{report}");
+    assert!(report["errors"].as_u64().unwrap_or(0) >= 1, "{report}");
+    assert_eq!(report["transfers"], 0, "{report}");
+    assert_eq!(
+        report["requests"].as_u64().unwrap_or(0) + report["unsent"].as_u64().unwrap_or(0),
+        10,
+        "every due request is either sent or counted unsent: {report}"
+    );
+
+    let dir = temp();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, cert.pem()).unwrap();
+    let port = address.rsplit_once(':').unwrap().1;
+    let url = format!("https://localhost:{port}");
+    let (status, _, stderr) = loadgen_within(
+        &[
+            "--url",
+            &url,
+            "--ca",
+            ca.to_str().unwrap(),
+            "--duration",
+            "1",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(!status.success());
+    assert!(stderr.contains("TLS handshake"), "{stderr}");
+}
+
 /// `serve` binds first and recovers after; in between it must answer, not leave connections in
 /// the accept backlog: `/healthz` 200, `/readyz` 503 naming the phase, anything else 503 with
 /// `Retry-After` (and nothing changes). Once recovered, the same address serves normally.

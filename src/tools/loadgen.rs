@@ -72,7 +72,13 @@ pub struct LoadgenReport {
     pub transfers_per_sec: f64,
     pub requests_per_sec: f64,
     pub status_counts: BTreeMap<String, u64>,
+    /// Errors: connections that failed, answers that could not be read, and requests without an
+    /// answer by the run's deadline (`DRAIN_LIMIT` after its end).
     pub errors: u64,
+    /// Requests sent a second time on a fresh connection because the kept-alive one failed
+    /// before any byte of an answer (the server closed it while idle, usually); each answer's
+    /// latency includes the reconnect. Counted once in `requests`.
+    pub resent: u64,
     /// Open loop: requests that were due before the end but still unsent when the drain limit
     /// (`DRAIN_LIMIT` after the end) ran out; a server that stalled at the end shows here.
     pub unsent: u64,
@@ -192,6 +198,22 @@ struct Answer {
     resent: bool,
 }
 
+/// Sends one request with `client`, giving up at `deadline` (an error: the server did not
+/// answer in time). Cancelling is safe: the client drops a connection whose exchange did not
+/// finish, and the next request opens a new one.
+async fn send_by(
+    client: &mut Client,
+    deadline: Instant,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+    token: Option<&str>,
+) -> anyhow::Result<Answer> {
+    tokio::time::timeout_at(deadline.into(), client.send_as(method, path, body, token))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer to {method} {path} by the deadline"))?
+}
+
 /// Committed and replayed transfers in one answer. A batch's body holds one result per
 /// transfer, `{"index":i,"http_status":s,"replayed":b,...}`, in the server's fixed layout.
 /// A replay answering a resend is this run's own commit (its first send reached the server,
@@ -287,7 +309,18 @@ impl Client {
         stream.set_nodelay(true)?;
         Ok(match &self.target.tls {
             None => Box::new(stream),
-            Some((connector, name)) => Box::new(connector.connect(name.clone(), stream).await?),
+            // The handshake is bounded too: a port that accepts and never answers it would
+            // hold the run forever.
+            Some((connector, name)) => Box::new(
+                tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name.clone(), stream))
+                    .await
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "the TLS handshake with {} timed out after {CONNECT_TIMEOUT:?}",
+                            self.target.host
+                        )
+                    })??,
+            ),
         })
     }
 
@@ -421,6 +454,9 @@ fn transfer_from(rng: &mut SplitMix, accounts: u64, from: u64) -> String {
 /// Seeds the deposits of `--setup` (with the account's number).
 const SETUP_SEED: u64 = 0x5E7_5E7_5E7;
 
+/// How long `--setup` waits for the answers about one account (its opening and deposit).
+const SETUP_REQUEST_LIMIT: Duration = Duration::from_secs(30);
+
 async fn setup(args: &LoadgenArgs, host: &Target, admin: Option<String>) -> anyhow::Result<()> {
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -434,11 +470,12 @@ async fn setup(args: &LoadgenArgs, host: &Target, admin: Option<String>) -> anyh
             let mut client = Client::connect(&host).await?;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
+                let deadline = Instant::now() + SETUP_REQUEST_LIMIT;
                 if i >= accounts {
                     return anyhow::Ok(());
                 }
                 let open = format!(r#"{{"account_id":"{}"}}"#, account(i));
-                let status = client.send_as("POST", "/v1/wallet/accounts", Some(open), token).await?.status;
+                let status = send_by(&mut client, deadline, "POST", "/v1/wallet/accounts", Some(open), token).await?.status;
                 anyhow::ensure!(status == 201 || status == 409, "opening {} answered {status}", account(i));
                 // Each account's deposit id is fixed, so running --setup again deposits nothing
                 // more (the server replays the first deposit).
@@ -447,7 +484,7 @@ async fn setup(args: &LoadgenArgs, host: &Target, admin: Option<String>) -> anyh
                     account(i),
                     uuid(&mut SplitMix::new(SETUP_SEED ^ i))
                 );
-                let status = client.send_as("POST", "/v1/wallet/deposit", Some(body), token).await?.status;
+                let status = send_by(&mut client, deadline, "POST", "/v1/wallet/deposit", Some(body), token).await?.status;
                 anyhow::ensure!(status == 200, "deposit into {} answered {status}", account(i));
             }
         }));
@@ -523,23 +560,37 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
         None => uuid::Uuid::new_v4().as_u64_pair().0 & ((1 << 53) - 1),
     };
     let open_loop = args.rate > 0;
-    let start = Instant::now() + Duration::from_millis(50);
+    // Every connection is open before the clock starts: the requests due first must not wait
+    // for the client's own connecting (many connections, or TLS handshakes on few cores), which
+    // would be charged to the server.
+    let connecting: Vec<_> = (0..args.connections)
+        .map(|_| {
+            let host = host.clone();
+            tokio::spawn(async move { Client::connect(&host).await })
+        })
+        .collect();
+    let mut clients = Vec::with_capacity(args.connections);
+    for connect in connecting {
+        clients.push(connect.await??);
+    }
+    let start = Instant::now() + Duration::from_millis(10);
     let end = start + Duration::from_secs(args.duration);
+    // Nothing waits past this: a request without an answer by then is an error, so that a
+    // server that stops answering cannot hold the run (and the report) forever.
+    let deadline = end + DRAIN_LIMIT;
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for worker in 0..args.connections {
+    for (worker, mut client) in clients.into_iter().enumerate() {
         let next = next.clone();
-        let host = host.clone();
         let args = args.clone();
         let tokens = tokens.clone();
         tasks.push(tokio::spawn(async move {
-            let mut client = Client::connect(&host).await?;
             let mut rng = SplitMix::new(seed.wrapping_mul(31).wrapping_add(worker as u64 + 1));
             let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
             let mut all = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
             let mut statuses: BTreeMap<u16, u64> = BTreeMap::new();
             let mut errors = 0u64;
-            let (mut committed, mut replayed) = (0u64, 0u64);
+            let (mut committed, mut replayed, mut resent) = (0u64, 0u64, 0u64);
             let counts_transfers = args.raw_path.is_none();
             let accounts = u64::from(args.accounts).max(2);
             loop {
@@ -596,9 +647,11 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
                     tokio::time::sleep_until((intended - TIMER_TICK).into()).await;
                 }
                 let sent = Instant::now();
-                let counted = match client.send_as(method, &path, body, token).await {
+                let counted = match send_by(&mut client, deadline, method, &path, body, token).await
+                {
                     Ok(answer) => {
                         *statuses.entry(answer.status).or_default() += 1;
+                        resent += u64::from(answer.resent);
                         if counts_transfers {
                             let (c, r) = tally(&answer, args.batch > 1);
                             committed += c;
@@ -619,18 +672,21 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
                     let _ = histogram.record(latency_us);
                 }
             }
-            anyhow::Ok((histogram, all, statuses, errors, committed, replayed))
+            anyhow::Ok((
+                histogram, all, statuses, errors, committed, replayed, resent,
+            ))
         }));
     }
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     let mut all = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
     let mut errors = 0;
-    let (mut committed, mut replayed) = (0u64, 0u64);
+    let (mut committed, mut replayed, mut resent) = (0u64, 0u64, 0u64);
     for task in tasks {
-        let (h, a, s, e, c, r) = task.await??;
+        let (h, a, s, e, c, r, again) = task.await??;
         committed += c;
         replayed += r;
+        resent += again;
         histogram.add(&h)?;
         all.add(&a)?;
         for (status, count) in s {
@@ -664,6 +720,7 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
         requests_per_sec: requests as f64 / seconds,
         status_counts: statuses,
         errors,
+        resent,
         unsent,
         latency_us: latency.clone(),
         latency_all_us: percentiles(&all),
@@ -690,8 +747,8 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
             seconds
         );
         println!(
-            "  transfers/s {:.0}   requests/s {:.0}   errors {}   replayed {}   seed {}",
-            report.transfers_per_sec, report.requests_per_sec, errors, replayed, seed
+            "  transfers/s {:.0}   requests/s {:.0}   errors {}   replayed {}   resent {}   seed {}",
+            report.transfers_per_sec, report.requests_per_sec, errors, replayed, resent, seed
         );
         println!("  status      {:?}", report.status_counts);
         if unsent > 0 {
@@ -750,7 +807,10 @@ fn write_outputs(dir: &std::path::Path, histogram: &Histogram<u64>) -> anyhow::R
     std::fs::create_dir_all(dir)?;
     let mut hgrm = String::from("       Value     Percentile TotalCount 1/(1-Percentile)\n\n");
     let mut points = Vec::new();
+    // HdrHistogram's TotalCount column is the running count of values up to the line's.
+    let mut total = 0u64;
     for v in histogram.iter_quantiles(1) {
+        total += v.count_since_last_iteration();
         let q = v.quantile_iterated_to();
         let inverse = if q < 1.0 {
             1.0 / (1.0 - q)
@@ -762,7 +822,7 @@ fn write_outputs(dir: &std::path::Path, histogram: &Histogram<u64>) -> anyhow::R
             "{:12.3} {:14.12} {:10} {:14.2}",
             v.value_iterated_to() as f64 / 1000.0,
             q,
-            v.count_since_last_iteration(),
+            total,
             inverse
         );
         if q < 1.0 {
