@@ -1008,6 +1008,25 @@ mod tests {
     }
 
     #[test]
+    fn the_hgrm_total_count_column_is_a_running_count() {
+        let mut histogram =
+            hdrhistogram::Histogram::<u64>::new_with_bounds(1, 1_000_000, 3).unwrap();
+        for v in 1..=1000u64 {
+            histogram.record(v * 100).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        super::write_outputs(dir.path(), &histogram).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("latency.hgrm")).unwrap();
+        let counts: Vec<u64> = text
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(2)?.parse().ok())
+            .collect();
+        assert!(counts.len() > 10, "{text}");
+        assert!(counts.windows(2).all(|w| w[0] <= w[1]), "{text}");
+        assert_eq!(counts.last(), Some(&1000), "{text}");
+    }
+
+    #[test]
     fn the_due_count_is_the_number_of_requests_due_before_the_end() {
         for (duration, rate, batch) in [
             (5, 3000, 1000),

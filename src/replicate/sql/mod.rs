@@ -39,7 +39,7 @@ pub fn is_transient(error: &anyhow::Error) -> bool {
         }
         if let Some(pg) = cause.downcast_ref::<tokio_postgres::Error>() {
             let Some(db) = pg.as_db_error() else {
-                return true; // I/O, a closed connection, a timeout
+                return driver_error_is_transient(pg);
             };
             // Connection exceptions, insufficient resources, operator intervention (a shutdown,
             // a terminated backend, a database that refuses connections), serialization and
@@ -52,6 +52,32 @@ pub fn is_transient(error: &anyhow::Error) -> bool {
         }
     }
     true
+}
+
+/// A driver error without a server's code is transient when the connection broke (it closed,
+/// an I/O error underneath, connecting or a read timed out, a garbled message); the driver's
+/// own refusals (TLS that the URL requires and the server does not offer, a password the server
+/// asks for and the URL lacks, an authentication method it cannot do, a configuration it
+/// rejects, a result of the wrong shape) would only fail again.
+fn driver_error_is_transient(pg: &tokio_postgres::Error) -> bool {
+    if pg.is_closed() {
+        return true;
+    }
+    let mut source = std::error::Error::source(pg);
+    while let Some(cause) = source {
+        if cause.is::<std::io::Error>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    // tokio-postgres's kinds are private; these two have no cause to recognise them by.
+    let text = pg.to_string();
+    [
+        "timeout waiting for server",
+        "unexpected message from server",
+    ]
+    .iter()
+    .any(|kind| text.starts_with(kind))
 }
 
 /// For the checks made when a shard is connected: the check failing is fatal, the connection

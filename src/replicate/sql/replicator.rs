@@ -325,12 +325,12 @@ impl State {
             };
             let theirs = RecordId::parse(&stored)
                 .map_err(|e| Fatal(format!("shard {label}: watermark.applied_record: {e:#}")))?;
-            // An engine URL may be briefly away (retried); a journal that cannot be read is
-            // not going to get better.
-            let http = matches!(source, Source::Http(_));
+            // An engine URL may be briefly away (`Unavailable`: retried for as long as the
+            // source's outage limit allows); a refusal, a bad answer or a journal that cannot
+            // be read is not going to get better.
             let ours = source.record_at(seq).await.map_err(|e| {
                 let e = e.context(format!("reading the source's record at sequence {seq}"));
-                if http {
+                if e.is::<crate::replicate::source::Unavailable>() {
                     e
                 } else {
                     Fatal(format!("{e:#}")).into()
@@ -664,16 +664,26 @@ async fn replicate(
             if first_connect {
                 report.start_seq = state.watermarks.iter().copied().min().unwrap_or(0);
                 if let Err(e) = state.check_identities(&mut source).await {
-                    // A shard or an engine URL briefly away: wait as for a connection.
+                    // A shard briefly away: wait as for a connection. An engine URL briefly
+                    // away: wait as for any read of it, within the source's outage limit.
                     if !is_transient(&e) {
                         return Err(e);
                     }
-                    tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "checking the shards' record identities failed; retrying");
+                    let pause = if e.is::<crate::replicate::source::Unavailable>() {
+                        source_retry
+                            .failed(e)
+                            .map_err(|e| e.context("reading the source"))?
+                    } else {
+                        tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "checking the shards' record identities failed; retrying");
+                        let pause = backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        pause
+                    };
                     state.drop_connections();
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    tokio::time::sleep(pause).await;
                     continue;
                 }
+                source_retry.succeeded();
                 first_connect = false;
                 // Account names up to the lowest watermark from the engine's newest snapshot
                 // at or before it, if there is one: the journal before it is not read.

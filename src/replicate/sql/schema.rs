@@ -95,10 +95,11 @@ impl Shard {
     /// Opens a connection; its driver task runs on the current runtime until the client drops.
     pub async fn connect(&self) -> anyhow::Result<Client> {
         // The driver's error stays in the chain: `is_transient` tells a server that is down
-        // (wait) from a database that does not exist or a refused login (stop).
+        // (wait) from a database that does not exist, a refused login or a URL the driver
+        // refuses (stop).
         let (client, connection) = self.config.connect(NoTls).await.with_context(|| {
             format!(
-                "PostgreSQL shard {} at {} is unreachable",
+                "connecting to PostgreSQL shard {} at {}",
                 self.index, self.label
             )
         })?;
