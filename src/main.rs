@@ -70,7 +70,7 @@ struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: std::net::SocketAddr,
     /// batch: group commit, a reply only after its msync (durable against power loss);
-    /// interval=<ms>: at most one msync per interval, replies still wait for it;
+    /// interval=<ms>: at most one msync per interval (at most 1000), replies still wait for it;
     /// none: page cache only - survives a process crash, NOT a power loss or kernel crash.
     #[arg(long, default_value = "batch")]
     sync: wallet::journal::SyncMode,

@@ -2749,3 +2749,32 @@ fn replay_from_the_start_audits_the_snapshot_start_up_would_use() {
         "{error}"
     );
 }
+
+/// `--sync interval=<ms>`: a batch that wrote nothing (replays only) has nothing to sync and
+/// does not wait out the interval (it slept a whole interval before), while a batch that wrote
+/// something is made durable; intervals past the limit are refused by name.
+#[test]
+fn an_interval_sync_waits_only_when_there_is_something_to_sync() {
+    let temp = tempfile::tempdir().unwrap();
+    let interval = Duration::from_secs(2);
+    let (mut writer, mut ledger, mut history) =
+        fresh_writer(temp.path(), 1 << 20, SyncMode::Interval(interval));
+    // One commit of ten records: it waits out the interval since the writer opened.
+    write_commands(&mut writer, &mut ledger, &mut history, 0..10, 10);
+    assert_eq!(writer.durable_seq(), ledger.next_seq() - 1);
+    for _ in 0..3 {
+        let started = Instant::now();
+        assert_eq!(writer.commit().unwrap(), ledger.next_seq() - 1);
+        assert!(
+            started.elapsed() < interval / 2,
+            "an empty commit waited {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(
+        "interval=1000".parse::<SyncMode>(),
+        Ok(SyncMode::Interval(Duration::from_secs(1)))
+    );
+    let refused = "interval=1001".parse::<SyncMode>().unwrap_err();
+    assert!(refused.contains("longer than 1000 ms"), "{refused}");
+}

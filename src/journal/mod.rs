@@ -52,11 +52,21 @@ impl std::str::FromStr for SyncMode {
                     .ok_or_else(|| {
                         format!("unknown sync mode {text:?}: use batch, interval=<ms> or none")
                     })?;
+                // Every reply waits up to an interval for its sync: past this it is not group
+                // commit but a stall (and `serve` holds it below its request timeout too).
+                if ms > MAX_SYNC_INTERVAL_MS {
+                    return Err(format!(
+                        "sync interval={ms} is longer than {MAX_SYNC_INTERVAL_MS} ms: every write would wait that long for its sync"
+                    ));
+                }
                 Ok(SyncMode::Interval(Duration::from_millis(ms)))
             }
         }
     }
 }
+
+/// The longest `--sync interval=<ms>`.
+pub const MAX_SYNC_INTERVAL_MS: u64 = 1000;
 
 #[derive(Debug, Clone)]
 pub struct JournalConfig {
@@ -468,16 +478,19 @@ impl JournalWriter {
         self.write_pending()?;
         match self.config.sync {
             SyncMode::Batch => self.sync_segment()?,
+            // Nothing written since the last sync (a batch of replays, say): nothing to wait
+            // for.
+            SyncMode::Interval(_) if self.write_offset == self.synced_offset => {}
             SyncMode::Interval(interval) => {
                 let since = self.last_sync.elapsed();
                 if since < interval {
                     std::thread::sleep(interval - since);
                 }
                 self.sync_segment()?;
+                self.last_sync = Instant::now();
             }
             SyncMode::None => {}
         }
-        self.last_sync = Instant::now();
         self.durable_seq = self.next_seq - 1;
         // `last_crc` is the frame checksum of the record ending at `durable_seq`: everything
         // appended is committed here.
