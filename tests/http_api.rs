@@ -1640,6 +1640,51 @@ fn a_gap_below_the_snapshot_is_reported_by_readiness_and_reads_not_left_recoveri
     deposit(&mut c, "after-the-gap", "1.00");
     assert_eq!(balance_cents(&mut c, "after-the-gap"), 100);
     assert!(server.stop().success());
+
+    // With authentication on, the reason (it names the data directory's files and sequences)
+    // is not in the answers: /readyz is public; the log has it.
+    let secret = "test-secret-of-at-least-32-bytes-long!";
+    let server = Server::start_listening(&data, &["--jwt-secret", secret]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let readiness = loop {
+        let r = Client::connect(&server.address).get("/readyz");
+        if r.body.starts_with("failed: ") || std::time::Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(readiness.status, 503, "{}", readiness.body);
+    assert!(
+        readiness.body.starts_with("failed: ")
+            && readiness.body.contains("the reason is in the server's log")
+            && !readiness.body.contains("sequence")
+            && !readiness.body.contains("journal/"),
+        "{}",
+        readiness.body
+    );
+    let token = wallet::api::auth::mint(
+        secret.as_bytes(),
+        "after-the-gap",
+        "wallet:read",
+        Duration::from_secs(600),
+    )
+    .unwrap();
+    let status = raw_request(
+        &server,
+        &format!(
+            "GET /v1/wallet/balance_transfer/{} HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {token}\r\n\r\n",
+            uuid(),
+            server.address
+        ),
+    );
+    assert_eq!(status.status, 503, "{}", status.body);
+    assert_eq!(status.json()["error"]["code"], "views_unavailable");
+    assert!(
+        !status.body.contains("sequence") && !status.body.contains("journal/"),
+        "{}",
+        status.body
+    );
+    assert!(server.stop().success());
 }
 
 /// A panic on the engine thread (injected with the `engine-panic` failpoint): the request whose

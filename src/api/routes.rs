@@ -243,12 +243,12 @@ impl Reply {
     /// A status or history read while the views still load the journal's past (after start-up).
     /// The answer of a read that needs the views' past while it is not in: loading after a
     /// restart (retry shortly), or failed to load (an operator must look at the journal).
-    fn still_loading(views: &Views) -> Reply {
-        if let Some(reason) = views.past_failure() {
+    fn still_loading(app: &App) -> Reply {
+        if let Some(reason) = app.views.past_failure() {
             return Reply::error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "views_unavailable",
-                &format!("{VIEWS_FAILED}: {reason}"),
+                &format!("{VIEWS_FAILED}: {}", detail(app, reason)),
             );
         }
         Reply::error(
@@ -663,14 +663,15 @@ async fn dispatch(
                 Reply::text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
-                    format!("halted: {reason}\n"),
+                    format!("halted: {}\n", detail(app, &reason)),
                 )
             } else if let Some(reason) = app.views.past_failure() {
                 Reply::text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
                     format!(
-                        "failed: {VIEWS_FAILED} (status and history reads are unavailable): {reason}\n"
+                        "failed: {VIEWS_FAILED} (status and history reads are unavailable): {}\n",
+                        detail(app, reason)
                     ),
                 )
             } else if !app.views.past_complete() {
@@ -1194,7 +1195,7 @@ fn render_value<'a>(
             // The views are still loading the journal's past: the original body is not known
             // yet, and a retry will get it.
             None if past.failed.is_some() => {
-                let body = json!({"error": {"code": "views_unavailable", "message": format!("the original outcome of this transaction_id cannot be shown: {VIEWS_FAILED}: {}", past.failed.as_deref().unwrap_or(""))}});
+                let body = json!({"error": {"code": "views_unavailable", "message": format!("the original outcome of this transaction_id cannot be shown: {VIEWS_FAILED} (the server's log says why)")}});
                 return (StatusCode::SERVICE_UNAVAILABLE, Body::Other(body), false);
             }
             None if !past.complete => {
@@ -1642,7 +1643,7 @@ async fn history(app: &App, caller: &Caller, id: &str, query: Option<&str>) -> R
         return reply;
     }
     if !app.views.past_complete() {
-        return Reply::still_loading(&app.views);
+        return Reply::still_loading(app);
     }
     // Copied out under the read lock, rendered after it: the output thread takes the write
     // lock for every durable batch, and waits while a reader holds it.
@@ -1707,7 +1708,7 @@ async fn transfer_status(app: &App, caller: &Caller, id: &str, query: Option<&st
         return reply;
     }
     if !app.views.past_complete() {
-        return Reply::still_loading(&app.views);
+        return Reply::still_loading(app);
     }
     app.views.read(|state| {
         // Visible to its two parties only; to anyone else it looks exactly like an unknown id.
@@ -1899,6 +1900,18 @@ fn long_poll_limit(request_timeout: Duration) -> Duration {
 /// lines can be rendered without the views' lock).
 /// What a failed rebuild of the views' past is called in every answer that reports it.
 const VIEWS_FAILED: &str = "the read views could not be rebuilt from the journal";
+
+/// An internal failure's reason as answers show it: in full with `--auth none` (loopback
+/// only: the caller is on this machine), otherwise only a pointer to the log, which has it.
+/// Reasons name files of the data directory, offsets, and an engine panic's transaction and
+/// message, which are not for callers that `/readyz` does not even authenticate.
+fn detail<'a>(app: &App, reason: &'a str) -> std::borrow::Cow<'a, str> {
+    if app.config.auth.is_none() {
+        reason.into()
+    } else {
+        "the reason is in the server's log".into()
+    }
+}
 
 /// Whether the views' past is in (see `Views::past_complete`), and why not if it failed.
 struct PastState {
