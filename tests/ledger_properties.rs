@@ -14,7 +14,15 @@ use wallet::core::{
     MinorUnits, RejectCode, TransactionId,
 };
 
-const NAMES: [&str; 6] = ["alice", "bob", "carol", "dave", "erin", "frank"];
+/// Three of them longer than the 13 bytes a slot holds inline, of one length and one head.
+const NAMES: [&str; 6] = [
+    "alice",
+    "customer:0000000001",
+    "customer:0000000002",
+    "dave",
+    "erin",
+    "customer:0000000003",
+];
 
 /// Small limits, so that `invalid_amount` and `too_many_accounts` happen in random runs.
 const CONFIG: LedgerConfig = LedgerConfig {

@@ -1345,3 +1345,41 @@ impl Ledger {
         self.next_seq = next_seq;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{Command, CommandKind, TransactionId};
+
+    /// Two ids of one length that share their inline head differ only in the side arena: the
+    /// name check must compare the tails (lookups reach it only when two ids' 32-bit hash tags
+    /// collide, which no random test makes happen).
+    #[test]
+    fn a_long_name_is_told_apart_by_its_tail() {
+        let mut ledger = Ledger::new(LedgerConfig::default());
+        let names = [
+            "customer:0000000001",
+            "customer:0000000002",
+            "customer:00000000010",
+        ];
+        for (i, name) in names.iter().enumerate() {
+            let record = ledger.execute(&Command {
+                transaction_id: TransactionId(i as u128 + 1),
+                timestamp_ns: 1,
+                kind: CommandKind::OpenAccount {
+                    account: AccountId::new(name).unwrap(),
+                },
+            });
+            assert!(record.rejection.is_none(), "{name}");
+        }
+        for (i, slot) in ledger.accounts.iter().enumerate() {
+            for (j, name) in names.iter().enumerate() {
+                let id = AccountId::new(name).unwrap();
+                assert_eq!(slot.has_name(&id, &ledger.long_names), i == j, "{i} {name}");
+            }
+            assert_eq!(slot.name(&ledger.long_names).as_str(), names[i]);
+        }
+        let short = AccountId::new("customer:000").unwrap();
+        assert!(!ledger.accounts[0].has_name(&short, &ledger.long_names));
+    }
+}
