@@ -336,14 +336,23 @@ impl Submitter {
         commands: &[(Command, u64)],
         submitted_ns: u64,
     ) -> Result<(), Overloaded> {
+        self.try_submit_stamped(commands, |_| submitted_ns)
+    }
+
+    /// Publishes all of `commands` or none of them, the `i`th stamped `submitted_ns(i)`.
+    pub fn try_submit_stamped(
+        &mut self,
+        commands: &[(Command, u64)],
+        submitted_ns: impl Fn(usize) -> u64,
+    ) -> Result<(), Overloaded> {
         if commands.is_empty() {
             return Ok(());
         }
         match self.producer.try_batch_publish(commands.len(), |slots| {
-            for (slot, (command, token)) in slots.zip(commands) {
+            for (i, (slot, (command, token))) in slots.zip(commands).enumerate() {
                 slot.command = *command;
                 slot.token = *token;
-                slot.submitted_ns = submitted_ns;
+                slot.submitted_ns = submitted_ns(i);
             }
         }) {
             Ok(_) => {

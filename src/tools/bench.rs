@@ -92,7 +92,7 @@ pub enum Stage {
     Execute,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub struct LatencyUs {
     pub p50: u64,
     pub p99: u64,
@@ -116,7 +116,14 @@ pub struct BenchReport {
     pub committed: u64,
     pub rejected: u64,
     pub rejected_by_code: Vec<(String, u64)>,
-    pub latency_us: LatencyUs,
+    /// Through the pipeline: each transfer's latency, from its submission (or, with `--rate`,
+    /// its due time) to its outcome's delivery.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_us: Option<LatencyUs>,
+    /// `execute` stage only: the execution time of each group of `--batch` commands (there is
+    /// no per-transfer latency without the pipeline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_time_us: Option<LatencyUs>,
     pub peak_rss_bytes: u64,
     pub bytes_per_account: f64,
     pub bytes_per_transaction_id: f64,
@@ -232,19 +239,26 @@ fn peak_rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-/// Publishes `batch`, retrying while the ring is full. Its latency is measured from `due` (the
-/// time its first command was due, when paced: a producer that runs late does not hide its
-/// lateness) or else from now; either way the time spent waiting for room in a full ring counts.
+/// Publishes `batch`, retrying while the ring is full. Paced (`Some((first_due, per_second))`:
+/// when its first command was due, and the producer's rate), each command's latency is measured
+/// from its own due time, so that a producer that runs late does not hide its lateness; else
+/// from now. Either way the time spent waiting for room in a full ring counts.
 fn submit_all(
     submitter: &mut crate::engine::Submitter,
     batch: &[(Command, u64)],
     base: Instant,
-    due: Option<Instant>,
+    paced: Option<(Instant, f64)>,
 ) {
-    let start = due.map_or_else(Instant::now, |due| due.min(Instant::now()));
-    let now = start.saturating_duration_since(base).as_nanos() as u64;
+    let ns = |at: Instant| at.saturating_duration_since(base).as_nanos() as u64;
+    let now = ns(Instant::now());
     loop {
-        if submitter.try_submit_batch(batch, now).is_ok() {
+        let submitted = match paced {
+            None => submitter.try_submit_batch(batch, now),
+            Some((first_due, per_second)) => submitter.try_submit_stamped(batch, |i| {
+                ns(first_due + Duration::from_secs_f64(i as f64 / per_second)).min(now)
+            }),
+        };
+        if submitted.is_ok() {
             return;
         }
         std::thread::yield_now();
@@ -453,6 +467,13 @@ fn report(
     journal_bytes: u64,
 ) -> BenchReport {
     let memory = ledger.memory_usage();
+    let percentiles = LatencyUs {
+        p50: histogram.value_at_quantile(0.50),
+        p99: histogram.value_at_quantile(0.99),
+        p999: histogram.value_at_quantile(0.999),
+        p9999: histogram.value_at_quantile(0.9999),
+        max: histogram.max(),
+    };
     BenchReport {
         accounts: args.accounts,
         transfers: args.transfers,
@@ -467,13 +488,8 @@ fn report(
             .filter(|c| rejected_codes[**c as usize] > 0)
             .map(|c| (c.code().to_string(), rejected_codes[*c as usize]))
             .collect(),
-        latency_us: LatencyUs {
-            p50: histogram.value_at_quantile(0.50),
-            p99: histogram.value_at_quantile(0.99),
-            p999: histogram.value_at_quantile(0.999),
-            p9999: histogram.value_at_quantile(0.9999),
-            max: histogram.max(),
-        },
+        latency_us: (args.stage != Stage::Execute).then_some(percentiles),
+        group_time_us: (args.stage == Stage::Execute).then_some(percentiles),
         peak_rss_bytes: peak_rss_bytes(),
         bytes_per_account: memory.account_bytes as f64 / f64::from(ledger.account_count().max(1)),
         bytes_per_transaction_id: memory.transaction_id_bytes as f64
@@ -659,28 +675,37 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         };
         let mut generator = TransferGenerator::new(args, ids.clone(), producer as u64 + 1, usd);
         let batch_size = args.batch;
-        // Each producer offers its share of `--rate`, pacing itself by batch.
+        // Each producer offers its share of `--rate`, command by command: what is due is
+        // published before the producer sleeps, so a batch is only the backlog of a producer
+        // that woke late, never commands held back for later ones (which put a floor of a
+        // batch's period under every latency).
         let per_second = args.rate as f64 / args.producers as f64;
         threads.push(std::thread::spawn(move || {
             let mut batch: Vec<(Command, u64)> = Vec::with_capacity(batch_size);
             let paced_from = Instant::now();
+            let due_of = |n: u64| paced_from + Duration::from_secs_f64(n as f64 / per_second);
+            let paced = |first: u64| (per_second > 0.0).then(|| (due_of(first), per_second));
+            let mut first = 0;
             for sent in 0..count {
+                if per_second > 0.0 {
+                    let due = due_of(sent);
+                    let now = Instant::now();
+                    if due > now {
+                        submit_all(&mut submitter, &batch, base, paced(first));
+                        batch.clear();
+                        std::thread::sleep(due - now);
+                    }
+                }
+                if batch.is_empty() {
+                    first = sent;
+                }
                 batch.push((generator.next_command(), 0));
                 if batch.len() == batch_size {
-                    let mut first_due = None;
-                    if per_second > 0.0 {
-                        let due = Duration::from_secs_f64((sent + 1) as f64 / per_second);
-                        if let Some(wait) = due.checked_sub(paced_from.elapsed()) {
-                            std::thread::sleep(wait);
-                        }
-                        let first = (sent + 1 - batch.len() as u64) as f64 / per_second;
-                        first_due = Some(paced_from + Duration::from_secs_f64(first));
-                    }
-                    submit_all(&mut submitter, &batch, base, first_due);
+                    submit_all(&mut submitter, &batch, base, paced(first));
                     batch.clear();
                 }
             }
-            submit_all(&mut submitter, &batch, base, None);
+            submit_all(&mut submitter, &batch, base, paced(first));
         }));
     }
     for thread in threads {
@@ -729,16 +754,17 @@ pub fn print_table(r: &BenchReport) {
         "  rejected          {:>14}  {:?}",
         r.rejected, r.rejected_by_code
     );
-    // For `--stage execute` the percentiles are of each group's execution time.
-    let label = if r.sync == "execute-only" {
-        "group time us    "
-    } else {
-        "latency us       "
-    };
-    println!(
-        "  {label} p50 {}  p99 {}  p99.9 {}  p99.99 {}  max {}",
-        r.latency_us.p50, r.latency_us.p99, r.latency_us.p999, r.latency_us.p9999, r.latency_us.max
-    );
+    for (label, l) in [
+        ("latency us       ", &r.latency_us),
+        ("group time us    ", &r.group_time_us),
+    ] {
+        if let Some(l) = l {
+            println!(
+                "  {label} p50 {}  p99 {}  p99.9 {}  p99.99 {}  max {}",
+                l.p50, l.p99, l.p999, l.p9999, l.max
+            );
+        }
+    }
     println!("  peak RSS          {:>14} bytes", r.peak_rss_bytes);
     println!("  per account       {:>14.1} bytes", r.bytes_per_account);
     println!(
