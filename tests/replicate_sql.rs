@@ -1094,6 +1094,59 @@ fn a_shard_url_the_driver_refuses_stops_the_replicator() {
     assert!(stderr.contains("TLS"), "{stderr}");
 }
 
+/// A round that fails in phase one with an error that stops the replicator (here a trigger
+/// refusing shard 1's watermark update, a constraint-class error) rolls back what it prepared
+/// on the other shards before it exits: left prepared, shard 0's transaction held its rows
+/// locked and a prepared-transaction slot until a restart. (The failpoint, set never to fire,
+/// prepares the shards in order, so that shard 0 is prepared when shard 1 fails.)
+#[test]
+#[ignore = "needs tools/services"]
+fn a_round_that_stops_the_replicator_rolls_back_what_it_prepared() {
+    let cluster = Cluster::new("rollback", 2);
+    {
+        let server = start_server(&cluster);
+        let mut client = server.client();
+        setup_accounts(&mut client, 20);
+        transfers(&mut client, 20, 200, 5);
+        server.stop();
+    }
+    assert_ok(&cluster.replicate_once(&["--migrate"], &[]), "first run");
+    {
+        let server = start_server(&cluster);
+        let mut client = server.client();
+        transfers(&mut client, 20, 200, 6);
+        server.stop();
+    }
+    cluster
+        .shard(1)
+        .batch_execute(
+            "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN \
+               RAISE EXCEPTION 'refused by the test' USING ERRCODE = 'check_violation'; \
+             END $$ LANGUAGE plpgsql; \
+             CREATE TRIGGER refuse BEFORE UPDATE ON watermark FOR EACH ROW EXECUTE FUNCTION refuse()",
+        )
+        .expect("trigger");
+    let out = cluster.wallet_within(
+        &["replicate", "sql", "--once", "--source", &cluster.source()],
+        &[("WALLET_FAILPOINT", "sql-after-prepare-one:1000000")],
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("refused by the test"), "{stderr}");
+    assert_eq!(cluster.prepared(), Vec::<String>::new(), "{stderr}");
+
+    cluster
+        .shard(1)
+        .batch_execute("DROP TRIGGER refuse ON watermark")
+        .expect("drop trigger");
+    assert_ok(
+        &cluster.replicate_once(&[], &[]),
+        "after the trigger is gone",
+    );
+    cluster.assert_settled("after the refused round");
+}
+
 /// Recovery finishes an in-doubt transaction that a timed-out round's dropped connection may
 /// have finished already: "no such prepared transaction" (42704) is done, not an error.
 #[test]

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use futures_util::SinkExt;
-use futures_util::future::try_join_all;
+use futures_util::future::{join_all, try_join_all};
 use tokio_postgres::Client;
 
 use super::coordinator::{self, Coordinator, gid_statement};
@@ -508,36 +508,66 @@ impl State {
             .collect();
 
         // Phase one. Crash tests prepare one shard after the other, so that the failpoint
-        // leaves exactly one shard prepared.
-        if failpoint_armed("sql-after-prepare-one") {
+        // leaves exactly one shard prepared. Every shard's prepare runs to its end (none is
+        // dropped half-way), so that which ones prepared is known.
+        let shards = &self.shards;
+        let watermarks = &self.watermarks;
+        let prepare = |i: usize, rows: ShardRows| {
+            let (client, gid, target) = (clients[i], &gids[i], targets[i]);
+            async move {
+                prepare_shard(client, directory, rows, watermarks[i], target, record, gid)
+                    .await
+                    .with_context(|| format!("preparing on shard {}", shards[i].label))
+            }
+        };
+        let results = if failpoint_armed("sql-after-prepare-one") {
+            let mut results = Vec::new();
             for (i, rows) in rows.into_iter().enumerate() {
-                prepare_shard(
-                    clients[i],
-                    directory,
-                    rows,
-                    self.watermarks[i],
-                    targets[i],
-                    record,
-                    &gids[i],
-                )
-                .await
-                .with_context(|| format!("preparing on shard {}", self.shards[i].label))?;
+                let result = prepare(i, rows).await;
+                let failed = result.is_err();
+                results.push(result);
+                if failed {
+                    break;
+                }
                 if i == 0 {
                     failpoint("sql-after-prepare-one");
                 }
             }
+            results
         } else {
-            let shards = &self.shards;
-            let watermarks = &self.watermarks;
-            try_join_all(rows.into_iter().enumerate().map(|(i, rows)| {
-                let (client, gid, target) = (clients[i], &gids[i], targets[i]);
-                async move {
-                    prepare_shard(client, directory, rows, watermarks[i], target, record, gid)
-                        .await
-                        .with_context(|| format!("preparing on shard {}", shards[i].label))
+            join_all(
+                rows.into_iter()
+                    .enumerate()
+                    .map(|(i, rows)| prepare(i, rows)),
+            )
+            .await
+        };
+        let mut failure = None;
+        let mut prepared = Vec::new();
+        for (i, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(()) => prepared.push(i),
+                Err(e) => {
+                    failure.get_or_insert(e);
                 }
-            }))
-            .await?;
+            }
+        }
+        if let Some(error) = failure {
+            // Undecided, so never to be committed: an error that stops the replicator rolls
+            // back what this round prepared rather than leave it holding its shards' rows
+            // locked, and a prepared-transaction slot, until a restart's recovery. (After a
+            // transient error the retry's recovery rolls them back.)
+            if !is_transient(&error) {
+                for i in prepared {
+                    if let Err(e) =
+                        coordinator::finish_prepared(clients[i], "ROLLBACK PREPARED", &gids[i])
+                            .await
+                    {
+                        tracing::warn!(gid = %gids[i], error = %format!("{e:#}"), "rolling back a prepared transaction of the failed round failed; recovery at the next start rolls it back");
+                    }
+                }
+            }
+            return Err(error);
         }
         failpoint("sql-after-prepare-all");
         let prepared = Instant::now();
