@@ -1147,6 +1147,38 @@ fn a_round_that_stops_the_replicator_rolls_back_what_it_prepared() {
     cluster.assert_settled("after the refused round");
 }
 
+/// A running replicator whose shard list is replaced (`cluster set-sql-shards`) stops, naming
+/// the change, instead of feeding the old databases while `cluster show` and `reconcile sql`
+/// use the new list (it read the list once, and went on). The same list set again changes
+/// nothing.
+#[test]
+#[ignore = "needs tools/services"]
+fn a_running_replicator_stops_when_its_shard_list_is_replaced() {
+    let cluster = Cluster::new("relist", 2);
+    let server = start_server(&cluster);
+    let mut client = server.client();
+    setup_accounts(&mut client, 20);
+    let mut follower = cluster.replicate_follow(&[]);
+    cluster.wait_caught_up(&mut follower, Duration::from_secs(40));
+    let urls = cluster.urls();
+    assert_ok(
+        &cluster.wallet(&["cluster", "set-sql-shards", &urls.join(",")], &[]),
+        "the same list",
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    follower.assert_running();
+    let reversed = format!("{},{}", urls[1], urls[0]);
+    assert_ok(
+        &cluster.wallet(&["cluster", "set-sql-shards", &reversed], &[]),
+        "a new list",
+    );
+    let status = common::wait_with_timeout(&mut follower.child, Duration::from_secs(20));
+    assert!(!status.success());
+    let log = follower.log_tail();
+    assert!(log.contains("the SQL shard list"), "{log}");
+    server.stop();
+}
+
 /// Recovery finishes an in-doubt transaction that a timed-out round's dropped connection may
 /// have finished already: "no such prepared transaction" (42704) is done, not an error.
 #[test]

@@ -671,7 +671,26 @@ async fn replicate(
     let mut first_connect = true;
     let mut last_status = Instant::now();
     let mut status_events = 0u64;
+    let mut list_checked = Instant::now();
     loop {
+        // The shard list is read once: a new one (`cluster set-sql-shards`) takes a restart,
+        // so a replicator that would go on feeding the old databases stops instead. (Read
+        // again about once a second; ZooKeeper briefly away is left to the rounds.)
+        if list_checked.elapsed() >= Duration::from_secs(1) {
+            list_checked = Instant::now();
+            if let Ok(now) = zk::get_sql_shards(coordinator.client(), layout).await
+                && now.as_ref().map(|l| &l.shards) != Some(&list.shards)
+            {
+                return Err(Fatal(format!(
+                    "the SQL shard list at {} changed (version {} to {}) while this replicator ran: restart it to replicate into the new list; \
+                     a transaction left prepared in a database no longer listed must be rolled back there by hand",
+                    layout.sql_shards(),
+                    list.version,
+                    now.map_or_else(|| "removed".to_string(), |l| l.version.to_string()),
+                ))
+                .into());
+            }
+        }
         // Every shard connected (and recovered) before any round.
         if state
             .connections
