@@ -489,32 +489,6 @@ fn a_batch_larger_than_the_ring_is_a_400_and_a_ring_size_that_is_not_a_power_of_
     }
 }
 
-/// A sync interval as long as the request timeout would time every write out before it is
-/// durable: `serve` refuses it at start, naming both flags.
-#[test]
-fn a_sync_interval_past_the_request_timeout_is_refused() {
-    let dir = temp();
-    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--sync", "interval=500"])
-        .args(["--request-timeout-ms", "500"])
-        .env("WALLET_LOG", "warn")
-        .arg("--data-dir")
-        .arg(dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Killed and failed if it serves instead.
-    let status = common::wait_with_timeout(&mut serve, Duration::from_secs(20));
-    assert!(!status.success());
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut serve.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(
-        stderr.contains("--sync interval=500 must be shorter than --request-timeout-ms (500)"),
-        "{stderr}"
-    );
-}
-
 /// Sends `request` on a fresh connection and reads the answer.
 fn raw_request(server: &Server, request: &str) -> common::Response {
     let mut stream = std::net::TcpStream::connect(&server.address).unwrap();
@@ -1396,26 +1370,15 @@ fn silent_server() -> std::net::SocketAddr {
     address
 }
 
-/// Runs `wallet loadgen ARGS` and waits at most `limit` for it to exit by itself (killed and
-/// failed past that): its exit status, stdout and stderr.
+/// Runs `wallet loadgen ARGS`, which must exit by itself within `limit`: its exit status,
+/// stdout and stderr.
 fn loadgen_within(args: &[&str], limit: Duration) -> (std::process::ExitStatus, String, String) {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
-        .arg("loadgen")
-        .args(args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run loadgen");
-    let started = std::time::Instant::now();
-    while child.try_wait().expect("wait for loadgen").is_none() {
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("loadgen {args:?} was still running after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let output = child.wait_with_output().expect("loadgen output");
+    let output = common::output_within(
+        std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .arg("loadgen")
+            .args(args),
+        limit,
+    );
     (
         output.status,
         String::from_utf8_lossy(&output.stdout).into_owned(),

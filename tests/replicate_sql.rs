@@ -138,25 +138,7 @@ impl Cluster {
     /// `wallet ARGS`, which must exit by itself within `limit` (it is killed and the test
     /// fails past that).
     fn wallet_within(&self, args: &[&str], env: &[(&str, &str)], limit: Duration) -> Output {
-        let mut child = self
-            .command(args, env)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run wallet");
-        let started = Instant::now();
-        while child.try_wait().expect("wait for wallet").is_none() {
-            if started.elapsed() > limit {
-                let _ = child.kill();
-                let out = child.wait_with_output().expect("wallet output");
-                panic!(
-                    "wallet {args:?} was still running after {limit:?}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        child.wait_with_output().expect("wallet output")
+        common::output_within(&mut self.command(args, env), limit)
     }
 
     fn source(&self) -> String {

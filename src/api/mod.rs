@@ -145,14 +145,6 @@ impl ServeConfig {
                 "{flag} must be at most {MAX_PER_SECOND_LIMIT} (0: no limit), not {per_second}"
             );
         }
-        if let SyncMode::Interval(interval) = self.sync {
-            anyhow::ensure!(
-                interval < self.request_timeout,
-                "--sync interval={} must be shorter than --request-timeout-ms ({}): every write would time out waiting for its sync",
-                interval.as_millis(),
-                self.request_timeout.as_millis()
-            );
-        }
         anyhow::ensure!(
             (1..=MAX_IN_FLIGHT_LIMIT).contains(&self.max_in_flight),
             "--max-in-flight must be within 1..={MAX_IN_FLIGHT_LIMIT}, not {}",

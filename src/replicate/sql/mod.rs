@@ -63,6 +63,12 @@ fn driver_error_is_transient(pg: &tokio_postgres::Error) -> bool {
     if pg.is_closed() {
         return true;
     }
+    let text = pg.to_string();
+    // An authentication failure may carry an I/O error of the driver's own making (a SCRAM
+    // exchange that does not verify): it is a refusal all the same.
+    if text.starts_with("authentication error") {
+        return false;
+    }
     let mut source = std::error::Error::source(pg);
     while let Some(cause) = source {
         if cause.is::<std::io::Error>() {
@@ -71,7 +77,6 @@ fn driver_error_is_transient(pg: &tokio_postgres::Error) -> bool {
         source = cause.source();
     }
     // tokio-postgres's kinds are private; these two have no cause to recognise them by.
-    let text = pg.to_string();
     [
         "timeout waiting for server",
         "unexpected message from server",

@@ -547,8 +547,15 @@ impl State {
         for (i, result) in results.into_iter().enumerate() {
             match result {
                 Ok(()) => prepared.push(i),
+                // A failure that stops the replicator decides the round's outcome over one that
+                // would only be retried.
                 Err(e) => {
-                    failure.get_or_insert(e);
+                    if failure
+                        .as_ref()
+                        .is_none_or(|f| is_transient(f) && !is_transient(&e))
+                    {
+                        failure = Some(e);
+                    }
                 }
             }
         }
