@@ -489,6 +489,18 @@ fn a_batch_larger_than_the_ring_is_a_400_and_a_ring_size_that_is_not_a_power_of_
     }
 }
 
+/// `/readyz` once it says `failed: ` (the read views could not be rebuilt), or after 20 s.
+fn readiness_once_failed(server: &Server) -> common::Response {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = Client::connect(&server.address).get("/readyz");
+        if r.body.starts_with("failed: ") || std::time::Instant::now() > deadline {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Sends `request` on a fresh connection and reads the answer.
 fn raw_request(server: &Server, request: &str) -> common::Response {
     let mut stream = std::net::TcpStream::connect(&server.address).unwrap();
@@ -1571,14 +1583,7 @@ fn a_gap_below_the_snapshot_is_reported_by_readiness_and_reads_not_left_recoveri
     std::fs::remove_file(&missing).unwrap();
 
     let server = Server::start_listening(&data, &[]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let readiness = loop {
-        let r = Client::connect(&server.address).get("/readyz");
-        if r.body.starts_with("failed: ") || std::time::Instant::now() > deadline {
-            break r;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let readiness = readiness_once_failed(&server);
     assert_eq!(readiness.status, 503, "{}", readiness.body);
     assert!(
         readiness.body.starts_with("failed: ") && readiness.body.contains("a gap in the journal"),
@@ -1608,14 +1613,7 @@ fn a_gap_below_the_snapshot_is_reported_by_readiness_and_reads_not_left_recoveri
     // is not in the answers: /readyz is public; the log has it.
     let secret = "test-secret-of-at-least-32-bytes-long!";
     let server = Server::start_listening(&data, &["--jwt-secret", secret]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let readiness = loop {
-        let r = Client::connect(&server.address).get("/readyz");
-        if r.body.starts_with("failed: ") || std::time::Instant::now() > deadline {
-            break r;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let readiness = readiness_once_failed(&server);
     assert_eq!(readiness.status, 503, "{}", readiness.body);
     assert!(
         readiness.body.starts_with("failed: ")

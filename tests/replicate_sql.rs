@@ -394,6 +394,16 @@ fn transfers(client: &mut Client, accounts: usize, count: usize, seed: u64) {
     }
 }
 
+/// Runs a server on the cluster's data directory to open `open` accounts (0: they are open
+/// already) and make `count` transfers among the first `among`, then stops it.
+fn journal_of(cluster: &Cluster, open: usize, among: usize, count: usize, seed: u64) {
+    let server = start_server(cluster);
+    let mut client = server.client();
+    setup_accounts(&mut client, open);
+    transfers(&mut client, among, count, seed);
+    server.stop();
+}
+
 fn start_server(cluster: &Cluster) -> Server {
     Server::start(cluster.data.path(), &["--sync", "none"])
 }
@@ -998,13 +1008,7 @@ fn once_with_an_unreachable_engine_url_fails_instead_of_reporting_caught_up() {
 #[ignore = "needs tools/services"]
 fn the_identity_check_against_an_engine_url_gives_up_like_any_read_of_it() {
     let cluster = Cluster::new("idurl", 1);
-    {
-        let server = start_server(&cluster);
-        let mut client = server.client();
-        setup_accounts(&mut client, 10);
-        transfers(&mut client, 10, 100, 3);
-        server.stop();
-    }
+    journal_of(&cluster, 10, 10, 100, 3);
     // The shard holds data and a record identity to check.
     assert_ok(&cluster.replicate_once(&["--migrate"], &[]), "first run");
 
@@ -1085,20 +1089,9 @@ fn a_shard_url_the_driver_refuses_stops_the_replicator() {
 #[ignore = "needs tools/services"]
 fn a_round_that_stops_the_replicator_rolls_back_what_it_prepared() {
     let cluster = Cluster::new("rollback", 2);
-    {
-        let server = start_server(&cluster);
-        let mut client = server.client();
-        setup_accounts(&mut client, 20);
-        transfers(&mut client, 20, 200, 5);
-        server.stop();
-    }
+    journal_of(&cluster, 20, 20, 200, 5);
     assert_ok(&cluster.replicate_once(&["--migrate"], &[]), "first run");
-    {
-        let server = start_server(&cluster);
-        let mut client = server.client();
-        transfers(&mut client, 20, 200, 6);
-        server.stop();
-    }
+    journal_of(&cluster, 0, 20, 200, 6);
     cluster
         .shard(1)
         .batch_execute(
