@@ -1233,3 +1233,34 @@ fn id_blocks_given_released_or_cloned_change_no_outcome() {
     }
     assert!(spares_given >= 4, "{spares_given} id-table arrays given");
 }
+
+/// `outstanding` (a currency's money in the system) is not part of the state hash: a snapshot
+/// whose `outstanding` is off by one, with a valid checksum, must be refused by the invariants
+/// check that ends loading (the sum of balances), not loaded.
+#[test]
+fn a_snapshot_whose_outstanding_is_off_by_one_is_refused() {
+    let ledger = sample_ledger();
+    let bytes = encode_snapshot(&ledger, None);
+    assert!(decode_snapshot(&bytes, CONFIG).is_ok());
+    let count = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+    let (ids, totals) = (count(48), count(56));
+    assert!(totals >= 1);
+    // Totals are 42 bytes each (currency 2, deposited 16, withdrawn 16, outstanding 8), right
+    // before the ids (32 bytes each) and the 4-byte checksum.
+    let first_total = bytes.len() - 4 - 32 * ids - 42 * totals;
+    for delta in [1i64, -1] {
+        let mut forged = bytes.clone();
+        let at = first_total + 34;
+        let outstanding = u64::from_le_bytes(forged[at..at + 8].try_into().unwrap());
+        let changed = outstanding.wrapping_add_signed(delta);
+        forged[at..at + 8].copy_from_slice(&changed.to_le_bytes());
+        let forged = with_valid_crc(forged);
+        assert!(
+            matches!(
+                decode_snapshot(&forged, CONFIG),
+                Err(DecodeError::Snapshot("invariants do not hold"))
+            ),
+            "outstanding {outstanding} changed by {delta}"
+        );
+    }
+}
