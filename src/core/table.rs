@@ -248,6 +248,12 @@ impl IndexTable {
         self.old.is_some()
     }
 
+    /// Buckets in use in the current array (for tests: once no growth is copying, exactly
+    /// `len`, or an entry is stored twice or lost).
+    pub fn occupied(&self) -> usize {
+        self.buckets.iter().filter(|&&b| b != EMPTY).count()
+    }
+
     #[inline]
     fn start(&self, tag: u32) -> usize {
         start(tag, self.mask)
