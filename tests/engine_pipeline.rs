@@ -532,6 +532,22 @@ fn a_full_input_ring_is_reported_as_overloaded_and_nothing_accepted_is_lost() {
     );
 }
 
+/// Runs `wallet ARGS --json` to the end (a failure fails the test) and returns its report.
+fn wallet_json(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+        .args(args)
+        .arg("--json")
+        .env("WALLET_LOG", "warn")
+        .output()
+        .expect("run wallet");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON report")
+}
+
 /// `wallet bench`'s report adds up, and its journal replays to the state it reports: every
 /// measured transfer is counted once (committed or rejected, each code of the rejected share
 /// present), the events and remembered ids the journal holds are exactly what those counts
@@ -541,22 +557,8 @@ fn a_full_input_ring_is_reported_as_overloaded_and_nothing_accepted_is_lost() {
 fn bench_report_adds_up_and_its_journal_replays_to_its_state() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let wallet = |args: &[&str]| -> serde_json::Value {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
-            .args(args)
-            .arg("--data-dir")
-            .arg(&data)
-            .arg("--json")
-            .env("WALLET_LOG", "warn")
-            .output()
-            .expect("run wallet");
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("JSON report")
-    };
+    let data_dir = data.to_str().unwrap();
+    let wallet = |args: &[&str]| wallet_json(&[args, &["--data-dir", data_dir]].concat());
     let (accounts, transfers) = (1_000u64, 20_000u64);
     let bench = wallet(&[
         "bench",
@@ -668,34 +670,21 @@ fn bench_report_adds_up_and_its_journal_replays_to_its_state() {
 /// had a floor of about 63 ms of the tool's own waiting.
 #[test]
 fn a_paced_bench_measures_the_pipeline_not_its_own_batching() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
-        .args([
-            "bench",
-            "--accounts",
-            "1000",
-            "--transfers",
-            "2000",
-            "--rate",
-            "1000",
-        ])
-        .args([
-            "--no-journal",
-            "--wait",
-            "park",
-            "--output-wait",
-            "park",
-            "--pin-core=-1",
-        ])
-        .arg("--json")
-        .env("WALLET_LOG", "warn")
-        .output()
-        .expect("run wallet");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let report = wallet_json(&[
+        "bench",
+        "--accounts",
+        "1000",
+        "--transfers",
+        "2000",
+        "--rate",
+        "1000",
+        "--no-journal",
+        "--wait",
+        "park",
+        "--output-wait",
+        "park",
+        "--pin-core=-1",
+    ]);
     let p50 = report["latency_us"]["p50"].as_u64().expect("p50");
     // A parked pipeline answers in well under a millisecond; the bound is loose for a noisy
     // machine, and far below the old floor.

@@ -135,10 +135,14 @@ impl Cluster {
         self.command(args, env).output().expect("run wallet")
     }
 
-    /// `wallet ARGS`, which must exit by itself within `limit` (it is killed and the test
-    /// fails past that).
-    fn wallet_within(&self, args: &[&str], env: &[(&str, &str)], limit: Duration) -> Output {
-        common::output_within(&mut self.command(args, env), limit)
+    /// `wallet ARGS`, which must fail by itself within a minute (it is killed and the test
+    /// fails past that), saying `reason` on stderr; returns its stderr.
+    fn fails_with(&self, args: &[&str], env: &[(&str, &str)], reason: &str) -> String {
+        let out = common::output_within(&mut self.command(args, env), Duration::from_secs(60));
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{stderr}");
+        assert!(stderr.contains(reason), "{stderr}");
+        stderr
     }
 
     fn source(&self) -> String {
@@ -1016,14 +1020,11 @@ fn the_identity_check_against_an_engine_url_gives_up_like_any_read_of_it() {
     let url = format!("http://{}", closed.local_addr().expect("address"));
     drop(closed);
     let started = Instant::now();
-    let out = cluster.wallet_within(
+    cluster.fails_with(
         &["replicate", "sql", "--once", "--source", &url],
         &[],
-        Duration::from_secs(60),
+        "reading the source",
     );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("reading the source"), "{stderr}");
     assert!(
         started.elapsed() >= Duration::from_secs(9),
         "retried for the outage limit first: {:?}",
@@ -1034,14 +1035,11 @@ fn the_identity_check_against_an_engine_url_gives_up_like_any_read_of_it() {
     let server = Server::start(cluster.data.path(), &["--jwt-secret", secret]);
     let url = format!("http://{}", server.address);
     let started = Instant::now();
-    let out = cluster.wallet_within(
+    cluster.fails_with(
         &["replicate", "sql", "--once", "--source", &url],
         &[],
-        Duration::from_secs(60),
+        "401",
     );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("401"), "{stderr}");
     assert!(
         started.elapsed() < Duration::from_secs(9),
         "a refusal is not retried: {:?}",
@@ -1063,7 +1061,7 @@ fn a_shard_url_the_driver_refuses_stops_the_replicator() {
         &cluster.wallet(&["cluster", "set-sql-shards", &url], &[]),
         "set-sql-shards",
     );
-    let out = cluster.wallet_within(
+    cluster.fails_with(
         &[
             "replicate",
             "sql",
@@ -1073,11 +1071,8 @@ fn a_shard_url_the_driver_refuses_stops_the_replicator() {
             &cluster.source(),
         ],
         &[],
-        Duration::from_secs(60),
+        "TLS",
     );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("TLS"), "{stderr}");
 }
 
 /// A round that fails in phase one with an error that stops the replicator (here a trigger
@@ -1101,14 +1096,11 @@ fn a_round_that_stops_the_replicator_rolls_back_what_it_prepared() {
              CREATE TRIGGER refuse BEFORE UPDATE ON watermark FOR EACH ROW EXECUTE FUNCTION refuse()",
         )
         .expect("trigger");
-    let out = cluster.wallet_within(
+    let stderr = cluster.fails_with(
         &["replicate", "sql", "--once", "--source", &cluster.source()],
         &[("WALLET_FAILPOINT", "sql-after-prepare-one:1000000")],
-        Duration::from_secs(60),
+        "refused by the test",
     );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("refused by the test"), "{stderr}");
     assert_eq!(cluster.prepared(), Vec::<String>::new(), "{stderr}");
 
     cluster

@@ -52,11 +52,11 @@ impl std::str::FromStr for SyncMode {
                     .ok_or_else(|| {
                         format!("unknown sync mode {text:?}: use batch, interval=<ms> or none")
                     })?;
-                // Every reply waits up to an interval for its sync: past this it is not group
-                // commit but a stall (and `serve` holds it below its request timeout too).
+                // A reply waits up to an interval for its sync: past this it is not group
+                // commit but a stall.
                 if ms > MAX_SYNC_INTERVAL_MS {
                     return Err(format!(
-                        "sync interval={ms} is longer than {MAX_SYNC_INTERVAL_MS} ms: every write would wait that long for its sync"
+                        "sync interval={ms} is longer than {MAX_SYNC_INTERVAL_MS} ms: a write could wait that long for its sync"
                     ));
                 }
                 Ok(SyncMode::Interval(Duration::from_millis(ms)))
