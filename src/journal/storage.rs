@@ -158,7 +158,7 @@ fn preallocate(file: &File, size: u64) -> io::Result<()> {
 
 fn map(file: &File) -> io::Result<MmapMut> {
     // SAFETY: one writer per data directory: every command that opens a `JournalWriter` on a
-    // user's directory (`serve`, `bench --data-dir`, `snapshot`, `replay`) holds its `LOCK`
+    // user's directory (`serve`, `bench --data-dir`, `snapshot`) holds its `LOCK`
     // (`api::lock_data_dir`) first. Nothing truncates a segment file while it is mapped, so the
     // mapping stays valid. Readers in this process and others read the segment this mapping
     // stores into with `pread` (`journal::scan` and `JournalTail`), never through a mapping of
