@@ -430,6 +430,10 @@ struct Finish {
     record: Option<RecordId>,
 }
 
+/// How long the source may stay empty, while the replicator has not yet read as far as the
+/// nodes have applied, before it counts as a source that ends short of them.
+const SHORT_SOURCE_PATIENCE: Duration = Duration::from_secs(5);
+
 /// How long the replicator waits for a write before it goes on without it: the next batches
 /// go to the other nodes meanwhile, and to that node once its write is done.
 const SLOW_WRITE: Duration = Duration::from_secs(1);
@@ -1626,6 +1630,28 @@ async fn retire(conn: &mut MultiplexedConnection, new_version: u64) -> anyhow::R
     Ok(())
 }
 
+/// `Source::record_at`, retried as the main loop retries its reads (`SourceRetry`): an engine
+/// URL that is down, starting or busy (`Unavailable`) for up to the source's outage limit.
+/// The replicator reads records at start-up (to check the nodes' identities) and when a node
+/// that was down at start-up answers; an engine restarting alongside the replicator must not
+/// make it exit.
+async fn record_at_patiently(
+    source: &mut Source,
+    seq: u64,
+    once: bool,
+) -> anyhow::Result<Option<(RecordId, bool)>> {
+    let mut retry = SourceRetry::new(crate::replicate::source::source_outage_limit(once));
+    loop {
+        match source.record_at(seq).await {
+            Ok(found) => return Ok(found),
+            Err(e) => {
+                let pause = retry.failed(e)?;
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
 /// Checks that the record each node names as the one at its applied sequence is the source's
 /// record there. A node fed by another journal, or by a journal tail the engine lost in a power
 /// failure, would otherwise skip the source's events up to its applied sequence for good.
@@ -1645,8 +1671,7 @@ async fn check_identities(
             tracing::warn!(node = %node.address, seq, "node has no {APPLIED_RECORD_KEY} (written by an older replicator): its journal identity cannot be checked; it is stored with the next batch");
             continue;
         };
-        let ours = source
-            .record_at(seq)
+        let ours = record_at_patiently(source, seq, options.once)
             .await
             .with_context(|| format!("reading the source's record at sequence {seq}"))?;
         let problem = match RecordId::parse(&stored) {
@@ -1701,6 +1726,7 @@ async fn catch_up_floor(
     verified: &[usize],
     source: &mut Source,
     behind_map: Vec<(String, u64, Option<String>)>,
+    once: bool,
 ) -> anyhow::Result<u64> {
     let mut floor = verified
         .iter()
@@ -1714,8 +1740,7 @@ async fn catch_up_floor(
             continue;
         }
         let theirs = record.as_deref().and_then(|r| RecordId::parse(r).ok());
-        let ours = source
-            .record_at(applied)
+        let ours = record_at_patiently(source, applied, once)
             .await
             .with_context(|| format!("reading the source's record at sequence {applied}"))?;
         match (theirs, ours) {
@@ -1783,7 +1808,7 @@ async fn probe_late_nodes(
             }
             node.unprobed = false;
             let behind = vec![(node.address.clone(), applied, record)];
-            let floor = catch_up_floor(replicator, &[], source, behind).await?;
+            let floor = catch_up_floor(replicator, &[], source, behind, options.once).await?;
             replicator.floor = replicator.floor.max(floor);
         }
     }
@@ -1884,7 +1909,14 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         .map(|(i, _)| *i)
         .collect();
     check_identities(&mut replicator, &mut source, stored_records, options).await?;
-    replicator.floor = catch_up_floor(&replicator, &verified, &mut source, behind_map).await?;
+    replicator.floor = catch_up_floor(
+        &replicator,
+        &verified,
+        &mut source,
+        behind_map,
+        options.once,
+    )
+    .await?;
     if replicator.floor > 0 {
         tracing::info!(
             floor = replicator.floor,
@@ -1900,8 +1932,16 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         .unwrap_or(0);
     // The replicator's copy of every balance must be complete before the first write: from a
     // snapshot of the engine at or before `resume` (the journal segments before it are not
-    // read), else from sequence 1.
-    if let Some(ledger) = source.start_from_snapshot(resume)? {
+    // read), else from sequence 1. When no node follows the map (it changed while no
+    // replicator ran, or the nodes were emptied), every node is rebuilt whole once the
+    // replicator has read as far as `floor`: a snapshot at or before the floor will do, where
+    // `resume` (0) would mean replaying the whole journal while every node answers `resync`.
+    let snapshot_bound = if replicator.nodes.iter().any(|n| !n.needs_resync) {
+        resume
+    } else {
+        replicator.floor
+    };
+    if let Some(ledger) = source.start_from_snapshot(snapshot_bound)? {
         let dir = Directory::from_ledger(&ledger)?;
         replicator.route = (0..dir.len() as u32)
             .map(|a| route_of(&replicator.map, dir.name(a)))
@@ -1911,7 +1951,9 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         let seq = replicator.dir.seq;
         replicator.copy_from = seq;
         if seq > 0 {
-            replicator.dir.record = source.record_at(seq).await?.map(|(id, _)| id);
+            replicator.dir.record = record_at_patiently(&mut source, seq, options.once)
+                .await?
+                .map(|(id, _)| id);
         }
         tracing::info!(
             snapshot_seq = seq,
@@ -1925,7 +1967,9 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         // An engine URL has no snapshot, but every node follows the map: together they hold
         // every balance, each as of its own applied sequence, all at or after `resume`.
         replicator.directory_from_nodes(resume).await?;
-        replicator.dir.record = source.record_at(resume).await?.map(|(id, _)| id);
+        replicator.dir.record = record_at_patiently(&mut source, resume, options.once)
+            .await?
+            .map(|(id, _)| id);
         source.start_at(resume + 1)?;
         tracing::info!(
             from_nodes_seq = resume,
@@ -1943,6 +1987,12 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
     let mut previous_read_started = Instant::now();
     // With `once`: since when the source has had nothing more while some node is not caught up.
     let mut once_waiting_since: Option<Instant> = None;
+    // Since when the source has had nothing more while the replicator is still short of what
+    // the nodes have applied (`resume`).
+    let mut short_since: Option<Instant> = None;
+    // Test hook: the first read yields nothing, as a read racing the rewrite of the durable
+    // watermark does.
+    let mut empty_first_read = failpoint_armed("redis-empty-first-read");
     let mut last_idle_check = Instant::now();
     loop {
         if replicator.dir.seq >= replicator.floor && map_changes.has_changed().unwrap_or(false) {
@@ -1964,7 +2014,12 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         } else {
             Duration::from_millis(200)
         };
-        match source.fetch(options.batch_events, wait, &mut items).await {
+        let fetched = if std::mem::take(&mut empty_first_read) {
+            Ok(())
+        } else {
+            source.fetch(options.batch_events, wait, &mut items).await
+        };
+        match fetched {
             Ok(()) => source_retry.succeeded(),
             Err(e) => {
                 if matches!(source, Source::Journal(_)) {
@@ -1973,6 +2028,10 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
                 let pause = source_retry
                     .failed(e)
                     .map_err(|e| e.context("reading the source"))?;
+                // What was read before the engine went away still goes out: a node that
+                // comes back while the engine is down gets it now, not after the outage.
+                replicator.complete_writes(Wait::Fresh).await;
+                replicator.start_writes().await;
                 tokio::time::sleep(pause).await;
                 continue;
             }
@@ -1984,6 +2043,7 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         if !items.is_empty() {
             replicator.dir.record = source.last_record();
             once_waiting_since = None;
+            short_since = None;
         }
         if replicator.nodes.iter().any(|n| n.unprobed) {
             probe_late_nodes(&mut replicator, &mut source, options).await?;
@@ -2004,10 +2064,18 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         }
         if items.is_empty() {
             if replicator.dir.seq < resume {
-                bail!(
-                    "the source ends at sequence {} but the Redis nodes have applied up to {resume}: wrong source, or a journal that lost its tail; flush the nodes to start over",
-                    replicator.dir.seq
-                );
+                // One empty read is not the end of the source (a read of the durable
+                // watermark racing its rewrite yields nothing for a moment, as does an HTTP
+                // read that had to reconnect): only one that stays empty.
+                let since = *short_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= SHORT_SOURCE_PATIENCE {
+                    bail!(
+                        "the source ends at sequence {} but the Redis nodes have applied up to {resume}: wrong source, or a journal that lost its tail; flush the nodes to start over",
+                        replicator.dir.seq
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             }
             if options.once {
                 replicator.flush().await;

@@ -440,6 +440,22 @@ impl HttpSource {
         limit: usize,
         wait: Duration,
     ) -> anyhow::Result<Vec<EventLine>> {
+        let started = tokio::time::Instant::now();
+        let lines = self.stream_lines_unpaced(limit, wait).await?;
+        // The engine holds a read for new events up to `wait` (a long poll), but shortens it
+        // to fit its request timeout, down to not at all: an empty answer that came sooner is
+        // followed by the rest of the wait here, or an idle replicator polls in a loop.
+        if lines.is_empty() {
+            tokio::time::sleep_until(started + wait).await;
+        }
+        Ok(lines)
+    }
+
+    async fn stream_lines_unpaced(
+        &mut self,
+        limit: usize,
+        wait: Duration,
+    ) -> anyhow::Result<Vec<EventLine>> {
         for _ in 0..2 {
             if self.check_position {
                 self.confirm_position().await?;
@@ -1366,6 +1382,46 @@ mod tests {
                 format!("{error:#}").contains("no longer reaches sequence 20"),
                 "{error:#}"
             );
+        });
+    }
+
+    /// An engine that answers "nothing new" at once instead of holding the read (its request
+    /// timeout leaves no room for a long poll) is not polled in a loop: an empty answer that
+    /// came sooner is followed by the rest of the read's wait.
+    #[test]
+    fn an_empty_answer_before_the_wait_is_paced() {
+        block_on(async {
+            let engine = ScriptedEngine::start(deposit_lines(7, 3)).await;
+            let mut source =
+                Source::Http(HttpSource::new(&engine.address.to_string()).expect("source"));
+            let mut items = Vec::new();
+            source
+                .fetch(100, Duration::ZERO, &mut items)
+                .await
+                .expect("fetch");
+            assert_eq!(items.len(), 3);
+            items.clear();
+            let started = std::time::Instant::now();
+            source
+                .fetch(100, Duration::from_millis(300), &mut items)
+                .await
+                .expect("fetch");
+            assert!(items.is_empty());
+            assert!(
+                started.elapsed() >= Duration::from_millis(290),
+                "an empty answer came back after {:?}, before the 300 ms wait",
+                started.elapsed()
+            );
+            // Not when something came (the scripted engine answers at once either way).
+            let mut fresh =
+                Source::Http(HttpSource::new(&engine.address.to_string()).expect("source"));
+            let started = std::time::Instant::now();
+            fresh
+                .fetch(100, Duration::from_millis(300), &mut items)
+                .await
+                .expect("fetch");
+            assert_eq!(items.len(), 3);
+            assert!(started.elapsed() < Duration::from_millis(290));
         });
     }
 
