@@ -41,7 +41,7 @@ use anyhow::{Context, bail};
 use redis::aio::MultiplexedConnection;
 use tokio::sync::watch;
 
-use super::source::{AccountRef, Item, RecordId, Source, SourceRetry};
+use super::source::{AccountRef, Item, RecordId, SHORT_SOURCE_PATIENCE, Source, SourceRetry};
 use super::zk::{self, Layout, PartitionMap};
 use super::{failpoint, failpoint_armed, failpoint_panic};
 use crate::core::Currency;
@@ -429,10 +429,6 @@ struct Finish {
     seq: u64,
     record: Option<RecordId>,
 }
-
-/// How long the source may stay empty, while the replicator has not yet read as far as the
-/// nodes have applied, before it counts as a source that ends short of them.
-const SHORT_SOURCE_PATIENCE: Duration = Duration::from_secs(5);
 
 /// How long the replicator waits for a write before it goes on without it: the next batches
 /// go to the other nodes meanwhile, and to that node once its write is done.

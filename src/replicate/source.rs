@@ -72,6 +72,13 @@ pub struct SourceRetry {
     pause: Duration,
 }
 
+/// How long a source may yield nothing more, while a replicator has not yet read as far as its
+/// targets have applied, before it counts as a source that ends short of them (another
+/// journal, or one that lost its tail). One empty read is not that: a read racing the rewrite
+/// of the durable watermark yields nothing for a moment, as does an HTTP read that had to
+/// reconnect.
+pub const SHORT_SOURCE_PATIENCE: Duration = Duration::from_secs(5);
+
 /// How long a replicator keeps retrying an engine URL that fails: 5 minutes (an engine's
 /// restart and recovery), but 10 s under `--once` (a catch-up run that reports what it could
 /// not reach rather than waiting for it).

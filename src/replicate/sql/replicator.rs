@@ -663,6 +663,12 @@ async fn replicate(
     );
     let mut directory = Directory::default();
     let mut pending: Vec<CommandRecord> = Vec::with_capacity(batch_events + 2);
+    // Under `--once`, where the source had nothing more while short of the shards' watermark,
+    // and since when: one empty read is not the end of the source (a read racing the rewrite
+    // of the durable watermark, or an HTTP read that had to reconnect, yields nothing).
+    let mut short_since: Option<(u64, Instant)> = None;
+    // Test hook: the first read yields nothing.
+    let mut empty_first_read = failpoint_armed("sql-empty-first-read");
     let mut backoff = Duration::from_millis(50);
     let mut last_warning: Option<Instant> = None;
     let mut report = Report {
@@ -776,10 +782,14 @@ async fn replicate(
                 } else {
                     Duration::ZERO
                 };
-                match source
-                    .fetch_records(batch_events - events, wait, &mut fresh)
-                    .await
-                {
+                let fetched = if std::mem::take(&mut empty_first_read) {
+                    Ok(())
+                } else {
+                    source
+                        .fetch_records(batch_events - events, wait, &mut fresh)
+                        .await
+                };
+                match fetched {
                     Ok(()) => source_retry.succeeded(),
                     // An engine URL may be briefly unreachable (or restarting); a journal error
                     // is for good.
@@ -806,9 +816,16 @@ async fn replicate(
                 if fetch_failed {
                     continue;
                 }
-                if source.next_seq() - 1 < low {
+                let read_to = source.next_seq() - 1;
+                if read_to < low {
                     // The shards are ahead of the journal read so far, and it has no more.
-                    if options.once {
+                    let since = match short_since {
+                        Some((at, since)) if at == read_to => since,
+                        _ => short_since.insert((read_to, Instant::now())).1,
+                    };
+                    if options.once
+                        && since.elapsed() >= crate::replicate::source::SHORT_SOURCE_PATIENCE
+                    {
                         bail!(
                             "the source {} ends at sequence {} but the shards hold up to {low}: wrong source, or a journal that lost its tail",
                             options.source,
