@@ -1118,8 +1118,19 @@ fn retries_after_a_restart_do_not_use_up_the_velocity_allowance() {
         assert!(Instant::now() < deadline, "{}", r.body);
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Writes are served; the views do not know the journal's outcomes yet. A retry in a
-    // batch, then a single one: the allowance (one transfer) must be back after each.
+    // Writes are served; the views do not know the journal's outcomes yet. A batch of two
+    // retries looks like two new transfers out of alice, more than her limit lets through at
+    // once; whether it is cannot be known before the views are loaded: 503, to be retried, not
+    // a 400 that tells the client its batch is malformed for good.
+    let r = admin.post(
+        "/v1/wallet/balance_transfers",
+        &json!({ "transfers": [t1, t2] }),
+    );
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "starting", "{}", r.body);
+    assert!(r.header("retry-after").is_some(), "{}", r.body);
+    // A retry in a batch, then a single one: the allowance (one transfer) must be back after
+    // each.
     let r = admin.post(
         "/v1/wallet/balance_transfers",
         &json!({ "transfers": [t1] }),
@@ -1147,6 +1158,21 @@ fn retries_after_a_restart_do_not_use_up_the_velocity_allowance() {
     );
     assert!(server.stop().success());
     let server = Server::start(dir.path(), &args);
+    // Once the views know them, the two retries in one batch move nothing and spend nothing.
+    let mut admin = as_caller(&server, Some(token("ops", "wallet:admin")));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while admin.get("/readyz").status != 200 {
+        assert!(Instant::now() < deadline, "the read views never loaded");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = admin.post(
+        "/v1/wallet/balance_transfers",
+        &json!({ "transfers": [t1, t2] }),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    for item in r.json()["results"].as_array().expect("results") {
+        assert_eq!(item["http_status"], 200, "{item}");
+    }
     assert_eq!(
         balance(&server, "alice"),
         9_400,

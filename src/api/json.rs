@@ -61,14 +61,16 @@ pub fn decode<'de, T: Deserialize<'de>>(body: &'de [u8]) -> Result<T, FieldError
         .into_iter()
         .find_map(|(prefix, reason)| {
             let name = inner.strip_prefix(prefix)?.split('`').next()?;
-            Some((name.to_string(), reason))
+            Some((name.to_string(), reason, prefix.starts_with("unknown")))
         });
         match named {
-            Some((name, reason)) => {
-                // serde_path_to_error's path already ends at an unknown key; a missing or
-                // repeated one ends at its object.
+            Some((name, reason, unknown)) => {
+                // serde_path_to_error's path already ends at an unknown key (the client's, which
+                // may hold a backtick: serde's message does not escape it, so the name cut out
+                // of the message can be short); a missing or repeated one ends at its object
+                // (and its name is one of ours).
                 let field = match path {
-                    Some(p) if p == name || p.ends_with(&format!(".{name}")) => p,
+                    Some(p) if unknown || p == name || p.ends_with(&format!(".{name}")) => p,
                     Some(p) => format!("{p}.{name}"),
                     None => name,
                 };
@@ -277,6 +279,9 @@ mod tests {
                 "more than once",
             ),
             (format!(r#"{{{ok},"memo":"hi"}}"#), "memo", "not a field"),
+            // A client's key is named whole, backticks and all.
+            (format!(r#"{{{ok},"a`b":1}}"#), "a`b", "not a field"),
+            (format!(r#"{{{ok},"`":1}}"#), "`", "not a field"),
             (
                 format!(r#"{{{}}}"#, ok.replace(r#""1.00""#, "1")),
                 "amount",
