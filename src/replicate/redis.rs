@@ -206,7 +206,20 @@ pub async fn next_map_version(nodes: &[String]) -> u64 {
 /// INFO (an ACL without it, a renamed command, a dropped connection) cannot be checked, as one
 /// that is down.
 async fn server_id(conn: &mut MultiplexedConnection, address: &str) -> Option<String> {
-    let info: String = match redis::cmd("INFO").arg("server").query_async(conn).await {
+    // Bounded like a write (`SLOW_WRITE`), not by the connection's response timeout: a map
+    // change checks every node with this, in the replicator's loop.
+    let info = tokio::time::timeout(
+        SLOW_WRITE,
+        redis::cmd("INFO").arg("server").query_async::<String>(conn),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "no answer within 1 s",
+        )))
+    });
+    let info: String = match info {
         Ok(info) => info,
         Err(e) => {
             tracing::warn!(node = %address, error = %e, "INFO server failed: this node is not checked for a second name");
@@ -372,7 +385,13 @@ struct Node {
     /// Set while the node is down: when to try again.
     retry_at: Option<Instant>,
     backoff: Duration,
+    /// The connect and probe of an `unprobed` node, run as a task so that a node that does not
+    /// answer (a dropped route, a paused server) holds back nothing else.
+    probe: Option<tokio::task::JoinHandle<anyhow::Result<Probed>>>,
 }
+
+/// A connection to a node and what `probe_record` read there.
+type Probed = (MultiplexedConnection, (u64, Option<String>, Option<String>));
 
 /// A write in flight to one node: a script write of its changed accounts, a rebuild, or a
 /// connect before one.
@@ -458,6 +477,7 @@ impl Node {
             lag: Duration::ZERO,
             retry_at: None,
             backoff: Duration::from_millis(50),
+            probe: None,
         }
     }
 
@@ -1765,19 +1785,48 @@ async fn probe_late_nodes(
     let copy_from = replicator.copy_from;
     for i in 0..replicator.nodes.len() {
         let node = &mut replicator.nodes[i];
-        if !node.unprobed || !node.ensure_connected().await {
+        if !node.unprobed {
             continue;
         }
-        let Some(conn) = node.conn.as_mut() else {
-            continue;
+        // The connect and probe run as a task, looked at again on the next pass: one that
+        // waited here for a node that does not answer (up to its connect and response
+        // timeouts) stopped every read and write meanwhile.
+        let probed = match &node.probe {
+            None => {
+                if node.retry_at.is_some_and(|at| Instant::now() < at) {
+                    continue;
+                }
+                let address = node.address.clone();
+                let existing = node.conn.take();
+                node.probe = Some(tokio::spawn(async move {
+                    let mut conn = match existing {
+                        Some(conn) => conn,
+                        None => connect(&address).await?,
+                    };
+                    let state = probe_record(&mut conn).await?;
+                    Ok((conn, state))
+                }));
+                continue;
+            }
+            Some(task) if !task.is_finished() => continue,
+            Some(_) => match node.probe.take() {
+                Some(task) => task.await,
+                None => continue,
+            },
         };
-        let (applied, v, record) = match probe_record(conn).await {
-            Ok(state) => state,
+        let (conn, (applied, v, record)) = match probed {
+            Ok(Ok(probed)) => probed,
+            Ok(Err(e)) => {
+                node.mark_down(&e);
+                continue;
+            }
             Err(e) => {
-                node.mark_down(&e.into());
+                node.mark_down(&anyhow::Error::new(e).context("probing the node"));
                 continue;
             }
         };
+        node.mark_up();
+        let conn = node.conn.insert(conn);
         // A node behind where the replicator's copy starts (a snapshot taken while it was
         // down) would miss the changes between the two, which were never marked to be
         // written: rebuilt, like one that does not follow the map.
@@ -1867,7 +1916,17 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         if node.ensure_connected().await
             && let Some(conn) = node.conn.as_mut()
         {
-            match probe_record(conn).await {
+            // A node that does not answer within `SLOW_WRITE` is left to `probe_late_nodes`,
+            // which does not hold back the others (start-up waited out the response timeout).
+            let probed = tokio::time::timeout(SLOW_WRITE, probe_record(conn))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(redis::RedisError::from((
+                        redis::ErrorKind::Io,
+                        "no answer to the start-up probe",
+                    )))
+                });
+            match probed {
                 Ok((applied, Some(v), record)) if v == version => {
                     node.applied_seq = applied;
                     node.needs_resync = false;
