@@ -37,7 +37,7 @@ enum Commands {
     },
     /// The cluster layout in ZooKeeper: Redis partition map, SQL shards, routing.
     Cluster(wallet::replicate::cli::ClusterArgs),
-    /// Replicate the event stream into external stores (Redis partitions).
+    /// Replicate the event stream into external stores (Redis partitions, PostgreSQL shards).
     Replicate(wallet::replicate::cli::ReplicateArgs),
     /// Compare an external store with the state replayed from the journal.
     Reconcile(wallet::replicate::cli::ReconcileArgs),
@@ -151,10 +151,10 @@ struct ServeArgs {
     /// engine takes it.
     #[arg(long, requires = "zk")]
     zk_leader: bool,
-    /// ZooKeeper address for --replicate-redis.
+    /// ZooKeeper address, for --replicate-redis and --zk-leader.
     #[arg(long, env = "WALLET_ZK")]
     zk: Option<String>,
-    /// Root of the wallet's nodes in ZooKeeper, for --replicate-redis.
+    /// Root of the wallet's nodes in ZooKeeper, for --replicate-redis and --zk-leader.
     #[arg(long, env = "WALLET_ZK_ROOT", default_value = wallet::replicate::zk::DEFAULT_ROOT)]
     zk_root: String,
 }
@@ -252,11 +252,15 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn main() -> ExitCode {
+    use std::io::IsTerminal;
+    // The ZooKeeper client logs every session it opens at info level: noise on every
+    // `wallet cluster` command. Colours only on a terminal, not in a log file.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WALLET_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                .unwrap_or_else(|_| "info,zookeeper_client=warn".into()),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

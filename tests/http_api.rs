@@ -1183,6 +1183,13 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
     let output = Server::command(dir.path()).output().expect("run");
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("in use"));
+    // Refused before it announces an address: a supervisor that waits for "listening on"
+    // would take it for started.
+    assert!(
+        !String::from_utf8_lossy(&output.stdout).contains("listening on"),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
     // Nor does a bench get to write into a live server's journal, even one with no record yet
     // (its only check used to be that the journal was empty).
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))

@@ -608,6 +608,13 @@ fn slowloris_and_connection_limits() {
     let response = common::read_response(&mut extra).expect("an answer");
     assert_eq!(response.status, 503);
     assert!(response.header("retry-after").is_some());
+    // In the error shape of every other answer.
+    assert_eq!(
+        response.json()["error"]["code"],
+        "too_many_connections",
+        "{}",
+        response.body
+    );
     drop(held);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(

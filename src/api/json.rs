@@ -50,9 +50,21 @@ pub fn decode<'de, T: Deserialize<'de>>(body: &'de [u8]) -> Result<T, FieldError
     let value: T = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." { None } else { Some(path) };
+        let inner = e.inner().to_string();
+        // Not JSON at all (a syntax error, or a body cut short): the body is what is wrong,
+        // not the field the parser was in (its path would end in `?`).
+        if matches!(
+            e.inner().classify(),
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof
+        ) {
+            return FieldError {
+                code: "invalid_request",
+                field: "body".into(),
+                message: format!("body: is not JSON: {inner}"),
+            };
+        }
         // A missing or repeated field is reported by serde at the object that lacks or repeats
         // it: name the field itself.
-        let inner = e.inner().to_string();
         let named = [
             ("missing field `", "is required"),
             ("duplicate field `", "appears more than once"),
@@ -279,6 +291,11 @@ mod tests {
                 "more than once",
             ),
             (format!(r#"{{{ok},"memo":"hi"}}"#), "memo", "not a field"),
+            // Not JSON: the body is named, never a `?` path.
+            ("{bad json".to_string(), "body", "is not JSON"),
+            (format!(r#"{{{ok},"#), "body", "is not JSON"),
+            (format!(r#"{{{ok},}}"#), "body", "is not JSON"),
+            (r#"{"from_account":"a","#.to_string(), "body", "is not JSON"),
             // A client's key is named whole, backticks and all.
             (format!(r#"{{{ok},"a`b":1}}"#), "a`b", "not a field"),
             (format!(r#"{{{ok},"`":1}}"#), "`", "not a field"),

@@ -409,10 +409,11 @@ pub fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<DataDirLock> {
 /// requests, drains the engine and returns.
 pub async fn serve(
     config: ServeConfig,
+    lock: DataDirLock,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let _lock = lock_data_dir(&config.data_dir)?;
+    let _lock = lock;
     let tls = match &config.tls {
         Some((cert, key)) => Some(tls_acceptor(cert, key)?),
         None => None,
@@ -996,7 +997,13 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     use tokio::io::AsyncReadExt;
-    let answer = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    // The error shape of every other answer, so that a client reads its code.
+    const BODY: &str = r#"{"error":{"code":"too_many_connections","message":"the server holds as many connections as --max-connections allows; retry after Retry-After"}}"#;
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let answer = answer.as_bytes();
     let _ = tokio::time::timeout(Duration::from_millis(250), async {
         if stream.write_all(answer).await.is_ok() && stream.shutdown().await.is_ok() {
             let mut sink = [0u8; 4096];
@@ -1043,7 +1050,12 @@ pub async fn run(config: ServeConfig, listen: SocketAddr) -> anyhow::Result<()> 
             "authentication is OFF (--auth none, loopback only): every local caller may move any money"
         );
     }
-    let listener = TcpListener::bind(listen).await?;
+    // The data directory first: a second server on it is refused before it announces an
+    // address (a supervisor waiting for "listening on" would take it for started).
+    let lock = lock_data_dir(&config.data_dir)?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("--listen {listen}: {e}"))?;
     let address = listener.local_addr()?;
     // The leadership first: an engine that is not the leader never recovers or serves.
     let (leadership, zk_session) = match &config.zk_leader {
@@ -1084,7 +1096,7 @@ pub async fn run(config: ServeConfig, listen: SocketAddr) -> anyhow::Result<()> 
             }
         }
     };
-    let served = serve(config, listener, shutdown).await;
+    let served = serve(config, lock, listener, shutdown).await;
     // Close the ZooKeeper session now, so that the leader node goes at once (not after the
     // session timeout, which would keep a successor out for that long).
     if let Some(abort) = leadership_abort {

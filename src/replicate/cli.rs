@@ -25,7 +25,8 @@ pub struct ClusterArgs {
 
 #[derive(Subcommand)]
 pub enum ClusterCommand {
-    /// Create the layout and the first partition map (version 1).
+    /// Create the layout and the first partition map (version 1, or above any version its
+    /// Redis nodes already show, so that a version is never reused).
     Init {
         #[command(flatten)]
         zk: ZkArgs,

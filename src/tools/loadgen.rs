@@ -305,7 +305,8 @@ impl Client {
                 "connecting to {} timed out after {CONNECT_TIMEOUT:?}",
                 self.target.host
             )
-        })??;
+        })?
+        .map_err(|e| anyhow::anyhow!("connecting to {}: {e}", self.target.host))?;
         stream.set_nodelay(true)?;
         Ok(match &self.target.tls {
             None => Box::new(stream),
@@ -319,7 +320,10 @@ impl Client {
                             "the TLS handshake with {} timed out after {CONNECT_TIMEOUT:?}",
                             self.target.host
                         )
-                    })??,
+                    })?
+                    .map_err(|e| {
+                        anyhow::anyhow!("the TLS handshake with {}: {e}", self.target.host)
+                    })?,
             ),
         })
     }
