@@ -154,15 +154,23 @@ pub async fn connect(address: &str) -> anyhow::Result<MultiplexedConnection> {
 /// (`localhost:6379` and `127.0.0.1:6379`): both "nodes" would share one
 /// `wallet:applied_seq`, and the second one's writes would be taken as already applied and
 /// silently skipped. Servers are told apart by their `run_id`; a node that does not answer now
-/// cannot be checked and is let through.
+/// (within `SLOW_WRITE`: the replicator checks at start-up and on each map change, and a node
+/// that stopped answering must not hold it for the response timeout) cannot be checked and is
+/// let through. (Emptying a removed node, `clean_retired`, asks the same question without this
+/// bound: a node slow to answer there must not be taken for another server and emptied.)
 pub async fn check_distinct_servers(nodes: &[String]) -> anyhow::Result<()> {
     let mut seen: HashMap<String, &str> = HashMap::new();
     for address in nodes {
         let Ok(mut conn) = connect(address).await else {
             continue;
         };
-        let Some(run_id) = server_id(&mut conn, address).await else {
-            continue;
+        let run_id = match tokio::time::timeout(SLOW_WRITE, server_id(&mut conn, address)).await {
+            Ok(Some(run_id)) => run_id,
+            Ok(None) => continue,
+            Err(_) => {
+                tracing::warn!(node = %address, "no answer to INFO server within 1 s: this node is not checked for a second name");
+                continue;
+            }
         };
         if let Some(other) = seen.insert(run_id.clone(), address) {
             bail!(
@@ -206,20 +214,7 @@ pub async fn next_map_version(nodes: &[String]) -> u64 {
 /// INFO (an ACL without it, a renamed command, a dropped connection) cannot be checked, as one
 /// that is down.
 async fn server_id(conn: &mut MultiplexedConnection, address: &str) -> Option<String> {
-    // Bounded like a write (`SLOW_WRITE`), not by the connection's response timeout: a map
-    // change checks every node with this, in the replicator's loop.
-    let info = tokio::time::timeout(
-        SLOW_WRITE,
-        redis::cmd("INFO").arg("server").query_async::<String>(conn),
-    )
-    .await
-    .unwrap_or_else(|_| {
-        Err(redis::RedisError::from((
-            redis::ErrorKind::Io,
-            "no answer within 1 s",
-        )))
-    });
-    let info: String = match info {
+    let info: String = match redis::cmd("INFO").arg("server").query_async(conn).await {
         Ok(info) => info,
         Err(e) => {
             tracing::warn!(node = %address, error = %e, "INFO server failed: this node is not checked for a second name");
@@ -1654,9 +1649,9 @@ async fn retire(conn: &mut MultiplexedConnection, new_version: u64) -> anyhow::R
 async fn record_at_patiently(
     source: &mut Source,
     seq: u64,
-    once: bool,
+    patience: Duration,
 ) -> anyhow::Result<Option<(RecordId, bool)>> {
-    let mut retry = SourceRetry::new(crate::replicate::source::source_outage_limit(once));
+    let mut retry = SourceRetry::new(patience);
     loop {
         match source.record_at(seq).await {
             Ok(found) => return Ok(found),
@@ -1676,6 +1671,7 @@ async fn check_identities(
     source: &mut Source,
     stored: Vec<(usize, Option<String>)>,
     options: &ReplicateOptions,
+    patience: Duration,
 ) -> anyhow::Result<()> {
     for (i, stored) in stored {
         let node = &mut replicator.nodes[i];
@@ -1687,7 +1683,7 @@ async fn check_identities(
             tracing::warn!(node = %node.address, seq, "node has no {APPLIED_RECORD_KEY} (written by an older replicator): its journal identity cannot be checked; it is stored with the next batch");
             continue;
         };
-        let ours = record_at_patiently(source, seq, options.once)
+        let ours = record_at_patiently(source, seq, patience)
             .await
             .with_context(|| format!("reading the source's record at sequence {seq}"))?;
         let problem = match RecordId::parse(&stored) {
@@ -1742,7 +1738,7 @@ async fn catch_up_floor(
     verified: &[usize],
     source: &mut Source,
     behind_map: Vec<(String, u64, Option<String>)>,
-    once: bool,
+    patience: Duration,
 ) -> anyhow::Result<u64> {
     let mut floor = verified
         .iter()
@@ -1756,7 +1752,7 @@ async fn catch_up_floor(
             continue;
         }
         let theirs = record.as_deref().and_then(|r| RecordId::parse(r).ok());
-        let ours = record_at_patiently(source, applied, once)
+        let ours = record_at_patiently(source, applied, patience)
             .await
             .with_context(|| format!("reading the source's record at sequence {applied}"))?;
         match (theirs, ours) {
@@ -1836,7 +1832,20 @@ async fn probe_late_nodes(
             node.applied_seq = applied;
             node.needs_resync = false;
             let verified = record.is_some();
-            check_identities(replicator, source, vec![(i, record)], options).await?;
+            // One try: an engine URL that is away now leaves the node to a later pass, while
+            // the loop goes on writing to the others (waiting here held them all).
+            let checked = check_identities(
+                replicator,
+                source,
+                vec![(i, record)],
+                options,
+                Duration::ZERO,
+            )
+            .await;
+            if let Err(e) = checked {
+                return_to_unprobed(&mut replicator.nodes[i], e)?;
+                continue;
+            }
             if verified && !replicator.nodes[i].needs_resync {
                 replicator.floor = replicator.floor.max(applied);
             }
@@ -1853,10 +1862,31 @@ async fn probe_late_nodes(
             }
             node.unprobed = false;
             let behind = vec![(node.address.clone(), applied, record)];
-            let floor = catch_up_floor(replicator, &[], source, behind, options.once).await?;
+            let floor = match catch_up_floor(replicator, &[], source, behind, Duration::ZERO).await
+            {
+                Ok(floor) => floor,
+                Err(e) => {
+                    return_to_unprobed(&mut replicator.nodes[i], e)?;
+                    continue;
+                }
+            };
             replicator.floor = replicator.floor.max(floor);
         }
     }
+    Ok(())
+}
+
+/// After a late node's check against the source failed: an engine URL that is away
+/// (`Unavailable`) puts the node back among those to probe, after its backoff; any other error
+/// stops the run, as at start-up.
+fn return_to_unprobed(node: &mut Node, error: anyhow::Error) -> anyhow::Result<()> {
+    if !error.is::<crate::replicate::source::Unavailable>() {
+        return Err(error);
+    }
+    node.unprobed = true;
+    node.needs_resync = true;
+    node.applied_seq = 0;
+    node.mark_down(&error.context("checking the node against the source; probed again later"));
     Ok(())
 }
 
@@ -1963,15 +1993,18 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         .filter(|(_, record)| record.is_some())
         .map(|(i, _)| *i)
         .collect();
-    check_identities(&mut replicator, &mut source, stored_records, options).await?;
-    replicator.floor = catch_up_floor(
-        &replicator,
-        &verified,
+    // At start-up nothing is written yet: an engine URL that is away is waited for.
+    let patience = crate::replicate::source::source_outage_limit(options.once);
+    check_identities(
+        &mut replicator,
         &mut source,
-        behind_map,
-        options.once,
+        stored_records,
+        options,
+        patience,
     )
     .await?;
+    replicator.floor =
+        catch_up_floor(&replicator, &verified, &mut source, behind_map, patience).await?;
     if replicator.floor > 0 {
         tracing::info!(
             floor = replicator.floor,
@@ -1991,10 +2024,16 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
     // replicator ran, or the nodes were emptied), every node is rebuilt whole once the
     // replicator has read as far as `floor`: a snapshot at or before the floor will do, where
     // `resume` (0) would mean replaying the whole journal while every node answers `resync`.
-    let snapshot_bound = if replicator.nodes.iter().any(|n| !n.needs_resync) {
-        resume
-    } else {
+    // (A node that could not be read may follow the map from below the floor: it keeps
+    // `resume`, as before, so that it is continued rather than rebuilt when it answers.)
+    let snapshot_bound = if replicator
+        .nodes
+        .iter()
+        .all(|n| n.needs_resync && !n.unprobed)
+    {
         replicator.floor
+    } else {
+        resume
     };
     if let Some(ledger) = source.start_from_snapshot(snapshot_bound)? {
         let dir = Directory::from_ledger(&ledger)?;
@@ -2006,7 +2045,7 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         let seq = replicator.dir.seq;
         replicator.copy_from = seq;
         if seq > 0 {
-            replicator.dir.record = record_at_patiently(&mut source, seq, options.once)
+            replicator.dir.record = record_at_patiently(&mut source, seq, patience)
                 .await?
                 .map(|(id, _)| id);
         }
@@ -2022,7 +2061,7 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         // An engine URL has no snapshot, but every node follows the map: together they hold
         // every balance, each as of its own applied sequence, all at or after `resume`.
         replicator.directory_from_nodes(resume).await?;
-        replicator.dir.record = record_at_patiently(&mut source, resume, options.once)
+        replicator.dir.record = record_at_patiently(&mut source, resume, patience)
             .await?
             .map(|(id, _)| id);
         source.start_at(resume + 1)?;
@@ -2087,6 +2126,9 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
                 // comes back while the engine is down gets it now, not after the outage.
                 replicator.complete_writes(Wait::Fresh).await;
                 replicator.start_writes().await;
+                if let Some(metrics) = &options.metrics {
+                    replicator.publish(metrics);
+                }
                 tokio::time::sleep(pause).await;
                 continue;
             }
