@@ -385,6 +385,10 @@ struct Node {
     probe: Option<tokio::task::JoinHandle<anyhow::Result<Probed>>>,
 }
 
+/// The map's nodes by server (`run_id`, address), and those that did not say which server they
+/// are.
+type CurrentServers = (Vec<(String, String)>, Vec<String>);
+
 /// A connection to a node and what `probe_record` read there.
 type Probed = (MultiplexedConnection, (u64, Option<String>, Option<String>));
 
@@ -1405,8 +1409,9 @@ impl Replicator {
 
     async fn clean_retired(&mut self) {
         let mut kept = Vec::new();
-        // The servers of the current map, read once the first retired node answers.
-        let mut current_ids: Option<Vec<(String, String)>> = None;
+        // The servers of the current map (and the nodes that did not say), read once the first
+        // retired node answers.
+        let mut current_ids: Option<CurrentServers> = None;
         for mut node in std::mem::take(&mut self.retired) {
             // A removed node is often a decommissioned host: each try can wait for a connect
             // timeout inside the main loop, so it is tried again only every `RETIRED_RETRY`.
@@ -1424,25 +1429,40 @@ impl Replicator {
             };
             // A removed address whose server is in the map under another spelling (it did not
             // answer when the map changed) is that map node: emptying it would empty the node.
-            if let Some(id) = server_id(&mut conn, &node.address).await {
-                if current_ids.is_none() {
-                    let mut ids = Vec::new();
-                    for current in &self.nodes {
-                        if let Some(current_id) = server_id_at(&current.address).await {
-                            ids.push((current_id, current.address.clone()));
-                        }
+            // So it is emptied only once it is known not to be: it says which server it is,
+            // and so does every node of the map (one that cannot say might be it).
+            let Some(id) = server_id(&mut conn, &node.address).await else {
+                tracing::warn!(node = %node.address, retry_in = ?RETIRED_RETRY, "removed node does not say which server it is (INFO server failed): it may be a node of the map under another name, so it is not emptied yet");
+                node.conn = None;
+                node.retry_at = Some(Instant::now() + RETIRED_RETRY);
+                kept.push(node);
+                continue;
+            };
+            if current_ids.is_none() {
+                let mut ids = Vec::new();
+                let mut unknown = Vec::new();
+                for current in &self.nodes {
+                    match server_id_at(&current.address).await {
+                        Some(current_id) => ids.push((current_id, current.address.clone())),
+                        None => unknown.push(current.address.clone()),
                     }
-                    current_ids = Some(ids);
                 }
-                if let Some((_, current)) = current_ids
-                    .iter()
-                    .flatten()
-                    .find(|(current_id, _)| *current_id == id)
-                {
-                    tracing::warn!(node = %node.address, same_as = %current, "removed node is the same server as a node of the map: not retired");
-                    self.forget_retiring(&node.address).await;
-                    continue;
-                }
+                current_ids = Some((ids, unknown));
+            }
+            let Some((ids, unknown)) = current_ids.as_ref() else {
+                continue;
+            };
+            if let Some((_, current)) = ids.iter().find(|(current_id, _)| *current_id == id) {
+                tracing::warn!(node = %node.address, same_as = %current, "removed node is the same server as a node of the map: not retired");
+                self.forget_retiring(&node.address).await;
+                continue;
+            }
+            if !unknown.is_empty() {
+                tracing::warn!(node = %node.address, unknown = ?unknown, retry_in = ?RETIRED_RETRY, "nodes of the map do not say which server they are: the removed node may be one of them under another name, so it is not emptied yet");
+                node.conn = None;
+                node.retry_at = Some(Instant::now() + RETIRED_RETRY);
+                kept.push(node);
+                continue;
             }
             match retire(&mut conn, self.map.version).await {
                 Ok(()) => {
