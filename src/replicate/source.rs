@@ -1317,6 +1317,18 @@ mod tests {
         lines
     }
 
+    /// A source on `engine` that has read its first 100 records.
+    async fn read_from_start(engine: &ScriptedEngine) -> (Source, Vec<Item>) {
+        let mut source =
+            Source::Http(HttpSource::new(&engine.address.to_string()).expect("source"));
+        let mut items = Vec::new();
+        source
+            .fetch(100, Duration::ZERO, &mut items)
+            .await
+            .expect("fetch");
+        (source, items)
+    }
+
     /// `fetch`, tried again after a failure as the replicators do (the first read after an
     /// engine restart finds its connection closed), except after a `HistoryChanged`.
     async fn fetch_retrying(source: &mut Source, items: &mut Vec<Item>) -> anyhow::Result<()> {
@@ -1339,13 +1351,7 @@ mod tests {
     fn an_engine_that_comes_back_with_another_history_is_refused() {
         block_on(async {
             let engine = ScriptedEngine::start(deposit_lines(7, 10)).await;
-            let mut source =
-                Source::Http(HttpSource::new(&engine.address.to_string()).expect("source"));
-            let mut items = Vec::new();
-            source
-                .fetch(100, Duration::ZERO, &mut items)
-                .await
-                .expect("fetch");
+            let (mut source, mut items) = read_from_start(&engine).await;
             assert_eq!(items.len(), 10);
             assert_eq!(source.next_seq(), 11);
 
@@ -1374,13 +1380,7 @@ mod tests {
             assert!(retry.failed(error).is_err(), "retried");
 
             // A shorter one: it does not reach what was read.
-            let mut fresh =
-                Source::Http(HttpSource::new(&engine.address.to_string()).expect("source"));
-            items.clear();
-            fresh
-                .fetch(100, Duration::ZERO, &mut items)
-                .await
-                .expect("fetch");
+            let (mut fresh, mut items) = read_from_start(&engine).await;
             engine.restart_with(deposit_lines(9, 8));
             let error = fetch_retrying(&mut fresh, &mut items)
                 .await
@@ -1399,13 +1399,7 @@ mod tests {
     fn an_empty_answer_before_the_wait_is_paced() {
         block_on(async {
             let engine = ScriptedEngine::start(deposit_lines(7, 3)).await;
-            let mut source =
-                Source::Http(HttpSource::new(&engine.address.to_string()).expect("source"));
-            let mut items = Vec::new();
-            source
-                .fetch(100, Duration::ZERO, &mut items)
-                .await
-                .expect("fetch");
+            let (mut source, mut items) = read_from_start(&engine).await;
             assert_eq!(items.len(), 3);
             items.clear();
             let started = std::time::Instant::now();
