@@ -1372,6 +1372,59 @@ fn loadgen_sends_the_backlog_of_a_stall_at_the_end_of_an_open_loop_run() {
     );
 }
 
+/// Open loop: requests that a stall past the drain limit left unsent are in `latency_all_us`
+/// at (at least) their wait until the run gave up, not left out: a run with half its requests
+/// unsent does not report the fast half's latencies.
+#[test]
+fn loadgen_counts_the_requests_a_stall_left_unsent_in_its_latencies() {
+    let dir = temp();
+    let server = Server::start(dir.path(), &[]);
+    let url = format!("http://{}", server.address);
+    let loadgen = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+        .args(["loadgen", "--url", &url, "--raw-path", "/healthz"])
+        .args([
+            "--rate",
+            "200",
+            "--connections",
+            "4",
+            "--duration",
+            "1",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run loadgen");
+    // Stop the server from the run's middle until after its deadline (10 s after its end).
+    std::thread::sleep(Duration::from_millis(700));
+    let pid = server.child.id().to_string();
+    let signal = |signal: &str| {
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    };
+    signal("-STOP");
+    let output = loadgen.wait_with_output();
+    signal("-CONT");
+    let output = output.expect("loadgen");
+    assert!(output.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON report");
+    let count = |field: &str| report[field].as_u64().unwrap_or(0);
+    assert_eq!(count("requests") + count("unsent"), 200, "{report}");
+    let answered = report["status_counts"]["200"].as_u64().unwrap_or(0);
+    assert!(
+        (40..=170).contains(&answered),
+        "the stall came in the run's middle: {report}"
+    );
+    assert!(count("unsent") >= 20, "{report}");
+    // Over 10% of the due requests waited out the deadline: p90 says so.
+    assert!(
+        report["latency_all_us"]["p90"].as_u64().unwrap_or(0) >= 9_000_000,
+        "{report}"
+    );
+}
+
 /// A server that accepts connections and then never answers: reads every byte it is sent,
 /// writes nothing, until the test ends. Returns its address.
 fn silent_server() -> std::net::SocketAddr {

@@ -85,7 +85,8 @@ pub struct LoadgenReport {
     /// Latency of the answers that committed transfers (of 200s, with `--raw-path`): replays,
     /// rejections, overload answers and errors are not in it.
     pub latency_us: BTreeMap<String, u64>,
-    /// Latency of every answer and error, whatever it was.
+    /// Latency of every answer and error, whatever it was, and of every `unsent` request,
+    /// counted from its due time to the run's deadline (a lower bound: it never got an answer).
     pub latency_all_us: BTreeMap<String, u64>,
     pub rate: u64,
     pub connections: usize,
@@ -257,6 +258,32 @@ fn due_count(duration_secs: u64, rate: u64, batch: usize) -> u64 {
 
 /// How long an open-loop run goes on past its end to send requests that were already due.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// At most this many distinct latencies stand for the unsent requests in `latency_all_us`.
+const UNSENT_GROUPS: u64 = 4096;
+
+/// Records `unsent` requests, taken to be the last ones due of the `due` (`wait(i)` is how long
+/// request `i` waited until the run gave up on it), in at most `UNSENT_GROUPS` groups, each at
+/// the wait of its latest-due member, which is the shortest in the group: every recorded
+/// latency is a lower bound of a real one.
+fn record_unsent(
+    histogram: &mut Histogram<u64>,
+    unsent: u64,
+    due: u64,
+    wait: impl Fn(u64) -> Duration,
+) -> anyhow::Result<()> {
+    let first = due.saturating_sub(unsent);
+    let group = unsent.div_ceil(UNSENT_GROUPS).max(1);
+    let mut i = first;
+    while i < due {
+        let count = group.min(due - i);
+        let latest = i + count - 1;
+        let us = u64::try_from(wait(latest).as_micros()).unwrap_or(u64::MAX);
+        histogram.record_n(us.clamp(1, histogram.high()), count)?;
+        i += count;
+    }
+    Ok(())
+}
 
 /// The resolution of tokio's timer.
 const TIMER_TICK: Duration = Duration::from_millis(1);
@@ -707,6 +734,13 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
         0
     };
     let unsent = due.saturating_sub(requests);
+    // An unsent request waited at least from its due time to the deadline; leaving it out of
+    // the latencies would hide the worst of a stall (coordinated omission through the drain
+    // limit). Each is counted at that lower bound, as if it were one of the latest due
+    // (the smallest waits), in at most `UNSENT_GROUPS` groups so that a long run stays cheap.
+    record_unsent(&mut all, unsent, due, |i| {
+        deadline.saturating_duration_since(start + due_after(i, args.batch, args.rate))
+    })?;
     // A bare server's fixed answers count as one "transfer" each, for the same throughput field.
     let ok_transfers = if args.raw_path.is_some() {
         statuses.get("200").copied().unwrap_or(0)
@@ -762,7 +796,7 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
         }
         for (label, l) in [
             ("latency us ", &latency),
-            ("all answers", &report.latency_all_us),
+            ("all, unsent", &report.latency_all_us),
         ] {
             println!(
                 "  {label} p50 {}  p90 {}  p99 {}  p99.9 {}  p99.99 {}  max {}",
@@ -932,9 +966,30 @@ pub async fn serve_fixed(listen: std::net::SocketAddr) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Client, due_after, due_count, tally, target};
+    use super::{Client, due_after, due_count, record_unsent, tally, target};
+    use hdrhistogram::Histogram;
     use std::io::{Read, Write};
     use std::time::Duration;
+
+    /// Unsent requests are all in the histogram, each at most its real wait (from its due time
+    /// to the deadline) and in groups close to it.
+    #[test]
+    fn unsent_requests_are_recorded_at_a_lower_bound_of_their_wait() {
+        let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).unwrap();
+        record_unsent(&mut histogram, 0, 10_000, |_| Duration::from_secs(1)).unwrap();
+        assert_eq!(histogram.len(), 0);
+        // 10,000 due, the last 9,000 unsent; request i waited 10,000 - i ms.
+        let wait = |i: u64| Duration::from_millis(10_000 - i);
+        record_unsent(&mut histogram, 9_000, 10_000, wait).unwrap();
+        assert_eq!(histogram.len(), 9_000);
+        // The longest real wait is request 1,000's 9 s; its group stands at most 3 requests
+        // later (9,000 in 4,096 groups), 3 ms shorter.
+        assert!(histogram.max() <= 9_000_000 + 9_000, "{}", histogram.max());
+        assert!(histogram.max() >= 8_990_000, "{}", histogram.max());
+        assert!(histogram.min() <= 1_000, "{}", histogram.min());
+        let median = histogram.value_at_quantile(0.5);
+        assert!((4_480_000..=4_510_000).contains(&median), "{median}");
+    }
 
     /// Reads one request (headers and a Content-Length body) from a blocking stream.
     fn read_request(stream: &mut std::net::TcpStream) {
