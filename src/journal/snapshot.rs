@@ -30,12 +30,17 @@ pub fn write_snapshot(dir: &Path, bytes: &[u8]) -> std::io::Result<PathBuf> {
     crate::journal::storage::create_dir_all_durable(dir)?;
     let path = dir.join(snapshot_file_name(next_seq));
     let temporary = dir.join(format!(".{}.tmp", snapshot_file_name(next_seq)));
-    {
-        let mut file = File::create(&temporary)?;
+    let written = File::create(&temporary).and_then(|mut file| {
         write_paced(&mut file, bytes)?;
-        file.sync_all()?;
+        file.sync_all()
+    });
+    if let Err(e) = written.and_then(|()| fs::rename(&temporary, &path)) {
+        // A part-written file on a full disk would keep it full: the next segment could not be
+        // allocated and the engine would stop, for a snapshot it can do without. (A crash's
+        // leftover is removed by the next successful snapshot's `prune`.)
+        let _ = fs::remove_file(&temporary);
+        return Err(e);
     }
-    fs::rename(&temporary, &path)?;
     fsync_dir(dir)?;
     Ok(path)
 }
@@ -269,6 +274,27 @@ pub fn load_newest_snapshot(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A snapshot that cannot be written (a full disk) leaves no part-written file behind.
+    #[test]
+    fn a_failed_write_removes_its_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::new(LedgerConfig::default());
+        let bytes = crate::core::codec::encode_snapshot(&ledger, None);
+        let next_seq = snapshot_next_seq(&bytes).unwrap();
+        let temporary = dir
+            .path()
+            .join(format!(".{}.tmp", snapshot_file_name(next_seq)));
+        // Writes through this name fail as on a full disk.
+        std::os::unix::fs::symlink("/dev/full", &temporary).unwrap();
+        let err = write_snapshot(dir.path(), &bytes).expect_err("written to a full disk");
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+        assert!(
+            fs::symlink_metadata(&temporary).is_err(),
+            "the temporary file was left behind"
+        );
+        assert!(list_snapshots(dir.path()).is_empty());
+    }
 
     #[test]
     fn a_mapping_whose_pages_cannot_be_read_is_an_error_not_a_sigbus() {
