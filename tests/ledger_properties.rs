@@ -721,6 +721,52 @@ fn snapshot_with_duplicate_currency(balance: MinorUnits) -> Vec<u8> {
     with_valid_crc(out)
 }
 
+/// A snapshot (checksum correct) of one account holding `balance` USD with the given totals.
+fn snapshot_with_totals(balance: MinorUnits, deposited: u128, withdrawn: u128) -> Vec<u8> {
+    let [usd, _, _] = currencies();
+    let mut out = Vec::new();
+    out.extend_from_slice(b"WALSNAP1");
+    out.extend_from_slice(&wallet::core::codec::SNAPSHOT_VERSION.to_le_bytes());
+    out.extend_from_slice(&[0; 6]);
+    out.extend_from_slice(&3u64.to_le_bytes()); // next_seq
+    out.extend_from_slice(&0u64.to_le_bytes()); // state hash: not reached if the decoder refuses
+    out.extend_from_slice(&CONFIG.max_amount.to_le_bytes());
+    out.extend_from_slice(&1u64.to_le_bytes()); // accounts
+    out.extend_from_slice(&0u64.to_le_bytes()); // remembered ids
+    out.extend_from_slice(&1u64.to_le_bytes()); // totals
+    assert_eq!(out.len(), SNAPSHOT_HEADER_BYTES);
+    out.push(5);
+    out.extend_from_slice(b"alice");
+    out.push(1);
+    out.extend_from_slice(&usd.packed().to_le_bytes());
+    out.extend_from_slice(&balance.to_le_bytes());
+    out.extend_from_slice(&usd.packed().to_le_bytes());
+    out.extend_from_slice(&deposited.to_le_bytes());
+    out.extend_from_slice(&withdrawn.to_le_bytes());
+    out.extend_from_slice(&balance.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    with_valid_crc(out)
+}
+
+/// Totals that two records of u64 amounts could not have reached are refused before anything
+/// is added to them (a deposit would overflow them); totals within that bound are decoded.
+#[test]
+fn a_snapshot_whose_totals_its_history_could_not_reach_is_refused() {
+    let huge = u128::MAX - 5;
+    match decode_snapshot(&snapshot_with_totals(7, huge, huge - 7), CONFIG) {
+        Err(DecodeError::Snapshot("totals out of range")) => {}
+        other => panic!("{:?}", other.map(|l| l.state_hash())),
+    }
+    // At the bound (3 * u64::MAX), decoding goes on to the state hash (zero here, so wrong).
+    let bound = 3 * u128::from(u64::MAX);
+    match decode_snapshot(&snapshot_with_totals(7, bound, bound - 7), CONFIG) {
+        Err(DecodeError::Snapshot("totals out of range")) | Ok(_) => {
+            panic!("totals within the bound refused, or a wrong state hash accepted")
+        }
+        Err(_) => {}
+    }
+}
+
 #[test]
 fn a_snapshot_decoded_in_parts_equals_the_whole_and_fills_its_reserved_memory() {
     let ledger = sample_ledger();

@@ -595,6 +595,12 @@ fn decode_snapshot_sections(
         let deposited = r.u128()?;
         let withdrawn = r.u128()?;
         let outstanding = r.u64()?;
+        // At most one deposit (or withdrawal) per record, each a u64: totals past that bound
+        // cannot come from this history, and adding to them could overflow.
+        let bound = u128::from(next_seq) * u128::from(u64::MAX);
+        if deposited > bound || withdrawn > bound {
+            return Err(DecodeError::Snapshot("totals out of range"));
+        }
         ledger.restore_totals(
             currency,
             CurrencyTotals {

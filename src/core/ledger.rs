@@ -923,7 +923,10 @@ impl Ledger {
                     assert_eq!(after, event.balance_after, "credit balance_after");
                     if event.kind == EventKind::Deposited {
                         let totals = self.totals_entry(event.currency);
-                        totals.deposited += u128::from(event.amount);
+                        totals.deposited = totals
+                            .deposited
+                            .checked_add(u128::from(event.amount))
+                            .expect("deposited overflow");
                         totals.outstanding = totals
                             .outstanding
                             .checked_add(event.amount)
@@ -936,7 +939,10 @@ impl Ledger {
                     assert_eq!(after, event.balance_after, "debit balance_after");
                     if event.kind == EventKind::Withdrawn {
                         let totals = self.totals_entry(event.currency);
-                        totals.withdrawn += u128::from(event.amount);
+                        totals.withdrawn = totals
+                            .withdrawn
+                            .checked_add(u128::from(event.amount))
+                            .expect("withdrawn overflow");
                         totals.outstanding = totals
                             .outstanding
                             .checked_sub(event.amount)
