@@ -773,11 +773,12 @@ fn a_snapshot_decoded_in_parts_equals_the_whole_and_fills_its_reserved_memory() 
     let ids = ledger.transaction_id_count() as usize;
     assert!(ids > 0);
     let bytes = encode_snapshot(&ledger, None);
-    let mut decoded = prepare_snapshot(&bytes, CONFIG).unwrap();
+    let (mut decoded, checksummed) = prepare_snapshot(&bytes, CONFIG).unwrap();
     let reserved = decoded.ledger().reserved_id_memory();
     assert_eq!(reserved.len(), 1, "one block for a few ids: {reserved:?}");
     assert!(reserved[0].1 >= ids * 32);
-    let checks = check_snapshot(&bytes).unwrap();
+    let checks = checksummed.digest_ids().unwrap();
+    assert_eq!(checks, check_snapshot(&bytes).unwrap());
     decoded.decode(&bytes).unwrap();
     // The ids went into the reserved block, front first; the rest of it is still reserved.
     assert_eq!(
@@ -802,22 +803,34 @@ fn a_snapshot_decoded_in_parts_equals_the_whole_and_fills_its_reserved_memory() 
         },
     });
     let other_checks = check_snapshot(&encode_snapshot(&longer, None)).unwrap();
-    let mut decoded = prepare_snapshot(&bytes, CONFIG).unwrap();
+    let (mut decoded, _) = prepare_snapshot(&bytes, CONFIG).unwrap();
     decoded.decode(&bytes).unwrap();
     assert!(matches!(
         decoded.finish(other_checks),
         Err(DecodeError::Snapshot(reason)) if reason.contains("state hash")
     ));
-    // Counts in the (not yet checksummed) header that the file cannot hold are refused before
-    // anything is reserved for them.
+    // Counts that the file cannot hold are refused before anything is reserved for them, even
+    // under a checksum that holds.
     for (offset, claim) in [(40, 1u64 << 31), (48, 1 << 31), (48, ids as u64 + 1000)] {
         let mut lying = bytes.clone();
         lying[offset..offset + 8].copy_from_slice(&claim.to_le_bytes());
         assert!(matches!(
-            prepare_snapshot(&lying, CONFIG),
+            prepare_snapshot(&with_valid_crc(lying), CONFIG),
             Err(DecodeError::Snapshot("counts larger than the file"))
         ));
     }
+    // A header whose checksum fails sizes nothing, even with counts the file could hold: the
+    // account count raised within what 3 bytes per account allows would have reserved (and
+    // filled at random) a name table many times the snapshot's size.
+    let mut lying = bytes.clone();
+    let accounts = u64::from_le_bytes(lying[40..48].try_into().unwrap());
+    let slack = (bytes.len() - SNAPSHOT_HEADER_BYTES - 4 - ids * 32) as u64;
+    lying[40..48].copy_from_slice(&(accounts + slack / 4).to_le_bytes());
+    assert!(slack / 4 > 0);
+    assert!(matches!(
+        prepare_snapshot(&lying, CONFIG),
+        Err(DecodeError::Snapshot("checksum mismatch"))
+    ));
     // And a flipped bit among the ids fails the checksum.
     let mut flipped = bytes.clone();
     let at = flipped.len() - 4 - 7;

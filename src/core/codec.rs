@@ -323,12 +323,13 @@ impl<'a> Reader<'a> {
 }
 
 /// Rebuilds a ledger from a snapshot, verifying the checksum, the structure and, last, that the
-/// rebuilt state has the state hash the snapshot claims. The same as
-/// `decode_snapshot_structure(..)?.finish(check_snapshot(..)?)`, which callers with a second
-/// core run side by side.
+/// rebuilt state has the state hash the snapshot claims. Callers with a second core run the
+/// ids' digest beside `DecodedSnapshot::decode` instead.
 pub fn decode_snapshot(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, DecodeError> {
-    let checks = check_snapshot(bytes)?;
-    decode_snapshot_structure(bytes, config)?.finish(checks)
+    let (mut decoded, checksummed) = prepare_snapshot(bytes, config)?;
+    let checks = checksummed.digest_ids()?;
+    decoded.decode(bytes)?;
+    decoded.finish(checks)
 }
 
 /// What `check_snapshot` proves about a snapshot's bytes, for `DecodedSnapshot::finish`.
@@ -393,6 +394,7 @@ pub fn check_snapshot(bytes: &[u8]) -> Result<SnapshotChecks, DecodeError> {
 }
 
 /// A snapshot whose checksum holds (the only way to get one is `verify_snapshot_checksum`).
+#[derive(Clone, Copy)]
 pub struct ChecksummedSnapshot<'a> {
     body: &'a [u8],
 }
@@ -434,18 +436,6 @@ impl ChecksummedSnapshot<'_> {
             });
         Ok(SnapshotChecks { ids_digest })
     }
-}
-
-/// Decodes a snapshot's structure into a ledger without verifying its checksum (bytes that
-/// fail it may decode or may give an error, never a panic) and without the remembered ids'
-/// digest: `check_snapshot` computes both, `DecodedSnapshot::finish` joins them.
-pub fn decode_snapshot_structure(
-    bytes: &[u8],
-    config: LedgerConfig,
-) -> Result<DecodedSnapshot, DecodeError> {
-    let mut decoded = prepare_snapshot(bytes, config)?;
-    decoded.decode(bytes)?;
-    Ok(decoded)
 }
 
 struct SnapshotHeader {
@@ -495,18 +485,25 @@ fn snapshot_body(bytes: &[u8]) -> Result<&[u8], DecodeError> {
 }
 
 /// An empty ledger sized for the snapshot in `bytes` (from its header, bounded by what the
-/// bytes could hold), to be filled by `DecodedSnapshot::decode`. In between, a caller can hand
+/// bytes could hold), to be filled by `DecodedSnapshot::decode`, and the snapshot with its
+/// checksum verified, for `ChecksummedSnapshot::digest_ids`. In between, a caller can hand
 /// `ledger().reserved_id_memory()` to a thread that populates it.
+///
+/// The checksum is verified first: the header's counts size the ledger's tables, and a corrupt
+/// count that still fit the file reserved (and, as real accounts were inserted at random
+/// places, touched) many times the memory the snapshot needed, or failed the allocation and
+/// aborted the process instead of falling back to an older snapshot or the journal.
 pub fn prepare_snapshot(
     bytes: &[u8],
     config: LedgerConfig,
-) -> Result<DecodedSnapshot, DecodeError> {
-    let body = snapshot_body(bytes)?;
+) -> Result<(DecodedSnapshot, ChecksummedSnapshot<'_>), DecodeError> {
+    let checksummed = verify_snapshot_checksum(bytes)?;
+    let body = checksummed.body;
     let header = read_snapshot_header(&mut Reader { bytes: body, at: 0 })?;
-    // The header is not yet checksummed here, so the sizes it claims must fit the bytes: every
-    // account takes at least 3 bytes (name length, one name byte, balance count), every total
-    // 42, every remembered id 32. A snapshot that claims more is refused before anything is
-    // reserved for it.
+    // A checksum proves the bytes are what was written, not that the writer was sane: the sizes
+    // claimed must fit the bytes. Every account takes at least 3 bytes (name length, one name
+    // byte, balance count), every total 42, every remembered id 32. A snapshot that claims
+    // more is refused before anything is reserved for it.
     let needed = (SNAPSHOT_HEADER_BYTES as u128)
         + u128::from(header.account_count) * 3
         + u128::from(header.totals_count) * SNAPSHOT_TOTALS_ENTRY as u128
@@ -516,10 +513,13 @@ pub fn prepare_snapshot(
     }
     let accounts_hint = header.account_count as usize;
     let ids_hint = header.remembered_count as usize;
-    Ok(DecodedSnapshot {
-        ledger: Ledger::with_capacity(config, accounts_hint, ids_hint),
-        claimed_state_hash: header.state_hash,
-    })
+    Ok((
+        DecodedSnapshot {
+            ledger: Ledger::with_capacity(config, accounts_hint, ids_hint),
+            claimed_state_hash: header.state_hash,
+        },
+        checksummed,
+    ))
 }
 
 impl DecodedSnapshot {

@@ -5,9 +5,7 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::core::codec::{
-    DecodeError, check_snapshot, prepare_snapshot, snapshot_next_seq, verify_snapshot_checksum,
-};
+use crate::core::codec::{DecodeError, prepare_snapshot, snapshot_next_seq};
 use crate::core::{Ledger, LedgerConfig};
 use crate::journal::storage::fsync_dir;
 
@@ -179,13 +177,13 @@ fn populate(map: &memmap2::Mmap) -> std::io::Result<()> {
     }
 }
 
-/// `codec::decode_snapshot` on two threads. The decoder fills the prepared ledger; beside it,
-/// a helper checks the file's checksum, then populates the memory the remembered ids will
-/// fill, their index table and their blocks (so that the kernel zeroes those pages on the
-/// other core, ahead of the decoder, instead of on first touch), then computes the ids'
-/// digest. The ledger is trusted only once both are done and agree.
+/// `codec::decode_snapshot` on two threads. Once the file's checksum holds (checked first:
+/// its header sizes the tables), the decoder fills the prepared ledger; beside it, a helper
+/// populates the memory the remembered ids will fill, their index table and their blocks (so
+/// that the kernel zeroes those pages on the other core, ahead of the decoder, instead of on
+/// first touch), then computes the ids' digest. The ledger is trusted only once both are done and agree.
 fn decode_side_by_side(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, DecodeError> {
-    let mut decoded = prepare_snapshot(bytes, config)?;
+    let (mut decoded, checksummed) = prepare_snapshot(bytes, config)?;
     // The id table first: the decoder starts inserting into it (at random places) as soon as
     // the accounts are done; the id blocks it fills front to back.
     let mut reserved = vec![decoded.ledger().id_table_memory()];
@@ -194,9 +192,6 @@ fn decode_side_by_side(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, Dec
         let helper = std::thread::Builder::new()
             .name("snapshot-check".into())
             .spawn_scoped(scope, || {
-                // Memory is populated only for a file whose checksum holds: a corrupt header
-                // must not make this thread fault in gigabytes for it.
-                let checksummed = verify_snapshot_checksum(bytes)?;
                 // SAFETY: the ranges are the id table and id blocks of `decoded`'s ledger,
                 // which nothing frees or moves while this scope runs: the decoder only fills
                 // them (never beyond the capacity the header's counts reserved).
@@ -209,9 +204,8 @@ fn decode_side_by_side(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, Dec
                 .join()
                 .map_err(|_| DecodeError::Snapshot("the checksum thread panicked"))?,
             // No thread to spare: check here (the memory is touched as it is filled).
-            Err(_) => check_snapshot(bytes),
+            Err(_) => checksummed.digest_ids(),
         };
-        // A checksum mismatch explains any structural error, so it is reported first.
         let checks = checks?;
         structure?;
         decoded.finish(checks)
