@@ -1822,6 +1822,64 @@ fn a_removed_node_that_cannot_say_which_server_it_is_is_not_emptied() {
     server.stop();
 }
 
+/// A removed node is emptied only once every map node has said which server it is. A map node
+/// that never answers is asked with the others, within 1 s, and the removed node is kept for a
+/// later try; the question used to wait out the 30 s response timeout inside the loop, at the
+/// map switch and again at every retry while that node stayed silent.
+#[test]
+#[ignore = "needs tools/services"]
+fn a_silent_map_node_does_not_hold_the_loop_while_a_removed_node_waits() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let services = services();
+    let silent = free_port();
+    let cluster = Cluster::new("silent-retire", &services, &services.redis);
+    start_silent_node(&silent);
+    let mut nodes = services.redis.clone();
+    nodes.push(silent.clone());
+    cluster.set_nodes(&nodes);
+    let server = start_server(&cluster);
+    let mut client = server.client();
+    setup_accounts(&mut client, 300);
+    let (follower, log) = cluster.replicate_follow_logged();
+    let answering = services.redis[..2].to_vec();
+    let removed = services.redis[2].clone();
+    let mut round = 1;
+    let mut reach_within = |client: &mut Client, limit: Duration| {
+        transfers(client, 300, 500, 20 + round);
+        round += 1;
+        let last = cluster.journal_last_seq();
+        assert!(
+            nodes_reach(&answering, last, limit),
+            "the answering nodes did not reach {last} within {limit:?}: {:?}\n{}",
+            answering.iter().map(|n| node_state(n)).collect::<Vec<_>>(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    };
+    reach_within(&mut client, Duration::from_secs(10));
+    assert!(!balance_keys(&removed).is_empty());
+    cluster.set_nodes(&[answering[0].clone(), answering[1].clone(), silent.clone()]);
+    let changed = Instant::now();
+    wait_for_log(&log, "partition map switched");
+    wait_for_log(&log, "do not say which server they are");
+    assert!(
+        changed.elapsed() < Duration::from_secs(10),
+        "the map switch took {:?}",
+        changed.elapsed()
+    );
+    while changed.elapsed() < Duration::from_secs(8) {
+        reach_within(&mut client, Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let text = strip_ansi(&std::fs::read_to_string(&log).unwrap_or_default());
+    assert!(!text.contains("removed node emptied"), "{text}");
+    assert!(
+        !balance_keys(&removed).is_empty(),
+        "the removed node was emptied while a map node could not say which server it is"
+    );
+    follower.kill();
+    server.stop();
+}
+
 /// A node that cannot be read when the replicator starts (here: stopped) and returns later is
 /// compared with the source like the others; it never says the trusted map version with
 /// balances older than those it showed before (it used to be rebuilt at the other nodes'

@@ -156,8 +156,9 @@ pub async fn connect(address: &str) -> anyhow::Result<MultiplexedConnection> {
 /// silently skipped. Servers are told apart by their `run_id`; a node that does not answer now
 /// (within `SLOW_WRITE`: the replicator checks at start-up and on each map change, and a node
 /// that stopped answering must not hold it for the response timeout) cannot be checked and is
-/// let through. (Emptying a removed node, `clean_retired`, asks the same question without this
-/// bound: a node slow to answer there must not be taken for another server and emptied.)
+/// let through. (Emptying a removed node, `clean_retired`, asks the same question with the
+/// same bound, but there a node that does not answer keeps the removed node from being
+/// emptied: it might be that node under another name.)
 pub async fn check_distinct_servers(nodes: &[String]) -> anyhow::Result<()> {
     let mut seen: HashMap<String, &str> = HashMap::new();
     for address in nodes {
@@ -1431,7 +1432,10 @@ impl Replicator {
             // answer when the map changed) is that map node: emptying it would empty the node.
             // So it is emptied only once it is known not to be: it says which server it is,
             // and so does every node of the map (one that cannot say might be it).
-            let Some(id) = server_id(&mut conn, &node.address).await else {
+            // Each question is bounded by `SLOW_WRITE`: a node that does not answer in time
+            // counts as one that cannot say, which only keeps the removed node for later.
+            let own = tokio::time::timeout(SLOW_WRITE, server_id(&mut conn, &node.address));
+            let Some(id) = own.await.ok().flatten() else {
                 tracing::warn!(node = %node.address, retry_in = ?RETIRED_RETRY, "removed node does not say which server it is (INFO server failed): it may be a node of the map under another name, so it is not emptied yet");
                 node.conn = None;
                 node.retry_at = Some(Instant::now() + RETIRED_RETRY);
@@ -1439,12 +1443,21 @@ impl Replicator {
                 continue;
             };
             if current_ids.is_none() {
+                // All at once: a map node that never answers (it answered the connection's
+                // setup, then nothing) held the loop for the 30 s response timeout, at the map
+                // switch and again at every retry while it stayed silent.
+                let answers =
+                    futures_util::future::join_all(self.nodes.iter().map(|current| async move {
+                        let id = tokio::time::timeout(SLOW_WRITE, server_id_at(&current.address));
+                        (id.await.ok().flatten(), current.address.clone())
+                    }))
+                    .await;
                 let mut ids = Vec::new();
                 let mut unknown = Vec::new();
-                for current in &self.nodes {
-                    match server_id_at(&current.address).await {
-                        Some(current_id) => ids.push((current_id, current.address.clone())),
-                        None => unknown.push(current.address.clone()),
+                for (id, address) in answers {
+                    match id {
+                        Some(current_id) => ids.push((current_id, address)),
+                        None => unknown.push(address),
                     }
                 }
                 current_ids = Some((ids, unknown));
@@ -2142,6 +2155,8 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
                 let pause = source_retry
                     .failed(e)
                     .map_err(|e| e.context("reading the source"))?;
+                // The source's patience for reads that stay empty starts again after an outage.
+                short_since = None;
                 // What was read before the engine went away still goes out: a node that
                 // comes back while the engine is down gets it now, not after the outage.
                 replicator.complete_writes(Wait::Fresh).await;

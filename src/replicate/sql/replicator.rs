@@ -814,6 +814,8 @@ async fn replicate(
             }
             if pending.is_empty() {
                 if fetch_failed {
+                    // The patience for reads that stay short starts again after an outage.
+                    short_since = None;
                     continue;
                 }
                 let read_to = source.next_seq() - 1;
