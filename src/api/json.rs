@@ -126,21 +126,44 @@ pub struct TransferRequest<'a> {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest<'a> {
-    #[serde(borrow, deserialize_with = "objects")]
+    #[serde(borrow, deserialize_with = "batch_objects")]
     pub transfers: Vec<TransferRequest<'a>>,
 }
 
-/// A list of JSON objects. A derived struct also takes an array of its fields' values in
-/// declaration order (`["alice","bob","1.00",...]`): an order no document gives, so a client
-/// that wrote one would move money by guesswork. `decode` refuses it for a whole body; this
-/// refuses it for each item of a list.
-fn objects<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+/// The most transfers one batch request holds.
+pub const MAX_BATCH: usize = 8192;
+
+/// A list of at most `MAX_BATCH` JSON objects. A derived struct also takes an array of its
+/// fields' values in declaration order (`["alice","bob","1.00",...]`): an order no document
+/// gives, so a client that wrote one would move money by guesswork. `decode` refuses it for a
+/// whole body; this refuses it for each item of a list. A longer list is refused as soon as
+/// its item past the limit is read: decoding all of a body of tiny items first held about
+/// three times the body in memory for a request then refused.
+fn batch_objects<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: Deserialize<'de>,
 {
-    let items: Vec<Object<T>> = Deserialize::deserialize(deserializer)?;
-    Ok(items.into_iter().map(|Object(item)| item).collect())
+    struct Capped<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Capped<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a list of at most {MAX_BATCH} transfers")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX_BATCH));
+            while let Some(Object(item)) = seq.next_element::<Object<T>>()? {
+                if items.len() == MAX_BATCH {
+                    return Err(serde::de::Error::custom(format!(
+                        "must hold 1 to {MAX_BATCH} transfers"
+                    )));
+                }
+                items.push(item);
+            }
+            Ok(items)
+        }
+    }
+    deserializer.deserialize_seq(Capped(std::marker::PhantomData))
 }
 
 /// `T`, taken only from a JSON object.
@@ -272,7 +295,33 @@ impl MoneyRequest {
 
 #[cfg(test)]
 mod tests {
-    use super::{BatchRequest, TransferRequest, decode};
+    use super::{BatchRequest, MAX_BATCH, TransferRequest, decode};
+
+    /// A batch longer than `MAX_BATCH` is refused while it is decoded, naming `transfers`.
+    #[test]
+    fn a_batch_over_the_limit_is_refused_while_decoding() {
+        let item = |i: usize| {
+            format!(
+                r#"{{"from_account":"a","to_account":"b","amount":"1.00","currency":"USD","transaction_id":"{}"}}"#,
+                uuid::Uuid::from_u128(i as u128 + 1)
+            )
+        };
+        let body = |n: usize| {
+            let items: Vec<String> = (0..n).map(item).collect();
+            format!(r#"{{"transfers":[{}]}}"#, items.join(","))
+        };
+        let full = body(MAX_BATCH);
+        let decoded: BatchRequest = decode(full.as_bytes()).expect("a full batch");
+        assert_eq!(decoded.transfers.len(), MAX_BATCH);
+        let over = body(MAX_BATCH + 1);
+        let error = decode::<BatchRequest>(over.as_bytes()).expect_err("one over the limit");
+        assert_eq!(error.field, "transfers", "{error:?}");
+        assert!(error.message.contains("1 to 8192 transfers"), "{error:?}");
+        // Items given as arrays of values are still refused.
+        let error = decode::<BatchRequest>(br#"{"transfers":[["a","b","1.00","USD","x"]]}"#)
+            .expect_err("an item that is not an object");
+        assert!(error.message.contains("JSON object"), "{error:?}");
+    }
 
     #[test]
     fn decoding_errors_name_the_field_itself() {

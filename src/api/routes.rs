@@ -1337,7 +1337,7 @@ fn moved_no_money_again(delivered: &Delivered) -> bool {
             || delivered.record.rejection == Some(RejectCode::TransactionIdReused))
 }
 
-pub const MAX_BATCH: usize = 8192;
+pub use super::json::MAX_BATCH;
 
 async fn transfer_batch(
     app: &App,
