@@ -1822,6 +1822,46 @@ fn a_removed_node_that_cannot_say_which_server_it_is_is_not_emptied() {
     server.stop();
 }
 
+/// A catch-up of many batches reports its lag from the read that last reached the source's
+/// end, not from the previous batch's read: each batch that stopped at its limit left more
+/// that was already there. (It reported one batch's cycle, a few milliseconds, however long
+/// the catch-up.)
+#[test]
+#[ignore = "needs tools/services"]
+fn a_catch_up_of_many_batches_reports_its_whole_lag() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let services = services();
+    let cluster = Cluster::new("catch-up-lag", &services, &services.redis);
+    let server = start_server(&cluster);
+    let mut client = server.client();
+    setup_accounts(&mut client, 300);
+    transfers(&mut client, 300, 3_000, 1);
+    server.stop();
+    let out = cluster.replicate_once(&["--batch-events", "2"], &[]);
+    assert_succeeded(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let number_before = |suffix: &str| -> f64 {
+        let end = stdout
+            .find(suffix)
+            .unwrap_or_else(|| panic!("{suffix:?}: {stdout}"));
+        let start = stdout[..end].rfind(' ').map_or(0, |i| i + 1);
+        stdout[start..end]
+            .parse()
+            .unwrap_or_else(|_| panic!("{stdout}"))
+    };
+    let elapsed_ms = number_before(" s:") * 1000.0;
+    let lag_ms = number_before(" ms");
+    assert!(
+        elapsed_ms >= 200.0,
+        "the catch-up was too short to tell: {stdout}"
+    );
+    assert!(
+        lag_ms >= elapsed_ms / 2.0,
+        "a catch-up of {elapsed_ms} ms reported a lag of at most {lag_ms} ms: {stdout}"
+    );
+    cluster.assert_reconciled();
+}
+
 /// A removed node is emptied only once every map node has said which server it is. A map node
 /// that never answers is asked with the others, within 1 s, and the removed node is kept for a
 /// later try; the question used to wait out the 30 s response timeout inside the loop, at the

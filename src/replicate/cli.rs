@@ -261,13 +261,14 @@ pub fn run_replicate(args: ReplicateArgs) -> anyhow::Result<ExitCode> {
     };
     let report = runtime()?.block_on(super::redis::run(&options))?;
     println!(
-        "replicated {} events (sequences {}..{}) into {} Redis nodes in {:.3} s: {:.0} events/s",
+        "replicated {} events (sequences {}..{}) into {} Redis nodes in {:.3} s: {:.0} events/s, lag at most {} ms",
         report.events,
         report.first_seq.min(report.last_seq),
         report.last_seq,
         report.nodes,
         report.elapsed.as_secs_f64(),
-        report.events_per_second()
+        report.events_per_second(),
+        report.lag_max.as_millis()
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -704,6 +704,8 @@ pub struct Report {
     pub events: u64,
     pub elapsed: Duration,
     pub nodes: usize,
+    /// The longest replication lag seen (`lag_ms_max` of the status line).
+    pub lag_max: Duration,
 }
 
 impl Report {
@@ -2168,9 +2170,14 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
                 continue;
             }
         }
-        // The events just read appeared after the previous read started.
+        // The events just read appeared after the previous read that reached the source's
+        // end started: a read that stopped at its limit (catching up) did not reach it, and
+        // what the next one finds may have been there long before (counting from that read
+        // showed a catch-up of many batches as one batch's lag).
         replicator.last_read_started = Some(previous_read_started);
-        previous_read_started = read_started;
+        if items.len() < source.read_limit(options.batch_events) {
+            previous_read_started = read_started;
+        }
         replicator.ingest(&items)?;
         if !items.is_empty() {
             replicator.dir.record = source.last_record();
@@ -2248,6 +2255,7 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         events: replicator.dir.seq,
         elapsed: started.elapsed(),
         nodes: replicator.nodes.len(),
+        lag_max: replicator.lag_max.max(replicator.lag()),
     })
 }
 

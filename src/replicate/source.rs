@@ -79,6 +79,9 @@ pub struct SourceRetry {
 /// reconnect.
 pub const SHORT_SOURCE_PATIENCE: Duration = Duration::from_secs(5);
 
+/// The most event lines asked of an engine in one request (its own cap).
+const HTTP_READ_LIMIT: usize = 10_000;
+
 /// How long a replicator keeps retrying an engine URL that fails: 5 minutes (an engine's
 /// restart and recovery), but 10 s under `--once` (a catch-up run that reports what it could
 /// not reach rather than waiting for it).
@@ -162,6 +165,16 @@ impl Source {
                 Ok(())
             }
             Source::Http(http) => http.fetch(max_events, wait, out).await,
+        }
+    }
+
+    /// The most items one `fetch(max_events, ..)` yields when the source has more than that:
+    /// a fetch that yields fewer reached the source's end. (A journal read stops after the
+    /// record that reaches `max_events`; an engine answers at most 10,000 lines a request.)
+    pub fn read_limit(&self, max_events: usize) -> usize {
+        match self {
+            Source::Journal(_) => max_events,
+            Source::Http(_) => max_events.clamp(2, HTTP_READ_LIMIT),
         }
     }
 
@@ -614,7 +627,7 @@ impl HttpSource {
         use crate::core::{
             AccountId, CommandRecord, CommandType, Event, RejectCode, TransactionId,
         };
-        let limit = max_events.clamp(2, 10_000);
+        let limit = max_events.clamp(2, HTTP_READ_LIMIT);
         let lines = self.stream_lines(limit, wait).await?;
         let mut expected = self.next_seq;
         let mut i = 0;
@@ -766,7 +779,7 @@ impl HttpSource {
         wait: Duration,
         out: &mut Vec<Item>,
     ) -> anyhow::Result<()> {
-        let limit = max_events.clamp(1, 10_000);
+        let limit = max_events.clamp(1, HTTP_READ_LIMIT);
         let lines = self.stream_lines(limit, wait).await?;
         let mut items = Vec::new();
         for line in lines {
