@@ -2707,6 +2707,10 @@ fn replay_from_the_start_audits_the_snapshot_start_up_would_use() {
     .unwrap();
     let report = plain(&ours);
     assert!(!report.ok);
+    assert_eq!(
+        report.snapshot_audited, None,
+        "a failed audit reported as passed"
+    );
     let error = report.error.unwrap();
     assert!(
         error.contains("other than the journal's at sequence"),
@@ -2722,6 +2726,7 @@ fn replay_from_the_start_audits_the_snapshot_start_up_would_use() {
     .unwrap();
     let report = plain(&ours);
     assert!(!report.ok);
+    assert_eq!(report.snapshot_audited, None);
     let error = report.error.unwrap();
     assert!(error.contains("does not belong to this journal"), "{error}");
 
@@ -2748,6 +2753,79 @@ fn replay_from_the_start_audits_the_snapshot_start_up_would_use() {
             && error.contains(&ours_snapshot.display().to_string()),
         "{error}"
     );
+}
+
+/// A snapshot without a chain value (older builds) whose sequence falls inside one of this
+/// journal's records (another history's: one event where this journal has a transfer's two) is
+/// refused by start-up and reported by `wallet replay`, which passed it before (it compared
+/// states only at record boundaries, and never met this one).
+#[test]
+fn a_snapshot_that_ends_inside_a_record_is_refused_by_start_up_and_replay() {
+    let temp = tempfile::tempdir().unwrap();
+    let ours = temp.path().join("ours");
+    let (mut writer, mut ledger, _) = fresh_writer(&ours, 1 << 20, SyncMode::Batch);
+    let usd = Currency::new("USD").unwrap();
+    let command = |id: u128, kind: CommandKind| Command {
+        transaction_id: TransactionId(id),
+        timestamp_ns: id as u64,
+        kind,
+    };
+    let deposit = |id: u128, amount: u64| {
+        command(
+            id,
+            CommandKind::Deposit {
+                account: account(0),
+                amount,
+                currency: usd,
+            },
+        )
+    };
+    let mut theirs = Ledger::new(LedgerConfig::default());
+    for c in [
+        command(
+            1,
+            CommandKind::OpenAccount {
+                account: account(0),
+            },
+        ),
+        command(
+            2,
+            CommandKind::OpenAccount {
+                account: account(1),
+            },
+        ),
+        deposit(3, 500),
+    ] {
+        writer.append(&ledger.execute(&c)).unwrap();
+        theirs.execute(&c);
+    }
+    let transfer = ledger.execute(&command(
+        4,
+        CommandKind::Transfer {
+            from: account(0),
+            to: account(1),
+            amount: 100,
+            currency: usd,
+        },
+    ));
+    assert_eq!(transfer.event_count, 2);
+    writer.append(&transfer).unwrap();
+    writer.commit().unwrap();
+    drop(writer);
+    theirs.execute(&deposit(5, 1));
+    assert_eq!(theirs.next_seq(), transfer.first_seq + 1);
+    snapshot::write_snapshot(&snapshot_dir(&ours), &encode_snapshot(&theirs, None)).unwrap();
+
+    let refused = refusal(recover_in_thread(&ours));
+    assert!(
+        refused.contains("not taken at a record boundary"),
+        "{refused}"
+    );
+    let report = wallet::tools::replay::run(&replay_args(&ours)).unwrap();
+    assert!(!report.ok, "replay passed a snapshot start-up refuses");
+    assert_eq!(report.snapshot_audited, None);
+    let error = report.error.unwrap();
+    assert!(error.contains("inside a record of this journal"), "{error}");
 }
 
 /// `--sync interval=<ms>`: a batch that wrote nothing (replays only) has nothing to sync and

@@ -60,8 +60,10 @@ pub struct ReplayReport {
     /// no valid snapshot, so the replay started from the beginning of the journal).
     pub snapshot_seq: Option<u64>,
     /// Without `--from-snapshot`: the last sequence in the snapshot `serve` would start from
-    /// (the newest valid one), which the replay audited: its chain value against the journal,
-    /// a journal that reaches it, and its state against the replayed state at its sequence.
+    /// (the newest valid one), when the replay audited it and it passed: its chain value
+    /// against the journal, a journal that reaches it, and its state against the replayed state
+    /// at its sequence (a record boundary). `None` when it failed (see `error`) or was not
+    /// reached.
     pub snapshot_audited: Option<u64>,
     /// The last sequence the journal's durable-watermark file says was synced (and so may have
     /// been acknowledged). A journal that ends before it has lost acknowledged records.
@@ -147,7 +149,12 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
         snapshot::load_newest_snapshot(&snapshot_dir(&args.data_dir), config, None)
             .map(|l| (l.ledger.next_seq(), l.ledger.state_hash(), l.chain, l.path))
     };
-    let mut hash_at_snapshot: Option<u64> = None;
+    // The replayed state's hash where the audited snapshot's ends (at a record boundary); a
+    // snapshot of an empty ledger ends where the replay starts.
+    let mut hash_at_snapshot: Option<u64> = audited
+        .as_ref()
+        .filter(|(next_seq, ..)| *next_seq == ledger.next_seq())
+        .map(|_| ledger.state_hash());
     let mut account_index: Option<u32> = account.as_ref().and_then(|a| ledger.account_index(a));
     let mut entries = Vec::new();
     let progress = if !args.json && console_is_terminal() {
@@ -303,16 +310,32 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
         }
     };
     // The audited snapshot's state against the journal's at its sequence.
-    if error.is_none()
-        && let (Some((next_seq, hash, _, path)), Some(replayed)) = (&audited, hash_at_snapshot)
-        && replayed != *hash
-    {
-        error = Some(format!(
-            "snapshot {} holds a state (hash {hash:016x}) other than the journal's at sequence {} \
-             (hash {replayed:016x}): one of them is wrong; `serve` would start from the snapshot",
-            path.display(),
-            next_seq - 1
-        ));
+    let mut snapshot_matched = false;
+    if let Some((next_seq, hash, _, path)) = &audited {
+        match hash_at_snapshot {
+            Some(replayed) if replayed == *hash => snapshot_matched = chain_error.is_none(),
+            Some(replayed) => {
+                error = error.or(Some(format!(
+                    "snapshot {} holds a state (hash {hash:016x}) other than the journal's at \
+                     sequence {} (hash {replayed:016x}): one of them is wrong; `serve` would \
+                     start from the snapshot",
+                    path.display(),
+                    next_seq - 1
+                )));
+            }
+            // Replayed past it without meeting its sequence at a record's end: a snapshot from
+            // an older build (no chain value) of another history, which start-up refuses.
+            None if ledger.next_seq() > *next_seq => {
+                error = error.or(Some(format!(
+                    "snapshot {} ends at sequence {}, inside a record of this journal: it was \
+                     not taken at a record boundary of this journal (another history's?); \
+                     `serve` refuses to start with it",
+                    path.display(),
+                    next_seq - 1
+                )));
+            }
+            None => {}
+        }
     }
     if chain_error.is_some() {
         error = chain_error;
@@ -350,7 +373,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
         snapshot_seq,
         snapshot_audited: audited
             .as_ref()
-            .filter(|_| hash_at_snapshot.is_some())
+            .filter(|_| snapshot_matched)
             .map(|(next_seq, ..)| next_seq - 1),
         durable_seq,
         torn_tail,
