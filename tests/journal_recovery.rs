@@ -2698,6 +2698,25 @@ fn replay_from_the_start_audits_the_snapshot_start_up_would_use() {
     assert!(report.ok, "{:?}", report.error);
     assert_eq!(report.snapshot_audited, Some(last_seq));
 
+    // A newer snapshot that is damaged is skipped, by start-up and by the audit, which says so.
+    let damaged = snapshot_dir(&ours).join(snapshot::snapshot_file_name(last_seq + 5));
+    fs::write(&damaged, b"not a snapshot").unwrap();
+    let report = plain(&ours);
+    assert!(report.ok, "{:?}", report.error);
+    assert_eq!(report.snapshot_audited, Some(last_seq));
+    assert_eq!(
+        report.snapshots_skipped.len(),
+        1,
+        "{:?}",
+        report.snapshots_skipped
+    );
+    assert!(
+        report.snapshots_skipped[0].contains(&damaged.display().to_string()),
+        "{:?}",
+        report.snapshots_skipped
+    );
+    fs::remove_file(&damaged).unwrap();
+
     // Their state under our chain value: the chain passes, the state does not.
     fs::remove_file(&ours_snapshot).unwrap();
     snapshot::write_snapshot(

@@ -232,6 +232,17 @@ pub fn load_newest_snapshot(
     config: LedgerConfig,
     at_most: Option<u64>,
 ) -> Option<LoadedSnapshot> {
+    load_newest_snapshot_noting(dir, config, at_most, &mut Vec::new())
+}
+
+/// `load_newest_snapshot`, adding to `skipped` each newer snapshot file it passed over as
+/// invalid or unreadable, with the reason (what an audit reports).
+pub fn load_newest_snapshot_noting(
+    dir: &Path,
+    config: LedgerConfig,
+    at_most: Option<u64>,
+    skipped: &mut Vec<String>,
+) -> Option<LoadedSnapshot> {
     for (seq, path) in list_snapshots(dir) {
         if at_most.is_some_and(|limit| seq > limit) {
             tracing::debug!(file = %path.display(), "skipping a snapshot past the sequence asked for");
@@ -241,11 +252,18 @@ pub fn load_newest_snapshot(
             Ok(bytes) => match decode_side_by_side(&bytes, config) {
                 // The name is what `at_most` and the callers' checks go by: a snapshot whose
                 // header says another sequence (renamed by hand) is not trusted.
-                Ok(ledger) if ledger.next_seq() != seq => tracing::warn!(
-                    file = %path.display(),
-                    header_next_seq = ledger.next_seq(),
-                    "skipping a snapshot whose name disagrees with its header"
-                ),
+                Ok(ledger) if ledger.next_seq() != seq => {
+                    tracing::warn!(
+                        file = %path.display(),
+                        header_next_seq = ledger.next_seq(),
+                        "skipping a snapshot whose name disagrees with its header"
+                    );
+                    skipped.push(format!(
+                        "{}: its header says next sequence {}",
+                        path.display(),
+                        ledger.next_seq()
+                    ));
+                }
                 Ok(ledger) => {
                     return Some(LoadedSnapshot {
                         ledger,
@@ -254,11 +272,13 @@ pub fn load_newest_snapshot(
                     });
                 }
                 Err(e) => {
-                    tracing::warn!(file = %path.display(), error = %e, "skipping an invalid snapshot")
+                    tracing::warn!(file = %path.display(), error = %e, "skipping an invalid snapshot");
+                    skipped.push(format!("{}: invalid: {e}", path.display()));
                 }
             },
             Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "skipping an unreadable snapshot")
+                tracing::warn!(file = %path.display(), error = %e, "skipping an unreadable snapshot");
+                skipped.push(format!("{}: unreadable: {e}", path.display()));
             }
         }
     }

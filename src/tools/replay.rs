@@ -65,6 +65,10 @@ pub struct ReplayReport {
     /// at its sequence (a record boundary). `None` when it failed (see `error`) or was not
     /// reached.
     pub snapshot_audited: Option<u64>,
+    /// Snapshot files newer than the one used (or audited) that were skipped as invalid or
+    /// unreadable, with the reason: start-up skips them too, so they cost nothing but time,
+    /// but they are damage an audit reports.
+    pub snapshots_skipped: Vec<String>,
     /// The last sequence the journal's durable-watermark file says was synced (and so may have
     /// been acknowledged). A journal that ends before it has lost acknowledged records.
     pub durable_seq: Option<u64>,
@@ -112,11 +116,13 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
     let durable_seq = durable.map(|(seq, _)| seq);
     let mut snapshot_seq = None;
     let mut snapshot_chain = None;
+    let mut snapshots_skipped = Vec::new();
     let mut ledger = if args.from_snapshot {
-        match snapshot::load_newest_snapshot(
+        match snapshot::load_newest_snapshot_noting(
             &snapshot_dir(&args.data_dir),
             config,
             args.to_seq.map(|s| s.saturating_add(1)),
+            &mut snapshots_skipped,
         ) {
             Some(loaded) => {
                 snapshot_seq = Some(loaded.ledger.next_seq() - 1);
@@ -146,8 +152,13 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
     let audited = if args.from_snapshot {
         None
     } else {
-        snapshot::load_newest_snapshot(&snapshot_dir(&args.data_dir), config, None)
-            .map(|l| (l.ledger.next_seq(), l.ledger.state_hash(), l.chain, l.path))
+        snapshot::load_newest_snapshot_noting(
+            &snapshot_dir(&args.data_dir),
+            config,
+            None,
+            &mut snapshots_skipped,
+        )
+        .map(|l| (l.ledger.next_seq(), l.ledger.state_hash(), l.chain, l.path))
     };
     // The replayed state's hash where the audited snapshot's ends (at a record boundary); a
     // snapshot of an empty ledger ends where the replay starts.
@@ -375,6 +386,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
             .as_ref()
             .filter(|_| snapshot_matched)
             .map(|(next_seq, ..)| next_seq - 1),
+        snapshots_skipped,
         durable_seq,
         torn_tail,
         accounts: ledger.account_count(),
@@ -432,6 +444,9 @@ pub fn print(report: &ReplayReport) {
     }
     if let Some(seq) = report.snapshot_audited {
         println!("the snapshot at sequence {seq} matches the replayed state there");
+    }
+    for skipped in &report.snapshots_skipped {
+        println!("skipped snapshot {skipped}");
     }
     if let Some(torn) = &report.torn_tail {
         println!("torn tail (bytes after the last valid record): {torn}");
