@@ -1114,6 +1114,63 @@ fn a_round_that_stops_the_replicator_rolls_back_what_it_prepared() {
     cluster.assert_settled("after the refused round");
 }
 
+/// A replicator frozen between `BEGIN` and `PREPARE` (here it stops itself with SIGSTOP: a
+/// paused VM, a debugger) holds its open transaction's locks; once its ZooKeeper session has
+/// expired, a successor takes over and finishes, because the server ends a transaction idle
+/// for two round timeouts. The successor used to wait on those locks for as long as the frozen
+/// one's connection lived (for good, here: a stopped process's kernel keeps it alive).
+#[test]
+#[ignore = "needs tools/services"]
+fn a_successor_is_not_held_by_a_frozen_replicators_open_transaction() {
+    let cluster = Cluster::new("frozen", 2);
+    journal_of(&cluster, 20, 20, 200, 5);
+    assert_ok(&cluster.replicate_once(&["--migrate"], &[]), "first run");
+    journal_of(&cluster, 0, 20, 200, 6);
+    let source = cluster.source();
+    let args = [
+        "replicate",
+        "sql",
+        "--once",
+        "--source",
+        &source,
+        "--round-timeout-s",
+        "2",
+    ];
+    let log = cluster.logs.path().join("frozen.log");
+    let child = cluster
+        .command(&args, &[("WALLET_FAILPOINT", "sql-stop-before-prepare")])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("spawn the replicator to freeze");
+    // Killed on drop, stopped or not.
+    let mut frozen = Follower { child, log };
+    let pid = frozen.child.id();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+        {
+            break;
+        }
+        frozen.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "the replicator never reached its failpoint: {}",
+            frozen.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Its ZooKeeper session expires; a successor takes the lock.
+    std::thread::sleep(Duration::from_secs(10));
+    let out = common::output_within(&mut cluster.command(&args, &[]), Duration::from_secs(90));
+    frozen.kill();
+    assert_ok(&out, "the successor");
+    cluster.assert_settled("after the successor");
+}
+
 /// A running replicator whose shard list is replaced (`cluster set-sql-shards`) stops, naming
 /// the change, instead of feeding the old databases while `cluster show` and `reconcile sql`
 /// use the new list (it read the list once, and went on). The same list set again changes

@@ -49,6 +49,20 @@ pub fn failpoint(name: &str) {
     }
 }
 
+/// `failpoint`, stopping the process (SIGSTOP) instead of exiting: a replicator frozen half-way
+/// (a paused VM, a debugger), which its successor must not wait on for ever.
+pub fn failpoint_stop(name: &str) {
+    if let Some((point, _)) = failpoint_spec()
+        && point == name
+    {
+        eprintln!("failpoint {name} reached: stopping");
+        // SAFETY: raise takes a signal number and touches no memory of ours.
+        unsafe {
+            libc::raise(libc::SIGSTOP);
+        }
+    }
+}
+
 /// `failpoint`, panicking instead of exiting, and only the n-th time (a caller that recovers
 /// from the panic goes on). `redis-panic` is in the Redis replicator's loop: `serve
 /// --replicate-redis` must restart a replicator that panicked.

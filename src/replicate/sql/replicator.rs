@@ -284,6 +284,7 @@ async fn prepare_shard(
         ))
         .into());
     }
+    crate::replicate::failpoint_stop("sql-stop-before-prepare");
     client.batch_execute(&prepare).await?;
     Ok(())
 }
@@ -359,9 +360,23 @@ impl State {
         &mut self,
         i: usize,
         coordinator: &mut Coordinator,
+        timeout: Duration,
     ) -> anyhow::Result<()> {
         let shard = self.shards[i].clone();
         let mut client = shard.connect().await?;
+        // A transaction this session leaves open (the replicator frozen or cut off between
+        // `BEGIN` and `PREPARE`) holds the watermark row's lock and its rows' keys, which a
+        // successor's round waits for: the server ends it once it has been idle for two round
+        // timeouts (a round never is, while it runs). And a statement that waits that long for
+        // a lock gives up (its round fails and is retried) instead of waiting server-side
+        // after its client went away.
+        let idle_ms = timeout.as_millis().saturating_mul(2).min(i32::MAX as u128);
+        let lock_ms = timeout.as_millis().min(i32::MAX as u128);
+        client
+            .batch_execute(&format!(
+                "SET idle_in_transaction_session_timeout = {idle_ms}; SET lock_timeout = {lock_ms}"
+            ))
+            .await?;
         let needed = self.per_server.get(&shard.server).copied().unwrap_or(1);
         let row = client
             .query_one("SHOW max_prepared_transactions", &[])
@@ -452,14 +467,15 @@ impl State {
                 continue;
             }
             self.connections[i] = None;
-            let connected = tokio::time::timeout(timeout, self.connect_shard(i, coordinator))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(anyhow::anyhow!(
-                        "connecting and recovering shard {} took longer than {timeout:?}",
-                        self.shards[i].label
-                    ))
-                });
+            let connected =
+                tokio::time::timeout(timeout, self.connect_shard(i, coordinator, timeout))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(anyhow::anyhow!(
+                            "connecting and recovering shard {} took longer than {timeout:?}",
+                            self.shards[i].label
+                        ))
+                    });
             if let Err(e) = connected {
                 if !is_transient(&e) {
                     return Err(e);
