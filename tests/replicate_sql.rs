@@ -1114,6 +1114,65 @@ fn a_round_that_stops_the_replicator_rolls_back_what_it_prepared() {
     cluster.assert_settled("after the refused round");
 }
 
+/// A prepared transaction that carries this cluster's gid prefix but does not parse as one of
+/// its gids stops the replicator, naming it: no wait ends it. It used to be retried every few
+/// seconds for ever, the transaction holding its locks meanwhile.
+#[test]
+#[ignore = "needs tools/services"]
+fn a_prepared_transaction_with_our_prefix_but_not_our_gid_stops_the_replicator() {
+    let cluster = Cluster::new("foreigngid", 2);
+    journal_of(&cluster, 20, 20, 200, 5);
+    assert_ok(&cluster.replicate_once(&["--migrate"], &[]), "first run");
+    journal_of(&cluster, 0, 20, 200, 6);
+    // A round's gids, to learn the prefix; rolled back, then one that is not ours.
+    let out = cluster.replicate_once(&[], &[("WALLET_FAILPOINT", "sql-after-prepare-all:1")]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let prepared = cluster.prepared();
+    let id = prepared[0]
+        .strip_prefix("wallet_")
+        .and_then(|rest| rest.split('_').next())
+        .expect("a gid of ours")
+        .to_string();
+    for (i, gid) in prepared.iter().enumerate() {
+        let shard = gid
+            .rsplit('_')
+            .next()
+            .expect("shard")
+            .parse::<usize>()
+            .expect("shard");
+        assert!(shard < 2, "{gid} ({i})");
+        cluster
+            .shard(shard)
+            .batch_execute(&format!("ROLLBACK PREPARED '{gid}'"))
+            .expect("roll back");
+    }
+    let foreign = format!("wallet_{id}_not_a_gid");
+    cluster
+        .shard(0)
+        .batch_execute(&format!("BEGIN; PREPARE TRANSACTION '{foreign}'"))
+        .expect("prepare a foreign transaction");
+    let stderr = cluster.fails_with(
+        &["replicate", "sql", "--once", "--source", &cluster.source()],
+        &[],
+        "carries our prefix but is not one of our gids",
+    );
+    assert!(stderr.contains(&foreign), "{stderr}");
+    cluster
+        .shard(0)
+        .batch_execute(&format!("ROLLBACK PREPARED '{foreign}'"))
+        .expect("roll back the foreign transaction");
+    assert_ok(
+        &cluster.replicate_once(&[], &[]),
+        "after it is finished by hand",
+    );
+    cluster.assert_settled("after the foreign transaction");
+}
+
 /// A replicator frozen between `BEGIN` and `PREPARE` (here it stops itself with SIGSTOP: a
 /// paused VM, a debugger) holds its open transaction's locks; once its ZooKeeper session has
 /// expired, a successor takes over and finishes, because the server ends a transaction idle

@@ -388,8 +388,13 @@ pub async fn recover_shard(
     let coordinator_id = record.id.as_str();
     let mut done = Recovered::default();
     for gid in prepared_gids(client, coordinator_id).await? {
+        // Not transient: waiting would not change it, and retrying for ever would hide it
+        // while the transaction holds its locks.
         let Some(parts) = parse_gid(coordinator_id, &gid) else {
-            bail!("prepared transaction {gid:?} carries our prefix but is not one of our gids");
+            return Err(Fatal(format!(
+                "prepared transaction {gid:?} carries our prefix but is not one of our gids (made by hand, or by another build): finish it by hand (COMMIT PREPARED or ROLLBACK PREPARED in that database) and start again"
+            ))
+            .into());
         };
         if parts.shard != shard {
             return Err(Fatal(format!(
