@@ -1114,6 +1114,31 @@ fn a_round_that_stops_the_replicator_rolls_back_what_it_prepared() {
     cluster.assert_settled("after the refused round");
 }
 
+/// `reconcile sql` checks the watermark row's record identity against the journal's record
+/// at the watermark, as the replicator does before it continues a shard (it compared only the
+/// sequence, so shards that would be refused reconciled with 0 differences).
+#[test]
+#[ignore = "needs tools/services"]
+fn reconcile_checks_the_watermarks_record_identity() {
+    let cluster = Cluster::new("recordid", 2);
+    journal_of(&cluster, 20, 20, 200, 5);
+    assert_ok(&cluster.replicate_once(&["--migrate"], &[]), "first run");
+    cluster.assert_reconciled();
+    let other = format!("{}@12345", uuid::Uuid::from_u128(0xABCD).hyphenated());
+    for i in 0..2 {
+        cluster
+            .shard(i)
+            .execute("UPDATE watermark SET applied_record = $1", &[&other])
+            .expect("rewrite the record identity");
+    }
+    let (ok, text) = cluster.reconcile();
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(&format!("the watermark row records {other}")),
+        "{text}"
+    );
+}
+
 /// A prepared transaction that carries this cluster's gid prefix but does not parse as one of
 /// its gids stops the replicator, naming it: no wait ends it. It used to be retried every few
 /// seconds for ever, the transaction holding its locks meanwhile.

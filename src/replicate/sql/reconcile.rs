@@ -4,6 +4,8 @@
 //! times) until every shard shows the same watermark: the common watermark. Then, replaying
 //! the journal:
 //!
+//! - the watermark row's record identity (when it has one) is the journal's record ending at
+//!   the watermark, as the replicator checks before it continues a shard;
 //! - every balance row equals the engine's balance at the watermark (and its `last_seq` the
 //!   sequence of the account's last event in that currency), sits on the shard the hash names,
 //!   and every balance the engine has on that shard has a row;
@@ -26,6 +28,7 @@ use super::coordinator;
 use super::schema::{self, Shard};
 use crate::core::{AccountId, CommandRecord, CommandType, EventKind, Ledger, TransactionId};
 use crate::engine::recovery::apply_verified;
+use crate::journal::tail::RecordId;
 use crate::journal::{journal_dir, scan};
 use crate::replicate::hash::partition_of;
 use crate::replicate::zk::{self, Layout};
@@ -65,6 +68,9 @@ struct Transfer {
 #[derive(Default)]
 struct Content {
     watermark: u64,
+    /// The watermark row's identity of the record at `watermark` (`None`: written by an older
+    /// replicator, or no row).
+    applied_record: Option<String>,
     /// (account, currency) -> (balance, last_seq)
     balances: HashMap<(String, String), (u128, i64)>,
     /// currency -> sum of balances, as SQL computed it.
@@ -97,11 +103,11 @@ async fn read_shard(shard: &Shard, coordinator_id: Option<&str>) -> anyhow::Resu
         ..Content::default()
     };
     let row = tx
-        .query_opt("SELECT applied_seq FROM watermark", &[])
+        .query_opt("SELECT applied_seq, applied_record FROM watermark", &[])
         .await?;
-    content.watermark = match row {
-        Some(row) => u64::try_from(row.try_get::<_, i64>(0)?)?,
-        None => 0,
+    (content.watermark, content.applied_record) = match row {
+        Some(row) => (u64::try_from(row.try_get::<_, i64>(0)?)?, row.try_get(1)?),
+        None => (0, None),
     };
     for row in tx
         .query(
@@ -499,20 +505,34 @@ pub async fn run(options: &ReconcileOptions) -> anyhow::Result<u64> {
     let mut next_target = 0;
     let mut balances_checked = 0u64;
     let mut totals_at_common = None;
-    let mut compare_at =
-        |engine: &Engine, at: u64, contents: &[Option<Content>], out: &mut Differences| {
-            for (k, content) in contents.iter().enumerate() {
-                if let Some(c) = content
-                    && c.watermark == at
+    // The identity of the journal's record that ends at the ledger's sequence.
+    let mut last_record: Option<RecordId> = None;
+    let mut compare_at = |engine: &Engine,
+                          at: u64,
+                          last_record: Option<&RecordId>,
+                          contents: &[Option<Content>],
+                          out: &mut Differences| {
+        for (k, content) in contents.iter().enumerate() {
+            if let Some(c) = content
+                && c.watermark == at
+            {
+                balances_checked += compare_balances(engine, k, &shards[k], c, n, out);
+                // What the replicator checks before it continues a shard: the watermark row
+                // names the journal's record there.
+                if let (Some(stored), Some(ours)) = (&c.applied_record, last_record)
+                    && RecordId::parse(stored).ok().as_ref() != Some(ours)
                 {
-                    balances_checked += compare_balances(engine, k, &shards[k], c, n, out);
+                    out.report(format!(
+                        "shard {k}: the watermark row records {stored} at sequence {at}, but the journal's record there is {ours}"
+                    ));
                 }
             }
-        };
+        }
+    };
     let end = scan(&journal_dir(&options.data_dir), 1, |record| {
         let at = engine.ledger.next_seq() - 1;
         while next_target < targets.len() && targets[next_target] == at {
-            compare_at(&engine, at, &contents, &mut out);
+            compare_at(&engine, at, last_record.as_ref(), &contents, &mut out);
             if at == common {
                 totals_at_common = Some(engine.ledger.totals());
             }
@@ -526,6 +546,7 @@ pub async fn run(options: &ReconcileOptions) -> anyhow::Result<u64> {
             next_target += 1;
         }
         apply_verified(&mut engine.ledger, record)?;
+        last_record = Some(RecordId::of(record));
         for event in record.events() {
             match event.kind {
                 EventKind::AccountOpened => {
@@ -550,7 +571,7 @@ pub async fn run(options: &ReconcileOptions) -> anyhow::Result<u64> {
     let journal_last = end.next_seq - 1;
     for &target in &targets[next_target..] {
         if target == journal_last {
-            compare_at(&engine, target, &contents, &mut out);
+            compare_at(&engine, target, last_record.as_ref(), &contents, &mut out);
             if target == common {
                 totals_at_common = Some(engine.ledger.totals());
             }
