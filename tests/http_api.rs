@@ -1324,6 +1324,27 @@ fn loadgen_sends_fresh_ids_per_run_and_counts_replays_apart() {
     assert_eq!(total, 20 * 1_000_000_000 * 100);
 }
 
+/// `wallet loadgen` on `/healthz` at 200 requests/s on 4 connections for `seconds`, its JSON
+/// report on stdout.
+fn spawn_healthz_loadgen(url: &str, seconds: u64) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+        .args(["loadgen", "--url", url, "--raw-path", "/healthz"])
+        .args(["--rate", "200", "--connections", "4", "--json"])
+        .args(["--duration", &seconds.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run loadgen")
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`) to the server's process.
+fn send_signal(server: &Server, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &server.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
 /// Open loop: a server that stalls near the end of a run still gets every request that was due
 /// before the end, late, with its latency counted from the intended send time; the run does
 /// not drop them (and with them the worst latencies).
@@ -1332,30 +1353,10 @@ fn loadgen_sends_the_backlog_of_a_stall_at_the_end_of_an_open_loop_run() {
     let dir = temp();
     let server = Server::start(dir.path(), &[]);
     let url = format!("http://{}", server.address);
-    let loadgen = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
-        .args(["loadgen", "--url", &url, "--raw-path", "/healthz"])
-        .args([
-            "--rate",
-            "200",
-            "--connections",
-            "4",
-            "--duration",
-            "2",
-            "--json",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("run loadgen");
+    let loadgen = spawn_healthz_loadgen(&url, 2);
     // Stop the server for the last part of the run and a little after its end.
     std::thread::sleep(Duration::from_millis(1500));
-    let pid = server.child.id().to_string();
-    let stop = |signal: &str| {
-        let status = std::process::Command::new("kill")
-            .args([signal, &pid])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    };
+    let stop = |signal: &str| send_signal(&server, signal);
     stop("-STOP");
     std::thread::sleep(Duration::from_millis(1000));
     stop("-CONT");
@@ -1380,30 +1381,10 @@ fn loadgen_counts_the_requests_a_stall_left_unsent_in_its_latencies() {
     let dir = temp();
     let server = Server::start(dir.path(), &[]);
     let url = format!("http://{}", server.address);
-    let loadgen = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
-        .args(["loadgen", "--url", &url, "--raw-path", "/healthz"])
-        .args([
-            "--rate",
-            "200",
-            "--connections",
-            "4",
-            "--duration",
-            "1",
-            "--json",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("run loadgen");
+    let loadgen = spawn_healthz_loadgen(&url, 1);
     // Stop the server from the run's middle until after its deadline (10 s after its end).
     std::thread::sleep(Duration::from_millis(700));
-    let pid = server.child.id().to_string();
-    let signal = |signal: &str| {
-        let status = std::process::Command::new("kill")
-            .args([signal, &pid])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    };
+    let signal = |signal: &str| send_signal(&server, signal);
     signal("-STOP");
     let output = loadgen.wait_with_output();
     signal("-CONT");

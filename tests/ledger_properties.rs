@@ -691,10 +691,9 @@ proptest! {
     }
 }
 
-/// Builds a snapshot by hand (with a correct checksum and state hash) holding one account whose
-/// two balance entries name the same currency.
-fn snapshot_with_duplicate_currency(balance: MinorUnits) -> Vec<u8> {
-    let [usd, _, _] = currencies();
+/// The header of a hand-built snapshot at next sequence 3 holding one account, no remembered
+/// id and one currency's totals; its state hash is zero (not reached if the decoder refuses).
+fn one_account_snapshot_header() -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(b"WALSNAP1");
     out.extend_from_slice(&wallet::core::codec::SNAPSHOT_VERSION.to_le_bytes());
@@ -706,6 +705,14 @@ fn snapshot_with_duplicate_currency(balance: MinorUnits) -> Vec<u8> {
     out.extend_from_slice(&0u64.to_le_bytes()); // remembered ids
     out.extend_from_slice(&1u64.to_le_bytes()); // totals
     assert_eq!(out.len(), SNAPSHOT_HEADER_BYTES);
+    out
+}
+
+/// Builds a snapshot by hand (with a correct checksum and state hash) holding one account whose
+/// two balance entries name the same currency.
+fn snapshot_with_duplicate_currency(balance: MinorUnits) -> Vec<u8> {
+    let [usd, _, _] = currencies();
+    let mut out = one_account_snapshot_header();
     out.push(5);
     out.extend_from_slice(b"alice");
     out.push(2);
@@ -724,17 +731,7 @@ fn snapshot_with_duplicate_currency(balance: MinorUnits) -> Vec<u8> {
 /// A snapshot (checksum correct) of one account holding `balance` USD with the given totals.
 fn snapshot_with_totals(balance: MinorUnits, deposited: u128, withdrawn: u128) -> Vec<u8> {
     let [usd, _, _] = currencies();
-    let mut out = Vec::new();
-    out.extend_from_slice(b"WALSNAP1");
-    out.extend_from_slice(&wallet::core::codec::SNAPSHOT_VERSION.to_le_bytes());
-    out.extend_from_slice(&[0; 6]);
-    out.extend_from_slice(&3u64.to_le_bytes()); // next_seq
-    out.extend_from_slice(&0u64.to_le_bytes()); // state hash: not reached if the decoder refuses
-    out.extend_from_slice(&CONFIG.max_amount.to_le_bytes());
-    out.extend_from_slice(&1u64.to_le_bytes()); // accounts
-    out.extend_from_slice(&0u64.to_le_bytes()); // remembered ids
-    out.extend_from_slice(&1u64.to_le_bytes()); // totals
-    assert_eq!(out.len(), SNAPSHOT_HEADER_BYTES);
+    let mut out = one_account_snapshot_header();
     out.push(5);
     out.extend_from_slice(b"alice");
     out.push(1);

@@ -408,6 +408,14 @@ fn journal_of(cluster: &Cluster, open: usize, among: usize, count: usize, seed: 
     server.stop();
 }
 
+/// A two-shard cluster whose journal (20 accounts, 200 commands) is replicated (`--migrate`).
+fn replicated_cluster(name: &str) -> Cluster {
+    let cluster = Cluster::new(name, 2);
+    journal_of(&cluster, 20, 20, 200, 5);
+    assert_ok(&cluster.replicate_once(&["--migrate"], &[]), "first run");
+    cluster
+}
+
 fn start_server(cluster: &Cluster) -> Server {
     Server::start(cluster.data.path(), &["--sync", "none"])
 }
@@ -1083,9 +1091,7 @@ fn a_shard_url_the_driver_refuses_stops_the_replicator() {
 #[test]
 #[ignore = "needs tools/services"]
 fn a_round_that_stops_the_replicator_rolls_back_what_it_prepared() {
-    let cluster = Cluster::new("rollback", 2);
-    journal_of(&cluster, 20, 20, 200, 5);
-    assert_ok(&cluster.replicate_once(&["--migrate"], &[]), "first run");
+    let cluster = replicated_cluster("rollback");
     journal_of(&cluster, 0, 20, 200, 6);
     cluster
         .shard(1)
@@ -1120,9 +1126,7 @@ fn a_round_that_stops_the_replicator_rolls_back_what_it_prepared() {
 #[test]
 #[ignore = "needs tools/services"]
 fn reconcile_checks_the_watermarks_record_identity() {
-    let cluster = Cluster::new("recordid", 2);
-    journal_of(&cluster, 20, 20, 200, 5);
-    assert_ok(&cluster.replicate_once(&["--migrate"], &[]), "first run");
+    let cluster = replicated_cluster("recordid");
     cluster.assert_reconciled();
     let other = format!("{}@12345", uuid::Uuid::from_u128(0xABCD).hyphenated());
     for i in 0..2 {
@@ -1145,9 +1149,7 @@ fn reconcile_checks_the_watermarks_record_identity() {
 #[test]
 #[ignore = "needs tools/services"]
 fn a_prepared_transaction_with_our_prefix_but_not_our_gid_stops_the_replicator() {
-    let cluster = Cluster::new("foreigngid", 2);
-    journal_of(&cluster, 20, 20, 200, 5);
-    assert_ok(&cluster.replicate_once(&["--migrate"], &[]), "first run");
+    let cluster = replicated_cluster("foreigngid");
     journal_of(&cluster, 0, 20, 200, 6);
     // A round's gids, to learn the prefix; rolled back, then one that is not ours.
     let out = cluster.replicate_once(&[], &[("WALLET_FAILPOINT", "sql-after-prepare-all:1")]);
@@ -1206,9 +1208,7 @@ fn a_prepared_transaction_with_our_prefix_but_not_our_gid_stops_the_replicator()
 #[test]
 #[ignore = "needs tools/services"]
 fn a_successor_is_not_held_by_a_frozen_replicators_open_transaction() {
-    let cluster = Cluster::new("frozen", 2);
-    journal_of(&cluster, 20, 20, 200, 5);
-    assert_ok(&cluster.replicate_once(&["--migrate"], &[]), "first run");
+    let cluster = replicated_cluster("frozen");
     journal_of(&cluster, 0, 20, 200, 6);
     let source = cluster.source();
     let args = [
