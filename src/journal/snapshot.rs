@@ -181,7 +181,8 @@ fn populate(map: &memmap2::Mmap) -> std::io::Result<()> {
 /// its header sizes the tables), the decoder fills the prepared ledger; beside it, a helper
 /// populates the memory the remembered ids will fill, their index table and their blocks (so
 /// that the kernel zeroes those pages on the other core, ahead of the decoder, instead of on
-/// first touch), then computes the ids' digest. The ledger is trusted only once both are done and agree.
+/// first touch), then computes the ids' digest. The ledger is trusted only once both are done
+/// and agree.
 fn decode_side_by_side(bytes: &[u8], config: LedgerConfig) -> Result<Ledger, DecodeError> {
     let (mut decoded, checksummed) = prepare_snapshot(bytes, config)?;
     // The id table first: the decoder starts inserting into it (at random places) as soon as
