@@ -267,7 +267,10 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
                 Some((path, _)) => format!("{} at byte {offset}", path.display()),
                 None => format!("byte {offset}"),
             });
-            // Only a replay that read to the end of the journal can tell where it ends.
+            // A replay stopped by --to-seq or --to-time answers for the state there: the checks
+            // of where the journal ends (its durable watermark, a snapshot ahead of it, the
+            // state's end against the journal's) are the full replay's, although the scan
+            // reads the rest of the journal and checks its frames.
             let to_end = !stopped;
             let journal_last = end.next_seq - 1;
             let missing = match snapshot_seq {
