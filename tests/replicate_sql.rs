@@ -1143,6 +1143,24 @@ fn reconcile_checks_the_watermarks_record_identity() {
     );
 }
 
+/// A round whose decision ZooKeeper refuses (another replicator changed the coordinator record:
+/// it took over) rolls back what it prepared before the replicator stops; it used to leave
+/// them holding their rows' locks until a successor's round timed out on them.
+#[test]
+#[ignore = "needs tools/services"]
+fn a_round_whose_decision_is_refused_rolls_back_what_it_prepared() {
+    let cluster = replicated_cluster("refused");
+    journal_of(&cluster, 0, 20, 200, 6);
+    let stderr = cluster.fails_with(
+        &["replicate", "sql", "--once", "--source", &cluster.source()],
+        &[("WALLET_FAILPOINT", "sql-lose-lock-before-decision")],
+        "another replicator took over",
+    );
+    assert_eq!(cluster.prepared(), Vec::<String>::new(), "{stderr}");
+    assert_ok(&cluster.replicate_once(&[], &[]), "the next run");
+    cluster.assert_settled("after the refused decision");
+}
+
 /// A prepared transaction that carries this cluster's gid prefix but does not parse as one of
 /// its gids stops the replicator, naming it: no wait ends it. It used to be retried every few
 /// seconds for ever, the transaction holding its locks meanwhile.

@@ -192,6 +192,19 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Test hook (failpoint `sql-lose-lock-before-decision`): rewrites the coordinator record
+    /// unchanged, as a successor taking over would change it, so that our next conditional
+    /// write is refused.
+    pub async fn rewrite_record_for_test(&mut self) -> anyhow::Result<()> {
+        let data = serde_json::to_vec(&self.record)?;
+        let path = record_path(&self.layout);
+        self.client
+            .set_data(&path, &data, None)
+            .await
+            .map_err(|e| anyhow::anyhow!("rewriting {path}: {e}"))?;
+        Ok(())
+    }
+
     /// Records durably that `batch` commits. Conditional on our last write, so a replicator
     /// that lost the lock to another cannot decide anything.
     pub async fn decide(&mut self, batch: u64, gids: &[String]) -> anyhow::Result<()> {

@@ -596,7 +596,25 @@ impl State {
         let prepared = Instant::now();
 
         // The decision, durable before the first COMMIT PREPARED.
-        coordinator.decide(batch_end, &gids).await?;
+        if failpoint_armed("sql-lose-lock-before-decision") {
+            coordinator.rewrite_record_for_test().await?;
+        }
+        if let Err(error) = coordinator.decide(batch_end, &gids).await {
+            // Refused for good (another replicator changed the record: ours was not written),
+            // so never to be committed: rolled back now rather than left holding their rows'
+            // locks until the successor's round times out on them. A write whose outcome is
+            // unknown (ZooKeeper away) leaves them to recovery, which reads the decision.
+            if !is_transient(&error) {
+                for (i, gid) in gids.iter().enumerate() {
+                    if let Err(e) =
+                        coordinator::finish_prepared(clients[i], "ROLLBACK PREPARED", gid).await
+                    {
+                        tracing::warn!(%gid, error = %format!("{e:#}"), "rolling back a prepared transaction of the refused round failed; the next recovery rolls it back");
+                    }
+                }
+            }
+            return Err(error);
+        }
         failpoint("sql-after-decision");
         let decided = Instant::now();
 
