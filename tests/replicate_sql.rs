@@ -416,6 +416,13 @@ fn replicated_cluster(name: &str) -> Cluster {
     cluster
 }
 
+/// `replicated_cluster`, then 200 more commands journaled and not yet replicated.
+fn replicated_cluster_with_tail(name: &str) -> Cluster {
+    let cluster = replicated_cluster(name);
+    journal_of(&cluster, 0, 20, 200, 6);
+    cluster
+}
+
 fn start_server(cluster: &Cluster) -> Server {
     Server::start(cluster.data.path(), &["--sync", "none"])
 }
@@ -1091,8 +1098,7 @@ fn a_shard_url_the_driver_refuses_stops_the_replicator() {
 #[test]
 #[ignore = "needs tools/services"]
 fn a_round_that_stops_the_replicator_rolls_back_what_it_prepared() {
-    let cluster = replicated_cluster("rollback");
-    journal_of(&cluster, 0, 20, 200, 6);
+    let cluster = replicated_cluster_with_tail("rollback");
     cluster
         .shard(1)
         .batch_execute(
@@ -1149,8 +1155,7 @@ fn reconcile_checks_the_watermarks_record_identity() {
 #[test]
 #[ignore = "needs tools/services"]
 fn a_round_whose_decision_is_refused_rolls_back_what_it_prepared() {
-    let cluster = replicated_cluster("refused");
-    journal_of(&cluster, 0, 20, 200, 6);
+    let cluster = replicated_cluster_with_tail("refused");
     let stderr = cluster.fails_with(
         &["replicate", "sql", "--once", "--source", &cluster.source()],
         &[("WALLET_FAILPOINT", "sql-lose-lock-before-decision")],
@@ -1167,8 +1172,7 @@ fn a_round_whose_decision_is_refused_rolls_back_what_it_prepared() {
 #[test]
 #[ignore = "needs tools/services"]
 fn a_prepared_transaction_with_our_prefix_but_not_our_gid_stops_the_replicator() {
-    let cluster = replicated_cluster("foreigngid");
-    journal_of(&cluster, 0, 20, 200, 6);
+    let cluster = replicated_cluster_with_tail("foreigngid");
     // A round's gids, to learn the prefix; rolled back, then one that is not ours.
     let out = cluster.replicate_once(&[], &[("WALLET_FAILPOINT", "sql-after-prepare-all:1")]);
     assert_eq!(
@@ -1226,8 +1230,7 @@ fn a_prepared_transaction_with_our_prefix_but_not_our_gid_stops_the_replicator()
 #[test]
 #[ignore = "needs tools/services"]
 fn a_successor_is_not_held_by_a_frozen_replicators_open_transaction() {
-    let cluster = replicated_cluster("frozen");
-    journal_of(&cluster, 0, 20, 200, 6);
+    let cluster = replicated_cluster_with_tail("frozen");
     let source = cluster.source();
     let args = [
         "replicate",

@@ -289,6 +289,18 @@ async fn prepare_shard(
     Ok(())
 }
 
+/// Rolls back the round's prepared transactions on `shards`, which are never to be committed.
+/// A failure is only logged: the next recovery rolls back what is left.
+async fn roll_back(clients: &[&Client], gids: &[String], shards: impl IntoIterator<Item = usize>) {
+    for i in shards {
+        if let Err(e) =
+            coordinator::finish_prepared(clients[i], "ROLLBACK PREPARED", &gids[i]).await
+        {
+            tracing::warn!(gid = %gids[i], error = %format!("{e:#}"), "rolling back a prepared transaction of a round that stops the replicator failed; the next recovery rolls it back");
+        }
+    }
+}
+
 struct State {
     shards: Vec<Shard>,
     per_server: HashMap<String, usize>,
@@ -581,14 +593,7 @@ impl State {
             // locked, and a prepared-transaction slot, until a restart's recovery. (After a
             // transient error the retry's recovery rolls them back.)
             if !is_transient(&error) {
-                for i in prepared {
-                    if let Err(e) =
-                        coordinator::finish_prepared(clients[i], "ROLLBACK PREPARED", &gids[i])
-                            .await
-                    {
-                        tracing::warn!(gid = %gids[i], error = %format!("{e:#}"), "rolling back a prepared transaction of the failed round failed; recovery at the next start rolls it back");
-                    }
-                }
+                roll_back(&clients, &gids, prepared).await;
             }
             return Err(error);
         }
@@ -605,13 +610,7 @@ impl State {
             // locks until the successor's round times out on them. A write whose outcome is
             // unknown (ZooKeeper away) leaves them to recovery, which reads the decision.
             if !is_transient(&error) {
-                for (i, gid) in gids.iter().enumerate() {
-                    if let Err(e) =
-                        coordinator::finish_prepared(clients[i], "ROLLBACK PREPARED", gid).await
-                    {
-                        tracing::warn!(%gid, error = %format!("{e:#}"), "rolling back a prepared transaction of the refused round failed; the next recovery rolls it back");
-                    }
-                }
+                roll_back(&clients, &gids, 0..gids.len()).await;
             }
             return Err(error);
         }
