@@ -115,6 +115,11 @@ struct ServeArgs {
     /// interrupted ones) are removed (0: keep all, and let the disk fill).
     #[arg(long, default_value_t = wallet::engine::DEFAULT_SNAPSHOT_KEEP)]
     snapshot_keep: usize,
+    /// Transaction ids the ledger may remember (every id is kept forever, in RAM): a number, or
+    /// auto (those that fill three quarters of the machine's RAM, at 256 bytes each, 320 with
+    /// --snapshot-every). At the limit, requests with new ids get 507 ledger_full, unexecuted.
+    #[arg(long, default_value = "auto")]
+    max_transaction_ids: String,
     /// `jwt` (needs --jwt-secret or --jwt-public-key), `none` (loopback only), or `auto`: jwt
     /// when a key is given, otherwise none on loopback and a refusal elsewhere.
     #[arg(long, default_value = "auto")]
@@ -240,6 +245,17 @@ impl ServeArgs {
             checkpoint_every: self.checkpoint_every,
             snapshot_every: self.snapshot_every,
             snapshot_keep: self.snapshot_keep,
+            max_transaction_ids: match self.max_transaction_ids.as_str() {
+                "auto" => wallet::api::auto_max_transaction_ids(
+                    wallet::api::mem_total_bytes()?,
+                    self.snapshot_every > 0,
+                ),
+                number => number.parse().map_err(|_| {
+                    anyhow::anyhow!(
+                        "--max-transaction-ids must be auto or a whole number, not {number:?}"
+                    )
+                })?,
+            },
             ..wallet::api::ServeConfig::default()
         })
     }

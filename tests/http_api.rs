@@ -1136,6 +1136,97 @@ fn restart_keeps_balances_history_and_remembered_ids() {
     assert!(server.stop().success());
 }
 
+/// Every transaction id is remembered forever, in RAM: at `--max-transaction-ids` a request
+/// with a new id is refused unexecuted (507 `ledger_full`, nothing journaled or remembered),
+/// while retries of remembered ids keep their answers; a restart with a higher limit executes
+/// the refused request when it is sent again.
+#[test]
+fn a_full_ledger_refuses_new_ids_with_507_and_a_higher_limit_executes_them() {
+    let dir = temp();
+    let server = Server::start(dir.path(), &["--max-transaction-ids", "4"]);
+    let mut c = server.client();
+    open(&mut c, "a");
+    open(&mut c, "b");
+    deposit(&mut c, "a", "50.00");
+    let first = uuid();
+    let ok = c.post(
+        "/v1/wallet/balance_transfer",
+        &transfer_body("a", "b", "1.00", &first),
+    );
+    assert_eq!(ok.status, 200, "{}", ok.body);
+
+    let refused_id = uuid();
+    let refused = c.post(
+        "/v1/wallet/balance_transfer",
+        &transfer_body("a", "b", "2.00", &refused_id),
+    );
+    assert_eq!(refused.status, 507, "{}", refused.body);
+    let body = refused.json();
+    assert_eq!(body["error"]["code"], "ledger_full", "{body}");
+    assert_eq!(body["transaction_id"], refused_id.as_str());
+    // Not executed, so not known: a lookup of its id finds nothing.
+    let lookup = c.get(&format!("/v1/wallet/balance_transfer/{refused_id}"));
+    assert_eq!(lookup.status, 404, "{}", lookup.body);
+    let r = c.post(
+        "/v1/wallet/accounts",
+        &serde_json::json!({"account_id": "c"}),
+    );
+    assert_eq!(r.status, 507, "{}", r.body);
+    // Remembered ids still get their answers: the original, and 409 for another body.
+    let again = c.post(
+        "/v1/wallet/balance_transfer",
+        &transfer_body("a", "b", "1.00", &first),
+    );
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.json(), ok.json());
+    let reused = c.post(
+        "/v1/wallet/balance_transfer",
+        &transfer_body("a", "b", "3.00", &first),
+    );
+    assert_eq!(reused.status, 409, "{}", reused.body);
+    let batch = serde_json::json!({"transfers": [
+        transfer_body("a", "b", "1.00", &first),
+        transfer_body("a", "b", "4.00", &uuid()),
+    ]});
+    let r = c.post("/v1/wallet/balance_transfers", &batch);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let results = r.json()["results"].as_array().unwrap().clone();
+    assert_eq!(results[0]["http_status"], 200, "{results:?}");
+    assert_eq!(results[1]["http_status"], 507, "{results:?}");
+    assert_eq!(results[1]["result"]["error"]["code"], "ledger_full");
+    assert_eq!(balance_cents(&mut c, "b"), 100);
+    let metrics = c.get("/metrics").body;
+    for line in [
+        "wallet_transaction_ids 4",
+        "wallet_max_transaction_ids 4",
+        "wallet_refused_ledger_full 3",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in {metrics}"
+        );
+    }
+    assert!(server.stop().success());
+
+    // Nothing refused was journaled: one more id fits, and it is the refused request's.
+    let server = Server::start(dir.path(), &["--max-transaction-ids", "5"]);
+    let mut c = server.client();
+    let r = c.post(
+        "/v1/wallet/balance_transfer",
+        &transfer_body("a", "b", "2.00", &refused_id),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("idempotent-replayed"), None);
+    assert_eq!(balance_cents(&mut c, "b"), 300);
+    let r = c.post(
+        "/v1/wallet/balance_transfer",
+        &transfer_body("a", "b", "2.00", &uuid()),
+    );
+    assert_eq!(r.status, 507, "{}", r.body);
+    assert!(server.stop().success());
+}
+
 /// The event stream read from the journal files (older than the in-memory window) meets a
 /// record damaged on disk while the server runs: a 500 naming the failure, never a short or
 /// empty 200 that a consumer would take for "nothing more" and poll forever.
@@ -1858,6 +1949,36 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
         (
             &["serve", "--listen", "127.0.0.1:0", "--max-in-flight", "0"],
             "--max-in-flight",
+        ),
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--max-transaction-ids",
+                "0",
+            ],
+            "--max-transaction-ids",
+        ),
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--max-transaction-ids",
+                "4294967295",
+            ],
+            "--max-transaction-ids",
+        ),
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--max-transaction-ids",
+                "lots",
+            ],
+            "--max-transaction-ids",
         ),
         // A ZooKeeper root that is no path: refused at start, not in the replicator's restart
         // loop behind a server that looked healthy.

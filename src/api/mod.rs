@@ -68,6 +68,9 @@ pub struct ServeConfig {
     pub snapshot_every: u64,
     /// Snapshots kept after each one written (0: all).
     pub snapshot_keep: usize,
+    /// Transaction ids the ledger may remember (`--max-transaction-ids`); at the limit a
+    /// request with a new id is answered 507 `ledger_full`, unexecuted.
+    pub max_transaction_ids: u64,
     pub auth: Arc<auth::Auth>,
     /// Requests per second per caller (0: no limit).
     pub rate_limit_per_caller: u32,
@@ -92,6 +95,36 @@ pub const MAX_PERMITS_LIMIT: usize = 1 << 24;
 pub const MAX_PER_SECOND_LIMIT: u32 = 1_000_000_000;
 /// The smallest body limit: a transfer's JSON fits in it with room to spare.
 pub const MIN_BODY_BYTES: usize = 512;
+pub use crate::engine::MAX_TRANSACTION_IDS;
+
+/// Memory a served ledger costs per remembered transaction id, at its peak: the read views'
+/// outcome (72 bytes, its index bucket and its history positions) and the ledger's id (a 32-byte
+/// record and its bucket, with the next growth's bucket array prepared), rounded up. Measured
+/// in README, Capacity.
+pub const SERVED_BYTES_PER_ID: u64 = 256;
+/// What the snapshot follower's copy of the ledger adds per id (`--snapshot-every`).
+pub const FOLLOWER_BYTES_PER_ID: u64 = 64;
+
+/// `--max-transaction-ids auto`: the ids whose memory fills three quarters of `mem_total_bytes`
+/// (the machine's RAM), at most `MAX_TRANSACTION_IDS`. Every id is remembered forever, in RAM:
+/// without a limit, the process would grow until the kernel killed it.
+pub fn auto_max_transaction_ids(mem_total_bytes: u64, snapshots: bool) -> u64 {
+    let per_id = SERVED_BYTES_PER_ID + if snapshots { FOLLOWER_BYTES_PER_ID } else { 0 };
+    (mem_total_bytes / 4 * 3 / per_id).clamp(1, MAX_TRANSACTION_IDS)
+}
+
+/// The machine's RAM from `/proc/meminfo` (`MemTotal`), in bytes.
+pub fn mem_total_bytes() -> anyhow::Result<u64> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+    let kib = text
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .context("/proc/meminfo has no MemTotal line in kB")?;
+    Ok(kib.saturating_mul(1024))
+}
 
 impl ServeConfig {
     /// Refuses, naming the flag, a configuration that could not serve: a limit of zero would
@@ -146,6 +179,12 @@ impl ServeConfig {
             );
         }
         anyhow::ensure!(
+            (1..=MAX_TRANSACTION_IDS).contains(&self.max_transaction_ids),
+            "--max-transaction-ids must be within 1..={MAX_TRANSACTION_IDS} (the ledger's id \
+             table addresses ids with 32 bits), not {}",
+            self.max_transaction_ids
+        );
+        anyhow::ensure!(
             (1..=MAX_IN_FLIGHT_LIMIT).contains(&self.max_in_flight),
             "--max-in-flight must be within 1..={MAX_IN_FLIGHT_LIMIT}, not {}",
             self.max_in_flight
@@ -185,6 +224,7 @@ impl Default for ServeConfig {
             checkpoint_every: 1 << 20,
             snapshot_every: 0,
             snapshot_keep: crate::engine::DEFAULT_SNAPSHOT_KEEP,
+            max_transaction_ids: crate::engine::MAX_TRANSACTION_IDS,
             auth: Arc::new(auth::Auth::None),
             rate_limit_per_caller: 0,
             velocity_per_account: 0,
@@ -252,6 +292,21 @@ impl App {
                 "wallet_durable_lag_events",
                 "Events executed but not yet durable.",
                 executed.saturating_sub(durable),
+            ),
+            (
+                "wallet_transaction_ids",
+                "Transaction ids the ledger remembers (each forever, in RAM).",
+                s.transaction_ids.load(Ordering::Relaxed),
+            ),
+            (
+                "wallet_max_transaction_ids",
+                "Transaction ids the ledger may remember (--max-transaction-ids); then 507 ledger_full.",
+                self.config.max_transaction_ids,
+            ),
+            (
+                "wallet_refused_ledger_full",
+                "Requests refused unexecuted by this process because the ledger was full.",
+                s.refused_full.load(Ordering::Relaxed),
             ),
             (
                 "wallet_journal_bytes",
@@ -480,6 +535,21 @@ pub async fn serve(
         snapshot = ?recovered.snapshot_next_seq,
         "recovered"
     );
+    let remembered = u64::from(recovered.ledger.transaction_id_count());
+    if remembered >= config.max_transaction_ids {
+        tracing::error!(
+            remembered,
+            max_transaction_ids = config.max_transaction_ids,
+            "the ledger already remembers --max-transaction-ids ids: every request with a new \
+             transaction id will be refused (507 ledger_full)"
+        );
+    } else {
+        tracing::info!(
+            remembered,
+            max_transaction_ids = config.max_transaction_ids,
+            "transaction ids"
+        );
+    }
     let journal_config = JournalConfig {
         dir: journal_dir(&config.data_dir),
         segment_size_bytes: config.segment_size_bytes,
@@ -508,6 +578,7 @@ pub async fn serve(
         snapshot_dir: Some(snapshot_dir(&config.data_dir)),
         snapshot_keep: config.snapshot_keep,
         panic_at_seq: crate::replicate::failpoint_value("engine-panic"),
+        max_transaction_ids: config.max_transaction_ids,
     };
     let engine = Engine::start(
         recovered.ledger,

@@ -1180,6 +1180,10 @@ fn render_value<'a>(
     past: &PastState,
 ) -> (StatusCode, Body<'a>, bool) {
     let record = &delivered.record;
+    if record.refused {
+        let body = json!({"transaction_id": record.transaction_id.to_uuid_string(), "error": {"code": "ledger_full", "message": "the ledger remembers as many transaction ids as this server's --max-transaction-ids allows; nothing was executed, and the same request may be sent again once the limit is raised"}});
+        return (StatusCode::INSUFFICIENT_STORAGE, Body::Other(body), false);
+    }
     if !delivered.durable {
         let body = json!({"error": {"code": "outcome_unknown", "message": "the engine halted (a journal failure or an internal error) before this outcome was durable; retry with the same transaction_id after the service restarts"}});
         return (StatusCode::SERVICE_UNAVAILABLE, Body::Other(body), false);
@@ -1328,13 +1332,15 @@ async fn transfer(
 }
 
 /// Whether the engine found the command's id decided before (a retry answered from its
-/// original outcome, or a reused id refused): it moved no money, so the velocity allowance
-/// charged for it (the views had not seen the original yet: after a restart, while they
-/// load, or a moment after the original) is given back.
+/// original outcome, or a reused id refused) or refused it unexecuted (the ledger is full): it
+/// moved no money, so the velocity allowance charged for it (the views had not seen the
+/// original yet: after a restart, while they load, or a moment after the original) is given
+/// back.
 fn moved_no_money_again(delivered: &Delivered) -> bool {
-    delivered.durable
-        && (delivered.record.replayed
-            || delivered.record.rejection == Some(RejectCode::TransactionIdReused))
+    delivered.record.refused
+        || (delivered.durable
+            && (delivered.record.replayed
+                || delivered.record.rejection == Some(RejectCode::TransactionIdReused)))
 }
 
 pub use super::json::MAX_BATCH;

@@ -16,7 +16,8 @@ use crate::core::CommandRecord;
 #[derive(Debug, Clone, Copy)]
 pub struct Delivered {
     pub record: CommandRecord,
-    /// False only when the engine halted (journal failure or panic): the outcome is unknown.
+    /// False when the engine halted (journal failure or panic): the outcome is unknown. Also
+    /// false for a command the engine refused unexecuted (`CommandRecord::refused`).
     pub durable: bool,
 }
 

@@ -311,6 +311,10 @@ pub struct CommandRecord {
     pub events: [Event; MAX_EVENTS_PER_COMMAND],
     /// For `OpenAccount` only: the id that was interned (events refer to its index).
     pub opened_account: AccountId,
+    /// Set by the engine, never by the ledger: the command was refused without being executed
+    /// because the ledger remembers as many transaction ids as the server allows. `first_seq`
+    /// is then 0; nothing is journaled or remembered. (In the record's padding: no bytes added.)
+    pub refused: bool,
 }
 
 impl CommandRecord {
@@ -339,6 +343,7 @@ impl CommandRecord {
             event_count: 0,
             events: [Event::default(); MAX_EVENTS_PER_COMMAND],
             opened_account: AccountId::EMPTY,
+            refused: false,
         }
     }
 }

@@ -480,6 +480,7 @@ impl Ledger {
             event_count: 0,
             events: [Event::default(); MAX_EVENTS_PER_COMMAND],
             opened_account: crate::core::types::AccountId::EMPTY,
+            refused: false,
         };
 
         if let Some(previous) = self.remembered(command.transaction_id) {
@@ -521,6 +522,7 @@ impl Ledger {
             event_count: 0,
             events: [Event::default(); MAX_EVENTS_PER_COMMAND],
             opened_account: crate::core::types::AccountId::EMPTY,
+            refused: false,
         })
     }
 
@@ -696,6 +698,9 @@ impl Ledger {
     pub fn verify_record(&self, record: &CommandRecord) -> Result<(), String> {
         if record.replayed {
             return Err("a replayed outcome is not a journal record".into());
+        }
+        if record.refused {
+            return Err("a refused command is not a journal record".into());
         }
         if record.first_seq != self.next_seq {
             return Err(format!(

@@ -135,6 +135,10 @@ pub struct OutputSlot {
     pub submitted_ns: u64,
 }
 
+// Slots are copied through the output ring by value: `CommandRecord::refused` sits in the
+// record's padding.
+const _: () = assert!(size_of::<OutputSlot>() == 208);
+
 impl OutputSlot {
     /// The slot of a command the engine did not execute because it had halted (sequence numbers
     /// start at 1, so a record at sequence 0 is never a real one). Its caller is told the outcome
@@ -144,6 +148,22 @@ impl OutputSlot {
             record: CommandRecord::empty(),
             token,
             submitted_ns,
+        }
+    }
+
+    /// The slot of a command the engine refused without executing it: the ledger remembers
+    /// `EngineConfig::max_transaction_ids` ids and this one is new (`CommandRecord::refused`).
+    /// Nothing is journaled or remembered; the same request may be sent again once the limit
+    /// is raised. Its record is empty but for the transaction id and time.
+    pub fn refused(input: &InputSlot) -> OutputSlot {
+        let mut record = CommandRecord::empty();
+        record.transaction_id = input.command.transaction_id;
+        record.timestamp_ns = input.command.timestamp_ns;
+        record.refused = true;
+        OutputSlot {
+            record,
+            token: input.token,
+            submitted_ns: input.submitted_ns,
         }
     }
 
@@ -200,7 +220,15 @@ pub struct EngineConfig {
     /// this sequence number. `serve` sets it from `WALLET_FAILPOINT=engine-panic:<sequence>`;
     /// `None` (the default) costs one comparison per command.
     pub panic_at_seq: Option<u64>,
+    /// Transaction ids the ledger may remember (at most `MAX_TRANSACTION_IDS`). At the limit a
+    /// command with a new id is refused (`OutputSlot::refused`) instead of growing the ledger's
+    /// memory without bound: every id is remembered forever, in RAM.
+    pub max_transaction_ids: u64,
 }
+
+/// The most transaction ids a ledger can remember: its id table addresses them with `u32`
+/// indices and stops one short of `u32::MAX` (as the read views' outcome table does).
+pub const MAX_TRANSACTION_IDS: u64 = u32::MAX as u64 - 1;
 
 /// A 64-bit key drawn at random for this process's hash tables (std's `RandomState`, seeded
 /// from the operating system's random source), so that callers cannot choose keys that collide:
@@ -236,6 +264,7 @@ impl Default for EngineConfig {
             snapshot_dir: None,
             snapshot_keep: DEFAULT_SNAPSHOT_KEEP,
             panic_at_seq: None,
+            max_transaction_ids: MAX_TRANSACTION_IDS,
         }
     }
 }
@@ -262,6 +291,10 @@ pub struct EngineShared {
     pub snapshots_written: AtomicU64,
     pub follower_failed: AtomicBool,
     pub follower_failure: Mutex<Option<String>>,
+    /// Transaction ids the ledger remembers, as of the engine's last group.
+    pub transaction_ids: AtomicU64,
+    /// Commands refused because the ledger was full (`OutputSlot::refused`).
+    pub refused_full: AtomicU64,
 }
 
 impl EngineShared {
@@ -406,6 +439,11 @@ struct EngineState {
     failed: bool,
     /// `EngineConfig::panic_at_seq` (`u64::MAX`: never).
     panic_at_seq: u64,
+    /// `EngineConfig::max_transaction_ids`, capped at `MAX_TRANSACTION_IDS`.
+    max_transaction_ids: u64,
+    /// Whether the 90% warning and the first refusal were logged.
+    warned_near_the_limit: bool,
+    refusing: bool,
 }
 
 /// Commands executed together (with prefetching across them) at most.
@@ -487,6 +525,60 @@ impl EngineState {
             return;
         };
         let buffer = std::mem::take(&mut self.buffer);
+        let ids = u64::from(ledger.transaction_id_count());
+        // Each command remembers at most one new id: a group that cannot reach the limit
+        // runs whole; one that might is admitted command by command.
+        let panicked = if ids + buffer.len() as u64 <= self.max_transaction_ids {
+            self.execute_group(&mut ledger, &buffer)
+        } else {
+            self.execute_near_the_limit(&mut ledger, &buffer)
+        };
+        if let Some(reason) = panicked {
+            // The ledger may be half-way through a change: it is dropped, never used again.
+            self.fail(reason);
+            self.buffer = buffer;
+            self.buffer.clear();
+            return;
+        }
+        let timestamp_ns = buffer.last().map(|s| s.command.timestamp_ns).unwrap_or(0);
+        let submitted_ns = buffer.last().map(|s| s.submitted_ns).unwrap_or(0);
+        self.buffer = buffer;
+        self.buffer.clear();
+        if self.checkpoint_every > 0 && ledger.next_seq() >= self.next_checkpoint {
+            let checkpoint = ledger.checkpoint(timestamp_ns);
+            self.next_checkpoint = ledger.next_seq().saturating_add(self.checkpoint_every);
+            self.publish(OutputSlot {
+                record: checkpoint,
+                token: NO_TOKEN,
+                submitted_ns,
+            });
+        }
+        self.shared
+            .executed_seq
+            .store(ledger.next_seq() - 1, Ordering::Relaxed);
+        let ids = u64::from(ledger.transaction_id_count());
+        self.shared.transaction_ids.store(ids, Ordering::Relaxed);
+        if !self.warned_near_the_limit && ids * 10 >= self.max_transaction_ids * 9 {
+            self.warned_near_the_limit = true;
+            tracing::warn!(
+                transaction_ids = ids,
+                max_transaction_ids = self.max_transaction_ids,
+                "the ledger holds 90% of the transaction ids it may hold; at the limit, commands \
+                 with new ids are refused (ledger_full): raise --max-transaction-ids (memory \
+                 permitting) and restart"
+            );
+        }
+        give_id_block(&mut ledger, self.id_blocks.as_ref());
+        if let Some(tables) = self.tables.as_mut() {
+            tables.tend(&mut ledger);
+        }
+        self.ledger = Some(ledger);
+    }
+
+    /// Executes `group` in parts of at most the output ring's size, each record built straight
+    /// into its output slot. Returns the panic's description if the ledger panicked: the rest
+    /// of the group is then answered "not executed".
+    fn execute_group(&mut self, ledger: &mut Ledger, group: &[InputSlot]) -> Option<String> {
         // A panic while executing: which transaction, and the message.
         let mut panicked: Option<String> = None;
         let shared = &self.shared;
@@ -496,7 +588,7 @@ impl EngineState {
             // waits for it (internal back-pressure; callers see the input ring fill up and get
             // 503). Nothing executes until its part of the group has room, so no outcome is
             // lost; a group larger than the whole output ring goes in parts.
-            for part in buffer.chunks(self.output_capacity) {
+            for part in group.chunks(self.output_capacity) {
                 loop {
                     let published = output.try_batch_publish(part.len(), |slots| {
                         let mut slots = slots;
@@ -556,34 +648,42 @@ impl EngineState {
                 }
             }
         }
-        if let Some(reason) = panicked {
-            // The ledger may be half-way through a change: it is dropped, never used again.
-            self.fail(reason);
-            self.buffer = buffer;
-            self.buffer.clear();
-            return;
+        panicked
+    }
+
+    /// A group that may fill the ledger: each command is admitted after the one before it
+    /// executed. Once the ledger holds `max_transaction_ids` ids, a command whose id is new is
+    /// refused (not executed, journaled or remembered); a repeat of a remembered id, or its
+    /// reuse with another body, still gets its answer (neither remembers a new id).
+    fn execute_near_the_limit(
+        &mut self,
+        ledger: &mut Ledger,
+        group: &[InputSlot],
+    ) -> Option<String> {
+        for (i, input) in group.iter().enumerate() {
+            let full = u64::from(ledger.transaction_id_count()) >= self.max_transaction_ids;
+            if full && ledger.outcome_of(input.command.transaction_id).is_none() {
+                if !self.refusing {
+                    self.refusing = true;
+                    tracing::error!(
+                        max_transaction_ids = self.max_transaction_ids,
+                        "the ledger is full: commands with new transaction ids are refused \
+                         (ledger_full) until the server restarts with a higher \
+                         --max-transaction-ids"
+                    );
+                }
+                self.shared.refused_full.fetch_add(1, Ordering::Relaxed);
+                self.publish(OutputSlot::refused(input));
+                continue;
+            }
+            if let Some(reason) = self.execute_group(ledger, std::slice::from_ref(input)) {
+                for rest in &group[i + 1..] {
+                    self.publish(OutputSlot::not_executed(rest.token, rest.submitted_ns));
+                }
+                return Some(reason);
+            }
         }
-        let timestamp_ns = buffer.last().map(|s| s.command.timestamp_ns).unwrap_or(0);
-        let submitted_ns = buffer.last().map(|s| s.submitted_ns).unwrap_or(0);
-        self.buffer = buffer;
-        self.buffer.clear();
-        if self.checkpoint_every > 0 && ledger.next_seq() >= self.next_checkpoint {
-            let checkpoint = ledger.checkpoint(timestamp_ns);
-            self.next_checkpoint = ledger.next_seq().saturating_add(self.checkpoint_every);
-            self.publish(OutputSlot {
-                record: checkpoint,
-                token: NO_TOKEN,
-                submitted_ns,
-            });
-        }
-        self.shared
-            .executed_seq
-            .store(ledger.next_seq() - 1, Ordering::Relaxed);
-        give_id_block(&mut ledger, self.id_blocks.as_ref());
-        if let Some(tables) = self.tables.as_mut() {
-            tables.tend(&mut ledger);
-        }
-        self.ledger = Some(ledger);
+        None
     }
 
     /// Stops executing for good: the engine halts with `reason`, the ledger is dropped, and every
@@ -777,6 +877,9 @@ impl Engine {
         );
         let shared = Arc::new(EngineShared::default());
         let start_seq = ledger.next_seq();
+        shared
+            .transaction_ids
+            .store(u64::from(ledger.transaction_id_count()), Ordering::Relaxed);
         shared.durable_seq.store(start_seq - 1, Ordering::SeqCst);
         shared.executed_seq.store(start_seq - 1, Ordering::SeqCst);
 
@@ -910,6 +1013,9 @@ impl Engine {
             tables,
             failed: false,
             panic_at_seq: config.panic_at_seq.unwrap_or(u64::MAX),
+            max_transaction_ids: config.max_transaction_ids.min(MAX_TRANSACTION_IDS),
+            warned_near_the_limit: false,
+            refusing: false,
         };
         let handler = |state: &mut EngineState, slot: &InputSlot, _sequence, end_of_batch| {
             // A panic outside the execution itself (a checkpoint, the helpers' hand-overs)
@@ -1033,8 +1139,9 @@ fn journal_stage(
     if shared.halted.load(Ordering::Relaxed) {
         return;
     }
-    // A replayed outcome repeats an older record; it is not journaled again. (A command that
-    // was not executed only follows a halt, seen above; it is never journaled either.)
+    // A replayed outcome repeats an older record; it is not journaled again. A command that
+    // was not executed (after a halt, or refused because the ledger is full) is never
+    // journaled either.
     let new_record = !slot.record.replayed && slot.executed();
     if new_record {
         *last_executed = slot.durable_needed();
@@ -1071,7 +1178,7 @@ fn journal_stage(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::{AccountId, CommandKind, Currency, LedgerConfig, TransactionId};
+    use crate::core::{AccountId, CommandKind, Currency, LedgerConfig, RejectCode, TransactionId};
     use std::time::Instant;
 
     /// (token, executed, durable) for every caller's outcome, held until the end of the batch
@@ -1365,5 +1472,96 @@ mod tests {
         drop(submitter);
         assert!(shutdown_within_10s(engine).is_err());
         assert_eq!(receiver.try_iter().count(), 0, "outcomes answered twice");
+    }
+
+    /// Every caller's record with its durability, as delivered.
+    struct Records(mpsc::Sender<(u64, CommandRecord, bool)>);
+
+    impl ReplySink for Records {
+        fn deliver(&mut self, slot: &OutputSlot, durable: bool) {
+            if slot.token != NO_TOKEN {
+                let _ = self.0.send((slot.token, slot.record, durable));
+            }
+        }
+    }
+
+    #[test]
+    fn a_full_ledger_refuses_new_ids_unexecuted_and_still_answers_remembered_ones() {
+        let (sender, receiver) = mpsc::channel();
+        let config = EngineConfig {
+            input_ring_size: 1024,
+            output_ring_size: 1024,
+            wait: WaitMode::Sleep(Duration::from_micros(50)),
+            pin_core: None,
+            checkpoint_every: 0,
+            max_transaction_ids: 5,
+            ..EngineConfig::default()
+        };
+        let engine = Engine::start(
+            Ledger::new(LedgerConfig::default()),
+            config,
+            JournalStage::Off,
+            Records(sender),
+        );
+        let shared = engine.shared();
+        let mut submitter = engine.submitter();
+        // Setup remembers three ids (sequences 1..=3); the limit lets two more in.
+        submit_batch(&mut submitter, &setup(), 0);
+        let mut reused = transfer(11);
+        if let CommandKind::Transfer { amount, .. } = &mut reused.kind {
+            *amount = 2;
+        }
+        let group = [
+            transfer(10),
+            transfer(11),
+            transfer(10), // a repeat: answered from the original
+            transfer(12), // new, with the ledger full
+            reused,       // 11's id with another body: its own answer, no new id
+            transfer(13), // new
+        ];
+        submit_batch(&mut submitter, &group, 10);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut got = BTreeMap::new();
+        while got.len() < 9 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (token, record, durable) = receiver
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("only {} of 9 outcomes in 10 s", got.len()));
+            assert!(got.insert(token, (record, durable)).is_none());
+        }
+        for token in [0, 1, 2, 10, 11] {
+            let (record, durable) = &got[&token];
+            assert!(
+                *durable && record.is_committed() && !record.refused && !record.replayed,
+                "token {token}: {record:?}"
+            );
+        }
+        assert_eq!((got[&10].0.first_seq, got[&11].0.first_seq), (4, 6));
+        let (repeat, durable) = &got[&12];
+        assert!(*durable && repeat.replayed && !repeat.refused && repeat.first_seq == 4);
+        let (reused, durable) = &got[&14];
+        assert!(*durable && !reused.refused);
+        assert_eq!(reused.rejection, Some(RejectCode::TransactionIdReused));
+        for (token, id) in [(13, 12), (15, 13)] {
+            let (refused, durable) = &got[&token];
+            assert!(
+                refused.refused && refused.first_seq == 0 && !*durable,
+                "token {token}: {refused:?}"
+            );
+            assert_eq!(refused.transaction_id, TransactionId(id));
+        }
+        assert_eq!(shared.refused_full.load(Ordering::Relaxed), 2);
+        assert_eq!(shared.transaction_ids.load(Ordering::Relaxed), 5);
+
+        drop(submitter);
+        let ledger = shutdown_within_10s(engine).expect("a clean shutdown");
+        // Nothing of the refused commands is in the ledger: two transfers of 1 and the reused
+        // id's rejection (one event) after the setup.
+        assert_eq!(ledger.transaction_id_count(), 5);
+        assert_eq!(ledger.next_seq(), 9);
+        assert_eq!(ledger.outcome_of(TransactionId(12)), None);
+        assert_eq!(ledger.outcome_of(TransactionId(13)), None);
+        let b = ledger.account_index(&AccountId::new("b").unwrap()).unwrap();
+        assert_eq!(ledger.balance(b, Currency::new("USD").unwrap()), Some(2));
     }
 }
