@@ -1214,3 +1214,24 @@ async fn claim_leadership(
     ));
     Ok((task, session))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_automatic_id_limit_fills_three_quarters_of_ram_within_the_tables_reach() {
+        let gib = 1u64 << 30;
+        // This machine class: 24 GiB at 256 bytes per id, 320 with the snapshot follower.
+        assert_eq!(auto_max_transaction_ids(24 * gib, false), 75_497_472);
+        assert_eq!(auto_max_transaction_ids(24 * gib, true), 60_397_977);
+        // The 32-bit indices bound it on a large machine, and a tiny one still serves.
+        assert_eq!(
+            auto_max_transaction_ids(4096 * gib, false),
+            MAX_TRANSACTION_IDS
+        );
+        assert_eq!(auto_max_transaction_ids(100, false), 1);
+        let total = mem_total_bytes().expect("MemTotal from /proc/meminfo");
+        assert!(total >= gib, "{total} bytes of RAM");
+    }
+}
