@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use wallet::core::codec::encode_snapshot;
 use wallet::core::{
-    AccountId, Command, CommandKind, CommandRecord, Currency, Ledger, LedgerConfig, TransactionId,
+    AccountId, Command, CommandKind, CommandRecord, Currency, Ledger, LedgerConfig, Refusal,
+    TransactionId,
 };
 use wallet::engine::recovery::{Recovered, recover, replay_journal};
 use wallet::engine::{Engine, EngineConfig, JournalStage, OutputSlot, ReplySink, WaitMode};
@@ -1982,6 +1983,107 @@ fn engine_never_reports_durable_after_the_journal_failed() {
     // What was acknowledged survives a restart with healthy storage.
     let r = recovered(data);
     assert!(r.ledger.next_seq() > durable_count as u64);
+}
+
+/// A full disk at a segment's roll-over: the journal's reserve (one segment of allocated
+/// space) makes room for the new segment, so the records the engine already executed are
+/// journaled and acknowledged; new work is then refused unexecuted (`journal_full`) instead of
+/// halting the engine, retries of durable commands keep their answers, and once space returns
+/// the reserve is allocated again and the refused commands execute when sent again.
+#[test]
+fn a_full_disk_refuses_new_work_instead_of_halting_and_work_resumes_when_space_returns() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let (storage, faults) = faulty(u64::MAX);
+    // Room for the reserve and the first segment, nothing more.
+    faults.free_segments.store(2, Ordering::SeqCst);
+    let writer = open_writer(
+        data,
+        Box::new(storage),
+        4096,
+        SyncMode::Batch,
+        &JournalEnd::empty(),
+    );
+    let reserve = journal_dir(data).join("reserve");
+    assert_eq!(fs::metadata(&reserve).unwrap().len(), 4096);
+    let (sender, receiver) = mpsc::channel();
+    let engine = Engine::start(
+        Ledger::new(LedgerConfig::default()),
+        engine_config(),
+        JournalStage::Journal(writer),
+        Collect(sender),
+    );
+    let shared = engine.shared();
+    let mut submitter = engine.submitter();
+    let mut token = 0;
+    let mut send = |i: u64| {
+        token += 1;
+        submitter.try_submit(command(i), token, 0).unwrap();
+        let (got, record, durable) = receiver
+            .recv_timeout(Duration::from_secs(10))
+            .expect("an outcome within 10 s");
+        assert_eq!(got, token);
+        (record, durable)
+    };
+    // One command at a time until the first refusal: everything before it is durable.
+    let mut first_refused = None;
+    for i in 0..200u64 {
+        let (record, durable) = send(i);
+        if record.refused.is_some() {
+            assert_eq!(record.refused, Some(Refusal::JournalFull), "command {i}");
+            assert!(!durable && record.first_seq == 0, "command {i}: {record:?}");
+            first_refused = Some(i);
+            break;
+        }
+        assert!(durable && record.first_seq != 0, "command {i}: {record:?}");
+    }
+    let first_refused = first_refused.expect("a refusal once the first segment filled");
+    assert!(first_refused > 20, "refused after {first_refused} commands");
+    assert!(!reserve.exists(), "the reserve was used for the second segment");
+    assert!(!shared.halted.load(Ordering::SeqCst), "the engine halted");
+    // Still short of space: new commands are refused (over several reserve retries), a retry
+    // of a durable command gets its original answer.
+    let deadline = Instant::now() + 2 * wallet::journal::RESERVE_RETRY;
+    while Instant::now() < deadline {
+        let (record, _) = send(first_refused + 1);
+        assert_eq!(record.refused, Some(Refusal::JournalFull));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (retry, durable) = send(0);
+    assert!(retry.replayed && durable && retry.refused.is_none(), "{retry:?}");
+    assert!(shared.refused_journal_full.load(Ordering::SeqCst) >= 2);
+    assert!(shared.journal_space_short.load(Ordering::SeqCst));
+
+    // Space returns (the reserve and one more segment): the next commit past the retry
+    // interval allocates the reserve, and the refused command executes when sent again.
+    faults.free_segments.store(2, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let executed = loop {
+        let (record, durable) = send(first_refused);
+        if record.refused.is_none() {
+            break (record, durable);
+        }
+        assert!(Instant::now() < deadline, "still refused 10 s after space returned");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(executed.1 && !executed.0.replayed, "{executed:?}");
+    assert!(reserve.exists(), "the reserve was allocated again");
+    assert!(!shared.journal_space_short.load(Ordering::SeqCst));
+    for i in first_refused + 1..first_refused + 10 {
+        let (record, durable) = send(i);
+        assert!(durable && record.refused.is_none(), "command {i}: {record:?}");
+    }
+    drop(send);
+    drop(submitter);
+    let ledger = engine.shutdown().expect("a clean shutdown");
+    // The journal holds exactly what was acknowledged, and none of the refusals.
+    let r = recovered(data);
+    assert_eq!(r.ledger.state_hash(), ledger.state_hash());
+    let mut reference = Ledger::new(LedgerConfig::default());
+    for i in 0..first_refused + 10 {
+        reference.execute(&command(i));
+    }
+    assert_eq!(r.ledger.state_hash(), reference.state_hash());
 }
 
 #[test]

@@ -309,6 +309,16 @@ impl App {
                 s.refused_full.load(Ordering::Relaxed),
             ),
             (
+                "wallet_journal_space_short",
+                "1 while the journal holds no reserve of disk space (the disk is full): new work gets 507 journal_full.",
+                u64::from(s.journal_space_short.load(Ordering::Relaxed)),
+            ),
+            (
+                "wallet_refused_journal_full",
+                "Requests refused unexecuted by this process because the journal's disk was full.",
+                s.refused_journal_full.load(Ordering::Relaxed),
+            ),
+            (
                 "wallet_journal_bytes",
                 "Bytes appended to the journal by this process.",
                 s.journal_bytes.load(Ordering::Relaxed),

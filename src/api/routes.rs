@@ -18,7 +18,7 @@ use crate::api::json::{
 };
 use crate::api::waiters::{Delivered, token};
 use crate::core::{
-    Command, CommandKind, CommandType, Currency, EventKind, RejectCode, TransactionId,
+    Command, CommandKind, CommandType, Currency, EventKind, Refusal, RejectCode, TransactionId,
     format_amount,
 };
 use crate::engine::Submitter;
@@ -1167,6 +1167,11 @@ fn render(app: &App, caller: &Caller, delivered: &Delivered) -> Reply {
     let reply = Reply::json_bytes(status, body);
     match (replayed, status) {
         (_, StatusCode::SERVICE_UNAVAILABLE) => reply.with_header("retry-after", "5"),
+        (_, StatusCode::INSUFFICIENT_STORAGE)
+            if delivered.record.refused == Some(Refusal::JournalFull) =>
+        {
+            reply.with_header("retry-after", "5")
+        }
         (true, _) => reply.with_header("idempotent-replayed", "true"),
         _ => reply,
     }
@@ -1180,8 +1185,18 @@ fn render_value<'a>(
     past: &PastState,
 ) -> (StatusCode, Body<'a>, bool) {
     let record = &delivered.record;
-    if record.refused {
-        let body = json!({"transaction_id": record.transaction_id.to_uuid_string(), "error": {"code": "ledger_full", "message": "the ledger remembers as many transaction ids as this server's --max-transaction-ids allows; nothing was executed, and the same request may be sent again once the limit is raised"}});
+    if let Some(why) = record.refused {
+        let (code, message) = match why {
+            Refusal::LedgerFull => (
+                "ledger_full",
+                "the ledger remembers as many transaction ids as this server's --max-transaction-ids allows; nothing was executed, and the same request may be sent again once the limit is raised",
+            ),
+            Refusal::JournalFull => (
+                "journal_full",
+                "the disk holding the journal is full; nothing was executed, and the same request may be sent again after Retry-After",
+            ),
+        };
+        let body = json!({"transaction_id": record.transaction_id.to_uuid_string(), "error": {"code": code, "message": message}});
         return (StatusCode::INSUFFICIENT_STORAGE, Body::Other(body), false);
     }
     if !delivered.durable {
@@ -1337,7 +1352,7 @@ async fn transfer(
 /// original yet: after a restart, while they load, or a moment after the original) is given
 /// back.
 fn moved_no_money_again(delivered: &Delivered) -> bool {
-    delivered.record.refused
+    delivered.record.refused.is_some()
         || (delivered.durable
             && (delivered.record.replayed
                 || delivered.record.rejection == Some(RejectCode::TransactionIdReused)))

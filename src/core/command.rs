@@ -312,9 +312,21 @@ pub struct CommandRecord {
     /// For `OpenAccount` only: the id that was interned (events refer to its index).
     pub opened_account: AccountId,
     /// Set by the engine, never by the ledger: the command was refused without being executed
-    /// because the ledger remembers as many transaction ids as the server allows. `first_seq`
-    /// is then 0; nothing is journaled or remembered. (In the record's padding: no bytes added.)
-    pub refused: bool,
+    /// (`first_seq` is then 0; nothing is journaled or remembered). In the record's padding:
+    /// no bytes added.
+    pub refused: Option<Refusal>,
+}
+
+/// Why the engine refused a command without executing it. Not a ledger outcome: never
+/// journaled, and the same request may be sent again later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The ledger remembers as many transaction ids as the server allows
+    /// (`--max-transaction-ids`) and this one is new.
+    LedgerFull,
+    /// The disk holding the journal is full: the journal's reserve made room for the records
+    /// already executed, and no new work is taken until the reserve can be allocated again.
+    JournalFull,
 }
 
 impl CommandRecord {
@@ -343,7 +355,7 @@ impl CommandRecord {
             event_count: 0,
             events: [Event::default(); MAX_EVENTS_PER_COMMAND],
             opened_account: AccountId::EMPTY,
-            refused: false,
+            refused: None,
         }
     }
 }

@@ -480,7 +480,7 @@ impl Ledger {
             event_count: 0,
             events: [Event::default(); MAX_EVENTS_PER_COMMAND],
             opened_account: crate::core::types::AccountId::EMPTY,
-            refused: false,
+            refused: None,
         };
 
         if let Some(previous) = self.remembered(command.transaction_id) {
@@ -522,7 +522,7 @@ impl Ledger {
             event_count: 0,
             events: [Event::default(); MAX_EVENTS_PER_COMMAND],
             opened_account: crate::core::types::AccountId::EMPTY,
-            refused: false,
+            refused: None,
         })
     }
 
@@ -699,7 +699,7 @@ impl Ledger {
         if record.replayed {
             return Err("a replayed outcome is not a journal record".into());
         }
-        if record.refused {
+        if record.refused.is_some() {
             return Err("a refused command is not a journal record".into());
         }
         if record.first_seq != self.next_seq {

@@ -9,6 +9,8 @@ pub mod ledger;
 pub mod table;
 pub mod types;
 
-pub use command::{Command, CommandKind, CommandRecord, CommandType, Event, EventKind, RejectCode};
+pub use command::{
+    Command, CommandKind, CommandRecord, CommandType, Event, EventKind, Refusal, RejectCode,
+};
 pub use ledger::{Ledger, LedgerConfig};
 pub use types::{AccountId, Currency, MinorUnits, TransactionId, format_amount, parse_amount};

@@ -35,7 +35,7 @@ use disruptor::{
 
 use crate::core::ledger::IdBlock;
 use crate::core::table::{RetiredBuckets, SpareBuckets};
-use crate::core::{Command, CommandRecord, Ledger, LedgerConfig};
+use crate::core::{Command, CommandRecord, Ledger, LedgerConfig, Refusal};
 use crate::journal::JournalWriter;
 use doorbell::Doorbell;
 
@@ -151,15 +151,14 @@ impl OutputSlot {
         }
     }
 
-    /// The slot of a command the engine refused without executing it: the ledger remembers
-    /// `EngineConfig::max_transaction_ids` ids and this one is new (`CommandRecord::refused`).
-    /// Nothing is journaled or remembered; the same request may be sent again once the limit
-    /// is raised. Its record is empty but for the transaction id and time.
-    pub fn refused(input: &InputSlot) -> OutputSlot {
+    /// The slot of a command the engine refused without executing it (`CommandRecord::refused`
+    /// says why). Nothing is journaled or remembered; the same request may be sent again
+    /// later. Its record is empty but for the transaction id and time.
+    pub fn refused(input: &InputSlot, why: Refusal) -> OutputSlot {
         let mut record = CommandRecord::empty();
         record.transaction_id = input.command.transaction_id;
         record.timestamp_ns = input.command.timestamp_ns;
-        record.refused = true;
+        record.refused = Some(why);
         OutputSlot {
             record,
             token: input.token,
@@ -221,7 +220,7 @@ pub struct EngineConfig {
     /// `None` (the default) costs one comparison per command.
     pub panic_at_seq: Option<u64>,
     /// Transaction ids the ledger may remember (at most `MAX_TRANSACTION_IDS`). At the limit a
-    /// command with a new id is refused (`OutputSlot::refused`) instead of growing the ledger's
+    /// command with a new id is refused (`Refusal::LedgerFull`) instead of growing the ledger's
     /// memory without bound: every id is remembered forever, in RAM.
     pub max_transaction_ids: u64,
 }
@@ -293,8 +292,13 @@ pub struct EngineShared {
     pub follower_failure: Mutex<Option<String>>,
     /// Transaction ids the ledger remembers, as of the engine's last group.
     pub transaction_ids: AtomicU64,
-    /// Commands refused because the ledger was full (`OutputSlot::refused`).
+    /// Commands refused because the ledger was full (`Refusal::LedgerFull`).
     pub refused_full: AtomicU64,
+    /// The journal holds no reserve of disk space (`JournalWriter::space_short`): the engine
+    /// executes nothing new. Set by the journal thread after each commit.
+    pub journal_space_short: AtomicBool,
+    /// Commands refused because the journal's disk was full (`Refusal::JournalFull`).
+    pub refused_journal_full: AtomicU64,
 }
 
 impl EngineShared {
@@ -527,11 +531,13 @@ impl EngineState {
         let buffer = std::mem::take(&mut self.buffer);
         let ids = u64::from(ledger.transaction_id_count());
         // Each command remembers at most one new id: a group that cannot reach the limit
-        // runs whole; one that might is admitted command by command.
-        let panicked = if ids + buffer.len() as u64 <= self.max_transaction_ids {
+        // runs whole; one that might, or any while the journal is short of disk space, is
+        // admitted command by command.
+        let space_short = self.shared.journal_space_short.load(Ordering::Relaxed);
+        let panicked = if ids + buffer.len() as u64 <= self.max_transaction_ids && !space_short {
             self.execute_group(&mut ledger, &buffer)
         } else {
-            self.execute_near_the_limit(&mut ledger, &buffer)
+            self.execute_admitting(&mut ledger, &buffer, space_short)
         };
         if let Some(reason) = panicked {
             // The ledger may be half-way through a change: it is dropped, never used again.
@@ -651,29 +657,54 @@ impl EngineState {
         panicked
     }
 
-    /// A group that may fill the ledger: each command is admitted after the one before it
-    /// executed. Once the ledger holds `max_transaction_ids` ids, a command whose id is new is
-    /// refused (not executed, journaled or remembered); a repeat of a remembered id, or its
-    /// reuse with another body, still gets its answer (neither remembers a new id).
-    fn execute_near_the_limit(
+    /// A group that may fill the ledger, or any group while the journal is short of disk space
+    /// (`space_short`): each command is admitted after the one before it executed.
+    ///
+    /// - Short of space, only a repeat of a remembered command (answered from memory, nothing
+    ///   journaled) is admitted; everything else is refused (`Refusal::JournalFull`), the
+    ///   rejection of a reused id included, since it would be journaled.
+    /// - Once the ledger holds `max_transaction_ids` ids, a command whose id is new is refused
+    ///   (`Refusal::LedgerFull`); a repeat of a remembered id, or its reuse with another body,
+    ///   still gets its answer (neither remembers a new id).
+    fn execute_admitting(
         &mut self,
         ledger: &mut Ledger,
         group: &[InputSlot],
+        space_short: bool,
     ) -> Option<String> {
         for (i, input) in group.iter().enumerate() {
-            let full = u64::from(ledger.transaction_id_count()) >= self.max_transaction_ids;
-            if full && ledger.outcome_of(input.command.transaction_id).is_none() {
-                if !self.refusing {
-                    self.refusing = true;
-                    tracing::error!(
-                        max_transaction_ids = self.max_transaction_ids,
-                        "the ledger is full: commands with new transaction ids are refused \
-                         (ledger_full) until the server restarts with a higher \
-                         --max-transaction-ids"
-                    );
+            let refusal = if space_short {
+                ledger
+                    .replay_of(&input.command)
+                    .is_none()
+                    .then_some(Refusal::JournalFull)
+            } else {
+                let full = u64::from(ledger.transaction_id_count()) >= self.max_transaction_ids;
+                (full && ledger.outcome_of(input.command.transaction_id).is_none())
+                    .then_some(Refusal::LedgerFull)
+            };
+            match refusal {
+                Some(Refusal::LedgerFull) => {
+                    if !self.refusing {
+                        self.refusing = true;
+                        tracing::error!(
+                            max_transaction_ids = self.max_transaction_ids,
+                            "the ledger is full: commands with new transaction ids are refused \
+                             (ledger_full) until the server restarts with a higher \
+                             --max-transaction-ids"
+                        );
+                    }
+                    self.shared.refused_full.fetch_add(1, Ordering::Relaxed);
                 }
-                self.shared.refused_full.fetch_add(1, Ordering::Relaxed);
-                self.publish(OutputSlot::refused(input));
+                Some(Refusal::JournalFull) => {
+                    self.shared
+                        .refused_journal_full
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                None => {}
+            }
+            if let Some(why) = refusal {
+                self.publish(OutputSlot::refused(input, why));
                 continue;
             }
             if let Some(reason) = self.execute_group(ledger, std::slice::from_ref(input)) {
@@ -880,6 +911,11 @@ impl Engine {
         shared
             .transaction_ids
             .store(u64::from(ledger.transaction_id_count()), Ordering::Relaxed);
+        if let JournalStage::Journal(writer) = &journal {
+            shared
+                .journal_space_short
+                .store(writer.space_short(), Ordering::Relaxed);
+        }
         shared.durable_seq.store(start_seq - 1, Ordering::SeqCst);
         shared.executed_seq.store(start_seq - 1, Ordering::SeqCst);
 
@@ -1140,7 +1176,7 @@ fn journal_stage(
         return;
     }
     // A replayed outcome repeats an older record; it is not journaled again. A command that
-    // was not executed (after a halt, or refused because the ledger is full) is never
+    // was not executed (after a halt, or refused: `Refusal`) is never
     // journaled either.
     let new_record = !slot.record.replayed && slot.executed();
     if new_record {
@@ -1161,6 +1197,9 @@ fn journal_stage(
                         shared
                             .journal_bytes
                             .store(writer.bytes_written(), Ordering::Relaxed);
+                        shared
+                            .journal_space_short
+                            .store(writer.space_short(), Ordering::Relaxed);
                         shared.durable_seq.store(durable, Ordering::Release);
                     }
                     Err(e) => shared.halt(format!("journal sync failed: {e}")),
@@ -1532,20 +1571,20 @@ mod tests {
         for token in [0, 1, 2, 10, 11] {
             let (record, durable) = &got[&token];
             assert!(
-                *durable && record.is_committed() && !record.refused && !record.replayed,
+                *durable && record.is_committed() && record.refused.is_none() && !record.replayed,
                 "token {token}: {record:?}"
             );
         }
         assert_eq!((got[&10].0.first_seq, got[&11].0.first_seq), (4, 6));
         let (repeat, durable) = &got[&12];
-        assert!(*durable && repeat.replayed && !repeat.refused && repeat.first_seq == 4);
+        assert!(*durable && repeat.replayed && repeat.refused.is_none() && repeat.first_seq == 4);
         let (reused, durable) = &got[&14];
-        assert!(*durable && !reused.refused);
+        assert!(*durable && reused.refused.is_none());
         assert_eq!(reused.rejection, Some(RejectCode::TransactionIdReused));
         for (token, id) in [(13, 12), (15, 13)] {
             let (refused, durable) = &got[&token];
             assert!(
-                refused.refused && refused.first_seq == 0 && !*durable,
+                refused.refused == Some(Refusal::LedgerFull) && refused.first_seq == 0 && !*durable,
                 "token {token}: {refused:?}"
             );
             assert_eq!(refused.transaction_id, TransactionId(id));

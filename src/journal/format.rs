@@ -217,6 +217,11 @@ pub fn decode_unsynced(bytes: &[u8]) -> Result<u64, &'static str> {
 
 /// Name of the durable-watermark file in the journal directory.
 pub const DURABLE_FILE_NAME: &str = "durable";
+
+/// Name of the journal's reserve in the journal directory: a file of one segment's size, its
+/// blocks allocated and its bytes meaningless, removed to make room for the next segment when
+/// the disk is full (`JournalWriter::space_short`).
+pub const RESERVE_FILE_NAME: &str = "reserve";
 pub const DURABLE_MAGIC: [u8; 8] = *b"WALDUR01";
 /// Bytes of the durable-watermark file.
 pub const DURABLE_FILE_BYTES: usize = 24;

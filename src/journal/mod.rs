@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 use crate::core::CommandRecord;
 use crate::core::codec::{encode_record, payload_len};
 use format::{
-    DURABLE_FILE_NAME, FRAME_HEADER_BYTES, MAX_FRAME_BYTES, SEGMENT_HEADER_BYTES,
-    UNSYNCED_FILE_NAME, decode_unsynced, encode_durable, encode_segment_header, encode_unsynced,
-    parse_segment_file_name, seal_frame, segment_file_name,
+    DURABLE_FILE_NAME, FRAME_HEADER_BYTES, MAX_FRAME_BYTES, RESERVE_FILE_NAME,
+    SEGMENT_HEADER_BYTES, UNSYNCED_FILE_NAME, decode_unsynced, encode_durable,
+    encode_segment_header, encode_unsynced, parse_segment_file_name, seal_frame, segment_file_name,
 };
 pub use reader::{
     JournalEnd, JournalError, durable_watermark, estimate_records, list_segments,
@@ -103,6 +103,18 @@ pub struct JournalWriter {
     durable_file: std::fs::File,
     /// The watermark last written there.
     published_seq: u64,
+    /// No reserve is held (`RESERVE_FILE_NAME`): a roll-over used it, or it could not be
+    /// allocated. While this is set the engine takes no new work (`space_short`).
+    space_short: bool,
+    /// When the reserve was last tried again, while `space_short`.
+    reserve_tried: Instant,
+}
+
+/// How often a writer that is short of space tries to allocate its reserve again.
+pub const RESERVE_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
+
+fn is_no_space(error: &io::Error) -> bool {
+    error.raw_os_error() == Some(libc::ENOSPC)
 }
 
 /// Opens (creating if needed) the durable-watermark file of a journal directory. Without it a
@@ -314,7 +326,10 @@ impl JournalWriter {
             bytes_written: 0,
             durable_file,
             published_seq: u64::MAX,
+            space_short: false,
+            reserve_tried: Instant::now(),
         };
+        writer.take_reserve();
         writer.publish_durable()?;
         // The first watermark is made durable, its contents and its name: the file may be new
         // (a fresh directory, one its operator removed), and until then a power loss could
@@ -374,6 +389,40 @@ impl JournalWriter {
     }
 
     /// The directory this writer appends to.
+    /// True while the writer holds no reserve: its segment's room is all it is sure of. The
+    /// engine then executes nothing new (`journal_full`), so that what it already executed
+    /// fits in the segment the reserve made room for, and nothing is lost or halted for want
+    /// of space. Cleared by a `commit` once the reserve can be allocated again.
+    pub fn space_short(&self) -> bool {
+        self.space_short
+    }
+
+    /// Allocates the reserve (a no-op for one already whole); `space_short` says whether it is
+    /// held.
+    fn take_reserve(&mut self) {
+        let path = self.config.dir.join(RESERVE_FILE_NAME);
+        self.reserve_tried = Instant::now();
+        match self
+            .storage
+            .reserve_space(&path, self.config.segment_size_bytes)
+        {
+            Ok(()) => {
+                if self.space_short {
+                    tracing::info!(file = %path.display(), "the journal's reserve is allocated again: new work is taken again");
+                }
+                self.space_short = false;
+            }
+            Err(e) => {
+                if !self.space_short {
+                    tracing::error!(file = %path.display(), error = %e, "the journal cannot allocate its reserve (one segment of disk space): new work is refused (507 journal_full) until it can");
+                }
+                self.space_short = true;
+                // A partly allocated reserve is no reserve; its blocks go back to the disk.
+                let _ = self.storage.release_space(&path);
+            }
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         &self.config.dir
     }
@@ -459,12 +508,24 @@ impl JournalWriter {
         let path = self.config.dir.join(segment_file_name(first_seq));
         let header =
             encode_segment_header(first_seq, self.config.segment_size_bytes, self.last_crc);
-        let segment = self
-            .storage
-            .create_segment(&path, self.config.segment_size_bytes, &header)
-            .inspect_err(|_| {
-                self.poisoned = true;
-            })?;
+        let size = self.config.segment_size_bytes;
+        let created = match self.storage.create_segment(&path, size, &header) {
+            Err(e) if is_no_space(&e) && !self.space_short => {
+                // The disk is full: the reserve makes room for this segment, and the engine
+                // takes no new work (`space_short`) until the reserve can be allocated again.
+                let reserve = self.config.dir.join(RESERVE_FILE_NAME);
+                tracing::error!(error = %e, "the disk holding the journal is full: the reserve is used for the next segment, and new work is refused (507 journal_full) until a segment's worth of space is free");
+                self.space_short = true;
+                self.reserve_tried = Instant::now();
+                self.storage
+                    .release_space(&reserve)
+                    .and_then(|()| self.storage.create_segment(&path, size, &header))
+            }
+            other => other,
+        };
+        let segment = created.inspect_err(|_| {
+            self.poisoned = true;
+        })?;
         self.segment = Some(segment);
         self.write_offset = SEGMENT_HEADER_BYTES as u64;
         self.synced_offset = self.write_offset;
@@ -495,6 +556,9 @@ impl JournalWriter {
         // `last_crc` is the frame checksum of the record ending at `durable_seq`: everything
         // appended is committed here.
         self.publish_durable()?;
+        if self.space_short && self.reserve_tried.elapsed() >= RESERVE_RETRY {
+            self.take_reserve();
+        }
         Ok(self.durable_seq)
     }
 }

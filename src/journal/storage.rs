@@ -51,6 +51,22 @@ pub trait Storage: Send {
     fn sync_small_file(&mut self, file: &File, _path: &Path) -> io::Result<()> {
         file.sync_all()
     }
+    /// Makes `path` a file of exactly `size` bytes with its blocks allocated (creating it if
+    /// missing): the journal's reserve, the disk space of one segment held back for the
+    /// roll-over that finds the disk full (`JournalWriter::space_short`).
+    fn reserve_space(&mut self, path: &Path, size: u64) -> io::Result<()> {
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        file.set_len(size)?;
+        preallocate(&file, size)
+    }
+    /// Gives the reserve's space back to the file system (removes `path`).
+    fn release_space(&mut self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
 }
 
 /// The real thing: files mapped with `memmap2`.
@@ -334,14 +350,31 @@ pub struct Faults {
     pub synced_files: std::sync::Mutex<Vec<std::path::PathBuf>>,
     /// The segments `redirty` dirtied whole (from offset 0 to their size), in order.
     pub redirtied_files: std::sync::Mutex<Vec<std::path::PathBuf>>,
+    /// A disk that holds this many more segments or reserves (`create_segment` and
+    /// `reserve_space` take one, `release_space` gives one back; at 0 they fail with ENOSPC).
+    /// `u64::MAX`: unlimited.
+    pub free_segments: AtomicU64,
 }
 
 impl Faults {
     pub fn new() -> Arc<Faults> {
         Arc::new(Faults {
             syncs_before_failure: AtomicU64::new(u64::MAX),
+            free_segments: AtomicU64::new(u64::MAX),
             ..Default::default()
         })
+    }
+
+    /// Takes one segment's space from `free_segments`, or fails as a full disk does.
+    fn take_space(&self) -> io::Result<()> {
+        self.free_segments
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |free| match free {
+                u64::MAX => Some(u64::MAX),
+                0 => None,
+                n => Some(n - 1),
+            })
+            .map(drop)
+            .map_err(|_| io::Error::from_raw_os_error(libc::ENOSPC))
     }
 
     /// Counts one sync; `true` if it is one of those that must fail.
@@ -369,6 +402,7 @@ impl Storage for FaultyStorage {
         if self.faults.count_sync() {
             return Err(io::Error::other("injected fsync failure"));
         }
+        self.faults.take_space()?;
         let inner = MmapStorage::default().create_segment(path, size, header)?;
         Ok(Box::new(FaultySegment {
             inner,
@@ -412,6 +446,22 @@ impl Storage for FaultyStorage {
         if let Ok(mut synced) = self.faults.synced_files.lock() {
             synced.push(path.to_path_buf());
         }
+        Ok(())
+    }
+
+    fn reserve_space(&mut self, path: &Path, size: u64) -> io::Result<()> {
+        self.faults.take_space()?;
+        MmapStorage::default().reserve_space(path, size)
+    }
+
+    fn release_space(&mut self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)?;
+        let _ =
+            self.faults
+                .free_segments
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |free| {
+                    (free != u64::MAX).then_some(free + 1)
+                });
         Ok(())
     }
 }
