@@ -2073,7 +2073,6 @@ fn a_full_disk_refuses_new_work_instead_of_halting_and_work_resumes_when_space_r
         let (record, durable) = send(i);
         assert!(durable && record.refused.is_none(), "command {i}: {record:?}");
     }
-    drop(send);
     drop(submitter);
     let ledger = engine.shutdown().expect("a clean shutdown");
     // The journal holds exactly what was acknowledged, and none of the refusals.
