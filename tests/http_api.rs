@@ -1227,6 +1227,151 @@ fn a_full_ledger_refuses_new_ids_with_507_and_a_higher_limit_executes_them() {
     assert!(server.stop().success());
 }
 
+/// A tmpfs of `bytes`, mounted on a fresh directory for as long as it lives: a small disk that
+/// a test can fill.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(bytes: u64) -> SmallDisk {
+        let dir = temp();
+        let output = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        assert!(
+            output.status.success(),
+            "this test mounts a small tmpfs to fill (it needs root, as tools/test runs it): {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        SmallDisk { dir }
+    }
+
+    /// Writes a file of zeros until the disk is full.
+    fn fill(&self, name: &str) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.dir.path().join(name);
+        let mut file = std::fs::File::create(&path).expect("create the filler");
+        let chunk = vec![0u8; 4096];
+        while file.write_all(&chunk).is_ok() {}
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// A full disk under a running server: the journal's reserve takes the next segment, every
+/// transfer answered 200 is kept, new ones get 507 `journal_full` (with Retry-After) while
+/// the server stays up and serves reads and retries, and writes resume by themselves once
+/// space is freed. Nothing acknowledged is lost across a restart.
+#[test]
+fn a_full_disk_answers_507_until_space_is_freed_and_loses_nothing_acknowledged() {
+    let disk = SmallDisk::mount(8 << 20);
+    let data = disk.dir.path().join("data");
+    let server = Server::start(&data, &["--segment-size", "1048576"]);
+    let mut c = server.client();
+    open(&mut c, "a");
+    open(&mut c, "b");
+    deposit(&mut c, "a", "1000000.00");
+    let filler = disk.fill("filler");
+    // Batches of 500 transfers of 0.01 until one is refused: the first segment (about 9,000
+    // transfers) fills, the next one is made in the reserve's space.
+    let mut committed = 0i64;
+    let mut refused = 0;
+    let mut last_committed_id = String::new();
+    for _ in 0..60 {
+        let ids: Vec<String> = (0..500).map(|_| uuid()).collect();
+        let batch = json!({"transfers": ids.iter().map(|id| transfer_body("a", "b", "0.01", id)).collect::<Vec<_>>()});
+        let r = c.post("/v1/wallet/balance_transfers", &batch);
+        assert_eq!(r.status, 200, "{}", r.body);
+        for (result, id) in r.json()["results"].as_array().unwrap().iter().zip(&ids) {
+            match result["http_status"].as_u64() {
+                Some(200) => {
+                    committed += 1;
+                    last_committed_id = id.clone();
+                }
+                Some(507) => {
+                    assert_eq!(
+                        result["result"]["error"]["code"], "journal_full",
+                        "{result}"
+                    );
+                    refused += 1;
+                }
+                other => panic!("status {other:?}: {result}"),
+            }
+        }
+        if refused > 0 {
+            break;
+        }
+    }
+    assert!(refused > 0, "no refusal after {committed} transfers");
+    assert!(committed > 5_000, "refused after {committed} transfers");
+    // The server is up: reads, a retry of a committed transfer, and a fast 507 for new work.
+    assert_eq!(balance_cents(&mut c, "b"), committed);
+    let again = c.post(
+        "/v1/wallet/balance_transfer",
+        &transfer_body("a", "b", "0.01", &last_committed_id),
+    );
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    let id = uuid();
+    let r = c.post(
+        "/v1/wallet/balance_transfer",
+        &transfer_body("a", "b", "0.01", &id),
+    );
+    assert_eq!(r.status, 507, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "journal_full");
+    assert_eq!(r.header("retry-after"), Some("5"));
+    let metrics = c.get("/metrics").body;
+    assert!(
+        metrics.lines().any(|l| l == "wallet_journal_space_short 1"),
+        "{metrics}"
+    );
+    assert_eq!(c.get("/readyz").status, 200);
+
+    // Space is freed: the same request goes through within a few retries.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = c.post(
+            "/v1/wallet/balance_transfer",
+            &transfer_body("a", "b", "0.01", &id),
+        );
+        if r.status == 200 {
+            assert_eq!(r.header("idempotent-replayed"), None);
+            committed += 1;
+            break;
+        }
+        assert_eq!(r.status, 507, "{}", r.body);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still 507 10 s after space was freed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(balance_cents(&mut c, "b"), committed);
+    assert!(server.stop().success(), "SIGTERM exits 0");
+
+    let server = Server::start(&data, &["--segment-size", "1048576"]);
+    let mut c = server.client();
+    assert_eq!(balance_cents(&mut c, "b"), committed);
+    assert_eq!(
+        balance_cents(&mut c, "a"),
+        100_000_000 - committed,
+        "money conserved"
+    );
+    assert!(server.stop().success());
+}
+
 /// The event stream read from the journal files (older than the in-memory window) meets a
 /// record damaged on disk while the server runs: a 500 naming the failure, never a short or
 /// empty 200 that a consumer would take for "nothing more" and poll forever.

@@ -2039,7 +2039,10 @@ fn a_full_disk_refuses_new_work_instead_of_halting_and_work_resumes_when_space_r
     }
     let first_refused = first_refused.expect("a refusal once the first segment filled");
     assert!(first_refused > 20, "refused after {first_refused} commands");
-    assert!(!reserve.exists(), "the reserve was used for the second segment");
+    assert!(
+        !reserve.exists(),
+        "the reserve was used for the second segment"
+    );
     assert!(!shared.halted.load(Ordering::SeqCst), "the engine halted");
     // Still short of space: new commands are refused (over several reserve retries), a retry
     // of a durable command gets its original answer.
@@ -2050,7 +2053,10 @@ fn a_full_disk_refuses_new_work_instead_of_halting_and_work_resumes_when_space_r
         std::thread::sleep(Duration::from_millis(20));
     }
     let (retry, durable) = send(0);
-    assert!(retry.replayed && durable && retry.refused.is_none(), "{retry:?}");
+    assert!(
+        retry.replayed && durable && retry.refused.is_none(),
+        "{retry:?}"
+    );
     assert!(shared.refused_journal_full.load(Ordering::SeqCst) >= 2);
     assert!(shared.journal_space_short.load(Ordering::SeqCst));
 
@@ -2063,7 +2069,10 @@ fn a_full_disk_refuses_new_work_instead_of_halting_and_work_resumes_when_space_r
         if record.refused.is_none() {
             break (record, durable);
         }
-        assert!(Instant::now() < deadline, "still refused 10 s after space returned");
+        assert!(
+            Instant::now() < deadline,
+            "still refused 10 s after space returned"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(executed.1 && !executed.0.replayed, "{executed:?}");
@@ -2071,7 +2080,10 @@ fn a_full_disk_refuses_new_work_instead_of_halting_and_work_resumes_when_space_r
     assert!(!shared.journal_space_short.load(Ordering::SeqCst));
     for i in first_refused + 1..first_refused + 10 {
         let (record, durable) = send(i);
-        assert!(durable && record.refused.is_none(), "command {i}: {record:?}");
+        assert!(
+            durable && record.refused.is_none(),
+            "command {i}: {record:?}"
+        );
     }
     drop(submitter);
     let ledger = engine.shutdown().expect("a clean shutdown");
