@@ -1277,7 +1277,9 @@ impl Drop for SmallDisk {
 fn a_full_disk_answers_507_until_space_is_freed_and_loses_nothing_acknowledged() {
     let disk = SmallDisk::mount(8 << 20);
     let data = disk.dir.path().join("data");
-    let server = Server::start(&data, &["--segment-size", "1048576"]);
+    // A segment holds more records than the ring (4,160 in flight at most, 176 bytes each).
+    let args = ["--segment-size", "1048576", "--ring-size", "4096"];
+    let server = Server::start(&data, &args);
     let mut c = server.client();
     open(&mut c, "a");
     open(&mut c, "b");
@@ -1361,7 +1363,7 @@ fn a_full_disk_answers_507_until_space_is_freed_and_loses_nothing_acknowledged()
     assert_eq!(balance_cents(&mut c, "b"), committed);
     assert!(server.stop().success(), "SIGTERM exits 0");
 
-    let server = Server::start(&data, &["--segment-size", "1048576"]);
+    let server = Server::start(&data, &args);
     let mut c = server.client();
     assert_eq!(balance_cents(&mut c, "b"), committed);
     assert_eq!(

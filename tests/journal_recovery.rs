@@ -1997,13 +1997,14 @@ fn a_full_disk_refuses_new_work_instead_of_halting_and_work_resumes_when_space_r
     let (storage, faults) = faulty(u64::MAX);
     // Room for the reserve and the first segment, nothing more.
     faults.free_segments.store(2, Ordering::SeqCst);
-    let writer = open_writer(
+    let mut writer = open_writer(
         data,
         Box::new(storage),
         4096,
         SyncMode::Batch,
         &JournalEnd::empty(),
     );
+    writer.keep_reserve();
     let reserve = journal_dir(data).join("reserve");
     assert_eq!(fs::metadata(&reserve).unwrap().len(), 4096);
     let (sender, receiver) = mpsc::channel();
@@ -2095,6 +2096,54 @@ fn a_full_disk_refuses_new_work_instead_of_halting_and_work_resumes_when_space_r
         reference.execute(&command(i));
     }
     assert_eq!(r.ledger.state_hash(), reference.state_hash());
+}
+
+/// The reserve outlives the writer: a restart keeps a whole one without needing space, cuts a
+/// larger one to its segment size, and starts short of space (not failing, and leaving no
+/// partly allocated reserve) when the disk cannot hold a larger one.
+#[test]
+fn a_writer_keeps_one_reserve_of_its_segment_size_across_restarts() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let reserve = journal_dir(data).join("reserve");
+    let (storage, faults) = faulty(u64::MAX);
+    let open = |segment_size: u64| {
+        let mut writer = open_writer(
+            data,
+            Box::new(storage.clone()),
+            segment_size,
+            SyncMode::Batch,
+            &recover_plain(data).expect("recover").end,
+        );
+        writer.keep_reserve();
+        writer
+    };
+    faults.free_segments.store(1, Ordering::SeqCst);
+    let writer = open(8192);
+    assert!(!writer.space_short());
+    assert_eq!(fs::metadata(&reserve).unwrap().len(), 8192);
+    drop(writer);
+    // The disk is full, but the reserve is whole.
+    assert_eq!(faults.free_segments.load(Ordering::SeqCst), 0);
+    let writer = open(8192);
+    assert!(!writer.space_short());
+    drop(writer);
+    // A smaller segment size: the reserve is cut to it.
+    let writer = open(4096);
+    assert!(!writer.space_short());
+    assert_eq!(fs::metadata(&reserve).unwrap().len(), 4096);
+    drop(writer);
+    // A larger one needs more space than the disk has.
+    let writer = open(8192);
+    assert!(writer.space_short());
+    assert!(!reserve.exists(), "a partly allocated reserve was left");
+    drop(writer);
+    faults.free_segments.store(1, Ordering::SeqCst);
+    let writer = open(8192);
+    assert!(!writer.space_short());
+    assert_eq!(fs::metadata(&reserve).unwrap().len(), 8192);
+    // Nothing else in the journal directory took it for a segment.
+    assert!(list_segments(&journal_dir(data)).unwrap().is_empty());
 }
 
 #[test]

@@ -113,7 +113,9 @@ pub fn auto_max_transaction_ids(mem_total_bytes: u64, snapshots: bool) -> u64 {
     (mem_total_bytes / 4 * 3 / per_id).clamp(1, MAX_TRANSACTION_IDS)
 }
 
-/// The machine's RAM from `/proc/meminfo` (`MemTotal`), in bytes.
+/// The memory this process may use: the machine's RAM from `/proc/meminfo` (`MemTotal`), or
+/// its control group's limit if that is lower (cgroup v2 `memory.max`, v1
+/// `memory.limit_in_bytes`; in a container `MemTotal` is the host's).
 pub fn mem_total_bytes() -> anyhow::Result<u64> {
     use anyhow::Context;
     let text = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
@@ -123,7 +125,21 @@ pub fn mem_total_bytes() -> anyhow::Result<u64> {
         .and_then(|rest| rest.trim().strip_suffix("kB"))
         .and_then(|n| n.trim().parse::<u64>().ok())
         .context("/proc/meminfo has no MemTotal line in kB")?;
-    Ok(kib.saturating_mul(1024))
+    let limit = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .filter_map(|path| {
+        std::fs::read_to_string(path)
+            .ok()?
+            .trim()
+            .parse::<u64>()
+            .ok()
+    })
+    .min()
+    .unwrap_or(u64::MAX);
+    Ok(kib.saturating_mul(1024).min(limit))
 }
 
 impl ServeConfig {
@@ -568,7 +584,24 @@ pub async fn serve(
     let storage = MmapStorage {
         readahead: config.journal_readahead,
     };
-    let writer = JournalWriter::open(Box::new(storage), journal_config, &recovered.end)?;
+    let mut writer = JournalWriter::open(Box::new(storage), journal_config, &recovered.end)?;
+    writer.keep_reserve();
+    // What the engine may have executed when a roll-over uses the reserve: the output ring and
+    // a group, at the largest frame each. More than a segment, and a full disk halts instead.
+    let in_flight_bytes =
+        (config.ring_size as u64 + 64) * crate::journal::format::MAX_FRAME_BYTES as u64;
+    if in_flight_bytes + crate::journal::format::SEGMENT_HEADER_BYTES as u64
+        > config.segment_size_bytes
+    {
+        tracing::warn!(
+            segment_size = config.segment_size_bytes,
+            ring_size = config.ring_size,
+            "a segment holds fewer records than the ring: when the disk fills, the records in \
+             flight may not fit in the segment the journal's reserve becomes, and the engine \
+             would halt instead of refusing new work (507 journal_full); use a larger \
+             --segment-size or a smaller --ring-size"
+        );
+    }
     let recovered_end = recovered.end.next_seq;
     let waiters = Arc::new(Waiters::new(config.max_in_flight));
     let sink = ApiSink {
@@ -1242,6 +1275,6 @@ mod tests {
         );
         assert_eq!(auto_max_transaction_ids(100, false), 1);
         let total = mem_total_bytes().expect("MemTotal from /proc/meminfo");
-        assert!(total >= gib, "{total} bytes of RAM");
+        assert!(total >= 64 << 20, "{total} bytes of RAM");
     }
 }

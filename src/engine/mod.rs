@@ -1176,8 +1176,7 @@ fn journal_stage(
         return;
     }
     // A replayed outcome repeats an older record; it is not journaled again. A command that
-    // was not executed (after a halt, or refused: `Refusal`) is never
-    // journaled either.
+    // was not executed (after a halt, or refused: `Refusal`) is never journaled either.
     let new_record = !slot.record.replayed && slot.executed();
     if new_record {
         *last_executed = slot.durable_needed();
@@ -1191,15 +1190,22 @@ fn journal_stage(
                 ));
                 return;
             }
+            // A roll-over that used the reserve: the engine stops taking new work now, not
+            // after this batch's sync, so that less is in flight towards the new segment.
+            if writer.space_short() && !shared.journal_space_short.load(Ordering::Relaxed) {
+                shared.journal_space_short.store(true, Ordering::Relaxed);
+            }
             if end_of_batch {
                 match writer.commit() {
                     Ok(durable) => {
                         shared
                             .journal_bytes
                             .store(writer.bytes_written(), Ordering::Relaxed);
-                        shared
-                            .journal_space_short
-                            .store(writer.space_short(), Ordering::Relaxed);
+                        // Written only when it changes: the engine thread reads it every group.
+                        let short = writer.space_short();
+                        if shared.journal_space_short.load(Ordering::Relaxed) != short {
+                            shared.journal_space_short.store(short, Ordering::Relaxed);
+                        }
                         shared.durable_seq.store(durable, Ordering::Release);
                     }
                     Err(e) => shared.halt(format!("journal sync failed: {e}")),

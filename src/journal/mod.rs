@@ -103,8 +103,10 @@ pub struct JournalWriter {
     durable_file: std::fs::File,
     /// The watermark last written there.
     published_seq: u64,
-    /// No reserve is held (`RESERVE_FILE_NAME`): a roll-over used it, or it could not be
-    /// allocated. While this is set the engine takes no new work (`space_short`).
+    /// The writer keeps a reserve (`keep_reserve`).
+    reserve: bool,
+    /// It keeps one and holds none (`RESERVE_FILE_NAME`): a roll-over used it, or it could not
+    /// be allocated. While this is set the engine takes no new work (`space_short`).
     space_short: bool,
     /// When the reserve was last tried again, while `space_short`.
     reserve_tried: Instant,
@@ -113,8 +115,9 @@ pub struct JournalWriter {
 /// How often a writer that is short of space tries to allocate its reserve again.
 pub const RESERVE_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// A full disk, or a full quota.
 fn is_no_space(error: &io::Error) -> bool {
-    error.raw_os_error() == Some(libc::ENOSPC)
+    matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }
 
 /// Opens (creating if needed) the durable-watermark file of a journal directory. Without it a
@@ -326,10 +329,10 @@ impl JournalWriter {
             bytes_written: 0,
             durable_file,
             published_seq: u64::MAX,
+            reserve: false,
             space_short: false,
             reserve_tried: Instant::now(),
         };
-        writer.take_reserve();
         writer.publish_durable()?;
         // The first watermark is made durable, its contents and its name: the file may be new
         // (a fresh directory, one its operator removed), and until then a power loss could
@@ -388,11 +391,21 @@ impl JournalWriter {
         self.durable_seq
     }
 
-    /// The directory this writer appends to.
-    /// True while the writer holds no reserve: its segment's room is all it is sure of. The
-    /// engine then executes nothing new (`journal_full`), so that what it already executed
-    /// fits in the segment the reserve made room for, and nothing is lost or halted for want
-    /// of space. Cleared by a `commit` once the reserve can be allocated again.
+    /// Keeps a reserve from now on: one segment's size of allocated disk space
+    /// (`journal/reserve`) that a roll-over finding the disk full turns into the new segment
+    /// (`space_short`). Allocated here (a whole one from an earlier run is kept, one of another
+    /// size is made this writer's size); if it cannot be, the writer starts short of space.
+    /// `serve` keeps one; the tools that open a writer only to close it do not.
+    pub fn keep_reserve(&mut self) {
+        self.reserve = true;
+        self.take_reserve();
+    }
+
+    /// True while the writer keeps a reserve and holds none: its current segment's room is
+    /// all it is sure of. The engine then executes nothing new (`journal_full`), so that what
+    /// it already executed fits in the segment the reserve became, and nothing is lost or
+    /// halted for want of space. Cleared by a `commit` once the reserve can be allocated again
+    /// (tried at most every `RESERVE_RETRY`).
     pub fn space_short(&self) -> bool {
         self.space_short
     }
@@ -417,12 +430,11 @@ impl JournalWriter {
                     tracing::error!(file = %path.display(), error = %e, "the journal cannot allocate its reserve (one segment of disk space): new work is refused (507 journal_full) until it can");
                 }
                 self.space_short = true;
-                // A partly allocated reserve is no reserve; its blocks go back to the disk.
-                let _ = self.storage.release_space(&path);
             }
         }
     }
 
+    /// The directory this writer appends to.
     pub fn dir(&self) -> &Path {
         &self.config.dir
     }
@@ -510,16 +522,15 @@ impl JournalWriter {
             encode_segment_header(first_seq, self.config.segment_size_bytes, self.last_crc);
         let size = self.config.segment_size_bytes;
         let created = match self.storage.create_segment(&path, size, &header) {
-            Err(e) if is_no_space(&e) && !self.space_short => {
-                // The disk is full: the reserve makes room for this segment, and the engine
-                // takes no new work (`space_short`) until the reserve can be allocated again.
+            Err(e) if is_no_space(&e) && self.reserve && !self.space_short => {
+                // The disk is full: the reserve becomes this segment, and the engine takes no
+                // new work (`space_short`) until a reserve can be allocated again.
                 let reserve = self.config.dir.join(RESERVE_FILE_NAME);
-                tracing::error!(error = %e, "the disk holding the journal is full: the reserve is used for the next segment, and new work is refused (507 journal_full) until a segment's worth of space is free");
+                tracing::error!(error = %e, "the disk holding the journal is full: the reserve becomes the next segment, and new work is refused (507 journal_full) until a segment's worth of space is free");
                 self.space_short = true;
                 self.reserve_tried = Instant::now();
                 self.storage
-                    .release_space(&reserve)
-                    .and_then(|()| self.storage.create_segment(&path, size, &header))
+                    .segment_from_reserve(&reserve, &path, size, &header)
             }
             other => other,
         };
@@ -556,7 +567,7 @@ impl JournalWriter {
         // `last_crc` is the frame checksum of the record ending at `durable_seq`: everything
         // appended is committed here.
         self.publish_durable()?;
-        if self.space_short && self.reserve_tried.elapsed() >= RESERVE_RETRY {
+        if self.reserve && self.space_short && self.reserve_tried.elapsed() >= RESERVE_RETRY {
             self.take_reserve();
         }
         Ok(self.durable_seq)

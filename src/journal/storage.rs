@@ -51,21 +51,44 @@ pub trait Storage: Send {
     fn sync_small_file(&mut self, file: &File, _path: &Path) -> io::Result<()> {
         file.sync_all()
     }
-    /// Makes `path` a file of exactly `size` bytes with its blocks allocated (creating it if
-    /// missing): the journal's reserve, the disk space of one segment held back for the
-    /// roll-over that finds the disk full (`JournalWriter::space_short`).
+    /// Makes `path` a file of exactly `size` bytes with every block allocated, and never
+    /// written, so it reads as zeros (creating it if missing; a no-op for one already whole):
+    /// the journal's reserve, the disk space of one segment held back for the roll-over that
+    /// finds the disk full (`JournalWriter::keep_reserve`). On failure the file is removed: a
+    /// partly allocated reserve would fault when used as a segment on a full disk.
     fn reserve_space(&mut self, path: &Path, size: u64) -> io::Result<()> {
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
-        file.set_len(size)?;
-        preallocate(&file, size)
+        let made = (|| {
+            let file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)?;
+            if file.metadata()?.len() > size {
+                file.set_len(size)?;
+            }
+            preallocate(&file, size)
+        })();
+        if made.is_err() {
+            let _ = std::fs::remove_file(path);
+        }
+        made
     }
-    /// Gives the reserve's space back to the file system (removes `path`).
-    fn release_space(&mut self, path: &Path) -> io::Result<()> {
-        std::fs::remove_file(path)
+    /// `create_segment` in the space of the reserve `reserve` (a file of `size` zero bytes,
+    /// allocated): it is renamed to the segment's temporary name and becomes the segment, so
+    /// no block is freed or allocated, and a full disk cannot take its space in between.
+    /// A storage that cannot (the default) answers with an error: the roll-over then fails as
+    /// it would without a reserve.
+    fn segment_from_reserve(
+        &mut self,
+        reserve: &Path,
+        _path: &Path,
+        _size: u64,
+        _header: &[u8],
+    ) -> io::Result<Box<dyn SegmentFile>> {
+        Err(io::Error::other(format!(
+            "this storage cannot turn the reserve {} into a segment",
+            reserve.display()
+        )))
     }
 }
 
@@ -210,25 +233,32 @@ impl Storage for MmapStorage {
             .write(true)
             .create_new(true)
             .open(&temporary)?;
-        let built = (|| {
-            preallocate(&file, size)?;
-            let mut segment = MmapSegment::new(file, self.readahead)?;
-            segment.write_at(0, header)?;
-            segment.sync_range(0, header.len() as u64)?;
-            segment._file.sync_all()?;
-            std::fs::rename(&temporary, path)?;
-            if let Some(dir) = path.parent() {
-                fsync_dir(dir)?;
-            }
-            Ok(segment)
-        })();
-        match built {
-            Ok(segment) => Ok(Box::new(segment)),
-            Err(e) => {
-                let _ = std::fs::remove_file(&temporary);
-                Err(e)
-            }
+        self.build_segment(file, &temporary, path, size, header)
+    }
+
+    fn segment_from_reserve(
+        &mut self,
+        reserve: &Path,
+        path: &Path,
+        size: u64,
+        header: &[u8],
+    ) -> io::Result<Box<dyn SegmentFile>> {
+        if path.exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("segment {} already exists", path.display()),
+            ));
         }
+        let temporary = temporary_segment_path(path);
+        let file = OpenOptions::new().read(true).write(true).open(reserve)?;
+        if file.metadata()?.len() != size {
+            return Err(io::Error::other(format!(
+                "the reserve {} is not {size} bytes",
+                reserve.display()
+            )));
+        }
+        std::fs::rename(reserve, &temporary)?;
+        self.build_segment(file, &temporary, path, size, header)
     }
 
     fn open_segment(&mut self, path: &Path) -> io::Result<Box<dyn SegmentFile>> {
@@ -239,6 +269,39 @@ impl Storage for MmapStorage {
         let size = file.metadata()?.len();
         preallocate(&file, size)?;
         Ok(Box::new(MmapSegment::new(file, self.readahead)?))
+    }
+}
+
+impl MmapStorage {
+    /// Allocates `file` (open under `temporary`) to `size` bytes (nothing to do for a reserve),
+    /// writes and syncs `header`, and renames it to `path`; on failure the file is removed.
+    fn build_segment(
+        &mut self,
+        file: File,
+        temporary: &Path,
+        path: &Path,
+        size: u64,
+        header: &[u8],
+    ) -> io::Result<Box<dyn SegmentFile>> {
+        let built = (|| {
+            preallocate(&file, size)?;
+            let mut segment = MmapSegment::new(file, self.readahead)?;
+            segment.write_at(0, header)?;
+            segment.sync_range(0, header.len() as u64)?;
+            segment._file.sync_all()?;
+            std::fs::rename(temporary, path)?;
+            if let Some(dir) = path.parent() {
+                fsync_dir(dir)?;
+            }
+            Ok(segment)
+        })();
+        match built {
+            Ok(segment) => Ok(Box::new(segment)),
+            Err(e) => {
+                let _ = std::fs::remove_file(temporary);
+                Err(e)
+            }
+        }
     }
 }
 
@@ -350,8 +413,9 @@ pub struct Faults {
     pub synced_files: std::sync::Mutex<Vec<std::path::PathBuf>>,
     /// The segments `redirty` dirtied whole (from offset 0 to their size), in order.
     pub redirtied_files: std::sync::Mutex<Vec<std::path::PathBuf>>,
-    /// A disk that holds this many more segments or reserves (`create_segment` and
-    /// `reserve_space` take one, `release_space` gives one back; at 0 they fail with ENOSPC).
+    /// A disk that holds this many more segments or reserves: `create_segment` and
+    /// `reserve_space` take one (not for a reserve at least as large as asked; given back if
+    /// the creation fails), and fail with ENOSPC at 0; `segment_from_reserve` takes none.
     /// `u64::MAX`: unlimited.
     pub free_segments: AtomicU64,
 }
@@ -375,6 +439,15 @@ impl Faults {
             })
             .map(drop)
             .map_err(|_| io::Error::from_raw_os_error(libc::ENOSPC))
+    }
+
+    /// Gives back the space of a segment or reserve that was not made after all.
+    fn give_space(&self) {
+        let _ = self
+            .free_segments
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |free| {
+                (free != u64::MAX).then_some(free + 1)
+            });
     }
 
     /// Counts one sync; `true` if it is one of those that must fail.
@@ -403,7 +476,9 @@ impl Storage for FaultyStorage {
             return Err(io::Error::other("injected fsync failure"));
         }
         self.faults.take_space()?;
-        let inner = MmapStorage::default().create_segment(path, size, header)?;
+        let inner = MmapStorage::default()
+            .create_segment(path, size, header)
+            .inspect_err(|_| self.faults.give_space())?;
         Ok(Box::new(FaultySegment {
             inner,
             faults: self.faults.clone(),
@@ -450,19 +525,38 @@ impl Storage for FaultyStorage {
     }
 
     fn reserve_space(&mut self, path: &Path, size: u64) -> io::Result<()> {
-        self.faults.take_space()?;
-        MmapStorage::default().reserve_space(path, size)
+        // A whole reserve, or a larger one cut to size, takes no more space; any other is
+        // allocated in full, and removed if it cannot be (as `MmapStorage` does).
+        if std::fs::metadata(path).is_ok_and(|m| m.len() >= size) {
+            return MmapStorage::default().reserve_space(path, size);
+        }
+        if let Err(e) = self.faults.take_space() {
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+        MmapStorage::default()
+            .reserve_space(path, size)
+            .inspect_err(|_| self.faults.give_space())
     }
 
-    fn release_space(&mut self, path: &Path) -> io::Result<()> {
-        std::fs::remove_file(path)?;
-        let _ =
-            self.faults
-                .free_segments
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |free| {
-                    (free != u64::MAX).then_some(free + 1)
-                });
-        Ok(())
+    fn segment_from_reserve(
+        &mut self,
+        reserve: &Path,
+        path: &Path,
+        size: u64,
+        header: &[u8],
+    ) -> io::Result<Box<dyn SegmentFile>> {
+        // Syncs its header like `create_segment`; takes no space (the reserve's is used).
+        if self.faults.count_sync() {
+            return Err(io::Error::other("injected fsync failure"));
+        }
+        let inner = MmapStorage::default().segment_from_reserve(reserve, path, size, header)?;
+        Ok(Box::new(FaultySegment {
+            inner,
+            faults: self.faults.clone(),
+            torn: false,
+            path: path.to_path_buf(),
+        }))
     }
 }
 
