@@ -1775,6 +1775,24 @@ async fn events(app: &App, query: Option<&str>) -> Reply {
         Ok(v) => v,
         Err(r) => return r,
     };
+    // A reader's next position is at most one past the last durable event: every event it
+    // read, and every sequence an answer named, was durable. Further on, it follows another
+    // history (a server restored from an older backup, or a `--sync none` journal that lost
+    // its tail in a power loss): said at once, not answered with empty pages forever.
+    let durable = app
+        .shared
+        .durable_seq
+        .load(std::sync::atomic::Ordering::Acquire);
+    if from_seq > durable.saturating_add(1) {
+        return Reply::field(FieldError::new(
+            "invalid_request",
+            "from_seq",
+            format!(
+                "is past the end of this server's event stream (its last event is {durable}): \
+                 no reader of this history can be there"
+            ),
+        ));
+    }
     if wait_ms > 0 {
         // A long poll ends with an answer (possibly no lines) before the request timeout,
         // which would otherwise cut it off with a 503.
