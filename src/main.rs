@@ -304,7 +304,13 @@ fn main() -> ExitCode {
         Commands::Serve(args) => args
             .config()
             .and_then(|config| {
-                runtime().and_then(|rt| rt.block_on(wallet::api::run(config, args.listen)))
+                runtime().and_then(|rt| {
+                    let served = rt.block_on(wallet::api::run(config, args.listen));
+                    // Not waiting for blocking tasks: a recovery that a shutdown cut short
+                    // still runs on one (it only reads), and the process is exiting.
+                    rt.shutdown_background();
+                    served
+                })
             })
             .map(|_| ExitCode::SUCCESS),
         Commands::Token(args) => token_ttl(&args)

@@ -1733,6 +1733,33 @@ fn loadgen_stops_by_itself_when_the_server_never_answers() {
 /// `serve` binds first and recovers after; in between it must answer, not leave connections in
 /// the accept backlog: `/healthz` 200, `/readyz` 503 naming the phase, anything else 503 with
 /// `Retry-After` (and nothing changes). Once recovered, the same address serves normally.
+/// SIGTERM while the ledger is being recovered stops the server at once (recovery only reads):
+/// a long journal without a snapshot can take minutes to replay, and a service manager's stop
+/// timeout would otherwise end in SIGKILL. Recovery is held back by a failpoint here.
+#[test]
+fn a_shutdown_during_recovery_stops_at_once() {
+    let dir = temp();
+    let server = Server::start_listening_with_env(
+        dir.path(),
+        &[],
+        &[("WALLET_FAILPOINT", "recovery-delay:60000")],
+    );
+    let readiness = Client::connect(&server.address).get("/readyz");
+    assert_eq!(readiness.status, 503, "{}", readiness.body);
+    let stopping = std::time::Instant::now();
+    let status = server.stop();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "stopped in {:?}",
+        stopping.elapsed()
+    );
+    // Nothing was written: a start without the failpoint recovers the empty journal.
+    let server = Server::start(dir.path(), &[]);
+    assert_eq!(server.client().get("/readyz").status, 200);
+    assert!(server.stop().success());
+}
+
 #[test]
 fn while_recovering_health_is_ok_readiness_is_503_and_writes_are_refused() {
     let dir = temp();

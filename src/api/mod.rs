@@ -504,6 +504,10 @@ pub async fn serve(
     let phase = Arc::new(std::sync::atomic::AtomicU8::new(PHASE_LEDGER));
     let recovery = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let started = std::time::Instant::now();
+        // Tests: `recovery-delay:<ms>` makes recovery take that much longer.
+        if let Some(ms) = crate::replicate::failpoint_value("recovery-delay") {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         let recovered = recover(&data_dir, ledger_config, true, |_, _| {})?;
         tracing::info!(
             seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
@@ -544,17 +548,18 @@ pub async fn serve(
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 },
-                _ = &mut shutdown, if !phase_is(&phase, PHASE_STOPPING) => {
-                    tracing::info!("shutdown requested during recovery: stopping once recovery ends");
+                _ = &mut shutdown => {
+                    // Recovery only reads (the journal writer, which may cut a torn tail, opens
+                    // after it): nothing is lost by not waiting for it, which can take minutes
+                    // on a long journal without a snapshot. Its thread is left to the process's
+                    // exit (`main` does not wait for blocking tasks).
                     phase.store(PHASE_STOPPING, Ordering::Relaxed);
+                    tracing::info!("shutdown requested during recovery: stopped before serving");
+                    return Ok(());
                 }
             }
         }
     };
-    if phase_is(&phase, PHASE_STOPPING) {
-        tracing::info!("stopped before serving");
-        return Ok(());
-    }
     tracing::info!(
         next_seq = recovered.ledger.next_seq(),
         records = recovered.records_replayed,
@@ -1046,10 +1051,6 @@ fn build_views_past(dir: &std::path::Path, end: u64) -> anyhow::Result<crate::vi
         Ok(())
     })?;
     Ok(past)
-}
-
-fn phase_is(phase: &std::sync::atomic::AtomicU8, value: u8) -> bool {
-    phase.load(Ordering::Relaxed) == value
 }
 
 /// Serves one connection accepted during recovery with `routes::starting_response`.
