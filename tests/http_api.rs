@@ -1730,9 +1730,6 @@ fn loadgen_stops_by_itself_when_the_server_never_answers() {
     assert!(stderr.contains("TLS handshake"), "{stderr}");
 }
 
-/// `serve` binds first and recovers after; in between it must answer, not leave connections in
-/// the accept backlog: `/healthz` 200, `/readyz` 503 naming the phase, anything else 503 with
-/// `Retry-After` (and nothing changes). Once recovered, the same address serves normally.
 /// SIGTERM while the ledger is being recovered stops the server at once (recovery only reads):
 /// a long journal without a snapshot can take minutes to replay, and a service manager's stop
 /// timeout would otherwise end in SIGKILL. Recovery is held back by a failpoint here.
@@ -1760,6 +1757,9 @@ fn a_shutdown_during_recovery_stops_at_once() {
     assert!(server.stop().success());
 }
 
+/// `serve` binds first and recovers after; in between it must answer, not leave connections in
+/// the accept backlog: `/healthz` 200, `/readyz` 503 naming the phase, anything else 503 with
+/// `Retry-After` (and nothing changes). Once recovered, the same address serves normally.
 #[test]
 fn while_recovering_health_is_ok_readiness_is_503_and_writes_are_refused() {
     let dir = temp();

@@ -54,6 +54,14 @@ impl Item {
 #[error("{0}")]
 pub struct HistoryChanged(pub String);
 
+/// The engine answered that `from_seq` is past the end of its event stream (a 400 naming
+/// `from_seq`): it holds no event there. `HttpSource::lines` reads it as an empty page, which
+/// the position checks then judge (a replicator ahead of the engine's history stops, and
+/// `--rebuild` can still clear and replay a node).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct PastTheEnd(String);
+
 /// An engine URL that did not answer, or answered 5xx (it may be restarting): worth asking
 /// again. Every other source error is not (a 4xx, a malformed or skipping stream, a changed
 /// history).
@@ -441,7 +449,10 @@ impl HttpSource {
             "/v1/wallet/events?from_seq={from_seq}&limit={limit}&wait_ms={}",
             wait.as_millis().min(30_000)
         );
-        let body = self.get(&path, wait.min(Duration::from_secs(30))).await?;
+        let body = match self.get(&path, wait.min(Duration::from_secs(30))).await {
+            Err(e) if e.is::<PastTheEnd>() => return Ok(Vec::new()),
+            other => other?,
+        };
         body.split(|b| *b == b'\n')
             .filter(|l| !l.is_empty())
             .map(|line| {
@@ -589,10 +600,15 @@ impl HttpSource {
                     "GET {path}: HTTP {status}: {}",
                     String::from_utf8_lossy(&body)
                 );
+                let past_the_end = status == hyper::StatusCode::BAD_REQUEST
+                    && serde_json::from_slice::<serde_json::Value>(&body)
+                        .is_ok_and(|v| v["error"]["field"] == "from_seq");
                 // 429: the engine is busy (its journal reads are bounded): retried like a 5xx.
                 return Err(
                     if status.is_server_error() || status == hyper::StatusCode::TOO_MANY_REQUESTS {
                         unavailable(message)
+                    } else if past_the_end {
+                        anyhow::Error::new(PastTheEnd(message))
                     } else {
                         anyhow::anyhow!(message)
                     },
@@ -1285,16 +1301,25 @@ mod tests {
                             };
                             let from = query("from_seq").max(1);
                             let limit = query("limit");
-                            let body: String = lines
-                                .iter()
-                                .skip(from - 1)
-                                .take(limit)
-                                .map(|l| format!("{l}\n"))
-                                .collect();
-                            let answer = format!(
-                                "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nContent-Length: {}\r\n\r\n{body}",
-                                body.len()
-                            );
+                            // As the engine does: past one after its last event is a 400.
+                            let answer = if from > lines.len() + 1 {
+                                let body = r#"{"error":{"code":"invalid_request","field":"from_seq","message":"is past the end"}}"#;
+                                format!(
+                                    "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                                    body.len()
+                                )
+                            } else {
+                                let body: String = lines
+                                    .iter()
+                                    .skip(from - 1)
+                                    .take(limit)
+                                    .map(|l| format!("{l}\n"))
+                                    .collect();
+                                format!(
+                                    "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nContent-Length: {}\r\n\r\n{body}",
+                                    body.len()
+                                )
+                            };
                             if stream.write_all(answer.as_bytes()).await.is_err() {
                                 return;
                             }
