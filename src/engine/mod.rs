@@ -1304,6 +1304,18 @@ mod tests {
         )
     }
 
+    /// Small rings, a sleeping wait (tests must not spin), unpinned, no checkpoints.
+    fn test_config() -> EngineConfig {
+        EngineConfig {
+            input_ring_size: 1024,
+            output_ring_size: 1024,
+            wait: WaitMode::Sleep(Duration::from_micros(50)),
+            pin_core: None,
+            checkpoint_every: 0,
+            ..EngineConfig::default()
+        }
+    }
+
     /// An engine whose thread panics at `panic_at_seq` (nothing in the ledger panics on any
     /// input we know of, so the tests have to ask for one), and whose sink panics as `Collect`
     /// says.
@@ -1314,13 +1326,8 @@ mod tests {
     ) -> (Engine, mpsc::Receiver<(u64, bool, bool)>) {
         let (sender, receiver) = mpsc::channel();
         let config = EngineConfig {
-            input_ring_size: 1024,
-            output_ring_size: 1024,
-            wait: WaitMode::Sleep(Duration::from_micros(50)),
-            pin_core: None,
-            checkpoint_every: 0,
             panic_at_seq,
-            ..EngineConfig::default()
+            ..test_config()
         };
         let engine = Engine::start(
             Ledger::new(LedgerConfig::default()),
@@ -1534,13 +1541,8 @@ mod tests {
     fn a_full_ledger_refuses_new_ids_unexecuted_and_still_answers_remembered_ones() {
         let (sender, receiver) = mpsc::channel();
         let config = EngineConfig {
-            input_ring_size: 1024,
-            output_ring_size: 1024,
-            wait: WaitMode::Sleep(Duration::from_micros(50)),
-            pin_core: None,
-            checkpoint_every: 0,
             max_transaction_ids: 5,
-            ..EngineConfig::default()
+            ..test_config()
         };
         let engine = Engine::start(
             Ledger::new(LedgerConfig::default()),

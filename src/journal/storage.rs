@@ -212,6 +212,17 @@ pub fn temporary_segment_path(path: &Path) -> std::path::PathBuf {
     std::path::PathBuf::from(name)
 }
 
+/// A segment is never created over one that exists.
+fn refuse_existing(path: &Path) -> io::Result<()> {
+    if path.exists() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("segment {} already exists", path.display()),
+        ));
+    }
+    Ok(())
+}
+
 impl Storage for MmapStorage {
     fn create_segment(
         &mut self,
@@ -219,12 +230,7 @@ impl Storage for MmapStorage {
         size: u64,
         header: &[u8],
     ) -> io::Result<Box<dyn SegmentFile>> {
-        if path.exists() {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("segment {} already exists", path.display()),
-            ));
-        }
+        refuse_existing(path)?;
         let temporary = temporary_segment_path(path);
         // A leftover from a creation that was interrupted holds no record: start it over.
         let _ = std::fs::remove_file(&temporary);
@@ -243,12 +249,7 @@ impl Storage for MmapStorage {
         size: u64,
         header: &[u8],
     ) -> io::Result<Box<dyn SegmentFile>> {
-        if path.exists() {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("segment {} already exists", path.display()),
-            ));
-        }
+        refuse_existing(path)?;
         let temporary = temporary_segment_path(path);
         let file = OpenOptions::new().read(true).write(true).open(reserve)?;
         if file.metadata()?.len() != size {
