@@ -1230,7 +1230,24 @@ fn a_prepared_transaction_with_our_prefix_but_not_our_gid_stops_the_replicator()
 #[test]
 #[ignore = "needs tools/services"]
 fn a_successor_is_not_held_by_a_frozen_replicators_open_transaction() {
-    let cluster = replicated_cluster_with_tail("frozen");
+    successor_after_a_freeze("frozen", "sql-stop-before-prepare");
+}
+
+/// A replicator frozen while the server reads its COPY data (the round's entries inserted, its
+/// transfers not yet sent) is not idle to the server, so the idle timeout never ends its
+/// session, and its rows' locks held a successor's rounds for good (each gave up after the lock
+/// timeout and was retried, without end). A successor now ends the sessions of older epochs of
+/// its own coordinator, which it names in `application_name`.
+#[test]
+#[ignore = "needs tools/services"]
+fn a_successor_ends_the_session_of_a_replicator_frozen_in_the_middle_of_a_copy() {
+    successor_after_a_freeze("frozencopy", "sql-stop-in-copy");
+}
+
+/// Freezes a replicator at `failpoint` (it stops itself with SIGSTOP), waits for its ZooKeeper
+/// session to expire, and runs a successor, which must finish and settle the shards.
+fn successor_after_a_freeze(name: &str, failpoint: &str) {
+    let cluster = replicated_cluster_with_tail(name);
     let source = cluster.source();
     let args = [
         "replicate",
@@ -1243,7 +1260,7 @@ fn a_successor_is_not_held_by_a_frozen_replicators_open_transaction() {
     ];
     let log = cluster.logs.path().join("frozen.log");
     let child = cluster
-        .command(&args, &[("WALLET_FAILPOINT", "sql-stop-before-prepare")])
+        .command(&args, &[("WALLET_FAILPOINT", failpoint)])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("log file"))
         .spawn()

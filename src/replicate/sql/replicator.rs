@@ -231,10 +231,20 @@ fn split_rows(
 
 async fn copy_in(client: &Client, statement: &str, data: Vec<u8>) -> anyhow::Result<()> {
     let sink = client.copy_in::<_, Bytes>(statement).await?;
+    // Tests: frozen with the server reading COPY data (the entries' rows already inserted).
+    if statement == TRANSFER_COLUMNS {
+        crate::replicate::failpoint_stop("sql-stop-in-copy");
+    }
     futures_util::pin_mut!(sink);
     sink.send(Bytes::from(data)).await?;
     sink.finish().await?;
     Ok(())
+}
+
+/// A round session's `application_name` is this and the coordinator's epoch (with a 32-digit
+/// id, 50 of the 63 bytes the server keeps).
+fn session_prefix(coordinator_id: &str) -> String {
+    format!("wallet-sql-round {coordinator_id} ")
 }
 
 /// Phase one on one shard: everything up to `PREPARE TRANSACTION`.
@@ -389,6 +399,35 @@ impl State {
                 "SET idle_in_transaction_session_timeout = {idle_ms}; SET lock_timeout = {lock_ms}"
             ))
             .await?;
+        // The idle timeout cannot end a session whose server is in the middle of reading COPY
+        // data from a replicator frozen there (it is not idle, and it reads nothing more):
+        // its transaction's row locks would hold every successor's round for good. Each
+        // session is named with the coordinator's id and epoch, and a replicator that holds
+        // the lock ends the sessions of older epochs of its own coordinator (never anybody
+        // else's: `reconcile sql` and other clients use other names). Their transactions were
+        // never prepared (a prepared one outlives its session and is recovered below), and an
+        // older epoch can decide nothing any more.
+        let prefix = session_prefix(&coordinator.record.id);
+        let epoch = coordinator.record.epoch.to_string();
+        client
+            .query_one(
+                "SELECT set_config('application_name', $1 || $2, false)",
+                &[&prefix, &epoch],
+            )
+            .await?;
+        let ended = client
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                 AND starts_with(application_name, $1) \
+                 AND substr(application_name, length($1) + 1) ~ '^[0-9]{1,19}$' \
+                 AND substr(application_name, length($1) + 1)::numeric < $2::text::numeric",
+                &[&prefix, &epoch],
+            )
+            .await?;
+        if !ended.is_empty() {
+            tracing::warn!(shard = %shard.label, sessions = ended.len(), "ended sessions of an older epoch of this coordinator (a replicator that lost its lock, frozen or cut off)");
+        }
         let needed = self.per_server.get(&shard.server).copied().unwrap_or(1);
         let row = client
             .query_one("SHOW max_prepared_transactions", &[])
