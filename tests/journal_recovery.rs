@@ -1890,6 +1890,18 @@ impl ReplySink for Collect {
     }
 }
 
+/// An engine over an empty ledger journaling to `writer`, and the receiver of its outcomes.
+fn start_journaled(writer: JournalWriter) -> (Engine, mpsc::Receiver<(u64, CommandRecord, bool)>) {
+    let (sender, receiver) = mpsc::channel();
+    let engine = Engine::start(
+        Ledger::new(LedgerConfig::default()),
+        engine_config(),
+        JournalStage::Journal(writer),
+        Collect(sender),
+    );
+    (engine, receiver)
+}
+
 fn engine_config() -> EngineConfig {
     EngineConfig {
         input_ring_size: 64,
@@ -1917,13 +1929,7 @@ fn engine_never_reports_durable_after_the_journal_failed() {
         SyncMode::Batch,
         &JournalEnd::empty(),
     );
-    let (sender, receiver) = mpsc::channel();
-    let engine = Engine::start(
-        Ledger::new(LedgerConfig::default()),
-        engine_config(),
-        JournalStage::Journal(writer),
-        Collect(sender),
-    );
+    let (engine, receiver) = start_journaled(writer);
     let mut submitter = engine.submitter();
     let mut delivered = Vec::new();
     let mut executed = Vec::new();
@@ -2007,13 +2013,7 @@ fn a_full_disk_refuses_new_work_instead_of_halting_and_work_resumes_when_space_r
     writer.keep_reserve();
     let reserve = journal_dir(data).join("reserve");
     assert_eq!(fs::metadata(&reserve).unwrap().len(), 4096);
-    let (sender, receiver) = mpsc::channel();
-    let engine = Engine::start(
-        Ledger::new(LedgerConfig::default()),
-        engine_config(),
-        JournalStage::Journal(writer),
-        Collect(sender),
-    );
+    let (engine, receiver) = start_journaled(writer);
     let shared = engine.shared();
     let mut submitter = engine.submitter();
     let mut token = 0;

@@ -220,20 +220,11 @@ impl Cluster {
 
     fn wait_caught_up(&self, follower: &mut Follower, timeout: Duration) {
         let last = self.journal_last_seq() as i64;
-        let deadline = Instant::now() + timeout;
-        loop {
+        follower.wait_until(timeout, || {
             let marks = self.watermarks();
-            if marks.iter().all(|m| *m == Some(last)) {
-                return;
-            }
-            follower.assert_running();
-            assert!(
-                Instant::now() < deadline,
-                "replicator did not catch up to {last}: {marks:?}\n{}",
-                follower.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            (!marks.iter().all(|m| *m == Some(last)))
+                .then(|| format!("replicator did not catch up to {last}: {marks:?}"))
+        });
     }
 
     /// Our prepared transactions (those in this cluster's databases).
@@ -341,6 +332,17 @@ impl Follower {
     fn assert_running(&mut self) {
         if let Some(status) = self.child.try_wait().expect("try_wait") {
             panic!("the replicator exited ({status}):\n{}", self.log_tail());
+        }
+    }
+
+    /// Polls `pending` every 50 ms until it answers `None`, while this replicator runs; fails
+    /// with its last answer and the log's tail after `timeout`.
+    fn wait_until(&mut self, timeout: Duration, mut pending: impl FnMut() -> Option<String>) {
+        let deadline = Instant::now() + timeout;
+        while let Some(state) = pending() {
+            self.assert_running();
+            assert!(Instant::now() < deadline, "{state}\n{}", self.log_tail());
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -1268,23 +1270,13 @@ fn successor_after_a_freeze(name: &str, failpoint: &str) {
     // Killed on drop, stopped or not.
     let mut frozen = Follower { child, log };
     let pid = frozen.child.id();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if stat
+    frozen.wait_until(Duration::from_secs(30), || {
+        let stopped = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
             .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
-        {
-            break;
-        }
-        frozen.assert_running();
-        assert!(
-            Instant::now() < deadline,
-            "the replicator never reached its failpoint: {}",
-            frozen.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'));
+        (!stopped).then(|| "the replicator never reached its failpoint:".to_string())
+    });
     // Its ZooKeeper session expires; a successor takes the lock.
     std::thread::sleep(Duration::from_secs(10));
     let out = common::output_within(&mut cluster.command(&args, &[]), Duration::from_secs(90));
