@@ -51,6 +51,18 @@ pub fn decode<'de, T: Deserialize<'de>>(body: &'de [u8]) -> Result<T, FieldError
         let path = e.path().to_string();
         let path = if path == "." { None } else { Some(path) };
         let inner = e.inner().to_string();
+        // A number beyond a float's range (`1e400`) is valid JSON that serde_json reports as
+        // a syntax error, at the field it was given for (every field this API takes is a
+        // string or an object).
+        if inner.starts_with("number out of range")
+            && let Some(field) = path.as_ref().filter(|p| !p.contains('?'))
+        {
+            return FieldError::new(
+                "invalid_request",
+                field,
+                "expected a string, found a number (and one out of a float's range)",
+            );
+        }
         // Not JSON at all (a syntax error, or a body cut short): the body is what is wrong,
         // not the field the parser was in (its path would end in `?`).
         if matches!(
@@ -351,6 +363,17 @@ mod tests {
             (
                 format!(r#"{{{}}}"#, ok.replace(r#""1.00""#, "1")),
                 "amount",
+                "expected a string",
+            ),
+            // A number too large for a float is still JSON: the field it was given for is named.
+            (
+                format!(r#"{{{}}}"#, ok.replace(r#""1.00""#, "1e400")),
+                "amount",
+                "expected a string",
+            ),
+            (
+                format!(r#"{{{}}}"#, ok.replace(r#""USD""#, "-1e309")),
+                "currency",
                 "expected a string",
             ),
             ("[1]".to_string(), "body", "must be a JSON object"),

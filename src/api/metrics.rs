@@ -5,8 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::api::routes::ROUTES;
 
-const STATUSES: [u16; 13] = [
-    200, 201, 400, 401, 403, 404, 409, 413, 415, 422, 429, 503, 500,
+/// Every status the server answers with has its own label (`other` is for none of them).
+const STATUSES: [u16; 16] = [
+    200, 201, 400, 401, 403, 404, 405, 408, 409, 413, 415, 422, 429, 503, 507, 500,
 ];
 const BUCKETS_US: [u64; 14] = [
     50, 100, 250, 500, 1000, 2500, 5000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
@@ -147,5 +148,43 @@ impl TailPositions {
         while positions.len() > Self::CAPACITY {
             positions.pop_first();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each status the server answers with (the OpenAPI document's responses, 401 and 405 from
+    /// its description, 507 for a full ledger or disk) is counted under its own label: a
+    /// dashboard must tell a full disk (507) from a wrong method (405).
+    #[test]
+    fn every_status_the_server_answers_has_its_own_label() {
+        let spec = include_str!("../../docs/openapi.yaml");
+        let mut documented: Vec<u16> = spec
+            .lines()
+            .filter_map(|line| {
+                let key = line.trim_start().strip_prefix('\'')?;
+                let (code, rest) = key.split_once('\'')?;
+                rest.starts_with(':').then(|| code.parse().ok())?
+            })
+            .collect();
+        assert!(
+            documented.contains(&422),
+            "the spec's responses were not found"
+        );
+        documented.extend([401, 405, 507]);
+        let metrics = Metrics::default();
+        for status in &documented {
+            metrics.record(0, *status, 10);
+        }
+        let text = metrics.render(&[]);
+        for status in &documented {
+            assert!(
+                text.contains(&format!("status=\"{status}\"")),
+                "{status} is not counted under its own label:\n{text}"
+            );
+        }
+        assert!(!text.contains("status=\"other\""), "{text}");
     }
 }
