@@ -1208,6 +1208,41 @@ fn a_tail_tells_a_missing_segment_from_damage_inside_one() {
         Err(_) => panic!("the tail still reads the damaged spare space after 20 s"),
     }
 
+    // A finished segment whose last frame runs past the end of its file (here: the file cut in
+    // the middle of it; a damaged length does the same): damage, not "the frame continues in
+    // the next read" (the tail returned nothing, forever, and its readers stalled silently).
+    let cut = temp.path().join("cut");
+    fresh_journal(&cut, 4096, 0..200, 10);
+    let first = list_segments(&journal_dir(&cut)).unwrap().remove(0).1;
+    let last = frame_positions(&cut)
+        .into_iter()
+        .rfind(|f| f.file == first)
+        .unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(&first)
+        .unwrap()
+        .set_len((last.offset + last.len / 2) as u64)
+        .unwrap();
+    let (sender, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = sender.send(fetch_all(&cut).map_err(|e| {
+            let damage = e.is::<wallet::journal::tail::JournalDamage>();
+            (format!("{e:#}"), damage)
+        }));
+    });
+    match receiver.recv_timeout(Duration::from_secs(20)) {
+        Ok(Err((message, damage))) => {
+            assert!(damage, "{message}");
+            assert!(
+                message.contains(&format!("offset {}", last.offset)),
+                "{message}"
+            );
+        }
+        Ok(Ok(records)) => panic!("a cut frame read as the end of the journal ({records} records)"),
+        Err(_) => panic!("the tail still reads the cut frame after 20 s"),
+    }
+
     // A finished segment with every record lost (zeros after its header), a later one after
     // it: the records up to the later segment are missing (the tail returned nothing, forever).
     let emptied = temp.path().join("emptied");

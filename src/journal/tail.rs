@@ -583,6 +583,28 @@ impl JournalTail {
                 }
                 .into());
             }
+            // Data that does not verify as a frame where this finished segment's records stop
+            // (a frame whose length runs past the end of the file, say): damage, once a second
+            // look has read what the writer wrote before it moved on (the read that found it may
+            // predate that). Returning "nothing yet" instead stalled the tail on it forever:
+            // replicators and the read views stopped without an error. A frame that verifies
+            // is waiting for the durable watermark, not damage.
+            if let Some((later, _)) = segments.iter().find(|(f, _)| *f > self.next_seq)
+                && !frame_verifies_at(segment)?
+            {
+                let here = (segment.path.clone(), segment.offset);
+                if self.looked_again_at.as_ref() == Some(&here) {
+                    return Err(JournalDamage {
+                        segment: segment.path.clone(),
+                        offset: segment.offset,
+                        data_at: segment.offset,
+                        next_begins_at: *later,
+                    }
+                    .into());
+                }
+                self.looked_again_at = Some(here);
+                return Ok(true);
+            }
             return Ok(false);
         };
         // The writer finishes a segment before creating the next, but our last read may predate
@@ -672,6 +694,17 @@ fn more_frames(segment: &OpenSegment) -> std::io::Result<bool> {
         return Ok(u32::from_le_bytes(probe) != 0);
     }
     Ok(false)
+}
+
+/// Whether the bytes at the segment's read offset verify as a whole frame (of any sequence).
+fn frame_verifies_at(segment: &OpenSegment) -> std::io::Result<bool> {
+    let size = segment.file.metadata()?.len();
+    let n = size
+        .saturating_sub(segment.offset)
+        .min(MAX_FRAME_BYTES as u64) as usize;
+    let mut bytes = vec![0u8; n];
+    segment.file.read_exact_at(&mut bytes, segment.offset)?;
+    Ok(check_frame(&bytes).is_ok())
 }
 
 /// The offset of the first non-zero byte after the segment's read offset, if any.
