@@ -2087,6 +2087,85 @@ fn a_node_emptied_while_idle_is_rebuilt_without_new_events() {
     server.stop();
 }
 
+/// A node restarted without persistence while the source is idle comes back empty on a new
+/// connection: the idle check that found it gone connects again and rebuilds it. Before, the
+/// failed check left it down for good (nothing else reaches a node with nothing to write), so
+/// it served no balances until an event touched it.
+#[test]
+#[ignore = "needs tools/services"]
+fn a_node_restarted_empty_while_idle_is_rebuilt_without_new_events() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let services = services();
+    let cluster = Cluster::new("idle-restart", &services, &services.redis);
+    let server = start_server(&cluster);
+    let mut client = server.client();
+    setup_accounts(&mut client, 300);
+    let follower = cluster.replicate_follow(&[]);
+    transfers(&mut client, 300, 5_000, 1);
+    cluster.wait_caught_up(&services.redis, 1, Duration::from_secs(30));
+    // No traffic from here on. The first node keeps nothing across a restart.
+    let port = services.redis[0].rsplit(':').next().expect("port");
+    services_tool(&["redis-stop", port]);
+    // Long enough for idle checks to find it gone.
+    std::thread::sleep(Duration::from_secs(3));
+    services_tool(&["redis-start", port]);
+    assert!(
+        balance_keys(&services.redis[0]).is_empty(),
+        "the test needs the node to return empty"
+    );
+    cluster.wait_caught_up(&services.redis, 1, Duration::from_secs(15));
+    assert!(!balance_keys(&services.redis[0]).is_empty());
+    follower.kill();
+    cluster.assert_reconciled();
+    server.stop();
+}
+
+/// A node emptied again while it is being rebuilt (after the share's chunks are written,
+/// before the rebuild's stamp) is rebuilt again, not stamped current: stamped, it would lack
+/// every balance written before the wipe for good (nothing rewrites an untouched account).
+#[test]
+#[ignore = "needs tools/services"]
+fn a_node_emptied_during_its_rebuild_is_not_stamped_current() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let services = services();
+    let cluster = Cluster::new("rebuild-wipe", &services, &services.redis);
+    let server = start_server(&cluster);
+    let mut client = server.client();
+    setup_accounts(&mut client, 300);
+    transfers(&mut client, 300, 5_000, 1);
+    // Every rebuild waits 2 s between its last chunk and its stamp.
+    let follower = cluster.replicate_follow(&[("WALLET_FAILPOINT", "redis-before-stamp:2000")]);
+    cluster.wait_caught_up(&services.redis, 1, Duration::from_secs(30));
+    let node = &services.redis[0];
+    // Emptied while idle: the idle check rebuilds it. Emptied again once its share is written.
+    flush(node);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let state = node_state(node);
+        if state
+            .as_ref()
+            .is_some_and(|(_, v)| v.as_deref() == Some("resync"))
+            && !balance_keys(node).is_empty()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node was not rebuilt after it was emptied: {state:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    flush(node);
+    cluster.wait_caught_up(&services.redis, 1, Duration::from_secs(20));
+    assert!(
+        !balance_keys(node).is_empty(),
+        "{node} was stamped current after it was emptied during its rebuild"
+    );
+    follower.kill();
+    cluster.assert_reconciled();
+    server.stop();
+}
+
 /// A node removed from the map is emptied even when the replicator that would have done it
 /// stopped first (here: `--once` runs, the first with the removed node down): the nodes still
 /// to be emptied are kept in ZooKeeper (`{root}/redis/retiring`), not only in memory.

@@ -103,8 +103,9 @@ pub struct RedisReplicateArgs {
     /// to its end, before giving up with an error naming it.
     #[arg(long, default_value_t = 30)]
     pub once_wait_s: u64,
-    /// While the source is idle, how often nodes believed current are asked whether they still
-    /// are (a node emptied or rewound behind the replicator's back is rebuilt); 0: never.
+    /// While the source is idle, how often nodes are asked whether they still hold what was
+    /// written there (a node emptied, rewound or restarted behind the replicator's back is
+    /// connected again and rebuilt); 0: never.
     #[arg(long, env = "WALLET_REDIS_IDLE_CHECK_MS", default_value_t = 1000)]
     pub idle_check_ms: u64,
     /// Rebuild (clear and replay from sequence 1) a node whose `wallet:applied_record` differs

@@ -256,18 +256,6 @@ pub async fn probe_record(
     Ok((applied.unwrap_or(0), version, record))
 }
 
-/// Adds to `pipe` the commands that store `record` as the identity at the applied sequence.
-fn set_applied_record(pipe: &mut redis::Pipeline, record: Option<&RecordId>) {
-    match record {
-        Some(record) => pipe
-            .cmd("SET")
-            .arg(APPLIED_RECORD_KEY)
-            .arg(record.to_string())
-            .ignore(),
-        None => pipe.cmd("DEL").arg(APPLIED_RECORD_KEY).ignore(),
-    };
-}
-
 /// The replicator's copy of every account and balance, at `seq`.
 #[derive(Default)]
 pub struct Directory {
@@ -767,21 +755,46 @@ impl Replicator {
     /// version, and be reported up, until the next event touched it. One that no longer says
     /// the map version, or says an applied sequence below what was written there, is rebuilt.
     /// A node that does not answer within `SLOW_WRITE` is taken as down (the check must not
-    /// hold back the other nodes).
+    /// hold back the other nodes). A node taken as down (by this check or by a write) is
+    /// connected again once its backoff has passed and asked the same: a restart ends the
+    /// connection, and nothing else would reach a node with nothing to write, so one back
+    /// empty stayed empty (and reported down) until an event touched it.
     async fn check_idle_nodes(&mut self) {
         let version = self.version();
         for node in &mut self.nodes {
-            if node.unprobed || !node.is_up_and_current() || node.write.is_some() {
+            if node.unprobed || node.needs_resync || node.write.is_some() {
                 continue;
+            }
+            if node.conn.is_none() {
+                if node.retry_at.is_some_and(|at| Instant::now() < at) {
+                    continue;
+                }
+                match tokio::time::timeout(SLOW_WRITE, connect(&node.address)).await {
+                    Ok(Ok(conn)) => node.conn = Some(conn),
+                    Ok(Err(e)) => {
+                        node.mark_down(&e);
+                        continue;
+                    }
+                    Err(_) => {
+                        node.mark_down(&anyhow::anyhow!(
+                            "no connection within {SLOW_WRITE:?} for the idle check"
+                        ));
+                        continue;
+                    }
+                }
             }
             let Some(conn) = node.conn.as_mut() else {
                 continue;
             };
             match tokio::time::timeout(SLOW_WRITE, probe(conn)).await {
                 Ok(Ok((applied, v)))
-                    if v.as_deref() == Some(version.as_str()) && applied >= node.applied_seq => {}
+                    if v.as_deref() == Some(version.as_str()) && applied >= node.applied_seq =>
+                {
+                    node.mark_up();
+                }
                 Ok(Ok((applied, v))) => {
                     tracing::warn!(node = %node.address, applied, version = ?v, expected_applied = node.applied_seq, expected_version = %version, "node lost what was written there (emptied or rewound while idle); rebuilding it");
+                    node.mark_up();
                     node.needs_resync = true;
                 }
                 Ok(Err(e)) => node.mark_down(&e.into()),
@@ -1645,19 +1658,27 @@ async fn resync(
     }
     write_accounts(conn, share).await?;
     if let Some(finish) = finish {
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("SET")
-            .arg(APPLIED_SEQ_KEY)
+        // Tests: `redis-before-stamp:<ms>` holds every rebuild that long before its stamp.
+        if let Some(ms) = crate::replicate::failpoint_value("redis-before-stamp") {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        // Only if the node still says `resync`: one emptied while the share was written
+        // (a FLUSHALL, a restart without persistence) lacks the chunks written before, and
+        // stamped current it would keep lacking them (nothing rewrites untouched accounts).
+        let record = finish.record.map(|r| r.to_string()).unwrap_or_default();
+        SWITCH_SCRIPT
+            .prepare_invoke()
+            .key(MAP_VERSION_KEY)
+            .key(APPLIED_SEQ_KEY)
+            .key(APPLIED_RECORD_KEY)
+            .arg("resync")
+            .arg("")
             .arg(finish.seq)
-            .ignore();
-        set_applied_record(&mut pipe, finish.record.as_ref());
-        pipe.cmd("SET")
-            .arg(MAP_VERSION_KEY)
+            .arg(&record)
             .arg(&finish.version)
-            .ignore()
-            .query_async::<()>(conn)
-            .await?;
+            .invoke_async::<i64>(conn)
+            .await
+            .context("the node changed while it was rebuilt; rebuilding it again")?;
     }
     Ok(())
 }
