@@ -7,7 +7,7 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use common::{
-    Client, Server, balance_cents, deposit, open, transfer_body, uuid, wait_with_timeout,
+    Client, Server, SmallDisk, balance_cents, deposit, open, transfer_body, uuid, wait_with_timeout,
 };
 use serde_json::json;
 
@@ -1230,48 +1230,6 @@ fn a_full_ledger_refuses_new_ids_with_507_and_a_higher_limit_executes_them() {
     );
     assert_eq!(r.status, 507, "{}", r.body);
     assert!(server.stop().success());
-}
-
-/// A tmpfs of `bytes`, mounted on a fresh directory for as long as it lives: a small disk that
-/// a test can fill.
-struct SmallDisk {
-    dir: tempfile::TempDir,
-}
-
-impl SmallDisk {
-    fn mount(bytes: u64) -> SmallDisk {
-        let dir = temp();
-        let output = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .expect("run mount");
-        assert!(
-            output.status.success(),
-            "this test mounts a small tmpfs to fill (it needs root, as tools/test runs it): {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        SmallDisk { dir }
-    }
-
-    /// Writes a file of zeros until the disk is full.
-    fn fill(&self, name: &str) -> std::path::PathBuf {
-        use std::io::Write;
-        let path = self.dir.path().join(name);
-        let mut file = std::fs::File::create(&path).expect("create the filler");
-        let chunk = vec![0u8; 4096];
-        while file.write_all(&chunk).is_ok() {}
-        path
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
 }
 
 /// A full disk under a running server: the journal's reserve takes the next segment, every

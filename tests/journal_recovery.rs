@@ -2,6 +2,8 @@
 //! storage, snapshots and checkpoints. Recovery must give back exactly the records before the
 //! damage, or refuse with the file and offset; never silently fewer records.
 
+mod common;
+
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -2241,6 +2243,71 @@ fn a_torn_write_is_cut_as_a_torn_tail_on_restart() {
     write_commands(&mut writer, &mut ledger, &mut more, 100..120, 4);
     drop(writer);
     let again = recovered(data);
+    assert_eq!(again.end.torn_at, None);
+    assert_eq!(again.ledger.state_hash(), ledger.state_hash());
+}
+
+/// A crash on a full disk leaves a torn tail: its bytes are kept (beside the segment) in the
+/// space of the journal's reserve, and the writer starts short of space, refusing new work as
+/// on any full disk, instead of failing to open on every start until someone frees space.
+#[test]
+fn a_torn_tail_on_a_full_disk_is_kept_in_the_reserves_space_and_the_writer_starts() {
+    let disk = common::SmallDisk::mount(2 << 20);
+    let data = disk.dir.path().join("data");
+    let (storage, faults) = faulty(u64::MAX);
+    let mut writer = open_writer(
+        &data,
+        Box::new(storage),
+        64 << 10,
+        SyncMode::Batch,
+        &JournalEnd::empty(),
+    );
+    writer.keep_reserve();
+    let reserve = journal_dir(&data).join("reserve");
+    assert!(reserve.exists());
+    let mut ledger = Ledger::new(LedgerConfig::default());
+    let mut history = History::new(&ledger);
+    write_commands(&mut writer, &mut ledger, &mut history, 0..30, 3);
+    faults.tear_bytes.store(50, Ordering::SeqCst);
+    faults.tear_next_write.store(true, Ordering::SeqCst);
+    for i in 30..33 {
+        writer.append(&ledger.execute(&command(i))).unwrap();
+    }
+    assert!(
+        writer.commit().is_err(),
+        "the sync after a torn write fails"
+    );
+    drop(writer);
+    disk.fill("filler");
+
+    let Recovered {
+        mut ledger, end, ..
+    } = recovered(&data);
+    assert_eq!(ledger.state_hash(), history.hashes[30]);
+    let (segment, torn_at) = (end.segment.clone().unwrap().0, end.torn_at.unwrap());
+    let config = JournalConfig {
+        dir: journal_dir(&data),
+        segment_size_bytes: 64 << 10,
+        sync: SyncMode::Batch,
+    };
+    let mut writer = match JournalWriter::open(Box::new(MmapStorage::default()), config, &end) {
+        Ok(writer) => writer,
+        Err(e) => panic!("a torn tail on a full disk kept the journal from opening: {e}"),
+    };
+    let mut cut = segment.into_os_string();
+    cut.push(format!(".cut-at-{torn_at}"));
+    assert_eq!(
+        fs::metadata(&cut).unwrap().len(),
+        50,
+        "the torn bytes are kept"
+    );
+    writer.keep_reserve();
+    assert!(writer.space_short(), "the disk is still full");
+    // The segment's own space is allocated: the journal goes on, and the cut is final.
+    let mut more = History::new(&ledger);
+    write_commands(&mut writer, &mut ledger, &mut more, 100..110, 2);
+    drop(writer);
+    let again = recovered(&data);
     assert_eq!(again.end.torn_at, None);
     assert_eq!(again.ledger.state_hash(), ledger.state_hash());
 }

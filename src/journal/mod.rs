@@ -170,12 +170,43 @@ fn keep_cut_bytes(path: &Path, from: u64, to: u64) -> io::Result<PathBuf> {
             }
         })
         .unwrap_or_else(|| Err(io::Error::other("no free name for the cut bytes")))?;
-    std::io::Write::write_all(&mut file, &bytes)?;
-    file.sync_all()?;
+    let written = std::io::Write::write_all(&mut file, &bytes).and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        // A partial copy would pass for the cut bytes on the next attempt's listing.
+        drop(file);
+        let _ = std::fs::remove_file(&kept);
+        return Err(e);
+    }
     if let Some(dir) = path.parent() {
         storage::fsync_dir(dir)?;
     }
     Ok(kept)
+}
+
+/// `keep_cut_bytes`, in the space of the journal's reserve when the disk is full: a torn tail
+/// is what a crash leaves, and a crash on a full disk must not keep the server from starting
+/// (without a torn tail it starts short of space and refuses new work). The reserve is never
+/// written, so removing it loses nothing; the writer allocates it again when it can.
+fn keep_cut_bytes_on_a_full_disk(
+    dir: &Path,
+    path: &Path,
+    from: u64,
+    to: u64,
+) -> io::Result<PathBuf> {
+    match keep_cut_bytes(path, from, to) {
+        Err(e) if is_no_space(&e) => {
+            let reserve = dir.join(RESERVE_FILE_NAME);
+            match std::fs::remove_file(&reserve) {
+                Ok(()) => {
+                    tracing::warn!(reserve = %reserve.display(), error = %e, "no space to keep a torn tail's bytes: the journal's reserve is given up for them");
+                    storage::fsync_dir(dir)?;
+                    keep_cut_bytes(path, from, to)
+                }
+                Err(_) => Err(e),
+            }
+        }
+        result => result,
+    }
 }
 
 /// The first sequence of the oldest segment a `--sync none` writer may have left unsynced, if
@@ -240,7 +271,17 @@ impl JournalWriter {
                 // written without an fsync, so after a power loss it may be stale, and then
                 // what looks like a torn tail could hold acknowledged records behind damage.
                 let torn_end = end.torn_end.clamp(torn_at, file.size());
-                let kept = keep_cut_bytes(path, torn_at, torn_end)?;
+                let kept = keep_cut_bytes_on_a_full_disk(&config.dir, path, torn_at, torn_end)
+                    .map_err(|e| {
+                        io::Error::new(
+                            e.kind(),
+                            format!(
+                                "cannot keep the {} bytes of the torn tail of {} before cutting                                  them: {e}",
+                                torn_end - torn_at,
+                                path.display()
+                            ),
+                        )
+                    })?;
                 // Zeroed up to the tail's last non-zero byte: the rest is zero already (a
                 // whole-segment rewrite would cost up to the segment's size on every start
                 // after a crash).

@@ -404,3 +404,48 @@ pub fn cents(text: &str) -> i64 {
     );
     sign * (whole.parse::<i64>().expect("whole") * 100 + fraction.parse::<i64>().expect("fraction"))
 }
+
+/// A tmpfs of `bytes`, mounted on a fresh directory for as long as it lives: a small disk that
+/// a test can fill.
+pub struct SmallDisk {
+    pub dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    pub fn mount(bytes: u64) -> SmallDisk {
+        let dir = tempfile::Builder::new()
+            .prefix("wallet-disk-")
+            .tempdir()
+            .expect("tempdir");
+        let output = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        assert!(
+            output.status.success(),
+            "this test mounts a small tmpfs to fill (it needs root, as tools/test runs it): {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        SmallDisk { dir }
+    }
+
+    /// Writes a file of zeros until the disk is full.
+    pub fn fill(&self, name: &str) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.dir.path().join(name);
+        let mut file = std::fs::File::create(&path).expect("create the filler");
+        let chunk = vec![0u8; 4096];
+        while file.write_all(&chunk).is_ok() {}
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
