@@ -1,5 +1,7 @@
-//! Kill -9 under load: every acknowledged outcome survives, nothing is applied twice, totals are
-//! conserved. Twenty cycles; the seed is printed so that a failure can be replayed.
+//! Kill -9 under load: every acknowledged outcome survives, nothing is applied twice (the
+//! requests in flight at each kill are sent again after the restart, as a client retries, with
+//! a sample of acknowledged ones), totals are conserved. Twenty cycles; the seed is printed so
+//! that a failure can be replayed.
 
 mod common;
 
@@ -58,14 +60,60 @@ fn kill_9_under_load_loses_no_acknowledged_transfer() {
         }
         server.kill9();
     }
-    // Every acknowledged outcome: transaction id -> HTTP status (200 or 422).
-    let acknowledged: Arc<Mutex<HashMap<String, u16>>> = Arc::new(Mutex::new(HashMap::new()));
+    // Every acknowledged outcome: transaction id -> HTTP status (200 or 422), the answer's body
+    // and the request's.
+    type Answer = (u16, Value, Value);
+    let acknowledged: Arc<Mutex<HashMap<String, Answer>>> = Arc::new(Mutex::new(HashMap::new()));
+    // The request each worker had in flight at the kill: (id, body), outcome unknown.
+    let mut in_doubt: Vec<(String, Value)> = Vec::new();
     let mut side_file = std::fs::File::create(&side_file_path).expect("side file");
     for cycle in 0..20 {
         let server = Server::start(&data_dir, &args);
         // After the restart: every acknowledged outcome is there, with the same status.
         let mut c = server.client();
-        for (id, status) in acknowledged.lock().unwrap().iter() {
+        // A client retries what it sent when the server died: executed at most once, and
+        // answered as the outcome the journal holds.
+        for (id, body) in in_doubt.drain(..) {
+            let r = c.post("/v1/wallet/balance_transfer", &body);
+            assert!(
+                r.status == 200 || r.status == 422,
+                "cycle {cycle}: the retry of in-doubt {id} got {}: {}",
+                r.status,
+                r.body
+            );
+            let again = c.post("/v1/wallet/balance_transfer", &body);
+            assert_eq!(again.status, r.status, "cycle {cycle}: {id}");
+            assert_eq!(again.body, r.body, "cycle {cycle}: {id}");
+            assert_eq!(
+                again.header("idempotent-replayed"),
+                Some("true"),
+                "cycle {cycle}: {id}"
+            );
+            let answer = serde_json::from_str(&r.body).expect("json");
+            acknowledged
+                .lock()
+                .unwrap()
+                .insert(id, (r.status, answer, body));
+        }
+        // Acknowledged ones sent again: the original answer, marked as a replay.
+        let resend: Vec<(String, Answer)> = acknowledged
+            .lock()
+            .unwrap()
+            .iter()
+            .take(16)
+            .map(|(id, answer)| (id.clone(), answer.clone()))
+            .collect();
+        for (id, (status, answer, request)) in resend {
+            let r = c.post("/v1/wallet/balance_transfer", &request);
+            assert_eq!(r.status, status, "cycle {cycle}: {id}: {}", r.body);
+            assert_eq!(r.json(), answer, "cycle {cycle}: {id}");
+            assert_eq!(
+                r.header("idempotent-replayed"),
+                Some("true"),
+                "cycle {cycle}: {id}"
+            );
+        }
+        for (id, (status, ..)) in acknowledged.lock().unwrap().iter() {
             let r = c.get(&format!("/v1/wallet/balance_transfer/{id}"));
             assert_eq!(
                 r.status, 200,
@@ -88,15 +136,18 @@ fn kill_9_under_load_loses_no_acknowledged_transfer() {
 
         // Load from 4 clients, then kill -9 at a random moment.
         let stop = Arc::new(AtomicBool::new(false));
-        let (sender, receiver) = std::sync::mpsc::channel::<(String, u16)>();
+        // Set just before the kill: an I/O error before it is the server failing on its own.
+        let killing = Arc::new(AtomicBool::new(false));
+        let (sender, receiver) = std::sync::mpsc::channel::<(String, u16, Value, Value)>();
         let mut workers = Vec::new();
         for w in 0..4u64 {
             let address = server.address.clone();
             let stop = stop.clone();
+            let killing = killing.clone();
             let sender = sender.clone();
             let accounts = accounts.clone();
             let mut local = wallet::tools::rng::SplitMix::new(seed ^ (cycle * 16 + w + 1));
-            workers.push(std::thread::spawn(move || {
+            workers.push(std::thread::spawn(move || -> Option<(String, Value)> {
                 let mut client = Client::connect(&address);
                 while !stop.load(Ordering::Relaxed) {
                     let from = &accounts[(local.next_u64() % ACCOUNTS as u64) as usize];
@@ -108,35 +159,53 @@ fn kill_9_under_load_loses_no_acknowledged_transfer() {
                     );
                     let id = uuid();
                     let body = transfer_body(from, to, &amount, &id);
-                    // A killed server shows up as an I/O error: stop quietly, that request was
-                    // never acknowledged.
+                    // A killed server shows up as an I/O error: that request was never
+                    // acknowledged, and its outcome is unknown (retried after the restart).
                     match client.try_post("/v1/wallet/balance_transfer", &body) {
                         Ok(r) if r.status == 200 || r.status == 422 => {
-                            let _ = sender.send((id, r.status));
+                            let answer = serde_json::from_str(&r.body).expect("json");
+                            sender
+                                .send((id, r.status, answer, body))
+                                .expect("the test listens");
                         }
                         Ok(r) => panic!("unexpected status {}: {}", r.status, r.body),
-                        Err(_) => return,
+                        Err(e) => {
+                            assert!(
+                                killing.load(Ordering::SeqCst),
+                                "the connection failed before the kill: {e}"
+                            );
+                            return Some((id, body));
+                        }
                     }
                 }
+                None
             }));
         }
         drop(sender);
         std::thread::sleep(Duration::from_millis(50 + rng.next_u64() % 400));
         let pid = server.child.id();
+        killing.store(true, Ordering::SeqCst);
         server.kill9();
         stop.store(true, Ordering::Relaxed);
         for w in workers {
-            // A worker's panic is an answer the test does not accept (a 500, a 503): fail.
-            w.join().expect("a load worker saw an unexpected answer");
+            // A worker's panic is an answer the test does not accept (a 500, a 503, an I/O
+            // error before the kill): fail.
+            in_doubt.extend(w.join().expect("a load worker saw an unexpected answer"));
         }
         let mut count = 0;
-        for (id, status) in receiver.try_iter() {
+        for (id, status, answer, request) in receiver.try_iter() {
             writeln!(side_file, "{id} {status}").expect("write side file");
-            acknowledged.lock().unwrap().insert(id, status);
+            acknowledged
+                .lock()
+                .unwrap()
+                .insert(id, (status, answer, request));
             count += 1;
         }
         side_file.sync_all().expect("sync side file");
-        println!("cycle {cycle}: killed pid {pid} after {count} acknowledged transfers");
+        println!(
+            "cycle {cycle}: killed pid {pid} after {count} acknowledged transfers, {} in doubt",
+            in_doubt.len()
+        );
     }
 
     // Final audit: restart, check everything once more, and that no id was applied twice.
@@ -161,7 +230,7 @@ fn kill_9_under_load_loses_no_acknowledged_transfer() {
         "a transaction id was applied twice"
     );
     let acknowledged = acknowledged.lock().unwrap();
-    for (id, status) in acknowledged.iter() {
+    for (id, (status, ..)) in acknowledged.iter() {
         assert_eq!(
             debits.contains_key(id),
             *status == 200,

@@ -131,9 +131,20 @@ impl Server {
         wait_with_timeout(&mut self.child, Duration::from_secs(30))
     }
 
+    /// SIGKILL, as a crash would; fails the test if the server had already exited by itself
+    /// (a crash of its own, which a kill would otherwise hide) or did not die of the signal.
     pub fn kill9(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        use std::os::unix::process::ExitStatusExt;
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("the server exited by itself before it was killed: {status}");
+        }
+        self.child.kill().expect("send SIGKILL");
+        let status = self.child.wait().expect("wait for the killed server");
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "the server ended otherwise than by the kill: {status}"
+        );
     }
 }
 
