@@ -7,7 +7,8 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use common::{
-    Client, Server, SmallDisk, balance_cents, deposit, open, transfer_body, uuid, wait_with_timeout,
+    Client, SERVE_REFUSAL_LIMIT, Server, SmallDisk, balance_cents, deposit, open, transfer_body,
+    uuid, wait_with_timeout,
 };
 use serde_json::json;
 
@@ -477,13 +478,14 @@ fn a_batch_larger_than_the_ring_is_a_400_and_a_ring_size_that_is_not_a_power_of_
     assert!(server.stop().success());
 
     for size in ["1000", "32"] {
-        let refused = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--ring-size", size])
-            .env("WALLET_LOG", "warn")
-            .arg("--data-dir")
-            .arg(dir.path())
-            .output()
-            .unwrap();
+        let refused = common::output_within(
+            std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+                .args(["serve", "--listen", "127.0.0.1:0", "--ring-size", size])
+                .env("WALLET_LOG", "warn")
+                .arg("--data-dir")
+                .arg(dir.path()),
+            SERVE_REFUSAL_LIMIT,
+        );
         assert!(!refused.status.success());
         let stderr = String::from_utf8_lossy(&refused.stderr);
         assert!(
@@ -813,6 +815,7 @@ fn bank_total_is_conserved_under_concurrency() {
                 // A whole-bank read at every sequence so far: the event stream's running
                 // balances, whose total must equal the deposits after every transfer.
                 let events = client.get("/v1/wallet/events?from_seq=1&limit=10000");
+                assert_eq!(events.status, 200, "{}", events.body);
                 check_bank_stream(&events.body, total);
                 reads += 1;
             }
@@ -1381,7 +1384,7 @@ fn a_damaged_record_under_the_event_stream_is_an_error_not_an_empty_answer() {
 fn a_second_server_on_the_same_data_dir_is_refused() {
     let dir = temp();
     let server = Server::start(dir.path(), &[]);
-    let output = Server::command(dir.path()).output().expect("run");
+    let output = common::output_within(&mut Server::command(dir.path()), SERVE_REFUSAL_LIMIT);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("in use"));
     // Refused before it announces an address: a supervisor that waits for "listening on"

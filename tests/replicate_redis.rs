@@ -431,7 +431,7 @@ fn transfers_replicate_and_reconcile_with_every_key_on_its_node() {
             .starts_with("reconcile: 1 differences"),
         "{stdout}"
     );
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 #[test]
@@ -478,7 +478,7 @@ fn replicator_killed_at_failpoints_converges_exactly() {
     assert_succeeded(&out);
     cluster.assert_reconciled();
     assert_placement(&services.redis, &[]);
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 #[test]
@@ -525,7 +525,7 @@ fn redis_node_down_during_load_catches_up() {
     assert!(started.elapsed() < Duration::from_secs(30));
     assert_succeeded(&cluster.replicate_once(&[], &[]));
     cluster.assert_reconciled();
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 /// `wallet cluster show` as JSON.
@@ -736,7 +736,7 @@ fn a_partition_map_version_is_never_reused() {
             .expect("restore the map");
     });
     cluster.assert_reconciled();
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 /// Waits until every node of `nodes` shows an applied sequence of at least `seq`; false if
@@ -815,7 +815,7 @@ fn a_hung_node_holds_back_only_its_own_balances() {
     cluster.wait_caught_up(&services.redis, 1, Duration::from_secs(30));
     follower.kill();
     cluster.assert_reconciled();
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 /// A port on the loopback interface that nothing listens on yet (connections are refused).
@@ -904,7 +904,7 @@ fn a_node_that_never_answers_holds_back_nothing_else() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     follower.kill();
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 /// A node that needs a rebuild and hangs while it is rebuilt holds back only its own balances:
@@ -950,7 +950,7 @@ fn a_hung_rebuild_holds_back_only_its_own_balances() {
     cluster.wait_caught_up(&services.redis, 1, Duration::from_secs(30));
     follower.kill();
     cluster.assert_reconciled();
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 #[test]
@@ -1034,7 +1034,7 @@ fn map_changes_three_to_four_and_back_during_load() {
         cluster.assert_reconciled();
         assert_placement(nodes, &[]);
     }
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 #[test]
@@ -1161,7 +1161,7 @@ fn nodes_from_another_journal_are_refused_then_rebuilt_on_request() {
     let out = cluster.replicate_once(&[], &[]);
     assert_succeeded(&out);
     let applied = node_state(&services.redis[0]).expect("state").0;
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 
     // Another engine, with a longer journal of its own (so it does reach `applied`).
     let other = tempfile::tempdir().expect("tempdir");
@@ -1246,7 +1246,10 @@ fn nodes_from_another_journal_are_refused_then_rebuilt_on_request() {
         "--rebuild: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    other_server.stop();
+    assert!(
+        other_server.stop().success(),
+        "the server did not stop cleanly"
+    );
 }
 
 /// Issue #7: ZooKeeper stops while the replicator runs. The replicator keeps applying with the
@@ -1326,7 +1329,7 @@ fn zookeeper_outage_keeps_the_replicator_applying_with_its_last_map() {
     follower.kill();
     cluster.assert_reconciled();
     assert_placement(&services.redis[..2], &services.redis[2..]);
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 /// Issue #7: a restarted replicator does not read the journal from sequence 1 when the engine
@@ -1344,7 +1347,7 @@ fn restarted_replicator_starts_from_a_snapshot_and_skips_earlier_segments() {
     transfers(&mut client, 300, 30_000, 1);
     let out = cluster.replicate_once(&[], &[]);
     assert_succeeded(&out);
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
     let snapshot_seq = cluster.journal_last_seq();
     let data = cluster.source();
     let out = cluster.wallet(&["snapshot", "--data-dir", &data], &[]);
@@ -1356,7 +1359,7 @@ fn restarted_replicator_starts_from_a_snapshot_and_skips_earlier_segments() {
     let server = start_server(&cluster);
     let mut client = server.client();
     transfers(&mut client, 300, 10_000, 2);
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 
     let out = replicate_once_without_segments_before(&cluster, snapshot_seq);
     let stderr = strip_ansi(&String::from_utf8_lossy(&out.stderr));
@@ -1416,14 +1419,14 @@ fn a_map_changed_while_no_replicator_ran_is_carried_out_from_a_snapshot() {
     setup_accounts(&mut client, 300);
     transfers(&mut client, 300, 30_000, 1);
     assert_succeeded(&cluster.replicate_once(&[], &[]));
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
     let snapshot_seq = cluster.journal_last_seq();
     let data = cluster.source();
     assert_succeeded(&cluster.wallet(&["snapshot", "--data-dir", &data], &[]));
     let server = start_server(&cluster);
     let mut client = server.client();
     transfers(&mut client, 300, 10_000, 2);
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
     // The same nodes in another order: a new map version, and most accounts move.
     let mut moved = services.redis.clone();
     moved.rotate_left(1);
@@ -1461,7 +1464,7 @@ fn a_replicator_started_while_its_engine_restarts_waits_for_it() {
     let once = ["replicate", "redis", "--once", "--source", url.as_str()];
     assert_succeeded(&cluster.wallet(&once, &[]));
     transfers(&mut client, 200, 3_000, 2);
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 
     let log = cluster.data.path().join("late-engine.log");
     let mut replicator = cluster
@@ -1481,7 +1484,7 @@ fn a_replicator_started_while_its_engine_restarts_waits_for_it() {
     assert!(status.success(), "{stderr}");
     cluster.wait_caught_up(&services.redis, 1, Duration::from_secs(5));
     cluster.assert_reconciled();
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 /// While an engine URL is away, what the replicator read before still goes out: a node that
@@ -1517,7 +1520,7 @@ fn a_node_back_while_the_engine_is_down_gets_what_was_read() {
         nodes_reach(&services.redis[1..], last, Duration::from_secs(15)),
         "the other nodes did not reach {last}"
     );
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
     services_tool(&["redis-start", port]);
     assert!(
         nodes_reach(std::slice::from_ref(node), last, Duration::from_secs(30)),
@@ -1548,7 +1551,7 @@ fn one_empty_read_during_catch_up_is_not_the_end_of_the_source() {
     transfers(&mut client, 200, 2_000, 1);
     assert_succeeded(&cluster.replicate_once(&[], &[]));
     transfers(&mut client, 200, 2_000, 2);
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
     // No snapshot: the restarted run reads from sequence 1, below the nodes' applied sequence.
     let out = cluster.replicate_once(&[], &[("WALLET_FAILPOINT", "redis-empty-first-read")]);
     assert_succeeded(&out);
@@ -1635,7 +1638,7 @@ fn http_source_resumes_after_the_nodes_applied_sequence() {
     let report = cluster.assert_reconciled();
     assert!(report.contains("240 accounts"), "{report}");
     assert_placement(&services.redis, &[]);
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 /// Asserts that a `wallet` command exited 0, showing its stderr if not.
@@ -1757,7 +1760,7 @@ fn respelled_node_address_keeps_the_node_and_its_balances() {
     follower.kill();
     cluster.assert_reconciled();
     assert_placement(&respelled, &[]);
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 /// Denies `INFO` to the default user of a Redis node (so that it cannot say which server it
@@ -1819,7 +1822,7 @@ fn a_removed_node_that_cannot_say_which_server_it_is_is_not_emptied() {
     );
     drop(denied);
     follower.kill();
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 /// A catch-up of many batches reports its lag from the read that last reached the source's
@@ -1836,7 +1839,7 @@ fn a_catch_up_of_many_batches_reports_its_whole_lag() {
     let mut client = server.client();
     setup_accounts(&mut client, 300);
     transfers(&mut client, 300, 3_000, 1);
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
     let out = cluster.replicate_once(&["--batch-events", "2"], &[]);
     assert_succeeded(&out);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -1917,7 +1920,7 @@ fn a_silent_map_node_does_not_hold_the_loop_while_a_removed_node_waits() {
         "the removed node was emptied while a map node could not say which server it is"
     );
     follower.kill();
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 /// A node that cannot be read when the replicator starts (here: stopped) and returns later is
@@ -1945,7 +1948,7 @@ fn node_down_at_start_never_claims_the_map_with_older_balances() {
     assert_succeeded(&cluster.replicate_once(&[], &[]));
     let s1 = cluster.journal_last_seq();
     transfers(&mut client, 300, 60_000, 2);
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
     let out = cluster.replicate_once(
         &["--batch-events", "20000"],
         &[("WALLET_FAILPOINT", "redis-after-node-1")],
@@ -2015,7 +2018,7 @@ fn node_down_across_a_snapshot_is_rebuilt_when_it_returns() {
     // The other nodes catch up; the run gives up on the one that is down.
     let out = cluster.replicate_once(&["--once-wait-s", "1"], &[]);
     assert!(!out.status.success());
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
     let data = cluster.source();
     assert_succeeded(&cluster.wallet(&["snapshot", "--data-dir", &data], &[]));
     let last = cluster.journal_last_seq();
@@ -2059,7 +2062,7 @@ fn map_switch_rebuilds_a_node_emptied_while_idle() {
     follower.kill();
     cluster.assert_reconciled();
     assert_placement(&two, &services.redis[2..]);
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 /// A node emptied while the source is idle (`FLUSHALL`, a restart without persistence) is
@@ -2084,7 +2087,7 @@ fn a_node_emptied_while_idle_is_rebuilt_without_new_events() {
     assert!(!balance_keys(&services.redis[0]).is_empty());
     follower.kill();
     cluster.assert_reconciled();
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 /// A node restarted without persistence while the source is idle comes back empty on a new
@@ -2117,7 +2120,7 @@ fn a_node_restarted_empty_while_idle_is_rebuilt_without_new_events() {
     assert!(!balance_keys(&services.redis[0]).is_empty());
     follower.kill();
     cluster.assert_reconciled();
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 /// A node emptied again while it is being rebuilt (after the share's chunks are written,
@@ -2163,7 +2166,7 @@ fn a_node_emptied_during_its_rebuild_is_not_stamped_current() {
     );
     follower.kill();
     cluster.assert_reconciled();
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 /// A node removed from the map is emptied even when the replicator that would have done it
@@ -2219,5 +2222,5 @@ fn removed_node_is_emptied_after_a_replicator_restart() {
     );
     cluster.assert_reconciled();
     assert_placement(&two, std::slice::from_ref(&removed));
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }

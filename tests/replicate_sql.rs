@@ -407,7 +407,7 @@ fn journal_of(cluster: &Cluster, open: usize, among: usize, count: usize, seed: 
     let mut client = server.client();
     setup_accounts(&mut client, open);
     transfers(&mut client, among, count, seed);
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 /// A two-shard cluster whose journal (20 accounts, 200 commands) is replicated (`--migrate`).
@@ -498,7 +498,7 @@ fn fifty_thousand_transfers_replicate_into_three_shards_and_reconcile() {
     assert!(!ok, "{text}");
     assert!(text.contains("difference: balance acct-"), "{text}");
     assert!(!text.contains("reconcile: 0 differences"), "{text}");
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 #[test]
@@ -565,7 +565,7 @@ fn coordinator_crashes_at_each_failpoint_then_recovers_exactly() {
         assert_eq!(cluster.watermarks(), vec![Some(last); 2], "after {point}");
         cluster.assert_settled(&format!("after {point}"));
     }
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 #[test]
@@ -610,7 +610,7 @@ fn shard_down_during_load_then_back_resumes() {
     );
     follower.kill();
     cluster.assert_settled("after the shard came back");
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 /// Reads every shard's watermark and USD total, each in one statement (one snapshot per shard).
@@ -691,7 +691,7 @@ fn concurrent_readers_at_the_common_watermark_see_the_exact_total() {
         torn.load(Ordering::Relaxed)
     );
     cluster.assert_reconciled();
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 /// A throw-away PostgreSQL cluster with the server's defaults (so `max_prepared_transactions`
@@ -898,7 +898,7 @@ fn replicates_from_a_running_engine_by_url_and_reconciles() {
         !out.status.success() && stderr.contains("https"),
         "{stderr}"
     );
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 /// A shard restored from a backup (or failed over to a standby that was behind) has a lower
@@ -988,7 +988,7 @@ fn a_shard_whose_watermark_goes_back_stops_the_replicator_and_a_restart_fills_th
     let last = cluster.journal_last_seq() as i64;
     assert_eq!(cluster.watermarks(), vec![Some(last); 2]);
     cluster.assert_settled("after the restart");
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 /// `--once` against an engine URL that does not answer retries, then fails: it must not take
@@ -1062,7 +1062,7 @@ fn the_identity_check_against_an_engine_url_gives_up_like_any_read_of_it() {
         "a refusal is not retried: {:?}",
         started.elapsed()
     );
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 /// A shard URL that the PostgreSQL driver itself refuses (here TLS required of a server that
@@ -1314,7 +1314,7 @@ fn a_running_replicator_stops_when_its_shard_list_is_replaced() {
     assert!(!status.success());
     let log = follower.log_tail();
     assert!(log.contains("the SQL shard list"), "{log}");
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 /// Recovery finishes an in-doubt transaction that a timed-out round's dropped connection may
@@ -1433,7 +1433,7 @@ fn a_replicator_of_an_older_epoch_never_finishes_its_successors_transactions() {
         "{log}"
     );
     cluster.assert_settled("after the successor's recovery");
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 /// Issue #8 (and #7 for SQL): the watermark row records the identity of the record at
@@ -1463,7 +1463,7 @@ fn shards_fed_by_another_journal_are_refused() {
     assert_ok(&cluster.replicate_once(&[], &[]), "replicate again");
     let applied_again = cluster.journal_last_seq();
     assert!(applied_again > applied);
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 
     let other = tempfile::tempdir().expect("tempdir");
     let other_server = Server::start(other.path(), &["--sync", "none"]);
@@ -1484,7 +1484,10 @@ fn shards_fed_by_another_journal_are_refused() {
         );
     }
     assert_eq!(cluster.watermarks(), vec![Some(applied_again as i64); 2]);
-    other_server.stop();
+    assert!(
+        other_server.stop().success(),
+        "the server did not stop cleanly"
+    );
 }
 
 /// `cluster init` never replaces an existing shard list (it used to, bumping its version, even

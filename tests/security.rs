@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{Client, Server, transfer_body, uuid};
+use common::{Client, SERVE_REFUSAL_LIMIT, Server, transfer_body, uuid};
 use serde_json::json;
 
 const SECRET: &str = "test-secret-of-at-least-32-bytes-long!";
@@ -530,14 +530,32 @@ fn a_client_that_never_reads_its_answers_loses_its_connection_slot() {
         &["--max-connections", "2", "--request-timeout-ms", "1000"],
     );
     let request = b"GET /v1/openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".repeat(4000);
-    let mut hogs = Vec::new();
-    for _ in 0..2 {
-        let mut hog = TcpStream::connect(&server.address).unwrap();
-        hog.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
-        // The server may stop reading before it has taken every request: that is fine.
-        let _ = hog.write_all(&request);
-        hogs.push(hog);
-    }
+    let hogs: Vec<_> = (0..2)
+        .map(|_| {
+            let mut hog = TcpStream::connect(&server.address).unwrap();
+            hog.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+            let request = request.clone();
+            std::thread::spawn(move || {
+                // The server may stop reading before it has taken every request: that is fine.
+                let _ = hog.write_all(&request);
+                hog
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    // The hogs hold both slots: a third connection is refused at once.
+    let mut extra = TcpStream::connect(&server.address).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let response = common::read_response(&mut extra).expect("an answer");
+    assert_eq!(
+        (response.status, response.json()["error"]["code"].clone()),
+        (503, json!("too_many_connections")),
+        "the hogs did not hold the connection slots: {}",
+        response.body
+    );
+    drop(extra);
     let mut probe = server.client();
     let started = Instant::now();
     let mut status = 0;
@@ -554,7 +572,15 @@ fn a_client_that_never_reads_its_answers_loses_its_connection_slot() {
         "connections that never read kept every slot for {:?}",
         started.elapsed()
     );
-    drop(hogs);
+    // Within a few request timeouts (1 s each), not by some slower way.
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the slots came back only after {:?}",
+        started.elapsed()
+    );
+    for hog in hogs {
+        drop(hog.join().expect("hog thread"));
+    }
 }
 
 #[test]
@@ -627,32 +653,34 @@ fn slowloris_and_connection_limits() {
 
 #[test]
 fn non_loopback_without_auth_is_refused() {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
-        .args([
-            "serve",
-            "--listen",
-            "0.0.0.0:0",
-            "--pin-core",
-            "-1",
-            "--data-dir",
-        ])
-        .arg(tempfile::tempdir().unwrap().path())
-        .output()
-        .unwrap();
+    let output = common::output_within(
+        std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .args([
+                "serve",
+                "--listen",
+                "0.0.0.0:0",
+                "--pin-core",
+                "-1",
+                "--data-dir",
+            ])
+            .arg(tempfile::tempdir().unwrap().path()),
+        SERVE_REFUSAL_LIMIT,
+    );
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("without authentication"));
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
-        .args([
-            "serve",
-            "--listen",
-            "0.0.0.0:0",
-            "--auth",
-            "none",
-            "--data-dir",
-        ])
-        .arg(tempfile::tempdir().unwrap().path())
-        .output()
-        .unwrap();
+    let output = common::output_within(
+        std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .args([
+                "serve",
+                "--listen",
+                "0.0.0.0:0",
+                "--auth",
+                "none",
+                "--data-dir",
+            ])
+            .arg(tempfile::tempdir().unwrap().path()),
+        SERVE_REFUSAL_LIMIT,
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(
         output.status.code(),
@@ -996,7 +1024,7 @@ fn wallet_token_mints_what_serve_accepts_and_refuses_what_it_would_not() {
         !out.status.success() && stderr.contains("--jwt-secret"),
         "{stderr}"
     );
-    server.stop();
+    assert!(server.stop().success(), "the server did not stop cleanly");
 }
 
 #[test]
@@ -1059,12 +1087,13 @@ fn with_an_audience_and_issuer_configured_only_tokens_naming_both_are_taken() {
     let r = c.post("/v1/wallet/accounts", &json!({ "account_id": "minted" }));
     assert_eq!(r.status, 201, "{}", r.body);
     assert!(server.stop().success());
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--jwt-audience", "x"])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = common::output_within(
+        std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--jwt-audience", "x"])
+            .arg("--data-dir")
+            .arg(dir.path()),
+        SERVE_REFUSAL_LIMIT,
+    );
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("--jwt-audience"),

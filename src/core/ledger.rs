@@ -1051,7 +1051,12 @@ impl Ledger {
             last = Some(link);
             link = self.extras[link as usize].next_extra;
         }
-        let new = u32::try_from(self.extras.len()).expect("too many extra balances");
+        // `NO_EXTRA` (u32::MAX) ends the lists: an entry there would be unreachable. (Each
+        // extra balance takes a new transaction id, and the id limit stays below that.)
+        let new = u32::try_from(self.extras.len())
+            .ok()
+            .filter(|n| *n != NO_EXTRA)
+            .expect("too many extra balances");
         self.extras.push(ExtraBalance {
             balance: 0,
             currency,

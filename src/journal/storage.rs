@@ -769,6 +769,18 @@ mod tests {
             "(mode, pages of [15, 19) MiB in large folios, bytes dirtied by 128 syncs of 2 KiB): {results:?}"
         );
         let (_, large_off, dirtied_off) = results[0];
+        let (_, large_on, dirtied_on) = results[1];
+        // The control: without large folios in this kernel's page cache for this filesystem
+        // (ext4 has them on CI's 6.x kernels), the checks below would hold whatever the advice.
+        assert!(
+            large_on > 0,
+            "readahead on built no large folio: this kernel or filesystem cannot show what the \
+             advice changes"
+        );
+        assert!(
+            dirtied_on > 4 * dirtied_off,
+            "readahead on dirtied {dirtied_on} bytes, off {dirtied_off}: the advice changed nothing"
+        );
         assert_eq!(large_off, 0, "readahead off: no page in a large folio");
         // 256 KiB written in 2 KiB syncs: every page is dirtied at most twice.
         assert!(

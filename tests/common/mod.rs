@@ -148,6 +148,10 @@ impl Server {
     }
 }
 
+/// How long a `serve` that must refuse to start may run: one that started instead fails the
+/// test within this (a plain `output()` would wait for it for ever).
+pub const SERVE_REFUSAL_LIMIT: Duration = Duration::from_secs(20);
+
 /// Runs `command` with its output captured; it must exit by itself within `limit` (killed and
 /// the test failed past that, with its stderr). The output is read while it runs, so that a
 /// child that writes much cannot stall on a full pipe.
