@@ -1453,6 +1453,13 @@ fn loadgen_resends_on_a_fresh_connection_after_the_server_closed_an_idle_one() {
         report["status_counts"]["200"].as_u64().unwrap_or(0) >= 10,
         "{report}"
     );
+    // 12 requests due over 3 s is 4 per second offered: the rates are over the whole duration,
+    // not up to the last answer (an interval short: 4.36/s was reported).
+    assert_eq!(report["requests"], 12, "{report}");
+    for field in ["requests_per_sec", "transfers_per_sec"] {
+        let rate = report[field].as_f64().unwrap_or(f64::MAX);
+        assert!(rate <= 4.0 * 1.02, "{field} {rate}: {report}");
+    }
 }
 
 /// Two load-generator runs against one server must measure two sets of transfers, not the first

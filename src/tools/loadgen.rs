@@ -610,6 +610,15 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
     // server that stops answering cannot hold the run (and the report) forever.
     let deadline = end + DRAIN_LIMIT;
     let next = Arc::new(AtomicU64::new(0));
+    // The longest latency this run can measure (a request due at its start, given up at the
+    // deadline), with room: no latency is ever left out of the histograms for being too long.
+    let highest_us = u64::try_from(
+        Duration::from_secs(args.duration)
+            .saturating_add(DRAIN_LIMIT + Duration::from_secs(60))
+            .as_micros(),
+    )
+    .unwrap_or(u64::MAX)
+    .clamp(600_000_000, u64::MAX / 4);
     let mut tasks = Vec::new();
     for (worker, mut client) in clients.into_iter().enumerate() {
         let next = next.clone();
@@ -617,10 +626,10 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
         let tokens = tokens.clone();
         tasks.push(tokio::spawn(async move {
             let mut rng = SplitMix::new(seed.wrapping_mul(31).wrapping_add(worker as u64 + 1));
-            let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-            let mut all = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+            let mut histogram = Histogram::<u64>::new_with_bounds(1, highest_us, 3)?;
+            let mut all = Histogram::<u64>::new_with_bounds(1, highest_us, 3)?;
             let mut statuses: BTreeMap<u16, u64> = BTreeMap::new();
-            let mut errors = 0u64;
+            let (mut errors, mut sent_requests) = (0u64, 0u64);
             let (mut committed, mut replayed, mut resent) = (0u64, 0u64, 0u64);
             let counts_transfers = args.raw_path.is_none();
             let accounts = u64::from(args.accounts).max(2);
@@ -678,6 +687,7 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
                     tokio::time::sleep_until((intended - TIMER_TICK).into()).await;
                 }
                 let sent = Instant::now();
+                sent_requests += 1;
                 let counted = match send_by(&mut client, deadline, method, &path, body, token).await
                 {
                     Ok(answer) => {
@@ -698,23 +708,31 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
                     }
                 };
                 let latency_us = ((intended.min(sent).elapsed().as_nanos() / 1000) as u64).max(1);
-                let _ = all.record(latency_us);
+                all.saturating_record(latency_us);
                 if counted {
-                    let _ = histogram.record(latency_us);
+                    histogram.saturating_record(latency_us);
                 }
             }
             anyhow::Ok((
-                histogram, all, statuses, errors, committed, replayed, resent,
+                histogram,
+                all,
+                statuses,
+                errors,
+                committed,
+                replayed,
+                resent,
+                sent_requests,
             ))
         }));
     }
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-    let mut all = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, highest_us, 3)?;
+    let mut all = Histogram::<u64>::new_with_bounds(1, highest_us, 3)?;
     let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
     let mut errors = 0;
-    let (mut committed, mut replayed, mut resent) = (0u64, 0u64, 0u64);
+    let (mut committed, mut replayed, mut resent, mut requests) = (0u64, 0u64, 0u64, 0u64);
     for task in tasks {
-        let (h, a, s, e, c, r, again) = task.await??;
+        let (h, a, s, e, c, r, again, sent) = task.await??;
+        requests += sent;
         committed += c;
         replayed += r;
         resent += again;
@@ -725,8 +743,17 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
         }
         errors += e;
     }
-    let seconds = start.elapsed().as_secs_f64().max(1e-9);
-    let requests = all.len();
+    // Open loop offers requests over the whole duration: the last one is due an interval before
+    // its end, and a run that kept up ends then, not at the end (counting to there overstated
+    // the rate by one interval's worth, 25% for 5 requests due in 5 s).
+    let elapsed = start.elapsed();
+    let seconds = if open_loop {
+        elapsed.max(Duration::from_secs(args.duration))
+    } else {
+        elapsed
+    }
+    .as_secs_f64()
+    .max(1e-9);
     // Requests due before the end (open loop) that the drain limit left unsent.
     let due = if open_loop {
         due_count(args.duration, args.rate, args.batch)
