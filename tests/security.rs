@@ -583,6 +583,48 @@ fn a_client_that_never_reads_its_answers_loses_its_connection_slot() {
     }
 }
 
+/// Connections taken while the server recovers count against `--max-connections` after it
+/// too (they live up to the header timeout): the serving phase had a fresh set of permits, so
+/// the server held twice the limit for that long.
+#[test]
+fn connections_taken_during_recovery_count_against_the_limit_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_listening_with_env(
+        dir.path(),
+        &["--max-connections", "2", "--header-read-timeout-ms", "8000"],
+        &[("WALLET_FAILPOINT", "recovery-delay:1000")],
+    );
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(&server.address).unwrap())
+        .collect();
+    // Recovered (ready answers 200 once the two connections end), both still open.
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut extra = TcpStream::connect(&server.address).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let response = common::read_response(&mut extra).expect("an answer");
+    assert_eq!(
+        (response.status, response.json()["error"]["code"].clone()),
+        (503, json!("too_many_connections")),
+        "a third connection was served beside two held since recovery: {}",
+        response.body
+    );
+    drop(extra);
+    drop(held);
+    let started = Instant::now();
+    let mut status = 0;
+    while started.elapsed() < Duration::from_secs(10) {
+        status = server.client().get("/readyz").status;
+        if status == 200 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(status, 200, "ready once the held connections ended");
+    assert!(server.stop().success());
+}
+
 #[test]
 fn slowloris_and_connection_limits() {
     let dir = tempfile::tempdir().unwrap();

@@ -694,7 +694,10 @@ pub async fn serve(
             recovered_end,
         );
     }
-    let connections = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
+    // The same permits as during recovery: a connection taken then holds its permit until it
+    // ends (up to the header timeout), and a fresh set would let the server hold twice
+    // `--max-connections` for that long.
+    let connections = starting_connections;
     // Connections over the limit being answered 503 at once: a bounded number (past it they
     // are closed unanswered), because over TLS the answer needs a handshake first.
     let refusals = Arc::new(tokio::sync::Semaphore::new(OVER_LIMIT_ANSWERS));
