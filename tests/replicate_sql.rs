@@ -1285,6 +1285,104 @@ fn successor_after_a_freeze(name: &str, failpoint: &str) {
     cluster.assert_settled("after the successor");
 }
 
+/// A round session of the replicator's own epoch that stays in a statement (its link cut
+/// without the server noticing, say: not idle, so the idle timeout never ends it) holds the
+/// rows it inserted; the replicator ends it when it reconnects after the failed round. Only
+/// sessions of older epochs were ended, so every round waited on it until the server's TCP
+/// keepalive ended it (2 h by default). Simulated by a session under the replicator's name.
+#[test]
+#[ignore = "needs tools/services"]
+fn a_stuck_session_of_the_replicators_own_epoch_is_ended_when_it_reconnects() {
+    let cluster = Cluster::new("own_epoch", 2);
+    let server = start_server(&cluster);
+    let mut client = server.client();
+    setup_accounts(&mut client, 20);
+    let mut follower = cluster.replicate_follow(&["--round-timeout-s", "2"]);
+    cluster.wait_caught_up(&mut follower, Duration::from_secs(40));
+    let mut shard = cluster.shard(0);
+    let name: String = shard
+        .query_one(
+            "SELECT application_name FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name LIKE 'wallet-sql-round %'",
+            &[],
+        )
+        .expect("the replicator's session on shard 0")
+        .get(0);
+    let next = cluster.journal_last_seq() as i64 + 1;
+    let (inserted, rows_held) = std::sync::mpsc::channel();
+    let stuck = std::thread::spawn(move || -> bool {
+        shard
+            .query_one("SELECT set_config('application_name', $1, false)", &[&name])
+            .expect("take the replicator's name");
+        let mut transaction = shard.transaction().expect("begin");
+        transaction
+            .execute(
+                "INSERT INTO entries (seq, transaction_id, account_id, currency, kind, amount, \
+                 balance_after, timestamp_ns) SELECT s, gen_random_uuid(), 'stuck', 'USD', \
+                 'deposited', 1, 1, 0 FROM generate_series($1::bigint, $1::bigint + 3999) s",
+                &[&next],
+            )
+            .expect("insert the rows the next rounds need");
+        inserted.send(()).expect("the test waits");
+        // In a statement, not idle in the transaction. Ended by the replicator: an error.
+        transaction.execute("SELECT pg_sleep(100)", &[]).is_err()
+    });
+    rows_held
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the stuck session holds its rows");
+    transfers(&mut client, 20, 1_000, 7);
+    cluster.wait_caught_up(&mut follower, Duration::from_secs(60));
+    assert!(
+        stuck.join().expect("the stuck session's thread"),
+        "caught up while the stuck session slept on?"
+    );
+    follower.kill();
+    cluster.assert_reconciled();
+    assert!(server.stop().success());
+}
+
+/// A shard with a fault that stops the replicator (here: a migration applied with another
+/// text) does not keep the other shards' decided transactions prepared: each shard is
+/// connected and recovered before the run stops on it. It stopped at the first such shard,
+/// and the later ones kept their prepared transactions, and their locks, on every restart.
+#[test]
+#[ignore = "needs tools/services"]
+fn a_fatal_fault_on_one_shard_still_lets_the_others_finish_their_decided_transactions() {
+    let cluster = replicated_cluster_with_tail("fatal_first");
+    let out = cluster.replicate_once(&[], &[("WALLET_FAILPOINT", "sql-after-decision:1")]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(cluster.prepared().len(), 2, "both shards prepared, decided");
+    cluster
+        .shard(0)
+        .execute(
+            "UPDATE schema_migrations SET checksum = 'x' WHERE version = 2",
+            &[],
+        )
+        .expect("damage shard 0's migration record");
+    let source = cluster.source();
+    let args = [
+        "replicate",
+        "sql",
+        "--migrate",
+        "--once",
+        "--source",
+        &source,
+    ];
+    let reason = cluster.fails_with(&args, &[], "different");
+    let prepared = cluster.prepared();
+    assert!(
+        prepared.is_empty(),
+        "the healthy shard kept its decided transaction: {prepared:?} ({reason})"
+    );
+    let marks = cluster.watermarks();
+    assert_eq!(marks[0], marks[1], "the decided batch is on both shards");
+}
+
 /// A running replicator whose shard list is replaced (`cluster set-sql-shards`) stops, naming
 /// the change, instead of feeding the old databases while `cluster show` and `reconcile sql`
 /// use the new list (it read the list once, and went on). The same list set again changes

@@ -403,10 +403,13 @@ impl State {
         // data from a replicator frozen there (it is not idle, and it reads nothing more):
         // its transaction's row locks would hold every successor's round for good. Each
         // session is named with the coordinator's id and epoch, and a replicator that holds
-        // the lock ends the sessions of older epochs of its own coordinator (never anybody
-        // else's: `reconcile sql` and other clients use other names). Their transactions were
-        // never prepared (a prepared one outlives its session and is recovered below), and an
-        // older epoch can decide nothing any more.
+        // the lock ends the sessions of its own coordinator's epochs up to its own in this
+        // database (never anybody else's: `reconcile sql` and other clients use other names),
+        // except the one connecting. Their transactions were never prepared (a prepared one
+        // outlives its session and is recovered below); an older epoch can decide nothing any
+        // more, and a session of our own epoch here is one this replicator dropped (it holds
+        // one per database): a link cut without the server noticing left it in a statement,
+        // holding its rows until the server's TCP keepalive (2 h by default) ended it.
         let prefix = session_prefix(&coordinator.record.id);
         let epoch = coordinator.record.epoch.to_string();
         client
@@ -421,12 +424,12 @@ impl State {
                  WHERE datname = current_database() AND pid <> pg_backend_pid() \
                  AND starts_with(application_name, $1) \
                  AND substr(application_name, length($1) + 1) ~ '^[0-9]{1,19}$' \
-                 AND substr(application_name, length($1) + 1)::numeric < $2::text::numeric",
+                 AND substr(application_name, length($1) + 1)::numeric <= $2::text::numeric",
                 &[&prefix, &epoch],
             )
             .await?;
         if !ended.is_empty() {
-            tracing::warn!(shard = %shard.label, sessions = ended.len(), "ended sessions of an older epoch of this coordinator (a replicator that lost its lock, frozen or cut off)");
+            tracing::warn!(shard = %shard.label, sessions = ended.len(), "ended earlier round sessions of this coordinator (of a replicator that lost its lock, or this one's own, dropped; frozen or cut off)");
         }
         let needed = self.per_server.get(&shard.server).copied().unwrap_or(1);
         let row = client
@@ -505,14 +508,17 @@ impl State {
         Ok(())
     }
 
-    /// Connects every missing shard. Returns the first error (after trying all of them, so a
-    /// shard that is up gets its in-doubt transactions finished even while another is down).
+    /// Connects every missing shard. Returns the first fatal error, else the first one (after
+    /// trying all of them, so a shard that is up gets its in-doubt transactions finished even
+    /// while another is down, or has a fault that stops the replicator: stopping at that one
+    /// left the later shards' decided transactions prepared, holding their locks, on every
+    /// restart until it was fixed).
     async fn connect_all(
         &mut self,
         coordinator: &mut Coordinator,
         timeout: Duration,
     ) -> anyhow::Result<()> {
-        let mut first_error = None;
+        let (mut first_error, mut fatal) = (None, None);
         for i in 0..self.shards.len() {
             if self.connections[i].as_ref().is_some_and(|c| !c.is_closed()) {
                 continue;
@@ -528,13 +534,14 @@ impl State {
                         ))
                     });
             if let Err(e) = connected {
-                if !is_transient(&e) {
-                    return Err(e);
+                if is_transient(&e) {
+                    first_error.get_or_insert(e);
+                } else {
+                    fatal.get_or_insert(e);
                 }
-                first_error.get_or_insert(e);
             }
         }
-        match first_error {
+        match fatal.or(first_error) {
             Some(e) => Err(e),
             None => Ok(()),
         }
