@@ -1248,13 +1248,12 @@ fn check_debit(
     caller: &Caller,
     from: &str,
     transaction_id: TransactionId,
-) -> Result<bool, Reply> {
+) -> Result<Option<u64>, Reply> {
     may_debit(caller, from)?;
     if app.velocity_limiter.is_none() || already_decided(app, transaction_id) {
-        return Ok(false);
+        return Ok(None);
     }
-    check_velocity(app, caller, &[(from, 1)])?;
-    Ok(true)
+    Ok(Some(check_velocity(app, caller, &[(from, 1)])?.until(0)))
 }
 
 /// Whether the read views hold an outcome for `transaction_id` (the engine executes an id at
@@ -1283,26 +1282,30 @@ fn retry_after(wait: Duration) -> String {
 
 /// Takes each `(account, n)` transfers out of that debit account's velocity allowance, all or
 /// none (429 naming the first account that has not enough left).
-fn check_velocity(app: &App, caller: &Caller, charges: &[(&str, u32)]) -> Result<(), Reply> {
+fn check_velocity(
+    app: &App,
+    caller: &Caller,
+    charges: &[(&str, u32)],
+) -> Result<crate::api::limit::Charged, Reply> {
     let Some(limiter) = &app.velocity_limiter else {
-        return Ok(());
+        return Ok(Default::default());
     };
-    if let Err((index, wait)) = limiter.check_all(charges) {
+    limiter.check_all(charges).map_err(|(index, wait)| {
         let (account, n) = charges[index];
         tracing::warn!(target: "audit", caller = %caller.sub, account, transfers = n, reason = "velocity limit", "transfer refused");
-        return Err(Reply::error(
+        Reply::error(
             StatusCode::TOO_MANY_REQUESTS,
             "velocity_limit",
             &format!("too many transfers out of account {account} per second"),
         )
-        .with_header("retry-after", retry_after(wait)));
-    }
-    Ok(())
+        .with_header("retry-after", retry_after(wait))
+    })
 }
 
 /// Gives back what `check_velocity` took for transfers that were then not submitted (the
-/// engine was at capacity): a client told to retry later has not spent its allowance.
-fn refund_velocity(app: &App, charges: &[(&str, u32)]) {
+/// engine was at capacity) or moved no money (`(account, n, until)`: `until` from the charge's
+/// `Charged`): a client told to retry later has not spent its allowance.
+fn refund_velocity(app: &App, charges: &[(&str, u32, u64)]) {
     if let Some(limiter) = &app.velocity_limiter {
         limiter.refund(charges);
     }
@@ -1329,16 +1332,18 @@ async fn transfer(
     let receiver = match submit(app, submitter, command) {
         Ok(receiver) => receiver,
         Err(reply) => {
-            if charged {
-                refund_velocity(app, &[(&request.from_account, 1)]);
+            if let Some(until) = charged {
+                refund_velocity(app, &[(&request.from_account, 1, until)]);
             }
             return reply;
         }
     };
     match wait_outcome(receiver).await {
         Ok(delivered) => {
-            if charged && moved_no_money_again(&delivered) {
-                refund_velocity(app, &[(&request.from_account, 1)]);
+            if let Some(until) = charged
+                && moved_no_money_again(&delivered)
+            {
+                refund_velocity(app, &[(&request.from_account, 1, until)]);
             }
             render(app, caller, &delivered)
         }
@@ -1413,7 +1418,8 @@ async fn transfer_batch(
     // The velocity limit, once the whole batch is known to be valid: every debit account's
     // transfers at once and all accounts or none, so a refused batch has spent no allowance
     // (and one the engine had no room for gets its allowance back).
-    let mut charges: Vec<(&str, u32)> = Vec::new();
+    // Each debit account's charge: (account, transfers, its arrival time after the charge).
+    let mut charges: Vec<(&str, u32, u64)> = Vec::new();
     // Which items were charged (by index).
     let mut charged: Vec<bool> = Vec::new();
     if let Some(limit) = std::num::NonZeroU32::new(app.config.velocity_per_account) {
@@ -1449,9 +1455,16 @@ async fn transfer_batch(
                 ),
             ));
         }
-        charges.extend(per_account);
-        if let Err(reply) = check_velocity(app, caller, &charges) {
-            return reply;
+        let wanted: Vec<(&str, u32)> = per_account.into_iter().collect();
+        match check_velocity(app, caller, &wanted) {
+            Ok(taken) => {
+                charges = wanted
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(account, n))| (account, n, taken.until(i)))
+                    .collect();
+            }
+            Err(reply) => return reply,
         }
     }
     let Some((slot, receiver)) = app.waiters.wait_batch(commands.len()) else {
@@ -1479,17 +1492,19 @@ async fn transfer_batch(
             "the engine stopped",
         );
     };
-    // Items charged that turn out decided before: their allowance back.
-    let refunds: Vec<(&str, u32)> = results
-        .iter()
-        .zip(&request.transfers)
-        .zip(&charged)
-        .filter(|((result, _), charged)| {
-            **charged && result.as_ref().is_some_and(moved_no_money_again)
-        })
-        .map(|((_, transfer), _)| (transfer.from_account.as_ref(), 1))
-        .collect();
+    // Items charged that turn out decided before: their allowance back, one refund per
+    // account's charge.
+    let mut refunds: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
+    for ((result, transfer), charged) in results.iter().zip(&request.transfers).zip(&charged) {
+        if *charged && result.as_ref().is_some_and(moved_no_money_again) {
+            *refunds.entry(transfer.from_account.as_ref()).or_default() += 1;
+        }
+    }
     if !refunds.is_empty() {
+        let refunds: Vec<(&str, u32, u64)> = charges
+            .iter()
+            .filter_map(|&(account, _, until)| Some((account, *refunds.get(account)?, until)))
+            .collect();
         refund_velocity(app, &refunds);
     }
     // One read lock for the whole batch; each outcome written straight into the response:
