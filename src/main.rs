@@ -362,7 +362,8 @@ fn token_ttl(args: &TokenArgs) -> anyhow::Result<std::time::Duration> {
         args.jwt_secret.len() >= MIN_SECRET_BYTES,
         "--jwt-secret must be at least {MIN_SECRET_BYTES} bytes (serve refuses a shorter one)"
     );
-    anyhow::ensure!(!args.sub.is_empty(), "--sub: must not be empty");
+    // `serve` takes `sub` as the caller's account: one that is not an account id is a 401.
+    wallet::core::AccountId::new(&args.sub).map_err(|e| anyhow::anyhow!("--sub: {e}"))?;
     for scope in args.scope.split_whitespace() {
         anyhow::ensure!(
             [SCOPE_TRANSFER, SCOPE_READ, SCOPE_ADMIN].contains(&scope),

@@ -1019,6 +1019,14 @@ fn wallet_token_mints_what_serve_accepts_and_refuses_what_it_would_not() {
     assert_eq!(alice.get("/v1/wallet/accounts/alice").status, 200);
     let r = alice.post("/v1/wallet/accounts", &json!({"account_id": "mallory"}));
     assert_eq!(r.status, 403, "{}", r.body);
+    // A token for some audience, to a server that names none: refused (as README says).
+    let out = mint(&["--jwt-secret", SECRET, "--sub", "alice", "--audience", "x"]);
+    assert!(out.status.success(), "{out:?}");
+    let mut elsewhere = as_caller(
+        &server,
+        Some(String::from_utf8(out.stdout).unwrap().trim().to_string()),
+    );
+    assert_eq!(elsewhere.get("/v1/wallet/accounts/alice").status, 401);
 
     for (args, field) in [
         (
@@ -1035,6 +1043,10 @@ fn wallet_token_mints_what_serve_accepts_and_refuses_what_it_would_not() {
                 "wallet:amdin",
             ][..],
             "--scope",
+        ),
+        (
+            &["--jwt-secret", SECRET, "--sub", "alice smith"][..],
+            "--sub",
         ),
         (
             &["--jwt-secret", SECRET, "--sub", "ops", "--ttl", "0s"][..],
