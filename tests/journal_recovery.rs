@@ -1139,6 +1139,25 @@ fn a_tail_tells_a_missing_segment_from_damage_inside_one() {
             }
         }
     };
+    // `fetch_all` on a thread: the `JournalDamage` it stops on within 20 s (its message), or
+    // the test fails (the damage read as the end of the journal, or still being read).
+    let damage_within_20_s = |data: PathBuf, what: &str| -> String {
+        let (sender, receiver) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = sender.send(fetch_all(&data).map_err(|e| {
+                let damage = e.is::<wallet::journal::tail::JournalDamage>();
+                (format!("{e:#}"), damage)
+            }));
+        });
+        match receiver.recv_timeout(Duration::from_secs(20)) {
+            Ok(Err((message, damage))) => {
+                assert!(damage, "{what}: {message}");
+                message
+            }
+            Ok(Ok(records)) => panic!("{what} read as the end of the journal ({records} records)"),
+            Err(_) => panic!("the tail still reads {what} after 20 s"),
+        }
+    };
     let temp = tempfile::tempdir().unwrap();
     let (gap, damaged) = (temp.path().join("gap"), temp.path().join("damaged"));
     fresh_journal(&gap, 4096, 0..200, 10);
@@ -1194,21 +1213,8 @@ fn a_tail_tells_a_missing_segment_from_damage_inside_one() {
     let file = OpenOptions::new().write(true).open(&first).unwrap();
     file.write_all_at(&[0xFF; 4], end as u64).unwrap();
     drop(file);
-    let (sender, receiver) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = sender.send(fetch_all(&spare).map_err(|e| {
-            let damage = e.is::<wallet::journal::tail::JournalDamage>();
-            (format!("{e:#}"), damage)
-        }));
-    });
-    match receiver.recv_timeout(Duration::from_secs(20)) {
-        Ok(Err((message, damage))) => {
-            assert!(damage, "{message}");
-            assert!(message.contains(&format!("offset {end}")), "{message}");
-        }
-        Ok(Ok(records)) => panic!("damage read as the end of the journal ({records} records)"),
-        Err(_) => panic!("the tail still reads the damaged spare space after 20 s"),
-    }
+    let message = damage_within_20_s(spare, "the damaged spare space");
+    assert!(message.contains(&format!("offset {end}")), "{message}");
 
     // A finished segment whose last frame runs past the end of its file (here: the file cut in
     // the middle of it; a damaged length does the same): damage, not "the frame continues in
@@ -1226,24 +1232,11 @@ fn a_tail_tells_a_missing_segment_from_damage_inside_one() {
         .unwrap()
         .set_len((last.offset + last.len / 2) as u64)
         .unwrap();
-    let (sender, receiver) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = sender.send(fetch_all(&cut).map_err(|e| {
-            let damage = e.is::<wallet::journal::tail::JournalDamage>();
-            (format!("{e:#}"), damage)
-        }));
-    });
-    match receiver.recv_timeout(Duration::from_secs(20)) {
-        Ok(Err((message, damage))) => {
-            assert!(damage, "{message}");
-            assert!(
-                message.contains(&format!("offset {}", last.offset)),
-                "{message}"
-            );
-        }
-        Ok(Ok(records)) => panic!("a cut frame read as the end of the journal ({records} records)"),
-        Err(_) => panic!("the tail still reads the cut frame after 20 s"),
-    }
+    let message = damage_within_20_s(cut, "the cut frame");
+    assert!(
+        message.contains(&format!("offset {}", last.offset)),
+        "{message}"
+    );
 
     // A finished segment with every record lost (zeros after its header), a later one after
     // it: the records up to the later segment are missing (the tail returned nothing, forever).

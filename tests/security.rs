@@ -519,6 +519,23 @@ fn rate_and_velocity_limits_answer_429_and_recover() {
     assert!(server.stop().success());
 }
 
+/// A further connection is answered at once with 503 `too_many_connections` (every slot is
+/// held), or the test fails with `why`.
+fn assert_one_more_connection_is_refused(server: &Server, why: &str) {
+    let mut extra = TcpStream::connect(&server.address).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let response = common::read_response(&mut extra)
+        .unwrap_or_else(|e| panic!("{why}: no answer to a connection over the limit: {e}"));
+    assert_eq!(
+        (response.status, response.json()["error"]["code"].clone()),
+        (503, json!("too_many_connections")),
+        "{why}: {}",
+        response.body
+    );
+}
+
 #[test]
 fn a_client_that_never_reads_its_answers_loses_its_connection_slot() {
     // Two connections (the limit) send thousands of pipelined requests and read nothing: the
@@ -543,19 +560,7 @@ fn a_client_that_never_reads_its_answers_loses_its_connection_slot() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(200));
-    // The hogs hold both slots: a third connection is refused at once.
-    let mut extra = TcpStream::connect(&server.address).unwrap();
-    extra
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let response = common::read_response(&mut extra).expect("an answer");
-    assert_eq!(
-        (response.status, response.json()["error"]["code"].clone()),
-        (503, json!("too_many_connections")),
-        "the hogs did not hold the connection slots: {}",
-        response.body
-    );
-    drop(extra);
+    assert_one_more_connection_is_refused(&server, "the hogs did not hold the connection slots");
     let mut probe = server.client();
     let started = Instant::now();
     let mut status = 0;
@@ -599,18 +604,10 @@ fn connections_taken_during_recovery_count_against_the_limit_after_it() {
         .collect();
     // Recovered (ready answers 200 once the two connections end), both still open.
     std::thread::sleep(Duration::from_millis(2500));
-    let mut extra = TcpStream::connect(&server.address).unwrap();
-    extra
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let response = common::read_response(&mut extra).expect("an answer");
-    assert_eq!(
-        (response.status, response.json()["error"]["code"].clone()),
-        (503, json!("too_many_connections")),
-        "a third connection was served beside two held since recovery: {}",
-        response.body
+    assert_one_more_connection_is_refused(
+        &server,
+        "a third connection was served beside two held since recovery",
     );
-    drop(extra);
     drop(held);
     let started = Instant::now();
     let mut status = 0;
