@@ -2176,6 +2176,20 @@ fn a_writer_keeps_one_reserve_of_its_segment_size_across_restarts() {
     assert!(list_segments(&journal_dir(data)).unwrap().is_empty());
 }
 
+/// Appends commands 30 to 32 with the write tearing after its first 50 bytes: the sync after
+/// it fails, and those bytes are a torn tail for the next start.
+fn tear_three_records(writer: &mut JournalWriter, faults: &Faults, ledger: &mut Ledger) {
+    faults.tear_bytes.store(50, Ordering::SeqCst);
+    faults.tear_next_write.store(true, Ordering::SeqCst);
+    for i in 30..33 {
+        writer.append(&ledger.execute(&command(i))).unwrap();
+    }
+    assert!(
+        writer.commit().is_err(),
+        "the sync after a torn write fails"
+    );
+}
+
 #[test]
 fn a_torn_write_is_cut_as_a_torn_tail_on_restart() {
     let temp = tempfile::tempdir().unwrap();
@@ -2194,15 +2208,7 @@ fn a_torn_write_is_cut_as_a_torn_tail_on_restart() {
     let durable = writer.durable_seq();
     assert_eq!(durable, *history.last_seq.last().unwrap());
 
-    faults.tear_bytes.store(50, Ordering::SeqCst);
-    faults.tear_next_write.store(true, Ordering::SeqCst);
-    for i in 30..33 {
-        writer.append(&ledger.execute(&command(i))).unwrap();
-    }
-    assert!(
-        writer.commit().is_err(),
-        "the sync after a torn write fails"
-    );
+    tear_three_records(&mut writer, &faults, &mut ledger);
     assert!(
         writer.append(&ledger.execute(&command(33))).is_err(),
         "poisoned"
@@ -2261,15 +2267,7 @@ fn a_torn_tail_on_a_full_disk_is_kept_in_the_reserves_space_and_the_writer_start
     let mut ledger = Ledger::new(LedgerConfig::default());
     let mut history = History::new(&ledger);
     write_commands(&mut writer, &mut ledger, &mut history, 0..30, 3);
-    faults.tear_bytes.store(50, Ordering::SeqCst);
-    faults.tear_next_write.store(true, Ordering::SeqCst);
-    for i in 30..33 {
-        writer.append(&ledger.execute(&command(i))).unwrap();
-    }
-    assert!(
-        writer.commit().is_err(),
-        "the sync after a torn write fails"
-    );
+    tear_three_records(&mut writer, &faults, &mut ledger);
     drop(writer);
     disk.fill("filler");
 

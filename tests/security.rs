@@ -519,6 +519,19 @@ fn rate_and_velocity_limits_answer_429_and_recover() {
     assert!(server.stop().success());
 }
 
+/// Calls `get` every 100 ms until it answers 200 or `limit` has passed: its last status and
+/// how long that took.
+fn until_200(limit: Duration, mut get: impl FnMut() -> u16) -> (u16, Duration) {
+    let started = Instant::now();
+    loop {
+        let status = get();
+        if status == 200 || started.elapsed() >= limit {
+            return (status, started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A further connection is answered at once with 503 `too_many_connections` (every slot is
 /// held), or the test fails with `why`.
 fn assert_one_more_connection_is_refused(server: &Server, why: &str) {
@@ -562,26 +575,15 @@ fn a_client_that_never_reads_its_answers_loses_its_connection_slot() {
     std::thread::sleep(Duration::from_millis(200));
     assert_one_more_connection_is_refused(&server, "the hogs did not hold the connection slots");
     let mut probe = server.client();
-    let started = Instant::now();
-    let mut status = 0;
-    while started.elapsed() < Duration::from_secs(15) {
-        status = probe.get("/healthz").status;
-        if status == 200 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (status, took) = until_200(Duration::from_secs(15), || probe.get("/healthz").status);
     assert_eq!(
-        status,
-        200,
-        "connections that never read kept every slot for {:?}",
-        started.elapsed()
+        status, 200,
+        "connections that never read kept every slot for {took:?}"
     );
     // Within a few request timeouts (1 s each), not by some slower way.
     assert!(
-        started.elapsed() < Duration::from_secs(8),
-        "the slots came back only after {:?}",
-        started.elapsed()
+        took < Duration::from_secs(8),
+        "the slots came back only after {took:?}"
     );
     for hog in hogs {
         drop(hog.join().expect("hog thread"));
@@ -609,15 +611,9 @@ fn connections_taken_during_recovery_count_against_the_limit_after_it() {
         "a third connection was served beside two held since recovery",
     );
     drop(held);
-    let started = Instant::now();
-    let mut status = 0;
-    while started.elapsed() < Duration::from_secs(10) {
-        status = server.client().get("/readyz").status;
-        if status == 200 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (status, _) = until_200(Duration::from_secs(10), || {
+        server.client().get("/readyz").status
+    });
     assert_eq!(status, 200, "ready once the held connections ended");
     assert!(server.stop().success());
 }

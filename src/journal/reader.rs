@@ -392,23 +392,12 @@ impl MappedSegment {
         let to = end
             .max(self.populated + POPULATE_WINDOW_BYTES)
             .min(self.map.len());
-        match self.map.advise_range(
-            memmap2::Advice::PopulateRead,
-            self.populated,
-            to - self.populated,
-        ) {
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-            Err(e) => {
-                return Err(std::io::Error::new(
-                    e.kind(),
-                    format!(
-                        "the pages at offsets {} to {to} cannot be read: {e}",
-                        self.populated
-                    ),
-                ));
-            }
-            Ok(()) => {}
-        }
+        let from = self.populated;
+        crate::journal::storage::populated(
+            self.map
+                .advise_range(memmap2::Advice::PopulateRead, from, to - from),
+            || format!("the pages at offsets {from} to {to}"),
+        )?;
         self.populated = to;
         Ok(())
     }

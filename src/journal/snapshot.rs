@@ -167,14 +167,9 @@ fn populate(map: &memmap2::Mmap) -> std::io::Result<()> {
     if map.is_empty() {
         return Ok(());
     }
-    match map.advise(memmap2::Advice::PopulateRead) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
-        Err(e) => Err(std::io::Error::new(
-            e.kind(),
-            format!("its pages cannot be read: {e}"),
-        )),
-        Ok(()) => Ok(()),
-    }
+    crate::journal::storage::populated(map.advise(memmap2::Advice::PopulateRead), || {
+        "its pages".to_string()
+    })
 }
 
 /// `codec::decode_snapshot` on two threads. Once the file's checksum holds (checked first:

@@ -383,19 +383,11 @@ impl SegmentFile for MmapSegment {
         let mut at = start - start % PAGE;
         while at < end {
             let window_end = (at + WINDOW).min(end);
-            match self
-                .map
-                .advise_range(memmap2::Advice::PopulateRead, at, window_end - at)
-            {
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-                Err(e) => {
-                    return Err(io::Error::new(
-                        e.kind(),
-                        format!("the pages at offsets {at} to {window_end} cannot be read: {e}"),
-                    ));
-                }
-                Ok(()) => {}
-            }
+            populated(
+                self.map
+                    .advise_range(memmap2::Advice::PopulateRead, at, window_end - at),
+                || format!("the pages at offsets {at} to {window_end}"),
+            )?;
             let base = self.map.as_mut_ptr();
             while at < window_end {
                 // SAFETY: `at < window_end <= map.len()`, so the byte is inside the mapping,
@@ -414,6 +406,21 @@ impl SegmentFile for MmapSegment {
 
     fn size(&self) -> u64 {
         self.map.len() as u64
+    }
+}
+
+/// The result of `MADV_POPULATE_READ` over `what` (a mapping's pages): an error names them as
+/// unreadable (an I/O error, a file cut shorter since it was mapped), which a read through the
+/// mapping would have made a SIGBUS. Before Linux 5.14 the advice does not exist (`EINVAL`):
+/// the pages are faulted in as they are read instead.
+pub(crate) fn populated(result: io::Result<()>, what: impl FnOnce() -> String) -> io::Result<()> {
+    match result {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("{} cannot be read: {e}", what()),
+        )),
+        Ok(()) => Ok(()),
     }
 }
 

@@ -765,22 +765,14 @@ impl Replicator {
             if node.unprobed || node.needs_resync || node.write.is_some() {
                 continue;
             }
-            if node.conn.is_none() {
-                if node.retry_at.is_some_and(|at| Instant::now() < at) {
+            match tokio::time::timeout(SLOW_WRITE, node.ensure_connected()).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(_) => {
+                    node.mark_down(&anyhow::anyhow!(
+                        "no connection within {SLOW_WRITE:?} for the idle check"
+                    ));
                     continue;
-                }
-                match tokio::time::timeout(SLOW_WRITE, connect(&node.address)).await {
-                    Ok(Ok(conn)) => node.conn = Some(conn),
-                    Ok(Err(e)) => {
-                        node.mark_down(&e);
-                        continue;
-                    }
-                    Err(_) => {
-                        node.mark_down(&anyhow::anyhow!(
-                            "no connection within {SLOW_WRITE:?} for the idle check"
-                        ));
-                        continue;
-                    }
                 }
             }
             let Some(conn) = node.conn.as_mut() else {
