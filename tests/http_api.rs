@@ -123,6 +123,15 @@ fn endpoints_and_error_paths() {
             json!({"from_account": "alice", "to_account": "bob", "amount": "1", "currency": "USD", "transaction_id": "not-a-uuid"}),
             "transaction_id",
         ),
+        // The nil and the max UUID are an unset field's value, not an id.
+        (
+            json!({"from_account": "alice", "to_account": "bob", "amount": "1", "currency": "USD", "transaction_id": "00000000-0000-0000-0000-000000000000"}),
+            "transaction_id",
+        ),
+        (
+            json!({"from_account": "alice", "to_account": "bob", "amount": "1", "currency": "USD", "transaction_id": "FFFFFFFF-FFFF-FFFF-FFFF-FFFFFFFFFFFF"}),
+            "transaction_id",
+        ),
         (
             json!({"from_account": "al ice", "to_account": "bob", "amount": "1", "currency": "USD", "transaction_id": uuid()}),
             "from_account",
@@ -151,6 +160,41 @@ fn endpoints_and_error_paths() {
             "{body}: message {message:?} should name {field}"
         );
     }
+    // The other requests that take a new id refuse them too; a lookup only finds nothing.
+    let nil = "00000000-0000-0000-0000-000000000000";
+    for (path, body, field) in [
+        (
+            "/v1/wallet/deposit",
+            json!({"account_id": "alice", "amount": "1", "currency": "USD", "transaction_id": nil}),
+            "transaction_id",
+        ),
+        (
+            "/v1/wallet/withdraw",
+            json!({"account_id": "alice", "amount": "1", "currency": "USD", "transaction_id": nil}),
+            "transaction_id",
+        ),
+        (
+            "/v1/wallet/accounts",
+            json!({"account_id": "carol", "transaction_id": nil}),
+            "transaction_id",
+        ),
+        (
+            "/v1/wallet/balance_transfers",
+            json!({"transfers": [transfer_body("alice", "bob", "1", &uuid()), transfer_body("alice", "bob", "1", nil)]}),
+            "transfers[1].transaction_id",
+        ),
+    ] {
+        let r = c.post(path, &body);
+        assert_eq!(r.status, 400, "{path} {body}: {}", r.body);
+        assert_eq!(r.json()["error"]["field"], field, "{path}: {}", r.body);
+        assert_eq!(r.json()["error"]["code"], "invalid_transaction_id");
+    }
+    assert_eq!(
+        c.get(&format!("/v1/wallet/balance_transfer/{nil}")).status,
+        404
+    );
+    assert_eq!(c.get("/v1/wallet/accounts/carol").status, 404);
+    assert_eq!(balance_cents(&mut c, "alice"), 8766);
     let r = c.request(
         "POST",
         "/v1/wallet/balance_transfer",

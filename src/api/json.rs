@@ -234,6 +234,22 @@ pub fn transaction_id(field: &str, text: &str) -> Result<TransactionId, FieldErr
         .ok_or_else(|| FieldError::new("invalid_transaction_id", field, "must be a UUID"))
 }
 
+/// A transaction id for a new request. The nil and the max UUID are what an unset or defaulted
+/// field holds: every request of a client with that bug would share one id, and its second
+/// request (same body) would be answered as a replay of the first, moving no money. Lookups
+/// (`transaction_id`) still accept them, for journals written before this check.
+pub fn new_transaction_id(field: &str, text: &str) -> Result<TransactionId, FieldError> {
+    let id = transaction_id(field, text)?;
+    if id.0 == 0 || id.0 == u128::MAX {
+        return Err(FieldError::new(
+            "invalid_transaction_id",
+            field,
+            "must not be the nil or the max UUID (the value of an unset field): send a fresh UUID per request",
+        ));
+    }
+    Ok(id)
+}
+
 pub fn currency(field: &str, text: &str) -> Result<Currency, FieldError> {
     Currency::new(text).map_err(|e| FieldError::new("unsupported_currency", field, e))
 }
@@ -260,7 +276,7 @@ impl TransferRequest<'_> {
     /// Validates the fields into a command. Field names in errors are the bare names; a batch
     /// prefixes them with `FieldError::within` (only on error: nothing is formatted on success).
     pub fn to_command(&self, timestamp_ns: u64) -> Result<Command, FieldError> {
-        let transaction_id = transaction_id("transaction_id", &self.transaction_id)?;
+        let transaction_id = new_transaction_id("transaction_id", &self.transaction_id)?;
         let from = account("from_account", &self.from_account)?;
         let to = account("to_account", &self.to_account)?;
         let currency = currency("currency", &self.currency)?;
@@ -280,7 +296,7 @@ impl TransferRequest<'_> {
 
 impl MoneyRequest {
     pub fn to_command(&self, timestamp_ns: u64, deposit: bool) -> Result<Command, FieldError> {
-        let transaction_id = transaction_id("transaction_id", &self.transaction_id)?;
+        let transaction_id = new_transaction_id("transaction_id", &self.transaction_id)?;
         let account = account("account_id", &self.account_id)?;
         let currency = currency("currency", &self.currency)?;
         let amount = amount("amount", &self.amount, currency, max_amount())?;

@@ -1563,7 +1563,7 @@ async fn open_account(
         Err(e) => return Reply::field(e),
     };
     let transaction_id = match &request.transaction_id {
-        Some(text) => match json::transaction_id("transaction_id", text) {
+        Some(text) => match json::new_transaction_id("transaction_id", text) {
             Ok(id) => id,
             Err(e) => return Reply::field(e),
         },
