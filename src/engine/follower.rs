@@ -119,6 +119,11 @@ impl Follower {
                     }
                 }
                 if self.ledger.next_seq() >= next_snapshot {
+                    // Asked to stop: no more snapshots (a fetch can hold many that fall due, and
+                    // a shutdown must not wait for them; the next start replays from the last).
+                    if self.stop.load(Ordering::Acquire) {
+                        return;
+                    }
                     next_snapshot = self.ledger.next_seq().saturating_add(self.snapshot_every);
                     // The record's frame checksum names the journal this state came from.
                     self.snapshot(chains.get(i).copied(), &mut buffer);
@@ -403,6 +408,38 @@ mod tests {
 
     /// `--snapshot-every 18446744073709551615` means "practically never": the interval does not
     /// wrap round to a snapshot after every record (or panic, with overflow checks on).
+    /// A stop asked for while one fetch holds many snapshots that fall due ends the follower
+    /// without writing them.
+    #[test]
+    fn a_stop_is_not_held_up_by_the_snapshots_due_in_a_fetch() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let (dir, mut writer) = open_writer(temp.path(), SyncMode::None);
+        let mut ledger = Ledger::new(LedgerConfig::default());
+        for i in 0..20_000u64 {
+            writer.append(&ledger.execute(&command(i))).expect("append");
+        }
+        writer.commit().expect("commit");
+        let shared = Arc::new(EngineShared::default());
+        shared
+            .durable_seq
+            .store(ledger.next_seq() - 1, Ordering::SeqCst);
+        // 40,000 events in one fetch: 400 snapshots fall due in it.
+        let (handle, stop, _snapshots) = start_follower(temp.path(), dir, 100, &shared);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while shared.snapshots_written.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "no snapshot in 10 s");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        stop.store(true, Ordering::SeqCst);
+        handle.join().expect("no panic");
+        let written = shared.snapshots_written.load(Ordering::SeqCst);
+        assert!(
+            written <= 3,
+            "{written} snapshots written after the stop was asked for"
+        );
+        assert!(!shared.follower_failed.load(Ordering::SeqCst));
+    }
+
     #[test]
     fn a_huge_snapshot_interval_writes_no_snapshot() {
         let temp = tempfile::tempdir().expect("tempdir");

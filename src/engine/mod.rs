@@ -441,6 +441,9 @@ struct EngineState {
     tables: Option<TableHelper>,
     /// Set when a panic interrupted the ledger: nothing executes any more.
     failed: bool,
+    /// Commands of the group being run that have been answered (their output slots
+    /// published): after a panic, the rest are answered "not executed".
+    answered: usize,
     /// `EngineConfig::panic_at_seq` (`u64::MAX`: never).
     panic_at_seq: u64,
     /// `EngineConfig::max_transaction_ids`, capped at `MAX_TRANSACTION_IDS`.
@@ -501,6 +504,36 @@ impl EngineState {
         if !end_of_batch && self.buffer.len() < EXECUTE_GROUP {
             return;
         }
+        let buffer = std::mem::take(&mut self.buffer);
+        self.answered = 0;
+        // A panic outside the execution itself (a lookup while admitting or after a halt, a
+        // checkpoint, the helpers' hand-overs) halts the engine too. The group's commands not
+        // answered yet are answered "not executed" here: their callers must not wait for a
+        // timeout, and their waiter slots are freed only by an answer.
+        let run =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_group(&buffer)));
+        if let Err(payload) = run {
+            self.fail(format!(
+                "the engine thread panicked: {}",
+                panic_text(payload.as_ref())
+            ));
+            for input in buffer.get(self.answered..).unwrap_or_default() {
+                self.publish(OutputSlot::not_executed(input.token, input.submitted_ns));
+            }
+        }
+        self.buffer = buffer;
+        self.buffer.clear();
+    }
+
+    /// Publishes the answer to one of the group's commands.
+    fn answer(&mut self, out: OutputSlot) {
+        self.publish(out);
+        self.answered += 1;
+    }
+
+    /// Runs one group: every command in `buffer` is answered (`answered` counts them) unless a
+    /// panic escapes, which `on_slot` handles.
+    fn run_group(&mut self, buffer: &[InputSlot]) {
         if self.shared.halted.load(Ordering::Relaxed) {
             // The output thread halted (a failed sync or append, a panic): nothing more is
             // journaled, so nothing more is executed. Checked once per group; a group that
@@ -508,13 +541,12 @@ impl EngineState {
             // remembered command still gets its original outcome, which the output thread
             // announces only if that record was durable before the failure; the ledger (ahead
             // of the journal by what the failed sync held) is never handed back (`Drop`).
-            let buffer = std::mem::take(&mut self.buffer);
-            for input in &buffer {
+            for input in buffer {
                 let replay = self
                     .ledger
                     .as_ref()
                     .and_then(|ledger| ledger.replay_of(&input.command));
-                self.publish(match replay {
+                self.answer(match replay {
                     Some(record) => OutputSlot {
                         record,
                         token: input.token,
@@ -526,30 +558,29 @@ impl EngineState {
             return;
         }
         let Some(mut ledger) = self.ledger.take() else {
+            // Only `fail` takes the ledger for good, and `on_slot` checks for that first.
+            for input in buffer {
+                self.answer(OutputSlot::not_executed(input.token, input.submitted_ns));
+            }
             return;
         };
-        let buffer = std::mem::take(&mut self.buffer);
         let ids = u64::from(ledger.transaction_id_count());
         // Each command remembers at most one new id: a group that cannot reach the limit
         // runs whole; one that might, or any while the journal is short of disk space, is
         // admitted command by command.
         let space_short = self.shared.journal_space_short.load(Ordering::Relaxed);
         let panicked = if ids + buffer.len() as u64 <= self.max_transaction_ids && !space_short {
-            self.execute_group(&mut ledger, &buffer)
+            self.execute_group(&mut ledger, buffer)
         } else {
-            self.execute_admitting(&mut ledger, &buffer, space_short)
+            self.execute_admitting(&mut ledger, buffer, space_short)
         };
         if let Some(reason) = panicked {
             // The ledger may be half-way through a change: it is dropped, never used again.
             self.fail(reason);
-            self.buffer = buffer;
-            self.buffer.clear();
             return;
         }
         let timestamp_ns = buffer.last().map(|s| s.command.timestamp_ns).unwrap_or(0);
         let submitted_ns = buffer.last().map(|s| s.submitted_ns).unwrap_or(0);
-        self.buffer = buffer;
-        self.buffer.clear();
         if self.checkpoint_every > 0 && ledger.next_seq() >= self.next_checkpoint {
             let checkpoint = ledger.checkpoint(timestamp_ns);
             self.next_checkpoint = ledger.next_seq().saturating_add(self.checkpoint_every);
@@ -647,6 +678,7 @@ impl EngineState {
                         }
                     });
                     if published.is_ok() {
+                        self.answered += part.len();
                         ring(self.output_bell);
                         break;
                     }
@@ -673,6 +705,13 @@ impl EngineState {
         space_short: bool,
     ) -> Option<String> {
         for (i, input) in group.iter().enumerate() {
+            if ledger.next_seq() == self.panic_at_seq {
+                // The failpoint, here for the lookups below (outside `execute_group`'s catch).
+                panic!(
+                    "failpoint engine-panic at sequence {} while admitting",
+                    self.panic_at_seq
+                );
+            }
             let refusal = if space_short {
                 ledger
                     .replay_of(&input.command)
@@ -704,12 +743,12 @@ impl EngineState {
                 None => {}
             }
             if let Some(why) = refusal {
-                self.publish(OutputSlot::refused(input, why));
+                self.answer(OutputSlot::refused(input, why));
                 continue;
             }
             if let Some(reason) = self.execute_group(ledger, std::slice::from_ref(input)) {
                 for rest in &group[i + 1..] {
-                    self.publish(OutputSlot::not_executed(rest.token, rest.submitted_ns));
+                    self.answer(OutputSlot::not_executed(rest.token, rest.submitted_ns));
                 }
                 return Some(reason);
             }
@@ -1048,14 +1087,15 @@ impl Engine {
             id_blocks,
             tables,
             failed: false,
+            answered: 0,
             panic_at_seq: config.panic_at_seq.unwrap_or(u64::MAX),
             max_transaction_ids: config.max_transaction_ids.min(MAX_TRANSACTION_IDS),
             warned_near_the_limit: false,
             refusing: false,
         };
         let handler = |state: &mut EngineState, slot: &InputSlot, _sequence, end_of_batch| {
-            // A panic outside the execution itself (a checkpoint, the helpers' hand-overs)
-            // halts the engine too; the thread lives on to drain the ring.
+            // A panic outside a group's run (which `on_slot` catches itself) halts the engine
+            // too; the thread lives on to drain the ring.
             let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 state.on_slot(slot, end_of_batch)
             }));
@@ -1445,6 +1485,58 @@ mod tests {
         assert!(after.values().all(|&v| v == (false, false)), "{after:?}");
         assert_eq!(shared.durable_seq.load(Ordering::SeqCst), 3);
 
+        drop(submitter);
+        shutdown_refuses(engine, &reason, "a panic interrupted");
+        assert_eq!(receiver.try_iter().count(), 0, "outcomes answered twice");
+    }
+
+    /// A panic outside `execute_group`'s own catch (here in the admission lookups, which run
+    /// near the id limit or short of disk space) still answers the group's unanswered rest.
+    #[test]
+    fn a_panic_while_admitting_answers_the_rest_of_the_group() {
+        let (sender, receiver) = mpsc::channel();
+        let config = EngineConfig {
+            panic_at_seq: Some(8),
+            // Setup remembers 3 ids; a group of 5 more might pass 6: admitted one by one.
+            max_transaction_ids: 6,
+            ..test_config()
+        };
+        let engine = Engine::start(
+            Ledger::new(LedgerConfig::default()),
+            config,
+            JournalStage::Off,
+            Collect {
+                sender,
+                panic_on: None,
+                panic_on_flush: None,
+                held: Vec::new(),
+            },
+        );
+        let shared = engine.shared();
+        let mut submitter = engine.submitter();
+        submit_batch(&mut submitter, &setup(), 0);
+        receive(&receiver, 3);
+        let group = [
+            transfer(10),
+            transfer(11),
+            transfer(12),
+            transfer(13),
+            transfer(14),
+        ];
+        submit_batch(&mut submitter, &group, 10);
+        let during = receive(&receiver, 5);
+        // 10 and 11 (sequences 4..8) executed one by one before the panic; the rest not.
+        assert!(during[&10].0 && during[&11].0, "{during:?}");
+        for token in 12..15 {
+            assert_eq!(during[&token], (false, false), "token {token}");
+        }
+        let reason = shared.halt_reason().expect("a halt reason");
+        assert!(
+            reason.contains("panicked") && reason.contains("while admitting"),
+            "{reason}"
+        );
+        submit_batch(&mut submitter, &[transfer(20)], 20);
+        assert_eq!(receive(&receiver, 1)[&20], (false, false));
         drop(submitter);
         shutdown_refuses(engine, &reason, "a panic interrupted");
         assert_eq!(receiver.try_iter().count(), 0, "outcomes answered twice");
