@@ -240,6 +240,15 @@ impl Reply {
         .with_header("retry-after", "1")
     }
 
+    /// A read while the views are broken (`Views::read`): 503, never their half-applied state.
+    fn views_broken(broken: crate::views::ViewsBroken) -> Reply {
+        Reply::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "views_unavailable",
+            &broken.to_string(),
+        )
+    }
+
     /// A status or history read while the views still load the journal's past (after start-up).
     /// The answer of a read that needs the views' past while it is not in: loading after a
     /// restart (retry shortly), or failed to load (an operator must look at the journal).
@@ -664,6 +673,12 @@ async fn dispatch(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
                     format!("halted: {}\n", detail(app, &reason)),
+                )
+            } else if app.views.broken() {
+                Reply::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("halted: {}\n", crate::views::ViewsBroken),
                 )
             } else if let Some(reason) = app.views.past_failure() {
                 Reply::text(
@@ -1160,10 +1175,15 @@ fn status_for(outcome: &OutcomeView) -> StatusCode {
 /// Turns a delivered record into the reply a caller gets.
 fn render(app: &App, caller: &Caller, delivered: &Delivered) -> Reply {
     let past = PastState::of(&app.views);
-    let (status, body, replayed) = app.views.read(|state| {
+    let read = app.views.read(|state| {
         let (status, body, replayed) = render_value(state, caller, delivered, &past);
         (status, body.to_bytes(), replayed)
     });
+    let (status, body, replayed) = match read {
+        Ok(rendered) => rendered,
+        // The outcome is in the journal if it was durable: a retry after the restart gets it.
+        Err(broken) => return Reply::views_broken(broken).with_header("retry-after", "5"),
+    };
     let reply = Reply::json_bytes(status, body);
     match (replayed, status) {
         (_, StatusCode::SERVICE_UNAVAILABLE) => reply.with_header("retry-after", "5"),
@@ -1259,9 +1279,11 @@ fn check_debit(
 /// Whether the read views hold an outcome for `transaction_id` (the engine executes an id at
 /// most once, so such a command moves no money again). The views trail the engine by a moment:
 /// a retry sent before they saw the original is charged like a new transfer.
+/// Broken views (the server is halting) decide nothing: the transfer is charged as a new one.
 fn already_decided(app: &App, transaction_id: TransactionId) -> bool {
     app.views
         .read(|state| state.outcomes.get(&transaction_id.0).is_some())
+        .unwrap_or(false)
 }
 
 fn may_debit(caller: &Caller, from: &str) -> Result<(), Reply> {
@@ -1426,12 +1448,16 @@ async fn transfer_batch(
         let mut per_account: std::collections::HashMap<&str, u32> =
             std::collections::HashMap::new();
         // Items decided before (retries) move no money again: not charged.
-        let decided: Vec<bool> = app.views.read(|state| {
+        let decided = app.views.read(|state| {
             commands
                 .iter()
                 .map(|c| state.outcomes.get(&c.transaction_id.0).is_some())
-                .collect()
+                .collect::<Vec<bool>>()
         });
+        let decided = match decided {
+            Ok(decided) => decided,
+            Err(broken) => return Reply::views_broken(broken),
+        };
         charged = decided.iter().map(|d| !d).collect();
         for (transfer, decided) in request.transfers.iter().zip(decided) {
             if !decided {
@@ -1544,7 +1570,10 @@ async fn transfer_batch(
         out.extend_from_slice(b"]}");
         Bytes::from(out)
     });
-    Reply::json_bytes(StatusCode::OK, body)
+    match body {
+        Ok(body) => Reply::json_bytes(StatusCode::OK, body),
+        Err(broken) => Reply::views_broken(broken).with_header("retry-after", "5"),
+    }
 }
 
 async fn open_account(
@@ -1645,7 +1674,7 @@ async fn account(app: &App, caller: &Caller, id: &str, query: Option<&str>) -> R
     if let Err(reply) = wait_min_seq(app, query).await {
         return reply;
     }
-    app.views.read(|state| match state.account(id) {
+    let read = app.views.read(|state| match state.account(id) {
         None => Reply::error(
             StatusCode::NOT_FOUND,
             "account_not_found",
@@ -1663,7 +1692,8 @@ async fn account(app: &App, caller: &Caller, id: &str, query: Option<&str>) -> R
                 json!({"account_id": id, "balances": balances, "sequence": sequence}),
             )
         }
-    })
+    });
+    read.unwrap_or_else(Reply::views_broken)
 }
 
 async fn history(app: &App, caller: &Caller, id: &str, query: Option<&str>) -> Reply {
@@ -1702,6 +1732,10 @@ async fn history(app: &App, caller: &Caller, id: &str, query: Option<&str>) -> R
             .collect();
         Some((entries, state.oldest_history_seq(index)))
     });
+    let copied = match copied {
+        Ok(copied) => copied,
+        Err(broken) => return Reply::views_broken(broken),
+    };
     let Some((entries, oldest)) = copied else {
         return Reply::error(
             StatusCode::NOT_FOUND,
@@ -1752,7 +1786,7 @@ async fn transfer_status(app: &App, caller: &Caller, id: &str, query: Option<&st
     if !app.views.past_complete() {
         return Reply::still_loading(app);
     }
-    app.views.read(|state| {
+    let read = app.views.read(|state| {
         // Visible to its two parties only; to anyone else it looks exactly like an unknown id.
         let visible = |o: &OutcomeView| {
             caller.admin
@@ -1773,7 +1807,8 @@ async fn transfer_status(app: &App, caller: &Caller, id: &str, query: Option<&st
                 "no outcome is known for this transaction_id",
             ),
         }
-    })
+    });
+    read.unwrap_or_else(Reply::views_broken)
 }
 
 /// One NDJSON line per event with `seq >= from_seq`, from the in-memory window or the journal.
@@ -1836,6 +1871,10 @@ async fn events(app: &App, query: Option<&str>) -> Reply {
         let names = names_of(state, &records);
         Some((records, names))
     });
+    let window = match window {
+        Ok(window) => window,
+        Err(broken) => return Reply::views_broken(broken),
+    };
     let lines = match window {
         Some((records, names)) => {
             let mut lines = String::new();
@@ -1918,7 +1957,9 @@ async fn events(app: &App, query: Option<&str>) -> Reply {
                         return Err(e.to_string());
                     }
                 }
-                let names = app_views.read(|state| names_of(state, &records));
+                let names = app_views
+                    .read(|state| names_of(state, &records))
+                    .map_err(|broken| broken.to_string())?;
                 let mut lines = String::new();
                 for record in &records {
                     event_lines(&names, record, from_seq, &mut lines);

@@ -531,7 +531,9 @@ impl Views {
     /// taken (for twice the live part, plus a margin for what arrives in between), so no
     /// rehash of the whole past happens under the lock, which the reply stage waits for.
     pub fn merge_past(&self, mut past: Past) {
-        let live_now = self.read(|state| state.outcomes.len());
+        let live_now = (self.state.read().unwrap_or_else(|e| e.into_inner()))
+            .outcomes
+            .len();
         past.outcomes.reserve(live_now * 2 + (1 << 16));
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         let live = std::mem::take(&mut state.outcomes);
@@ -617,9 +619,31 @@ impl Views {
         self.advanced.notify_waiters();
     }
 
-    pub fn read<T>(&self, read: impl FnOnce(&ViewState) -> T) -> T {
-        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-        read(&state)
+    /// Reads the views, unless a panic stopped them part-way through applying a batch (the
+    /// lock is poisoned): they may then hold part of a record, a debit without its credit, and
+    /// are never read again (the server is halting; a restart rebuilds them from the journal).
+    pub fn read<T>(&self, read: impl FnOnce(&ViewState) -> T) -> Result<T, ViewsBroken> {
+        let state = self.state.read().map_err(|_| ViewsBroken)?;
+        Ok(read(&state))
+    }
+
+    /// Whether a panic stopped the views part-way through a batch (see `read`).
+    pub fn broken(&self) -> bool {
+        self.state.is_poisoned()
+    }
+}
+
+/// The views stopped part-way through applying a batch; see `Views::read`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ViewsBroken;
+
+impl std::fmt::Display for ViewsBroken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "the read views stopped part-way through applying a batch (an internal error; the \
+             server is halting) and may hold part of a transaction; a restart rebuilds them \
+             from the journal",
+        )
     }
 }
 
@@ -633,6 +657,79 @@ mod tests {
 
     /// History entries are derived from outcomes on read; they must be exactly the events each
     /// record made for that account, in order, and `after_seq` must cut where it says.
+    /// A panic part-way through a batch (here a record naming an account the views do not
+    /// have, as only a bug elsewhere would make) leaves the views with part of it: they are
+    /// never read again, rather than show a debit without its credit.
+    #[test]
+    fn views_stopped_part_way_through_a_batch_are_never_read() {
+        let usd = Currency::new("USD").expect("usd");
+        let name = |i: u64| AccountId::new(&format!("acct-{i}")).expect("id");
+        let mut ledger = Ledger::new(LedgerConfig::default());
+        let views = Views::from_ledger(&ledger);
+        let run = |ledger: &mut Ledger, id: u128, kind: CommandKind| {
+            ledger.execute(&Command {
+                transaction_id: TransactionId(id),
+                timestamp_ns: 1,
+                kind,
+            })
+        };
+        let setup = [
+            run(
+                &mut ledger,
+                1,
+                CommandKind::OpenAccount { account: name(0) },
+            ),
+            run(
+                &mut ledger,
+                2,
+                CommandKind::OpenAccount { account: name(1) },
+            ),
+            run(
+                &mut ledger,
+                3,
+                CommandKind::Deposit {
+                    account: name(0),
+                    amount: 100,
+                    currency: usd,
+                },
+            ),
+        ];
+        views.apply_batch(&setup);
+        let transfer = |ledger: &mut Ledger, id| {
+            run(
+                ledger,
+                id,
+                CommandKind::Transfer {
+                    from: name(0),
+                    to: name(1),
+                    amount: 10,
+                    currency: usd,
+                },
+            )
+        };
+        let good = transfer(&mut ledger, 4);
+        let mut bad = transfer(&mut ledger, 5);
+        assert_eq!(bad.events[1].kind, EventKind::Credited);
+        bad.events[1].account = 1000;
+        let balance = |views: &Views| {
+            views.read(|state| {
+                state.balances[0]
+                    .iter()
+                    .map(|(_, balance)| *balance)
+                    .sum::<u64>()
+            })
+        };
+        assert_eq!(balance(&views), Ok(100));
+        assert!(!views.broken());
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            views.apply_batch(&[good, bad]);
+        }));
+        assert!(applied.is_err(), "the bad record applied");
+        assert!(views.broken());
+        assert_eq!(balance(&views), Err(super::ViewsBroken));
+        assert_eq!(views.applied_seq(), 3, "the batch's sequence was published");
+    }
+
     #[test]
     fn history_read_back_is_every_balance_event_of_the_account_in_order() {
         let usd = Currency::new("USD").expect("usd");
@@ -721,23 +818,25 @@ mod tests {
             }
             assert!(want.len() > 10, "account {account}: {} events", want.len());
             let read = |after: u64| -> Vec<_> {
-                views.read(|state| {
-                    state
-                        .history_after(account, after)
-                        .map(|e| {
-                            (
-                                e.seq,
-                                e.transaction_id,
-                                e.kind,
-                                e.currency,
-                                e.amount,
-                                e.balance_after,
-                                e.timestamp_ns,
-                                e.counterparty,
-                            )
-                        })
-                        .collect()
-                })
+                views
+                    .read(|state| {
+                        state
+                            .history_after(account, after)
+                            .map(|e| {
+                                (
+                                    e.seq,
+                                    e.transaction_id,
+                                    e.kind,
+                                    e.currency,
+                                    e.amount,
+                                    e.balance_after,
+                                    e.timestamp_ns,
+                                    e.counterparty,
+                                )
+                            })
+                            .collect()
+                    })
+                    .expect("views")
             };
             assert_eq!(read(0), want, "account {account}");
             let middle = want[want.len() / 2].0;
@@ -745,7 +844,9 @@ mod tests {
             assert_eq!(read(middle), later, "account {account} after {middle}");
             assert_eq!(read(u64::MAX), Vec::new());
             assert_eq!(
-                views.read(|state| state.oldest_history_seq(account)),
+                views
+                    .read(|state| state.oldest_history_seq(account))
+                    .expect("views"),
                 Some(want[0].0)
             );
         }
@@ -816,11 +917,13 @@ mod tests {
         assert!(merged.past_complete());
 
         let history = |views: &Views, account: u32| -> Vec<(u64, u128, u64, u32)> {
-            views.read(|s| {
-                s.history_after(account, 0)
-                    .map(|e| (e.seq, e.transaction_id, e.balance_after, e.counterparty))
-                    .collect()
-            })
+            views
+                .read(|s| {
+                    s.history_after(account, 0)
+                        .map(|e| (e.seq, e.transaction_id, e.balance_after, e.counterparty))
+                        .collect()
+                })
+                .expect("views")
         };
         for account in 0..15u32 {
             let want = history(&full, account);
@@ -829,12 +932,15 @@ mod tests {
         }
         for record in &records {
             let id = record.transaction_id.0;
-            let seq =
-                |views: &Views| views.read(|s| s.outcomes.get(&id).map(|o| (o.seq, o.rejection)));
+            let seq = |views: &Views| {
+                views
+                    .read(|s| s.outcomes.get(&id).map(|o| (o.seq, o.rejection)))
+                    .expect("views")
+            };
             assert!(seq(&full).is_some());
             assert_eq!(seq(&merged), seq(&full), "outcome of {id:#x}");
         }
-        let balances = |views: &Views| views.read(|s| s.balances.clone());
+        let balances = |views: &Views| views.read(|s| s.balances.clone()).expect("views");
         assert_eq!(balances(&merged), balances(&full));
     }
 
