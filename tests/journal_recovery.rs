@@ -862,6 +862,58 @@ fn replay_refuses_a_record_whose_fingerprint_is_not_its_bodys() {
     assert!(report.ok, "{:?}", report.error);
 }
 
+/// A damaged durable-watermark file is an error for recovery and replay, not a check skipped:
+/// with it skipped, acknowledged records cut off by damage would be cut as a torn tail. An
+/// empty file (a writer that crashed before its first write) is read as no file.
+#[test]
+fn a_damaged_durable_watermark_refuses_recovery_and_replay() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let (ledger, _) = fresh_journal(data, 64 << 10, 0..300, 10);
+    let last_seq = ledger.next_seq() - 1;
+    let watermark = journal_dir(data).join(wallet::journal::format::DURABLE_FILE_NAME);
+    let intact = fs::read(&watermark).unwrap();
+    for (name, bytes) in [
+        ("one byte flipped", {
+            let mut b = intact.clone();
+            b[9] ^= 1;
+            b
+        }),
+        ("cut short", intact[..12].to_vec()),
+        ("not a watermark", vec![b'x'; 24]),
+    ] {
+        fs::write(&watermark, &bytes).unwrap();
+        match recover(data, LedgerConfig::default(), false, |_, _| {}) {
+            Err(JournalError::Corrupt { file, reason, .. }) => {
+                assert_eq!(file, watermark, "{name}");
+                assert!(
+                    reason.contains("durable-watermark file is damaged"),
+                    "{name}: {reason}"
+                );
+            }
+            Err(e) => panic!("{name}: wrong error: {e}"),
+            Ok(r) => panic!("{name}: recovered to {} unchecked", r.end.next_seq),
+        }
+        let error = match wallet::tools::replay::run(&replay_args(data)) {
+            Ok(report) => report
+                .error
+                .unwrap_or_else(|| panic!("{name}: replay passed")),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            error.contains("durable-watermark file is damaged"),
+            "{name}: {error}"
+        );
+    }
+    fs::write(&watermark, b"").unwrap();
+    let recovered = recover(data, LedgerConfig::default(), false, |_, _| {}).unwrap();
+    assert_eq!(recovered.end.next_seq, last_seq + 1);
+    fs::write(&watermark, &intact).unwrap();
+    let report = wallet::tools::replay::run(&replay_args(data)).unwrap();
+    assert!(report.ok, "{:?}", report.error);
+    assert_eq!(report.durable_seq, Some(last_seq));
+}
+
 /// A last record damaged after it was synced reads as a torn tail, but the durable watermark
 /// says it may have been acknowledged: recovery refuses to start (naming the file, offset and
 /// sequence) and `wallet replay` fails; a snapshot ahead of the journal fails `--from-snapshot`

@@ -34,21 +34,45 @@ pub enum JournalError {
 
 /// The journal's durable watermark: the last sequence its file names as synced (so possibly
 /// acknowledged), and the frame crc of the record that ends there. `None` when the file is
-/// not there (a journal from before it existed, or one its operator removed) or is torn: the
-/// checks it feeds are then skipped, never failed. Any other failure to read it is an error:
-/// a disk or permission error must not turn those checks off.
+/// not there (a journal from before it existed, or one its operator removed) or empty (created
+/// by a writer that crashed before its first write, which is synced before anything is
+/// acknowledged): the checks it feeds are then skipped. A file that does not decode is
+/// damaged (the writer rewrites its 24 bytes in place, within one sector): an error, never a
+/// skipped check, since recovery would otherwise cut acknowledged records as a torn tail. A
+/// read torn by a concurrent rewrite is read again first. Any other failure to read it is an
+/// error too: a disk or permission error must not turn those checks off.
 pub fn read_durable_watermark(dir: &Path) -> Result<Option<(u64, u32)>, JournalError> {
     let path = dir.join(crate::journal::format::DURABLE_FILE_NAME);
-    let bytes = match read_small_file(&path, crate::journal::format::DURABLE_FILE_BYTES) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(JournalError::Io { file: path, source }),
-    };
-    match crate::journal::format::decode_durable(&bytes) {
-        Ok(watermark) => Ok(Some(watermark)),
-        Err(e) => {
-            tracing::warn!(error = e, "unreadable durable-watermark file; not checked");
-            Ok(None)
+    let mut reads = 0;
+    loop {
+        let bytes = match read_small_file(&path, crate::journal::format::DURABLE_FILE_BYTES) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(JournalError::Io { file: path, source }),
+        };
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        match crate::journal::format::decode_durable(&bytes) {
+            Ok(watermark) => return Ok(Some(watermark)),
+            Err(_) if reads < 4 => {
+                reads += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => {
+                return Err(JournalError::Corrupt {
+                    reason: format!(
+                        "the durable-watermark file is damaged ({e}): without it, records that \
+                         may have been acknowledged cannot be told from a torn tail. Restore it \
+                         with the journal it came with; if the journal is known to be whole, \
+                         remove {} (nothing is then checked against it)",
+                        path.display()
+                    ),
+                    file: path,
+                    offset: 0,
+                    seq: 0,
+                });
+            }
         }
     }
 }
