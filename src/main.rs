@@ -106,6 +106,8 @@ struct ServeArgs {
     /// Core to pin the engine thread to; negative: do not pin.
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pin_core: i64,
+    /// A checkpoint record (the ledger's state hash, which replay and the snapshot follower
+    /// verify) every this many events (0: none).
     #[arg(long, default_value_t = 1 << 20)]
     checkpoint_every: u64,
     /// Write a snapshot every this many events (0: never).
@@ -333,6 +335,7 @@ fn main() -> ExitCode {
             }),
         Commands::Loadgen(args) => runtime()
             .and_then(|rt| rt.block_on(wallet::tools::loadgen::run(&args)))
+            .and_then(|report| report.check_succeeded(&args))
             .map(|_| ExitCode::SUCCESS),
         Commands::ServeFixed { listen } => runtime()
             .and_then(|rt| rt.block_on(wallet::tools::loadgen::serve_fixed(listen)))
@@ -370,7 +373,25 @@ fn token_ttl(args: &TokenArgs) -> anyhow::Result<std::time::Duration> {
             "--scope: unknown scope {scope:?}; use {SCOPE_TRANSFER}, {SCOPE_READ} or {SCOPE_ADMIN}"
         );
     }
+    anyhow::ensure!(
+        !args.scope.trim().is_empty(),
+        "--scope: give at least one of {SCOPE_TRANSFER}, {SCOPE_READ}, {SCOPE_ADMIN} (a token \
+         without a scope is refused every request)"
+    );
+    for (flag, value) in [("--audience", &args.audience), ("--issuer", &args.issuer)] {
+        anyhow::ensure!(
+            value.as_deref().is_none_or(|v| !v.trim().is_empty()),
+            "{flag}: must not be empty"
+        );
+    }
     let ttl = humantime::parse_duration(&args.ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
     anyhow::ensure!(!ttl.is_zero(), "--ttl: must be longer than zero");
+    // A bearer token cannot be revoked before it expires.
+    const MAX_TTL: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
+    anyhow::ensure!(
+        ttl <= MAX_TTL,
+        "--ttl: at most 366 days (a token cannot be revoked before it expires), not {}",
+        args.ttl
+    );
     Ok(ttl)
 }

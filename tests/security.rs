@@ -235,6 +235,19 @@ fn owners_move_and_read_only_their_own_money() {
         ));
         assert_eq!(r.status, 403, "min_seq={min_seq}: {}", r.body);
     }
+    // Its own account too, and the refusal names the scope it lacks, not the account.
+    for path in [
+        "/v1/wallet/accounts/alice",
+        "/v1/wallet/accounts/alice/history",
+    ] {
+        let r = nobody.get(path);
+        assert_eq!(r.status, 403, "{path}: {}", r.body);
+        let message = r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        assert!(message.contains("wallet:read"), "{path}: {message}");
+    }
     assert_eq!(balance(&server, "alice"), 9_000);
     assert!(server.stop().success());
 }
@@ -1046,6 +1059,20 @@ fn wallet_token_mints_what_serve_accepts_and_refuses_what_it_would_not() {
             "--ttl",
         ),
         (&["--jwt-secret", SECRET, "--sub", ""][..], "--sub"),
+        // A token without a scope is refused every request; an empty audience names nobody;
+        // a token cannot be revoked, so its life is bounded.
+        (
+            &["--jwt-secret", SECRET, "--sub", "ops", "--scope", " "][..],
+            "--scope",
+        ),
+        (
+            &["--jwt-secret", SECRET, "--sub", "ops", "--audience", ""][..],
+            "--audience",
+        ),
+        (
+            &["--jwt-secret", SECRET, "--sub", "ops", "--ttl", "400days"][..],
+            "--ttl",
+        ),
     ] {
         let out = mint(args);
         let stderr = String::from_utf8_lossy(&out.stderr);

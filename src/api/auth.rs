@@ -86,6 +86,18 @@ impl Caller {
     pub fn may_read(&self, account: &str) -> bool {
         self.admin || ((self.read || self.transfer) && self.sub == account)
     }
+
+    /// Why this caller may not read `account` (`None`: it may): the scope it lacks, or that
+    /// the account is not its own.
+    pub fn read_refusal(&self, account: &str) -> Option<&'static str> {
+        if self.may_read(account) {
+            None
+        } else if !(self.read || self.transfer) {
+            Some("reading an account needs the wallet:read (or wallet:transfer) scope")
+        } else {
+            Some("a caller may only read its own account")
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

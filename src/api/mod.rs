@@ -95,6 +95,9 @@ pub const MAX_PERMITS_LIMIT: usize = 1 << 24;
 pub const MAX_PER_SECOND_LIMIT: u32 = 1_000_000_000;
 /// The smallest body limit: a transfer's JSON fits in it with room to spare.
 pub const MIN_BODY_BYTES: usize = 512;
+/// The largest `--max-body-bytes` and `--max-batch-body-bytes`: a body is held whole in memory
+/// while it is decoded.
+pub const MAX_BODY_BYTES_LIMIT: usize = 1 << 30;
 pub use crate::engine::MAX_TRANSACTION_IDS;
 
 /// Memory a served ledger costs per remembered transaction id, at its peak: the read views'
@@ -146,26 +149,24 @@ impl ServeConfig {
     /// Refuses, naming the flag, a configuration that could not serve: a limit of zero would
     /// answer every request 413, 429 or 503, which is a mistake to report at start, not to serve.
     pub fn check(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            self.ring_size.is_power_of_two() && self.ring_size >= 64,
-            "--ring-size must be a power of two of at least 64 (the ring library's minimum), not {}",
-            self.ring_size
-        );
-        anyhow::ensure!(
-            self.segment_size_bytes >= crate::journal::MIN_SEGMENT_SIZE_BYTES,
-            "--segment-size must be at least {} bytes, not {}",
-            crate::journal::MIN_SEGMENT_SIZE_BYTES,
-            self.segment_size_bytes
-        );
+        crate::engine::check_ring_size(self.ring_size).map_err(anyhow::Error::msg)?;
+        crate::journal::check_segment_size(self.segment_size_bytes).map_err(anyhow::Error::msg)?;
         for (flag, bytes) in [
             ("--max-body-bytes", self.max_body_bytes),
             ("--max-batch-body-bytes", self.max_batch_body_bytes),
         ] {
             anyhow::ensure!(
-                bytes >= MIN_BODY_BYTES,
-                "{flag} must be at least {MIN_BODY_BYTES}, not {bytes}"
+                (MIN_BODY_BYTES..=MAX_BODY_BYTES_LIMIT).contains(&bytes),
+                "{flag} must be within {MIN_BODY_BYTES}..={MAX_BODY_BYTES_LIMIT}, not {bytes}"
             );
         }
+        anyhow::ensure!(
+            self.max_batch_body_bytes >= self.max_body_bytes,
+            "--max-batch-body-bytes ({}) must not be below --max-body-bytes ({}): a batch would \
+             then be refused a body one transfer may send",
+            self.max_batch_body_bytes,
+            self.max_body_bytes
+        );
         for (flag, timeout) in [
             ("--header-read-timeout-ms", self.header_read_timeout),
             ("--request-timeout-ms", self.request_timeout),

@@ -1668,8 +1668,8 @@ async fn account(app: &App, caller: &Caller, id: &str, query: Option<&str>) -> R
     if let Err(e) = json::account("account_id", id) {
         return Reply::field(e);
     }
-    if !caller.may_read(id) {
-        return forbidden(caller, "account", "a caller may only read its own account");
+    if let Some(reason) = caller.read_refusal(id) {
+        return forbidden(caller, "account", reason);
     }
     if let Err(reply) = wait_min_seq(app, query).await {
         return reply;
@@ -1700,8 +1700,8 @@ async fn history(app: &App, caller: &Caller, id: &str, query: Option<&str>) -> R
     if let Err(e) = json::account("account_id", id) {
         return Reply::field(e);
     }
-    if !caller.may_read(id) {
-        return forbidden(caller, "history", "a caller may only read its own account");
+    if let Some(reason) = caller.read_refusal(id) {
+        return forbidden(caller, "history", reason);
     }
     let after_seq = match query_u64(query, "after_seq", 0, u64::MAX) {
         Ok(v) => v,

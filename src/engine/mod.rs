@@ -117,6 +117,23 @@ pub const DEFAULT_WAIT: WaitMode = WaitMode::Park;
 /// Token of a slot that nobody waits for (checkpoints).
 pub const NO_TOKEN: u64 = u64::MAX;
 
+/// The largest ring (`--ring-size`): both rings are allocated whole (a few hundred bytes a
+/// slot), and one this size already holds seconds of commands at full speed.
+pub const MAX_RING_SIZE: usize = 1 << 22;
+
+/// Refuses a ring size that is not a power of two within `64..=MAX_RING_SIZE`, naming
+/// `--ring-size` (a huge one aborted on allocation).
+pub fn check_ring_size(size: usize) -> Result<(), String> {
+    if size.is_power_of_two() && (64..=MAX_RING_SIZE).contains(&size) {
+        Ok(())
+    } else {
+        Err(format!(
+            "--ring-size must be a power of two within 64..={MAX_RING_SIZE} (64 is the ring \
+             library's minimum), not {size}"
+        ))
+    }
+}
+
 /// A command on its way in.
 #[derive(Clone, Copy)]
 pub struct InputSlot {

@@ -54,6 +54,11 @@ impl std::str::FromStr for SyncMode {
                     })?;
                 // A reply waits up to an interval for its sync: past this it is not group
                 // commit but a stall.
+                if ms == 0 {
+                    return Err(
+                        "sync interval=0 would sync after every batch: that is --sync batch".into(),
+                    );
+                }
                 if ms > MAX_SYNC_INTERVAL_MS {
                     return Err(format!(
                         "sync interval={ms} is longer than {MAX_SYNC_INTERVAL_MS} ms: a write could wait that long for its sync"
@@ -78,6 +83,23 @@ pub struct JournalConfig {
 pub const DEFAULT_SEGMENT_SIZE_BYTES: u64 = 256 << 20;
 /// The smallest segment size: a page (the header and at least one record must fit).
 pub const MIN_SEGMENT_SIZE_BYTES: u64 = 4096;
+/// The largest segment: each is preallocated and mapped whole, and one past a few GiB only
+/// makes recovery's scans and a full disk's refusals coarser.
+pub const MAX_SEGMENT_SIZE_BYTES: u64 = 1 << 30;
+
+/// Refuses a segment size outside `MIN_SEGMENT_SIZE_BYTES..=MAX_SEGMENT_SIZE_BYTES`, naming
+/// `--segment-size` (a huge one was "too large" for the file system, and every write was then
+/// refused as if the disk were full).
+pub fn check_segment_size(bytes: u64) -> Result<(), String> {
+    if (MIN_SEGMENT_SIZE_BYTES..=MAX_SEGMENT_SIZE_BYTES).contains(&bytes) {
+        Ok(())
+    } else {
+        Err(format!(
+            "--segment-size must be within {MIN_SEGMENT_SIZE_BYTES}..={MAX_SEGMENT_SIZE_BYTES} \
+             bytes, not {bytes}"
+        ))
+    }
+}
 /// Bytes buffered before they are copied into the mapping, even inside one batch.
 const PENDING_LIMIT_BYTES: usize = 1 << 20;
 
@@ -250,15 +272,8 @@ impl JournalWriter {
         config: JournalConfig,
         end: &JournalEnd,
     ) -> io::Result<JournalWriter> {
-        if config.segment_size_bytes < MIN_SEGMENT_SIZE_BYTES {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "the segment size must be at least {MIN_SEGMENT_SIZE_BYTES} bytes, not {}",
-                    config.segment_size_bytes
-                ),
-            ));
-        }
+        check_segment_size(config.segment_size_bytes)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         storage::create_dir_all_durable(&config.dir)?;
         remove_unfinished_segments(&config.dir)?;
         let mut segment = None;

@@ -49,7 +49,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "batch")]
     pub sync: SyncMode,
     /// Run without any journal (the in-memory baseline).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["sync", "data_dir", "segment_size", "journal_readahead"])]
     pub no_journal: bool,
     /// Data directory for the journal (default: a fresh temporary directory, removed after).
     #[arg(long)]
@@ -368,6 +368,33 @@ fn setup_ledger(ledger: &mut Ledger, ids: &[AccountId], currency: Currency, seed
     }
 }
 
+/// Refuses a run whose ledger would not fit in this machine's memory (it aborted on allocation):
+/// at most 64 bytes per account and per remembered id (README, Capacity: 48.8 and 43-63), the
+/// ids sized for (`--id-capacity`) or created, whichever is more, and the rings.
+fn check_memory(args: &BenchArgs) -> anyhow::Result<()> {
+    let Ok(total) = crate::api::mem_total_bytes() else {
+        return Ok(());
+    };
+    let ids = (id_table_capacity(args) as u64).max(args.transfers + 2 * u64::from(args.accounts));
+    let rings = if args.stage == Stage::Pipeline {
+        args.ring_size as u64 * 512
+    } else {
+        0
+    };
+    let need = (u64::from(args.accounts).saturating_add(ids))
+        .saturating_mul(64)
+        .saturating_add(rings);
+    anyhow::ensure!(
+        need <= total,
+        "--accounts {} and {ids} transaction ids need about {} MiB, more than this machine's {} \
+         MiB: lower --accounts, --transfers or --id-capacity",
+        args.accounts,
+        need >> 20,
+        total >> 20
+    );
+    Ok(())
+}
+
 /// The transaction ids the ledger's id table is sized for: `--id-capacity`, or every id the run
 /// creates (a deposit and an opening per account, and the transfers).
 fn id_table_capacity(args: &BenchArgs) -> usize {
@@ -512,8 +539,29 @@ fn report(
     }
 }
 
+/// The most producer threads (`--producers`).
+pub const MAX_PRODUCERS: usize = 256;
+
 pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     anyhow::ensure!(args.accounts >= 2, "--accounts must be at least 2");
+    anyhow::ensure!(args.transfers >= 1, "--transfers must be at least 1");
+    anyhow::ensure!(
+        (1..=MAX_PRODUCERS).contains(&args.producers),
+        "--producers must be within 1..={MAX_PRODUCERS}, not {}",
+        args.producers
+    );
+    if let Some(ids) = args.id_capacity {
+        anyhow::ensure!(
+            ids as u64 <= crate::engine::MAX_TRANSACTION_IDS,
+            "--id-capacity must be at most {} (the ledger's id table addresses ids with 32 \
+             bits), not {ids}",
+            crate::engine::MAX_TRANSACTION_IDS
+        );
+    }
+    if args.stage == Stage::Pipeline {
+        crate::engine::check_ring_size(args.ring_size).map_err(anyhow::Error::msg)?;
+    }
+    check_memory(args)?;
     anyhow::ensure!(
         (0.0..=1.0).contains(&args.reject_share),
         "--reject-share must be within 0..=1"
@@ -522,12 +570,6 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     if args.stage == Stage::Execute {
         return run_execute(args);
     }
-    anyhow::ensure!(args.producers >= 1, "--producers must be at least 1");
-    anyhow::ensure!(
-        args.ring_size.is_power_of_two() && args.ring_size >= 64,
-        "--ring-size must be a power of two of at least 64 (the ring library's minimum), not {}",
-        args.ring_size
-    );
     // A batch is published whole or not at all: one larger than the ring would never fit.
     anyhow::ensure!(
         args.batch <= args.ring_size,
@@ -535,12 +577,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         args.batch,
         args.ring_size
     );
-    anyhow::ensure!(
-        args.no_journal || args.segment_size >= crate::journal::MIN_SEGMENT_SIZE_BYTES,
-        "--segment-size must be at least {} bytes, not {}",
-        crate::journal::MIN_SEGMENT_SIZE_BYTES,
-        args.segment_size
-    );
+    if !args.no_journal {
+        crate::journal::check_segment_size(args.segment_size).map_err(anyhow::Error::msg)?;
+    }
     let usd = Currency::new("USD").map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut ledger = Ledger::with_capacity(
         LedgerConfig::default(),

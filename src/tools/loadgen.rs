@@ -59,6 +59,35 @@ pub struct LoadgenArgs {
     pub out: Option<PathBuf>,
 }
 
+impl LoadgenReport {
+    /// A run in which nothing succeeded is a failed run (its report is printed first): no
+    /// transfer committed or replayed, or with `--raw-path` no 2xx answer. Without `--setup`
+    /// against a fresh server, every transfer is a 422 `account_not_found`.
+    pub fn check_succeeded(&self, args: &LoadgenArgs) -> anyhow::Result<()> {
+        let succeeded = if args.raw_path.is_some() {
+            self.status_counts
+                .iter()
+                .filter(|(status, _)| status.starts_with('2'))
+                .map(|(_, count)| count)
+                .sum::<u64>()
+        } else {
+            self.transfers + self.replayed
+        };
+        anyhow::ensure!(
+            succeeded > 0,
+            "nothing succeeded in this run (answers by status: {:?}, errors: {}){}",
+            self.status_counts,
+            self.errors,
+            if args.raw_path.is_none() && !args.setup {
+                "; without --setup the accounts may not exist"
+            } else {
+                ""
+            }
+        );
+        Ok(())
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct LoadgenReport {
     pub requests: u64,
@@ -528,6 +557,13 @@ async fn setup(args: &LoadgenArgs, host: &Target, admin: Option<String>) -> anyh
 
 pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
     anyhow::ensure!(args.connections >= 1, "--connections must be at least 1");
+    anyhow::ensure!(args.duration >= 1, "--duration must be at least 1 second");
+    if let Some(path) = &args.raw_path {
+        anyhow::ensure!(
+            path.starts_with('/'),
+            "--raw-path must be a path starting with '/', not {path:?}"
+        );
+    }
     // Every transfer is between two different accounts.
     anyhow::ensure!(args.accounts >= 2, "--accounts must be at least 2");
     // One descriptor per connection, and a few for the rest: past the limit, connections fail
