@@ -609,10 +609,45 @@ fn without_authentication_only_requests_addressed_to_a_loopback_host_are_served(
     assert_eq!(r.status, 400, "{}", r.body);
     assert_eq!(r.json()["error"]["code"], "host_required");
     assert_eq!(common::balance_cents(&mut c, "a"), 10_000);
+    // A second Host header naming another host (the check read the first only), in either
+    // order; an absolute-form target naming another host, with a loopback Host.
+    let body = transfer_body("a", "b", "1.00", &refused).to_string();
+    for hosts in [
+        "Host: localhost\r\nHost: evil.example",
+        "Host: evil.example\r\nHost: localhost",
+    ] {
+        let r = raw_request(
+            &server,
+            &format!(
+                "POST /v1/wallet/balance_transfer HTTP/1.1\r\n{hosts}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+        );
+        assert!(
+            [400, 403].contains(&r.status),
+            "{hosts}: {} {}",
+            r.status,
+            r.body
+        );
+    }
+    let r = raw_request(
+        &server,
+        &format!(
+            "POST http://evil.example/v1/wallet/balance_transfer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert_eq!(r.status, 403, "absolute form: {}", r.body);
+    assert_eq!(common::balance_cents(&mut c, "a"), 10_000);
     for host in ["localhost:8080", "[::1]:8080", "127.0.0.1"] {
         let r = send(host, &uuid());
         assert_eq!(r.status, 200, "{host}: {}", r.body);
     }
+    let r = raw_request(
+        &server,
+        "GET http://localhost/v1/wallet/accounts/a HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    );
+    assert_eq!(r.status, 200, "absolute form, loopback: {}", r.body);
     // The operations routes as well: /readyz and /metrics say things a rebinding page must
     // not read.
     for path in ["/healthz", "/readyz", "/metrics", "/v1/openapi.json"] {

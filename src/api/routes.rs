@@ -580,12 +580,32 @@ fn admit(
                 "with authentication off, requests must carry a Host header naming 127.0.0.1, [::1] or localhost",
             ));
         };
-        if !host.to_str().is_ok_and(loopback_host) {
+        // Two Host headers are a malformed request (RFC 9112, 3.2), and a check of the first
+        // alone let a second name anything; an absolute-form target names the host itself.
+        if request
+            .headers()
+            .get_all(hyper::header::HOST)
+            .iter()
+            .count()
+            != 1
+        {
+            tracing::warn!(target: "audit", caller = %peer, route = ROUTES[route].name, "request refused: more than one Host header");
+            return Err(Reply::error(
+                StatusCode::BAD_REQUEST,
+                "host_required",
+                "a request must carry exactly one Host header",
+            ));
+        }
+        let target_ok = request
+            .uri()
+            .authority()
+            .is_none_or(|authority| loopback_host(authority.as_str()));
+        if !target_ok || !host.to_str().is_ok_and(loopback_host) {
             tracing::warn!(target: "audit", caller = %peer, route = ROUTES[route].name, host = ?host, "request refused: not addressed to a loopback host");
             return Err(Reply::error(
                 StatusCode::FORBIDDEN,
                 "host_not_allowed",
-                "with authentication off, requests must be addressed to 127.0.0.1, [::1] or localhost (the Host header names another host)",
+                "with authentication off, requests must be addressed to 127.0.0.1, [::1] or localhost (the Host header or the request target names another host)",
             ));
         }
     }
