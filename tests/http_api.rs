@@ -1494,17 +1494,25 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
 
 /// Runs `wallet loadgen --url URL ARGS MORE --json` to the end and returns its JSON report.
 fn loadgen(url: &str, args: &[&str], more: &[&str]) -> serde_json::Value {
+    loadgen_exiting(url, args, more, true)
+}
+
+/// `loadgen`, for a run that must succeed (`succeeded`) or fail: one in which nothing succeeded
+/// exits 1, its report printed all the same.
+fn loadgen_exiting(url: &str, args: &[&str], more: &[&str], succeeded: bool) -> serde_json::Value {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
         .args(["loadgen", "--url", url, "--json"])
         .args(args)
         .args(more)
         .output()
         .expect("run loadgen");
-    assert!(
-        output.status.success(),
-        "loadgen: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if succeeded {
+        assert!(output.status.success(), "loadgen: {stderr}");
+    } else {
+        assert_eq!(output.status.code(), Some(1), "loadgen: {stderr}");
+        assert!(stderr.contains("nothing succeeded"), "loadgen: {stderr}");
+    }
     serde_json::from_slice(&output.stdout).expect("JSON report")
 }
 
@@ -1550,19 +1558,21 @@ fn loadgen_sends_fresh_ids_per_run_and_counts_replays_apart() {
     let dir = temp();
     let server = Server::start(dir.path(), &[]);
     let url = format!("http://{}", server.address);
-    let run = |extra: &[&str]| {
-        loadgen(
+    let run_exiting = |extra: &[&str], succeeded: bool| {
+        loadgen_exiting(
             &url,
             &["--accounts", "20", "--rate", "200", "--connections", "2"],
             &[&["--duration", "1"], extra].concat(),
+            succeeded,
         )
     };
+    let run = |extra: &[&str]| run_exiting(extra, true);
     let count = |report: &serde_json::Value, field: &str| report[field].as_u64().unwrap_or(0);
     let ok = |report: &serde_json::Value| report["status_counts"]["200"].as_u64().unwrap_or(0);
 
     // Before --setup no account exists: every answer is a rejection, none is a committed
-    // transfer, and only the all-answers latency has samples.
-    let rejected = run(&["--seed", "5"]);
+    // transfer, and only the all-answers latency has samples; the run fails.
+    let rejected = run_exiting(&["--seed", "5"], false);
     assert!(
         rejected["status_counts"]["422"].as_u64().unwrap_or(0) >= 100,
         "{rejected}"

@@ -1476,7 +1476,7 @@ async fn transfer_batch(
         });
         let decided = match decided {
             Ok(decided) => decided,
-            Err(broken) => return Reply::views_broken(broken),
+            Err(broken) => return Reply::views_broken(broken).with_header("retry-after", "5"),
         };
         charged = decided.iter().map(|d| !d).collect();
         for (transfer, decided) in request.transfers.iter().zip(decided) {
@@ -1674,6 +1674,10 @@ async fn wait_min_seq(app: &App, query: Option<&str>) -> Result<(), Reply> {
         .read_wait
         .min(long_poll_limit(app.config.request_timeout));
     if min_seq > 0 && !app.views.wait_for(min_seq, wait).await {
+        // Broken views never advance: say so rather than "behind".
+        if app.views.broken() {
+            return Err(Reply::views_broken(crate::views::ViewsBroken));
+        }
         return Err(Reply::error(
             StatusCode::SERVICE_UNAVAILABLE,
             "view_behind",
@@ -1996,6 +2000,11 @@ async fn events(app: &App, query: Option<&str>) -> Reply {
                         .fetch_add(bytes_read, std::sync::atomic::Ordering::Relaxed);
                     app.events_positions.remember(&positions);
                     lines
+                }
+                // The views broke while the journal was read (the window's read above saw
+                // them whole): their 503, not a journal failure.
+                Err(_) if app.views.broken() => {
+                    return Reply::views_broken(crate::views::ViewsBroken);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, from_seq, "reading the event stream from the journal failed");

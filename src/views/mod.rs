@@ -655,8 +655,6 @@ mod tests {
         TransactionId,
     };
 
-    /// History entries are derived from outcomes on read; they must be exactly the events each
-    /// record made for that account, in order, and `after_seq` must cut where it says.
     /// A panic part-way through a batch (here a record naming an account the views do not
     /// have, as only a bug elsewhere would make) leaves the views with part of it: they are
     /// never read again, rather than show a debit without its credit.
@@ -727,9 +725,15 @@ mod tests {
         assert!(applied.is_err(), "the bad record applied");
         assert!(views.broken());
         assert_eq!(balance(&views), Err(super::ViewsBroken));
-        assert_eq!(views.applied_seq(), 3, "the batch's sequence was published");
+        assert_eq!(
+            views.applied_seq(),
+            3,
+            "the broken batch's sequence is not published"
+        );
     }
 
+    /// History entries are derived from outcomes on read; they must be exactly the events each
+    /// record made for that account, in order, and `after_seq` must cut where it says.
     #[test]
     fn history_read_back_is_every_balance_event_of_the_account_in_order() {
         let usd = Currency::new("USD").expect("usd");
