@@ -1252,6 +1252,99 @@ fn nodes_from_another_journal_are_refused_then_rebuilt_on_request() {
     );
 }
 
+/// A `--zk-leader` engine whose ZooKeeper session ends (here: ZooKeeper stopped for longer
+/// than the session timeout) may no longer lead: another engine could claim the node. It
+/// refuses writes (503 `not_leader`) from then on, still serves reads, and once ZooKeeper is
+/// back waits out its previous session's node and claims the leadership again (it went on
+/// taking writes through the whole outage before, and stopped on its own old node after).
+#[test]
+#[ignore = "needs tools/services"]
+fn a_leader_whose_session_ended_refuses_writes_until_it_leads_again() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let services = services();
+    let cluster = Cluster::new("fence", &services, &services.redis);
+    let server = Server::start(
+        cluster.data.path(),
+        &[
+            "--zk-leader",
+            "--zk",
+            services.zk.as_str(),
+            "--zk-root",
+            cluster.root.as_str(),
+        ],
+    );
+    let mut client = server.client();
+    common::open(&mut client, "a");
+    common::deposit(&mut client, "a", "1.00");
+
+    struct Restart;
+    impl Drop for Restart {
+        fn drop(&mut self) {
+            services_tool(&["zk-start"]);
+        }
+    }
+    let restart = Restart;
+    services_tool(&["zk-stop"]);
+    assert!(!reachable(&services.zk), "ZooKeeper still answers");
+    let deposit = |client: &mut Client| {
+        client.post(
+            "/v1/wallet/deposit",
+            &json!({"account_id": "a", "amount": "1.00", "currency": "USD", "transaction_id": common::uuid()}),
+        )
+    };
+    // Served while the session may still live (6 s timeout); refused once it has ended.
+    let down_since = Instant::now();
+    let refused = loop {
+        let r = deposit(&mut client);
+        if r.status == 503 && r.json()["error"]["code"] == "not_leader" {
+            break r;
+        }
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(
+            down_since.elapsed() < Duration::from_secs(30),
+            "writes still served 30 s into the ZooKeeper outage"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        down_since.elapsed() >= Duration::from_secs(3),
+        "refused {:?} into the outage, before the session could have ended",
+        down_since.elapsed()
+    );
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    let balance = common::balance_cents(&mut client, "a");
+    assert!(balance >= 100, "reads are served: {balance}");
+    assert_eq!(deposit(&mut client).status, 503);
+    assert_eq!(
+        common::balance_cents(&mut client, "a"),
+        balance,
+        "a refusal moved money"
+    );
+
+    drop(restart);
+    assert!(reachable(&services.zk));
+    let back = Instant::now();
+    loop {
+        let r = deposit(&mut client);
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert!(
+            back.elapsed() < Duration::from_secs(60),
+            "writes still refused 60 s after ZooKeeper came back: {}",
+            r.body
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(
+        cluster_show(&cluster)["engine_leader"],
+        server.address.as_str(),
+        "the engine leads again"
+    );
+    assert!(server.stop().success());
+}
+
 /// Issue #7: ZooKeeper stops while the replicator runs. The replicator keeps applying with the
 /// partition map it has; once ZooKeeper is back, everything reconciles.
 #[test]

@@ -84,6 +84,10 @@ pub struct ServeConfig {
     /// ZooKeeper: its address and root. `run` refuses to start while another engine holds it,
     /// and stops serving if another engine takes it.
     pub zk_leader: Option<(String, String)>,
+    /// Set while a `--zk-leader` engine has lost its ZooKeeper session, and with it the
+    /// leadership: writes are refused (503 `not_leader`) until it claims the node again, so
+    /// that two engines never both take writes once this one knows another may lead.
+    pub writes_fenced: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The most requests `serve` waits on at once (`--max-in-flight`): each takes a waiter slot
@@ -248,6 +252,7 @@ impl Default for ServeConfig {
             tls: None,
             replicate_redis: None,
             zk_leader: None,
+            writes_fenced: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
 }
@@ -1183,7 +1188,9 @@ pub async fn run(config: ServeConfig, listen: SocketAddr) -> anyhow::Result<()> 
                 !address.ip().is_unspecified(),
                 "--zk-leader registers the --listen address for others to reach: {address} is not one (listen on a specific address)"
             );
-            let (task, session) = claim_leadership(zk, root, &address.to_string()).await?;
+            let (task, session) =
+                claim_leadership(zk, root, &address.to_string(), config.writes_fenced.clone())
+                    .await?;
             (Some(task), Some(session))
         }
         None => (None, None),
@@ -1240,6 +1247,7 @@ async fn claim_leadership(
     zk: &str,
     root: &str,
     address: &str,
+    fenced: Arc<std::sync::atomic::AtomicBool>,
 ) -> anyhow::Result<(tokio::task::JoinHandle<String>, zookeeper_client::Client)> {
     use crate::replicate::zk::{self, Layout, Leader};
     let layout = Layout::new(root)?;
@@ -1259,6 +1267,7 @@ async fn claim_leadership(
         layout,
         address.to_string(),
         client,
+        fenced,
     ));
     Ok((task, session))
 }

@@ -744,6 +744,20 @@ async fn dispatch(
             ROUTES[route].name,
             "transfers need the wallet:transfer scope",
         ),
+        _ if app
+            .config
+            .writes_fenced
+            .load(std::sync::atomic::Ordering::SeqCst) =>
+        {
+            Reply::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_leader",
+                "this engine's ZooKeeper session ended, and the engine leadership with it: writes \
+                 are refused until it claims the leadership again (another engine may hold it; \
+                 see the leader node). Reads are served",
+            )
+            .with_header("retry-after", "1")
+        }
         name => {
             // A batch holds its permit from before its body is read until it is answered
             // (only a caller that may transfer gets this far: the permits are shared).

@@ -222,7 +222,7 @@ pub fn recover_with(
         None
     };
     let (start, snapshot_chain) = match loaded {
-        Some(l) => (Some(l.ledger), l.chain.map(|chain| (chain, l.path))),
+        Some(l) => (Some(l.ledger), Some((l.chain, l.path))),
         None => (None, None),
     };
     let snapshot_next_seq = start.as_ref().map(|l| l.next_seq());
@@ -233,6 +233,8 @@ pub fn recover_with(
     // A snapshot names the journal's chain value at its sequence: checked before any record is
     // applied to it, so that a snapshot of another history is refused as such (applying this
     // journal's records to it would fail, or worse pass, and blame the journal).
+    // One from an older build names no chain value: it is still refused when it falls inside
+    // one of this journal's records, as its own error rather than the replay's.
     if let (Some((chain, path)), Some(seq)) = (&snapshot_chain, snapshot_next_seq) {
         check_snapshot_chain(&journal, path, seq, *chain)?;
     }
@@ -291,22 +293,26 @@ pub fn check_snapshot_chain(
     journal: &Path,
     snapshot: &Path,
     seq: u64,
-    chain: u32,
+    chain: Option<u32>,
 ) -> Result<(), JournalError> {
     let refuse = |found: String| JournalError::Corrupt {
         file: snapshot.to_path_buf(),
         offset: 0,
         seq,
         reason: format!(
-            "the snapshot does not belong to this journal: it follows a record with checksum \
-             {chain:#010x}, and in the journal {found}. Move it out of the snapshot directory \
-             to start from an older snapshot or the journal alone"
+            "the snapshot does not belong to this journal: it follows {}, and in the journal \
+             {found}. Move it out of the snapshot directory to start from an older snapshot or \
+             the journal alone",
+            match chain {
+                Some(chain) => format!("a record with checksum {chain:#010x}"),
+                None => "a record boundary (it names no checksum: an older build's)".to_string(),
+            }
         ),
     };
     match crate::journal::reader::chain_at(journal, seq)? {
-        ChainAt::Boundary(found) if found != chain => Err(refuse(format!(
-            "the record before sequence {seq} has checksum {found:#010x}"
-        ))),
+        ChainAt::Boundary(found) if chain.is_some_and(|chain| found != chain) => Err(refuse(
+            format!("the record before sequence {seq} has checksum {found:#010x}"),
+        )),
         ChainAt::InsideRecord => Err(refuse(format!("sequence {seq} falls inside a record"))),
         _ => Ok(()),
     }

@@ -240,14 +240,12 @@ impl Source {
         let ledger = loaded.ledger;
         // A snapshot of another history is refused here as at the engine's start-up: a
         // projection built on it would carry its balances.
-        if let Some(chain) = loaded.chain {
-            crate::engine::recovery::check_snapshot_chain(
-                tail.dir(),
-                &loaded.path,
-                ledger.next_seq(),
-                chain,
-            )?;
-        }
+        crate::engine::recovery::check_snapshot_chain(
+            tail.dir(),
+            &loaded.path,
+            ledger.next_seq(),
+            loaded.chain,
+        )?;
         tail.start_at(ledger.next_seq())?;
         Ok(Some(ledger))
     }

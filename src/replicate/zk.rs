@@ -433,15 +433,20 @@ pub async fn claim_engine_leader(
 /// Holds the engine leadership that `client` claimed for `address` (and its front-end
 /// registration): when the session ends (expired after an outage, closed), or the leader node
 /// is deleted or rewritten by hand, claims it again over a new session. Returns only when
-/// another engine holds it: the caller must stop serving. While ZooKeeper is unreachable the
-/// server goes on serving; another engine can claim the node only after this session expired,
-/// and this one then learns it at its next claim.
+/// another engine holds it: the caller must stop serving. While ZooKeeper is unreachable but
+/// the session lives, the server goes on serving (no other engine can claim the node). Once
+/// the session has ended, the node is gone with it and another engine may hold it: `fenced`
+/// is set, and writes are refused, until the node is claimed again. A node that names this
+/// engine's own address but another session is this engine's previous session's (no other
+/// process can listen on the address): it is waited out, not taken for another engine's.
 pub async fn keep_engine_leadership(
     zk_address: String,
     layout: Layout,
     address: String,
     mut client: zk::Client,
+    fenced: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> String {
+    use std::sync::atomic::Ordering;
     let path = layout.engine_leader();
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -464,11 +469,14 @@ pub async fn keep_engine_leadership(
             }
         }
         if client.state().is_terminated() {
+            if !fenced.swap(true, Ordering::SeqCst) {
+                tracing::error!(state = ?client.state(), "ZooKeeper session ended, and the engine leadership with it: writes are refused (503 not_leader) until it is claimed again");
+            }
             tracing::warn!(state = ?client.state(), "ZooKeeper session ended; claiming the engine leader node again");
             match connect(&zk_address).await {
                 Ok(c) => client = c,
                 Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "ZooKeeper unreachable; still serving");
+                    tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "ZooKeeper unreachable; reads are served, writes are not");
                     back_off(&mut backoff).await;
                     continue;
                 }
@@ -476,15 +484,22 @@ pub async fn keep_engine_leadership(
         }
         match claim_engine_leader(&client, &layout, &address).await {
             Ok(Leader::Us) => {
+                if fenced.swap(false, Ordering::SeqCst) {
+                    tracing::info!(node = %path, "the engine leadership is claimed again: writes are served");
+                }
                 if let Err(e) = register_api(&client, &layout, &address).await {
                     tracing::warn!(error = %format!("{e:#}"), "registering the front end again failed");
                 }
+            }
+            Ok(Leader::Other(holder)) if holder == address => {
+                tracing::warn!(node = %path, retry_in = ?backoff, "the leader node is still this engine's previous session's; waiting for it to expire");
+                back_off(&mut backoff).await;
             }
             Ok(Leader::Other(holder)) => {
                 return format!("another engine ({holder}) holds {path}");
             }
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "claiming the engine leader node again failed; still serving");
+                tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "claiming the engine leader node again failed");
                 back_off(&mut backoff).await;
             }
         }

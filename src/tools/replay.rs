@@ -126,7 +126,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
         ) {
             Some(loaded) => {
                 snapshot_seq = Some(loaded.ledger.next_seq() - 1);
-                snapshot_chain = loaded.chain.map(|chain| (chain, loaded.path));
+                snapshot_chain = Some((loaded.chain, loaded.path));
                 loaded.ledger
             }
             None => Ledger::new(config),
@@ -243,9 +243,14 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
         }
         _ => match &audited {
             Some((next_seq, _, Some(chain), path)) => {
-                crate::engine::recovery::check_snapshot_chain(&journal, path, *next_seq, *chain)
-                    .err()
-                    .map(|e| e.to_string())
+                crate::engine::recovery::check_snapshot_chain(
+                    &journal,
+                    path,
+                    *next_seq,
+                    Some(*chain),
+                )
+                .err()
+                .map(|e| e.to_string())
             }
             _ => None,
         },
