@@ -1984,6 +1984,9 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         dir_from_nodes: false,
         floor: 0,
     };
+    // The source is checked before any node is touched: a replicator that cannot read it must
+    // leave the nodes as they are (it marked them "resync" before it failed).
+    let mut source = Source::open(&options.source)?;
     let version = replicator.version();
     // Per node that follows the map: its stored record identity, checked against the source.
     let mut stored_records = Vec::new();
@@ -2010,6 +2013,23 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
                     node.needs_resync = false;
                     stored_records.push((replicator.nodes.len(), record));
                 }
+                // Stamped by a newer map than this one (map versions only go up): this
+                // replicator's map is stale (another --zk-root naming the same servers, or a
+                // map recreated without asking the nodes). Pulling the node back to it would
+                // take it from the readers of the newer map.
+                Ok((_, Some(v), _))
+                    if v.strip_prefix("retired:")
+                        .unwrap_or(&v)
+                        .parse::<u64>()
+                        .is_ok_and(|v| v > replicator.map.version) =>
+                {
+                    anyhow::bail!(
+                        "Redis node {address} says partition map version {v}, above this map's \
+                         {version} ({}): another cluster root's replicator (a newer map) feeds \
+                         it. Check --zk-root; this replicator leaves it as it is",
+                        layout.partitions()
+                    );
+                }
                 Ok((applied, v, record)) => {
                     tracing::info!(node = %address, applied, version = ?v, expected = %version, "node does not follow the current map; it will be rebuilt");
                     behind_map.push((address.clone(), applied, record));
@@ -2033,7 +2053,6 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         }
         replicator.nodes.push(node);
     }
-    let mut source = Source::open(&options.source)?;
     // Nodes following the map whose record identity is checked below (one without a stored
     // identity, written by an older replicator, is not: it sets no catch-up floor).
     let verified: Vec<usize> = stored_records
