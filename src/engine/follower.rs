@@ -411,16 +411,7 @@ mod tests {
     #[test]
     fn a_stop_is_not_held_up_by_the_snapshots_due_in_a_fetch() {
         let temp = tempfile::tempdir().expect("tempdir");
-        let (dir, mut writer) = open_writer(temp.path(), SyncMode::None);
-        let mut ledger = Ledger::new(LedgerConfig::default());
-        for i in 0..20_000u64 {
-            writer.append(&ledger.execute(&command(i))).expect("append");
-        }
-        writer.commit().expect("commit");
-        let shared = Arc::new(EngineShared::default());
-        shared
-            .durable_seq
-            .store(ledger.next_seq() - 1, Ordering::SeqCst);
+        let (dir, _, shared) = durable_journal(temp.path(), SyncMode::None, 20_000);
         // 40,000 events in one fetch: 400 snapshots fall due in it.
         let (handle, stop, _snapshots) = start_follower(temp.path(), dir, 100, &shared);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -450,18 +441,28 @@ mod tests {
     #[test]
     fn a_huge_snapshot_interval_writes_no_snapshot() {
         let temp = tempfile::tempdir().expect("tempdir");
-        let (dir, mut writer) = open_writer(temp.path(), SyncMode::Batch);
+        let (dir, last_seq, shared) = durable_journal(temp.path(), SyncMode::Batch, 300);
+        let (handle, stop, snapshots) = start_follower(temp.path(), dir, u64::MAX, &shared);
+        finish_following(&shared, last_seq, handle, &stop);
+        assert_eq!(newest_snapshot(&snapshots), 0, "a snapshot was written");
+    }
+
+    /// A journal of `command(0..commands)`, committed, and an engine state whose durable
+    /// watermark is its last sequence: the journal's directory, that sequence and the state.
+    fn durable_journal(
+        temp: &Path,
+        sync: SyncMode,
+        commands: u64,
+    ) -> (PathBuf, u64, Arc<EngineShared>) {
+        let (dir, mut writer) = open_writer(temp, sync);
         let mut ledger = Ledger::new(LedgerConfig::default());
-        for i in 0..300u64 {
+        for i in 0..commands {
             writer.append(&ledger.execute(&command(i))).expect("append");
         }
         writer.commit().expect("commit");
         let shared = Arc::new(EngineShared::default());
-        shared
-            .durable_seq
-            .store(ledger.next_seq() - 1, Ordering::SeqCst);
-        let (handle, stop, snapshots) = start_follower(temp.path(), dir, u64::MAX, &shared);
-        finish_following(&shared, ledger.next_seq() - 1, handle, &stop);
-        assert_eq!(newest_snapshot(&snapshots), 0, "a snapshot was written");
+        let last_seq = ledger.next_seq() - 1;
+        shared.durable_seq.store(last_seq, Ordering::SeqCst);
+        (dir, last_seq, shared)
     }
 }

@@ -1381,11 +1381,20 @@ mod tests {
         panic_on: Option<u64>,
         panic_on_flush: Option<u64>,
     ) -> (Engine, mpsc::Receiver<(u64, bool, bool)>) {
-        let (sender, receiver) = mpsc::channel();
         let config = EngineConfig {
             panic_at_seq,
             ..test_config()
         };
+        start_configured(config, panic_on, panic_on_flush)
+    }
+
+    /// `start` with a whole configuration.
+    fn start_configured(
+        config: EngineConfig,
+        panic_on: Option<u64>,
+        panic_on_flush: Option<u64>,
+    ) -> (Engine, mpsc::Receiver<(u64, bool, bool)>) {
+        let (sender, receiver) = mpsc::channel();
         let engine = Engine::start(
             Ledger::new(LedgerConfig::default()),
             config,
@@ -1511,24 +1520,13 @@ mod tests {
     /// near the id limit or short of disk space) still answers the group's unanswered rest.
     #[test]
     fn a_panic_while_admitting_answers_the_rest_of_the_group() {
-        let (sender, receiver) = mpsc::channel();
         let config = EngineConfig {
             panic_at_seq: Some(8),
             // Setup remembers 3 ids; a group of 5 more might pass 6: admitted one by one.
             max_transaction_ids: 6,
             ..test_config()
         };
-        let engine = Engine::start(
-            Ledger::new(LedgerConfig::default()),
-            config,
-            JournalStage::Off,
-            Collect {
-                sender,
-                panic_on: None,
-                panic_on_flush: None,
-                held: Vec::new(),
-            },
-        );
+        let (engine, receiver) = start_configured(config, None, None);
         let shared = engine.shared();
         let mut submitter = engine.submitter();
         submit_batch(&mut submitter, &setup(), 0);
