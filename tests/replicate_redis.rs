@@ -1128,6 +1128,34 @@ fn cluster_commands_route_with_the_documented_formula() {
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("show prints JSON");
     assert_eq!(shown["redis_partitions"]["version"], 1);
     assert_eq!(shown["sql_shards"]["shards"][1], "postgres://b/y");
+    // A URL given twice is refused; a password is not printed by `show`.
+    let out = cluster.wallet(
+        &["cluster", "set-sql-shards", "postgres://a/x,postgres://a/x"],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("shards 0 and 1 are the same URL"),
+        "{stderr}"
+    );
+    let out = cluster.wallet(
+        &[
+            "cluster",
+            "set-sql-shards",
+            "postgres://u:s3cret@a/x,host=b dbname=y password=s3cret",
+        ],
+        &[],
+    );
+    assert_succeeded(&out);
+    let out = cluster.wallet(&["cluster", "show"], &[]);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(!printed.contains("s3cret"), "{printed}");
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("show prints JSON");
+    assert_eq!(shown["sql_shards"]["shards"][0], "postgres://u:***@a/x");
+    assert_eq!(
+        shown["sql_shards"]["shards"][1],
+        "host=b dbname=y password=***"
+    );
     // A second init with another node list is refused; the map stays.
     let out = cluster.wallet(&["cluster", "init", "--redis-nodes", "127.0.0.1:1"], &[]);
     assert!(!out.status.success());

@@ -197,7 +197,11 @@ pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
                 let layout = Layout::new(&z.zk_root)?;
                 let client = zk::connect(&z.zk).await?;
                 let map = zk::get_partition_map(&client, &layout).await?;
-                let shards = zk::get_sql_shards(&client, &layout).await?;
+                // Shown without the passwords the URLs may hold (the terminal, a log, a ticket).
+                let shards = zk::get_sql_shards(&client, &layout).await?.map(|mut s| {
+                    s.shards = s.shards.iter().map(|u| zk::redact_password(u)).collect();
+                    s
+                });
                 let (leader, api) = zk::get_registrations(&client, &layout).await?;
                 let retiring = zk::get_retiring(&client, &layout).await?;
                 print_json(&serde_json::json!({

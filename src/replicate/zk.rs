@@ -343,6 +343,27 @@ pub async fn get_sql_shards(
         .map(|(s, _)| s))
 }
 
+/// `url` with its password, if it names one, shown as `***` (a URL `scheme://user:pw@host/...`
+/// or a key-value string `... password=pw ...`): for printing a shard list.
+pub fn redact_password(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@')
+            && let Some(colon) = rest[..at].find(':')
+        {
+            return format!("{scheme}://{}:***{}", &rest[..colon], &rest[at..]);
+        }
+        return url.to_string();
+    }
+    url.split(' ')
+        .map(|word| match word.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+            _ => word.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Replaces the SQL shard list, bumping its version. Creates it (version 1) if absent.
 pub async fn set_sql_shards(
     client: &zk::Client,
@@ -356,6 +377,9 @@ pub async fn set_sql_shards(
         // The URL is not echoed back: it may hold a password.
         if let Err(e) = shard.parse::<tokio_postgres::Config>() {
             bail!("shard {i} is not a PostgreSQL connection URL: {e}");
+        }
+        if let Some(j) = shards[..i].iter().position(|other| other == shard) {
+            bail!("shards {j} and {i} are the same URL: a shard list names each database once");
         }
     }
     let path = layout.sql_shards();
