@@ -112,6 +112,23 @@ fn balance_keys(address: &str) -> Vec<String> {
     keys
 }
 
+/// ZooKeeper stopped (`tools/services zk-stop`) until the returned guard is dropped, which starts
+/// it again whatever happens meanwhile (a failed assertion included).
+#[must_use]
+fn stop_zookeeper(services: &Services) -> ZkStopped {
+    services_tool(&["zk-stop"]);
+    assert!(!reachable(&services.zk), "ZooKeeper still answers");
+    ZkStopped
+}
+
+struct ZkStopped;
+
+impl Drop for ZkStopped {
+    fn drop(&mut self) {
+        services_tool(&["zk-start"]);
+    }
+}
+
 /// One test's cluster: its own ZooKeeper root and a data directory.
 struct Cluster {
     zk: String,
@@ -136,6 +153,11 @@ impl Cluster {
             String::from_utf8_lossy(&out.stderr)
         );
         cluster
+    }
+
+    /// `serve`'s arguments to lead this cluster's root.
+    fn leader_args(&self) -> [&str; 5] {
+        ["--zk-leader", "--zk", &self.zk, "--zk-root", &self.root]
     }
 
     fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
@@ -544,13 +566,7 @@ fn one_engine_leads_a_cluster_root_at_a_time() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let services = services();
     let cluster = Cluster::new("leader", &services, &services.redis);
-    let leader_args = [
-        "--zk-leader",
-        "--zk",
-        services.zk.as_str(),
-        "--zk-root",
-        cluster.root.as_str(),
-    ];
+    let leader_args = cluster.leader_args();
     let first = Server::start(cluster.data.path(), &leader_args);
     let show = cluster_show(&cluster);
     assert_eq!(show["engine_leader"], first.address.as_str(), "{show}");
@@ -1338,29 +1354,12 @@ fn a_leader_whose_session_ended_refuses_writes_until_it_leads_again() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let services = services();
     let cluster = Cluster::new("fence", &services, &services.redis);
-    let server = Server::start(
-        cluster.data.path(),
-        &[
-            "--zk-leader",
-            "--zk",
-            services.zk.as_str(),
-            "--zk-root",
-            cluster.root.as_str(),
-        ],
-    );
+    let server = Server::start(cluster.data.path(), &cluster.leader_args());
     let mut client = server.client();
     common::open(&mut client, "a");
     common::deposit(&mut client, "a", "1.00");
 
-    struct Restart;
-    impl Drop for Restart {
-        fn drop(&mut self) {
-            services_tool(&["zk-start"]);
-        }
-    }
-    let restart = Restart;
-    services_tool(&["zk-stop"]);
-    assert!(!reachable(&services.zk), "ZooKeeper still answers");
+    let restart = stop_zookeeper(&services);
     let deposit = |client: &mut Client| {
         client.post(
             "/v1/wallet/deposit",
@@ -1435,16 +1434,7 @@ fn zookeeper_outage_keeps_the_replicator_applying_with_its_last_map() {
     transfers(&mut client, 300, 10_000, 1);
     cluster.wait_caught_up(&services.redis, 1, Duration::from_secs(30));
 
-    // Make sure ZooKeeper is started again whatever happens below.
-    struct Restart;
-    impl Drop for Restart {
-        fn drop(&mut self) {
-            services_tool(&["zk-start"]);
-        }
-    }
-    let restart = Restart;
-    services_tool(&["zk-stop"]);
-    assert!(!reachable(&services.zk), "ZooKeeper still answers");
+    let restart = stop_zookeeper(&services);
     let before = cluster.journal_last_seq();
     // Longer than the 6 s ZooKeeper session timeout, so the session expires meanwhile; every
     // round of transfers reaches every node while ZooKeeper is down.
