@@ -235,7 +235,19 @@ impl Cluster {
     }
 
     fn set_nodes(&self, nodes: &[String]) {
-        let out = self.wallet(&["cluster", "set-redis-nodes", &nodes.join(",")], &[]);
+        self.set_nodes_with(nodes, &[]);
+    }
+
+    /// `set_nodes` for a list holding a node that does not answer.
+    fn set_nodes_allowing_unreachable(&self, nodes: &[String]) {
+        self.set_nodes_with(nodes, &["--allow-unreachable"]);
+    }
+
+    fn set_nodes_with(&self, nodes: &[String], flags: &[&str]) {
+        let nodes = nodes.join(",");
+        let mut args = vec!["cluster", "set-redis-nodes", &nodes];
+        args.extend_from_slice(flags);
+        let out = self.wallet(&args, &[]);
         assert!(
             out.status.success(),
             "set-redis-nodes: {}",
@@ -728,6 +740,25 @@ fn a_partition_map_version_is_never_reused() {
     cluster.wait_caught_up(&services.redis, 3, Duration::from_secs(10));
     cluster.assert_reconciled();
 
+    // A node that does not answer cannot say its version: numbering the map without it could
+    // reuse that version, so the change is refused, naming it, unless asked for by flag.
+    let down = free_port();
+    let mut with_down = services.redis.clone();
+    with_down.push(down.clone());
+    let out = cluster.wallet(&["cluster", "set-redis-nodes", &with_down.join(",")], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains(&down) && stderr.contains("--allow-unreachable"),
+        "{stderr}"
+    );
+    let map = with_zk(&cluster, async |zk, layout| {
+        wallet::replicate::zk::get_partition_map(zk, layout)
+            .await
+            .expect("read the map")
+            .expect("a map")
+    });
+    assert_eq!((map.version, &map.nodes), (3, &services.redis));
+
     // A map edited by hand to name other nodes under the version in force is refused by a
     // running replicator, which keeps its map (it used to switch to it).
     let (follower, log) = cluster.replicate_follow_logged();
@@ -884,7 +915,7 @@ fn a_node_that_never_answers_holds_back_nothing_else() {
     let mut nodes = answering.clone();
     nodes.push(silent.clone());
     let cluster = Cluster::new("silent-node", &services, &answering);
-    cluster.set_nodes(&nodes);
+    cluster.set_nodes_allowing_unreachable(&nodes);
     let server = start_server(&cluster);
     let mut client = server.client();
     setup_accounts(&mut client, 300);
@@ -2037,7 +2068,7 @@ fn a_silent_map_node_does_not_hold_the_loop_while_a_removed_node_waits() {
     start_silent_node(&silent);
     let mut nodes = services.redis.clone();
     nodes.push(silent.clone());
-    cluster.set_nodes(&nodes);
+    cluster.set_nodes_allowing_unreachable(&nodes);
     let server = start_server(&cluster);
     let mut client = server.client();
     setup_accounts(&mut client, 300);
@@ -2058,7 +2089,11 @@ fn a_silent_map_node_does_not_hold_the_loop_while_a_removed_node_waits() {
     };
     reach_within(&mut client, Duration::from_secs(10));
     assert!(!balance_keys(&removed).is_empty());
-    cluster.set_nodes(&[answering[0].clone(), answering[1].clone(), silent.clone()]);
+    cluster.set_nodes_allowing_unreachable(&[
+        answering[0].clone(),
+        answering[1].clone(),
+        silent.clone(),
+    ]);
     let changed = Instant::now();
     wait_for_log(&log, "partition map switched");
     wait_for_log(&log, "do not say which server they are");

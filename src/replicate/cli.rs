@@ -41,6 +41,10 @@ pub enum ClusterCommand {
         /// PostgreSQL shard URLs, comma-separated (optional).
         #[arg(long, value_delimiter = ',')]
         sql_shards: Vec<String>,
+        /// Number the map even if some nodes do not answer (their map version is not read, so
+        /// a version they were stamped with may be reused; see docs/zookeeper-layout.md).
+        #[arg(long)]
+        allow_unreachable: bool,
     },
     /// Print the partition map, the SQL shards, the engine leader and the registered front ends.
     Show {
@@ -54,6 +58,10 @@ pub enum ClusterCommand {
         /// host:port,host:port,...
         #[arg(value_delimiter = ',', required = true)]
         nodes: Vec<String>,
+        /// Number the map even if some nodes do not answer (their map version is not read, so
+        /// a version they were stamped with may be reused; see docs/zookeeper-layout.md).
+        #[arg(long)]
+        allow_unreachable: bool,
     },
     /// Replace the SQL shard list.
     SetSqlShards {
@@ -155,7 +163,7 @@ fn print_json(value: &serde_json::Value) {
 pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
         match args.command {
-            ClusterCommand::Init { zk: z, redis_nodes, sql_shards } => {
+            ClusterCommand::Init { zk: z, redis_nodes, sql_shards, allow_unreachable } => {
                 let layout = Layout::new(&z.zk_root)?;
                 let client = zk::connect(&z.zk).await?;
                 zk::init_layout(&client, &layout).await?;
@@ -167,8 +175,9 @@ pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
                         serde_json::to_string(&map)?
                     ),
                     None => {
+                        zk::check_node_list(&redis_nodes)?;
                         crate::replicate::redis::check_distinct_servers(&redis_nodes).await?;
-                        let at_least = crate::replicate::redis::next_map_version(&redis_nodes).await;
+                        let at_least = crate::replicate::redis::next_map_version(&redis_nodes, allow_unreachable).await?;
                         let map = zk::set_redis_nodes(&client, &layout, &redis_nodes, at_least).await?;
                         println!("{}: {}", layout.partitions(), serde_json::to_string(&map)?);
                     }
@@ -213,12 +222,13 @@ pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
                     "api": api,
                 }));
             }
-            ClusterCommand::SetRedisNodes { zk: z, nodes } => {
+            ClusterCommand::SetRedisNodes { zk: z, nodes, allow_unreachable } => {
                 let layout = Layout::new(&z.zk_root)?;
                 let client = zk::connect(&z.zk).await?;
                 zk::init_layout(&client, &layout).await?;
+                zk::check_node_list(&nodes)?;
                 crate::replicate::redis::check_distinct_servers(&nodes).await?;
-                let at_least = crate::replicate::redis::next_map_version(&nodes).await;
+                let at_least = crate::replicate::redis::next_map_version(&nodes, allow_unreachable).await?;
                 let map = zk::set_redis_nodes(&client, &layout, &nodes, at_least).await?;
                 println!("{}: {}", layout.partitions(), serde_json::to_string(&map)?);
             }

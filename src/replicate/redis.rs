@@ -186,11 +186,15 @@ pub async fn check_distinct_servers(nodes: &[String]) -> anyhow::Result<()> {
 /// `retired:N`), 0 if none shows one: a map written for these nodes must be numbered above it.
 /// Otherwise a map deleted and created again (version 1) would meet nodes still saying 5, and a
 /// map reusing a version those nodes were stamped with would be trusted by readers holding an
-/// older node list. Nodes that do not answer are skipped, as in `check_distinct_servers`.
-pub async fn next_map_version(nodes: &[String]) -> u64 {
+/// older node list. A node that does not answer cannot be asked: it is refused, naming it
+/// (a map numbered without it could reuse a version it was stamped with), unless
+/// `allow_unreachable`, when it is skipped with a warning.
+pub async fn next_map_version(nodes: &[String], allow_unreachable: bool) -> anyhow::Result<u64> {
     let mut next = 0;
+    let mut unreachable = Vec::new();
     for address in nodes {
         let Ok(mut conn) = connect(address).await else {
+            unreachable.push(address.as_str());
             continue;
         };
         let mut cmd = redis::cmd("GET");
@@ -198,7 +202,10 @@ pub async fn next_map_version(nodes: &[String]) -> u64 {
         let get = cmd.query_async::<Option<String>>(&mut conn);
         let version = match tokio::time::timeout(Duration::from_secs(2), get).await {
             Ok(Ok(version)) => version,
-            _ => None,
+            _ => {
+                unreachable.push(address.as_str());
+                continue;
+            }
         };
         if let Some(v) = version
             .as_deref()
@@ -207,7 +214,16 @@ pub async fn next_map_version(nodes: &[String]) -> u64 {
             next = next.max(v.saturating_add(1));
         }
     }
-    next
+    if !unreachable.is_empty() {
+        let named = unreachable.join(", ");
+        if !allow_unreachable {
+            bail!(
+                "Redis node(s) {named} did not answer: the map version they were stamped with cannot be read, and a map numbered without it could reuse it; start them, or pass --allow-unreachable to number the map without them"
+            );
+        }
+        tracing::warn!(nodes = %named, "these nodes did not answer; the map is numbered without their versions (--allow-unreachable)");
+    }
+    Ok(next)
 }
 
 /// The `run_id` of the Redis server behind `conn` (tells one server apart from another whatever

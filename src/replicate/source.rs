@@ -537,7 +537,45 @@ impl HttpSource {
     /// GETs `path`, whose answer may take `wait` (a long poll) plus `answer_margin`. A failure
     /// to connect or to get an answer, and a 5xx answer, are `Unavailable` (retried); a 4xx
     /// answer is not (asking again gets the same answer).
+    ///
+    /// A kept-alive connection the engine closed while it was idle (its header read timeout, a
+    /// restart) fails the next request before any answer, often as hyper's "operation was
+    /// canceled": the request is sent again at once on a new connection (a GET, so asking twice
+    /// is harmless). It used to be a source failure, retried after the failure pause of 200 ms
+    /// and more, and an SQL or Redis replicator's lag grew by that much at every such close.
     async fn get(&mut self, path: &str, wait: Duration) -> anyhow::Result<bytes::Bytes> {
+        let reused = self.sender.as_ref().is_some_and(|s| !s.is_closed());
+        let (result, lost_unanswered) = self.get_once(path, wait).await;
+        if reused && lost_unanswered {
+            if let Err(e) = &result {
+                tracing::debug!(error = %format!("{e:#}"), "a kept-alive connection to the engine was closed; asking again on a new one");
+            }
+            return self.get_once(path, wait).await.0;
+        }
+        result
+    }
+
+    /// One try of `get`; the flag says the connection failed before any answer came (not a
+    /// timeout): the request may never have reached the engine.
+    async fn get_once(
+        &mut self,
+        path: &str,
+        wait: Duration,
+    ) -> (anyhow::Result<bytes::Bytes>, bool) {
+        let mut lost_unanswered = false;
+        let result = self.try_get(path, wait, &mut lost_unanswered).await;
+        if result.is_err() {
+            self.sender = None;
+        }
+        (result, lost_unanswered)
+    }
+
+    async fn try_get(
+        &mut self,
+        path: &str,
+        wait: Duration,
+        lost_unanswered: &mut bool,
+    ) -> anyhow::Result<bytes::Bytes> {
         use http_body_util::BodyExt;
         let unavailable = |what: String| anyhow::Error::new(Unavailable(what));
         if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
@@ -581,11 +619,11 @@ impl HttpSource {
         }
         let request = request.body(http_body_util::Empty::new())?;
         let limit = wait + self.answer_margin;
-        let result = tokio::time::timeout(limit, async {
-            let response = sender
-                .send_request(request)
-                .await
-                .map_err(|e| unavailable(format!("GET {path}: {e}")))?;
+        tokio::time::timeout(limit, async {
+            let response = sender.send_request(request).await.map_err(|e| {
+                *lost_unanswered = true;
+                unavailable(format!("GET {path}: {e}"))
+            })?;
             let status = response.status();
             let body = response
                 .into_body()
@@ -619,11 +657,7 @@ impl HttpSource {
             Err(unavailable(format!(
                 "GET {path}: no answer within {limit:?}"
             )))
-        });
-        if result.is_err() {
-            self.sender = None;
-        }
-        result
+        })
     }
 
     /// Rebuilds whole command records from the event lines, with the engine's account indexes
@@ -1176,6 +1210,58 @@ mod tests {
             assert!(error.is::<Unavailable>(), "retried: {error:#}");
             assert!(started.elapsed() < Duration::from_secs(5));
             held.abort();
+        });
+    }
+
+    /// An engine that closes a kept-alive connection as the next request arrives (its idle
+    /// timeout ran out as the replicator asked): the request is asked again at once on a new
+    /// connection, not failed. Only once: a new connection that fails the same way is a failure.
+    #[test]
+    fn a_kept_alive_connection_closed_by_the_engine_is_replaced_at_once() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let address = listener.local_addr().expect("address");
+            // Connection 1: one answer, then the next request is read and the connection closed
+            // unanswered. Connection 2: one answer. Connection 3: closed unanswered.
+            let server = tokio::spawn(async move {
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                let mut buffer = [0u8; 4096];
+                let (mut first, _) = listener.accept().await.expect("accept");
+                let _ = first.read(&mut buffer).await;
+                first.write_all(answer).await.expect("write");
+                let _ = first.read(&mut buffer).await;
+                drop(first);
+                let (mut second, _) = listener.accept().await.expect("accept");
+                let _ = second.read(&mut buffer).await;
+                second.write_all(answer).await.expect("write");
+                let _ = second.read(&mut buffer).await;
+                drop(second);
+                let (mut third, _) = listener.accept().await.expect("accept");
+                let _ = third.read(&mut buffer).await;
+                drop(third);
+                let mut held = Vec::new();
+                while let Ok((stream, _)) = listener.accept().await {
+                    held.push(stream);
+                }
+            });
+            let mut source = HttpSource::new(&address.to_string()).expect("source");
+            source.answer_margin = Duration::from_millis(500);
+            let first = source.lines(1, 10, Duration::ZERO).await;
+            assert!(first.is_ok_and(|l| l.is_empty()));
+            let second = source.lines(1, 10, Duration::ZERO).await;
+            assert!(
+                second.as_ref().is_ok_and(|l| l.is_empty()),
+                "a closed kept-alive connection failed the read: {:#}",
+                second.err().map(|e| format!("{e:#}")).unwrap_or_default()
+            );
+            // The second connection is closed too, and so is the one that replaces it: a failure.
+            let third = source.lines(1, 10, Duration::ZERO).await;
+            let error = third.err().expect("two closed connections in a row");
+            assert!(error.is::<Unavailable>(), "{error:#}");
+            server.abort();
         });
     }
 

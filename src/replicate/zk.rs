@@ -58,6 +58,16 @@ impl PartitionMap {
     }
 }
 
+/// Checks a node list as a map of it would be checked when written (addresses, repeats), so
+/// that a bad list is refused, naming what is wrong, before any node is contacted.
+pub fn check_node_list(nodes: &[String]) -> anyhow::Result<()> {
+    PartitionMap {
+        version: 0,
+        nodes: nodes.to_vec(),
+    }
+    .check()
+}
+
 /// A Redis node address must be `host:port` (`[v6]:port` for an IPv6 literal) with a port
 /// from 1 to 65535: a map naming anything else would only fail later, in the replicator (which
 /// builds `redis://{node}/` from it, so no character may change that URL's meaning).
