@@ -291,18 +291,29 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }),
-        Commands::Replay(args) => replay::run(&args).map(|report| {
-            if args.json {
-                println!("{}", serde_json::to_string(&report).unwrap_or_default());
-            } else {
-                replay::print(&report);
+        Commands::Replay(args) => match replay::run(&args) {
+            Ok(report) => {
+                if args.json {
+                    println!("{}", serde_json::to_string(&report).unwrap_or_default());
+                } else {
+                    replay::print(&report);
+                }
+                Ok(if report.ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
             }
-            if report.ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
+            // A script reading --json gets an answer to parse whatever failed (a damaged
+            // watermark file, an unreadable directory), not an empty stdout.
+            Err(e) if args.json => {
+                let error = format!("{e:#}");
+                println!("{}", serde_json::json!({ "ok": false, "error": error }));
+                eprintln!("error: {error}");
+                Ok(ExitCode::FAILURE)
             }
-        }),
+            Err(e) => Err(e),
+        },
         Commands::Serve(args) => args
             .config()
             .and_then(|config| {

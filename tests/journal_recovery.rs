@@ -904,6 +904,23 @@ fn a_damaged_durable_watermark_refuses_recovery_and_replay() {
             error.contains("durable-watermark file is damaged"),
             "{name}: {error}"
         );
+        // `wallet replay --json` says so on stdout, as JSON (it printed nothing there).
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .args(["replay", "--json", "--data-dir"])
+            .arg(data)
+            .env("WALLET_LOG", "error")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{name}: no JSON on stdout ({e}): {out:?}"));
+        assert_eq!(report["ok"], false, "{name}: {report}");
+        assert!(
+            report["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("durable-watermark file is damaged")),
+            "{name}: {report}"
+        );
     }
     fs::write(&watermark, b"").unwrap();
     let recovered = recover(data, LedgerConfig::default(), false, |_, _| {}).unwrap();
@@ -1070,6 +1087,59 @@ fn a_snapshot_ahead_of_the_journal_refuses_start_up_until_it_is_moved_away() {
         .collect();
     assert_eq!(listed, vec![5]);
     assert!(snapshot::load_newest(&snapshots, LedgerConfig::default(), None).is_none());
+}
+
+/// Damage inside a sealed segment (one with a newer segment after it) is named where it is. A
+/// zeroed frame with records after it in the same segment is reported at its own offset in
+/// that segment, and a sealed segment cut short is named, with where its records end, in the
+/// next segment's gap message. Both were reported only as "segment does not continue the
+/// previous one" at offset 0 of the next segment: the intact one, which the README's advice
+/// for that message then had the operator move away.
+#[test]
+fn damage_inside_a_sealed_segment_is_named_where_it_is() {
+    let temp = tempfile::tempdir().unwrap();
+    let (zeroed, cut) = (temp.path().join("zeroed"), temp.path().join("cut"));
+    for data in [&zeroed, &cut] {
+        fresh_journal(data, 16 << 10, 0..600, 10);
+    }
+    let segments = list_segments(&journal_dir(&zeroed)).unwrap();
+    assert!(segments.len() >= 3, "{segments:?}");
+    let sealed = &segments[0].1;
+    let frames = frame_positions(&zeroed);
+    let in_sealed: Vec<&FramePosition> = frames.iter().filter(|f| &f.file == sealed).collect();
+    let victim = in_sealed[in_sealed.len() / 2];
+
+    let file = OpenOptions::new().write(true).open(sealed).unwrap();
+    file.write_all_at(&vec![0u8; victim.len], victim.offset as u64)
+        .unwrap();
+    drop(file);
+    let error = refusal(recover_in_thread(&zeroed));
+    let place = format!("{} at byte offset {}", sealed.display(), victim.offset);
+    assert!(
+        error.contains(&place) && error.contains("zeroed frame inside the committed log"),
+        "{place:?} not in: {error}"
+    );
+
+    let segments = list_segments(&journal_dir(&cut)).unwrap();
+    let (sealed, next) = (&segments[0].1, &segments[1].1);
+    let frames = frame_positions(&cut);
+    let in_sealed: Vec<&FramePosition> = frames.iter().filter(|f| &f.file == sealed).collect();
+    let victim = in_sealed[in_sealed.len() / 2];
+    let file = OpenOptions::new().write(true).open(sealed).unwrap();
+    file.set_len(victim.offset as u64).unwrap();
+    drop(file);
+    let error = refusal(recover_in_thread(&cut));
+    for part in [
+        format!("{} at byte offset 0", next.display()),
+        format!(
+            "the previous segment {} ends at sequence {} (its records end at byte offset {})",
+            sealed.display(),
+            victim.seq - 1,
+            victim.offset
+        ),
+    ] {
+        assert!(error.contains(&part), "{part:?} not in: {error}");
+    }
 }
 
 /// A journal of commands 0..199 and a last deposit of `amount` cents: two of these with
@@ -2440,12 +2510,17 @@ fn checkpoints_are_verified_and_a_wrong_one_stops_recovery() {
                 assert_eq!(r.checkpoints_verified, checkpoints);
                 assert_eq!(r.ledger.state_hash(), ledger.state_hash());
             }
-            (true, Err(JournalError::Visitor { seq, reason })) => {
-                // The error names the bad record, and so does its reason.
+            (true, Err(JournalError::Visitor { seq, reason, at })) => {
+                // The error names the bad record, and so does its reason, and where it is.
                 let bad_seq = bad_seq.unwrap();
                 assert_eq!(seq, bad_seq, "stopped elsewhere than at the bad checkpoint");
                 let named = format!("checkpoint at sequence {bad_seq} ");
                 assert!(reason.contains(&named), "{reason}");
+                let frame = frame_positions(data)
+                    .into_iter()
+                    .find(|f| f.seq == bad_seq)
+                    .expect("the bad checkpoint's frame");
+                assert_eq!(at, Some((frame.file, frame.offset as u64)));
             }
             (_, Err(e)) => panic!("tamper {tamper}: unexpected error {e}"),
             (_, Ok(_)) => panic!("a checkpoint with a wrong hash was accepted"),
@@ -2496,10 +2571,20 @@ fn pipelined_scan_visits_what_scan_visits_and_stops_where_scan_stops() {
     })
     .unwrap_err();
     assert_eq!(seen, 9_001);
+    let frame = frame_positions(data)
+        .into_iter()
+        .find(|f| f.seq == stop_at)
+        .expect("the record's frame");
+    let place = format!("{} at byte offset {}", frame.file.display(), frame.offset);
+    assert!(
+        error.to_string().contains(&place),
+        "{place:?} not in: {error}"
+    );
     match error {
-        JournalError::Visitor { seq, reason } => {
+        JournalError::Visitor { seq, reason, at } => {
             assert_eq!(seq, stop_at);
             assert_eq!(reason, "stop here");
+            assert_eq!(at, Some((frame.file, frame.offset as u64)));
         }
         other => panic!("expected a visitor error, got {other}"),
     }
@@ -3005,12 +3090,21 @@ fn replay_from_the_start_audits_the_snapshot_start_up_would_use() {
     assert!(report.ok, "{:?}", report.error);
     assert_eq!(report.snapshot_audited, Some(last_seq));
 
-    // A newer snapshot that is damaged is skipped, by start-up and by the audit, which says so.
+    // A newer snapshot that is damaged is skipped as a start, by start-up and by the audit,
+    // which says so; named past the journal's end, it still says that the records before it
+    // were durable, so both refuse the journal as short of them (they used to pass it).
     let damaged = snapshot_dir(&ours).join(snapshot::snapshot_file_name(last_seq + 5));
     fs::write(&damaged, b"not a snapshot").unwrap();
     let report = plain(&ours);
-    assert!(report.ok, "{:?}", report.error);
-    assert_eq!(report.snapshot_audited, Some(last_seq));
+    assert!(!report.ok);
+    let error = report.error.clone().unwrap();
+    assert!(
+        error.contains(&format!("covers records up to {}", last_seq + 4))
+            && error.contains(&damaged.display().to_string()),
+        "{error}"
+    );
+    let error = refusal(recover_in_thread(&ours));
+    assert!(error.contains(&damaged.display().to_string()), "{error}");
     assert_eq!(
         report.snapshots_skipped.len(),
         1,
@@ -3073,6 +3167,35 @@ fn replay_from_the_start_audits_the_snapshot_start_up_would_use() {
     assert!(refusal(recover_in_thread(&ours)).contains("missing or damaged"));
     let report = plain(&ours);
     assert!(!report.ok);
+    let error = report.error.unwrap();
+    assert!(
+        error.contains("covers records up to")
+            && error.contains(&ours_snapshot.display().to_string()),
+        "{error}"
+    );
+
+    // The same snapshot damaged: skipped as a start, but its name still says which records
+    // were durable, so both still refuse (a damaged newest snapshot used to turn the refusal
+    // off: start-up served the older journal's balances, and the audit said OK).
+    let mut bytes = fs::read(&ours_snapshot).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xFF;
+    fs::write(&ours_snapshot, &bytes).unwrap();
+    assert!(snapshot::load_newest(&snapshot_dir(&ours), LedgerConfig::default(), None).is_none());
+    let error = refusal(recover_in_thread(&ours));
+    assert!(
+        error.contains("missing or damaged")
+            && error.contains(&ours_snapshot.display().to_string()),
+        "{error}"
+    );
+    let report = plain(&ours);
+    assert!(!report.ok);
+    assert_eq!(
+        report.snapshots_skipped.len(),
+        1,
+        "{:?}",
+        report.snapshots_skipped
+    );
     let error = report.error.unwrap();
     assert!(
         error.contains("covers records up to")

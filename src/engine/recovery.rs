@@ -255,11 +255,7 @@ pub fn recover_with(
         },
     )?;
     check_durable_watermark(&journal, durable, &end)?;
-    if let Some(seq) = snapshot_next_seq
-        && end.next_seq < seq
-    {
-        return Err(snapshot_ahead(data_dir, seq, &end));
-    }
+    check_snapshots_covered(data_dir, &end)?;
     if ledger.next_seq() != end.next_seq {
         // Only a snapshot that names no chain value (from an older build) and is not at one of
         // this journal's record boundaries gets here: writing on would break the sequence.
@@ -314,6 +310,19 @@ pub fn check_snapshot_chain(
             format!("the record before sequence {seq} has checksum {found:#010x}"),
         )),
         ChainAt::InsideRecord => Err(refuse(format!("sequence {seq} falls inside a record"))),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses a journal that ends before the newest snapshot file's sequence, by the file's name:
+/// the one start-up loads, and also one it skipped as damaged or unreadable (or did not load,
+/// with snapshots off). A snapshot file is published only once the records it covers were
+/// durable, so its name alone says they may have been acknowledged; a damaged newest snapshot
+/// used to turn this refusal off, and a journal restored from an older copy then started,
+/// short of acknowledged records, with a warning only.
+pub fn check_snapshots_covered(data_dir: &Path, end: &JournalEnd) -> Result<(), JournalError> {
+    match snapshot::list_snapshots(&snapshot_dir(data_dir)).first() {
+        Some(&(seq, _)) if end.next_seq < seq => Err(snapshot_ahead(data_dir, seq, end)),
         _ => Ok(()),
     }
 }

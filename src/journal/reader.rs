@@ -28,8 +28,47 @@ pub enum JournalError {
         file: PathBuf,
         source: std::io::Error,
     },
-    #[error("stopped by the visitor at sequence {seq}: {reason}")]
-    Visitor { seq: u64, reason: String },
+    /// A record that frames, checksums and decodes, but that the reader's visitor refused
+    /// (it does not apply to the state replayed so far, a checkpoint's hash differs, ...):
+    /// the journal's content, not its bytes, is wrong there. `at` is the record's segment file
+    /// and byte offset, when known.
+    #[error("{}sequence {seq} does not replay: {reason}", located(.at))]
+    Visitor {
+        seq: u64,
+        reason: String,
+        at: Option<(PathBuf, u64)>,
+    },
+}
+
+fn located(at: &Option<(PathBuf, u64)>) -> String {
+    at.as_ref().map_or(String::new(), |(file, offset)| {
+        format!(
+            "journal record in {} at byte offset {offset}, ",
+            file.display()
+        )
+    })
+}
+
+/// Where the record starting at `seq` is: its segment file and byte offset, read from the
+/// segment that holds it; `None` if the journal cannot be read to it or no record starts there.
+/// For errors only (a visitor's refusal found on another thread, which knows the sequence).
+pub fn record_position(dir: &Path, seq: u64) -> Option<(PathBuf, u64)> {
+    let mut seen = None;
+    match scan_inner(
+        dir,
+        seq,
+        |record| {
+            if record.first_seq == seq {
+                Err(String::new())
+            } else {
+                Ok(())
+            }
+        },
+        &mut seen,
+    ) {
+        Err(JournalError::Visitor { at, .. }) => at,
+        _ => None,
+    }
 }
 
 /// The journal's durable watermark: the last sequence its file names as synced (so possibly
@@ -572,10 +611,24 @@ impl Scan<'_> {
             end.next_seq = header.first_seq;
             end.last_crc = header.prev_crc;
         } else if header.first_seq != end.next_seq || header.prev_crc != end.last_crc {
+            // Name where the previous segment's records end: a segment cut short (or zeroed
+            // from some offset to its end) shows here first, and is the one to look at.
+            let previous = match &end.segment {
+                Some((file, valid_end)) => format!(
+                    "; the previous segment {} ends at sequence {} (its records end at byte \
+                     offset {valid_end}), this one starts at {}",
+                    file.display(),
+                    end.next_seq.saturating_sub(1),
+                    header.first_seq
+                ),
+                None => String::new(),
+            };
             return Err(corrupt(
                 0,
                 header.first_seq,
-                "segment does not continue the previous one (gap or broken chain)",
+                &format!(
+                    "segment does not continue the previous one (gap or broken chain){previous}"
+                ),
             ));
         }
         let len = bytes.len();
@@ -623,6 +676,7 @@ impl Scan<'_> {
                         visit(&record).map_err(|reason| JournalError::Visitor {
                             seq: record.first_seq,
                             reason,
+                            at: Some((path.clone(), offset as u64)),
                         })?;
                     }
                     end.next_seq = record.next_seq();
@@ -631,8 +685,20 @@ impl Scan<'_> {
                 }
                 Err(FrameError::End) => {
                     // Unwritten space. In the newest segment, anything non-zero after it is a
-                    // torn write of records that were never acknowledged.
+                    // torn write of records that were never acknowledged. A sealed segment was
+                    // left only when its next record did not fit: a record after unwritten
+                    // space there is a hole in the committed log (zeroed pages), reported
+                    // here rather than as the next segment's gap.
                     if !segment.newest {
+                        if bytes.nonzero_end(offset).map_err(io)?.is_some()
+                            && valid_frame_after(bytes, offset, end.next_seq).map_err(io)?
+                        {
+                            return Err(corrupt(
+                                offset as u64,
+                                end.next_seq,
+                                "zeroed frame inside the committed log (a sealed segment)",
+                            ));
+                        }
                         break;
                     }
                     let past_watermark = self.durable.is_some_and(|d| end.next_seq > d);
@@ -738,7 +804,12 @@ pub fn scan_pipelined_batches(
         let mut failure = None;
         for mut batch in full.iter() {
             if let Err((seq, reason)) = visit_batch(&batch) {
-                failure = Some(JournalError::Visitor { seq, reason });
+                // The reading thread knows where each record is; this one only its sequence.
+                failure = Some(JournalError::Visitor {
+                    seq,
+                    reason,
+                    at: record_position(dir, seq),
+                });
                 break;
             }
             batch.clear();
@@ -750,6 +821,7 @@ pub fn scan_pipelined_batches(
             Err(JournalError::Visitor {
                 seq: 0,
                 reason: "the journal reader thread panicked".into(),
+                at: None,
             })
         });
         match failure {

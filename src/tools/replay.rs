@@ -287,18 +287,10 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
                 // sequence): the durable watermark, then the snapshot it would use.
                 _ if to_end => check_durable_watermark(&journal, durable, &end)
                     .err()
-                    .map(|e| e.to_string())
-                    .or_else(|| match &audited {
-                        Some((next_seq, ..)) if end.next_seq < *next_seq => Some(
-                            crate::engine::recovery::snapshot_ahead(
-                                &args.data_dir,
-                                *next_seq,
-                                &end,
-                            )
-                            .to_string(),
-                        ),
-                        _ => None,
-                    }),
+                    .or_else(|| {
+                        crate::engine::recovery::check_snapshots_covered(&args.data_dir, &end).err()
+                    })
+                    .map(|e| e.to_string()),
                 _ => None,
             };
             // Start-up's last check: the journal continues where the state ends (a snapshot
@@ -511,10 +503,15 @@ pub fn snapshot(args: &SnapshotArgs) -> anyhow::Result<PathBuf> {
     )?;
     drop(writer);
     let bytes = encode_snapshot(&recovered.ledger, Some(recovered.end.last_crc));
-    Ok(snapshot::write_snapshot(
-        &snapshot_dir(&args.data_dir),
-        &bytes,
-    )?)
+    let dir = snapshot_dir(&args.data_dir);
+    snapshot::write_snapshot(&dir, &bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "writing a snapshot of {} bytes (sequences up to {}) into {}: {e}",
+            bytes.len(),
+            recovered.end.next_seq - 1,
+            dir.display()
+        )
+    })
 }
 
 /// An RFC 3339 time as nanoseconds since the Unix epoch: `humantime` for the part before the
