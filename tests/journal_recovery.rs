@@ -1142,6 +1142,37 @@ fn damage_inside_a_sealed_segment_is_named_where_it_is() {
     }
 }
 
+/// `wallet snapshot` that cannot write its file (a full disk) says what it was writing and
+/// where, not only the system's "No space left on device", and leaves no snapshot behind.
+#[test]
+fn a_snapshot_that_cannot_be_written_says_what_and_where() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let (ledger, _) = fresh_journal(data, 64 << 10, 0..50, 10);
+    let snapshots = snapshot_dir(data);
+    fs::create_dir_all(&snapshots).unwrap();
+    let name = snapshot::snapshot_file_name(ledger.next_seq());
+    // Every write to /dev/full fails with ENOSPC.
+    std::os::unix::fs::symlink("/dev/full", snapshots.join(format!(".{name}.tmp"))).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+        .args(["snapshot", "--data-dir"])
+        .arg(data)
+        .env("WALLET_LOG", "error")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    for part in [
+        "writing a snapshot of ".to_string(),
+        format!("sequences up to {}", ledger.next_seq() - 1),
+        snapshots.display().to_string(),
+        "No space left on device".to_string(),
+    ] {
+        assert!(stderr.contains(&part), "{part:?} not in: {stderr}");
+    }
+    assert!(snapshot::list_snapshots(&snapshots).is_empty());
+}
+
 /// A journal of commands 0..199 and a last deposit of `amount` cents: two of these with
 /// different amounts are two histories with the same sequence numbers.
 fn history_ending_with_a_deposit_of(data: &Path, amount: u64) -> Ledger {
