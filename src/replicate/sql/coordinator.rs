@@ -377,10 +377,12 @@ pub async fn finish_prepared(client: &Client, statement: &str, gid: &str) -> any
 }
 
 /// Whether the decision in `record` commits the prepared transaction `gid`: it names the gid
-/// (a record from a build that did not list them names only its batch).
+/// (a record from a build that did not list them names only its batch, and such a build's
+/// gids carry no epoch: a gid with an epoch was prepared by a later build, after that
+/// decision, and is undecided until a record names it).
 fn decided(record: &CoordinatorRecord, gid: &str, parts: GidParts) -> bool {
     if record.decided_gids.is_empty() {
-        parts.batch == record.decided_batch && record.decided_batch != 0
+        parts.epoch == 0 && parts.batch == record.decided_batch && record.decided_batch != 0
     } else {
         record.decided_gids.iter().any(|g| g == gid)
     }
@@ -509,5 +511,9 @@ mod tests {
         assert!(check(&record(100, Vec::new()), &old));
         assert!(!check(&record(99, Vec::new()), &old));
         assert!(!check(&record(0, Vec::new()), &format!("wallet_{id}_0_0")));
+        // Such a record meets a gid of a later build, prepared for the same batch and crashed
+        // before its decision was written: undecided (it was committed on one shard while
+        // the others rolled theirs back).
+        assert!(!check(&record(100, Vec::new()), &ours));
     }
 }

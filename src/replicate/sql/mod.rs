@@ -12,6 +12,7 @@ pub mod coordinator;
 pub mod reconcile;
 pub mod replicator;
 pub mod schema;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,17 +42,23 @@ pub fn is_transient(error: &anyhow::Error) -> bool {
             let Some(db) = pg.as_db_error() else {
                 return driver_error_is_transient(pg);
             };
-            // Connection exceptions, insufficient resources, operator intervention (a shutdown,
-            // a terminated backend, a database that refuses connections), serialization and
-            // deadlock failures, system errors. Anything else (a constraint violation, bad
-            // data, missing objects) would only fail again.
-            let code = db.code().code();
-            return ["08", "53", "57", "40", "58", "55"]
-                .iter()
-                .any(|class| code.starts_with(class));
+            return sqlstate_is_transient(db.code().code());
         }
     }
     true
+}
+
+/// Connection exceptions, insufficient resources, operator intervention (a shutdown, a
+/// terminated backend, a database that refuses connections), serialization and deadlock
+/// failures, system errors, a lock not granted in time, and a session the server ended for
+/// idling in a transaction (25P03: the replicator was frozen mid-round for longer than two
+/// round timeouts; its session is gone, and a new one recovers). Anything else (a constraint
+/// violation, bad data, missing objects) would only fail again.
+fn sqlstate_is_transient(code: &str) -> bool {
+    code == "25P03"
+        || ["08", "53", "57", "40", "58", "55"]
+            .iter()
+            .any(|class| code.starts_with(class))
 }
 
 /// A driver error without a server's code is transient when the connection broke (it closed,
@@ -62,6 +69,11 @@ pub fn is_transient(error: &anyhow::Error) -> bool {
 fn driver_error_is_transient(pg: &tokio_postgres::Error) -> bool {
     if pg.is_closed() {
         return true;
+    }
+    // A certificate that does not verify, a handshake rustls rejects (an I/O error that is
+    // not one of the link's).
+    if tls::is_tls_refusal(pg) {
+        return false;
     }
     let text = pg.to_string();
     // An authentication failure may carry an I/O error of the driver's own making (a SCRAM
@@ -123,6 +135,11 @@ pub struct SqlReplicateArgs {
     /// Seconds to wait for ZooKeeper, and for the lock of a replicator that crashed.
     #[arg(long, default_value_t = 30)]
     pub zk_patience_s: u64,
+    /// CA certificates (PEM) that the shard servers' TLS certificates are checked against:
+    /// with it, shards are reached over verified TLS unless their URL says `sslmode=disable`
+    /// (`sslmode=require` needs it). Without it, no TLS (see docs/sql-replication.md).
+    #[arg(long, env = "WALLET_SHARD_CA")]
+    pub shard_ca: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -134,6 +151,11 @@ pub struct SqlReconcileArgs {
     /// Differences printed in full (all are counted).
     #[arg(long, default_value_t = 100)]
     pub max_printed: usize,
+    /// CA certificates (PEM) that the shard servers' TLS certificates are checked against:
+    /// with it, shards are reached over verified TLS unless their URL says `sslmode=disable`
+    /// (`sslmode=require` needs it). Without it, no TLS (see docs/sql-replication.md).
+    #[arg(long, env = "WALLET_SHARD_CA")]
+    pub shard_ca: Option<PathBuf>,
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -154,6 +176,7 @@ pub fn run_replicate(args: SqlReplicateArgs) -> anyhow::Result<ExitCode> {
         once: args.once,
         round_timeout: Duration::from_secs(args.round_timeout_s.max(1)),
         zk_patience: Duration::from_secs(args.zk_patience_s),
+        shard_ca: args.shard_ca.as_deref().map(tls::load_ca).transpose()?,
     };
     let report = runtime()?.block_on(replicator::run(&options))?;
     println!(
@@ -179,6 +202,7 @@ pub fn run_reconcile(args: SqlReconcileArgs) -> anyhow::Result<ExitCode> {
         zk_root: args.zk.zk_root,
         data_dir: args.data_dir,
         max_printed: args.max_printed,
+        shard_ca: args.shard_ca.as_deref().map(tls::load_ca).transpose()?,
     };
     let differences = runtime()?.block_on(reconcile::run(&options))?;
     Ok(if differences == 0 {
@@ -186,4 +210,29 @@ pub fn run_reconcile(args: SqlReconcileArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sqlstate_is_transient;
+
+    /// Retried: what waiting or a new session can fix. Not retried: what would only fail
+    /// again. 25P03 (a session ended for idling in a transaction) is retried; the other codes
+    /// of its class (an invalid transaction state of the replicator's own making) are not.
+    #[test]
+    fn server_errors_are_retried_only_when_waiting_can_fix_them() {
+        for code in [
+            "08006", "53300", "57P01", "40001", "40P01", "58030", "55P03", "25P03",
+        ] {
+            assert!(sqlstate_is_transient(code), "{code} must be retried");
+        }
+        for code in [
+            "23505", "22P02", "42P01", "42704", "25001", "25P02", "XX000",
+        ] {
+            assert!(
+                !sqlstate_is_transient(code),
+                "{code} must stop the replicator"
+            );
+        }
+    }
 }

@@ -40,6 +40,8 @@ pub struct ReconcileOptions {
     pub data_dir: PathBuf,
     /// Differences printed in full; the rest are only counted.
     pub max_printed: usize,
+    /// `--shard-ca`, loaded.
+    pub shard_ca: Option<super::tls::ShardTls>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -448,7 +450,7 @@ pub async fn run(options: &ReconcileOptions) -> anyhow::Result<u64> {
     let record = coordinator::read_record(&client, &layout).await?;
     drop(client);
     let coordinator_id = record.as_ref().map(|(r, _)| r.id.clone());
-    let shards = schema::parse_shards(&list.shards)?;
+    let shards = schema::parse_shards(&list.shards, options.shard_ca.as_ref())?;
     let n = shards.len();
     let mut out = Differences {
         count: 0,

@@ -50,6 +50,8 @@ pub struct ReplicateOptions {
     pub round_timeout: Duration,
     /// How long to wait for ZooKeeper and for the lock held by a crashed replicator.
     pub zk_patience: Duration,
+    /// `--shard-ca`, loaded.
+    pub shard_ca: Option<super::tls::ShardTls>,
 }
 
 /// What a run did.
@@ -389,11 +391,15 @@ impl State {
         // A transaction this session leaves open (the replicator frozen or cut off between
         // `BEGIN` and `PREPARE`) holds the watermark row's lock and its rows' keys, which a
         // successor's round waits for: the server ends it once it has been idle for two round
-        // timeouts (a round never is, while it runs). And a statement that waits that long for
-        // a lock gives up (its round fails and is retried) instead of waiting server-side
-        // after its client went away.
+        // timeouts (a round never is, while it runs). And a statement that waits half a round
+        // timeout for a lock gives up (its round fails and is retried) instead of waiting
+        // server-side after its client went away; at half, its error (SQLSTATE 55P03, "lock
+        // timeout", with the shard it was preparing on) comes back before the round's own
+        // timeout, which says only that the round took too long. At the full round timeout
+        // it never did: an operator's open transaction on one shard's rows showed as rounds
+        // that "took longer than 60 s", retried for good, naming neither the shard nor a lock.
         let idle_ms = timeout.as_millis().saturating_mul(2).min(i32::MAX as u128);
-        let lock_ms = timeout.as_millis().min(i32::MAX as u128);
+        let lock_ms = (timeout.as_millis() / 2).clamp(1, i32::MAX as u128);
         client
             .batch_execute(&format!(
                 "SET idle_in_transaction_session_timeout = {idle_ms}; SET lock_timeout = {lock_ms}"
@@ -726,7 +732,7 @@ async fn replicate(
                 layout.sql_shards()
             )
         })?;
-    let shards = schema::parse_shards(&list.shards)?;
+    let shards = schema::parse_shards(&list.shards, options.shard_ca.as_ref())?;
     let count = shards.len();
     let mut state = State {
         per_server: schema::shards_per_server(&shards),

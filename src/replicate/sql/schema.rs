@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tokio_postgres::config::Host;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, Config, NoTls};
+
+use super::tls::{MakeRustls, ShardTls};
 
 /// One versioned SQL file of `migrations/`, compiled into the binary.
 pub struct Migration {
@@ -40,6 +43,9 @@ pub struct Shard {
     pub label: String,
     /// `host:port`: shards with the same server share its `max_prepared_transactions`.
     pub server: String,
+    /// TLS, verified against `--shard-ca`, when that was given and the URL does not say
+    /// `sslmode=disable` (see `tls`).
+    tls: Option<ShardTls>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -49,7 +55,19 @@ impl std::fmt::Debug for Shard {
 }
 
 impl Shard {
+    /// Parses a shard URL for a connection without TLS (`parse_with_tls` with none).
     pub fn parse(index: usize, url: &str) -> anyhow::Result<Shard> {
+        Shard::parse_with_tls(index, url, None)
+    }
+
+    /// Parses a shard URL. With `tls` (`--shard-ca`), `sslmode=prefer` and `require` connect
+    /// with verified TLS; without, `sslmode=require` is refused here, naming the flag (the
+    /// driver would only fail at every connection, "no TLS implementation configured").
+    pub fn parse_with_tls(
+        index: usize,
+        url: &str,
+        tls: Option<&ShardTls>,
+    ) -> anyhow::Result<Shard> {
         let mut config: Config = url.parse().map_err(|e| {
             anyhow::anyhow!("shard {index}: not a PostgreSQL URL ({e}); expected postgres://user@host:port/database")
         })?;
@@ -84,11 +102,19 @@ impl Shard {
             bail!("shard {index} ({server}): the URL names no database");
         };
         let label = format!("{server}/{database}");
+        let tls = match config.get_ssl_mode() {
+            SslMode::Disable => None,
+            SslMode::Require if tls.is_none() => bail!(
+                "shard {index} ({label}): sslmode=require needs --shard-ca FILE (env WALLET_SHARD_CA), the CA certificates the shard servers' certificates are checked against"
+            ),
+            _ => tls.cloned(),
+        };
         Ok(Shard {
             index,
             config,
             label,
             server,
+            tls,
         })
     }
 
@@ -97,25 +123,44 @@ impl Shard {
         // The driver's error stays in the chain: `is_transient` tells a server that is down
         // (wait) from a database that does not exist, a refused login or a URL the driver
         // refuses (stop).
-        let (client, connection) = self.config.connect(NoTls).await.with_context(|| {
+        let context = || {
             format!(
                 "connecting to PostgreSQL shard {} at {}",
                 self.index, self.label
             )
-        })?;
+        };
         let label = self.label.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(shard = %label, error = %e, "shard connection closed");
+        let closed = move |e: tokio_postgres::Error| {
+            tracing::debug!(shard = %label, error = %e, "shard connection closed");
+        };
+        match &self.tls {
+            None => {
+                let (client, connection) =
+                    self.config.connect(NoTls).await.with_context(context)?;
+                tokio::spawn(async move { connection.await.map_err(closed) });
+                Ok(client)
             }
-        });
-        Ok(client)
+            Some(tls) => {
+                let connected = self.config.connect(MakeRustls(tls.clone())).await;
+                let (client, connection) = connected
+                    .map_err(|e| {
+                        let hint = if super::tls::is_tls_refusal(&e) {
+                            " (the server's certificate must be signed by a CA of --shard-ca and name the URL's host)"
+                        } else {
+                            ""
+                        };
+                        anyhow::Error::new(e).context(format!("{}{hint}", context()))
+                    })?;
+                tokio::spawn(async move { connection.await.map_err(closed) });
+                Ok(client)
+            }
+        }
     }
 }
 
 /// Parses the shard list, refusing duplicates (two shards in one database would share a
 /// watermark row).
-pub fn parse_shards(urls: &[String]) -> anyhow::Result<Vec<Shard>> {
+pub fn parse_shards(urls: &[String], tls: Option<&ShardTls>) -> anyhow::Result<Vec<Shard>> {
     if urls.is_empty() {
         bail!("the SQL shard list is empty");
     }
@@ -125,7 +170,7 @@ pub fn parse_shards(urls: &[String]) -> anyhow::Result<Vec<Shard>> {
     let shards: Vec<Shard> = urls
         .iter()
         .enumerate()
-        .map(|(i, url)| Shard::parse(i, url))
+        .map(|(i, url)| Shard::parse_with_tls(i, url, tls))
         .collect::<anyhow::Result<_>>()?;
     let mut seen = HashMap::new();
     for shard in &shards {
@@ -303,6 +348,7 @@ pub async fn check_schema(client: &Client, shard: &Shard) -> anyhow::Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio_rustls::rustls;
 
     #[test]
     fn every_migration_file_is_compiled_in_order() {
@@ -327,15 +373,50 @@ mod tests {
         let shard = Shard::parse(0, "postgres://u:secret@db1:5433/shard_a").expect("parse");
         assert_eq!(shard.label, "db1:5433/shard_a");
         assert!(!format!("{shard:?}").contains("secret"));
-        let same = parse_shards(&[
-            "postgres://u@db1:5433/shard_a".into(),
-            "postgres://v@db1:5433/shard_a".into(),
-        ]);
+        let same = parse_shards(
+            &[
+                "postgres://u@db1:5433/shard_a".into(),
+                "postgres://v@db1:5433/shard_a".into(),
+            ],
+            None,
+        );
         assert!(same.is_err());
         assert!(
             Shard::parse(0, "postgres://db1:5433").is_err(),
             "no database"
         );
+    }
+
+    /// `sslmode=require` without `--shard-ca` is refused when the list is read, naming the
+    /// flag; with it, TLS is used unless the URL says `sslmode=disable`.
+    #[test]
+    fn tls_follows_the_urls_sslmode_and_the_ca() {
+        let url = "postgres://u@db1:5433/shard_a";
+        let error =
+            Shard::parse(2, &format!("{url}?sslmode=require")).expect_err("require without a CA");
+        let text = format!("{error:#}");
+        assert!(
+            text.contains("shard 2") && text.contains("--shard-ca"),
+            "{text}"
+        );
+        assert!(Shard::parse(0, url).expect("prefer").tls.is_none());
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let tls: ShardTls = std::sync::Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        );
+        for (mode, with_tls) in [
+            ("", true),
+            ("?sslmode=require", true),
+            ("?sslmode=disable", false),
+        ] {
+            let shard =
+                Shard::parse_with_tls(0, &format!("{url}{mode}"), Some(&tls)).expect("parse");
+            assert_eq!(shard.tls.is_some(), with_tls, "{mode:?}");
+        }
     }
 
     #[test]
