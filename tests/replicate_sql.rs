@@ -1452,6 +1452,49 @@ fn shards_are_reached_over_verified_tls_with_a_ca() {
     cluster.fails_with(&reconcile, &[], "--shard-ca");
 }
 
+/// `replicate sql --once` with a shard that stays down gives up after `--once-wait-s`, naming
+/// the shard and the last failure, and exits non-zero: it waited for good (the source side
+/// had a bound, the shards none), so a catch-up run from cron hung, and the next one failed on
+/// the lock.
+#[test]
+#[ignore = "needs tools/services"]
+fn once_gives_up_on_a_shard_that_stays_down() {
+    let cluster = Cluster::new("oncedown", 1);
+    journal_of(&cluster, 10, 10, 50, 3);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let down = closed.local_addr().expect("address");
+    drop(closed);
+    let urls = [
+        cluster.urls()[0].clone(),
+        format!("postgres://postgres@{down}/wallet_down"),
+    ];
+    assert_ok(
+        &cluster.wallet(&["cluster", "set-sql-shards", &urls.join(",")], &[]),
+        "set-sql-shards",
+    );
+    let started = Instant::now();
+    let stderr = cluster.fails_with(
+        &[
+            "replicate",
+            "sql",
+            "--once",
+            "--migrate",
+            "--once-wait-s",
+            "2",
+            "--source",
+            &cluster.source(),
+        ],
+        &[],
+        "giving up (--once, --once-wait-s 2)",
+    );
+    assert!(stderr.contains(&format!("{down}/wallet_down")), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "gave up after {:?}",
+        started.elapsed()
+    );
+}
+
 /// A shard whose rows another session holds (an operator's open transaction, a plain
 /// `CREATE INDEX`) fails each round on the lock, and the failure names the shard and the lock.
 /// The lock timeout was the round timeout, which always ran out first: every round failed as

@@ -129,6 +129,10 @@ pub struct SqlReplicateArgs {
     /// Stop once every shard has caught up with the end of the journal, and print events/s.
     #[arg(long)]
     pub once: bool,
+    /// With --once: how long the shards may fail (one down, rounds failing) without a round
+    /// getting through before the run gives up with an error naming the last failure.
+    #[arg(long, default_value_t = 30)]
+    pub once_wait_s: u64,
     /// Abandon (and recover) a round that takes longer than this many seconds.
     #[arg(long, default_value_t = 60)]
     pub round_timeout_s: u64,
@@ -177,6 +181,7 @@ pub fn run_replicate(args: SqlReplicateArgs) -> anyhow::Result<ExitCode> {
         round_timeout: Duration::from_secs(args.round_timeout_s.max(1)),
         zk_patience: Duration::from_secs(args.zk_patience_s),
         shard_ca: args.shard_ca.as_deref().map(tls::load_ca).transpose()?,
+        once_wait: Duration::from_secs(args.once_wait_s),
     };
     let report = runtime()?.block_on(replicator::run(&options))?;
     println!(

@@ -52,6 +52,31 @@ pub struct ReplicateOptions {
     pub zk_patience: Duration,
     /// `--shard-ca`, loaded.
     pub shard_ca: Option<super::tls::ShardTls>,
+    /// With `once`: how long the shards may fail (a shard down, rounds failing) without a
+    /// round getting through before the run gives up with the last error.
+    pub once_wait: Duration,
+}
+
+/// Under `--once`, the first failure of the shards since the last round that got through: a
+/// run that cannot finish gives up after `once_wait` instead of waiting for good (a catch-up
+/// run from cron would hang, and the next one fail on the lock).
+fn give_up_under_once(
+    options: &ReplicateOptions,
+    failing_since: &mut Option<Instant>,
+    error: anyhow::Error,
+) -> anyhow::Result<anyhow::Error> {
+    if !options.once {
+        return Ok(error);
+    }
+    let since = *failing_since.get_or_insert_with(Instant::now);
+    if since.elapsed() >= options.once_wait {
+        return Err(error.context(format!(
+            "the shards have failed for {:.1} s without a round getting through; giving up (--once, --once-wait-s {})",
+            since.elapsed().as_secs_f64(),
+            options.once_wait.as_secs()
+        )));
+    }
+    Ok(error)
 }
 
 /// What a run did.
@@ -766,6 +791,7 @@ async fn replicate(
         elapsed: Duration::ZERO,
     };
     let mut started: Option<Instant> = None;
+    let mut shards_failing_since: Option<Instant> = None;
     let mut first_connect = true;
     let mut last_status = Instant::now();
     let mut status_events = 0u64;
@@ -800,6 +826,7 @@ async fn replicate(
                 if !is_transient(&e) {
                     return Err(e);
                 }
+                let e = give_up_under_once(options, &mut shards_failing_since, e)?;
                 if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
                     tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "a shard is unavailable; waiting");
                     last_warning = Some(Instant::now());
@@ -944,6 +971,7 @@ async fn replicate(
         });
         match result {
             Ok(transfers) => {
+                shards_failing_since = None;
                 let events = batch_end - pending.first().map_or(batch_end, |r| r.first_seq - 1);
                 report.events += events;
                 report.transfers += transfers;
@@ -966,6 +994,7 @@ async fn replicate(
             }
             Err(e) if !is_transient(&e) => return Err(e),
             Err(e) => {
+                let e = give_up_under_once(options, &mut shards_failing_since, e)?;
                 tracing::warn!(error = %format!("{e:#}"), batch_end, "round failed; reconnecting and recovering the shards");
                 state.drop_connections();
                 tokio::time::sleep(backoff).await;
