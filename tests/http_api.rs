@@ -1578,8 +1578,18 @@ fn loadgen_sends_fresh_ids_per_run_and_counts_replays_apart() {
         "{rejected}"
     );
     assert_eq!(count(&rejected, "transfers"), 0, "{rejected}");
-    assert_eq!(rejected["latency_us"]["max"], 0, "{rejected}");
+    // No committed transfer, no latency of one: null, not zeros that read as measured.
+    assert!(rejected["latency_us"].is_null(), "{rejected}");
     assert!(rejected["latency_all_us"]["max"].as_u64().unwrap_or(0) > 0);
+    // In batches, the rejected items inside each 200 are counted (they were counted nowhere).
+    let rejected_batch = run_exiting(&["--seed", "6", "--batch", "10"], false);
+    assert!(ok(&rejected_batch) >= 10, "{rejected_batch}");
+    assert_eq!(
+        count(&rejected_batch, "rejected_items"),
+        ok(&rejected_batch) * 10,
+        "{rejected_batch}"
+    );
+    assert_eq!(count(&rejected_batch, "transfers"), 0, "{rejected_batch}");
 
     let first = run(&["--setup", "--seed", "42"]);
     assert_eq!(first["seed"], 42, "{first}");
@@ -1723,7 +1733,82 @@ fn silent_server() -> std::net::SocketAddr {
     address
 }
 
-/// Runs `wallet loadgen ARGS`, which must exit by itself within `limit`: its exit status,
+/// A server that answers every request at once with an empty 200, except the `hung`-th request
+/// it reads (counted over all connections, from 1), which it never answers. Returns its address.
+fn server_that_hangs_on_one_request(hung: u64) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut pending = Vec::new();
+                let mut buffer = [0u8; 4096];
+                loop {
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        pending.drain(..end + 4);
+                        if seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == hung {
+                            // Never answered: read on until the client goes away.
+                            while matches!(stream.read(&mut buffer), Ok(n) if n > 0) {}
+                            return;
+                        }
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if stream.write_all(answer).is_err() {
+                            return;
+                        }
+                    }
+                    match stream.read(&mut buffer) {
+                        Ok(n) if n > 0 => pending.extend_from_slice(&buffer[..n]),
+                        _ => return,
+                    }
+                }
+            });
+        }
+    });
+    address
+}
+
+/// One request that never gets an answer does not stretch the run's throughput window: the
+/// rates are over the time answers came in. The report used to wait for the hung request's
+/// deadline (10 s after the end) and divide by that: a 1 s closed-loop run reported about
+/// 11 s and a tenth of its rate.
+#[test]
+fn loadgen_rates_are_not_diluted_by_a_request_that_never_gets_an_answer() {
+    let address = server_that_hangs_on_one_request(5).to_string();
+    let url = format!("http://{address}");
+    let (status, stdout, stderr) = loadgen_within(
+        &[
+            "--url",
+            &url,
+            "--json",
+            "--raw-path",
+            "/x",
+            "--rate",
+            "0",
+            "--connections",
+            "2",
+            "--duration",
+            "1",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON report");
+    assert_eq!(report["errors"], 1, "{report}");
+    let seconds = report["seconds"].as_f64().unwrap_or(f64::MAX);
+    assert!((0.9..3.0).contains(&seconds), "seconds {seconds}: {report}");
+    let answered = report["status_counts"]["200"].as_f64().unwrap_or(0.0);
+    let per_second = report["transfers_per_sec"].as_f64().unwrap_or(0.0);
+    assert!(
+        per_second >= answered / 3.0,
+        "{per_second}/s for {answered} answers: {report}"
+    );
+}
+
+/// Runs `wallet loadgen ARGS`, which must exit by itself within `limit`: its exit status,/// Runs `wallet loadgen ARGS`, which must exit by itself within `limit`: its exit status,
 /// stdout and stderr.
 fn loadgen_within(args: &[&str], limit: Duration) -> (std::process::ExitStatus, String, String) {
     let output = common::output_within(

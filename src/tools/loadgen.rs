@@ -111,12 +111,18 @@ pub struct LoadgenReport {
     /// Open loop: requests that were due before the end but still unsent when the drain limit
     /// (`DRAIN_LIMIT` after the end) ran out; a server that stalled at the end shows here.
     pub unsent: u64,
-    /// Latency of the answers that committed transfers (of 200s, with `--raw-path`): replays,
-    /// rejections, overload answers and errors are not in it.
-    pub latency_us: BTreeMap<String, u64>,
+    /// Batch items answered with a status other than 200 inside a 200 batch answer
+    /// (rejections, overload, a full ledger): neither committed nor replayed. (A single
+    /// request's refusal is in `status_counts`.)
+    pub rejected_items: u64,
+    /// Latency of the answers that committed transfers (of 2xx answers, with `--raw-path`):
+    /// replays, rejections, overload answers and errors are not in it. `null` when there was
+    /// no such answer.
+    pub latency_us: Option<BTreeMap<String, u64>>,
     /// Latency of every answer and error, whatever it was, and of every `unsent` request,
     /// counted from its due time to the run's deadline (a lower bound: it never got an answer).
-    pub latency_all_us: BTreeMap<String, u64>,
+    /// `null` when nothing was sent.
+    pub latency_all_us: Option<BTreeMap<String, u64>>,
     pub rate: u64,
     pub connections: usize,
     pub batch: usize,
@@ -244,32 +250,46 @@ async fn send_by(
         .map_err(|_| anyhow::anyhow!("no answer to {method} {path} by the deadline"))?
 }
 
-/// Committed and replayed transfers in one answer. A batch's body holds one result per
-/// transfer, `{"index":i,"http_status":s,"replayed":b,...}`, in the server's fixed layout.
-/// A replay answering a resend is this run's own commit (its first send reached the server,
-/// and the connection died before the answer), so it counts as committed, not as replayed.
-fn tally(answer: &Answer, batch: bool) -> (u64, u64) {
-    let (committed, replayed) = if !batch {
+/// Committed and replayed transfers in one answer, and a batch's items answered with another
+/// status (rejected, refused for overload or a full ledger) inside its 200. A batch's body
+/// holds one result per transfer, `{"index":i,"http_status":s,"replayed":b,...}`, in the
+/// server's fixed layout. A replay answering a resend is this run's own commit (its first send
+/// reached the server, and the connection died before the answer), so it counts as committed,
+/// not as replayed.
+fn tally(answer: &Answer, batch: bool) -> (u64, u64, u64) {
+    let (committed, replayed, other) = if !batch {
         match (answer.status, answer.replayed) {
-            (200, false) => (1, 0),
-            (200, true) => (0, 1),
-            _ => (0, 0),
+            (200, false) => (1, 0, 0),
+            (200, true) => (0, 1, 0),
+            _ => (0, 0, 0),
         }
     } else if answer.status != 200 {
-        (0, 0)
+        (0, 0, 0)
     } else {
         let count =
             |pattern: &[u8]| memchr::memmem::find_iter(&answer.body, pattern).count() as u64;
+        let committed = count(br#""http_status":200,"replayed":false"#);
+        let replayed = count(br#""http_status":200,"replayed":true"#);
+        let items = count(br#""http_status":"#);
         (
-            count(br#""http_status":200,"replayed":false"#),
-            count(br#""http_status":200,"replayed":true"#),
+            committed,
+            replayed,
+            items.saturating_sub(committed + replayed),
         )
     };
     if answer.resent {
-        (committed + replayed, 0)
+        (committed + replayed, 0, other)
     } else {
-        (committed, replayed)
+        (committed, replayed, other)
     }
+}
+
+/// The seed of connection `worker`'s generator: the run's seed and the worker mixed by a hash.
+/// (`seed * 31 + worker + 1` gave seed s + 1 on connection w the ids of seed s on connection
+/// w + 31: two runs with neighbouring seeds resent each other's transfers, answered as
+/// replays, and the second looked slower.)
+fn worker_seed(seed: u64, worker: usize) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(&seed.to_le_bytes(), worker as u64 + 1)
 }
 
 /// Open loop: when request `i` is due after the start, `i * batch / rate` seconds, in integer
@@ -661,17 +681,22 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
         let args = args.clone();
         let tokens = tokens.clone();
         tasks.push(tokio::spawn(async move {
-            let mut rng = SplitMix::new(seed.wrapping_mul(31).wrapping_add(worker as u64 + 1));
+            let mut rng = SplitMix::new(worker_seed(seed, worker));
             let mut histogram = Histogram::<u64>::new_with_bounds(1, highest_us, 3)?;
             let mut all = Histogram::<u64>::new_with_bounds(1, highest_us, 3)?;
             let mut statuses: BTreeMap<u16, u64> = BTreeMap::new();
             let (mut errors, mut sent_requests) = (0u64, 0u64);
-            let (mut committed, mut replayed, mut resent) = (0u64, 0u64, 0u64);
+            let (mut committed, mut replayed, mut resent, mut rejected_items) =
+                (0u64, 0u64, 0u64, 0u64);
+            // When this connection's last answer came (an error is not one): the run's
+            // throughput is over the time answers came in, so that one request that never gets
+            // an answer (waited out until the deadline) does not stretch it.
+            let mut last_answer: Option<Instant> = None;
             let counts_transfers = args.raw_path.is_none();
             let accounts = u64::from(args.accounts).max(2);
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let intended = if open_loop {
+                let mut intended = if open_loop {
                     start + due_after(i, args.batch, args.rate)
                 } else {
                     Instant::now().max(start)
@@ -711,6 +736,11 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
                         )
                     }
                 };
+                // Closed loop: the request is due once it is built (building a batch of a
+                // thousand transfers is the client's time, not the server's).
+                if !open_loop {
+                    intended = Instant::now();
+                }
                 // tokio's timer rounds a deadline up to its next 1 ms tick, so sleeping right up
                 // to `intended` would add up to a millisecond to every measured latency (and in
                 // closed loop, cap each connection near one request per tick). Sleep to within a
@@ -727,15 +757,17 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
                 let counted = match send_by(&mut client, deadline, method, &path, body, token).await
                 {
                     Ok(answer) => {
+                        last_answer = Some(Instant::now());
                         *statuses.entry(answer.status).or_default() += 1;
                         resent += u64::from(answer.resent);
                         if counts_transfers {
-                            let (c, r) = tally(&answer, args.batch > 1);
+                            let (c, r, other) = tally(&answer, args.batch > 1);
                             committed += c;
                             replayed += r;
+                            rejected_items += other;
                             c > 0
                         } else {
-                            answer.status == 200
+                            (200..300).contains(&answer.status)
                         }
                     }
                     Err(_) => {
@@ -754,10 +786,9 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
                 all,
                 statuses,
                 errors,
-                committed,
-                replayed,
-                resent,
+                (committed, replayed, resent, rejected_items),
                 sent_requests,
+                last_answer,
             ))
         }));
     }
@@ -766,12 +797,16 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
     let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
     let mut errors = 0;
     let (mut committed, mut replayed, mut resent, mut requests) = (0u64, 0u64, 0u64, 0u64);
+    let mut rejected_items = 0u64;
+    let mut last_answer: Option<Instant> = None;
     for task in tasks {
-        let (h, a, s, e, c, r, again, sent) = task.await??;
+        let (h, a, s, e, (c, r, again, other), sent, last) = task.await??;
         requests += sent;
         committed += c;
         replayed += r;
         resent += again;
+        rejected_items += other;
+        last_answer = last_answer.max(last);
         histogram.add(&h)?;
         all.add(&a)?;
         for (status, count) in s {
@@ -781,8 +816,14 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
     }
     // Open loop offers requests over the whole duration: the last one is due an interval before
     // its end, and a run that kept up ends then, not at the end (counting to there overstated
-    // the rate by one interval's worth, 25% for 5 requests due in 5 s).
-    let elapsed = start.elapsed();
+    // the rate by one interval's worth, 25% for 5 requests due in 5 s). The window ends at the
+    // last answer: a request still unanswered at the deadline (an error) is not time in which
+    // anything was measured (one such request made a 10 s closed-loop run a 20 s one, and
+    // halved its rates).
+    let elapsed = last_answer.map_or_else(
+        || start.elapsed(),
+        |last| last.saturating_duration_since(start),
+    );
     let seconds = if open_loop {
         elapsed.max(Duration::from_secs(args.duration))
     } else {
@@ -804,9 +845,14 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
     record_unsent(&mut all, unsent, due, |i| {
         deadline.saturating_duration_since(start + due_after(i, args.batch, args.rate))
     })?;
-    // A bare server's fixed answers count as one "transfer" each, for the same throughput field.
+    // A bare server's fixed answers count as one "transfer" each, for the same throughput field
+    // (every 2xx, as `check_succeeded` counts them and the latency histogram records them).
     let ok_transfers = if args.raw_path.is_some() {
-        statuses.get("200").copied().unwrap_or(0)
+        statuses
+            .iter()
+            .filter(|(status, _)| status.starts_with('2'))
+            .map(|(_, count)| count)
+            .sum()
     } else {
         committed
     };
@@ -823,6 +869,7 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
         errors,
         resent,
         unsent,
+        rejected_items,
         latency_us: latency.clone(),
         latency_all_us: percentiles(&all),
         rate: args.rate,
@@ -857,21 +904,31 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
                 "  unsent      {unsent} (due before the end, still unsent {DRAIN_LIMIT:?} after it)"
             );
         }
+        if rejected_items > 0 {
+            println!("  rejected    {rejected_items} batch items answered other than 200");
+        }
         for (label, l) in [
             ("latency us ", &latency),
             ("all, unsent", &report.latency_all_us),
         ] {
-            println!(
-                "  {label} p50 {}  p90 {}  p99 {}  p99.9 {}  p99.99 {}  max {}",
-                l["p50"], l["p90"], l["p99"], l["p999"], l["p9999"], l["max"]
-            );
+            match l {
+                Some(l) => println!(
+                    "  {label} p50 {}  p90 {}  p99 {}  p99.9 {}  p99.99 {}  max {}",
+                    l["p50"], l["p90"], l["p99"], l["p999"], l["p9999"], l["max"]
+                ),
+                None => println!("  {label} none (no answer of this kind)"),
+            }
         }
     }
     Ok(report)
 }
 
-/// p50 to p99.99 and the maximum, in microseconds.
-fn percentiles(histogram: &Histogram<u64>) -> BTreeMap<String, u64> {
+/// p50 to p99.99 and the maximum, in microseconds; `None` for an empty histogram (zeros would
+/// read as a latency measured).
+fn percentiles(histogram: &Histogram<u64>) -> Option<BTreeMap<String, u64>> {
+    if histogram.is_empty() {
+        return None;
+    }
     let mut latency = BTreeMap::new();
     for (name, q) in [
         ("p50", 0.5),
@@ -883,7 +940,7 @@ fn percentiles(histogram: &Histogram<u64>) -> BTreeMap<String, u64> {
         latency.insert(name.to_string(), histogram.value_at_quantile(q));
     }
     latency.insert("max".to_string(), histogram.max());
-    latency
+    Some(latency)
 }
 
 /// How long opening a connection may take.
@@ -1029,7 +1086,23 @@ pub async fn serve_fixed(listen: std::net::SocketAddr) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Client, due_after, due_count, record_unsent, tally, target};
+    use super::{Client, due_after, due_count, record_unsent, tally, target, worker_seed};
+
+    /// Every connection of every seed near another draws its own ids: no two (seed, worker)
+    /// pairs among seeds 0..64 and 256 connections share a generator seed (`seed * 31 +
+    /// worker + 1` gave seed s + 1, connection w the ids of seed s, connection w + 31).
+    #[test]
+    fn neighbouring_seeds_give_every_connection_its_own_ids() {
+        let mut seen = std::collections::HashSet::new();
+        for seed in 0..64u64 {
+            for worker in 0..256usize {
+                assert!(
+                    seen.insert(worker_seed(seed, worker)),
+                    "seed {seed}, connection {worker} repeats another's generator"
+                );
+            }
+        }
+    }
     use hdrhistogram::Histogram;
     use std::io::{Read, Write};
     use std::time::Duration;
@@ -1125,7 +1198,7 @@ mod tests {
         server.join().unwrap();
         assert_eq!(
             counts,
-            vec![((1, 0), false), ((1, 0), true), ((0, 1), false)]
+            vec![((1, 0, 0), false), ((1, 0, 0), true), ((0, 1, 0), false)]
         );
     }
 
