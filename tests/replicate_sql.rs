@@ -1597,6 +1597,28 @@ fn a_running_replicator_stops_when_its_shard_list_is_replaced() {
     );
     std::thread::sleep(Duration::from_secs(3));
     follower.assert_running();
+    // Its lock node is replaced by another session's (deleted by hand, taken by another
+    // replicator): when the replicator exits, it leaves that one alone (it deleted whatever
+    // node was there, so a third replicator could start beside the new holder).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let layout = wallet::replicate::zk::Layout::new(&cluster.root).expect("layout");
+    let lock = wallet::replicate::sql::coordinator::lock_path(&layout);
+    let other = runtime.block_on(async {
+        let other = wallet::replicate::zk::connect(&cluster.zk)
+            .await
+            .expect("ZooKeeper");
+        other.delete(&lock, None).await.expect("delete the lock");
+        let ephemeral =
+            zookeeper_client::CreateMode::Ephemeral.with_acls(zookeeper_client::Acls::anyone_all());
+        other
+            .create(&lock, b"another replicator", &ephemeral)
+            .await
+            .expect("take the lock");
+        other
+    });
     let reversed = format!("{},{}", urls[1], urls[0]);
     assert_ok(
         &cluster.wallet(&["cluster", "set-sql-shards", &reversed], &[]),
@@ -1606,6 +1628,12 @@ fn a_running_replicator_stops_when_its_shard_list_is_replaced() {
     assert!(!status.success());
     let log = follower.log_tail();
     assert!(log.contains("the SQL shard list"), "{log}");
+    let holder = runtime.block_on(async { other.check_stat(&lock).await.expect("stat") });
+    assert_eq!(
+        holder.map(|stat| stat.ephemeral_owner),
+        Some(other.session_id().0),
+        "the exiting replicator deleted another session's lock"
+    );
     assert!(server.stop().success(), "the server did not stop cleanly");
 }
 

@@ -254,10 +254,25 @@ impl Coordinator {
         Ok(self.record.decided_batch)
     }
 
-    /// Gives the lock back at a clean exit (a crash leaves it to the session timeout).
+    /// Gives the lock back at a clean exit (a crash leaves it to the session timeout). Only a
+    /// lock node of this session is deleted, at the version read: one that another replicator
+    /// created after ours went away (our session expired, or the node was deleted by hand) is
+    /// theirs, and deleting it would let a third replicator run beside them.
     pub async fn release(self) {
         let path = lock_path(&self.layout);
-        if let Err(e) = self.client.delete(&path, None).await {
+        let stat = match self.client.check_stat(&path).await {
+            Ok(Some(stat)) => stat,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "releasing {path}");
+                return;
+            }
+        };
+        if stat.ephemeral_owner != self.client.session_id().0 {
+            tracing::warn!("{path} is held by another session now; leaving it to its holder");
+            return;
+        }
+        if let Err(e) = self.client.delete(&path, Some(stat.version)).await {
             tracing::debug!(error = %e, "releasing {path}");
         }
     }
