@@ -66,6 +66,9 @@ fn endpoints_and_error_paths() {
     );
     assert_eq!(conflict.status, 409);
     assert_eq!(conflict.json()["error"]["code"], "transaction_id_reused");
+    // Named where every error about one command names it (and at the top level).
+    assert_eq!(conflict.json()["error"]["transaction_id"], id.as_str());
+    assert_eq!(conflict.json()["transaction_id"], id.as_str());
     assert_eq!(balance_cents(&mut c, "alice"), 8766);
 
     // Business rejections: 422 with the ledger's code; a rejection is final for its id.
@@ -1251,6 +1254,7 @@ fn a_full_ledger_refuses_new_ids_with_507_and_a_higher_limit_executes_them() {
     let body = refused.json();
     assert_eq!(body["error"]["code"], "ledger_full", "{body}");
     assert_eq!(body["transaction_id"], refused_id.as_str());
+    assert_eq!(body["error"]["transaction_id"], refused_id.as_str());
     // Not executed, so not known: a lookup of its id finds nothing.
     let lookup = c.get(&format!("/v1/wallet/balance_transfer/{refused_id}"));
     assert_eq!(lookup.status, 404, "{}", lookup.body);
@@ -1259,6 +1263,18 @@ fn a_full_ledger_refuses_new_ids_with_507_and_a_higher_limit_executes_them() {
         &serde_json::json!({"account_id": "c"}),
     );
     assert_eq!(r.status, 507, "{}", r.body);
+    // Sent without an id: the one the server gave it is in the error, to retry with (it was
+    // only at the top level, where the documentation did not say to look).
+    let given = r.json()["error"]["transaction_id"]
+        .as_str()
+        .map(str::to_string);
+    assert!(
+        given
+            .as_deref()
+            .is_some_and(|id| uuid::Uuid::parse_str(id).is_ok()),
+        "{}",
+        r.body
+    );
     // Remembered ids still get their answers: the original, and 409 for another body.
     let again = c.post(
         "/v1/wallet/balance_transfer",
@@ -1808,7 +1824,7 @@ fn loadgen_rates_are_not_diluted_by_a_request_that_never_gets_an_answer() {
     );
 }
 
-/// Runs `wallet loadgen ARGS`, which must exit by itself within `limit`: its exit status,/// Runs `wallet loadgen ARGS`, which must exit by itself within `limit`: its exit status,
+/// Runs `wallet loadgen ARGS`, which must exit by itself within `limit`: its exit status,
 /// stdout and stderr.
 fn loadgen_within(args: &[&str], limit: Duration) -> (std::process::ExitStatus, String, String) {
     let output = common::output_within(

@@ -1383,7 +1383,7 @@ fn shards_are_reached_over_verified_tls_with_a_ca() {
     });
     assert!(
         std::path::Path::new(&ca).is_file(),
-        "{ca} is missing: start the services with tools/services start"
+        "{ca} is missing: start the services with tools/services start (a PostgreSQL started by an older tools/services has no TLS: tools/services stop, then start)"
     );
     let cluster = Cluster::new("tls", 2);
     let required: Vec<String> = cluster
@@ -1599,8 +1599,10 @@ fn a_running_replicator_stops_when_its_shard_list_is_replaced() {
     follower.assert_running();
     // Its lock node is replaced by another session's (deleted by hand, taken by another
     // replicator): when the replicator exits, it leaves that one alone (it deleted whatever
-    // node was there, so a third replicator could start beside the new holder).
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // node was there, so a third replicator could start beside the new holder). A runtime
+    // with its own worker keeps that session alive (pinged) between the `block_on`s.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .expect("runtime");

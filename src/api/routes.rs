@@ -1250,7 +1250,10 @@ fn render_value<'a>(
                 "the disk holding the journal is full; nothing was executed, and the same request may be sent again after Retry-After",
             ),
         };
-        let body = json!({"transaction_id": record.transaction_id.to_uuid_string(), "error": {"code": code, "message": message}});
+        // The id at the top level and in the error, where every error about one command
+        // names it (a 503 for an account opening sent without an id carries only the latter).
+        let id = record.transaction_id.to_uuid_string();
+        let body = json!({"transaction_id": id, "error": {"code": code, "message": message, "transaction_id": id}});
         return (StatusCode::INSUFFICIENT_STORAGE, Body::Other(body), false);
     }
     if !delivered.durable {
@@ -1259,7 +1262,8 @@ fn render_value<'a>(
     }
     if record.rejection == Some(RejectCode::TransactionIdReused) {
         let code = RejectCode::TransactionIdReused;
-        let body = json!({"transaction_id": record.transaction_id.to_uuid_string(), "error": {"code": code.code(), "message": code.message()}});
+        let id = record.transaction_id.to_uuid_string();
+        let body = json!({"transaction_id": id, "error": {"code": code.code(), "message": code.message(), "transaction_id": id}});
         return (StatusCode::CONFLICT, Body::Other(body), false);
     }
     let (outcome, replayed) = if record.replayed {

@@ -814,23 +814,21 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
         }
         errors += e;
     }
-    // Open loop offers requests over the whole duration: the last one is due an interval before
-    // its end, and a run that kept up ends then, not at the end (counting to there overstated
-    // the rate by one interval's worth, 25% for 5 requests due in 5 s). The window ends at the
-    // last answer: a request still unanswered at the deadline (an error) is not time in which
-    // anything was measured (one such request made a 10 s closed-loop run a 20 s one, and
-    // halved its rates).
+    // The rates are over the run's duration, or up to its last answer when that came later (a
+    // drain of late requests). Not up to the last request given up on at the deadline: one
+    // request that never got an answer made a 10 s closed-loop run a 20 s one, and halved its
+    // rates. Not less than the duration either: a server that stops answering part-way is
+    // measured over the whole run, not over its good first part. (Open loop: the last request
+    // is due an interval before the end, and a run that kept up answers it then; counting to
+    // its answer overstated the rate by one interval's worth, 25% for 5 requests due in 5 s.)
     let elapsed = last_answer.map_or_else(
         || start.elapsed(),
         |last| last.saturating_duration_since(start),
     );
-    let seconds = if open_loop {
-        elapsed.max(Duration::from_secs(args.duration))
-    } else {
-        elapsed
-    }
-    .as_secs_f64()
-    .max(1e-9);
+    let seconds = elapsed
+        .max(Duration::from_secs(args.duration))
+        .as_secs_f64()
+        .max(1e-9);
     // Requests due before the end (open loop) that the drain limit left unsent.
     let due = if open_loop {
         due_count(args.duration, args.rate, args.batch)

@@ -363,11 +363,60 @@ pub fn read_response(stream: &mut TcpStream) -> std::io::Result<Response> {
         .unwrap_or(0);
     let mut body = vec![0u8; length];
     stream.read_exact(&mut body)?;
+    let body = String::from_utf8_lossy(&body).to_string();
+    check_error_codes(&body);
     Ok(Response {
         status,
         headers,
-        body: String::from_utf8_lossy(&body).to_string(),
+        body,
     })
+}
+
+/// The error codes `docs/openapi.yaml` lists (`components/schemas/ErrorCode`).
+fn documented_error_codes() -> &'static std::collections::HashSet<String> {
+    static CODES: std::sync::OnceLock<std::collections::HashSet<String>> =
+        std::sync::OnceLock::new();
+    CODES.get_or_init(|| {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.yaml");
+        let text = std::fs::read_to_string(path).expect("docs/openapi.yaml");
+        let document: serde_json::Value =
+            serde_norway::from_str(&text).expect("docs/openapi.yaml is YAML");
+        document["components"]["schemas"]["ErrorCode"]["enum"]
+            .as_array()
+            .expect("docs/openapi.yaml lists components/schemas/ErrorCode")
+            .iter()
+            .map(|code| code.as_str().expect("a code").to_string())
+            .collect()
+    })
+}
+
+/// Fails the test when a JSON answer carries an `error.code` (anywhere in it: a batch item's
+/// result too) that `docs/openapi.yaml` does not list: every answer a test reads through this
+/// client is checked against the document.
+pub fn check_error_codes(body: &str) {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(body) else {
+        return;
+    };
+    let mut stack = vec![&value];
+    while let Some(value) = stack.pop() {
+        match value {
+            serde_json::Value::Object(map) => {
+                if let Some(code) = map
+                    .get("error")
+                    .and_then(|e| e.get("code"))
+                    .and_then(|c| c.as_str())
+                {
+                    assert!(
+                        documented_error_codes().contains(code),
+                        "error code {code:?} is not listed in docs/openapi.yaml (components/schemas/ErrorCode): {body}"
+                    );
+                }
+                stack.extend(map.values());
+            }
+            serde_json::Value::Array(items) => stack.extend(items),
+            _ => {}
+        }
+    }
 }
 
 pub fn uuid() -> String {

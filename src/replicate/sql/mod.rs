@@ -140,8 +140,9 @@ pub struct SqlReplicateArgs {
     #[arg(long, default_value_t = 30)]
     pub zk_patience_s: u64,
     /// CA certificates (PEM) that the shard servers' TLS certificates are checked against:
-    /// with it, shards are reached over verified TLS unless their URL says `sslmode=disable`
-    /// (`sslmode=require` needs it). Without it, no TLS (see docs/sql-replication.md).
+    /// with it, shards reached over TCP are reached over verified TLS only, unless their URL
+    /// says `sslmode=disable` (`sslmode=require` needs it). Without it, no TLS (see
+    /// docs/sql-replication.md).
     #[arg(long, env = "WALLET_SHARD_CA")]
     pub shard_ca: Option<PathBuf>,
 }
@@ -156,8 +157,9 @@ pub struct SqlReconcileArgs {
     #[arg(long, default_value_t = 100)]
     pub max_printed: usize,
     /// CA certificates (PEM) that the shard servers' TLS certificates are checked against:
-    /// with it, shards are reached over verified TLS unless their URL says `sslmode=disable`
-    /// (`sslmode=require` needs it). Without it, no TLS (see docs/sql-replication.md).
+    /// with it, shards reached over TCP are reached over verified TLS only, unless their URL
+    /// says `sslmode=disable` (`sslmode=require` needs it). Without it, no TLS (see
+    /// docs/sql-replication.md).
     #[arg(long, env = "WALLET_SHARD_CA")]
     pub shard_ca: Option<PathBuf>,
 }

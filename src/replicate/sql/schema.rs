@@ -102,13 +102,25 @@ impl Shard {
             bail!("shard {index} ({server}): the URL names no database");
         };
         let label = format!("{server}/{database}");
+        let local = !config.get_hosts().is_empty()
+            && config
+                .get_hosts()
+                .iter()
+                .all(|h| matches!(h, Host::Unix(_)));
         let tls = match config.get_ssl_mode() {
             SslMode::Disable => None,
             SslMode::Require if tls.is_none() => bail!(
                 "shard {index} ({label}): sslmode=require needs --shard-ca FILE (env WALLET_SHARD_CA), the CA certificates the shard servers' certificates are checked against"
             ),
+            // A Unix socket is this host's: nothing to encrypt, no name to check.
+            _ if local => None,
             _ => tls.cloned(),
         };
+        // With a CA, TLS is required: under `prefer`, a server (or a man in the middle)
+        // answering "no TLS" would get a plain session.
+        if tls.is_some() {
+            config.ssl_mode(SslMode::Require);
+        }
         Ok(Shard {
             index,
             config,
@@ -416,7 +428,16 @@ mod tests {
             let shard =
                 Shard::parse_with_tls(0, &format!("{url}{mode}"), Some(&tls)).expect("parse");
             assert_eq!(shard.tls.is_some(), with_tls, "{mode:?}");
+            // With a CA, `prefer` is `require`: no plain session if the server says "no TLS".
+            let required = shard.config.get_ssl_mode() == SslMode::Require;
+            assert_eq!(required, with_tls, "{mode:?}");
         }
+        // A Unix socket stays plain, CA or not (it used to fail every connection: the driver
+        // asks for a connector with an empty host name, which no certificate can name).
+        let socket = "postgres://u@%2Fvar%2Frun%2Fpostgresql/db";
+        let socket = Shard::parse_with_tls(0, socket, Some(&tls)).expect("parse");
+        assert!(socket.tls.is_none());
+        assert_ne!(socket.config.get_ssl_mode(), SslMode::Require);
     }
 
     #[test]

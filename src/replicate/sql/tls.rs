@@ -4,8 +4,10 @@
 //! `--shard-ca` (a PEM file), and must name the host the shard URL connects to (an IP address
 //! or a DNS name). Without `--shard-ca` there is no TLS: a URL with `sslmode=require` is
 //! refused when the list is read, and `sslmode=prefer` (the default) connects in plain text.
-//! With it, `prefer` and `require` connect with verified TLS whenever the server offers it
-//! (`require` refuses a server that does not) and `sslmode=disable` stays plain.
+//! With it, every shard reached over TCP is reached over verified TLS only (`prefer` is taken
+//! as `require`: a server, or a man in the middle, answering "no TLS" would otherwise get a
+//! plain session), unless its URL says `sslmode=disable`; a shard on a Unix socket is local
+//! and stays plain.
 //!
 //! The connection carries no channel binding (SCRAM without `-PLUS`): the certificate check
 //! already tells the server apart from a man in the middle.
@@ -87,12 +89,10 @@ where
     type Error = io::Error;
 
     fn make_tls_connect(&mut self, domain: &str) -> io::Result<RustlsConnect> {
-        let name = ServerName::try_from(domain.to_string()).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{domain:?} cannot be checked against a certificate: {e}"),
-            )
-        })?;
+        // A name that cannot be checked fails the handshake, if there is one, not the
+        // connection: the driver asks for a connector before it knows the server's answer.
+        let name = ServerName::try_from(domain.to_string())
+            .map_err(|e| format!("{domain:?} cannot be checked against a certificate: {e}"));
         Ok(RustlsConnect {
             connector: tokio_rustls::TlsConnector::from(self.0.clone()),
             name,
@@ -102,7 +102,7 @@ where
 
 pub struct RustlsConnect {
     connector: tokio_rustls::TlsConnector,
-    name: ServerName<'static>,
+    name: Result<ServerName<'static>, String>,
 }
 
 impl<S> TlsConnect<S> for RustlsConnect
@@ -115,10 +115,10 @@ where
 
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
-            self.connector
-                .connect(self.name, stream)
-                .await
-                .map(RustlsStream)
+            let name = self
+                .name
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            self.connector.connect(name, stream).await.map(RustlsStream)
         })
     }
 }
