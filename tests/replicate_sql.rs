@@ -1498,7 +1498,7 @@ fn once_gives_up_on_a_shard_that_stays_down() {
 /// A shard whose rows another session holds (an operator's open transaction, a plain
 /// `CREATE INDEX`) fails each round on the lock, and the failure names the shard and the lock.
 /// The lock timeout was the round timeout, which always ran out first: every round failed as
-/// one that "took longer than 2 s", naming neither. Once the session ends, the replicator
+/// one that "took longer than 4 s", naming neither. Once the session ends, the replicator
 /// catches up.
 #[test]
 #[ignore = "needs tools/services"]
@@ -1507,7 +1507,7 @@ fn a_round_held_by_another_sessions_lock_names_the_shard() {
     let server = start_server(&cluster);
     let mut client = server.client();
     setup_accounts(&mut client, 20);
-    let mut follower = cluster.replicate_follow(&["--round-timeout-s", "2"]);
+    let mut follower = cluster.replicate_follow(&["--round-timeout-s", "4"]);
     cluster.wait_caught_up(&mut follower, Duration::from_secs(40));
     let mut shard = cluster.shard(1);
     let mut holder = shard.transaction().expect("begin");

@@ -193,17 +193,25 @@ pub async fn next_map_version(nodes: &[String], allow_unreachable: bool) -> anyh
     let mut next = 0;
     let mut unreachable = Vec::new();
     for address in nodes {
-        let Ok(mut conn) = connect(address).await else {
-            unreachable.push(address.as_str());
-            continue;
+        let mut conn = match connect(address).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                unreachable.push(format!("{address} ({e:#})"));
+                continue;
+            }
         };
         let mut cmd = redis::cmd("GET");
         cmd.arg(MAP_VERSION_KEY);
         let get = cmd.query_async::<Option<String>>(&mut conn);
         let version = match tokio::time::timeout(Duration::from_secs(2), get).await {
             Ok(Ok(version)) => version,
-            _ => {
-                unreachable.push(address.as_str());
+            // LOADING, NOAUTH, an ACL without GET: it cannot say its version either.
+            Ok(Err(e)) => {
+                unreachable.push(format!("{address} (GET {MAP_VERSION_KEY}: {e})"));
+                continue;
+            }
+            Err(_) => {
+                unreachable.push(format!("{address} (no answer to GET within 2 s)"));
                 continue;
             }
         };
@@ -218,7 +226,7 @@ pub async fn next_map_version(nodes: &[String], allow_unreachable: bool) -> anyh
         let named = unreachable.join(", ");
         if !allow_unreachable {
             bail!(
-                "Redis node(s) {named} did not answer: the map version they were stamped with cannot be read, and a map numbered without it could reuse it; start them, or pass --allow-unreachable to number the map without them"
+                "Redis node(s) {named} cannot say their map version: the version they were stamped with cannot be read, and a map numbered without it could reuse it; start them, or pass --allow-unreachable to number the map without them"
             );
         }
         tracing::warn!(nodes = %named, "these nodes did not answer; the map is numbered without their versions (--allow-unreachable)");
