@@ -353,7 +353,16 @@ fn bad_tokens_are_401() {
         &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .unwrap();
+    // An audience in a shape the library does not read as one (a number): still an audience,
+    // and this server names none.
+    let odd_audience = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "alice", "scope": "wallet:admin", "exp": now + 600, "aud": 5}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
     for (name, t) in [
+        ("an audience that is a number", odd_audience),
         ("not yet valid (nbf)", not_yet_valid),
         ("forged", forged),
         ("alg none", alg_none),

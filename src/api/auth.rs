@@ -28,6 +28,15 @@ pub struct Claims {
     pub exp: u64,
 }
 
+/// `Claims` as decoded, with the `aud` claim in whatever shape it came.
+#[derive(Deserialize)]
+struct Decoded {
+    #[serde(flatten)]
+    claims: Claims,
+    #[serde(default)]
+    aud: Option<serde_json::Value>,
+}
+
 /// What a token must name besides a valid signature: `aud` and `iss`, when they are set
 /// (`--jwt-audience`, `--jwt-issuer`). A key shared with other services then cannot be used to
 /// call this one with their tokens.
@@ -164,9 +173,17 @@ impl Auth {
             .map(|(_, token)| token)
             .filter(|t| !t.is_empty() && !t.contains(' '))
             .ok_or(AuthError::Malformed)?;
-        let data = jsonwebtoken::decode::<Claims>(token, key, validation)
+        let data = jsonwebtoken::decode::<Decoded>(token, key, validation)
             .map_err(|e| AuthError::Invalid(e.kind().to_owned_reason()))?;
-        let claims = data.claims;
+        // Without an expected audience, the library refuses a string or list `aud` but lets
+        // any other shape (`5`, `{}`) through: a token naming an audience in any form is for
+        // another service.
+        if validation.aud.is_none() && data.claims.aud.is_some_and(|aud| !aud.is_null()) {
+            return Err(AuthError::Invalid(
+                "the token names an audience, and this server expects none".into(),
+            ));
+        }
+        let claims = data.claims.claims;
         if crate::core::AccountId::new(&claims.sub).is_err() {
             return Err(AuthError::Invalid("sub is not an account id".into()));
         }

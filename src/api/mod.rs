@@ -88,6 +88,20 @@ pub struct ServeConfig {
     /// leadership: writes are refused (503 `not_leader`) until it claims the node again, so
     /// that two engines never both take writes once this one knows another may lead.
     pub writes_fenced: Arc<std::sync::atomic::AtomicBool>,
+    /// A `--zk-leader` engine's lease (`zk::LEADER_LEASE`): writes are refused (503
+    /// `not_leader`) while its node has not been confirmed for that long (ZooKeeper cut off,
+    /// or this process paused), before the session could have expired and another engine
+    /// claimed the node.
+    pub leader_lease: Arc<crate::replicate::zk::Lease>,
+}
+
+impl ServeConfig {
+    /// Whether writes are refused because this engine may not be the leader (`--zk-leader`).
+    pub fn writes_refused(&self) -> bool {
+        self.zk_leader.is_some()
+            && (self.writes_fenced.load(std::sync::atomic::Ordering::SeqCst)
+                || !self.leader_lease.holds())
+    }
 }
 
 /// The most requests `serve` waits on at once (`--max-in-flight`): each takes a waiter slot
@@ -253,6 +267,7 @@ impl Default for ServeConfig {
             replicate_redis: None,
             zk_leader: None,
             writes_fenced: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            leader_lease: Arc::new(crate::replicate::zk::Lease::default()),
         }
     }
 }
@@ -1188,9 +1203,14 @@ pub async fn run(config: ServeConfig, listen: SocketAddr) -> anyhow::Result<()> 
                 !address.ip().is_unspecified(),
                 "--zk-leader registers the --listen address for others to reach: {address} is not one (listen on a specific address)"
             );
-            let (task, session) =
-                claim_leadership(zk, root, &address.to_string(), config.writes_fenced.clone())
-                    .await?;
+            let (task, session) = claim_leadership(
+                zk,
+                root,
+                &address.to_string(),
+                config.writes_fenced.clone(),
+                config.leader_lease.clone(),
+            )
+            .await?;
             (Some(task), Some(session))
         }
         None => (None, None),
@@ -1241,6 +1261,10 @@ pub async fn run(config: ServeConfig, listen: SocketAddr) -> anyhow::Result<()> 
     }
 }
 
+/// How long `serve --zk-leader` waits at start for a leader node naming its own address (a
+/// crashed previous run's) to go: beyond the session timeout and the server's expiry tick.
+const PREVIOUS_RUN_PATIENCE: Duration = Duration::from_secs(20);
+
 /// Claims the engine leadership in ZooKeeper for `address` and registers the front end; the
 /// returned task keeps both and ends (with the reason) only if another engine takes over.
 async fn claim_leadership(
@@ -1248,16 +1272,41 @@ async fn claim_leadership(
     root: &str,
     address: &str,
     fenced: Arc<std::sync::atomic::AtomicBool>,
+    lease: Arc<crate::replicate::zk::Lease>,
 ) -> anyhow::Result<(tokio::task::JoinHandle<String>, zookeeper_client::Client)> {
     use crate::replicate::zk::{self, Layout, Leader};
     let layout = Layout::new(root)?;
     let client = zk::connect_patiently(zk, Duration::from_secs(10)).await?;
-    match zk::claim_engine_leader(&client, &layout, address).await? {
-        Leader::Us => {}
-        Leader::Other(holder) => anyhow::bail!(
-            "another engine ({holder}) is the leader at {}: stop it first, or use another --zk-root",
-            layout.engine_leader()
-        ),
+    // A node naming this address is this engine's previous run's (nothing else can listen
+    // here): a crash leaves it until its session expires (about 6 s), and a restart by a
+    // supervisor waits it out instead of failing.
+    let waiting_since = std::time::Instant::now();
+    let mut told = false;
+    loop {
+        let asked = std::time::Instant::now();
+        match zk::claim_engine_leader(&client, &layout, address).await? {
+            Leader::Us => {
+                lease.renew_from(asked);
+                break;
+            }
+            Leader::Other(holder)
+                if holder == address && waiting_since.elapsed() < PREVIOUS_RUN_PATIENCE =>
+            {
+                if !std::mem::replace(&mut told, true) {
+                    tracing::warn!(node = %layout.engine_leader(), "the leader node names this address: a previous run's session, not expired yet; waiting for it");
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Leader::Other(holder) if holder == address => anyhow::bail!(
+                "the leader node {} names this address ({holder}) but another session, still {:?} after start: another process on this host claimed this address for the same --zk-root?",
+                layout.engine_leader(),
+                PREVIOUS_RUN_PATIENCE
+            ),
+            Leader::Other(holder) => anyhow::bail!(
+                "another engine ({holder}) is the leader at {}: stop it first, or use another --zk-root",
+                layout.engine_leader()
+            ),
+        }
     }
     zk::register_api(&client, &layout, address).await?;
     tracing::info!(%address, node = %layout.engine_leader(), "engine leader");
@@ -1268,6 +1317,7 @@ async fn claim_leadership(
         address.to_string(),
         client,
         fenced,
+        lease,
     ));
     Ok((task, session))
 }

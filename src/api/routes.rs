@@ -744,20 +744,14 @@ async fn dispatch(
             ROUTES[route].name,
             "transfers need the wallet:transfer scope",
         ),
-        _ if app
-            .config
-            .writes_fenced
-            .load(std::sync::atomic::Ordering::SeqCst) =>
-        {
-            Reply::error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not_leader",
-                "this engine's ZooKeeper session ended, and the engine leadership with it: writes \
-                 are refused until it claims the leadership again (another engine may hold it; \
-                 see the leader node). Reads are served",
-            )
-            .with_header("retry-after", "1")
-        }
+        _ if app.config.writes_refused() => Reply::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_leader",
+            "this engine cannot confirm its engine leadership in ZooKeeper (unreachable for \
+             longer than its lease, or its session ended): writes are refused until it does \
+             (another engine may lead; see the leader node). Reads are served",
+        )
+        .with_header("retry-after", "1"),
         name => {
             // A batch holds its permit from before its body is read until it is answered
             // (only a caller that may transfer gets this far: the permits are shared).

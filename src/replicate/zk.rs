@@ -24,6 +24,59 @@ pub const DEFAULT_ROOT: &str = "/wallet";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 
+/// How long a leader's writes go on after its node was last confirmed as its session's: half
+/// the session timeout. The server expires a session `SESSION_TIMEOUT` after it last heard from
+/// the client, and another engine may then claim the node; the client learns of it only later
+/// (it gives up on the session after 7/5 of the timeout), and a paused process learns nothing
+/// until it runs. Writes are refused once the lease runs out, so an engine cut off from
+/// ZooKeeper, or paused, stops taking writes before anyone else can lead.
+pub const LEADER_LEASE: Duration = Duration::from_secs(3);
+
+/// How often a leader confirms its node (and so renews its lease).
+const LEASE_RENEW_EVERY: Duration = Duration::from_millis(500);
+
+/// A leader's lease on its writes (`LEADER_LEASE`): the time its node was last confirmed as
+/// its session's, measured from when that confirmation was asked for (the server heard from
+/// the session no earlier, so the session cannot expire before that plus its timeout).
+#[derive(Debug)]
+pub struct Lease {
+    base: std::time::Instant,
+    /// Milliseconds after `base`, plus one, of the last confirmation; 0: never confirmed.
+    confirmed: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Lease {
+    fn default() -> Lease {
+        Lease {
+            base: std::time::Instant::now(),
+            confirmed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl Lease {
+    fn millis(&self, at: std::time::Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.base).as_millis()).unwrap_or(u64::MAX - 1)
+            + 1
+    }
+
+    /// The node was confirmed by an answer to a request sent at `asked`.
+    pub fn renew_from(&self, asked: std::time::Instant) {
+        self.confirmed
+            .fetch_max(self.millis(asked), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether writes may be taken now: the last confirmation is younger than `LEADER_LEASE`.
+    pub fn holds(&self) -> bool {
+        let confirmed = self.confirmed.load(std::sync::atomic::Ordering::SeqCst);
+        confirmed != 0
+            && self
+                .millis(std::time::Instant::now())
+                .saturating_sub(confirmed)
+                < LEADER_LEASE.as_millis() as u64
+    }
+}
+
 /// The Redis partition map: the partition count is `nodes.len()`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionMap {
@@ -467,10 +520,12 @@ pub async fn claim_engine_leader(
 /// Holds the engine leadership that `client` claimed for `address` (and its front-end
 /// registration): when the session ends (expired after an outage, closed), or the leader node
 /// is deleted or rewritten by hand, claims it again over a new session. Returns only when
-/// another engine holds it: the caller must stop serving. While ZooKeeper is unreachable but
-/// the session lives, the server goes on serving (no other engine can claim the node). Once
-/// the session has ended, the node is gone with it and another engine may hold it: `fenced`
-/// is set, and writes are refused, until the node is claimed again. A node that names this
+/// another engine holds it: the caller must stop serving. The node is read every
+/// `LEASE_RENEW_EVERY`, and each answer showing it as this session's renews `lease`: writes
+/// are refused once it runs out (ZooKeeper unreachable or slow, the process paused), before
+/// the server could expire the session. Once the session has ended, the node is gone with it
+/// and another engine may hold it: `fenced` is set, and writes are refused, until the node is
+/// claimed again. A node that names this
 /// engine's own address but another session is this engine's previous session's (no other
 /// process can listen on the address): it is waited out, not taken for another engine's.
 pub async fn keep_engine_leadership(
@@ -479,28 +534,51 @@ pub async fn keep_engine_leadership(
     address: String,
     mut client: zk::Client,
     fenced: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    lease: std::sync::Arc<Lease>,
 ) -> String {
     use std::sync::atomic::Ordering;
     let path = layout.engine_leader();
     let mut backoff = Duration::from_millis(100);
+    let mut lapse_told = false;
     loop {
-        // Wait until the node or the session changes.
+        // Confirm the node (renewing the lease), then wait until the node or the session
+        // changes, or it is time to confirm it again.
         let mut session = client.state_watcher();
-        match client.get_and_watch_data(&path).await {
-            Ok((_, stat, node)) if stat.ephemeral_owner == client.session_id().0 => {
+        let asked = std::time::Instant::now();
+        let read =
+            tokio::time::timeout(LEASE_RENEW_EVERY * 2, client.get_and_watch_data(&path)).await;
+        match read {
+            Ok(Ok((_, stat, node))) if stat.ephemeral_owner == client.session_id().0 => {
+                lease.renew_from(asked);
+                if std::mem::take(&mut lapse_told) {
+                    tracing::info!(node = %path, "ZooKeeper answers again and the node is still this session's: writes are served");
+                }
                 backoff = Duration::from_millis(100);
-                tokio::select! {
-                    _ = node.changed() => {}
+                let renew = tokio::select! {
+                    _ = node.changed() => false,
                     _ = async {
                         while !session.changed().await.is_terminated() {}
-                    } => {}
+                    } => false,
+                    _ = tokio::time::sleep(LEASE_RENEW_EVERY) => true,
+                };
+                if renew {
+                    continue;
                 }
             }
-            Ok(_) | Err(zk::Error::NoNode) => {}
-            Err(e) => {
+            Ok(Ok(_)) | Ok(Err(zk::Error::NoNode)) => {}
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "watching the engine leader node failed");
                 back_off(&mut backoff).await;
             }
+            // No answer: the lease runs out by itself (writes are refused from then on), and
+            // the session may live on; ask again.
+            Err(_) if !client.state().is_terminated() => {
+                if !lease.holds() && !std::mem::replace(&mut lapse_told, true) {
+                    tracing::error!(node = %path, lease = ?LEADER_LEASE, "ZooKeeper has not confirmed the engine leadership within its lease: writes are refused (503 not_leader) until it answers (the session may end meanwhile, and another engine lead)");
+                }
+                continue;
+            }
+            Err(_) => {}
         }
         if client.state().is_terminated() {
             if !fenced.swap(true, Ordering::SeqCst) {
