@@ -1206,6 +1206,19 @@ fn cluster_commands_route_with_the_documented_formula() {
     // A second init with another node list is refused; the map stays.
     let out = cluster.wallet(&["cluster", "init", "--redis-nodes", "127.0.0.1:1"], &[]);
     assert!(!out.status.success());
+    // `cluster show | head`: a reader gone before the output is written ends it quietly (it
+    // panicked on the broken pipe).
+    let mut show = cluster.command(&["cluster", "show"], &[]);
+    let mut child = show
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cluster show");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("cluster show");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{stderr}");
 }
 
 /// Issue #7: nodes fed by one journal are not silently continued from another. The replicator

@@ -153,11 +153,12 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// Prints `value` on stdout. A reader that stopped reading (`cluster show | head`) ends the
+/// output quietly: `println!` panicked on the broken pipe.
 fn print_json(value: &serde_json::Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).unwrap_or_default()
-    );
+    use std::io::Write;
+    let text = serde_json::to_string_pretty(value).unwrap_or_default();
+    let _ = writeln!(std::io::stdout().lock(), "{text}");
 }
 
 pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
