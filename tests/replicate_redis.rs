@@ -1398,10 +1398,29 @@ fn a_leader_whose_session_ended_refuses_writes_until_it_leads_again() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let services = services();
     let cluster = Cluster::new("fence", &services, &services.redis);
-    let server = Server::start(cluster.data.path(), &cluster.leader_args());
+    // A long request timeout: a body may take its time to arrive (below).
+    let args = [
+        &cluster.leader_args()[..],
+        &["--request-timeout-ms", "30000"],
+    ]
+    .concat();
+    let server = Server::start(cluster.data.path(), &args);
     let mut client = server.client();
     common::open(&mut client, "a");
     common::deposit(&mut client, "a", "1.00");
+    // A write whose head is routed while the lease holds and whose body arrives after it ran
+    // out: refused once the body is in (it was submitted, on a check made before the body).
+    let body = json!({"account_id": "a", "amount": "1.00", "currency": "USD", "transaction_id": common::uuid()}).to_string();
+    let mut slow = std::net::TcpStream::connect(&server.address).expect("connect");
+    std::io::Write::write_all(
+        &mut slow,
+        format!(
+            "POST /v1/wallet/deposit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .expect("send the head");
 
     let stopping = Instant::now();
     let restart = stop_zookeeper(&services);
@@ -1434,6 +1453,10 @@ fn a_leader_whose_session_ended_refuses_writes_until_it_leads_again() {
         "still writing {refused_after:?} after ZooKeeper was stopped: the session may have expired at 6 s, and another engine may lead"
     );
     assert_eq!(refused.header("retry-after"), Some("1"));
+    std::io::Write::write_all(&mut slow, body.as_bytes()).expect("send the body");
+    let late = common::read_response(&mut slow).expect("an answer to the slow write");
+    assert_eq!(late.status, 503, "{}", late.body);
+    assert_eq!(late.json()["error"]["code"], "not_leader");
     let balance = common::balance_cents(&mut client, "a");
     assert!(balance >= 100, "reads are served: {balance}");
     assert_eq!(deposit(&mut client).status, 503);

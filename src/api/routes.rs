@@ -268,6 +268,19 @@ impl Reply {
         .with_header("retry-after", "1")
     }
 
+    /// A write while a `--zk-leader` engine cannot confirm its leadership
+    /// (`ServeConfig::writes_refused`).
+    fn not_leader() -> Reply {
+        Reply::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_leader",
+            "this engine cannot confirm its engine leadership in ZooKeeper (unreachable for \
+             longer than its lease, or its session ended): writes are refused until it does \
+             (another engine may lead; see the leader node). Reads are served",
+        )
+        .with_header("retry-after", "1")
+    }
+
     fn too_many() -> Reply {
         Reply::error(
             StatusCode::TOO_MANY_REQUESTS,
@@ -744,14 +757,7 @@ async fn dispatch(
             ROUTES[route].name,
             "transfers need the wallet:transfer scope",
         ),
-        _ if app.config.writes_refused() => Reply::error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_leader",
-            "this engine cannot confirm its engine leadership in ZooKeeper (unreachable for \
-             longer than its lease, or its session ended): writes are refused until it does \
-             (another engine may lead; see the leader node). Reads are served",
-        )
-        .with_header("retry-after", "1"),
+        _ if app.config.writes_refused() => Reply::not_leader(),
         name => {
             // A batch holds its permit from before its body is read until it is answered
             // (only a caller that may transfer gets this far: the permits are shared).
@@ -780,6 +786,12 @@ async fn dispatch(
                 Ok(body) => body,
                 Err(reply) => return reply,
             };
+            // Again once the body is in: it may take up to `deadline` to arrive (or the
+            // process may have been paused meanwhile), and the lease may have run out since
+            // the request was routed.
+            if app.config.writes_refused() {
+                return Reply::not_leader();
+            }
             match name {
                 "transfer" => transfer(app, submitter, caller, &body).await,
                 "transfer_batch" => transfer_batch(app, submitter, caller, &body).await,

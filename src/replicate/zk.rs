@@ -545,8 +545,10 @@ pub async fn keep_engine_leadership(
         // changes, or it is time to confirm it again.
         let mut session = client.state_watcher();
         let asked = std::time::Instant::now();
-        let read =
-            tokio::time::timeout(LEASE_RENEW_EVERY * 2, client.get_and_watch_data(&path)).await;
+        // Waited for as long as its answer could still renew the lease (an answer after
+        // `LEADER_LEASE` renews nothing): a ZooKeeper answering in 1 to 3 s keeps the engine
+        // writing.
+        let read = tokio::time::timeout(LEADER_LEASE, client.get_and_watch_data(&path)).await;
         match read {
             Ok(Ok((_, stat, node))) if stat.ephemeral_owner == client.session_id().0 => {
                 lease.renew_from(asked);
