@@ -574,14 +574,22 @@ fn without_authentication_only_requests_addressed_to_a_loopback_host_are_served(
     open(&mut c, "a");
     open(&mut c, "b");
     deposit(&mut c, "a", "100.00");
-    let send = |host: &str, id: &str| {
+    // A transfer of 1.00 from a to b, to `target` with the header lines `hosts` ("" for none).
+    let post = |target: &str, hosts: &str, id: &str| {
         let body = transfer_body("a", "b", "1.00", id).to_string();
         raw_request(
             &server,
             &format!(
-                "POST /v1/wallet/balance_transfer HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                "POST {target} HTTP/1.1\r\n{hosts}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
             ),
+        )
+    };
+    let send = |host: &str, id: &str| {
+        post(
+            "/v1/wallet/balance_transfer",
+            &format!("Host: {host}\r\n"),
+            id,
         )
     };
     let refused = uuid();
@@ -601,30 +609,20 @@ fn without_authentication_only_requests_addressed_to_a_loopback_host_are_served(
     );
     assert_eq!(common::balance_cents(&mut c, "a"), 10_000);
     // No Host header at all: nothing to check it against, refused too.
-    let body = transfer_body("a", "b", "1.00", &refused).to_string();
-    let r = raw_request(
-        &server,
-        &format!(
-            "POST /v1/wallet/balance_transfer HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ),
-    );
+    let r = post("/v1/wallet/balance_transfer", "", &refused);
     assert_eq!(r.status, 400, "{}", r.body);
     assert_eq!(r.json()["error"]["code"], "host_required");
     assert_eq!(common::balance_cents(&mut c, "a"), 10_000);
     // A second Host header naming another host (the check read the first only), in either
     // order; an absolute-form target naming another host, with a loopback Host.
-    let body = transfer_body("a", "b", "1.00", &refused).to_string();
     for hosts in [
         "Host: localhost\r\nHost: evil.example",
         "Host: evil.example\r\nHost: localhost",
     ] {
-        let r = raw_request(
-            &server,
-            &format!(
-                "POST /v1/wallet/balance_transfer HTTP/1.1\r\n{hosts}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            ),
+        let r = post(
+            "/v1/wallet/balance_transfer",
+            &format!("{hosts}\r\n"),
+            &refused,
         );
         assert!(
             [400, 403].contains(&r.status),
@@ -633,12 +631,10 @@ fn without_authentication_only_requests_addressed_to_a_loopback_host_are_served(
             r.body
         );
     }
-    let r = raw_request(
-        &server,
-        &format!(
-            "POST http://evil.example/v1/wallet/balance_transfer HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ),
+    let r = post(
+        "http://evil.example/v1/wallet/balance_transfer",
+        "Host: localhost\r\n",
+        &refused,
     );
     assert_eq!(r.status, 403, "absolute form: {}", r.body);
     assert_eq!(common::balance_cents(&mut c, "a"), 10_000);

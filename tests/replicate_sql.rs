@@ -56,6 +56,19 @@ fn services() -> Services {
     }
 }
 
+/// The test CA that signed the services PostgreSQL's certificate (`WALLET_TEST_PG_CA`); fails
+/// naming what is missing.
+fn test_ca() -> String {
+    let ca = std::env::var("WALLET_TEST_PG_CA").unwrap_or_else(|_| {
+        panic!("WALLET_TEST_PG_CA is not set: run the tests with tools/test, or eval \"$(tools/services env)\"")
+    });
+    assert!(
+        std::path::Path::new(&ca).is_file(),
+        "{ca} is missing: start the services with tools/services start (a PostgreSQL started by an older tools/services has no TLS: tools/services stop, then start)"
+    );
+    ca
+}
+
 fn pg(url: &str) -> postgres::Client {
     postgres::Client::connect(url, postgres::NoTls)
         .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e} (start it with tools/services start)"))
@@ -1074,9 +1087,7 @@ fn the_identity_check_against_an_engine_url_gives_up_like_any_read_of_it() {
 #[ignore = "needs tools/services"]
 fn a_shard_url_the_driver_refuses_stops_the_replicator() {
     use std::io::{Read, Write};
-    let ca = std::env::var("WALLET_TEST_PG_CA").unwrap_or_else(|_| {
-        panic!("WALLET_TEST_PG_CA is not set: run the tests with tools/test, or eval \"$(tools/services env)\"")
-    });
+    let ca = test_ca();
     let cluster = Cluster::new("drvref", 1);
     start_server(&cluster).stop();
     let no_tls = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -1378,13 +1389,7 @@ fn a_stuck_session_of_the_replicators_own_epoch_is_ended_when_it_reconnects() {
 #[test]
 #[ignore = "needs tools/services"]
 fn shards_are_reached_over_verified_tls_with_a_ca() {
-    let ca = std::env::var("WALLET_TEST_PG_CA").unwrap_or_else(|_| {
-        panic!("WALLET_TEST_PG_CA is not set: run the tests with tools/test, or eval \"$(tools/services env)\"")
-    });
-    assert!(
-        std::path::Path::new(&ca).is_file(),
-        "{ca} is missing: start the services with tools/services start (a PostgreSQL started by an older tools/services has no TLS: tools/services stop, then start)"
-    );
+    let ca = test_ca();
     let cluster = Cluster::new("tls", 2);
     let required: Vec<String> = cluster
         .urls()
