@@ -88,7 +88,7 @@ pub struct ServeConfig {
     /// leadership: writes are refused (503 `not_leader`) until it claims the node again, so
     /// that two engines never both take writes once this one knows another may lead.
     pub writes_fenced: Arc<std::sync::atomic::AtomicBool>,
-    /// A `--zk-leader` engine's lease (`zk::LEADER_LEASE`): writes are refused (503
+    /// A `--zk-leader` engine's lease (`zk::lease_for` its session): writes are refused (503
     /// `not_leader`) while its node has not been confirmed for that long (ZooKeeper cut off,
     /// or this process paused), before the session could have expired and another engine
     /// claimed the node.
@@ -1277,6 +1277,10 @@ async fn claim_leadership(
     use crate::replicate::zk::{self, Layout, Leader};
     let layout = Layout::new(root)?;
     let client = zk::connect_patiently(zk, Duration::from_secs(10)).await?;
+    let length = lease.fit_to_session(client.session_timeout());
+    if length < zk::LEADER_LEASE {
+        tracing::warn!(session_timeout = ?client.session_timeout(), lease = ?length, "ZooKeeper negotiated a session timeout below 6 s: the engine's write lease is shortened to half of it");
+    }
     // A node naming this address is this engine's previous run's (nothing else can listen
     // here): a crash leaves it until its session expires (about 6 s), and a restart by a
     // supervisor waits it out instead of failing.

@@ -29,20 +29,32 @@ const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 /// the client, and another engine may then claim the node; the client learns of it only later
 /// (it gives up on the session after 7/5 of the timeout), and a paused process learns nothing
 /// until it runs. Writes are refused once the lease runs out, so an engine cut off from
-/// ZooKeeper, or paused, stops taking writes before anyone else can lead.
+/// ZooKeeper, or paused, stops taking writes before anyone else can lead. A server that
+/// negotiates a shorter session timeout (its `maxSessionTimeout`) shortens the lease to half of
+/// that (`lease_for`).
 pub const LEADER_LEASE: Duration = Duration::from_secs(3);
 
-/// How often a leader confirms its node (and so renews its lease).
+/// How often a leader confirms its node (and so renews its lease), at most: a quarter of a
+/// shorter lease.
 const LEASE_RENEW_EVERY: Duration = Duration::from_millis(500);
 
-/// A leader's lease on its writes (`LEADER_LEASE`): the time its node was last confirmed as
-/// its session's, measured from when that confirmation was asked for (the server heard from
-/// the session no earlier, so the session cannot expire before that plus its timeout).
+/// The lease for a session whose timeout the server negotiated as `session_timeout`: half of
+/// it, and no more than `LEADER_LEASE`.
+pub fn lease_for(session_timeout: Duration) -> Duration {
+    LEADER_LEASE.min(session_timeout / 2)
+}
+
+/// A leader's lease on its writes (`lease_for` the session): the time its node was last
+/// confirmed as its session's, measured from when that confirmation was asked for (the server
+/// heard from the session no earlier, so the session cannot expire before that plus its
+/// timeout).
 #[derive(Debug)]
 pub struct Lease {
     base: std::time::Instant,
     /// Milliseconds after `base`, plus one, of the last confirmation; 0: never confirmed.
     confirmed: std::sync::atomic::AtomicU64,
+    /// The lease's length in milliseconds (`lease_for` the current session).
+    length_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Lease {
@@ -50,6 +62,7 @@ impl Default for Lease {
         Lease {
             base: std::time::Instant::now(),
             confirmed: std::sync::atomic::AtomicU64::new(0),
+            length_ms: std::sync::atomic::AtomicU64::new(LEADER_LEASE.as_millis() as u64),
         }
     }
 }
@@ -60,20 +73,36 @@ impl Lease {
             + 1
     }
 
+    /// Fits the lease to a session whose negotiated timeout is `session_timeout` (before any
+    /// confirmation over that session renews it); returns the lease's length.
+    pub fn fit_to_session(&self, session_timeout: Duration) -> Duration {
+        let length = lease_for(session_timeout);
+        self.length_ms.store(
+            u64::try_from(length.as_millis()).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        length
+    }
+
+    /// The lease's length.
+    pub fn length(&self) -> Duration {
+        Duration::from_millis(self.length_ms.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
     /// The node was confirmed by an answer to a request sent at `asked`.
     pub fn renew_from(&self, asked: std::time::Instant) {
         self.confirmed
             .fetch_max(self.millis(asked), std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Whether writes may be taken now: the last confirmation is younger than `LEADER_LEASE`.
+    /// Whether writes may be taken now: the last confirmation is younger than the lease.
     pub fn holds(&self) -> bool {
         let confirmed = self.confirmed.load(std::sync::atomic::Ordering::SeqCst);
         confirmed != 0
             && self
                 .millis(std::time::Instant::now())
                 .saturating_sub(confirmed)
-                < LEADER_LEASE.as_millis() as u64
+                < self.length_ms.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -540,15 +569,21 @@ pub async fn keep_engine_leadership(
     let path = layout.engine_leader();
     let mut backoff = Duration::from_millis(100);
     let mut lapse_told = false;
+    let mut length = lease.fit_to_session(client.session_timeout());
     loop {
         // Confirm the node (renewing the lease), then wait until the node or the session
         // changes, or it is time to confirm it again.
         let mut session = client.state_watcher();
         let asked = std::time::Instant::now();
         // Waited for as long as its answer could still renew the lease (an answer after
-        // `LEADER_LEASE` renews nothing): a ZooKeeper answering in 1 to 3 s keeps the engine
-        // writing.
-        let read = tokio::time::timeout(LEADER_LEASE, client.get_and_watch_data(&path)).await;
+        // the lease renews nothing): a ZooKeeper answering in 1 to 3 s keeps the engine
+        // writing. A `sync` first: in an ensemble, the server this session talks to may be
+        // behind the leader, and its copy of the node may be older than the session's expiry.
+        let read = tokio::time::timeout(length, async {
+            client.sync(&path).await?;
+            client.get_and_watch_data(&path).await
+        })
+        .await;
         match read {
             Ok(Ok((_, stat, node))) if stat.ephemeral_owner == client.session_id().0 => {
                 lease.renew_from(asked);
@@ -561,7 +596,7 @@ pub async fn keep_engine_leadership(
                     _ = async {
                         while !session.changed().await.is_terminated() {}
                     } => false,
-                    _ = tokio::time::sleep(LEASE_RENEW_EVERY) => true,
+                    _ = tokio::time::sleep(LEASE_RENEW_EVERY.min(length / 4)) => true,
                 };
                 if renew {
                     continue;
@@ -576,7 +611,7 @@ pub async fn keep_engine_leadership(
             // the session may live on; ask again.
             Err(_) if !client.state().is_terminated() => {
                 if !lease.holds() && !std::mem::replace(&mut lapse_told, true) {
-                    tracing::error!(node = %path, lease = ?LEADER_LEASE, "ZooKeeper has not confirmed the engine leadership within its lease: writes are refused (503 not_leader) until it answers (the session may end meanwhile, and another engine lead)");
+                    tracing::error!(node = %path, lease = ?length, "ZooKeeper has not confirmed the engine leadership within its lease: writes are refused (503 not_leader) until it answers (the session may end meanwhile, and another engine lead)");
                 }
                 continue;
             }
@@ -588,7 +623,10 @@ pub async fn keep_engine_leadership(
             }
             tracing::warn!(state = ?client.state(), "ZooKeeper session ended; claiming the engine leader node again");
             match connect(&zk_address).await {
-                Ok(c) => client = c,
+                Ok(c) => {
+                    client = c;
+                    length = lease.fit_to_session(client.session_timeout());
+                }
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "ZooKeeper unreachable; reads are served, writes are not");
                     back_off(&mut backoff).await;
