@@ -61,8 +61,11 @@ const CHUNK_ACCOUNTS: usize = 2000;
 
 /// Applies one batch to one node. KEYS: map version, applied sequence, applied record. ARGV:
 /// expected map version, the applied sequence the replicator last saw on the node, the new
-/// applied sequence, the identity of the record ending there, then per account: key, field
-/// count, and field/value pairs.
+/// applied sequence, the identity of the record ending there, the highest applied sequence
+/// this replicator may have left there (`Node::sent_seq`), then per account: key, field count,
+/// and field/value pairs. A node below what the replicator saw lost data (`WALLET_STALE`: it is
+/// rebuilt); one beyond anything the replicator sent it was written by someone else
+/// (`WALLET_CONFLICT`: the run stops, rather than skip the batches that node claims to hold).
 static APPLY_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
@@ -72,13 +75,16 @@ if version ~= ARGV[1] then
 end
 local applied = tonumber(redis.call('GET', KEYS[2]) or '0')
 local target = tonumber(ARGV[3])
-if applied >= target then
-  return 0
-end
 if applied < tonumber(ARGV[2]) then
   return redis.error_reply('WALLET_STALE applied_seq is ' .. applied .. ', expected at least ' .. ARGV[2])
 end
-local i = 5
+if applied > tonumber(ARGV[5]) then
+  return redis.error_reply('WALLET_CONFLICT applied_seq is ' .. applied .. ', but this replicator wrote no further than ' .. ARGV[5])
+end
+if applied >= target then
+  return 0
+end
+local i = 6
 local n = #ARGV
 while i <= n do
   local key = ARGV[i]
@@ -373,6 +379,10 @@ struct Node {
     conn: Option<MultiplexedConnection>,
     /// The applied sequence last confirmed on the node (meaningless while `needs_resync`).
     applied_seq: u64,
+    /// The highest applied sequence this replicator may have left on the node: `applied_seq`,
+    /// or the target of a write whose answer was lost. The node saying more was written by
+    /// someone else (`WALLET_CONFLICT`).
+    sent_seq: u64,
     /// The node's content cannot be trusted (unknown, lost data, interrupted move): rebuild it.
     needs_resync: bool,
     /// The node could not be read at start-up (down, or its probe failed, e.g. `LOADING`): it
@@ -480,6 +490,7 @@ impl Node {
             address: address.to_string(),
             conn: None,
             applied_seq: 0,
+            sent_seq: 0,
             needs_resync: true,
             unprobed: false,
             dirty: Vec::new(),
@@ -491,6 +502,12 @@ impl Node {
             backoff: Duration::from_millis(50),
             probe: None,
         }
+    }
+
+    /// The node holds `seq` (read there, or written with a confirmed answer).
+    fn know_applied(&mut self, seq: u64) {
+        self.applied_seq = seq;
+        self.sent_seq = seq;
     }
 
     fn is_up_and_current(&self) -> bool {
@@ -607,6 +624,17 @@ async fn eval_apply(conn: &mut MultiplexedConnection, cmd: &redis::Cmd) -> redis
 
 fn is_stale(error: &redis::RedisError) -> bool {
     error.to_string().contains("WALLET_STALE")
+}
+
+fn is_conflict(error: &redis::RedisError) -> bool {
+    error.to_string().contains("WALLET_CONFLICT")
+}
+
+/// The error that stops a run when a node holds more than this replicator wrote there.
+fn another_writer(address: &str, detail: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "Redis node {address} was written by someone other than this replicator ({detail}): another replicator feeds this partition map (run one per map), or the node was edited by hand; its balances cannot be trusted, and this replicator stops rather than skip what the node claims to hold (`wallet reconcile redis` shows the differences; `--rebuild` on a single replicator clears such a node)"
+    )
 }
 
 /// Options of one replicator run.
@@ -762,6 +790,9 @@ struct Replicator {
     /// what that node already showed (readers would see balances go back in time, under a map
     /// version they trust). Nodes waiting for a rebuild say `resync` to readers meanwhile.
     floor: u64,
+    /// Set when a node shows a writer other than this replicator (`another_writer`): the run
+    /// stops with it.
+    stopped_by: Option<anyhow::Error>,
 }
 
 fn route_of(map: &PartitionMap, name: &str) -> u16 {
@@ -803,6 +834,19 @@ impl Replicator {
                 continue;
             };
             match tokio::time::timeout(SLOW_WRITE, probe(conn)).await {
+                Ok(Ok((applied, v)))
+                    if v.as_deref() == Some(version.as_str()) && applied > node.sent_seq =>
+                {
+                    let error = another_writer(
+                        &node.address,
+                        &format!(
+                            "its applied sequence is {applied}, but this replicator wrote no further than {}",
+                            node.sent_seq
+                        ),
+                    );
+                    tracing::error!(error = %format!("{error:#}"));
+                    self.stopped_by.get_or_insert(error);
+                }
                 Ok(Ok((applied, v)))
                     if v.as_deref() == Some(version.as_str()) && applied >= node.applied_seq =>
                 {
@@ -1075,7 +1119,7 @@ impl Replicator {
             // written after it, as to any node.
             self.clear_dirty(i);
             let node = &mut self.nodes[i];
-            node.applied_seq = self.dir.seq;
+            node.know_applied(self.dir.seq);
             node.write = Some(Write {
                 task: None,
                 started: now,
@@ -1103,6 +1147,8 @@ impl Replicator {
                 continue;
             }
             // EVALSHA with the arguments packed into one buffer (no allocation per argument).
+            // The write may be applied even if its answer is lost.
+            node.sent_seq = node.sent_seq.max(target);
             let mut cmd = redis::cmd("EVALSHA");
             cmd.arg(APPLY_SCRIPT.get_hash())
                 .arg(3)
@@ -1112,7 +1158,8 @@ impl Replicator {
                 .arg(&version)
                 .arg(node.applied_seq)
                 .arg(target)
-                .arg(&record);
+                .arg(&record)
+                .arg(node.sent_seq);
             node.inflight = std::mem::take(&mut node.dirty);
             node.write = Some(Write {
                 task: None,
@@ -1221,6 +1268,14 @@ impl Replicator {
             Err(e) if e.downcast_ref::<redis::RedisError>().is_some_and(is_stale) => {
                 tracing::warn!(node = %self.nodes[i].address, error = %e, "node disagrees with the replicator; rebuilding it");
                 self.nodes[i].needs_resync = true;
+            }
+            Err(e)
+                if e.downcast_ref::<redis::RedisError>()
+                    .is_some_and(is_conflict) =>
+            {
+                let error = another_writer(&self.nodes[i].address, &e.to_string());
+                tracing::error!(error = %format!("{error:#}"));
+                self.stopped_by.get_or_insert(error);
             }
             Err(e) => self.nodes[i].mark_down(&e),
         }
@@ -1372,7 +1427,7 @@ impl Replicator {
                     node.needs_resync = true;
                 }
                 Ok(_) => {
-                    node.applied_seq = seq;
+                    node.know_applied(seq);
                     node.needs_resync = false;
                     node.mark_up();
                     switched += 1;
@@ -1788,7 +1843,7 @@ async fn check_identities(
         }
         tracing::warn!("{problem}; rebuilding it (--rebuild)");
         node.needs_resync = true;
-        node.applied_seq = 0;
+        node.know_applied(0);
         if let Some(conn) = node.conn.as_mut() {
             redis::cmd("SET")
                 .arg(MAP_VERSION_KEY)
@@ -1901,7 +1956,7 @@ async fn probe_late_nodes(
         if v.as_deref() == Some(version.as_str()) && applied >= copy_from {
             tracing::info!(node = %node.address, applied, "node that could not be read at start-up answers; it follows the map");
             node.unprobed = false;
-            node.applied_seq = applied;
+            node.know_applied(applied);
             node.needs_resync = false;
             let verified = record.is_some();
             // One try: an engine URL that is away now leaves the node to a later pass, while
@@ -1957,7 +2012,7 @@ fn return_to_unprobed(node: &mut Node, error: anyhow::Error) -> anyhow::Result<(
     }
     node.unprobed = true;
     node.needs_resync = true;
-    node.applied_seq = 0;
+    node.know_applied(0);
     node.mark_down(&error.context("checking the node against the source; probed again later"));
     Ok(())
 }
@@ -2007,6 +2062,7 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         copy_from: 0,
         dir_from_nodes: false,
         floor: 0,
+        stopped_by: None,
     };
     // The source is checked before any node is touched: a replicator that cannot read it must
     // leave the nodes as they are (it marked them "resync" before it failed).
@@ -2033,7 +2089,7 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
                 });
             match probed {
                 Ok((applied, Some(v), record)) if v == version => {
-                    node.applied_seq = applied;
+                    node.know_applied(applied);
                     node.needs_resync = false;
                     stored_records.push((replicator.nodes.len(), record));
                 }
@@ -2155,7 +2211,7 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         replicator.dir.record = record_at_patiently(&mut source, resume, patience)
             .await?
             .map(|(id, _)| id);
-        source.start_at(resume + 1)?;
+        source.resume_after(resume, replicator.dir.record)?;
         tracing::info!(
             from_nodes_seq = resume,
             accounts = replicator.dir.len(),
@@ -2180,6 +2236,9 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
     let mut empty_first_read = failpoint_armed("redis-empty-first-read");
     let mut last_idle_check = Instant::now();
     loop {
+        if let Some(error) = replicator.stopped_by.take() {
+            return Err(error);
+        }
         if replicator.dir.seq >= replicator.floor && map_changes.has_changed().unwrap_or(false) {
             let new_map = map_changes.borrow_and_update().clone();
             if new_map != replicator.map {
@@ -2304,6 +2363,9 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
                 last_idle_check = Instant::now();
             }
         }
+    }
+    if let Some(error) = replicator.stopped_by.take() {
+        return Err(error);
     }
     Ok(Report {
         first_seq: resume + 1,

@@ -266,6 +266,20 @@ impl Source {
         }
     }
 
+    /// `start_at(seq + 1)` for a replicator that holds the records up to `seq` from elsewhere
+    /// (the Redis nodes), the one ending there being `record`: an engine URL confirms that
+    /// record before it yields anything, and again on every new connection, as if it had
+    /// yielded it. (Nothing was yielded, so nothing was confirmed: an engine replaced by
+    /// another history's before the first read went on from `seq` with that history's records.)
+    pub fn resume_after(&mut self, seq: u64, record: Option<RecordId>) -> anyhow::Result<()> {
+        self.start_at(seq + 1)?;
+        if let Source::Http(http) = self {
+            http.last_record = record;
+            http.check_position = record.is_some();
+        }
+        Ok(())
+    }
+
     /// The identity of the last record yielded (the one ending at `next_seq() - 1`).
     pub fn last_record(&self) -> Option<RecordId> {
         match self {
@@ -1511,6 +1525,52 @@ mod tests {
                 format!("{error:#}").contains("no longer reaches sequence 20"),
                 "{error:#}"
             );
+        });
+    }
+
+    /// A source resumed after the records a replicator holds from elsewhere (`resume_after`)
+    /// confirms the last of them before it yields anything: the same engine is read on from
+    /// there, another history's (replaced before the first read, or after it) is refused.
+    #[test]
+    fn a_source_resumed_after_known_records_confirms_the_last_one() {
+        block_on(async {
+            let engine = ScriptedEngine::start(deposit_lines(7, 12)).await;
+            let (mut reader, _) = read_from_start(&engine).await;
+            let known = reader
+                .record_at(10)
+                .await
+                .expect("record_at")
+                .expect("reaches 10")
+                .0;
+
+            let mut source =
+                Source::Http(HttpSource::new(&engine.address.to_string()).expect("source"));
+            source.resume_after(10, Some(known)).expect("resume");
+            let mut items = Vec::new();
+            fetch_retrying(&mut source, &mut items)
+                .await
+                .expect("the same history");
+            assert_eq!(items.iter().map(Item::seq).collect::<Vec<_>>(), [11, 12]);
+
+            // Replaced by another history's engine after the first read.
+            engine.restart_with(deposit_lines(9, 20));
+            items.clear();
+            let error = fetch_retrying(&mut source, &mut items)
+                .await
+                .expect_err("another history");
+            assert!(error.is::<HistoryChanged>(), "{error:#}");
+            assert!(items.is_empty(), "records of another history were yielded");
+
+            // Replaced before the first read.
+            let mut fresh =
+                Source::Http(HttpSource::new(&engine.address.to_string()).expect("source"));
+            fresh.resume_after(10, Some(known)).expect("resume");
+            let error = fetch_retrying(&mut fresh, &mut items)
+                .await
+                .expect_err("another history before the first read");
+            assert!(error.is::<HistoryChanged>(), "{error:#}");
+            assert!(format!("{error:#}").contains("sequence 10"), "{error:#}");
+            assert!(items.is_empty(), "records of another history were yielded");
         });
     }
 
