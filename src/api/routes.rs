@@ -247,6 +247,17 @@ impl Reply {
             "views_unavailable",
             &broken.to_string(),
         )
+        .with_header("retry-after", "5")
+    }
+
+    /// A request whose answer the engine will not give: it stopped (a shutdown, a halt).
+    fn shutting_down() -> Reply {
+        Reply::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the engine stopped",
+        )
+        .with_header("retry-after", "1")
     }
 
     /// A status or history read while the views still load the journal's past (after start-up).
@@ -900,13 +911,7 @@ fn submit(
 async fn wait_outcome(
     receiver: tokio::sync::oneshot::Receiver<Delivered>,
 ) -> Result<Delivered, Reply> {
-    receiver.await.map_err(|_| {
-        Reply::error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "the engine stopped",
-        )
-    })
+    receiver.await.map_err(|_| Reply::shutting_down())
 }
 
 fn money_string(amount: u64, currency: crate::core::Currency) -> String {
@@ -1222,7 +1227,7 @@ fn render(app: &App, caller: &Caller, delivered: &Delivered) -> Reply {
     let (status, body, replayed) = match read {
         Ok(rendered) => rendered,
         // The outcome is in the journal if it was durable: a retry after the restart gets it.
-        Err(broken) => return Reply::views_broken(broken).with_header("retry-after", "5"),
+        Err(broken) => return Reply::views_broken(broken),
     };
     let reply = Reply::json_bytes(status, body);
     match (replayed, status) {
@@ -1500,7 +1505,7 @@ async fn transfer_batch(
         });
         let decided = match decided {
             Ok(decided) => decided,
-            Err(broken) => return Reply::views_broken(broken).with_header("retry-after", "5"),
+            Err(broken) => return Reply::views_broken(broken),
         };
         charged = decided.iter().map(|d| !d).collect();
         for (transfer, decided) in request.transfers.iter().zip(decided) {
@@ -1556,11 +1561,7 @@ async fn transfer_batch(
         return Reply::overloaded();
     }
     let Ok(results) = receiver.await else {
-        return Reply::error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "the engine stopped",
-        );
+        return Reply::shutting_down();
     };
     // Items charged that turn out decided before: their allowance back, one refund per
     // account's charge.
@@ -1616,7 +1617,7 @@ async fn transfer_batch(
     });
     match body {
         Ok(body) => Reply::json_bytes(StatusCode::OK, body),
-        Err(broken) => Reply::views_broken(broken).with_header("retry-after", "5"),
+        Err(broken) => Reply::views_broken(broken),
     }
 }
 
