@@ -846,9 +846,15 @@ fn replay_refuses_a_record_whose_fingerprint_is_not_its_bodys() {
         let report = wallet::tools::replay::run(&args).unwrap();
         assert!(!report.ok, "from_snapshot {from_snapshot}");
         let error = report.error.unwrap_or_default();
+        // Named like any record that does not replay: its segment file and byte offset.
         assert!(
-            error.contains(&format!("record at sequence {}", record.first_seq))
-                && error.contains("fingerprint"),
+            error.contains(&format!(
+                "{}.wal at byte offset ",
+                journal_dir(data).join(format!("{:020}", 1)).display()
+            )) && error.contains(&format!(
+                "sequence {} does not replay: its transaction",
+                record.first_seq
+            )) && error.contains("fingerprint"),
             "from_snapshot {from_snapshot}: {error}"
         );
     }
@@ -860,6 +866,67 @@ fn replay_refuses_a_record_whose_fingerprint_is_not_its_bodys() {
     };
     let report = wallet::tools::replay::run(&before).unwrap();
     assert!(report.ok, "{:?}", report.error);
+}
+
+/// `wallet replay --to-seq` and `--to-time` audit the journal's end as a full replay does: a
+/// journal that lost synced records (its newest segment gone, or cut short) is refused whatever
+/// state was asked for, and so is a snapshot past its end. (A limited replay skipped those
+/// checks and answered OK for a journal that start-up and the full replay refuse.)
+#[test]
+fn a_replay_limited_to_a_sequence_or_a_time_still_audits_the_journals_end() {
+    let temp = tempfile::tempdir().unwrap();
+    let limited = |data: &Path| {
+        [
+            replay_args(data),
+            wallet::tools::replay::ReplayArgs {
+                to_seq: Some(10),
+                ..replay_args(data)
+            },
+            wallet::tools::replay::ReplayArgs {
+                to_time: Some("1970-01-01T00:00:00.000000001Z".into()),
+                ..replay_args(data)
+            },
+        ]
+    };
+    let refused = |data: &Path, expected: &str| {
+        for args in limited(data) {
+            let report = wallet::tools::replay::run(&args).unwrap();
+            let error = report.error.unwrap_or_default();
+            assert!(
+                !report.ok && error.contains(expected),
+                "to_seq {:?}, to_time {:?}: {error}",
+                args.to_seq,
+                args.to_time
+            );
+        }
+    };
+    let fresh = |name: &str| {
+        let data = temp.path().join(name);
+        fresh_journal(&data, 4096, 0..200, 10);
+        for args in limited(&data) {
+            let report = wallet::tools::replay::run(&args).unwrap();
+            assert!(report.ok, "{:?}", report.error);
+        }
+        let segments = list_segments(&journal_dir(&data)).unwrap();
+        (data, segments.last().unwrap().1.clone())
+    };
+
+    let (data, newest) = fresh("deleted");
+    fs::remove_file(&newest).unwrap();
+    refused(&data, "durable watermark says");
+
+    let (data, newest) = fresh("cut");
+    let file = OpenOptions::new().write(true).open(&newest).unwrap();
+    file.set_len(SEGMENT_HEADER_BYTES as u64 + 64).unwrap();
+    drop(file);
+    refused(&data, "durable watermark says");
+
+    // A snapshot named past the journal's end (the journal restored from an older copy).
+    let (data, _) = fresh("snapshot-ahead");
+    let (ledger, _) = fresh_journal(&temp.path().join("longer"), 1 << 20, 0..400, 10);
+    snapshot::write_snapshot(&snapshot_dir(&data), &encode_snapshot(&ledger, None)).unwrap();
+    forget_durable_watermark(&data);
+    refused(&data, "snapshot");
 }
 
 /// A damaged durable-watermark file is an error for recovery and replay, not a check skipped:
@@ -993,13 +1060,16 @@ fn recovery_and_replay_refuse_a_journal_that_ends_before_its_durable_watermark()
     let error = from_snapshot.error.unwrap();
     assert!(error.contains("snapshot holds sequence"), "{error}");
 
-    // A replay that stops before the damage has nothing to say about the end.
+    // A replay that stops before the damage audits the journal's end all the same (it passed
+    // a journal that start-up and the full replay refuse).
     let early = wallet::tools::replay::run(&wallet::tools::replay::ReplayArgs {
         to_seq: Some(last_seq / 2),
         ..replay_args(data)
     })
     .unwrap();
-    assert!(early.ok, "{:?}", early.error);
+    assert!(!early.ok);
+    let error = early.error.unwrap_or_default();
+    assert!(error.contains("durable watermark"), "{error}");
 
     fs::remove_file(journal_dir(data).join(wallet::journal::format::DURABLE_FILE_NAME)).unwrap();
     fs::remove_dir_all(snapshot_dir(data)).unwrap();
@@ -1323,6 +1393,19 @@ fn a_tail_tells_a_missing_segment_from_damage_inside_one() {
     assert!(error.is::<wallet::journal::tail::JournalGap>(), "{error:#}");
     assert!(
         format!("{error:#}").contains(&format!("begins at {}", segments[3].0)),
+        "{error:#}"
+    );
+    // A segment under another segment's name, where a tail starts: refused as recovery does
+    // (it was read as the records its header named).
+    let renamed = temp.path().join("renamed");
+    fresh_journal(&renamed, 4096, 0..200, 10);
+    let segments = list_segments(&journal_dir(&renamed)).unwrap();
+    fs::write(&segments[2].1, fs::read(&segments[1].1).unwrap()).unwrap();
+    let mut tail = wallet::journal::tail::JournalTail::new(&journal_dir(&renamed));
+    tail.start_at(segments[2].0).unwrap();
+    let error = tail.fetch_records(1 << 16, &mut Vec::new()).unwrap_err();
+    assert!(
+        format!("{error:#}").contains("disagrees with its file name"),
         "{error:#}"
     );
 

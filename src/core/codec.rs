@@ -267,8 +267,11 @@ pub fn encode_snapshot_into(ledger: &Ledger, chain: Option<u32>, out: &mut Vec<u
         let balances = ledger.balances(index);
         out.push(balances.len() as u8);
         for (currency, balance) in balances {
-            out.extend_from_slice(&currency.packed().to_le_bytes());
-            out.extend_from_slice(&balance.to_le_bytes());
+            // `SnapshotBalanceEntryLayout`.
+            let mut entry = [0u8; SNAPSHOT_BALANCE_ENTRY];
+            entry[0..2].copy_from_slice(&currency.packed().to_le_bytes());
+            entry[2..10].copy_from_slice(&balance.to_le_bytes());
+            out.extend_from_slice(&entry);
         }
     }
     for (currency, t) in totals {
@@ -386,6 +389,17 @@ struct SnapshotTotalsEntryLayout {
     outstanding: [u8; 8],
 }
 const _: () = assert!(size_of::<SnapshotTotalsEntryLayout>() == SNAPSHOT_TOTALS_ENTRY);
+
+/// One balance of an account in a snapshot body (`SNAPSHOT_BALANCE_ENTRY` bytes, after the
+/// account's name and its balance count).
+#[repr(C)]
+struct SnapshotBalanceEntryLayout {
+    currency: [u8; 2],
+    balance: [u8; 8],
+}
+/// One balance entry of a snapshot body (all little-endian, no padding).
+const SNAPSHOT_BALANCE_ENTRY: usize = 10;
+const _: () = assert!(size_of::<SnapshotBalanceEntryLayout>() == SNAPSHOT_BALANCE_ENTRY);
 
 /// The checksum of a snapshot and the digest of its remembered ids: the two passes over the
 /// whole file that do not need the decoded ledger. Fails on a checksum mismatch.

@@ -253,8 +253,8 @@ pub fn encode_durable(durable_seq: u64, last_crc: u32) -> [u8; DURABLE_FILE_BYTE
 /// `(durable_seq, last_crc)`, or why the bytes are not a durable-watermark file (a torn read of
 /// a concurrent rewrite fails the checksum: read again).
 pub fn decode_durable(bytes: &[u8]) -> Result<(u64, u32), &'static str> {
-    if bytes.len() < DURABLE_FILE_BYTES {
-        return Err("durable file shorter than 24 bytes");
+    if bytes.len() != DURABLE_FILE_BYTES {
+        return Err("durable file is not 24 bytes");
     }
     if bytes[0..8] != DURABLE_MAGIC {
         return Err("bad durable file magic");
@@ -279,5 +279,9 @@ mod durable_tests {
             assert!(decode_durable(&bad).is_err(), "a flipped bit at byte {i}");
         }
         assert!(decode_durable(&bytes[..20]).is_err());
+        // Longer than its layout (something appended, a file put in its place): damaged too.
+        let mut longer = bytes.to_vec();
+        longer.push(0);
+        assert_eq!(decode_durable(&longer), Err("durable file is not 24 bytes"));
     }
 }

@@ -290,6 +290,21 @@ impl JournalTail {
             Err(e) => return self.header_not_ready(path, e),
         };
         self.header_stuck_since = None;
+        // As recovery checks: a segment's file name is its first sequence (a file copied or
+        // restored under another segment's name would be read as records it does not hold).
+        let named = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(crate::journal::format::parse_segment_file_name);
+        if let Some(named) = named
+            && named != header.first_seq
+        {
+            bail!(
+                "{}: segment header disagrees with its file name (it begins at sequence {})",
+                path.display(),
+                header.first_seq
+            );
+        }
         if first {
             if header.first_seq > self.start_seq {
                 bail!(

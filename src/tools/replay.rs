@@ -185,17 +185,19 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
     };
     // The first committed record whose stored fingerprint is not its own body's. The accounts'
     // id hashes come from their slots, which applying the record has just brought into cache.
-    let mut wrong_fingerprint: Option<String> = None;
+    let mut wrong_fingerprint: Option<(u64, String)> = None;
     let observe = |ledger: &Ledger, record: &crate::core::CommandRecord, checkpoint: bool| {
         if wrong_fingerprint.is_none()
             && let Some(fingerprint) = record.body_fingerprint(|i| ledger.account_hash(i))
             && fingerprint != record.fingerprint
         {
-            wrong_fingerprint = Some(format!(
-                "record at sequence {} (transaction {}) stores fingerprint {:016x}, but its body's is {fingerprint:016x}: a retry of its body would be refused as transaction_id_reused, and one of another body answered as a replay",
+            wrong_fingerprint = Some((
                 record.first_seq,
-                record.transaction_id.to_uuid_string(),
-                record.fingerprint
+                format!(
+                    "its transaction {} stores fingerprint {:016x}, but its body's is {fingerprint:016x}: a retry of its body would be refused as transaction_id_reused, and one of another body answered as a replay",
+                    record.transaction_id.to_uuid_string(),
+                    record.fingerprint
+                ),
             ));
         }
         if let Some((next_seq, ..)) = &audited
@@ -272,26 +274,27 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
                 Some((path, _)) => format!("{} at byte {offset}", path.display()),
                 None => format!("byte {offset}"),
             });
-            // A replay stopped by --to-seq or --to-time answers for the state there: the checks
-            // of where the journal ends (its durable watermark, a snapshot ahead of it, the
-            // state's end against the journal's) are the full replay's, although the scan
-            // reads the rest of the journal and checks its frames.
+            // The checks of where the journal ends (its durable watermark, a snapshot ahead of
+            // it) hold for a replay stopped by --to-seq or --to-time too: the scan reads the
+            // rest of the journal, and a journal that lost synced records fails its audit
+            // whatever state was asked for. (A limited replay skipped them, and passed a journal
+            // the full one, and start-up, refuse.) Only the state's end against the journal's
+            // is the full replay's.
             let to_end = !stopped;
             let journal_last = end.next_seq - 1;
             let missing = match snapshot_seq {
-                Some(snap) if to_end && journal_last < snap => Some(format!(
+                Some(snap) if journal_last < snap => Some(format!(
                     "the snapshot holds sequence {snap} but the journal ends at {journal_last}: \
                      journal records the snapshot covers are missing"
                 )),
                 // The rules start-up applies, in its order, with its messages (file, offset,
                 // sequence): the durable watermark, then the snapshot it would use.
-                _ if to_end => check_durable_watermark(&journal, durable, &end)
+                _ => check_durable_watermark(&journal, durable, &end)
                     .err()
                     .or_else(|| {
                         crate::engine::recovery::check_snapshots_covered(&args.data_dir, &end).err()
                     })
                     .map(|e| e.to_string()),
-                _ => None,
             };
             // Start-up's last check: the journal continues where the state ends (a snapshot
             // from an older build, naming no chain value, could end inside a record).
@@ -355,7 +358,16 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
         error = headers_error;
     }
     if error.is_none() {
-        error = wrong_fingerprint;
+        // Named like any other record that does not replay: its file and byte offset (found
+        // again now: the replay's reader does not keep positions).
+        error = wrong_fingerprint.map(|(seq, reason)| {
+            crate::journal::JournalError::Visitor {
+                seq,
+                reason,
+                at: crate::journal::reader::record_position(&journal, seq),
+            }
+            .to_string()
+        });
     }
     if error.is_none()
         && let Err(e) = ledger.check_invariants()
