@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use wallet::core::codec::{SNAPSHOT_HEADER_BYTES, encode_snapshot};
+use wallet::core::codec::{SNAPSHOT_HEADER_BYTES, decode_snapshot, encode_snapshot};
 use wallet::core::types::{AccountIdError, AmountError, CurrencyError, DEFAULT_MAX_AMOUNT};
 use wallet::core::{
     AccountId, Command, CommandKind, CommandRecord, Currency, EventKind, Ledger, LedgerConfig,
@@ -135,6 +135,41 @@ fn currency_table() {
     }
     assert!(Currency::from_packed(Currency::NONE.packed()).is_none());
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The currencies accepted, and their exponents, are exactly `tests/data/currencies.txt`:
+/// journals and snapshots store only a currency's code, so a change to the table (an update
+/// of the ISO 4217 crate dropping a code, or changing an exponent) would make old journals
+/// unreadable or rescale their balances. Every three-letter code is tried, both ways.
+#[test]
+fn the_currency_table_is_frozen() {
+    let frozen: std::collections::HashMap<&str, u32> = include_str!("data/currencies.txt")
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let (code, exponent) = l.split_once(' ').expect("code exponent");
+            (code, exponent.parse().expect("exponent"))
+        })
+        .collect();
+    assert!(frozen.len() > 150, "{} currencies", frozen.len());
+    let mut failures = Vec::new();
+    for a in b'A'..=b'Z' {
+        for b in b'A'..=b'Z' {
+            for c in b'A'..=b'Z' {
+                let code = String::from_utf8(vec![a, b, c]).expect("ascii");
+                let got = Currency::new(&code).ok().map(|c| c.exponent());
+                let expected = frozen.get(code.as_str()).copied();
+                if got != expected {
+                    failures.push(format!("{code}: exponent {got:?}, frozen as {expected:?}"));
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "the currency table changed (journals store only codes: review before accepting, and keep every code old journals may hold):\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -715,6 +750,126 @@ fn every_rejection_code_is_covered_above() {
 // ---------------------------------------------------------------------------------------------
 // Retries and event shapes
 // ---------------------------------------------------------------------------------------------
+
+/// Every part of a body is in its fingerprint: the same transaction id with any one part of a
+/// transfer changed (the kind, either account, the accounts swapped, the amount, the
+/// currency) is refused as `transaction_id_reused`, not answered as a replay of the original;
+/// only the timestamp may differ.
+#[test]
+fn a_transfer_id_reused_with_any_one_part_changed_is_refused() {
+    let mut h = setup_alice_bob(LedgerConfig::default());
+    h.open("carol");
+    let eur = Currency::new("EUR").unwrap();
+    h.ok(CommandKind::Deposit {
+        account: account("alice"),
+        amount: 1_000,
+        currency: eur,
+    });
+    h.ok(CommandKind::Deposit {
+        account: account("bob"),
+        amount: 1_000,
+        currency: usd(),
+    });
+    let (alice, bob, carol) = (account("alice"), account("bob"), account("carol"));
+    let transfer = |from, to, amount, currency| CommandKind::Transfer {
+        from,
+        to,
+        amount,
+        currency,
+    };
+    let original = h
+        .ledger
+        .execute(&command(900, transfer(alice, bob, 100, usd())));
+    assert!(original.is_committed() && !original.replayed);
+    let changed = [
+        transfer(carol, bob, 100, usd()),
+        transfer(alice, carol, 100, usd()),
+        transfer(bob, alice, 100, usd()),
+        transfer(alice, bob, 101, usd()),
+        transfer(alice, bob, 100, eur),
+        CommandKind::Deposit {
+            account: alice,
+            amount: 100,
+            currency: usd(),
+        },
+        CommandKind::Withdraw {
+            account: alice,
+            amount: 100,
+            currency: usd(),
+        },
+    ];
+    for kind in changed {
+        assert_rejected(
+            &mut h.ledger,
+            command(900, kind),
+            RejectCode::TransactionIdReused,
+            false,
+        );
+    }
+    let retry = Command {
+        timestamp_ns: 12_345,
+        ..command(900, transfer(alice, bob, 100, usd()))
+    };
+    let again = h.ledger.execute(&retry);
+    assert!(again.replayed && again.first_seq == original.first_seq);
+}
+
+/// `state_hash` covers every part of the state: a snapshot whose body is changed and
+/// checksummed again, its claimed hash kept, is refused by the hash when two accounts'
+/// balances are swapped (the totals still agree), an account is renamed, or a remembered id's
+/// fingerprint changes. (The tests compared hashes computed by the same code: dropping a part
+/// from the hash went unnoticed.)
+#[test]
+fn the_state_hash_covers_balances_names_and_remembered_ids() {
+    let mut h = Harness::new(LedgerConfig::default());
+    h.open("alice");
+    h.open("bob");
+    h.deposit("alice", 600);
+    h.deposit("bob", 400);
+    let config = h.ledger.config();
+    let bytes = encode_snapshot(&h.ledger, None);
+    assert!(decode_snapshot(&bytes, config).is_ok());
+    let at = |needle: &[u8]| {
+        bytes
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .expect("in the snapshot")
+    };
+    // An account: name length, name, balance count, then (currency, balance) entries.
+    let alice_balance = at(b"\x05alice") + 1 + 5 + 1 + 2;
+    let bob_balance = at(b"\x03bob") + 1 + 3 + 1 + 2;
+    let refusal = |change: &dyn Fn(&mut Vec<u8>)| {
+        let mut changed = bytes.clone();
+        change(&mut changed);
+        let body = changed.len() - 4;
+        let crc = crc32c::crc32c(&changed[..body]);
+        changed[body..].copy_from_slice(&crc.to_le_bytes());
+        match decode_snapshot(&changed, config) {
+            Ok(_) => "accepted".to_string(),
+            Err(e) => e.to_string(),
+        }
+    };
+    let swapped = refusal(&|b| {
+        b[alice_balance..alice_balance + 8].copy_from_slice(&400u64.to_le_bytes());
+        b[bob_balance..bob_balance + 8].copy_from_slice(&600u64.to_le_bytes());
+    });
+    assert!(
+        swapped.contains("state hash"),
+        "balances swapped: {swapped}"
+    );
+    let renamed = refusal(&|b| b[at(b"\x05alice") + 5] = b'f');
+    assert!(
+        renamed.contains("state hash"),
+        "an account renamed: {renamed}"
+    );
+    // The last remembered id's fingerprint: 8 bytes after its 16-byte id, before the CRC.
+    let fingerprint = bytes.len() - 4 - 32 + 16;
+    let forged = refusal(&|b| b[fingerprint] ^= 1);
+    assert!(
+        forged.contains("state hash"),
+        "a fingerprint changed: {forged}"
+    );
+}
 
 #[test]
 fn retry_with_same_id_and_body_is_replayed_and_changes_nothing() {
