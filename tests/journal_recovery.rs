@@ -1345,6 +1345,77 @@ fn a_snapshot_of_another_history_is_refused_by_its_chain_value() {
     );
 }
 
+/// A tail whose journal directory is replaced under it (a restore, a move: the same path,
+/// other files) follows the new files when they hold the same history and go on from where it
+/// is, and stops when they hold another history, end before it, or are gone. (It read the old,
+/// deleted file forever: a replicator reported itself caught up while its stores went stale.)
+#[test]
+fn a_tail_whose_journal_directory_is_replaced_follows_the_same_history_only() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    let fetch = |tail: &mut wallet::journal::tail::JournalTail| {
+        let mut records = Vec::new();
+        tail.fetch_records(1 << 16, &mut records).map(|()| records)
+    };
+    // Put `with`'s journal in place of `data`'s, as `mv` does.
+    let replace = |with: &Path| {
+        let old = temp
+            .path()
+            .join(format!("old-{}", uuid::Uuid::new_v4().simple()));
+        fs::rename(&data, &old).unwrap();
+        fs::rename(with, &data).unwrap();
+    };
+    let start = |name: &str| {
+        fresh_journal(&temp.path().join(name), 1 << 20, 0..50, 10);
+    };
+    let new_journal = |name: &str, range: std::ops::Range<u64>| {
+        let path = temp.path().join(name);
+        fresh_journal(&path, 1 << 20, range, 10);
+        path
+    };
+
+    // The same history, grown (the engine went on in the copy).
+    start("data");
+    let mut tail = wallet::journal::tail::JournalTail::new(&journal_dir(&data));
+    let first = fetch(&mut tail).unwrap();
+    assert_eq!(first.len(), 50);
+    replace(&new_journal("grown", 0..80));
+    let more = fetch(&mut tail).unwrap();
+    assert_eq!(more.len(), 30, "the records after the replacement");
+    assert_eq!(more[0].first_seq, first.last().unwrap().next_seq());
+
+    // Another history.
+    let other = new_journal("other", 1000..1080);
+    replace(&other);
+    let error = fetch(&mut tail).unwrap_err();
+    assert!(
+        format!("{error:#}").contains("replaced")
+            && format!("{error:#}").contains("another history"),
+        "{error:#}"
+    );
+
+    // An older copy: ends before what was read.
+    fs::rename(&data, temp.path().join("moved-away")).unwrap();
+    start("data");
+    let mut tail = wallet::journal::tail::JournalTail::new(&journal_dir(&data));
+    assert_eq!(fetch(&mut tail).unwrap().len(), 50);
+    replace(&new_journal("older", 0..20));
+    let error = fetch(&mut tail).unwrap_err();
+    assert!(
+        format!("{error:#}").contains("durable watermark is"),
+        "{error:#}"
+    );
+
+    // Gone.
+    fs::rename(&data, temp.path().join("moved-away-again")).unwrap();
+    start("data");
+    let mut tail = wallet::journal::tail::JournalTail::new(&journal_dir(&data));
+    assert_eq!(fetch(&mut tail).unwrap().len(), 50);
+    fs::remove_dir_all(&data).unwrap();
+    let error = fetch(&mut tail).unwrap_err();
+    assert!(format!("{error:#}").contains("is gone"), "{error:#}");
+}
+
 /// A tail (the read views' rebuild, the follower, the replicators) that reaches the end of a
 /// segment's records while a later segment exists tells a gap between segments from damage
 /// inside one: a missing segment is a `JournalGap` naming both ends, zeroed records followed by

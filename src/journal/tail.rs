@@ -73,6 +73,9 @@ struct OpenSegment {
     offset: u64,
     /// The first sequence its header names (and its file name).
     first_seq: u64,
+    /// Device and inode of the file: a file put in its place under its name (the journal
+    /// directory restored or moved while the tail ran) is another one.
+    identity: (u64, u64),
 }
 
 /// A verified point in a journal that a later tail can resume from (`JournalTail::resume_at`)
@@ -322,8 +325,10 @@ impl JournalTail {
                 path.display()
             );
         }
+        let identity = file_identity(&file.metadata()?);
         self.segment = Some(OpenSegment {
             path: path.to_path_buf(),
+            identity,
             file,
             size,
             offset: SEGMENT_HEADER_BYTES as u64,
@@ -620,7 +625,7 @@ impl JournalTail {
                 self.looked_again_at = Some(here);
                 return Ok(true);
             }
-            return Ok(false);
+            return self.follow_replaced_segment();
         };
         // The writer finishes a segment before creating the next, but our last read may predate
         // that: look once more before leaving. Once: the next segment begins at our next
@@ -643,6 +648,89 @@ impl JournalTail {
         let path = path.clone();
         self.open_segment(&path, false)
     }
+}
+
+impl JournalTail {
+    /// At the end of the current segment's records, with no later segment: whether its file
+    /// was replaced under its name (the journal directory restored, moved or recreated while
+    /// the tail ran). The tail read the old file forever, and nothing new ever came: a
+    /// replicator reported itself caught up while its stores went stale. A new file that goes
+    /// on from this tail's position with the record it expects next, chained to the last one it
+    /// read (the same history), is followed from there; a segment that is gone, a journal that
+    /// ends before this position, or one of another history stop the tail. Returns whether it
+    /// moved to the new file.
+    fn follow_replaced_segment(&mut self) -> anyhow::Result<bool> {
+        let Some(segment) = self.segment.as_ref() else {
+            return Ok(false);
+        };
+        let restart = "restart the reader on the journal as it is now";
+        let current = match std::fs::metadata(&segment.path) {
+            Ok(meta) => file_identity(&meta),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                "{}: the journal segment this tail reads is gone (the journal directory was removed or replaced while it ran); {restart}",
+                segment.path.display()
+            ),
+            Err(e) => {
+                return Err(
+                    anyhow::Error::from(e).context(format!("checking {}", segment.path.display()))
+                );
+            }
+        };
+        if current == segment.identity {
+            return Ok(false);
+        }
+        if let Some(durable) = crate::journal::durable_watermark(&self.dir)?
+            && durable + 1 < self.next_seq
+        {
+            bail!(
+                "{}: the journal segment was replaced (the journal directory restored or moved while this tail ran) by a journal whose durable watermark is {durable}, before sequence {}, which this tail has read: an older copy or another history; {restart}",
+                segment.path.display(),
+                self.next_seq - 1
+            );
+        }
+        let file = File::open(&segment.path)
+            .with_context(|| format!("opening {}", segment.path.display()))?;
+        let size = file.metadata()?.len();
+        let available = usize::try_from(size.saturating_sub(segment.offset)).unwrap_or(usize::MAX);
+        let mut bytes = vec![0u8; MAX_FRAME_BYTES.min(available)];
+        if bytes.len() < FRAME_HEADER_BYTES {
+            return Ok(false);
+        }
+        file.read_exact_at(&mut bytes, segment.offset)
+            .with_context(|| format!("reading {} at {}", segment.path.display(), segment.offset))?;
+        if read_u32(&bytes, 0) == 0 {
+            // Nothing written there yet: look again at the next read.
+            return Ok(false);
+        }
+        match check_frame(&bytes) {
+            Ok(frame) if frame.sequence == self.next_seq && frame.prev_crc == self.last_crc => {
+                tracing::warn!(segment = %segment.path.display(), seq = self.next_seq, "the journal segment was replaced under its name (a restore or a move) by one of the same history: following the new file");
+                let Some(segment) = self.segment.as_mut() else {
+                    return Ok(false);
+                };
+                segment.file = file;
+                segment.size = size;
+                segment.identity = current;
+                Ok(true)
+            }
+            Ok(frame) => bail!(
+                "{}: the journal segment was replaced (the journal directory restored or moved while this tail ran) by one of another history: at byte offset {} it holds sequence {} chained to {:08x}, where this tail expects sequence {} chained to {:08x}; {restart}",
+                segment.path.display(),
+                segment.offset,
+                frame.sequence,
+                frame.prev_crc,
+                self.next_seq,
+                self.last_crc
+            ),
+            // A write in progress: look again at the next read.
+            Err(_) => Ok(false),
+        }
+    }
+}
+
+fn file_identity(meta: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
 }
 
 /// A gap between two segments: definitive (unlike a frame that does not verify yet, which may
