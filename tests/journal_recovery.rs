@@ -1347,8 +1347,10 @@ fn a_snapshot_of_another_history_is_refused_by_its_chain_value() {
 
 /// A tail whose journal directory is replaced under it (a restore, a move: the same path,
 /// other files) follows the new files when they hold the same history and go on from where it
-/// is, and stops when they hold another history, end before it, or are gone. (It read the old,
-/// deleted file forever: a replicator reported itself caught up while its stores went stale.)
+/// is (also when the copy has rolled on to later segments meanwhile), and stops when they hold
+/// another history, end before it (with or without a durable watermark), or are gone. (It
+/// read the old, deleted file forever: a replicator reported itself caught up while its stores
+/// went stale.)
 #[test]
 fn a_tail_whose_journal_directory_is_replaced_follows_the_same_history_only() {
     let temp = tempfile::tempdir().unwrap();
@@ -1365,55 +1367,66 @@ fn a_tail_whose_journal_directory_is_replaced_follows_the_same_history_only() {
         fs::rename(&data, &old).unwrap();
         fs::rename(with, &data).unwrap();
     };
-    let start = |name: &str| {
-        fresh_journal(&temp.path().join(name), 1 << 20, 0..50, 10);
-    };
-    let new_journal = |name: &str, range: std::ops::Range<u64>| {
+    let journal = |name: &str, segment_size: u64, range: std::ops::Range<u64>| {
         let path = temp.path().join(name);
-        fresh_journal(&path, 1 << 20, range, 10);
+        fresh_journal(&path, segment_size, range, 10);
         path
     };
+    // A tail that has read `data`, a fresh journal of 50 records in `segment_size` segments.
+    let tail_on_fresh_data = |segment_size: u64| {
+        if data.exists() {
+            fs::rename(
+                &data,
+                temp.path()
+                    .join(format!("away-{}", uuid::Uuid::new_v4().simple())),
+            )
+            .unwrap();
+        }
+        fresh_journal(&data, segment_size, 0..50, 10);
+        let mut tail = wallet::journal::tail::JournalTail::new(&journal_dir(&data));
+        let first = fetch(&mut tail).unwrap();
+        assert_eq!(first.len(), 50);
+        (tail, first.last().unwrap().next_seq())
+    };
+    let refused = |tail: &mut wallet::journal::tail::JournalTail, naming: &str| {
+        let error = format!("{:#}", fetch(tail).unwrap_err());
+        assert!(error.contains(naming), "{error}");
+    };
 
-    // The same history, grown (the engine went on in the copy).
-    start("data");
-    let mut tail = wallet::journal::tail::JournalTail::new(&journal_dir(&data));
-    let first = fetch(&mut tail).unwrap();
-    assert_eq!(first.len(), 50);
-    replace(&new_journal("grown", 0..80));
+    // The same history, grown in the segment being read.
+    let (mut tail, next) = tail_on_fresh_data(1 << 20);
+    replace(&journal("grown", 1 << 20, 0..80));
     let more = fetch(&mut tail).unwrap();
     assert_eq!(more.len(), 30, "the records after the replacement");
-    assert_eq!(more[0].first_seq, first.last().unwrap().next_seq());
+    assert_eq!(more[0].first_seq, next);
+    // Then another history.
+    replace(&journal("other", 1 << 20, 1000..1080));
+    refused(&mut tail, "another history");
 
-    // Another history.
-    let other = new_journal("other", 1000..1080);
-    replace(&other);
-    let error = fetch(&mut tail).unwrap_err();
-    assert!(
-        format!("{error:#}").contains("replaced")
-            && format!("{error:#}").contains("another history"),
-        "{error:#}"
-    );
+    // The same history, rolled on to later segments meanwhile (small segments).
+    let (mut tail, next) = tail_on_fresh_data(4096);
+    replace(&journal("rolled", 4096, 0..300));
+    let mut more = Vec::new();
+    for _ in 0..20 {
+        more.extend(fetch(&mut tail).unwrap());
+    }
+    assert_eq!(more.len(), 250, "the records after the replacement");
+    assert_eq!(more[0].first_seq, next);
 
-    // An older copy: ends before what was read.
-    fs::rename(&data, temp.path().join("moved-away")).unwrap();
-    start("data");
-    let mut tail = wallet::journal::tail::JournalTail::new(&journal_dir(&data));
-    assert_eq!(fetch(&mut tail).unwrap().len(), 50);
-    replace(&new_journal("older", 0..20));
-    let error = fetch(&mut tail).unwrap_err();
-    assert!(
-        format!("{error:#}").contains("durable watermark is"),
-        "{error:#}"
-    );
+    // An older copy: ends before what was read, with its durable watermark and without.
+    let (mut tail, _) = tail_on_fresh_data(1 << 20);
+    replace(&journal("older", 1 << 20, 0..20));
+    refused(&mut tail, "durable watermark is");
+    let (mut tail, _) = tail_on_fresh_data(1 << 20);
+    let older = journal("older-unwatermarked", 1 << 20, 0..20);
+    forget_durable_watermark(&older);
+    replace(&older);
+    refused(&mut tail, "does not hold the record ending at sequence");
 
     // Gone.
-    fs::rename(&data, temp.path().join("moved-away-again")).unwrap();
-    start("data");
-    let mut tail = wallet::journal::tail::JournalTail::new(&journal_dir(&data));
-    assert_eq!(fetch(&mut tail).unwrap().len(), 50);
+    let (mut tail, _) = tail_on_fresh_data(1 << 20);
     fs::remove_dir_all(&data).unwrap();
-    let error = fetch(&mut tail).unwrap_err();
-    assert!(format!("{error:#}").contains("is gone"), "{error:#}");
+    refused(&mut tail, "is gone");
 }
 
 /// A tail (the read views' rebuild, the follower, the replicators) that reaches the end of a

@@ -76,6 +76,8 @@ struct OpenSegment {
     /// Device and inode of the file: a file put in its place under its name (the journal
     /// directory restored or moved while the tail ran) is another one.
     identity: (u64, u64),
+    /// Byte offset of the last frame read from this segment (`None`: none yet).
+    last_frame_at: Option<u64>,
 }
 
 /// A verified point in a journal that a later tail can resume from (`JournalTail::resume_at`)
@@ -247,14 +249,13 @@ impl JournalTail {
     /// rewrite) keeps the previous limit, and is an error only when it stays bad for seconds.
     fn refresh_durable_limit(&mut self) -> anyhow::Result<()> {
         let path = self.dir.join(DURABLE_FILE_NAME);
-        let mut bytes = [0u8; DURABLE_FILE_BYTES];
-        let read = match File::open(&path) {
-            Ok(file) => file.read_exact_at(&mut bytes, 0),
+        // Read as recovery reads it (a file longer than its layout is damaged, as there).
+        let read = match crate::journal::reader::read_small_file(&path, DURABLE_FILE_BYTES) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => Err(e),
+            other => other,
         };
         let decoded = match read {
-            Ok(()) => decode_durable(&bytes).map_err(|e| e.to_string()),
+            Ok(bytes) => decode_durable(&bytes).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         match decoded {
@@ -329,6 +330,7 @@ impl JournalTail {
         self.segment = Some(OpenSegment {
             path: path.to_path_buf(),
             identity,
+            last_frame_at: None,
             file,
             size,
             offset: SEGMENT_HEADER_BYTES as u64,
@@ -456,6 +458,7 @@ impl JournalTail {
         let mut at = 0usize;
         let mut events = 0usize;
         let mut stuck = false;
+        let mut last_frame = None;
         while at + FRAME_HEADER_BYTES <= self.buffer.len() && events < max_events {
             let length = read_u32(&self.buffer, at) as usize;
             if length == 0 {
@@ -483,6 +486,7 @@ impl JournalTail {
                             self.next_seq
                         );
                     }
+                    last_frame = Some(at);
                     let payload = &self.buffer[at + FRAME_HEADER_BYTES..at + frame.length];
                     let record = decode_record(frame.sequence, payload).map_err(|e| {
                         anyhow::anyhow!(
@@ -508,6 +512,9 @@ impl JournalTail {
                     break;
                 }
             }
+        }
+        if let Some(last) = last_frame {
+            segment.last_frame_at = Some(segment.offset + last as u64);
         }
         segment.offset += at as u64;
         // Read more next time when this read was filled, less when the tail was reached.
@@ -567,6 +574,11 @@ impl JournalTail {
 
     /// At the end of the current segment: moves to the next one if the writer created it.
     fn advance_segment(&mut self) -> anyhow::Result<bool> {
+        // First: a segment replaced under its name is read on from its new file (the old one
+        // has no more frames, and whatever comes after it would look like a gap or damage).
+        if self.follow_replaced_segment()? {
+            return Ok(true);
+        }
         let segments = list_segments(&self.dir)?;
         let Some(segment) = self.segment.as_ref() else {
             return Ok(false);
@@ -625,7 +637,7 @@ impl JournalTail {
                 self.looked_again_at = Some(here);
                 return Ok(true);
             }
-            return self.follow_replaced_segment();
+            return Ok(false);
         };
         // The writer finishes a segment before creating the next, but our last read may predate
         // that: look once more before leaving. Once: the next segment begins at our next
@@ -651,14 +663,14 @@ impl JournalTail {
 }
 
 impl JournalTail {
-    /// At the end of the current segment's records, with no later segment: whether its file
-    /// was replaced under its name (the journal directory restored, moved or recreated while
-    /// the tail ran). The tail read the old file forever, and nothing new ever came: a
-    /// replicator reported itself caught up while its stores went stale. A new file that goes
-    /// on from this tail's position with the record it expects next, chained to the last one it
-    /// read (the same history), is followed from there; a segment that is gone, a journal that
-    /// ends before this position, or one of another history stop the tail. Returns whether it
-    /// moved to the new file.
+    /// At the end of the current segment's records: whether its file was replaced under its
+    /// name (the journal directory restored, moved or recreated while the tail ran). The tail
+    /// read the old file forever, and nothing new ever came: a replicator reported itself
+    /// caught up while its stores went stale. A new file that holds the last frame this tail
+    /// read where it read it and goes on with the record it expects next (the same history) is
+    /// followed from there; until its next frame is written, it is only checked. A segment that
+    /// is gone, a journal that ends before this position, or one of another history stop the
+    /// tail. Returns whether it moved to the new file.
     fn follow_replaced_segment(&mut self) -> anyhow::Result<bool> {
         let Some(segment) = self.segment.as_ref() else {
             return Ok(false);
@@ -699,7 +711,16 @@ impl JournalTail {
         file.read_exact_at(&mut bytes, segment.offset)
             .with_context(|| format!("reading {} at {}", segment.path.display(), segment.offset))?;
         if read_u32(&bytes, 0) == 0 {
-            // Nothing written there yet: look again at the next read.
+            // Nothing written there yet: the new file must hold what was read up to here (an
+            // older copy, or another history shorter in bytes, does not). Look again at the
+            // next read.
+            if !self.holds_what_was_read(&file)? {
+                bail!(
+                    "{}: the journal segment was replaced (the journal directory restored or moved while this tail ran) by one that does not hold the record ending at sequence {} where this tail read it: an older copy or another history; {restart}",
+                    segment.path.display(),
+                    self.next_seq - 1
+                );
+            }
             return Ok(false);
         }
         match check_frame(&bytes) {
@@ -724,6 +745,37 @@ impl JournalTail {
             ),
             // A write in progress: look again at the next read.
             Err(_) => Ok(false),
+        }
+    }
+}
+
+impl JournalTail {
+    /// Whether `file`, a replacement of the current segment's, holds the last frame this tail
+    /// read from it at the same offset, or (none read yet) the same header.
+    fn holds_what_was_read(&self, file: &File) -> anyhow::Result<bool> {
+        let Some(segment) = self.segment.as_ref() else {
+            return Ok(true);
+        };
+        let size = file.metadata()?.len();
+        match segment.last_frame_at {
+            Some(at) => {
+                let available = usize::try_from(size.saturating_sub(at)).unwrap_or(usize::MAX);
+                let mut bytes = vec![0u8; MAX_FRAME_BYTES.min(available)];
+                if bytes.len() < FRAME_HEADER_BYTES {
+                    return Ok(false);
+                }
+                file.read_exact_at(&mut bytes, at)?;
+                Ok(check_frame(&bytes).is_ok_and(|frame| frame.crc == self.last_crc))
+            }
+            None => {
+                if size < SEGMENT_HEADER_BYTES as u64 {
+                    return Ok(false);
+                }
+                let mut header = [0u8; SEGMENT_HEADER_BYTES];
+                file.read_exact_at(&mut header, 0)?;
+                Ok(decode_segment_header(&header)
+                    .is_ok_and(|h| h.first_seq == segment.first_seq && h.prev_crc == self.last_crc))
+            }
         }
     }
 }

@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use anyhow::bail;
 
-use super::redis::{BALANCE_PREFIX, connect, probe, scan_balance_keys};
+use super::redis::{BALANCE_PREFIX, connect, probe_record, scan_balance_keys};
 use super::zk::{self, Layout, PartitionMap};
 use crate::core::{AccountId, Ledger};
 use crate::engine::recovery::apply_verified;
+use crate::journal::tail::RecordId;
 use crate::journal::{journal_dir, scan};
 
 #[derive(Debug, Clone)]
@@ -28,22 +29,52 @@ struct NodeContent {
     address: String,
     applied_seq: u64,
     version: Option<String>,
+    /// The identity it stores of the record ending at `applied_seq` (`wallet:applied_record`).
+    record: Option<String>,
     /// Account id -> field -> value.
     balances: HashMap<String, HashMap<String, String>>,
+    /// Balance keys that could not be read as hashes, with the reason (a key of another type).
+    unreadable: Vec<(String, String)>,
 }
 
 async fn read_node(address: &str) -> anyhow::Result<NodeContent> {
     let mut conn = connect(address).await?;
     for _ in 0..20 {
-        let before = probe(&mut conn).await?;
+        let before = probe_record(&mut conn).await?;
         let keys = scan_balance_keys(&mut conn).await?;
         let mut balances = HashMap::with_capacity(keys.len());
+        let mut unreadable = Vec::new();
         for chunk in keys.chunks(1000) {
             let mut pipe = redis::pipe();
             for key in chunk {
                 pipe.cmd("HGETALL").arg(key);
             }
-            let values: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
+            let values: Vec<HashMap<String, String>> = match pipe.query_async(&mut conn).await {
+                Ok(values) => values,
+                // One key of another type fails the whole pipeline: read the chunk's keys one
+                // by one, so that the key is named and the others are still checked.
+                Err(e) if !e.is_io_error() && !e.is_connection_dropped() => {
+                    let mut values = Vec::with_capacity(chunk.len());
+                    for key in chunk {
+                        match redis::cmd("HGETALL")
+                            .arg(key)
+                            .query_async::<HashMap<String, String>>(&mut conn)
+                            .await
+                        {
+                            Ok(fields) => values.push(fields),
+                            Err(e) if e.is_io_error() || e.is_connection_dropped() => {
+                                return Err(e.into());
+                            }
+                            Err(e) => {
+                                unreadable.push((key.clone(), e.to_string()));
+                                values.push(HashMap::new());
+                            }
+                        }
+                    }
+                    values
+                }
+                Err(e) => return Err(e.into()),
+            };
             for (key, fields) in chunk.iter().zip(values) {
                 // A key deleted between SCAN and HGETALL reads as empty: only possible while
                 // something writes, which the second probe catches.
@@ -55,13 +86,15 @@ async fn read_node(address: &str) -> anyhow::Result<NodeContent> {
                 }
             }
         }
-        let after = probe(&mut conn).await?;
+        let after = probe_record(&mut conn).await?;
         if before == after {
             return Ok(NodeContent {
                 address: address.to_string(),
                 applied_seq: before.0,
                 version: before.1,
+                record: before.2,
                 balances,
+                unreadable,
             });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -69,9 +102,11 @@ async fn read_node(address: &str) -> anyhow::Result<NodeContent> {
     bail!("node {address} kept changing while being read; stop the replicator or let it catch up")
 }
 
-/// Compares the nodes in `group` (indices into `nodes`, all at the ledger's current sequence).
+/// Compares the nodes in `group` (indices into `nodes`, all at the ledger's current sequence,
+/// where the journal's last record is `record`).
 fn compare(
     ledger: &Ledger,
+    record: Option<RecordId>,
     map: &PartitionMap,
     nodes: &[NodeContent],
     group: &[usize],
@@ -80,6 +115,26 @@ fn compare(
     let mut checked = 0;
     for &n in group {
         let node = &nodes[n];
+        // The identity the node stores of its last record (a node written by an older
+        // replicator stores none): another journal's node can agree on every balance and
+        // still be refused by the replicator.
+        if let Some(stored) = &node.record
+            && RecordId::parse(stored).ok() != record
+        {
+            out.report(format!(
+                "node {} stores {stored:?} as the record at its applied sequence {}, but the journal's record there is {}: the node was fed by another journal (the replicator refuses it; `replicate redis --rebuild` clears it)",
+                node.address,
+                node.applied_seq,
+                record.map_or("none".to_string(), |r| r.to_string())
+            ));
+        }
+        for (key, reason) in &node.unreadable {
+            checked += 1;
+            out.report(format!(
+                "key {key} on {} is not a balance hash: {reason}",
+                node.address
+            ));
+        }
         for (account, fields) in &node.balances {
             checked += 1;
             let (right, right_address) = map.route(account);
@@ -99,13 +154,14 @@ fn compare(
             let expected: HashMap<String, u64> =
                 expected.iter().map(|(c, b)| (c.to_string(), *b)).collect();
             for (currency, balance) in &expected {
-                match fields.get(currency).map(|v| v.parse::<u64>()) {
-                    Some(Ok(v)) if v == *balance => {}
-                    other => out.report(format!(
-                        "{account} {currency} on {}: redis {:?}, engine {balance}",
-                        node.address,
-                        other.map(|r| r.map_err(|_| "not a number"))
-                    )),
+                // The replicator writes minor units in their canonical decimal form; anything
+                // else ("+5", "05", " 5") is not what it wrote, although it parses.
+                let stored = fields.get(currency);
+                if stored.map(String::as_str) != Some(balance.to_string().as_str()) {
+                    out.report(format!(
+                        "{account} {currency} on {}: redis {stored:?}, engine {balance}",
+                        node.address
+                    ));
                 }
             }
             for field in fields.keys().filter(|f| !expected.contains_key(*f)) {
@@ -177,7 +233,9 @@ pub async fn run(options: &ReconcileOptions) -> anyhow::Result<u64> {
                     address: address.clone(),
                     applied_seq: 0,
                     version: None,
+                    record: None,
                     balances: HashMap::new(),
+                    unreadable: Vec::new(),
                 });
             }
         }
@@ -197,10 +255,11 @@ pub async fn run(options: &ReconcileOptions) -> anyhow::Result<u64> {
     let mut ledger = Ledger::new(crate::engine::ledger_config());
     let mut next_target = 0;
     let mut keys_checked = 0;
+    let mut last_record: Option<RecordId> = None;
     let end = scan(&journal_dir(&options.data_dir), 1, |record| {
         let at = ledger.next_seq() - 1;
         while next_target < targets.len() && targets[next_target] == at {
-            keys_checked += compare(&ledger, &map, &nodes, &group_at(at), &mut out);
+            keys_checked += compare(&ledger, last_record, &map, &nodes, &group_at(at), &mut out);
             next_target += 1;
         }
         while next_target < targets.len() && targets[next_target] < record.next_seq() - 1 {
@@ -211,12 +270,20 @@ pub async fn run(options: &ReconcileOptions) -> anyhow::Result<u64> {
             next_target += 1;
         }
         apply_verified(&mut ledger, record)?;
+        last_record = Some(RecordId::of(record));
         Ok(())
     })?;
     let journal_last = end.next_seq - 1;
     for &target in &targets[next_target..] {
         if target == ledger.next_seq() - 1 {
-            keys_checked += compare(&ledger, &map, &nodes, &group_at(target), &mut out);
+            keys_checked += compare(
+                &ledger,
+                last_record,
+                &map,
+                &nodes,
+                &group_at(target),
+                &mut out,
+            );
         } else {
             out.report(format!(
                 "nodes {:?} applied up to {target}, beyond the journal's end at {journal_last}",

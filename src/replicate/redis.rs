@@ -633,7 +633,7 @@ fn is_conflict(error: &redis::RedisError) -> bool {
 /// The error that stops a run when a node holds more than this replicator wrote there.
 fn another_writer(address: &str, detail: &str) -> anyhow::Error {
     anyhow::anyhow!(
-        "Redis node {address} was written by someone other than this replicator ({detail}): another replicator feeds this partition map (run one per map), or the node was edited by hand; its balances cannot be trusted, and this replicator stops rather than skip what the node claims to hold (`wallet reconcile redis` shows the differences; `--rebuild` on a single replicator clears such a node)"
+        "Redis node {address} was written by someone other than this replicator ({detail}): another replicator feeds this partition map (run one per map), the node was edited by hand, or (rarely) a write of an earlier run of this replicator arrived late; its balances cannot be trusted, and this replicator stops rather than skip what the node claims to hold (`wallet reconcile redis` shows the differences; `--rebuild` on a single replicator clears such a node)"
     )
 }
 
@@ -2142,6 +2142,12 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         .collect();
     // At start-up nothing is written yet: an engine URL that is away is waited for.
     let patience = crate::replicate::source::source_outage_limit(options.once);
+    // The identity each node stores of its last record, before `check_identities` consumes them:
+    // an engine-URL replicator resumed from the nodes confirms the stored one with the engine.
+    let stored_identities: Vec<(usize, Option<RecordId>)> = stored_records
+        .iter()
+        .map(|(i, r)| (*i, r.as_deref().and_then(|r| RecordId::parse(r).ok())))
+        .collect();
     check_identities(
         &mut replicator,
         &mut source,
@@ -2208,9 +2214,21 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         // An engine URL has no snapshot, but every node follows the map: together they hold
         // every balance, each as of its own applied sequence, all at or after `resume`.
         replicator.directory_from_nodes(resume).await?;
-        replicator.dir.record = record_at_patiently(&mut source, resume, patience)
-            .await?
-            .map(|(id, _)| id);
+        // What the nodes at `resume` store (checked against the engine above): the engine is
+        // asked again below, and one swapped meanwhile (reading the nodes takes a while) must
+        // not supply the record it is confirmed by. A node written by an older replicator
+        // stores none: then the engine's record there.
+        let stored = stored_identities.iter().find_map(|(i, record)| {
+            (replicator.nodes[*i].applied_seq == resume && !replicator.nodes[*i].needs_resync)
+                .then_some(*record)
+                .flatten()
+        });
+        replicator.dir.record = match stored {
+            Some(record) => Some(record),
+            None => record_at_patiently(&mut source, resume, patience)
+                .await?
+                .map(|(id, _)| id),
+        };
         source.resume_after(resume, replicator.dir.record)?;
         tracing::info!(
             from_nodes_seq = resume,

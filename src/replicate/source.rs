@@ -533,7 +533,7 @@ impl HttpSource {
             ))
             .into()),
             None => Err(HistoryChanged(format!(
-                "the engine no longer reaches sequence {seq} (record {ours}), which this replicator has read: it lost its tail or is another engine"
+                "the engine no longer reaches sequence {seq} (record {ours}), which this replicator has read: it lost its tail or is another engine's history"
             ))
             .into()),
         }
