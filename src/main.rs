@@ -90,6 +90,8 @@ struct ServeArgs {
     header_read_timeout_ms: u64,
     #[arg(long, default_value_t = 10_000)]
     request_timeout_ms: u64,
+    /// Client connections at once; more are answered 503 too_many_connections. Capped (with a
+    /// warning) to what fits under the open-file limit with 256 descriptors kept back
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
     #[arg(long, default_value_t = 16384)]

@@ -612,6 +612,39 @@ fn a_client_that_never_reads_its_answers_loses_its_connection_slot() {
     }
 }
 
+/// Client connections are capped below the process's open-file limit, with descriptors kept
+/// back for the journal: a flood of connections gets fast 503s, and the engine goes on
+/// rolling its journal over to new segments. (With `--max-connections` above what the limit
+/// allowed, connections took every descriptor, the next segment could not be opened, and the
+/// engine halted; connections past that got no answer at all.)
+#[test]
+fn connections_are_capped_below_the_open_file_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    // 400 descriptors, 256 kept back: 144 connections at most, against the default 1024.
+    let server = Server::start_with_fd_limit(dir.path(), &["--segment-size", "65536"], 400);
+    let mut client = server.client();
+    common::open(&mut client, "flooded");
+    let idle: Vec<TcpStream> = (0..140)
+        .map(|_| TcpStream::connect(&server.address).unwrap())
+        .collect();
+    let flood: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(&server.address).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_one_more_connection_is_refused(&server, "a flood past the open-file limit");
+    // Deposits through many segment roll-overs (about 580 records a segment).
+    for i in 0..2000 {
+        let r = client.post(
+            "/v1/wallet/deposit",
+            &json!({"account_id": "flooded", "amount": "1.00", "currency": "USD", "transaction_id": common::uuid()}),
+        );
+        assert_eq!(r.status, 200, "deposit {i}: {}", r.body);
+    }
+    assert_eq!(common::balance_cents(&mut client, "flooded"), 200_000);
+    drop((idle, flood));
+    assert!(server.stop().success());
+}
+
 /// Connections taken while the server recovers count against `--max-connections` after it
 /// too (they live up to the header timeout): the serving phase had a fresh set of permits, so
 /// the server held twice the limit for that long.

@@ -1174,12 +1174,13 @@ fn tls_acceptor(
 }
 
 /// Binds, prints the address (tests read it), serves until SIGTERM or Ctrl-C.
-pub async fn run(config: ServeConfig, listen: SocketAddr) -> anyhow::Result<()> {
+pub async fn run(mut config: ServeConfig, listen: SocketAddr) -> anyhow::Result<()> {
     // Signal handlers go in before the address is announced, so that a SIGTERM right after
     // start-up is a graceful shutdown too, not the default kill.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     config.check()?;
+    config.max_connections = fit_connections_to_fd_limit(config.max_connections);
     if config.auth.is_none() {
         anyhow::ensure!(
             listen.ip().is_loopback(),
@@ -1259,6 +1260,51 @@ pub async fn run(config: ServeConfig, listen: SocketAddr) -> anyhow::Result<()> 
         Some(reason) => anyhow::bail!("stopped serving: lost the engine leadership: {reason}"),
         None => Ok(()),
     }
+}
+
+/// File descriptors kept back from client connections: the journal's segments (a roll-over
+/// opens the next one, and a failure there halts the engine), the event stream's journal
+/// reads, the snapshot follower, ZooKeeper and replicator connections, the over-limit answers
+/// (`OVER_LIMIT_ANSWERS`) and the runtime's own.
+const FDS_KEPT_BACK: u64 = 256;
+
+/// The most connections `serve` takes (`--max-connections`, `requested`) that fit under the
+/// process's open-file limit with `FDS_KEPT_BACK` to spare, after raising the soft limit to the
+/// hard one. Connections past the limit were accepted until `accept` failed, and the next
+/// segment of the journal could then not be opened: a flood of connections halted the engine.
+fn fit_connections_to_fd_limit(requested: usize) -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` through a pointer to a live local.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "reading the open-file limit failed; --max-connections is taken as given");
+        return requested;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads one `rlimit` through a pointer to a live local.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    let fits = usize::try_from(limit.rlim_cur.saturating_sub(FDS_KEPT_BACK)).unwrap_or(usize::MAX);
+    if requested <= fits {
+        return requested;
+    }
+    let fits = fits.max(1);
+    tracing::warn!(
+        max_connections = requested,
+        open_file_limit = limit.rlim_cur,
+        hard_limit = limit.rlim_max,
+        taken = fits,
+        "--max-connections does not fit under the open-file limit with {FDS_KEPT_BACK} descriptors kept for the journal and the server: {fits} connections at most are taken, and more are answered 503 too_many_connections (raise the limit: ulimit -n, LimitNOFILE= under systemd)"
+    );
+    fits
 }
 
 /// How long `serve --zk-leader` waits at start for a leader node naming its own address (a

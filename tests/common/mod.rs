@@ -87,6 +87,39 @@ impl Server {
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        Server::run_until(command, data_dir, until)
+    }
+
+    /// `start` with the server's open-file limit (soft and hard) set to `limit`.
+    pub fn start_with_fd_limit(data_dir: &Path, extra: &[&str], limit: u64) -> Server {
+        use std::os::unix::process::CommandExt;
+        let mut command = Server::command_at(data_dir, "127.0.0.1:0");
+        command
+            .args(extra)
+            .env("WALLET_LOG", "warn")
+            .env_remove("WALLET_FAILPOINT")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        // SAFETY: the closure runs in the child between fork and exec, and only calls
+        // setrlimit (async-signal-safe) on a local.
+        unsafe {
+            command.pre_exec(move || {
+                let rlimit = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Server::run_until(command, data_dir, "ready")
+    }
+
+    /// Spawns `command` (a `serve` with piped stdout) and waits for a stdout line starting
+    /// with `until`.
+    fn run_until(mut command: Command, data_dir: &Path, until: &str) -> Server {
         let child = command.spawn().expect("spawn wallet serve");
         // Owned by a `Server` at once, so that every path below (panics included) kills and
         // waits for the child in `Drop`.
