@@ -271,6 +271,18 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// For the tools that only print (`wallet replay | head`): a reader that goes away ends the
+/// process quietly, as it ends other Unix tools, instead of `println!` panicking on the broken
+/// pipe (Rust ignores SIGPIPE). Never for commands that use sockets, which a peer's close
+/// would then kill.
+fn end_quietly_on_a_closed_stdout() {
+    // SAFETY: restores the default disposition of SIGPIPE (no handler code runs), before any
+    // thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     use std::io::IsTerminal;
     // The ZooKeeper client logs every session it opens at info level: noise on every
@@ -284,6 +296,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Commands::Bench(_) | Commands::Replay(_) | Commands::Snapshot(_) | Commands::Token(_)
+    ) {
+        end_quietly_on_a_closed_stdout();
+    }
     let result = match cli.command {
         Commands::Bench(args) => bench::run(&args).map(|report| {
             if args.json {

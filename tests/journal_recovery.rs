@@ -929,6 +929,29 @@ fn a_replay_limited_to_a_sequence_or_a_time_still_audits_the_journals_end() {
     refused(&data, "snapshot");
 }
 
+/// `wallet replay` whose reader goes away (`wallet replay | head -1`) ends quietly, as Unix
+/// tools do: it panicked on the broken pipe ("failed printing to stdout", exit 101).
+#[test]
+fn replay_into_a_closed_pipe_ends_quietly() {
+    let temp = tempfile::tempdir().unwrap();
+    fresh_journal(temp.path(), 1 << 20, 0..50, 10);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+        .args(["replay", "--data-dir"])
+        .arg(temp.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("panicked") && out.status.code() != Some(101),
+        "{:?}: {stderr}",
+        out.status
+    );
+}
+
 /// A damaged durable-watermark file is an error for recovery and replay, not a check skipped:
 /// with it skipped, acknowledged records cut off by damage would be cut as a torn tail. An
 /// empty file (a writer that crashed before its first write) is read as no file.

@@ -796,7 +796,8 @@ pub async fn serve(
         builder
             .keep_alive(true)
             .timer(TokioTimer::new())
-            .header_read_timeout(config.header_read_timeout);
+            .header_read_timeout(config.header_read_timeout)
+            .max_header_size(MAX_HEAD_BYTES);
         match &tls {
             None => {
                 let watched =
@@ -1102,7 +1103,8 @@ fn serve_starting(
     builder
         .keep_alive(false)
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
+        .header_read_timeout(header_read_timeout)
+        .max_header_size(MAX_HEAD_BYTES);
     tokio::spawn(async move {
         let _permit = permit;
         match tls {
@@ -1261,6 +1263,12 @@ pub async fn run(mut config: ServeConfig, listen: SocketAddr) -> anyhow::Result<
         None => Ok(()),
     }
 }
+
+/// The largest request head (request line and headers) read: a larger one is answered 431
+/// once that much is in. (Without it, hyper buffered up to its read buffer's limit, about
+/// 400 KB, and unauthenticated connections that never finished their heads held that much
+/// each: 1,000 of them held 400 MB.)
+const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// File descriptors kept back from client connections: the journal's segments (a roll-over
 /// opens the next one, and a failure there halts the engine), the event stream's journal

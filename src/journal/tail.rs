@@ -829,7 +829,7 @@ impl std::fmt::Display for JournalGap {
 #[derive(Debug, thiserror::Error)]
 #[error(
     "{}: no readable record at offset {offset} but data at offset {data_at} (damage inside the \
-     segment; the next segment begins at {next_begins_at})",
+     segment; the next segment begins at sequence {next_begins_at})",
     segment.display()
 )]
 pub struct JournalDamage {
