@@ -84,11 +84,6 @@ impl Lease {
         length
     }
 
-    /// The lease's length.
-    pub fn length(&self) -> Duration {
-        Duration::from_millis(self.length_ms.load(std::sync::atomic::Ordering::SeqCst))
-    }
-
     /// The node was confirmed by an answer to a request sent at `asked`.
     pub fn renew_from(&self, asked: std::time::Instant) {
         self.confirmed
