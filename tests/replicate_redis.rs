@@ -1442,10 +1442,8 @@ struct PrivateZk {
 impl PrivateZk {
     fn start(max_session_ms: u32) -> PrivateZk {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let address = free_port();
+        let port = address.rsplit_once(':').expect("host:port").1;
         let data = dir.path().join("data");
         std::fs::create_dir(&data).expect("create the data directory");
         let config = dir.path().join("zoo.cfg");
@@ -1470,7 +1468,7 @@ impl PrivateZk {
             });
         let zk = PrivateZk {
             child,
-            address: format!("127.0.0.1:{port}"),
+            address: address.clone(),
             dir,
         };
         let since = Instant::now();
@@ -2217,10 +2215,7 @@ fn a_replicator_resumed_from_the_nodes_refuses_an_engine_of_another_history() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let services = services();
     let cluster = Cluster::new("url-swap", &services, &services.redis);
-    let listen = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .to_string();
+    let listen = free_port();
     let server = Server::start_at(cluster.data.path(), &listen, &["--sync", "none"]);
     let mut client = server.client();
     setup_accounts(&mut client, 10);
