@@ -304,6 +304,9 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Commands::Bench(args) => bench::run(&args).map(|report| {
+            if let Some(warning) = report.warning() {
+                eprintln!("{warning}");
+            }
             if args.json {
                 println!("{}", serde_json::to_string(&report).unwrap_or_default());
             } else {

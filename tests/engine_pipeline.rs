@@ -691,4 +691,50 @@ fn a_paced_bench_measures_the_pipeline_not_its_own_batching() {
     assert!(p50 < 20_000, "p50 {p50} us: {report}");
     // Paced, not faster: 2,000 transfers at 1,000/s take about 2 s.
     assert!(report["seconds"].as_f64().unwrap() >= 1.9, "{report}");
+    // The report says it was paced, and at what rate.
+    assert_eq!(report["rate"], 1000, "{report}");
+    let achieved = report["rate_achieved_share"]
+        .as_f64()
+        .expect("achieved share");
+    assert!((0.8..=1.01).contains(&achieved), "{report}");
+}
+
+/// A paced bench that cannot reach its rate says so: its report carries the rate and the share
+/// reached, and a warning names it. (The report had no rate at all: a run at 10 M/s that
+/// reached 1.4 M/s read as a paced run, its latencies those of a backlog.)
+#[test]
+fn a_paced_bench_below_its_rate_warns() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+        .args(["bench", "--accounts", "1000", "--transfers", "20000"])
+        .args(["--rate", "1000000000", "--no-journal", "--json"])
+        .args(["--wait", "park", "--output-wait", "park", "--pin-core=-1"])
+        .env("WALLET_LOG", "warn")
+        .output()
+        .expect("run wallet");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(report["rate"], 1_000_000_000u64, "{report}");
+    let achieved = report["rate_achieved_share"]
+        .as_f64()
+        .expect("achieved share");
+    assert!(achieved < 0.5, "{report}");
+    assert!(
+        stderr.contains("WARNING: --rate 1000000000 was not reached"),
+        "{stderr}"
+    );
+    // Unpaced: rate 0, no share, no warning.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+        .args(["bench", "--accounts", "1000", "--transfers", "2000"])
+        .args(["--no-journal", "--json"])
+        .args(["--wait", "park", "--output-wait", "park", "--pin-core=-1"])
+        .env("WALLET_LOG", "warn")
+        .output()
+        .expect("run wallet");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(report["rate"], 0, "{report}");
+    assert!(report.get("rate_achieved_share").is_none(), "{report}");
+    assert!(!stderr.contains("WARNING"), "{stderr}");
 }

@@ -1646,6 +1646,104 @@ fn loadgen_sends_fresh_ids_per_run_and_counts_replays_apart() {
     assert_eq!(total, 20 * 1_000_000_000 * 100);
 }
 
+/// A run in which more than `--max-failure-share` (default 1%) of what it offered failed exits
+/// 1 after its report: here half the accounts are missing, so about three transfers in four are
+/// refused with 422, and so are batch items. The share of failures is counted (whole requests,
+/// and batch items refused inside a 200), and their latencies are apart from the successes'.
+/// A run with a few refusals passed as a measurement: 98.9% answered 429, exit 0.
+#[test]
+fn loadgen_fails_a_run_in_which_more_than_the_allowed_share_failed() {
+    let dir = temp();
+    let server = Server::start(dir.path(), &[]);
+    let url = format!("http://{}", server.address);
+    let run = |extra: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .args(["loadgen", "--url", &url, "--json", "--rate", "200"])
+            .args(["--connections", "2", "--duration", "1"])
+            .args(extra)
+            .output()
+            .expect("run loadgen");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        let report: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("JSON report");
+        (output.status.code(), report, stderr)
+    };
+    let count = |report: &serde_json::Value, field: &str| report[field].as_u64().unwrap_or(0);
+
+    // Ten accounts set up, and nothing failed: no failure, no warning.
+    let (code, clean, stderr) = run(&["--setup", "--accounts", "10"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(count(&clean, "failed"), 0, "{clean}");
+    assert_eq!(
+        count(&clean, "offered"),
+        count(&clean, "requests"),
+        "{clean}"
+    );
+    assert!(clean["latency_failed_us"].is_null(), "{clean}");
+    assert!(!stderr.contains("failed ("), "{stderr}");
+
+    // Twenty accounts named, ten of them open.
+    let (code, mixed, stderr) = run(&["--accounts", "20"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("more than --max-failure-share 0.01"),
+        "{stderr}"
+    );
+    let refused = mixed["status_counts"]["422"].as_u64().unwrap_or(0);
+    assert!(count(&mixed, "transfers") > 0, "{mixed}");
+    assert_eq!(count(&mixed, "failed"), refused, "{mixed}");
+    assert_eq!(
+        count(&mixed, "offered"),
+        count(&mixed, "requests"),
+        "{mixed}"
+    );
+    let share = mixed["failed_share"].as_f64().unwrap_or(0.0);
+    assert!((0.5..0.95).contains(&share), "{mixed}");
+    assert!(
+        mixed["latency_failed_us"]["max"].as_u64().is_some(),
+        "{mixed}"
+    );
+
+    // Allowed: the run counts, and warns.
+    let (code, allowed, stderr) = run(&["--accounts", "20", "--max-failure-share", "1"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(count(&allowed, "failed") > 0, "{allowed}");
+    assert!(
+        stderr.contains("WARNING") && stderr.contains("failed ("),
+        "{stderr}"
+    );
+
+    // Batches: the refused items inside each 200 are the failures.
+    let (code, batch, stderr) = run(&["--accounts", "20", "--batch", "10"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        count(&batch, "offered"),
+        count(&batch, "requests") * 10,
+        "{batch}"
+    );
+    assert_eq!(
+        count(&batch, "failed"),
+        count(&batch, "rejected_items"),
+        "{batch}"
+    );
+    assert!(count(&batch, "failed") > 0, "{batch}");
+
+    // A share outside 0..=1 is refused by name.
+    let (code, _, stderr) = {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .args(["loadgen", "--url", &url, "--max-failure-share", "1.5"])
+            .output()
+            .expect("run loadgen");
+        (
+            output.status.code(),
+            (),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--max-failure-share"), "{stderr}");
+}
+
 /// `wallet loadgen` on `/healthz` at 200 requests/s on 4 connections for `seconds`, its JSON
 /// report on stdout.
 fn spawn_healthz_loadgen(url: &str, seconds: u64) -> std::process::Child {
@@ -1654,6 +1752,7 @@ fn spawn_healthz_loadgen(url: &str, seconds: u64) -> std::process::Child {
         .args(["--rate", "200", "--connections", "4", "--json"])
         .args(["--duration", &seconds.to_string()])
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run loadgen")
 }
@@ -1683,15 +1782,29 @@ fn loadgen_sends_the_backlog_of_a_stall_at_the_end_of_an_open_loop_run() {
     std::thread::sleep(Duration::from_millis(1000));
     stop("-CONT");
     let output = loadgen.wait_with_output().expect("loadgen");
-    assert!(output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON report");
     // 200/s for 2 s: 400 requests were due, and all were sent and answered.
     assert_eq!(report["requests"], 400, "{report}");
     assert_eq!(report["unsent"], 0, "{report}");
     assert_eq!(report["status_counts"]["200"], 400, "{report}");
+    assert_eq!(report["failed"], 0, "{report}");
     assert!(
         report["latency_us"]["max"].as_u64().unwrap_or(0) >= 500_000,
         "the stall is in the latencies: {report}"
+    );
+    // The requests due during the stall went out late, and the run says it did not hold its
+    // rate: 400 requests over about 2.5 s.
+    assert!(
+        report["send_lag_us"]["max"].as_u64().unwrap_or(0) >= 300_000,
+        "{report}"
+    );
+    let achieved = report["rate_achieved_share"].as_f64().unwrap_or(1.0);
+    assert!(achieved < 0.95, "{report}");
+    assert!(
+        stderr.contains("WARNING: the run offered") && stderr.contains("of the 200 asked"),
+        "{stderr}"
     );
 }
 
@@ -1711,10 +1824,22 @@ fn loadgen_counts_the_requests_a_stall_left_unsent_in_its_latencies() {
     let output = loadgen.wait_with_output();
     signal("-CONT");
     let output = output.expect("loadgen");
-    assert!(output.status.success());
+    // Over a tenth of the run went unanswered: past --max-failure-share (1%), the run fails,
+    // its report printed all the same.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--max-failure-share 0.01"), "{stderr}");
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON report");
     let count = |field: &str| report[field].as_u64().unwrap_or(0);
     assert_eq!(count("requests") + count("unsent"), 200, "{report}");
+    assert_eq!(count("offered"), 200, "{report}");
+    let ok = report["status_counts"]["200"].as_u64().unwrap_or(0);
+    assert_eq!(count("failed"), 200 - ok, "{report}");
+    // The failures' latencies hold the unsent requests' waits.
+    assert!(
+        report["latency_failed_us"]["p50"].as_u64().unwrap_or(0) >= 9_000_000,
+        "{report}"
+    );
     let answered = report["status_counts"]["200"].as_u64().unwrap_or(0);
     assert!(
         (40..=170).contains(&answered),
@@ -1856,6 +1981,11 @@ fn loadgen_stops_by_itself_when_the_server_never_answers() {
     // and each hung until the deadline.
     assert_eq!(report["errors"], report["requests"], "{report}");
     assert!(report["errors"].as_u64().unwrap_or(0) >= 1, "{report}");
+    // Each one a timeout, counted as one.
+    assert_eq!(
+        report["errors_by_kind"]["timeout"], report["errors"],
+        "{report}"
+    );
     assert_eq!(report["transfers"], 0, "{report}");
     assert_eq!(
         report["requests"].as_u64().unwrap_or(0) + report["unsent"].as_u64().unwrap_or(0),

@@ -303,7 +303,7 @@ impl JournalWriter {
                 let zeros = vec![0u8; (torn_end - torn_at) as usize];
                 file.write_at(torn_at, &zeros)?;
                 file.sync_range(torn_at, torn_end - torn_at)?;
-                tracing::warn!(file = %path.display(), offset = torn_at, bytes = torn_end - torn_at, kept = %kept.display(), "cut a torn tail (records never acknowledged; the cut bytes are kept)");
+                tracing::warn!(file = %path.display(), offset = torn_at, bytes = torn_end - torn_at, kept = %kept.display(), "cut a torn tail past the durable watermark (records never acknowledged, unless a power loss left the watermark file older than what was synced: the cut bytes are kept)");
             }
             write_offset = *offset;
             // What recovery found may still be only in the page cache (the previous process

@@ -132,7 +132,38 @@ pub struct BenchReport {
     pub sync: String,
     pub distribution: String,
     pub producers: usize,
+    /// The offered rate (`--rate`, transfers per second); 0: unpaced, as fast as the pipeline
+    /// takes them, so that `latency_us` is the latency at saturation (mostly queueing in the
+    /// ring), not at a given load.
+    pub rate: u64,
+    /// With `--rate`: `transfers_per_sec` as a share of it; below 0.99 the run warns that the
+    /// pipeline (or the producers) did not keep up, and its latencies are of a backlog.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_achieved_share: Option<f64>,
+    /// Commands per batch publication (`--batch`).
+    pub batch: usize,
+    pub seed: u64,
+    pub reject_share: f64,
+    /// The ring consumers' wait strategy (`--wait`).
+    pub wait: String,
+    pub ring_size: usize,
     pub state_hash: String,
+}
+
+impl BenchReport {
+    /// A warning about a run that is not what was asked for: a paced run below its rate.
+    pub fn warning(&self) -> Option<String> {
+        let achieved = self.rate_achieved_share?;
+        (achieved < 0.99).then(|| {
+            format!(
+                "WARNING: --rate {} was not reached: {:.0} transfers/s ({:.1}%); the latencies \
+                 are of a backlog, not of the pipeline at that rate",
+                self.rate,
+                self.transfers_per_sec,
+                achieved * 100.0
+            )
+        })
+    }
 }
 
 struct BenchSink {
@@ -535,6 +566,15 @@ fn report(
         },
         distribution: format!("{:?}", args.distribution).to_lowercase(),
         producers: args.producers,
+        rate: args.rate,
+        // The execute stage runs unpaced whatever --rate says.
+        rate_achieved_share: (args.rate > 0 && args.stage == Stage::Pipeline)
+            .then(|| args.transfers as f64 / seconds / args.rate as f64),
+        batch: args.batch,
+        seed: args.seed,
+        reject_share: args.reject_share,
+        wait: format!("{:?}", args.wait),
+        ring_size: args.ring_size,
         state_hash: format!("{:016x}", ledger.state_hash()),
     }
 }
@@ -775,8 +815,19 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
 
 pub fn print_table(r: &BenchReport) {
     println!(
-        "wallet bench: {} accounts, {} transfers, {}, {} producer(s), sync {}",
-        r.accounts, r.transfers, r.distribution, r.producers, r.sync
+        "wallet bench: {} accounts, {} transfers, {}, {} producer(s), sync {}, wait {}, batch {}, {}",
+        r.accounts,
+        r.transfers,
+        r.distribution,
+        r.producers,
+        r.sync,
+        r.wait,
+        r.batch,
+        if r.rate == 0 {
+            "unpaced".to_string()
+        } else {
+            format!("rate {}/s", r.rate)
+        }
     );
     println!(
         "  throughput        {:>14.0} transfers/s  ({:.3} s)",
@@ -793,8 +844,13 @@ pub fn print_table(r: &BenchReport) {
         "  rejected          {:>14}  {:?}",
         r.rejected, r.rejected_by_code
     );
+    let latency_label = if r.rate == 0 {
+        "latency us (sat.)"
+    } else {
+        "latency us       "
+    };
     for (label, l) in [
-        ("latency us       ", &r.latency_us),
+        (latency_label, &r.latency_us),
         ("group time us    ", &r.group_time_us),
     ] {
         if let Some(l) = l {

@@ -57,12 +57,31 @@ pub struct LoadgenArgs {
     /// Write the histogram (.hgrm) and a latency-by-percentile chart (.svg) here.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// The largest share of the offered transfers (requests, with `--raw-path`) that may fail
+    /// (errors, answers other than 200, batch items refused, requests left unsent) in a run
+    /// that counts: above it the run exits 1 after its report, which is then a measurement of
+    /// failures, not of the server's speed. 1 accepts any run in which something succeeded.
+    #[arg(long, default_value_t = 0.01, value_parser = parse_share)]
+    pub max_failure_share: f64,
 }
+
+/// A share from 0 to 1.
+fn parse_share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(share) if (0.0..=1.0).contains(&share) => Ok(share),
+        _ => Err(format!("{text:?} is not a share from 0 to 1")),
+    }
+}
+
+/// The achieved share of an open loop's offered rate below which the report warns.
+const RATE_ACHIEVED_WARNING: f64 = 0.99;
 
 impl LoadgenReport {
     /// A run in which nothing succeeded is a failed run (its report is printed first): no
     /// transfer committed or replayed, or with `--raw-path` no 2xx answer. Without `--setup`
-    /// against a fresh server, every transfer is a 422 `account_not_found`.
+    /// against a fresh server, every transfer is a 422 `account_not_found`. So is a run in
+    /// which more than `--max-failure-share` of what it offered failed: its throughput and
+    /// latencies are of the share that got through, and say little about the server.
     pub fn check_succeeded(&self, args: &LoadgenArgs) -> anyhow::Result<()> {
         let succeeded = if args.raw_path.is_some() {
             self.status_counts
@@ -84,7 +103,59 @@ impl LoadgenReport {
                 ""
             }
         );
+        anyhow::ensure!(
+            self.failed_share <= args.max_failure_share,
+            "{} of the {} {} this run offered failed ({:.2}%, more than --max-failure-share {}): \
+             answers by status {:?}, errors {:?}, batch items refused {}, unsent {}; its rates and \
+             latencies are of what got through",
+            self.failed,
+            self.offered,
+            if args.raw_path.is_some() {
+                "requests"
+            } else {
+                "transfers"
+            },
+            self.failed_share * 100.0,
+            args.max_failure_share,
+            self.status_counts,
+            self.errors_by_kind,
+            self.rejected_items,
+            self.unsent,
+        );
         Ok(())
+    }
+
+    /// Warnings about a run that counts but is not what was asked for: an open loop that did
+    /// not reach its offered rate, a run in which some requests failed.
+    pub fn warnings(&self, args: &LoadgenArgs) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let Some(achieved) = self.rate_achieved_share
+            && achieved < RATE_ACHIEVED_WARNING
+        {
+            warnings.push(format!(
+                "WARNING: the run offered {:.0} transfers/s of the {} asked ({:.1}%): it measured \
+                 a server behind its load, not one at that rate (send lag p99 {} us: the \
+                 generator's own lateness)",
+                self.rate_achieved_share.unwrap_or(0.0) * self.rate as f64,
+                self.rate,
+                achieved * 100.0,
+                self.send_lag_us
+                    .as_ref()
+                    .and_then(|l| l.get("p99"))
+                    .copied()
+                    .unwrap_or(0),
+            ));
+        }
+        if self.failed > 0 && self.failed_share <= args.max_failure_share {
+            warnings.push(format!(
+                "WARNING: {} of the {} offered failed ({:.2}%); latency_us is of the successes \
+                 only, latency_failed_us of the failures",
+                self.failed,
+                self.offered,
+                self.failed_share * 100.0
+            ));
+        }
+        warnings
     }
 }
 
@@ -104,6 +175,9 @@ pub struct LoadgenReport {
     /// Errors: connections that failed, answers that could not be read, and requests without an
     /// answer by the run's deadline (`DRAIN_LIMIT` after its end).
     pub errors: u64,
+    /// `errors` by kind: `timeout` (no answer by the deadline), `connect` (a connection could
+    /// not be opened), `other` (the connection failed or the answer could not be read).
+    pub errors_by_kind: BTreeMap<String, u64>,
     /// Requests sent a second time on a fresh connection because the kept-alive one failed
     /// before any byte of an answer (the server closed it while idle, usually); each answer's
     /// latency includes the reconnect. Counted once in `requests`.
@@ -123,6 +197,25 @@ pub struct LoadgenReport {
     /// counted from its due time to the run's deadline (a lower bound: it never got an answer).
     /// `null` when nothing was sent.
     pub latency_all_us: Option<BTreeMap<String, u64>>,
+    /// Latency of the requests that failed as a whole (errors, answers other than 200, or
+    /// other than 2xx with `--raw-path`) and of the `unsent` ones as in `latency_all_us`: fast
+    /// refusals pull `latency_all_us` down, and show here instead. `null` when none failed.
+    pub latency_failed_us: Option<BTreeMap<String, u64>>,
+    /// What was offered, in transfers (requests, with `--raw-path`): the requests sent and
+    /// left unsent, times the batch size.
+    pub offered: u64,
+    /// Of `offered`, what failed: errored, refused or unsent requests whole, and the refused
+    /// items of batches answered 200. Replays are not failures.
+    pub failed: u64,
+    /// `failed / offered` (0 when nothing was offered).
+    pub failed_share: f64,
+    /// Open loop: how late each request was sent after its due time, in microseconds (the
+    /// generator's own lateness, told apart from the server's). `null` in a closed loop.
+    pub send_lag_us: Option<BTreeMap<String, u64>>,
+    /// Open loop: the transfers offered per second over the run (until its last answer) as a
+    /// share of `--rate`; below 0.99 the run warns that it did not hold the rate. `null` in a
+    /// closed loop.
+    pub rate_achieved_share: Option<f64>,
     pub rate: u64,
     pub connections: usize,
     pub batch: usize,
@@ -234,6 +327,41 @@ struct Answer {
     resent: bool,
 }
 
+/// How a request failed without an answer, for `errors_by_kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FailureKind {
+    Timeout,
+    Connect,
+}
+
+/// An error of a known kind (anything else is `other`).
+#[derive(Debug)]
+struct Failure {
+    kind: FailureKind,
+    message: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+fn failure(kind: FailureKind, message: String) -> anyhow::Error {
+    anyhow::Error::new(Failure { kind, message })
+}
+
+/// The `errors_by_kind` name of an error.
+fn error_kind(error: &anyhow::Error) -> &'static str {
+    match error.downcast_ref::<Failure>().map(|f| f.kind) {
+        Some(FailureKind::Timeout) => "timeout",
+        Some(FailureKind::Connect) => "connect",
+        None => "other",
+    }
+}
+
 /// Sends one request with `client`, giving up at `deadline` (an error: the server did not
 /// answer in time). Cancelling is safe: the client drops a connection whose exchange did not
 /// finish, and the next request opens a new one.
@@ -247,7 +375,12 @@ async fn send_by(
 ) -> anyhow::Result<Answer> {
     tokio::time::timeout_at(deadline.into(), client.send_as(method, path, body, token))
         .await
-        .map_err(|_| anyhow::anyhow!("no answer to {method} {path} by the deadline"))?
+        .map_err(|_| {
+            failure(
+                FailureKind::Timeout,
+                format!("no answer to {method} {path} by the deadline"),
+            )
+        })?
 }
 
 /// Committed and replayed transfers in one answer, and a batch's items answered with another
@@ -377,12 +510,20 @@ impl Client {
         )
         .await
         .map_err(|_| {
-            anyhow::anyhow!(
-                "connecting to {} timed out after {CONNECT_TIMEOUT:?}",
-                self.target.host
+            failure(
+                FailureKind::Connect,
+                format!(
+                    "connecting to {} timed out after {CONNECT_TIMEOUT:?}",
+                    self.target.host
+                ),
             )
         })?
-        .map_err(|e| anyhow::anyhow!("connecting to {}: {e}", self.target.host))?;
+        .map_err(|e| {
+            failure(
+                FailureKind::Connect,
+                format!("connecting to {}: {e}", self.target.host),
+            )
+        })?;
         stream.set_nodelay(true)?;
         Ok(match &self.target.tls {
             None => Box::new(stream),
@@ -392,13 +533,19 @@ impl Client {
                 tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name.clone(), stream))
                     .await
                     .map_err(|_| {
-                        anyhow::anyhow!(
-                            "the TLS handshake with {} timed out after {CONNECT_TIMEOUT:?}",
-                            self.target.host
+                        failure(
+                            FailureKind::Connect,
+                            format!(
+                                "the TLS handshake with {} timed out after {CONNECT_TIMEOUT:?}",
+                                self.target.host
+                            ),
                         )
                     })?
                     .map_err(|e| {
-                        anyhow::anyhow!("the TLS handshake with {}: {e}", self.target.host)
+                        failure(
+                            FailureKind::Connect,
+                            format!("the TLS handshake with {}: {e}", self.target.host),
+                        )
                     })?,
             ),
         })
@@ -684,8 +831,11 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
             let mut rng = SplitMix::new(worker_seed(seed, worker));
             let mut histogram = Histogram::<u64>::new_with_bounds(1, highest_us, 3)?;
             let mut all = Histogram::<u64>::new_with_bounds(1, highest_us, 3)?;
+            let mut failed_latency = Histogram::<u64>::new_with_bounds(1, highest_us, 3)?;
+            let mut send_lag = Histogram::<u64>::new_with_bounds(1, highest_us, 3)?;
             let mut statuses: BTreeMap<u16, u64> = BTreeMap::new();
-            let (mut errors, mut sent_requests) = (0u64, 0u64);
+            let mut errors: BTreeMap<&'static str, u64> = BTreeMap::new();
+            let (mut failed, mut sent_requests) = (0u64, 0u64);
             let (mut committed, mut replayed, mut resent, mut rejected_items) =
                 (0u64, 0u64, 0u64, 0u64);
             // When this connection's last answer came (an error is not one): the run's
@@ -693,7 +843,18 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
             // an answer (waited out until the deadline) does not stretch it.
             let mut last_answer: Option<Instant> = None;
             let counts_transfers = args.raw_path.is_none();
+            // What one request offers: a batch's transfers, or one request with --raw-path.
+            let units = if counts_transfers {
+                args.batch as u64
+            } else {
+                1
+            };
             let accounts = u64::from(args.accounts).max(2);
+            // Closed loop too starts with the clock: requests sent before it would be counted
+            // over a window that leaves out the time they took.
+            if !open_loop {
+                tokio::time::sleep_until(start.into()).await;
+            }
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let mut intended = if open_loop {
@@ -754,66 +915,87 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
                 }
                 let sent = Instant::now();
                 sent_requests += 1;
-                let counted = match send_by(&mut client, deadline, method, &path, body, token).await
-                {
-                    Ok(answer) => {
-                        last_answer = Some(Instant::now());
-                        *statuses.entry(answer.status).or_default() += 1;
-                        resent += u64::from(answer.resent);
-                        if counts_transfers {
-                            let (c, r, other) = tally(&answer, args.batch > 1);
-                            committed += c;
-                            replayed += r;
-                            rejected_items += other;
-                            c > 0
-                        } else {
-                            (200..300).contains(&answer.status)
+                if open_loop {
+                    let lag = sent.saturating_duration_since(intended);
+                    send_lag.saturating_record((lag.as_nanos() / 1000) as u64);
+                }
+                // Whether the answer committed transfers (is a 2xx, with --raw-path), and
+                // whether the request failed as a whole.
+                let (counted, failed_whole) =
+                    match send_by(&mut client, deadline, method, &path, body, token).await {
+                        Ok(answer) => {
+                            last_answer = Some(Instant::now());
+                            *statuses.entry(answer.status).or_default() += 1;
+                            resent += u64::from(answer.resent);
+                            if counts_transfers {
+                                let (c, r, other) = tally(&answer, args.batch > 1);
+                                committed += c;
+                                replayed += r;
+                                rejected_items += other;
+                                failed += other;
+                                (c > 0, answer.status != 200)
+                            } else {
+                                let ok = (200..300).contains(&answer.status);
+                                (ok, !ok)
+                            }
                         }
-                    }
-                    Err(_) => {
-                        errors += 1;
-                        false
-                    }
-                };
+                        Err(error) => {
+                            *errors.entry(error_kind(&error)).or_default() += 1;
+                            (false, true)
+                        }
+                    };
                 let latency_us = ((intended.min(sent).elapsed().as_nanos() / 1000) as u64).max(1);
                 all.saturating_record(latency_us);
                 if counted {
                     histogram.saturating_record(latency_us);
                 }
+                if failed_whole {
+                    failed += units;
+                    failed_latency.saturating_record(latency_us);
+                }
             }
             anyhow::Ok((
-                histogram,
-                all,
+                [histogram, all, failed_latency, send_lag],
                 statuses,
                 errors,
-                (committed, replayed, resent, rejected_items),
+                (committed, replayed, resent, rejected_items, failed),
                 sent_requests,
                 last_answer,
             ))
         }));
     }
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, highest_us, 3)?;
-    let mut all = Histogram::<u64>::new_with_bounds(1, highest_us, 3)?;
+    let new_histogram = || Histogram::<u64>::new_with_bounds(1, highest_us, 3);
+    let (mut histogram, mut all) = (new_histogram()?, new_histogram()?);
+    let (mut failed_latency, mut send_lag) = (new_histogram()?, new_histogram()?);
     let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
-    let mut errors = 0;
+    let mut errors_by_kind: BTreeMap<String, u64> = ["timeout", "connect", "other"]
+        .into_iter()
+        .map(|kind| (kind.to_string(), 0))
+        .collect();
     let (mut committed, mut replayed, mut resent, mut requests) = (0u64, 0u64, 0u64, 0u64);
-    let mut rejected_items = 0u64;
+    let (mut rejected_items, mut failed) = (0u64, 0u64);
     let mut last_answer: Option<Instant> = None;
     for task in tasks {
-        let (h, a, s, e, (c, r, again, other), sent, last) = task.await??;
+        let ([h, a, f, lag], s, e, (c, r, again, other, lost), sent, last) = task.await??;
         requests += sent;
         committed += c;
         replayed += r;
         resent += again;
         rejected_items += other;
+        failed += lost;
         last_answer = last_answer.max(last);
         histogram.add(&h)?;
         all.add(&a)?;
+        failed_latency.add(&f)?;
+        send_lag.add(&lag)?;
         for (status, count) in s {
             *statuses.entry(status.to_string()).or_default() += count;
         }
-        errors += e;
+        for (kind, count) in e {
+            *errors_by_kind.entry(kind.to_string()).or_default() += count;
+        }
     }
+    let errors = errors_by_kind.values().sum::<u64>();
     // The rates are over the run's duration, or up to its last answer when that came later (a
     // drain of late requests). Not up to the last request given up on at the deadline: one
     // request that never got an answer made a 10 s closed-loop run a 20 s one, and halved its
@@ -840,9 +1022,18 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
     // the latencies would hide the worst of a stall (coordinated omission through the drain
     // limit). Each is counted at that lower bound, as if it were one of the latest due
     // (the smallest waits), in at most `UNSENT_GROUPS` groups so that a long run stays cheap.
-    record_unsent(&mut all, unsent, due, |i| {
-        deadline.saturating_duration_since(start + due_after(i, args.batch, args.rate))
-    })?;
+    for histogram in [&mut all, &mut failed_latency] {
+        record_unsent(histogram, unsent, due, |i| {
+            deadline.saturating_duration_since(start + due_after(i, args.batch, args.rate))
+        })?;
+    }
+    let units = if args.raw_path.is_some() {
+        1
+    } else {
+        args.batch as u64
+    };
+    let offered = (requests + unsent) * units;
+    let failed = failed + unsent * units;
     // A bare server's fixed answers count as one "transfer" each, for the same throughput field
     // (every 2xx, as `check_succeeded` counts them and the latency histogram records them).
     let ok_transfers = if args.raw_path.is_some() {
@@ -870,12 +1061,31 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
         rejected_items,
         latency_us: latency.clone(),
         latency_all_us: percentiles(&all),
+        latency_failed_us: percentiles(&failed_latency),
+        offered,
+        failed,
+        failed_share: if offered == 0 {
+            0.0
+        } else {
+            failed as f64 / offered as f64
+        },
+        send_lag_us: if open_loop {
+            percentiles(&send_lag)
+        } else {
+            None
+        },
+        rate_achieved_share: open_loop
+            .then(|| (requests * args.batch as u64) as f64 / seconds / args.rate as f64),
+        errors_by_kind,
         rate: args.rate,
         connections: args.connections,
         batch: args.batch,
     };
     if let Some(dir) = &args.out {
         write_outputs(dir, &histogram)?;
+    }
+    for warning in report.warnings(args) {
+        eprintln!("{warning}");
     }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -897,6 +1107,23 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
             report.transfers_per_sec, report.requests_per_sec, errors, replayed, resent, seed
         );
         println!("  status      {:?}", report.status_counts);
+        if errors > 0 {
+            println!("  errors      {:?}", report.errors_by_kind);
+        }
+        println!(
+            "  failed      {} of {} offered ({:.2}%)",
+            report.failed,
+            report.offered,
+            report.failed_share * 100.0
+        );
+        if let Some(share) = report.rate_achieved_share {
+            println!(
+                "  offered     {:.0}/s of the {} asked ({:.1}%)",
+                share * args.rate as f64,
+                args.rate,
+                share * 100.0
+            );
+        }
         if unsent > 0 {
             println!(
                 "  unsent      {unsent} (due before the end, still unsent {DRAIN_LIMIT:?} after it)"
@@ -908,7 +1135,12 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
         for (label, l) in [
             ("latency us ", &latency),
             ("all, unsent", &report.latency_all_us),
+            ("failed     ", &report.latency_failed_us),
+            ("send lag us", &report.send_lag_us),
         ] {
+            if l.is_none() && label != "latency us " {
+                continue;
+            }
             match l {
                 Some(l) => println!(
                     "  {label} p50 {}  p90 {}  p99 {}  p99.9 {}  p99.99 {}  max {}",
