@@ -401,7 +401,9 @@ fn token_ttl(args: &TokenArgs) -> anyhow::Result<std::time::Duration> {
     );
     // `serve` takes `sub` as the caller's account: one that is not an account id is a 401.
     wallet::core::AccountId::new(&args.sub).map_err(|e| anyhow::anyhow!("--sub: {e}"))?;
-    for scope in args.scope.split_whitespace() {
+    // Split as `serve` splits it: on single spaces only (a tab or a no-break space is part of a
+    // scope, then unknown).
+    for scope in args.scope.split(' ').filter(|s| !s.is_empty()) {
         anyhow::ensure!(
             [SCOPE_TRANSFER, SCOPE_READ, SCOPE_ADMIN].contains(&scope),
             "--scope: unknown scope {scope:?}; use {SCOPE_TRANSFER}, {SCOPE_READ} or {SCOPE_ADMIN}"

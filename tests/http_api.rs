@@ -212,6 +212,30 @@ fn endpoints_and_error_paths() {
         "text/plain",
     );
     assert_eq!(r.status, 415);
+    // JSON is UTF-8: a charset naming another encoding is refused, not read as UTF-8;
+    // `charset=utf-8` (any case, quoted or not) is taken.
+    for charset in ["utf-16", "latin1", "\"ebcdic\""] {
+        let r = c.request(
+            "POST",
+            "/v1/wallet/balance_transfer",
+            Some(b"{}"),
+            &format!("application/json; charset={charset}"),
+        );
+        assert_eq!(r.status, 415, "{charset}: {}", r.body);
+        assert!(r.body.contains("charset"), "{}", r.body);
+    }
+    for content_type in [
+        "application/json; charset=UTF-8",
+        "application/json;charset=\"utf-8\"",
+    ] {
+        let r = c.request(
+            "POST",
+            "/v1/wallet/balance_transfer",
+            Some(b"{}"),
+            content_type,
+        );
+        assert_eq!(r.status, 400, "{content_type}: {}", r.body);
+    }
     let huge = format!(r#"{{"from_account":"{}"}}"#, "a".repeat(4096));
     let r = c.request(
         "POST",

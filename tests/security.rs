@@ -402,6 +402,156 @@ fn bad_tokens_are_401() {
     assert!(server.stop().success());
 }
 
+/// A token signed with the server's secret, with this header and these claims, as given.
+fn signed(header: &serde_json::Value, claims: &serde_json::Value) -> String {
+    let message = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let signature = jsonwebtoken::crypto::sign(
+        message.as_bytes(),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        jsonwebtoken::Algorithm::HS256,
+    )
+    .unwrap();
+    format!("{message}.{signature}")
+}
+
+/// Correctly signed tokens are judged claim by claim, each refusal naming its claim and reason
+/// (not "not a well-formed JWT" nor the library's `ImmatureSignature`); a NumericDate may have
+/// a fraction (RFC 7519, 2); scopes are separated by single spaces only (RFC 6749, 3.3), so a
+/// no-break space or a tab makes one unknown scope, not admin; a header marking parameters
+/// critical is refused (RFC 7515, 4.1.11); and a second Authorization header is refused
+/// rather than ignored.
+#[test]
+fn token_claims_are_judged_by_name_and_scopes_split_on_single_spaces() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let hs256 = json!({"alg": "HS256", "typ": "JWT"});
+    let admin = |claims: serde_json::Value| signed(&hs256, &claims);
+    let open = |token: String, account: &str| {
+        as_caller(&server, Some(token))
+            .post("/v1/wallet/accounts", &json!({ "account_id": account }))
+    };
+    // A fractional exp is a NumericDate: taken.
+    let r = open(
+        admin(json!({"sub": "ops", "scope": "wallet:admin", "exp": now as f64 + 600.5})),
+        "frac",
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    for (name, claims, reason) in [
+        (
+            "no exp",
+            json!({"sub": "ops", "scope": "wallet:admin"}),
+            "missing claim exp",
+        ),
+        (
+            "exp a string",
+            json!({"sub": "ops", "scope": "wallet:admin", "exp": "soon"}),
+            "claim exp is not a number",
+        ),
+        (
+            "expired, fractional",
+            json!({"sub": "ops", "scope": "wallet:admin", "exp": now as f64 - 60.5}),
+            "expired",
+        ),
+        (
+            "nbf ahead",
+            json!({"sub": "ops", "scope": "wallet:admin", "exp": now + 7200, "nbf": now + 3600}),
+            "not yet valid",
+        ),
+        (
+            "nbf a string",
+            json!({"sub": "ops", "scope": "wallet:admin", "exp": now + 600, "nbf": "x"}),
+            "claim nbf is not a number",
+        ),
+        (
+            "no sub",
+            json!({"scope": "wallet:admin", "exp": now + 600}),
+            "missing claim sub",
+        ),
+        (
+            "sub a number",
+            json!({"sub": 7, "scope": "wallet:admin", "exp": now + 600}),
+            "claim sub is not a string",
+        ),
+        (
+            "scope a list",
+            json!({"sub": "ops", "scope": ["wallet:admin"], "exp": now + 600}),
+            "claim scope is not a string",
+        ),
+    ] {
+        let r = open(admin(claims), "never");
+        assert_eq!(r.status, 401, "{name}: {}", r.body);
+        assert!(r.body.contains(reason), "{name}: {}", r.body);
+    }
+    // Scopes split on single spaces only: these are one unknown scope each, so no admin.
+    for separator in ["\u{a0}", "\t", "\u{3000}", "\n"] {
+        let scope = format!("wallet:read{separator}wallet:admin");
+        let r = open(
+            admin(json!({"sub": "ops", "scope": scope, "exp": now + 600})),
+            "never",
+        );
+        assert_eq!(r.status, 403, "{separator:?}: {}", r.body);
+    }
+    let r = open(
+        admin(json!({"sub": "ops", "scope": "wallet:read wallet:admin", "exp": now + 600})),
+        "spaced",
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    // A critical header parameter this server cannot implement: refused, though signed.
+    let critical = signed(
+        &json!({"alg": "HS256", "crit": ["x-unknown"], "x-unknown": 1}),
+        &json!({"sub": "ops", "scope": "wallet:admin", "exp": now + 600}),
+    );
+    let r = open(critical, "never");
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(r.body.contains("crit"), "{}", r.body);
+    // Two Authorization headers, the first valid: refused, whichever comes first.
+    let valid = token("ops", "wallet:admin");
+    for (first, second) in [(valid.as_str(), "garbage"), ("garbage", valid.as_str())] {
+        let mut stream = TcpStream::connect(&server.address).unwrap();
+        write!(
+            stream,
+            "GET /v1/wallet/accounts/frac HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {first}\r\nAuthorization: Bearer {second}\r\n\r\n"
+        )
+        .unwrap();
+        let r = common::read_response(&mut stream).unwrap();
+        assert_eq!(r.status, 401, "{}", r.body);
+        assert!(
+            r.body.contains("more than one Authorization header"),
+            "{}",
+            r.body
+        );
+    }
+    // `wallet token` splits --scope as the server does.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+        .args([
+            "token",
+            "--sub",
+            "ops",
+            "--scope",
+            "wallet:read\u{a0}wallet:admin",
+        ])
+        .env("WALLET_JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown scope"),
+        "{out:?}"
+    );
+    // Nothing was opened by a refused token.
+    let mut c = as_caller(&server, Some(token("ops", "wallet:admin")));
+    assert_eq!(c.get("/v1/wallet/accounts/never").status, 404);
+    assert!(server.stop().success());
+}
+
 #[test]
 fn rate_and_velocity_limits_answer_429_and_recover() {
     let dir = tempfile::tempdir().unwrap();
@@ -1213,6 +1363,45 @@ fn with_an_audience_and_issuer_configured_only_tokens_naming_both_are_taken() {
             "aud {audience:?}, iss {issuer:?}: {}",
             r.body
         );
+    }
+    // One issuer, a string: a list naming ours among others is refused; an audience must be a
+    // string or a list of strings (a number was reported as "missing claim aud").
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let hs256 = json!({"alg": "HS256", "typ": "JWT"});
+    for (aud, iss, status, reason) in [
+        (
+            json!("wallet-api"),
+            json!(["https://evil", "idp.example"]),
+            401,
+            "claim iss is not a string",
+        ),
+        (
+            json!(5),
+            json!("idp.example"),
+            401,
+            "claim aud is neither a string nor a list",
+        ),
+        (
+            json!(["billing", "wallet-api"]),
+            json!("idp.example"),
+            201,
+            "",
+        ),
+    ] {
+        let token = signed(
+            &hs256,
+            &json!({"sub": "ops", "scope": "wallet:admin", "exp": now + 600, "aud": aud, "iss": iss}),
+        );
+        let mut c = as_caller(&server, Some(token));
+        let r = c.post(
+            "/v1/wallet/accounts",
+            &json!({ "account_id": format!("shaped{status}") }),
+        );
+        assert_eq!(r.status, status, "aud {aud}, iss {iss}: {}", r.body);
+        assert!(r.body.contains(reason), "{}", r.body);
     }
     // The CLI mints what the server expects, and refuses the flags without a key.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))

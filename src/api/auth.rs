@@ -1,8 +1,12 @@
 //! Authentication (JWT bearer tokens) and the authorization rules of the wallet API.
 //!
 //! Only the configured algorithm is accepted (never `none`, never a switch from an asymmetric
-//! key to HMAC), `exp` is required, with a small leeway for clock skew; `aud` and `iss` are
-//! required and checked when the server is configured with them.
+//! key to HMAC), and no header parameter marked critical (`crit`: none is implemented). The
+//! library checks the signature and the algorithm; the claims are checked here, each refusal
+//! naming its claim and reason: `exp` is required (a NumericDate, fractions allowed, with a
+//! small leeway for clock skew), `nbf` honoured, `sub` an account id, `scope` scope tokens
+//! separated by single spaces (RFC 6749, 3.3); `aud` and `iss` are required and checked when
+//! the server is configured with them. A claim given twice is refused.
 
 use std::path::Path;
 
@@ -28,13 +32,23 @@ pub struct Claims {
     pub exp: u64,
 }
 
-/// `Claims` as decoded, with the `aud` claim in whatever shape it came.
+/// The claims this server reads, each in whatever JSON shape it came (`null` reads as
+/// absent), checked one by one in `check_claims`. Named fields: a claim given twice is refused
+/// by the JSON reader, not silently taken from its last copy.
 #[derive(Deserialize)]
-struct Decoded {
-    #[serde(flatten)]
-    claims: Claims,
+struct RawClaims {
+    #[serde(default)]
+    sub: Option<serde_json::Value>,
+    #[serde(default)]
+    scope: Option<serde_json::Value>,
+    #[serde(default)]
+    exp: Option<serde_json::Value>,
+    #[serde(default)]
+    nbf: Option<serde_json::Value>,
     #[serde(default)]
     aud: Option<serde_json::Value>,
+    #[serde(default)]
+    iss: Option<serde_json::Value>,
 }
 
 /// What a token must name besides a valid signature: `aud` and `iss`, when they are set
@@ -63,7 +77,9 @@ pub enum Auth {
     None,
     Jwt {
         key: Box<DecodingKey>,
+        /// The signature and algorithm only; the claims are checked by `check_claims`.
         validation: Box<Validation>,
+        expect: Expect,
     },
 }
 
@@ -113,6 +129,8 @@ impl Caller {
 pub enum AuthError {
     Missing,
     Malformed,
+    /// More than one `Authorization` header: which one a proxy checked is unknown.
+    Repeated,
     Invalid(String),
 }
 
@@ -120,7 +138,10 @@ impl std::fmt::Display for AuthError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             AuthError::Missing => f.write_str("missing bearer token"),
-            AuthError::Malformed => f.write_str("malformed Authorization header"),
+            AuthError::Malformed => f.write_str(
+                "malformed Authorization header: expected `Bearer <token>`, one space, visible ASCII",
+            ),
+            AuthError::Repeated => f.write_str("more than one Authorization header"),
             AuthError::Invalid(reason) => write!(f, "invalid token: {reason}"),
         }
     }
@@ -130,7 +151,8 @@ impl Auth {
     pub fn hs256(secret: &[u8], expect: &Expect) -> Auth {
         Auth::Jwt {
             key: Box::new(DecodingKey::from_secret(secret)),
-            validation: Box::new(validation(Algorithm::HS256, expect)),
+            validation: Box::new(validation(Algorithm::HS256)),
+            expect: expect.clone(),
         }
     }
 
@@ -140,7 +162,8 @@ impl Auth {
         if let Ok(key) = DecodingKey::from_ed_pem(&pem) {
             return Ok(Auth::Jwt {
                 key: Box::new(key),
-                validation: Box::new(validation(Algorithm::EdDSA, expect)),
+                validation: Box::new(validation(Algorithm::EdDSA)),
+                expect: expect.clone(),
             });
         }
         let key = DecodingKey::from_rsa_pem(&pem).map_err(|e| {
@@ -151,7 +174,8 @@ impl Auth {
         })?;
         Ok(Auth::Jwt {
             key: Box::new(key),
-            validation: Box::new(validation(Algorithm::RS256, expect)),
+            validation: Box::new(validation(Algorithm::RS256)),
+            expect: expect.clone(),
         })
     }
 
@@ -159,13 +183,22 @@ impl Auth {
         matches!(self, Auth::None)
     }
 
-    /// Checks the `Authorization` header value.
-    pub fn authenticate(&self, header: Option<&str>, peer: &str) -> Result<Caller, AuthError> {
-        let (key, validation) = match self {
+    /// Checks the `Authorization` header value (`Err(Malformed)` for one that is not visible
+    /// ASCII).
+    pub fn authenticate(
+        &self,
+        header: Option<Result<&str, AuthError>>,
+        peer: &str,
+    ) -> Result<Caller, AuthError> {
+        let (key, validation, expect) = match self {
             Auth::None => return Ok(Caller::unauthenticated(peer)),
-            Auth::Jwt { key, validation } => (key, validation),
+            Auth::Jwt {
+                key,
+                validation,
+                expect,
+            } => (key, validation, expect),
         };
-        let header = header.ok_or(AuthError::Missing)?;
+        let header = header.ok_or(AuthError::Missing)??;
         // The scheme name is case-insensitive (RFC 9110, section 11.1).
         let token = header
             .split_once(' ')
@@ -173,28 +206,109 @@ impl Auth {
             .map(|(_, token)| token)
             .filter(|t| !t.is_empty() && !t.contains(' '))
             .ok_or(AuthError::Malformed)?;
-        let data = jsonwebtoken::decode::<Decoded>(token, key, validation)
+        let data = jsonwebtoken::decode::<RawClaims>(token, key, validation)
             .map_err(|e| AuthError::Invalid(e.kind().to_owned_reason()))?;
-        // Without an expected audience, the library refuses a string or list `aud` but lets
-        // any other shape (`5`, `{}`) through: a token naming an audience in any form is for
-        // another service.
-        if validation.aud.is_none() && data.claims.aud.is_some_and(|aud| !aud.is_null()) {
-            return Err(AuthError::Invalid(
-                "the token names an audience, and this server expects none".into(),
-            ));
-        }
-        let claims = data.claims.claims;
-        if crate::core::AccountId::new(&claims.sub).is_err() {
-            return Err(AuthError::Invalid("sub is not an account id".into()));
-        }
-        let scopes: Vec<&str> = claims.scope.split_whitespace().collect();
+        refuse_critical_parameters(token)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let (sub, scope) = check_claims(data.claims, expect, now).map_err(AuthError::Invalid)?;
+        // Scope tokens are separated by single spaces (RFC 6749, 3.3): any other character,
+        // a no-break space or a tab included, is part of a (then unknown) scope. Splitting on
+        // every kind of whitespace read "wallet:read\u{a0}wallet:admin", one scope to an
+        // identity provider, as admin.
+        let scopes: Vec<&str> = scope.split(' ').collect();
         Ok(Caller {
             transfer: scopes.contains(&SCOPE_TRANSFER),
             read: scopes.contains(&SCOPE_READ),
             admin: scopes.contains(&SCOPE_ADMIN),
-            sub: claims.sub,
+            sub,
         })
     }
+}
+
+/// Refuses a token whose header marks parameters critical (`crit`, RFC 7515 4.1.11): none is
+/// implemented here, and a token that needs one understood must not be taken without it.
+/// Called after the signature is checked, so the header is the signer's.
+fn refuse_critical_parameters(token: &str) -> Result<(), AuthError> {
+    use base64::Engine as _;
+    let not_well_formed = || AuthError::Invalid("not a well-formed JWT".into());
+    let header = token.split('.').next().ok_or_else(not_well_formed)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .map_err(|_| not_well_formed())?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|_| not_well_formed())?;
+    if header.get("crit").is_some() {
+        return Err(AuthError::Invalid(
+            "the header marks parameters critical (crit), and this server implements none".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A NumericDate claim (RFC 7519, 2: seconds since 1970, fractions allowed): its value, or
+/// why it is refused.
+fn numeric_date(name: &str, value: &serde_json::Value) -> Result<f64, String> {
+    value
+        .as_f64()
+        .filter(|v| v.is_finite())
+        .ok_or_else(|| format!("claim {name} is not a number of seconds since 1970"))
+}
+
+/// Checks the claims (at `now`, seconds since 1970): the caller's account (`sub`) and its
+/// scopes, or why the token is refused, naming the claim.
+fn check_claims(claims: RawClaims, expect: &Expect, now: f64) -> Result<(String, String), String> {
+    use serde_json::Value;
+    let leeway = LEEWAY_SECONDS as f64;
+    let exp = claims.exp.ok_or("missing claim exp")?;
+    if numeric_date("exp", &exp)? < now - leeway {
+        return Err("expired".into());
+    }
+    if let Some(nbf) = &claims.nbf
+        && numeric_date("nbf", nbf)? > now + leeway
+    {
+        return Err("not yet valid: its nbf is in the future".into());
+    }
+    let sub = match claims.sub.ok_or("missing claim sub")? {
+        Value::String(sub) if crate::core::AccountId::new(&sub).is_ok() => sub,
+        Value::String(_) => return Err("sub is not an account id".into()),
+        _ => return Err("claim sub is not a string".into()),
+    };
+    let scope = match claims.scope {
+        None => String::new(),
+        Some(Value::String(scope)) => scope,
+        Some(_) => return Err("claim scope is not a string".into()),
+    };
+    match (&expect.audience, claims.aud) {
+        (None, None) => {}
+        // A token naming an audience, in any shape, is for another service.
+        (None, Some(_)) => {
+            return Err("the token names an audience, and this server expects none".into());
+        }
+        (Some(_), None) => return Err("missing claim aud".into()),
+        (Some(ours), Some(aud)) => {
+            let named: Vec<&str> = match &aud {
+                Value::String(one) => vec![one.as_str()],
+                Value::Array(many) if many.iter().all(Value::is_string) => {
+                    many.iter().filter_map(Value::as_str).collect()
+                }
+                _ => return Err("claim aud is neither a string nor a list of strings".into()),
+            };
+            if !named.contains(&ours.as_str()) {
+                return Err(format!("aud does not name this server's audience ({ours})"));
+            }
+        }
+    }
+    if let Some(ours) = &expect.issuer {
+        // One issuer, a string (RFC 7519, 4.1.1): a list naming ours among others is refused.
+        match claims.iss.ok_or("missing claim iss")? {
+            Value::String(iss) if iss == *ours => {}
+            Value::String(_) => return Err(format!("iss is not this server's issuer ({ours})")),
+            _ => return Err("claim iss is not a string".into()),
+        }
+    }
+    Ok((sub, scope))
 }
 
 trait Reason {
@@ -204,36 +318,31 @@ trait Reason {
 impl Reason for jsonwebtoken::errors::ErrorKind {
     fn to_owned_reason(&self) -> String {
         use jsonwebtoken::errors::ErrorKind as K;
+        // The claims are checked in `check_claims`: the library sees the signature, the
+        // algorithm and the token's shape only. Its own names (`ImmatureSignature`, ...) are
+        // never shown.
         match self {
-            K::ExpiredSignature => "expired".into(),
             K::InvalidSignature => "bad signature".into(),
-            K::InvalidAlgorithm => "algorithm not accepted".into(),
-            K::MissingRequiredClaim(c) => format!("missing claim {c}"),
-            K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => {
-                "not a well-formed JWT".into()
+            K::InvalidAlgorithm | K::MissingAlgorithm | K::InvalidAlgorithmName => {
+                "algorithm not accepted".into()
             }
-            other => format!("{other:?}"),
+            // What serde says of the claims, a claim given twice included; it quotes no value.
+            K::Json(e) => format!("not a well-formed JWT: {e}"),
+            _ => "not a well-formed JWT".into(),
         }
     }
 }
 
-fn validation(algorithm: Algorithm, expect: &Expect) -> Validation {
+/// The library's checks: the signature, with `algorithm` only. The claims are `check_claims`'s:
+/// the library's `exp` must be a whole number, and its refusals do not say which claim failed
+/// or why.
+fn validation(algorithm: Algorithm) -> Validation {
     let mut validation = Validation::new(algorithm);
     validation.algorithms = vec![algorithm];
-    validation.leeway = LEEWAY_SECONDS;
-    validation.validate_exp = true;
-    // A token is refused before its `nbf` (not before), when it has one.
-    validation.validate_nbf = true;
-    let mut required = vec!["exp", "sub"];
-    if let Some(audience) = &expect.audience {
-        validation.set_audience(&[audience]);
-        required.push("aud");
-    }
-    if let Some(issuer) = &expect.issuer {
-        validation.set_issuer(&[issuer]);
-        required.push("iss");
-    }
-    validation.set_required_spec_claims(&required);
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
+    validation.validate_aud = false;
+    validation.set_required_spec_claims::<&str>(&[]);
     validation
 }
 

@@ -53,14 +53,18 @@ pub fn decode<'de, T: Deserialize<'de>>(body: &'de [u8]) -> Result<T, FieldError
         let inner = e.inner().to_string();
         // A number beyond a float's range (`1e400`) is valid JSON that serde_json reports as
         // a syntax error, at the field it was given for (every field this API takes is a
-        // string or an object).
+        // string or an object; the items of its one list, `transfers`, are objects).
         if inner.starts_with("number out of range")
             && let Some(field) = path.as_ref().filter(|p| !p.contains('?'))
         {
             return FieldError::new(
                 "invalid_request",
                 field,
-                "expected a string, found a number (and one out of a float's range)",
+                if field.ends_with(']') {
+                    "expected an object, found a number (and one out of a float's range)"
+                } else {
+                    "expected a string, found a number (and one out of a float's range)"
+                },
             );
         }
         // Not JSON at all (a syntax error, or a body cut short): the body is what is wrong,
@@ -422,6 +426,10 @@ mod tests {
         let e = decode::<BatchRequest>(positional.as_bytes()).unwrap_err();
         assert_eq!(e.field, "transfers[1]", "{e:?}");
         assert!(e.message.contains("expected a JSON object"), "{e:?}");
+        // An item that is a number too large for a float: an object was expected, not a string.
+        let e = decode::<BatchRequest>(br#"{"transfers":[1e400]}"#).unwrap_err();
+        assert_eq!(e.field, "transfers[0]", "{e:?}");
+        assert!(e.message.contains("expected an object"), "{e:?}");
         // An open-account id is a string when it is there; left out, it is none.
         let e = decode::<super::OpenAccountRequest>(br#"{"account_id":"c","transaction_id":null}"#)
             .unwrap_err();

@@ -636,10 +636,21 @@ fn admit(
     if public {
         return Ok(Caller::unauthenticated(peer));
     }
-    let header = request
+    // One Authorization header, of visible ASCII: a second one (which a proxy in front may
+    // have checked instead) or a byte outside it is refused by name, not read as no token.
+    let mut headers = request
         .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
+        .get_all(hyper::header::AUTHORIZATION)
+        .iter();
+    let header = match (headers.next(), headers.next()) {
+        (None, _) => None,
+        (Some(_), Some(_)) => Some(Err(crate::api::auth::AuthError::Repeated)),
+        (Some(value), None) => Some(
+            value
+                .to_str()
+                .map_err(|_| crate::api::auth::AuthError::Malformed),
+        ),
+    };
     let caller = app.config.auth.authenticate(header, peer).map_err(|e| {
         tracing::warn!(target: "audit", caller = %peer, route = ROUTES[route].name, reason = %e, "authentication refused");
         Reply::error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()).with_header("www-authenticate", "Bearer")
@@ -825,13 +836,28 @@ async fn read_body(
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let media = content_type.split(';').next().unwrap_or("").trim();
+    let mut parts = content_type.split(';');
+    let media = parts.next().unwrap_or("").trim();
     if !media.eq_ignore_ascii_case("application/json") {
         return Err(Reply::error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
             "Content-Type must be application/json",
         ));
+    }
+    // The body is read as UTF-8 (JSON's only encoding, RFC 8259): a charset naming another one
+    // says the bytes are not, and would fail as JSON or, worse, be read wrongly.
+    for parameter in parts {
+        if let Some((name, value)) = parameter.split_once('=')
+            && name.trim().eq_ignore_ascii_case("charset")
+            && !value.trim().trim_matches('"').eq_ignore_ascii_case("utf-8")
+        {
+            return Err(Reply::error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "Content-Type's charset must be utf-8 (JSON is read as UTF-8)",
+            ));
+        }
     }
     let too_large = || {
         Reply::error(
