@@ -2683,6 +2683,64 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
             "{kind}: {stderr}"
         );
     }
+    // Waits beyond a day panicked computing a deadline (`--zk-patience-s 2^64-1`), and a round
+    // timeout of 0 was taken as 1 s without a word: refused by clap, naming the flag.
+    for (kind, flag, value) in [
+        ("sql", "--zk-patience-s", "18446744073709551615"),
+        ("sql", "--round-timeout-s", "0"),
+        ("sql", "--once-wait-s", "18446744073709551615"),
+        ("redis", "--once-wait-s", "18446744073709551615"),
+        ("redis", "--idle-check-ms", "18446744073709551615"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .args(["replicate", kind, "--source", ".", flag, value])
+            .args(["--zk", "127.0.0.1:9"])
+            .output()
+            .expect("run wallet");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{kind} {flag}: {stderr}");
+        assert!(stderr.contains(flag), "{kind} {flag}: {stderr}");
+    }
+    // An engine URL that cannot work is refused at once, before ZooKeeper (127.0.0.1:9 here is
+    // never asked), naming the problem and not echoing credentials; the scheme is
+    // case-insensitive (an upper-case one was taken for a data directory).
+    for (kind, source, why) in [
+        ("sql", "http://127.0.0.1", "must name a host and a port"),
+        ("redis", "http://127.0.0.1:99999", "not a port number"),
+        (
+            "sql",
+            "http://user:s3cret@127.0.0.1:8080",
+            "must not carry credentials",
+        ),
+        ("sql", "HTTP://127.0.0.1", "must name a host and a port"),
+    ] {
+        let out = common::output_within(
+            std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+                .args(["replicate", kind, "--once", "--source", source])
+                .args(["--zk", "127.0.0.1:9"]),
+            Duration::from_secs(20),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{source}: {stderr}");
+        assert!(
+            stderr.contains("--source") && stderr.contains(why) && !stderr.contains("s3cret"),
+            "{source}: {stderr}"
+        );
+    }
+    // A load test of more than a week is refused (its deadlines would overflow).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+        .args([
+            "loadgen",
+            "--url",
+            "http://127.0.0.1:9",
+            "--duration",
+            "18446744073709551615",
+        ])
+        .output()
+        .expect("run wallet");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--duration must be at most"), "{stderr}");
     // A sync interval of 0 is --sync batch by another name (refused by clap's parser).
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
         .args(["bench", "--sync", "interval=0", "--data-dir", &data])

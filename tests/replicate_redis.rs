@@ -1170,15 +1170,53 @@ fn cluster_commands_route_with_the_documented_formula() {
             "{bad}: {stderr}"
         );
     }
+    // Each names the part at fault (the driver says only "invalid connection string"), and
+    // what the replicator would refuse is refused here already (no database, no host).
+    for (bad, why) in [
+        ("not a url", "shard 1: not a PostgreSQL URL"),
+        (
+            "postgres://b/y?sslmode=bogus",
+            "invalid value for option `sslmode`",
+        ),
+        (
+            "postgres://b/y?connect_timeout=abc",
+            "option `connect_timeout`",
+        ),
+        ("postgres://b/y?foo=bar", "unknown option `foo`"),
+        ("postgres://b:99999/y", "`port`"),
+        ("postgres://b", "shard 1: the URL names no database"),
+        ("postgres:///y", "shard 1: the URL names no host"),
+    ] {
+        let shards = format!("postgres://a/x,{bad}");
+        let out = cluster.wallet(&["cluster", "set-sql-shards", &shards], &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(why),
+            "{bad}: {stderr}"
+        );
+    }
+    // `cluster init` checks both lists before it writes anything: a bad shard URL left the
+    // partition map written without the shard list.
+    let fresh_root = format!("{}-init-checked", cluster.root);
     let out = cluster.wallet(
-        &["cluster", "set-sql-shards", "postgres://a/x,not a url"],
-        &[],
+        &[
+            "cluster",
+            "init",
+            "--redis-nodes",
+            &services.redis[0],
+            "--sql-shards",
+            "postgres://b",
+        ],
+        &[("WALLET_ZK_ROOT", &fresh_root)],
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && stderr.contains("shard 1 is not a PostgreSQL connection URL"),
+        !out.status.success() && stderr.contains("names no database"),
         "{stderr}"
     );
+    let out = cluster.wallet(&["cluster", "show"], &[("WALLET_ZK_ROOT", &fresh_root)]);
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("show prints JSON");
+    assert!(shown["redis_partitions"].is_null(), "{shown}");
     // A source or data directory without a journal (a mistyped path) is refused by name, not
     // replicated or reconciled as an empty ledger.
     let missing = "/nonexistent-wallet-data";
@@ -1226,15 +1264,22 @@ fn cluster_commands_route_with_the_documented_formula() {
         !out.status.success() && stderr.contains("shards 0 and 1 are the same URL"),
         "{stderr}"
     );
+    // Nor by `set-sql-shards` itself, which echoed the list it stored, passwords and all; a
+    // password given as a URL parameter is hidden too.
     let out = cluster.wallet(
         &[
             "cluster",
             "set-sql-shards",
-            "postgres://u:s3cret@a/x,host=b dbname=y password=s3cret",
+            "postgres://u:s3cret@a/x,host=b dbname=y password=s3cret,postgres://u@c/z?sslmode=disable&password=s3cret",
         ],
         &[],
     );
     assert_succeeded(&out);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !printed.contains("s3cret") && printed.contains("postgres://u:***@a/x"),
+        "{printed}"
+    );
     let out = cluster.wallet(&["cluster", "show"], &[]);
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(!printed.contains("s3cret"), "{printed}");
@@ -1243,6 +1288,10 @@ fn cluster_commands_route_with_the_documented_formula() {
     assert_eq!(
         shown["sql_shards"]["shards"][1],
         "host=b dbname=y password=***"
+    );
+    assert_eq!(
+        shown["sql_shards"]["shards"][2],
+        "postgres://u@c/z?sslmode=disable&password=***"
     );
     // A second init with another node list is refused; the map stays.
     let out = cluster.wallet(&["cluster", "init", "--redis-nodes", "127.0.0.1:1"], &[]);

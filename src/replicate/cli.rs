@@ -109,12 +109,12 @@ pub struct RedisReplicateArgs {
     pub once: bool,
     /// With --once: how long to wait for a node that is down or behind once the source is read
     /// to its end, before giving up with an error naming it.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=super::sql::MAX_WAIT_S))]
     pub once_wait_s: u64,
     /// While the source is idle, how often nodes are asked whether they still hold what was
     /// written there (a node emptied, rewound or restarted behind the replicator's back is
     /// connected again and rebuilt); 0: never.
-    #[arg(long, env = "WALLET_REDIS_IDLE_CHECK_MS", default_value_t = 1000)]
+    #[arg(long, env = "WALLET_REDIS_IDLE_CHECK_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=super::sql::MAX_WAIT_S * 1000))]
     pub idle_check_ms: u64,
     /// Rebuild (clear and replay from sequence 1) a node whose `wallet:applied_record` differs
     /// from the source's record at its `wallet:applied_seq`, instead of exiting with an error.
@@ -166,6 +166,12 @@ pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
         match args.command {
             ClusterCommand::Init { zk: z, redis_nodes, sql_shards, allow_unreachable } => {
                 let layout = Layout::new(&z.zk_root)?;
+                // Both lists are checked before anything is written: a bad shard URL left the
+                // partition map written and the shard list not.
+                zk::check_node_list(&redis_nodes)?;
+                if !sql_shards.is_empty() {
+                    zk::check_sql_shards(&sql_shards)?;
+                }
                 let client = zk::connect(&z.zk).await?;
                 zk::init_layout(&client, &layout).await?;
                 match zk::get_partition_map(&client, &layout).await? {
@@ -198,7 +204,7 @@ pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
                         ),
                         None => {
                             let shards = zk::set_sql_shards(&client, &layout, &sql_shards).await?;
-                            println!("{}: {}", layout.sql_shards(), serde_json::to_string(&shards)?);
+                            println!("{}: {}", layout.sql_shards(), serde_json::to_string(&zk::redacted(&shards))?);
                         }
                     }
                 }
@@ -208,10 +214,7 @@ pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
                 let client = zk::connect(&z.zk).await?;
                 let map = zk::get_partition_map(&client, &layout).await?;
                 // Shown without the passwords the URLs may hold (the terminal, a log, a ticket).
-                let shards = zk::get_sql_shards(&client, &layout).await?.map(|mut s| {
-                    s.shards = s.shards.iter().map(|u| zk::redact_password(u)).collect();
-                    s
-                });
+                let shards = zk::get_sql_shards(&client, &layout).await?.map(|s| zk::redacted(&s));
                 let (leader, api) = zk::get_registrations(&client, &layout).await?;
                 let retiring = zk::get_retiring(&client, &layout).await?;
                 print_json(&serde_json::json!({
@@ -238,7 +241,8 @@ pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
                 let client = zk::connect(&z.zk).await?;
                 zk::init_layout(&client, &layout).await?;
                 let shards = zk::set_sql_shards(&client, &layout, &shards).await?;
-                println!("{}: {}", layout.sql_shards(), serde_json::to_string(&shards)?);
+                // Printed without the passwords the URLs may hold.
+                println!("{}: {}", layout.sql_shards(), serde_json::to_string(&zk::redacted(&shards))?);
             }
             ClusterCommand::Route { zk: z, account } => {
                 let layout = Layout::new(&z.zk_root)?;
@@ -300,10 +304,7 @@ pub fn run_reconcile(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
         data_dir: args.data_dir,
         max_printed: args.max_printed,
     };
-    let differences = runtime()?.block_on(super::reconcile::run(&options))?;
-    Ok(if differences == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(super::reconcile_exit_code(runtime().and_then(|rt| {
+        rt.block_on(super::reconcile::run(&options))
+    })))
 }

@@ -120,3 +120,17 @@ impl Differences {
         }
     }
 }
+
+/// `wallet reconcile`'s exit code: 0 when the store matches the journal, 1 when it differs
+/// (the differences are printed), 2 when the comparison could not be made (the error is
+/// printed): a monitor must tell "the copy is wrong" from "the check did not run".
+pub fn reconcile_exit_code(differences: anyhow::Result<u64>) -> std::process::ExitCode {
+    match differences {
+        Ok(0) => std::process::ExitCode::SUCCESS,
+        Ok(_) => std::process::ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

@@ -2020,6 +2020,10 @@ fn return_to_unprobed(node: &mut Node, error: anyhow::Error) -> anyhow::Result<(
 /// Runs the replicator until the process stops (or, with `once`, until caught up).
 pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
     let layout = Layout::new(&options.zk_root)?;
+    // The source is checked first: before any node is touched (a replicator that cannot read
+    // it must leave the nodes as they are), and before waiting for ZooKeeper (a mistyped URL
+    // is an error at once).
+    let mut source = Source::open(&options.source)?;
     let client = zk::connect_patiently(&options.zk, Duration::from_secs(30)).await?;
     let map = zk::get_partition_map(&client, &layout)
         .await?
@@ -2064,9 +2068,6 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
         floor: 0,
         stopped_by: None,
     };
-    // The source is checked before any node is touched: a replicator that cannot read it must
-    // leave the nodes as they are (it marked them "resync" before it failed).
-    let mut source = Source::open(&options.source)?;
     let version = replicator.version();
     // Per node that follows the map: its stored record identity, checked against the source.
     let mut stored_records = Vec::new();

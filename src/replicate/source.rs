@@ -145,9 +145,14 @@ pub enum Source {
 impl Source {
     /// `spec` is a data directory or an `http://host:port` engine URL.
     pub fn open(spec: &str) -> anyhow::Result<Source> {
-        if let Some(rest) = spec.strip_prefix("http://") {
-            Ok(Source::Http(HttpSource::new(rest)?))
-        } else if spec.starts_with("https://") {
+        // The scheme is case-insensitive (RFC 3986, 3.1): `HTTP://...` was taken for a path.
+        let scheme = |name: &str| {
+            spec.get(..name.len())
+                .is_some_and(|s| s.eq_ignore_ascii_case(name))
+        };
+        if scheme("http://") {
+            Ok(Source::Http(HttpSource::new(&spec["http://".len()..])?))
+        } else if scheme("https://") {
             bail!("https sources are not supported; use http:// or a data directory")
         } else {
             let journal = crate::journal::existing_journal_dir(Path::new(spec))
@@ -433,7 +438,23 @@ impl HttpSource {
     fn new(rest: &str) -> anyhow::Result<HttpSource> {
         let authority = rest.trim_end_matches('/');
         if authority.is_empty() || authority.contains('/') {
-            bail!("the engine URL must look like http://host:port");
+            bail!("--source: the engine URL must look like http://host:port");
+        }
+        // Checked here, not found out by connecting (which was retried for seconds first).
+        // A user:password is refused without being echoed: the engine takes a bearer token
+        // from WALLET_SOURCE_TOKEN, never credentials in the URL.
+        if authority.contains('@') {
+            bail!(
+                "--source: the engine URL must not carry credentials (user@ or user:password@); \
+                 give a bearer token in WALLET_SOURCE_TOKEN"
+            );
+        }
+        let port = match authority.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && !host.ends_with(':') => port,
+            _ => bail!("--source: the engine URL must name a host and a port, http://host:port"),
+        };
+        if !port.parse::<u16>().is_ok_and(|p| p > 0) {
+            bail!("--source: the engine URL's port {port:?} is not a port number (1 to 65535)");
         }
         Ok(HttpSource {
             authority: authority.to_string(),

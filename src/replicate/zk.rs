@@ -438,9 +438,9 @@ pub fn redact_password(url: &str) -> String {
         if let Some(at) = rest[..authority_end].rfind('@')
             && let Some(colon) = rest[..at].find(':')
         {
-            return format!("{scheme}://{}:***{}", &rest[..colon], &rest[at..]);
+            return redact_query(&format!("{scheme}://{}:***{}", &rest[..colon], &rest[at..]));
         }
-        return url.to_string();
+        return redact_query(url);
     }
     url.split(' ')
         .map(|word| match word.split_once('=') {
@@ -451,24 +451,53 @@ pub fn redact_password(url: &str) -> String {
         .join(" ")
 }
 
+/// Checks a SQL shard list before it is stored: at least one URL, each one a PostgreSQL URL
+/// naming a host and a database (as `replicate sql` needs), none twice. The errors never echo
+/// a URL: it may hold a password.
+pub fn check_sql_shards(shards: &[String]) -> anyhow::Result<()> {
+    if shards.is_empty() || shards.iter().any(|s| s.trim().is_empty()) {
+        bail!("the shard list needs at least one non-empty URL");
+    }
+    for (i, shard) in shards.iter().enumerate() {
+        crate::replicate::sql::schema::check_url(i, shard)?;
+        if let Some(j) = shards[..i].iter().position(|other| other == shard) {
+            bail!("shards {j} and {i} are the same URL: a shard list names each database once");
+        }
+    }
+    Ok(())
+}
+
+/// The shard list `shards` with the passwords its URLs hold shown as `***`: for printing.
+pub fn redacted(shards: &SqlShards) -> SqlShards {
+    SqlShards {
+        version: shards.version,
+        shards: shards.shards.iter().map(|u| redact_password(u)).collect(),
+    }
+}
+
+/// A URL's query with the value of any `password` parameter shown as `***`
+/// (`postgres://u@h/db?password=pw`, which libpq and the driver both accept).
+fn redact_query(url: &str) -> String {
+    let Some((head, query)) = url.split_once('?') else {
+        return url.to_string();
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{head}?{}", query.join("&"))
+}
+
 /// Replaces the SQL shard list, bumping its version. Creates it (version 1) if absent.
 pub async fn set_sql_shards(
     client: &zk::Client,
     layout: &Layout,
     shards: &[String],
 ) -> anyhow::Result<SqlShards> {
-    if shards.is_empty() || shards.iter().any(|s| s.trim().is_empty()) {
-        bail!("the shard list needs at least one non-empty URL");
-    }
-    for (i, shard) in shards.iter().enumerate() {
-        // The URL is not echoed back: it may hold a password.
-        if let Err(e) = shard.parse::<tokio_postgres::Config>() {
-            bail!("shard {i} is not a PostgreSQL connection URL: {e}");
-        }
-        if let Some(j) = shards[..i].iter().position(|other| other == shard) {
-            bail!("shards {j} and {i} are the same URL: a shard list names each database once");
-        }
-    }
+    check_sql_shards(shards)?;
     let path = layout.sql_shards();
     let current: Option<(SqlShards, i32)> = read_json(client, &path).await?;
     let value = SqlShards {

@@ -725,6 +725,11 @@ async fn setup(args: &LoadgenArgs, host: &Target, admin: Option<String>) -> anyh
 pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
     anyhow::ensure!(args.connections >= 1, "--connections must be at least 1");
     anyhow::ensure!(args.duration >= 1, "--duration must be at least 1 second");
+    // A week: far past any load test, and far from overflowing the run's deadlines.
+    anyhow::ensure!(
+        args.duration <= 7 * 86_400,
+        "--duration must be at most 604800 seconds (a week)"
+    );
     if let Some(path) = &args.raw_path {
         anyhow::ensure!(
             path.starts_with('/'),

@@ -131,13 +131,14 @@ pub struct SqlReplicateArgs {
     pub once: bool,
     /// With --once: how long the shards may fail (one down, rounds failing) without a round
     /// getting through before the run gives up with an error naming the last failure.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=MAX_WAIT_S))]
     pub once_wait_s: u64,
-    /// Abandon (and recover) a round that takes longer than this many seconds.
-    #[arg(long, default_value_t = 60)]
+    /// Abandon (and recover) a round that takes longer than this many seconds (1 to 86400).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=MAX_WAIT_S))]
     pub round_timeout_s: u64,
-    /// Seconds to wait for ZooKeeper, and for the lock of a replicator that crashed.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds to wait for ZooKeeper, and for the lock of a replicator that crashed (1 to
+    /// 86400).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=MAX_WAIT_S))]
     pub zk_patience_s: u64,
     /// CA certificates (PEM) that the shard servers' TLS certificates are checked against:
     /// with it, shards reached over TCP are reached over verified TLS only, unless their URL
@@ -146,6 +147,10 @@ pub struct SqlReplicateArgs {
     #[arg(long, env = "WALLET_SHARD_CA")]
     pub shard_ca: Option<PathBuf>,
 }
+
+/// The longest wait a replicator's flags may ask for, in seconds (a day): beyond it a deadline
+/// computed from the start panicked on overflow (`--zk-patience-s 18446744073709551615`).
+pub const MAX_WAIT_S: u64 = 86_400;
 
 #[derive(Args)]
 pub struct SqlReconcileArgs {
@@ -180,7 +185,7 @@ pub fn run_replicate(args: SqlReplicateArgs) -> anyhow::Result<ExitCode> {
         migrate: args.migrate,
         batch_events: args.batch_events as usize,
         once: args.once,
-        round_timeout: Duration::from_secs(args.round_timeout_s.max(1)),
+        round_timeout: Duration::from_secs(args.round_timeout_s),
         zk_patience: Duration::from_secs(args.zk_patience_s),
         shard_ca: args.shard_ca.as_deref().map(tls::load_ca).transpose()?,
         once_wait: Duration::from_secs(args.once_wait_s),
@@ -204,19 +209,16 @@ pub fn run_replicate(args: SqlReplicateArgs) -> anyhow::Result<ExitCode> {
 
 /// `wallet reconcile sql`: exit status 1 on any difference.
 pub fn run_reconcile(args: SqlReconcileArgs) -> anyhow::Result<ExitCode> {
-    let options = reconcile::ReconcileOptions {
-        zk: args.zk.zk,
-        zk_root: args.zk.zk_root,
-        data_dir: args.data_dir,
-        max_printed: args.max_printed,
-        shard_ca: args.shard_ca.as_deref().map(tls::load_ca).transpose()?,
-    };
-    let differences = runtime()?.block_on(reconcile::run(&options))?;
-    Ok(if differences == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(crate::replicate::reconcile_exit_code((|| {
+        let options = reconcile::ReconcileOptions {
+            zk: args.zk.zk,
+            zk_root: args.zk.zk_root,
+            data_dir: args.data_dir,
+            max_printed: args.max_printed,
+            shard_ca: args.shard_ca.as_deref().map(tls::load_ca).transpose()?,
+        };
+        runtime()?.block_on(reconcile::run(&options))
+    })()))
 }
 
 #[cfg(test)]

@@ -73,6 +73,8 @@ struct Content {
     /// The watermark row's identity of the record at `watermark` (`None`: written by an older
     /// replicator, or no row).
     applied_record: Option<String>,
+    /// The watermark row's place: shard index, shard count, coordinator id (`None`: no row).
+    place: Option<(i32, i32, String)>,
     /// (account, currency) -> (balance, last_seq)
     balances: HashMap<(String, String), (u128, i64)>,
     /// currency -> sum of balances, as SQL computed it.
@@ -105,12 +107,16 @@ async fn read_shard(shard: &Shard, coordinator_id: Option<&str>) -> anyhow::Resu
         ..Content::default()
     };
     let row = tx
-        .query_opt("SELECT applied_seq, applied_record FROM watermark", &[])
+        .query_opt(
+            "SELECT applied_seq, applied_record, shard_index, shard_count, coordinator_id FROM watermark",
+            &[],
+        )
         .await?;
-    (content.watermark, content.applied_record) = match row {
-        Some(row) => (u64::try_from(row.try_get::<_, i64>(0)?)?, row.try_get(1)?),
-        None => (0, None),
-    };
+    if let Some(row) = row {
+        content.watermark = u64::try_from(row.try_get::<_, i64>(0)?)?;
+        content.applied_record = row.try_get(1)?;
+        content.place = Some((row.try_get(2)?, row.try_get(3)?, row.try_get(4)?));
+    }
     for row in tx
         .query(
             "SELECT account_id, currency, balance::text, last_seq FROM balances",
@@ -434,6 +440,47 @@ async fn read_all(
     contents
 }
 
+/// What the replicator checks of each shard's watermark row before it writes there: the row
+/// exists when the shard holds anything (without it, which events the shard applied is
+/// unknown), and names this shard's place in this list and this cluster's coordinator. A row
+/// without a record identity (an older replicator's) is noted: that check cannot be made.
+fn check_places(contents: &[Option<Content>], coordinator_id: Option<&str>, out: &mut Differences) {
+    let n = contents.len();
+    for (k, content) in contents.iter().enumerate() {
+        let Some(c) = content else { continue };
+        match &c.place {
+            None if !(c.entries.is_empty() && c.balances.is_empty() && c.transfers.is_empty()) => {
+                out.report(format!(
+                    "shard {k} holds {} entries, {} balances and {} transfers but no watermark row: which events it applied is unknown (the replicator refuses it)",
+                    c.entries.len(),
+                    c.balances.len(),
+                    c.transfers.len()
+                ));
+            }
+            None => {}
+            Some((index, count, id)) => {
+                if *index as usize != k || *count as usize != n {
+                    out.report(format!(
+                        "shard {k}'s watermark row says shard {index} of {count}; the shard list has it as shard {k} of {n} (the replicator refuses it)"
+                    ));
+                }
+                if let Some(ours) = coordinator_id
+                    && id != ours
+                {
+                    out.report(format!(
+                        "shard {k}'s watermark row names coordinator {id}; this cluster's is {ours} (the replicator refuses it)"
+                    ));
+                }
+                if c.applied_record.is_none() && c.watermark > 0 {
+                    println!(
+                        "note: shard {k}'s watermark row has no applied_record (written by an older replicator): that it follows this journal cannot be checked until the next round writes one"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Runs the comparison and prints the differences, then a summary line. Returns the count.
 pub async fn run(options: &ReconcileOptions) -> anyhow::Result<u64> {
     // Before anything else: a mistyped path would reconcile the store against an empty ledger.
@@ -480,6 +527,7 @@ pub async fn run(options: &ReconcileOptions) -> anyhow::Result<u64> {
             }
         }
     }
+    check_places(&contents, coordinator_id.as_deref(), &mut out);
     let watermarks: Vec<Option<u64>> = contents
         .iter()
         .map(|c| c.as_ref().map(|c| c.watermark))

@@ -85,9 +85,13 @@ pub struct Report {
     /// The common watermark at start, and at the end.
     pub start_seq: u64,
     pub end_seq: u64,
-    /// Events and committed transfers in the rounds this run committed.
+    /// Events and committed transfers of the journal between `start_seq` and `end_seq`: what
+    /// this run brought the shards up to, by its own rounds or by recovering one of them that
+    /// a failure left in doubt. (Counted from the rounds alone, a recovered round's events were
+    /// left out, and a transfer counted only where its debit's shard was behind.)
     pub events: u64,
     pub transfers: u64,
+    /// Rounds this run committed itself (not those recovered after a failure).
     pub rounds: u64,
     pub shards: usize,
     /// From the first round to the last.
@@ -493,6 +497,26 @@ impl State {
         let row = match client.query_opt(identity, &[]).await? {
             Some(row) => row,
             None => {
+                // No watermark row: a fresh shard, unless it holds rows (a restore that left the
+                // watermark table out, a `TRUNCATE watermark`). A row at 0 would then claim
+                // that none of them was applied: the next round failed on a duplicate key, and
+                // `reconcile` advised running the replicator again.
+                let holds: bool = client
+                    .query_one(
+                        "SELECT EXISTS (SELECT 1 FROM entries) OR EXISTS (SELECT 1 FROM balances) \
+                         OR EXISTS (SELECT 1 FROM transfers)",
+                        &[],
+                    )
+                    .await?
+                    .try_get(0)?;
+                if holds {
+                    return Err(Fatal(format!(
+                        "shard {i} ({}) holds entries, balances or transfers but no watermark row: which events it applied is unknown \
+                         (a restore without the watermark table?); restore the row, or rebuild the shard into an empty database",
+                        shard.label
+                    ))
+                    .into());
+                }
                 client
                     .execute(
                         "INSERT INTO watermark (applied_seq, shard_index, shard_count, coordinator_id) VALUES (0, $1, $2, $3) ON CONFLICT DO NOTHING",
@@ -738,7 +762,20 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
     // Before the lock: a source that cannot be read is an error at once.
     let source = Source::open(&options.source)?;
     let mut coordinator = Coordinator::start(&options.zk, &layout, options.zk_patience).await?;
-    let result = replicate(options, &layout, &mut coordinator, source).await;
+    // SIGTERM or SIGINT (a supervisor stopping the service, ^C) stops the run where it is, as
+    // a crash would: a round in flight is left prepared, for the next replicator's recovery.
+    // Unlike a crash, the lock is then released, so the next one need not wait out the
+    // session's expiry.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let result = tokio::select! {
+        result = replicate(options, &layout, &mut coordinator, source) => result,
+        _ = terminate.recv() => Err(anyhow::anyhow!("stopped by SIGTERM")),
+        _ = interrupt.recv() => Err(anyhow::anyhow!("stopped by SIGINT")),
+    };
+    if let Err(e) = &result {
+        tracing::info!(reason = %format!("{e:#}"), "SQL replicator stopping; releasing the lock");
+    }
     coordinator.release().await;
     result
 }
@@ -877,6 +914,8 @@ async fn replicate(
             last_warning = None;
         }
         let low = state.watermarks.iter().copied().min().unwrap_or(0);
+        // Records every shard now holds (a failed round that recovery committed): applied.
+        report.transfers += committed_transfers(pending.iter().filter(|r| r.next_seq() - 1 <= low));
         pending.retain(|r| r.next_seq() - 1 > low);
         if pending.is_empty() {
             // Read until the batch is full or the journal has nothing more; records the shards
@@ -970,11 +1009,10 @@ async fn replicate(
             ))
         });
         match result {
-            Ok(transfers) => {
+            Ok(_) => {
                 shards_failing_since = None;
                 let events = batch_end - pending.first().map_or(batch_end, |r| r.first_seq - 1);
-                report.events += events;
-                report.transfers += transfers;
+                report.transfers += committed_transfers(pending.iter());
                 report.rounds += 1;
                 report.end_seq = batch_end;
                 report.elapsed = started.map_or(Duration::ZERO, |s| s.elapsed());
@@ -1003,7 +1041,15 @@ async fn replicate(
         }
     }
     report.end_seq = state.watermarks.iter().copied().min().unwrap_or(0);
+    report.events = report.end_seq.saturating_sub(report.start_seq);
     Ok(report)
+}
+
+/// How many of `records` are committed transfers.
+fn committed_transfers<'a>(records: impl Iterator<Item = &'a CommandRecord>) -> u64 {
+    records
+        .filter(|r| r.command_type == CommandType::Transfer && r.is_committed())
+        .count() as u64
 }
 
 #[cfg(test)]

@@ -54,6 +54,29 @@ impl std::fmt::Debug for Shard {
     }
 }
 
+/// Parses shard `index`'s URL and checks that it names a host and a database, as `replicate
+/// sql` needs, without connecting: what `cluster set-sql-shards` stores is then what the
+/// replicator accepts. An error names the part at fault (the driver's own message is only
+/// "invalid connection string") and never echoes the URL, which may hold a password.
+pub fn check_url(index: usize, url: &str) -> anyhow::Result<Config> {
+    let config: Config = url.parse().map_err(|e: tokio_postgres::Error| {
+        let reason = std::error::Error::source(&e)
+            .map_or_else(|| e.to_string(), |source| format!("{e}: {source}"));
+        anyhow::anyhow!(
+            "shard {index}: not a PostgreSQL URL ({reason}); expected postgres://user@host:port/database"
+        )
+    })?;
+    if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
+        bail!("shard {index}: the URL names no host; expected postgres://user@host:port/database");
+    }
+    if config.get_dbname().is_none() {
+        bail!(
+            "shard {index}: the URL names no database; expected postgres://user@host:port/database"
+        );
+    }
+    Ok(config)
+}
+
 impl Shard {
     /// Parses a shard URL for a connection without TLS (`parse_with_tls` with none).
     pub fn parse(index: usize, url: &str) -> anyhow::Result<Shard> {
@@ -68,9 +91,7 @@ impl Shard {
         url: &str,
         tls: Option<&ShardTls>,
     ) -> anyhow::Result<Shard> {
-        let mut config: Config = url.parse().map_err(|e| {
-            anyhow::anyhow!("shard {index}: not a PostgreSQL URL ({e}); expected postgres://user@host:port/database")
-        })?;
+        let mut config = check_url(index, url)?;
         config
             .connect_timeout(CONNECT_TIMEOUT)
             .keepalives(true)
@@ -101,6 +122,7 @@ impl Shard {
         let Some(database) = config.get_dbname() else {
             bail!("shard {index} ({server}): the URL names no database");
         };
+        let database = database.to_string();
         let label = format!("{server}/{database}");
         let local = !config.get_hosts().is_empty()
             && config
