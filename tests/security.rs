@@ -373,7 +373,11 @@ fn bad_tokens_are_401() {
         let mut c = as_caller(&server, Some(t));
         let r = c.get("/v1/wallet/accounts/alice");
         assert_eq!(r.status, 401, "{name}: {}", r.body);
-        assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some(r#"Bearer error="invalid_token""#),
+            "{name}"
+        );
     }
     // The scheme name is case-insensitive; a token needs its scheme and one space. (No account
     // is open here: a caller let in is told 404.)
@@ -395,8 +399,11 @@ fn bad_tokens_are_401() {
         let r = common::read_response(&mut stream).unwrap();
         assert_eq!(r.status, status, "{authorization:.12}: {}", r.body);
     }
+    // No token: a challenge without an error code (RFC 6750, 3.1).
     let mut none = as_caller(&server, None);
-    assert_eq!(none.get("/v1/wallet/accounts/alice").status, 401);
+    let r = none.get("/v1/wallet/accounts/alice");
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
     let r = none.request("GET", "/healthz", None, "application/json");
     assert_eq!(r.status, 200, "operations endpoints stay public");
     assert!(server.stop().success());
@@ -527,6 +534,10 @@ fn token_claims_are_judged_by_name_and_scopes_split_on_single_spaces() {
             r.body.contains("more than one Authorization header"),
             "{}",
             r.body
+        );
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some(r#"Bearer error="invalid_request""#)
         );
     }
     // `wallet token` splits --scope as the server does.

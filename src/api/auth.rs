@@ -134,6 +134,19 @@ pub enum AuthError {
     Invalid(String),
 }
 
+impl AuthError {
+    /// The `WWW-Authenticate` challenge of a 401 (RFC 6750, 3): no error code when no token
+    /// came, `invalid_request` for a malformed or repeated header, `invalid_token` for a token
+    /// refused.
+    pub fn challenge(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "Bearer",
+            AuthError::Malformed | AuthError::Repeated => r#"Bearer error="invalid_request""#,
+            AuthError::Invalid(_) => r#"Bearer error="invalid_token""#,
+        }
+    }
+}
+
 impl std::fmt::Display for AuthError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

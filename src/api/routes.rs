@@ -653,7 +653,7 @@ fn admit(
     };
     let caller = app.config.auth.authenticate(header, peer).map_err(|e| {
         tracing::warn!(target: "audit", caller = %peer, route = ROUTES[route].name, reason = %e, "authentication refused");
-        Reply::error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()).with_header("www-authenticate", "Bearer")
+        Reply::error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()).with_header("www-authenticate", e.challenge())
     })?;
     if let Some(limiter) = &app.caller_limiter
         && let Err(wait) = limiter.check(&caller.sub, 1)
