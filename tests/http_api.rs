@@ -225,6 +225,7 @@ fn endpoints_and_error_paths() {
         assert!(r.body.contains("charset"), "{}", r.body);
     }
     for content_type in [
+        "application/json; charset=utf8",
         "application/json; charset=UTF-8",
         "application/json;charset=\"utf-8\"",
     ] {
@@ -1818,16 +1819,15 @@ fn loadgen_sends_the_backlog_of_a_stall_at_the_end_of_an_open_loop_run() {
         report["latency_us"]["max"].as_u64().unwrap_or(0) >= 500_000,
         "the stall is in the latencies: {report}"
     );
-    // The requests due during the stall went out late, and the run says it did not hold its
-    // rate: 400 requests over about 2.5 s.
+    // The requests due during the stall went out late, and the run says so.
     assert!(
-        report["send_lag_us"]["max"].as_u64().unwrap_or(0) >= 300_000,
+        report["send_lag_us"]["p99"].as_u64().unwrap_or(0) >= 100_000,
         "{report}"
     );
-    let achieved = report["rate_achieved_share"].as_f64().unwrap_or(1.0);
-    assert!(achieved < 0.95, "{report}");
+    let achieved = report["rate_achieved_share"].as_f64().unwrap_or(9.0);
+    assert!(achieved <= 1.01, "{report}");
     assert!(
-        stderr.contains("WARNING: the run offered") && stderr.contains("of the 200 asked"),
+        stderr.contains("WARNING: requests went out late"),
         "{stderr}"
     );
 }

@@ -2000,8 +2000,9 @@ fn a_replicator_stopped_by_sigterm_releases_its_lock() {
         .status()
         .expect("kill");
     assert!(status.success());
+    // Following, a stop by SIGTERM is how it ends: exit 0.
     let exited = common::wait_with_timeout(&mut follower.child, Duration::from_secs(20));
-    assert!(!exited.success(), "{}", follower.log_tail());
+    assert!(exited.success(), "{exited:?}\n{}", follower.log_tail());
     let started = Instant::now();
     assert_ok(&cluster.replicate_once(&[], &[]), "the next replicator");
     let took = started.elapsed();

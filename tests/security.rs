@@ -411,11 +411,12 @@ fn bad_tokens_are_401() {
 
 /// A token signed with the server's secret, with this header and these claims, as given.
 fn signed(header: &serde_json::Value, claims: &serde_json::Value) -> String {
-    let message = format!(
-        "{}.{}",
-        b64(header.to_string().as_bytes()),
-        b64(claims.to_string().as_bytes())
-    );
+    signed_text(&header.to_string(), &claims.to_string())
+}
+
+/// `signed`, with the header and claims as JSON text (a claim written twice, say).
+fn signed_text(header: &str, claims: &str) -> String {
+    let message = format!("{}.{}", b64(header.as_bytes()), b64(claims.as_bytes()));
     let signature = jsonwebtoken::crypto::sign(
         message.as_bytes(),
         &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
@@ -511,6 +512,29 @@ fn token_claims_are_judged_by_name_and_scopes_split_on_single_spaces() {
         "spaced",
     );
     assert_eq!(r.status, 201, "{}", r.body);
+    // A claim written twice is refused, whichever copy would have passed.
+    for claims in [
+        format!(
+            r#"{{"sub":"ops","scope":"wallet:admin","exp":{},"exp":{}}}"#,
+            now - 3600,
+            now + 600
+        ),
+        format!(
+            r#"{{"sub":"ops","scope":"wallet:read","scope":"wallet:admin","exp":{}}}"#,
+            now + 600
+        ),
+        format!(
+            r#"{{"sub":"ops","scope":"wallet:admin","exp":null,"exp":{}}}"#,
+            now + 600
+        ),
+    ] {
+        let r = open(
+            signed_text(r#"{"alg":"HS256","typ":"JWT"}"#, &claims),
+            "never",
+        );
+        assert_eq!(r.status, 401, "{claims}: {}", r.body);
+        assert!(r.body.contains("duplicate field"), "{claims}: {}", r.body);
+    }
     // A critical header parameter this server cannot implement: refused, though signed.
     let critical = signed(
         &json!({"alg": "HS256", "crit": ["x-unknown"], "x-unknown": 1}),

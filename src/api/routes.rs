@@ -850,7 +850,9 @@ async fn read_body(
     for parameter in parts {
         if let Some((name, value)) = parameter.split_once('=')
             && name.trim().eq_ignore_ascii_case("charset")
-            && !value.trim().trim_matches('"').eq_ignore_ascii_case("utf-8")
+            && !["utf-8", "utf8"]
+                .iter()
+                .any(|utf8| value.trim().trim_matches('"').eq_ignore_ascii_case(utf8))
         {
             return Err(Reply::error(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -75,6 +75,8 @@ pub enum ClusterCommand {
     Route {
         #[command(flatten)]
         zk: ZkArgs,
+        /// An account id; one starting with `-` is taken as the id, not as a flag.
+        #[arg(allow_hyphen_values = true)]
         account: String,
     },
 }
@@ -245,6 +247,8 @@ pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
                 println!("{}: {}", layout.sql_shards(), serde_json::to_string(&zk::redacted(&shards))?);
             }
             ClusterCommand::Route { zk: z, account } => {
+                // Only an account id can be an account's key: anything else is a typo.
+                crate::core::AccountId::new(&account).map_err(|e| anyhow::anyhow!("account {account:?}: {e}"))?;
                 let layout = Layout::new(&z.zk_root)?;
                 let client = zk::connect(&z.zk).await?;
                 let map = zk::get_partition_map(&client, &layout)

@@ -76,6 +76,10 @@ fn parse_share(text: &str) -> Result<f64, String> {
 /// The achieved share of an open loop's offered rate below which the report warns.
 const RATE_ACHIEVED_WARNING: f64 = 0.99;
 
+/// The 99th percentile of an open loop's send lag above which the report warns (tokio's timer
+/// alone makes up to a millisecond).
+const SEND_LAG_WARNING_US: u64 = 10_000;
+
 impl LoadgenReport {
     /// A run in which nothing succeeded is a failed run (its report is printed first): no
     /// transfer committed or replayed, or with `--raw-path` no 2xx answer. Without `--setup`
@@ -129,21 +133,29 @@ impl LoadgenReport {
     /// not reach its offered rate, a run in which some requests failed.
     pub fn warnings(&self, args: &LoadgenArgs) -> Vec<String> {
         let mut warnings = Vec::new();
+        let lag_p99 = self
+            .send_lag_us
+            .as_ref()
+            .and_then(|l| l.get("p99"))
+            .copied()
+            .unwrap_or(0);
         if let Some(achieved) = self.rate_achieved_share
             && achieved < RATE_ACHIEVED_WARNING
         {
             warnings.push(format!(
-                "WARNING: the run offered {:.0} transfers/s of the {} asked ({:.1}%): it measured \
-                 a server behind its load, not one at that rate (send lag p99 {} us: the \
-                 generator's own lateness)",
-                self.rate_achieved_share.unwrap_or(0.0) * self.rate as f64,
+                "WARNING: the run offered {:.0} transfers/s of the {} asked ({:.1}%): it was not \
+                 a run at that rate (send lag p99 {lag_p99} us)",
+                achieved * self.rate as f64,
                 self.rate,
                 achieved * 100.0,
-                self.send_lag_us
-                    .as_ref()
-                    .and_then(|l| l.get("p99"))
-                    .copied()
-                    .unwrap_or(0),
+            ));
+        }
+        if lag_p99 > SEND_LAG_WARNING_US {
+            warnings.push(format!(
+                "WARNING: requests went out late (send lag p99 {lag_p99} us): each connection \
+                 waits for its answer before its next request, so a slow server (or too few \
+                 --connections, or a busy generator) delays them; the latencies count from the \
+                 due times and include that wait"
             ));
         }
         if self.failed > 0 && self.failed_share <= args.max_failure_share {
@@ -212,9 +224,9 @@ pub struct LoadgenReport {
     /// Open loop: how late each request was sent after its due time, in microseconds (the
     /// generator's own lateness, told apart from the server's). `null` in a closed loop.
     pub send_lag_us: Option<BTreeMap<String, u64>>,
-    /// Open loop: the transfers offered per second over the run (until its last answer) as a
-    /// share of `--rate`; below 0.99 the run warns that it did not hold the rate. `null` in a
-    /// closed loop.
+    /// Open loop: the transfers offered per second over the run (until its last request went
+    /// out) as a share of `--rate`; below 0.99 the run warns that it did not hold the rate, and
+    /// a send lag p99 over 10 ms is warned about too. `null` in a closed loop.
     pub rate_achieved_share: Option<f64>,
     pub rate: u64,
     pub connections: usize,
@@ -847,6 +859,7 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
             // throughput is over the time answers came in, so that one request that never gets
             // an answer (waited out until the deadline) does not stretch it.
             let mut last_answer: Option<Instant> = None;
+            let mut last_sent: Option<Instant> = None;
             let counts_transfers = args.raw_path.is_none();
             // What one request offers: a batch's transfers, or one request with --raw-path.
             let units = if counts_transfers {
@@ -919,6 +932,7 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
                     tokio::time::sleep_until((intended - TIMER_TICK).into()).await;
                 }
                 let sent = Instant::now();
+                last_sent = Some(sent);
                 sent_requests += 1;
                 if open_loop {
                     let lag = sent.saturating_duration_since(intended);
@@ -965,7 +979,7 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
                 errors,
                 (committed, replayed, resent, rejected_items, failed),
                 sent_requests,
-                last_answer,
+                (last_answer, last_sent),
             ))
         }));
     }
@@ -980,8 +994,11 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
     let (mut committed, mut replayed, mut resent, mut requests) = (0u64, 0u64, 0u64, 0u64);
     let (mut rejected_items, mut failed) = (0u64, 0u64);
     let mut last_answer: Option<Instant> = None;
+    let mut last_sent: Option<Instant> = None;
     for task in tasks {
-        let ([h, a, f, lag], s, e, (c, r, again, other, lost), sent, last) = task.await??;
+        let ([h, a, f, lag], s, e, (c, r, again, other, lost), sent, (last, sent_last)) =
+            task.await??;
+        last_sent = last_sent.max(sent_last);
         requests += sent;
         committed += c;
         replayed += r;
@@ -1079,8 +1096,16 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
         } else {
             None
         },
-        rate_achieved_share: open_loop
-            .then(|| (requests * args.batch as u64) as f64 / seconds / args.rate as f64),
+        // Over the time the requests went out (the duration, or up to the last send when that
+        // came later), not up to the last answer: a server slow to answer the last requests
+        // did not make the generator offer less.
+        rate_achieved_share: open_loop.then(|| {
+            let sending = last_sent
+                .map_or(Duration::ZERO, |last| last.saturating_duration_since(start))
+                .max(Duration::from_secs(args.duration))
+                .as_secs_f64();
+            (requests * args.batch as u64) as f64 / sending / args.rate as f64
+        }),
         errors_by_kind,
         rate: args.rate,
         connections: args.connections,

@@ -190,7 +190,15 @@ pub fn run_replicate(args: SqlReplicateArgs) -> anyhow::Result<ExitCode> {
         shard_ca: args.shard_ca.as_deref().map(tls::load_ca).transpose()?,
         once_wait: Duration::from_secs(args.once_wait_s),
     };
-    let report = runtime()?.block_on(replicator::run(&options))?;
+    let report = match runtime()?.block_on(replicator::run(&options)) {
+        // Following: a stop by SIGTERM (a supervisor) or ^C is the way it ends, not a failure.
+        // Under --once, the run did not reach its end: an error.
+        Err(e) if !options.once && e.is::<replicator::StoppedBySignal>() => {
+            eprintln!("{e}; the lock is released");
+            return Ok(ExitCode::SUCCESS);
+        }
+        result => result?,
+    };
     println!(
         "replicated {} events ({} transfers, sequences {}..{}) into {} SQL shards in {} rounds in {:.3} s: {:.0} events/s, {:.0} transfers/s (batch {} events)",
         report.events,

@@ -757,6 +757,18 @@ impl State {
 }
 
 /// Runs the replicator until the process stops (or, with `once`, until caught up).
+/// The run was stopped by a signal (not a failure of the replication).
+#[derive(Debug)]
+pub struct StoppedBySignal(pub &'static str);
+
+impl std::fmt::Display for StoppedBySignal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stopped by {}", self.0)
+    }
+}
+
+impl std::error::Error for StoppedBySignal {}
+
 pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
     let layout = Layout::new(&options.zk_root)?;
     // Before the lock: a source that cannot be read is an error at once.
@@ -770,8 +782,8 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let result = tokio::select! {
         result = replicate(options, &layout, &mut coordinator, source) => result,
-        _ = terminate.recv() => Err(anyhow::anyhow!("stopped by SIGTERM")),
-        _ = interrupt.recv() => Err(anyhow::anyhow!("stopped by SIGINT")),
+        _ = terminate.recv() => Err(StoppedBySignal("SIGTERM").into()),
+        _ = interrupt.recv() => Err(StoppedBySignal("SIGINT").into()),
     };
     if let Err(e) = &result {
         tracing::info!(reason = %format!("{e:#}"), "SQL replicator stopping; releasing the lock");

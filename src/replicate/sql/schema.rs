@@ -59,12 +59,29 @@ impl std::fmt::Debug for Shard {
 /// replicator accepts. An error names the part at fault (the driver's own message is only
 /// "invalid connection string") and never echoes the URL, which may hold a password.
 pub fn check_url(index: usize, url: &str) -> anyhow::Result<Config> {
+    const EXPECTED: &str = "expected postgres://user@host:port/database";
+    // The driver reads a URL only under these schemes, in lower case; anything else goes to
+    // its key=value parser, whose "unknown option" quotes everything up to the first `=`, a
+    // password included (`Postgres://u:pw@h/db?sslmode=...`): not echoed.
+    let url_form = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    if !url_form && url.contains("://") {
+        bail!(
+            "shard {index}: not a PostgreSQL URL (the scheme must be postgres:// or postgresql://, in lower case); {EXPECTED}"
+        );
+    }
     let config: Config = url.parse().map_err(|e: tokio_postgres::Error| {
-        let reason = std::error::Error::source(&e)
-            .map_or_else(|| e.to_string(), |source| format!("{e}: {source}"));
-        anyhow::anyhow!(
-            "shard {index}: not a PostgreSQL URL ({reason}); expected postgres://user@host:port/database"
-        )
+        let reason = match std::error::Error::source(&e).map(ToString::to_string) {
+            // A URL's parameters are named by their keys (a password is a known key's value);
+            // "invalid value for option `name`" names one of the driver's own options.
+            Some(detail) if url_form || detail.starts_with("invalid value for option") => {
+                format!("{e}: {detail}")
+            }
+            Some(_) => {
+                format!("{e}: an unknown option (not shown: the string may hold a password)")
+            }
+            None => e.to_string(),
+        };
+        anyhow::anyhow!("shard {index}: not a PostgreSQL URL ({reason}); {EXPECTED}")
     })?;
     if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
         bail!("shard {index}: the URL names no host; expected postgres://user@host:port/database");
