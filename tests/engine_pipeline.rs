@@ -704,16 +704,21 @@ fn a_paced_bench_measures_the_pipeline_not_its_own_batching() {
 /// reached 1.4 M/s read as a paced run, its latencies those of a backlog.)
 #[test]
 fn a_paced_bench_below_its_rate_warns() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
-        .args(["bench", "--accounts", "1000", "--transfers", "20000"])
-        .args(["--rate", "1000000000", "--no-journal", "--json"])
-        .args(["--wait", "park", "--output-wait", "park", "--pin-core=-1"])
-        .env("WALLET_LOG", "warn")
-        .output()
-        .expect("run wallet");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let bench = |transfers: &str, extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .args(["bench", "--accounts", "1000", "--transfers", transfers])
+            .args(["--no-journal", "--json"])
+            .args(["--wait", "park", "--output-wait", "park", "--pin-core=-1"])
+            .args(extra)
+            .env("WALLET_LOG", "warn")
+            .output()
+            .expect("run wallet");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+        (report, stderr)
+    };
+    let (report, stderr) = bench("20000", &["--rate", "1000000000"]);
     assert_eq!(report["rate"], 1_000_000_000u64, "{report}");
     let achieved = report["rate_achieved_share"]
         .as_f64()
@@ -724,16 +729,7 @@ fn a_paced_bench_below_its_rate_warns() {
         "{stderr}"
     );
     // Unpaced: rate 0, no share, no warning.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
-        .args(["bench", "--accounts", "1000", "--transfers", "2000"])
-        .args(["--no-journal", "--json"])
-        .args(["--wait", "park", "--output-wait", "park", "--pin-core=-1"])
-        .env("WALLET_LOG", "warn")
-        .output()
-        .expect("run wallet");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let (report, stderr) = bench("2000", &[]);
     assert_eq!(report["rate"], 0, "{report}");
     assert!(report.get("rate_achieved_share").is_none(), "{report}");
     assert!(!stderr.contains("WARNING"), "{stderr}");

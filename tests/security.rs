@@ -303,10 +303,7 @@ fn one_caller_holds_at_most_a_quarter_of_the_batch_permits() {
 fn bad_tokens_are_401() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), &[]);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = now_secs();
     let forged = wallet::api::auth::mint(
         b"another-secret-another-secret-xx",
         "alice",
@@ -409,6 +406,14 @@ fn bad_tokens_are_401() {
     assert!(server.stop().success());
 }
 
+/// Seconds since 1970, as a token's dates count them.
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
 /// A token signed with the server's secret, with this header and these claims, as given.
 fn signed(header: &serde_json::Value, claims: &serde_json::Value) -> String {
     signed_text(&header.to_string(), &claims.to_string())
@@ -436,10 +441,7 @@ fn signed_text(header: &str, claims: &str) -> String {
 fn token_claims_are_judged_by_name_and_scopes_split_on_single_spaces() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), &[]);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = now_secs();
     let hs256 = json!({"alg": "HS256", "typ": "JWT"});
     let admin = |claims: serde_json::Value| signed(&hs256, &claims);
     let open = |token: String, account: &str| {
@@ -1401,10 +1403,7 @@ fn with_an_audience_and_issuer_configured_only_tokens_naming_both_are_taken() {
     }
     // One issuer, a string: a list naming ours among others is refused; an audience must be a
     // string or a list of strings (a number was reported as "missing claim aud").
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = now_secs();
     let hs256 = json!({"alg": "HS256", "typ": "JWT"});
     for (aud, iss, status, reason) in [
         (
