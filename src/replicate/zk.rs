@@ -431,8 +431,58 @@ pub async fn get_sql_shards(
 }
 
 /// `url` with its password, if it names one, shown as `***` (a URL `scheme://user:pw@host/...`
-/// or a key-value string `... password=pw ...`): for printing a shard list.
+/// or a key-value string `... password=pw ...`): for printing a shard list. Where the driver
+/// reads a password that this text would still show (a `/` in the userinfo, a percent-encoded
+/// key, spaces around `=`, a quoted value), only what the driver reads is shown, without it.
 pub fn redact_password(url: &str) -> String {
+    let shown = redact_text(url);
+    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
+        return shown;
+    };
+    match config.get_password() {
+        Some(password) if !password.is_empty() && still_shows(&shown, password) => {
+            let hosts: Vec<String> = config
+                .get_hosts()
+                .iter()
+                .map(|h| match h {
+                    tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                    tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+                })
+                .collect();
+            let ports: Vec<String> = config.get_ports().iter().map(u16::to_string).collect();
+            format!(
+                "postgres://{}:***@{}:{}/{} (other parameters not shown)",
+                config.get_user().unwrap_or(""),
+                hosts.join(","),
+                ports.join(","),
+                config.get_dbname().unwrap_or("")
+            )
+        }
+        _ => shown,
+    }
+}
+
+/// Whether `shown` still holds `password`, as it is or percent-encoded.
+fn still_shows(shown: &str, password: &[u8]) -> bool {
+    let raw = String::from_utf8_lossy(password);
+    let encoded: String = password
+        .iter()
+        .map(|&b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    shown.contains(raw.as_ref())
+        || shown
+            .to_ascii_uppercase()
+            .contains(&encoded.to_ascii_uppercase())
+}
+
+/// `redact_password`'s textual part: the common spellings.
+fn redact_text(url: &str) -> String {
     if let Some((scheme, rest)) = url.split_once("://") {
         let authority_end = rest.find('/').unwrap_or(rest.len());
         if let Some(at) = rest[..authority_end].rfind('@')
@@ -842,6 +892,40 @@ pub async fn connect_patiently(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// No spelling of a password the driver reads is printed: the common ones are masked in
+    /// place, and the others (a `/` in the userinfo, a percent-encoded key, spaces around `=`,
+    /// a quoted value with a space) give a summary without it.
+    #[test]
+    fn a_shard_url_is_never_shown_with_its_password() {
+        for (url, shown) in [
+            ("postgres://u:s3cret@a/x", "postgres://u:***@a/x"),
+            (
+                "host=b dbname=y password=s3cret",
+                "host=b dbname=y password=***",
+            ),
+            (
+                "postgres://u@c/z?sslmode=disable&password=s3cret",
+                "postgres://u@c/z?sslmode=disable&password=***",
+            ),
+            ("postgres://u@c/z", "postgres://u@c/z"),
+        ] {
+            assert_eq!(redact_password(url), shown, "{url}");
+        }
+        for url in [
+            "postgres://u:s3/cret@h:5433/db",
+            "postgres://u@h/db?pass%77ord=s3cret",
+            "host=h dbname=db password = s3cret",
+            "host=h dbname=db password='s3 cret'",
+            "postgres://u:s3%2Fcret@h/db?x=/",
+        ] {
+            let shown = redact_password(url);
+            assert!(
+                !shown.contains("s3") && shown.contains("***"),
+                "{url}: {shown}"
+            );
+        }
+    }
 
     #[test]
     fn node_addresses_are_host_and_port_and_nothing_that_changes_the_url() {
