@@ -788,7 +788,16 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
     if let Err(e) = &result {
         tracing::info!(reason = %format!("{e:#}"), "SQL replicator stopping; releasing the lock");
     }
-    coordinator.release().await;
+    // Bounded: with ZooKeeper away, a stop (a signal's included) must not hang on the release;
+    // the lock then goes with the session.
+    if tokio::time::timeout(Duration::from_secs(5), coordinator.release())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "releasing the lock took over 5 s (ZooKeeper away?); it goes with the session"
+        );
+    }
     result
 }
 
