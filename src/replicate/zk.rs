@@ -440,24 +440,12 @@ pub fn redact_password(url: &str) -> String {
         return shown;
     };
     match config.get_password() {
-        Some(password) if !password.is_empty() && still_shows(&shown, password) => {
-            let hosts: Vec<String> = config
-                .get_hosts()
-                .iter()
-                .map(|h| match h {
-                    tokio_postgres::config::Host::Tcp(name) => name.clone(),
-                    tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
-                })
-                .collect();
-            let ports: Vec<String> = config.get_ports().iter().map(u16::to_string).collect();
-            format!(
-                "postgres://{}:***@{}:{}/{} (other parameters not shown)",
-                config.get_user().unwrap_or(""),
-                hosts.join(","),
-                ports.join(","),
-                config.get_dbname().unwrap_or("")
-            )
-        }
+        Some(password) if !password.is_empty() && still_shows(&shown, password) => format!(
+            "postgres://{}:***@{}/{} (other parameters not shown)",
+            config.get_user().unwrap_or(""),
+            crate::replicate::sql::schema::server_label(&config),
+            config.get_dbname().unwrap_or("")
+        ),
         _ => shown,
     }
 }

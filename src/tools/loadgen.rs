@@ -339,17 +339,11 @@ struct Answer {
     resent: bool,
 }
 
-/// How a request failed without an answer, for `errors_by_kind`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FailureKind {
-    Timeout,
-    Connect,
-}
-
-/// An error of a known kind (anything else is `other`).
+/// An error of a known kind, for `errors_by_kind` (any other error is `other`).
 #[derive(Debug)]
 struct Failure {
-    kind: FailureKind,
+    /// `timeout` (no answer by the deadline) or `connect` (no connection).
+    kind: &'static str,
     message: String,
 }
 
@@ -361,17 +355,13 @@ impl std::fmt::Display for Failure {
 
 impl std::error::Error for Failure {}
 
-fn failure(kind: FailureKind, message: String) -> anyhow::Error {
+fn failure(kind: &'static str, message: String) -> anyhow::Error {
     anyhow::Error::new(Failure { kind, message })
 }
 
 /// The `errors_by_kind` name of an error.
 fn error_kind(error: &anyhow::Error) -> &'static str {
-    match error.downcast_ref::<Failure>().map(|f| f.kind) {
-        Some(FailureKind::Timeout) => "timeout",
-        Some(FailureKind::Connect) => "connect",
-        None => "other",
-    }
+    error.downcast_ref::<Failure>().map_or("other", |f| f.kind)
 }
 
 /// Sends one request with `client`, giving up at `deadline` (an error: the server did not
@@ -389,7 +379,7 @@ async fn send_by(
         .await
         .map_err(|_| {
             failure(
-                FailureKind::Timeout,
+                "timeout",
                 format!("no answer to {method} {path} by the deadline"),
             )
         })?
@@ -523,7 +513,7 @@ impl Client {
         .await
         .map_err(|_| {
             failure(
-                FailureKind::Connect,
+                "connect",
                 format!(
                     "connecting to {} timed out after {CONNECT_TIMEOUT:?}",
                     self.target.host
@@ -532,7 +522,7 @@ impl Client {
         })?
         .map_err(|e| {
             failure(
-                FailureKind::Connect,
+                "connect",
                 format!("connecting to {}: {e}", self.target.host),
             )
         })?;
@@ -546,7 +536,7 @@ impl Client {
                     .await
                     .map_err(|_| {
                         failure(
-                            FailureKind::Connect,
+                            "connect",
                             format!(
                                 "the TLS handshake with {} timed out after {CONNECT_TIMEOUT:?}",
                                 self.target.host
@@ -555,7 +545,7 @@ impl Client {
                     })?
                     .map_err(|e| {
                         failure(
-                            FailureKind::Connect,
+                            "connect",
                             format!("the TLS handshake with {}: {e}", self.target.host),
                         )
                     })?,
@@ -839,6 +829,7 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
     )
     .unwrap_or(u64::MAX)
     .clamp(600_000_000, u64::MAX / 4);
+    let new_histogram = move || Histogram::<u64>::new_with_bounds(1, highest_us, 3);
     let mut tasks = Vec::new();
     for (worker, mut client) in clients.into_iter().enumerate() {
         let next = next.clone();
@@ -846,10 +837,8 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
         let tokens = tokens.clone();
         tasks.push(tokio::spawn(async move {
             let mut rng = SplitMix::new(worker_seed(seed, worker));
-            let mut histogram = Histogram::<u64>::new_with_bounds(1, highest_us, 3)?;
-            let mut all = Histogram::<u64>::new_with_bounds(1, highest_us, 3)?;
-            let mut failed_latency = Histogram::<u64>::new_with_bounds(1, highest_us, 3)?;
-            let mut send_lag = Histogram::<u64>::new_with_bounds(1, highest_us, 3)?;
+            let (mut histogram, mut all) = (new_histogram()?, new_histogram()?);
+            let (mut failed_latency, mut send_lag) = (new_histogram()?, new_histogram()?);
             let mut statuses: BTreeMap<u16, u64> = BTreeMap::new();
             let mut errors: BTreeMap<&'static str, u64> = BTreeMap::new();
             let (mut failed, mut sent_requests) = (0u64, 0u64);
@@ -983,7 +972,6 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
             ))
         }));
     }
-    let new_histogram = || Histogram::<u64>::new_with_bounds(1, highest_us, 3);
     let (mut histogram, mut all) = (new_histogram()?, new_histogram()?);
     let (mut failed_latency, mut send_lag) = (new_histogram()?, new_histogram()?);
     let mut statuses: BTreeMap<String, u64> = BTreeMap::new();

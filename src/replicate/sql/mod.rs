@@ -217,16 +217,21 @@ pub fn run_replicate(args: SqlReplicateArgs) -> anyhow::Result<ExitCode> {
 
 /// `wallet reconcile sql`: exit status 1 on any difference.
 pub fn run_reconcile(args: SqlReconcileArgs) -> anyhow::Result<ExitCode> {
-    Ok(crate::replicate::reconcile_exit_code((|| {
-        let options = reconcile::ReconcileOptions {
-            zk: args.zk.zk,
-            zk_root: args.zk.zk_root,
-            data_dir: args.data_dir,
-            max_printed: args.max_printed,
-            shard_ca: args.shard_ca.as_deref().map(tls::load_ca).transpose()?,
-        };
-        runtime()?.block_on(reconcile::run(&options))
-    })()))
+    Ok(crate::replicate::reconcile_exit_code(reconcile_shards(
+        args,
+    )))
+}
+
+/// `wallet reconcile sql`'s comparison: the count of differences.
+fn reconcile_shards(args: SqlReconcileArgs) -> anyhow::Result<u64> {
+    let options = reconcile::ReconcileOptions {
+        zk: args.zk.zk,
+        zk_root: args.zk.zk_root,
+        data_dir: args.data_dir,
+        max_printed: args.max_printed,
+        shard_ca: args.shard_ca.as_deref().map(tls::load_ca).transpose()?,
+    };
+    runtime()?.block_on(reconcile::run(&options))
 }
 
 #[cfg(test)]

@@ -84,14 +84,39 @@ pub fn check_url(index: usize, url: &str) -> anyhow::Result<Config> {
         anyhow::anyhow!("shard {index}: not a PostgreSQL URL ({reason}); {EXPECTED}")
     })?;
     if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
-        bail!("shard {index}: the URL names no host; expected postgres://user@host:port/database");
+        bail!("shard {index}: the URL names no host; {EXPECTED}");
     }
     if config.get_dbname().is_none() {
-        bail!(
-            "shard {index}: the URL names no database; expected postgres://user@host:port/database"
-        );
+        bail!("shard {index}: the URL names no database; {EXPECTED}");
     }
     Ok(config)
+}
+
+/// `host:port` of a connection's server(s), as its messages name it (the driver's defaults,
+/// localhost and 5432, where the URL names none).
+pub fn server_label(config: &Config) -> String {
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            Host::Tcp(name) => name.clone(),
+            Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    let ports: Vec<String> = config.get_ports().iter().map(u16::to_string).collect();
+    format!(
+        "{}:{}",
+        if hosts.is_empty() {
+            "localhost".to_string()
+        } else {
+            hosts.join(",")
+        },
+        if ports.is_empty() {
+            "5432".to_string()
+        } else {
+            ports.join(",")
+        }
+    )
 }
 
 impl Shard {
@@ -114,32 +139,9 @@ impl Shard {
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(10))
             .application_name("wallet-replicate-sql");
-        let hosts: Vec<String> = config
-            .get_hosts()
-            .iter()
-            .map(|h| match h {
-                Host::Tcp(name) => name.clone(),
-                Host::Unix(path) => path.display().to_string(),
-            })
-            .collect();
-        let ports: Vec<String> = config.get_ports().iter().map(u16::to_string).collect();
-        let server = format!(
-            "{}:{}",
-            if hosts.is_empty() {
-                "localhost".to_string()
-            } else {
-                hosts.join(",")
-            },
-            if ports.is_empty() {
-                "5432".to_string()
-            } else {
-                ports.join(",")
-            }
-        );
-        let Some(database) = config.get_dbname() else {
-            bail!("shard {index} ({server}): the URL names no database");
-        };
-        let database = database.to_string();
+        let server = server_label(&config);
+        // `check_url` made sure there is one.
+        let database = config.get_dbname().unwrap_or_default().to_string();
         let label = format!("{server}/{database}");
         let local = !config.get_hosts().is_empty()
             && config
