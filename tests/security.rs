@@ -68,6 +68,11 @@ fn owners_move_and_read_only_their_own_money() {
         &transfer_body("bob", "alice", "50.00", &uuid()),
     );
     assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some(r#"Bearer error="insufficient_scope", scope="wallet:admin""#),
+        "a 403 names the scope that would grant it (RFC 6750, 3.1)"
+    );
     assert_eq!(balance(&server, "bob"), 10_000);
     let r = alice.post(
         "/v1/wallet/balance_transfers",
@@ -85,6 +90,10 @@ fn owners_move_and_read_only_their_own_money() {
         "transfers[1].from_account",
         "the refusal names the item: {}",
         r.body
+    );
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some(r#"Bearer error="insufficient_scope", scope="wallet:admin""#)
     );
     assert_eq!(balance(&server, "carol"), 0);
 
@@ -213,6 +222,10 @@ fn owners_move_and_read_only_their_own_money() {
         &transfer_body("bob", "alice", "1.00", &uuid()),
     );
     assert_eq!(r.status, 403);
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some(r#"Bearer error="insufficient_scope", scope="wallet:transfer""#)
+    );
     let r = alice.post(
         "/v1/wallet/deposit",
         &json!({"account_id": "alice", "amount": "5", "currency": "USD", "transaction_id": uuid()}),
@@ -247,6 +260,11 @@ fn owners_move_and_read_only_their_own_money() {
             .unwrap_or("")
             .to_string();
         assert!(message.contains("wallet:read"), "{path}: {message}");
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some(r#"Bearer error="insufficient_scope", scope="wallet:read""#),
+            "{path}"
+        );
     }
     assert_eq!(balance(&server, "alice"), 9_000);
     assert!(server.stop().success());

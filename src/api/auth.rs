@@ -113,14 +113,17 @@ impl Caller {
     }
 
     /// Why this caller may not read `account` (`None`: it may): the scope it lacks, or that
-    /// the account is not its own.
-    pub fn read_refusal(&self, account: &str) -> Option<&'static str> {
+    /// the account is not its own; with the scope that would grant the read.
+    pub fn read_refusal(&self, account: &str) -> Option<(&'static str, &'static str)> {
         if self.may_read(account) {
             None
         } else if !(self.read || self.transfer) {
-            Some("reading an account needs the wallet:read (or wallet:transfer) scope")
+            Some((
+                "reading an account needs the wallet:read (or wallet:transfer) scope",
+                "wallet:read",
+            ))
         } else {
-            Some("a caller may only read its own account")
+            Some(("a caller may only read its own account", "wallet:admin"))
         }
     }
 }

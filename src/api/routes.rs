@@ -669,17 +669,24 @@ fn admit(
     Ok(caller)
 }
 
-/// Refuses (403) and audit-logs an authorization failure.
-fn forbidden(caller: &Caller, route: &str, reason: &str) -> Reply {
+/// Refuses (403) and audit-logs an authorization failure. `needs` is the scope that would
+/// have granted the request, sent in the `insufficient_scope` challenge (RFC 6750, 3.1).
+fn forbidden(caller: &Caller, route: &str, reason: &str, needs: &str) -> Reply {
     tracing::warn!(target: "audit", caller = %caller.sub, route, reason, "authorization refused");
     Reply::error(StatusCode::FORBIDDEN, "forbidden", reason)
+        .with_header("www-authenticate", insufficient_scope(needs))
 }
 
 /// A 403 for one part of a request (a batch item), naming it as a validation error does.
-fn forbidden_field(caller: &Caller, route: &str, field: &str, reason: &str) -> Reply {
+fn forbidden_field(caller: &Caller, route: &str, field: &str, reason: &str, needs: &str) -> Reply {
     tracing::warn!(target: "audit", caller = %caller.sub, route, field, reason, "authorization refused");
     let error = FieldError::new("forbidden", field, reason);
     Reply::json(StatusCode::FORBIDDEN, error.body())
+        .with_header("www-authenticate", insufficient_scope(needs))
+}
+
+fn insufficient_scope(needs: &str) -> String {
+    format!(r#"Bearer error="insufficient_scope", scope="{needs}""#)
 }
 
 /// A 503 whose outcome is unknown (a timeout, a halt, a shutdown) for a command sent without a
@@ -767,17 +774,20 @@ async fn dispatch(
             caller,
             "events",
             "the event stream needs the wallet:admin scope",
+            "wallet:admin",
         ),
         "events" => events(app, query).await,
         "open_account" | "deposit" | "withdraw" if !caller.admin => forbidden(
             caller,
             ROUTES[route].name,
             "this operation needs the wallet:admin scope",
+            "wallet:admin",
         ),
         "transfer" | "transfer_batch" if !(caller.transfer || caller.admin) => forbidden(
             caller,
             ROUTES[route].name,
             "transfers need the wallet:transfer scope",
+            "wallet:transfer",
         ),
         _ if app.config.writes_refused() => Reply::not_leader(),
         name => {
@@ -1369,6 +1379,7 @@ fn may_debit(caller: &Caller, from: &str) -> Result<(), Reply> {
             caller,
             "transfer",
             "a caller may only transfer from its own account with wallet:transfer",
+            "wallet:admin",
         ));
     }
     Ok(())
@@ -1511,6 +1522,7 @@ async fn transfer_batch(
                 "transfer_batch",
                 &format!("transfers[{i}].from_account"),
                 "a caller may only transfer from its own account with wallet:transfer",
+                "wallet:admin",
             );
         }
     }
@@ -1745,8 +1757,8 @@ async fn account(app: &App, caller: &Caller, id: &str, query: Option<&str>) -> R
     if let Err(e) = json::account("account_id", id) {
         return Reply::field(e);
     }
-    if let Some(reason) = caller.read_refusal(id) {
-        return forbidden(caller, "account", reason);
+    if let Some((reason, needs)) = caller.read_refusal(id) {
+        return forbidden(caller, "account", reason, needs);
     }
     if let Err(reply) = wait_min_seq(app, query).await {
         return reply;
@@ -1777,8 +1789,8 @@ async fn history(app: &App, caller: &Caller, id: &str, query: Option<&str>) -> R
     if let Err(e) = json::account("account_id", id) {
         return Reply::field(e);
     }
-    if let Some(reason) = caller.read_refusal(id) {
-        return forbidden(caller, "history", reason);
+    if let Some((reason, needs)) = caller.read_refusal(id) {
+        return forbidden(caller, "history", reason, needs);
     }
     let after_seq = match query_u64(query, "after_seq", 0, u64::MAX) {
         Ok(v) => v,
@@ -1855,6 +1867,7 @@ async fn transfer_status(app: &App, caller: &Caller, id: &str, query: Option<&st
             caller,
             "transfer_status",
             "reading needs wallet:read or wallet:transfer",
+            "wallet:read",
         );
     }
     if let Err(reply) = wait_min_seq(app, query).await {
