@@ -3703,3 +3703,46 @@ fn after_a_power_loss_every_record_reported_durable_is_recovered() {
         }
     }
 }
+
+#[test]
+fn the_durable_watermark_file_is_made_durable_every_second_while_records_come() {
+    // Recovery cuts damage past `journal/durable`'s value as a torn tail. Rewritten without a
+    // sync, the file on disk lagged the acknowledgements by the kernel's writeback delay (30 s
+    // by default), and damage among records acknowledged in those seconds was cut after a
+    // power loss instead of refused. The writer now syncs it at most every
+    // `WATERMARK_SYNC_EVERY` at a commit; under `--sync none` never after its open (the records
+    // it names may not be on the disk).
+    for sync in [SyncMode::Batch, SyncMode::None] {
+        let temp = tempfile::tempdir().unwrap();
+        let data = temp.path();
+        let durable = journal_dir(data).join(wallet::journal::format::DURABLE_FILE_NAME);
+        let (storage, faults) = faulty(u64::MAX);
+        let mut writer = open_writer(data, Box::new(storage), 1 << 20, sync, &JournalEnd::empty());
+        let mut ledger = Ledger::new(LedgerConfig::default());
+        let mut history = History::new(&ledger);
+        let synced = || {
+            faults
+                .synced_files
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|p| **p == durable)
+                .count()
+        };
+        assert_eq!(synced(), 1, "{sync:?}: opening syncs it once");
+        // Commits within the second: no sync of it.
+        write_commands(&mut writer, &mut ledger, &mut history, 0..50, 10);
+        assert_eq!(synced(), 1, "{sync:?}: not at every commit");
+        std::thread::sleep(wallet::journal::WATERMARK_SYNC_EVERY + Duration::from_millis(50));
+        write_commands(&mut writer, &mut ledger, &mut history, 50..60, 10);
+        let expected = if sync == SyncMode::None { 1 } else { 2 };
+        assert_eq!(synced(), expected, "{sync:?}: the first commit a second on");
+        // What was synced is what the file holds: the last durable record.
+        let bytes = fs::read(&durable).unwrap();
+        assert_eq!(
+            wallet::journal::format::decode_durable(&bytes).map(|(seq, _)| seq),
+            Ok(writer.durable_seq()),
+            "{sync:?}"
+        );
+    }
+}

@@ -46,10 +46,11 @@ pub trait Storage: Send {
     fn sync_dir(&mut self, dir: &Path) -> io::Result<()> {
         fsync_dir(dir)
     }
-    /// Makes a small file the journal keeps open durable (`path` names it). Not a segment:
-    /// not counted as one of the syncs `Faults` can make fail.
+    /// Makes a small file the journal keeps open durable (`path` names it): its data and
+    /// size (fdatasync; its name is the directory's sync). Not a segment: not counted as one
+    /// of the syncs `Faults` can make fail.
     fn sync_small_file(&mut self, file: &File, _path: &Path) -> io::Result<()> {
-        file.sync_all()
+        file.sync_data()
     }
     /// Makes `path` a file of exactly `size` bytes with every block allocated, and never
     /// written, so it reads as zeros (creating it if missing; a no-op for one already whole):
@@ -547,7 +548,7 @@ impl Storage for FaultyStorage {
     }
 
     fn sync_small_file(&mut self, file: &File, path: &Path) -> io::Result<()> {
-        file.sync_all()?;
+        file.sync_data()?;
         if let Ok(mut synced) = self.faults.synced_files.lock() {
             synced.push(path.to_path_buf());
         }
