@@ -3746,3 +3746,53 @@ fn the_durable_watermark_file_is_made_durable_every_second_while_records_come() 
         );
     }
 }
+
+#[test]
+fn a_newest_segment_cut_short_before_its_first_record_is_written_on_after_a_restart() {
+    // A newest segment whose only records were cut (a copy or restore that stopped short, or a
+    // truncation by hand) holds its header and less than one frame. The writer judged it full
+    // by its size and rolled over to a new segment of the same name, which is never created
+    // over an existing one: the engine halted at its first write, at every start.
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let journal = journal_dir(data);
+    let (mut writer, mut ledger, mut history) = fresh_writer(data, 4096, SyncMode::Batch);
+    write_commands(&mut writer, &mut ledger, &mut history, 0..200, 10);
+    drop(writer);
+    let segments = list_segments(&journal).unwrap();
+    assert!(segments.len() >= 3, "{} segments", segments.len());
+    let (newest_first, newest) = segments.last().unwrap().clone();
+    assert!(newest_first > 1);
+    OpenOptions::new()
+        .write(true)
+        .open(&newest)
+        .unwrap()
+        .set_len(SEGMENT_HEADER_BYTES as u64 + 36)
+        .unwrap();
+    // The records cut were synced: the watermark names the last one left, as after a restore
+    // of a copy that holds them.
+    set_durable_watermark(data, newest_first - 1);
+    let r = recovered(data);
+    assert_eq!(r.end.next_seq, newest_first);
+    let mut ledger = r.ledger;
+    let mut history = History::new(&ledger);
+    let mut writer = open_writer(
+        data,
+        Box::new(MmapStorage::default()),
+        4096,
+        SyncMode::Batch,
+        &r.end,
+    );
+    // Commands from 1000 on: ids the cut records did not use.
+    write_commands(&mut writer, &mut ledger, &mut history, 1000..1100, 10);
+    assert!(writer.durable_seq() > newest_first);
+    drop(writer);
+    assert_eq!(
+        fs::metadata(&newest).unwrap().len(),
+        4096,
+        "allocated in full"
+    );
+    let again = recovered(data);
+    assert_eq!(again.end.torn_at, None);
+    assert_eq!(again.ledger.state_hash(), ledger.state_hash());
+}

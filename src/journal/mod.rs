@@ -324,6 +324,18 @@ impl JournalWriter {
                 file.redirty(0, write_offset)?;
                 file.sync_range(0, write_offset)?;
             }
+            // A newest segment that holds no record and is smaller than configured (cut short
+            // by a copy, a restore or by hand, or recovery cut its only records): the first
+            // record might not fit, and the roll-over would then need a new segment of this
+            // very name, which is never created over an existing one (the engine halted on its
+            // first write, at every start). It is allocated to the configured size.
+            if write_offset == SEGMENT_HEADER_BYTES as u64
+                && file.size() < config.segment_size_bytes
+            {
+                drop(file);
+                storage.grow_segment(path, config.segment_size_bytes)?;
+                file = storage.open_segment(path)?;
+            }
             segment = Some(file);
             // Older segments are synced at their roll-over, except by a writer that ran with
             // `--sync none`: their tails may still be only in the page cache. The watermark

@@ -46,6 +46,14 @@ pub trait Storage: Send {
     fn sync_dir(&mut self, dir: &Path) -> io::Result<()> {
         fsync_dir(dir)
     }
+    /// Allocates the existing segment `path` up to `size` bytes (it is smaller) and makes the
+    /// new size durable: for a newest segment that holds no record and was cut short, which
+    /// the first record might not fit (rolling over would need a new segment of its name).
+    fn grow_segment(&mut self, path: &Path, size: u64) -> io::Result<()> {
+        let file = OpenOptions::new().write(true).open(path)?;
+        preallocate(&file, size)?;
+        file.sync_all()
+    }
     /// Makes a small file the journal keeps open durable (`path` names it): its data and
     /// size (fdatasync; its name is the directory's sync). Not a segment: not counted as one
     /// of the syncs `Faults` can make fail.
