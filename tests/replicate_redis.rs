@@ -1493,6 +1493,50 @@ fn a_replicator_of_a_stale_map_leaves_nodes_of_a_newer_one_alone() {
     );
     stamped("after the stale map's replicator");
     current.assert_reconciled();
+
+    // While a replicator runs: a node stamped by a newer map (another root's replicator took
+    // it) stops the run by name, whether the idle check or a write finds it. It used to be
+    // taken for a node that lost its data and pulled back to this map, once a second, for as
+    // long as both ran (readers of each map found it under the wrong version).
+    let stamp = |version: &str| {
+        redis::cmd("SET")
+            .arg("wallet:map_version")
+            .arg(version)
+            .query::<()>(&mut redis_connection(&services.redis[0]))
+            .expect("stamp the node");
+    };
+    for writes in [false, true] {
+        let (follower, log) = current.replicate_follow_logged();
+        wait_for_log(&log, "replicator starting");
+        stamp("3");
+        if writes {
+            transfers(&mut client, 100, 300, 2);
+        }
+        let code = follower.wait_exit(Duration::from_secs(20));
+        let text = strip_ansi(&std::fs::read_to_string(&log).unwrap_or_default());
+        assert!(
+            code.is_some_and(|c| c != 0),
+            "writes {writes}: the replicator stops ({code:?}): {text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "Redis node {} says partition map version 3, above this map's 2",
+                services.redis[0]
+            )),
+            "writes {writes}: {text}"
+        );
+        assert_eq!(
+            node_state(&services.redis[0])
+                .and_then(|(_, v)| v)
+                .as_deref(),
+            Some("3"),
+            "writes {writes}: the node is left as the newer map stamped it"
+        );
+        // The newer map goes away: the node is rebuilt under this one.
+        stamp("resync");
+        assert_succeeded(&current.replicate_once(&[], &[]));
+        current.assert_reconciled();
+    }
     assert!(server.stop().success());
 }
 

@@ -101,6 +101,63 @@ return 1
     )
 });
 
+/// Marks a node `resync` (its readers retry) before it is rebuilt, unless a newer partition
+/// map stamped it (`WALLET_NEWER_MAP`: map versions only go up, so this replicator's map is
+/// stale, and pulling the node back to it would take it from the newer map's readers). KEYS:
+/// map version. ARGV: this replicator's map version.
+static INVALIDATE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local version = redis.call('GET', KEYS[1])
+if version then
+  local n = tonumber(string.match(version, '^retired:(%d+)$') or version)
+  if n and n > tonumber(ARGV[1]) then
+    return redis.error_reply('WALLET_NEWER_MAP map_version is ' .. version .. ', above ' .. ARGV[1])
+  end
+end
+redis.call('SET', KEYS[1], 'resync')
+return 1
+",
+    )
+});
+
+/// The map version a node's `wallet:map_version` names (`retired:N` names N), if it is above
+/// `ours`: a newer map's replicator feeds the node.
+fn newer_map(version: Option<&str>, ours: u64) -> Option<u64> {
+    let version = version?;
+    version
+        .strip_prefix("retired:")
+        .unwrap_or(version)
+        .parse::<u64>()
+        .ok()
+        .filter(|v| *v > ours)
+}
+
+/// The error that stops a replicator whose map is older than a node's.
+fn newer_map_error(address: &str, theirs: &str, ours: u64, partitions: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "Redis node {address} says partition map version {theirs}, above this map's {ours} \
+         ({partitions}): another cluster root's replicator (a newer map) feeds it. Check \
+         --zk-root; this replicator leaves it as it is"
+    )
+}
+
+/// The version a `WALLET_NEWER_MAP` error names.
+fn stamped_version(error: &anyhow::Error) -> String {
+    let text = error.to_string();
+    text.split("map_version is ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or("?")
+        .to_string()
+}
+
+fn is_newer_map(error: &anyhow::Error) -> bool {
+    error
+        .downcast_ref::<redis::RedisError>()
+        .is_some_and(|e| e.to_string().contains("WALLET_NEWER_MAP"))
+}
+
 /// Switches one node to a new partition map version (step 2 of a map change), only if the
 /// node is still what the replicator believes (a node emptied or rewritten behind its back must
 /// not be stamped as holding the new map's balances). KEYS: map version, applied sequence,
@@ -466,7 +523,7 @@ fn share(dir: &Directory, route: &[u16], node: u16) -> Entries {
 
 /// What a finished rebuild stamps on its node, in one transaction.
 struct Finish {
-    version: String,
+    version: u64,
     seq: u64,
     record: Option<RecordId>,
 }
@@ -603,7 +660,9 @@ async fn node_task(
             .await
             .map(|_| ())
             .map_err(anyhow::Error::from),
-        Job::Rebuild(share, finish) => resync(&mut conn, &share, Some(&finish)).await,
+        Job::Rebuild(share, finish) => {
+            resync(&mut conn, &share, finish.version, Some(&finish)).await
+        }
         Job::Connect => Ok(()),
     };
     done.conn = Some(conn);
@@ -851,6 +910,16 @@ impl Replicator {
                     if v.as_deref() == Some(version.as_str()) && applied >= node.applied_seq =>
                 {
                     node.mark_up();
+                }
+                Ok(Ok((_, Some(v)))) if newer_map(Some(&v), self.map.version).is_some() => {
+                    let error = newer_map_error(
+                        &node.address,
+                        &v,
+                        self.map.version,
+                        &self.zk.1.partitions(),
+                    );
+                    tracing::error!(error = %format!("{error:#}"));
+                    self.stopped_by.get_or_insert(error);
                 }
                 Ok(Ok((applied, v))) => {
                     tracing::warn!(node = %node.address, applied, version = ?v, expected_applied = node.applied_seq, expected_version = %version, "node lost what was written there (emptied or rewound while idle); rebuilding it");
@@ -1110,7 +1179,7 @@ impl Replicator {
             tracing::info!(node = %node.address, seq = self.dir.seq, "rebuilding node from the replicator's balances");
             let share = share(&self.dir, &self.route, i as u16);
             let finish = Finish {
-                version: self.version(),
+                version: self.map.version,
                 seq: self.dir.seq,
                 record: self.dir.record,
             };
@@ -1233,6 +1302,16 @@ impl Replicator {
                 node.needs_resync = false;
                 node.mark_up();
                 self.book_lag(i, since);
+            }
+            (JobKind::Rebuild, Err(e)) if is_newer_map(&e) => {
+                let error = newer_map_error(
+                    &self.nodes[i].address,
+                    &stamped_version(&e),
+                    self.map.version,
+                    &self.zk.1.partitions(),
+                );
+                tracing::error!(error = %format!("{error:#}"));
+                self.stopped_by.get_or_insert(error);
             }
             (JobKind::Rebuild, Err(e)) => {
                 // Still to be rebuilt; its oldest change not yet there stays counted in its
@@ -1368,10 +1447,25 @@ impl Replicator {
                         .collect();
                     write_accounts(&mut conn, &entries(&self.dir, moved_in.into_iter())).await
                 }
-                None => resync(&mut conn, &share(&self.dir, &new_route, j as u16), None).await,
+                None => {
+                    let share = share(&self.dir, &new_route, j as u16);
+                    resync(&mut conn, &share, new_map.version, None).await
+                }
             };
             match result {
                 Ok(()) => placed[j] = true,
+                // Stamped by a map newer still than the one this replicator moves to.
+                Err(e) if is_newer_map(&e) => {
+                    let error = newer_map_error(
+                        &node.address,
+                        &stamped_version(&e),
+                        new_map.version,
+                        &self.zk.1.partitions(),
+                    );
+                    tracing::error!(error = %format!("{error:#}"));
+                    self.stopped_by.get_or_insert(error);
+                    node.needs_resync = true;
+                }
                 Err(e) => {
                     node.needs_resync = true;
                     node.mark_down(&e);
@@ -1708,12 +1802,14 @@ pub async fn scan_balance_keys(
 async fn resync(
     conn: &mut MultiplexedConnection,
     share: &Entries,
+    version: u64,
     finish: Option<&Finish>,
 ) -> anyhow::Result<()> {
-    redis::cmd("SET")
-        .arg(MAP_VERSION_KEY)
-        .arg("resync")
-        .query_async::<()>(conn)
+    INVALIDATE_SCRIPT
+        .prepare_invoke()
+        .key(MAP_VERSION_KEY)
+        .arg(version)
+        .invoke_async::<i64>(conn)
         .await?;
     let strays: Vec<String> = scan_balance_keys(conn)
         .await?
@@ -1746,7 +1842,7 @@ async fn resync(
             .arg("")
             .arg(finish.seq)
             .arg(&record)
-            .arg(&finish.version)
+            .arg(finish.version)
             .invoke_async::<i64>(conn)
             .await
             .context("the node changed while it was rebuilt; rebuilding it again")?;
@@ -2098,18 +2194,13 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
                 // replicator's map is stale (another --zk-root naming the same servers, or a
                 // map recreated without asking the nodes). Pulling the node back to it would
                 // take it from the readers of the newer map.
-                Ok((_, Some(v), _))
-                    if v.strip_prefix("retired:")
-                        .unwrap_or(&v)
-                        .parse::<u64>()
-                        .is_ok_and(|v| v > replicator.map.version) =>
-                {
-                    anyhow::bail!(
-                        "Redis node {address} says partition map version {v}, above this map's \
-                         {version} ({}): another cluster root's replicator (a newer map) feeds \
-                         it. Check --zk-root; this replicator leaves it as it is",
-                        layout.partitions()
-                    );
+                Ok((_, Some(v), _)) if newer_map(Some(&v), replicator.map.version).is_some() => {
+                    return Err(newer_map_error(
+                        &address,
+                        &v,
+                        replicator.map.version,
+                        &layout.partitions(),
+                    ));
                 }
                 Ok((applied, v, record)) => {
                     tracing::info!(node = %address, applied, version = ?v, expected = %version, "node does not follow the current map; it will be rebuilt");
