@@ -1166,6 +1166,21 @@ fn cluster_commands_route_with_the_documented_formula() {
         !out.status.success() && stderr.contains("are the same server"),
         "{stderr}"
     );
+    // A map is replaced only where there is one: on a mistyped root set-redis-nodes created a
+    // new one and reported success, the real cluster unchanged.
+    let typo = format!("{}-typo", cluster.root);
+    let out = cluster.wallet(
+        &["cluster", "set-redis-nodes", &services.redis[0]],
+        &[("WALLET_ZK_ROOT", &typo)],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains(&format!("no partition map at {typo}/redis")),
+        "{stderr}"
+    );
+    let out = cluster.wallet(&["cluster", "show"], &[("WALLET_ZK_ROOT", &typo)]);
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("show's JSON");
+    assert!(shown["redis_partitions"].is_null(), "{shown}");
     // Addresses the replicator could never use, and shard lists that are not PostgreSQL URLs,
     // are refused when written, naming what is wrong; the map and the list stay as they were.
     for (bad, why) in [

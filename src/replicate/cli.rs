@@ -52,6 +52,7 @@ pub enum ClusterCommand {
         zk: ZkArgs,
     },
     /// Replace the Redis node list (a new map version; a running replicator moves the keys).
+    /// The root must hold a map already (`init` creates it).
     SetRedisNodes {
         #[command(flatten)]
         zk: ZkArgs,
@@ -230,9 +231,17 @@ pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
             }
             ClusterCommand::SetRedisNodes { zk: z, nodes, allow_unreachable } => {
                 let layout = Layout::new(&z.zk_root)?;
-                let client = zk::connect(&z.zk).await?;
-                zk::init_layout(&client, &layout).await?;
                 zk::check_node_list(&nodes)?;
+                let client = zk::connect(&z.zk).await?;
+                // It replaces a map: on a root without one (a mistyped --zk-root) it would
+                // create a new cluster root and report success, the real one unchanged.
+                if zk::get_partition_map(&client, &layout).await?.is_none() {
+                    anyhow::bail!(
+                        "no partition map at {}: nothing to replace (check --zk-root; `wallet cluster init --redis-nodes ...` creates one)",
+                        layout.partitions()
+                    );
+                }
+                zk::init_layout(&client, &layout).await?;
                 crate::replicate::redis::check_distinct_servers(&nodes).await?;
                 let at_least = crate::replicate::redis::next_map_version(&nodes, allow_unreachable).await?;
                 let map = zk::set_redis_nodes(&client, &layout, &nodes, at_least).await?;

@@ -187,10 +187,10 @@ pub struct Layout {
 }
 
 impl Layout {
-    pub fn new(root: &str) -> anyhow::Result<Layout> {
-        let root = root.trim_end_matches('/');
+    pub fn new(given: &str) -> anyhow::Result<Layout> {
+        let root = given.trim_end_matches('/');
         if !root.starts_with('/') || root.len() < 2 {
-            bail!("--zk-root must be an absolute path such as /wallet, not {root:?}");
+            bail!("--zk-root must be an absolute path below / such as /wallet, not {given:?}");
         }
         Ok(Layout {
             root: root.to_string(),
@@ -884,6 +884,29 @@ mod tests {
     /// No spelling of a password the driver reads is printed: the common ones are masked in
     /// place, and the others (a `/` in the userinfo, a percent-encoded key, spaces around `=`,
     /// a quoted value with a space) give a summary without it.
+    #[test]
+    fn a_bad_zk_root_is_named_as_given() {
+        for (given, shown) in [
+            ("/", r#""/""#),
+            ("//", r#""//""#),
+            ("wallet", r#""wallet""#),
+            ("", r#""""#),
+        ] {
+            let error = Layout::new(given)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                error.contains(&format!("not {shown}")),
+                "{given:?}: {error}"
+            );
+        }
+        assert_eq!(
+            Layout::new("/wallet/").map(|l| l.root).ok().as_deref(),
+            Some("/wallet")
+        );
+    }
+
     #[test]
     fn a_shard_url_is_never_shown_with_its_password() {
         for (url, shown) in [
