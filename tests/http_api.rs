@@ -332,12 +332,32 @@ fn endpoints_and_error_paths() {
     let r = c.get("/v1/wallet/accounts/b%zzob");
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["field"], "account_id", "{}", r.body);
+    // `.` and `..` are not opened: clients remove them from a URL's path, and a read of
+    // `./history` reached the account `history`. `...` is an ordinary id.
+    for id in [".", ".."] {
+        let r = c.post("/v1/wallet/accounts", &json!({"account_id": id}));
+        assert_eq!(r.status, 400, "{id}: {}", r.body);
+        assert_eq!(
+            r.json()["error"]["code"],
+            "invalid_account_id",
+            "{}",
+            r.body
+        );
+        assert_eq!(r.json()["error"]["field"], "account_id", "{}", r.body);
+    }
+    assert_eq!(
+        c.post("/v1/wallet/accounts", &json!({"account_id": "..."}))
+            .status,
+        201
+    );
+    assert_eq!(c.get("/v1/wallet/accounts/...").status, 200);
     // Query parameters: one the route does not take, one given twice, and a signed number are
     // refused naming the parameter (a misspelt `after` would otherwise page from the start).
     for (query, field) in [
         ("after=5", "after"),
         ("limit=5&limit=500", "limit"),
         ("limit=+5", "limit"),
+        ("=5", "query"),
     ] {
         let r = c.get(&format!("/v1/wallet/accounts/alice/history?{query}"));
         assert_eq!(r.status, 400, "{query}: {}", r.body);

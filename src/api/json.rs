@@ -233,6 +233,21 @@ pub fn account(field: &str, text: &str) -> Result<AccountId, FieldError> {
     AccountId::new(text).map_err(|e| FieldError::new("invalid_account_id", field, e))
 }
 
+/// An account id to open. `.` and `..` are refused: HTTP clients remove them from a URL's
+/// path (RFC 3986, 5.2.4), so the account's routes would be out of their reach (a read of
+/// `./history` reached the account `history`). Accounts opened before this check stay
+/// readable as `%2E` and `%2E%2E`.
+pub fn new_account(field: &str, text: &str) -> Result<AccountId, FieldError> {
+    if text == "." || text == ".." {
+        return Err(FieldError::new(
+            "invalid_account_id",
+            field,
+            "must not be `.` or `..`: HTTP clients remove those from URL paths, so the account could not be read",
+        ));
+    }
+    account(field, text)
+}
+
 pub fn transaction_id(field: &str, text: &str) -> Result<TransactionId, FieldError> {
     TransactionId::parse(text)
         .ok_or_else(|| FieldError::new("invalid_transaction_id", field, "must be a UUID"))

@@ -373,10 +373,22 @@ fn check_query(route: &Route, query: Option<&str>) -> Result<(), Reply> {
             } else {
                 format!("this route takes {}", route.query.join(", "))
             };
+            // `?=5`: no name to put in `field`; the query is named instead.
+            let (field, reason) = if name.is_empty() {
+                (
+                    "query",
+                    format!("has a parameter without a name ({pair:?}); {takes}"),
+                )
+            } else {
+                (
+                    name,
+                    format!("is not a query parameter of this route; {takes}"),
+                )
+            };
             return Err(Reply::field(FieldError::new(
                 "invalid_request",
-                name,
-                format!("is not a query parameter of this route; {takes}"),
+                field,
+                reason,
             )));
         }
         if seen.contains(&name) {
@@ -1672,7 +1684,7 @@ async fn open_account(
         Ok(r) => r,
         Err(e) => return Reply::field(e),
     };
-    let account = match json::account("account_id", &request.account_id) {
+    let account = match json::new_account("account_id", &request.account_id) {
         Ok(a) => a,
         Err(e) => return Reply::field(e),
     };
