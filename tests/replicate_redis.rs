@@ -334,6 +334,17 @@ impl Drop for Follower {
     }
 }
 
+/// The replicator stops by itself within 20 s, with a non-zero exit and `needle` in its log.
+fn assert_stops_saying(replicator: Follower, log: &Path, needle: &str) {
+    let code = replicator.wait_exit(Duration::from_secs(20));
+    let text = strip_ansi(&std::fs::read_to_string(log).unwrap_or_default());
+    assert!(
+        code.is_some_and(|c| c != 0),
+        "the replicator did not stop (exit {code:?}): {text}"
+    );
+    assert!(text.contains(needle), "no {needle:?} in: {text}");
+}
+
 /// Waits up to 15 s for `line` in the replicator's log.
 fn wait_for_log(log: &Path, line: &str) {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -1527,19 +1538,11 @@ fn a_replicator_of_a_stale_map_leaves_nodes_of_a_newer_one_alone() {
         if writes {
             transfers(&mut client, 100, 300, 2);
         }
-        let code = follower.wait_exit(Duration::from_secs(20));
-        let text = strip_ansi(&std::fs::read_to_string(&log).unwrap_or_default());
-        assert!(
-            code.is_some_and(|c| c != 0),
-            "writes {writes}: the replicator stops ({code:?}): {text}"
+        let newer = format!(
+            "Redis node {} says partition map version 3, above this map's 2",
+            services.redis[0]
         );
-        assert!(
-            text.contains(&format!(
-                "Redis node {} says partition map version 3, above this map's 2",
-                services.redis[0]
-            )),
-            "writes {writes}: {text}"
-        );
+        assert_stops_saying(follower, &log, &newer);
         assert_eq!(
             node_state(&services.redis[0])
                 .and_then(|(_, v)| v)
@@ -2293,20 +2296,12 @@ fn a_node_written_beyond_what_the_replicator_sent_stops_it() {
             .query::<()>(&mut conn)
             .expect("set");
     };
+    let written_by_another = format!(
+        "Redis node {} was written by someone other than this replicator",
+        services.redis[0]
+    );
     let expect_stop = |replicator: Follower, log: &Path| {
-        let code = replicator.wait_exit(Duration::from_secs(20));
-        let text = strip_ansi(&std::fs::read_to_string(log).unwrap_or_default());
-        assert!(
-            code.is_some_and(|c| c != 0),
-            "the replicator did not stop (exit {code:?}): {text}"
-        );
-        assert!(
-            text.contains(&format!(
-                "Redis node {} was written by someone other than this replicator",
-                services.redis[0]
-            )),
-            "{text}"
-        );
+        assert_stops_saying(replicator, log, &written_by_another)
     };
 
     // Found writing: the idle check is off, and the node's accounts change.
