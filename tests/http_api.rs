@@ -564,6 +564,10 @@ fn a_batch_larger_than_the_ring_is_a_400_and_a_ring_size_that_is_not_a_power_of_
     assert_eq!(r.status, 400, "{}", r.body);
     assert_eq!(r.json()["error"]["field"], "transfers");
     assert!(r.body.contains("1 to 64"), "{}", r.body);
+    // Past the decoder's own cap as well: the limit named is this server's, not 8192.
+    let r = c.post("/v1/wallet/balance_transfers", &batch(8193));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("must hold 1 to 64 transfers"), "{}", r.body);
     let r = c.post("/v1/wallet/balance_transfers", &batch(64));
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(balance_cents(&mut c, "b"), 64);
@@ -744,6 +748,118 @@ fn a_body_that_never_arrives_whole_is_a_408_and_submits_nothing() {
 }
 
 #[test]
+fn a_client_that_half_closes_after_its_request_is_answered() {
+    // `nc -N`, socat and some HTTP/1.0 clients shut down their sending side once the request
+    // is out. hyper dropped such a request at the end of input: no answer, though the transfer
+    // could already be executed.
+    use std::io::Write;
+    let dir = temp();
+    let server = Server::start(dir.path(), &[]);
+    let mut c = server.client();
+    open(&mut c, "a");
+    open(&mut c, "b");
+    deposit(&mut c, "a", "100.00");
+    let single = transfer_body("a", "b", "1.00", &uuid());
+    let batch = json!({"transfers": [transfer_body("a", "b", "2.00", &uuid())]});
+    for (path, body, version) in [
+        ("/v1/wallet/balance_transfer", &single, "HTTP/1.1"),
+        ("/v1/wallet/balance_transfers", &batch, "HTTP/1.1"),
+        ("/v1/wallet/balance_transfer", &single, "HTTP/1.0"),
+    ] {
+        let body = body.to_string();
+        let mut stream = std::net::TcpStream::connect(&server.address).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        write!(
+            stream,
+            "POST {path} {version}\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let r = common::read_response(&mut stream)
+            .unwrap_or_else(|e| panic!("{path} {version}: no answer after the half-close: {e}"));
+        assert_eq!(r.status, 200, "{path} {version}: {}", r.body);
+    }
+    // The single transfer's repeat (HTTP/1.0) is a replay: 1.00 + 2.00 moved.
+    let balance = |c: &mut common::Client, a: &str| {
+        c.get(&format!("/v1/wallet/accounts/{a}")).json()["balances"][0]["balance"].clone()
+    };
+    assert_eq!(balance(&mut c, "b"), "3.00");
+    assert_eq!(balance(&mut c, "a"), "97.00");
+    assert!(server.stop().success());
+}
+
+#[test]
+fn an_early_answer_to_a_request_expecting_100_continue_closes_the_connection() {
+    // Answered before its `100 Continue`, a client need not send the body. The server drained
+    // the connection for a body anyway, so the client's next request was read as that body and
+    // never answered; and the answer did not say the connection was done.
+    use std::io::Write;
+    let dir = temp();
+    let server = Server::start(dir.path(), &[]);
+    let mut c = server.client();
+    open(&mut c, "a");
+    open(&mut c, "b");
+    deposit(&mut c, "a", "100.00");
+    let connect = || {
+        let stream = std::net::TcpStream::connect(&server.address).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+    };
+    let body = transfer_body("a", "b", "1.00", &uuid()).to_string();
+    let head = |content_type: &str| {
+        format!(
+            "POST /v1/wallet/balance_transfer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+            body.len()
+        )
+    };
+    // Refused from its head (415): closed, and the next request on it is not taken as a body.
+    let mut stream = connect();
+    stream.write_all(head("text/plain").as_bytes()).unwrap();
+    let r = common::read_response(&mut stream).expect("an answer");
+    assert_eq!(r.status, 415, "{}", r.body);
+    assert_eq!(r.header("connection"), Some("close"), "{:?}", r.headers);
+    let next_id = uuid();
+    let next = transfer_body("a", "b", "5.00", &next_id).to_string();
+    let started = std::time::Instant::now();
+    let _ = write!(
+        stream,
+        "POST /v1/wallet/balance_transfer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{next}",
+        next.len()
+    );
+    assert!(
+        common::read_response(&mut stream).is_err(),
+        "the connection is closed, not read on"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "closed at once, not after a drain: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        c.get(&format!("/v1/wallet/balance_transfer/{next_id}"))
+            .status,
+        404
+    );
+    // A body sent after the `100 Continue` is read: the answer keeps the connection.
+    let mut stream = connect();
+    stream
+        .write_all(head("application/json").as_bytes())
+        .unwrap();
+    let r = common::read_response(&mut stream).expect("100 Continue");
+    assert_eq!(r.status, 100);
+    stream.write_all(body.as_bytes()).unwrap();
+    let r = common::read_response(&mut stream).expect("an answer");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("connection"), None, "{:?}", r.headers);
+    assert!(server.stop().success());
+}
+
+#[test]
 fn batches_beyond_the_in_flight_limit_get_a_fast_429_before_their_bodies_are_read() {
     use std::io::Write;
     let dir = temp();
@@ -789,6 +905,12 @@ fn batches_beyond_the_in_flight_limit_get_a_fast_429_before_their_bodies_are_rea
         "the stalled batches never held both permits",
     );
     assert!(r.header("retry-after").is_some());
+    assert!(
+        r.body
+            .contains("too many batches in flight (the server takes 2 at once)"),
+        "the refusal says which limit: {}",
+        r.body
+    );
     // A third batch is refused on its headers alone: its body never comes, the 429 does.
     let mut third = std::net::TcpStream::connect(&server.address).unwrap();
     third

@@ -148,6 +148,10 @@ pub struct BatchRequest<'a> {
 
 /// The most transfers one batch request holds.
 pub const MAX_BATCH: usize = 8192;
+/// The decoder's refusal of a list longer than `MAX_BATCH` (the batch route names its own
+/// limit instead, which the ring size can make smaller).
+pub const BATCH_CAPPED: &str = "must hold 1 to 8192 transfers";
+const _: () = assert!(MAX_BATCH == 8192, "BATCH_CAPPED names MAX_BATCH");
 
 /// A list of at most `MAX_BATCH` JSON objects. A derived struct also takes an array of its
 /// fields' values in declaration order (`["alice","bob","1.00",...]`): an order no document
@@ -170,9 +174,7 @@ where
             let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX_BATCH));
             while let Some(Object(item)) = seq.next_element::<Object<T>>()? {
                 if items.len() == MAX_BATCH {
-                    return Err(serde::de::Error::custom(format!(
-                        "must hold 1 to {MAX_BATCH} transfers"
-                    )));
+                    return Err(serde::de::Error::custom(BATCH_CAPPED));
                 }
                 items.push(item);
             }

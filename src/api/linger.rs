@@ -11,6 +11,8 @@
 //! so the answer goes out first and the client can finish sending.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,11 +27,38 @@ pub const LINGER_TIME: Duration = Duration::from_secs(3);
 
 pub struct Body {
     inner: Option<Incoming>,
+    /// Set once the body was read to its end; only for a request that expects a
+    /// `100 Continue` (`expect_continue`), whose unread body is not drained.
+    read_whole: Option<Arc<AtomicBool>>,
 }
 
 impl Body {
     pub fn new(inner: Incoming) -> Body {
-        Body { inner: Some(inner) }
+        Body {
+            inner: Some(inner),
+            read_whole: None,
+        }
+    }
+
+    /// For a request sent with `Expect: 100-continue`: a client told the final answer before
+    /// the `100 Continue` need not send the body, so draining it would read the client's next
+    /// request as this one's body (and answer it never). Such a body is not drained; the
+    /// flag returned tells whether it was read whole, and the answer to one that was not
+    /// closes the connection (`Connection: close`).
+    pub fn expect_continue(&mut self) -> Arc<AtomicBool> {
+        let end = self
+            .inner
+            .as_ref()
+            .is_none_or(hyper::body::Body::is_end_stream);
+        let flag = Arc::new(AtomicBool::new(end));
+        self.read_whole = Some(flag.clone());
+        flag
+    }
+
+    fn note_end(&self) {
+        if let Some(flag) = &self.read_whole {
+            flag.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Drops the body without draining it: for a client already known to be too slow (its
@@ -47,10 +76,19 @@ impl hyper::body::Body for Body {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.inner.as_mut() {
+        let polled = match self.inner.as_mut() {
             Some(inner) => Pin::new(inner).poll_frame(cx),
             None => Poll::Ready(None),
+        };
+        if matches!(polled, Poll::Ready(None))
+            || self
+                .inner
+                .as_ref()
+                .is_some_and(hyper::body::Body::is_end_stream)
+        {
+            self.note_end();
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -71,7 +109,7 @@ impl Drop for Body {
         let Some(mut inner) = self.inner.take() else {
             return;
         };
-        if hyper::body::Body::is_end_stream(&inner) {
+        if hyper::body::Body::is_end_stream(&inner) || self.read_whole.is_some() {
             return;
         }
         // Outside a runtime (never on a request path) the body is dropped as before.

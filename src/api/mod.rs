@@ -793,8 +793,12 @@ pub async fn serve(
             }
         });
         let mut builder = http1::Builder::new();
+        // A client may shut down its sending side once its request is sent (`nc -N`, some
+        // HTTP/1.0 clients): the request is still answered (without this, hyper dropped it at
+        // the end of input, and a transfer could be executed unanswered).
         builder
             .keep_alive(true)
+            .half_close(true)
             .timer(TokioTimer::new())
             .header_read_timeout(config.header_read_timeout)
             .max_header_size(MAX_HEAD_BYTES);

@@ -423,9 +423,14 @@ pub async fn handle(
     app: Arc<App>,
     submitter: Arc<std::sync::Mutex<Submitter>>,
     peer: Arc<str>,
-    request: Request<linger::Body>,
+    mut request: Request<linger::Body>,
 ) -> HttpResponse {
     let started = Instant::now();
+    let read_whole = request
+        .headers()
+        .get(hyper::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+        .then(|| request.body_mut().expect_continue());
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let mut route_index = ROUTES.len();
@@ -511,6 +516,11 @@ pub async fn handle(
         reply.status.as_u16(),
         started.elapsed().as_micros() as u64,
     );
+    // Answered before its `100 Continue`: the client may or may not send the body now, so the
+    // connection cannot carry another request (`linger::Body::expect_continue`).
+    if read_whole.is_some_and(|whole| !whole.load(std::sync::atomic::Ordering::Relaxed)) {
+        return reply.with_header("connection", "close").into_response();
+    }
     reply.into_response()
 }
 
@@ -807,7 +817,15 @@ async fn dispatch(
             // (only a caller that may transfer gets this far: the permits are shared).
             let (limit, _batch_permit) = if name == "transfer_batch" {
                 let Ok(permit) = app.batch_permits.try_acquire() else {
-                    return Reply::too_many();
+                    return Reply::error(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too_many_requests",
+                        &format!(
+                            "too many batches in flight (the server takes {} at once); retry later",
+                            app.config.max_batches_in_flight
+                        ),
+                    )
+                    .with_header("retry-after", "1");
                 };
                 let share = (app.config.max_batches_in_flight / 4).max(1);
                 let Some(held) = CallerBatches::take(app, caller, share) else {
@@ -1493,18 +1511,25 @@ async fn transfer_batch(
     caller: &Caller,
     body: &[u8],
 ) -> Reply {
-    let request: BatchRequest = match json::decode(body) {
-        Ok(r) => r,
-        Err(e) => return Reply::field(e),
-    };
     // A batch is published to the ring whole: one larger than the ring could never be.
     let max = MAX_BATCH.min(app.config.ring_size);
-    if request.transfers.is_empty() || request.transfers.len() > max {
-        return Reply::field(FieldError::new(
+    let size_error = || {
+        Reply::field(FieldError::new(
             "invalid_request",
             "transfers",
             format!("must hold 1 to {max} transfers"),
-        ));
+        ))
+    };
+    let request: BatchRequest = match json::decode(body) {
+        Ok(r) => r,
+        // Past `MAX_BATCH` the decoder stops reading; the limit named is this server's.
+        Err(e) if e.field == "transfers" && e.message.contains(json::BATCH_CAPPED) => {
+            return size_error();
+        }
+        Err(e) => return Reply::field(e),
+    };
+    if request.transfers.is_empty() || request.transfers.len() > max {
+        return size_error();
     }
     let timestamp = now_ns();
     let mut commands = Vec::with_capacity(request.transfers.len());
