@@ -1320,7 +1320,9 @@ fn fit_connections_to_fd_limit(requested: usize) -> usize {
 }
 
 /// How long `serve --zk-leader` waits at start for a leader node naming its own address (a
-/// crashed previous run's) to go: beyond the session timeout and the server's expiry tick.
+/// crashed previous run's) to go, at least: beyond the session timeout and the server's expiry
+/// tick. Twice the session timeout the server negotiated when that is longer (a previous run
+/// under the same server settings had the same).
 const PREVIOUS_RUN_PATIENCE: Duration = Duration::from_secs(20);
 
 /// Claims the engine leadership in ZooKeeper for `address` and registers the front end; the
@@ -1343,6 +1345,7 @@ async fn claim_leadership(
     // here): a crash leaves it until its session expires (about 6 s), and a restart by a
     // supervisor waits it out instead of failing.
     let waiting_since = std::time::Instant::now();
+    let patience = PREVIOUS_RUN_PATIENCE.max(client.session_timeout() * 2);
     let mut told = false;
     loop {
         let asked = std::time::Instant::now();
@@ -1351,18 +1354,16 @@ async fn claim_leadership(
                 lease.renew_from(asked);
                 break;
             }
-            Leader::Other(holder)
-                if holder == address && waiting_since.elapsed() < PREVIOUS_RUN_PATIENCE =>
-            {
+            Leader::Other(holder) if holder == address && waiting_since.elapsed() < patience => {
                 if !std::mem::replace(&mut told, true) {
-                    tracing::warn!(node = %layout.engine_leader(), "the leader node names this address: a previous run's session, not expired yet; waiting for it");
+                    tracing::warn!(node = %layout.engine_leader(), session_timeout = ?client.session_timeout(), waiting_at_most = ?patience, "the leader node names this address: a previous run's session, not expired yet; waiting for it");
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             Leader::Other(holder) if holder == address => anyhow::bail!(
-                "the leader node {} names this address ({holder}) but another session, still {:?} after start: another process on this host claimed this address for the same --zk-root?",
+                "the leader node {} names this address ({holder}) but another session, still {patience:?} after start (the session timeout is {:?}): another process on this host claimed this address for the same --zk-root?",
                 layout.engine_leader(),
-                PREVIOUS_RUN_PATIENCE
+                client.session_timeout()
             ),
             Leader::Other(holder) => anyhow::bail!(
                 "another engine ({holder}) is the leader at {}: stop it first, or use another --zk-root",

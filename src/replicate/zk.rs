@@ -192,6 +192,18 @@ impl Layout {
         if !root.starts_with('/') || root.len() < 2 {
             bail!("--zk-root must be an absolute path below / such as /wallet, not {given:?}");
         }
+        // Refused here, before anything starts (the server refused them only when it first
+        // wrote there, with its data directory locked and its port bound).
+        if root
+            .split('/')
+            .skip(1)
+            .any(|part| matches!(part, "" | "." | ".."))
+        {
+            bail!("--zk-root {given:?}: a ZooKeeper path has no empty, `.` or `..` parts");
+        }
+        if root == "/zookeeper" || root.starts_with("/zookeeper/") {
+            bail!("--zk-root {given:?}: /zookeeper is ZooKeeper's own (quotas, configuration)");
+        }
         Ok(Layout {
             root: root.to_string(),
         })
@@ -611,14 +623,15 @@ pub async fn claim_engine_leader(
 /// Holds the engine leadership that `client` claimed for `address` (and its front-end
 /// registration): when the session ends (expired after an outage, closed), or the leader node
 /// is deleted or rewritten by hand, claims it again over a new session. Returns only when
-/// another engine holds it: the caller must stop serving. The node is read every
-/// `LEASE_RENEW_EVERY`, and each answer showing it as this session's renews `lease`: writes
-/// are refused once it runs out (ZooKeeper unreachable or slow, the process paused), before
-/// the server could expire the session. Once the session has ended, the node is gone with it
-/// and another engine may hold it: `fenced` is set, and writes are refused, until the node is
-/// claimed again. A node that names this
-/// engine's own address but another session is this engine's previous session's (no other
-/// process can listen on the address): it is waited out, not taken for another engine's.
+/// another engine holds it: the caller must stop serving. A renewer (`renew_lease`) confirms
+/// the node every `LEASE_RENEW_EVERY` without waiting for the previous answer, and each answer
+/// showing it as this session's renews `lease`: writes are refused once it runs out
+/// (ZooKeeper unreachable or slow, the process paused), before the server could expire the
+/// session. When the node changes or the session ends, the node may be another engine's:
+/// `fenced` is set, and writes are refused, until the node is claimed again. A node that
+/// names this engine's own address but another session is this engine's previous session's
+/// (no other process can listen on the address): it is waited out, not taken for another
+/// engine's.
 pub async fn keep_engine_leadership(
     zk_address: String,
     layout: Layout,
@@ -630,59 +643,59 @@ pub async fn keep_engine_leadership(
     use std::sync::atomic::Ordering;
     let path = layout.engine_leader();
     let mut backoff = Duration::from_millis(100);
-    let mut lapse_told = false;
     let mut length = lease.fit_to_session(client.session_timeout());
     loop {
-        // Confirm the node (renewing the lease), then wait until the node or the session
-        // changes, or it is time to confirm it again.
+        // Renews the lease while this session lives (aborted when this turn ends).
+        let renewer = AbortOnDrop(tokio::spawn(renew_lease(
+            client.clone(),
+            path.clone(),
+            lease.clone(),
+            length,
+        )));
+        // Confirm the node and watch it, then wait until the node or the session changes.
         let mut session = client.state_watcher();
         let asked = std::time::Instant::now();
-        // Waited for as long as its answer could still renew the lease (an answer after
-        // the lease renews nothing): a ZooKeeper answering in 1 to 3 s keeps the engine
-        // writing. A `sync` first: in an ensemble, the server this session talks to may be
-        // behind the leader, and its copy of the node may be older than the session's expiry.
+        // A `sync` first: in an ensemble, the server this session talks to may be behind the
+        // leader, and its copy of the node may be older than the session's expiry. Both are
+        // sent at once (this client orders requests when they are made, and the server
+        // answers a session's requests in order): one round trip.
+        let sync = client.sync(&path);
+        let get = client.get_and_watch_data(&path);
         let read = tokio::time::timeout(length, async {
-            client.sync(&path).await?;
-            client.get_and_watch_data(&path).await
+            sync.await?;
+            get.await
         })
         .await;
         match read {
             Ok(Ok((_, stat, node))) if stat.ephemeral_owner == client.session_id().0 => {
                 lease.renew_from(asked);
-                if std::mem::take(&mut lapse_told) {
-                    tracing::info!(node = %path, "ZooKeeper answers again and the node is still this session's: writes are served");
-                }
                 backoff = Duration::from_millis(100);
-                let renew = tokio::select! {
-                    _ = node.changed() => false,
+                tokio::select! {
+                    _ = node.changed() => {}
                     _ = async {
                         while !session.changed().await.is_terminated() {}
-                    } => false,
-                    _ = tokio::time::sleep(LEASE_RENEW_EVERY.min(length / 4)) => true,
-                };
-                if renew {
-                    continue;
+                    } => {}
                 }
             }
             Ok(Ok(_)) | Ok(Err(zk::Error::NoNode)) => {}
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "watching the engine leader node failed");
                 back_off(&mut backoff).await;
-            }
-            // No answer: the lease runs out by itself (writes are refused from then on), and
-            // the session may live on; ask again.
-            Err(_) if !client.state().is_terminated() => {
-                if !lease.holds() && !std::mem::replace(&mut lapse_told, true) {
-                    tracing::error!(node = %path, lease = ?length, "ZooKeeper has not confirmed the engine leadership within its lease: writes are refused (503 not_leader) until it answers (the session may end meanwhile, and another engine lead)");
-                }
                 continue;
             }
+            // No answer: the lease runs out by itself unless the renewer's answers come
+            // (writes are refused from then on), and the session may live on; ask again.
+            Err(_) if !client.state().is_terminated() => continue,
             Err(_) => {}
         }
+        drop(renewer);
+        // The node changed (deleted, rewritten, another session's) or the session ended: it
+        // may be another engine's by now. Writes stop here, not when the claim below is
+        // answered (a round trip later, in which they were still acknowledged).
+        if !fenced.swap(true, Ordering::SeqCst) {
+            tracing::error!(node = %path, state = ?client.state(), "the engine leader node changed or the ZooKeeper session ended: writes are refused (503 not_leader) until this engine claims the node again");
+        }
         if client.state().is_terminated() {
-            if !fenced.swap(true, Ordering::SeqCst) {
-                tracing::error!(state = ?client.state(), "ZooKeeper session ended, and the engine leadership with it: writes are refused (503 not_leader) until it is claimed again");
-            }
             tracing::warn!(state = ?client.state(), "ZooKeeper session ended; claiming the engine leader node again");
             match connect(&zk_address).await {
                 Ok(c) => {
@@ -695,6 +708,11 @@ pub async fn keep_engine_leadership(
                     continue;
                 }
             }
+        }
+        // Tests: `leader-claim-delay:<ms>` holds the claim that long (the writes refused
+        // meanwhile are the point).
+        if let Some(ms) = crate::replicate::failpoint_value("leader-claim-delay") {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
         }
         match claim_engine_leader(&client, &layout, &address).await {
             Ok(Leader::Us) => {
@@ -717,6 +735,64 @@ pub async fn keep_engine_leadership(
                 back_off(&mut backoff).await;
             }
         }
+    }
+}
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The most confirmations a renewer keeps unanswered at once.
+const RENEWALS_IN_FLIGHT: usize = 8;
+
+/// Confirms the leader node every `LEASE_RENEW_EVERY` (a quarter of a shorter lease) with a
+/// `sync` and a read sent together, without waiting for earlier answers: each answer showing
+/// the node as this session's renews the lease from when it was asked, so a ZooKeeper that
+/// answers within the lease (less the interval) keeps the engine writing. Waiting for each
+/// answer before asking again let every second of delay past about 0.65 s refuse writes.
+/// Logs when the lease lapses and when it holds again.
+async fn renew_lease(
+    client: zk::Client,
+    path: String,
+    lease: std::sync::Arc<Lease>,
+    length: Duration,
+) {
+    let session = client.session_id().0;
+    let mut asks = tokio::task::JoinSet::new();
+    let mut tick = tokio::time::interval(LEASE_RENEW_EVERY.min(length / 4));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lapsed = false;
+    loop {
+        tick.tick().await;
+        while asks.try_join_next().is_some() {}
+        if asks.len() < RENEWALS_IN_FLIGHT {
+            let client = client.clone();
+            let path = path.clone();
+            let lease = lease.clone();
+            asks.spawn(async move {
+                let asked = std::time::Instant::now();
+                let sync = client.sync(&path);
+                let stat = client.check_stat(&path);
+                if sync.await.is_ok()
+                    && let Ok(Some(stat)) = stat.await
+                    && stat.ephemeral_owner == session
+                {
+                    lease.renew_from(asked);
+                }
+            });
+        }
+        let holds = lease.holds();
+        if !holds && !lapsed {
+            tracing::error!(node = %path, lease = ?length, "ZooKeeper has not confirmed the engine leadership within its lease: writes are refused (503 not_leader) until it answers (the session may end meanwhile, and another engine lead)");
+        } else if holds && lapsed {
+            tracing::info!(node = %path, "ZooKeeper answers again and the node is still this session's: writes are served");
+        }
+        lapsed = !holds;
     }
 }
 
@@ -901,6 +977,21 @@ mod tests {
                 "{given:?}: {error}"
             );
         }
+        for (given, why) in [
+            ("//x", "empty"),
+            ("/a//b", "empty"),
+            ("/a/./b", "`.`"),
+            ("/a/..", "`..`"),
+            ("/zookeeper", "ZooKeeper's own"),
+            ("/zookeeper/wallet", "ZooKeeper's own"),
+        ] {
+            let error = Layout::new(given)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(error.contains(why), "{given:?}: {error}");
+        }
+        assert!(Layout::new("/zookeepers").is_ok());
         assert_eq!(
             Layout::new("/wallet/").map(|l| l.root).ok().as_deref(),
             Some("/wallet")
