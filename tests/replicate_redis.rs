@@ -758,6 +758,11 @@ fn a_leader_refuses_writes_as_soon_as_its_node_changes() {
         )
     };
     assert_eq!(deposit(&mut client).status, 200);
+    let metrics = client.get("/metrics").body;
+    assert!(
+        metrics.contains("\nwallet_writes_refused_not_leader 0\n"),
+        "{metrics}"
+    );
     with_zk(&cluster, async |zk, layout| {
         let path = layout.engine_leader();
         let mut takeover = zk.new_multi_writer();
@@ -777,6 +782,11 @@ fn a_leader_refuses_writes_as_soon_as_its_node_changes() {
             r.body
         );
         assert_eq!(r.json()["error"]["code"], "not_leader", "{}", r.body);
+        let metrics = client.get("/metrics").body;
+        assert!(
+            metrics.contains("\nwallet_writes_refused_not_leader 1\n"),
+            "{metrics}"
+        );
         // Held while the engine claims and finds another holder: it stops.
         let status = common::wait_with_timeout(&mut server.child, Duration::from_secs(20));
         assert_eq!(status.code(), Some(1), "the engine did not stop");

@@ -812,6 +812,22 @@ fn a_client_that_never_reads_its_answers_loses_its_connection_slot() {
         took < Duration::from_secs(8),
         "the slots came back only after {took:?}"
     );
+    // The refusals are counted, and the connections served are shown.
+    let metrics = probe.get("/metrics").body;
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    assert!(
+        value("wallet_connections_refused_total").is_some_and(|n| n >= 1),
+        "{metrics}"
+    );
+    assert!(
+        value("wallet_connections_open").is_some_and(|n| (1..=2).contains(&n)),
+        "{metrics}"
+    );
     for hog in hogs {
         drop(hog.join().expect("hog thread"));
     }

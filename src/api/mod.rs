@@ -299,6 +299,10 @@ pub struct App {
     pub redis_replicator: Option<Arc<crate::replicate::redis::Metrics>>,
     /// Where the event stream's journal reads ended, to resume the next one there.
     pub events_positions: metrics::TailPositions,
+    /// The connection permits (`--max-connections`), for the open-connection gauge.
+    pub connections: Arc<tokio::sync::Semaphore>,
+    /// Connections refused over `--max-connections` (answered 503, or closed unanswered).
+    pub connections_refused: std::sync::atomic::AtomicU64,
     submitter: Submitter,
 }
 
@@ -409,6 +413,23 @@ impl App {
                 "wallet_snapshot_follower_failed",
                 "1 if the snapshot follower stopped (its reason is in the log).",
                 u64::from(s.follower_failed.load(Ordering::Relaxed)),
+            ),
+            (
+                "wallet_writes_refused_not_leader",
+                "1 while writes are refused with 503 not_leader (--zk-leader: the lease lapsed, or the leader node is not this engine's).",
+                u64::from(self.config.writes_refused()),
+            ),
+            (
+                "wallet_connections_open",
+                "Connections being served (at most --max-connections).",
+                self.config
+                    .max_connections
+                    .saturating_sub(self.connections.available_permits()) as u64,
+            ),
+            (
+                "wallet_connections_refused_total",
+                "Connections refused over --max-connections (answered 503 too_many_connections, or closed unanswered).",
+                self.connections_refused.load(Ordering::Relaxed),
             ),
         ]);
         text.push_str(&replicator);
@@ -687,6 +708,8 @@ pub async fn serve(
         batch_permits: tokio::sync::Semaphore::new(config.max_batches_in_flight),
         journal_reads: Arc::new(tokio::sync::Semaphore::new(JOURNAL_READS)),
         batch_callers: std::sync::Mutex::new(std::collections::HashMap::new()),
+        connections: starting_connections.clone(),
+        connections_refused: std::sync::atomic::AtomicU64::new(0),
         submitter: engine.submitter(),
     });
     // Keyed limiters keep a cell per key; prune idle ones so the map stays bounded.
@@ -751,6 +774,7 @@ pub async fn serve(
             _ = &mut halted => break,
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
+            app.connections_refused.fetch_add(1, Ordering::Relaxed);
             // Over the connection limit: answer at once and close, never queue. Over TLS the
             // answer goes inside TLS (a plaintext 503 on a TLS port reads to the client as a
             // broken handshake, never as a 503 to retry after), after a handshake bounded like
