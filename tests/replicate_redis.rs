@@ -2008,6 +2008,28 @@ fn a_leader_restarted_after_a_crash_waits_out_its_previous_run() {
     let mut client = server.client();
     common::open(&mut client, "a");
     server.kill9();
+    // A stop asked for during that wait is a stop at once: the engine waited the old session
+    // out, took the leadership, and only then stopped.
+    let mut waiting = Server::command_at(cluster.data.path(), &listen)
+        .args(cluster.leader_args())
+        .env("WALLET_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn serve");
+    // Well inside the dead session's 6 s: waiting for it.
+    std::thread::sleep(Duration::from_millis(1500));
+    let asked = Instant::now();
+    // SAFETY: sending a signal to our own child's pid; kill takes no pointers.
+    unsafe {
+        libc::kill(waiting.id() as i32, libc::SIGTERM);
+    }
+    let status = common::wait_with_timeout(&mut waiting, Duration::from_secs(15));
+    assert!(status.success(), "{status}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "stopped {:?} after SIGTERM",
+        asked.elapsed()
+    );
     let restarted_at = Instant::now();
     let server = Server::start_at(cluster.data.path(), &listen, &cluster.leader_args());
     assert!(

@@ -1234,14 +1234,28 @@ pub async fn run(mut config: ServeConfig, listen: SocketAddr) -> anyhow::Result<
                 !address.ip().is_unspecified(),
                 "--zk-leader registers the --listen address for others to reach: {address} is not one (listen on a specific address)"
             );
-            let (task, session) = claim_leadership(
+            let registered = address.to_string();
+            let claim = claim_leadership(
                 zk,
                 root,
-                &address.to_string(),
+                &registered,
                 config.writes_fenced.clone(),
                 config.leader_lease.clone(),
-            )
-            .await?;
+            );
+            // A stop asked for while ZooKeeper is awaited (a previous run's session, an
+            // unreachable server) is a stop now, not after the wait (which could even end
+            // with this engine taking the leadership on its way out).
+            let (task, session) = tokio::select! {
+                claimed = claim => claimed?,
+                _ = terminate.recv() => {
+                    tracing::info!("stopped (SIGTERM) while claiming the engine leadership");
+                    return Ok(());
+                }
+                _ = interrupt.recv() => {
+                    tracing::info!("stopped (SIGINT) while claiming the engine leadership");
+                    return Ok(());
+                }
+            };
             (Some(task), Some(session))
         }
         None => (None, None),

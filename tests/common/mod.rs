@@ -51,7 +51,8 @@ impl Server {
         Server::command_at(data_dir, "127.0.0.1:0")
     }
 
-    fn command_at(data_dir: &Path, listen: &str) -> Command {
+    /// `command` on `listen`.
+    pub fn command_at(data_dir: &Path, listen: &str) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_wallet"));
         command
             .args([
