@@ -1404,8 +1404,9 @@ async fn claim_leadership(
                 client.session_timeout()
             ),
             Leader::Other(holder) => anyhow::bail!(
-                "another engine ({holder}) is the leader at {}: stop it first, or use another --zk-root",
-                layout.engine_leader()
+                "another engine ({holder}) is the leader at {}: stop it first, or use another --zk-root (if it crashed, its node goes when its session expires, about {:?} after it died)",
+                layout.engine_leader(),
+                client.session_timeout()
             ),
         }
     }
