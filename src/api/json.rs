@@ -37,11 +37,13 @@ pub fn decode<'de, T: Deserialize<'de>>(body: &'de [u8]) -> Result<T, FieldError
     // Every request body is an object; serde would also take a struct from an array of its
     // fields' values in order.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(FieldError::new(
-            "invalid_request",
-            "body",
-            "must be a JSON object",
-        ));
+        // JSON text has no byte order mark (RFC 8259, 8.1); said by name, as it is invisible.
+        let reason = if body.starts_with(b"\xEF\xBB\xBF") {
+            "must be a JSON object, without a byte order mark (EF BB BF) before it"
+        } else {
+            "must be a JSON object"
+        };
+        return Err(FieldError::new("invalid_request", "body", reason));
     }
     if let Ok(value) = serde_json::from_slice(body) {
         return Ok(value);
@@ -420,6 +422,11 @@ mod tests {
                 "must be a JSON object",
             ),
             ("".to_string(), "body", "must be a JSON object"),
+            (
+                format!("\u{feff}{{{ok}}}"),
+                "body",
+                "without a byte order mark",
+            ),
         ];
         for (body, field, words) in cases {
             let e = decode::<TransferRequest>(body.as_bytes()).unwrap_err();
