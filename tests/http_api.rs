@@ -845,6 +845,30 @@ fn an_early_answer_to_a_request_expecting_100_continue_closes_the_connection() {
             .status,
         404
     );
+    // A chunked body over the limit, refused part-way (after the `100 Continue`, so the client
+    // sends it): the rest is drained as usual and the connection kept, not closed with the
+    // client's bytes unread (a reset that can lose the 413).
+    let mut stream = connect();
+    stream
+        .write_all(b"POST /v1/wallet/balance_transfer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
+        .unwrap();
+    let r = common::read_response(&mut stream).expect("100 Continue");
+    assert_eq!(r.status, 100);
+    let mut sender = stream.try_clone().unwrap();
+    let sending = std::thread::spawn(move || {
+        let chunk = format!("{:x}\r\n{}\r\n", 4096, " ".repeat(4096));
+        for _ in 0..16 {
+            sender.write_all(chunk.as_bytes())?;
+        }
+        sender.write_all(b"0\r\n\r\n")
+    });
+    let r = common::read_response(&mut stream).expect("an answer");
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert_eq!(r.header("connection"), None, "{:?}", r.headers);
+    assert!(
+        sending.join().unwrap().is_ok(),
+        "the body was read, not cut off"
+    );
     // A body sent after the `100 Continue` is read: the answer keeps the connection.
     let mut stream = connect();
     stream

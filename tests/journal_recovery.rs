@@ -3745,6 +3745,40 @@ fn the_durable_watermark_file_is_made_durable_every_second_while_records_come() 
             "{sync:?}"
         );
     }
+    // Through the engine, which syncs it after a batch's answers are out.
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let durable = journal_dir(data).join(wallet::journal::format::DURABLE_FILE_NAME);
+    let (storage, faults) = faulty(u64::MAX);
+    let writer = open_writer(
+        data,
+        Box::new(storage),
+        1 << 20,
+        SyncMode::Batch,
+        &JournalEnd::empty(),
+    );
+    let (engine, receiver) = start_journaled(writer);
+    let mut submitter = engine.submitter();
+    for i in 0..2u64 {
+        if i == 1 {
+            std::thread::sleep(wallet::journal::WATERMARK_SYNC_EVERY + Duration::from_millis(50));
+        }
+        submitter.try_submit(command(i), i, 0).unwrap();
+        let (_, _, was_durable) = receiver
+            .recv_timeout(Duration::from_secs(10))
+            .expect("an outcome within 10 s");
+        assert!(was_durable);
+    }
+    drop(submitter);
+    engine.shutdown().expect("a clean stop");
+    let synced = faults
+        .synced_files
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|p| **p == durable)
+        .count();
+    assert_eq!(synced, 2, "at open, then after the answer a second on");
 }
 
 #[test]

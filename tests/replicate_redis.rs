@@ -1683,7 +1683,12 @@ fn a_replicator_of_a_stale_map_leaves_nodes_of_a_newer_one_alone() {
             .expect("stamp the node");
     };
     for writes in [false, true] {
-        let (follower, log) = current.replicate_follow_logged();
+        // With writes, no idle check: the write's rebuild alone must find it.
+        let idle_check = if writes { "0" } else { "1000" };
+        let (follower, log) = current.replicate_follow_logged_from(
+            &current.source(),
+            &[("WALLET_REDIS_IDLE_CHECK_MS", idle_check)],
+        );
         wait_for_log(&log, "replicator starting");
         stamp("3");
         if writes {

@@ -27,38 +27,34 @@ pub const LINGER_TIME: Duration = Duration::from_secs(3);
 
 pub struct Body {
     inner: Option<Incoming>,
-    /// Set once the body was read to its end; only for a request that expects a
-    /// `100 Continue` (`expect_continue`), whose unread body is not drained.
-    read_whole: Option<Arc<AtomicBool>>,
+    /// Set once the body is first read (hyper then sends the `100 Continue`, and the client
+    /// its body); only for a request that expects a `100 Continue` (`expect_continue`), whose
+    /// body is not drained if it was never read.
+    polled: Option<Arc<AtomicBool>>,
 }
 
 impl Body {
     pub fn new(inner: Incoming) -> Body {
         Body {
             inner: Some(inner),
-            read_whole: None,
+            polled: None,
         }
     }
 
     /// For a request sent with `Expect: 100-continue`: a client told the final answer before
     /// the `100 Continue` need not send the body, so draining it would read the client's next
-    /// request as this one's body (and answer it never). Such a body is not drained; the
-    /// flag returned tells whether it was read whole, and the answer to one that was not
-    /// closes the connection (`Connection: close`).
+    /// request as this one's body (and answer it never). Such a body, never read, is not
+    /// drained, and the answer closes the connection (`Connection: close`); the flag returned
+    /// tells whether it was read (a body with nothing to send counts as read). One whose
+    /// reading began (the client was told to send it) is drained as any other.
     pub fn expect_continue(&mut self) -> Arc<AtomicBool> {
-        let end = self
+        let empty = self
             .inner
             .as_ref()
             .is_none_or(hyper::body::Body::is_end_stream);
-        let flag = Arc::new(AtomicBool::new(end));
-        self.read_whole = Some(flag.clone());
+        let flag = Arc::new(AtomicBool::new(empty));
+        self.polled = Some(flag.clone());
         flag
-    }
-
-    fn note_end(&self) {
-        if let Some(flag) = &self.read_whole {
-            flag.store(true, Ordering::Relaxed);
-        }
     }
 
     /// Drops the body without draining it: for a client already known to be too slow (its
@@ -76,19 +72,13 @@ impl hyper::body::Body for Body {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = match self.inner.as_mut() {
+        if let Some(flag) = &self.polled {
+            flag.store(true, Ordering::Relaxed);
+        }
+        match self.inner.as_mut() {
             Some(inner) => Pin::new(inner).poll_frame(cx),
             None => Poll::Ready(None),
-        };
-        if matches!(polled, Poll::Ready(None))
-            || self
-                .inner
-                .as_ref()
-                .is_some_and(hyper::body::Body::is_end_stream)
-        {
-            self.note_end();
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -109,7 +99,11 @@ impl Drop for Body {
         let Some(mut inner) = self.inner.take() else {
             return;
         };
-        if hyper::body::Body::is_end_stream(&inner) || self.read_whole.is_some() {
+        let never_read = self
+            .polled
+            .as_ref()
+            .is_some_and(|polled| !polled.load(Ordering::Relaxed));
+        if hyper::body::Body::is_end_stream(&inner) || never_read {
             return;
         }
         // Outside a runtime (never on a request path) the body is dropped as before.

@@ -426,7 +426,7 @@ pub async fn handle(
     mut request: Request<linger::Body>,
 ) -> HttpResponse {
     let started = Instant::now();
-    let read_whole = request
+    let body_read = request
         .headers()
         .get(hyper::header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
@@ -518,7 +518,7 @@ pub async fn handle(
     );
     // Answered before its `100 Continue`: the client may or may not send the body now, so the
     // connection cannot carry another request (`linger::Body::expect_continue`).
-    if read_whole.is_some_and(|whole| !whole.load(std::sync::atomic::Ordering::Relaxed)) {
+    if body_read.is_some_and(|read| !read.load(std::sync::atomic::Ordering::Relaxed)) {
         return reply.with_header("connection", "close").into_response();
     }
     reply.into_response()

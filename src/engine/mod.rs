@@ -1057,6 +1057,13 @@ impl Engine {
                     }
                     staged.clear();
                     replies.end_of_batch();
+                    // After the answers: the records are durable, and the watermark file's
+                    // periodic sync is housekeeping.
+                    if let JournalStage::Journal(writer) = &mut journal
+                        && let Err(e) = writer.sync_watermark_if_due()
+                    {
+                        output_shared.halt(format!("journal watermark sync failed: {e}"));
+                    }
                 }
             }));
             if let Err(payload) = run {
@@ -1255,7 +1262,7 @@ fn journal_stage(
                 shared.journal_space_short.store(true, Ordering::Relaxed);
             }
             if end_of_batch {
-                match writer.commit() {
+                match writer.commit_deferring_watermark() {
                     Ok(durable) => {
                         shared
                             .journal_bytes

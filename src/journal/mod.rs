@@ -125,8 +125,10 @@ pub struct JournalWriter {
     durable_file: std::fs::File,
     /// The watermark last written there.
     published_seq: u64,
-    /// When `journal/durable` was last made durable (`WATERMARK_SYNC_EVERY`).
+    /// When `journal/durable` was last made durable (`WATERMARK_SYNC_EVERY`), and the value
+    /// it held then.
     watermark_synced: Instant,
+    watermark_synced_seq: u64,
     /// The writer keeps a reserve (`keep_reserve`).
     reserve: bool,
     /// It keeps one and holds none (`RESERVE_FILE_NAME`): a roll-over used it, or it could not
@@ -291,7 +293,7 @@ impl JournalWriter {
             if let Some(torn_at) = end.torn_at {
                 // The cut bytes are kept beside the segment first: they were never
                 // acknowledged if the durable watermark on disk is current, but that file is
-                // written without an fsync, so after a power loss it may be stale, and then
+                // synced only once a second, so after a power loss it may be stale, and then
                 // what looks like a torn tail could hold acknowledged records behind damage.
                 let torn_end = end.torn_end.clamp(torn_at, file.size());
                 let kept = keep_cut_bytes_on_a_full_disk(&config.dir, path, torn_at, torn_end)
@@ -406,6 +408,7 @@ impl JournalWriter {
             durable_file,
             published_seq: u64::MAX,
             watermark_synced: Instant::now(),
+            watermark_synced_seq: end.next_seq - 1,
             reserve: false,
             space_short: false,
             reserve_tried: Instant::now(),
@@ -459,7 +462,18 @@ impl JournalWriter {
             ));
         }
         self.published_seq = self.durable_seq;
+        Ok(())
+    }
+
+    /// Makes `journal/durable` durable if it changed and `WATERMARK_SYNC_EVERY` has passed
+    /// since it last was (never under `--sync none`: the file would then outlive the records it
+    /// names). `commit` calls it; the engine calls `commit_deferring_watermark` and this after
+    /// the batch's answers (the records are durable already: the sync is housekeeping, and a
+    /// cache flush on a slow disk should not delay them). A failed sync poisons the writer.
+    pub fn sync_watermark_if_due(&mut self) -> io::Result<()> {
+        self.check()?;
         if self.config.sync != SyncMode::None
+            && self.watermark_synced_seq != self.published_seq
             && self.watermark_synced.elapsed() >= WATERMARK_SYNC_EVERY
         {
             let path = self.config.dir.join(DURABLE_FILE_NAME);
@@ -474,6 +488,7 @@ impl JournalWriter {
                 ));
             }
             self.watermark_synced = Instant::now();
+            self.watermark_synced_seq = self.published_seq;
         }
         Ok(())
     }
@@ -641,6 +656,13 @@ impl JournalWriter {
     /// Ends a batch: copies buffered frames into the segment and syncs per the sync mode.
     /// Returns the highest durable sequence number.
     pub fn commit(&mut self) -> io::Result<u64> {
+        let durable = self.commit_deferring_watermark()?;
+        self.sync_watermark_if_due()?;
+        Ok(durable)
+    }
+
+    /// `commit`, leaving the watermark file's periodic sync to `sync_watermark_if_due`.
+    pub fn commit_deferring_watermark(&mut self) -> io::Result<u64> {
         self.check()?;
         self.write_pending()?;
         match self.config.sync {

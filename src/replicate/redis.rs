@@ -101,10 +101,11 @@ return 1
     )
 });
 
-/// Marks a node `resync` (its readers retry) before it is rebuilt, unless a newer partition
-/// map stamped it (`WALLET_NEWER_MAP`: map versions only go up, so this replicator's map is
-/// stale, and pulling the node back to it would take it from the newer map's readers). KEYS:
-/// map version. ARGV: this replicator's map version.
+/// Marks a node `resync` before it is rebuilt, or `retired:N` before it is emptied (its readers
+/// retry, or re-read the map), unless a newer partition map stamped it (`WALLET_NEWER_MAP`:
+/// map versions only go up, so this replicator's map is stale, and pulling the node back to
+/// it, or emptying it, would take it from the newer map's readers). KEYS: map version. ARGV:
+/// this replicator's map version, the new value.
 static INVALIDATE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
@@ -115,7 +116,7 @@ if version then
     return redis.error_reply('WALLET_NEWER_MAP map_version is ' .. version .. ', above ' .. ARGV[1])
   end
 end
-redis.call('SET', KEYS[1], 'resync')
+redis.call('SET', KEYS[1], ARGV[2])
 return 1
 ",
     )
@@ -1662,6 +1663,17 @@ impl Replicator {
                     tracing::info!(node = %node.address, "removed node emptied");
                     self.forget_retiring(&node.address).await;
                 }
+                Err(e) if is_newer_map(&e) => {
+                    let error = newer_map_error(
+                        &node.address,
+                        &stamped_version(&e),
+                        self.map.version,
+                        &self.zk.1.partitions(),
+                    );
+                    tracing::error!(error = %format!("{error:#}"));
+                    self.stopped_by.get_or_insert(error);
+                    kept.push(node);
+                }
                 Err(e) => {
                     node.mark_down(&e);
                     node.retry_at = Some(Instant::now() + RETIRED_RETRY);
@@ -1809,6 +1821,7 @@ async fn resync(
         .prepare_invoke()
         .key(MAP_VERSION_KEY)
         .arg(version)
+        .arg("resync")
         .invoke_async::<i64>(conn)
         .await?;
     let strays: Vec<String> = scan_balance_keys(conn)
@@ -1851,11 +1864,14 @@ async fn resync(
 }
 
 /// Empties a node that left the map; its version tells old-map readers to re-read the map.
+/// Not one a newer map stamped (`WALLET_NEWER_MAP`): another root's replicator uses it.
 async fn retire(conn: &mut MultiplexedConnection, new_version: u64) -> anyhow::Result<()> {
-    redis::cmd("SET")
-        .arg(MAP_VERSION_KEY)
+    INVALIDATE_SCRIPT
+        .prepare_invoke()
+        .key(MAP_VERSION_KEY)
+        .arg(new_version)
         .arg(format!("retired:{new_version}"))
-        .query_async::<()>(conn)
+        .invoke_async::<i64>(conn)
         .await?;
     let keys = scan_balance_keys(conn).await?;
     for chunk in keys.chunks(1000) {

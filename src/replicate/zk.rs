@@ -55,6 +55,9 @@ pub struct Lease {
     confirmed: std::sync::atomic::AtomicU64,
     /// The lease's length in milliseconds (`lease_for` the current session).
     length_ms: std::sync::atomic::AtomicU64,
+    /// A lapse was logged and its end not yet (kept across renewers, so a new session's does
+    /// not log it again).
+    lapse_logged: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Lease {
@@ -63,6 +66,7 @@ impl Default for Lease {
             base: std::time::Instant::now(),
             confirmed: std::sync::atomic::AtomicU64::new(0),
             length_ms: std::sync::atomic::AtomicU64::new(LEADER_LEASE.as_millis() as u64),
+            lapse_logged: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -644,14 +648,17 @@ pub async fn keep_engine_leadership(
     let path = layout.engine_leader();
     let mut backoff = Duration::from_millis(100);
     let mut length = lease.fit_to_session(client.session_timeout());
-    loop {
-        // Renews the lease while this session lives (aborted when this turn ends).
-        let renewer = AbortOnDrop(tokio::spawn(renew_lease(
+    // Renews the lease while this session lives (replaced with the session).
+    let renewer = |client: &zk::Client, length: Duration| {
+        AbortOnDrop(tokio::spawn(renew_lease(
             client.clone(),
             path.clone(),
             lease.clone(),
             length,
-        )));
+        )))
+    };
+    let mut _renewing = renewer(&client, length);
+    loop {
         // Confirm the node and watch it, then wait until the node or the session changes.
         let mut session = client.state_watcher();
         let asked = std::time::Instant::now();
@@ -669,6 +676,11 @@ pub async fn keep_engine_leadership(
         match read {
             Ok(Ok((_, stat, node))) if stat.ephemeral_owner == client.session_id().0 => {
                 lease.renew_from(asked);
+                // Also after a claim that failed although the node became this session's (its
+                // answer lost, say): the node is ours, so writes are served.
+                if fenced.swap(false, Ordering::SeqCst) {
+                    tracing::info!(node = %path, "the engine leader node is this session's: writes are served");
+                }
                 backoff = Duration::from_millis(100);
                 tokio::select! {
                     _ = node.changed() => {}
@@ -678,17 +690,19 @@ pub async fn keep_engine_leadership(
                 }
             }
             Ok(Ok(_)) | Ok(Err(zk::Error::NoNode)) => {}
-            Ok(Err(e)) => {
+            // Asked again while the session lives; once it has ended (every request fails at
+            // once then), on to a new session below.
+            Ok(Err(e)) if !client.state().is_terminated() => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "watching the engine leader node failed");
                 back_off(&mut backoff).await;
                 continue;
             }
+            Ok(Err(_)) => {}
             // No answer: the lease runs out by itself unless the renewer's answers come
             // (writes are refused from then on), and the session may live on; ask again.
             Err(_) if !client.state().is_terminated() => continue,
             Err(_) => {}
         }
-        drop(renewer);
         // The node changed (deleted, rewritten, another session's) or the session ended: it
         // may be another engine's by now. Writes stop here, not when the claim below is
         // answered (a round trip later, in which they were still acknowledged).
@@ -701,6 +715,7 @@ pub async fn keep_engine_leadership(
                 Ok(c) => {
                     client = c;
                     length = lease.fit_to_session(client.session_timeout());
+                    _renewing = renewer(&client, length);
                 }
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "ZooKeeper unreachable; reads are served, writes are not");
@@ -766,7 +781,6 @@ async fn renew_lease(
     let mut asks = tokio::task::JoinSet::new();
     let mut tick = tokio::time::interval(LEASE_RENEW_EVERY.min(length / 4));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut lapsed = false;
     loop {
         tick.tick().await;
         while asks.try_join_next().is_some() {}
@@ -787,12 +801,14 @@ async fn renew_lease(
             });
         }
         let holds = lease.holds();
-        if !holds && !lapsed {
+        let logged = lease
+            .lapse_logged
+            .swap(!holds, std::sync::atomic::Ordering::SeqCst);
+        if !holds && !logged {
             tracing::error!(node = %path, lease = ?length, "ZooKeeper has not confirmed the engine leadership within its lease: writes are refused (503 not_leader) until it answers (the session may end meanwhile, and another engine lead)");
-        } else if holds && lapsed {
+        } else if holds && logged {
             tracing::info!(node = %path, "ZooKeeper answers again and the node is still this session's: writes are served");
         }
-        lapsed = !holds;
     }
 }
 
@@ -957,9 +973,7 @@ pub async fn connect_patiently(
 mod tests {
     use super::*;
 
-    /// No spelling of a password the driver reads is printed: the common ones are masked in
-    /// place, and the others (a `/` in the userinfo, a percent-encoded key, spaces around `=`,
-    /// a quoted value with a space) give a summary without it.
+    /// A bad `--zk-root` is refused up front, named as it was given.
     #[test]
     fn a_bad_zk_root_is_named_as_given() {
         for (given, shown) in [
@@ -998,6 +1012,9 @@ mod tests {
         );
     }
 
+    /// No spelling of a password the driver reads is printed: the common ones are masked in
+    /// place, and the others (a `/` in the userinfo, a percent-encoded key, spaces around `=`,
+    /// a quoted value with a space) give a summary without it.
     #[test]
     fn a_shard_url_is_never_shown_with_its_password() {
         for (url, shown) in [
