@@ -1939,6 +1939,10 @@ fn a_leader_whose_session_ended_refuses_writes_until_it_leads_again() {
         "a refusal moved money"
     );
 
+    // Down long enough for the client to give the session up (7/5 of 6 s) while ZooKeeper is
+    // still away: the engine must connect anew once it is back. (A read failing on the ended
+    // session was retried on it for good: writes refused until a restart.)
+    std::thread::sleep(Duration::from_secs(11).saturating_sub(stopping.elapsed()));
     drop(restart);
     assert!(reachable(&services.zk));
     let back = Instant::now();
