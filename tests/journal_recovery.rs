@@ -906,6 +906,9 @@ fn a_replay_limited_to_a_sequence_or_a_time_still_audits_the_journals_end() {
         for args in limited(&data) {
             let report = wallet::tools::replay::run(&args).unwrap();
             assert!(report.ok, "{:?}", report.error);
+            // The report says what a stopped replay left unaudited (its OK line did not).
+            let limited = args.to_seq.is_some() || args.to_time.is_some();
+            assert_eq!(report.stopped_early, limited, "{args:?}");
         }
         let segments = list_segments(&journal_dir(&data)).unwrap();
         (data, segments.last().unwrap().1.clone())
@@ -3829,4 +3832,32 @@ fn a_newest_segment_cut_short_before_its_first_record_is_written_on_after_a_rest
     let again = recovered(data);
     assert_eq!(again.end.torn_at, None);
     assert_eq!(again.ledger.state_hash(), ledger.state_hash());
+}
+
+#[test]
+fn a_file_named_like_a_segment_but_not_one_is_refused() {
+    // A segment renamed (`1.wal`, an upper-case suffix) was passed over in silence: a journal
+    // of only such a file replayed as an empty, "verified" one.
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    fresh_journal(data, 4096, 0..50, 10);
+    for name in ["1.wal", "00000000000000000001.WAL"] {
+        let odd = journal_dir(data).join(name);
+        fs::write(&odd, b"").unwrap();
+        let error = recover_plain(data)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(error.contains("named like a segment"), "{name}: {error}");
+        let replayed = match wallet::tools::replay::run(&replay_args(data)) {
+            Ok(report) => report.error.unwrap_or_default(),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            replayed.contains("named like a segment"),
+            "{name}: {replayed}"
+        );
+        fs::remove_file(&odd).unwrap();
+    }
+    assert!(recover_plain(data).is_ok());
 }

@@ -179,8 +179,25 @@ pub fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
     };
     for entry in entries {
         let entry = entry.map_err(io)?;
-        if let Some(seq) = entry.file_name().to_str().and_then(parse_segment_file_name) {
+        let name = entry.file_name();
+        if let Some(seq) = name.to_str().and_then(parse_segment_file_name) {
             out.push((seq, entry.path()));
+        } else if name
+            .as_encoded_bytes()
+            .to_ascii_lowercase()
+            .ends_with(b".wal")
+        {
+            // A segment renamed (`1.wal`, `….WAL`) would otherwise be passed over in silence,
+            // and a journal of one such file read as an empty, "verified" one.
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{} is named like a segment but is not one (segments are named with 20 \
+                     digits, as 00000000000000000001.wal): rename it back, or move it out of \
+                     the journal directory",
+                    entry.path().display()
+                ),
+            )));
         }
     }
     out.sort();

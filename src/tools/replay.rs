@@ -56,6 +56,10 @@ pub struct ReplayReport {
     pub events: u64,
     pub checkpoints_verified: u64,
     pub last_seq: u64,
+    /// Stopped by `--to-seq` or `--to-time`: the records after `last_seq` were checked for
+    /// their frames and chain only (not replayed: their checkpoints, invariants and the
+    /// snapshot state past the stop are not audited; a replay without the stop does it all).
+    pub stopped_early: bool,
     /// With `--from-snapshot`: the last sequence in the snapshot the replay started from (none:
     /// no valid snapshot, so the replay started from the beginning of the journal).
     pub snapshot_seq: Option<u64>,
@@ -393,6 +397,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
         events,
         checkpoints_verified: checkpoints,
         last_seq: ledger.next_seq() - 1,
+        stopped_early: stopped,
         snapshot_seq,
         snapshot_audited: audited
             .as_ref()
@@ -468,6 +473,10 @@ pub fn print(report: &ReplayReport) {
         report.state_hash, report.events_per_sec
     );
     match &report.error {
+        None if report.stopped_early => println!(
+            "OK up to sequence {}: frames and chain verified to the journal's end, checkpoints and invariants up to the stop (replay without --to-seq/--to-time for the full audit)",
+            report.last_seq
+        ),
         None => println!("OK: frames, chain, checkpoints and invariants verified"),
         Some(e) => println!("FAILED: {e}"),
     }
