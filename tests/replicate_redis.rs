@@ -3097,6 +3097,49 @@ fn a_node_emptied_during_its_rebuild_is_not_stamped_current() {
 /// A node removed from the map is emptied even when the replicator that would have done it
 /// stopped first (here: `--once` runs, the first with the removed node down): the nodes still
 /// to be emptied are kept in ZooKeeper (`{root}/redis/retiring`), not only in memory.
+/// A node removed from this root's map but already stamped by a newer map (its server reused
+/// by another cluster root) is not emptied: it stays on the retiring list until it is this
+/// root's to empty again.
+#[test]
+#[ignore = "needs tools/services"]
+fn a_removed_node_stamped_by_a_newer_map_is_not_emptied() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let services = services();
+    let cluster = Cluster::new("retired-newer", &services, &services.redis);
+    let server = start_server(&cluster);
+    let mut client = server.client();
+    setup_accounts(&mut client, 100);
+    transfers(&mut client, 100, 1_000, 1);
+    assert_succeeded(&cluster.replicate_once(&[], &[]));
+    let removed = services.redis[2].clone();
+    let keys = balance_keys(&removed);
+    assert!(!keys.is_empty());
+    cluster.set_nodes(&services.redis[..2]);
+    let stamp = |version: &str| {
+        redis::cmd("SET")
+            .arg("wallet:map_version")
+            .arg(version)
+            .query::<()>(&mut redis_connection(&removed))
+            .expect("stamp the node");
+    };
+    stamp("9");
+    let retiring = || cluster_show(&cluster)["redis_retiring"].clone();
+    assert_succeeded(&cluster.replicate_once(&["--once-wait-s", "2"], &[]));
+    assert_eq!(
+        node_state(&removed).and_then(|(_, v)| v).as_deref(),
+        Some("9"),
+        "left as the newer map stamped it"
+    );
+    assert_eq!(balance_keys(&removed).len(), keys.len(), "not emptied");
+    assert_eq!(retiring(), json!([removed]), "still to be emptied");
+    // Once it is this root's again (no newer stamp), it is emptied and taken off the list.
+    stamp("1");
+    assert_succeeded(&cluster.replicate_once(&[], &[]));
+    assert!(balance_keys(&removed).is_empty());
+    assert_eq!(retiring(), json!([]));
+    assert!(server.stop().success(), "the server did not stop cleanly");
+}
+
 #[test]
 #[ignore = "needs tools/services"]
 fn removed_node_is_emptied_after_a_replicator_restart() {

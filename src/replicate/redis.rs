@@ -1663,15 +1663,13 @@ impl Replicator {
                     tracing::info!(node = %node.address, "removed node emptied");
                     self.forget_retiring(&node.address).await;
                 }
+                // Removed from this map and now stamped by a newer one (its address reused by
+                // another cluster root): not emptied, and not this replicator's to stop over;
+                // it stays on the retiring list and is asked again later.
                 Err(e) if is_newer_map(&e) => {
-                    let error = newer_map_error(
-                        &node.address,
-                        &stamped_version(&e),
-                        self.map.version,
-                        &self.zk.1.partitions(),
-                    );
-                    tracing::error!(error = %format!("{error:#}"));
-                    self.stopped_by.get_or_insert(error);
+                    tracing::error!(node = %node.address, stamp = %stamped_version(&e), version = self.map.version, retry_in = ?RETIRED_RETRY, "a node removed from this partition map is stamped by a newer map (another cluster root uses the server now): it is not emptied; take it off this root's retiring list once that is meant");
+                    node.conn = None;
+                    node.retry_at = Some(Instant::now() + RETIRED_RETRY);
                     kept.push(node);
                 }
                 Err(e) => {

@@ -632,7 +632,8 @@ pub async fn claim_engine_leader(
 /// showing it as this session's renews `lease`: writes are refused once it runs out
 /// (ZooKeeper unreachable or slow, the process paused), before the server could expire the
 /// session. When the node changes or the session ends, the node may be another engine's:
-/// `fenced` is set, and writes are refused, until the node is claimed again. A node that
+/// `fenced` is set, and writes are refused, until the node is claimed again (or read as this
+/// session's, naming this engine). A node that
 /// names this engine's own address but another session is this engine's previous session's
 /// (no other process can listen on the address): it is waited out, not taken for another
 /// engine's.
@@ -674,12 +675,18 @@ pub async fn keep_engine_leadership(
         })
         .await;
         match read {
-            Ok(Ok((_, stat, node))) if stat.ephemeral_owner == client.session_id().0 => {
+            Ok(Ok((data, stat, node)))
+                if stat.ephemeral_owner == client.session_id().0 && data == address.as_bytes() =>
+            {
                 lease.renew_from(asked);
                 // Also after a claim that failed although the node became this session's (its
-                // answer lost, say): the node is ours, so writes are served.
+                // answer lost, say): the node is ours and names this engine, so writes are
+                // served, and the front end is registered (as after a claim).
                 if fenced.swap(false, Ordering::SeqCst) {
                     tracing::info!(node = %path, "the engine leader node is this session's: writes are served");
+                    if let Err(e) = register_api(&client, &layout, &address).await {
+                        tracing::warn!(error = %format!("{e:#}"), "registering the front end again failed");
+                    }
                 }
                 backoff = Duration::from_millis(100);
                 tokio::select! {
