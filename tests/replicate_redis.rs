@@ -715,15 +715,7 @@ fn one_engine_leads_a_cluster_root_at_a_time() {
     // Another session takes the node (deleted and created again in one transaction, as
     // after this engine's session expired): the engine stops.
     with_zk(&cluster, async |zk, layout| {
-        let path = layout.engine_leader();
-        let mut takeover = zk.new_multi_writer();
-        takeover.add_delete(&path, None).expect("delete op");
-        let ephemeral =
-            zookeeper_client::CreateMode::Ephemeral.with_acls(zookeeper_client::Acls::anyone_all());
-        takeover
-            .add_create(&path, b"127.0.0.1:1", &ephemeral)
-            .expect("create op");
-        takeover.commit().await.expect("take the leader node");
+        take_leader_node(zk, layout).await;
         let holder = wallet::replicate::zk::claim_engine_leader(zk, layout, "127.0.0.1:1")
             .await
             .expect("claim");
@@ -764,15 +756,7 @@ fn a_leader_refuses_writes_as_soon_as_its_node_changes() {
         "{metrics}"
     );
     with_zk(&cluster, async |zk, layout| {
-        let path = layout.engine_leader();
-        let mut takeover = zk.new_multi_writer();
-        takeover.add_delete(&path, None).expect("delete op");
-        let ephemeral =
-            zookeeper_client::CreateMode::Ephemeral.with_acls(zookeeper_client::Acls::anyone_all());
-        takeover
-            .add_create(&path, b"127.0.0.1:1", &ephemeral)
-            .expect("create op");
-        takeover.commit().await.expect("take the leader node");
+        take_leader_node(zk, layout).await;
         // The watch reaches the engine within milliseconds; its claim waits 2 s.
         std::thread::sleep(Duration::from_millis(300));
         let r = deposit(&mut client);
@@ -883,6 +867,20 @@ fn a_leader_keeps_writing_while_zookeeper_answers_a_second_late() {
     );
     delay.store(0, std::sync::atomic::Ordering::Relaxed);
     assert!(server.stop().success());
+}
+
+/// Another session (`zk`'s) takes the engine leader node, naming `127.0.0.1:1`: deleted and
+/// created again in one transaction, as after the holder's session expired.
+async fn take_leader_node(zk: &zookeeper_client::Client, layout: &wallet::replicate::zk::Layout) {
+    let path = layout.engine_leader();
+    let mut takeover = zk.new_multi_writer();
+    takeover.add_delete(&path, None).expect("delete op");
+    let ephemeral =
+        zookeeper_client::CreateMode::Ephemeral.with_acls(zookeeper_client::Acls::anyone_all());
+    takeover
+        .add_create(&path, b"127.0.0.1:1", &ephemeral)
+        .expect("create op");
+    takeover.commit().await.expect("take the leader node");
 }
 
 /// Runs `f` against this cluster's ZooKeeper (for edits no `wallet` command makes).
