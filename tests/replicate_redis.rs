@@ -846,20 +846,11 @@ fn a_leader_keeps_writing_while_zookeeper_answers_a_second_late() {
     delay.store(1000, std::sync::atomic::Ordering::Relaxed);
     // Answers sent before the delay arrive at once: wait until the lease rests on late ones.
     std::thread::sleep(Duration::from_secs(4));
-    let writing = Instant::now();
-    let (mut served, mut refused) = (0, 0);
-    while writing.elapsed() < Duration::from_secs(6) {
-        let r = client.post(
-            "/v1/wallet/deposit",
-            &json!({"account_id": "a", "amount": "1.00", "currency": "USD", "transaction_id": common::uuid()}),
-        );
-        match r.status {
-            200 => served += 1,
-            503 if r.json()["error"]["code"] == "not_leader" => refused += 1,
-            _ => panic!("{}", r.body),
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (served, refused) = deposits_served_and_refused(
+        &mut client,
+        Duration::from_secs(6),
+        Duration::from_millis(20),
+    );
     // A stall of this machine longer than the lease's spare 1.5 s may refuse a few.
     assert!(
         served >= 50 && refused * 20 <= served,
@@ -881,6 +872,30 @@ async fn take_leader_node(zk: &zookeeper_client::Client, layout: &wallet::replic
         .add_create(&path, b"127.0.0.1:1", &ephemeral)
         .expect("create op");
     takeover.commit().await.expect("take the leader node");
+}
+
+/// Deposits 1.00 into account `a` for `during`, one every `pause`: how many were served and
+/// how many refused `not_leader` (anything else fails the test).
+fn deposits_served_and_refused(
+    client: &mut Client,
+    during: Duration,
+    pause: Duration,
+) -> (u32, u32) {
+    let started = Instant::now();
+    let (mut served, mut refused) = (0, 0);
+    while started.elapsed() < during {
+        let r = client.post(
+            "/v1/wallet/deposit",
+            &json!({"account_id": "a", "amount": "1.00", "currency": "USD", "transaction_id": common::uuid()}),
+        );
+        match r.status {
+            200 => served += 1,
+            503 if r.json()["error"]["code"] == "not_leader" => refused += 1,
+            _ => panic!("{}", r.body),
+        }
+        std::thread::sleep(pause);
+    }
+    (served, refused)
 }
 
 /// Runs `f` against this cluster's ZooKeeper (for edits no `wallet` command makes).
@@ -1806,17 +1821,11 @@ fn a_short_session_timeout_negotiated_by_zookeeper_shortens_the_write_lease() {
     };
     // Renewed often enough for a 1 s lease: writes served for 3 s (a stall of the machine
     // longer than the lease may refuse one or two, which is the lease working).
-    let serving = Instant::now();
-    let (mut served, mut refused) = (0, 0);
-    while serving.elapsed() < Duration::from_secs(3) {
-        let r = deposit(&mut client);
-        match r.status {
-            200 => served += 1,
-            503 if r.json()["error"]["code"] == "not_leader" => refused += 1,
-            _ => panic!("{}", r.body),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (served, refused) = deposits_served_and_refused(
+        &mut client,
+        Duration::from_secs(3),
+        Duration::from_millis(50),
+    );
     assert!(
         served >= 10 && refused <= 2,
         "{served} writes served, {refused} refused while ZooKeeper answers"
