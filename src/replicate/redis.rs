@@ -691,6 +691,12 @@ fn is_conflict(error: &redis::RedisError) -> bool {
 }
 
 /// The error that stops a run when a node holds more than this replicator wrote there.
+/// Logs `error` and records it as the reason the run stops (the first reason is kept).
+fn stop_run(stopped_by: &mut Option<anyhow::Error>, error: anyhow::Error) {
+    tracing::error!(error = %format!("{error:#}"));
+    stopped_by.get_or_insert(error);
+}
+
 fn another_writer(address: &str, detail: &str) -> anyhow::Error {
     anyhow::anyhow!(
         "Redis node {address} was written by someone other than this replicator ({detail}): another replicator feeds this partition map (run one per map), the node was edited by hand, or (rarely) a write of an earlier run of this replicator arrived late; its balances cannot be trusted, and this replicator stops rather than skip what the node claims to hold (`wallet reconcile redis` shows the differences; `--rebuild` on a single replicator clears such a node)"
@@ -904,8 +910,7 @@ impl Replicator {
                             node.sent_seq
                         ),
                     );
-                    tracing::error!(error = %format!("{error:#}"));
-                    self.stopped_by.get_or_insert(error);
+                    stop_run(&mut self.stopped_by, error);
                 }
                 Ok(Ok((applied, v)))
                     if v.as_deref() == Some(version.as_str()) && applied >= node.applied_seq =>
@@ -919,8 +924,7 @@ impl Replicator {
                         self.map.version,
                         &self.zk.1.partitions(),
                     );
-                    tracing::error!(error = %format!("{error:#}"));
-                    self.stopped_by.get_or_insert(error);
+                    stop_run(&mut self.stopped_by, error);
                 }
                 Ok(Ok((applied, v))) => {
                     tracing::warn!(node = %node.address, applied, version = ?v, expected_applied = node.applied_seq, expected_version = %version, "node lost what was written there (emptied or rewound while idle); rebuilding it");
@@ -1311,8 +1315,7 @@ impl Replicator {
                     self.map.version,
                     &self.zk.1.partitions(),
                 );
-                tracing::error!(error = %format!("{error:#}"));
-                self.stopped_by.get_or_insert(error);
+                stop_run(&mut self.stopped_by, error);
             }
             (JobKind::Rebuild, Err(e)) => {
                 // Still to be rebuilt; its oldest change not yet there stays counted in its
@@ -1354,8 +1357,7 @@ impl Replicator {
                     .is_some_and(is_conflict) =>
             {
                 let error = another_writer(&self.nodes[i].address, &e.to_string());
-                tracing::error!(error = %format!("{error:#}"));
-                self.stopped_by.get_or_insert(error);
+                stop_run(&mut self.stopped_by, error);
             }
             Err(e) => self.nodes[i].mark_down(&e),
         }
@@ -1463,8 +1465,7 @@ impl Replicator {
                         new_map.version,
                         &self.zk.1.partitions(),
                     );
-                    tracing::error!(error = %format!("{error:#}"));
-                    self.stopped_by.get_or_insert(error);
+                    stop_run(&mut self.stopped_by, error);
                     node.needs_resync = true;
                 }
                 Err(e) => {
