@@ -555,6 +555,23 @@ fn token_claims_are_judged_by_name_and_scopes_split_on_single_spaces() {
         assert_eq!(r.status, 401, "{claims}: {}", r.body);
         assert!(r.body.contains("duplicate field"), "{claims}: {}", r.body);
     }
+    // Claims that are not a JSON object (RFC 7519, 7.2), signed: refused. An array was read
+    // by position as [sub, scope, exp, nbf, aud] and taken; the others named the library's
+    // own struct.
+    for claims in [
+        json!(["ops", "wallet:admin", now + 600, null, null]),
+        json!(["ops", "wallet:admin", now + 600]),
+        json!("ops"),
+        json!(7),
+    ] {
+        let r = open(admin(claims.clone()), "never");
+        assert_eq!(r.status, 401, "{claims}: {}", r.body);
+        assert!(
+            r.body.contains("the claims as a JSON object") && !r.body.contains("ClaimsFor"),
+            "{claims}: {}",
+            r.body
+        );
+    }
     // A critical header parameter this server cannot implement: refused, though signed.
     let critical = signed(
         &json!({"alg": "HS256", "crit": ["x-unknown"], "x-unknown": 1}),

@@ -34,9 +34,33 @@ pub struct Claims {
 
 /// The claims this server reads, each in whatever JSON shape it came (`null` reads as
 /// absent), checked one by one in `check_claims`. Named fields: a claim given twice is refused
-/// by the JSON reader, not silently taken from its last copy.
+/// by the JSON reader, not silently taken from its last copy. Read from a JSON object only
+/// (RFC 7519, 7.2): the derived reader also took an array, its elements by position as
+/// `[sub, scope, exp, nbf, aud]`.
+struct RawClaims(RawClaimFields);
+
+impl<'de> Deserialize<'de> for RawClaims {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Object;
+        impl<'de> serde::de::Visitor<'de> for Object {
+            type Value = RawClaims;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("the claims as a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawClaims, A::Error> {
+                RawClaimFields::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawClaims)
+            }
+        }
+        deserializer.deserialize_map(Object)
+    }
+}
+
 #[derive(Deserialize)]
-struct RawClaims {
+struct RawClaimFields {
     #[serde(default)]
     sub: Option<serde_json::Value>,
     #[serde(default)]
@@ -175,6 +199,15 @@ impl Auth {
     /// An RS256 or EdDSA public key in PEM, chosen by what the file holds.
     pub fn public_key(path: &Path, expect: &Expect) -> anyhow::Result<Auth> {
         let pem = std::fs::read(path)?;
+        // The RSA reader takes a private key too (its public half is in it), and every token
+        // then failed as a "bad signature": a server given the signer's private key would
+        // refuse every caller, and hold a key it must not have.
+        anyhow::ensure!(
+            !pem.windows(b"PRIVATE KEY-----".len())
+                .any(|w| w == b"PRIVATE KEY-----"),
+            "{}: this is a private key; --jwt-public-key takes the public key (`openssl pkey -in KEY -pubout`), and the server should not hold the signer's private key",
+            path.display()
+        );
         if let Ok(key) = DecodingKey::from_ed_pem(&pem) {
             return Ok(Auth::Jwt {
                 key: Box::new(key),
@@ -235,7 +268,7 @@ impl Auth {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
-        let (sub, scope) = check_claims(data.claims, expect, now).map_err(AuthError::Invalid)?;
+        let (sub, scope) = check_claims(data.claims.0, expect, now).map_err(AuthError::Invalid)?;
         // Scope tokens are separated by single spaces (RFC 6749, 3.3): any other character,
         // a no-break space or a tab included, is part of a (then unknown) scope. Splitting on
         // every kind of whitespace read "wallet:read\u{a0}wallet:admin", one scope to an
@@ -261,7 +294,11 @@ fn numeric_date(name: &str, value: &serde_json::Value) -> Result<f64, String> {
 
 /// Checks the claims (at `now`, seconds since 1970): the caller's account (`sub`) and its
 /// scopes, or why the token is refused, naming the claim.
-fn check_claims(claims: RawClaims, expect: &Expect, now: f64) -> Result<(String, String), String> {
+fn check_claims(
+    claims: RawClaimFields,
+    expect: &Expect,
+    now: f64,
+) -> Result<(String, String), String> {
     use serde_json::Value;
     let leeway = LEEWAY_SECONDS as f64;
     let exp = claims.exp.ok_or("missing claim exp")?;
@@ -387,4 +424,76 @@ pub fn mint_for(
         &claims,
         &EncodingKey::from_secret(secret),
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data")
+            .join(name)
+    }
+
+    fn signed(private: &str, algorithm: Algorithm) -> String {
+        let pem = std::fs::read(fixture(private)).expect("fixture");
+        let key = match algorithm {
+            Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem),
+            _ => EncodingKey::from_rsa_pem(&pem),
+        }
+        .expect("private key");
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+            + 600;
+        let claims = Claims {
+            sub: "alice".into(),
+            scope: SCOPE_READ.into(),
+            exp,
+        };
+        jsonwebtoken::encode(&Header::new(algorithm), &claims, &key).expect("sign")
+    }
+
+    /// Public keys of both kinds verify their private halves' tokens; a private key given as
+    /// the public one is refused at start, naming the file. An RSA private key was taken, and
+    /// then refused every token as a "bad signature".
+    #[test]
+    fn public_keys_verify_and_private_keys_are_refused() {
+        for (public, private, algorithm) in [
+            (
+                "jwt-rsa-public.pem",
+                "jwt-rsa-private.pem",
+                Algorithm::RS256,
+            ),
+            (
+                "jwt-ed25519-public.pem",
+                "jwt-ed25519-private.pem",
+                Algorithm::EdDSA,
+            ),
+        ] {
+            let auth = Auth::public_key(&fixture(public), &Expect::default()).expect(public);
+            let header = format!("Bearer {}", signed(private, algorithm));
+            let caller = auth
+                .authenticate(Some(Ok(header.as_str())), "127.0.0.1:1")
+                .unwrap_or_else(|e| panic!("{public}: {e:?}"));
+            assert_eq!(caller.sub, "alice");
+            assert!(caller.read && !caller.admin && !caller.transfer);
+        }
+        for private in [
+            "jwt-rsa-private.pem",
+            "jwt-rsa-private-pkcs1.pem",
+            "jwt-ed25519-private.pem",
+        ] {
+            let error = Auth::public_key(&fixture(private), &Expect::default())
+                .err()
+                .unwrap_or_else(|| panic!("{private} was taken as a public key"))
+                .to_string();
+            assert!(
+                error.contains(private) && error.contains("this is a private key"),
+                "{error}"
+            );
+        }
+    }
 }

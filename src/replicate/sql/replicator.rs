@@ -373,15 +373,18 @@ impl State {
                 .query_one("SELECT applied_record FROM watermark", &[])
                 .await?
                 .try_get(0)?;
-            let Some(stored) = stored else {
-                tracing::warn!(shard = %label, seq, "the watermark row has no applied_record (written by an older replicator): its journal identity cannot be checked; it is written with the next round");
-                continue;
-            };
-            let theirs = RecordId::parse(&stored)
-                .map_err(|e| Fatal(format!("shard {label}: watermark.applied_record: {e:#}")))?;
+            let theirs = stored
+                .map(|stored| {
+                    RecordId::parse(&stored).map_err(|e| {
+                        Fatal(format!("shard {label}: watermark.applied_record: {e:#}"))
+                    })
+                })
+                .transpose()?;
             // An engine URL may be briefly away (`Unavailable`: retried for as long as the
             // source's outage limit allows); a refusal, a bad answer or a journal that cannot
-            // be read is not going to get better.
+            // be read is not going to get better. Read without a stored identity as well: a
+            // source that does not even reach the watermark is refused here, not left to
+            // wait, silently, for records that never come.
             let ours = source.record_at(seq).await.map_err(|e| {
                 let e = e.context(format!("reading the source's record at sequence {seq}"));
                 if e.is::<crate::replicate::source::Unavailable>() {
@@ -390,6 +393,17 @@ impl State {
                     Fatal(format!("{e:#}")).into()
                 }
             })?;
+            let Some(theirs) = theirs else {
+                if ours.is_none() {
+                    return Err(Fatal(format!(
+                        "SQL shard {i} ({label}) has applied up to sequence {seq}, but the source does not reach it: \
+                         wrong source, or a journal that lost its tail"
+                    ))
+                    .into());
+                }
+                tracing::warn!(shard = %label, seq, "the watermark row has no applied_record (written by an older replicator): its journal identity cannot be checked; it is written with the next round");
+                continue;
+            };
             match ours {
                 Some((ours, true)) if ours == theirs => {}
                 Some((ours, _)) => return Err(Fatal(format!(
@@ -1053,7 +1067,21 @@ async fn replicate(
             }
             Err(e) if !is_transient(&e) => return Err(e),
             Err(e) => {
-                let e = give_up_under_once(options, &mut shards_failing_since, e)?;
+                let e = match give_up_under_once(options, &mut shards_failing_since, e) {
+                    Ok(e) => e,
+                    Err(give_up) => {
+                        // No retry follows to recover the shards: the failed round's prepared
+                        // transactions (on the shards that did prepare, or all of them after a
+                        // timeout) would hold their rows' locks and a prepared-transaction slot
+                        // until the next run. Recovered now on every shard that answers.
+                        state.drop_connections();
+                        if let Err(e) = state.connect_all(coordinator, options.round_timeout).await
+                        {
+                            tracing::warn!(error = %format!("{e:#}"), "recovering the shards before giving up failed; the next run's recovery finishes what is left");
+                        }
+                        return Err(give_up);
+                    }
+                };
                 tracing::warn!(error = %format!("{e:#}"), batch_end, "round failed; reconnecting and recovering the shards");
                 state.drop_connections();
                 tokio::time::sleep(backoff).await;

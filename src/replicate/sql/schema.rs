@@ -149,12 +149,17 @@ impl Shard {
                 .iter()
                 .all(|h| matches!(h, Host::Unix(_)));
         let tls = match config.get_ssl_mode() {
+            // A Unix socket is this host's: nothing to encrypt, no name to check, whatever
+            // the sslmode (PostgreSQL offers no TLS on one: `require` failed every connection
+            // with "server does not support TLS").
+            _ if local => {
+                config.ssl_mode(SslMode::Disable);
+                None
+            }
             SslMode::Disable => None,
             SslMode::Require if tls.is_none() => bail!(
                 "shard {index} ({label}): sslmode=require needs --shard-ca FILE (env WALLET_SHARD_CA), the CA certificates the shard servers' certificates are checked against"
             ),
-            // A Unix socket is this host's: nothing to encrypt, no name to check.
-            _ if local => None,
             _ => tls.cloned(),
         };
         // With a CA, TLS is required: under `prefer`, a server (or a man in the middle)
@@ -475,10 +480,22 @@ mod tests {
         }
         // A Unix socket stays plain, CA or not (it used to fail every connection: the driver
         // asks for a connector with an empty host name, which no certificate can name).
+        // Nor does `sslmode=require` make it ask the server for TLS (which it refuses on a
+        // socket), with or without a CA.
         let socket = "postgres://u@%2Fvar%2Frun%2Fpostgresql/db";
-        let socket = Shard::parse_with_tls(0, socket, Some(&tls)).expect("parse");
-        assert!(socket.tls.is_none());
-        assert_ne!(socket.config.get_ssl_mode(), SslMode::Require);
+        for mode in [
+            "",
+            "?sslmode=require",
+            "?sslmode=prefer",
+            "?sslmode=disable",
+        ] {
+            for ca in [Some(&tls), None] {
+                let shard = Shard::parse_with_tls(0, &format!("{socket}{mode}"), ca)
+                    .unwrap_or_else(|e| panic!("{mode:?}: {e:#}"));
+                assert!(shard.tls.is_none(), "{mode:?}");
+                assert_eq!(shard.config.get_ssl_mode(), SslMode::Disable, "{mode:?}");
+            }
+        }
     }
 
     #[test]

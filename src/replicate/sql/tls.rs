@@ -2,12 +2,13 @@
 //!
 //! The shards' server certificates are verified against the CA certificates in
 //! `--shard-ca` (a PEM file), and must name the host the shard URL connects to (an IP address
-//! or a DNS name). Without `--shard-ca` there is no TLS: a URL with `sslmode=require` is
-//! refused when the list is read, and `sslmode=prefer` (the default) connects in plain text.
+//! or a DNS name). Without `--shard-ca` there is no TLS: a URL with `sslmode=require` (over
+//! TCP) is refused when the list is read, and `sslmode=prefer` (the default) connects in plain
+//! text.
 //! With it, every shard reached over TCP is reached over verified TLS only (`prefer` is taken
 //! as `require`: a server, or a man in the middle, answering "no TLS" would otherwise get a
 //! plain session), unless its URL says `sslmode=disable`; a shard on a Unix socket is local
-//! and stays plain.
+//! and stays plain, whatever its `sslmode`.
 //!
 //! The connection carries no channel binding (SCRAM without `-PLUS`): the certificate check
 //! already tells the server apart from a man in the middle.
