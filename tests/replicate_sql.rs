@@ -558,6 +558,19 @@ fn coordinator_crashes_at_each_failpoint_then_recovers_exactly() {
             assert_ne!(marks[0], marks[1], "{marks:?}");
             let (ok, text) = cluster.reconcile();
             assert!(!ok && text.contains("different watermarks"), "{text}");
+            // Waiting for the watermarks to agree polls them alone: every shard was read in
+            // full 25 times (a minute on large shards, where 5 s is promised).
+            let data = cluster.source();
+            let out = cluster.wallet(
+                &["reconcile", "sql", "--data-dir", &data],
+                &[("WALLET_LOG", "wallet=debug")],
+            );
+            let log = String::from_utf8_lossy(&out.stderr);
+            let full = log
+                .lines()
+                .filter(|l| l.contains("reading every shard in full"))
+                .count();
+            assert_eq!(full, 1, "{log}");
         }
         // Restart: recovery finishes or rolls back the batch, then replication resumes. The end
         // state alone cannot tell the two apart (a rolled-back batch is sent again), so the

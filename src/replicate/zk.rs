@@ -483,6 +483,9 @@ fn still_shows(shown: &str, password: &[u8]) -> bool {
         || shown
             .to_ascii_uppercase()
             .contains(&encoded.to_ascii_uppercase())
+        // A value with spaces (quoted, or escaped with `\`) was masked up to its first space
+        // only: `password='hunter2 TOPSECRET'` showed as `password=*** TOPSECRET'`.
+        || raw.split_whitespace().any(|word| shown.contains(word))
 }
 
 /// `redact_password`'s textual part: the common spellings.
@@ -509,8 +512,13 @@ fn redact_text(url: &str) -> String {
 /// naming a host and a database (as `replicate sql` needs), none twice. The errors never echo
 /// a URL: it may hold a password.
 pub fn check_sql_shards(shards: &[String]) -> anyhow::Result<()> {
-    if shards.is_empty() || shards.iter().any(|s| s.trim().is_empty()) {
-        bail!("the shard list needs at least one non-empty URL");
+    if shards.is_empty() {
+        bail!("the shard list needs at least one URL");
+    }
+    if let Some(i) = shards.iter().position(|s| s.trim().is_empty()) {
+        bail!(
+            "shard {i} of the list is empty (two commas in a row, or one at either end?): a shard list names each shard's URL, separated by single commas"
+        );
     }
     for (i, shard) in shards.iter().enumerate() {
         crate::replicate::sql::schema::check_url(i, shard)?;
@@ -1051,6 +1059,41 @@ mod tests {
                 "{url}: {shown}"
             );
         }
+        // A value with a space, quoted or escaped: no word of it is shown.
+        for url in [
+            "host=h dbname=db user=u password='hunter2 TOPSECRET'",
+            r"host=h dbname=db user=u password=hunter\ TOPSECRET",
+            "host=h dbname=db user=u password='a b TOPSECRET c'",
+        ] {
+            let shown = redact_password(url);
+            assert!(
+                !shown.contains("TOPSECRET") && !shown.contains("hunter2") && shown.contains("***"),
+                "{url}: {shown}"
+            );
+        }
+    }
+
+    /// An empty element is named by its place; the message said the list had no URL at all.
+    #[test]
+    fn an_empty_shard_in_the_list_is_named() {
+        let url = "postgres://u@h/db".to_string();
+        let other = "postgres://u@h/db2".to_string();
+        for (list, place) in [
+            (vec![url.clone(), String::new(), other.clone()], "shard 1 "),
+            (vec![url.clone(), " ".to_string()], "shard 1 "),
+            (vec![String::new(), url.clone()], "shard 0 "),
+        ] {
+            let error = check_sql_shards(&list)
+                .expect_err("an empty element")
+                .to_string();
+            assert!(
+                error.contains(place) && error.contains("is empty"),
+                "{error}"
+            );
+        }
+        let error = check_sql_shards(&[]).expect_err("no URL").to_string();
+        assert!(error.contains("at least one URL"), "{error}");
+        assert!(check_sql_shards(&[url, other]).is_ok());
     }
 
     #[test]
