@@ -1692,6 +1692,13 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
             .unwrap()
             .is_empty()
     );
+    // Nor a second server once the LOCK file is removed under the first: it locked a new
+    // file, recovered, and wrote the same journal.
+    std::fs::remove_file(dir.path().join("LOCK")).unwrap();
+    let output = common::output_within(&mut Server::command(dir.path()), SERVE_REFUSAL_LIMIT);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("in use"), "{stderr}");
     assert!(server.stop().success());
 }
 

@@ -2649,6 +2649,86 @@ fn a_torn_tail_on_a_full_disk_is_kept_in_the_reserves_space_and_the_writer_start
     assert_eq!(again.ledger.state_hash(), ledger.state_hash());
 }
 
+/// A crash on a full disk whose reserve was already used (a roll-over on the full disk took it)
+/// leaves a torn tail with no space to keep its bytes: the writer opens with the tail uncut,
+/// short of space and writing nothing, and keeps and cuts it once space returns. It refused to
+/// open, on every start, until someone freed space.
+#[test]
+fn a_torn_tail_on_a_full_disk_without_a_reserve_waits_uncut_until_space_returns() {
+    let disk = common::SmallDisk::mount(2 << 20);
+    let data = disk.dir.path().join("data");
+    let (storage, faults) = faulty(u64::MAX);
+    let mut writer = open_writer(
+        &data,
+        Box::new(storage),
+        64 << 10,
+        SyncMode::Batch,
+        &JournalEnd::empty(),
+    );
+    let mut ledger = Ledger::new(LedgerConfig::default());
+    let mut history = History::new(&ledger);
+    write_commands(&mut writer, &mut ledger, &mut history, 0..30, 3);
+    tear_three_records(&mut writer, &faults, &mut ledger);
+    drop(writer);
+    assert!(!journal_dir(&data).join("reserve").exists());
+    let filler = disk.fill("filler");
+
+    let Recovered {
+        mut ledger, end, ..
+    } = recovered(&data);
+    assert_eq!(ledger.state_hash(), history.hashes[30]);
+    let (segment, torn_at) = (end.segment.clone().unwrap().0, end.torn_at.unwrap());
+    let torn = |segment: &Path| {
+        let mut bytes = [0u8; 50];
+        File::open(segment)
+            .unwrap()
+            .read_exact_at(&mut bytes, torn_at)
+            .unwrap();
+        bytes.iter().any(|&b| b != 0)
+    };
+    assert!(torn(&segment));
+    let config = JournalConfig {
+        dir: journal_dir(&data),
+        segment_size_bytes: 64 << 10,
+        sync: SyncMode::Batch,
+    };
+    let mut writer = match JournalWriter::open(Box::new(MmapStorage::default()), config, &end) {
+        Ok(writer) => writer,
+        Err(e) => panic!("a torn tail on a full disk kept the journal from opening: {e}"),
+    };
+    writer.keep_reserve();
+    assert!(writer.space_short(), "the disk is still full");
+    let mut cut = segment.clone().into_os_string();
+    cut.push(format!(".cut-at-{torn_at}"));
+    assert!(!Path::new(&cut).exists());
+    assert!(torn(&segment), "not cut before its bytes are kept");
+    // Nothing is written over the uncut tail (the engine sends nothing meanwhile).
+    let mut probe = recovered(&data).ledger;
+    assert!(writer.append(&probe.execute(&command(100))).is_err());
+    std::thread::sleep(wallet::journal::RESERVE_RETRY + Duration::from_millis(50));
+    writer.commit().unwrap();
+    assert!(writer.space_short(), "still full");
+    assert!(torn(&segment));
+
+    fs::remove_file(&filler).unwrap();
+    std::thread::sleep(wallet::journal::RESERVE_RETRY + Duration::from_millis(50));
+    writer.commit().unwrap();
+    assert!(!writer.space_short(), "space returned");
+    assert_eq!(
+        fs::metadata(&cut).unwrap().len(),
+        50,
+        "the torn bytes are kept"
+    );
+    assert!(!torn(&segment), "and cut");
+    assert!(journal_dir(&data).join("reserve").exists());
+    let mut more = History::new(&ledger);
+    write_commands(&mut writer, &mut ledger, &mut more, 100..110, 2);
+    drop(writer);
+    let again = recovered(&data);
+    assert_eq!(again.end.torn_at, None);
+    assert_eq!(again.ledger.state_hash(), ledger.state_hash());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Snapshots and checkpoints
 // ---------------------------------------------------------------------------------------------

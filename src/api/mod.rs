@@ -496,20 +496,23 @@ pub fn openapi_json() -> anyhow::Result<String> {
     Ok(serde_json::to_string(&value)?)
 }
 
-/// Holds an exclusive lock on the data directory for as long as it lives.
-pub struct DataDirLock(#[allow(dead_code)] std::fs::File);
+/// Holds an exclusive lock on the data directory for as long as it lives: a `flock` on the
+/// directory itself and one on its `LOCK` file (which is what older builds lock, so that the
+/// two refuse each other). The `LOCK` file alone could be removed under a running server, and
+/// a second one then locked a new file and wrote the same journal (an acknowledged write of the
+/// first was lost); the directory cannot be removed while it holds the journal.
+pub struct DataDirLock {
+    _directory: std::fs::File,
+    _file: std::fs::File,
+}
 
-pub fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<DataDirLock> {
-    use anyhow::Context;
+/// An exclusive, non-blocking `flock` on `file` (`what` names it in errors).
+fn flock_exclusive(
+    file: &std::fs::File,
+    dir: &std::path::Path,
+    what: &std::path::Path,
+) -> anyhow::Result<()> {
     use std::os::unix::io::AsRawFd;
-    crate::journal::storage::create_dir_all_durable(dir)
-        .with_context(|| format!("--data-dir: creating {}", dir.display()))?;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("LOCK"))
-        .with_context(|| format!("--data-dir: opening {}", dir.join("LOCK").display()))?;
     // SAFETY: a valid descriptor owned by `file`; flock takes no pointers.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
@@ -519,12 +522,29 @@ pub fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<DataDirLock> {
             "data directory {} is in use by another wallet process",
             dir.display()
         );
-        anyhow::bail!(
-            "--data-dir: locking {}: {error}",
-            dir.join("LOCK").display()
-        );
+        anyhow::bail!("--data-dir: locking {}: {error}", what.display());
     }
-    Ok(DataDirLock(file))
+    Ok(())
+}
+
+pub fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<DataDirLock> {
+    use anyhow::Context;
+    crate::journal::storage::create_dir_all_durable(dir)
+        .with_context(|| format!("--data-dir: creating {}", dir.display()))?;
+    let directory = std::fs::File::open(dir)
+        .with_context(|| format!("--data-dir: opening {}", dir.display()))?;
+    flock_exclusive(&directory, dir, dir)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("LOCK"))
+        .with_context(|| format!("--data-dir: opening {}", dir.join("LOCK").display()))?;
+    flock_exclusive(&file, dir, &dir.join("LOCK"))?;
+    Ok(DataDirLock {
+        _directory: directory,
+        _file: file,
+    })
 }
 
 /// Recovers the state in `config.data_dir`, starts the engine, and serves on `listener` until

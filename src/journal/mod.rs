@@ -136,6 +136,17 @@ pub struct JournalWriter {
     space_short: bool,
     /// When the reserve was last tried again, while `space_short`.
     reserve_tried: Instant,
+    /// A torn tail found at open whose bytes could not be kept for want of space: not cut yet,
+    /// and nothing is written until it is (`finish_cut`, tried with the reserve). The writer
+    /// is short of space meanwhile.
+    pending_cut: Option<PendingCut>,
+}
+
+/// A torn tail waiting to be kept and cut: `[from, to)` of the open segment at `path`.
+struct PendingCut {
+    path: PathBuf,
+    from: u64,
+    to: u64,
 }
 
 /// How often the rewrites of `journal/durable` are made durable (fdatasync, about 0.15 ms
@@ -241,6 +252,24 @@ fn keep_cut_bytes_on_a_full_disk(
     }
 }
 
+/// Zeroes the torn tail `[from, to)` of the open segment `file` (at `path`), whose bytes were
+/// kept at `kept`, and syncs it.
+fn cut_torn_tail(
+    file: &mut dyn storage::SegmentFile,
+    path: &Path,
+    from: u64,
+    to: u64,
+    kept: &Path,
+) -> io::Result<()> {
+    // Zeroed up to the tail's last non-zero byte: the rest is zero already (a whole-segment
+    // rewrite would cost up to the segment's size on every start after a crash).
+    let zeros = vec![0u8; (to - from) as usize];
+    file.write_at(from, &zeros)?;
+    file.sync_range(from, to - from)?;
+    tracing::warn!(file = %path.display(), offset = from, bytes = to - from, kept = %kept.display(), "cut a torn tail past the durable watermark (records never acknowledged, unless a power loss left the watermark file older than what was synced: the cut bytes are kept)");
+    Ok(())
+}
+
 /// The first sequence of the oldest segment a `--sync none` writer may have left unsynced, if
 /// its mark is there (an unreadable mark counts every segment).
 fn unsynced_segments(dir: &Path) -> io::Result<Option<u64>> {
@@ -288,6 +317,7 @@ impl JournalWriter {
         remove_unfinished_segments(&config.dir)?;
         let mut segment = None;
         let mut write_offset = 0;
+        let mut pending_cut = None;
         if let Some((path, offset)) = &end.segment {
             let mut file = storage.open_segment(path)?;
             if let Some(torn_at) = end.torn_at {
@@ -296,24 +326,31 @@ impl JournalWriter {
                 // synced only once a second, so after a power loss it may be stale, and then
                 // what looks like a torn tail could hold acknowledged records behind damage.
                 let torn_end = end.torn_end.clamp(torn_at, file.size());
-                let kept = keep_cut_bytes_on_a_full_disk(&config.dir, path, torn_at, torn_end)
-                    .map_err(|e| {
-                        io::Error::new(
+                match keep_cut_bytes_on_a_full_disk(&config.dir, path, torn_at, torn_end) {
+                    Ok(kept) => cut_torn_tail(file.as_mut(), path, torn_at, torn_end, &kept)?,
+                    // No space, and no reserve to give up (a roll-over on the full disk
+                    // used it before the crash): the bytes stay where they are, uncut, and
+                    // the writer starts short of space, writing nothing until they are kept
+                    // (it refused to open, on every start, until space was freed).
+                    Err(e) if is_no_space(&e) => {
+                        tracing::error!(file = %path.display(), offset = torn_at, bytes = torn_end - torn_at, error = %e, "no space to keep the bytes of a torn tail before cutting it: it stays uncut, and new work is refused (507 journal_full) until they can be kept");
+                        pending_cut = Some(PendingCut {
+                            path: path.clone(),
+                            from: torn_at,
+                            to: torn_end,
+                        });
+                    }
+                    Err(e) => {
+                        return Err(io::Error::new(
                             e.kind(),
                             format!(
-                                "cannot keep the {} bytes of the torn tail of {} before cutting                                  them: {e}",
+                                "cannot keep the {} bytes of the torn tail of {} before cutting them: {e}",
                                 torn_end - torn_at,
                                 path.display()
                             ),
-                        )
-                    })?;
-                // Zeroed up to the tail's last non-zero byte: the rest is zero already (a
-                // whole-segment rewrite would cost up to the segment's size on every start
-                // after a crash).
-                let zeros = vec![0u8; (torn_end - torn_at) as usize];
-                file.write_at(torn_at, &zeros)?;
-                file.sync_range(torn_at, torn_end - torn_at)?;
-                tracing::warn!(file = %path.display(), offset = torn_at, bytes = torn_end - torn_at, kept = %kept.display(), "cut a torn tail past the durable watermark (records never acknowledged, unless a power loss left the watermark file older than what was synced: the cut bytes are kept)");
+                        ));
+                    }
+                }
             }
             write_offset = *offset;
             // What recovery found may still be only in the page cache (the previous process
@@ -412,6 +449,7 @@ impl JournalWriter {
             reserve: false,
             space_short: false,
             reserve_tried: Instant::now(),
+            pending_cut,
         };
         writer.publish_durable()?;
         // The first watermark is made durable, its contents and its name: the file may be new
@@ -508,7 +546,9 @@ impl JournalWriter {
     /// `serve` keeps one; the tools that open a writer only to close it do not.
     pub fn keep_reserve(&mut self) {
         self.reserve = true;
-        self.take_reserve();
+        if self.pending_cut.is_none() {
+            self.take_reserve();
+        }
     }
 
     /// True while the writer keeps a reserve and holds none: its current segment's room is
@@ -517,7 +557,29 @@ impl JournalWriter {
     /// halted for want of space. Cleared by a `commit` once the reserve can be allocated again
     /// (tried at most every `RESERVE_RETRY`).
     pub fn space_short(&self) -> bool {
-        self.space_short
+        self.space_short || self.pending_cut.is_some()
+    }
+
+    /// Keeps and cuts a torn tail that `open` could not keep for want of space; true once
+    /// there is none left to cut.
+    fn finish_cut(&mut self) -> io::Result<bool> {
+        let Some(cut) = &self.pending_cut else {
+            return Ok(true);
+        };
+        self.reserve_tried = Instant::now();
+        let kept = match keep_cut_bytes(&cut.path, cut.from, cut.to) {
+            Ok(kept) => kept,
+            Err(e) if is_no_space(&e) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let segment = self
+            .segment
+            .as_mut()
+            .ok_or_else(|| io::Error::other("a torn tail to cut, and no open segment"))?;
+        cut_torn_tail(segment.as_mut(), &cut.path, cut.from, cut.to, &kept)?;
+        tracing::info!(file = %cut.path.display(), "the torn tail's bytes are kept and cut: new work is taken again once the reserve is allocated");
+        self.pending_cut = None;
+        Ok(true)
     }
 
     /// Allocates the reserve (a no-op for one already whole); `space_short` says whether it is
@@ -565,6 +627,11 @@ impl JournalWriter {
     /// Frames `record` and buffers it. Durable only after `commit`.
     pub fn append(&mut self, record: &CommandRecord) -> io::Result<()> {
         self.check()?;
+        // Never over a torn tail whose bytes are not kept (the engine takes no new work
+        // meanwhile: `space_short`).
+        if self.pending_cut.is_some() && !self.finish_cut()? {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
         assert_eq!(
             record.first_seq, self.next_seq,
             "journal append out of sequence"
@@ -684,7 +751,12 @@ impl JournalWriter {
         // `last_crc` is the frame checksum of the record ending at `durable_seq`: everything
         // appended is committed here.
         self.publish_durable()?;
-        if self.reserve && self.space_short && self.reserve_tried.elapsed() >= RESERVE_RETRY {
+        if self.pending_cut.is_some() {
+            if self.reserve_tried.elapsed() >= RESERVE_RETRY && self.finish_cut()? && self.reserve {
+                self.take_reserve();
+            }
+        } else if self.reserve && self.space_short && self.reserve_tried.elapsed() >= RESERVE_RETRY
+        {
             self.take_reserve();
         }
         Ok(self.durable_seq)
