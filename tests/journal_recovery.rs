@@ -3357,7 +3357,16 @@ fn a_durable_watermark_of_another_history_or_unreadable_is_refused() {
     assert!(recover(&ours, LedgerConfig::default(), false, |_, _| {}).is_ok());
     fs::create_dir(watermark(&ours)).unwrap();
     match recover(&ours, LedgerConfig::default(), false, |_, _| {}) {
-        Err(JournalError::Io { file, .. }) => assert_eq!(file, watermark(&ours)),
+        Err(e @ JournalError::Io { .. }) => {
+            let JournalError::Io { file, .. } = &e else {
+                unreachable!()
+            };
+            assert_eq!(*file, watermark(&ours));
+            // Printed with its causes (as `serve` and `replay` print errors), the OS error
+            // appears once: it was shown twice.
+            let shown = format!("{:#}", anyhow::Error::from(e));
+            assert_eq!(shown.matches("os error").count(), 1, "{shown}");
+        }
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("recovered without reading the watermark"),
     }

@@ -522,7 +522,9 @@ fn flock_exclusive(
             "data directory {} is in use by another wallet process",
             dir.display()
         );
-        anyhow::bail!("--data-dir: locking {}: {error}", what.display());
+        return Err(
+            anyhow::Error::new(error).context(format!("--data-dir: locking {}", what.display()))
+        );
     }
     Ok(())
 }
@@ -533,7 +535,20 @@ pub fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<DataDirLock> {
         .with_context(|| format!("--data-dir: creating {}", dir.display()))?;
     let directory = std::fs::File::open(dir)
         .with_context(|| format!("--data-dir: opening {}", dir.display()))?;
-    flock_exclusive(&directory, dir, dir)?;
+    if let Err(e) = flock_exclusive(&directory, dir, dir) {
+        // A file system that cannot lock a directory (NFS emulates flock with byte-range
+        // locks, which want a file open for writing): the LOCK file's lock alone, as before.
+        let unsupported = e.downcast_ref::<std::io::Error>().is_some_and(|e| {
+            matches!(
+                e.raw_os_error(),
+                Some(libc::EBADF | libc::ENOLCK | libc::EOPNOTSUPP | libc::EINVAL)
+            )
+        });
+        if !unsupported {
+            return Err(e);
+        }
+        tracing::warn!(dir = %dir.display(), error = %format!("{e:#}"), "the data directory cannot be locked itself: only its LOCK file is (removing that file under a running server would let a second one in)");
+    }
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

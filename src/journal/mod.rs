@@ -629,8 +629,13 @@ impl JournalWriter {
         self.check()?;
         // Never over a torn tail whose bytes are not kept (the engine takes no new work
         // meanwhile: `space_short`).
-        if self.pending_cut.is_some() && !self.finish_cut()? {
-            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        if self.pending_cut.is_some() {
+            if !self.finish_cut()? {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            if self.reserve {
+                self.take_reserve();
+            }
         }
         assert_eq!(
             record.first_seq, self.next_seq,

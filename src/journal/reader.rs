@@ -23,10 +23,12 @@ pub enum JournalError {
         seq: u64,
         reason: String,
     },
-    #[error("journal I/O error on {file}: {source}")]
+    /// (Not a `source` field: the message holds the OS error already, and an error chain
+    /// printed with its causes showed it twice.)
+    #[error("journal I/O error on {file}: {error}")]
     Io {
         file: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A record that frames, checksums and decodes, but that the reader's visitor refused
     /// (it does not apply to the state replayed so far, a checkpoint's hash differs, ...):
@@ -87,7 +89,7 @@ pub fn read_durable_watermark(dir: &Path) -> Result<Option<(u64, u32)>, JournalE
         let bytes = match read_small_file(&path, crate::journal::format::DURABLE_FILE_BYTES) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(JournalError::Io { file: path, source }),
+            Err(error) => return Err(JournalError::Io { file: path, error }),
         };
         if bytes.is_empty() {
             return Ok(None);
@@ -167,9 +169,9 @@ impl JournalEnd {
 
 /// Lists the segment files of `dir`, sorted by their first sequence number.
 pub fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
-    let io = |source| JournalError::Io {
+    let io = |error| JournalError::Io {
         file: dir.to_path_buf(),
-        source,
+        error,
     };
     let mut out = Vec::new();
     let entries = match std::fs::read_dir(dir) {
@@ -291,9 +293,9 @@ pub fn check_segment_headers(dir: &Path, from_seq: u64) -> Result<(), JournalErr
         .rposition(|(first, _)| *first <= from_seq)
         .unwrap_or(0);
     for (named_first, path) in &segments[..start] {
-        let io = |source| JournalError::Io {
+        let io = |error| JournalError::Io {
             file: path.clone(),
-            source,
+            error,
         };
         let mut header = [0u8; SEGMENT_HEADER_BYTES];
         let file = File::open(path).map_err(io)?;
@@ -385,9 +387,9 @@ fn scan_inner(
         .rposition(|(first, _)| *first <= from_seq)
         .unwrap_or(0);
     for (position, (named_first, path)) in segments.iter().enumerate().skip(start) {
-        let io = |source| JournalError::Io {
+        let io = |error| JournalError::Io {
             file: path.clone(),
-            source,
+            error,
         };
         let file = File::open(path).map_err(io)?;
         let segment = SegmentAt {
@@ -610,9 +612,9 @@ impl Scan<'_> {
             seq,
             reason: reason.to_string(),
         };
-        let io = |source| JournalError::Io {
+        let io = |error| JournalError::Io {
             file: path.clone(),
-            source,
+            error,
         };
         let header = decode_segment_header(bytes.at(0, SEGMENT_HEADER_BYTES).map_err(io)?)
             .map_err(|r| corrupt(0, segment.named_first, r))?;
@@ -814,9 +816,9 @@ pub fn scan_pipelined_batches(
                 }
                 result
             })
-            .map_err(|source| JournalError::Io {
+            .map_err(|error| JournalError::Io {
                 file: dir.to_path_buf(),
-                source,
+                error,
             })?;
         let mut failure = None;
         for mut batch in full.iter() {

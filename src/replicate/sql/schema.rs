@@ -143,7 +143,9 @@ impl Shard {
         // `check_url` made sure there is one.
         let database = config.get_dbname().unwrap_or_default().to_string();
         let label = format!("{server}/{database}");
+        // A `hostaddr` makes the driver connect over TCP to it, whatever the host says.
         let local = !config.get_hosts().is_empty()
+            && config.get_hostaddrs().is_empty()
             && config
                 .get_hosts()
                 .iter()
@@ -496,6 +498,12 @@ mod tests {
                 assert_eq!(shard.config.get_ssl_mode(), SslMode::Disable, "{mode:?}");
             }
         }
+        // With a `hostaddr` the driver connects over TCP: TLS as for any TCP shard.
+        let tcp = format!("{socket}?hostaddr=10.0.0.5&sslmode=require");
+        let shard = Shard::parse_with_tls(0, &tcp, Some(&tls)).expect("parse");
+        assert!(shard.tls.is_some());
+        assert_eq!(shard.config.get_ssl_mode(), SslMode::Require);
+        assert!(Shard::parse(0, &tcp).is_err(), "require without a CA");
     }
 
     #[test]
