@@ -664,6 +664,48 @@ fn bench_report_adds_up_and_its_journal_replays_to_its_state() {
     assert!(stderr.contains("durable watermark"), "{stderr}");
 }
 
+/// A bench whose ids cannot fit in memory is refused at once, up to the top of u64: past
+/// u64::MAX - 2 * accounts the size check wrapped to a small number, and the run started and
+/// grew (760 MB in 8 s) until killed.
+#[test]
+fn a_bench_too_large_for_memory_is_refused_up_to_the_top_of_u64() {
+    for transfers in [
+        "18446744073709551596",
+        "18446744073709551615",
+        "4000000000000",
+    ] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .args(["bench", "--accounts", "10", "--transfers", transfers])
+            .args(["--no-journal", "--wait", "park", "--output-wait", "park"])
+            .arg("--pin-core=-1")
+            .env("WALLET_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run wallet");
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if started.elapsed() > std::time::Duration::from_secs(20) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("--transfers {transfers}: still running after 20 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+            .expect("stderr");
+        assert!(!status.success(), "--transfers {transfers}: {stderr}");
+        assert!(
+            stderr.contains("more than this machine's"),
+            "--transfers {transfers}: {stderr}"
+        );
+    }
+}
+
 /// `wallet bench --rate`: commands are published as they fall due, each stamped with its own
 /// due time, so the latencies are the pipeline's. The producer held each batch of 64 until its
 /// last command was due and stamped all with the first's due time: at 1,000/s every latency

@@ -2617,6 +2617,19 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
             &["loadgen", "--url", "http://127.0.0.1:9", "--accounts", "1"],
             "--accounts",
         ),
+        // A raw path sends no transfers to group (its rate figures contradicted each other).
+        (
+            &[
+                "loadgen",
+                "--url",
+                "http://127.0.0.1:9",
+                "--raw-path",
+                "/x",
+                "--batch",
+                "10",
+            ],
+            "--raw-path",
+        ),
         (
             &["serve", "--listen", "127.0.0.1:0", "--segment-size", "100"],
             "--segment-size",

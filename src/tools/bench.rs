@@ -406,7 +406,10 @@ fn check_memory(args: &BenchArgs) -> anyhow::Result<()> {
     let Ok(total) = crate::api::mem_total_bytes() else {
         return Ok(());
     };
-    let ids = (id_table_capacity(args) as u64).max(args.transfers + 2 * u64::from(args.accounts));
+    // Saturating: near the top of u64 the sum wrapped to a small number, and a run that could
+    // never fit started and grew until killed.
+    let ids = (id_table_capacity(args) as u64)
+        .max(args.transfers.saturating_add(2 * u64::from(args.accounts)));
     let rings = if args.stage == Stage::Pipeline {
         args.ring_size as u64 * 512
     } else {
@@ -429,8 +432,11 @@ fn check_memory(args: &BenchArgs) -> anyhow::Result<()> {
 /// The transaction ids the ledger's id table is sized for: `--id-capacity`, or every id the run
 /// creates (a deposit and an opening per account, and the transfers).
 fn id_table_capacity(args: &BenchArgs) -> usize {
-    args.id_capacity
-        .unwrap_or(args.transfers as usize + 2 * args.accounts as usize)
+    args.id_capacity.unwrap_or(
+        usize::try_from(args.transfers)
+            .unwrap_or(usize::MAX)
+            .saturating_add(2 * args.accounts as usize),
+    )
 }
 
 /// `Ledger::execute` alone: commands are generated up front (outside the timing) in chunks.

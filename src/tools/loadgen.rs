@@ -387,11 +387,14 @@ async fn send_by(
 
 /// Committed and replayed transfers in one answer, and a batch's items answered with another
 /// status (rejected, refused for overload or a full ledger) inside its 200. A batch's body
-/// holds one result per transfer, `{"index":i,"http_status":s,"replayed":b,...}`, in the
-/// server's fixed layout. A replay answering a resend is this run's own commit (its first send
-/// reached the server, and the connection died before the answer), so it counts as committed,
-/// not as replayed.
-fn tally(answer: &Answer, batch: bool) -> (u64, u64, u64) {
+/// holds one result per transfer, `{"index":i,"http_status":s,"replayed":b,"result":{…}}`, in
+/// the server's fixed layout. A replay answering a resend is this run's own commit when its
+/// first send reached the server and the connection died before the answer: then it counts as
+/// committed. It is told apart by its sequence, above `start_seq` (the server's durable
+/// sequence when the run started), from an earlier run's commit of the same id (a repeated
+/// `--seed`), whose first send here never reached the engine (the server had closed the idle
+/// connection): that one stays a replay, as does any when `start_seq` is unknown.
+fn tally(answer: &Answer, batch: bool, start_seq: Option<u64>) -> (u64, u64, u64) {
     let (committed, replayed, other) = if !batch {
         match (answer.status, answer.replayed) {
             (200, false) => (1, 0, 0),
@@ -412,11 +415,58 @@ fn tally(answer: &Answer, batch: bool) -> (u64, u64, u64) {
             items.saturating_sub(committed + replayed),
         )
     };
-    if answer.resent {
-        (committed + replayed, 0, other)
+    if answer.resent && replayed > 0 {
+        let ours = replayed_sequences(answer, batch)
+            .into_iter()
+            .filter(|&seq| start_seq.is_some_and(|start| seq > start))
+            .count() as u64;
+        let ours = ours.min(replayed);
+        (committed + ours, replayed - ours, other)
     } else {
         (committed, replayed, other)
     }
+}
+
+/// The sequences of the transfers a replay answered with: the body's, or each replayed
+/// committed item's in a batch.
+fn replayed_sequences(answer: &Answer, batch: bool) -> Vec<u64> {
+    let body = &answer.body[..];
+    let sequence_after = |from: usize| -> Option<u64> {
+        let at = memchr::memmem::find(&body[from..], br#""sequence":"#)? + from + 11;
+        let digits = body[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+        std::str::from_utf8(&body[at..at + digits])
+            .ok()?
+            .parse()
+            .ok()
+    };
+    if !batch {
+        return sequence_after(0).into_iter().collect();
+    }
+    memchr::memmem::find_iter(body, br#""http_status":200,"replayed":true"#)
+        .filter_map(sequence_after)
+        .collect()
+}
+
+/// The server's durable sequence, from `/metrics` (`wallet_durable_sequence`), or None if it
+/// cannot be read within 2 s (a server that never answers must not hold the run).
+async fn durable_sequence(host: &Target) -> Option<u64> {
+    let read = async {
+        let mut client = Client::connect(host).await.ok()?;
+        client.send_as("GET", "/metrics", None, None).await.ok()
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(2), read)
+        .await
+        .ok()??;
+    if answer.status != 200 {
+        return None;
+    }
+    std::str::from_utf8(&answer.body)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("wallet_durable_sequence "))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The seed of connection `worker`'s generator: the run's seed and the worker mixed by a hash.
@@ -737,6 +787,12 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
             path.starts_with('/'),
             "--raw-path must be a path starting with '/', not {path:?}"
         );
+        // A raw request carries no transfers to group: the offered rate, counted in
+        // transfers, said 100% of --rate while a tenth of the requests went out.
+        anyhow::ensure!(
+            args.batch == 1,
+            "--batch groups transfers, and --raw-path sends none: use one or the other"
+        );
     }
     // Every transfer is between two different accounts.
     anyhow::ensure!(args.accounts >= 2, "--accounts must be at least 2");
@@ -801,6 +857,20 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
         None => uuid::Uuid::new_v4().as_u64_pair().0 & ((1 << 53) - 1),
     };
     let open_loop = args.rate > 0;
+    // What the server holds before this run: a replay of a sequence above it, answering a
+    // resend, is this run's own commit (`tally`).
+    let start_seq = if args.raw_path.is_none() {
+        let known = durable_sequence(&host).await;
+        if known.is_none() {
+            eprintln!(
+                "WARNING: cannot read wallet_durable_sequence from {}/metrics: a replay answering a resend counts as a replay, not as this run's commit",
+                args.url
+            );
+        }
+        known
+    } else {
+        None
+    };
     // Every connection is open before the clock starts: the requests due first must not wait
     // for the client's own connecting (many connections, or TLS handshakes on few cores), which
     // would be charged to the server.
@@ -936,7 +1006,7 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
                             *statuses.entry(answer.status).or_default() += 1;
                             resent += u64::from(answer.resent);
                             if counts_transfers {
-                                let (c, r, other) = tally(&answer, args.batch > 1);
+                                let (c, r, other) = tally(&answer, args.batch > 1, start_seq);
                                 committed += c;
                                 replayed += r;
                                 rejected_items += other;
@@ -1334,7 +1404,8 @@ pub async fn serve_fixed(listen: std::net::SocketAddr) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Client, due_after, due_count, record_unsent, tally, target, worker_seed};
+    use super::{Answer, Client, due_after, due_count, record_unsent, tally, target, worker_seed};
+    use bytes::Bytes;
 
     /// Every connection of every seed near another draws its own ids: no two (seed, worker)
     /// pairs among seeds 0..64 and 256 connections share a generator seed (`seed * 31 +
@@ -1392,44 +1463,61 @@ mod tests {
         stream.read_exact(&mut body).unwrap();
     }
 
-    fn respond(stream: &mut std::net::TcpStream, replayed: bool) {
+    /// A transfer's answer naming `sequence`.
+    fn respond_with(stream: &mut std::net::TcpStream, replayed: bool, sequence: u64) {
         let header = if replayed {
             "idempotent-replayed: true\r\n"
         } else {
             ""
         };
-        let response = format!("HTTP/1.1 200 OK\r\n{header}content-length: 2\r\n\r\n{{}}");
+        let body =
+            format!(r#"{{"transaction_id":"x","status":"committed","sequence":{sequence}}}"#);
+        let response = format!(
+            "HTTP/1.1 200 OK\r\n{header}content-length: {}\r\n\r\n{body}",
+            body.len()
+        );
         stream.write_all(response.as_bytes()).unwrap();
     }
 
+    /// A replay answering a resend counts as this run's commit only when its sequence is
+    /// above the server's durable sequence at the run's start: an earlier run's commit of the
+    /// same id (a repeated `--seed`, the first send lost to an idle close) stays a replay. It
+    /// counted every such replay as committed, and a run that committed nothing reported
+    /// transfers.
     #[test]
-    fn a_replay_answering_a_resend_is_this_runs_commit() {
-        // The server commits the second request, then its connection dies before the answer;
-        // the resend on a fresh connection is answered as a replay of it.
+    fn a_replay_answering_a_resend_is_this_runs_commit_only_above_the_start() {
+        // The server answers the first request, then each further one on that connection is
+        // dropped unanswered and its resend answered on a fresh connection as a replay: of
+        // sequence 120 (this run's, above a start at 100), then of sequence 80 (before it).
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap();
         let server = std::thread::spawn(move || {
             let (mut first, _) = listener.accept().unwrap();
             read_request(&mut first);
-            respond(&mut first, false);
+            respond_with(&mut first, false, 101);
             read_request(&mut first);
             drop(first);
             let (mut second, _) = listener.accept().unwrap();
             read_request(&mut second);
-            respond(&mut second, true);
-            // A replay that is not a resend stays a replay.
+            respond_with(&mut second, true, 120);
             read_request(&mut second);
-            respond(&mut second, true);
+            drop(second);
+            let (mut third, _) = listener.accept().unwrap();
+            read_request(&mut third);
+            respond_with(&mut third, true, 80);
+            // A replay that is not a resend stays a replay.
+            read_request(&mut third);
+            respond_with(&mut third, true, 130);
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let counts = runtime.block_on(async {
+        let answers = runtime.block_on(async {
             let target = target(&format!("http://{address}"), None).unwrap();
             let mut client = Client::connect(&target).await.unwrap();
-            let mut counts = Vec::new();
-            for _ in 0..3 {
+            let mut answers = Vec::new();
+            for _ in 0..4 {
                 let answer = client
                     .send_as(
                         "POST",
@@ -1439,15 +1527,46 @@ mod tests {
                     )
                     .await
                     .unwrap();
-                counts.push((tally(&answer, false), answer.resent));
+                answers.push(answer);
             }
-            counts
+            answers
         });
         server.join().unwrap();
+        let counts: Vec<_> = answers
+            .iter()
+            .map(|a| (tally(a, false, Some(100)), a.resent))
+            .collect();
         assert_eq!(
             counts,
-            vec![((1, 0, 0), false), ((1, 0, 0), true), ((0, 1, 0), false)]
+            vec![
+                ((1, 0, 0), false),
+                ((1, 0, 0), true),
+                ((0, 1, 0), true),
+                ((0, 1, 0), false)
+            ]
         );
+        // Without a known start, a replay is a replay.
+        assert_eq!(tally(&answers[1], false, None), (0, 1, 0));
+    }
+
+    /// In a batch, each replayed item of a resend is judged by its own sequence.
+    #[test]
+    fn a_resent_batchs_replayed_items_are_judged_one_by_one() {
+        let body = concat!(
+            r#"{"results":[{"index":0,"http_status":200,"replayed":true,"result":{"transaction_id":"a","status":"committed","sequence":150}},"#,
+            r#"{"index":1,"http_status":200,"replayed":true,"result":{"transaction_id":"b","status":"committed","sequence":90}},"#,
+            r#"{"index":2,"http_status":200,"replayed":false,"result":{"transaction_id":"c","status":"committed","sequence":160}},"#,
+            r#"{"index":3,"http_status":422,"replayed":false,"result":{"transaction_id":"d","status":"rejected","sequence":161}}]}"#
+        );
+        let answer = |resent| Answer {
+            status: 200,
+            replayed: false,
+            body: Bytes::from_static(body.as_bytes()),
+            resent,
+        };
+        assert_eq!(tally(&answer(true), true, Some(100)), (2, 1, 1));
+        assert_eq!(tally(&answer(false), true, Some(100)), (1, 2, 1));
+        assert_eq!(tally(&answer(true), true, None), (1, 2, 1));
     }
 
     #[test]
