@@ -2080,6 +2080,56 @@ fn the_once_report_counts_every_transfer_it_brought_the_shards_up_to() {
     cluster.assert_reconciled();
 }
 
+/// A round that a crash left prepared and decided is committed by the next run's recovery, and
+/// that run's report counts it: its events and transfers were left out (the start was read
+/// after the recovery).
+#[test]
+#[ignore = "needs tools/services"]
+fn the_once_report_counts_a_round_its_recovery_committed() {
+    let cluster = replicated_cluster_with_tail("oncerecovered");
+    let before = cluster.watermarks();
+    let start = before[0].expect("a watermark") as u64;
+    assert_eq!(before, vec![Some(start as i64); 2]);
+    let out = cluster.replicate_once(
+        &["--batch-events", "100"],
+        &[("WALLET_FAILPOINT", "sql-after-decision:1")],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(cluster.watermarks(), before, "decided, not committed");
+    let end = cluster.journal_last_seq();
+    let out = cluster.replicate_once(&["--batch-events", "100"], &[]);
+    let stdout = assert_ok(&out, "the recovering run");
+    let mut committed = 0u64;
+    wallet::journal::scan(
+        &wallet::journal::journal_dir(cluster.data.path()),
+        1,
+        |record| {
+            if record.first_seq > start
+                && record.command_type == wallet::core::CommandType::Transfer
+                && record.is_committed()
+            {
+                committed += 1;
+            }
+            Ok(())
+        },
+    )
+    .expect("scan journal");
+    assert!(committed > 0, "{committed}");
+    assert!(
+        stdout.starts_with(&format!(
+            "replicated {} events ({committed} transfers,",
+            end - start
+        )),
+        "{start}..{end}, {committed} transfers: {stdout}"
+    );
+    cluster.assert_settled("after the recovering run");
+}
+
 /// A replicator stopped with SIGTERM (a supervisor stopping the service) releases its lock: the
 /// next one starts at once instead of waiting out the stopped one's ZooKeeper session (6 s).
 #[test]

@@ -347,6 +347,9 @@ struct State {
     per_server: HashMap<String, usize>,
     connections: Vec<Option<Client>>,
     watermarks: Vec<u64>,
+    /// Each shard's watermark as first seen, before its first recovery (None until read): the
+    /// report counts from there, so that a round this run's recovery committed is counted.
+    before_recovery: Vec<Option<u64>>,
     migrated: Vec<bool>,
     migrate: bool,
 }
@@ -491,6 +494,24 @@ impl State {
         // ALTER TABLE would wait for ever, holding the migration lock). Only gids with our
         // coordinator id are touched, and each must name this shard.
         let id = coordinator.record.id.clone();
+        if self.before_recovery[i].is_none() {
+            // A plain read (a prepared transaction's row lock does not hold it); no row, or
+            // no table yet (before `--migrate`), is a shard that holds nothing.
+            self.before_recovery[i] = match client
+                .query_opt("SELECT applied_seq FROM watermark", &[])
+                .await
+            {
+                Ok(Some(row)) => row
+                    .try_get::<_, i64>(0)
+                    .ok()
+                    .and_then(|v| u64::try_from(v).ok()),
+                Ok(None) => Some(0),
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+                    Some(0)
+                }
+                Err(_) => None,
+            };
+        }
         coordinator.current_decision().await?;
         let done = coordinator::recover_shard(&client, &coordinator.record, i).await?;
         if done != coordinator::Recovered::default() {
@@ -836,6 +857,7 @@ async fn replicate(
         shards,
         connections: (0..count).map(|_| None).collect(),
         watermarks: vec![0; count],
+        before_recovery: vec![None; count],
         migrated: vec![false; count],
         migrate: options.migrate,
     };
@@ -908,7 +930,13 @@ async fn replicate(
                 continue;
             }
             if first_connect {
-                report.start_seq = state.watermarks.iter().copied().min().unwrap_or(0);
+                report.start_seq = state
+                    .watermarks
+                    .iter()
+                    .zip(&state.before_recovery)
+                    .map(|(now, before)| before.unwrap_or(*now).min(*now))
+                    .min()
+                    .unwrap_or(0);
                 if let Err(e) = state.check_identities(&mut source).await {
                     // A shard briefly away: wait as for a connection. An engine URL briefly
                     // away: wait as for any read of it, within the source's outage limit.
@@ -993,9 +1021,15 @@ async fn replicate(
                     break;
                 }
                 directory.learn(&fresh, count)?;
-                for record in fresh.iter().filter(|r| r.next_seq() - 1 > low) {
-                    events += record.event_count as usize;
-                    pending.push(*record);
+                for record in &fresh {
+                    if record.next_seq() - 1 > low {
+                        events += record.event_count as usize;
+                        pending.push(*record);
+                    } else if record.next_seq() - 1 > report.start_seq {
+                        // Applied by this run's recovery at its start (a round in doubt
+                        // that was decided): brought up to by this run.
+                        report.transfers += committed_transfers(std::iter::once(record));
+                    }
                 }
             }
             if pending.is_empty() {
