@@ -2173,6 +2173,8 @@ fn loadgen_stops_by_itself_when_the_server_never_answers() {
     // The report is printed, and a run in which nothing succeeded fails.
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("nothing succeeded"), "{stderr}");
+    // Timeouts say nothing of missing accounts: no hint to run --setup.
+    assert!(!stderr.contains("without --setup"), "{stderr}");
     let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON report");
     // Ten requests were due (10/s for 1 s), each on its own connection of the default 64,
     // and each hung until the deadline.

@@ -101,7 +101,12 @@ impl LoadgenReport {
             "nothing succeeded in this run (answers by status: {:?}, errors: {}){}",
             self.status_counts,
             self.errors,
-            if args.raw_path.is_none() && !args.setup {
+            // Only where answers say so (a 422 `account_not_found`, or refused items of a
+            // batch): after timeouts, 401s or 413s the hint sent the reader the wrong way.
+            if args.raw_path.is_none()
+                && !args.setup
+                && (self.status_counts.contains_key("422") || self.rejected_items > 0)
+            {
                 "; without --setup the accounts may not exist"
             } else {
                 ""
