@@ -2592,11 +2592,10 @@ fn a_torn_write_is_cut_as_a_torn_tail_on_restart() {
     assert_eq!(again.ledger.state_hash(), ledger.state_hash());
 }
 
-/// A crash on a full disk leaves a torn tail: its bytes are kept (beside the segment) in the
-/// space of the journal's reserve, and the writer starts short of space, refusing new work as
-/// on any full disk, instead of failing to open on every start until someone frees space.
-#[test]
-fn a_torn_tail_on_a_full_disk_is_kept_in_the_reserves_space_and_the_writer_starts() {
+/// A journal in `data` on a small disk (64 KiB segments, a reserve kept if `reserve`): 30
+/// commands, then 3 torn by a crash; the disk then filled. Returns the disk, the history of
+/// the 30 and the filler file.
+fn torn_tail_on_a_full_disk(reserve: bool) -> (common::SmallDisk, History, PathBuf) {
     let disk = common::SmallDisk::mount(2 << 20);
     let data = disk.dir.path().join("data");
     let (storage, faults) = faulty(u64::MAX);
@@ -2607,15 +2606,26 @@ fn a_torn_tail_on_a_full_disk_is_kept_in_the_reserves_space_and_the_writer_start
         SyncMode::Batch,
         &JournalEnd::empty(),
     );
-    writer.keep_reserve();
-    let reserve = journal_dir(&data).join("reserve");
-    assert!(reserve.exists());
+    if reserve {
+        writer.keep_reserve();
+        assert!(journal_dir(&data).join("reserve").exists());
+    }
     let mut ledger = Ledger::new(LedgerConfig::default());
     let mut history = History::new(&ledger);
     write_commands(&mut writer, &mut ledger, &mut history, 0..30, 3);
     tear_three_records(&mut writer, &faults, &mut ledger);
     drop(writer);
-    disk.fill("filler");
+    let filler = disk.fill("filler");
+    (disk, history, filler)
+}
+
+/// A crash on a full disk leaves a torn tail: its bytes are kept (beside the segment) in the
+/// space of the journal's reserve, and the writer starts short of space, refusing new work as
+/// on any full disk, instead of failing to open on every start until someone frees space.
+#[test]
+fn a_torn_tail_on_a_full_disk_is_kept_in_the_reserves_space_and_the_writer_starts() {
+    let (disk, history, _filler) = torn_tail_on_a_full_disk(true);
+    let data = disk.dir.path().join("data");
 
     let Recovered {
         mut ledger, end, ..
@@ -2655,23 +2665,9 @@ fn a_torn_tail_on_a_full_disk_is_kept_in_the_reserves_space_and_the_writer_start
 /// open, on every start, until someone freed space.
 #[test]
 fn a_torn_tail_on_a_full_disk_without_a_reserve_waits_uncut_until_space_returns() {
-    let disk = common::SmallDisk::mount(2 << 20);
+    let (disk, history, filler) = torn_tail_on_a_full_disk(false);
     let data = disk.dir.path().join("data");
-    let (storage, faults) = faulty(u64::MAX);
-    let mut writer = open_writer(
-        &data,
-        Box::new(storage),
-        64 << 10,
-        SyncMode::Batch,
-        &JournalEnd::empty(),
-    );
-    let mut ledger = Ledger::new(LedgerConfig::default());
-    let mut history = History::new(&ledger);
-    write_commands(&mut writer, &mut ledger, &mut history, 0..30, 3);
-    tear_three_records(&mut writer, &faults, &mut ledger);
-    drop(writer);
     assert!(!journal_dir(&data).join("reserve").exists());
-    let filler = disk.fill("filler");
 
     let Recovered {
         mut ledger, end, ..
