@@ -2541,6 +2541,8 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
     let cases: &[(&[&str], &str)] = &[
         // A directory without a journal (a mistyped path): not "OK: verified", no snapshot.
         (&["replay"], "--data-dir"),
+        // Sequence 0 holds nothing ("OK up to sequence 0").
+        (&["replay", "--to-seq", "0"], "--to-seq"),
         (&["snapshot"], "--data-dir"),
         (&["bench", "--batch", "0"], "--batch"),
         (&["bench", "--stage", "execute", "--batch", "0"], "--batch"),

@@ -23,7 +23,7 @@ pub struct ReplayArgs {
     /// Start from the newest valid snapshot instead of the beginning of the journal.
     #[arg(long)]
     pub from_snapshot: bool,
-    /// Stop after the record holding this sequence number.
+    /// Stop after the record holding this sequence number (from 1: sequence 0 holds nothing).
     #[arg(long)]
     pub to_seq: Option<u64>,
     /// Stop before the first record stamped after this time (RFC 3339: `Z` or an offset such
@@ -98,6 +98,10 @@ pub struct AccountReport {
 }
 
 pub fn run(args: &ReplayArgs) -> anyhow::Result<ReplayReport> {
+    anyhow::ensure!(
+        args.to_seq != Some(0),
+        "--to-seq must be at least 1: sequence 0 holds nothing"
+    );
     existing_journal(&args.data_dir)?;
     // A snapshot holds no time: the newest one may be past --to-time, and its state would be
     // reported as the state at that time.
@@ -538,6 +542,11 @@ pub fn snapshot(args: &SnapshotArgs) -> anyhow::Result<PathBuf> {
 /// An RFC 3339 time as nanoseconds since the Unix epoch: `humantime` for the part before the
 /// offset, which it accepts only as `Z`; a numeric offset (`+01:00`, `-05:30`) is applied here.
 fn parse_rfc3339_ns(text: &str) -> anyhow::Result<u64> {
+    // A date alone was read as a time with the offset "-MM-DD".
+    anyhow::ensure!(
+        text.contains(['T', 't', ' ']),
+        "not an RFC 3339 time: it needs a date and a time, as 2026-12-03T10:00:00Z"
+    );
     let split = text
         .len()
         .checked_sub(6)
@@ -595,10 +604,14 @@ mod tests {
             "2026-12-03T10:00:00",
             "+01:00",
             "yesterday",
+            "2026-12-06",
             "2026-12-03T10:00€a€",
             "€a€",
         ] {
             assert!(parse_rfc3339_ns(bad).is_err(), "{bad} was accepted");
         }
+        // A date alone is named as such (it was refused as an offset "-12-06").
+        let error = parse_rfc3339_ns("2026-12-06").unwrap_err().to_string();
+        assert!(error.contains("a date and a time"), "{error}");
     }
 }
