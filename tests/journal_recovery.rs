@@ -2619,6 +2619,31 @@ fn torn_tail_on_a_full_disk(reserve: bool) -> (common::SmallDisk, History, PathB
     (disk, history, filler)
 }
 
+/// Opens the writer of `torn_tail_on_a_full_disk`'s journal after recovery found `end`: it
+/// must open, the disk still full.
+fn open_on_the_full_disk(data: &Path, end: &JournalEnd) -> JournalWriter {
+    let config = JournalConfig {
+        dir: journal_dir(data),
+        segment_size_bytes: 64 << 10,
+        sync: SyncMode::Batch,
+    };
+    match JournalWriter::open(Box::new(MmapStorage::default()), config, end) {
+        Ok(writer) => writer,
+        Err(e) => panic!("a torn tail on a full disk kept the journal from opening: {e}"),
+    }
+}
+
+/// Writes 10 more commands after the cut, then checks that recovery finds no torn tail and the
+/// same state.
+fn goes_on_and_recovers(mut writer: JournalWriter, mut ledger: Ledger, data: &Path) {
+    let mut more = History::new(&ledger);
+    write_commands(&mut writer, &mut ledger, &mut more, 100..110, 2);
+    drop(writer);
+    let again = recovered(data);
+    assert_eq!(again.end.torn_at, None);
+    assert_eq!(again.ledger.state_hash(), ledger.state_hash());
+}
+
 /// A crash on a full disk leaves a torn tail: its bytes are kept (beside the segment) in the
 /// space of the journal's reserve, and the writer starts short of space, refusing new work as
 /// on any full disk, instead of failing to open on every start until someone frees space.
@@ -2627,20 +2652,10 @@ fn a_torn_tail_on_a_full_disk_is_kept_in_the_reserves_space_and_the_writer_start
     let (disk, history, _filler) = torn_tail_on_a_full_disk(true);
     let data = disk.dir.path().join("data");
 
-    let Recovered {
-        mut ledger, end, ..
-    } = recovered(&data);
+    let Recovered { ledger, end, .. } = recovered(&data);
     assert_eq!(ledger.state_hash(), history.hashes[30]);
     let (segment, torn_at) = (end.segment.clone().unwrap().0, end.torn_at.unwrap());
-    let config = JournalConfig {
-        dir: journal_dir(&data),
-        segment_size_bytes: 64 << 10,
-        sync: SyncMode::Batch,
-    };
-    let mut writer = match JournalWriter::open(Box::new(MmapStorage::default()), config, &end) {
-        Ok(writer) => writer,
-        Err(e) => panic!("a torn tail on a full disk kept the journal from opening: {e}"),
-    };
+    let mut writer = open_on_the_full_disk(&data, &end);
     let mut cut = segment.into_os_string();
     cut.push(format!(".cut-at-{torn_at}"));
     assert_eq!(
@@ -2651,12 +2666,7 @@ fn a_torn_tail_on_a_full_disk_is_kept_in_the_reserves_space_and_the_writer_start
     writer.keep_reserve();
     assert!(writer.space_short(), "the disk is still full");
     // The segment's own space is allocated: the journal goes on, and the cut is final.
-    let mut more = History::new(&ledger);
-    write_commands(&mut writer, &mut ledger, &mut more, 100..110, 2);
-    drop(writer);
-    let again = recovered(&data);
-    assert_eq!(again.end.torn_at, None);
-    assert_eq!(again.ledger.state_hash(), ledger.state_hash());
+    goes_on_and_recovers(writer, ledger, &data);
 }
 
 /// A crash on a full disk whose reserve was already used (a roll-over on the full disk took it)
@@ -2669,9 +2679,7 @@ fn a_torn_tail_on_a_full_disk_without_a_reserve_waits_uncut_until_space_returns(
     let data = disk.dir.path().join("data");
     assert!(!journal_dir(&data).join("reserve").exists());
 
-    let Recovered {
-        mut ledger, end, ..
-    } = recovered(&data);
+    let Recovered { ledger, end, .. } = recovered(&data);
     assert_eq!(ledger.state_hash(), history.hashes[30]);
     let (segment, torn_at) = (end.segment.clone().unwrap().0, end.torn_at.unwrap());
     let torn = |segment: &Path| {
@@ -2683,15 +2691,7 @@ fn a_torn_tail_on_a_full_disk_without_a_reserve_waits_uncut_until_space_returns(
         bytes.iter().any(|&b| b != 0)
     };
     assert!(torn(&segment));
-    let config = JournalConfig {
-        dir: journal_dir(&data),
-        segment_size_bytes: 64 << 10,
-        sync: SyncMode::Batch,
-    };
-    let mut writer = match JournalWriter::open(Box::new(MmapStorage::default()), config, &end) {
-        Ok(writer) => writer,
-        Err(e) => panic!("a torn tail on a full disk kept the journal from opening: {e}"),
-    };
+    let mut writer = open_on_the_full_disk(&data, &end);
     writer.keep_reserve();
     assert!(writer.space_short(), "the disk is still full");
     let mut cut = segment.clone().into_os_string();
@@ -2717,12 +2717,7 @@ fn a_torn_tail_on_a_full_disk_without_a_reserve_waits_uncut_until_space_returns(
     );
     assert!(!torn(&segment), "and cut");
     assert!(journal_dir(&data).join("reserve").exists());
-    let mut more = History::new(&ledger);
-    write_commands(&mut writer, &mut ledger, &mut more, 100..110, 2);
-    drop(writer);
-    let again = recovered(&data);
-    assert_eq!(again.end.torn_at, None);
-    assert_eq!(again.ledger.state_hash(), ledger.state_hash());
+    goes_on_and_recovers(writer, ledger, &data);
 }
 
 // ---------------------------------------------------------------------------------------------
