@@ -12,6 +12,13 @@ use common::{
 };
 use serde_json::json;
 
+/// Opens accounts `a` and `b`, and deposits 100.00 USD into `a`.
+fn open_a_and_b(c: &mut Client) {
+    open(c, "a");
+    open(c, "b");
+    deposit(c, "a", "100.00");
+}
+
 fn temp() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("wallet-http-")
@@ -556,9 +563,7 @@ fn a_batch_larger_than_the_ring_is_a_400_and_a_ring_size_that_is_not_a_power_of_
     let dir = temp();
     let server = Server::start(dir.path(), &["--ring-size", "64"]);
     let mut c = server.client();
-    open(&mut c, "a");
-    open(&mut c, "b");
-    deposit(&mut c, "a", "100.00");
+    open_a_and_b(&mut c);
     let batch = |n: usize| json!({"transfers": (0..n).map(|_| transfer_body("a", "b", "0.01", &uuid())).collect::<Vec<_>>()});
     let r = c.post("/v1/wallet/balance_transfers", &batch(65));
     assert_eq!(r.status, 400, "{}", r.body);
@@ -620,9 +625,7 @@ fn without_authentication_only_requests_addressed_to_a_loopback_host_are_served(
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[]);
     let mut c = server.client();
-    open(&mut c, "a");
-    open(&mut c, "b");
-    deposit(&mut c, "a", "100.00");
+    open_a_and_b(&mut c);
     // A transfer of 1.00 from a to b, to `target` with the header lines `hosts` ("" for none).
     let post = |target: &str, hosts: &str, id: &str| {
         let body = transfer_body("a", "b", "1.00", id).to_string();
@@ -719,9 +722,7 @@ fn a_body_that_never_arrives_whole_is_a_408_and_submits_nothing() {
     let dir = temp();
     let server = Server::start(dir.path(), &["--request-timeout-ms", "2000"]);
     let mut c = server.client();
-    open(&mut c, "a");
-    open(&mut c, "b");
-    deposit(&mut c, "a", "100.00");
+    open_a_and_b(&mut c);
     let id = uuid();
     let body = transfer_body("a", "b", "1.00", &id).to_string();
     let mut stream = std::net::TcpStream::connect(&server.address).unwrap();
@@ -756,9 +757,7 @@ fn a_client_that_half_closes_after_its_request_is_answered() {
     let dir = temp();
     let server = Server::start(dir.path(), &[]);
     let mut c = server.client();
-    open(&mut c, "a");
-    open(&mut c, "b");
-    deposit(&mut c, "a", "100.00");
+    open_a_and_b(&mut c);
     let single = transfer_body("a", "b", "1.00", &uuid());
     let batch = json!({"transfers": [transfer_body("a", "b", "2.00", &uuid())]});
     for (path, body, version) in [
@@ -800,9 +799,7 @@ fn an_early_answer_to_a_request_expecting_100_continue_closes_the_connection() {
     let dir = temp();
     let server = Server::start(dir.path(), &[]);
     let mut c = server.client();
-    open(&mut c, "a");
-    open(&mut c, "b");
-    deposit(&mut c, "a", "100.00");
+    open_a_and_b(&mut c);
     let connect = || {
         let stream = std::net::TcpStream::connect(&server.address).unwrap();
         stream
@@ -889,9 +886,7 @@ fn batches_beyond_the_in_flight_limit_get_a_fast_429_before_their_bodies_are_rea
     let dir = temp();
     let server = Server::start(dir.path(), &["--max-batches-in-flight", "2"]);
     let mut c = server.client();
-    open(&mut c, "a");
-    open(&mut c, "b");
-    deposit(&mut c, "a", "100.00");
+    open_a_and_b(&mut c);
     let batch = || json!({"transfers": [transfer_body("a", "b", "0.01", &uuid())]});
     // Two batches whose bodies are still arriving hold both permits.
     let stalled: Vec<std::net::TcpStream> = (0..2)
