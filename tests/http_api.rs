@@ -2237,6 +2237,54 @@ fn a_shutdown_during_recovery_stops_at_once() {
     assert!(server.stop().success());
 }
 
+/// While recovering, a request the server would refuse once it runs is refused the same way
+/// (404, 405 with `Allow`, 403/400 for a Host that is not loopback with authentication off),
+/// not answered 200 or "starting, retry": a retry would never succeed.
+#[test]
+fn while_recovering_routes_methods_and_hosts_are_checked_as_later() {
+    let dir = temp();
+    let server = Server::start_listening_with_env(
+        dir.path(),
+        &[],
+        &[("WALLET_FAILPOINT", "recovery-delay:60000")],
+    );
+    let ask = |request: &str| {
+        let r = raw_request(&server, request);
+        assert_eq!(r.header("connection"), Some("close"), "{request}");
+        r
+    };
+    let r = ask("POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(r.status, 405, "{}", r.body);
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
+    assert_eq!(r.json()["error"]["code"], "method_not_allowed");
+    let r = ask("GET /v1/wallet/deposit HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    assert_eq!(r.status, 405, "{}", r.body);
+    assert_eq!(r.header("allow"), Some("POST"));
+    let r = ask("GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "not_found");
+    let r = ask("GET /v1/wallet/accounts/a HTTP/1.1\r\nHost: evil.example\r\n\r\n");
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "host_not_allowed");
+    let r = ask("GET /readyz HTTP/1.1\r\n\r\n");
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "host_required");
+
+    // What is allowed gets the recovery's answers.
+    let r = ask("GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+    let r = ask("GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.starts_with("recovering: "), "{}", r.body);
+    for path in ["/v1/openapi.json", "/metrics", "/v1/wallet/accounts/a"] {
+        let r = ask(&format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"));
+        assert_eq!(r.status, 503, "{path}: {}", r.body);
+        assert_eq!(r.json()["error"]["code"], "starting", "{path}");
+        assert_eq!(r.header("retry-after"), Some("1"), "{path}");
+    }
+    assert!(server.stop().success());
+}
+
 /// `serve` binds first and recovers after; in between it must answer, not leave connections in
 /// the accept backlog: `/healthz` 200, `/readyz` 503 naming the phase, anything else 503 with
 /// `Retry-After` (and nothing changes). Once recovered, the same address serves normally.

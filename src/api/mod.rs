@@ -614,10 +614,10 @@ pub async fn serve(
             tokio::select! {
                 done = &mut recovery => break done??,
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => {
+                    Ok((stream, peer)) => {
                         // Over the connection limit the connection is dropped at once.
                         if let Ok(permit) = starting_connections.clone().try_acquire_owned() {
-                            serve_starting(stream, tls.clone(), phase.clone(), config.header_read_timeout, permit);
+                            serve_starting(stream, peer, tls.clone(), phase.clone(), &config, permit);
                         }
                     }
                     Err(e) => {
@@ -1144,17 +1144,21 @@ fn build_views_past(dir: &std::path::Path, end: u64) -> anyhow::Result<crate::vi
 /// Serves one connection accepted during recovery with `routes::starting_response`.
 fn serve_starting(
     stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
     phase: Arc<std::sync::atomic::AtomicU8>,
-    header_read_timeout: Duration,
+    config: &ServeConfig,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
+    let header_read_timeout = config.header_read_timeout;
+    let loopback_only = config.auth.is_none();
+    let peer = peer.ip().to_string();
     let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
         let phase = match phase.load(Ordering::Relaxed) {
             PHASE_LEDGER => "replaying the journal",
             _ => "stopping",
         };
-        let response = routes::starting_response(request.uri().path(), phase);
+        let response = routes::starting_response(&request, loopback_only, &peer, phase);
         // Unread: drained after the answer rather than cut off (`linger`).
         let body = linger::Body::new(request.into_body());
         async move {

@@ -315,28 +315,77 @@ impl Reply {
     }
 }
 
+/// The route a request's method and path name, with the path's captured parameters; else the
+/// 404 (no such path) or 405 (naming the path's methods in `Allow`; HEAD is GET without the
+/// body, which hyper leaves out) to answer.
+fn resolve<'p>(method: &hyper::Method, path: &'p str) -> Result<(usize, Vec<&'p str>), Reply> {
+    let mut allowed: Vec<&str> = Vec::new();
+    let as_method = if method == hyper::Method::HEAD {
+        "GET"
+    } else {
+        method.as_str()
+    };
+    for (i, route) in ROUTES.iter().enumerate() {
+        if let Some(captured) = match_path(route.path, path) {
+            allowed.push(route.method);
+            if route.method == as_method {
+                return Ok((i, captured));
+            }
+        }
+    }
+    if allowed.is_empty() {
+        return Err(Reply::error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such route",
+        ));
+    }
+    if allowed.contains(&"GET") {
+        allowed.push("HEAD");
+    }
+    Err(Reply::error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this path",
+    )
+    .with_header("allow", allowed.join(", ")))
+}
+
 /// The answer to any request while `serve` is still recovering its state (the listener is open
-/// from the start so that health checks get an answer, not a hang): `/healthz` is 200 (the
-/// process is alive), `/readyz` 503 naming the phase, anything else 503 with `Retry-After`.
-/// Every one closes its connection, so a client's next request reaches the real server.
-pub(crate) fn starting_response(path: &str, phase: &str) -> HttpResponse {
-    let reply = match path {
-        "/healthz" => Reply::text(StatusCode::OK, "text/plain", "ok\n"),
-        "/readyz" => Reply::text(
+/// from the start so that health checks get an answer, not a hang). The path and method are
+/// checked as they are later (404, 405), and so is the Host header with authentication off
+/// (`loopback_only`); then `/healthz` is 200 (the process is alive), `/readyz` 503 naming the
+/// phase, anything else 503 `starting` with `Retry-After`. Every answer closes its connection,
+/// so a client's next request reaches the real server.
+pub(crate) fn starting_response<B>(
+    request: &Request<B>,
+    loopback_only: bool,
+    peer: &str,
+    phase: &str,
+) -> HttpResponse {
+    let checked = resolve(request.method(), request.uri().path()).and_then(|(route, _)| {
+        if loopback_only {
+            check_host(request.headers(), request.uri(), peer, ROUTES[route].name)?;
+        }
+        Ok(route)
+    });
+    let reply = match checked.map(|route| ROUTES[route].name) {
+        Err(reply) => reply,
+        Ok("healthz") => Reply::text(StatusCode::OK, "text/plain", "ok\n"),
+        Ok("readyz") => Reply::text(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
             format!("recovering: {phase}\n"),
-        ),
-        _ => Reply::error(
+        )
+        .with_header("retry-after", "1"),
+        Ok(_) => Reply::error(
             StatusCode::SERVICE_UNAVAILABLE,
             "starting",
             &format!("the service is starting ({phase}); retry shortly"),
-        ),
+        )
+        .with_header("retry-after", "1"),
     };
-    reply
-        .with_header("retry-after", "1")
-        .with_header("connection", "close")
-        .into_response()
+    reply.with_header("connection", "close").into_response()
 }
 
 pub fn now_ns() -> u64 {
@@ -431,65 +480,34 @@ pub async fn handle(
         .get(hyper::header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
         .then(|| request.body_mut().expect_continue());
-    let method = request.method().clone();
     let path = request.uri().path().to_string();
-    let mut route_index = ROUTES.len();
-    let mut params: Vec<&str> = Vec::new();
-    // The methods the path takes (for a 405's `Allow`). HEAD is GET without the body (hyper
-    // sends none in answer to a HEAD).
-    let mut allowed: Vec<&str> = Vec::new();
-    let as_method = if method == hyper::Method::HEAD {
-        "GET"
-    } else {
-        method.as_str()
-    };
-    for (i, route) in ROUTES.iter().enumerate() {
-        if let Some(captured) = match_path(route.path, &path) {
-            allowed.push(route.method);
-            if route.method == as_method {
-                route_index = i;
-                params = captured;
-                break;
-            }
-        }
-    }
-    let reply = if route_index == ROUTES.len() {
-        if !allowed.is_empty() {
-            if allowed.contains(&"GET") {
-                allowed.push("HEAD");
-            }
-            Reply::error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "method not allowed on this path",
-            )
-            .with_header("allow", allowed.join(", "))
-        } else {
-            Reply::error(StatusCode::NOT_FOUND, "not_found", "no such route")
-        }
-    } else {
-        let route = &ROUTES[route_index];
-        let admitted = admit(&app, route_index, &peer, &request).and_then(|caller| {
-            check_query(route, request.uri().query())?;
-            Ok((caller, decode_params(route.path, &params)?))
-        });
-        match admitted {
-            Err(reply) => reply,
-            Ok((caller, params)) => {
-                let timeout = app.config.request_timeout;
-                // A transaction id the server made up for the request (an account opened without
-                // one): a timed-out caller needs it to learn the outcome.
-                let generated = std::sync::OnceLock::new();
-                let work = dispatch(
-                    &app,
-                    &submitter,
-                    &caller,
-                    route_index,
-                    params,
-                    request,
-                    &generated,
-                );
-                let reply = match tokio::time::timeout(timeout, work).await {
+    let resolved = resolve(request.method(), &path);
+    let route_index = resolved.as_ref().map_or(ROUTES.len(), |(i, _)| *i);
+    let reply = match resolved {
+        Err(reply) => reply,
+        Ok((route_index, params)) => {
+            let route = &ROUTES[route_index];
+            let admitted = admit(&app, route_index, &peer, &request).and_then(|caller| {
+                check_query(route, request.uri().query())?;
+                Ok((caller, decode_params(route.path, &params)?))
+            });
+            match admitted {
+                Err(reply) => reply,
+                Ok((caller, params)) => {
+                    let timeout = app.config.request_timeout;
+                    // A transaction id the server made up for the request (an account opened without
+                    // one): a timed-out caller needs it to learn the outcome.
+                    let generated = std::sync::OnceLock::new();
+                    let work = dispatch(
+                        &app,
+                        &submitter,
+                        &caller,
+                        route_index,
+                        params,
+                        request,
+                        &generated,
+                    );
+                    let reply = match tokio::time::timeout(timeout, work).await {
                     Ok(reply) => reply,
                     Err(_) => Reply::error(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -502,11 +520,12 @@ pub async fn handle(
                     )
                     .with_header("retry-after", "1"),
                 };
-                match generated.get() {
-                    Some(id) if reply.status == StatusCode::SERVICE_UNAVAILABLE => {
-                        name_generated_id(reply, *id)
+                    match generated.get() {
+                        Some(id) if reply.status == StatusCode::SERVICE_UNAVAILABLE => {
+                            name_generated_id(reply, *id)
+                        }
+                        _ => reply,
                     }
-                    _ => reply,
                 }
             }
         }
@@ -601,6 +620,47 @@ fn is_public(route: usize) -> bool {
     )
 }
 
+/// With authentication off, a request must be addressed to a loopback name (see `admit`): one
+/// Host header naming 127.0.0.0/8, [::1] or localhost, and no absolute-form target naming
+/// another host.
+fn check_host(
+    headers: &hyper::HeaderMap,
+    uri: &hyper::Uri,
+    peer: &str,
+    route: &str,
+) -> Result<(), Reply> {
+    let Some(host) = headers.get(hyper::header::HOST) else {
+        tracing::warn!(target: "audit", caller = %peer, route, "request refused: no Host header");
+        return Err(Reply::error(
+            StatusCode::BAD_REQUEST,
+            "host_required",
+            "with authentication off, requests must carry a Host header naming 127.0.0.1, [::1] or localhost",
+        ));
+    };
+    // Two Host headers are a malformed request (RFC 9112, 3.2), and a check of the first
+    // alone let a second name anything; an absolute-form target names the host itself.
+    if headers.get_all(hyper::header::HOST).iter().count() != 1 {
+        tracing::warn!(target: "audit", caller = %peer, route, "request refused: more than one Host header");
+        return Err(Reply::error(
+            StatusCode::BAD_REQUEST,
+            "host_required",
+            "a request must carry exactly one Host header",
+        ));
+    }
+    let target_ok = uri
+        .authority()
+        .is_none_or(|authority| loopback_host(authority.as_str()));
+    if !target_ok || !host.to_str().is_ok_and(loopback_host) {
+        tracing::warn!(target: "audit", caller = %peer, route, host = ?host, "request refused: not addressed to a loopback host");
+        return Err(Reply::error(
+            StatusCode::FORBIDDEN,
+            "host_not_allowed",
+            "with authentication off, requests must be addressed to 127.0.0.1, [::1] or localhost (the Host header or the request target names another host)",
+        ));
+    }
+    Ok(())
+}
+
 /// Authentication and the per-caller rate limit. Every refusal is audit-logged (caller, route,
 /// reason; never the token).
 fn admit(
@@ -618,42 +678,7 @@ fn admit(
     // caller uses a loopback name.
     let public = is_public(route);
     if app.config.auth.is_none() {
-        let Some(host) = request.headers().get(hyper::header::HOST) else {
-            tracing::warn!(target: "audit", caller = %peer, route = ROUTES[route].name, "request refused: no Host header");
-            return Err(Reply::error(
-                StatusCode::BAD_REQUEST,
-                "host_required",
-                "with authentication off, requests must carry a Host header naming 127.0.0.1, [::1] or localhost",
-            ));
-        };
-        // Two Host headers are a malformed request (RFC 9112, 3.2), and a check of the first
-        // alone let a second name anything; an absolute-form target names the host itself.
-        if request
-            .headers()
-            .get_all(hyper::header::HOST)
-            .iter()
-            .count()
-            != 1
-        {
-            tracing::warn!(target: "audit", caller = %peer, route = ROUTES[route].name, "request refused: more than one Host header");
-            return Err(Reply::error(
-                StatusCode::BAD_REQUEST,
-                "host_required",
-                "a request must carry exactly one Host header",
-            ));
-        }
-        let target_ok = request
-            .uri()
-            .authority()
-            .is_none_or(|authority| loopback_host(authority.as_str()));
-        if !target_ok || !host.to_str().is_ok_and(loopback_host) {
-            tracing::warn!(target: "audit", caller = %peer, route = ROUTES[route].name, host = ?host, "request refused: not addressed to a loopback host");
-            return Err(Reply::error(
-                StatusCode::FORBIDDEN,
-                "host_not_allowed",
-                "with authentication off, requests must be addressed to 127.0.0.1, [::1] or localhost (the Host header or the request target names another host)",
-            ));
-        }
+        check_host(request.headers(), request.uri(), peer, ROUTES[route].name)?;
     }
     if public {
         return Ok(Caller::unauthenticated(peer));

@@ -1527,6 +1527,73 @@ mod tests {
 
     /// A panic outside `execute_group`'s own catch (here in the admission lookups, which run
     /// near the id limit or short of disk space) still answers the group's unanswered rest.
+    /// A halt of the journal stage (here as a failed sync leaves it: halted, the watermark short
+    /// of what the engine executed) keeps the ledger on the engine thread: a retry gets its
+    /// original outcome, announced as committed only if that record was durable before the halt.
+    #[test]
+    fn after_a_journal_halt_a_retry_is_announced_only_if_its_original_was_durable() {
+        let (sender, receiver) = mpsc::channel();
+        let engine = Engine::start(
+            Ledger::new(LedgerConfig::default()),
+            test_config(),
+            JournalStage::Off,
+            Records(sender),
+        );
+        let shared = engine.shared();
+        let mut submitter = engine.submitter();
+        submit_batch(&mut submitter, &setup(), 0);
+        submit_batch(&mut submitter, &[transfer(10)], 10);
+        let first: BTreeMap<u64, (CommandRecord, bool)> = receiver
+            .iter()
+            .take(4)
+            .map(|(token, record, durable)| (token, (record, durable)))
+            .collect();
+        assert!(
+            first
+                .values()
+                .all(|(record, durable)| *durable && record.is_committed())
+        );
+        let transfer_seq = first[&10].0.first_seq;
+        assert_eq!(transfer_seq, 4);
+
+        // The sync that held transfer 10 failed: the watermark stayed at the setup's end.
+        shared.halt("journal sync failed: (test)".to_string());
+        shared.durable_seq.store(3, Ordering::SeqCst);
+
+        // The deposit (sequence 3, durable), transfer 10 (sequence 4, not durable) and a new id.
+        submit_batch(
+            &mut submitter,
+            &[setup()[2], transfer(10), transfer(30)],
+            20,
+        );
+        let retried: BTreeMap<u64, (CommandRecord, bool)> = (0..3)
+            .map(|_| {
+                let (token, record, durable) = receiver
+                    .recv_timeout(Duration::from_secs(10))
+                    .expect("every retry answered within 10 s");
+                (token, (record, durable))
+            })
+            .collect();
+        let (deposit, durable) = retried[&20];
+        assert!(
+            durable && deposit.replayed && deposit.is_committed() && deposit.first_seq == 3,
+            "the durable deposit's retry is its committed original: {deposit:?} {durable}"
+        );
+        let (again, durable) = retried[&21];
+        assert!(
+            !durable && again.replayed && again.first_seq == transfer_seq,
+            "transfer 10 was not durable: its retry must not be announced: {again:?} {durable}"
+        );
+        let (new, durable) = retried[&22];
+        assert!(
+            !durable && new.first_seq == 0,
+            "nothing new executes after a halt: {new:?} {durable}"
+        );
+        assert_eq!(shared.executed_seq.load(Ordering::SeqCst), 5);
+        drop(submitter);
+        assert!(shutdown_within_10s(engine).is_err());
+    }
+
     #[test]
     fn a_panic_while_admitting_answers_the_rest_of_the_group() {
         let config = EngineConfig {
