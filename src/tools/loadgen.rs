@@ -256,7 +256,18 @@ fn target(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Target> {
         (_, Some(rest)) => (true, rest),
         _ => anyhow::bail!("--url must start with http:// or https://"),
     };
-    let host = rest.split('/').next().unwrap_or(rest).to_string();
+    let (host, path) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    // The routes are fixed (`/v1/wallet/...`, or `--raw-path`): a path here would be dropped
+    // without a word, and a prefix a proxy needs would never be sent.
+    if !path.is_empty() && path != "/" {
+        anyhow::bail!(
+            "--url names the server only (http[s]://host:port), not a path: {path:?} would not be sent (the routes are /v1/wallet/...; --raw-path sends one path of your choice)"
+        );
+    }
+    if host.is_empty() {
+        anyhow::bail!("--url names no host: {url:?}");
+    }
+    let host = host.to_string();
     if !tls {
         return Ok(Target { host, tls: None });
     }
@@ -1409,6 +1420,33 @@ pub async fn serve_fixed(listen: std::net::SocketAddr) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_url_names_the_server_only() {
+        for url in [
+            "http://127.0.0.1:8080",
+            "http://127.0.0.1:8080/",
+            "http://localhost:1",
+        ] {
+            let host = url.trim_start_matches("http://").trim_end_matches('/');
+            assert_eq!(super::target(url, None).expect(url).host, host);
+        }
+        for (url, says) in [
+            (
+                "http://127.0.0.1:8080/prefix",
+                "\"/prefix\" would not be sent",
+            ),
+            ("http://127.0.0.1:8080?x=1", "\"?x=1\" would not be sent"),
+            ("http://127.0.0.1:8080/v1/wallet/", "not a path"),
+            ("http:///", "names no host"),
+            ("ftp://127.0.0.1", "must start with http:// or https://"),
+        ] {
+            match super::target(url, None) {
+                Ok(_) => panic!("{url} taken"),
+                Err(e) => assert!(e.to_string().contains(says), "{url}: {e}"),
+            }
+        }
+    }
+
     use super::{Answer, Client, due_after, due_count, record_unsent, tally, target, worker_seed};
     use bytes::Bytes;
 
