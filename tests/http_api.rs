@@ -508,7 +508,7 @@ fn endpoints_and_error_paths() {
         "wallet_http_requests_total{route=\"transfer\",status=\"200\"}",
         "wallet_durable_sequence",
         "wallet_ring_depth",
-        "wallet_journal_bytes",
+        "wallet_journal_bytes_total",
         "wallet_http_request_duration_seconds_bucket",
     ] {
         assert!(metrics.body.contains(name), "metrics lack {name}");
@@ -617,6 +617,74 @@ fn raw_request(server: &Server, request: &str) -> common::Response {
         .unwrap();
     std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
     common::read_response(&mut stream).expect("an answer")
+}
+
+/// The value of an unlabelled series in a `/metrics` body.
+fn metric(body: &str, name: &str) -> Option<u64> {
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Every answer is counted (a 405 under its path's route, a request hyper refused unparsed in
+/// its own counter), counters are typed as counters, and the snapshot follower's sequence is
+/// shown only when a follower runs (it stood still at the start-up sequence otherwise).
+#[test]
+fn metrics_count_every_answer_and_type_their_counters() {
+    let dir = temp();
+    let server = Server::start(dir.path(), &[]);
+    let mut c = server.client();
+    let r = c.request("DELETE", "/metrics", None, "application/json");
+    assert_eq!(r.status, 405);
+    let r = raw_request(&server, "GET /v1/wallet/accounts/a HTTP/9.x\r\n\r\n");
+    assert_eq!(r.status, 400);
+    let huge = "a".repeat(70_000);
+    let r = raw_request(
+        &server,
+        &format!("GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: {huge}\r\n\r\n"),
+    );
+    assert_eq!(r.status, 431);
+    // Counted when hyper ends the connection, just after the answer is written.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let body = loop {
+        let body = c.get("/metrics").body;
+        let counted = metric(&body, "wallet_http_malformed_requests_total");
+        if counted == Some(2) || std::time::Instant::now() > deadline {
+            break body;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        body.contains("wallet_http_requests_total{route=\"metrics\",status=\"405\"} 1"),
+        "{body}"
+    );
+    assert!(!body.contains("route=\"unmatched\""), "{body}");
+    assert_eq!(
+        metric(&body, "wallet_http_malformed_requests_total"),
+        Some(2)
+    );
+    for counter in [
+        "wallet_journal_bytes_total",
+        "wallet_overloaded_total",
+        "wallet_connections_refused_total",
+        "wallet_http_malformed_requests_total",
+    ] {
+        assert!(
+            body.contains(&format!("# TYPE {counter} counter\n")),
+            "{counter}: {body}"
+        );
+    }
+    assert!(body.contains("# TYPE wallet_durable_sequence gauge\n"));
+    assert_eq!(metric(&body, "wallet_snapshot_follower_sequence"), None);
+    assert!(server.stop().success());
+
+    let server = Server::start(dir.path(), &["--snapshot-every", "100"]);
+    let mut c = server.client();
+    open(&mut c, "a");
+    let body = c.get("/metrics").body;
+    let durable = metric(&body, "wallet_durable_sequence").expect("durable sequence");
+    let follower = metric(&body, "wallet_snapshot_follower_sequence").expect("follower series");
+    assert!(follower <= durable, "{follower} > {durable}");
+    assert!(server.stop().success());
 }
 
 #[test]
@@ -1485,7 +1553,7 @@ fn a_full_ledger_refuses_new_ids_with_507_and_a_higher_limit_executes_them() {
     for line in [
         "wallet_transaction_ids 4",
         "wallet_max_transaction_ids 4",
-        "wallet_refused_ledger_full 3",
+        "wallet_refused_ledger_full_total 3",
     ] {
         assert!(
             metrics.lines().any(|l| l == line),
@@ -1538,7 +1606,12 @@ fn a_full_disk_answers_507_until_space_is_freed_and_loses_nothing_acknowledged()
         let batch = json!({"transfers": ids.iter().map(|id| transfer_body("a", "b", "0.01", id)).collect::<Vec<_>>()});
         let r = c.post("/v1/wallet/balance_transfers", &batch);
         assert_eq!(r.status, 200, "{}", r.body);
-        for (result, id) in r.json()["results"].as_array().unwrap().iter().zip(&ids) {
+        let results = r.json()["results"].as_array().unwrap().clone();
+        assert_eq!(results.len(), ids.len());
+        // In order, across the chunks the response is rendered in.
+        for (index, (result, id)) in results.iter().zip(&ids).enumerate() {
+            assert_eq!(result["index"], index, "{result}");
+            assert_eq!(result["result"]["transaction_id"], id.as_str(), "{result}");
             match result["http_status"].as_u64() {
                 Some(200) => {
                     committed += 1;

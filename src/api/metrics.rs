@@ -60,7 +60,7 @@ impl Metrics {
         self.latency_count.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn render(&self, gauges: &[(&str, &str, u64)]) -> String {
+    pub fn render(&self, series: &[(&str, &str, u64)]) -> String {
         let mut out = String::new();
         out.push_str("# HELP wallet_http_requests_total HTTP requests by route and status.\n");
         out.push_str("# TYPE wallet_http_requests_total counter\n");
@@ -111,10 +111,17 @@ impl Metrics {
             "wallet_http_request_duration_seconds_count {}",
             self.latency_count.load(Ordering::Relaxed)
         );
-        for (name, help, value) in gauges {
+        for (name, help, value) in series {
+            // Counters (only ever rising within a process) are named `_total`; the rest are
+            // gauges.
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
             let _ = writeln!(
                 out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
         }
         out

@@ -303,6 +303,8 @@ pub struct App {
     pub connections: Arc<tokio::sync::Semaphore>,
     /// Connections refused over `--max-connections` (answered 503, or closed unanswered).
     pub connections_refused: std::sync::atomic::AtomicU64,
+    /// Requests the HTTP layer refused before any route saw them (400 or 431 without a body).
+    pub http_malformed: std::sync::atomic::AtomicU64,
     submitter: Submitter,
 }
 
@@ -318,7 +320,7 @@ impl App {
             .as_ref()
             .map(|m| m.render())
             .unwrap_or_default();
-        let mut text = self.metrics.render(&[
+        let series = [
             (
                 "wallet_ring_depth",
                 "Commands submitted and not yet answered.",
@@ -345,8 +347,8 @@ impl App {
                 self.config.max_transaction_ids,
             ),
             (
-                "wallet_refused_ledger_full",
-                "Requests refused unexecuted by this process because the ledger was full.",
+                "wallet_refused_ledger_full_total",
+                "Commands refused unexecuted by this process because the ledger was full (a batch counts each item).",
                 s.refused_full.load(Ordering::Relaxed),
             ),
             (
@@ -355,12 +357,12 @@ impl App {
                 u64::from(s.journal_space_short.load(Ordering::Relaxed)),
             ),
             (
-                "wallet_refused_journal_full",
-                "Requests refused unexecuted by this process because the journal's disk was full.",
+                "wallet_refused_journal_full_total",
+                "Commands refused unexecuted by this process because the journal's disk was full (a batch counts each item).",
                 s.refused_journal_full.load(Ordering::Relaxed),
             ),
             (
-                "wallet_journal_bytes",
+                "wallet_journal_bytes_total",
                 "Bytes appended to the journal by this process.",
                 s.journal_bytes.load(Ordering::Relaxed),
             ),
@@ -396,16 +398,16 @@ impl App {
             ),
             (
                 "wallet_snapshot_follower_sequence",
-                "Last sequence the snapshot follower applied (with --snapshot-every).",
+                "Last sequence the snapshot follower applied (only with --snapshot-every: without it no follower runs and the series is absent).",
                 s.follower_seq.load(Ordering::Relaxed),
             ),
             (
-                "wallet_checkpoints_verified_live",
+                "wallet_checkpoints_verified_live_total",
                 "Checkpoint records the snapshot follower replayed and found equal to the live state hash.",
                 s.follower_checkpoints.load(Ordering::Relaxed),
             ),
             (
-                "wallet_snapshots_written",
+                "wallet_snapshots_written_total",
                 "Snapshots written by this process.",
                 s.snapshots_written.load(Ordering::Relaxed),
             ),
@@ -428,10 +430,23 @@ impl App {
             ),
             (
                 "wallet_connections_refused_total",
-                "Connections refused over --max-connections (answered 503 too_many_connections, or closed unanswered).",
+                "Connections refused over --max-connections (answered 503 too_many_connections, or closed unanswered; not in wallet_http_requests_total).",
                 self.connections_refused.load(Ordering::Relaxed),
             ),
-        ]);
+            (
+                "wallet_http_malformed_requests_total",
+                "Requests the HTTP layer refused before routing (unparsable, or a head over 64 KiB or 100 header fields), answered 400 or 431 without a body; not in wallet_http_requests_total.",
+                self.http_malformed.load(Ordering::Relaxed),
+            ),
+        ];
+        // Without --snapshot-every no follower runs: its sequence would stay where start-up
+        // left it.
+        let follower = self.config.snapshot_every > 0;
+        let series: Vec<_> = series
+            .into_iter()
+            .filter(|(name, _, _)| follower || *name != "wallet_snapshot_follower_sequence")
+            .collect();
+        let mut text = self.metrics.render(&series);
         text.push_str(&replicator);
         text
     }
@@ -745,6 +760,7 @@ pub async fn serve(
         batch_callers: std::sync::Mutex::new(std::collections::HashMap::new()),
         connections: starting_connections.clone(),
         connections_refused: std::sync::atomic::AtomicU64::new(0),
+        http_malformed: std::sync::atomic::AtomicU64::new(0),
         submitter: engine.submitter(),
     });
     // Keyed limiters keep a cell per key; prune idle ones so the map stays bounded.
@@ -839,6 +855,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let stream = WriteStallLimit::new(stream, config.request_timeout);
         let app = app.clone();
+        let counting = app.clone();
         let submitter = Arc::new(std::sync::Mutex::new(app.submitter.clone()));
         let peer: Arc<str> = peer.ip().to_string().into();
         let service = service_fn(move |request| {
@@ -866,7 +883,7 @@ pub async fn serve(
                 let watched =
                     graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
                 tasks.spawn(async move {
-                    let _ = watched.await;
+                    count_malformed(&counting, watched.await);
                     drop(permit);
                 });
             }
@@ -879,9 +896,10 @@ pub async fn serve(
                     if let Ok(Ok(stream)) =
                         tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
                     {
-                        let _ = watcher
+                        let served = watcher
                             .watch(builder.serve_connection(TokioIo::new(stream), service))
                             .await;
+                        count_malformed(&counting, served);
                     }
                     drop(permit);
                 });
@@ -1139,6 +1157,15 @@ fn build_views_past(dir: &std::path::Path, end: u64) -> anyhow::Result<crate::vi
         Ok(())
     })?;
     Ok(past)
+}
+
+/// Counts a connection that ended on a request hyper refused before routing it (a request line
+/// or header it cannot parse, a head too large): answered 400 or 431 by hyper itself, so not in
+/// `wallet_http_requests_total`.
+fn count_malformed(app: &App, served: Result<(), hyper::Error>) {
+    if served.is_err_and(|e| e.is_parse()) {
+        app.http_malformed.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Serves one connection accepted during recovery with `routes::starting_response`.

@@ -317,9 +317,14 @@ impl Reply {
 
 /// The route a request's method and path name, with the path's captured parameters; else the
 /// 404 (no such path) or 405 (naming the path's methods in `Allow`; HEAD is GET without the
-/// body, which hyper leaves out) to answer.
-fn resolve<'p>(method: &hyper::Method, path: &'p str) -> Result<(usize, Vec<&'p str>), Reply> {
+/// body, which hyper leaves out) to answer, with the route to count it under (the path's
+/// first, for a 405; `ROUTES.len()`, "unmatched", for a 404).
+fn resolve<'p>(
+    method: &hyper::Method,
+    path: &'p str,
+) -> Result<(usize, Vec<&'p str>), (usize, Reply)> {
     let mut allowed: Vec<&str> = Vec::new();
+    let mut path_route = ROUTES.len();
     let as_method = if method == hyper::Method::HEAD {
         "GET"
     } else {
@@ -327,6 +332,7 @@ fn resolve<'p>(method: &hyper::Method, path: &'p str) -> Result<(usize, Vec<&'p 
     };
     for (i, route) in ROUTES.iter().enumerate() {
         if let Some(captured) = match_path(route.path, path) {
+            path_route = path_route.min(i);
             allowed.push(route.method);
             if route.method == as_method {
                 return Ok((i, captured));
@@ -334,21 +340,23 @@ fn resolve<'p>(method: &hyper::Method, path: &'p str) -> Result<(usize, Vec<&'p 
         }
     }
     if allowed.is_empty() {
-        return Err(Reply::error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no such route",
+        return Err((
+            path_route,
+            Reply::error(StatusCode::NOT_FOUND, "not_found", "no such route"),
         ));
     }
     if allowed.contains(&"GET") {
         allowed.push("HEAD");
     }
-    Err(Reply::error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "method not allowed on this path",
-    )
-    .with_header("allow", allowed.join(", ")))
+    Err((
+        path_route,
+        Reply::error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed on this path",
+        )
+        .with_header("allow", allowed.join(", ")),
+    ))
 }
 
 /// The answer to any request while `serve` is still recovering its state (the listener is open
@@ -363,12 +371,14 @@ pub(crate) fn starting_response<B>(
     peer: &str,
     phase: &str,
 ) -> HttpResponse {
-    let checked = resolve(request.method(), request.uri().path()).and_then(|(route, _)| {
-        if loopback_only {
-            check_host(request.headers(), request.uri(), peer, ROUTES[route].name)?;
-        }
-        Ok(route)
-    });
+    let checked = resolve(request.method(), request.uri().path())
+        .map_err(|(_, reply)| reply)
+        .and_then(|(route, _)| {
+            if loopback_only {
+                check_host(request.headers(), request.uri(), peer, ROUTES[route].name)?;
+            }
+            Ok(route)
+        });
     let reply = match checked.map(|route| ROUTES[route].name) {
         Err(reply) => reply,
         Ok("healthz") => Reply::text(StatusCode::OK, "text/plain", "ok\n"),
@@ -482,9 +492,11 @@ pub async fn handle(
         .then(|| request.body_mut().expect_continue());
     let path = request.uri().path().to_string();
     let resolved = resolve(request.method(), &path);
-    let route_index = resolved.as_ref().map_or(ROUTES.len(), |(i, _)| *i);
+    let route_index = match &resolved {
+        Ok((route, _)) | Err((route, _)) => *route,
+    };
     let reply = match resolved {
-        Err(reply) => reply,
+        Err((_, reply)) => reply,
         Ok((route_index, params)) => {
             let route = &ROUTES[route_index];
             let admitted = admit(&app, route_index, &peer, &request).and_then(|caller| {
@@ -1680,48 +1692,58 @@ async fn transfer_batch(
             .collect();
         refund_velocity(app, &refunds);
     }
-    // One read lock for the whole batch; each outcome written straight into the response:
-    // {"results":[{"index":i,"http_status":s,"replayed":b,"result":{…}},…]}.
+    // Each outcome written straight into the response:
+    // {"results":[{"index":i,"http_status":s,"replayed":b,"result":{…}},…]}, under the read lock
+    // a chunk of items at a time: the journal and reply thread takes the write lock for every
+    // durable batch, and must not wait for thousands of items to be rendered. An item's outcome
+    // does not change once decided, so chunks read at different moments agree.
     let past = PastState::of(&app.views);
-    let body = app.views.read(|state| {
-        let mut out = Vec::with_capacity(64 + results.len() * 400);
-        out.extend_from_slice(b"{\"results\":[");
-        for (index, result) in results.iter().enumerate() {
-            let (status, result, replayed) = match result {
-                Some(delivered) => render_value(state, caller, delivered, &past),
-                None => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Body::Other(
-                        json!({"error": {"code": "outcome_unknown", "message": "no outcome was delivered"}}),
+    let mut out = Vec::with_capacity(64 + results.len() * 400);
+    out.extend_from_slice(b"{\"results\":[");
+    for (first, chunk) in (0..)
+        .step_by(RENDER_CHUNK)
+        .zip(results.chunks(RENDER_CHUNK))
+    {
+        let rendered = app.views.read(|state| {
+            for (index, result) in (first..).zip(chunk) {
+                let (status, result, replayed) = match result {
+                    Some(delivered) => render_value(state, caller, delivered, &past),
+                    None => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Body::Other(
+                            json!({"error": {"code": "outcome_unknown", "message": "no outcome was delivered"}}),
+                        ),
+                        false,
                     ),
-                    false,
-                ),
-            };
-            if index > 0 {
+                };
+                if index > 0 {
+                    out.push(b',');
+                }
+                out.push(b'{');
+                key(&mut out, "index");
+                number(&mut out, index as u64);
                 out.push(b',');
+                key(&mut out, "http_status");
+                number(&mut out, u64::from(status.as_u16()));
+                out.push(b',');
+                key(&mut out, "replayed");
+                out.extend_from_slice(if replayed { b"true" } else { b"false" });
+                out.push(b',');
+                key(&mut out, "result");
+                result.write_json(&mut out);
+                out.push(b'}');
             }
-            out.push(b'{');
-            key(&mut out, "index");
-            number(&mut out, index as u64);
-            out.push(b',');
-            key(&mut out, "http_status");
-            number(&mut out, u64::from(status.as_u16()));
-            out.push(b',');
-            key(&mut out, "replayed");
-            out.extend_from_slice(if replayed { b"true" } else { b"false" });
-            out.push(b',');
-            key(&mut out, "result");
-            result.write_json(&mut out);
-            out.push(b'}');
+        });
+        if let Err(broken) = rendered {
+            return Reply::views_broken(broken);
         }
-        out.extend_from_slice(b"]}");
-        Bytes::from(out)
-    });
-    match body {
-        Ok(body) => Reply::json_bytes(StatusCode::OK, body),
-        Err(broken) => Reply::views_broken(broken),
     }
+    out.extend_from_slice(b"]}");
+    Reply::json_bytes(StatusCode::OK, Bytes::from(out))
 }
+
+/// Batch items rendered under one hold of the views' read lock.
+const RENDER_CHUNK: usize = 256;
 
 async fn open_account(
     app: &App,
