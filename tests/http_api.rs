@@ -2934,6 +2934,74 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
             ],
             "--data-dir: creating /proc/no-such-dir",
         ),
+        // `Ledger::execute` alone: flags for the pipeline were ignored while the report named
+        // them.
+        (&["bench", "--stage", "execute", "--rate", "5"], "--rate"),
+        (
+            &["bench", "--stage", "execute", "--producers", "4"],
+            "--producers",
+        ),
+        (
+            &["bench", "--stage", "execute", "--data-dir", "x"],
+            "--data-dir",
+        ),
+        (&["bench", "--stage", "execute", "--sync", "none"], "--sync"),
+        // Header lines in a raw path; a setup for transfers a raw run does not send; a token
+        // per account minted up front for 4 billion accounts (it ran out of memory).
+        (
+            &[
+                "loadgen",
+                "--url",
+                "http://127.0.0.1:9",
+                "--raw-path",
+                "/a b",
+            ],
+            "--raw-path",
+        ),
+        (
+            &[
+                "loadgen",
+                "--url",
+                "http://127.0.0.1:9",
+                "--raw-path",
+                "/healthz",
+                "--setup",
+            ],
+            "--setup",
+        ),
+        (
+            &[
+                "loadgen",
+                "--url",
+                "http://127.0.0.1:9",
+                "--accounts",
+                "4294967295",
+                "--jwt-secret",
+                "0123456789abcdef0123456789abcdef",
+            ],
+            "--accounts 4294967295 with --jwt-secret",
+        ),
+        // A CA for plain HTTP, and one that cannot be read, are named.
+        (
+            &[
+                "loadgen",
+                "--url",
+                "http://127.0.0.1:9",
+                "--ca",
+                "/no/such/ca.pem",
+            ],
+            "--ca is for an https:// --url",
+        ),
+        (
+            &[
+                "loadgen",
+                "--url",
+                "https://127.0.0.1:9",
+                "--ca",
+                "/no/such/ca.pem",
+            ],
+            "--ca /no/such/ca.pem",
+        ),
     ];
     // More connections than the process may open (it inherits this one's limit): refused
     // before the run, which used to hang in connect. An --out that cannot be written: refused
@@ -2948,7 +3016,23 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
         0
     );
     let connections = limit.rlim_cur.min(u64::from(u32::MAX)).to_string();
+    // Snapshots without a journal: a journal from sequence 1 beside them would be another
+    // history (bench wrote one, and replay then failed on the data directory).
+    let other = temp();
+    let snapshots_only = other.path().join("snapshots-only");
+    let snapshots = wallet::journal::snapshot_dir(&snapshots_only);
+    std::fs::create_dir_all(&snapshots).unwrap();
+    std::fs::write(
+        snapshots.join(wallet::journal::snapshot::snapshot_file_name(4000)),
+        b"a snapshot",
+    )
+    .unwrap();
+    let snapshots_only = snapshots_only.to_str().unwrap().to_string();
     let dynamic: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["bench", "--data-dir", &snapshots_only],
+            "holds 1 snapshot(s)",
+        ),
         (
             vec![
                 "loadgen",
@@ -3047,6 +3131,25 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("--duration must be at most"), "{stderr}");
+    // A sleep between looks at the ring of 2^64-1 us hung the run (and a server's shutdown).
+    for flag in ["--wait", "--output-wait"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .args([
+                "bench",
+                flag,
+                "sleep=18446744073709551615us",
+                "--data-dir",
+                &data,
+            ])
+            .output()
+            .expect("run wallet");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains(flag) && stderr.contains("between 1 and 10000 us"),
+            "{stderr}"
+        );
+    }
     // A sync interval of 0 is --sync batch by another name (refused by clap's parser).
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
         .args(["bench", "--sync", "interval=0", "--data-dir", &data])
@@ -3058,7 +3161,7 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
     for (args, flag) in cases {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"));
         command.args(&args);
-        if args[0] != "loadgen" && !args.contains(&"--data-dir") {
+        if args[0] != "loadgen" && !args.contains(&"--data-dir") && !args.contains(&"execute") {
             command.args(["--data-dir", &data]);
         }
         let mut child = command

@@ -100,19 +100,33 @@ impl std::str::FromStr for WaitMode {
             "spin" | "busy-spin" => Ok(WaitMode::BusySpin),
             "yield" => Ok(WaitMode::Yield),
             "park" => Ok(WaitMode::Park),
-            _ => text
-                .strip_prefix("sleep=")
-                .and_then(|v| v.strip_suffix("us"))
-                .and_then(|v| v.parse().ok())
-                .map(|us| WaitMode::Sleep(Duration::from_micros(us)))
-                .ok_or_else(|| {
-                    format!("unknown wait strategy {text:?}: use park, spin, yield or sleep=<n>us")
-                }),
+            _ => {
+                let us: u64 = text
+                    .strip_prefix("sleep=")
+                    .and_then(|v| v.strip_suffix("us"))
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| {
+                        format!(
+                            "unknown wait strategy {text:?}: use park, spin, yield or sleep=<n>us"
+                        )
+                    })?;
+                // Each idle consumer sleeps this long between looks at its ring: a long sleep
+                // delays every answer by as much (and a shutdown waits for it).
+                if us == 0 || us > MAX_SLEEP_US {
+                    return Err(format!(
+                        "{text:?}: the sleep must be between 1 and {MAX_SLEEP_US} us (each answer may wait that long)"
+                    ));
+                }
+                Ok(WaitMode::Sleep(Duration::from_micros(us)))
+            }
         }
     }
 }
 
 pub const DEFAULT_WAIT: WaitMode = WaitMode::Park;
+
+/// The longest `sleep=<n>us` wait strategy: 10 ms.
+pub const MAX_SLEEP_US: u64 = 10_000;
 
 /// Token of a slot that nobody waits for (checkpoints).
 pub const NO_TOKEN: u64 = u64::MAX;
@@ -1527,6 +1541,32 @@ mod tests {
 
     /// A panic outside `execute_group`'s own catch (here in the admission lookups, which run
     /// near the id limit or short of disk space) still answers the group's unanswered rest.
+    #[test]
+    fn wait_strategies_parse_and_a_sleep_is_bounded() {
+        assert_eq!("park".parse::<WaitMode>(), Ok(WaitMode::Park));
+        assert_eq!(
+            "sleep=50us".parse::<WaitMode>(),
+            Ok(WaitMode::Sleep(Duration::from_micros(50)))
+        );
+        assert_eq!(
+            "sleep=10000us".parse::<WaitMode>(),
+            Ok(WaitMode::Sleep(Duration::from_millis(10)))
+        );
+        for bad in ["sleep=0us", "sleep=10001us", "sleep=18446744073709551615us"] {
+            let e = bad.parse::<WaitMode>().expect_err(bad);
+            assert!(e.contains("between 1 and 10000 us"), "{bad}: {e}");
+        }
+        for bad in [
+            "sleep=abc",
+            "sleep=5",
+            "nap",
+            "sleep=99999999999999999999us",
+        ] {
+            let e = bad.parse::<WaitMode>().expect_err(bad);
+            assert!(e.contains("unknown wait strategy"), "{bad}: {e}");
+        }
+    }
+
     /// A halt of the journal stage (here as a failed sync leaves it: halted, the watermark short
     /// of what the engine executed) keeps the ledger on the engine thread: a retry gets its
     /// original outcome, announced as committed only if that record was durable before the halt.

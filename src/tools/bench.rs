@@ -14,7 +14,7 @@ use crate::engine::{
     Engine, EngineConfig, EngineShared, JournalStage, NO_TOKEN, OutputSlot, ReplySink, WaitMode,
 };
 use crate::journal::storage::MmapStorage;
-use crate::journal::{JournalConfig, JournalWriter, SyncMode, journal_dir};
+use crate::journal::{JournalConfig, JournalWriter, SyncMode, journal_dir, snapshot_dir};
 use crate::tools::rng::{SplitMix, Zipf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -614,6 +614,20 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     );
     anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
     if args.stage == Stage::Execute {
+        // `Ledger::execute` alone, on this thread: no ring, producers, pacing or journal. A
+        // flag for those would be ignored while the report named it.
+        for (given, flag) in [
+            (args.rate != 0, "--rate"),
+            (args.producers != 1, "--producers"),
+            (args.data_dir.is_some(), "--data-dir"),
+            (args.sync != SyncMode::Batch, "--sync"),
+        ] {
+            anyhow::ensure!(
+                !given,
+                "{flag} has no effect with --stage execute (Ledger::execute alone, on one \
+                 thread: no ring, no producers, no pacing, no journal)"
+            );
+        }
         return run_execute(args);
     }
     // A batch is published whole or not at all: one larger than the ring would never fit.
@@ -670,6 +684,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
                 end.next_seq == 1 && end.torn_at.is_none(),
                 "bench needs an empty data directory; {} holds a journal",
                 config.dir.display()
+            );
+            // Snapshots without their journal (a backup restored in part, say): a journal
+            // written from sequence 1 beside them would be another history.
+            let snapshots = crate::journal::snapshot::list_snapshots(&snapshot_dir(dir));
+            anyhow::ensure!(
+                snapshots.is_empty(),
+                "bench needs an empty data directory; {} holds {} snapshot(s)",
+                snapshot_dir(dir).display(),
+                snapshots.len()
             );
             let storage = MmapStorage {
                 readahead: args.journal_readahead,

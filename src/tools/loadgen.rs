@@ -269,14 +269,27 @@ fn target(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Target> {
     }
     let host = host.to_string();
     if !tls {
+        // Plain HTTP trusts nothing: a --ca given with it was meant for an https:// URL.
+        anyhow::ensure!(
+            ca.is_none(),
+            "--ca is for an https:// --url; {url:?} is plain HTTP"
+        );
         return Ok(Target { host, tls: None });
     }
     let ca =
         ca.ok_or_else(|| anyhow::anyhow!("https:// needs --ca with the server's CA certificate"))?;
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca)? {
-        roots.add(cert?)?;
+    let named = |e: &dyn std::fmt::Display| anyhow::anyhow!("--ca {}: {e}", ca.display());
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| named(&e))? {
+        roots
+            .add(cert.map_err(|e| named(&e))?)
+            .map_err(|e| named(&e))?;
     }
+    anyhow::ensure!(
+        !roots.is_empty(),
+        "--ca {}: no PEM certificate in the file",
+        ca.display()
+    );
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -790,6 +803,9 @@ async fn setup(args: &LoadgenArgs, host: &Target, admin: Option<String>) -> anyh
     Ok(())
 }
 
+/// The most accounts a run with `--jwt-secret` mints tokens for.
+const MAX_TOKEN_ACCOUNTS: u32 = 1_000_000;
+
 pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
     anyhow::ensure!(args.connections >= 1, "--connections must be at least 1");
     anyhow::ensure!(args.duration >= 1, "--duration must be at least 1 second");
@@ -800,8 +816,13 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
     );
     if let Some(path) = &args.raw_path {
         anyhow::ensure!(
-            path.starts_with('/'),
-            "--raw-path must be a path starting with '/', not {path:?}"
+            path.starts_with('/') && path.bytes().all(|b| b.is_ascii_graphic()),
+            "--raw-path must be a path starting with '/', of visible ASCII without spaces, not {path:?}"
+        );
+        // --setup opens accounts and deposits for transfers, which a raw run does not send.
+        anyhow::ensure!(
+            !args.setup,
+            "--setup prepares accounts for transfers, and --raw-path sends none: use one or the other"
         );
         // A raw request carries no transfers to group: the offered rate, counted in
         // transfers, said 100% of --rate while a tenth of the requests went out.
@@ -839,6 +860,14 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
             crate::api::auth::MIN_SECRET_BYTES
         );
     }
+    // A token per account is minted before the run (about 200 bytes each, at some tens of
+    // thousands a second): a huge --accounts would spend minutes and gigabytes on them.
+    anyhow::ensure!(
+        args.jwt_secret.is_none() || args.accounts <= MAX_TOKEN_ACCOUNTS,
+        "--accounts {} with --jwt-secret: at most {MAX_TOKEN_ACCOUNTS} (a bearer token is minted \
+         for each account before the run)",
+        args.accounts
+    );
     let tokens: Option<Arc<Vec<String>>> = match &args.jwt_secret {
         Some(secret) => Some(Arc::new(
             (0..u64::from(args.accounts).max(2))
@@ -1185,9 +1214,6 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
         connections: args.connections,
         batch: args.batch,
     };
-    if let Some(dir) = &args.out {
-        write_outputs(dir, &histogram)?;
-    }
     for warning in report.warnings(args) {
         eprintln!("{warning}");
     }
@@ -1253,6 +1279,11 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
                 None => println!("  {label} none (no answer of this kind)"),
             }
         }
+    }
+    // After the report, so that a full disk under --out does not cost the run's figures.
+    if let Some(dir) = &args.out {
+        write_outputs(dir, &histogram)
+            .map_err(|e| anyhow::anyhow!("--out {}: {e}", dir.display()))?;
     }
     Ok(report)
 }
