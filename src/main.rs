@@ -195,12 +195,14 @@ impl ServeArgs {
                 anyhow::bail!("--auth none contradicts --jwt-secret/--jwt-public-key")
             }
             (_, Some(_), Some(_)) => {
-                anyhow::bail!("give either --jwt-secret or --jwt-public-key, not both")
+                anyhow::bail!(
+                    "give either --jwt-secret (or WALLET_JWT_SECRET) or --jwt-public-key, not both"
+                )
             }
             ("jwt" | "auto", Some(secret), None) => {
                 anyhow::ensure!(
                     secret.len() >= wallet::api::auth::MIN_SECRET_BYTES,
-                    "--jwt-secret must be at least {} bytes",
+                    "--jwt-secret (or WALLET_JWT_SECRET) must be at least {} bytes",
                     wallet::api::auth::MIN_SECRET_BYTES
                 );
                 Auth::hs256(secret.as_bytes(), &expect)

@@ -2981,6 +2981,29 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
             ],
             "--accounts 4294967295 with --jwt-secret",
         ),
+        // A ZooKeeper address no server could answer at is named at once (it was retried for
+        // seconds, then called unreachable); so is a shard list's mistake, before ZooKeeper.
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--zk-leader",
+                "--zk",
+                "127.0.0.1:99999",
+            ],
+            "--zk (or WALLET_ZK) \"127.0.0.1:99999\"",
+        ),
+        (
+            &[
+                "cluster",
+                "set-sql-shards",
+                "--zk",
+                "127.0.0.1:9",
+                "notaurl",
+            ],
+            "shard 0",
+        ),
         // A CA for plain HTTP, and one that cannot be read, are named.
         (
             &[
@@ -3161,7 +3184,10 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
     for (args, flag) in cases {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"));
         command.args(&args);
-        if args[0] != "loadgen" && !args.contains(&"--data-dir") && !args.contains(&"execute") {
+        if !["loadgen", "cluster"].contains(&args[0])
+            && !args.contains(&"--data-dir")
+            && !args.contains(&"execute")
+        {
             command.args(["--data-dir", &data]);
         }
         let mut child = command

@@ -1116,6 +1116,62 @@ fn over_the_connection_limit_a_tls_client_gets_a_503_it_can_read() {
     assert!(server.stop().success());
 }
 
+/// Key and certificate files that cannot serve are named with their flag and path: an empty
+/// or garbage certificate file said "peer sent no certificates", a key of another
+/// certificate "keys may not be consistent", a missing public key "No such file or directory".
+#[test]
+fn unusable_tls_and_jwt_key_files_are_named_with_their_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, _) = self_signed_localhost(dir.path());
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let (_, other_key, _) = self_signed_localhost(&other);
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, b"not a certificate").unwrap();
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let missing = dir.path().join("missing.pem");
+    let cases: Vec<(Vec<String>, String)> = vec![
+        (
+            vec![
+                "--tls-cert".into(),
+                path(&garbage),
+                "--tls-key".into(),
+                path(&key),
+            ],
+            format!("--tls-cert {}: no PEM certificate", path(&garbage)),
+        ),
+        (
+            vec![
+                "--tls-cert".into(),
+                path(&cert),
+                "--tls-key".into(),
+                path(&other_key),
+            ],
+            format!(
+                "--tls-cert {} with --tls-key {}",
+                path(&cert),
+                path(&other_key)
+            ),
+        ),
+        (
+            vec!["--jwt-public-key".into(), path(&missing)],
+            format!("--jwt-public-key {}", path(&missing)),
+        ),
+    ];
+    for (args, says) in cases {
+        let out = common::output_within(
+            std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+                .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+                .arg(dir.path().join("data"))
+                .args(&args),
+            Duration::from_secs(20),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(&says), "{args:?}: {stderr}");
+    }
+}
+
 #[test]
 fn https_with_rustls_and_loadgen_over_tls() {
     let dir = tempfile::tempdir().unwrap();

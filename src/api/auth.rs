@@ -198,7 +198,8 @@ impl Auth {
 
     /// An RS256 or EdDSA public key in PEM, chosen by what the file holds.
     pub fn public_key(path: &Path, expect: &Expect) -> anyhow::Result<Auth> {
-        let pem = std::fs::read(path)?;
+        let pem = std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("--jwt-public-key {}: {e}", path.display()))?;
         // The RSA reader takes a private key too (its public half is in it), and every token
         // then failed as a "bad signature": a server given the signer's private key would
         // refuse every caller, and hold a key it must not have.

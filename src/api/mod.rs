@@ -1259,13 +1259,28 @@ fn tls_acceptor(
         .map_err(|e| anyhow::anyhow!("--tls-cert {}: {e}", cert.display()))?
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow::anyhow!("--tls-cert {}: {e}", cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| anyhow::anyhow!("--tls-key {}: {e}", key.display()))?;
+    // An empty or garbage file yields no certificate (rustls then said "peer sent no
+    // certificates", naming neither the flag nor the file).
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "--tls-cert {}: no PEM certificate in the file",
+        cert.display()
+    );
+    let key_path = key;
+    let key = PrivateKeyDer::from_pem_file(key_path)
+        .map_err(|e| anyhow::anyhow!("--tls-key {}: {e}", key_path.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "--tls-cert {} with --tls-key {}: {e} (is the key the certificate's?)",
+                cert.display(),
+                key_path.display()
+            )
+        })?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 

@@ -249,6 +249,8 @@ pub fn run_cluster(args: ClusterArgs) -> anyhow::Result<ExitCode> {
             }
             ClusterCommand::SetSqlShards { zk: z, shards } => {
                 let layout = Layout::new(&z.zk_root)?;
+                // Before ZooKeeper is asked (a typo was reported as ZooKeeper unreachable).
+                zk::check_sql_shards(&shards)?;
                 let client = zk::connect(&z.zk).await?;
                 zk::init_layout(&client, &layout).await?;
                 let shards = zk::set_sql_shards(&client, &layout, &shards).await?;

@@ -230,9 +230,41 @@ impl Layout {
     }
 }
 
+/// Refuses a ZooKeeper address that no server could ever answer at (`host[:port]`, comma
+/// separated, an optional `/chroot` after the last), so that it is named at once instead of
+/// being retried as "unreachable".
+pub fn check_address(address: &str) -> anyhow::Result<()> {
+    let servers = address
+        .split_once('/')
+        .map_or(address, |(servers, _)| servers);
+    let bad = |why: String| anyhow::anyhow!("--zk (or WALLET_ZK) {address:?}: {why}");
+    if servers.is_empty() {
+        return Err(bad("names no server (host:port)".into()));
+    }
+    for (place, server) in servers.split(',').enumerate() {
+        let (host, port) = match server.rsplit_once(':') {
+            Some((host, _)) if !host.ends_with(']') && host.contains(':') => (server, None),
+            Some((host, port)) => (host, Some(port)),
+            None => (server, None),
+        };
+        if host.is_empty() || host.contains(char::is_whitespace) {
+            return Err(bad(format!("server {place} ({server:?}) names no host")));
+        }
+        if let Some(port) = port
+            && !port.parse::<u16>().is_ok_and(|p| p > 0)
+        {
+            return Err(bad(format!(
+                "server {place} ({server:?}): {port:?} is not a port number (1-65535)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Connects to ZooKeeper at `address` (`host:port[,host:port...]`), failing after a few seconds
 /// instead of waiting forever when no server answers.
 pub async fn connect(address: &str) -> anyhow::Result<zk::Client> {
+    check_address(address)?;
     let connecting = zk::Client::connector()
         .with_session_timeout(SESSION_TIMEOUT)
         .with_fail_eagerly()
@@ -969,6 +1001,7 @@ pub async fn connect_patiently(
     address: &str,
     patience: std::time::Duration,
 ) -> anyhow::Result<zookeeper_client::Client> {
+    check_address(address)?;
     let deadline = std::time::Instant::now() + patience;
     let mut backoff = std::time::Duration::from_millis(100);
     loop {
@@ -987,6 +1020,31 @@ pub async fn connect_patiently(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_zookeeper_address_no_server_could_answer_at_is_named() {
+        for good in [
+            "127.0.0.1:2181",
+            "127.0.0.1:2181,127.0.0.2:2181/wallet",
+            "zk",
+            "[::1]:2181",
+            "::1",
+        ] {
+            check_address(good).expect(good);
+        }
+        for (bad, why) in [
+            ("", "names no server"),
+            ("/chroot", "names no server"),
+            ("a,,b", "server 1 (\"\") names no host"),
+            (":2181", "names no host"),
+            ("127.0.0.1:99999", "\"99999\" is not a port number"),
+            ("127.0.0.1:0", "\"0\" is not a port number"),
+            ("127.0.0.1:x", "\"x\" is not a port number"),
+        ] {
+            let e = check_address(bad).expect_err(bad).to_string();
+            assert!(e.contains("--zk") && e.contains(why), "{bad:?}: {e}");
+        }
+    }
 
     /// A bad `--zk-root` is refused up front, named as it was given.
     #[test]

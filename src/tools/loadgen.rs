@@ -1426,7 +1426,9 @@ fn write_outputs(dir: &std::path::Path, histogram: &Histogram<u64>) -> anyhow::R
 /// on this machine, measured with the same load generator.
 pub async fn serve_fixed(listen: std::net::SocketAddr) -> anyhow::Result<()> {
     use hyper::service::service_fn;
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("--listen {listen}: {e}"))?;
     println!("listening on {}", listener.local_addr()?);
     loop {
         let (stream, _) = listener.accept().await?;
