@@ -22,7 +22,9 @@ enum Commands {
     Bench(bench::BenchArgs),
     /// Rebuild state from the journal and audit it (frames, chain, checkpoints, invariants).
     Replay(replay::ReplayArgs),
-    /// Write a snapshot of the state at the end of the journal.
+    /// Write a snapshot of the state at the end of the journal. First, as a starting server
+    /// does, the journal is made durable up to that end: a torn tail is cut (its bytes kept in a
+    /// `.cut-at-N` file beside the segment) and the newest segment synced.
     Snapshot(replay::SnapshotArgs),
     /// Serve the HTTP API (recovers the journal in --data-dir first).
     Serve(Box<ServeArgs>),
@@ -402,7 +404,8 @@ fn token_ttl(args: &TokenArgs) -> anyhow::Result<std::time::Duration> {
         "--jwt-secret must be at least {MIN_SECRET_BYTES} bytes (serve refuses a shorter one)"
     );
     // `serve` takes `sub` as the caller's account: one that is not an account id is a 401.
-    wallet::core::AccountId::new(&args.sub).map_err(|e| anyhow::anyhow!("--sub: {e}"))?;
+    // As an account to open: `.` and `..` cannot be opened over HTTP, so no token for them.
+    wallet::api::json::new_account("--sub", &args.sub).map_err(|e| anyhow::anyhow!(e.message))?;
     // Split as `serve` splits it: on single spaces only (a tab or a no-break space is part of a
     // scope, then unknown).
     for scope in args.scope.split(' ').filter(|s| !s.is_empty()) {

@@ -2934,6 +2934,17 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
             ],
             "--data-dir: creating /proc/no-such-dir",
         ),
+        // A file where the data directory should be ("File exists" named no problem).
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                "/proc/self/status",
+            ],
+            "--data-dir /proc/self/status: not a directory",
+        ),
         // `Ledger::execute` alone: flags for the pipeline were ignored while the report named
         // them.
         (&["bench", "--stage", "execute", "--rate", "5"], "--rate"),

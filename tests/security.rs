@@ -1419,6 +1419,9 @@ fn wallet_token_mints_what_serve_accepts_and_refuses_what_it_would_not() {
             "--ttl",
         ),
         (&["--jwt-secret", SECRET, "--sub", ""][..], "--sub"),
+        // Accounts HTTP cannot open (clients drop `.` and `..` from URL paths).
+        (&["--jwt-secret", SECRET, "--sub", "."][..], "--sub"),
+        (&["--jwt-secret", SECRET, "--sub", ".."][..], "--sub"),
         // A token without a scope is refused every request; an empty audience names nobody;
         // a token cannot be revoked, so its life is bounded.
         (

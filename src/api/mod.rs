@@ -546,6 +546,14 @@ fn flock_exclusive(
 
 pub fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<DataDirLock> {
     use anyhow::Context;
+    // A file (or a link to one) where the directory should be: "File exists" named no problem.
+    if let Ok(meta) = std::fs::metadata(dir) {
+        anyhow::ensure!(
+            meta.is_dir(),
+            "--data-dir {}: not a directory",
+            dir.display()
+        );
+    }
     crate::journal::storage::create_dir_all_durable(dir)
         .with_context(|| format!("--data-dir: creating {}", dir.display()))?;
     let directory = std::fs::File::open(dir)

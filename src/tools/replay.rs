@@ -525,7 +525,13 @@ pub fn snapshot(args: &SnapshotArgs) -> anyhow::Result<PathBuf> {
             sync: SyncMode::Batch,
         },
         &recovered.end,
-    )?;
+    )
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "making the journal in {} durable before the snapshot: {e}",
+            journal_dir(&args.data_dir).display()
+        )
+    })?;
     drop(writer);
     let bytes = encode_snapshot(&recovered.ledger, Some(recovered.end.last_crc));
     let dir = snapshot_dir(&args.data_dir);
