@@ -609,6 +609,37 @@ fn readiness_once_failed(server: &Server) -> common::Response {
     }
 }
 
+/// A panic while the read views load the journal's past fails them as an error does (they
+/// said "still loading" for good): `/readyz` names the failure, status reads answer 503
+/// `views_unavailable`, and writes and balances are still served.
+#[test]
+fn a_panic_while_the_views_load_their_past_fails_them_by_name() {
+    let dir = temp();
+    let server = Server::start(dir.path(), &[]);
+    let mut c = server.client();
+    open_a_and_b(&mut c);
+    assert!(server.stop().success());
+    let server = Server::start_listening_with_env(
+        dir.path(),
+        &[],
+        &[("WALLET_FAILPOINT", "views-past-panic")],
+    );
+    let readiness = readiness_once_failed(&server);
+    assert_eq!(readiness.status, 503, "{}", readiness.body);
+    assert!(
+        readiness.body.starts_with("failed: ") && readiness.body.contains("panicked"),
+        "{}",
+        readiness.body
+    );
+    let mut c = server.client();
+    let status = c.get(&format!("/v1/wallet/balance_transfer/{}", uuid()));
+    assert_eq!(status.status, 503, "{}", status.body);
+    assert_eq!(status.json()["error"]["code"], "views_unavailable");
+    deposit(&mut c, "a", "1.00");
+    assert!(balance_cents(&mut c, "a") > 0);
+    assert!(server.stop().success());
+}
+
 /// Sends `request` on a fresh connection and reads the answer.
 fn raw_request(server: &Server, request: &str) -> common::Response {
     let mut stream = std::net::TcpStream::connect(&server.address).unwrap();

@@ -1050,6 +1050,7 @@ const PHASE_STOPPING: u8 = 1;
 /// answer 503 and `/readyz` says so. The journal is read with `JournalTail`, which is made for
 /// a journal that is being appended to.
 fn spawn_views_past(views: Arc<Views>, dir: PathBuf, end: u64) {
+    let failing = views.clone();
     let spawned = std::thread::Builder::new()
         .name("wallet-views-past".into())
         .spawn(move || {
@@ -1060,7 +1061,19 @@ fn spawn_views_past(views: Arc<Views>, dir: PathBuf, end: u64) {
             if let Some(ms) = crate::replicate::failpoint_value("views-past-delay") {
                 std::thread::sleep(Duration::from_millis(ms));
             }
-            match build_views_past(&dir, end) {
+            // A panic here would leave the views "still loading" for good: it fails them as an
+            // error does, and readers are told so.
+            let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                crate::replicate::failpoint_panic("views-past-panic");
+                build_views_past(&dir, end)
+            }))
+            .unwrap_or_else(|payload| {
+                Err(anyhow::anyhow!(
+                    "the read views' builder panicked: {}",
+                    crate::engine::panic_text(payload.as_ref())
+                ))
+            });
+            match built {
                 Ok(past) => {
                     views.merge_past(past);
                     tracing::info!(
@@ -1081,6 +1094,7 @@ fn spawn_views_past(views: Arc<Views>, dir: PathBuf, end: u64) {
         });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "could not start the read views' builder");
+        failing.fail_past(format!("could not start the read views' builder: {e}"));
     }
 }
 

@@ -33,7 +33,8 @@ pub const FAILPOINT_EXIT_CODE: i32 = 3;
 /// One failpoint is not an exit: `engine-panic:<sequence>` makes `serve`'s engine thread panic
 /// as it executes the command holding that sequence (`EngineConfig::panic_at_seq`), to test
 /// that a panic halts the engine (see `src/engine/mod.rs`). `views-past-delay:<ms>` holds
-/// `serve`'s read views back that long before they load the journal's past.
+/// `serve`'s read views back that long before they load the journal's past, and
+/// `views-past-panic` panics in the thread that loads it.
 ///
 /// Failpoints of the Redis replicator: `redis-after-node-1` (one node applied the batch, the
 /// others not yet; while armed, nodes are written one after the other), `redis-after-batch`, `redis-write-chunk` (inside a node rebuild or a key
