@@ -104,7 +104,7 @@ struct ServeArgs {
     max_batches_in_flight: usize,
     #[arg(long, default_value_t = 1 << 16)]
     ring_size: usize,
-    /// Wait strategy of the engine's threads: park (sleeps until work arrives), spin (burns a core), yield, sleep=<n>us.
+    /// Wait strategy of the engine's threads: park (sleeps until work arrives), spin (burns a core), yield, sleep=<n>us (1 to 10000 us).
     #[arg(long, default_value = "park")]
     wait: wallet::engine::WaitMode,
     /// Core to pin the engine thread to; negative: do not pin.

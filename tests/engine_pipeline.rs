@@ -598,7 +598,8 @@ fn bench_report_adds_up_and_its_journal_replays_to_its_state() {
     assert_eq!(replay["ok"], true, "{replay}");
     assert_eq!(replay["state_hash"], bench["state_hash"], "{replay}");
     // (40,000 events: no checkpoint record, which only the pipeline writes, shifts sequences.)
-    let execute = wallet(&[
+    // No data directory: `--stage execute` writes no journal, and refuses one.
+    let execute = wallet_json(&[
         "bench",
         "--accounts",
         &accounts.to_string(),

@@ -435,7 +435,7 @@ impl App {
             ),
             (
                 "wallet_http_malformed_requests_total",
-                "Requests the HTTP layer refused before routing (unparsable, or a head over 64 KiB or 100 header fields), answered 400 or 431 without a body; not in wallet_http_requests_total.",
+                "Requests the HTTP layer refused before routing (unparsable, or a head over 64 KiB or 100 header fields), answered 400 or 431 without a body, or closed unanswered (an HTTP/2 preface); not in wallet_http_requests_total.",
                 self.http_malformed.load(Ordering::Relaxed),
             ),
         ];

@@ -520,18 +520,18 @@ pub async fn handle(
                         &generated,
                     );
                     let reply = match tokio::time::timeout(timeout, work).await {
-                    Ok(reply) => reply,
-                    Err(_) => Reply::error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "timeout",
-                        if ROUTES[route_index].method == "GET" {
-                            "the request timed out; retry"
-                        } else {
-                            "the request timed out; its outcome is unknown: retry with the same transaction_id"
-                        },
-                    )
-                    .with_header("retry-after", "1"),
-                };
+                        Ok(reply) => reply,
+                        Err(_) => Reply::error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "timeout",
+                            if ROUTES[route_index].method == "GET" {
+                                "the request timed out; retry"
+                            } else {
+                                "the request timed out; its outcome is unknown: retry with the same transaction_id"
+                            },
+                        )
+                        .with_header("retry-after", "1"),
+                    };
                     match generated.get() {
                         Some(id) if reply.status == StatusCode::SERVICE_UNAVAILABLE => {
                             name_generated_id(reply, *id)
@@ -1700,7 +1700,7 @@ async fn transfer_batch(
     let past = PastState::of(&app.views);
     let mut out = Vec::with_capacity(64 + results.len() * 400);
     out.extend_from_slice(b"{\"results\":[");
-    for (first, chunk) in (0..)
+    for (first, chunk) in (0usize..)
         .step_by(RENDER_CHUNK)
         .zip(results.chunks(RENDER_CHUNK))
     {

@@ -1539,8 +1539,6 @@ mod tests {
         assert_eq!(receiver.try_iter().count(), 0, "outcomes answered twice");
     }
 
-    /// A panic outside `execute_group`'s own catch (here in the admission lookups, which run
-    /// near the id limit or short of disk space) still answers the group's unanswered rest.
     #[test]
     fn wait_strategies_parse_and_a_sleep_is_bounded() {
         assert_eq!("park".parse::<WaitMode>(), Ok(WaitMode::Park));
@@ -1634,6 +1632,8 @@ mod tests {
         assert!(shutdown_within_10s(engine).is_err());
     }
 
+    /// A panic outside `execute_group`'s own catch (here in the admission lookups, which run
+    /// near the id limit or short of disk space) still answers the group's unanswered rest.
     #[test]
     fn a_panic_while_admitting_answers_the_rest_of_the_group() {
         let config = EngineConfig {

@@ -230,29 +230,57 @@ impl Layout {
     }
 }
 
-/// Refuses a ZooKeeper address that no server could ever answer at (`host[:port]`, comma
-/// separated, an optional `/chroot` after the last), so that it is named at once instead of
-/// being retried as "unreachable".
+/// Refuses a ZooKeeper address that no server could ever answer at, read as the client reads
+/// it (`[tcp://|tcp+tls://]host[:port],...[/chroot]`, the chroot after the last server, an
+/// IPv6 host in brackets, no port meaning 2181), so that it is named at once instead of being
+/// retried as "unreachable".
 pub fn check_address(address: &str) -> anyhow::Result<()> {
-    let servers = address
-        .split_once('/')
-        .map_or(address, |(servers, _)| servers);
     let bad = |why: String| anyhow::anyhow!("--zk (or WALLET_ZK) {address:?}: {why}");
+    let rest = address
+        .strip_prefix("tcp://")
+        .or_else(|| address.strip_prefix("tcp+tls://"))
+        .unwrap_or(address);
+    let servers = rest.split_once('/').map_or(rest, |(servers, chroot)| {
+        // A chroot in the middle of the list (`h1/x,h2`): the client would look up "h1/x".
+        if chroot.contains(',') { "/" } else { servers }
+    });
+    if servers == "/" {
+        return Err(bad(
+            "a chroot goes after the last server (host:port,host:port/chroot)".into(),
+        ));
+    }
     if servers.is_empty() {
         return Err(bad("names no server (host:port)".into()));
     }
     for (place, server) in servers.split(',').enumerate() {
-        let (host, port) = match server.rsplit_once(':') {
-            Some((host, _)) if !host.ends_with(']') && host.contains(':') => (server, None),
-            Some((host, port)) => (host, Some(port)),
-            None => (server, None),
+        let (host, port) = if let Some(inside) = server.strip_prefix('[') {
+            let Some((ip, after)) = inside.split_once(']') else {
+                return Err(bad(format!("server {place} ({server:?}): an unclosed [")));
+            };
+            match after.strip_prefix(':') {
+                Some(port) => (ip, port),
+                None if after.is_empty() => (ip, ""),
+                None => {
+                    return Err(bad(format!(
+                        "server {place} ({server:?}): a port goes after ]:"
+                    )));
+                }
+            }
+        } else {
+            match server.split_once(':') {
+                Some((_, port)) if port.contains(':') => {
+                    return Err(bad(format!(
+                        "server {place} ({server:?}): an IPv6 address must be in brackets, as [::1]:2181"
+                    )));
+                }
+                Some((host, port)) => (host, port),
+                None => (server, ""),
+            }
         };
         if host.is_empty() || host.contains(char::is_whitespace) {
             return Err(bad(format!("server {place} ({server:?}) names no host")));
         }
-        if let Some(port) = port
-            && !port.parse::<u16>().is_ok_and(|p| p > 0)
-        {
+        if !port.is_empty() && !port.parse::<u16>().is_ok_and(|p| p > 0) {
             return Err(bad(format!(
                 "server {place} ({server:?}): {port:?} is not a port number (1-65535)"
             )));
@@ -1027,8 +1055,11 @@ mod tests {
             "127.0.0.1:2181",
             "127.0.0.1:2181,127.0.0.2:2181/wallet",
             "zk",
+            "zk:",
             "[::1]:2181",
-            "::1",
+            "[::1]",
+            "tcp://zk:2181",
+            "tcp+tls://zk:2281/chroot",
         ] {
             check_address(good).expect(good);
         }
@@ -1040,6 +1071,10 @@ mod tests {
             ("127.0.0.1:99999", "\"99999\" is not a port number"),
             ("127.0.0.1:0", "\"0\" is not a port number"),
             ("127.0.0.1:x", "\"x\" is not a port number"),
+            ("::1", "must be in brackets"),
+            ("fe80::1:2181", "must be in brackets"),
+            ("[::1", "an unclosed ["),
+            ("h1/x,h2", "a chroot goes after the last server"),
         ] {
             let e = check_address(bad).expect_err(bad).to_string();
             assert!(e.contains("--zk") && e.contains(why), "{bad:?}: {e}");

@@ -23,6 +23,9 @@ pub enum Distribution {
     Zipf,
 }
 
+const DEFAULT_SEGMENT_SIZE: u64 = 256 << 20;
+const DEFAULT_RING_SIZE: usize = 1 << 16;
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     #[arg(long, default_value_t = 1_000_000)]
@@ -54,19 +57,19 @@ pub struct BenchArgs {
     /// Data directory for the journal (default: a fresh temporary directory, removed after).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    #[arg(long, default_value_t = 256 << 20)]
+    #[arg(long, default_value_t = DEFAULT_SEGMENT_SIZE)]
     pub segment_size: u64,
     /// Kernel readahead on the journal's mapping: on, off or auto (as `serve`).
     #[arg(long, default_value_t)]
     pub journal_readahead: crate::journal::storage::Readahead,
-    /// Wait strategy of the ring consumers: spin, yield, park or sleep=<n>us.
+    /// Wait strategy of the ring consumers: spin, yield, park or sleep=<n>us (1 to 10000 us).
     #[arg(long, default_value = "spin")]
     pub wait: WaitMode,
     /// Wait strategy of the journal and reply threads (on 2 cores, spinning them too starves
     /// the engine and the producers).
     #[arg(long, default_value = "yield")]
     pub output_wait: WaitMode,
-    #[arg(long, default_value_t = 1 << 16)]
+    #[arg(long, default_value_t = DEFAULT_RING_SIZE)]
     pub ring_size: usize,
     /// Commands per batch publication.
     #[arg(long, default_value_t = 64)]
@@ -621,6 +624,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
             (args.producers != 1, "--producers"),
             (args.data_dir.is_some(), "--data-dir"),
             (args.sync != SyncMode::Batch, "--sync"),
+            (args.no_journal, "--no-journal"),
+            (args.segment_size != DEFAULT_SEGMENT_SIZE, "--segment-size"),
+            (
+                args.journal_readahead != crate::journal::storage::Readahead::default(),
+                "--journal-readahead",
+            ),
+            (args.wait != WaitMode::BusySpin, "--wait"),
+            (args.output_wait != WaitMode::Yield, "--output-wait"),
+            (args.ring_size != DEFAULT_RING_SIZE, "--ring-size"),
+            (args.pin_core != 1, "--pin-core"),
         ] {
             anyhow::ensure!(
                 !given,

@@ -267,6 +267,11 @@ fn target(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Target> {
     if host.is_empty() {
         anyhow::bail!("--url names no host: {url:?}");
     }
+    // `user@host`: loadgen sends no credentials, and the name would be looked up whole.
+    anyhow::ensure!(
+        !host.contains('@'),
+        "--url {url:?}: credentials (user@) are not sent; name the server only (--jwt-secret mints tokens)"
+    );
     let host = host.to_string();
     if !tls {
         // Plain HTTP trusts nothing: a --ca given with it was meant for an https:// URL.
@@ -295,12 +300,14 @@ fn target(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Target> {
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let name = host
-        .rsplit_once(':')
-        .map(|(h, _)| h)
-        .unwrap_or(&host)
-        .to_string();
-    let server_name = rustls::pki_types::ServerName::try_from(name)?;
+    // The name the certificate must carry: the host without its port, an IPv6 address
+    // without its brackets.
+    let name = match host.strip_prefix('[') {
+        Some(inside) => inside.split_once(']').map_or(inside, |(ip, _)| ip),
+        None => host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h),
+    };
+    let server_name = rustls::pki_types::ServerName::try_from(name.to_string())
+        .map_err(|e| anyhow::anyhow!("--url {url:?}: {name:?} is no server name: {e}"))?;
     Ok(Target {
         host,
         tls: Some((
@@ -1471,6 +1478,10 @@ mod tests {
             ("http://127.0.0.1:8080?x=1", "\"?x=1\" would not be sent"),
             ("http://127.0.0.1:8080/v1/wallet/", "not a path"),
             ("http:///", "names no host"),
+            (
+                "http://u@127.0.0.1:8080",
+                "credentials (user@) are not sent",
+            ),
             ("ftp://127.0.0.1", "must start with http:// or https://"),
         ] {
             match super::target(url, None) {
