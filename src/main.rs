@@ -182,8 +182,9 @@ impl ServeArgs {
             ("--jwt-audience", &expect.audience),
             ("--jwt-issuer", &expect.issuer),
         ] {
+            // Blank as `wallet token` judges it: no token could be minted for it.
             anyhow::ensure!(
-                value.as_ref().is_none_or(|v| !v.is_empty()),
+                value.as_ref().is_none_or(|v| !v.trim().is_empty()),
                 "{flag}: must not be empty"
             );
         }
@@ -426,7 +427,12 @@ fn token_ttl(args: &TokenArgs) -> anyhow::Result<std::time::Duration> {
         );
     }
     let ttl = humantime::parse_duration(&args.ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
-    anyhow::ensure!(!ttl.is_zero(), "--ttl: must be longer than zero");
+    // A token's expiry is in whole seconds: a shorter life minted one already expired.
+    anyhow::ensure!(
+        ttl >= std::time::Duration::from_secs(1),
+        "--ttl: at least 1s (a token's expiry is counted in whole seconds), not {}",
+        args.ttl
+    );
     // A bearer token cannot be revoked before it expires.
     const MAX_TTL: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
     anyhow::ensure!(

@@ -1418,6 +1418,10 @@ fn wallet_token_mints_what_serve_accepts_and_refuses_what_it_would_not() {
             &["--jwt-secret", SECRET, "--sub", "ops", "--ttl", "0s"][..],
             "--ttl",
         ),
+        (
+            &["--jwt-secret", SECRET, "--sub", "ops", "--ttl", "500ms"][..],
+            "--ttl: at least 1s",
+        ),
         (&["--jwt-secret", SECRET, "--sub", ""][..], "--sub"),
         // Accounts HTTP cannot open (clients drop `.` and `..` from URL paths).
         (&["--jwt-secret", SECRET, "--sub", "."][..], "--sub"),
@@ -1570,6 +1574,20 @@ fn with_an_audience_and_issuer_configured_only_tokens_naming_both_are_taken() {
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("--jwt-audience"),
+        "{out:?}"
+    );
+    // A blank audience, which `wallet token` refuses to mint for: no caller could ever pass.
+    let out = common::output_within(
+        std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--jwt-secret", SECRET])
+            .args(["--jwt-audience", " "])
+            .arg("--data-dir")
+            .arg(dir.path()),
+        SERVE_REFUSAL_LIMIT,
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--jwt-audience: must not be empty"),
         "{out:?}"
     );
 }
