@@ -303,7 +303,8 @@ pub struct App {
     pub connections: Arc<tokio::sync::Semaphore>,
     /// Connections refused over `--max-connections` (answered 503, or closed unanswered).
     pub connections_refused: std::sync::atomic::AtomicU64,
-    /// Requests the HTTP layer refused before any route saw them (400 or 431 without a body).
+    /// Requests the HTTP layer refused before any route saw them (400 or 431 without a body, or
+    /// an HTTP/2 preface closed unanswered).
     pub http_malformed: std::sync::atomic::AtomicU64,
     submitter: Submitter,
 }
