@@ -326,6 +326,11 @@ fn main() -> ExitCode {
                 } else {
                     replay::print(&report);
                 }
+                // The verdict on stderr too, as every other failure is: a script that keeps
+                // stdout (the report) apart still sees why the audit failed.
+                if let Some(error) = report.error.as_deref().filter(|_| !report.ok) {
+                    eprintln!("error: the audit failed: {error}");
+                }
                 Ok(if report.ok {
                     ExitCode::SUCCESS
                 } else {

@@ -3225,6 +3225,25 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
             "{stderr}"
         );
     }
+    // A run refused for its arguments makes no --out directory.
+    let not_made = other.path().join("not-made");
+    let out = common::output_within(
+        std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .args([
+                "loadgen",
+                "--url",
+                "http://127.0.0.1:9",
+                "--batch",
+                "0",
+                "--out",
+            ])
+            .arg(&not_made),
+        Duration::from_secs(20),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--batch"), "{stderr}");
+    assert!(!not_made.exists(), "a refused run made its --out directory");
     // A sync interval of 0 is --sync batch by another name (refused by clap's parser).
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
         .args(["bench", "--sync", "interval=0", "--data-dir", &data])

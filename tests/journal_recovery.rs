@@ -899,6 +899,19 @@ fn a_replay_limited_to_a_sequence_or_a_time_still_audits_the_journals_end() {
                 args.to_time
             );
         }
+        // The command's verdict reaches stderr too, not only the report on stdout.
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .args(["replay", "--data-dir"])
+            .arg(data)
+            .env("WALLET_LOG", "error")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("error: the audit failed") && stderr.contains(expected),
+            "{stderr}"
+        );
     };
     let fresh = |name: &str| {
         let data = temp.path().join(name);

@@ -849,11 +849,6 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
          raise it with `ulimit -n`)",
         args.connections
     );
-    if let Some(dir) = &args.out {
-        // Before the run, not after it: an --out that cannot be written would waste the run.
-        std::fs::create_dir_all(dir)
-            .map_err(|e| anyhow::anyhow!("--out {}: {e}", dir.display()))?;
-    }
     anyhow::ensure!(
         (1..=8192).contains(&args.batch),
         "--batch must be within 1..=8192"
@@ -875,6 +870,12 @@ pub async fn run(args: &LoadgenArgs) -> anyhow::Result<LoadgenReport> {
          for each account before the run)",
         args.accounts
     );
+    if let Some(dir) = &args.out {
+        // Before the run, not after it: an --out that cannot be written would waste the run.
+        // After every other check of the arguments: a refused run makes no directory.
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("--out {}: {e}", dir.display()))?;
+    }
     let tokens: Option<Arc<Vec<String>>> = match &args.jwt_secret {
         Some(secret) => Some(Arc::new(
             (0..u64::from(args.accounts).max(2))
