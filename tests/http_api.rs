@@ -2328,17 +2328,19 @@ fn loadgen_stops_by_itself_when_the_server_never_answers() {
     assert!(stderr.contains("TLS handshake"), "{stderr}");
 }
 
+/// A server whose recovery a failpoint holds back for a minute: it listens and answers as it
+/// does while recovering.
+fn held_in_recovery(dir: &std::path::Path) -> Server {
+    Server::start_listening_with_env(dir, &[], &[("WALLET_FAILPOINT", "recovery-delay:60000")])
+}
+
 /// SIGTERM while the ledger is being recovered stops the server at once (recovery only reads):
 /// a long journal without a snapshot can take minutes to replay, and a service manager's stop
 /// timeout would otherwise end in SIGKILL. Recovery is held back by a failpoint here.
 #[test]
 fn a_shutdown_during_recovery_stops_at_once() {
     let dir = temp();
-    let server = Server::start_listening_with_env(
-        dir.path(),
-        &[],
-        &[("WALLET_FAILPOINT", "recovery-delay:60000")],
-    );
+    let server = held_in_recovery(dir.path());
     let readiness = Client::connect(&server.address).get("/readyz");
     assert_eq!(readiness.status, 503, "{}", readiness.body);
     let stopping = std::time::Instant::now();
@@ -2361,11 +2363,7 @@ fn a_shutdown_during_recovery_stops_at_once() {
 #[test]
 fn while_recovering_routes_methods_and_hosts_are_checked_as_later() {
     let dir = temp();
-    let server = Server::start_listening_with_env(
-        dir.path(),
-        &[],
-        &[("WALLET_FAILPOINT", "recovery-delay:60000")],
-    );
+    let server = held_in_recovery(dir.path());
     let ask = |request: &str| {
         let r = raw_request(&server, request);
         assert_eq!(r.header("connection"), Some("close"), "{request}");
