@@ -323,8 +323,13 @@ impl Client {
         body: Option<&[u8]>,
         content_type: &str,
     ) -> Response {
-        for attempt in 0..2 {
-            if self.stream.is_none() {
+        // A kept-alive connection may have been closed by the server while idle: a request on it
+        // is sent once more on a fresh connection. A request that failed on a fresh connection
+        // is not resent: it may have reached the server, and a resent POST would then be judged
+        // as a second request (a flake seen once: an account "opened twice" answered 409).
+        loop {
+            let fresh = self.stream.is_none();
+            if fresh {
                 let stream = TcpStream::connect(&self.address).expect("connect");
                 stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
                 stream.set_nodelay(true).ok();
@@ -334,11 +339,10 @@ impl Client {
                 Ok(r) => return r,
                 Err(e) => {
                     self.stream = None;
-                    assert!(attempt == 0, "request failed twice: {e}");
+                    assert!(!fresh, "{method} {path} failed on a fresh connection: {e}");
                 }
             }
         }
-        unreachable!()
     }
 
     fn try_request(
