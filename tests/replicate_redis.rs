@@ -2966,6 +2966,58 @@ fn node_down_across_a_snapshot_is_rebuilt_when_it_returns() {
     cluster.assert_reconciled();
 }
 
+/// A node that was down when a replicator of a stale map started, and that a newer map's
+/// replicator stamped, is left to the newer map when it answers: the run stops, naming both
+/// versions, as it does for such a node found at start-up. Its late probe used to mark it
+/// `resync` with a plain `SET` and rebuild it under the older map, taking it from the newer
+/// map's readers.
+#[test]
+#[ignore = "needs tools/services"]
+fn a_node_back_from_down_stamped_by_a_newer_map_is_left_to_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let services = services();
+    // The append-only node (the third of tools/services): it returns with its stamp.
+    let late = services.redis[2].clone();
+    let nodes = services.redis.clone();
+    let cluster = Cluster::new("late-newer-map", &services, &nodes);
+    let server = start_server(&cluster);
+    let mut client = server.client();
+    setup_accounts(&mut client, 100);
+    transfers(&mut client, 100, 1_000, 1);
+    assert_succeeded(&cluster.replicate_once(&[], &[]));
+    assert_eq!(node_state(&late).and_then(|(_, v)| v).as_deref(), Some("1"));
+    // Another root's replicator (map version 7) takes the node, which then goes down.
+    redis::cmd("SET")
+        .arg("wallet:map_version")
+        .arg("7")
+        .query::<()>(&mut redis_connection(&late))
+        .expect("stamp the node");
+    let port = late.rsplit(':').next().expect("port");
+    services_tool(&["redis-stop", port]);
+    let (follower, log) = cluster.replicate_follow_logged();
+    wait_for_log(&log, "replicator starting");
+    services_tool(&["redis-start", port]);
+    assert_stops_saying(
+        follower,
+        &log,
+        &format!("Redis node {late} says partition map version 7, above this map's 1"),
+    );
+    assert_eq!(
+        node_state(&late).and_then(|(_, v)| v).as_deref(),
+        Some("7"),
+        "the node is left as the newer map stamped it"
+    );
+    // The newer map goes away: the node is rebuilt under this one.
+    redis::cmd("SET")
+        .arg("wallet:map_version")
+        .arg("resync")
+        .query::<()>(&mut redis_connection(&late))
+        .expect("unstamp the node");
+    assert_succeeded(&cluster.replicate_once(&[], &[]));
+    cluster.assert_reconciled();
+    assert!(server.stop().success());
+}
+
 /// A node emptied while the replicator is idle (FLUSHALL) and then part of a map change is not
 /// switched to the new version as if it held its balances: the switch checks the node's
 /// version and applied sequence in the same step, and the node is rebuilt instead.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::api::linger;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use serde_json::{Value, json};
@@ -945,16 +945,15 @@ async fn read_body(
             &format!("the body is larger than {limit} bytes"),
         )
     };
-    if let Some(length) = request
+    let length = request
         .headers()
         .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-        && length > limit
-    {
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if length.is_some_and(|length| length > limit) {
         return Err(too_large());
     }
     let mut body = request.into_body();
-    let collect = Limited::new(&mut body, limit).collect();
+    let collect = collect_body(&mut body, limit, length.unwrap_or(0));
     let Ok(collected) = tokio::time::timeout(deadline, collect).await else {
         body.discard();
         return Err(Reply::error(
@@ -968,19 +967,58 @@ async fn read_body(
         .with_header("connection", "close"));
     };
     match collected {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(too_large())
-        }
-        Err(_) => Err(Reply::error(
+        Ok(bytes) => Ok(bytes),
+        Err(BodyError::TooLarge) => Err(too_large()),
+        Err(BodyError::Unreadable) => Err(Reply::error(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             "could not read the body",
         )),
     }
+}
+
+/// Why `collect_body` stopped.
+#[derive(Debug, PartialEq)]
+enum BodyError {
+    /// More than the limit's bytes of data.
+    TooLarge,
+    /// The connection failed or the framing was broken.
+    Unreadable,
+}
+
+/// Reads a body of at most `limit` bytes into one buffer (`expected` is the Content-Length, or
+/// 0). Each frame's bytes are copied out and the frame dropped at once: a frame is a slice of
+/// the connection's read buffer and keeps that buffer alive, so a chunked body of many tiny
+/// chunks held as frames (`Collected` keeps each one) took tens of times its counted size.
+/// A body that arrives as one frame is returned as that frame, uncopied.
+async fn collect_body<B>(body: &mut B, limit: usize, expected: usize) -> Result<Bytes, BodyError>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    let mut first: Option<Bytes> = None;
+    let mut buffer: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_| BodyError::Unreadable)?.into_data() else {
+            continue; // trailers
+        };
+        let held = first.as_ref().map_or(0, Bytes::len) + buffer.len();
+        if data.len() > limit - held {
+            return Err(BodyError::TooLarge);
+        }
+        if let Some(earlier) = first.take() {
+            buffer.reserve(expected.max(earlier.len() + data.len()).min(limit));
+            buffer.extend_from_slice(&earlier);
+        }
+        if buffer.is_empty() && first.is_none() {
+            first = Some(data);
+        } else {
+            buffer.extend_from_slice(&data);
+        }
+    }
+    Ok(match first {
+        Some(only) => only,
+        None => Bytes::from(buffer),
+    })
 }
 
 /// Submits one command and waits for its durable outcome.
@@ -2278,6 +2316,79 @@ mod tests {
         let mut out = Vec::new();
         body.write_json(&mut out);
         serde_json::from_slice(&out).expect("write_json writes valid JSON")
+    }
+
+    /// A chunked body of `chunks` one-byte chunks, each a fresh buffer; counts the chunks that
+    /// were still held by the reader when it asked for the next one.
+    struct TinyChunks {
+        chunks: usize,
+        previous: Option<bytes::Bytes>,
+        held: usize,
+    }
+
+    impl hyper::body::Body for TinyChunks {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>>
+        {
+            if let Some(previous) = self.previous.take()
+                && !previous.is_unique()
+            {
+                self.held += 1;
+            }
+            if self.chunks == 0 {
+                return std::task::Poll::Ready(None);
+            }
+            self.chunks -= 1;
+            let chunk = bytes::Bytes::from(vec![b'0' + (self.chunks % 10) as u8]);
+            self.previous = Some(chunk.clone());
+            std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(chunk))))
+        }
+    }
+
+    #[test]
+    fn a_body_is_read_into_one_buffer_and_its_frames_dropped_as_they_come() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        // Many tiny chunks: copied out one by one (each frame keeps the connection's read
+        // buffer alive; holding them all took tens of times the body's counted size).
+        let mut body = TinyChunks {
+            chunks: 10_000,
+            previous: None,
+            held: 0,
+        };
+        let bytes = runtime
+            .block_on(super::collect_body(&mut body, 10_000, 0))
+            .expect("a body at the limit is read");
+        assert_eq!(bytes.len(), 10_000);
+        assert_eq!(&bytes[..3], b"987");
+        // Only the first frame is kept past the next one's arrival (it may be the whole body).
+        assert_eq!(body.held, 1, "frames were held while the body was read");
+        // One byte over the limit: refused.
+        let mut body = TinyChunks {
+            chunks: 10_001,
+            previous: None,
+            held: 0,
+        };
+        let refused = runtime.block_on(super::collect_body(&mut body, 10_000, 0));
+        assert_eq!(refused, Err(super::BodyError::TooLarge));
+        // A body of one frame is that frame, not a copy.
+        let whole = bytes::Bytes::from(vec![7u8; 100]);
+        let mut body = http_body_util::Full::new(whole.clone());
+        let read = runtime
+            .block_on(super::collect_body(&mut body, 100, 100))
+            .expect("read");
+        assert_eq!(read.as_ptr(), whole.as_ptr());
+        let mut empty = http_body_util::Empty::<bytes::Bytes>::new();
+        let read = runtime
+            .block_on(super::collect_body(&mut empty, 100, 0))
+            .expect("read");
+        assert!(read.is_empty());
     }
 
     #[test]

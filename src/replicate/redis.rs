@@ -682,6 +682,48 @@ async fn eval_apply(conn: &mut MultiplexedConnection, cmd: &redis::Cmd) -> redis
     }
 }
 
+/// Marks a node `resync` (its readers retry) before it is rebuilt, through `INVALIDATE_SCRIPT`:
+/// one that a newer map stamped meanwhile is left alone, and the run stops with
+/// `newer_map_error` (a plain `SET` here pulled such a node back to this, older, map).
+async fn invalidate(
+    conn: &mut MultiplexedConnection,
+    address: &str,
+    ours: u64,
+    partitions: &str,
+) -> Result<(), Invalidate> {
+    let result = INVALIDATE_SCRIPT
+        .prepare_invoke()
+        .key(MAP_VERSION_KEY)
+        .arg(ours)
+        .arg("resync")
+        .invoke_async::<i64>(conn)
+        .await;
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let e = anyhow::Error::new(e);
+            if is_newer_map(&e) {
+                Err(Invalidate::NewerMap(newer_map_error(
+                    address,
+                    &stamped_version(&e),
+                    ours,
+                    partitions,
+                )))
+            } else {
+                Err(Invalidate::Down(e))
+            }
+        }
+    }
+}
+
+/// Why `invalidate` did not mark a node.
+enum Invalidate {
+    /// A newer map stamped the node: the run stops.
+    NewerMap(anyhow::Error),
+    /// The node did not answer: marked down, probed again.
+    Down(anyhow::Error),
+}
+
 fn is_stale(error: &redis::RedisError) -> bool {
     error.to_string().contains("WALLET_STALE")
 }
@@ -2089,14 +2131,14 @@ async fn probe_late_nodes(
             }
         } else {
             tracing::info!(node = %node.address, applied, version = ?v, expected = %version, copy_from, "node that could not be read at start-up does not follow the current map, or is behind the snapshot the replicator started from; it will be rebuilt");
-            let invalidate = redis::cmd("SET")
-                .arg(MAP_VERSION_KEY)
-                .arg("resync")
-                .query_async::<()>(conn)
-                .await;
-            if let Err(e) = invalidate {
-                node.mark_down(&e.into());
-                continue;
+            let partitions = replicator.zk.1.partitions();
+            match invalidate(conn, &node.address, replicator.map.version, &partitions).await {
+                Ok(()) => {}
+                Err(Invalidate::NewerMap(error)) => return Err(error),
+                Err(Invalidate::Down(e)) => {
+                    node.mark_down(&e);
+                    continue;
+                }
             }
             node.unprobed = false;
             let behind = vec![(node.address.clone(), applied, record)];
@@ -2221,13 +2263,11 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
                     tracing::info!(node = %address, applied, version = ?v, expected = %version, "node does not follow the current map; it will be rebuilt");
                     behind_map.push((address.clone(), applied, record));
                     // Readers must stop trusting it now, before anything else moves.
-                    let invalidate = redis::cmd("SET")
-                        .arg(MAP_VERSION_KEY)
-                        .arg("resync")
-                        .query_async::<()>(conn)
-                        .await;
-                    if let Err(e) = invalidate {
-                        node.mark_down(&e.into());
+                    let ours = replicator.map.version;
+                    match invalidate(conn, &address, ours, &layout.partitions()).await {
+                        Ok(()) => {}
+                        Err(Invalidate::NewerMap(error)) => return Err(error),
+                        Err(Invalidate::Down(e)) => node.mark_down(&e),
                     }
                 }
                 Err(e) => {
