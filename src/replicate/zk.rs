@@ -332,14 +332,26 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     path: &str,
 ) -> anyhow::Result<Option<(T, i32)>> {
     match client.get_data(path).await {
-        Ok((data, stat)) => {
-            let value = serde_json::from_slice(&data)
-                .with_context(|| format!("{path} does not hold the expected JSON"))?;
-            Ok(Some((value, stat.version)))
-        }
+        Ok((data, stat)) => Ok(Some((parse_json(path, &data)?, stat.version))),
         Err(zk::Error::NoNode) => Ok(None),
         Err(e) => Err(anyhow::anyhow!("reading {path}: {e}")),
     }
+}
+
+/// A node's JSON, or an error naming the node and where its JSON went wrong, without the
+/// node's strings: serde quotes a value of the wrong type whole, and the SQL shard list's
+/// values are URLs with passwords (`"shards": "postgres://u:secret@..."` printed the secret).
+fn parse_json<T: serde::de::DeserializeOwned>(path: &str, data: &[u8]) -> anyhow::Result<T> {
+    serde_json::from_slice(data).map_err(|e| {
+        let message = e.to_string();
+        let shown = match (message.find('"'), message.rfind('"')) {
+            (Some(first), Some(last)) if first < last => {
+                format!("{}\"...\"{}", &message[..first], &message[last + 1..])
+            }
+            _ => message,
+        };
+        anyhow::anyhow!("{path} does not hold the expected JSON: {shown}")
+    })
 }
 
 /// Writes `value` to `path`: creates it when `expected` is `None`, else replaces the version
@@ -1048,6 +1060,35 @@ pub async fn connect_patiently(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_malformed_node_is_named_without_its_strings() {
+        let path = "/wallet/sql/shards";
+        let hand_edited = br#"{"version":1,"shards":"postgres://u:s3cret@db/x"}"#;
+        let error = parse_json::<SqlShards>(path, hand_edited)
+            .expect_err("a string where a list belongs")
+            .to_string();
+        assert!(!error.contains("s3cret"), "{error}");
+        assert!(
+            error.starts_with(
+                "/wallet/sql/shards does not hold the expected JSON: invalid type: string"
+            ) && error.contains("expected a sequence at line 1 column"),
+            "{error}"
+        );
+        // Messages without a value keep their detail.
+        let error = parse_json::<SqlShards>(path, br#"{"version":1}"#)
+            .expect_err("no shards")
+            .to_string();
+        assert!(error.contains("missing field `shards`"), "{error}");
+        let good = br#"{"version":2,"shards":["postgres://a/b"]}"#;
+        assert_eq!(
+            parse_json::<SqlShards>(path, good).expect("well formed"),
+            SqlShards {
+                version: 2,
+                shards: vec!["postgres://a/b".into()]
+            }
+        );
+    }
 
     #[test]
     fn a_zookeeper_address_no_server_could_answer_at_is_named() {
