@@ -1472,6 +1472,40 @@ fn a_tail_whose_journal_directory_is_replaced_follows_the_same_history_only() {
 /// segment's records while a later segment exists tells a gap between segments from damage
 /// inside one: a missing segment is a `JournalGap` naming both ends, zeroed records followed by
 /// others are damage at their offset (it called that "segments are missing" too).
+/// A tail walking a journal of many segments finds each next one by its name: it listed (and
+/// sorted) the whole directory at each segment it moved to, so the read views' rebuild over
+/// 17,380 segments of 4 KiB took 133 s (0.33 s now), quadratic in the segments.
+#[test]
+fn a_tail_walks_from_segment_to_segment_without_listing_the_directory() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    fresh_journal(data, 4096, 0..2_000, 10);
+    let segments = std::fs::read_dir(journal_dir(data))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".wal"))
+        })
+        .count();
+    assert!(segments >= 40, "only {segments} segments");
+    let mut tail = wallet::journal::tail::JournalTail::new(&journal_dir(data));
+    let mut records = Vec::new();
+    loop {
+        let before = records.len();
+        tail.fetch_records(100, &mut records).expect("fetch");
+        if records.len() == before {
+            break;
+        }
+    }
+    assert_eq!(records.len(), 2_000);
+    // Once to start, and at the end (each empty fetch there looks for a next segment).
+    assert!(
+        tail.directory_listings() <= 3,
+        "{} listings of the directory for {segments} segments",
+        tail.directory_listings()
+    );
+}
+
 #[test]
 fn a_tail_tells_a_missing_segment_from_damage_inside_one() {
     let fetch_all = |data: &Path| -> anyhow::Result<usize> {

@@ -134,6 +134,8 @@ pub struct JournalTail {
     start_seq: u64,
     /// Bytes read from segment files so far.
     bytes_read: u64,
+    /// Times this tail listed the journal directory.
+    listings: u64,
 }
 
 const MIN_READ_BYTES: usize = 64 << 10;
@@ -157,12 +159,24 @@ impl JournalTail {
             last_record: None,
             start_seq: 1,
             bytes_read: 0,
+            listings: 0,
         }
     }
 
     /// Bytes this tail has read from segment files.
     pub fn bytes_read(&self) -> u64 {
         self.bytes_read
+    }
+
+    /// Times this tail listed the journal directory (a walk from segment to segment finds each
+    /// next one by its name; the directory is listed to start, and at the journal's end).
+    pub fn directory_listings(&self) -> u64 {
+        self.listings
+    }
+
+    fn list_segments(&mut self) -> Result<Vec<(u64, PathBuf)>, crate::journal::JournalError> {
+        self.listings += 1;
+        list_segments(&self.dir)
     }
 
     /// Where this tail stands (the next frame to read), once it has opened a segment.
@@ -192,7 +206,7 @@ impl JournalTail {
         if self.segment.is_some() || self.next_seq != 1 {
             bail!("the journal tail already started");
         }
-        let segments = list_segments(&self.dir)?;
+        let segments = self.list_segments()?;
         let holding = segments
             .iter()
             .rev()
@@ -402,7 +416,7 @@ impl JournalTail {
         mut chains: Option<&mut Vec<u32>>,
     ) -> anyhow::Result<()> {
         if self.segment.is_none() {
-            let segments = list_segments(&self.dir)?;
+            let segments = self.list_segments()?;
             // The last segment that begins at or before the start (segments are named by their
             // first sequence).
             let start = segments
@@ -579,7 +593,24 @@ impl JournalTail {
         if self.follow_replaced_segment()? {
             return Ok(true);
         }
-        let segments = list_segments(&self.dir)?;
+        let Some(current) = self.segment.as_ref().map(|s| s.path.clone()) else {
+            return Ok(false);
+        };
+        // The next segment where the writer names it: one look-up of a name, not a listing of
+        // the directory (a walk over N segments listed and sorted N names at each, quadratic:
+        // the read views' rebuild over 17,380 segments of 4 KiB took 133 s). The directory is
+        // listed only when it is not there, to tell the live end from a gap.
+        let by_name = self
+            .dir
+            .join(crate::journal::format::segment_file_name(self.next_seq));
+        let segments = if by_name != current
+            && std::fs::exists(&by_name).map_err(|e| {
+                anyhow::Error::from(e).context(format!("checking {}", by_name.display()))
+            })? {
+            vec![(self.next_seq, by_name)]
+        } else {
+            self.list_segments()?
+        };
         let Some(segment) = self.segment.as_ref() else {
             return Ok(false);
         };
