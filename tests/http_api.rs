@@ -3285,6 +3285,66 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
 
 /// Event-stream reads from the journal files run on the blocking pool and go on after their
 /// caller hangs up: past a few at once they are refused with a 429, not queued without bound.
+/// After a restart, an event-stream read from far into a segment resumes at a position the
+/// read views' rebuild passed, instead of scanning the segment from its start for every read
+/// (270 ms a read 16 M events into a 1 GiB segment; 0.5 ms now). Judged by the bytes the
+/// server says it read from the journal.
+#[test]
+fn a_journal_read_of_the_event_stream_starts_near_where_it_was_asked() {
+    let dir = temp();
+    let server = Server::start(dir.path(), &[]);
+    let mut c = server.client();
+    open(&mut c, "a");
+    open(&mut c, "b");
+    deposit(&mut c, "a", "100000.00");
+    for _ in 0..80 {
+        let transfers: Vec<serde_json::Value> = (0..5_000)
+            .map(|_| transfer_body("a", "b", "0.01", &uuid()))
+            .collect();
+        let r = c.post(
+            "/v1/wallet/balance_transfers",
+            &json!({ "transfers": transfers }),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    assert!(server.stop().success());
+    let journal_bytes: u64 = std::fs::read_dir(dir.path().join("journal"))
+        .expect("journal")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".wal"))
+        .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum();
+    assert!(
+        journal_bytes <= 64 << 20,
+        "one segment was meant ({journal_bytes} bytes of segments)"
+    );
+    let server = Server::start(dir.path(), &[]);
+    let mut c = server.client();
+    let bytes_read = |c: &mut Client| -> u64 {
+        let metrics = c.get("/metrics").body;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("wallet_events_journal_bytes_total "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no wallet_events_journal_bytes_total in {metrics}"))
+    };
+    // 400,000 transfers after 3 records: event 700,001 is about 350,000 records (some 39 MB)
+    // into the segment, and older than the in-memory window.
+    for from_seq in [700_001u64, 700_001, 400_001, 790_001] {
+        let before = bytes_read(&mut c);
+        let r = c.get(&format!("/v1/wallet/events?from_seq={from_seq}&limit=1"));
+        assert_eq!(r.status, 200, "{}", r.body);
+        let first: serde_json::Value =
+            serde_json::from_str(r.body.lines().next().expect("one event")).expect("NDJSON");
+        assert_eq!(first["sequence"], from_seq, "{}", r.body);
+        let read = bytes_read(&mut c) - before;
+        assert!(
+            read > 0 && read < 12 << 20,
+            "{read} bytes read from the journal to answer from_seq={from_seq}"
+        );
+    }
+}
+
 #[test]
 fn journal_reads_of_the_event_stream_are_bounded() {
     let dir = temp();

@@ -1468,6 +1468,48 @@ fn a_tail_whose_journal_directory_is_replaced_follows_the_same_history_only() {
     refused(&mut tail, "is gone");
 }
 
+/// `wallet snapshot` appends nothing, so it leaves the newest segment at its size: it opened
+/// its writer with the default segment size (256 MiB), and a newest segment that holds no
+/// record (recovery cut its only records) was grown to that, failing on a nearly full disk.
+#[test]
+fn a_snapshot_does_not_grow_the_newest_segment() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    fresh_journal(data, 4096, 0..200, 10);
+    let mut segments: Vec<(u64, PathBuf)> = fs::read_dir(journal_dir(data))
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let first = wallet::journal::format::parse_segment_file_name(e.file_name().to_str()?)?;
+            Some((first, e.path()))
+        })
+        .collect();
+    segments.sort();
+    assert!(segments.len() >= 3, "{segments:?}");
+    let (first, newest) = segments.last().cloned().unwrap();
+    // The newest segment's records torn away (zeroed, past the durable watermark): recovery
+    // cuts them, and the segment holds no record.
+    let file = OpenOptions::new().write(true).open(&newest).unwrap();
+    file.write_all_at(
+        &vec![0u8; 4096 - SEGMENT_HEADER_BYTES],
+        SEGMENT_HEADER_BYTES as u64,
+    )
+    .unwrap();
+    drop(file);
+    set_durable_watermark(data, first - 1);
+    let written = wallet::tools::replay::snapshot(&wallet::tools::replay::SnapshotArgs {
+        data_dir: data.to_path_buf(),
+    })
+    .expect("snapshot");
+    assert!(written.exists());
+    assert_eq!(
+        fs::metadata(&newest).unwrap().len(),
+        4096,
+        "{}",
+        newest.display()
+    );
+}
+
 /// A tail (the read views' rebuild, the follower, the replicators) that reaches the end of a
 /// segment's records while a later segment exists tells a gap between segments from damage
 /// inside one: a missing segment is a `JournalGap` naming both ends, zeroed records followed by

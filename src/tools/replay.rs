@@ -12,8 +12,8 @@ use crate::engine::recovery::{check_durable_watermark, recover, replay_journal};
 use crate::journal::reader::check_segment_headers;
 use crate::journal::storage::MmapStorage;
 use crate::journal::{
-    DEFAULT_SEGMENT_SIZE_BYTES, JournalConfig, JournalWriter, SyncMode, estimate_records,
-    journal_dir, snapshot, snapshot_dir,
+    DEFAULT_SEGMENT_SIZE_BYTES, JournalConfig, JournalWriter, MAX_SEGMENT_SIZE_BYTES,
+    MIN_SEGMENT_SIZE_BYTES, SyncMode, estimate_records, journal_dir, snapshot, snapshot_dir,
 };
 
 #[derive(Debug, Clone, clap::Args)]
@@ -516,12 +516,23 @@ pub fn snapshot(args: &SnapshotArgs) -> anyhow::Result<PathBuf> {
     // sync): a snapshot of it must not reach the disk before the records do. Opening a writer
     // on the recovered end does what a starting server does: cuts a torn tail, syncs the newest
     // segment (its pages dirtied first) and publishes the durable watermark.
+    // The newest segment's own size: nothing is appended here, and a writer configured larger
+    // grows a newest segment that holds no record to its size (256 MiB by default), which
+    // failed the snapshot on a nearly full disk for space it never uses.
+    let segment_size_bytes = recovered
+        .end
+        .segment
+        .as_ref()
+        .and_then(|(path, _)| std::fs::metadata(path).ok())
+        .map_or(DEFAULT_SEGMENT_SIZE_BYTES, |meta| {
+            meta.len()
+                .clamp(MIN_SEGMENT_SIZE_BYTES, MAX_SEGMENT_SIZE_BYTES)
+        });
     let writer = JournalWriter::open(
         Box::new(MmapStorage::default()),
         JournalConfig {
             dir: journal_dir(&args.data_dir),
-            // Only a new segment would take this size, and nothing is appended here.
-            segment_size_bytes: DEFAULT_SEGMENT_SIZE_BYTES,
+            segment_size_bytes,
             sync: SyncMode::Batch,
         },
         &recovered.end,
