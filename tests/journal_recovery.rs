@@ -2022,6 +2022,49 @@ fn opening_the_writer_rewrites_the_newest_segment_whatever_the_page_cache_says()
     );
 }
 
+/// A torn tail of several MiB (stray bytes near the end of a large segment) is kept and
+/// zeroed a piece at a time (4 MiB), not read into memory whole: every byte of it is in the kept
+/// copy, in order, and the segment is zero after it.
+#[test]
+fn a_torn_tail_of_many_mib_is_kept_and_cut_whole() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    let segment_size = 16 << 20;
+    let (ledger, _) = fresh_journal(data, segment_size, 0..100, 10);
+    let end = wallet::journal::scan(&journal_dir(data), 1, |_| Ok(())).unwrap();
+    let (segment, offset) = end.segment.clone().unwrap();
+    let file = OpenOptions::new().write(true).open(&segment).unwrap();
+    let stray_end = offset + (9 << 20) + 12_345;
+    for (i, at) in (offset..stray_end).step_by(1 << 20).enumerate() {
+        file.write_all_at(&[i as u8 + 1; 3], at).unwrap();
+    }
+    file.write_all_at(&[0xEE], stray_end - 1).unwrap();
+    drop(file);
+    let torn: Vec<u8> = fs::read(&segment).unwrap()[offset as usize..stray_end as usize].to_vec();
+    let r = recovered(data);
+    assert_eq!(r.end.torn_at, Some(offset));
+    assert_eq!(r.end.torn_end, stray_end);
+    drop(open_writer(
+        data,
+        Box::new(MmapStorage::default()),
+        segment_size,
+        SyncMode::Batch,
+        &r.end,
+    ));
+    let kept = fs::read(format!("{}.cut-at-{offset}", segment.display())).expect("the cut bytes");
+    assert_eq!(kept.len(), torn.len());
+    assert!(kept == torn, "the kept bytes differ from the torn tail");
+    assert!(
+        fs::read(&segment).unwrap()[offset as usize..]
+            .iter()
+            .all(|b| *b == 0),
+        "the tail is zeroed"
+    );
+    let again = recovered(data);
+    assert_eq!(again.end.torn_at, None);
+    assert_eq!(again.ledger.state_hash(), ledger.state_hash());
+}
+
 #[test]
 fn cutting_a_torn_tail_keeps_the_cut_bytes_and_rewrites_only_up_to_them() {
     // The durable watermark file is written without an fsync, so after a power loss it may be

@@ -185,12 +185,14 @@ fn open_durable_file(dir: &Path) -> io::Result<std::fs::File> {
         })
 }
 
+/// Bytes of a torn tail copied or zeroed at a time.
+const CUT_PIECE_BYTES: usize = 4 << 20;
+
 /// Copies `[from, to)` of the segment at `path` to `<segment>.cut-at-<from>` (`.1`, `.2`, ... after a first one; synced, and the
 /// directory too) before a torn tail is zeroed; returns the copy's path.
 fn keep_cut_bytes(path: &Path, from: u64, to: u64) -> io::Result<PathBuf> {
     use std::os::unix::fs::FileExt;
-    let mut bytes = vec![0u8; (to - from) as usize];
-    std::fs::File::open(path)?.read_exact_at(&mut bytes, from)?;
+    let source = std::fs::File::open(path)?;
     // Never over an earlier cut at the same offset (a second crash before the first sync).
     let (kept, mut file) = (0u32..)
         .map(|n| {
@@ -213,7 +215,20 @@ fn keep_cut_bytes(path: &Path, from: u64, to: u64) -> io::Result<PathBuf> {
             }
         })
         .unwrap_or_else(|| Err(io::Error::other("no free name for the cut bytes")))?;
-    let written = std::io::Write::write_all(&mut file, &bytes).and_then(|()| file.sync_all());
+    // Copied a piece at a time: a torn tail can be most of a 1 GiB segment (stray bytes near
+    // its end), and reading it whole took that much memory at start-up.
+    let copy = |file: &mut std::fs::File| -> io::Result<()> {
+        let mut piece = vec![0u8; CUT_PIECE_BYTES.min((to - from) as usize)];
+        let mut at = from;
+        while at < to {
+            let n = piece.len().min((to - at) as usize);
+            source.read_exact_at(&mut piece[..n], at)?;
+            std::io::Write::write_all(file, &piece[..n])?;
+            at += n as u64;
+        }
+        file.sync_all()
+    };
+    let written = copy(&mut file);
     if let Err(e) = written {
         // A partial copy would pass for the cut bytes on the next attempt's listing.
         drop(file);
@@ -263,8 +278,13 @@ fn cut_torn_tail(
 ) -> io::Result<()> {
     // Zeroed up to the tail's last non-zero byte: the rest is zero already (a whole-segment
     // rewrite would cost up to the segment's size on every start after a crash).
-    let zeros = vec![0u8; (to - from) as usize];
-    file.write_at(from, &zeros)?;
+    let zeros = vec![0u8; CUT_PIECE_BYTES.min((to - from) as usize)];
+    let mut at = from;
+    while at < to {
+        let n = zeros.len().min((to - at) as usize);
+        file.write_at(at, &zeros[..n])?;
+        at += n as u64;
+    }
     file.sync_range(from, to - from)?;
     tracing::warn!(file = %path.display(), offset = from, bytes = to - from, kept = %kept.display(), "cut a torn tail past the durable watermark (records never acknowledged, unless a power loss left the watermark file older than what was synced: the cut bytes are kept)");
     Ok(())
