@@ -3283,22 +3283,16 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
     }
 }
 
-/// Event-stream reads from the journal files run on the blocking pool and go on after their
-/// caller hangs up: past a few at once they are refused with a 429, not queued without bound.
-/// After a restart, an event-stream read from far into a segment resumes at a position the
-/// read views' rebuild passed, instead of scanning the segment from its start for every read
-/// (270 ms a read 16 M events into a 1 GiB segment; 0.5 ms now). Judged by the bytes the
-/// server says it read from the journal.
-#[test]
-fn a_journal_read_of_the_event_stream_starts_near_where_it_was_asked() {
-    let dir = temp();
-    let server = Server::start(dir.path(), &[]);
+/// A journal in `dir` of accounts `a` and `b`, a deposit into `a`, and `batches` batches of
+/// `per_batch` transfers from `a` to `b`, written by a server that is stopped again.
+fn journal_of_transfers(dir: &std::path::Path, batches: usize, per_batch: usize) {
+    let server = Server::start(dir, &[]);
     let mut c = server.client();
     open(&mut c, "a");
     open(&mut c, "b");
     deposit(&mut c, "a", "100000.00");
-    for _ in 0..80 {
-        let transfers: Vec<serde_json::Value> = (0..5_000)
+    for _ in 0..batches {
+        let transfers: Vec<serde_json::Value> = (0..per_batch)
             .map(|_| transfer_body("a", "b", "0.01", &uuid()))
             .collect();
         let r = c.post(
@@ -3308,6 +3302,16 @@ fn a_journal_read_of_the_event_stream_starts_near_where_it_was_asked() {
         assert_eq!(r.status, 200, "{}", r.body);
     }
     assert!(server.stop().success());
+}
+
+/// After a restart, an event-stream read from far into a segment resumes at a position the
+/// read views' rebuild passed, instead of scanning the segment from its start for every read
+/// (270 ms a read 16 M events into a 1 GiB segment; 0.5 ms now). Judged by the bytes the
+/// server says it read from the journal.
+#[test]
+fn a_journal_read_of_the_event_stream_starts_near_where_it_was_asked() {
+    let dir = temp();
+    journal_of_transfers(dir.path(), 80, 5_000);
     let journal_bytes: u64 = std::fs::read_dir(dir.path().join("journal"))
         .expect("journal")
         .filter_map(|e| e.ok())
@@ -3345,25 +3349,12 @@ fn a_journal_read_of_the_event_stream_starts_near_where_it_was_asked() {
     }
 }
 
+/// Event-stream reads from the journal files run on the blocking pool and go on after their
+/// caller hangs up: past a few at once they are refused with a 429, not queued without bound.
 #[test]
 fn journal_reads_of_the_event_stream_are_bounded() {
     let dir = temp();
-    let server = Server::start(dir.path(), &[]);
-    let mut c = server.client();
-    open(&mut c, "a");
-    open(&mut c, "b");
-    deposit(&mut c, "a", "100000.00");
-    for _ in 0..4 {
-        let transfers: Vec<serde_json::Value> = (0..2_500)
-            .map(|_| transfer_body("a", "b", "0.01", &uuid()))
-            .collect();
-        let r = c.post(
-            "/v1/wallet/balance_transfers",
-            &json!({ "transfers": transfers }),
-        );
-        assert_eq!(r.status, 200, "{}", r.body);
-    }
-    assert!(server.stop().success());
+    journal_of_transfers(dir.path(), 4, 2_500);
     // After a restart the in-memory window is empty: every read below is a journal read.
     let server = Server::start(dir.path(), &[]);
     let address = server.address.clone();
