@@ -1510,10 +1510,6 @@ fn a_snapshot_does_not_grow_the_newest_segment() {
     );
 }
 
-/// A tail (the read views' rebuild, the follower, the replicators) that reaches the end of a
-/// segment's records while a later segment exists tells a gap between segments from damage
-/// inside one: a missing segment is a `JournalGap` naming both ends, zeroed records followed by
-/// others are damage at their offset (it called that "segments are missing" too).
 /// A tail walking a journal of many segments finds each next one by its name: it listed (and
 /// sorted) the whole directory at each segment it moved to, so the read views' rebuild over
 /// 17,380 segments of 4 KiB took 133 s (0.33 s now), quadratic in the segments.
@@ -1548,6 +1544,10 @@ fn a_tail_walks_from_segment_to_segment_without_listing_the_directory() {
     );
 }
 
+/// A tail (the read views' rebuild, the follower, the replicators) that reaches the end of a
+/// segment's records while a later segment exists tells a gap between segments from damage
+/// inside one: a missing segment is a `JournalGap` naming both ends, zeroed records followed by
+/// others are damage at their offset (it called that "segments are missing" too).
 #[test]
 fn a_tail_tells_a_missing_segment_from_damage_inside_one() {
     let fetch_all = |data: &Path| -> anyhow::Result<usize> {

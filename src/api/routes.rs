@@ -953,7 +953,7 @@ async fn read_body(
         return Err(too_large());
     }
     let mut body = request.into_body();
-    let collect = collect_body(&mut body, limit, length.unwrap_or(0));
+    let collect = collect_body(&mut body, limit);
     let Ok(collected) = tokio::time::timeout(deadline, collect).await else {
         body.discard();
         return Err(Reply::error(
@@ -986,12 +986,12 @@ enum BodyError {
     Unreadable,
 }
 
-/// Reads a body of at most `limit` bytes into one buffer (`expected` is the Content-Length, or
-/// 0). Each frame's bytes are copied out and the frame dropped at once: a frame is a slice of
+/// Reads a body of at most `limit` bytes into one buffer, grown as bytes arrive (not sized from
+/// a Content-Length that may never arrive). Each frame's bytes are copied out and the frame dropped at once: a frame is a slice of
 /// the connection's read buffer and keeps that buffer alive, so a chunked body of many tiny
 /// chunks held as frames (`Collected` keeps each one) took tens of times its counted size.
 /// A body that arrives as one frame is returned as that frame, uncopied.
-async fn collect_body<B>(body: &mut B, limit: usize, expected: usize) -> Result<Bytes, BodyError>
+async fn collect_body<B>(body: &mut B, limit: usize) -> Result<Bytes, BodyError>
 where
     B: hyper::body::Body<Data = Bytes> + Unpin,
 {
@@ -1006,7 +1006,6 @@ where
             return Err(BodyError::TooLarge);
         }
         if let Some(earlier) = first.take() {
-            buffer.reserve(expected.max(earlier.len() + data.len()).min(limit));
             buffer.extend_from_slice(&earlier);
         }
         if buffer.is_empty() && first.is_none() {
@@ -2363,7 +2362,7 @@ mod tests {
             held: 0,
         };
         let bytes = runtime
-            .block_on(super::collect_body(&mut body, 10_000, 0))
+            .block_on(super::collect_body(&mut body, 10_000))
             .expect("a body at the limit is read");
         assert_eq!(bytes.len(), 10_000);
         assert_eq!(&bytes[..3], b"987");
@@ -2375,18 +2374,18 @@ mod tests {
             previous: None,
             held: 0,
         };
-        let refused = runtime.block_on(super::collect_body(&mut body, 10_000, 0));
+        let refused = runtime.block_on(super::collect_body(&mut body, 10_000));
         assert_eq!(refused, Err(super::BodyError::TooLarge));
         // A body of one frame is that frame, not a copy.
         let whole = bytes::Bytes::from(vec![7u8; 100]);
         let mut body = http_body_util::Full::new(whole.clone());
         let read = runtime
-            .block_on(super::collect_body(&mut body, 100, 100))
+            .block_on(super::collect_body(&mut body, 100))
             .expect("read");
         assert_eq!(read.as_ptr(), whole.as_ptr());
         let mut empty = http_body_util::Empty::<bytes::Bytes>::new();
         let read = runtime
-            .block_on(super::collect_body(&mut empty, 100, 0))
+            .block_on(super::collect_body(&mut empty, 100))
             .expect("read");
         assert!(read.is_empty());
     }

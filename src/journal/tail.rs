@@ -169,7 +169,8 @@ impl JournalTail {
     }
 
     /// Times this tail listed the journal directory (a walk from segment to segment finds each
-    /// next one by its name; the directory is listed to start, and at the journal's end).
+    /// next one by its name; the directory is listed to start, at the journal's end, and at a
+    /// segment that holds no record or a gap).
     pub fn directory_listings(&self) -> u64 {
         self.listings
     }
@@ -599,7 +600,8 @@ impl JournalTail {
         // The next segment where the writer names it: one look-up of a name, not a listing of
         // the directory (a walk over N segments listed and sorted N names at each, quadratic:
         // the read views' rebuild over 17,380 segments of 4 KiB took 133 s). The directory is
-        // listed only when it is not there, to tell the live end from a gap.
+        // listed only when it is not there (the live end, a gap) or this segment holds no
+        // record.
         let by_name = self
             .dir
             .join(crate::journal::format::segment_file_name(self.next_seq));
