@@ -1476,15 +1476,7 @@ fn a_snapshot_does_not_grow_the_newest_segment() {
     let temp = tempfile::tempdir().unwrap();
     let data = temp.path();
     fresh_journal(data, 4096, 0..200, 10);
-    let mut segments: Vec<(u64, PathBuf)> = fs::read_dir(journal_dir(data))
-        .unwrap()
-        .filter_map(|e| {
-            let e = e.ok()?;
-            let first = wallet::journal::format::parse_segment_file_name(e.file_name().to_str()?)?;
-            Some((first, e.path()))
-        })
-        .collect();
-    segments.sort();
+    let segments = list_segments(&journal_dir(data)).unwrap();
     assert!(segments.len() >= 3, "{segments:?}");
     let (first, newest) = segments.last().cloned().unwrap();
     // The newest segment's records torn away (zeroed, past the durable watermark): recovery
@@ -1518,13 +1510,7 @@ fn a_tail_walks_from_segment_to_segment_without_listing_the_directory() {
     let temp = tempfile::tempdir().unwrap();
     let data = temp.path();
     fresh_journal(data, 4096, 0..2_000, 10);
-    let segments = std::fs::read_dir(journal_dir(data))
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".wal"))
-        })
-        .count();
+    let segments = list_segments(&journal_dir(data)).unwrap().len();
     assert!(segments >= 40, "only {segments} segments");
     let mut tail = wallet::journal::tail::JournalTail::new(&journal_dir(data));
     let mut records = Vec::new();
