@@ -143,7 +143,8 @@ struct ServeArgs {
     /// Tokens must carry this `iss` (issuer) claim.
     #[arg(long)]
     jwt_issuer: Option<String>,
-    /// Requests per second per caller (0: no limit); over it: 429 with Retry-After.
+    /// Requests per second per caller, a batch counting one per transfer (0: no limit); over
+    /// it: 429 with Retry-After. A batch of more transfers than this is a 400.
     #[arg(long, default_value_t = 0)]
     rate_limit_per_caller: u32,
     /// Transfers out of one account per second (0: no limit).

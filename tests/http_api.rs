@@ -634,6 +634,90 @@ fn a_panic_while_the_views_load_their_past_fails_them_by_name() {
     views_unavailable_but_writes_served(server);
 }
 
+/// The nice value of each of a process's threads whose name starts with `prefix`.
+fn thread_nices(pid: u32, prefix: &str) -> Vec<i64> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+            if !comm.starts_with(prefix) {
+                return None;
+            }
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            // Fields after the name's closing parenthesis, from the state (field 3): the
+            // nice value is field 19.
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.split_whitespace().nth(16)?.parse().ok()
+        })
+        .collect()
+}
+
+/// The read views' past is built at a low priority but merged in at the normal one: the
+/// merge holds the views' write lock, which the replies of every durable batch wait for (at
+/// nice 10 on a busy machine it got a tenth of a core meanwhile). A panic in the merge halts
+/// the server, as a panic applying a batch to the views does (it left the server running,
+/// answering 503 to every write it committed).
+#[test]
+fn the_views_past_is_merged_at_normal_priority_and_a_panic_there_halts_the_server() {
+    let dir = temp();
+    let server = Server::start(dir.path(), &[]);
+    let mut c = server.client();
+    open_a_and_b(&mut c);
+    assert!(server.stop().success());
+
+    let server = Server::start_listening_with_env(
+        dir.path(),
+        &[],
+        &[("WALLET_FAILPOINT", "views-merge-delay:2000")],
+    );
+    let pid = server.child.id();
+    // Thread names are cut to 15 bytes: "wallet-views-pa" is the merging thread.
+    let mut samples = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while samples.len() < 20 && std::time::Instant::now() < deadline {
+        samples.extend(thread_nices(pid, "wallet-views-pa"));
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(
+        samples.len() >= 20,
+        "the merging thread was seen {} times",
+        samples.len()
+    );
+    assert!(
+        samples.iter().all(|&nice| nice == 0),
+        "the merging thread's nice values: {samples:?}"
+    );
+    let readiness = readiness_once_ready(&server);
+    assert_eq!(readiness.status, 200, "{}", readiness.body);
+    assert!(server.stop().success());
+
+    let mut server = Server::start_listening_with_env(
+        dir.path(),
+        &[],
+        &[("WALLET_FAILPOINT", "views-merge-panic")],
+    );
+    let status = common::wait_with_timeout(&mut server.child, Duration::from_secs(20));
+    assert!(
+        !status.success(),
+        "a server whose views broke in the merge exited {status}"
+    );
+}
+
+/// `/readyz` once it is 200, or after 20 s.
+fn readiness_once_ready(server: &Server) -> common::Response {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = Client::connect(&server.address).get("/readyz");
+        if r.status == 200 || std::time::Instant::now() > deadline {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// With the read views failed: status reads answer 503 `views_unavailable`, and writes and
 /// balances are still served. Stops the server.
 fn views_unavailable_but_writes_served(server: Server) {

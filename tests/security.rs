@@ -631,9 +631,11 @@ fn rate_and_velocity_limits_answer_429_and_recover() {
         dir.path(),
         // `--sync none`: the velocity checks need three transfers within the 500 ms one
         // allowance takes to come back; an msync per transfer on a busy disk could outlast it.
+        // 6 requests a second: alice's first second takes 3 transfers, a retry and a batch of
+        // two retries (a batch counts one per transfer).
         &[
             "--rate-limit-per-caller",
-            "5",
+            "6",
             "--velocity-per-account",
             "2",
             "--sync",
@@ -760,6 +762,79 @@ fn rate_and_velocity_limits_answer_429_and_recover() {
     );
     assert_eq!(r.status, 200, "dave's allowance is whole: {}", r.body);
     assert_eq!(balance(&server, "dave"), 9_800);
+    assert!(server.stop().success());
+}
+
+/// The per-caller rate limit counts a batch one per transfer (a batch of 8,192 transfers was
+/// one request: a caller limited to 10 requests a second executed, and had the server
+/// remember, 80,000 ids a second), and a request refused for want of room on the server
+/// (`too_many_requests`, `overloaded`) gives its charge back, as the velocity limit does.
+#[test]
+fn the_callers_rate_limit_counts_a_batchs_transfers_and_not_refusals_for_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(
+        dir.path(),
+        &[
+            "--rate-limit-per-caller",
+            "10",
+            "--max-batches-in-flight",
+            "1",
+            "--sync",
+            "none",
+        ],
+    );
+    let mut admin = as_caller(&server, Some(token("ops", "wallet:admin")));
+    common::open(&mut admin, "alice");
+    common::open(&mut admin, "bob");
+    common::deposit(&mut admin, "alice", "100.00");
+    let mut alice = as_caller(&server, Some(token("alice", "wallet:transfer wallet:read")));
+    let batch = |n: usize| {
+        let items: Vec<serde_json::Value> = (0..n)
+            .map(|_| transfer_body("alice", "bob", "0.01", &uuid()))
+            .collect();
+        json!({ "transfers": items })
+    };
+    let over = alice.post("/v1/wallet/balance_transfers", &batch(11));
+    assert_eq!(over.status, 400, "{}", over.body);
+    assert_eq!(over.json()["error"]["field"], "transfers", "{}", over.body);
+    std::thread::sleep(Duration::from_millis(1100));
+    let eight = alice.post("/v1/wallet/balance_transfers", &batch(8));
+    assert_eq!(eight.status, 200, "{}", eight.body);
+    // 8 spent: a batch of 3 does not fit, and executes nothing.
+    let three = alice.post("/v1/wallet/balance_transfers", &batch(3));
+    assert_eq!(three.status, 429, "{}", three.body);
+    assert_eq!(three.json()["error"]["code"], "rate_limited");
+    assert!(three.header("retry-after").is_some());
+    assert_eq!(balance(&server, "alice"), 10_000 - 8);
+
+    // The server's one batch permit held by an admin's batch whose body is still arriving:
+    // alice's batches are refused for want of room, many times, and spend nothing.
+    std::thread::sleep(Duration::from_millis(1100));
+    let admin_token = token("ops", "wallet:admin");
+    let mut stalled = TcpStream::connect(&server.address).unwrap();
+    stalled
+        .write_all(
+            format!(
+                "POST /v1/wallet/balance_transfers HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {admin_token}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"transfers\":["
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..15 {
+        let r = alice.post("/v1/wallet/balance_transfers", &batch(1));
+        assert_eq!(r.status, 429, "{}", r.body);
+        assert_eq!(r.json()["error"]["code"], "too_many_requests", "{}", r.body);
+    }
+    drop(stalled);
+    std::thread::sleep(Duration::from_millis(300));
+    let after = alice.post("/v1/wallet/balance_transfers", &batch(9));
+    assert_eq!(
+        after.status, 200,
+        "the refusals for room spent alice's allowance: {}",
+        after.body
+    );
+    assert_eq!(balance(&server, "alice"), 10_000 - 8 - 9);
     assert!(server.stop().success());
 }
 

@@ -64,6 +64,8 @@ pub fn decode<'de, T: Deserialize<'de>>(body: &'de [u8]) -> Result<T, FieldError
                 field,
                 if field.ends_with(']') {
                     "expected an object, found a number (and one out of a float's range)"
+                } else if field == "transfers" {
+                    "expected a list, found a number (and one out of a float's range)"
                 } else {
                     "expected a string, found a number (and one out of a float's range)"
                 },
@@ -454,6 +456,10 @@ mod tests {
         let e = decode::<BatchRequest>(br#"{"transfers":[1e400]}"#).unwrap_err();
         assert_eq!(e.field, "transfers[0]", "{e:?}");
         assert!(e.message.contains("expected an object"), "{e:?}");
+        // The list itself given as such a number: a list was expected.
+        let e = decode::<BatchRequest>(br#"{"transfers":1e400}"#).unwrap_err();
+        assert_eq!(e.field, "transfers", "{e:?}");
+        assert!(e.message.contains("expected a list"), "{e:?}");
         // An open-account id is a string when it is there; left out, it is none.
         let e = decode::<super::OpenAccountRequest>(br#"{"account_id":"c","transaction_id":null}"#)
             .unwrap_err();

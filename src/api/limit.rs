@@ -30,8 +30,48 @@ pub struct KeyedLimiter {
     burst_ns: u64,
     /// Key -> theoretical arrival time, in nanoseconds since `epoch`. One lock, so that a
     /// charge over several keys is atomic.
-    arrivals: Mutex<HashMap<Box<str>, u64>>,
+    arrivals: Mutex<Arrivals>,
     epoch: Instant,
+}
+
+/// The keys' arrival times in two generations, so that idle keys are forgotten without a walk
+/// over the map under the lock: `rotate` makes `current` the `previous` generation in O(1) and
+/// hands the older one back to be dropped outside the lock (its memory returned). A key used
+/// again moves back to `current`. A key left in `previous` through a whole rotation was last
+/// charged before the rotation before it, at least `burst_ns` ago, so its arrival time (at most
+/// `burst_ns` past its last charge) has passed: forgetting it changes no answer.
+#[derive(Default)]
+struct Arrivals {
+    current: HashMap<Box<str>, u64>,
+    previous: HashMap<Box<str>, u64>,
+    /// When `previous` was made (nanoseconds since the epoch).
+    rotated_at: u64,
+}
+
+impl Arrivals {
+    /// The key's arrival time, moved into `current` if it was in `previous`.
+    fn take(&mut self, key: &str) -> Option<u64> {
+        if let Some(&at) = self.current.get(key) {
+            return Some(at);
+        }
+        let (key, at) = self.previous.remove_entry(key)?;
+        self.current.insert(key, at);
+        Some(at)
+    }
+}
+
+/// An older generation of a limiter's keys, forgotten: drop it where a long free does not hold
+/// up requests (its keys are all idle; the limiter's lock is not held).
+pub struct Forgotten(#[allow(dead_code)] HashMap<Box<str>, u64>);
+
+impl Forgotten {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 impl KeyedLimiter {
@@ -44,7 +84,7 @@ impl KeyedLimiter {
         Some(KeyedLimiter {
             interval_ns,
             burst_ns: interval_ns * u64::from(per_second),
-            arrivals: Mutex::new(HashMap::new()),
+            arrivals: Mutex::new(Arrivals::default()),
             epoch: Instant::now(),
         })
     }
@@ -76,24 +116,24 @@ impl KeyedLimiter {
         // The arrival times before this call, to put back if a later charge is refused.
         let mut before: Vec<(&str, Option<u64>)> = Vec::with_capacity(charges.len());
         for (index, &(key, n)) in charges.iter().enumerate() {
-            let previous = arrivals.get(key).copied();
+            let previous = arrivals.take(key);
             let start = previous.unwrap_or(0).max(now);
             let next = start.saturating_add(u64::from(n).saturating_mul(self.interval_ns));
             if next - now > self.burst_ns {
                 for (key, previous) in before.into_iter().rev() {
                     match previous {
                         Some(at) => {
-                            arrivals.insert(key.into(), at);
+                            arrivals.current.insert(key.into(), at);
                         }
                         None => {
-                            arrivals.remove(key);
+                            arrivals.current.remove(key);
                         }
                     }
                 }
                 return Err((index, Duration::from_nanos(next - now - self.burst_ns)));
             }
             before.push((key, previous));
-            arrivals.insert(key.into(), next);
+            arrivals.current.insert(key.into(), next);
             charged.push(next);
         }
         Ok(Charged(charged))
@@ -115,22 +155,52 @@ impl KeyedLimiter {
             let give = u64::from(n)
                 .saturating_mul(self.interval_ns)
                 .min(until.saturating_sub(now));
-            if let Some(at) = arrivals.get_mut(key) {
+            if let Some(at) = arrivals.current.get_mut(key) {
+                *at = at.saturating_sub(give);
+            } else if let Some(at) = arrivals.previous.get_mut(key) {
                 *at = at.saturating_sub(give);
             }
         }
     }
 
-    /// Forgets keys whose allowance is whole again (a key unused for a second), so that the map
-    /// holds only the keys active in the last second.
-    pub fn retain_recent(&self) {
-        let now = self.now_ns();
-        let mut arrivals = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
-        arrivals.retain(|_, at| *at > now);
+    /// Forgets the keys unused since the rotation before the last one, if that was a burst (one
+    /// second) or more ago: the limiter then holds only keys used in the last two seconds or so
+    /// when this is called every second. Under the lock it only swaps two maps; the forgotten
+    /// generation is handed back to be dropped elsewhere (`None` when it is too early).
+    /// Before, one `retain` walked every key under the lock every 10 s, holding up every
+    /// request's check for as long as millions of keys took, and kept the map's peak capacity.
+    pub fn rotate(&self) -> Option<Forgotten> {
+        self.rotate_at(self.now_ns())
     }
 
+    fn rotate_at(&self, now: u64) -> Option<Forgotten> {
+        let mut arrivals = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
+        // Not before a burst has passed since the last rotation: a key charged just after it
+        // may still be outstanding.
+        if now.saturating_sub(arrivals.rotated_at) < self.burst_ns {
+            return None;
+        }
+        let current = std::mem::take(&mut arrivals.current);
+        let older = std::mem::replace(&mut arrivals.previous, current);
+        arrivals.rotated_at = now;
+        Some(Forgotten(older))
+    }
+
+    /// Keys held, idle ones not forgotten yet included.
     pub fn keys(&self) -> usize {
-        self.arrivals.lock().map(|a| a.len()).unwrap_or(0)
+        self.arrivals
+            .lock()
+            .map(|a| a.current.len() + a.previous.len())
+            .unwrap_or(0)
+    }
+
+    /// Slots allocated for keys (the memory the limiter holds).
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
+        self.arrivals
+            .lock()
+            .map(|a| a.current.capacity() + a.previous.capacity())
+            .unwrap_or(0)
     }
 }
 
@@ -218,5 +288,57 @@ mod tests {
         // 500 ms after a charge of the whole burst: one unit back by itself, one refunded.
         assert!(limiter.check_all_at(at, &[("b", 2)]).is_ok());
         assert!(limiter.check_all_at(at, &[("b", 1)]).is_err());
+    }
+
+    /// Idle keys are forgotten within two rotations, and their memory with them; a key still
+    /// outstanding never is, however often `rotate` is called.
+    #[test]
+    fn idle_keys_are_forgotten_and_outstanding_ones_kept() {
+        let limiter = KeyedLimiter::per_second(10).expect("a limit");
+        let t = 10 * SECOND;
+        let names: Vec<String> = (0..100_000).map(|i| format!("acct-{i}")).collect();
+        for name in &names {
+            assert!(limiter.check_all_at(t, &[(name, 1)]).is_ok());
+        }
+        assert_eq!(limiter.keys(), 100_000);
+        let first = limiter.rotate_at(t + SECOND).expect("a second on: rotates");
+        assert!(first.is_empty(), "nothing older yet");
+        let forgotten = limiter
+            .rotate_at(t + 2 * SECOND)
+            .expect("another second on: rotates");
+        assert_eq!(forgotten.len(), 100_000, "every idle key forgotten");
+        drop(forgotten);
+        assert_eq!(limiter.keys(), 0);
+        assert_eq!(limiter.capacity(), 0, "the idle keys' memory is returned");
+
+        // `a` takes its whole burst just after a rotation: rotations sooner than a second
+        // after that one do nothing, so `a` stays charged until its arrival time.
+        let limiter = KeyedLimiter::per_second(4).expect("a limit");
+        assert!(limiter.rotate_at(t).is_some());
+        let at = t + SECOND / 10;
+        assert!(limiter.check_all_at(at, &[("a", 4)]).is_ok());
+        for step in 2..10 {
+            assert!(
+                limiter.rotate_at(t + step * SECOND / 10).is_none(),
+                "rotated {step}00 ms after the last rotation"
+            );
+        }
+        assert!(
+            limiter.check_all_at(t + SECOND / 2, &[("a", 3)]).is_err(),
+            "a's spent allowance was forgotten"
+        );
+        // Used again after one rotation, a key moves back to the current generation and
+        // survives the next one.
+        assert!(limiter.rotate_at(t + SECOND).is_some());
+        assert!(limiter.check_all_at(t + SECOND, &[("a", 1)]).is_ok());
+        let forgotten = limiter.rotate_at(t + 2 * SECOND).expect("rotates");
+        assert!(forgotten.is_empty(), "a was in use");
+        assert_eq!(limiter.keys(), 1, "a is kept");
+        // A refund reaches a key in the older generation.
+        let limiter = KeyedLimiter::per_second(2).expect("a limit");
+        let charged = limiter.check_all_at(t, &[("b", 2)]).expect("fits");
+        assert!(limiter.rotate_at(t + SECOND / 2).is_some());
+        limiter.refund_at(t + SECOND / 2, &[("b", 1, charged.until(0))]);
+        assert!(limiter.check_all_at(t + SECOND / 2, &[("b", 2)]).is_ok());
     }
 }

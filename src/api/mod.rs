@@ -773,17 +773,23 @@ pub async fn serve(
         http_malformed: std::sync::atomic::AtomicU64::new(0),
         submitter: engine.submitter(),
     });
-    // Keyed limiters keep a cell per key; prune idle ones so the map stays bounded.
+    // Keyed limiters keep a cell per key; every second each forgets the keys idle since its
+    // rotation before last (so it holds about two seconds of keys), and the forgotten ones are
+    // freed on a blocking thread: millions of keys take a while to free.
     let pruning = {
         let app = app.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(10)).await;
-                if let Some(l) = &app.caller_limiter {
-                    l.retain_recent();
-                }
-                if let Some(l) = &app.velocity_limiter {
-                    l.retain_recent();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                for limiter in [&app.caller_limiter, &app.velocity_limiter]
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(forgotten) = limiter.rotate()
+                        && !forgotten.is_empty()
+                    {
+                        tokio::task::spawn_blocking(move || drop(forgotten));
+                    }
                 }
             }
         })
@@ -798,6 +804,7 @@ pub async fn serve(
             app.events_positions.clone(),
             journal_dir(&config.data_dir),
             recovered_end,
+            shared.clone(),
         );
     }
     // The same permits as during recovery: a connection taken then holds its permit until it
@@ -1057,34 +1064,66 @@ fn spawn_views_past(
     positions: Arc<metrics::TailPositions>,
     dir: PathBuf,
     end: u64,
+    shared: Arc<crate::engine::EngineShared>,
 ) {
     let failing = views.clone();
+    // Two threads: the build, long, at a low priority (`lower_priority`) so that it yields to
+    // the engine and the requests; and this one, which merges the past in at the normal
+    // priority, because the merge holds the views' write lock, which the reply stage takes for
+    // every durable batch: at nice 10 on a busy machine the merge got about a tenth of a core
+    // while every acknowledgement waited for it.
     let spawned = std::thread::Builder::new()
         .name("wallet-views-past".into())
         .spawn(move || {
-            crate::engine::follower::lower_priority();
             let started = std::time::Instant::now();
-            // Tests: `views-past-delay:<ms>` holds the views' past back that long (the window
-            // after a restart in which they do not know the journal's outcomes yet).
-            if let Some(ms) = crate::replicate::failpoint_value("views-past-delay") {
-                std::thread::sleep(Duration::from_millis(ms));
-            }
-            // A panic here would leave the views "still loading" for good: it fails them as an
-            // error does, and readers are told so.
-            let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                crate::replicate::failpoint_panic("views-past-panic");
-                build_views_past(&dir, end)
-            }))
-            .unwrap_or_else(|payload| {
-                Err(anyhow::anyhow!(
-                    "the read views' builder panicked: {}",
-                    crate::engine::panic_text(payload.as_ref())
-                ))
-            });
+            let build = std::thread::Builder::new()
+                .name("wallet-views-build".into())
+                .spawn(move || {
+                    crate::engine::follower::lower_priority();
+                    // Tests: `views-past-delay:<ms>` holds the views' past back that long (the
+                    // window after a restart in which they do not know the journal's outcomes
+                    // yet).
+                    if let Some(ms) = crate::replicate::failpoint_value("views-past-delay") {
+                        std::thread::sleep(Duration::from_millis(ms));
+                    }
+                    crate::replicate::failpoint_panic("views-past-panic");
+                    build_views_past(&dir, end)
+                });
+            // A panic in the build would leave the views "still loading" for good: it fails
+            // them as an error does, and readers are told so.
+            let built = match build {
+                Ok(handle) => handle.join().unwrap_or_else(|payload| {
+                    Err(anyhow::anyhow!(
+                        "the read views' builder panicked: {}",
+                        crate::engine::panic_text(payload.as_ref())
+                    ))
+                }),
+                Err(e) => Err(anyhow::anyhow!(
+                    "could not start the read views' builder: {e}"
+                )),
+            };
             match built {
                 Ok((past, passed)) => {
-                    positions.index(&passed);
-                    views.merge_past(past);
+                    // Tests: `views-merge-delay:<ms>` holds this thread that long before the
+                    // merge (its priority can be read meanwhile).
+                    if let Some(ms) = crate::replicate::failpoint_value("views-merge-delay") {
+                        std::thread::sleep(Duration::from_millis(ms));
+                    }
+                    // A panic in the merge leaves the views poisoned part-way: every answer
+                    // would be 503 while writes still commit. It halts the engine, as a panic
+                    // applying a batch to the views does.
+                    let merged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        positions.index(&passed);
+                        crate::replicate::failpoint_panic("views-merge-panic");
+                        views.merge_past(past);
+                    }));
+                    if let Err(payload) = merged {
+                        shared.halt(format!(
+                            "merging the read views' past panicked: {}",
+                            crate::engine::panic_text(payload.as_ref())
+                        ));
+                        return;
+                    }
                     tracing::info!(
                         seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
                         "read views complete (outcomes and history of the whole journal)"

@@ -188,6 +188,9 @@ pub struct Reply {
     body: Bytes,
     content_type: &'static str,
     headers: Vec<(&'static str, String)>,
+    /// Refused because the server was busy (requests or batches in flight, the engine's ring
+    /// full): nothing was done, so the caller's rate-limit charge is given back (`handle`).
+    busy: bool,
 }
 
 impl Reply {
@@ -197,6 +200,7 @@ impl Reply {
             body,
             content_type: "application/json",
             headers: Vec::new(),
+            busy: false,
         }
     }
 
@@ -206,6 +210,7 @@ impl Reply {
             body: Bytes::from(serde_json::to_vec(&value).unwrap_or_default()),
             content_type: "application/json",
             headers: Vec::new(),
+            busy: false,
         }
     }
 
@@ -215,6 +220,7 @@ impl Reply {
             body: body.into(),
             content_type,
             headers: Vec::new(),
+            busy: false,
         }
     }
 
@@ -231,6 +237,12 @@ impl Reply {
         self
     }
 
+    /// Marks a refusal for want of room on the server (see `busy`).
+    fn busy(mut self) -> Reply {
+        self.busy = true;
+        self
+    }
+
     fn overloaded() -> Reply {
         Reply::error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -238,6 +250,7 @@ impl Reply {
             "the engine is at capacity; retry later",
         )
         .with_header("retry-after", "1")
+        .busy()
     }
 
     /// A read while the views are broken (`Views::read`): 503, never their half-applied state.
@@ -299,6 +312,7 @@ impl Reply {
             "too many requests in flight; retry later",
         )
         .with_header("retry-after", "1")
+        .busy()
     }
 
     pub fn into_response(self) -> HttpResponse {
@@ -499,13 +513,13 @@ pub async fn handle(
         Err((_, reply)) => reply,
         Ok((route_index, params)) => {
             let route = &ROUTES[route_index];
-            let admitted = admit(&app, route_index, &peer, &request).and_then(|caller| {
+            let admitted = admit(&app, route_index, &peer, &request).and_then(|admitted| {
                 check_query(route, request.uri().query())?;
-                Ok((caller, decode_params(route.path, &params)?))
+                Ok((admitted, decode_params(route.path, &params)?))
             });
             match admitted {
                 Err(reply) => reply,
-                Ok((caller, params)) => {
+                Ok(((caller, charged), params)) => {
                     let timeout = app.config.request_timeout;
                     // A transaction id the server made up for the request (an account opened without
                     // one): a timed-out caller needs it to learn the outcome.
@@ -532,6 +546,13 @@ pub async fn handle(
                         )
                         .with_header("retry-after", "1"),
                     };
+                    // Refused for want of room: the caller retries, and that is not a second
+                    // request against its rate limit.
+                    if reply.busy
+                        && let (Some(limiter), Some(until)) = (&app.caller_limiter, charged)
+                    {
+                        limiter.refund(&[(&caller.sub, 1, until)]);
+                    }
                     match generated.get() {
                         Some(id) if reply.status == StatusCode::SERVICE_UNAVAILABLE => {
                             name_generated_id(reply, *id)
@@ -673,14 +694,16 @@ fn check_host(
     Ok(())
 }
 
-/// Authentication and the per-caller rate limit. Every refusal is audit-logged (caller, route,
-/// reason; never the token).
+/// Authentication and the per-caller rate limit: the caller, and the arrival time its rate
+/// limit's charge for this request left (`limit::Charged::until`), to give it back if the
+/// request is refused for want of room (`Reply::busy`). Every refusal is audit-logged (caller,
+/// route, reason; never the token).
 fn admit(
     app: &App,
     route: usize,
     peer: &str,
     request: &Request<linger::Body>,
-) -> Result<Caller, Reply> {
+) -> Result<(Caller, Option<u64>), Reply> {
     // With authentication off every caller is an admin, so the request must be addressed to a
     // loopback name: a web page whose name an attacker re-resolved to 127.0.0.1 (DNS rebinding)
     // reaches this port from the user's browser, but with its own name in `Host`. A request
@@ -693,7 +716,7 @@ fn admit(
         check_host(request.headers(), request.uri(), peer, ROUTES[route].name)?;
     }
     if public {
-        return Ok(Caller::unauthenticated(peer));
+        return Ok((Caller::unauthenticated(peer), None));
     }
     // One Authorization header, of visible ASCII: a second one (which a proxy in front may
     // have checked instead) or a byte outside it is refused by name, not read as no token.
@@ -714,18 +737,22 @@ fn admit(
         tracing::warn!(target: "audit", caller = %peer, route = ROUTES[route].name, reason = %e, "authentication refused");
         Reply::error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()).with_header("www-authenticate", e.challenge())
     })?;
-    if let Some(limiter) = &app.caller_limiter
-        && let Err(wait) = limiter.check(&caller.sub, 1)
-    {
-        tracing::warn!(target: "audit", caller = %caller.sub, route = ROUTES[route].name, reason = "rate limit", "request refused");
-        return Err(Reply::error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "too many requests from this caller",
-        )
-        .with_header("retry-after", retry_after(wait)));
-    }
-    Ok(caller)
+    let charged = match &app.caller_limiter {
+        None => None,
+        Some(limiter) => match limiter.check_all(&[(&caller.sub, 1)]) {
+            Ok(charged) => Some(charged.until(0)),
+            Err((_, wait)) => {
+                tracing::warn!(target: "audit", caller = %caller.sub, route = ROUTES[route].name, reason = "rate limit", "request refused");
+                return Err(Reply::error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    "too many requests from this caller",
+                )
+                .with_header("retry-after", retry_after(wait)));
+            }
+        },
+    };
+    Ok((caller, charged))
 }
 
 /// Refuses (403) and audit-logs an authorization failure. `needs` is the scope that would
@@ -862,7 +889,8 @@ async fn dispatch(
                             app.config.max_batches_in_flight
                         ),
                     )
-                    .with_header("retry-after", "1");
+                    .with_header("retry-after", "1")
+                    .busy();
                 };
                 let share = (app.config.max_batches_in_flight / 4).max(1);
                 let Some(held) = CallerBatches::take(app, caller, share) else {
@@ -1605,6 +1633,21 @@ async fn transfer_batch(
     if request.transfers.is_empty() || request.transfers.len() > max {
         return size_error();
     }
+    // The per-caller rate limit counts a batch's transfers one by one (its request took the
+    // first): a batch is as much work, and as many remembered ids, as that many requests. One
+    // that the limit can never let through at once is wrong for good: a 400, as for velocity.
+    if let Some(limit) = std::num::NonZeroU32::new(app.config.rate_limit_per_caller)
+        && request.transfers.len() > limit.get() as usize
+    {
+        return Reply::field(FieldError::new(
+            "invalid_request",
+            "transfers",
+            format!(
+                "holds {} transfers, more than this caller's rate limit of {limit} per second lets through at once",
+                request.transfers.len()
+            ),
+        ));
+    }
     let timestamp = now_ns();
     let mut commands = Vec::with_capacity(request.transfers.len());
     // Each transaction id once per batch: a repeat would be answered as a replay of the
@@ -1693,8 +1736,37 @@ async fn transfer_batch(
             Err(reply) => return reply,
         }
     }
+    // The rest of the batch against the caller's rate limit, once it is otherwise admitted.
+    let mut caller_charge: Option<(u32, u64)> = None;
+    if let Some(limiter) = &app.caller_limiter
+        && commands.len() > 1
+    {
+        let rest = (commands.len() - 1) as u32;
+        match limiter.check_all(&[(&caller.sub, rest)]) {
+            Ok(charged) => caller_charge = Some((rest, charged.until(0))),
+            Err((_, wait)) => {
+                refund_velocity(app, &charges);
+                tracing::warn!(target: "audit", caller = %caller.sub, transfers = commands.len(), reason = "rate limit", "batch refused");
+                return Reply::error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    &format!(
+                        "a batch of {} transfers is more than this caller's rate limit has left now",
+                        commands.len()
+                    ),
+                )
+                .with_header("retry-after", retry_after(wait));
+            }
+        }
+    }
+    let refund_caller = || {
+        if let (Some(limiter), Some((rest, until))) = (&app.caller_limiter, caller_charge) {
+            limiter.refund(&[(&caller.sub, rest, until)]);
+        }
+    };
     let Some((slot, receiver)) = app.waiters.wait_batch(commands.len()) else {
         refund_velocity(app, &charges);
+        refund_caller();
         return Reply::too_many();
     };
     let tagged: Vec<(Command, u64)> = commands
@@ -1709,6 +1781,7 @@ async fn transfer_batch(
     if submitted.is_err() {
         app.waiters.cancel(slot);
         refund_velocity(app, &charges);
+        refund_caller();
         return Reply::overloaded();
     }
     let Ok(results) = receiver.await else {

@@ -334,7 +334,8 @@ pub struct EngineShared {
 
 impl EngineShared {
     /// Stops acknowledging for good. The first reason is kept (and logged); later ones are not.
-    fn halt(&self, reason: String) {
+    /// Also used by `serve` when its read views break outside the reply stage.
+    pub fn halt(&self, reason: String) {
         let first = match self.halt_reason.lock() {
             Ok(mut slot) if slot.is_none() => {
                 *slot = Some(reason.clone());
