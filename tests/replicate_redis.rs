@@ -611,6 +611,25 @@ fn redis_node_down_during_load_catches_up() {
     assert!(started.elapsed() < Duration::from_secs(30));
     assert_succeeded(&cluster.replicate_once(&[], &[]));
     cluster.assert_reconciled();
+    // The report counts the events this run replicated (it printed the journal's end
+    // sequence: "replicated 20499919 events" for none).
+    let replicated = |out: &Output| {
+        assert_succeeded(out);
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let stdout = replicated(&cluster.replicate_once(&[], &[]));
+    assert!(stdout.starts_with("replicated 0 events"), "{stdout}");
+    let before = cluster.journal_last_seq();
+    transfers(&mut client, 300, 500, 41);
+    let new = cluster.journal_last_seq() - before;
+    let stdout = replicated(&cluster.replicate_once(&[], &[]));
+    assert!(
+        stdout.starts_with(&format!(
+            "replicated {new} events (sequences {}..",
+            before + 1
+        )),
+        "{stdout}"
+    );
     assert!(server.stop().success(), "the server did not stop cleanly");
 }
 

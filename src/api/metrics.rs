@@ -130,9 +130,11 @@ impl Metrics {
 
 /// Journal positions (`TailPosition`s by their next sequence) an event-stream read from the
 /// journal resumes at, the nearest at or before where it starts: where earlier reads ended
-/// (bounded: the oldest go first, as consumers move forward), and an index of the journal
-/// before the start that the read views' rebuild passed (about one position per 65,536 events,
-/// some 80 bytes each in the map: about 120 KB for 50 M transfers).
+/// (bounded: the oldest go first, as consumers move forward), and an index of the journal:
+/// positions the read views' rebuild passed before the start (about one per 65,536 events),
+/// and those a read from the journal passed on its way to where it started (one per
+/// `EVENTS_INDEX_EVERY` events of the routes, 16,384), some 80 bytes each in the map: at most
+/// about 1 MB for 50 M transfers.
 #[derive(Default)]
 pub struct TailPositions {
     positions:

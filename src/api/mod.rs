@@ -497,11 +497,16 @@ impl ReplySink for ApiSink {
 
 impl ApiSink {
     fn flush(&mut self) {
-        // Views first, so that a caller who reads right after its reply sees its own write.
-        self.views.apply_batch(&self.batch);
+        // Views first, so that a caller who reads right after its reply sees its own write;
+        // the callers before the waits on the views (long polls of the event stream, reads
+        // with `min_seq`), however many those are.
+        let applied = self.views.apply_batch_quietly(&self.batch);
         self.batch.clear();
         for (token, delivered) in self.pending.drain(..) {
             self.waiters.deliver(token, delivered);
+        }
+        if applied {
+            self.views.announce();
         }
     }
 }
@@ -1587,6 +1592,69 @@ async fn claim_leadership(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reply stage wakes a batch's callers before the waits on the views: with a thousand
+    /// long polls of the event stream parked, a payer's answer waited behind all of them
+    /// (30-37 ms against 1-2 ms with none).
+    #[test]
+    fn a_batchs_callers_are_woken_before_the_waits_on_the_views() {
+        use crate::core::{AccountId, Command, CommandKind, Ledger, LedgerConfig, TransactionId};
+        use std::task::{Context, Wake, Waker};
+        struct Woken(&'static str, Arc<std::sync::Mutex<Vec<&'static str>>>);
+        impl Wake for Woken {
+            fn wake(self: Arc<Self>) {
+                self.1.lock().expect("order").push(self.0);
+            }
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        let _entered = runtime.enter();
+        let mut ledger = Ledger::new(LedgerConfig::default());
+        let views = Views::from_ledger(&ledger);
+        let waiters = Arc::new(Waiters::new(4));
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let waker = |name| Waker::from(Arc::new(Woken(name, order.clone())));
+
+        let mut poll = Box::pin(views.wait_for(1, Duration::from_secs(60)));
+        let poll_waker = waker("long poll");
+        assert!(
+            poll.as_mut()
+                .poll(&mut Context::from_waker(&poll_waker))
+                .is_pending()
+        );
+        let (slot, mut receiver) = waiters.wait_single().expect("a slot");
+        let caller_waker = waker("caller");
+        assert!(
+            std::pin::Pin::new(&mut receiver)
+                .poll(&mut Context::from_waker(&caller_waker))
+                .is_pending()
+        );
+
+        let record = ledger.execute(&Command {
+            transaction_id: TransactionId(7),
+            timestamp_ns: 1,
+            kind: CommandKind::OpenAccount {
+                account: AccountId::new("a").expect("id"),
+            },
+        });
+        let mut sink = ApiSink {
+            views: views.clone(),
+            waiters: waiters.clone(),
+            batch: vec![record],
+            pending: vec![(
+                crate::api::waiters::token(slot, 0),
+                Delivered {
+                    record,
+                    durable: true,
+                },
+            )],
+        };
+        sink.flush();
+        assert_eq!(*order.lock().expect("order"), ["caller", "long poll"]);
+        assert_eq!(views.applied_seq(), 1);
+    }
 
     #[test]
     fn the_automatic_id_limit_fills_three_quarters_of_ram_within_the_tables_reach() {

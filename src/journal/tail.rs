@@ -136,6 +136,11 @@ pub struct JournalTail {
     bytes_read: u64,
     /// Times this tail listed the journal directory.
     listings: u64,
+    /// While records before `start_seq` are skipped, a position is kept every this many events
+    /// of them (0: none), in `passed`: a reader can index them for later reads
+    /// (`note_passed_every`, `take_passed`).
+    passed_every: u64,
+    passed: Vec<TailPosition>,
 }
 
 const MIN_READ_BYTES: usize = 64 << 10;
@@ -160,6 +165,8 @@ impl JournalTail {
             start_seq: 1,
             bytes_read: 0,
             listings: 0,
+            passed_every: 0,
+            passed: Vec::new(),
         }
     }
 
@@ -245,6 +252,19 @@ impl JournalTail {
         }
         self.start_seq = seq.max(1);
         Ok(())
+    }
+
+    /// Keeps a position about every `events` events of the records skipped before the start
+    /// (`start_at`, `resume_at`), for `take_passed`. An event-stream read deep into a segment
+    /// scans it from the start once; its positions then let later reads anywhere before that
+    /// point resume near where they ask.
+    pub fn note_passed_every(&mut self, events: u64) {
+        self.passed_every = events;
+    }
+
+    /// The positions kept while skipping (`note_passed_every`), in sequence order.
+    pub fn take_passed(&mut self) -> Vec<TailPosition> {
+        std::mem::take(&mut self.passed)
     }
 
     /// The durable watermark this tail obeys (`None`: the journal has no durable file).
@@ -519,6 +539,21 @@ impl JournalTail {
                         if let Some(chains) = chains.as_deref_mut() {
                             chains.push(frame.crc);
                         }
+                    } else if self.passed_every > 0
+                        && self.next_seq
+                            >= self
+                                .passed
+                                .last()
+                                .map_or(segment.first_seq, |p| p.next_seq)
+                                .saturating_add(self.passed_every)
+                    {
+                        // A record boundary, as `position` gives one.
+                        self.passed.push(TailPosition {
+                            next_seq: self.next_seq,
+                            segment_first_seq: segment.first_seq,
+                            offset: segment.offset + (at + frame.length) as u64,
+                            last_crc: self.last_crc,
+                        });
                     }
                     at += frame.length;
                 }

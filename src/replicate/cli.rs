@@ -295,10 +295,17 @@ pub fn run_replicate(args: ReplicateArgs) -> anyhow::Result<ExitCode> {
         idle_check: std::time::Duration::from_millis(args.idle_check_ms),
     };
     let report = runtime()?.block_on(super::redis::run(&options))?;
+    if report.events == 0 {
+        println!(
+            "replicated 0 events: the {} Redis nodes were at sequence {} already",
+            report.nodes, report.last_seq
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "replicated {} events (sequences {}..{}) into {} Redis nodes in {:.3} s: {:.0} events/s, lag at most {} ms",
         report.events,
-        report.first_seq.min(report.last_seq),
+        report.first_seq,
         report.last_seq,
         report.nodes,
         report.elapsed.as_secs_f64(),

@@ -2535,7 +2535,9 @@ pub async fn run(options: &ReplicateOptions) -> anyhow::Result<Report> {
     Ok(Report {
         first_seq: resume + 1,
         last_seq: replicator.dir.seq,
-        events: replicator.dir.seq,
+        // What the nodes did not hold before (events read to rebuild the replicator's own
+        // copy of the balances are not counted).
+        events: replicator.dir.seq.saturating_sub(resume),
         elapsed: started.elapsed(),
         nodes: replicator.nodes.len(),
         lag_max: replicator.lag_max.max(replicator.lag()),
