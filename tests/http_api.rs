@@ -634,6 +634,68 @@ fn a_panic_while_the_views_load_their_past_fails_them_by_name() {
     views_unavailable_but_writes_served(server);
 }
 
+/// With every connection slot held by event-stream long polls, the operations routes are
+/// still answered on a connection over the limit (a liveness probe found the loaded server
+/// dead, and metrics went blind); any other request there is refused 503
+/// `too_many_connections` as before, and so is a connection that sends nothing.
+#[test]
+fn over_the_connection_limit_the_operations_routes_are_still_answered() {
+    let dir = temp();
+    let server = Server::start(dir.path(), &["--max-connections", "2"]);
+    let mut c = server.client();
+    open_a_and_b(&mut c);
+    let end = metric(&c.get("/metrics").body, "wallet_durable_sequence").expect("sequence");
+    drop(c);
+    std::thread::sleep(Duration::from_millis(200));
+    let polls: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(&server.address).unwrap();
+            std::io::Write::write_all(
+                &mut s,
+                format!(
+                    "GET /v1/wallet/events?from_seq={}&wait_ms=8000 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+                    end + 1
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let get = |path: &str| {
+        raw_request(
+            &server,
+            &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
+        )
+    };
+    let health = get("/healthz");
+    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+    let ready = get("/readyz?probe=1");
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    let metrics = get("/metrics");
+    assert_eq!(metrics.status, 200, "{}", metrics.body);
+    assert!(metric(&metrics.body, "wallet_durable_sequence").is_some());
+    let account = get("/v1/wallet/accounts/a");
+    assert_eq!(account.status, 503, "{}", account.body);
+    assert_eq!(account.json()["error"]["code"], "too_many_connections");
+    // Addressed to another host with authentication off: refused as on any connection.
+    let elsewhere = raw_request(
+        &server,
+        "GET /metrics HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+    );
+    assert_eq!(elsewhere.status, 403, "{}", elsewhere.body);
+    // A connection that sends nothing still gets its 503.
+    let mut silent = std::net::TcpStream::connect(&server.address).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let refused = common::read_response(&mut silent).expect("an answer");
+    assert_eq!(refused.status, 503);
+    drop(polls);
+    assert!(server.stop().success());
+}
+
 /// The nice value of each of a process's threads whose name starts with `prefix`.
 fn thread_nices(pid: u32, prefix: &str) -> Vec<i64> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {

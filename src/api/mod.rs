@@ -860,14 +860,16 @@ pub async fn serve(
             // Shorter than a served connection's: a client that stalls its handshake holds
             // one of the few refusal slots.
             let handshake_timeout = config.header_read_timeout.min(Duration::from_secs(1));
+            let app = app.clone();
+            let peer: Arc<str> = peer.ip().to_string().into();
             tokio::spawn(async move {
                 match acceptor {
-                    None => answer_over_limit(stream).await,
+                    None => answer_over_limit(stream, app, peer).await,
                     Some(acceptor) => {
                         if let Ok(Ok(stream)) =
                             tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
                         {
-                            answer_over_limit(stream).await;
+                            answer_over_limit(stream, app, peer).await;
                         }
                     }
                 }
@@ -1307,15 +1309,50 @@ fn serve_starting(
 /// Connections over `--max-connections` answered 503 at the same time, at most.
 const OVER_LIMIT_ANSWERS: usize = 64;
 
-/// The answer to a connection over the connection limit: 503 with `Retry-After`, then close.
-/// The request is read (for up to 250 ms) after the answer is written and the write side
-/// shut, so that closing with it unread does not reset the connection before the client has
-/// read the answer.
-async fn answer_over_limit<S>(mut stream: S)
+/// How long a connection over the connection limit has to send its request head, to be served
+/// if it asks for an operations route; then it is answered 503 anyway.
+const OVER_LIMIT_HEAD_WAIT: Duration = Duration::from_millis(100);
+
+/// The answer to a connection over the connection limit: an operations route (`/healthz`,
+/// `/readyz`, `/metrics`: `routes::operations_over_limit`) asked for within
+/// `OVER_LIMIT_HEAD_WAIT` is answered, anything else 503 with `Retry-After`, then close. The
+/// request is read (for up to 250 ms) after the answer is written and the write side shut, so
+/// that closing with it unread does not reset the connection before the client has read the
+/// answer.
+async fn answer_over_limit<S>(mut stream: S, app: Arc<App>, peer: Arc<str>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     use tokio::io::AsyncReadExt;
+    let mut head = Vec::with_capacity(1024);
+    let deadline = tokio::time::Instant::now() + OVER_LIMIT_HEAD_WAIT;
+    let mut operations = None;
+    while head.len() < 8192 {
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut head)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => break,
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&head) {
+            Ok(httparse::Status::Partial) => continue,
+            Ok(httparse::Status::Complete(_)) => {
+                operations = routes::operations_over_limit(&app, &peer, &request);
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    if let Some(answer) = operations {
+        let _ = tokio::time::timeout(Duration::from_millis(250), async {
+            if stream.write_all(&answer).await.is_ok() && stream.shutdown().await.is_ok() {
+                let mut sink = [0u8; 4096];
+                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+            }
+        })
+        .await;
+        return;
+    }
     // The error shape of every other answer, so that a client reads its code.
     const BODY: &str = r#"{"error":{"code":"too_many_connections","message":"the server holds as many connections as --max-connections allows; retry after Retry-After"}}"#;
     let answer = format!(

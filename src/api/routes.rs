@@ -802,18 +802,9 @@ fn name_generated_id(mut reply: Reply, id: TransactionId) -> Reply {
     reply
 }
 
-async fn dispatch(
-    app: &App,
-    submitter: &std::sync::Mutex<Submitter>,
-    caller: &Caller,
-    route: usize,
-    params: Vec<String>,
-    request: Request<linger::Body>,
-    generated: &std::sync::OnceLock<TransactionId>,
-) -> Reply {
-    let query = request.uri().query().map(str::to_string);
-    let query = query.as_deref();
-    match ROUTES[route].name {
+/// The answer of an operations route: `healthz`, `readyz` or (any other name) `metrics`.
+fn operations(app: &App, name: &str) -> Reply {
+    match name {
         "healthz" => Reply::text(StatusCode::OK, "text/plain", "ok\n"),
         "readyz" => {
             if let Some(reason) = app.shared.halt_reason() {
@@ -847,11 +838,78 @@ async fn dispatch(
                 Reply::text(StatusCode::OK, "text/plain", "ready\n")
             }
         }
-        "metrics" => Reply::text(
+        _ => Reply::text(
             StatusCode::OK,
             "text/plain; version=0.0.4",
             app.render_metrics(),
         ),
+    }
+}
+
+/// The answer, as HTTP/1.1 bytes that close the connection, to a `GET` of an operations route
+/// (`/healthz`, `/readyz`, `/metrics`) on a connection over `--max-connections`: a liveness
+/// probe or a metrics scrape must not find a loaded server dead because long polls hold every
+/// connection. `None` for any other request (answered `too_many_connections`). With
+/// authentication off, the Host checks apply as on any connection.
+pub fn operations_over_limit(app: &App, peer: &str, head: &httparse::Request) -> Option<Vec<u8>> {
+    if head.method != Some("GET") {
+        return None;
+    }
+    let target = head.path?;
+    let name = match target.split('?').next()? {
+        "/healthz" => "healthz",
+        "/readyz" => "readyz",
+        "/metrics" => "metrics",
+        _ => return None,
+    };
+    let route = ROUTES.iter().position(|r| r.name == name)?;
+    let started = Instant::now();
+    let uri: hyper::Uri = target.parse().ok()?;
+    let mut headers = hyper::HeaderMap::new();
+    for header in head.headers.iter() {
+        let name = hyper::header::HeaderName::from_bytes(header.name.as_bytes()).ok()?;
+        headers.append(name, HeaderValue::from_bytes(header.value).ok()?);
+    }
+    let reply = if app.config.auth.is_none() {
+        check_host(&headers, &uri, peer, name).err()
+    } else {
+        None
+    }
+    .unwrap_or_else(|| operations(app, name));
+    app.metrics.record(
+        route,
+        reply.status.as_u16(),
+        started.elapsed().as_micros() as u64,
+    );
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        reply.status.as_u16(),
+        reply.status.canonical_reason().unwrap_or(""),
+        reply.content_type,
+        reply.body.len()
+    );
+    for (name, value) in &reply.headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str("\r\n");
+    let mut out = out.into_bytes();
+    out.extend_from_slice(&reply.body);
+    Some(out)
+}
+
+async fn dispatch(
+    app: &App,
+    submitter: &std::sync::Mutex<Submitter>,
+    caller: &Caller,
+    route: usize,
+    params: Vec<String>,
+    request: Request<linger::Body>,
+    generated: &std::sync::OnceLock<TransactionId>,
+) -> Reply {
+    let query = request.uri().query().map(str::to_string);
+    let query = query.as_deref();
+    match ROUTES[route].name {
+        name @ ("healthz" | "readyz" | "metrics") => operations(app, name),
         "openapi" => Reply::text(StatusCode::OK, "application/json", app.openapi_json.clone()),
         "account" => account(app, caller, &params[0], query).await,
         "history" => history(app, caller, &params[0], query).await,
