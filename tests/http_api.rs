@@ -671,6 +671,22 @@ fn over_the_connection_limit_the_operations_routes_are_still_answered() {
     };
     let health = get("/healthz");
     assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+    // HEAD: the head alone (its Content-Length that of the GET), then the close.
+    let mut stream = std::net::TcpStream::connect(&server.address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    std::io::Write::write_all(
+        &mut stream,
+        b"HEAD /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = String::new();
+    let _ = std::io::Read::read_to_string(&mut stream, &mut head);
+    assert!(
+        head.starts_with("HTTP/1.1 200") && head.ends_with("\r\n\r\n"),
+        "{head:?}"
+    );
     let ready = get("/readyz?probe=1");
     assert_eq!(ready.status, 200, "{}", ready.body);
     let metrics = get("/metrics");

@@ -4067,3 +4067,47 @@ fn a_file_named_like_a_segment_but_not_one_is_refused() {
     }
     assert!(recover_plain(data).is_ok());
 }
+
+/// A tail skipping to its start keeps (`note_passed_every(E)`) the first record boundary at or
+/// after each multiple of E: the same positions whatever it started or resumed from, so the
+/// event stream's index of them holds one per multiple. Measured from where each read began,
+/// every read resumed off that grid added a position of its own to an index never pruned.
+#[test]
+fn a_tail_keeps_the_positions_it_skips_on_a_fixed_grid() {
+    use wallet::journal::tail::{JournalTail, TailPosition};
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path();
+    fresh_journal(data, 64 << 20, 0..6_000, 10);
+    let journal = journal_dir(data);
+    // Skips to `start` (from the segment's start, or resumed at `from`) and reads one record:
+    // the positions kept, and where the tail stands after the record.
+    let skip_to = |start: u64, from: Option<TailPosition>| {
+        let mut tail = JournalTail::new(&journal);
+        tail.note_passed_every(500);
+        match from {
+            Some(position) => tail.resume_at(position, start),
+            None => tail.start_at(start),
+        }
+        .expect("start");
+        let mut records = Vec::new();
+        tail.fetch_records(1, &mut records).expect("fetch");
+        let record = records.first().expect("a record");
+        assert!((start..start + 2).contains(&record.first_seq), "{record:?}");
+        (tail.take_passed(), tail.position().expect("a position"))
+    };
+    let (grid, _) = skip_to(4_001, None);
+    let multiples: Vec<u64> = grid.iter().map(|p| p.next_seq / 500).collect();
+    assert_eq!(multiples, (1..=8).collect::<Vec<u64>>(), "{grid:?}");
+    // Off the grid: where a read of sequence 1,234 ended.
+    let (_, off_grid) = skip_to(1_234, None);
+    assert!(off_grid.next_seq % 500 != 0);
+    for start in [4_001, 3_001, 4_002] {
+        let (kept, _) = skip_to(start, Some(off_grid));
+        assert!(!kept.is_empty());
+        assert!(
+            kept.iter().all(|p| grid.contains(p)),
+            "resumed at {} to {start}: {kept:?} is off the grid {grid:?}",
+            off_grid.next_seq
+        );
+    }
+}

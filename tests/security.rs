@@ -800,11 +800,11 @@ fn the_callers_rate_limit_counts_a_batchs_transfers_and_not_refusals_for_room() 
     std::thread::sleep(Duration::from_millis(1100));
     let eight = alice.post("/v1/wallet/balance_transfers", &batch(8));
     assert_eq!(eight.status, 200, "{}", eight.body);
-    // 8 spent: a batch of 3 does not fit, and executes nothing.
-    let three = alice.post("/v1/wallet/balance_transfers", &batch(3));
-    assert_eq!(three.status, 429, "{}", three.body);
-    assert_eq!(three.json()["error"]["code"], "rate_limited");
-    assert!(three.header("retry-after").is_some());
+    // 8 spent: a batch of 10 does not fit (for 800 ms), and executes nothing.
+    let ten = alice.post("/v1/wallet/balance_transfers", &batch(10));
+    assert_eq!(ten.status, 429, "{}", ten.body);
+    assert_eq!(ten.json()["error"]["code"], "rate_limited");
+    assert!(ten.header("retry-after").is_some());
     assert_eq!(balance(&server, "alice"), 10_000 - 8);
 
     // The server's one batch permit held by an admin's batch whose body is still arriving:

@@ -180,7 +180,10 @@ impl KeyedLimiter {
         if now.saturating_sub(arrivals.rotated_at) < self.burst_ns {
             return None;
         }
-        let current = std::mem::take(&mut arrivals.current);
+        // Sized for as many keys as the last second's: the keys in use move back one by one,
+        // and a map grown from empty would rehash them all again each second under the lock.
+        let capacity = arrivals.current.len();
+        let current = std::mem::replace(&mut arrivals.current, HashMap::with_capacity(capacity));
         let older = std::mem::replace(&mut arrivals.previous, current);
         arrivals.rotated_at = now;
         Some(Forgotten(older))
@@ -309,6 +312,9 @@ mod tests {
         assert_eq!(forgotten.len(), 100_000, "every idle key forgotten");
         drop(forgotten);
         assert_eq!(limiter.keys(), 0);
+        // The generation after the busy one was sized for its keys; once that one goes too,
+        // nothing is held.
+        assert!(limiter.rotate_at(t + 3 * SECOND).is_some());
         assert_eq!(limiter.capacity(), 0, "the idle keys' memory is returned");
 
         // `a` takes its whole burst just after a rotation: rotations sooner than a second

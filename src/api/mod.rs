@@ -432,7 +432,7 @@ impl App {
             ),
             (
                 "wallet_connections_refused_total",
-                "Connections refused over --max-connections (answered 503 too_many_connections, or closed unanswered; not in wallet_http_requests_total).",
+                "Connections over --max-connections (answered 503 too_many_connections, closed unanswered, or, asking for /healthz, /readyz or /metrics, answered; not in wallet_http_requests_total).",
                 self.connections_refused.load(Ordering::Relaxed),
             ),
             (

@@ -188,9 +188,11 @@ pub struct Reply {
     body: Bytes,
     content_type: &'static str,
     headers: Vec<(&'static str, String)>,
-    /// Refused because the server was busy (requests or batches in flight, the engine's ring
-    /// full): nothing was done, so the caller's rate-limit charge is given back (`handle`).
-    busy: bool,
+    /// Refused with nothing done, for want of room on the server (requests, batches or
+    /// event-stream journal reads in flight, the engine's ring full) or because the rest of a
+    /// batch did not fit the caller's allowance: the request's rate-limit charge is given back
+    /// (`handle`).
+    refund_charge: bool,
 }
 
 impl Reply {
@@ -200,7 +202,7 @@ impl Reply {
             body,
             content_type: "application/json",
             headers: Vec::new(),
-            busy: false,
+            refund_charge: false,
         }
     }
 
@@ -210,7 +212,7 @@ impl Reply {
             body: Bytes::from(serde_json::to_vec(&value).unwrap_or_default()),
             content_type: "application/json",
             headers: Vec::new(),
-            busy: false,
+            refund_charge: false,
         }
     }
 
@@ -220,7 +222,7 @@ impl Reply {
             body: body.into(),
             content_type,
             headers: Vec::new(),
-            busy: false,
+            refund_charge: false,
         }
     }
 
@@ -237,9 +239,9 @@ impl Reply {
         self
     }
 
-    /// Marks a refusal for want of room on the server (see `busy`).
-    fn busy(mut self) -> Reply {
-        self.busy = true;
+    /// Marks a refusal whose rate-limit charge is given back (see `refund_charge`).
+    fn refund_charge(mut self) -> Reply {
+        self.refund_charge = true;
         self
     }
 
@@ -250,7 +252,7 @@ impl Reply {
             "the engine is at capacity; retry later",
         )
         .with_header("retry-after", "1")
-        .busy()
+        .refund_charge()
     }
 
     /// A read while the views are broken (`Views::read`): 503, never their half-applied state.
@@ -312,7 +314,7 @@ impl Reply {
             "too many requests in flight; retry later",
         )
         .with_header("retry-after", "1")
-        .busy()
+        .refund_charge()
     }
 
     pub fn into_response(self) -> HttpResponse {
@@ -548,7 +550,7 @@ pub async fn handle(
                     };
                     // Refused for want of room: the caller retries, and that is not a second
                     // request against its rate limit.
-                    if reply.busy
+                    if reply.refund_charge
                         && let (Some(limiter), Some(until)) = (&app.caller_limiter, charged)
                     {
                         limiter.refund(&[(&caller.sub, 1, until)]);
@@ -696,7 +698,7 @@ fn check_host(
 
 /// Authentication and the per-caller rate limit: the caller, and the arrival time its rate
 /// limit's charge for this request left (`limit::Charged::until`), to give it back if the
-/// request is refused for want of room (`Reply::busy`). Every refusal is audit-logged (caller,
+/// request is refused with nothing done (`Reply::refund_charge`). Every refusal is audit-logged (caller,
 /// route, reason; never the token).
 fn admit(
     app: &App,
@@ -846,15 +848,18 @@ fn operations(app: &App, name: &str) -> Reply {
     }
 }
 
-/// The answer, as HTTP/1.1 bytes that close the connection, to a `GET` of an operations route
+/// The answer, as HTTP/1.1 bytes that close the connection, to a `GET` (or `HEAD`) of an
+/// operations route
 /// (`/healthz`, `/readyz`, `/metrics`) on a connection over `--max-connections`: a liveness
 /// probe or a metrics scrape must not find a loaded server dead because long polls hold every
 /// connection. `None` for any other request (answered `too_many_connections`). With
 /// authentication off, the Host checks apply as on any connection.
 pub fn operations_over_limit(app: &App, peer: &str, head: &httparse::Request) -> Option<Vec<u8>> {
-    if head.method != Some("GET") {
-        return None;
-    }
+    let with_body = match head.method {
+        Some("GET") => true,
+        Some("HEAD") => false,
+        _ => return None,
+    };
     let target = head.path?;
     let name = match target.split('?').next()? {
         "/healthz" => "healthz",
@@ -862,8 +867,6 @@ pub fn operations_over_limit(app: &App, peer: &str, head: &httparse::Request) ->
         "/metrics" => "metrics",
         _ => return None,
     };
-    let route = ROUTES.iter().position(|r| r.name == name)?;
-    let started = Instant::now();
     let uri: hyper::Uri = target.parse().ok()?;
     let mut headers = hyper::HeaderMap::new();
     for header in head.headers.iter() {
@@ -876,11 +879,8 @@ pub fn operations_over_limit(app: &App, peer: &str, head: &httparse::Request) ->
         None
     }
     .unwrap_or_else(|| operations(app, name));
-    app.metrics.record(
-        route,
-        reply.status.as_u16(),
-        started.elapsed().as_micros() as u64,
-    );
+    // Not counted in `wallet_http_requests_total`: the connection is counted in
+    // `wallet_connections_refused_total`.
     let mut out = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
         reply.status.as_u16(),
@@ -893,7 +893,9 @@ pub fn operations_over_limit(app: &App, peer: &str, head: &httparse::Request) ->
     }
     out.push_str("\r\n");
     let mut out = out.into_bytes();
-    out.extend_from_slice(&reply.body);
+    if with_body {
+        out.extend_from_slice(&reply.body);
+    }
     Some(out)
 }
 
@@ -948,7 +950,7 @@ async fn dispatch(
                         ),
                     )
                     .with_header("retry-after", "1")
-                    .busy();
+                    .refund_charge();
                 };
                 let share = (app.config.max_batches_in_flight / 4).max(1);
                 let Some(held) = CallerBatches::take(app, caller, share) else {
@@ -1805,6 +1807,8 @@ async fn transfer_batch(
             Err((_, wait)) => {
                 refund_velocity(app, &charges);
                 tracing::warn!(target: "audit", caller = %caller.sub, transfers = commands.len(), reason = "rate limit", "batch refused");
+                // The request's own unit back too: nothing was submitted (a request refused
+                // at `admit` spends nothing either).
                 return Reply::error(
                     StatusCode::TOO_MANY_REQUESTS,
                     "rate_limited",
@@ -1813,7 +1817,8 @@ async fn transfer_batch(
                         commands.len()
                     ),
                 )
-                .with_header("retry-after", retry_after(wait));
+                .with_header("retry-after", retry_after(wait))
+                .refund_charge();
             }
         }
     }
@@ -2237,7 +2242,8 @@ async fn events(app: &App, query: Option<&str>) -> Reply {
                     "too_many_requests",
                     "too many event-stream reads from the journal files at once; retry",
                 )
-                .with_header("retry-after", "1");
+                .with_header("retry-after", "1")
+                .refund_charge();
             };
             app.metrics
                 .events_journal_reads

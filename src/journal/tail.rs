@@ -255,7 +255,8 @@ impl JournalTail {
     }
 
     /// Keeps a position about every `events` events of the records skipped before the start
-    /// (`start_at`, `resume_at`), for `take_passed`. An event-stream read deep into a segment
+    /// (`start_at`, `resume_at`), for `take_passed`: the first record boundary at or after
+    /// each multiple of `events`. An event-stream read deep into a segment
     /// scans it from the start once; its positions then let later reads anywhere before that
     /// point resume near where they ask.
     pub fn note_passed_every(&mut self, events: u64) {
@@ -530,6 +531,7 @@ impl JournalTail {
                             frame.sequence
                         )
                     })?;
+                    let before = self.next_seq;
                     self.next_seq = record.next_seq();
                     self.last_crc = frame.crc;
                     self.last_record = Some(RecordId::of(&record));
@@ -540,14 +542,11 @@ impl JournalTail {
                             chains.push(frame.crc);
                         }
                     } else if self.passed_every > 0
-                        && self.next_seq
-                            >= self
-                                .passed
-                                .last()
-                                .map_or(segment.first_seq, |p| p.next_seq)
-                                .saturating_add(self.passed_every)
+                        && self.next_seq / self.passed_every > before / self.passed_every
                     {
-                        // A record boundary, as `position` gives one.
+                        // A record boundary, as `position` gives one: the first at or after
+                        // a multiple of `passed_every`, the same whatever the read started
+                        // from, so that reads keep at most one position per multiple.
                         self.passed.push(TailPosition {
                             next_seq: self.next_seq,
                             segment_first_seq: segment.first_seq,
