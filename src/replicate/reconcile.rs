@@ -99,7 +99,27 @@ async fn read_node(address: &str) -> anyhow::Result<NodeContent> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    bail!("node {address} kept changing while being read; stop the replicator or let it catch up")
+    Err(KeptChanging.into())
+}
+
+/// A node that changed under every one of its reads (a replicator writing to it): it could not
+/// be compared, which is not a difference found.
+#[derive(Debug, thiserror::Error)]
+#[error("it kept changing while being read (a replicator is writing to it)")]
+struct KeptChanging;
+
+/// The run's result from the differences found and the nodes that could not be compared
+/// because they kept changing: differences (exit 1) if there are any, otherwise, when a node
+/// could not be compared, an error (exit 2, "could not compare"), never "0 differences" or a
+/// count of differences that are not there.
+fn outcome(differences: u64, changing: &[String]) -> anyhow::Result<u64> {
+    if differences == 0 && !changing.is_empty() {
+        bail!(
+            "could not compare node(s) {}: they kept changing while being read; stop the replicator or the traffic, or let it catch up, and run again",
+            changing.join(", ")
+        );
+    }
+    Ok(differences)
 }
 
 /// Compares the nodes in `group` (indices into `nodes`, all at the ledger's current sequence,
@@ -213,6 +233,8 @@ pub async fn run(options: &ReconcileOptions) -> anyhow::Result<u64> {
         max_printed: options.max_printed,
     };
     let mut nodes = Vec::new();
+    // Nodes not compared because they kept changing (see `outcome`).
+    let mut changing: Vec<String> = Vec::new();
     let version = map.version.to_string();
     let mut readable = Vec::new();
     for (i, address) in map.nodes.iter().enumerate() {
@@ -228,7 +250,12 @@ pub async fn run(options: &ReconcileOptions) -> anyhow::Result<u64> {
                 nodes.push(content);
             }
             Err(e) => {
-                out.report(format!("node {address} unreadable: {e:#}"));
+                if e.downcast_ref::<KeptChanging>().is_some() {
+                    println!("note: node {address} not compared: {e:#}");
+                    changing.push(address.clone());
+                } else {
+                    out.report(format!("node {address} unreadable: {e:#}"));
+                }
                 nodes.push(NodeContent {
                     address: address.clone(),
                     applied_seq: 0,
@@ -315,5 +342,29 @@ pub async fn run(options: &ReconcileOptions) -> anyhow::Result<u64> {
         high,
         journal_last
     );
-    Ok(out.count)
+    outcome(out.count, &changing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node that kept changing under every read was counted as a difference (exit 1, "the
+    /// copy differs") when nothing had been compared: under steady traffic every node of a
+    /// large map did. It is now "could not compare" (exit 2) unless real differences were found.
+    #[test]
+    fn nodes_that_kept_changing_are_not_differences() {
+        let changing = vec!["127.0.0.1:6379".to_string()];
+        let error = outcome(0, &changing).expect_err("nothing compared is not a clean result");
+        assert!(error.to_string().contains("127.0.0.1:6379"), "{error}");
+        assert_eq!(
+            crate::replicate::reconcile_exit_code(outcome(0, &changing)),
+            std::process::ExitCode::from(2)
+        );
+        assert_eq!(outcome(3, &changing).expect("differences found"), 3);
+        assert_eq!(outcome(0, &[]).expect("clean"), 0);
+        // And the error a read gives up with is recognised as such.
+        let kept: anyhow::Error = KeptChanging.into();
+        assert!(kept.downcast_ref::<KeptChanging>().is_some());
+    }
 }
