@@ -597,16 +597,30 @@ fn a_batch_larger_than_the_ring_is_a_400_and_a_ring_size_that_is_not_a_power_of_
     }
 }
 
-/// `/readyz` once it says `failed: ` (the read views could not be rebuilt), or after 20 s.
-fn readiness_once_failed(server: &Server) -> common::Response {
+/// `/readyz` once `done` says so of its answer, or after 20 s.
+fn readiness_once(server: &Server, done: impl Fn(&common::Response) -> bool) -> common::Response {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let r = Client::connect(&server.address).get("/readyz");
-        if r.body.starts_with("failed: ") || std::time::Instant::now() > deadline {
+        if done(&r) || std::time::Instant::now() > deadline {
             return r;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `/readyz` once it says `failed: ` (the read views could not be rebuilt), or after 20 s.
+fn readiness_once_failed(server: &Server) -> common::Response {
+    readiness_once(server, |r| r.body.starts_with("failed: "))
+}
+
+/// A journal in `dir` holding accounts `a` and `b` (`open_a_and_b`), written by a server that
+/// stopped.
+fn journal_with_a_and_b(dir: &std::path::Path) {
+    let server = Server::start(dir, &[]);
+    let mut c = server.client();
+    open_a_and_b(&mut c);
+    assert!(server.stop().success());
 }
 
 /// A panic while the read views load the journal's past fails them as an error does (they
@@ -615,10 +629,7 @@ fn readiness_once_failed(server: &Server) -> common::Response {
 #[test]
 fn a_panic_while_the_views_load_their_past_fails_them_by_name() {
     let dir = temp();
-    let server = Server::start(dir.path(), &[]);
-    let mut c = server.client();
-    open_a_and_b(&mut c);
-    assert!(server.stop().success());
+    journal_with_a_and_b(dir.path());
     let server = Server::start_listening_with_env(
         dir.path(),
         &[],
@@ -741,10 +752,7 @@ fn thread_nices(pid: u32, prefix: &str) -> Vec<i64> {
 #[test]
 fn the_views_past_is_merged_at_normal_priority_and_a_panic_there_halts_the_server() {
     let dir = temp();
-    let server = Server::start(dir.path(), &[]);
-    let mut c = server.client();
-    open_a_and_b(&mut c);
-    assert!(server.stop().success());
+    journal_with_a_and_b(dir.path());
 
     let server = Server::start_listening_with_env(
         dir.path(),
@@ -768,7 +776,7 @@ fn the_views_past_is_merged_at_normal_priority_and_a_panic_there_halts_the_serve
         samples.iter().all(|&nice| nice == 0),
         "the merging thread's nice values: {samples:?}"
     );
-    let readiness = readiness_once_ready(&server);
+    let readiness = readiness_once(&server, |r| r.status == 200);
     assert_eq!(readiness.status, 200, "{}", readiness.body);
     assert!(server.stop().success());
 
@@ -782,18 +790,6 @@ fn the_views_past_is_merged_at_normal_priority_and_a_panic_there_halts_the_serve
         !status.success(),
         "a server whose views broke in the merge exited {status}"
     );
-}
-
-/// `/readyz` once it is 200, or after 20 s.
-fn readiness_once_ready(server: &Server) -> common::Response {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let r = Client::connect(&server.address).get("/readyz");
-        if r.status == 200 || std::time::Instant::now() > deadline {
-            return r;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// With the read views failed: status reads answer 503 `views_unavailable`, and writes and
