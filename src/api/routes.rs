@@ -548,8 +548,8 @@ pub async fn handle(
                         )
                         .with_header("retry-after", "1"),
                     };
-                    // Refused for want of room: the caller retries, and that is not a second
-                    // request against its rate limit.
+                    // Refused with nothing done (for want of room, say): the caller retries,
+                    // and that is not a second request against its rate limit.
                     if reply.refund_charge
                         && let (Some(limiter), Some(until)) = (&app.caller_limiter, charged)
                     {
@@ -698,8 +698,8 @@ fn check_host(
 
 /// Authentication and the per-caller rate limit: the caller, and the arrival time its rate
 /// limit's charge for this request left (`limit::Charged::until`), to give it back if the
-/// request is refused with nothing done (`Reply::refund_charge`). Every refusal is audit-logged (caller,
-/// route, reason; never the token).
+/// request is refused with nothing done (`Reply::refund_charge`). Every refusal is
+/// audit-logged (caller, route, reason; never the token).
 fn admit(
     app: &App,
     route: usize,
@@ -849,10 +849,9 @@ fn operations(app: &App, name: &str) -> Reply {
 }
 
 /// The answer, as HTTP/1.1 bytes that close the connection, to a `GET` (or `HEAD`) of an
-/// operations route
-/// (`/healthz`, `/readyz`, `/metrics`) on a connection over `--max-connections`: a liveness
-/// probe or a metrics scrape must not find a loaded server dead because long polls hold every
-/// connection. `None` for any other request (answered `too_many_connections`). With
+/// operations route (`/healthz`, `/readyz`, `/metrics`) on a connection over
+/// `--max-connections`: a liveness probe or a metrics scrape must not find a loaded server dead
+/// because long polls hold every connection. `None` for any other request (answered `too_many_connections`). With
 /// authentication off, the Host checks apply as on any connection.
 pub fn operations_over_limit(app: &App, peer: &str, head: &httparse::Request) -> Option<Vec<u8>> {
     let with_body = match head.method {
