@@ -3446,9 +3446,16 @@ fn command_line_mistakes_are_errors_naming_the_flag_not_panics_or_hangs() {
 fn journal_of_transfers(dir: &std::path::Path, batches: usize, per_batch: usize) {
     let server = Server::start(dir, &[]);
     let mut c = server.client();
-    open(&mut c, "a");
-    open(&mut c, "b");
-    deposit(&mut c, "a", "100000.00");
+    transfers_from_a_to_b(&mut c, batches, per_batch);
+    assert!(server.stop().success());
+}
+
+/// Opens `a` and `b`, funds `a`, then sends `batches` batches of `per_batch` transfers of 0.01
+/// from `a` to `b`.
+fn transfers_from_a_to_b(c: &mut Client, batches: usize, per_batch: usize) {
+    open(c, "a");
+    open(c, "b");
+    deposit(c, "a", "100000.00");
     for _ in 0..batches {
         let transfers: Vec<serde_json::Value> = (0..per_batch)
             .map(|_| transfer_body("a", "b", "0.01", &uuid()))
@@ -3459,7 +3466,17 @@ fn journal_of_transfers(dir: &std::path::Path, batches: usize, per_batch: usize)
         );
         assert_eq!(r.status, 200, "{}", r.body);
     }
-    assert!(server.stop().success());
+}
+
+/// `wallet_events_journal_bytes_total`: bytes the server read from the journal files for
+/// event-stream reads.
+fn events_journal_bytes(c: &mut Client) -> u64 {
+    let metrics = c.get("/metrics").body;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("wallet_events_journal_bytes_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no wallet_events_journal_bytes_total in {metrics}"))
 }
 
 /// After a restart, an event-stream read from far into a segment resumes at a position the
@@ -3481,24 +3498,16 @@ fn a_journal_read_of_the_event_stream_starts_near_where_it_was_asked() {
     );
     let server = Server::start(dir.path(), &[]);
     let mut c = server.client();
-    let bytes_read = |c: &mut Client| -> u64 {
-        let metrics = c.get("/metrics").body;
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("wallet_events_journal_bytes_total "))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no wallet_events_journal_bytes_total in {metrics}"))
-    };
     // 400,000 transfers after 3 records: event 700,001 is about 350,000 records (some 39 MB)
     // into the segment, and older than the in-memory window.
     for from_seq in [700_001u64, 700_001, 400_001, 790_001] {
-        let before = bytes_read(&mut c);
+        let before = events_journal_bytes(&mut c);
         let r = c.get(&format!("/v1/wallet/events?from_seq={from_seq}&limit=1"));
         assert_eq!(r.status, 200, "{}", r.body);
         let first: serde_json::Value =
             serde_json::from_str(r.body.lines().next().expect("one event")).expect("NDJSON");
         assert_eq!(first["sequence"], from_seq, "{}", r.body);
-        let read = bytes_read(&mut c) - before;
+        let read = events_journal_bytes(&mut c) - before;
         assert!(
             read > 0 && read < 12 << 20,
             "{read} bytes read from the journal to answer from_seq={from_seq}"
@@ -3516,38 +3525,18 @@ fn a_deep_event_stream_read_indexes_the_journal_it_skips() {
     let dir = temp();
     let server = Server::start(dir.path(), &[]);
     let mut c = server.client();
-    open(&mut c, "a");
-    open(&mut c, "b");
-    deposit(&mut c, "a", "100000.00");
-    for _ in 0..40 {
-        let transfers: Vec<serde_json::Value> = (0..5_000)
-            .map(|_| transfer_body("a", "b", "0.01", &uuid()))
-            .collect();
-        let r = c.post(
-            "/v1/wallet/balance_transfers",
-            &json!({ "transfers": transfers }),
-        );
-        assert_eq!(r.status, 200, "{}", r.body);
-    }
-    let bytes_read = |c: &mut Client| -> u64 {
-        let metrics = c.get("/metrics").body;
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("wallet_events_journal_bytes_total "))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no wallet_events_journal_bytes_total in {metrics}"))
-    };
+    transfers_from_a_to_b(&mut c, 40, 5_000);
     // 200,000 transfers after 3 records: event 250,001 is about 125,000 records (some 14 MB)
     // into the segment, older than the in-memory window (the last 65,536 records).
     let mut read = Vec::new();
     for from_seq in [250_001u64, 200_001, 100_001, 240_001] {
-        let before = bytes_read(&mut c);
+        let before = events_journal_bytes(&mut c);
         let r = c.get(&format!("/v1/wallet/events?from_seq={from_seq}&limit=1"));
         assert_eq!(r.status, 200, "{}", r.body);
         let first: serde_json::Value =
             serde_json::from_str(r.body.lines().next().expect("one event")).expect("NDJSON");
         assert_eq!(first["sequence"], from_seq, "{}", r.body);
-        read.push(bytes_read(&mut c) - before);
+        read.push(events_journal_bytes(&mut c) - before);
     }
     assert!(
         read[0] > 12 << 20,

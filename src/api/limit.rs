@@ -93,13 +93,6 @@ impl KeyedLimiter {
         self.epoch.elapsed().as_nanos() as u64
     }
 
-    /// Takes `n` units from `key`, or nothing and how long until they would be there.
-    pub fn check(&self, key: &str, n: u32) -> Result<(), Duration> {
-        self.check_all(&[(key, n)])
-            .map(|_| ())
-            .map_err(|(_, wait)| wait)
-    }
-
     /// Takes every charge, or none: on refusal, the index of the first charge that did not fit
     /// and how long until it would. A key may appear more than once.
     pub fn check_all(&self, charges: &[(&str, u32)]) -> Result<Charged, (usize, Duration)> {

@@ -1343,25 +1343,17 @@ where
             Err(_) => break,
         }
     }
-    if let Some(answer) = operations {
-        let _ = tokio::time::timeout(Duration::from_millis(250), async {
-            if stream.write_all(&answer).await.is_ok() && stream.shutdown().await.is_ok() {
-                let mut sink = [0u8; 4096];
-                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
-            }
-        })
-        .await;
-        return;
-    }
     // The error shape of every other answer, so that a client reads its code.
     const BODY: &str = r#"{"error":{"code":"too_many_connections","message":"the server holds as many connections as --max-connections allows; retry after Retry-After"}}"#;
-    let answer = format!(
-        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{BODY}",
-        BODY.len()
-    );
-    let answer = answer.as_bytes();
+    let answer = operations.unwrap_or_else(|| {
+        format!(
+            "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{BODY}",
+            BODY.len()
+        )
+        .into_bytes()
+    });
     let _ = tokio::time::timeout(Duration::from_millis(250), async {
-        if stream.write_all(answer).await.is_ok() && stream.shutdown().await.is_ok() {
+        if stream.write_all(&answer).await.is_ok() && stream.shutdown().await.is_ok() {
             let mut sink = [0u8; 4096];
             while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
         }
